@@ -1,0 +1,41 @@
+"""Which MLX backend runs the default device: "metal", "cuda" or "cpu"."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import mlx.core as mx
+
+Backend = Literal["metal", "cuda", "cpu"]
+
+
+def current() -> Backend:
+    """The backend of MLX's default device.
+
+    A GPU default device is Metal on Apple silicon and CUDA elsewhere; a CPU
+    default device (including a GPU build forced onto the CPU) runs the
+    reference paths.
+    """
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def device_name() -> str:
+    """A human-readable name of the device that runs the default stream."""
+    backend = current()
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        name = info.get("device_name") or info.get("architecture")
+    except Exception:  # device_info is optional across MLX versions and backends
+        name = None
+    if backend == "cpu":
+        import platform
+
+        return f"cpu ({platform.machine()}, {platform.processor() or 'unknown'})"
+    return f"{backend} ({name or 'unknown device'})"

@@ -1,0 +1,75 @@
+"""All configuration zmlx takes from the environment, read here and nowhere else.
+
+Variables:
+  ZMLX_PATTERNS   comma-separated patterns to apply instead of the family's preset
+  ZMLX_EXCLUDE    comma-separated patterns to leave out
+  ZMLX_<PATTERN>  one flag per pattern (e.g. ZMLX_MOE_ROUTER): 1 adds it to the
+                  preset, 0 removes it; explicit `patterns=` arguments win over flags
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A configuration value zmlx cannot use; the message says which and why."""
+
+
+def split_names(value: str | None) -> tuple[str, ...] | None:
+    """'a, b,,c' -> ('a', 'b', 'c'); None or blank -> None."""
+    if value is None or not value.strip():
+        return None
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def flag_name(pattern: str) -> str:
+    """The environment flag of a pattern: moe_router -> ZMLX_MOE_ROUTER."""
+    return "ZMLX_" + pattern.upper()
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    patterns: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    flags: Mapping[str, str] = field(default_factory=dict)
+
+    def flag(self, pattern: str) -> bool | None:
+        """True/False when the pattern's flag is set, None when it is not."""
+        name = flag_name(pattern)
+        raw = self.flags.get(name)
+        if raw is None or not raw.strip():
+            return None
+        value = raw.strip().lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        raise ConfigError(f"{name}={raw!r}: use 1 (on) or 0 (off)")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "PatchConfig":
+        env = os.environ if environ is None else environ
+        # Which ZMLX_* names are pattern flags is known only to the registry, so the
+        # raw values are kept and parsed when a pattern asks for its flag.
+        flags = {
+            k: v
+            for k, v in env.items()
+            if k.startswith("ZMLX_") and k not in ("ZMLX_PATTERNS", "ZMLX_EXCLUDE")
+        }
+        return cls(
+            patterns=split_names(env.get("ZMLX_PATTERNS")),
+            exclude=split_names(env.get("ZMLX_EXCLUDE")) or (),
+            flags=flags,
+        )
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ZMLX_* variables set now, for records that must say how a run was configured."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in sorted(env.items()) if k.startswith("ZMLX_")}

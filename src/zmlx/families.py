@@ -1,0 +1,50 @@
+"""Which classes each pattern targets, per model family. Data, not heuristics.
+
+A model's family is its `args.model_type` (GLM-5 and Kimi build their layers from
+DeepSeek classes, so the class's module says nothing about the family). For each
+family: the mlx-lm module that defines its classes, the class each pattern patches,
+per-family parameters a pattern needs, and the default preset.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class Target:
+    cls: str  # class name in the family's mlx-lm module
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    module: str
+    targets: Mapping[str, Target]  # pattern name -> target
+    preset: tuple[str, ...]  # applied by patch(model) with no selection
+
+    def target_class(self, pattern: str) -> type:
+        return getattr(importlib.import_module(self.module), self.targets[pattern].cls)
+
+
+FAMILIES: dict[str, Family] = {
+    "glm4_moe_lite": Family(
+        model_type="glm4_moe_lite",
+        module="mlx_lm.models.glm4_moe_lite",
+        targets={
+            # glm4_moe_lite renormalizes with `+ 1e-20`; DeepSeek-V3 does not.
+            "moe_router": Target("MoEGate", {"renorm_eps": 1e-20}),
+            "moe_combine": Target("Glm4MoeLiteMoE"),
+        },
+        preset=("moe_router", "moe_combine"),
+    ),
+}
+
+
+def family_of(model) -> str | None:
+    """The model's `args.model_type`, or None when it has none."""
+    args = getattr(model, "args", None)
+    return getattr(args, "model_type", None)

@@ -1,0 +1,285 @@
+"""patch / unpatch: swap methods of a model's module instances, and put them back.
+
+Python looks special methods such as `__call__` up on the type, not the instance,
+so a patched instance gets its own class: a subclass of its mlx-lm class that
+defines only the replaced methods (cached per class and replacement set). mlx-lm's
+classes are never modified, so another model in the process is unaffected, and
+`isinstance` checks in mlx-lm keep working. `unpatch` assigns each instance its
+original class back: the same module objects, the same class objects, nothing
+added to them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+from zmlx import backend as _backend
+from zmlx.config import ConfigError, PatchConfig, flag_name
+from zmlx.families import FAMILIES, family_of
+from zmlx.patch.patterns import PATTERNS
+
+_STATE = "_zmlx_state"
+RESULT_ATTR = "zmlx_patch_result"
+
+
+class ZmlxWarning(UserWarning):
+    """zmlx could not do what was asked, but the model still works as before."""
+
+
+# ---------------------------------------------------------------- result
+
+
+@dataclass
+class PatternReport:
+    name: str
+    fidelity: str
+    backend: str
+    path: str  # "kernel" or "reference"
+    patched: list[str] = field(default_factory=list)  # module paths
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
+    fallbacks: list[str] = field(default_factory=list)  # why the reference runs
+
+    @property
+    def runs_on(self) -> str:
+        return f"{self.backend} ({self.path})"
+
+
+@dataclass
+class PatchResult:
+    family: str | None
+    backend: str
+    patterns: dict[str, PatternReport] = field(default_factory=dict)
+    not_selected: dict[str, str] = field(default_factory=dict)  # name -> why
+    message: str = ""
+
+    @property
+    def patched_modules(self) -> int:
+        return sum(len(r.patched) for r in self.patterns.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["patched_modules"] = self.patched_modules
+        return d
+
+    def table(self):
+        """A rich Table: one row per pattern."""
+        from rich.table import Table
+
+        t = Table(title=f"zmlx.patch: {self.family or 'unknown family'} on {self.backend}")
+        for col in ("pattern", "fidelity", "patched", "skipped", "runs on", "notes"):
+            t.add_column(col, justify="right" if col in ("patched", "skipped") else "left")
+        for r in self.patterns.values():
+            notes = sorted({reason for _, reason in r.skipped} | set(r.fallbacks))
+            t.add_row(
+                r.name, r.fidelity, str(len(r.patched)), str(len(r.skipped)), r.runs_on,
+                "; ".join(notes),
+            )
+        for name, why in self.not_selected.items():
+            t.add_row(name, PATTERNS[name].fidelity, "-", "-", "-", f"not applied: {why}")
+        if self.message:
+            t.caption = self.message
+        return t
+
+    def __str__(self) -> str:
+        lines = [f"zmlx.patch: family={self.family} backend={self.backend}"]
+        for r in self.patterns.values():
+            lines.append(
+                f"  {r.name} ({r.fidelity}): patched {len(r.patched)}, skipped "
+                f"{len(r.skipped)}, runs on {r.runs_on}"
+            )
+            for reason in sorted({reason for _, reason in r.skipped} | set(r.fallbacks)):
+                lines.append(f"    - {reason}")
+        for name, why in self.not_selected.items():
+            lines.append(f"  {name}: not applied ({why})")
+        if self.message:
+            lines.append(f"  {self.message}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- selection
+
+
+def _check_names(names: Iterable[str], what: str) -> None:
+    unknown = [n for n in names if n not in PATTERNS]
+    if unknown:
+        raise ConfigError(
+            f"unknown pattern(s) in {what}: {', '.join(unknown)}; "
+            f"valid: {', '.join(sorted(PATTERNS))}"
+        )
+
+
+def select_patterns(
+    family: str | None,
+    patterns: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    config: PatchConfig,
+) -> tuple[list[str], dict[str, str]]:
+    """The patterns to apply, in registry order, and why each other known one is not."""
+    for names, what in ((patterns, "patterns"), (exclude, "exclude"),
+                        (config.patterns, "ZMLX_PATTERNS"), (config.exclude, "ZMLX_EXCLUDE")):
+        _check_names(names or (), what)
+    fam = FAMILIES.get(family)
+    preset = fam.preset if fam else ()
+    explicit = patterns if patterns is not None else config.patterns
+    why_not: dict[str, str] = {}
+    if explicit is not None:
+        chosen = set(explicit)
+        why = "not in the requested patterns"
+    else:
+        chosen = set()
+        for name in PATTERNS:
+            flag = config.flag(name)
+            if flag is True or (flag is None and name in preset):
+                chosen.add(name)
+            elif flag is False and name in preset:
+                why_not[name] = f"{flag_name(name)}=0"
+        why = "not in the default preset"
+    for name in (*(exclude or ()), *config.exclude):
+        if name in chosen:
+            chosen.discard(name)
+            why_not[name] = "excluded"
+    selected = [n for n in PATTERNS if n in chosen]
+    for name in PATTERNS:
+        if name not in chosen and name not in why_not and fam and name in fam.targets:
+            why_not[name] = why
+    return selected, why_not
+
+
+# ---------------------------------------------------------------- class swap
+
+
+@functools.cache
+def _patched_class(cls: type, methods: tuple[tuple[str, Any], ...]) -> type:
+    ns = dict(methods)
+    ns["__zmlx_original__"] = cls
+    ns["__module__"] = __name__
+    ns["__qualname__"] = cls.__qualname__
+    return type(cls.__name__, (cls,), ns)
+
+
+def _signature_mismatch(cls: type, method: str, fn) -> str | None:
+    original = getattr(cls, method, None)
+    if original is None:
+        return f"{cls.__name__} has no {method}"
+    a = list(inspect.signature(original).parameters)
+    b = list(inspect.signature(fn).parameters)
+    if a != b:
+        return f"{cls.__name__}.{method} signature changed: ({', '.join(a)}), expected ({', '.join(b)})"
+    return None
+
+
+class _State:
+    """Kept on the patched model: the original class of every instance it swapped."""
+
+    def __init__(self, swapped: list[tuple[str, Any, type]], result: PatchResult):
+        self.swapped = swapped
+        self.result = result
+
+
+# ---------------------------------------------------------------- API
+
+
+def patch(
+    model,
+    patterns: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    *,
+    config: PatchConfig | None = None,
+) -> PatchResult:
+    """Patch `model` in place with the family's preset (or `patterns`, less `exclude`).
+
+    Returns the PatchResult, also kept as `model.zmlx_patch_result`. Patching an
+    already patched model first restores it, so patching twice equals patching once.
+    Raises ConfigError for unknown pattern names.
+    """
+    if not hasattr(model, "named_modules"):
+        raise TypeError(f"zmlx.patch expects an mlx-lm model (mlx.nn.Module), got {type(model).__name__}")
+    config = config if config is not None else PatchConfig.from_env()
+    family = family_of(model)
+    selected, not_selected = select_patterns(family, patterns, exclude, config)
+    unpatch(model)
+    result = PatchResult(family=family, backend=_backend.current(), not_selected=not_selected)
+
+    fam = FAMILIES.get(family)
+    if fam is None:
+        supported = ", ".join(sorted(FAMILIES))
+        result.message = (
+            f"nothing to patch: model_type {family!r} has no zmlx patterns "
+            f"(supported: {supported}); the model is unchanged"
+        )
+        result.not_selected = {}
+        warnings.warn(result.message, ZmlxWarning, stacklevel=2)
+        return result
+
+    # Plan every instance's replacements first, then swap: a failure leaves nothing half done.
+    plans: dict[int, tuple[str, Any, dict[str, Any], dict[str, str]]] = {}
+    for name in selected:
+        pattern = PATTERNS[name]
+        target = fam.targets.get(name)
+        kplans = [k.plan(result.backend) for k in pattern.kernels]
+        path = "kernel" if all(p.path == "kernel" for p in kplans) else "reference"
+        report = PatternReport(
+            name=name, fidelity=pattern.fidelity, backend=result.backend, path=path,
+            fallbacks=sorted({p.reason for p in kplans if p.reason}),
+        )
+        result.patterns[name] = report
+        if target is None:
+            report.skipped.append(("*", f"no target in family {family}"))
+            continue
+        cls = fam.target_class(name)
+        params = dict(target.params)
+        fn = pattern.make(**params)
+        bad_sig = _signature_mismatch(cls, pattern.method, fn)
+        for mpath, module in model.named_modules():
+            if not isinstance(module, cls):
+                continue
+            mpath = mpath or "<model>"
+            reason = bad_sig or pattern.check(module, params)
+            entry = plans.setdefault(id(module), (mpath, module, {}, {}))
+            if reason is None and pattern.method in entry[2]:
+                reason = f"{pattern.method} already replaced by {entry[3][pattern.method]}"
+            if reason is not None:
+                report.skipped.append((mpath, reason))
+                continue
+            entry[2][pattern.method] = fn
+            entry[3][pattern.method] = name
+            report.patched.append(mpath)
+
+    swapped = []
+    for mpath, module, methods, _ in plans.values():
+        if not methods:
+            continue
+        original = type(module)
+        module.__class__ = _patched_class(original, tuple(sorted(methods.items())))
+        swapped.append((mpath, module, original))
+    if not swapped:
+        result.message = "nothing patched: no module matched the selected patterns"
+        return result
+    setattr(model, _STATE, _State(swapped, result))
+    setattr(model, RESULT_ATTR, result)
+    return result
+
+
+def unpatch(model):
+    """Restore every instance `patch` swapped to its original class; returns the model."""
+    state = getattr(model, _STATE, None) if hasattr(model, "__dict__") else None
+    if state is None:
+        return model
+    for _, module, original in state.swapped:
+        module.__class__ = original
+    object.__delattr__(model, _STATE)
+    object.__delattr__(model, RESULT_ATTR)
+    return model
+
+
+def patch_result(model) -> PatchResult | None:
+    """The PatchResult of the patch in force on `model`, or None when it is not patched."""
+    return getattr(model, RESULT_ATTR, None) if hasattr(model, "__dict__") else None
+
+
+def is_patched(model) -> bool:
+    return patch_result(model) is not None

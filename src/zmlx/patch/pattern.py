@@ -1,0 +1,27 @@
+"""The Pattern: what a pattern is, as data plus two small functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping
+
+from zmlx.kernels._core import KernelDef
+
+Fidelity = Literal["exact", "close"]
+
+
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    summary: str  # what it fuses, one line (the README's pattern table)
+    fidelity: Fidelity
+    kernels: tuple[KernelDef, ...]
+    # check(module, params) -> None when the pattern applies to this instance, else
+    # the reason it is skipped.
+    check: Callable[[Any, Mapping[str, Any]], str | None]
+    # make(**params) -> the function installed as `method` on patched instances. It
+    # must return the same function object for the same params (the patched classes
+    # are cached on it), so pattern files wrap it in functools.cache.
+    make: Callable[..., Callable]
+    method: str = "__call__"
+    paths: tuple[str, ...] = ("decode", "prefill")

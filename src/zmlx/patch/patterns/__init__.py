@@ -1,0 +1,5 @@
+"""The registry: every pattern zmlx knows, by name (one small file each)."""
+
+from zmlx.patch.patterns import moe_combine, moe_router
+
+PATTERNS = {p.name: p for p in (moe_router.PATTERN, moe_combine.PATTERN)}
