@@ -22,14 +22,16 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+import typer
 
 SPEC_PREFIX = "synth:"
 EOS_TOKEN = "<|endoftext|>"
@@ -457,6 +459,42 @@ def estimate_bytes(spec: SynthSpec | str) -> int:
     quant = QUANTS[spec.quant]
     if quant is None:
         return params * 2
-    _, group, bits = quant
-    # Packed weights plus one bf16 scale (and bias) per group.
-    return int(params * (bits / 8 + 4 / group))
+    mode, group, bits = quant
+    # Packed weights plus, per group, a bf16 scale and bias (affine) or a uint8 scale (mxfp4).
+    per_group = 4 if mode == "affine" else 1
+    return int(params * (bits / 8 + per_group / group))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def command(
+    family: Annotated[str, typer.Argument(help="model family (mlx-lm model_type)")] = "glm4_moe_lite",
+    out: Annotated[Path, typer.Option(help="checkpoint directory to write")] = Path("glm47-synth"),
+    preset: Annotated[str, typer.Option(help="tiny (CPU tests) or flash (real size)")] = "tiny",
+    quant: Annotated[str, typer.Option(help="affine4, affine8, mxfp4 or bf16 (Hub layout)")] = "affine4",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+):
+    """Write a synthetic checkpoint that mlx_lm.load reads unchanged."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    err = Console(stderr=True)
+    try:
+        spec = SynthSpec(family, preset, quant, seed)
+        with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task(f"writing {spec.name}", total=None)
+            write(spec, out, overwrite=overwrite,
+                  progress=lambda i, n: progress.update(task, completed=i, total=n))
+    except SynthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
+    print(f"wrote {spec.name} to {out} ({size:.2f} GB)")
+
+
+if __name__ == "__main__":
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    app()

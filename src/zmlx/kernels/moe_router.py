@@ -7,7 +7,6 @@ unbiased scores; renormalize (with the family's epsilon); routed scaling.
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef

@@ -103,7 +103,7 @@ class PatchResult:
 # ---------------------------------------------------------------- selection
 
 
-def _check_names(names: Iterable[str], what: str) -> None:
+def check_names(names: Iterable[str], what: str) -> None:
     unknown = [n for n in names if n not in PATTERNS]
     if unknown:
         raise ConfigError(
@@ -121,7 +121,7 @@ def select_patterns(
     """The patterns to apply, in registry order, and why each other known one is not."""
     for names, what in ((patterns, "patterns"), (exclude, "exclude"),
                         (config.patterns, "ZMLX_PATTERNS"), (config.exclude, "ZMLX_EXCLUDE")):
-        _check_names(names or (), what)
+        check_names(names or (), what)
     fam = FAMILIES.get(family)
     preset = fam.preset if fam else ()
     explicit = patterns if patterns is not None else config.patterns
@@ -170,6 +170,11 @@ def _signature_mismatch(cls: type, method: str, fn) -> str | None:
     if a != b:
         return f"{cls.__name__}.{method} signature changed: ({', '.join(a)}), expected ({', '.join(b)})"
     return None
+
+
+def _natural(path: str) -> list:
+    """model.layers.10 after model.layers.9."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
 
 
 class _State:
@@ -248,6 +253,10 @@ def patch(
             entry[2][pattern.method] = fn
             entry[3][pattern.method] = name
             report.patched.append(mpath)
+
+    for report in result.patterns.values():
+        report.patched.sort(key=_natural)
+        report.skipped.sort(key=lambda e: _natural(e[0]))
 
     swapped = []
     for mpath, module, methods, _ in plans.values():

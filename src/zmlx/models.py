@@ -1,0 +1,76 @@
+"""Load what a user names: a synthetic spec, a checkpoint directory, or a Hub id."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from zmlx import synth
+
+
+class ModelLoadError(ValueError):
+    """The model argument names nothing zmlx can load; the message says what to do."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what the user passed
+    kind: str  # "synth" | "path" | "hub"
+    family: str | None
+    quantization: str  # "bf16", "affine4/g64", ...
+
+
+def quantization_of(config: dict) -> str:
+    q = config.get("quantization")
+    if not q:
+        return str(config.get("torch_dtype") or config.get("dtype") or "unquantized")
+    mode = q.get("mode", "affine")
+    return f"{mode}{q.get('bits')}/g{q.get('group_size')}"
+
+
+def _check_path(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a directory: pass an mlx-lm checkpoint directory")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not an mlx-lm model: it has no config.json")
+    if not any(path.glob("model*.safetensors")):
+        raise ModelLoadError(f"{path} is not an mlx-lm model: it has no model*.safetensors")
+
+
+def load(name: str, progress=None):
+    """(model, tokenizer, ModelSource) for a spec, a path or a Hub id; ModelLoadError if not."""
+    name = str(name)
+    if synth.is_spec(name):
+        try:
+            spec = synth.SynthSpec.parse(name)
+        except synth.SynthError as e:
+            raise ModelLoadError(str(e)) from None
+        model, tokenizer = synth.build(spec, progress=progress)
+        cfg = synth.model_config(spec)
+        quant = synth.QUANTS[spec.quant]
+        q = "bf16" if quant is None else f"{quant[0]}{quant[2]}/g{quant[1]}"
+        return model, tokenizer, ModelSource(spec.name, "synth", cfg["model_type"], q)
+
+    import mlx_lm
+
+    path = Path(name).expanduser()
+    if path.exists():
+        _check_path(path)
+        kind = "path"
+    elif _HUB_ID.match(name) and not name.startswith((".", "~")):
+        kind = "hub"
+    else:
+        raise ModelLoadError(f"no such path: {name} (nor a Hub id like org/name or a synth: spec)")
+    try:
+        model, tokenizer, config = mlx_lm.load(str(path) if kind == "path" else name, return_config=True)
+    except Exception as e:  # mlx-lm raises many types for a model it cannot read
+        where = "from the Hugging Face Hub" if kind == "hub" else f"from {path}"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not load {name} {where}: {first}") from None
+    return model, tokenizer, ModelSource(
+        name, kind, config.get("model_type"), quantization_of(config)
+    )

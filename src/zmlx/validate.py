@@ -1,0 +1,354 @@
+"""Token fidelity and throughput of a patched model against stock mlx-lm.
+
+    python -m zmlx.validate MODEL [--patterns a,b] [--exclude c] [--max-tokens 200]
+                                  [--runs 3] [--prompt TEXT] [--json]
+
+The model is loaded once; stock and patched runs alternate on it (unpatch/patch),
+greedy, through mlx-lm's own `stream_generate`. Fidelity: identical tokens n/N and
+the first divergence per run; then, teacher-forced on the stock tokens, top-1
+agreement, max |logit difference| and the logits' correlation. Exit status: 0 PASS,
+1 fidelity FAIL, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Callable, Optional, Sequence
+
+import mlx.core as mx
+import typer
+
+from zmlx import backend as _backend
+from zmlx.config import ConfigError, split_names
+from zmlx.patch import patch, unpatch
+from zmlx.patch.core import check_names
+
+DEFAULT_PROMPT = "The history of the city begins with a small harbour where fishermen"
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    prompt_tps: float
+    decode_tps: float
+    peak_memory_gb: float
+
+
+@dataclass
+class Divergence:
+    run: int
+    position: int
+    stock_token: int | None
+    patched_token: int | None
+
+
+@dataclass
+class Report:
+    model: str
+    family: str | None
+    quantization: str
+    backend: str
+    device: str
+    patterns: list[str]
+    patch: dict[str, Any]
+    prompt_tokens: int
+    max_tokens: int
+    runs: int
+    stock: list[Run] = field(default_factory=list)
+    patched: list[Run] = field(default_factory=list)
+    identical: int = 0  # tokens equal to stock, worst run (common prefix)
+    total: int = 0  # tokens the stock run generated
+    first_divergence: Divergence | None = None
+    stock_deterministic: bool = True
+    teacher_forced_top1: float = float("nan")
+    max_abs_dlogit: float = float("nan")
+    logit_correlation: float = float("nan")
+
+    @property
+    def passed(self) -> bool:
+        return self.total > 0 and self.identical == self.total and self.first_divergence is None
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+    def median(self, which: str, key: str) -> float:
+        return statistics.median(getattr(r, key) for r in getattr(self, which))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["verdict"] = self.verdict
+        for which in ("stock", "patched"):
+            for r in d[which]:
+                r.pop("tokens")
+            d[f"{which}_median"] = {
+                k: self.median(which, k) for k in ("prompt_tps", "decode_tps", "peak_memory_gb")
+            }
+        d["decode_speedup"] = d["patched_median"]["decode_tps"] / d["stock_median"]["decode_tps"]
+        d["stock_tokens"] = self.stock[0].tokens if self.stock else []
+        return d
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def generate(model, tokenizer, prompt: mx.array, max_tokens: int) -> Run:
+    """Greedy generation through mlx-lm's stream_generate."""
+    from mlx_lm.generate import stream_generate
+
+    mx.reset_peak_memory()
+    tokens, last = [], None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        tokens.append(int(last.token))
+    if last is None:
+        return Run([], 0.0, 0.0, 0.0)
+    if last.finish_reason == "stop":  # the end-of-text token is yielded but not generated text
+        tokens = tokens[:-1] if tokens and tokens[-1] in tokenizer.eos_token_ids else tokens
+    return Run(tokens, last.prompt_tps, last.generation_tps, mx.get_peak_memory() / 1e9)
+
+
+def teacher_forced_logits(model, prompt: mx.array, tokens: Sequence[int]):
+    """Yields the float32 next-token logits after the prompt and after each token,
+    feeding `tokens` one at a time through the KV cache (the decode path)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(prompt[None], cache=cache)[0, -1]
+    for t in tokens:
+        out = logits.astype(mx.float32)
+        mx.eval(out)
+        yield out
+        logits = model(mx.array([[t]]), cache=cache)[0, -1]
+
+
+def _divergence(run: int, stock: list[int], patched: list[int]) -> tuple[int, Divergence | None]:
+    n = 0
+    for a, b in zip(stock, patched):
+        if a != b:
+            break
+        n += 1
+    if n == len(stock) == len(patched):
+        return n, None
+    at = lambda seq: seq[n] if n < len(seq) else None  # noqa: E731
+    return n, Divergence(run, n, at(stock), at(patched))
+
+
+def validate(
+    model,
+    tokenizer,
+    *,
+    model_name: str = "<model>",
+    quantization: str = "",
+    patterns: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    max_tokens: int = 200,
+    runs: int = 3,
+    prompt: str = DEFAULT_PROMPT,
+    warmup_tokens: int = 8,
+    on_step: Callable[[str], None] | None = None,
+) -> Report:
+    """Stock and patched, alternating on one model; returns the Report (model left stock)."""
+    if max_tokens < 1 or runs < 1:
+        raise ConfigError("--max-tokens and --runs must be at least 1")
+    step = on_step or (lambda _: None)
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ConfigError("the prompt encodes to no tokens")
+    prompt_arr = mx.array(ids)
+    unpatch(model)
+    result = patch(model, patterns, exclude)
+    applied = [n for n, r in result.patterns.items() if r.patched]
+    unpatch(model)
+    report = Report(
+        model=model_name, family=result.family, quantization=quantization,
+        backend=_backend.current(), device=_backend.device_name(), patterns=applied,
+        patch=result.to_dict(), prompt_tokens=len(ids), max_tokens=max_tokens, runs=runs,
+    )
+
+    def patched_run(fn):
+        patch(model, patterns, exclude)
+        try:
+            return fn()
+        finally:
+            unpatch(model)
+
+    # Warm-up: compile and allocate once for each side before anything is timed.
+    generate(model, tokenizer, prompt_arr, warmup_tokens)
+    patched_run(lambda: generate(model, tokenizer, prompt_arr, warmup_tokens))
+    step("warm-up")
+    for i in range(runs):
+        report.stock.append(generate(model, tokenizer, prompt_arr, max_tokens))
+        step(f"stock run {i + 1}")
+        report.patched.append(patched_run(lambda: generate(model, tokenizer, prompt_arr, max_tokens)))
+        step(f"patched run {i + 1}")
+
+    reference = report.stock[0].tokens
+    report.total = len(reference)
+    report.stock_deterministic = all(r.tokens == reference for r in report.stock)
+    report.identical = report.total
+    for i, (s, p) in enumerate(zip(report.stock, report.patched)):
+        n, div = _divergence(i, s.tokens, p.tokens)
+        report.identical = min(report.identical, n)
+        if div is not None and report.first_divergence is None:
+            report.first_divergence = div
+
+    if reference:
+        stock_logits = list(teacher_forced_logits(model, prompt_arr, reference))
+        step("teacher-forced stock")
+        agree, max_d = 0, 0.0
+        sx = sy = sxx = syy = sxy = 0.0
+        count = 0
+        patch(model, patterns, exclude)
+        try:
+            for a, b in zip(stock_logits, teacher_forced_logits(model, prompt_arr, reference)):
+                agree += int(mx.argmax(a).item() == mx.argmax(b).item())
+                max_d = max(max_d, mx.abs(a - b).max().item())
+                sx += a.sum().item()
+                sy += b.sum().item()
+                sxx += (a * a).sum().item()
+                syy += (b * b).sum().item()
+                sxy += (a * b).sum().item()
+                count += a.size
+        finally:
+            unpatch(model)
+        step("teacher-forced patched")
+        report.teacher_forced_top1 = agree / len(reference)
+        report.max_abs_dlogit = max_d
+        cov = sxy / count - (sx / count) * (sy / count)
+        var = (sxx / count - (sx / count) ** 2) * (syy / count - (sy / count) ** 2)
+        report.logit_correlation = cov / math.sqrt(var) if var > 0 else float("nan")
+    return report
+
+
+# ---------------------------------------------------------------- output
+
+
+def render(report: Report, console) -> None:
+    from rich.table import Table
+
+    from zmlx.patch.core import PatchResult, PatternReport
+
+    pr = report.patch
+    result = PatchResult(
+        family=pr["family"], backend=pr["backend"], not_selected=pr["not_selected"],
+        message=pr["message"],
+        patterns={k: PatternReport(**v) for k, v in pr["patterns"].items()},
+    )
+    console.print(result.table())
+
+    t = Table(title=f"zmlx.validate: {report.model} ({report.quantization}) on {report.device}")
+    t.add_column("")
+    t.add_column("stock", justify="right")
+    t.add_column("patched", justify="right")
+    t.add_column("patched / stock", justify="right")
+    for label, key, fmt in (
+        ("decode tok/s (median)", "decode_tps", "{:.1f}"),
+        ("prefill tok/s (median)", "prompt_tps", "{:.1f}"),
+        ("peak memory GB", "peak_memory_gb", "{:.3f}"),
+    ):
+        s, p = report.median("stock", key), report.median("patched", key)
+        t.add_row(label, fmt.format(s), fmt.format(p), f"{p / s:.3f}x" if s else "-")
+    console.print(t)
+
+    f = Table(title=f"fidelity over {report.runs} run(s), {report.max_tokens} max tokens")
+    f.add_column("check")
+    f.add_column("result", justify="right")
+    f.add_row("identical tokens", f"{report.identical}/{report.total}")
+    d = report.first_divergence
+    f.add_row(
+        "first divergence",
+        "none" if d is None else f"run {d.run + 1}, position {d.position}: "
+        f"stock {d.stock_token} vs patched {d.patched_token}",
+    )
+    f.add_row("teacher-forced top-1 agreement", f"{report.teacher_forced_top1:.4f}")
+    f.add_row("max |Δlogit|", f"{report.max_abs_dlogit:.4g}")
+    f.add_row("logit correlation", f"{report.logit_correlation:.6f}")
+    if not report.stock_deterministic:
+        f.add_row("note", "stock runs differ from each other: the backend is not deterministic")
+    color = "green" if report.passed else "red"
+    f.add_row("verdict", f"[bold {color}]{report.verdict}[/]")
+    console.print(f)
+
+
+def main_command(
+    model: str,
+    patterns: str | None = None,
+    exclude: str | None = None,
+    max_tokens: int = 200,
+    runs: int = 3,
+    prompt: str = DEFAULT_PROMPT,
+    as_json: bool = False,
+) -> int:
+    """Everything `python -m zmlx.validate` does; returns the exit status."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from zmlx.models import ModelLoadError, load
+
+    err = Console(stderr=True)
+    out = Console()
+    if max_tokens < 1 or runs < 1:
+        err.print("error: --max-tokens and --runs must be at least 1")
+        return 2
+    try:
+        # Check names before spending time loading the model.
+        pats, excl = split_names(patterns), split_names(exclude)
+        check_names(pats or (), "--patterns")
+        check_names(excl or (), "--exclude")
+        with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task("loading model", total=None)
+
+            def loaded(i, n):
+                progress.update(task, completed=i, total=n)
+
+            m, tok, source = load(model, progress=loaded)
+            progress.update(task, description="validating", completed=0, total=2 * runs + 4)
+            report = validate(
+                m, tok, model_name=source.name, quantization=source.quantization,
+                patterns=pats, exclude=excl, max_tokens=max_tokens, runs=runs, prompt=prompt,
+                on_step=lambda _: progress.advance(task),
+            )
+    except (ModelLoadError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # MLX cannot run this model here: not zmlx's to trace back
+        hint = ""
+        if "GatherMM" in str(e):
+            hint = (" (MLX's CPU backend runs unquantized MoE experts only in float32:"
+                    " use a quantized checkpoint)")
+        print(f"error: MLX could not run {model} on {_backend.current()}: {e}{hint}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render(report, out)
+    return 0 if report.passed else 1
+
+
+def command(
+    model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id, or synth:FAMILY/PRESET/QUANT")],
+    patterns: Annotated[
+        Optional[str], typer.Option(help="comma-separated patterns (default: the family's preset)")
+    ] = None,
+    exclude: Annotated[Optional[str], typer.Option(help="comma-separated patterns to leave out")] = None,
+    max_tokens: Annotated[int, typer.Option(help="tokens to generate per run")] = 200,
+    runs: Annotated[int, typer.Option(help="stock/patched run pairs")] = 3,
+    prompt: Annotated[str, typer.Option(help="prompt text")] = DEFAULT_PROMPT,
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+):
+    """Token fidelity and decode/prefill throughput of the patched model vs stock mlx-lm."""
+    raise typer.Exit(main_command(model, patterns, exclude, max_tokens, runs, prompt, json_output))
+
+
+def cli():
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    app()
+
+
+if __name__ == "__main__":
+    cli()

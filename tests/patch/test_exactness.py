@@ -1,0 +1,69 @@
+"""The patched tiny GLM-4.7-Flash equals stock bitwise: the checks mlx-lm's model tests make."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+import zmlx
+
+
+def _forward_steps(model, prompt, steps, use_cache):
+    """Logits of a prefill then `steps` greedy decode steps (or full recomputes without cache)."""
+    outs = []
+    if use_cache:
+        cache = make_prompt_cache(model)
+        logits = model(prompt, cache=cache)
+        outs.append(logits)
+        for _ in range(steps):
+            nxt = mx.argmax(logits[:, -1:], axis=-1)
+            logits = model(nxt, cache=cache)
+            outs.append(logits)
+    else:
+        seq = prompt
+        for _ in range(steps + 1):
+            logits = model(seq)
+            outs.append(logits)
+            seq = mx.concatenate([seq, mx.argmax(logits[:, -1:], axis=-1)], axis=1)
+    mx.eval(outs)
+    return outs
+
+
+@pytest.mark.parametrize("which", ["tiny_f32", "tiny_q4"])
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_patched_model_is_bitwise_stock(request, which, use_cache, batch):
+    model, _ = request.getfixturevalue(which)
+    prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
+    stock = _forward_steps(model, prompt, 4, use_cache)
+    result = zmlx.patch(model)
+    try:
+        assert result.patched_modules == 2 * (model.args.num_hidden_layers - 1)
+        patched = _forward_steps(model, prompt, 4, use_cache)
+    finally:
+        zmlx.unpatch(model)
+    expected_dtype = mx.float32 if which == "tiny_f32" else mx.bfloat16
+    for s, p in zip(stock, patched):
+        assert s.dtype == p.dtype == expected_dtype
+        assert mx.array_equal(s, p).item()
+
+
+def test_exactness_check_can_fail(tiny_q4, monkeypatch):
+    """A combine that is off by one rounding step must be caught by the same comparison."""
+    from zmlx.kernels import moe_combine
+    from zmlx.patch.patterns import moe_combine as pattern_module
+
+    model, _ = tiny_q4
+    prompt = mx.array([[5, 6, 7, 8]])
+    stock = _forward_steps(model, prompt, 2, True)
+    ref = moe_combine.reference
+
+    def slightly_off(y, scores, shared=None):
+        return ref(y, scores * (1 + 2**-10), shared)
+
+    monkeypatch.setattr(pattern_module, "moe_combine", slightly_off)
+    zmlx.patch(model)
+    try:
+        patched = _forward_steps(model, prompt, 2, True)
+    finally:
+        zmlx.unpatch(model)
+    assert not all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))

@@ -1,0 +1,179 @@
+"""patch / unpatch: instances only, exact restore, selection, reports."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import glm4_moe_lite, llama
+
+import zmlx
+from zmlx import synth
+from zmlx.config import ConfigError, PatchConfig
+
+
+def _snapshot(model):
+    """Every module's identity, class and attribute names; every parameter's identity."""
+    mods = {p: (id(m), type(m), sorted(vars(m)), sorted(m.keys())) for p, m in model.named_modules()}
+    params = {k: id(v) for k, v in tree_flatten(model.parameters())}
+    return mods, params, sorted(vars(model))
+
+
+def _moe_layers(model):
+    return [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, glm4_moe_lite.Glm4MoeLiteMoE)]
+
+
+@pytest.fixture
+def model():
+    m, _ = synth.build("synth:glm4_moe_lite/tiny/affine4")
+    return m
+
+
+def test_unpatch_restores_identity(model):
+    before = _snapshot(model)
+    zmlx.patch(model)
+    assert all(type(m) is not glm4_moe_lite.Glm4MoeLiteMoE for m in _moe_layers(model))
+    assert zmlx.unpatch(model) is model
+    assert _snapshot(model) == before
+    for moe in _moe_layers(model):
+        assert type(moe) is glm4_moe_lite.Glm4MoeLiteMoE
+        assert type(moe.gate) is glm4_moe_lite.MoEGate
+
+
+def test_patch_never_touches_mlx_lm_classes(model):
+    before = {k: v for k, v in vars(glm4_moe_lite.MoEGate).items()}
+    before_moe = dict(vars(glm4_moe_lite.Glm4MoeLiteMoE))
+    zmlx.patch(model)
+    assert dict(vars(glm4_moe_lite.MoEGate)) == before
+    assert dict(vars(glm4_moe_lite.Glm4MoeLiteMoE)) == before_moe
+    # mlx-lm's own isinstance checks still hold on patched instances.
+    assert all(isinstance(m, glm4_moe_lite.Glm4MoeLiteMoE) for m in _moe_layers(model))
+
+
+def test_patching_twice_equals_patching_once(model):
+    zmlx.patch(model)
+    once = _snapshot(model)
+    zmlx.patch(model)
+    assert _snapshot(model) == once
+    zmlx.unpatch(model)
+    assert all(type(m) is glm4_moe_lite.Glm4MoeLiteMoE for m in _moe_layers(model))
+    assert not zmlx.is_patched(model)
+
+
+def test_unpatch_of_unpatched_model_is_a_no_op(model):
+    before = _snapshot(model)
+    zmlx.unpatch(model)
+    assert _snapshot(model) == before
+
+
+def test_second_model_is_unaffected(model):
+    other, _ = synth.build("synth:glm4_moe_lite/tiny/affine4@1")
+    before = _snapshot(other)
+    zmlx.patch(model)
+    assert _snapshot(other) == before
+    assert all(type(m) is glm4_moe_lite.Glm4MoeLiteMoE for m in _moe_layers(other))
+
+
+def test_result_is_returned_and_attached(model):
+    result = zmlx.patch(model)
+    assert zmlx.patch_result(model) is result is model.zmlx_patch_result
+    assert result.family == "glm4_moe_lite"
+    assert result.backend == "cpu"
+    router = result.patterns["moe_router"]
+    assert router.patched == [f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)]
+    assert router.path == "reference" and router.fallbacks  # the reason is recorded
+    assert "moe_combine" in str(result)
+    assert result.to_dict()["patched_modules"] == 6
+
+
+def test_unknown_pattern_name_lists_valid_ones(model):
+    with pytest.raises(ConfigError, match="nope.*valid: moe_combine, moe_router"):
+        zmlx.patch(model, patterns=["nope"])
+    with pytest.raises(ConfigError, match="exclude"):
+        zmlx.patch(model, exclude=["nope"])
+    assert not zmlx.is_patched(model)
+
+
+def test_explicit_selection_and_exclude(model):
+    result = zmlx.patch(model, patterns=["moe_router"])
+    assert list(result.patterns) == ["moe_router"]
+    assert type(_moe_layers(model)[0]) is glm4_moe_lite.Glm4MoeLiteMoE
+    assert result.not_selected == {"moe_combine": "not in the requested patterns"}
+    result = zmlx.patch(model, exclude=["moe_router"])
+    assert list(result.patterns) == ["moe_combine"]
+    assert result.not_selected == {"moe_router": "excluded"}
+
+
+def test_environment_flags_go_through_patch_config(model):
+    cfg = PatchConfig.from_env({"ZMLX_MOE_ROUTER": "0"})
+    result = zmlx.patch(model, config=cfg)
+    assert list(result.patterns) == ["moe_combine"]
+    assert result.not_selected["moe_router"] == "ZMLX_MOE_ROUTER=0"
+    cfg = PatchConfig.from_env({"ZMLX_PATTERNS": "moe_router", "ZMLX_EXCLUDE": ""})
+    assert list(zmlx.patch(model, config=cfg).patterns) == ["moe_router"]
+    with pytest.raises(ConfigError, match="ZMLX_MOE_ROUTER='maybe'"):
+        zmlx.patch(model, config=PatchConfig.from_env({"ZMLX_MOE_ROUTER": "maybe"}))
+    with pytest.raises(ConfigError, match="ZMLX_PATTERNS"):
+        zmlx.patch(model, config=PatchConfig.from_env({"ZMLX_PATTERNS": "moe_router,bogus"}))
+
+
+def test_patch_reads_the_environment_by_default(model, monkeypatch):
+    monkeypatch.setenv("ZMLX_EXCLUDE", "moe_combine")
+    assert list(zmlx.patch(model).patterns) == ["moe_router"]
+
+
+def test_non_moe_model_is_returned_unchanged():
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        num_attention_heads=2, rms_norm_eps=1e-5, vocab_size=100, num_key_value_heads=2,
+    )
+    dense = llama.Model(args)
+    before = _snapshot(dense)
+    with pytest.warns(zmlx.ZmlxWarning, match="nothing to patch: model_type 'llama'"):
+        result = zmlx.patch(dense)
+    assert result.patched_modules == 0 and "glm4_moe_lite" in result.message
+    assert _snapshot(dense) == before and not zmlx.is_patched(dense)
+
+
+def test_not_a_model_is_a_type_error():
+    with pytest.raises(TypeError, match="expects an mlx-lm model"):
+        zmlx.patch(object())
+
+
+def test_sharded_moe_is_skipped_with_reason(model):
+    moe = _moe_layers(model)[0]
+    moe.sharding_group = object()
+    result = zmlx.patch(model)
+    combine = result.patterns["moe_combine"]
+    assert combine.skipped == [
+        ("model.layers.1.mlp", "MoE is sharded across devices (distributed runs are not supported)")
+    ]
+    assert type(moe) is glm4_moe_lite.Glm4MoeLiteMoE
+    assert len(combine.patched) == 2
+
+
+def test_changed_signature_is_skipped_not_patched(model, monkeypatch):
+    """A replacement whose signature no longer matches mlx-lm's method is not installed."""
+    from zmlx.patch.patterns import moe_router
+
+    def make(renorm_eps=None):
+        def __call__(self, x, extra):
+            return None
+        return __call__
+
+    monkeypatch.setitem(zmlx.PATTERNS, "moe_router", moe_router.PATTERN.__class__(
+        **{**moe_router.PATTERN.__dict__, "make": make}))
+    result = zmlx.patch(model, patterns=["moe_router"])
+    assert result.patterns["moe_router"].patched == []
+    assert "signature changed" in result.patterns["moe_router"].skipped[0][1]
+    assert not zmlx.is_patched(model)
+
+
+def test_patched_model_still_quantizes_and_saves_the_same_tree(model):
+    """The parameter tree (names and arrays) is what mlx-lm sees, patched or not."""
+    before = dict(tree_flatten(model.parameters()))
+    zmlx.patch(model)
+    after = dict(tree_flatten(model.parameters()))
+    assert before.keys() == after.keys()
+    assert all(before[k] is after[k] for k in before)
+    assert isinstance(model, nn.Module)
+    mx.eval(model(mx.array([[1, 2, 3]])))
