@@ -490,8 +490,9 @@ def command(
     except SynthError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2)
-    size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
-    print(f"wrote {spec.name} to {out} ({size:.2f} GB)")
+    size = sum(f.stat().st_size for f in out.iterdir())
+    shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    print(f"wrote {spec.name} to {out} ({shown})")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import glm4_moe_lite, llama
 
 import zmlx
-from zmlx import synth
+from zmlx import backend, synth
 from zmlx.config import ConfigError, PatchConfig
 
 
@@ -77,7 +77,7 @@ def test_result_is_returned_and_attached(model):
     result = zmlx.patch(model)
     assert zmlx.patch_result(model) is result is model.zmlx_patch_result
     assert result.family == "glm4_moe_lite"
-    assert result.backend == "cpu"
+    assert result.backend == backend.current()
     router = result.patterns["moe_router"]
     assert router.patched == [f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)]
     assert router.path == "reference" and router.fallbacks  # the reason is recorded
