@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import mlx.core as mx
@@ -14,10 +15,16 @@ def current() -> Backend:
 
     A GPU default device is Metal on Apple silicon and CUDA elsewhere; a CPU
     default device (including a GPU build forced onto the CPU) runs the
-    reference paths.
+    reference paths. Called on every kernel dispatch, so it stays cheap.
     """
     if mx.default_device().type != mx.DeviceType.gpu:
         return "cpu"
+    return _gpu_backend()
+
+
+@functools.cache
+def _gpu_backend() -> Backend:
+    # Which GPU backend MLX was built with does not change within a process.
     if mx.metal.is_available():
         return "metal"
     cuda = getattr(mx, "cuda", None)
