@@ -5,6 +5,8 @@ Variables:
   ZMLX_EXCLUDE    comma-separated patterns to leave out
   ZMLX_<PATTERN>  one flag per pattern (e.g. ZMLX_MOE_ROUTER): 1 adds it to the
                   preset, 0 removes it; explicit `patterns=` arguments win over flags
+  ZMLX_GIT_COMMIT, ZMLX_GIT_DIRTY
+                  the commit a run stamps on its records when the tree has no .git
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Mapping
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+_NOT_FLAGS = ("ZMLX_PATTERNS", "ZMLX_EXCLUDE", "ZMLX_GIT_COMMIT", "ZMLX_GIT_DIRTY")
 
 
 class ConfigError(ValueError):
@@ -53,20 +58,33 @@ class PatchConfig:
         raise ConfigError(f"{name}={raw!r}: use 1 (on) or 0 (off)")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "PatchConfig":
-        env = os.environ if environ is None else environ
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
+    ) -> "PatchConfig":
+        """From `environ` (default: the process environment), with `overrides` on top."""
+        env = dict(os.environ if environ is None else environ)
+        env.update(overrides or {})
         # Which ZMLX_* names are pattern flags is known only to the registry, so the
         # raw values are kept and parsed when a pattern asks for its flag.
         flags = {
             k: v
             for k, v in env.items()
-            if k.startswith("ZMLX_") and k not in ("ZMLX_PATTERNS", "ZMLX_EXCLUDE")
+            if k.startswith("ZMLX_") and k not in _NOT_FLAGS
         }
         return cls(
             patterns=split_names(env.get("ZMLX_PATTERNS")),
             exclude=split_names(env.get("ZMLX_EXCLUDE")) or (),
             flags=flags,
         )
+
+
+def git_override(environ: Mapping[str, str] | None = None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) given by ZMLX_GIT_COMMIT / ZMLX_GIT_DIRTY, for a copy of the tree
+    without .git (the GPU machine receives the working tree only)."""
+    env = os.environ if environ is None else environ
+    commit = env.get("ZMLX_GIT_COMMIT") or None
+    dirty = env.get("ZMLX_GIT_DIRTY")
+    return commit, (None if dirty is None else dirty.strip().lower() in _TRUE)
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -23,6 +23,7 @@ import mlx.core as mx
 import typer
 
 from zmlx import backend as _backend
+from zmlx import ui
 from zmlx.config import ConfigError, split_names
 from zmlx.patch import patch, unpatch
 from zmlx.patch.core import check_names
@@ -290,7 +291,7 @@ def main_command(
     from zmlx.models import ModelLoadError, load
 
     err = Console(stderr=True)
-    out = Console()
+    out = ui.console()
     if max_tokens < 1 or runs < 1:
         err.print("error: --max-tokens and --runs must be at least 1")
         return 2

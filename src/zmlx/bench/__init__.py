@@ -1,0 +1,1 @@
+"""Measurement: the decode harness, versioned repro capsules and their report."""

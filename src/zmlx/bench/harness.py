@@ -1,0 +1,202 @@
+"""The decode harness: variants measured alternately through mlx-lm's own generation loop.
+
+A variant is a named set of patterns plus env overrides (`control` = stock). All
+variants run in one process on one loaded model, interleaved run by run
+(A B C A B C ...), so that a ratio between them means something on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from zmlx import backend
+from zmlx.config import PatchConfig
+from zmlx.patch import patch, unpatch
+from zmlx.validate import generate
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    patterns: tuple[str, ...] = ()  # () = stock mlx-lm
+    env: Mapping[str, str] = field(default_factory=dict)
+    unsafe: bool = False  # known to change tokens or memory badly: opt in with --allow-unsafe
+    note: str = ""
+
+    @property
+    def is_stock(self) -> bool:
+        return not self.patterns
+
+
+CONTROL = Variant("control", note="stock mlx-lm")
+
+
+@dataclass
+class RunNumbers:
+    prompt_tps: float
+    decode_tps: float
+    peak_memory_gb: float
+    generated_tokens: int
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    skipped: str | None = None
+    runs: list[RunNumbers] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    kernels_per_token: float | None = None
+    kernels_note: str = ""
+    patch: dict[str, Any] | None = None
+    fidelity: dict[str, Any] = field(default_factory=dict)
+
+    def stat(self, key: str) -> dict[str, float] | None:
+        values = [getattr(r, key) for r in self.runs]
+        if not values:
+            return None
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    def to_dict(self) -> dict[str, Any]:
+        v = self.variant
+        return {
+            "name": v.name,
+            "patterns": list(v.patterns),
+            "env": dict(v.env),
+            "unsafe": v.unsafe,
+            "note": v.note,
+            "skipped": self.skipped,
+            "runs": [asdict(r) for r in self.runs],
+            "summary": {
+                "decode_tps": self.stat("decode_tps"),
+                "prompt_tps": self.stat("prompt_tps"),
+                "peak_memory_gb": max((r.peak_memory_gb for r in self.runs), default=None),
+            },
+            "kernels_per_token": self.kernels_per_token,
+            "kernels_note": self.kernels_note,
+            "fidelity": self.fidelity,
+            "patch": self.patch,
+        }
+
+
+def make_prompt(vocab_size: int, n: int, seed: int = 0, avoid: Sequence[int] = ()) -> list[int]:
+    """n token ids, seeded, away from the byte range and the special ids."""
+    rng = np.random.default_rng(seed)
+    low = min(300, vocab_size // 2)
+    ids = rng.integers(low, vocab_size, size=n).tolist()
+    return [i if i not in avoid else low for i in ids]
+
+
+@contextmanager
+def applied(model, variant: Variant):
+    """The model as the variant runs it; stock again afterwards."""
+    unpatch(model)
+    if variant.is_stock:
+        yield None
+        return
+    result = patch(model, variant.patterns, config=PatchConfig.from_env(overrides=variant.env))
+    try:
+        yield result
+    finally:
+        unpatch(model)
+
+
+def count_kernels_per_token(model, prompt: mx.array, steps: int = 8) -> tuple[float | None, str]:
+    """CUDA kernels launched per decoded token (model forward + greedy argmax), counted
+    with PyTorch's profiler, which sees MLX's kernels in the same process (CUPTI)."""
+    if backend.current() != "cuda":
+        return None, f"kernel counts need the CUDA backend (this is {backend.current()})"
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None, "kernel counts need PyTorch (pip install torch) for its CUDA profiler"
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    tok = mx.argmax(model(prompt[None], cache=cache)[:, -1:], axis=-1)
+    mx.eval(tok)
+    for _ in range(2):  # warm: build and compile outside the profiled steps
+        tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
+        mx.eval(tok)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
+            mx.eval(tok)
+    kernels = [
+        e for e in prof.events()
+        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
+    return len(kernels) / steps, f"torch.profiler, {steps} decode steps"
+
+
+def _fidelity(control: list[list[int]], tokens: list[list[int]]) -> dict[str, Any]:
+    identical, total, first = None, None, None
+    for i, (a, b) in enumerate(zip(control, tokens)):
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        identical = n if identical is None else min(identical, n)
+        total = len(a) if total is None else max(total, len(a))
+        if first is None and (n < len(a) or len(a) != len(b)):
+            first = {"run": i, "position": n,
+                     "stock_token": a[n] if n < len(a) else None,
+                     "patched_token": b[n] if n < len(b) else None}
+    verdict = "PASS" if first is None and total else "FAIL"
+    return {"verdict": verdict, "identical": identical, "total": total, "first_divergence": first}
+
+
+def measure(
+    model,
+    tokenizer,
+    variants: Sequence[Variant],
+    *,
+    runs: int = 3,
+    max_tokens: int = 200,
+    prompt_tokens: int = 32,
+    warmup_tokens: int = 16,
+    allow_unsafe: bool = False,
+    count_kernels: bool = True,
+    seed: int = 0,
+    on_step: Callable[[str], None] | None = None,
+) -> list[VariantResult]:
+    """Every variant, interleaved run by run. The first variant must be stock: it is the
+    baseline that the others' token fidelity is judged against."""
+    if not variants or not variants[0].is_stock:
+        raise ValueError("the first variant must be stock (control): it is the baseline")
+    step = on_step or (lambda _: None)
+    eos = sorted(getattr(tokenizer, "eos_token_ids", ()) or ())
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None) or len(tokenizer._tokenizer)
+    prompt = mx.array(make_prompt(vocab, prompt_tokens, seed, avoid=eos))
+    results = [VariantResult(v) for v in variants]
+    active = []
+    for r in results:
+        if r.variant.unsafe and not allow_unsafe:
+            r.skipped = "unsafe: pass --allow-unsafe to run it"
+        else:
+            active.append(r)
+    for r in active:
+        with applied(model, r.variant) as result:
+            r.patch = result.to_dict() if result is not None else None
+            generate(model, tokenizer, prompt, warmup_tokens)
+            if count_kernels:
+                r.kernels_per_token, r.kernels_note = count_kernels_per_token(model, prompt)
+        step(f"warm-up {r.variant.name}")
+    for i in range(runs):
+        for r in active:
+            with applied(model, r.variant):
+                run = generate(model, tokenizer, prompt, max_tokens)
+            r.runs.append(RunNumbers(run.prompt_tps, run.decode_tps, run.peak_memory_gb, len(run.tokens)))
+            r.tokens.append(run.tokens)
+            step(f"run {i + 1} {r.variant.name}")
+    control = active[0].tokens
+    for r in active:
+        r.fidelity = _fidelity(control, r.tokens)
+    return results

@@ -1,0 +1,117 @@
+"""python -m zmlx.bench.report CAPSULE [CAPSULE ...]
+
+One capsule: a row per variant (decode and prefill tok/s median [min-max], peak
+memory, kernels per token, fidelity, decode speedup vs the baseline). Two or more:
+the same figures side by side, with the ratio of each to the first capsule's.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from zmlx import ui
+from zmlx.bench.capsule import CapsuleError, load
+
+
+def _fmt(x, spec=".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _median(v: dict[str, Any], key: str):
+    s = (v.get("summary") or {}).get(key)
+    return s["median"] if isinstance(s, dict) else s
+
+
+def single_table(capsule: dict[str, Any], title: str):
+    from rich.table import Table
+
+    d = capsule["device"]
+    t = Table(title=f"{title}: {capsule['model']['name']} on {d['name']}")
+    for col in ("variant", "decode tok/s", "prefill tok/s", "peak GB", "kernels/tok", "fidelity", "speedup"):
+        t.add_column(col, justify="left" if col in ("variant", "fidelity") else "right")
+    base = next((v for v in capsule["variants"] if v["name"] == capsule.get("baseline")), None)
+    base_decode = _median(base, "decode_tps") if base else None
+    for v in capsule["variants"]:
+        if v.get("skipped"):
+            t.add_row(v["name"], "-", "-", "-", "-", f"SKIP ({v['skipped']})", "-")
+            continue
+        s = v["summary"]
+        dec = s["decode_tps"]
+        fid = v.get("fidelity") or {}
+        fid_text = f"{fid.get('verdict')} {fid.get('identical')}/{fid.get('total')}"
+        speed = dec["median"] / base_decode if base_decode else None
+        t.add_row(
+            v["name"],
+            f"{dec['median']:.1f} [{dec['min']:.1f}-{dec['max']:.1f}]",
+            _fmt(s["prompt_tps"]["median"]),
+            _fmt(s["peak_memory_gb"], ".2f"),
+            _fmt(v.get("kernels_per_token"), ".0f"),
+            fid_text,
+            _fmt(speed, ".3f") + "x" if speed else "-",
+        )
+    p = capsule["params"]
+    t.caption = (
+        f"{p.get('runs')} runs x {p.get('max_tokens')} tokens, prompt {p.get('prompt_tokens')} tokens; "
+        f"mlx {capsule['versions']['mlx']}, mlx-lm {capsule['versions']['mlx_lm']}, "
+        f"commit {(capsule['git'].get('commit') or 'unknown')[:10]}"
+        f"{' (dirty)' if capsule['git'].get('dirty') else ''}"
+    )
+    return t
+
+
+def compare_table(capsules: list[tuple[str, dict[str, Any]]]):
+    from rich.table import Table
+
+    t = Table(title="capsules compared (ratio = this / first)")
+    t.add_column("variant")
+    t.add_column("figure")
+    for label, _ in capsules:
+        t.add_column(label, justify="right")
+    for label, _ in capsules[1:]:
+        t.add_column(f"ratio {label}", justify="right")
+    names: list[str] = []
+    for _, c in capsules:
+        names += [v["name"] for v in c["variants"] if v["name"] not in names]
+    for name in names:
+        for figure, key in (("decode tok/s", "decode_tps"), ("prefill tok/s", "prompt_tps"),
+                            ("peak GB", "peak_memory_gb"), ("kernels/tok", "kernels_per_token")):
+            values = []
+            for _, c in capsules:
+                v = next((v for v in c["variants"] if v["name"] == name and not v.get("skipped")), None)
+                if v is None:
+                    values.append(None)
+                elif key == "kernels_per_token":
+                    values.append(v.get(key))
+                else:
+                    values.append(_median(v, key))
+            ratios = [(x / values[0]) if (x is not None and values[0]) else None for x in values[1:]]
+            t.add_row(name, figure, *[_fmt(x, ".2f") for x in values], *[_fmt(r, ".3f") for r in ratios])
+    return t
+
+
+def command(capsules: Annotated[list[Path], typer.Argument(help="capsule JSON files")]):
+    """Print a capsule as a table; with several, each figure side by side and its ratio."""
+    try:
+        loaded = [(p.stem, load(p)) for p in capsules]
+    except CapsuleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2)
+    console = ui.console()
+    for label, c in loaded:
+        console.print(single_table(c, label))
+    if len(loaded) > 1:
+        console.print(compare_table(loaded))
+
+
+def cli():
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    app()
+
+
+if __name__ == "__main__":
+    cli()

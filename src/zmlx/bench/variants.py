@@ -1,0 +1,16 @@
+"""Named experiment variants per model (data): a set of patterns plus env overrides."""
+
+from __future__ import annotations
+
+from zmlx.bench.harness import CONTROL, Variant
+
+GLM47_FLASH: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        CONTROL,
+        Variant("control_repeat", note="stock again: the noise floor of a ratio"),
+        Variant("moe_router", ("moe_router",)),
+        Variant("moe_combine", ("moe_combine",)),
+        Variant("router_combine", ("moe_router", "moe_combine"), note="the exact preset"),
+    )
+}

@@ -1,0 +1,1 @@
+"""The JSONL ledger of measurements: python -m zmlx.matrix run|history|report|merge."""

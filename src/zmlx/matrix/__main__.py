@@ -1,0 +1,3 @@
+from zmlx.matrix.cli import main
+
+main()

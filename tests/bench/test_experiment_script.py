@@ -1,0 +1,34 @@
+"""benchmarks/bench_glm47_flash_experiments.py end to end on the tiny preset."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_glm47_flash_experiments.py"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_experiment_script_writes_a_capsule(tmp_path):
+    out = tmp_path / "result.json"
+    p = run("--model", "synth:glm4_moe_lite/tiny/affine4", "--variants", "control_repeat",
+            "--variants", "router_combine", "--runs", "1", "--max-tokens", "8",
+            "--capsule-dir", str(tmp_path / "caps"), "--json-out", str(out))
+    assert p.returncode == 0, p.stderr
+    caps = list((tmp_path / "caps").glob("*.json"))
+    assert len(caps) == 1
+    cap = json.loads(caps[0].read_text())
+    assert cap == json.loads(out.read_text())
+    assert [v["name"] for v in cap["variants"]] == ["control", "control_repeat", "router_combine"]
+    assert all(v["fidelity"]["verdict"] == "PASS" for v in cap["variants"])
+    assert cap["params"]["allow_unsafe"] is False
+    assert "router_combine" in p.stdout
+
+
+def test_unknown_variant_is_an_error(tmp_path):
+    p = run("--variants", "nope", "--capsule-dir", str(tmp_path))
+    assert p.returncode == 2 and "unknown variant(s): nope" in p.stderr and "Traceback" not in p.stderr
+    assert not list(tmp_path.iterdir())
