@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the project root (see README "GPU machine"):
+#   source .device/extra/activate.sh && ZMLX_GIT_COMMIT=<sha> bash benchmarks/gpu/run_glm47_flash.sh STEP TOKENS
+# Builds the full-size synthetic GLM-4.7-Flash in memory (affine 4-bit, group 64, bf16
+# scales: the same generator and conversion as `python -m zmlx.synth --preset flash`)
+# and leaves capsules, the ledger lines and a log in $OUT (or ./gpu-results):
+#   STEP=experiments  the experiment script over the variants in $VARIANTS
+#   STEP=noise        matrix run, stock vs stock (the noise floor)
+#   STEP=preset       matrix run, the family's default preset vs stock
+#   STEP=all          the three in turn
+# Bring the results home with:
+#   cp <files_at>/*.json repro_capsules/ && python -m zmlx.matrix merge <files_at>/matrix.jsonl
+set -euo pipefail
+step=${1:?STEP: experiments|noise|preset|all}
+tokens=${2:-200}
+runs=${RUNS:-3}
+out=${OUT:-gpu-results}
+model=${MODEL:-synth:glm4_moe_lite/flash/affine4}
+variants=${VARIANTS:-control control_repeat moe_router moe_combine router_combine}
+device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo unknown)
+mkdir -p "$out"
+log="$out/run-$step-$tokens.log"
+echo "== $(date -u +%FT%TZ) step=$step tokens=$tokens runs=$runs model=$model device=$device" | tee -a "$log"
+
+experiments() {
+  local args=()
+  for v in $variants; do args+=(--variants "$v"); done
+  python3 benchmarks/bench_glm47_flash_experiments.py --model "$model" "${args[@]}" --runs "$runs" \
+    --max-tokens "$tokens" --capsule-dir "$out" 2>&1 | tee -a "$log"
+}
+noise() {
+  python3 -m zmlx.matrix run "$model" --patterns none --runs "$runs" --max-tokens "$tokens" \
+    --ledger "$out/matrix.jsonl" --notes "noise floor: stock vs stock, $device" 2>&1 | tee -a "$log"
+}
+preset() {
+  python3 -m zmlx.matrix run "$model" --runs "$runs" --max-tokens "$tokens" \
+    --ledger "$out/matrix.jsonl" --notes "glm4_moe_lite default preset vs stock, $device" 2>&1 | tee -a "$log"
+}
+case "$step" in
+  experiments) experiments ;;
+  noise) noise ;;
+  preset) preset ;;
+  all) experiments; noise; preset ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
+echo "== $(date -u +%FT%TZ) done" | tee -a "$log"
