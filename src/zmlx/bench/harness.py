@@ -8,6 +8,7 @@ variants run in one process on one loaded model, interleaved run by run
 from __future__ import annotations
 
 import statistics
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -124,7 +125,10 @@ def count_kernels_per_token(model, prompt: mx.array, steps: int = 8) -> tuple[fl
     for _ in range(2):  # warm: build and compile outside the profiled steps
         tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
         mx.eval(tok)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that events are cleared per cycle
+        prof = profile(activities=[ProfilerActivity.CUDA])
+    with prof:
         for _ in range(steps):
             tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
             mx.eval(tok)
@@ -186,8 +190,6 @@ def measure(
         with applied(model, r.variant) as result:
             r.patch = result.to_dict() if result is not None else None
             generate(model, tokenizer, prompt, warmup_tokens)
-            if count_kernels:
-                r.kernels_per_token, r.kernels_note = count_kernels_per_token(model, prompt)
         step(f"warm-up {r.variant.name}")
     for i in range(runs):
         for r in active:
@@ -196,6 +198,12 @@ def measure(
             r.runs.append(RunNumbers(run.prompt_tps, run.decode_tps, run.peak_memory_gb, len(run.tokens)))
             r.tokens.append(run.tokens)
             step(f"run {i + 1} {r.variant.name}")
+    # Kernel counts last: once CUPTI has been attached it slows every later launch
+    # (seen on the H100: stock decode fell from ~31 to ~24 tok/s), so no timed run may follow.
+    if count_kernels:
+        for r in active:
+            with applied(model, r.variant):
+                r.kernels_per_token, r.kernels_note = count_kernels_per_token(model, prompt)
     control = active[0].tokens
     for r in active:
         r.fidelity = _fidelity(control, r.tokens)
