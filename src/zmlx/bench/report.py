@@ -48,7 +48,7 @@ def single_table(capsule: dict[str, Any], title: str):
             v["name"],
             f"{dec['median']:.1f} [{dec['min']:.1f}-{dec['max']:.1f}]",
             _fmt(s["prompt_tps"]["median"]),
-            _fmt(s["peak_memory_gb"], ".2f"),
+            _fmt(s["peak_memory_gb"], ".3f"),
             _fmt(v.get("kernels_per_token"), ".0f"),
             fid_text,
             _fmt(speed, ".3f") + "x" if speed else "-",
