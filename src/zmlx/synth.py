@@ -33,6 +33,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import typer
 
+from zmlx import ui
+
 SPEC_PREFIX = "synth:"
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 0
@@ -498,6 +500,4 @@ def command(
 
 
 if __name__ == "__main__":
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    app()
+    ui.run_command(command)

@@ -10,3 +10,12 @@ def console(stderr: bool = False):
     if not c.is_terminal:
         c = Console(stderr=stderr, width=max(c.width, 160))
     return c
+
+
+def run_command(fn) -> None:
+    """Run one typer command function as a program (`python -m zmlx.<module>`)."""
+    import typer
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(fn)
+    app()

@@ -345,11 +345,5 @@ def command(
     raise typer.Exit(main_command(model, patterns, exclude, max_tokens, runs, prompt, json_output))
 
 
-def cli():
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    app()
-
-
 if __name__ == "__main__":
-    cli()
+    ui.run_command(command)

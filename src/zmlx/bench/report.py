@@ -107,11 +107,5 @@ def command(capsules: Annotated[list[Path], typer.Argument(help="capsule JSON fi
         console.print(compare_table(loaded))
 
 
-def cli():
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    app()
-
-
 if __name__ == "__main__":
-    cli()
+    ui.run_command(command)
