@@ -1,10 +1,17 @@
-"""moe_combine: weighted sum of the routed experts' outputs plus the shared expert."""
+"""moe_combine: weighted sum of the routed experts' outputs plus the shared expert.
+
+One launch replaces mlx-lm's multiply, sum, cast and add. One thread per output
+element; each sums its k products in float32 in expert order, rounds to y's dtype,
+then adds the shared expert's output as mlx-lm does (through float32, rounded once).
+"""
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef
+from zmlx.kernels._core import KernelDef, Launch
 
 
 def reference(y: mx.array, scores: mx.array, shared: mx.array | None = None) -> mx.array:
@@ -19,4 +26,55 @@ def reference(y: mx.array, scores: mx.array, shared: mx.array | None = None) -> 
     return out
 
 
-moe_combine = KernelDef(name="moe_combine", reference=reference)
+BODY = """
+if (zmlx_tid >= N) return;
+const uint t = zmlx_tid / D;
+const uint d = zmlx_tid % D;
+float acc = 0.0f;
+for (uint k = 0; k < K; ++k) {
+    acc = ZMLX_ADD(acc, ZMLX_MUL(static_cast<float>(y[(t * K + k) * D + d]), scores[t * K + k]));
+}
+const T r = static_cast<T>(acc);
+out[zmlx_tid] = HAS_SHARED ? static_cast<T>(static_cast<float>(r) + static_cast<float>(shared[zmlx_tid])) : r;
+"""
+
+_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+
+def launch(y, scores, shared=None) -> Launch | str:
+    if y.ndim < 2 or y.dtype not in _DTYPES:
+        return f"y {y.dtype} of rank {y.ndim}"
+    if scores.dtype != mx.float32 or scores.shape != y.shape[:-1]:
+        return "scores are not float32 of y's leading shape"
+    if shared is not None and (shared.dtype != y.dtype or shared.shape != y.shape[:-2] + y.shape[-1:]):
+        return "shared expert output does not match y"
+    k, d = y.shape[-2:]
+    n = math.prod(y.shape[:-2]) * d
+    if n == 0 or n >= 2**31:
+        return f"{n} outputs"
+    return Launch(
+        inputs=[y, scores, shared if shared is not None else y],
+        template=[("T", y.dtype), ("K", k), ("D", d), ("N", n), ("HAS_SHARED", shared is not None)],
+        grid=(n, 1, 1),
+        threadgroup=(min(256, n), 1, 1),
+        output_shapes=[y.shape[:-2] + (d,)],
+        output_dtypes=[y.dtype],
+    )
+
+
+def example():
+    y = mx.random.normal((2, 4, 96), key=mx.random.key(11)).astype(mx.bfloat16)
+    scores = mx.random.uniform(shape=(2, 4), key=mx.random.key(12))
+    shared = mx.random.normal((2, 96), key=mx.random.key(13)).astype(mx.bfloat16)
+    return (y, scores, shared), {}
+
+
+moe_combine = KernelDef(
+    name="moe_combine",
+    reference=reference,
+    body=BODY,
+    input_names=("y", "scores", "shared"),
+    output_names=("out",),
+    launch=launch,
+    example=example,
+)

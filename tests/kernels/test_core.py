@@ -1,0 +1,36 @@
+"""KernelDef: reference on the CPU, the reason recorded whenever the reference runs."""
+
+import mlx.core as mx
+
+from zmlx.kernels._core import KernelDef, Launch
+from zmlx.kernels.moe_combine import moe_combine
+
+
+def test_cpu_takes_the_reference_and_says_why():
+    plan = moe_combine.plan("cpu")
+    assert plan.path == "reference" and "CPU backend" in plan.reason
+
+
+def test_a_kernel_without_body_says_so():
+    k = KernelDef(name="nothing", reference=lambda x: x)
+    assert k.plan("cuda") == ("cuda", "reference", "no cuda body for nothing yet")
+
+
+def test_a_failing_kernel_falls_back_with_its_reason():
+    def launch(x):
+        return Launch([x], [], (1, 1, 1), (1, 1, 1), [x.shape], [x.dtype])
+
+    def example():
+        return (mx.ones((4,)),), {}
+
+    k = KernelDef(name="broken", reference=lambda x: x, body="out[0] = ;", input_names=("x",),
+                  output_names=("out",), launch=launch, example=example)
+    plan = k.plan("metal" if not mx.metal.is_available() else "cuda")
+    assert plan.path == "reference" and "broken" in plan.reason and "failed" in plan.reason
+
+
+def test_sources_share_one_body_with_a_prelude_per_backend():
+    cuda_header, cuda_src = moe_combine.source("cuda")
+    metal_header, metal_src = moe_combine.source("metal")
+    assert cuda_src.endswith(moe_combine.body) and metal_src.endswith(moe_combine.body)
+    assert "__fmul_rn" in cuda_header and "thread_position_in_grid" in metal_src
