@@ -17,7 +17,7 @@ def test_a_kernel_without_body_says_so():
 
 
 def test_a_failing_kernel_falls_back_with_its_reason():
-    def launch(x):
+    def launch(backend, x):
         return Launch([x], [], (1, 1, 1), (1, 1, 1), [x.shape], [x.dtype])
 
     def example():

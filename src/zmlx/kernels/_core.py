@@ -66,7 +66,7 @@ class KernelDef:
     body: str | None = None
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
-    # launch(*args, **kwargs) -> Launch, or a str: why this call takes the reference
+    # launch(backend, *args, **kwargs) -> Launch, or a str: why this call takes the reference
     launch: Callable[..., Launch | str] | None = None
     # example() -> (args, kwargs): small inputs for the pre-use check
     example: Callable[[], tuple[tuple, dict]] | None = None
@@ -107,7 +107,7 @@ class KernelDef:
 
     def run_kernel(self, backend: str, *args, init_value: float | None = None, **kwargs):
         """The fused kernel itself (no fallback); a str when the shapes do not fit it."""
-        spec = self.launch(*args, **kwargs)
+        spec = self.launch(backend, *args, **kwargs)
         if isinstance(spec, str):
             return spec
         kernel = _build(self, backend)

@@ -1,8 +1,14 @@
 """moe_combine: weighted sum of the routed experts' outputs plus the shared expert.
 
 One launch replaces mlx-lm's multiply, sum, cast and add. One thread per output
-element; each sums its k products in float32 in expert order, rounds to y's dtype,
-then adds the shared expert's output as mlx-lm does (through float32, rounded once).
+element; each sums its k float32 products in the order MLX's own reduction uses on
+that backend, rounds to y's dtype, then adds the shared expert's output as mlx-lm
+does (through float32, rounded once).
+
+Summation order (read from MLX's CUDA col_reduce): a column of <= 32 rows whose
+stride is a multiple of 4 floats is summed in order by one thread (always the case
+for GLM-4.7-Flash: D = 2048); otherwise a 32-lane tree adds per-lane partial sums.
+Metal sums in order here; its own reduction order is still to be checked on a Mac.
 """
 
 from __future__ import annotations
@@ -31,8 +37,23 @@ if (zmlx_tid >= N) return;
 const uint t = zmlx_tid / D;
 const uint d = zmlx_tid % D;
 float acc = 0.0f;
-for (uint k = 0; k < K; ++k) {
-    acc = ZMLX_ADD(acc, ZMLX_MUL(static_cast<float>(y[(t * K + k) * D + d]), scores[t * K + k]));
+if (SEQUENTIAL) {
+    for (uint k = 0; k < K; ++k) {
+        acc = ZMLX_ADD(acc, ZMLX_MUL(static_cast<float>(y[(t * K + k) * D + d]), scores[t * K + k]));
+    }
+} else {
+    // MLX's CUDA looped column reduce: lane k % 32 sums its rows in order, then a
+    // 32-lane tree (offsets 16, 8, 4, 2, 1) adds the lanes.
+    float lane[32];
+    for (uint j = 0; j < 32; ++j) lane[j] = 0.0f;
+    for (uint k = 0; k < K; ++k) {
+        lane[k % 32] = ZMLX_ADD(lane[k % 32],
+            ZMLX_MUL(static_cast<float>(y[(t * K + k) * D + d]), scores[t * K + k]));
+    }
+    for (uint off = 16; off > 0; off /= 2) {
+        for (uint j = 0; j < off; ++j) lane[j] = ZMLX_ADD(lane[j], lane[j + off]);
+    }
+    acc = lane[0];
 }
 const T r = static_cast<T>(acc);
 out[zmlx_tid] = HAS_SHARED ? static_cast<T>(static_cast<float>(r) + static_cast<float>(shared[zmlx_tid])) : r;
@@ -41,7 +62,7 @@ out[zmlx_tid] = HAS_SHARED ? static_cast<T>(static_cast<float>(r) + static_cast<
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
-def launch(y, scores, shared=None) -> Launch | str:
+def launch(backend, y, scores, shared=None) -> Launch | str:
     if y.ndim < 2 or y.dtype not in _DTYPES:
         return f"y {y.dtype} of rank {y.ndim}"
     if scores.dtype != mx.float32 or scores.shape != y.shape[:-1]:
@@ -52,9 +73,11 @@ def launch(y, scores, shared=None) -> Launch | str:
     n = math.prod(y.shape[:-2]) * d
     if n == 0 or n >= 2**31:
         return f"{n} outputs"
+    sequential = backend != "cuda" or (d % 4 == 0 and k <= 32)
     return Launch(
         inputs=[y, scores, shared if shared is not None else y],
-        template=[("T", y.dtype), ("K", k), ("D", d), ("N", n), ("HAS_SHARED", shared is not None)],
+        template=[("T", y.dtype), ("K", k), ("D", d), ("N", n), ("HAS_SHARED", shared is not None),
+                  ("SEQUENTIAL", sequential)],
         grid=(n, 1, 1),
         threadgroup=(min(256, n), 1, 1),
         output_shapes=[y.shape[:-2] + (d,)],
