@@ -51,9 +51,7 @@ def load(name: str, progress=None):
             raise ModelLoadError(str(e)) from None
         model, tokenizer = synth.build(spec, progress=progress)
         cfg = synth.model_config(spec)
-        quant = synth.QUANTS[spec.quant]
-        q = "bf16" if quant is None else f"{quant[0]}{quant[2]}/g{quant[1]}"
-        return model, tokenizer, ModelSource(spec.name, "synth", cfg["model_type"], q)
+        return model, tokenizer, ModelSource(spec.name, "synth", cfg["model_type"], spec.quantization)
 
     import mlx_lm
 

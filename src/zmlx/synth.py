@@ -140,6 +140,12 @@ class SynthSpec:
         seed = f"@{self.seed}" if self.seed else ""
         return f"{SPEC_PREFIX}{self.family}/{self.preset}/{self.quant}{seed}"
 
+    @property
+    def quantization(self) -> str:
+        """The label zmlx records: 'bf16' or e.g. 'affine4/g64' (as for loaded checkpoints)."""
+        quant = QUANTS[self.quant]
+        return "bf16" if quant is None else f"{quant[0]}{quant[2]}/g{quant[1]}"
+
     @classmethod
     def parse(cls, text: str) -> "SynthSpec":
         """'synth:glm4_moe_lite/flash/affine4@1' -> SynthSpec."""

@@ -126,7 +126,8 @@ def teacher_forced_logits(model, prompt: mx.array, tokens: Sequence[int]):
         logits = model(mx.array([[t]]), cache=cache)[0, -1]
 
 
-def _divergence(run: int, stock: list[int], patched: list[int]) -> tuple[int, Divergence | None]:
+def divergence(run: int, stock: list[int], patched: list[int]) -> tuple[int, Divergence | None]:
+    """(length of the common prefix, the first divergence or None when identical)."""
     n = 0
     for a, b in zip(stock, patched):
         if a != b:
@@ -192,7 +193,7 @@ def validate(
     report.stock_deterministic = all(r.tokens == reference for r in report.stock)
     report.identical = report.total
     for i, (s, p) in enumerate(zip(report.stock, report.patched)):
-        n, div = _divergence(i, s.tokens, p.tokens)
+        n, div = divergence(i, s.tokens, p.tokens)
         report.identical = min(report.identical, n)
         if div is not None and report.first_divergence is None:
             report.first_divergence = div

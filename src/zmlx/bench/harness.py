@@ -19,7 +19,7 @@ import numpy as np
 from zmlx import backend
 from zmlx.config import PatchConfig
 from zmlx.patch import patch, unpatch
-from zmlx.validate import generate
+from zmlx.validate import divergence, generate
 
 
 @dataclass(frozen=True)
@@ -142,17 +142,11 @@ def count_kernels_per_token(model, prompt: mx.array, steps: int = 8) -> tuple[fl
 def _fidelity(control: list[list[int]], tokens: list[list[int]]) -> dict[str, Any]:
     identical, total, first = None, None, None
     for i, (a, b) in enumerate(zip(control, tokens)):
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
+        n, div = divergence(i, a, b)
         identical = n if identical is None else min(identical, n)
         total = len(a) if total is None else max(total, len(a))
-        if first is None and (n < len(a) or len(a) != len(b)):
-            first = {"run": i, "position": n,
-                     "stock_token": a[n] if n < len(a) else None,
-                     "patched_token": b[n] if n < len(b) else None}
+        if first is None and div is not None:
+            first = asdict(div)
     verdict = "PASS" if first is None and total else "FAIL"
     return {"verdict": verdict, "identical": identical, "total": total, "first_divergence": first}
 

@@ -60,8 +60,7 @@ def describe_without_loading(model: str) -> tuple[str | None, str | None]:
             spec = synth.SynthSpec.parse(model)
         except synth.SynthError:
             return None, None
-        quant = synth.QUANTS[spec.quant]
-        return spec.family, "bf16" if quant is None else f"{quant[0]}{quant[2]}/g{quant[1]}"
+        return spec.family, spec.quantization
     config = Path(model).expanduser() / "config.json"
     try:
         cfg = json.loads(config.read_text())
