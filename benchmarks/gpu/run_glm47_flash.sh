@@ -7,16 +7,19 @@
 #   STEP=experiments  the experiment script over the variants in $VARIANTS
 #   STEP=noise        matrix run, stock vs stock (the noise floor)
 #   STEP=preset       matrix run, the family's default preset vs stock
-#   STEP=all          the three in turn
+#   STEP=ledger       matrix run, each pattern alone and the preset, vs one shared control
+#                     (one ledger line each; PATTERN_SETS overrides the sets, ';'-separated)
+#   STEP=kernels      the `cuda` kernel tests, then the per-kernel micro-benchmark
+#   STEP=all          experiments, noise and preset in turn
 # Bring the results home with:
 #   cp <files_at>/*.json repro_capsules/ && python -m zmlx.matrix merge <files_at>/matrix.jsonl
 set -euo pipefail
-step=${1:?STEP: experiments|noise|preset|all}
+step=${1:?STEP: experiments|noise|preset|ledger|kernels|all}
 tokens=${2:-200}
 runs=${RUNS:-3}
 out=${OUT:-gpu-results}
 model=${MODEL:-synth:glm4_moe_lite/flash/affine4}
-variants=${VARIANTS:-control control_repeat moe_router moe_combine router_combine}
+variants=${VARIANTS:-control control_repeat moe_router moe_combine residual_norm exact_preset}
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo unknown)
 mkdir -p "$out"
 log="$out/run-$step-$tokens.log"
@@ -36,10 +39,24 @@ preset() {
   python3 -m zmlx.matrix run "$model" --runs "$runs" --max-tokens "$tokens" \
     --ledger "$out/matrix.jsonl" --notes "glm4_moe_lite default preset vs stock, $device" 2>&1 | tee -a "$log"
 }
+ledger() {
+  local sets=${PATTERN_SETS:-moe_router;moe_combine;residual_norm;moe_router,moe_combine,residual_norm}
+  local args=()
+  IFS=';' read -ra parts <<< "$sets"
+  for s in "${parts[@]}"; do args+=(--patterns "$s"); done
+  python3 -m zmlx.matrix run "$model" "${args[@]}" --runs "$runs" --max-tokens "$tokens" \
+    --ledger "$out/matrix.jsonl" --notes "each pattern alone and the preset, $device" 2>&1 | tee -a "$log"
+}
+kernels() {
+  python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -25 | tee -a "$log"
+  python3 benchmarks/bench_kernels.py --capsule-dir "$out" 2>&1 | tee -a "$log"
+}
 case "$step" in
   experiments) experiments ;;
   noise) noise ;;
   preset) preset ;;
+  ledger) ledger ;;
+  kernels) kernels ;;
   all) experiments; noise; preset ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

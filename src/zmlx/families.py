@@ -38,8 +38,9 @@ FAMILIES: dict[str, Family] = {
             # glm4_moe_lite renormalizes with `+ 1e-20`; DeepSeek-V3 does not.
             "moe_router": Target("MoEGate", {"renorm_eps": 1e-20}),
             "moe_combine": Target("Glm4MoeLiteMoE"),
+            "residual_norm": Target("Glm4MoeLiteModel"),
         },
-        preset=("moe_router", "moe_combine"),
+        preset=("moe_router", "moe_combine", "residual_norm"),
     ),
 }
 

@@ -32,3 +32,16 @@ def test_unknown_variant_is_an_error(tmp_path):
     p = run("--variants", "nope", "--capsule-dir", str(tmp_path))
     assert p.returncode == 2 and "unknown variant(s): nope" in p.stderr and "Traceback" not in p.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_kernel_microbench_writes_a_capsule_the_report_reads(tmp_path):
+    script = SCRIPT.with_name("bench_kernels.py")
+    p = subprocess.run([sys.executable, str(script), "--iters", "2", "--repeats", "1",
+                        "--capsule-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (path,) = tmp_path.glob("*.json")
+    rows = json.loads(path.read_text())["kernels"]
+    assert {r["kernel"] for r in rows} == {"moe_router", "moe_combine", "residual_norm"}
+    assert all(r["bitwise"] and r["wall_us"] > 0 for r in rows)
+    p = subprocess.run([sys.executable, "-m", "zmlx.bench.report", str(path)], capture_output=True, text=True)
+    assert p.returncode == 0 and "residual_norm" in p.stdout

@@ -21,7 +21,7 @@ def test_run_appends_a_measured_line(tmp_path):
     p = matrix("run", TINY, "--patterns", "none", "--runs", "1", "--max-tokens", "8", "--ledger", str(ledger))
     assert p.returncode == 0, p.stderr
     patched, noise = L.read(ledger).entries
-    assert patched["patterns"] == ["moe_router", "moe_combine"]
+    assert patched["patterns"] == ["moe_router", "moe_combine", "residual_norm"]
     assert patched["fidelity"] == "PASS" and patched["fidelity_detail"]["identical"] == 8
     assert len(patched["decode_tps"]) == len(patched["stock_decode_tps"]) == 2
     assert patched["speedup"] == patched["decode_tps_median"] / patched["stock_decode_tps_median"]
@@ -43,7 +43,8 @@ def test_skip_ram_is_recorded_without_loading(tmp_path):
     assert p.returncode == 0 and "SKIP(RAM)" in p.stdout
     (e,) = L.read(ledger).entries
     assert e["fidelity"] == "SKIP(RAM)" and "needs ~16.8 GB" in e["skip_reason"]
-    assert e["patterns"] == ["moe_router", "moe_combine"] and e["quantization"] == "affine4/g64"
+    assert e["patterns"] == ["moe_router", "moe_combine", "residual_norm"]
+    assert e["quantization"] == "affine4/g64"
 
 
 def test_bad_input_exits_2(tmp_path):
@@ -98,3 +99,17 @@ def test_history_and_report_on_a_fixture_ledger(tmp_path):
 def test_report_on_empty_ledger(tmp_path):
     p = matrix("report", "--ledger", str(tmp_path / "none.jsonl"))
     assert p.returncode == 0 and "no measurements yet" in p.stdout
+
+
+def test_several_pattern_sets_share_one_control(tmp_path):
+    ledger = tmp_path / "m.jsonl"
+    p = matrix("run", TINY, "--patterns", "moe_router", "--patterns", "residual_norm", "--patterns", "none",
+               "--runs", "2", "--max-tokens", "6", "--ledger", str(ledger))
+    assert p.returncode == 0, p.stderr
+    router, norm, noise = L.read(ledger).entries
+    assert router["patterns"] == ["moe_router"] and norm["patterns"] == ["residual_norm"]
+    assert noise["patterns"] == []
+    assert router["stock_decode_tps"] == norm["stock_decode_tps"] == noise["stock_decode_tps"]
+    for e in (router, norm, noise):
+        assert e["fidelity"] == "PASS" and "3 sets share one control" in e["notes"]
+    assert router["gpu_us_per_token"] is None

@@ -37,7 +37,8 @@ def test_patched_model_is_bitwise_stock(request, which, use_cache, batch):
     stock = _forward_steps(model, prompt, 4, use_cache)
     result = zmlx.patch(model)
     try:
-        assert result.patched_modules == 2 * (model.args.num_hidden_layers - 1)
+        # router + combine in each MoE layer (all but the first), and the model loop
+        assert result.patched_modules == 2 * (model.args.num_hidden_layers - 1) + 1
         patched = _forward_steps(model, prompt, 4, use_cache)
     finally:
         zmlx.unpatch(model)
@@ -67,3 +68,46 @@ def test_exactness_check_can_fail(tiny_q4, monkeypatch):
     finally:
         zmlx.unpatch(model)
     assert not all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
+
+
+@pytest.mark.parametrize("pattern", ["moe_router", "moe_combine", "residual_norm"])
+def test_each_pattern_alone_is_bitwise_stock(tiny_q4, pattern):
+    model, _ = tiny_q4
+    prompt = mx.array([[3, 14, 15, 92, 65]])
+    stock = _forward_steps(model, prompt, 3, True)
+    zmlx.patch(model, patterns=[pattern])
+    try:
+        patched = _forward_steps(model, prompt, 3, True)
+    finally:
+        zmlx.unpatch(model)
+    assert all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
+
+
+def test_residual_norm_check_can_fail(tiny_q4, monkeypatch):
+    """A residual_norm whose norm weights are off by 2**-6 must be caught."""
+    from zmlx.kernels import residual_norm
+    from zmlx.patch.patterns import residual_norm as pattern_module
+
+    model, _ = tiny_q4
+    prompt = mx.array([[5, 6, 7, 8]])
+    stock = _forward_steps(model, prompt, 2, True)
+    ref = residual_norm.reference
+    monkeypatch.setattr(pattern_module, "residual_norm", lambda x, r, w, eps: ref(x, r, w * (1 + 2**-6), eps))
+    zmlx.patch(model, patterns=["residual_norm"])
+    try:
+        patched = _forward_steps(model, prompt, 2, True)
+    finally:
+        zmlx.unpatch(model)
+    assert not all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
+
+
+def test_pipelined_model_is_skipped_with_reason(tiny_q4):
+    model, _ = tiny_q4
+    model.model.pipeline_size = 2
+    try:
+        result = zmlx.patch(model, patterns=["residual_norm"])
+        assert result.patched_modules == 0
+        assert "pipeline-parallel" in result.patterns["residual_norm"].skipped[0][1]
+    finally:
+        model.model.pipeline_size = 1
+        zmlx.unpatch(model)

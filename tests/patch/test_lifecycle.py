@@ -82,11 +82,12 @@ def test_result_is_returned_and_attached(model):
     assert router.patched == [f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)]
     assert router.path == "reference" and router.fallbacks  # the reason is recorded
     assert "moe_combine" in str(result)
-    assert result.to_dict()["patched_modules"] == 6
+    assert result.patterns["residual_norm"].patched == ["model"]
+    assert result.to_dict()["patched_modules"] == 7
 
 
 def test_unknown_pattern_name_lists_valid_ones(model):
-    with pytest.raises(ConfigError, match="nope.*valid: moe_combine, moe_router"):
+    with pytest.raises(ConfigError, match="nope.*valid: moe_combine, moe_router, residual_norm"):
         zmlx.patch(model, patterns=["nope"])
     with pytest.raises(ConfigError, match="exclude"):
         zmlx.patch(model, exclude=["nope"])
@@ -97,16 +98,17 @@ def test_explicit_selection_and_exclude(model):
     result = zmlx.patch(model, patterns=["moe_router"])
     assert list(result.patterns) == ["moe_router"]
     assert type(_moe_layers(model)[0]) is glm4_moe_lite.Glm4MoeLiteMoE
-    assert result.not_selected == {"moe_combine": "not in the requested patterns"}
+    assert result.not_selected == {"moe_combine": "not in the requested patterns",
+                                   "residual_norm": "not in the requested patterns"}
     result = zmlx.patch(model, exclude=["moe_router"])
-    assert list(result.patterns) == ["moe_combine"]
+    assert list(result.patterns) == ["moe_combine", "residual_norm"]
     assert result.not_selected == {"moe_router": "excluded"}
 
 
 def test_environment_flags_go_through_patch_config(model):
     cfg = PatchConfig.from_env({"ZMLX_MOE_ROUTER": "0"})
     result = zmlx.patch(model, config=cfg)
-    assert list(result.patterns) == ["moe_combine"]
+    assert list(result.patterns) == ["moe_combine", "residual_norm"]
     assert result.not_selected["moe_router"] == "ZMLX_MOE_ROUTER=0"
     cfg = PatchConfig.from_env({"ZMLX_PATTERNS": "moe_router", "ZMLX_EXCLUDE": ""})
     assert list(zmlx.patch(model, config=cfg).patterns) == ["moe_router"]
@@ -118,7 +120,7 @@ def test_environment_flags_go_through_patch_config(model):
 
 def test_patch_reads_the_environment_by_default(model, monkeypatch):
     monkeypatch.setenv("ZMLX_EXCLUDE", "moe_combine")
-    assert list(zmlx.patch(model).patterns) == ["moe_router"]
+    assert list(zmlx.patch(model).patterns) == ["moe_router", "residual_norm"]
 
 
 def test_non_moe_model_is_returned_unchanged():

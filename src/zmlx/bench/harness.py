@@ -53,6 +53,7 @@ class VariantResult:
     runs: list[RunNumbers] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
     kernels_per_token: float | None = None
+    gpu_us_per_token: float | None = None  # summed device time of those kernels
     kernels_note: str = ""
     patch: dict[str, Any] | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)
@@ -79,6 +80,7 @@ class VariantResult:
                 "peak_memory_gb": max((r.peak_memory_gb for r in self.runs), default=None),
             },
             "kernels_per_token": self.kernels_per_token,
+            "gpu_us_per_token": self.gpu_us_per_token,
             "kernels_note": self.kernels_note,
             "fidelity": self.fidelity,
             "patch": self.patch,
@@ -107,16 +109,18 @@ def applied(model, variant: Variant):
         unpatch(model)
 
 
-def count_kernels_per_token(model, prompt: mx.array, steps: int = 8) -> tuple[float | None, str]:
-    """CUDA kernels launched per decoded token (model forward + greedy argmax), counted
-    with PyTorch's profiler, which sees MLX's kernels in the same process (CUPTI)."""
+def profile_decode(model, prompt: mx.array, steps: int = 8) -> tuple[float | None, float | None, str]:
+    """(CUDA kernels per decoded token, their summed GPU time in µs per token, note) for
+    the model forward + greedy argmax, from PyTorch's profiler, which sees MLX's kernels
+    in the same process (CUPTI). Kernel durations are device timestamps, so the GPU time
+    is free of the host's noise (launch gaps between kernels are not in it)."""
     if backend.current() != "cuda":
-        return None, f"kernel counts need the CUDA backend (this is {backend.current()})"
+        return None, None, f"kernel counts need the CUDA backend (this is {backend.current()})"
     try:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
-        return None, "kernel counts need PyTorch (pip install torch) for its CUDA profiler"
+        return None, None, "kernel counts need PyTorch (pip install torch) for its CUDA profiler"
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
@@ -136,7 +140,8 @@ def count_kernels_per_token(model, prompt: mx.array, steps: int = 8) -> tuple[fl
         e for e in prof.events()
         if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
     ]
-    return len(kernels) / steps, f"torch.profiler, {steps} decode steps"
+    gpu_us = sum(e.time_range.elapsed_us() for e in kernels)
+    return len(kernels) / steps, gpu_us / steps, f"torch.profiler, {steps} decode steps"
 
 
 def _fidelity(control: list[list[int]], tokens: list[list[int]]) -> dict[str, Any]:
@@ -197,7 +202,7 @@ def measure(
     if count_kernels:
         for r in active:
             with applied(model, r.variant):
-                r.kernels_per_token, r.kernels_note = count_kernels_per_token(model, prompt)
+                r.kernels_per_token, r.gpu_us_per_token, r.kernels_note = profile_decode(model, prompt)
     control = active[0].tokens
     for r in active:
         r.fidelity = _fidelity(control, r.tokens)

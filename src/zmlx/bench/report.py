@@ -31,13 +31,14 @@ def single_table(capsule: dict[str, Any], title: str):
 
     d = capsule["device"]
     t = Table(title=f"{title}: {capsule['model']['name']} on {d['name']}")
-    for col in ("variant", "decode tok/s", "prefill tok/s", "peak GB", "kernels/tok", "fidelity", "speedup"):
+    for col in ("variant", "decode tok/s", "prefill tok/s", "peak GB", "kernels/tok", "GPU µs/tok",
+                "fidelity", "speedup"):
         t.add_column(col, justify="left" if col in ("variant", "fidelity") else "right")
     base = next((v for v in capsule["variants"] if v["name"] == capsule.get("baseline")), None)
     base_decode = _median(base, "decode_tps") if base else None
     for v in capsule["variants"]:
         if v.get("skipped"):
-            t.add_row(v["name"], "-", "-", "-", "-", f"SKIP ({v['skipped']})", "-")
+            t.add_row(v["name"], "-", "-", "-", "-", "-", f"SKIP ({v['skipped']})", "-")
             continue
         s = v["summary"]
         dec = s["decode_tps"]
@@ -50,6 +51,7 @@ def single_table(capsule: dict[str, Any], title: str):
             _fmt(s["prompt_tps"]["median"]),
             _fmt(s["peak_memory_gb"], ".3f"),
             _fmt(v.get("kernels_per_token"), ".0f"),
+            _fmt(v.get("gpu_us_per_token"), ".0f"),
             fid_text,
             _fmt(speed, ".3f") + "x" if speed else "-",
         )
@@ -78,13 +80,14 @@ def compare_table(capsules: list[tuple[str, dict[str, Any]]]):
         names += [v["name"] for v in c["variants"] if v["name"] not in names]
     for name in names:
         for figure, key in (("decode tok/s", "decode_tps"), ("prefill tok/s", "prompt_tps"),
-                            ("peak GB", "peak_memory_gb"), ("kernels/tok", "kernels_per_token")):
+                            ("peak GB", "peak_memory_gb"), ("kernels/tok", "kernels_per_token"),
+                            ("GPU µs/tok", "gpu_us_per_token")):
             values = []
             for _, c in capsules:
                 v = next((v for v in c["variants"] if v["name"] == name and not v.get("skipped")), None)
                 if v is None:
                     values.append(None)
-                elif key == "kernels_per_token":
+                elif key in ("kernels_per_token", "gpu_us_per_token"):
                     values.append(v.get(key))
                 else:
                     values.append(_median(v, key))
@@ -102,8 +105,13 @@ def command(capsules: Annotated[list[Path], typer.Argument(help="capsule JSON fi
         raise typer.Exit(2)
     console = ui.console()
     for label, c in loaded:
-        console.print(single_table(c, label))
-    if len(loaded) > 1:
+        if "kernels" in c:  # a kernel micro-benchmark capsule (benchmarks/bench_kernels.py)
+            from zmlx.bench.kernels import table
+
+            console.print(table(c["kernels"], f"{label} on {c['device']['name']}"))
+        else:
+            console.print(single_table(c, label))
+    if len(loaded) > 1 and not any("kernels" in c for _, c in loaded):
         console.print(compare_table(loaded))
 
 

@@ -11,6 +11,8 @@ GLM47_FLASH: dict[str, Variant] = {
         Variant("control_repeat", note="stock again: the noise floor of a ratio"),
         Variant("moe_router", ("moe_router",)),
         Variant("moe_combine", ("moe_combine",)),
-        Variant("router_combine", ("moe_router", "moe_combine"), note="the exact preset"),
+        Variant("residual_norm", ("residual_norm",)),
+        Variant("router_combine", ("moe_router", "moe_combine")),
+        Variant("exact_preset", ("moe_router", "moe_combine", "residual_norm"), note="the exact preset"),
     )
 }

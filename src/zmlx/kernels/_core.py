@@ -6,8 +6,14 @@ prelude: macros in the header, and a first line that names the thread index (MLX
 declares Metal's `thread_position_in_grid` only when the source mentions it):
 
     zmlx_tid      this thread's index along x (the grid counts threads)
+    zmlx_lid      its index in its threadgroup (block), zmlx_gid the threadgroup's
+    zmlx_lane     its lane in its 32-wide simdgroup (warp), zmlx_warp that warp's index
     ZMLX_MUL/ADD  float32 multiply / add, rounded separately (no FMA contraction
                   where mlx-lm rounds in between)
+    ZMLX_SHARED   threadgroup (shared) memory qualifier; ZMLX_BARRIER a threadgroup barrier
+    ZMLX_FLOAT_BITS(i)  the float whose bits are the int i (float constants travel
+                  as int template arguments: see float_bits())
+    ZMLX_CUDA / ZMLX_METAL  defined on that backend, for the few lines that must differ
 
 `launch(*args)` computes the geometry and template from the shapes, or returns the
 reason this call takes the reference. Before a kernel is first used on a backend it
@@ -19,6 +25,7 @@ reference, and `plan()` says why, so the PatchResult records it: never silent.
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -28,19 +35,46 @@ from zmlx import backend as _backend
 
 PRELUDE_HEADER = {
     "cuda": (
+        "#define ZMLX_CUDA 1\n"
         "typedef unsigned int uint;\n"
         "#define ZMLX_MUL(a, b) __fmul_rn((a), (b))\n"
         "#define ZMLX_ADD(a, b) __fadd_rn((a), (b))\n"
+        "#define ZMLX_SHARED __shared__\n"
+        "#define ZMLX_BARRIER __syncthreads()\n"
+        "#define ZMLX_FLOAT_BITS(i) __int_as_float(i)\n"
     ),
     "metal": (
+        "#define ZMLX_METAL 1\n"
         "#define ZMLX_MUL(a, b) ((a) * (b))\n"
         "#define ZMLX_ADD(a, b) ((a) + (b))\n"
+        "#define ZMLX_SHARED threadgroup\n"
+        "#define ZMLX_BARRIER threadgroup_barrier(mem_flags::mem_threadgroup)\n"
+        "#define ZMLX_FLOAT_BITS(i) as_type<float>(int(i))\n"
     ),
 }
+# MLX declares a Metal thread attribute only when the source names it, so the
+# indices are named here, in the source, not in the header.
 PRELUDE_SOURCE = {
-    "cuda": "const uint zmlx_tid = blockIdx.x * blockDim.x + threadIdx.x;\n",
-    "metal": "const uint zmlx_tid = thread_position_in_grid.x;\n",
+    "cuda": (
+        "const uint zmlx_tid = blockIdx.x * blockDim.x + threadIdx.x;\n"
+        "const uint zmlx_lid = threadIdx.x;\n"
+        "const uint zmlx_gid = blockIdx.x;\n"
+        "const uint zmlx_lane = threadIdx.x % 32;\n"
+        "const uint zmlx_warp = threadIdx.x / 32;\n"
+    ),
+    "metal": (
+        "const uint zmlx_tid = thread_position_in_grid.x;\n"
+        "const uint zmlx_lid = thread_position_in_threadgroup.x;\n"
+        "const uint zmlx_gid = threadgroup_position_in_grid.x;\n"
+        "const uint zmlx_lane = thread_index_in_simdgroup;\n"
+        "const uint zmlx_warp = simdgroup_index_in_threadgroup;\n"
+    ),
 }
+
+
+def float_bits(value: float) -> int:
+    """The float32 nearest `value` as the int with its bits (a template argument)."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
 class Plan(NamedTuple):

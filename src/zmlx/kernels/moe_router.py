@@ -3,13 +3,27 @@
 sigmoid(gates) in float32; the correction bias is added for selection only; top-k
 (optionally within the best `topk_group` of `n_group` groups); gather of the
 unbiased scores; renormalize (with the family's epsilon); routed scaling.
+
+The kernel does all of it after the gate matmul in one launch, one thread per token
+(E <= 256 experts, k <= 8), and is bitwise the stock sequence because it follows
+MLX's own arithmetic (read from MLX's CUDA and Metal sources):
+- sigmoid as MLX's unary op: y = 1 / (1 + exp(|x|)), then x < 0 ? y : 1 - y;
+- `argpartition` on the GPU is a full *stable* merge sort of `-scores` (NaN last),
+  so the k chosen come in descending score order with ties to the lower expert
+  index: repeated "best remaining" selection with a strict comparison;
+- the sum of the k gathered scores is MLX's row reduce: each thread sums 4 floats in
+  order from 0, then the partial sums are added (k <= 8: two partials);
+- the renormalize and scaling are separate float32 ops (no FMA can form).
+Group-limited routing (n_group > 1) takes the reference (DeepSeek-V3's 8 groups).
 """
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef
+from zmlx.kernels._core import KernelDef, Launch, float_bits
 
 
 @mx.compile
@@ -54,4 +68,107 @@ def reference(
     )
 
 
-moe_router = KernelDef(name="moe_router", reference=reference)
+
+HEADER = """
+inline float zmlx_sigmoid(float x) {
+#ifdef ZMLX_CUDA
+    const float y = 1.0f / (1.0f + expf(fabsf(x)));
+#else
+    const float y = 1.0f / (1.0f + metal::exp(metal::abs(x)));
+#endif
+    return (x < 0) ? y : 1.0f - y;
+}
+// a comes before b in MLX's ascending sort of -score (NaN sorts last)
+inline bool zmlx_before(float a, float b) {
+    const float na = -a, nb = -b;
+    const bool an = na != na, bn = nb != nb;
+    if (an || bn) return !an && bn;
+    return na < nb;
+}
+"""
+
+BODY = """
+if (zmlx_tid >= ROWS) return;
+const uint row = zmlx_tid;
+float biased[E];
+bool taken[E];
+for (uint e = 0; e < E; ++e) {
+    biased[e] = ZMLX_ADD(zmlx_sigmoid(static_cast<float>(gates[row * E + e])), static_cast<float>(bias[e]));
+    taken[e] = false;
+}
+float picked[K];
+for (uint k = 0; k < K; ++k) {
+    uint best = E;
+    for (uint e = 0; e < E; ++e) {
+        if (!taken[e] && (best == E || zmlx_before(biased[e], biased[best]))) best = e;
+    }
+    taken[best] = true;
+    inds[row * K + k] = best;
+    picked[k] = zmlx_sigmoid(static_cast<float>(gates[row * E + best]));
+}
+float den = 0.0f;
+if (NORM) {
+    for (uint k = 0; k < K && k < 4; ++k) den = ZMLX_ADD(den, picked[k]);
+    if (K > 4) {
+        float second = 0.0f;
+        for (uint k = 4; k < K; ++k) second = ZMLX_ADD(second, picked[k]);
+        den = ZMLX_ADD(den, second);
+    }
+    if (HAS_EPS) den = ZMLX_ADD(den, ZMLX_FLOAT_BITS(EPS_BITS));
+}
+for (uint k = 0; k < K; ++k) {
+    const float s = NORM ? picked[k] / den : picked[k];
+    scores[row * K + k] = ZMLX_MUL(s, ZMLX_FLOAT_BITS(SCALE_BITS));
+}
+"""
+
+_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+
+def launch(
+    backend, gates, bias, *, top_k, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+    norm_topk_prob=True, renorm_eps=None,
+) -> Launch | str:
+    if n_group > 1:
+        return f"group-limited routing (n_group={n_group}) is not fused"
+    if gates.ndim < 1 or gates.dtype not in _DTYPES or bias.dtype not in _DTYPES:
+        return f"gates {gates.dtype}, bias {bias.dtype}"
+    e = gates.shape[-1]
+    if bias.shape != (e,):
+        return f"bias of shape {bias.shape} for {e} experts"
+    if not (1 <= e <= 256 and 1 <= top_k <= min(8, e)):
+        return f"{e} experts, top-{top_k} (the kernel takes <= 256 experts, top-k <= 8)"
+    rows = math.prod(gates.shape[:-1])
+    if rows == 0:
+        return "no tokens"
+    return Launch(
+        inputs=[gates, bias],
+        template=[("E", e), ("K", top_k), ("ROWS", rows), ("NORM", top_k > 1 and bool(norm_topk_prob)),
+                  ("HAS_EPS", renorm_eps is not None), ("EPS_BITS", float_bits(renorm_eps or 0.0)),
+                  ("SCALE_BITS", float_bits(routed_scaling_factor))],
+        grid=(rows, 1, 1),
+        threadgroup=(min(64, rows), 1, 1),
+        output_shapes=[gates.shape[:-1] + (top_k,)] * 2,
+        output_dtypes=[mx.uint32, mx.float32],
+    )
+
+
+def example():
+    # GLM-4.7-Flash's routing on 3 tokens, with ties among the biased scores.
+    gates = (mx.round(mx.random.normal((3, 64), key=mx.random.key(21)) * 2) / 2).astype(mx.bfloat16)
+    bias = mx.round(mx.random.normal((64,), key=mx.random.key(22)) * 4) / 64
+    bias = mx.where(mx.arange(64) % 2 == 0, 0.0, bias)
+    kwargs = dict(top_k=4, routed_scaling_factor=1.8, norm_topk_prob=True, renorm_eps=1e-20)
+    return (gates, bias), kwargs
+
+
+moe_router = KernelDef(
+    name="moe_router",
+    reference=reference,
+    body=BODY,
+    header=HEADER,
+    input_names=("gates", "bias"),
+    output_names=("inds", "scores"),
+    launch=launch,
+    example=example,
+)

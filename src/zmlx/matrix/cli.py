@@ -99,8 +99,10 @@ def _base_entry(model: str, patterns: list[str], notes: str, params: dict[str, A
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id or synth: spec")],
-    patterns: Annotated[Optional[str], typer.Option(
-        help="comma-separated patterns; default: the family's preset; 'none': stock vs stock")] = None,
+    patterns: Annotated[Optional[list[str]], typer.Option(
+        help="comma-separated patterns; default: the family's preset; 'none': stock vs stock. "
+             "Repeat the option to measure several sets against one shared, interleaved control "
+             "(one ledger line per set)")] = None,
     runs: Annotated[int, typer.Option(help="timed runs of each side")] = 3,
     max_tokens: Annotated[int, typer.Option(help="tokens generated per run")] = 200,
     prompt_tokens: Annotated[int, typer.Option(help="prompt length in tokens")] = 32,
@@ -110,7 +112,7 @@ def run(
         help="memory to assume instead of the device's (a larger model is SKIP(RAM))")] = None,
     count_kernels: Annotated[bool, typer.Option(help="count CUDA kernels per token")] = True,
 ):
-    """Measure MODEL stock vs patched and append one line to the ledger."""
+    """Measure MODEL stock vs patched and append one line per pattern set to the ledger."""
     from rich.progress import Progress
 
     from zmlx.bench.harness import CONTROL, Variant, measure
@@ -119,24 +121,29 @@ def run(
 
     if runs < 1 or max_tokens < 1 or prompt_tokens < 1:
         _fail("--runs, --max-tokens and --prompt-tokens must be at least 1")
-    names = split_names(patterns)
-    stock_only = names == ("none",)
+    sets = [split_names(p) for p in (patterns or [None])]  # None: the family's preset
     try:
-        if not stock_only:
-            check_names(names or (), "--patterns")
+        for names in sets:
+            if names != ("none",):
+                check_names(names or (), "--patterns")
     except ConfigError as e:
         _fail(str(e))
     params = {"runs": runs, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens}
+    if len(sets) > 1:
+        shared = f"{len(sets)} sets share one control"
+        notes = f"{notes}; {shared}" if notes else shared
 
     need = estimate_model_bytes(model)
     budget, where = memory_budget(max_memory_gb)
     if need is not None and budget is not None and need > 0.9 * budget:
         family, quant = describe_without_loading(model)
-        requested = [] if stock_only else select_patterns(family, names, None, PatchConfig.from_env())[0]
-        entry = _base_entry(model, requested, notes, params)
-        entry.update({"family": family, "quantization": quant, "fidelity": "SKIP(RAM)"})
-        entry["skip_reason"] = f"needs ~{need / 1e9:.1f} GB, {where} is {budget / 1e9:.1f} GB"
-        L.append(entry, ledger)
+        for names in sets:
+            requested = [] if names == ("none",) else select_patterns(
+                family, names, None, PatchConfig.from_env())[0]
+            entry = _base_entry(model, requested, notes, params)
+            entry.update({"family": family, "quantization": quant, "fidelity": "SKIP(RAM)"})
+            entry["skip_reason"] = f"needs ~{need / 1e9:.1f} GB, {where} is {budget / 1e9:.1f} GB"
+            L.append(entry, ledger)
         print(f"SKIP(RAM): {model} {entry['skip_reason']}; recorded in {ledger}")
         return
 
@@ -145,47 +152,55 @@ def run(
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task(f"loading {model}", total=None)
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
-            if stock_only:
-                applied: list[str] = []
-                other = Variant("control_repeat", note="stock vs stock: the noise floor")
-            else:
-                applied, _ = select_patterns(source.family, names, None, PatchConfig.from_env())
-                other = Variant("patched", tuple(applied))
-            progress.update(task, description="measuring", completed=0, total=2 * (runs + 1))
-            control, patched = measure(
-                m, tok, [CONTROL, other], runs=runs, max_tokens=max_tokens,
+            variants = []
+            for i, names in enumerate(sets):
+                if names == ("none",):
+                    variants.append(Variant(f"control_repeat_{i}", note="stock vs stock: the noise floor"))
+                else:
+                    applied, _ = select_patterns(source.family, names, None, PatchConfig.from_env())
+                    variants.append(Variant(f"patched_{i}", tuple(applied)))
+            progress.update(task, description="measuring", completed=0,
+                            total=(len(variants) + 1) * (runs + 1))
+            control, *measured = measure(
+                m, tok, [CONTROL, *variants], runs=runs, max_tokens=max_tokens,
                 prompt_tokens=prompt_tokens, count_kernels=count_kernels,
                 on_step=lambda _: progress.advance(task),
             )
     except (ModelLoadError, ConfigError) as e:
         _fail(str(e))
 
-    if patched.patch is not None:
-        applied = [n for n, r in patched.patch["patterns"].items() if r["patched"]]
-    entry = _base_entry(source.name, applied, notes, params)
-    s, p = control.stat("decode_tps"), patched.stat("decode_tps")
-    entry.update({
-        "family": source.family,
-        "quantization": source.quantization,
-        "fidelity": patched.fidelity["verdict"],
-        "fidelity_detail": patched.fidelity,
-        "decode_tps": [r.decode_tps for r in patched.runs],
-        "decode_tps_median": p["median"],
-        "prefill_tps": [r.prompt_tps for r in patched.runs],
-        "prefill_tps_median": patched.stat("prompt_tps")["median"],
-        "stock_decode_tps": [r.decode_tps for r in control.runs],
-        "stock_decode_tps_median": s["median"],
-        "stock_prefill_tps": [r.prompt_tps for r in control.runs],
-        "stock_prefill_tps_median": control.stat("prompt_tps")["median"],
-        "speedup": p["median"] / s["median"],
-        "kernels_per_token": patched.kernels_per_token,
-        "stock_kernels_per_token": control.kernels_per_token,
-        "kernels_note": patched.kernels_note,
-        "peak_memory_gb": max(r.peak_memory_gb for r in patched.runs),
-        "stock_peak_memory_gb": max(r.peak_memory_gb for r in control.runs),
-    })
-    L.append(entry, ledger)
-    ui.console().print(_history_table([entry], f"appended to {ledger}"))
+    entries = []
+    for patched in measured:
+        applied = list(patched.variant.patterns)
+        if patched.patch is not None:
+            applied = [n for n, r in patched.patch["patterns"].items() if r["patched"]]
+        entry = _base_entry(source.name, applied, notes, params)
+        s, p = control.stat("decode_tps"), patched.stat("decode_tps")
+        entry.update({
+            "family": source.family,
+            "quantization": source.quantization,
+            "fidelity": patched.fidelity["verdict"],
+            "fidelity_detail": patched.fidelity,
+            "decode_tps": [r.decode_tps for r in patched.runs],
+            "decode_tps_median": p["median"],
+            "prefill_tps": [r.prompt_tps for r in patched.runs],
+            "prefill_tps_median": patched.stat("prompt_tps")["median"],
+            "stock_decode_tps": [r.decode_tps for r in control.runs],
+            "stock_decode_tps_median": s["median"],
+            "stock_prefill_tps": [r.prompt_tps for r in control.runs],
+            "stock_prefill_tps_median": control.stat("prompt_tps")["median"],
+            "speedup": p["median"] / s["median"],
+            "kernels_per_token": patched.kernels_per_token,
+            "stock_kernels_per_token": control.kernels_per_token,
+            "gpu_us_per_token": patched.gpu_us_per_token,
+            "stock_gpu_us_per_token": control.gpu_us_per_token,
+            "kernels_note": patched.kernels_note,
+            "peak_memory_gb": max(r.peak_memory_gb for r in patched.runs),
+            "stock_peak_memory_gb": max(r.peak_memory_gb for r in control.runs),
+        })
+        L.append(entry, ledger)
+        entries.append(entry)
+    ui.console().print(_history_table(entries, f"appended to {ledger}"))
 
 
 def _fmt(x, spec=".1f") -> str:
@@ -261,6 +276,8 @@ def summarize(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "patched_decode_tps": e.get("decode_tps_median"), "speedup": e.get("speedup"),
             "fidelity": e["fidelity"], "kernels_per_token": e.get("kernels_per_token"),
             "stock_kernels_per_token": e.get("stock_kernels_per_token"),
+            "gpu_us_per_token": e.get("gpu_us_per_token"),
+            "stock_gpu_us_per_token": e.get("stock_gpu_us_per_token"),
             "measurements": counts[key], "timestamp": e["timestamp"],
         })
     return rows
@@ -290,15 +307,17 @@ def report(
     for (model, quant, device), group in groups.items():
         t = Table(title=f"{model} ({quant}) on {device}")
         for col in ("patterns", "tokens", "stock tok/s", "patched tok/s", "speedup", "fidelity",
-                    "kernels/tok", "lines"):
+                    "kernels/tok", "GPU µs/tok", "lines"):
             t.add_column(col, justify="left" if col in ("patterns", "fidelity") else "right")
         for r in group:
             k, sk = r["kernels_per_token"], r["stock_kernels_per_token"]
+            g, sg = r["gpu_us_per_token"], r["stock_gpu_us_per_token"]
             t.add_row(
                 ",".join(r["patterns"]) or "none (noise floor)",
                 f"{r['max_tokens']} x {r['runs']}",
                 _fmt(r["stock_decode_tps"]), _fmt(r["patched_decode_tps"]), _fmt(r["speedup"], ".3f"),
                 r["fidelity"], f"{_fmt(sk, '.0f')} -> {_fmt(k, '.0f')}" if k is not None else "-",
+                f"{_fmt(sg, '.0f')} -> {_fmt(g, '.0f')}" if g is not None else "-",
                 str(r["measurements"]),
             )
         console.print(t)

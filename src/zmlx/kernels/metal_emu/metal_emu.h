@@ -8,7 +8,7 @@
 // threadgroup_position_in_grid, threads_per_threadgroup, thread_index_in_simdgroup,
 // simdgroup_index_in_threadgroup, threadgroup_barrier(mem_flags::...),
 // simd_sum / simd_max / simd_min / simd_shuffle_xor (32-wide), metal:: math (exp, log,
-// sqrt, rsqrt, abs, max, min, fma, precise::exp, isnan, isinf).
+// sqrt, rsqrt, abs, max, min, fma, precise::exp/log/sqrt/rsqrt, isnan, isinf), as_type<T>.
 // Anything else fails to compile, which the test reports as outside the subset.
 #pragma once
 #include <barrier>
@@ -93,5 +93,17 @@ namespace metal {
 using std::abs; using std::exp; using std::log; using std::sqrt; using std::isnan; using std::isinf;
 using std::max; using std::min; using std::fma;
 inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
-namespace precise { using std::exp; using std::log; using std::sqrt; }
+namespace precise {
+using std::exp; using std::log; using std::sqrt;
+inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
+}  // namespace precise
 }  // namespace metal
+
+// as_type<T>(v): reinterpret v's bits (same size), as Metal's as_type does.
+template <typename T, typename U>
+inline T as_type(U v) {
+  static_assert(sizeof(T) == sizeof(U), "as_type needs types of the same size");
+  T r;
+  std::memcpy(&r, &v, sizeof(T));
+  return r;
+}

@@ -1,5 +1,5 @@
 """The registry: every pattern zmlx knows, by name (one small file each)."""
 
-from zmlx.patch.patterns import moe_combine, moe_router
+from zmlx.patch.patterns import moe_combine, moe_router, residual_norm
 
-PATTERNS = {p.name: p for p in (moe_router.PATTERN, moe_combine.PATTERN)}
+PATTERNS = {p.name: p for p in (moe_router.PATTERN, moe_combine.PATTERN, residual_norm.PATTERN)}

@@ -13,6 +13,8 @@ def check(gate, params) -> str | None:
         return f"topk_method {gate.config.topk_method!r} (only noaux_tc is supported)"
     if getattr(gate.config, "scoring_func", "sigmoid") != "sigmoid":
         return f"scoring_func {gate.config.scoring_func!r} (only sigmoid is supported)"
+    if gate.n_group > 1:
+        return f"group-limited routing (n_group={gate.n_group}) is not fused yet"
     return None
 
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Per-kernel micro-benchmark: each fused kernel vs the stock op sequence it replaces.
+
+    python benchmarks/bench_kernels.py --iters 200 --repeats 7
+
+GLM-4.7-Flash shapes at decode (1 token) and a 32-token prompt. On the CUDA backend
+with PyTorch installed: GPU time per call from device timestamps (profiler), launches
+per call, and host wall time per call; elsewhere wall time only. Writes a capsule
+(`kernels` rows instead of variants) under --capsule-dir; `python -m zmlx.bench.report`
+prints it. See zmlx.bench.kernels for what each figure means.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zmlx import backend, ui
+from zmlx.bench import capsule, kernels
+
+
+def main(
+    iters: Annotated[int, typer.Option(help="calls per timed block")] = 200,
+    repeats: Annotated[int, typer.Option(help="timed blocks per side (median taken)")] = 7,
+    capsule_dir: Annotated[Path, typer.Option(help="where the capsule is written")] = Path("repro_capsules"),
+):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    if iters < 1 or repeats < 1:
+        print("error: --iters and --repeats must be at least 1", file=sys.stderr)
+        raise typer.Exit(2)
+    err = Console(stderr=True)
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("kernels", total=None)
+        rows = kernels.run(iters=iters, repeats=repeats,
+                           progress=lambda what: progress.update(task, description=what))
+    cap = capsule.build(
+        name="kernel_microbench",
+        model={"name": "kernels-glm47-flash-shapes", "kind": "kernels", "family": "glm4_moe_lite",
+               "quantization": None},
+        params={"iters": iters, "repeats": repeats, "backend": backend.current()},
+        variants=[],
+    )
+    cap["kernels"] = rows
+    path = capsule.write(cap, capsule_dir)
+    ui.console().print(kernels.table(rows, f"{path.name} on {cap['device']['name']}"))
+    print(f"capsule: {path}")
+
+
+if __name__ == "__main__":
+    ui.run_command(main)

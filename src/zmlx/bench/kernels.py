@@ -1,0 +1,163 @@
+"""Per-kernel micro-benchmark: each fused kernel against the stock op sequence it replaces.
+
+For every case (GLM-4.7-Flash shapes) both sides run on the same fixed inputs:
+- `gpu_us`: summed device time of the kernels one call launches (PyTorch's profiler
+  over `iters` calls, CUPTI device timestamps), median over `repeats` blocks;
+- `launches`: kernels per call;
+- `wall_us`: host time per call including `mx.eval` (launch + sync), median over blocks;
+- `bitwise`: whether the fused outputs equal stock's.
+GPU time needs the CUDA backend and PyTorch; elsewhere only wall time is taken (and
+the "fused" side is the reference, since custom kernels do not run on the CPU).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from zmlx import backend
+from zmlx.kernels.moe_combine import moe_combine
+from zmlx.kernels.moe_router import moe_router
+from zmlx.kernels.residual_norm import residual_norm
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str
+    shape: str
+    stock: Callable[[], Any]
+    fused: Callable[[], Any]
+
+
+def _glm_cases(tokens: int) -> list[Case]:
+    from mlx_lm.models.glm4_moe_lite import group_expert_select
+
+    k = mx.random.key(tokens)
+    ks = mx.random.split(k, 8)
+    gates = mx.random.normal((1, tokens, 64), key=ks[0]).astype(mx.bfloat16)
+    bias = mx.random.normal((64,), key=ks[1]) * 0.05
+    y = mx.random.normal((1, tokens, 4, 2048), key=ks[2]).astype(mx.bfloat16)
+    scores = mx.random.uniform(shape=(1, tokens, 4), key=ks[3])
+    shared = mx.random.normal((1, tokens, 2048), key=ks[4]).astype(mx.bfloat16)
+    x = mx.random.normal((1, tokens, 2048), key=ks[5]).astype(mx.bfloat16)
+    r = mx.random.normal((1, tokens, 2048), key=ks[6]).astype(mx.bfloat16)
+    w = (1 + 0.1 * mx.random.normal((2048,), key=ks[7])).astype(mx.bfloat16)
+    mx.eval(gates, bias, y, scores, shared, x, r, w)
+    shape = f"{tokens} token{'s' if tokens > 1 else ''}"
+
+    def stock_combine():
+        return (y * scores[..., None]).sum(axis=-2).astype(y.dtype) + shared
+
+    def stock_residual_norm():
+        h = x + r
+        return h, mx.fast.rms_norm(h, w, 1e-5)
+
+    return [
+        Case("moe_router", f"{shape}, 64 experts, top-4",
+             lambda: group_expert_select(gates, bias, 4, 1, 1, 1.8, True),
+             lambda: moe_router(gates, bias, top_k=4, routed_scaling_factor=1.8, renorm_eps=1e-20)),
+        Case("moe_combine", f"{shape}, 4 x 2048 + shared", stock_combine,
+             lambda: moe_combine(y, scores, shared)),
+        Case("residual_norm", f"{shape}, 2048", stock_residual_norm,
+             lambda: residual_norm(x, r, w, 1e-5)),
+    ]
+
+
+def _wall_us(fn: Callable[[], Any], iters: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        mx.eval(fn())
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def _profile(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prof = profile(activities=[ProfilerActivity.CUDA])
+    with prof:
+        for _ in range(iters):
+            mx.eval(fn())
+    kernels = [e for e in prof.events()
+               if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+    return sum(e.time_range.elapsed_us() for e in kernels) / iters, len(kernels) / iters
+
+
+def _equal(a, b) -> bool:
+    a = a if isinstance(a, tuple) else (a,)
+    b = b if isinstance(b, tuple) else (b,)
+    return len(a) == len(b) and all(mx.array_equal(x, y).item() for x, y in zip(a, b))
+
+
+def run(iters: int = 200, repeats: int = 7, tokens: tuple[int, ...] = (1, 32),
+        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One row per (case, side). Wall time first for every case; the profiler (which
+    slows every later launch once attached) only after all wall-time blocks."""
+    cases = [c for t in tokens for c in _glm_cases(t)]
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for case in cases:
+        for side, fn in (("stock", case.stock), ("fused", case.fused)):
+            mx.eval(fn())  # build / compile outside the timing
+        walls: dict[str, list[float]] = {"stock": [], "fused": []}
+        for _ in range(repeats):  # alternate the sides block by block
+            for side, fn in (("stock", case.stock), ("fused", case.fused)):
+                walls[side].append(_wall_us(fn, iters))
+        equal = _equal(case.fused(), case.stock())
+        for side in ("stock", "fused"):
+            rows[(case.kernel, case.shape, side)] = {
+                "kernel": case.kernel, "shape": case.shape, "side": side,
+                "wall_us": statistics.median(walls[side]), "wall_us_blocks": walls[side],
+                "gpu_us": None, "launches": None, "bitwise": equal,
+            }
+        if progress:
+            progress(f"wall {case.kernel} {case.shape}")
+    if backend.current() == "cuda":
+        try:
+            import torch.profiler  # noqa: F401
+        except ImportError:
+            return list(rows.values())
+        for case in cases:
+            for side, fn in (("stock", case.stock), ("fused", case.fused)):
+                blocks = [_profile(fn, iters) for _ in range(repeats)]
+                row = rows[(case.kernel, case.shape, side)]
+                row["gpu_us"] = statistics.median(b[0] for b in blocks)
+                row["gpu_us_blocks"] = [b[0] for b in blocks]
+                row["launches"] = statistics.median(b[1] for b in blocks)
+            if progress:
+                progress(f"gpu {case.kernel} {case.shape}")
+    return list(rows.values())
+
+
+def table(rows: list[dict[str, Any]], title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("kernel", "shape", "launches stock -> fused", "GPU µs stock", "GPU µs fused", "GPU ratio",
+                "wall µs stock", "wall µs fused", "wall ratio", "bitwise"):
+        t.add_column(col, justify="left" if col in ("kernel", "shape") else "right")
+    by = {(r["kernel"], r["shape"], r["side"]): r for r in rows}
+    for (kernel, shape, side), s in by.items():
+        if side != "stock":
+            continue
+        f = by[(kernel, shape, "fused")]
+
+        def fmt(x, spec=".1f"):
+            return "-" if x is None else format(x, spec)
+
+        t.add_row(
+            kernel, shape,
+            f"{fmt(s['launches'], '.0f')} -> {fmt(f['launches'], '.0f')}",
+            fmt(s["gpu_us"], ".2f"), fmt(f["gpu_us"], ".2f"),
+            fmt(f["gpu_us"] / s["gpu_us"] if s["gpu_us"] else None, ".3f"),
+            fmt(s["wall_us"]), fmt(f["wall_us"]),
+            fmt(f["wall_us"] / s["wall_us"], ".3f"),
+            "yes" if s["bitwise"] else "NO",
+        )
+    return t

@@ -1,0 +1,154 @@
+"""residual_norm: the decoder's residual add and the RMSNorm that follows it, in one launch.
+
+    h = x + r                                  (in x's dtype, as mlx-lm adds)
+    n = mx.fast.rms_norm(h, w, eps)
+
+Both outputs are returned: h carries the residual stream, n feeds the next block.
+One threadgroup per row. The kernel is bitwise MLX's own `rms_norm` because it
+follows that kernel's arithmetic, read from MLX's sources:
+- the sum of squares: each thread accumulates its elements in float32, chunk by
+  chunk (`(BLOCK * i + thread) * NR + j`), then a warp (simdgroup) reduce, the warps'
+  sums into threadgroup memory (zeros beyond the last warp) and a second warp reduce
+  with the same primitive MLX uses (`cg::reduce` on CUDA, `simd_sum` on Metal);
+- CUDA accumulates with fused multiply-adds (nvcc contracts MLX's `acc += t * t`);
+  Metal writes the same expression as MLX's Metal kernel;
+- `rsqrt(sum / D + eps)`, then `w * T(float(h) * inv)` with the product in T;
+- the geometry MLX picks for the row length: on CUDA NR = 16 bytes of T per read and
+  (BLOCK, CHUNKS) from its `dispatch_num_chunks` (or 1024 threads past 1024 reads);
+  on Metal NR = 4, one chunk, up to 4096 values (longer rows take the reference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from zmlx.kernels._core import KernelDef, Launch, float_bits
+
+
+def reference(x: mx.array, r: mx.array, w: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """x, r (..., D) of one dtype, w (D,) -> (h = x + r, rms_norm(h) * w)."""
+    h = x + r
+    return h, mx.fast.rms_norm(h, w, eps)
+
+
+HEADER = """
+#ifdef ZMLX_CUDA
+#include <cooperative_groups/reduce.h>
+#define ZMLX_SQ_ACC(acc, t) ((acc) = fmaf((t), (t), (acc)))
+#define ZMLX_RSQRT(v) rsqrtf(v)
+#else
+#define ZMLX_SQ_ACC(acc, t) ((acc) += (t) * (t))
+#define ZMLX_RSQRT(v) metal::precise::rsqrt(v)
+#endif
+"""
+
+BODY = """
+#ifdef ZMLX_CUDA
+auto zmlx_tile = cg::tiled_partition<32>(cg::this_thread_block());
+#define ZMLX_SIMD_SUM(v) cg::reduce(zmlx_tile, (v), cg::plus<float>())
+#else
+#define ZMLX_SIMD_SUM(v) simd_sum(v)
+#endif
+const size_t base = size_t(zmlx_gid) * D;
+float hs[CHUNKS * NR];
+float acc = 0.0f;
+for (uint i = 0; i < CHUNKS; ++i) {
+    for (uint j = 0; j < NR; ++j) {
+        const uint d = (BLOCK * i + zmlx_lid) * NR + j;
+        if (d < D) {
+            const T hv = static_cast<T>(
+                ZMLX_ADD(static_cast<float>(x[base + d]), static_cast<float>(r[base + d])));
+            h[base + d] = hv;
+            const float t = static_cast<float>(hv);
+            hs[i * NR + j] = t;
+            ZMLX_SQ_ACC(acc, t);
+        }
+    }
+}
+acc = ZMLX_SIMD_SUM(acc);
+ZMLX_SHARED float zmlx_sums[32];
+if (zmlx_warp == 0) zmlx_sums[zmlx_lane] = 0.0f;
+ZMLX_BARRIER;
+if (zmlx_lane == 0) zmlx_sums[zmlx_warp] = acc;
+ZMLX_BARRIER;
+acc = ZMLX_SIMD_SUM(zmlx_sums[zmlx_lane]);
+const float inv = ZMLX_RSQRT(ZMLX_ADD(acc / static_cast<float>(D), ZMLX_FLOAT_BITS(EPS_BITS)));
+for (uint i = 0; i < CHUNKS; ++i) {
+    for (uint j = 0; j < NR; ++j) {
+        const uint d = (BLOCK * i + zmlx_lid) * NR + j;
+        if (d < D) {
+            const T y = static_cast<T>(ZMLX_MUL(hs[i * NR + j], inv));
+            out[base + d] = static_cast<T>(ZMLX_MUL(static_cast<float>(w[d]), static_cast<float>(y)));
+        }
+    }
+}
+"""
+
+_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+
+def geometry(backend: str, d: int, itemsize: int) -> tuple[int, int, int] | str:
+    """(BLOCK threads, CHUNKS, NR values per read) as MLX's rms_norm lays out a row of d."""
+    if backend == "metal":
+        if d > 4096:
+            return f"row of {d} (MLX's Metal rms_norm loops past 4096; its order is not followed)"
+        nr = 4
+        return 32 * math.ceil(math.ceil(d / nr) / 32), 1, nr
+    nr = 16 // itemsize
+    nvec = math.ceil(d / nr)
+    if d > nr * 128 * 8:
+        return 1024, math.ceil(nvec / 1024), nr
+    if d <= nr * 64:
+        return 64, 1, nr
+    if nvec % 128 == 0 and nvec // 128 <= 8:
+        return 128, nvec // 128, nr
+    if nvec % 64 == 0 and nvec // 64 <= 8:
+        return 64, nvec // 64, nr
+    return 128, math.ceil(nvec / 128), nr
+
+
+def launch(backend, x, r, w, eps) -> Launch | str:
+    if x.dtype not in _DTYPES or r.dtype != x.dtype or w.dtype != x.dtype:
+        return f"x {x.dtype}, r {r.dtype}, w {w.dtype} (one float dtype needed)"
+    if x.ndim < 1 or r.shape != x.shape or w.shape != x.shape[-1:]:
+        return f"shapes x {x.shape}, r {r.shape}, w {w.shape}"
+    d = x.shape[-1]
+    rows = math.prod(x.shape[:-1])
+    if d == 0 or rows == 0:
+        return "empty input"
+    geo = geometry(backend, d, x.dtype.size)
+    if isinstance(geo, str):
+        return geo
+    block, chunks, nr = geo
+    if chunks * nr > 64:
+        return f"row of {d} needs {chunks * nr} values per thread"
+    return Launch(
+        inputs=[x, r, w],
+        template=[("T", x.dtype), ("D", d), ("BLOCK", block), ("CHUNKS", chunks), ("NR", nr),
+                  ("EPS_BITS", float_bits(eps))],
+        grid=(rows * block, 1, 1),
+        threadgroup=(block, 1, 1),
+        output_shapes=[x.shape, x.shape],
+        output_dtypes=[x.dtype, x.dtype],
+    )
+
+
+def example():
+    x = mx.random.normal((3, 2048), key=mx.random.key(31)).astype(mx.bfloat16)
+    r = mx.random.normal((3, 2048), key=mx.random.key(32)).astype(mx.bfloat16)
+    w = (1 + 0.1 * mx.random.normal((2048,), key=mx.random.key(33))).astype(mx.bfloat16)
+    return (x, r, w, 1e-5), {}
+
+
+residual_norm = KernelDef(
+    name="residual_norm",
+    reference=reference,
+    body=BODY,
+    header=HEADER,
+    input_names=("x", "r", "w"),
+    output_names=("h", "out"),
+    launch=launch,
+    example=example,
+)

@@ -1,0 +1,91 @@
+"""residual_norm: h = x + r and mx.fast.rms_norm(h), bitwise MLX's own kernels on the GPU."""
+
+import mlx.core as mx
+import pytest
+
+from zmlx.kernels import metal_emu
+from zmlx.kernels.residual_norm import geometry, launch, reference, residual_norm
+
+SHAPES = [  # (leading shape, D)
+    ((1, 1), 2048),  # GLM-4.7-Flash hidden, decode
+    ((2, 13), 2048),  # prompt
+    ((3,), 512),  # kv_lora_rank (the latent norm)
+    ((2,), 1536),  # 192 reads of 8: MLX picks 64 threads x 3 chunks
+    ((5,), 123),  # odd: a partial last read
+    ((1, 3), 1000),
+    ((2,), 10000),  # past 1024 reads of 8: MLX's looped kernel, 1024 threads
+    ((1,), 7168),  # DeepSeek-V3 hidden
+]
+DTYPES = [mx.bfloat16, mx.float16, mx.float32]
+
+
+def _inputs(lead, d, dtype, seed):
+    x = (mx.random.normal((*lead, d), key=mx.random.key(seed)) * 4).astype(dtype)
+    r = mx.random.normal((*lead, d), key=mx.random.key(seed + 1)).astype(dtype)
+    w = (1 + 0.2 * mx.random.normal((d,), key=mx.random.key(seed + 2))).astype(dtype)
+    return x, r, w
+
+
+def stock(x, r, w, eps):
+    # mlx-lm: `h = x + r` then nn.RMSNorm, which calls mx.fast.rms_norm
+    h = x + r
+    return h, mx.fast.rms_norm(h, w, eps)
+
+
+def test_reference_is_stock():
+    x, r, w = _inputs((2, 3), 2048, mx.bfloat16, 1)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(reference(x, r, w, 1e-5), stock(x, r, w, 1e-5)))
+
+
+def test_geometry_is_mlx_cuda_dispatch():
+    # (threads, chunks, values per read) as MLX's CUDA rms_norm picks them
+    assert geometry("cuda", 2048, 2) == (128, 2, 8)
+    assert geometry("cuda", 512, 2) == (64, 1, 8)
+    assert geometry("cuda", 1536, 2) == (64, 3, 8)
+    assert geometry("cuda", 123, 2) == (64, 1, 8)
+    assert geometry("cuda", 1000, 4) == (128, 2, 4)
+    assert geometry("cuda", 10000, 2) == (1024, 2, 8)
+    assert geometry("cuda", 2048, 4) == (128, 4, 4)
+    assert geometry("metal", 2048, 2) == (512, 1, 4)
+    assert "4096" in geometry("metal", 7168, 2)
+
+
+def test_launch_says_why_it_takes_the_reference():
+    x, r, w = _inputs((1,), 64, mx.bfloat16, 2)
+    assert "one float dtype" in launch("cuda", x, r, w.astype(mx.float32), 1e-5)
+    assert "shapes" in launch("cuda", x, r[..., :32], w, 1e-5)
+    assert isinstance(launch("cuda", x, r, w, 1e-5).template, list)
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+@pytest.mark.parametrize("lead,d", SHAPES[:6])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_metal_body_matches_the_reference(tmp_path_factory, lead, d, dtype):
+    """Through the emulation: h bitwise; the norm within one rounding of its dtype, or
+    float32 summation-order error (the emulated simd_sum adds in lane order, MLX's CPU
+    rms_norm in its own order)."""
+    x, r, w = _inputs(lead, d, dtype, d)
+    h, out = metal_emu.run(residual_norm, x, r, w, 1e-5, workdir=tmp_path_factory.getbasetemp())
+    want_h, want = reference(x, r, w, 1e-5)
+    assert h.dtype == out.dtype == dtype
+    assert mx.array_equal(h, want_h).item()
+    rtol = {mx.bfloat16: 2**-6, mx.float16: 2**-9, mx.float32: 1e-5}[dtype]
+    assert mx.allclose(out.astype(mx.float32), want.astype(mx.float32), rtol=rtol, atol=0).item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lead,d", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+def test_cuda_kernel_is_bitwise_stock(lead, d, dtype, eps):
+    x, r, w = _inputs(lead, d, dtype, d * 3)
+    want_h, want = stock(x, r, w, eps)
+    got_h, got = residual_norm.run_kernel("cuda", x, r, w, eps, init_value=float("nan"))  # poisoned
+    assert got_h.dtype == got.dtype == dtype and got.shape == want.shape
+    assert mx.array_equal(got_h, want_h).item()
+    assert mx.array_equal(got, want).item()
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_is_what_runs():
+    assert residual_norm.plan("cuda").path == "kernel", residual_norm.plan("cuda").reason
