@@ -11,6 +11,7 @@ declares Metal's `thread_position_in_grid` only when the source mentions it):
     ZMLX_MUL/ADD  float32 multiply / add, rounded separately (no FMA contraction
                   where mlx-lm rounds in between)
     ZMLX_SHARED   threadgroup (shared) memory qualifier; ZMLX_BARRIER a threadgroup barrier
+    ZMLX_SHFL_XOR(v, m)  the float v of lane (lane ^ m) in this warp (every lane must call)
     ZMLX_FLOAT_BITS(i)  the float whose bits are the int i (float constants travel
                   as int template arguments: see float_bits())
     ZMLX_CUDA / ZMLX_METAL  defined on that backend, for the few lines that must differ
@@ -42,6 +43,7 @@ PRELUDE_HEADER = {
         "#define ZMLX_SHARED __shared__\n"
         "#define ZMLX_BARRIER __syncthreads()\n"
         "#define ZMLX_FLOAT_BITS(i) __int_as_float(i)\n"
+        "#define ZMLX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))\n"
     ),
     "metal": (
         "#define ZMLX_METAL 1\n"
@@ -50,6 +52,7 @@ PRELUDE_HEADER = {
         "#define ZMLX_SHARED threadgroup\n"
         "#define ZMLX_BARRIER threadgroup_barrier(mem_flags::mem_threadgroup)\n"
         "#define ZMLX_FLOAT_BITS(i) as_type<float>(int(i))\n"
+        "#define ZMLX_SHFL_XOR(v, m) simd_shuffle_xor((v), (m))\n"
     ),
 }
 # MLX declares a Metal thread attribute only when the source names it, so the

@@ -4,13 +4,14 @@ sigmoid(gates) in float32; the correction bias is added for selection only; top-
 (optionally within the best `topk_group` of `n_group` groups); gather of the
 unbiased scores; renormalize (with the family's epsilon); routed scaling.
 
-The kernel does all of it after the gate matmul in one launch, one thread per token
-(E <= 256 experts, k <= 8), and is bitwise the stock sequence because it follows
+The kernel does all of it after the gate matmul in one launch, one 32-lane warp per
+token (E <= 256 experts, k <= 8), and is bitwise the stock sequence because it follows
 MLX's own arithmetic (read from MLX's CUDA and Metal sources):
 - sigmoid as MLX's unary op: y = 1 / (1 + exp(|x|)), then x < 0 ? y : 1 - y;
 - `argpartition` on the GPU is a full *stable* merge sort of `-scores` (NaN last),
   so the k chosen come in descending score order with ties to the lower expert
-  index: repeated "best remaining" selection with a strict comparison;
+  index: k rounds of "best remaining" (per lane, then a warp butterfly on the pair
+  (sort position, index), which every lane ends with);
 - the sum of the k gathered scores is MLX's row reduce: each thread sums 4 floats in
   order from 0, then the partial sums are added (k <= 8: two partials);
 - the renormalize and scaling are separate float32 ops (no FMA can form).
@@ -88,24 +89,45 @@ inline bool zmlx_before(float a, float b) {
 """
 
 BODY = """
-if (zmlx_tid >= ROWS) return;
-const uint row = zmlx_tid;
-float biased[E];
-bool taken[E];
-for (uint e = 0; e < E; ++e) {
-    biased[e] = ZMLX_ADD(zmlx_sigmoid(static_cast<float>(gates[row * E + e])), static_cast<float>(bias[e]));
-    taken[e] = false;
+// One 32-lane warp (simdgroup) per token; lane l holds experts l, l + 32, ...
+const uint row = zmlx_tid / 32;
+const uint lane = zmlx_tid % 32;
+if (row >= ROWS) return;  // whole warps only: the grid is a multiple of 32
+constexpr uint PER = (E + 31) / 32;
+float biased[PER];
+uint taken = 0;
+for (uint m = 0; m < PER; ++m) {
+    const uint e = lane + 32 * m;
+    biased[m] = e < E
+        ? ZMLX_ADD(zmlx_sigmoid(static_cast<float>(gates[row * E + e])), static_cast<float>(bias[e]))
+        : 0.0f;
 }
 float picked[K];
 for (uint k = 0; k < K; ++k) {
-    uint best = E;
-    for (uint e = 0; e < E; ++e) {
-        if (!taken[e] && (best == E || zmlx_before(biased[e], biased[best]))) best = e;
+    // this lane's best remaining expert (strict: the lower index wins a tie) ...
+    float bv = 0.0f, bi = -1.0f;  // value, expert index (exact in a float)
+    for (uint m = 0; m < PER; ++m) {
+        const uint e = lane + 32 * m;
+        if (e < E && !((taken >> m) & 1u) && (bi < 0.0f || zmlx_before(biased[m], bv))) {
+            bv = biased[m];
+            bi = static_cast<float>(e);
+        }
     }
-    taken[best] = true;
-    inds[row * K + k] = best;
+    // ... then the warp's: the minimum of (sort position, index) is the same on every lane
+    for (uint off = 16; off > 0; off /= 2) {
+        const float ov = ZMLX_SHFL_XOR(bv, off);
+        const float oi = ZMLX_SHFL_XOR(bi, off);
+        if (oi >= 0.0f && (bi < 0.0f || zmlx_before(ov, bv) || (!zmlx_before(bv, ov) && oi < bi))) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    const uint best = static_cast<uint>(bi);
+    if (best % 32 == lane) taken |= 1u << (best / 32);
     picked[k] = zmlx_sigmoid(static_cast<float>(gates[row * E + best]));
+    if (lane == 0) inds[row * K + k] = best;
 }
+if (lane != 0) return;
 float den = 0.0f;
 if (NORM) {
     for (uint k = 0; k < K && k < 4; ++k) den = ZMLX_ADD(den, picked[k]);
@@ -146,8 +168,8 @@ def launch(
         template=[("E", e), ("K", top_k), ("ROWS", rows), ("NORM", top_k > 1 and bool(norm_topk_prob)),
                   ("HAS_EPS", renorm_eps is not None), ("EPS_BITS", float_bits(renorm_eps or 0.0)),
                   ("SCALE_BITS", float_bits(routed_scaling_factor))],
-        grid=(rows, 1, 1),
-        threadgroup=(min(64, rows), 1, 1),
+        grid=(rows * 32, 1, 1),
+        threadgroup=(32 * min(8, rows), 1, 1),
         output_shapes=[gates.shape[:-1] + (top_k,)] * 2,
         output_dtypes=[mx.uint32, mx.float32],
     )
