@@ -168,9 +168,9 @@ def table(rows: list[dict[str, Any]], title: str):
             f"{fmt(s['launches'], '.0f')} -> {fmt(f['launches'], '.0f')}",
             fmt(s["gpu_us"], ".2f"), fmt(f["gpu_us"], ".2f"),
             fmt(f["gpu_us"] / s["gpu_us"] if s["gpu_us"] else None, ".3f"),
-            fmt(s["wall_us"]), fmt(f["wall_us"]),
             fmt(s.get("graph_us")), fmt(f.get("graph_us")),
             fmt(f["graph_us"] / s["graph_us"] if s.get("graph_us") else None, ".3f"),
+            fmt(f["wall_us"] / s["wall_us"], ".3f"),
             "yes" if s["bitwise"] else "NO",
         )
     return t
