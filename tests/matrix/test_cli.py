@@ -21,7 +21,7 @@ def test_run_appends_a_measured_line(tmp_path):
     p = matrix("run", TINY, "--patterns", "none", "--runs", "1", "--max-tokens", "8", "--ledger", str(ledger))
     assert p.returncode == 0, p.stderr
     patched, noise = L.read(ledger).entries
-    assert patched["patterns"] == ["moe_router", "moe_combine", "residual_norm"]
+    assert patched["patterns"] == ["moe_router", "moe_combine"]
     assert patched["fidelity"] == "PASS" and patched["fidelity_detail"]["identical"] == 8
     assert len(patched["decode_tps"]) == len(patched["stock_decode_tps"]) == 2
     assert patched["speedup"] == patched["decode_tps_median"] / patched["stock_decode_tps_median"]
@@ -43,7 +43,7 @@ def test_skip_ram_is_recorded_without_loading(tmp_path):
     assert p.returncode == 0 and "SKIP(RAM)" in p.stdout
     (e,) = L.read(ledger).entries
     assert e["fidelity"] == "SKIP(RAM)" and "needs ~16.8 GB" in e["skip_reason"]
-    assert e["patterns"] == ["moe_router", "moe_combine", "residual_norm"]
+    assert e["patterns"] == ["moe_router", "moe_combine"]
     assert e["quantization"] == "affine4/g64"
 
 

@@ -31,14 +31,15 @@ def _forward_steps(model, prompt, steps, use_cache):
 @pytest.mark.parametrize("which", ["tiny_f32", "tiny_q4"])
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_patched_model_is_bitwise_stock(request, which, use_cache, batch):
+@pytest.mark.parametrize("patterns", [None, ("moe_router", "moe_combine", "residual_norm")])
+def test_patched_model_is_bitwise_stock(request, which, use_cache, batch, patterns):
     model, _ = request.getfixturevalue(which)
     prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
     stock = _forward_steps(model, prompt, 4, use_cache)
-    result = zmlx.patch(model)
+    result = zmlx.patch(model, patterns=patterns)
     try:
         # router + combine in each MoE layer (all but the first), and the model loop
-        assert result.patched_modules == 2 * (model.args.num_hidden_layers - 1) + 1
+        assert result.patched_modules == 2 * (model.args.num_hidden_layers - 1) + (patterns is not None)
         patched = _forward_steps(model, prompt, 4, use_cache)
     finally:
         zmlx.unpatch(model)

@@ -82,8 +82,8 @@ def test_result_is_returned_and_attached(model):
     assert router.patched == [f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)]
     assert router.path == "reference" and router.fallbacks  # the reason is recorded
     assert "moe_combine" in str(result)
-    assert result.patterns["residual_norm"].patched == ["model"]
-    assert result.to_dict()["patched_modules"] == 7
+    assert "residual_norm" not in result.patterns  # exact, but measured slower: opt-in
+    assert result.to_dict()["patched_modules"] == 6
 
 
 def test_unknown_pattern_name_lists_valid_ones(model):
@@ -101,14 +101,16 @@ def test_explicit_selection_and_exclude(model):
     assert result.not_selected == {"moe_combine": "not in the requested patterns",
                                    "residual_norm": "not in the requested patterns"}
     result = zmlx.patch(model, exclude=["moe_router"])
-    assert list(result.patterns) == ["moe_combine", "residual_norm"]
-    assert result.not_selected == {"moe_router": "excluded"}
+    assert list(result.patterns) == ["moe_combine"]
+    assert result.not_selected == {"moe_router": "excluded", "residual_norm": "not in the default preset"}
 
 
 def test_environment_flags_go_through_patch_config(model):
     cfg = PatchConfig.from_env({"ZMLX_MOE_ROUTER": "0"})
     result = zmlx.patch(model, config=cfg)
-    assert list(result.patterns) == ["moe_combine", "residual_norm"]
+    assert list(result.patterns) == ["moe_combine"]
+    cfg = PatchConfig.from_env({"ZMLX_RESIDUAL_NORM": "1"})
+    assert list(zmlx.patch(model, config=cfg).patterns) == ["moe_router", "moe_combine", "residual_norm"]
     assert result.not_selected["moe_router"] == "ZMLX_MOE_ROUTER=0"
     cfg = PatchConfig.from_env({"ZMLX_PATTERNS": "moe_router", "ZMLX_EXCLUDE": ""})
     assert list(zmlx.patch(model, config=cfg).patterns) == ["moe_router"]
@@ -120,7 +122,7 @@ def test_environment_flags_go_through_patch_config(model):
 
 def test_patch_reads_the_environment_by_default(model, monkeypatch):
     monkeypatch.setenv("ZMLX_EXCLUDE", "moe_combine")
-    assert list(zmlx.patch(model).patterns) == ["moe_router", "residual_norm"]
+    assert list(zmlx.patch(model).patterns) == ["moe_router"]
 
 
 def test_non_moe_model_is_returned_unchanged():
