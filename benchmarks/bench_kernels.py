@@ -46,8 +46,12 @@ def main(
         variants=[],
     )
     cap["kernels"] = rows
+    cap["custom_call_overhead"] = kernels.overhead(iters=iters, repeats=repeats)  # [] off CUDA
     path = capsule.write(cap, capsule_dir)
-    ui.console().print(kernels.table(rows, f"{path.name} on {cap['device']['name']}"))
+    console = ui.console()
+    console.print(kernels.table(rows, f"{path.name} on {cap['device']['name']}"))
+    for row in cap["custom_call_overhead"]:
+        console.print(f"  in-graph µs per call  {row['graph_us']:7.1f}  {row['case']}")
     print(f"capsule: {path}")
 
 

@@ -174,3 +174,49 @@ def table(rows: list[dict[str, Any]], title: str):
             "yes" if s["bitwise"] else "NO",
         )
     return t
+
+
+def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
+    """Where a custom kernel call's host time goes (CUDA only): in-graph µs per call of a
+    stock op, a minimal custom kernel (short and ~8 KB source), and residual_norm through
+    KernelDef vs called directly with its launch spec computed once."""
+    if backend.current() != "cuda":
+        return []
+    from zmlx.kernels._core import _build
+
+    x = mx.random.normal((1, 1, 2048)).astype(mx.bfloat16)
+    r = mx.random.normal((1, 1, 2048)).astype(mx.bfloat16)
+    w = mx.ones((2048,), mx.bfloat16)
+    mx.eval(x, r, w)
+
+    def minimal(pad: int):
+        k = mx.fast.cuda_kernel(
+            name=f"zmlx_overhead_copy_{pad}", input_names=["x"], output_names=["out"],
+            header="// " + "pad " * pad + "\n",
+            source="const uint i = blockIdx.x * blockDim.x + threadIdx.x; if (i < N) out[i] = x[i];",
+        )
+        return lambda: k(inputs=[x], template=[("N", x.size)], grid=(x.size, 1, 1), threadgroup=(256, 1, 1),
+                         output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+
+    spec = residual_norm.launch("cuda", x, r, w, 1e-5)
+    kernel = _build(residual_norm, "cuda")
+
+    def direct():
+        return kernel(inputs=spec.inputs, template=spec.template, grid=spec.grid,
+                      threadgroup=spec.threadgroup, output_shapes=spec.output_shapes,
+                      output_dtypes=spec.output_dtypes)
+
+    cases = {
+        "stock op (x + r)": lambda: x + r,
+        "stock rms_norm": lambda: mx.fast.rms_norm(x, w, 1e-5),
+        "custom copy, short source": minimal(0),
+        "custom copy, ~8 KB source": minimal(2000),
+        "residual_norm, launch spec precomputed": direct,
+        "residual_norm through KernelDef": lambda: residual_norm(x, r, w, 1e-5),
+    }
+    rows = []
+    for name, fn in cases.items():
+        mx.eval(fn())
+        graph = [_graph_us(fn, iters) for _ in range(repeats)]
+        rows.append({"case": name, "graph_us": statistics.median(graph), "graph_us_blocks": graph})
+    return rows
