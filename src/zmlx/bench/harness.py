@@ -109,6 +109,14 @@ def applied(model, variant: Variant):
         unpatch(model)
 
 
+def cuda_kernels(prof) -> list:
+    """The CUDA kernel events of a finished torch.profiler run (copies and memsets left out)."""
+    from torch.autograd import DeviceType
+
+    return [e for e in prof.events()
+            if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+
+
 def profile_decode(model, prompt: mx.array, steps: int = 8) -> tuple[float | None, float | None, str]:
     """(CUDA kernels per decoded token, their summed GPU time in µs per token, note) for
     the model forward + greedy argmax, from PyTorch's profiler, which sees MLX's kernels
@@ -117,7 +125,6 @@ def profile_decode(model, prompt: mx.array, steps: int = 8) -> tuple[float | Non
     if backend.current() != "cuda":
         return None, None, f"kernel counts need the CUDA backend (this is {backend.current()})"
     try:
-        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
         return None, None, "kernel counts need PyTorch (pip install torch) for its CUDA profiler"
@@ -136,10 +143,7 @@ def profile_decode(model, prompt: mx.array, steps: int = 8) -> tuple[float | Non
         for _ in range(steps):
             tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
             mx.eval(tok)
-    kernels = [
-        e for e in prof.events()
-        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
-    ]
+    kernels = cuda_kernels(prof)
     gpu_us = sum(e.time_range.elapsed_us() for e in kernels)
     return len(kernels) / steps, gpu_us / steps, f"torch.profiler, {steps} decode steps"
 

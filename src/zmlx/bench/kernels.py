@@ -85,8 +85,9 @@ def _graph_us(fn: Callable[[], Any], iters: int) -> float:
 
 
 def _profile(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
+    from zmlx.bench.harness import cuda_kernels
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -94,8 +95,7 @@ def _profile(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
     with prof:
         for _ in range(iters):
             mx.eval(fn())
-    kernels = [e for e in prof.events()
-               if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+    kernels = cuda_kernels(prof)
     return sum(e.time_range.elapsed_us() for e in kernels) / iters, len(kernels) / iters
 
 
