@@ -34,3 +34,19 @@ def test_sources_share_one_body_with_a_prelude_per_backend():
     metal_header, metal_src = moe_combine.source("metal")
     assert cuda_src.endswith(moe_combine.body) and metal_src.endswith(moe_combine.body)
     assert "__fmul_rn" in cuda_header and "thread_position_in_grid" in metal_src
+
+
+def test_close_kernel_self_check_compares_within_its_tolerance(monkeypatch):
+    """A `close` kernel whose output is off by more than its tolerance takes the reference."""
+    import mlx.core as mx
+
+    from zmlx.kernels._core import KernelDef
+
+    k = KernelDef(name="close_probe", reference=lambda x: x, fidelity="close", tolerance=0.01,
+                  body="", example=lambda: ((mx.ones((4,)),), {}))
+    monkeypatch.setattr(KernelDef, "run_kernel", lambda self, backend, x: x * 1.001)
+    assert k._check("cuda") == ""
+    k2 = KernelDef(name="close_probe2", reference=lambda x: x, fidelity="close", tolerance=0.01,
+                   body="", example=lambda: ((mx.ones((4,)),), {}))
+    monkeypatch.setattr(KernelDef, "run_kernel", lambda self, backend, x: x * 1.1)
+    assert "not within 0.01" in k2._check("cuda")

@@ -25,6 +25,8 @@ import mlx.core as mx
 
 from zmlx import backend
 from zmlx.kernels.moe_combine import moe_combine
+from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
+from zmlx.kernels.moe_mlp import reference as moe_mlp_stock
 from zmlx.kernels.moe_router import moe_router
 from zmlx.kernels.residual_norm import residual_norm
 
@@ -56,11 +58,20 @@ def _glm_cases(tokens: int) -> list[Case]:
     def stock_combine():
         return (y * scores[..., None]).sum(axis=-2).astype(y.dtype) + shared
 
+    # the routed experts' gate + up at GLM-4.7-Flash's size (8 experts stored: a call reads
+    # only its 4 either way), affine 4-bit, group 64, bf16 scales
+    xq = mx.random.normal((1, tokens, 2048), key=ks[0]).astype(mx.bfloat16)
+    inds = (mx.arange(tokens * 4).reshape(1, tokens, 4) % 8).astype(mx.uint32)
+    gate_q = quantized_experts(8, 1536, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=1)
+    up_q = quantized_experts(8, 1536, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=2)
+    mx.eval(xq, inds, gate_q, up_q)
+    mlp_args = (xq, inds, *gate_q, *up_q)
+
     def stock_residual_norm():
         h = x + r
         return h, mx.fast.rms_norm(h, w, 1e-5)
 
-    return [
+    cases = [
         Case("moe_router", f"{shape}, 64 experts, top-4",
              lambda: group_expert_select(gates, bias, 4, 1, 1, 1.8, True),
              lambda: moe_router(gates, bias, top_k=4, routed_scaling_factor=1.8, renorm_eps=1e-20)),
@@ -69,6 +80,11 @@ def _glm_cases(tokens: int) -> list[Case]:
         Case("residual_norm", f"{shape}, 2048", stock_residual_norm,
              lambda: residual_norm(x, r, w, 1e-5)),
     ]
+    if tokens == 1:  # a decode kernel (prompts keep the stock path)
+        cases.append(Case("moe_mlp (close)", f"{shape}, 4 x 2 x 1536 x 2048, 4-bit",
+                          lambda: moe_mlp_stock(*mlp_args, group_size=64, bits=4),
+                          lambda: moe_mlp(*mlp_args, group_size=64, bits=4)))
+    return cases
 
 
 def _wall_us(fn: Callable[[], Any], iters: int) -> float:

@@ -100,6 +100,7 @@ class KernelDef:
     name: str
     reference: Callable
     fidelity: str = "exact"  # "exact": bitwise equal to reference; "close": within tolerance
+    tolerance: float = 0.0  # "close": the self-check's rtol and atol against the reference
     body: str | None = None
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
@@ -144,6 +145,11 @@ class KernelDef:
             len(got) == len(want) and all(mx.array_equal(a, b).item() for a, b in zip(got, want))
         ):
             return f"{self.name} {backend} kernel is not bitwise equal to the reference on its self-check"
+        if self.fidelity == "close" and not (len(got) == len(want) and all(
+            mx.allclose(a, b, rtol=self.tolerance, atol=self.tolerance).item() for a, b in zip(got, want)
+        )):
+            return (f"{self.name} {backend} kernel is not within {self.tolerance:g} of the reference "
+                    "on its self-check")
         return ""
 
     def run_kernel(self, backend: str, *args, init_value: float | None = None, **kwargs):

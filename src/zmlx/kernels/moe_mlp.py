@@ -1,0 +1,164 @@
+"""moe_mlp: the routed experts' gate and up projections with SwiGLU inline (decode).
+
+Stock (mlx-lm `SwitchGLU` with affine-quantized `QuantizedSwitchLinear`s):
+
+    up   = gather_qmm(x, up_w, ..., rhs_indices=inds)     # (..., k, 1, I), rounded to T
+    gate = gather_qmm(x, gate_w, ..., rhs_indices=inds)   # rounded to T
+    h    = silu(gate) * up                                 # in T
+
+Fused: one launch reads x once and each selected expert's gate and up rows once. One
+32-lane warp (simdgroup) per output element (token, expert slot, row): the lanes split
+the packed words of the two rows, dequantize (scale * q + bias) and accumulate in
+float32, reduce with a warp sum, and lane 0 rounds gate and up to T and applies SwiGLU
+with stock's roundings. The float32 sum order differs from MLX's qmv, so the fidelity
+class is `close`: tested against a float32 reference with stock's own error as the bar.
+
+Issue 5, first step: the kernel and its tests; no pattern uses it yet, and its speed
+has not been measured (it has not run on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from zmlx.kernels._core import KernelDef, Launch
+
+
+def reference(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size: int, bits: int):
+    """mlx-lm's op sequence. x (..., D), inds (..., k) -> (..., k, I) in x's dtype."""
+    from mlx_lm.models.activations import swiglu
+
+    xe = mx.expand_dims(x, (-2, -3))  # as SwitchGLU does: (..., 1, 1, D)
+    qmm = dict(transpose=True, group_size=group_size, bits=bits)
+    up = mx.gather_qmm(xe, up_w, up_s, up_b, rhs_indices=inds, **qmm)
+    gate = mx.gather_qmm(xe, gate_w, gate_s, gate_b, rhs_indices=inds, **qmm)
+    return swiglu(gate, up).squeeze(-2)
+
+
+def reference_f32(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size: int, bits: int):
+    """The same in float32 throughout (no rounding to T in between): the accuracy bar."""
+    deq = dict(group_size=group_size, bits=bits)
+    g_all = mx.dequantize(gate_w, gate_s.astype(mx.float32), gate_b.astype(mx.float32), **deq)
+    u_all = mx.dequantize(up_w, up_s.astype(mx.float32), up_b.astype(mx.float32), **deq)
+    xf = x.astype(mx.float32)[..., None, :, None]  # (..., 1, D, 1)
+    g = (g_all[inds] @ xf)[..., 0]  # (..., k, I)
+    u = (u_all[inds] @ xf)[..., 0]
+    return g * mx.sigmoid(g) * u
+
+
+BODY = """
+// One warp per output element: row = ((n * K) + slot) * I + i.
+const uint warp_id = zmlx_tid / 32;
+const uint lane = zmlx_tid % 32;
+if (warp_id >= N * K * I) return;  // whole warps only: the grid is a multiple of 32
+const uint i = warp_id % I;
+const uint slot = (warp_id / I) % K;
+const uint n = warp_id / (I * K);
+const uint e = inds[n * K + slot];
+constexpr uint PER_WORD = 32 / BITS;
+constexpr uint WORDS = D / PER_WORD;
+constexpr uint GROUPS = D / GS;
+constexpr uint MASK = (1u << BITS) - 1u;
+const size_t wrow = (size_t(e) * I + i) * WORDS;
+const size_t srow = (size_t(e) * I + i) * GROUPS;
+float acc_g = 0.0f, acc_u = 0.0f;
+for (uint w = lane; w < WORDS; w += 32) {
+    const uint qg = gate_w[wrow + w];
+    const uint qu = up_w[wrow + w];
+    const uint g = (w * PER_WORD) / GS;
+    const float sg = static_cast<float>(gate_s[srow + g]), bg = static_cast<float>(gate_b[srow + g]);
+    const float su = static_cast<float>(up_s[srow + g]), bu = static_cast<float>(up_b[srow + g]);
+    for (uint j = 0; j < PER_WORD; ++j) {
+        const float xv = static_cast<float>(x[n * D + w * PER_WORD + j]);
+        const float vg = static_cast<float>((qg >> (BITS * j)) & MASK);
+        const float vu = static_cast<float>((qu >> (BITS * j)) & MASK);
+        acc_g += (sg * vg + bg) * xv;
+        acc_u += (su * vu + bu) * xv;
+    }
+}
+acc_g = ZMLX_SIMD_SUM(acc_g);
+acc_u = ZMLX_SIMD_SUM(acc_u);
+if (lane == 0) {
+    // stock's roundings: gate and up to T, then silu(gate) = gate * sigmoid(gate) and the
+    // product, each in T
+    const float gt = static_cast<float>(static_cast<T>(acc_g));
+    const float ut = static_cast<float>(static_cast<T>(acc_u));
+    const float sig = static_cast<float>(static_cast<T>(1.0f / (1.0f + ZMLX_EXP(-gt))));
+    const float silu = static_cast<float>(static_cast<T>(gt * sig));
+    out[warp_id] = static_cast<T>(silu * ut);
+}
+"""
+
+HEADER = """
+#ifdef ZMLX_CUDA
+#include <cooperative_groups/reduce.h>
+#define ZMLX_SIMD_SUM(v) cg::reduce(cg::tiled_partition<32>(cg::this_thread_block()), (v), cg::plus<float>())
+#define ZMLX_EXP(v) expf(v)
+#else
+#define ZMLX_SIMD_SUM(v) simd_sum(v)
+#define ZMLX_EXP(v) metal::exp(v)
+#endif
+"""
+
+_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+
+def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size, bits) -> Launch | str:
+    if bits not in (4, 8) or group_size not in (32, 64, 128):
+        return f"affine {bits}-bit, group {group_size} (the kernel takes 4/8-bit, groups 32/64/128)"
+    if x.dtype not in _DTYPES or gate_s.dtype not in _DTYPES or up_s.dtype not in _DTYPES:
+        return f"x {x.dtype}, scales {gate_s.dtype}"
+    if gate_b is None or up_b is None:
+        return "affine quantization without biases"
+    d = x.shape[-1]
+    per_word = 32 // bits
+    if gate_w.ndim != 3 or gate_w.shape != up_w.shape or gate_w.shape[-1] * per_word != d:
+        return f"weights {gate_w.shape} / {up_w.shape} for x of width {d}"
+    if d % group_size or gate_s.shape != gate_w.shape[:2] + (d // group_size,):
+        return f"scales {gate_s.shape} for groups of {group_size}"
+    if inds.shape[:-1] != x.shape[:-1] or inds.dtype != mx.uint32:
+        return f"indices {inds.shape} {inds.dtype} for x {x.shape}"
+    n = math.prod(x.shape[:-1])
+    k = inds.shape[-1]
+    i = gate_w.shape[1]
+    if n * k * i * 32 >= 2**31:
+        return f"{n} tokens x {k} experts x {i} rows is too large for one launch"
+    return Launch(
+        inputs=[x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b],
+        template=[("T", x.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", group_size), ("BITS", bits)],
+        grid=(n * k * i * 32, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[x.shape[:-1] + (k, i)],
+        output_dtypes=[x.dtype],
+    )
+
+
+def quantized_experts(experts: int, rows: int, d: int, *, group_size: int, bits: int, dtype, seed: int):
+    """Random affine-quantized expert weights (weight, scales, biases) as mlx-lm stores them."""
+    w = mx.random.normal((experts, rows, d), key=mx.random.key(seed)) * d**-0.5
+    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+    return q, s.astype(dtype), b.astype(dtype)
+
+
+def example():
+    x = mx.random.normal((1, 1, 256), key=mx.random.key(41)).astype(mx.bfloat16)
+    inds = mx.array([[[3, 0, 5, 1]]], dtype=mx.uint32)
+    g = quantized_experts(6, 24, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=42)
+    u = quantized_experts(6, 24, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=43)
+    return (x, inds, *g, *u), dict(group_size=64, bits=4)
+
+
+moe_mlp = KernelDef(
+    name="moe_mlp",
+    reference=reference,
+    fidelity="close",
+    tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
+    body=BODY,
+    header=HEADER,
+    input_names=("x", "inds", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"),
+    output_names=("out",),
+    launch=launch,
+    example=example,
+)

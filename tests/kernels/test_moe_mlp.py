@@ -1,0 +1,80 @@
+"""moe_mlp (issue 5, first step): gate + up + SwiGLU of the routed experts in one launch.
+
+Fidelity `close`: the kernel's float32 sums run in another order than MLX's qmv, so it is
+held to the float32 reference with stock's own error as the bar (at most 2x stock's
+largest error, plus one rounding of the output dtype)."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+from zmlx.kernels import metal_emu
+from zmlx.kernels.moe_mlp import launch, moe_mlp, quantized_experts, reference, reference_f32
+
+CASES = [  # (tokens shape, experts, k, rows I, width D, group, bits)
+    ((1, 1), 8, 4, 24, 256, 64, 4),  # GLM-4.7-Flash's kind of call, small
+    ((1, 1), 6, 2, 7, 384, 128, 4),  # odd rows
+    ((2,), 5, 3, 9, 256, 32, 8),
+    ((1, 1), 4, 1, 16, 128, 64, 8),
+]
+
+
+def _inputs(lead, experts, k, rows, d, gs, bits, dtype, seed=0):
+    x = mx.random.normal((*lead, d), key=mx.random.key(seed)).astype(dtype)
+    inds = mx.random.randint(0, experts, (*lead, k), key=mx.random.key(seed + 1)).astype(mx.uint32)
+    g = quantized_experts(experts, rows, d, group_size=gs, bits=bits, dtype=dtype, seed=seed + 2)
+    u = quantized_experts(experts, rows, d, group_size=gs, bits=bits, dtype=dtype, seed=seed + 3)
+    return (x, inds, *g, *u), dict(group_size=gs, bits=bits)
+
+
+def _bar(args, kw, dtype):
+    """2x stock's largest error against float32, plus one rounding of dtype at the output's
+    size (for float32: the reordering of a D-term float32 sum, 2**-18 of the largest output)."""
+    want = reference_f32(*args, **kw)
+    stock_err = mx.abs(reference(*args, **kw).astype(mx.float32) - want).max().item()
+    ulp = {mx.bfloat16: 2**-8, mx.float16: 2**-11, mx.float32: 2**-18}[dtype]
+    return want, 2 * stock_err + ulp * mx.abs(want).max().item()
+
+
+def test_reference_is_mlx_lm_switch_glu_gate_and_up():
+    lead, experts, k, rows, d, gs, bits = CASES[0]
+    gate = QuantizedSwitchLinear(d, rows, experts, bias=False, group_size=gs, bits=bits)
+    up = QuantizedSwitchLinear(d, rows, experts, bias=False, group_size=gs, bits=bits)
+    x = mx.random.normal((*lead, d)).astype(mx.bfloat16)
+    inds = mx.array([[[1, 3, 0, 7]]], dtype=mx.uint32)
+    xe = mx.expand_dims(x, (-2, -3))
+    want = swiglu(gate(xe, inds), up(xe, inds)).squeeze(-2)  # SwitchGLU's activation(x_up, x_gate)
+    got = reference(x, inds, gate.weight, gate.scales, gate.biases, up.weight, up.scales, up.biases,
+                    group_size=gs, bits=bits)
+    assert mx.array_equal(got, want).item()
+
+
+def test_launch_says_why_it_takes_the_reference():
+    args, kw = _inputs(*CASES[0], mx.bfloat16)
+    assert "4/8-bit" in launch("cuda", *args, group_size=64, bits=3)
+    assert "without biases" in launch("cuda", *args[:4], None, *args[5:7], None, **kw)
+    assert "indices" in launch("cuda", args[0], args[1].astype(mx.int32), *args[2:], **kw)
+    assert launch("cuda", *args, **kw).grid == (1 * 4 * 24 * 32, 1, 1)
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_metal_body_is_as_close_as_stock(tmp_path_factory, case, dtype):
+    args, kw = _inputs(*case, dtype, seed=case[4] + case[6])
+    got = metal_emu.run(moe_mlp, *args, workdir=tmp_path_factory.getbasetemp(), **kw)  # poisoned NaN
+    want, bar = _bar(args, kw, dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert mx.abs(got.astype(mx.float32) - want).max().item() <= bar
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES + [((1, 1), 64, 4, 1536, 2048, 64, 4)])  # + GLM-4.7-Flash
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_cuda_kernel_is_as_close_as_stock(case, dtype):
+    args, kw = _inputs(*case, dtype, seed=case[4] + case[6])
+    got = moe_mlp.run_kernel("cuda", *args, init_value=float("nan"), **kw)
+    want, bar = _bar(args, kw, dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert mx.abs(got.astype(mx.float32) - want).max().item() <= bar
