@@ -24,6 +24,8 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from zmlx import backend
+from zmlx.kernels.downproj_combine import downproj_combine
+from zmlx.kernels.downproj_combine import reference as downproj_stock
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
 from zmlx.kernels.moe_mlp import reference as moe_mlp_stock
@@ -64,8 +66,11 @@ def _glm_cases(tokens: int) -> list[Case]:
     inds = (mx.arange(tokens * 4).reshape(1, tokens, 4) % 8).astype(mx.uint32)
     gate_q = quantized_experts(8, 1536, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=1)
     up_q = quantized_experts(8, 1536, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=2)
-    mx.eval(xq, inds, gate_q, up_q)
+    down_q = quantized_experts(8, 2048, 1536, group_size=64, bits=4, dtype=mx.bfloat16, seed=3)
+    hq = mx.random.normal((1, tokens, 4, 1536), key=ks[1]).astype(mx.bfloat16)
+    mx.eval(xq, inds, gate_q, up_q, down_q, hq)
     mlp_args = (xq, inds, *gate_q, *up_q)
+    down_args = (hq, inds, scores, *down_q, shared)
 
     def stock_residual_norm():
         h = x + r
@@ -84,6 +89,9 @@ def _glm_cases(tokens: int) -> list[Case]:
         cases.append(Case("moe_mlp (close)", f"{shape}, 4 x 2 x 1536 x 2048, 4-bit",
                           lambda: moe_mlp_stock(*mlp_args, group_size=64, bits=4),
                           lambda: moe_mlp(*mlp_args, group_size=64, bits=4)))
+        cases.append(Case("downproj_combine (close)", f"{shape}, 4 x 2048 x 1536, 4-bit + shared",
+                          lambda: downproj_stock(*down_args, group_size=64, bits=4),
+                          lambda: downproj_combine(*down_args, group_size=64, bits=4)))
     return cases
 
 

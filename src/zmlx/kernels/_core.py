@@ -12,6 +12,7 @@ declares Metal's `thread_position_in_grid` only when the source mentions it):
                   where mlx-lm rounds in between)
     ZMLX_SHARED   threadgroup (shared) memory qualifier; ZMLX_BARRIER a threadgroup barrier
     ZMLX_SHFL_XOR(v, m)  the float v of lane (lane ^ m) in this warp (every lane must call)
+    ZMLX_DEVICE   the address space of kernel buffers in helper functions (Metal `device`)
     ZMLX_FLOAT_BITS(i)  the float whose bits are the int i (float constants travel
                   as int template arguments: see float_bits())
     ZMLX_CUDA / ZMLX_METAL  defined on that backend, for the few lines that must differ
@@ -44,6 +45,7 @@ PRELUDE_HEADER = {
         "#define ZMLX_BARRIER __syncthreads()\n"
         "#define ZMLX_FLOAT_BITS(i) __int_as_float(i)\n"
         "#define ZMLX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))\n"
+        "#define ZMLX_DEVICE\n"
     ),
     "metal": (
         "#define ZMLX_METAL 1\n"
@@ -53,6 +55,7 @@ PRELUDE_HEADER = {
         "#define ZMLX_BARRIER threadgroup_barrier(mem_flags::mem_threadgroup)\n"
         "#define ZMLX_FLOAT_BITS(i) as_type<float>(int(i))\n"
         "#define ZMLX_SHFL_XOR(v, m) simd_shuffle_xor((v), (m))\n"
+        "#define ZMLX_DEVICE device\n"
     ),
 }
 # MLX declares a Metal thread attribute only when the source names it, so the

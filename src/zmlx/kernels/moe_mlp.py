@@ -24,6 +24,7 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
+from zmlx.kernels._quant import QDOT_HEADER
 
 
 def reference(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size: int, bits: int):
@@ -56,28 +57,13 @@ if (warp_id >= N * K * I) return;  // whole warps only: the grid is a multiple o
 const uint i = warp_id % I;
 const uint slot = (warp_id / I) % K;
 const uint n = warp_id / (I * K);
-const uint e = inds[n * K + slot];
-constexpr uint PER_WORD = 32 / BITS;
-constexpr uint WORDS = D / PER_WORD;
+const size_t row = size_t(inds[n * K + slot]) * I + i;
+constexpr uint WORDS = D / (32 / BITS);
 constexpr uint GROUPS = D / GS;
-constexpr uint MASK = (1u << BITS) - 1u;
-const size_t wrow = (size_t(e) * I + i) * WORDS;
-const size_t srow = (size_t(e) * I + i) * GROUPS;
-float acc_g = 0.0f, acc_u = 0.0f;
-for (uint w = lane; w < WORDS; w += 32) {
-    const uint qg = gate_w[wrow + w];
-    const uint qu = up_w[wrow + w];
-    const uint g = (w * PER_WORD) / GS;
-    const float sg = static_cast<float>(gate_s[srow + g]), bg = static_cast<float>(gate_b[srow + g]);
-    const float su = static_cast<float>(up_s[srow + g]), bu = static_cast<float>(up_b[srow + g]);
-    for (uint j = 0; j < PER_WORD; ++j) {
-        const float xv = static_cast<float>(x[n * D + w * PER_WORD + j]);
-        const float vg = static_cast<float>((qg >> (BITS * j)) & MASK);
-        const float vu = static_cast<float>((qu >> (BITS * j)) & MASK);
-        acc_g += (sg * vg + bg) * xv;
-        acc_u += (su * vu + bu) * xv;
-    }
-}
+float acc_g = zmlx_qdot_lane<BITS, GS, D>(gate_w + row * WORDS, gate_s + row * GROUPS, gate_b + row * GROUPS,
+                                          x + size_t(n) * D, lane);
+float acc_u = zmlx_qdot_lane<BITS, GS, D>(up_w + row * WORDS, up_s + row * GROUPS, up_b + row * GROUPS,
+                                          x + size_t(n) * D, lane);
 acc_g = ZMLX_SIMD_SUM(acc_g);
 acc_u = ZMLX_SIMD_SUM(acc_u);
 if (lane == 0) {
@@ -89,17 +75,6 @@ if (lane == 0) {
     const float silu = static_cast<float>(static_cast<T>(gt * sig));
     out[warp_id] = static_cast<T>(silu * ut);
 }
-"""
-
-HEADER = """
-#ifdef ZMLX_CUDA
-#include <cooperative_groups/reduce.h>
-#define ZMLX_SIMD_SUM(v) cg::reduce(cg::tiled_partition<32>(cg::this_thread_block()), (v), cg::plus<float>())
-#define ZMLX_EXP(v) expf(v)
-#else
-#define ZMLX_SIMD_SUM(v) simd_sum(v)
-#define ZMLX_EXP(v) metal::exp(v)
-#endif
 """
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
@@ -156,7 +131,7 @@ moe_mlp = KernelDef(
     fidelity="close",
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
     body=BODY,
-    header=HEADER,
+    header=QDOT_HEADER,
     input_names=("x", "inds", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"),
     output_names=("out",),
     launch=launch,

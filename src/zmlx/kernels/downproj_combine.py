@@ -1,0 +1,137 @@
+"""downproj_combine: the routed experts' down projection, the routing weights and the
+shared expert's output, accumulated in one launch (decode).
+
+Stock (mlx-lm `SwitchGLU.down_proj` then `Glm4MoeLiteMoE`'s combine):
+
+    y   = gather_qmm(h, down_w, ..., rhs_indices=inds)      # (..., k, D), rounded to T
+    out = (y * scores[..., None]).sum(-2).astype(T) + shared
+
+Fused: one warp per output value (token, d). For each of the k experts in order the
+lanes dot the expert's packed row d with h_k and warp-sum it; the result is rounded to T
+as stock rounds y, weighted in float32 and summed in order, rounded to T, and the shared
+expert's output added as stock adds it. No (k, D) intermediate is written: memory stays
+at the output's size however many experts or tokens. The dot's float32 order differs
+from MLX's qmv, so the fidelity class is `close`.
+
+Issue 5, first step: the kernel and its tests; no pattern uses it yet and it has not
+run on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from zmlx.kernels._core import KernelDef, Launch
+from zmlx.kernels._quant import QDOT_HEADER
+from zmlx.kernels.moe_combine import reference as combine
+
+
+def reference(h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size: int, bits: int):
+    """mlx-lm's op sequence. h (..., k, I) in T, inds (..., k), scores (..., k) float32,
+    shared (..., D) or None -> (..., D) in T."""
+    y = mx.gather_qmm(mx.expand_dims(h, -2), down_w, down_s, down_b, rhs_indices=inds, transpose=True,
+                      group_size=group_size, bits=bits).squeeze(-2)
+    return combine(y, scores, shared)
+
+
+def reference_f32(h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size: int, bits: int):
+    """The same in float32 throughout: the accuracy bar."""
+    w = mx.dequantize(down_w, down_s.astype(mx.float32), down_b.astype(mx.float32),
+                      group_size=group_size, bits=bits)
+    y = (w[inds] @ h.astype(mx.float32)[..., None])[..., 0]  # (..., k, D)
+    out = (y * scores[..., None]).sum(axis=-2)
+    return out if shared is None else out + shared.astype(mx.float32)
+
+
+BODY = """
+// One warp per output value (n, d).
+const uint warp_id = zmlx_tid / 32;
+const uint lane = zmlx_tid % 32;
+if (warp_id >= N * D) return;  // whole warps only: the grid is a multiple of 32
+const uint d = warp_id % D;
+const uint n = warp_id / D;
+constexpr uint WORDS = I / (32 / BITS);
+constexpr uint GROUPS = I / GS;
+float total = 0.0f;
+for (uint k = 0; k < K; ++k) {
+    const size_t row = size_t(inds[n * K + k]) * D + d;
+    float acc = zmlx_qdot_lane<BITS, GS, I>(down_w + row * WORDS, down_s + row * GROUPS,
+                                            down_b + row * GROUPS, h + (size_t(n) * K + k) * I, lane);
+    acc = ZMLX_SIMD_SUM(acc);
+    // stock rounds each expert's output to T, then weights and sums in float32, in order
+    const float y = static_cast<float>(static_cast<T>(acc));
+    total = ZMLX_ADD(total, ZMLX_MUL(y, scores[n * K + k]));
+}
+if (lane == 0) {
+    const T r = static_cast<T>(total);
+    out[warp_id] = HAS_SHARED
+        ? static_cast<T>(static_cast<float>(r) + static_cast<float>(shared[warp_id])) : r;
+}
+"""
+
+_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+
+def launch(
+    backend, h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size, bits
+) -> Launch | str:
+    if bits not in (4, 8) or group_size not in (32, 64, 128):
+        return f"affine {bits}-bit, group {group_size} (the kernel takes 4/8-bit, groups 32/64/128)"
+    if h.dtype not in _DTYPES or down_s.dtype not in _DTYPES:
+        return f"h {h.dtype}, scales {down_s.dtype}"
+    if down_b is None:
+        return "affine quantization without biases"
+    if h.ndim < 2:
+        return f"h of rank {h.ndim}"
+    k, i = h.shape[-2:]
+    lead = h.shape[:-2]
+    if down_w.ndim != 3 or down_w.shape[-1] * (32 // bits) != i or i % group_size:
+        return f"weights {down_w.shape} for expert inputs of width {i}"
+    d = down_w.shape[1]
+    if down_s.shape != down_w.shape[:2] + (i // group_size,):
+        return f"scales {down_s.shape} for groups of {group_size}"
+    if inds.shape != lead + (k,) or inds.dtype != mx.uint32:
+        return f"indices {inds.shape} {inds.dtype} for h {h.shape}"
+    if scores.shape != lead + (k,) or scores.dtype != mx.float32:
+        return "scores are not float32 of h's leading shape"
+    if shared is not None and (shared.shape != lead + (d,) or shared.dtype != h.dtype):
+        return "shared expert output does not match"
+    n = math.prod(lead)
+    if n * d * 32 >= 2**31:
+        return f"{n} tokens x {d} outputs is too large for one launch"
+    return Launch(
+        inputs=[h, inds, scores, down_w, down_s, down_b, shared if shared is not None else h],
+        template=[("T", h.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", group_size),
+                  ("BITS", bits), ("HAS_SHARED", shared is not None)],
+        grid=(n * d * 32, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[lead + (d,)],
+        output_dtypes=[h.dtype],
+    )
+
+
+def example():
+    from zmlx.kernels.moe_mlp import quantized_experts
+
+    h = mx.random.normal((1, 1, 4, 128), key=mx.random.key(51)).astype(mx.bfloat16)
+    inds = mx.array([[[3, 0, 5, 1]]], dtype=mx.uint32)
+    scores = mx.random.uniform(shape=(1, 1, 4), key=mx.random.key(52))
+    w = quantized_experts(6, 40, 128, group_size=64, bits=4, dtype=mx.bfloat16, seed=53)
+    shared = mx.random.normal((1, 1, 40), key=mx.random.key(54)).astype(mx.bfloat16)
+    return (h, inds, scores, *w, shared), dict(group_size=64, bits=4)
+
+
+downproj_combine = KernelDef(
+    name="downproj_combine",
+    reference=reference,
+    fidelity="close",
+    tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
+    body=BODY,
+    header=QDOT_HEADER,
+    input_names=("h", "inds", "scores", "down_w", "down_s", "down_b", "shared"),
+    output_names=("out",),
+    launch=launch,
+    example=example,
+)

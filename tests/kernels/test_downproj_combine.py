@@ -1,0 +1,79 @@
+"""downproj_combine (issue 5, first step): the experts' down projection, routing weights and
+shared expert in one launch. Fidelity `close`: held to a float32 reference with stock's own
+error as the bar (2x stock's largest error plus one output rounding)."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+from zmlx.kernels import metal_emu
+from zmlx.kernels.downproj_combine import downproj_combine, launch, reference, reference_f32
+from zmlx.kernels.moe_combine import reference as combine
+from zmlx.kernels.moe_mlp import quantized_experts
+
+CASES = [  # (tokens shape, experts, k, expert width I, output D, group, bits, with shared)
+    ((1, 1), 8, 4, 256, 40, 64, 4, True),
+    ((1, 1), 6, 3, 384, 7, 128, 4, False),  # odd outputs
+    ((2,), 5, 2, 256, 9, 32, 8, True),
+    ((1, 1), 4, 1, 128, 16, 64, 8, True),
+]
+
+
+def _inputs(lead, experts, k, i, d, gs, bits, with_shared, dtype, seed=0):
+    h = mx.random.normal((*lead, k, i), key=mx.random.key(seed)).astype(dtype)
+    inds = mx.random.randint(0, experts, (*lead, k), key=mx.random.key(seed + 1)).astype(mx.uint32)
+    scores = mx.random.uniform(shape=(*lead, k), key=mx.random.key(seed + 2)) * 1.8
+    w = quantized_experts(experts, d, i, group_size=gs, bits=bits, dtype=dtype, seed=seed + 3)
+    shared = mx.random.normal((*lead, d), key=mx.random.key(seed + 4)).astype(dtype) if with_shared else None
+    return (h, inds, scores, *w, shared), dict(group_size=gs, bits=bits)
+
+
+def _bar(args, kw, dtype):
+    want = reference_f32(*args, **kw)
+    stock_err = mx.abs(reference(*args, **kw).astype(mx.float32) - want).max().item()
+    ulp = {mx.bfloat16: 2**-8, mx.float16: 2**-11, mx.float32: 2**-18}[dtype]
+    return want, 2 * stock_err + ulp * mx.abs(want).max().item()
+
+
+def test_reference_is_mlx_lm_down_proj_then_combine():
+    lead, experts, k, i, d, gs, bits, _ = CASES[0]
+    down = QuantizedSwitchLinear(i, d, experts, bias=False, group_size=gs, bits=bits)
+    h = mx.random.normal((*lead, k, i)).astype(mx.bfloat16)
+    inds = mx.array([[[1, 3, 0, 7]]], dtype=mx.uint32)
+    scores = mx.random.uniform(shape=(*lead, k))
+    shared = mx.random.normal((*lead, d)).astype(mx.bfloat16)
+    y = down(mx.expand_dims(h, -2), inds).squeeze(-2)  # SwitchGLU's down_proj + squeeze
+    want = combine(y, scores, shared)
+    got = reference(h, inds, scores, down.weight, down.scales, down.biases, shared, group_size=gs, bits=bits)
+    assert mx.array_equal(got, want).item()
+
+
+def test_launch_says_why_it_takes_the_reference():
+    args, kw = _inputs(*CASES[0], mx.bfloat16)
+    assert "4/8-bit" in launch("cuda", *args, group_size=64, bits=2)
+    bf16_scores = args[2].astype(mx.bfloat16)
+    assert "scores are not float32" in launch("cuda", *args[:2], bf16_scores, *args[3:], **kw)
+    assert "shared expert" in launch("cuda", *args[:6], args[6][..., :3], **kw)
+    assert launch("cuda", *args, **kw).grid == (40 * 32, 1, 1)
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_metal_body_is_as_close_as_stock(tmp_path_factory, case, dtype):
+    args, kw = _inputs(*case, dtype, seed=case[3] + case[6])
+    got = metal_emu.run(downproj_combine, *args, workdir=tmp_path_factory.getbasetemp(), **kw)
+    want, bar = _bar(args, kw, dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert mx.abs(got.astype(mx.float32) - want).max().item() <= bar
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES + [((1, 1), 64, 4, 1536, 2048, 64, 4, True)])  # + GLM-4.7-Flash
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_cuda_kernel_is_as_close_as_stock(case, dtype):
+    args, kw = _inputs(*case, dtype, seed=case[3] + case[6])
+    got = downproj_combine.run_kernel("cuda", *args, init_value=float("nan"), **kw)
+    want, bar = _bar(args, kw, dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert mx.abs(got.astype(mx.float32) - want).max().item() <= bar
