@@ -19,7 +19,7 @@ tokens=${2:-200}
 runs=${RUNS:-3}
 out=${OUT:-gpu-results}
 model=${MODEL:-synth:glm4_moe_lite/flash/affine4}
-variants=${VARIANTS:-control control_repeat moe_router moe_combine residual_norm exact_preset}
+variants=${VARIANTS:-control control_repeat moe_router moe_combine residual_norm exact_three}
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo unknown)
 mkdir -p "$out"
 log="$out/run-$step-$tokens.log"

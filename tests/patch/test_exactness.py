@@ -71,7 +71,7 @@ def test_exactness_check_can_fail(tiny_q4, monkeypatch):
     assert not all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
 
 
-@pytest.mark.parametrize("pattern", ["moe_router", "moe_combine", "residual_norm"])
+@pytest.mark.parametrize("pattern", ["moe_router", "moe_combine", "residual_norm", "moe_mlp"])
 def test_each_pattern_alone_is_bitwise_stock(tiny_q4, pattern):
     model, _ = tiny_q4
     prompt = mx.array([[3, 14, 15, 92, 65]])
@@ -111,4 +111,14 @@ def test_pipelined_model_is_skipped_with_reason(tiny_q4):
         assert "pipeline-parallel" in result.patterns["residual_norm"].skipped[0][1]
     finally:
         model.model.pipeline_size = 1
+        zmlx.unpatch(model)
+
+
+def test_moe_mlp_skips_unquantized_experts_with_reason(tiny_f32):
+    model, _ = tiny_f32
+    result = zmlx.patch(model, patterns=["moe_mlp"])
+    try:
+        assert result.patched_modules == 0
+        assert "not quantized" in result.patterns["moe_mlp"].skipped[0][1]
+    finally:
         zmlx.unpatch(model)

@@ -13,6 +13,7 @@ GLM47_FLASH: dict[str, Variant] = {
         Variant("moe_combine", ("moe_combine",)),
         Variant("residual_norm", ("residual_norm",)),
         Variant("router_combine", ("moe_router", "moe_combine")),
-        Variant("exact_preset", ("moe_router", "moe_combine", "residual_norm"), note="the exact preset"),
+        Variant("exact_three", ("moe_router", "moe_combine", "residual_norm"), note="every exact pattern"),
+        Variant("moe_mlp", ("moe_mlp",), note="close: gate + up + SwiGLU kernel at decode"),
     )
 }
