@@ -71,12 +71,15 @@ def test_exactness_check_can_fail(tiny_q4, monkeypatch):
     assert not all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
 
 
-@pytest.mark.parametrize("pattern", ["moe_router", "moe_combine", "residual_norm", "moe_mlp"])
-def test_each_pattern_alone_is_bitwise_stock(tiny_q4, pattern):
+@pytest.mark.parametrize("patterns", [["moe_router"], ["moe_combine"], ["residual_norm"], ["moe_mlp"],
+                                      ["downproj_combine"], ["downproj_combine", "moe_mlp"]])
+def test_each_pattern_alone_is_bitwise_stock(tiny_q4, patterns):
+    """On the CPU every pattern runs its reference: this checks each replacement's plumbing
+    (decode and prompt paths) against stock, bitwise."""
     model, _ = tiny_q4
     prompt = mx.array([[3, 14, 15, 92, 65]])
     stock = _forward_steps(model, prompt, 3, True)
-    zmlx.patch(model, patterns=[pattern])
+    zmlx.patch(model, patterns=patterns)
     try:
         patched = _forward_steps(model, prompt, 3, True)
     finally:
@@ -120,5 +123,16 @@ def test_moe_mlp_skips_unquantized_experts_with_reason(tiny_f32):
     try:
         assert result.patched_modules == 0
         assert "not quantized" in result.patterns["moe_mlp"].skipped[0][1]
+    finally:
+        zmlx.unpatch(model)
+
+
+def test_downproj_combine_wins_over_moe_combine_and_says_so(tiny_q4):
+    model, _ = tiny_q4
+    result = zmlx.patch(model, patterns=["moe_combine", "downproj_combine"])
+    try:
+        assert len(result.patterns["downproj_combine"].patched) == model.args.num_hidden_layers - 1
+        assert result.patterns["moe_combine"].patched == []
+        assert "already replaced by downproj_combine" in result.patterns["moe_combine"].skipped[0][1]
     finally:
         zmlx.unpatch(model)

@@ -87,7 +87,8 @@ def test_result_is_returned_and_attached(model):
 
 
 def test_unknown_pattern_name_lists_valid_ones(model):
-    with pytest.raises(ConfigError, match="nope.*valid: moe_combine, moe_mlp, moe_router, residual_norm"):
+    valid = "downproj_combine, moe_combine, moe_mlp, moe_router, residual_norm"
+    with pytest.raises(ConfigError, match=f"nope.*valid: {valid}"):
         zmlx.patch(model, patterns=["nope"])
     with pytest.raises(ConfigError, match="exclude"):
         zmlx.patch(model, exclude=["nope"])
@@ -98,12 +99,14 @@ def test_explicit_selection_and_exclude(model):
     result = zmlx.patch(model, patterns=["moe_router"])
     assert list(result.patterns) == ["moe_router"]
     assert type(_moe_layers(model)[0]) is glm4_moe_lite.Glm4MoeLiteMoE
-    assert result.not_selected == {"moe_combine": "not in the requested patterns",
+    assert result.not_selected == {"downproj_combine": "not in the requested patterns",
+                                   "moe_combine": "not in the requested patterns",
                                    "residual_norm": "not in the requested patterns",
                                    "moe_mlp": "not in the requested patterns"}
     result = zmlx.patch(model, exclude=["moe_router"])
     assert list(result.patterns) == ["moe_combine"]
-    assert result.not_selected == {"moe_router": "excluded", "residual_norm": "not in the default preset",
+    assert result.not_selected == {"moe_router": "excluded", "downproj_combine": "not in the default preset",
+                                   "residual_norm": "not in the default preset",
                                    "moe_mlp": "not in the default preset"}
 
 

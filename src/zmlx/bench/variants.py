@@ -15,5 +15,8 @@ GLM47_FLASH: dict[str, Variant] = {
         Variant("router_combine", ("moe_router", "moe_combine")),
         Variant("exact_three", ("moe_router", "moe_combine", "residual_norm"), note="every exact pattern"),
         Variant("moe_mlp", ("moe_mlp",), note="close: gate + up + SwiGLU kernel at decode"),
+        Variant("downproj_combine", ("downproj_combine",), note="close: down + combine kernel at decode"),
+        Variant("expert_fusion", ("moe_router", "moe_mlp", "downproj_combine"),
+                note="close: router + both expert kernels"),
     )
 }

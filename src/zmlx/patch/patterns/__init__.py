@@ -1,8 +1,11 @@
-"""The registry: every pattern zmlx knows, by name (one small file each)."""
+"""The registry: every pattern zmlx knows, by name (one small file each). Order matters
+where two patterns replace the same method: the earlier one wins (downproj_combine
+before moe_combine)."""
 
-from zmlx.patch.patterns import moe_combine, moe_mlp, moe_router, residual_norm
+from zmlx.patch.patterns import downproj_combine, moe_combine, moe_mlp, moe_router, residual_norm
 
 PATTERNS = {
     p.name: p
-    for p in (moe_router.PATTERN, moe_combine.PATTERN, residual_norm.PATTERN, moe_mlp.PATTERN)
+    for p in (moe_router.PATTERN, downproj_combine.PATTERN, moe_combine.PATTERN, residual_norm.PATTERN,
+              moe_mlp.PATTERN)
 }

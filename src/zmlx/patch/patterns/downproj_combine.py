@@ -1,0 +1,73 @@
+"""downproj_combine: the experts' down projection + routing weights + shared expert (close).
+
+Patches the MoE block's `__call__` (the method `moe_combine` patches, so it is registered
+before it and wins when both are chosen; the report then says moe_combine was skipped).
+At decode (one token per sequence) the experts' hidden activations h come from mlx-lm's
+gate/up projections and SwiGLU, or from the `moe_mlp` kernel when the block's SwitchGLU is
+patched by `moe_mlp`; then one `downproj_combine` launch gives the block's output.
+Prompts take the stock expert path with the moe_combine kernel. Off by default until the
+ledger shows it correct and faster.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import mlx.core as mx
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+from zmlx.kernels.downproj_combine import downproj_combine
+from zmlx.kernels.moe_combine import moe_combine
+from zmlx.kernels.moe_mlp import moe_mlp
+from zmlx.patch.pattern import Pattern
+from zmlx.patch.patterns import moe_mlp as moe_mlp_pattern
+
+
+def check(moe, params) -> str | None:
+    if getattr(moe, "sharding_group", None) is not None:
+        return "MoE is sharded across devices (distributed runs are not supported)"
+    down = moe.switch_mlp.down_proj
+    if not isinstance(down, QuantizedSwitchLinear):
+        return "down_proj is not quantized (unquantized experts are not fused yet)"
+    if down.mode != "affine" or down.bits not in (4, 8) or down.group_size not in (32, 64, 128):
+        return f"down_proj is {down.mode} {down.bits}-bit, group {down.group_size} (affine 4/8-bit only)"
+    if "bias" in down or getattr(down, "global_scale", None) is not None:
+        return "down_proj has a bias or a global scale"
+    return None
+
+
+def _hidden(sw, x, inds):
+    """The experts' SwiGLU activations (..., k, I), through moe_mlp's kernel when the
+    SwitchGLU is patched by moe_mlp, else mlx-lm's own projections."""
+    if type(sw).__call__ is moe_mlp_pattern.make():
+        g, u = sw.gate_proj, sw.up_proj
+        return moe_mlp(x, inds, g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"],
+                       group_size=g.group_size, bits=g.bits)
+    xe = mx.expand_dims(x, (-2, -3))
+    return sw.activation(sw.up_proj(xe, inds), sw.gate_proj(xe, inds)).squeeze(-2)
+
+
+@cache
+def make():
+    def __call__(self, x):
+        inds, scores = self.gate(x)
+        shared = self.shared_experts(x) if self.config.n_shared_experts is not None else None
+        sw = self.switch_mlp
+        if x.shape[-2] != 1:  # a prompt: stock experts, fused combine
+            return moe_combine(sw(x, inds), scores, shared)
+        d = sw.down_proj
+        return downproj_combine(_hidden(sw, x, inds), inds, scores, d["weight"], d["scales"], d["biases"],
+                                shared, group_size=d.group_size, bits=d.bits)
+
+    return __call__
+
+
+PATTERN = Pattern(
+    name="downproj_combine",
+    summary="MoE block at decode: experts' down projection + routing weights + shared expert in one launch",
+    fidelity="close",
+    kernels=(downproj_combine, moe_combine),
+    check=check,
+    make=make,
+    paths=("decode",),
+)
