@@ -11,6 +11,31 @@ to finish it. Kernels include it in their header.
 
 from __future__ import annotations
 
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+def layout_reason(bits: int, group_size: int) -> str | None:
+    """Why an affine layout is outside what the quantized kernels read, or None."""
+    if bits not in BITS or group_size not in GROUP_SIZES:
+        return f"affine {bits}-bit, group {group_size} (the kernels take 4/8-bit, groups 32/64/128)"
+    return None
+
+
+def switch_linear_reason(name: str, proj) -> str | None:
+    """Why an mlx-lm expert projection cannot go through the quantized kernels, or None."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    if not isinstance(proj, QuantizedSwitchLinear):
+        return f"{name} is not quantized (unquantized experts are not fused yet)"
+    if proj.mode != "affine":
+        return f"{name} is {proj.mode}-quantized (affine only)"
+    if (why := layout_reason(proj.bits, proj.group_size)) is not None:
+        return f"{name}: {why}"
+    if "bias" in proj or getattr(proj, "global_scale", None) is not None:
+        return f"{name} has a bias or a global scale"
+    return None
+
 QDOT_HEADER = """
 #ifdef ZMLX_CUDA
 #include <cooperative_groups/reduce.h>

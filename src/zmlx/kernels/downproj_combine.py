@@ -24,7 +24,7 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import QDOT_HEADER
+from zmlx.kernels._quant import QDOT_HEADER, layout_reason
 from zmlx.kernels.moe_combine import reference as combine
 
 
@@ -77,8 +77,8 @@ _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 def launch(
     backend, h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size, bits
 ) -> Launch | str:
-    if bits not in (4, 8) or group_size not in (32, 64, 128):
-        return f"affine {bits}-bit, group {group_size} (the kernel takes 4/8-bit, groups 32/64/128)"
+    if (why := layout_reason(bits, group_size)) is not None:
+        return why
     if h.dtype not in _DTYPES or down_s.dtype not in _DTYPES:
         return f"h {h.dtype}, scales {down_s.dtype}"
     if down_b is None:

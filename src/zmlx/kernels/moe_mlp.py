@@ -24,7 +24,7 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import QDOT_HEADER
+from zmlx.kernels._quant import QDOT_HEADER, layout_reason
 
 
 def reference(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size: int, bits: int):
@@ -81,8 +81,8 @@ _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
 def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size, bits) -> Launch | str:
-    if bits not in (4, 8) or group_size not in (32, 64, 128):
-        return f"affine {bits}-bit, group {group_size} (the kernel takes 4/8-bit, groups 32/64/128)"
+    if (why := layout_reason(bits, group_size)) is not None:
+        return why
     if x.dtype not in _DTYPES or gate_s.dtype not in _DTYPES or up_s.dtype not in _DTYPES:
         return f"x {x.dtype}, scales {gate_s.dtype}"
     if gate_b is None or up_b is None:

@@ -14,11 +14,10 @@ from __future__ import annotations
 from functools import cache
 
 import mlx.core as mx
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
+from zmlx.kernels._quant import switch_linear_reason
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.moe_combine import moe_combine
-from zmlx.kernels.moe_mlp import moe_mlp
 from zmlx.patch.pattern import Pattern
 from zmlx.patch.patterns import moe_mlp as moe_mlp_pattern
 
@@ -26,23 +25,14 @@ from zmlx.patch.patterns import moe_mlp as moe_mlp_pattern
 def check(moe, params) -> str | None:
     if getattr(moe, "sharding_group", None) is not None:
         return "MoE is sharded across devices (distributed runs are not supported)"
-    down = moe.switch_mlp.down_proj
-    if not isinstance(down, QuantizedSwitchLinear):
-        return "down_proj is not quantized (unquantized experts are not fused yet)"
-    if down.mode != "affine" or down.bits not in (4, 8) or down.group_size not in (32, 64, 128):
-        return f"down_proj is {down.mode} {down.bits}-bit, group {down.group_size} (affine 4/8-bit only)"
-    if "bias" in down or getattr(down, "global_scale", None) is not None:
-        return "down_proj has a bias or a global scale"
-    return None
+    return switch_linear_reason("down_proj", moe.switch_mlp.down_proj)
 
 
 def _hidden(sw, x, inds):
     """The experts' SwiGLU activations (..., k, I), through moe_mlp's kernel when the
     SwitchGLU is patched by moe_mlp, else mlx-lm's own projections."""
     if type(sw).__call__ is moe_mlp_pattern.make():
-        g, u = sw.gate_proj, sw.up_proj
-        return moe_mlp(x, inds, g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"],
-                       group_size=g.group_size, bits=g.bits)
+        return moe_mlp_pattern.hidden(sw, x, inds)
     xe = mx.expand_dims(x, (-2, -3))
     return sw.activation(sw.up_proj(xe, inds), sw.gate_proj(xe, inds)).squeeze(-2)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from functools import cache
 
 import mlx.core as mx
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU
+from mlx_lm.models.switch_layers import SwiGLU
 
+from zmlx.kernels._quant import switch_linear_reason
 from zmlx.kernels.moe_mlp import moe_mlp
 from zmlx.patch.pattern import Pattern
 
@@ -21,17 +22,19 @@ def check(switch, params) -> str | None:
     if not isinstance(switch.activation, SwiGLU):
         return f"activation {type(switch.activation).__name__} (only SwiGLU is fused)"
     for name in ("gate_proj", "up_proj"):
-        proj = getattr(switch, name)
-        if not isinstance(proj, QuantizedSwitchLinear):
-            return f"{name} is not quantized (unquantized experts are not fused yet)"
-        if proj.mode != "affine" or proj.bits not in (4, 8) or proj.group_size not in (32, 64, 128):
-            return f"{name} is {proj.mode} {proj.bits}-bit, group {proj.group_size} (affine 4/8-bit only)"
-        if "bias" in proj or getattr(proj, "global_scale", None) is not None:
-            return f"{name} has a bias or a global scale"
+        if (why := switch_linear_reason(name, getattr(switch, name))) is not None:
+            return why
     g, u = switch.gate_proj, switch.up_proj
     if (g.bits, g.group_size) != (u.bits, u.group_size):
         return "gate_proj and up_proj are quantized differently"
     return None
+
+
+def hidden(switch, x, indices):
+    """The experts' SwiGLU activations (..., k, I) of one decode step, through the kernel."""
+    g, u = switch.gate_proj, switch.up_proj
+    return moe_mlp(x, indices, g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"],
+                   group_size=g.group_size, bits=g.bits)
 
 
 @cache
@@ -39,10 +42,7 @@ def make():
     def __call__(self, x, indices):
         if x.shape[-2] != 1:  # a prompt: mlx-lm's own path
             return type(self).__zmlx_original__.__call__(self, x, indices)
-        g, u = self.gate_proj, self.up_proj
-        h = moe_mlp(x, indices, g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"],
-                    group_size=g.group_size, bits=g.bits)
-        return self.down_proj(mx.expand_dims(h, -2), indices).squeeze(-2)
+        return self.down_proj(mx.expand_dims(hidden(self, x, indices), -2), indices).squeeze(-2)
 
     return __call__
 
