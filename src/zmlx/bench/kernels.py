@@ -60,18 +60,6 @@ def _glm_cases(tokens: int) -> list[Case]:
     def stock_combine():
         return (y * scores[..., None]).sum(axis=-2).astype(y.dtype) + shared
 
-    # the routed experts' gate + up at GLM-4.7-Flash's size (8 experts stored: a call reads
-    # only its 4 either way), affine 4-bit, group 64, bf16 scales
-    xq = mx.random.normal((1, tokens, 2048), key=ks[0]).astype(mx.bfloat16)
-    inds = (mx.arange(tokens * 4).reshape(1, tokens, 4) % 8).astype(mx.uint32)
-    gate_q = quantized_experts(8, 1536, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=1)
-    up_q = quantized_experts(8, 1536, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=2)
-    down_q = quantized_experts(8, 2048, 1536, group_size=64, bits=4, dtype=mx.bfloat16, seed=3)
-    hq = mx.random.normal((1, tokens, 4, 1536), key=ks[1]).astype(mx.bfloat16)
-    mx.eval(xq, inds, gate_q, up_q, down_q, hq)
-    mlp_args = (xq, inds, *gate_q, *up_q)
-    down_args = (hq, inds, scores, *down_q, shared)
-
     def stock_residual_norm():
         h = x + r
         return h, mx.fast.rms_norm(h, w, 1e-5)
@@ -86,6 +74,17 @@ def _glm_cases(tokens: int) -> list[Case]:
              lambda: residual_norm(x, r, w, 1e-5)),
     ]
     if tokens == 1:  # a decode kernel (prompts keep the stock path)
+        # the routed experts' gate + up at GLM-4.7-Flash's size (8 experts stored: a call reads
+        # only its 4 either way), affine 4-bit, group 64, bf16 scales
+        xq = mx.random.normal((1, tokens, 2048), key=ks[0]).astype(mx.bfloat16)
+        inds = (mx.arange(tokens * 4).reshape(1, tokens, 4) % 8).astype(mx.uint32)
+        gate_q = quantized_experts(8, 1536, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=1)
+        up_q = quantized_experts(8, 1536, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=2)
+        down_q = quantized_experts(8, 2048, 1536, group_size=64, bits=4, dtype=mx.bfloat16, seed=3)
+        hq = mx.random.normal((1, tokens, 4, 1536), key=ks[1]).astype(mx.bfloat16)
+        mx.eval(xq, inds, gate_q, up_q, down_q, hq)
+        mlp_args = (xq, inds, *gate_q, *up_q)
+        down_args = (hq, inds, scores, *down_q, shared)
         cases.append(Case("moe_mlp (close)", f"{shape}, 4 x 2 x 1536 x 2048, 4-bit",
                           lambda: moe_mlp_stock(*mlp_args, group_size=64, bits=4),
                           lambda: moe_mlp(*mlp_args, group_size=64, bits=4)))
