@@ -1,0 +1,213 @@
+"""python -m zmlx.bench.drift MODEL --patterns P[,Q] [--steps 8]
+
+Where a patched model's numbers leave stock's, layer by layer, over a few decode steps.
+Two copies of the model (one patched) prefill the same prompt, then decode the same
+tokens (stock's greedy choices, teacher-forced) through each decoder layer in turn:
+
+- `local`: relative error (||patched - stock|| / ||stock||) of the layer's MLP/MoE block
+  when both get stock's input: the error that layer's kernels add by themselves;
+- `carried`: relative error of the hidden state after the layer, each model on its own
+  inputs: the error accumulated up to there;
+- `routes`: how many routed experts differ between the two models' own routings (a
+  flipped expert changes a layer's output by far more than rounding does);
+- per step: whether the argmax agrees, max |Δlogit|, and stock's top-1 - top-2 margin.
+
+A correct `close` kernel shows local errors of a few bf16 roundings (2**-8 = 0.0039);
+a wrong one shows local errors of order 1. When local errors are small but carried
+errors grow to order 1 through expert flips, the model amplifies rounding: token
+identity then says more about the model than about the kernel.
+
+The layer loop is the common mlx-lm decoder layer (input_layernorm, self_attn,
+post_attention_layernorm, mlp), run here rather than through the model's own loop, so
+patterns that replace the model loop itself (residual_norm) are not exercised.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Callable, Optional
+
+import mlx.core as mx
+import typer
+
+from zmlx import ui
+
+
+@dataclass
+class LayerDrift:
+    layer: int
+    local: list[float] = field(default_factory=list)  # per step
+    carried: list[float] = field(default_factory=list)
+    routes: list[int] = field(default_factory=list)  # differing experts per step (MoE layers)
+
+
+@dataclass
+class StepDrift:
+    token: int
+    argmax_equal: bool
+    max_abs_dlogit: float
+    stock_margin: float
+
+
+@dataclass
+class Drift:
+    layers: list[LayerDrift]
+    steps: list[StepDrift]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [asdict(x) for x in self.layers], "steps": [asdict(s) for s in self.steps]}
+
+
+def _rel(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    den = mx.sqrt(mx.sum(b * b)).item()
+    return mx.sqrt(mx.sum((a - b) ** 2)).item() / den if den > 0 else float(mx.any(a != b).item())
+
+
+def _noisy(m: mx.array, eps: float, key) -> mx.array:
+    if eps == 0:
+        return m
+    return (m.astype(mx.float32) * (1 + eps * mx.random.normal(m.shape, key=key))).astype(m.dtype)
+
+
+def _experts(mlp, x) -> set[int] | None:
+    gate = getattr(mlp, "gate", None)
+    if gate is None:
+        return None
+    inds, _ = gate(x)
+    return set(inds.reshape(-1).tolist())
+
+
+def _logits(model, h):
+    h = model.model.norm(h)
+    head = getattr(model, "lm_head", None)
+    return head(h) if head is not None else model.model.embed_tokens.as_linear(h)
+
+
+def drift(stock, patched, prompt: list[int], steps: int = 8, perturb: float = 0.0,
+          on_step: Callable[[int], None] | None = None) -> Drift:
+    """Layer-by-layer drift of `patched` from `stock` (two copies of one model) over
+    `steps` teacher-forced decode steps after prefilling `prompt`. `perturb` > 0 multiplies
+    each of the patched copy's MLP outputs by (1 + perturb * N(0, 1)) (seeded): a stand-in
+    for a kernel with errors of that relative size, to see how far the model carries them."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if len(prompt) < 2:
+        raise ValueError("the prompt needs at least 2 tokens")
+    caches = make_prompt_cache(stock), make_prompt_cache(patched)
+    ids = mx.array(prompt[:-1])[None]
+    mx.eval(stock(ids, cache=caches[0]), patched(ids, cache=caches[1]))
+    layers_s, layers_p = stock.model.layers, patched.model.layers
+    out = Drift(layers=[LayerDrift(i) for i in range(len(layers_s))], steps=[])
+    token = prompt[-1]
+    key = mx.random.key(0)
+    for step in range(steps):
+        h_s = h_p = stock.model.embed_tokens(mx.array([[token]]))
+        for i, (ls, lp) in enumerate(zip(layers_s, layers_p)):
+            h1_s = h_s + ls.self_attn(ls.input_layernorm(h_s), None, caches[0][i])
+            h1_p = h_p + lp.self_attn(lp.input_layernorm(h_p), None, caches[1][i])
+            x_s, x_p = ls.post_attention_layernorm(h1_s), lp.post_attention_layernorm(h1_p)
+            m_s = ls.mlp(x_s)
+            local = _noisy(lp.mlp(x_s), perturb, key)  # the patched block on stock's input
+            h_s, h_p = h1_s + m_s, h1_p + _noisy(lp.mlp(x_p), perturb, key)
+            key = mx.random.split(key)[0]
+            mx.eval(h_s, h_p, local)
+            d = out.layers[i]
+            d.local.append(_rel(local, m_s))
+            d.carried.append(_rel(h_p, h_s))
+            e_s, e_p = _experts(ls.mlp, x_s), _experts(lp.mlp, x_p)
+            if e_s is not None and e_p is not None:
+                d.routes.append(len(e_s - e_p))
+        lg_s = _logits(stock, h_s)[0, -1].astype(mx.float32)
+        lg_p = _logits(patched, h_p)[0, -1].astype(mx.float32)
+        top2 = mx.sort(lg_s)[-2:]
+        nxt = int(mx.argmax(lg_s).item())
+        out.steps.append(StepDrift(
+            token=nxt,
+            argmax_equal=nxt == int(mx.argmax(lg_p).item()),
+            max_abs_dlogit=mx.max(mx.abs(lg_s - lg_p)).item(),
+            stock_margin=(top2[1] - top2[0]).item(),
+        ))
+        token = nxt
+        if on_step:
+            on_step(step)
+    return out
+
+
+def table(result: Drift, title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("layer", "local rel. err (median / max)", "carried rel. err (median / max)",
+                "experts differing"):
+        t.add_column(col, justify="right")
+    for d in result.layers:
+        routes = f"{sum(d.routes)} over {len(d.routes)} steps" if d.routes else "-"
+        t.add_row(str(d.layer), f"{statistics.median(d.local):.2e} / {max(d.local):.2e}",
+                  f"{statistics.median(d.carried):.2e} / {max(d.carried):.2e}", routes)
+    agree = sum(s.argmax_equal for s in result.steps)
+    t.caption = (
+        f"argmax equal {agree}/{len(result.steps)}; max |Δlogit| per step "
+        f"{', '.join(f'{s.max_abs_dlogit:.3g}' for s in result.steps)}; stock top-1 margin "
+        f"{', '.join(f'{s.stock_margin:.3g}' for s in result.steps)}"
+    )
+    return t
+
+
+def main(
+    model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id, or synth:FAMILY/PRESET/QUANT")],
+    patterns: Annotated[
+        Optional[str], typer.Option(help="comma-separated patterns (default: the preset; none: no patterns)")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="teacher-forced decode steps")] = 8,
+    prompt_tokens: Annotated[int, typer.Option(help="prompt length (seeded random ids)")] = 32,
+    perturb: Annotated[float, typer.Option(
+        help="also multiply each MLP output of the patched copy by (1 + perturb * N(0,1)): "
+             "how far rounding-sized errors carry in this model (2**-9 ~ one bf16 rounding)")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+):
+    """Layer-by-layer drift of the patched model from stock (two copies in memory)."""
+    import json
+
+    from zmlx import backend
+    from zmlx.bench.harness import make_prompt
+    from zmlx.config import ConfigError, split_names
+    from zmlx.models import ModelLoadError, load
+    from zmlx.patch import patch
+    from zmlx.patch.core import check_names
+
+    if steps < 1 or prompt_tokens < 2:
+        print("error: --steps must be at least 1 and --prompt-tokens at least 2", file=sys.stderr)
+        raise typer.Exit(2)
+    try:
+        pats = split_names(patterns)
+        if pats != ("none",):
+            check_names(pats or (), "--patterns")
+        stock, tok, source = load(model)
+        patched, _, _ = load(model)
+        result = patch(patched, patterns=() if pats == ("none",) else pats)
+    except (ModelLoadError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    for name in ("layers", "embed_tokens", "norm"):
+        if not hasattr(stock.model, name):
+            print(f"error: {source.name}: no model.{name}; drift follows mlx-lm's decoder-layer models",
+                  file=sys.stderr)
+            raise typer.Exit(2)
+    specials = tuple(getattr(tok, "all_special_ids", ()))
+    prompt = make_prompt(stock.args.vocab_size, prompt_tokens, avoid=specials)
+    res = drift(stock, patched, prompt, steps=steps, perturb=perturb)
+    if as_json:
+        print(json.dumps({"model": source.name, "backend": backend.device_name(),
+                          "patterns": {n: r.runs_on for n, r in result.patterns.items() if r.patched},
+                          **res.to_dict()}, indent=2))
+        return
+    con = ui.console()
+    applied = ", ".join(f"{n} ({r.runs_on})" for n, r in result.patterns.items() if r.patched) or "nothing"
+    con.print(table(res, f"drift of {source.name} patched with {applied} on {backend.device_name()}"))
+
+
+if __name__ == "__main__":
+    ui.run_command(main)
