@@ -1,6 +1,7 @@
-"""downproj_combine (issue 5, first step): the experts' down projection, routing weights and
-shared expert in one launch. Fidelity `close`: held to a float32 reference with stock's own
-error as the bar (2x stock's largest error plus one output rounding)."""
+"""downproj_combine: the experts' down projection, routing weights and shared expert in one
+launch. On CUDA bitwise stock (qmv's arithmetic for the dot, moe_combine's after it) where
+stock runs qmv (fewer than 8 expert rows). The Metal body is `close`: held to a float32
+reference with stock's own error as the bar (2x stock's largest error plus one output rounding)."""
 
 import mlx.core as mx
 import pytest
@@ -68,12 +69,22 @@ def test_metal_body_is_as_close_as_stock(tmp_path_factory, case, dtype):
     assert mx.abs(got.astype(mx.float32) - want).max().item() <= bar
 
 
+def test_cuda_takes_only_stock_qmv_calls():
+    args, kw = _inputs((2, 1), 8, 4, 256, 40, 64, 4, True, mx.bfloat16)  # 2 tokens x 4 experts
+    assert "tiled qmm" in launch("cuda", *args, **kw)
+    args, kw = _inputs(*CASES[0], mx.bfloat16)
+    f16 = [a.astype(mx.float16) if i in (4, 5) else a for i, a in enumerate(args)]
+    assert "dtype" in launch("cuda", *f16, **kw)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", CASES + [((1, 1), 64, 4, 1536, 2048, 64, 4, True)])  # + GLM-4.7-Flash
+@pytest.mark.parametrize("case", CASES + [((1, 1), 64, 4, 1536, 2048, 64, 4, True),  # GLM-4.7-Flash
+                                          ((7,), 9, 1, 1536, 24, 32, 4, True),  # remainder tile
+                                          ((1,), 8, 4, 2048, 33, 128, 8, False)])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-def test_cuda_kernel_is_as_close_as_stock(case, dtype):
+def test_cuda_kernel_is_bitwise_stock(case, dtype):
     args, kw = _inputs(*case, dtype, seed=case[3] + case[6])
-    got = downproj_combine.run_kernel("cuda", *args, init_value=float("nan"), **kw)
-    want, bar = _bar(args, kw, dtype)
+    got = downproj_combine.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
+    want = reference(*args, **kw)
     assert got.dtype == dtype and got.shape == want.shape
-    assert mx.abs(got.astype(mx.float32) - want).max().item() <= bar
+    assert mx.array_equal(got, want).item(), mx.abs(got.astype(mx.float32) - want).max().item()

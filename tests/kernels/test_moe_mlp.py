@@ -1,8 +1,9 @@
-"""moe_mlp (issue 5, first step): gate + up + SwiGLU of the routed experts in one launch.
+"""moe_mlp: gate + up + SwiGLU of the routed experts in one launch.
 
-Fidelity `close`: the kernel's float32 sums run in another order than MLX's qmv, so it is
-held to the float32 reference with stock's own error as the bar (at most 2x stock's
-largest error, plus one rounding of the output dtype)."""
+On CUDA the kernel follows MLX's qmv and compiled swiglu operation for operation: bitwise
+stock wherever stock runs qmv (fewer than 8 expert rows). The Metal body sums in float32
+in another order (`close`): it is held to the float32 reference with stock's own error as
+the bar (at most 2x stock's largest error, plus one rounding of the output dtype)."""
 
 import mlx.core as mx
 import pytest
@@ -69,12 +70,24 @@ def test_metal_body_is_as_close_as_stock(tmp_path_factory, case, dtype):
     assert mx.abs(got.astype(mx.float32) - want).max().item() <= bar
 
 
+def test_cuda_takes_only_stock_qmv_calls():
+    """On CUDA the kernel serves what stock runs through qmv: < 8 expert rows, scales in x's dtype."""
+    args, kw = _inputs((2, 1), 8, 4, 24, 256, 64, 4, mx.bfloat16)  # 2 tokens x 4 experts = 8 rows
+    assert "tiled qmm" in launch("cuda", *args, **kw)
+    assert not isinstance(launch("metal", *args, **kw), str)  # Metal is close anyway
+    args, kw = _inputs(*CASES[0], mx.bfloat16)
+    f16 = [a.astype(mx.float16) if i in (3, 4, 6, 7) else a for i, a in enumerate(args)]  # scales, biases
+    assert "dtype" in launch("cuda", *f16, **kw)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", CASES + [((1, 1), 64, 4, 1536, 2048, 64, 4)])  # + GLM-4.7-Flash
+@pytest.mark.parametrize("case", CASES + [((1, 1), 64, 4, 1536, 2048, 64, 4),  # GLM-4.7-Flash
+                                          ((7,), 9, 1, 40, 1536, 32, 4),  # 7 rows, remainder tile
+                                          ((1,), 8, 4, 33, 2048, 128, 8)])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-def test_cuda_kernel_is_as_close_as_stock(case, dtype):
+def test_cuda_kernel_is_bitwise_stock(case, dtype):
     args, kw = _inputs(*case, dtype, seed=case[4] + case[6])
-    got = moe_mlp.run_kernel("cuda", *args, init_value=float("nan"), **kw)
-    want, bar = _bar(args, kw, dtype)
+    got = moe_mlp.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
+    want = reference(*args, **kw)
     assert got.dtype == dtype and got.shape == want.shape
-    assert mx.abs(got.astype(mx.float32) - want).max().item() <= bar
+    assert mx.array_equal(got, want).item(), mx.abs(got.astype(mx.float32) - want).max().item()

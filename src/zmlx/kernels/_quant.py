@@ -4,9 +4,12 @@ MLX's affine layout: each row of a (rows, cols) matrix is packed into uint32 wor
 32 / bits values per word, lowest bits first; one scale and one bias per `group_size`
 values of a row; a value dequantizes to `scale * q + bias`.
 
-QDOT_HEADER defines `zmlx_qdot_lane`: this lane's float32 partial dot product of one
-packed row with a vector (lanes take words lane, lane + 32, ...), and the warp sum used
-to finish it. Kernels include it in their header.
+QDOT_HEADER defines `zmlx_qdot_lane` (this lane's share of one packed row's dot product
+with a vector), ZMLX_SIMD_SUM (the warp sum that finishes it) and `zmlx_swiglu`. On CUDA
+they follow MLX's own qmv kernel and its compiled swiglu operation for operation, so the
+kernels that use them are bitwise stock wherever stock runs qmv (fewer than
+QMV_MAX_ROWS expert rows, scales in the activations' dtype); on Metal the dot is a plain
+float32 sum (close, not exact). Kernels include it in their header.
 """
 
 from __future__ import annotations
@@ -19,6 +22,22 @@ def layout_reason(bits: int, group_size: int) -> str | None:
     """Why an affine layout is outside what the quantized kernels read, or None."""
     if bits not in BITS or group_size not in GROUP_SIZES:
         return f"affine {bits}-bit, group {group_size} (the kernels take 4/8-bit, groups 32/64/128)"
+    return None
+
+
+# MLX's CUDA gather_qmm runs its qmv kernel below this many rows (tokens x experts),
+# a tiled qmm above it; the CUDA kernels follow qmv's arithmetic, so they serve only there.
+QMV_MAX_ROWS = 8
+
+
+def qmv_reason(backend: str, rows: int, dtype, *scales_and_biases) -> str | None:
+    """Why a call is outside the regime where the CUDA kernels are bitwise stock's qmv, or None."""
+    if backend != "cuda":
+        return None
+    if rows >= QMV_MAX_ROWS:
+        return f"{rows} expert rows: stock uses its tiled qmm from {QMV_MAX_ROWS} rows (only qmv is followed)"
+    if any(a.dtype != dtype for a in scales_and_biases):
+        return f"scales/biases not in the activations' dtype {dtype}"
     return None
 
 
@@ -39,17 +58,78 @@ def switch_linear_reason(name: str, proj) -> str | None:
 QDOT_HEADER = """
 #ifdef ZMLX_CUDA
 #include <cooperative_groups/reduce.h>
+#include <cuda/std/type_traits>
+#include "mlx/backend/cuda/device/binary_ops.cuh"
+#include "mlx/backend/cuda/device/unary_ops.cuh"
 #define ZMLX_SIMD_SUM(v) cg::reduce(cg::tiled_partition<32>(cg::this_thread_block()), (v), cg::plus<float>())
-#define ZMLX_EXP(v) expf(v)
+
+// T's arithmetic as MLX's CUDA qmv compiles it: every op one IEEE rounding in T, and the
+// dequantization q * scale + bias contracted into one fma (nvcc's default -fmad).
+__device__ inline float zmlx_f(float v) { return v; }
+__device__ inline float zmlx_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float zmlx_f(__half v) { return __half2float(v); }
+__device__ inline float zmlx_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ inline __nv_bfloat16 zmlx_fma(__nv_bfloat16 a, __nv_bfloat16 b, __nv_bfloat16 c) {
+    return __hfma(a, b, c);
+}
+__device__ inline __half zmlx_fma(__half a, __half b, __half c) { return __hfma(a, b, c); }
+
+// This lane's share of one row's dot product, in MLX's CUDA qmv order: lane l takes E
+// consecutive values at l * E + r * 32 * E (then the remainder), one accumulator per
+// position (in T for 4-bit narrow types, else float), summed in order into a float.
+// The caller finishes with ZMLX_SIMD_SUM (cg::reduce, as qmv) and rounds to T.
+template <int BITS, int GS, int COLS, typename T>
+__device__ inline float zmlx_qdot_lane(const uint* w, const T* s, const T* b, const T* x, uint lane) {
+    constexpr int E = (sizeof(T) <= 2 && BITS <= 4) ? 16 : 8;
+    constexpr int PER_WARP = 32 * E;
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr uint MASK = (1u << BITS) - 1u;
+    constexpr bool WIDE_ACC = BITS >= 8 && !cuda::std::is_same_v<T, float>;
+    using Acc = cuda::std::conditional_t<(BITS >= 8), float, T>;
+    Acc acc[E];
+#pragma unroll
+    for (int j = 0; j < E; ++j) acc[j] = Acc(0.0f);
+    auto tile = [&](int idx) {
+        const T sc = s[idx / GS], bi = b[idx / GS];
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+            const int e = idx + j;
+            const uint q = (w[e / PER_WORD] >> (BITS * (e % PER_WORD))) & MASK;
+            const T wd = zmlx_fma(T(float(q)), sc, bi);
+            if constexpr (WIDE_ACC) {
+                acc[j] = fmaf(zmlx_f(x[e]), zmlx_f(wd), acc[j]);
+            } else {
+                acc[j] = zmlx_fma(x[e], wd, acc[j]);
+            }
+        }
+    };
+    for (int r = 0; r < COLS / PER_WARP; ++r) tile(int(lane) * E + r * PER_WARP);
+    if constexpr (COLS % PER_WARP != 0) {
+        const int idx = int(lane) * E + COLS - COLS % PER_WARP;
+        if (idx < COLS) tile(idx);
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < E; ++j) sum += zmlx_f(acc[j]);
+    return sum;
+}
+
+// mlx-lm's swiglu(gate, up) = silu(gate) * up as MLX's compiled CUDA kernel runs it:
+// each op is MLX's own device functor, each result rounded to T.
+template <typename T>
+__device__ inline T zmlx_swiglu(T g, T u) {
+    const T sig = mlx::core::cu::Sigmoid{}(g);
+    return mlx::core::cu::Multiply{}(mlx::core::cu::Multiply{}(g, sig), u);
+}
 #else
 #define ZMLX_SIMD_SUM(v) simd_sum(v)
-#define ZMLX_EXP(v) metal::exp(v)
-#endif
 
-// w, s, b: one packed row and its scales and biases; x: the vector (cols values)
+// This lane's float32 share of one packed row's dot with x (lanes take words lane,
+// lane + 32, ...); the caller finishes with ZMLX_SIMD_SUM. Not MLX's Metal qmv order:
+// on Metal the quantized kernels are `close`, not exact.
 template <int BITS, int GS, int COLS, typename TS, typename TX>
-inline float zmlx_qdot_lane(const ZMLX_DEVICE uint* w, const ZMLX_DEVICE TS* s,
-                            const ZMLX_DEVICE TS* b, const ZMLX_DEVICE TX* x, uint lane) {
+inline float zmlx_qdot_lane(const device uint* w, const device TS* s,
+                            const device TS* b, const device TX* x, uint lane) {
     constexpr uint PER_WORD = 32 / BITS;
     constexpr uint WORDS = COLS / PER_WORD;
     constexpr uint MASK = (1u << BITS) - 1u;
@@ -65,4 +145,14 @@ inline float zmlx_qdot_lane(const ZMLX_DEVICE uint* w, const ZMLX_DEVICE TS* s,
     }
     return acc;
 }
+
+// swiglu with mlx-lm's roundings: sigmoid, silu and the product each rounded to T.
+template <typename T>
+inline T zmlx_swiglu(T g, T u) {
+    const float gt = static_cast<float>(g);
+    const float sig = static_cast<float>(static_cast<T>(1.0f / (1.0f + metal::exp(-gt))));
+    const float silu = static_cast<float>(static_cast<T>(gt * sig));
+    return static_cast<T>(silu * static_cast<float>(u));
+}
+#endif
 """

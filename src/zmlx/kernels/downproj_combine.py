@@ -24,7 +24,7 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import QDOT_HEADER, layout_reason
+from zmlx.kernels._quant import QDOT_HEADER, layout_reason, qmv_reason
 from zmlx.kernels.moe_combine import reference as combine
 
 
@@ -99,6 +99,8 @@ def launch(
     if shared is not None and (shared.shape != lead + (d,) or shared.dtype != h.dtype):
         return "shared expert output does not match"
     n = math.prod(lead)
+    if (why := qmv_reason(backend, n * k, h.dtype, down_s, down_b)) is not None:
+        return why
     if n * d * 32 >= 2**31:
         return f"{n} tokens x {d} outputs is too large for one launch"
     return Launch(
@@ -127,6 +129,7 @@ downproj_combine = KernelDef(
     name="downproj_combine",
     reference=reference,
     fidelity="close",
+    exact_on=("cuda",),  # bitwise stock's qmv (+ swiglu) where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
     body=BODY,
     header=QDOT_HEADER,

@@ -24,7 +24,7 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import QDOT_HEADER, layout_reason
+from zmlx.kernels._quant import QDOT_HEADER, layout_reason, qmv_reason
 
 
 def reference(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size: int, bits: int):
@@ -67,13 +67,8 @@ float acc_u = zmlx_qdot_lane<BITS, GS, D>(up_w + row * WORDS, up_s + row * GROUP
 acc_g = ZMLX_SIMD_SUM(acc_g);
 acc_u = ZMLX_SIMD_SUM(acc_u);
 if (lane == 0) {
-    // stock's roundings: gate and up to T, then silu(gate) = gate * sigmoid(gate) and the
-    // product, each in T
-    const float gt = static_cast<float>(static_cast<T>(acc_g));
-    const float ut = static_cast<float>(static_cast<T>(acc_u));
-    const float sig = static_cast<float>(static_cast<T>(1.0f / (1.0f + ZMLX_EXP(-gt))));
-    const float silu = static_cast<float>(static_cast<T>(gt * sig));
-    out[warp_id] = static_cast<T>(silu * ut);
+    // stock rounds gate and up to T (qmv's output), then applies swiglu in T
+    out[warp_id] = zmlx_swiglu(static_cast<T>(acc_g), static_cast<T>(acc_u));
 }
 """
 
@@ -98,6 +93,8 @@ def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_
     n = math.prod(x.shape[:-1])
     k = inds.shape[-1]
     i = gate_w.shape[1]
+    if (why := qmv_reason(backend, n * k, x.dtype, gate_s, gate_b, up_s, up_b)) is not None:
+        return why
     if n * k * i * 32 >= 2**31:
         return f"{n} tokens x {k} experts x {i} rows is too large for one launch"
     return Launch(
@@ -129,6 +126,7 @@ moe_mlp = KernelDef(
     name="moe_mlp",
     reference=reference,
     fidelity="close",
+    exact_on=("cuda",),  # bitwise stock's qmv (+ swiglu) where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
     body=BODY,
     header=QDOT_HEADER,

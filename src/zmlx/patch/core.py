@@ -36,7 +36,7 @@ class ZmlxWarning(UserWarning):
 @dataclass
 class PatternReport:
     name: str
-    fidelity: str
+    fidelity: str  # on this backend: a "close" pattern whose kernels are bitwise stock here says "exact"
     backend: str
     path: str  # "kernel" or "reference"
     patched: list[str] = field(default_factory=list)  # module paths
@@ -227,8 +227,10 @@ def patch(
         target = fam.targets.get(name)
         kplans = [k.plan(result.backend) for k in pattern.kernels]
         path = "kernel" if all(p.path == "kernel" for p in kplans) else "reference"
+        exact_here = all(k.fidelity_on(result.backend) == "exact" for k in pattern.kernels)
         report = PatternReport(
-            name=name, fidelity=pattern.fidelity, backend=result.backend, path=path,
+            name=name, fidelity="exact" if exact_here else pattern.fidelity, backend=result.backend,
+            path=path,
             fallbacks=sorted({p.reason for p in kplans if p.reason}),
         )
         result.patterns[name] = report
