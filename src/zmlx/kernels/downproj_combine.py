@@ -8,13 +8,13 @@ Stock (mlx-lm `SwitchGLU.down_proj` then `Glm4MoeLiteMoE`'s combine):
 
 Fused: one warp per output value (token, d). For each of the k experts in order the
 lanes dot the expert's packed row d with h_k and warp-sum it; the result is rounded to T
-as stock rounds y, weighted in float32 and summed in order, rounded to T, and the shared
-expert's output added as stock adds it. No (k, D) intermediate is written: memory stays
-at the output's size however many experts or tokens. The dot's float32 order differs
-from MLX's qmv, so the fidelity class is `close`.
+as stock rounds y, weighted in float32 and summed in moe_combine's order, rounded to T,
+and the shared expert's output added as stock adds it. No (k, D) intermediate is
+written: memory stays at the output's size however many experts or tokens.
 
-Issue 5, first step: the kernel and its tests; no pattern uses it yet and it has not
-run on a GPU.
+Fidelity: on CUDA the dot is MLX's qmv's arithmetic (`_quant.QDOT_HEADER`), so the kernel
+is bitwise stock wherever stock runs qmv (fewer than 8 expert rows); on Metal the dot is a
+plain float32 sum (`close`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
 from zmlx.kernels._quant import QDOT_HEADER, layout_reason, qmv_reason
+from zmlx.kernels.moe_combine import SUM_HEADER, sequential_sum
 from zmlx.kernels.moe_combine import reference as combine
 
 
@@ -54,18 +55,17 @@ const uint d = warp_id % D;
 const uint n = warp_id / D;
 constexpr uint WORDS = I / (32 / BITS);
 constexpr uint GROUPS = I / GS;
-float total = 0.0f;
+ZmlxExpertSum<SEQUENTIAL> sum;
 for (uint k = 0; k < K; ++k) {
     const size_t row = size_t(inds[n * K + k]) * D + d;
     float acc = zmlx_qdot_lane<BITS, GS, I>(down_w + row * WORDS, down_s + row * GROUPS,
                                             down_b + row * GROUPS, h + (size_t(n) * K + k) * I, lane);
-    acc = ZMLX_SIMD_SUM(acc);
-    // stock rounds each expert's output to T, then weights and sums in float32, in order
-    const float y = static_cast<float>(static_cast<T>(acc));
-    total = ZMLX_ADD(total, ZMLX_MUL(y, scores[n * K + k]));
+    acc = ZMLX_SIMD_SUM(acc);  // every lane holds the row's sum
+    // stock rounds each expert's output to T, then weights and sums in float32 (moe_combine's order)
+    sum.add(ZMLX_MUL(static_cast<float>(static_cast<T>(acc)), scores[n * K + k]));
 }
 if (lane == 0) {
-    const T r = static_cast<T>(total);
+    const T r = static_cast<T>(sum.total());
     out[warp_id] = HAS_SHARED
         ? static_cast<T>(static_cast<float>(r) + static_cast<float>(shared[warp_id])) : r;
 }
@@ -106,7 +106,8 @@ def launch(
     return Launch(
         inputs=[h, inds, scores, down_w, down_s, down_b, shared if shared is not None else h],
         template=[("T", h.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", group_size),
-                  ("BITS", bits), ("HAS_SHARED", shared is not None)],
+                  ("BITS", bits), ("HAS_SHARED", shared is not None),
+                  ("SEQUENTIAL", sequential_sum(backend, k, d))],
         grid=(n * d * 32, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[lead + (d,)],
@@ -132,7 +133,7 @@ downproj_combine = KernelDef(
     exact_on=("cuda",),  # bitwise stock's qmv (+ swiglu) where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
     body=BODY,
-    header=QDOT_HEADER,
+    header=QDOT_HEADER + SUM_HEADER,
     input_names=("h", "inds", "scores", "down_w", "down_s", "down_b", "shared"),
     output_names=("out",),
     launch=launch,

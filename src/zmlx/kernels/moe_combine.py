@@ -32,32 +32,53 @@ def reference(y: mx.array, scores: mx.array, shared: mx.array | None = None) -> 
     return out
 
 
+# Stock's float32 sum of an output's k weighted expert rows, for the kernels that combine
+# experts (this one and downproj_combine): add(term) for k = 0, 1, ..., then total().
+SUM_HEADER = """
+template <bool SEQUENTIAL>
+struct ZmlxExpertSum {
+    // in order when SEQUENTIAL; else MLX's CUDA looped column reduce: lane k % 32 sums
+    // its rows in order, then a 32-lane tree (offsets 16, 8, 4, 2, 1) adds the lanes
+    float lane[SEQUENTIAL ? 1 : 32];
+    uint k;
+    ZmlxExpertSum() : k(0) {
+        for (uint j = 0; j < (SEQUENTIAL ? 1u : 32u); ++j) lane[j] = 0.0f;
+    }
+    void add(float term) {
+        const uint j = SEQUENTIAL ? 0u : k % 32;
+        lane[j] = ZMLX_ADD(lane[j], term);
+        ++k;
+    }
+    float total() {
+        if (!SEQUENTIAL) {
+            for (uint off = 16; off > 0; off /= 2) {
+                for (uint j = 0; j < off; ++j) lane[j] = ZMLX_ADD(lane[j], lane[j + off]);
+            }
+        }
+        return lane[0];
+    }
+};
+"""
+
 BODY = """
 if (zmlx_tid >= N) return;
 const uint t = zmlx_tid / D;
 const uint d = zmlx_tid % D;
-float acc = 0.0f;
-if (SEQUENTIAL) {
-    for (uint k = 0; k < K; ++k) {
-        acc = ZMLX_ADD(acc, ZMLX_MUL(static_cast<float>(y[(t * K + k) * D + d]), scores[t * K + k]));
-    }
-} else {
-    // MLX's CUDA looped column reduce: lane k % 32 sums its rows in order, then a
-    // 32-lane tree (offsets 16, 8, 4, 2, 1) adds the lanes.
-    float lane[32];
-    for (uint j = 0; j < 32; ++j) lane[j] = 0.0f;
-    for (uint k = 0; k < K; ++k) {
-        lane[k % 32] = ZMLX_ADD(lane[k % 32],
-            ZMLX_MUL(static_cast<float>(y[(t * K + k) * D + d]), scores[t * K + k]));
-    }
-    for (uint off = 16; off > 0; off /= 2) {
-        for (uint j = 0; j < off; ++j) lane[j] = ZMLX_ADD(lane[j], lane[j + off]);
-    }
-    acc = lane[0];
+ZmlxExpertSum<SEQUENTIAL> sum;
+for (uint k = 0; k < K; ++k) {
+    sum.add(ZMLX_MUL(static_cast<float>(y[(t * K + k) * D + d]), scores[t * K + k]));
 }
-const T r = static_cast<T>(acc);
+const T r = static_cast<T>(sum.total());
 out[zmlx_tid] = HAS_SHARED ? static_cast<T>(static_cast<float>(r) + static_cast<float>(shared[zmlx_tid])) : r;
 """
+
+
+def sequential_sum(backend: str, k: int, d: int) -> bool:
+    """Whether stock sums the k rows of a (k, d) block in order (MLX's CUDA col_reduce_small:
+    <= 32 rows, a stride of a multiple of 4 floats) or through its lane tree. Metal: in order
+    (its own reduction order is still to be checked on a Mac)."""
+    return backend != "cuda" or (d % 4 == 0 and k <= 32)
+
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
@@ -73,7 +94,7 @@ def launch(backend, y, scores, shared=None) -> Launch | str:
     n = math.prod(y.shape[:-2]) * d
     if n == 0 or n >= 2**31:
         return f"{n} outputs"
-    sequential = backend != "cuda" or (d % 4 == 0 and k <= 32)
+    sequential = sequential_sum(backend, k, d)
     return Launch(
         inputs=[y, scores, shared if shared is not None else y],
         template=[("T", y.dtype), ("K", k), ("D", d), ("N", n), ("HAS_SHARED", shared is not None),
@@ -96,6 +117,7 @@ moe_combine = KernelDef(
     name="moe_combine",
     reference=reference,
     body=BODY,
+    header=SUM_HEADER,
     input_names=("y", "scores", "shared"),
     output_names=("out",),
     launch=launch,

@@ -8,13 +8,14 @@ Stock (mlx-lm `SwitchGLU` with affine-quantized `QuantizedSwitchLinear`s):
 
 Fused: one launch reads x once and each selected expert's gate and up rows once. One
 32-lane warp (simdgroup) per output element (token, expert slot, row): the lanes split
-the packed words of the two rows, dequantize (scale * q + bias) and accumulate in
-float32, reduce with a warp sum, and lane 0 rounds gate and up to T and applies SwiGLU
-with stock's roundings. The float32 sum order differs from MLX's qmv, so the fidelity
-class is `close`: tested against a float32 reference with stock's own error as the bar.
+the two rows, dequantize (scale * q + bias) and accumulate, a warp sum finishes each
+dot, and lane 0 rounds gate and up to T and applies SwiGLU with stock's roundings.
 
-Issue 5, first step: the kernel and its tests; no pattern uses it yet, and its speed
-has not been measured (it has not run on a GPU).
+Fidelity: on CUDA the dots are MLX's qmv's arithmetic and SwiGLU is MLX's own device
+functors (`_quant.QDOT_HEADER`), so the kernel is bitwise stock wherever stock runs qmv
+(fewer than 8 expert rows, scales in x's dtype; other calls take the reference). On
+Metal the dot is a plain float32 sum: `close`, held to a float32 reference with stock's
+own error as the bar.
 """
 
 from __future__ import annotations
