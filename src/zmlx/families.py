@@ -39,8 +39,10 @@ FAMILIES: dict[str, Family] = {
             "moe_router": Target("MoEGate", {"renorm_eps": 1e-20}),
             "moe_combine": Target("Glm4MoeLiteMoE"),
             "residual_norm": Target("Glm4MoeLiteModel"),
-            "moe_mlp": Target("SwitchGLU"),  # close: opt-in until validated on the GPU
-            "downproj_combine": Target("Glm4MoeLiteMoE"),  # close: opt-in, as moe_mlp
+            # close (exact on CUDA): opt-in until the ledger shows them faster
+            "moe_mlp": Target("SwitchGLU"),
+            "downproj_combine": Target("Glm4MoeLiteMoE"),
+            "swiglu_mlp": Target("Glm4MoeLiteMLP"),  # shared experts and the dense first layer
         },
         # residual_norm is exact but measured slower on the H100 (ledger, 2026-11-24:
         # 0.875x at 200 tokens, 0.922x at 1024): opt in with ZMLX_RESIDUAL_NORM=1.

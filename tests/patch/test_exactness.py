@@ -72,7 +72,8 @@ def test_exactness_check_can_fail(tiny_q4, monkeypatch):
 
 
 @pytest.mark.parametrize("patterns", [["moe_router"], ["moe_combine"], ["residual_norm"], ["moe_mlp"],
-                                      ["downproj_combine"], ["downproj_combine", "moe_mlp"]])
+                                      ["downproj_combine"], ["downproj_combine", "moe_mlp"], ["swiglu_mlp"],
+                                      ["moe_router", "moe_mlp", "downproj_combine", "swiglu_mlp"]])
 def test_each_pattern_alone_is_bitwise_stock(tiny_q4, patterns):
     """On the CPU every pattern runs its reference: this checks each replacement's plumbing
     (decode and prompt paths) against stock, bitwise."""
@@ -134,5 +135,21 @@ def test_downproj_combine_wins_over_moe_combine_and_says_so(tiny_q4):
         assert len(result.patterns["downproj_combine"].patched) == model.args.num_hidden_layers - 1
         assert result.patterns["moe_combine"].patched == []
         assert "already replaced by downproj_combine" in result.patterns["moe_combine"].skipped[0][1]
+    finally:
+        zmlx.unpatch(model)
+
+
+def test_swiglu_mlp_patches_every_dense_mlp_and_skips_unquantized_ones(tiny_q4, tiny_f32):
+    model, _ = tiny_q4
+    result = zmlx.patch(model, patterns=["swiglu_mlp"])
+    try:  # the first, dense layer and every MoE layer's shared expert
+        assert len(result.patterns["swiglu_mlp"].patched) == model.args.num_hidden_layers
+    finally:
+        zmlx.unpatch(model)
+    model, _ = tiny_f32
+    result = zmlx.patch(model, patterns=["swiglu_mlp"])
+    try:
+        assert result.patched_modules == 0
+        assert "not quantized" in result.patterns["swiglu_mlp"].skipped[0][1]
     finally:
         zmlx.unpatch(model)

@@ -102,12 +102,14 @@ def test_explicit_selection_and_exclude(model):
     assert result.not_selected == {"downproj_combine": "not in the requested patterns",
                                    "moe_combine": "not in the requested patterns",
                                    "residual_norm": "not in the requested patterns",
-                                   "moe_mlp": "not in the requested patterns"}
+                                   "moe_mlp": "not in the requested patterns",
+                                   "swiglu_mlp": "not in the requested patterns"}
     result = zmlx.patch(model, exclude=["moe_router"])
     assert list(result.patterns) == ["moe_combine"]
     assert result.not_selected == {"moe_router": "excluded", "downproj_combine": "not in the default preset",
                                    "residual_norm": "not in the default preset",
-                                   "moe_mlp": "not in the default preset"}
+                                   "moe_mlp": "not in the default preset",
+                                   "swiglu_mlp": "not in the default preset"}
 
 
 def test_environment_flags_go_through_patch_config(model):

@@ -31,6 +31,8 @@ from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
 from zmlx.kernels.moe_mlp import reference as moe_mlp_stock
 from zmlx.kernels.moe_router import moe_router
 from zmlx.kernels.residual_norm import residual_norm
+from zmlx.kernels.swiglu_mlp import quantized_linear, swiglu_mlp
+from zmlx.kernels.swiglu_mlp import reference as swiglu_stock
 
 
 @dataclass(frozen=True)
@@ -85,12 +87,19 @@ def _glm_cases(tokens: int) -> list[Case]:
         mx.eval(xq, inds, gate_q, up_q, down_q, hq)
         mlp_args = (xq, inds, *gate_q, *up_q)
         down_args = (hq, inds, scores, *down_q, shared)
-        cases.append(Case("moe_mlp (close)", f"{shape}, 4 x 2 x 1536 x 2048, 4-bit",
+        cases.append(Case("moe_mlp", f"{shape}, 4 x 2 x 1536 x 2048, 4-bit",
                           lambda: moe_mlp_stock(*mlp_args, group_size=64, bits=4),
                           lambda: moe_mlp(*mlp_args, group_size=64, bits=4)))
-        cases.append(Case("downproj_combine (close)", f"{shape}, 4 x 2048 x 1536, 4-bit + shared",
+        cases.append(Case("downproj_combine", f"{shape}, 4 x 2048 x 1536, 4-bit + shared",
                           lambda: downproj_stock(*down_args, group_size=64, bits=4),
                           lambda: downproj_combine(*down_args, group_size=64, bits=4)))
+        for rows, what in ((1536, "shared expert"), (10240, "dense layer")):
+            dense = (xq, *quantized_linear(rows, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=4),
+                     *quantized_linear(rows, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=5))
+            mx.eval(dense)
+            cases.append(Case("swiglu_mlp", f"{shape}, {what} 2 x {rows} x 2048, 4-bit",
+                              lambda a=dense: swiglu_stock(*a, group_size=64, bits=4),
+                              lambda a=dense: swiglu_mlp(*a, group_size=64, bits=4)))
     return cases
 
 

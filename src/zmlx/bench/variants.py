@@ -14,9 +14,12 @@ GLM47_FLASH: dict[str, Variant] = {
         Variant("residual_norm", ("residual_norm",)),
         Variant("router_combine", ("moe_router", "moe_combine")),
         Variant("exact_three", ("moe_router", "moe_combine", "residual_norm"), note="every exact pattern"),
-        Variant("moe_mlp", ("moe_mlp",), note="close: gate + up + SwiGLU kernel at decode"),
-        Variant("downproj_combine", ("downproj_combine",), note="close: down + combine kernel at decode"),
+        Variant("moe_mlp", ("moe_mlp",), note="gate + up + SwiGLU kernel at decode (exact on CUDA)"),
+        Variant("downproj_combine", ("downproj_combine",), note="down + combine kernel at decode"),
+        Variant("swiglu_mlp", ("swiglu_mlp",), note="dense gate + up + SwiGLU kernel at decode"),
         Variant("expert_fusion", ("moe_router", "moe_mlp", "downproj_combine"),
-                note="close: router + both expert kernels"),
+                note="router + both expert kernels"),
+        Variant("all_mlp", ("moe_router", "moe_mlp", "downproj_combine", "swiglu_mlp"),
+                note="router, both expert kernels and the dense MLP kernel"),
     )
 }

@@ -30,23 +30,26 @@ def layout_reason(bits: int, group_size: int) -> str | None:
 QMV_MAX_ROWS = 8
 
 
-def qmv_reason(backend: str, rows: int, dtype, *scales_and_biases) -> str | None:
-    """Why a call is outside the regime where the CUDA kernels are bitwise stock's qmv, or None."""
+def qmv_reason(backend: str, rows: int, dtype, *scales_and_biases,
+               max_rows: int = QMV_MAX_ROWS) -> str | None:
+    """Why a call is outside the regime where the CUDA kernels are bitwise stock's qmv, or None.
+    `max_rows`: the fewest rows at which stock leaves qmv (gathered experts: 8; a dense
+    quantized_matmul on the H100 leaves it from 2 rows, for its sm90 qmm)."""
     if backend != "cuda":
         return None
-    if rows >= QMV_MAX_ROWS:
-        return f"{rows} expert rows: stock uses its tiled qmm from {QMV_MAX_ROWS} rows (only qmv is followed)"
+    if rows >= max_rows:
+        return f"{rows} rows: stock uses a tiled qmm from {max_rows} rows (only its qmv is followed)"
     if any(a.dtype != dtype for a in scales_and_biases):
         return f"scales/biases not in the activations' dtype {dtype}"
     return None
 
 
-def switch_linear_reason(name: str, proj) -> str | None:
-    """Why an mlx-lm expert projection cannot go through the quantized kernels, or None."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-
-    if not isinstance(proj, QuantizedSwitchLinear):
-        return f"{name} is not quantized (unquantized experts are not fused yet)"
+def quantized_reason(name: str, proj, kind: type) -> str | None:
+    """Why a quantized projection of class `kind` (mlx-lm's QuantizedSwitchLinear for
+    experts, mlx's QuantizedLinear for dense layers) cannot go through the quantized
+    kernels, or None."""
+    if not isinstance(proj, kind):
+        return f"{name} is not quantized (unquantized weights are not fused yet)"
     if proj.mode != "affine":
         return f"{name} is {proj.mode}-quantized (affine only)"
     if (why := layout_reason(proj.bits, proj.group_size)) is not None:
@@ -54,6 +57,20 @@ def switch_linear_reason(name: str, proj) -> str | None:
     if "bias" in proj or getattr(proj, "global_scale", None) is not None:
         return f"{name} has a bias or a global scale"
     return None
+
+
+def switch_linear_reason(name: str, proj) -> str | None:
+    """Why an mlx-lm expert projection cannot go through the quantized kernels, or None."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    return quantized_reason(name, proj, QuantizedSwitchLinear)
+
+
+def linear_reason(name: str, proj) -> str | None:
+    """Why a dense projection cannot go through the quantized kernels, or None."""
+    import mlx.nn as nn
+
+    return quantized_reason(name, proj, nn.QuantizedLinear)
 
 QDOT_HEADER = """
 #ifdef ZMLX_CUDA

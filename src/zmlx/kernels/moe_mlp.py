@@ -50,15 +50,17 @@ def reference_f32(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_si
     return g * mx.sigmoid(g) * u
 
 
+# Shared with swiglu_mlp (DENSE: one weight matrix, no indices, K = 1).
 BODY = """
-// One warp per output element: row = ((n * K) + slot) * I + i.
+// One warp per output element (n, slot, i): out[((n * K) + slot) * I + i].
 const uint warp_id = zmlx_tid / 32;
 const uint lane = zmlx_tid % 32;
 if (warp_id >= N * K * I) return;  // whole warps only: the grid is a multiple of 32
 const uint i = warp_id % I;
 const uint slot = (warp_id / I) % K;
 const uint n = warp_id / (I * K);
-const size_t row = size_t(inds[n * K + slot]) * I + i;
+const size_t expert = DENSE ? 0 : size_t(inds[n * K + slot]);
+const size_t row = expert * I + i;
 constexpr uint WORDS = D / (32 / BITS);
 constexpr uint GROUPS = D / GS;
 float acc_g = zmlx_qdot_lane<BITS, GS, D>(gate_w + row * WORDS, gate_s + row * GROUPS, gate_b + row * GROUPS,
@@ -100,7 +102,8 @@ def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_
         return f"{n} tokens x {k} experts x {i} rows is too large for one launch"
     return Launch(
         inputs=[x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b],
-        template=[("T", x.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", group_size), ("BITS", bits)],
+        template=[("T", x.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", group_size), ("BITS", bits),
+                  ("DENSE", False)],
         grid=(n * k * i * 32, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[x.shape[:-1] + (k, i)],
