@@ -10,14 +10,21 @@ import mlx.core as mx
 Backend = Literal["metal", "cuda", "cpu"]
 
 
+_GPU0, _CPU0 = mx.Device(mx.gpu), mx.Device(mx.cpu)
+
+
 def current() -> Backend:
     """The backend of MLX's default device.
 
     A GPU default device is Metal on Apple silicon and CUDA elsewhere; a CPU
     default device (including a GPU build forced onto the CPU) runs the
-    reference paths. Called on every kernel dispatch, so it stays cheap.
+    reference paths. Called on every kernel dispatch, so it stays cheap: comparing
+    devices costs ~0.1 µs, reading and comparing the device type ~0.5 µs.
     """
-    if mx.default_device().type != mx.DeviceType.gpu:
+    device = mx.default_device()
+    if device == _GPU0:
+        return _gpu_backend()
+    if device == _CPU0 or device.type != mx.DeviceType.gpu:
         return "cpu"
     return _gpu_backend()
 

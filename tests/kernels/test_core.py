@@ -50,3 +50,16 @@ def test_close_kernel_self_check_compares_within_its_tolerance(monkeypatch):
                    body="", example=lambda: ((mx.ones((4,)),), {}))
     monkeypatch.setattr(KernelDef, "run_kernel", lambda self, backend, x: x * 1.1)
     assert "not within 0.01" in k2._check("cuda")
+
+
+def test_backend_follows_the_default_device():
+    from zmlx import backend
+
+    before = mx.default_device()
+    try:
+        mx.set_default_device(mx.cpu)
+        assert backend.current() == "cpu"
+    finally:
+        mx.set_default_device(before)
+    if before == mx.Device(mx.gpu):
+        assert backend.current() in ("cuda", "metal")

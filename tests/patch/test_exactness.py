@@ -5,6 +5,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import zmlx
+from zmlx import synth
 
 
 def _forward_steps(model, prompt, steps, use_cache):
@@ -151,5 +152,36 @@ def test_swiglu_mlp_patches_every_dense_mlp_and_skips_unquantized_ones(tiny_q4, 
     try:
         assert result.patched_modules == 0
         assert "not quantized" in result.patterns["swiglu_mlp"].skipped[0][1]
+    finally:
+        zmlx.unpatch(model)
+
+
+@pytest.mark.parametrize("patterns", [["moe_combine"], ["downproj_combine", "moe_mlp", "swiglu_mlp"]])
+def test_shared_expert_overlap_is_bitwise_stock_and_uses_a_second_stream(tiny_q4, patterns):
+    from zmlx.config import PatchConfig
+    from zmlx.patch.patterns import moe_combine as moe_combine_pattern
+
+    model, _ = tiny_q4
+    prompt = mx.array([[3, 14, 15, 92, 65]])
+    stock = _forward_steps(model, prompt, 3, True)
+    moe_combine_pattern._SIDE_STREAMS.clear()
+    overlap = PatchConfig.from_env({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1"})
+    zmlx.patch(model, patterns=patterns, config=overlap)
+    try:
+        patched = _forward_steps(model, prompt, 3, True)
+    finally:
+        zmlx.unpatch(model)
+    assert all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
+    assert len(moe_combine_pattern._SIDE_STREAMS) == 1  # the shared experts ran on the side stream
+
+
+def test_expert_and_dense_kernels_skip_mxfp4_with_the_reason():
+    model, _ = synth.build("synth:glm4_moe_lite/tiny/mxfp4")
+    result = zmlx.patch(model, patterns=["moe_mlp", "downproj_combine", "swiglu_mlp"])
+    try:
+        for name in ("moe_mlp", "downproj_combine", "swiglu_mlp"):
+            report = result.patterns[name]
+            assert report.patched == [] and report.skipped, name
+            assert all("mxfp4-quantized (affine only)" in why for _, why in report.skipped), report.skipped
     finally:
         zmlx.unpatch(model)

@@ -188,3 +188,18 @@ def test_patched_model_still_quantizes_and_saves_the_same_tree(model):
     assert all(before[k] is after[k] for k in before)
     assert isinstance(model, nn.Module)
     mx.eval(model(mx.array([[1, 2, 3]])))
+
+
+def test_shared_expert_overlap_is_read_from_the_environment():
+    assert PatchConfig.from_env({}).shared_overlap is False
+    assert PatchConfig.from_env({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1"}).shared_overlap is True
+    assert PatchConfig.from_env({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1",
+                                 "ZMLX_MOE_STREAMS": "2"}).shared_overlap is True
+    assert PatchConfig.from_env({"ZMLX_MOE_STREAMS": "2"}).shared_overlap is False
+    for bad, why in (({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1", "ZMLX_MOE_STREAMS": "1"}, "needs"),
+                     ({"ZMLX_MOE_STREAMS": "3"}, "1 or 2"), ({"ZMLX_MOE_STREAMS": "two"}, "whole number"),
+                     ({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "sometimes"}, "use 1")):
+        with pytest.raises(ConfigError, match=why):
+            PatchConfig.from_env(bad)
+    # neither is a pattern flag
+    assert "ZMLX_MOE_STREAMS" not in PatchConfig.from_env({"ZMLX_MOE_STREAMS": "2"}).flags

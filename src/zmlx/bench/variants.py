@@ -21,5 +21,11 @@ GLM47_FLASH: dict[str, Variant] = {
                 note="router + both expert kernels"),
         Variant("all_mlp", ("moe_router", "moe_mlp", "downproj_combine", "swiglu_mlp"),
                 note="router, both expert kernels and the dense MLP kernel"),
+        Variant("router_combine_overlap", ("moe_router", "moe_combine"),
+                env={"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1"},
+                note="the preset with the shared expert on a second stream (experiment)"),
+        Variant("all_mlp_overlap", ("moe_router", "moe_mlp", "downproj_combine", "swiglu_mlp"),
+                env={"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1"},
+                note="all_mlp with the shared expert on a second stream (experiment)"),
     )
 }

@@ -78,6 +78,7 @@ PRELUDE_SOURCE = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def float_bits(value: float) -> int:
     """The float32 nearest `value` as the int with its bits (a template argument)."""
     return struct.unpack("<i", struct.pack("<f", value))[0]
@@ -177,9 +178,10 @@ class KernelDef:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def __call__(self, *args, **kwargs):
-        plan = self.plan()
-        if plan.path == "kernel":
-            out = self.run_kernel(plan.backend, *args, **kwargs)
+        backend = _backend.current()
+        # the hot path: a backend whose kernel has passed its self-check ("" = no failure)
+        if self._status.get(backend) == "" or self.plan(backend).path == "kernel":
+            out = self.run_kernel(backend, *args, **kwargs)
             if not isinstance(out, str):
                 return out
         return self.reference(*args, **kwargs)

@@ -239,7 +239,7 @@ def patch(
             continue
         cls = fam.target_class(name)
         params = dict(target.params)
-        fn = pattern.make(**params)
+        fn = pattern.make(**params, **{opt: getattr(config, opt) for opt in pattern.options})
         bad_sig = _signature_mismatch(cls, pattern.method, fn)
         for mpath, module in model.named_modules():
             if not isinstance(module, cls):

@@ -24,4 +24,6 @@ class Pattern:
     # are cached on it), so pattern files wrap it in functools.cache.
     make: Callable[..., Callable]
     method: str = "__call__"
+    # PatchConfig options passed to make() as keyword arguments (e.g. "shared_overlap")
+    options: tuple[str, ...] = ()
     paths: tuple[str, ...] = ("decode", "prefill")

@@ -20,6 +20,7 @@ from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.patch.pattern import Pattern
 from zmlx.patch.patterns import moe_mlp as moe_mlp_pattern
+from zmlx.patch.patterns.moe_combine import shared_expert
 
 
 def check(moe, params) -> str | None:
@@ -38,10 +39,12 @@ def _hidden(sw, x, inds):
 
 
 @cache
-def make():
+def make(shared_overlap: bool = False):
     def __call__(self, x):
+        shared = shared_expert(self, x, shared_overlap) if shared_overlap else None
         inds, scores = self.gate(x)
-        shared = self.shared_experts(x) if self.config.n_shared_experts is not None else None
+        if not shared_overlap:
+            shared = shared_expert(self, x, False)
         sw = self.switch_mlp
         if x.shape[-2] != 1:  # a prompt: stock experts, fused combine
             return moe_combine(sw(x, inds), scores, shared)
@@ -60,4 +63,5 @@ PATTERN = Pattern(
     check=check,
     make=make,
     paths=("decode",),
+    options=("shared_overlap",),
 )

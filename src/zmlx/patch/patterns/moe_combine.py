@@ -1,8 +1,14 @@
-"""moe_combine: the MoE block's weighted sum of expert outputs plus the shared expert."""
+"""moe_combine: the MoE block's weighted sum of expert outputs plus the shared expert.
+
+With `ZMLX_MOE_SHARED_EXPERTS_OVERLAP=1` (an experiment, off by default) the shared expert
+is issued first, on a second stream, so the GPU may run it alongside the routed experts;
+the values are the same either way (same ops, only the stream differs)."""
 
 from __future__ import annotations
 
 from functools import cache
+
+import mlx.core as mx
 
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.patch.pattern import Pattern
@@ -14,12 +20,32 @@ def check(moe, params) -> str | None:
     return None
 
 
+_SIDE_STREAMS: dict[str, mx.Stream] = {}
+
+
+def shared_expert(moe, x, overlap: bool):
+    """The block's shared expert output (None without one); with `overlap`, on a second
+    stream of the default device (MLX orders the streams where one reads the other)."""
+    if moe.config.n_shared_experts is None:
+        return None
+    if not overlap:
+        return moe.shared_experts(x)
+    device = mx.default_device()
+    stream = _SIDE_STREAMS.get(str(device))
+    if stream is None:
+        stream = _SIDE_STREAMS[str(device)] = mx.new_stream(device)
+    with mx.stream(stream):
+        return moe.shared_experts(x)
+
+
 @cache
-def make():
+def make(shared_overlap: bool = False):
     def __call__(self, x):
+        shared = shared_expert(self, x, shared_overlap) if shared_overlap else None
         inds, scores = self.gate(x)
         y = self.switch_mlp(x, inds)
-        shared = self.shared_experts(x) if self.config.n_shared_experts is not None else None
+        if not shared_overlap:
+            shared = shared_expert(self, x, False)
         return moe_combine(y, scores, shared)
 
     return __call__
@@ -32,4 +58,5 @@ PATTERN = Pattern(
     kernels=(moe_combine,),
     check=check,
     make=make,
+    options=("shared_overlap",),
 )
