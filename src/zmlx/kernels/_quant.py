@@ -91,6 +91,32 @@ __device__ inline __nv_bfloat16 zmlx_fma(__nv_bfloat16 a, __nv_bfloat16 b, __nv_
 }
 __device__ inline __half zmlx_fma(__half a, __half b, __half c) { return __hfma(a, b, c); }
 
+// N consecutive values from src into dst: as 16- or 8-byte loads when the size and src's
+// alignment allow (as qmv's vector loads), else one by one. Only how values are read.
+template <int N, typename T>
+__device__ inline void zmlx_load(T* dst, const T* src) {
+    constexpr int BYTES = N * int(sizeof(T));
+    if constexpr (BYTES % 16 == 0) {
+        if (reinterpret_cast<size_t>(src) % 16 == 0) {
+            uint4 v[BYTES / 16];
+#pragma unroll
+            for (int c = 0; c < BYTES / 16; ++c) v[c] = reinterpret_cast<const uint4*>(src)[c];
+            memcpy(dst, v, BYTES);
+            return;
+        }
+    } else if constexpr (BYTES % 8 == 0) {
+        if (reinterpret_cast<size_t>(src) % 8 == 0) {
+            uint2 v[BYTES / 8];
+#pragma unroll
+            for (int c = 0; c < BYTES / 8; ++c) v[c] = reinterpret_cast<const uint2*>(src)[c];
+            memcpy(dst, v, BYTES);
+            return;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) dst[j] = src[j];
+}
+
 // This lane's share of one row's dot product, in MLX's CUDA qmv order: lane l takes E
 // consecutive values at l * E + r * 32 * E (then the remainder), one accumulator per
 // position (in T for 4-bit narrow types, else float), summed in order into a float.
@@ -106,17 +132,21 @@ __device__ inline float zmlx_qdot_lane(const uint* w, const T* s, const T* b, co
     Acc acc[E];
 #pragma unroll
     for (int j = 0; j < E; ++j) acc[j] = Acc(0.0f);
+    constexpr int NW = E / PER_WORD;  // packed words per tile (idx is a multiple of E >= PER_WORD)
     auto tile = [&](int idx) {
         const T sc = s[idx / GS], bi = b[idx / GS];
+        T xs[E];
+        uint ws[NW];
+        zmlx_load<E>(xs, x + idx);
+        zmlx_load<NW>(ws, w + idx / PER_WORD);
 #pragma unroll
         for (int j = 0; j < E; ++j) {
-            const int e = idx + j;
-            const uint q = (w[e / PER_WORD] >> (BITS * (e % PER_WORD))) & MASK;
+            const uint q = (ws[j / PER_WORD] >> (BITS * (j % PER_WORD))) & MASK;
             const T wd = zmlx_fma(T(float(q)), sc, bi);
             if constexpr (WIDE_ACC) {
-                acc[j] = fmaf(zmlx_f(x[e]), zmlx_f(wd), acc[j]);
+                acc[j] = fmaf(zmlx_f(xs[j]), zmlx_f(wd), acc[j]);
             } else {
-                acc[j] = zmlx_fma(x[e], wd, acc[j]);
+                acc[j] = zmlx_fma(xs[j], wd, acc[j]);
             }
         }
     };
