@@ -1,0 +1,123 @@
+"""Compile a kernel's CUDA body with NVRTC, as MLX's `cuda_kernel` would, without a GPU.
+
+MLX builds a custom kernel's source around the body (its default header, zmlx's header,
+`namespace mlx::core::cu`, a `__global__` signature with one pointer per input and
+output, one `constexpr`/`using` line per template argument) and compiles it with NVRTC
+for the device. `compile_launch` builds the same source for one `Launch` and compiles
+it to PTX here, so a CUDA body that does not compile fails on the developer machine
+instead of on the GPU machine (where the kernel would fall back to its reference).
+
+Needs NVRTC (`nvidia-cuda-nvrtc`), the CUDA runtime headers (`nvidia-cuda-runtime`) and
+MLX's CUDA headers in `.device/cuda-include` (`benchmarks/gpu/setup_cuda_check.sh`);
+`available()` says whether they are there. Compile only: nothing runs, no numbers are
+checked (the `cuda` tests do that on the GPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import mlx.core as mx
+
+from zmlx.kernels._core import KernelDef, Launch
+
+ARCH = "sm_90a"  # the H100, as MLX's JIT targets it
+_ROOT = Path(__file__).resolve().parents[3]  # the project root (a source checkout)
+INCLUDE = _ROOT / ".device" / "cuda-include"
+
+# MLX's dtype_to_cuda_type
+_CUDA_TYPE = {
+    mx.bool_: "bool", mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t",
+    mx.uint64: "uint64_t", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t",
+    mx.int64: "int64_t", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
+}
+
+
+class CudaCompileError(RuntimeError):
+    """NVRTC rejected the source; the message holds its log."""
+
+
+def _nvidia_dir() -> Path | None:
+    try:
+        import nvidia.cu13 as cu13
+    except ImportError:
+        return None
+    return Path(next(iter(cu13.__path__)))
+
+
+@functools.cache
+def _nvrtc():
+    base = _nvidia_dir()
+    if base is None:
+        return None
+    try:  # NVRTC dlopens its builtins by name: load them first, globally
+        for builtins in sorted((base / "lib").glob("libnvrtc-builtins.so.*")):
+            ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+        return ctypes.CDLL(str(base / "lib" / "libnvrtc.so.13"))
+    except OSError:
+        return None
+
+
+def available() -> bool:
+    base = _nvidia_dir()
+    return (_nvrtc() is not None and base is not None and (base / "include" / "cuda_bf16.h").exists()
+            and (INCLUDE / "mlx" / "backend" / "cuda" / "device" / "utils.cuh").exists())
+
+
+def source_for(kernel: KernelDef, spec: Launch) -> str:
+    """The full source MLX's cuda_kernel builds for this launch (see its build_kernel)."""
+    header, body = kernel.source("cuda")
+    name = f"custom_kernel_zmlx_{kernel.name}"
+    params = [f"    const {_CUDA_TYPE[a.dtype]}* {n}" for n, a in zip(kernel.input_names, spec.inputs)]
+    params += [f"    {_CUDA_TYPE[d]}* {n}" for n, d in zip(kernel.output_names, spec.output_dtypes)]
+    consts = []
+    for n, v in spec.template:
+        if isinstance(v, bool):
+            consts.append(f"  constexpr bool {n} = {'true' if v else 'false'};")
+        elif isinstance(v, int):
+            consts.append(f"  constexpr int {n} = {v};")
+        else:
+            consts.append(f"  using {n} = {_CUDA_TYPE[v]};")
+    return (
+        '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+        + header
+        + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+        + f"__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
+        + "\n".join(consts) + "\n\n" + body + "\n}\n\n} // namespace mlx::core::cu\n"
+    )
+
+
+def compile_launch(kernel: KernelDef, spec: Launch) -> None:
+    """Compile the kernel's CUDA source for this launch to PTX; CudaCompileError with
+    NVRTC's log if it does not compile."""
+    lib = _nvrtc()
+    if lib is None or not available():
+        raise CudaCompileError("NVRTC or the CUDA headers are missing: "
+                               "run benchmarks/gpu/setup_cuda_check.sh")
+    src = source_for(kernel, spec).encode()
+    prog = ctypes.c_void_p()
+    _ok(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), src, f"{kernel.name}.cu".encode(), 0, None, None))
+    include = _nvidia_dir() / "include"
+    opts = [b"--device-as-default-execution-space", f"--gpu-architecture={ARCH}".encode(),
+            f"--include-path={INCLUDE}".encode(), f"--include-path={INCLUDE / 'cccl'}".encode(),
+            f"--include-path={include}".encode(), f"--include-path={include / 'cccl'}".encode()]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    try:
+        status = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        if status != 0:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            errors = [ln for ln in log.value.decode(errors="replace").splitlines() if "error" in ln]
+            raise CudaCompileError(f"{kernel.name} does not compile for {ARCH}:\n" + "\n".join(errors[:20]))
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _ok(lib, status: int) -> None:
+    if status != 0:
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        raise CudaCompileError(f"NVRTC: {lib.nvrtcGetErrorString(status).decode()}")

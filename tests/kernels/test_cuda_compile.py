@@ -1,0 +1,60 @@
+"""Every CUDA body compiles with NVRTC as MLX would build it (no GPU: compile only).
+
+Runs where `benchmarks/gpu/setup_cuda_check.sh` has put NVRTC and MLX's CUDA headers;
+skipped elsewhere (CI). The `cuda` tests check the numbers on the GPU."""
+
+import dataclasses
+
+import mlx.core as mx
+import pytest
+
+from zmlx.kernels import cuda_check
+from zmlx.kernels.downproj_combine import downproj_combine
+from zmlx.kernels.moe_combine import moe_combine
+from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
+from zmlx.kernels.moe_router import moe_router
+from zmlx.kernels.residual_norm import residual_norm
+from zmlx.kernels.swiglu_mlp import quantized_linear, swiglu_mlp
+
+pytestmark = pytest.mark.skipif(not cuda_check.available(),
+                                reason="needs NVRTC and CUDA headers: benchmarks/gpu/setup_cuda_check.sh")
+
+
+def _quantized_cases():
+    for dtype, bits in ((mx.bfloat16, 4), (mx.float16, 8), (mx.float32, 4), (mx.float32, 8)):
+        kw = dict(group_size=64, bits=bits)
+        x = mx.zeros((1, 1, 256), dtype)
+        inds = mx.zeros((1, 1, 4), mx.uint32)
+        e = quantized_experts(6, 40, 256, dtype=dtype, seed=1, **kw)
+        yield moe_mlp, (x, inds, *e, *e), kw
+        h = mx.zeros((1, 1, 4, 256), dtype)
+        d = quantized_experts(6, 7, 256, dtype=dtype, seed=2, **kw)  # odd width: the lane-tree sum
+        yield downproj_combine, (h, inds, mx.zeros((1, 1, 4)), *d, mx.zeros((1, 1, 7), dtype)), kw
+        g = quantized_linear(40, 384, dtype=dtype, seed=3, **kw)  # 384: a remainder tile
+        yield swiglu_mlp, (mx.zeros((1, 1, 384), dtype), *g, *g), kw
+
+
+def _cases():
+    for k in (moe_router, moe_combine, residual_norm, moe_mlp, downproj_combine, swiglu_mlp):
+        args, kw = k.example()
+        yield k, args, kw
+    yield moe_combine, (mx.zeros((2, 4, 123), mx.float16), mx.zeros((2, 4)), None), {}  # tree order
+    yield from _quantized_cases()
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{k.name}-{i}" for i, (k, _, _) in enumerate(CASES)])
+def test_cuda_body_compiles(case):
+    kernel, args, kw = case
+    spec = kernel.launch("cuda", *args, **kw)
+    assert not isinstance(spec, str), spec
+    cuda_check.compile_launch(kernel, spec)
+
+
+def test_a_broken_body_is_reported_with_nvrtc_errors():
+    broken = dataclasses.replace(moe_combine, body=moe_combine.body.replace("sum.total()", "sum.totl()"))
+    args, kw = moe_combine.example()
+    with pytest.raises(cuda_check.CudaCompileError, match="totl"):
+        cuda_check.compile_launch(broken, moe_combine.launch("cuda", *args, **kw))
