@@ -126,9 +126,8 @@ def example():
     return (x, inds, *g, *u), dict(group_size=64, bits=4)
 
 
-moe_mlp = KernelDef(
-    name="moe_mlp",
-    reference=reference,
+# What moe_mlp and swiglu_mlp share: the body, its header and its inputs, and fidelity.
+SHARED = dict(
     fidelity="close",
     exact_on=("cuda",),  # bitwise stock's qmv (+ swiglu) where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
@@ -136,6 +135,6 @@ moe_mlp = KernelDef(
     header=QDOT_HEADER,
     input_names=("x", "inds", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"),
     output_names=("out",),
-    launch=launch,
-    example=example,
 )
+
+moe_mlp = KernelDef(name="moe_mlp", reference=reference, launch=launch, example=example, **SHARED)

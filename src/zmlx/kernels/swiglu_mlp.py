@@ -25,8 +25,8 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import QDOT_HEADER, layout_reason, qmv_reason
-from zmlx.kernels.moe_mlp import BODY, quantized_experts
+from zmlx.kernels._quant import layout_reason, qmv_reason
+from zmlx.kernels.moe_mlp import SHARED, quantized_experts
 
 
 def reference(x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size: int, bits: int):
@@ -102,16 +102,4 @@ def example():
     return (x, *g, *u), dict(group_size=64, bits=4)
 
 
-swiglu_mlp = KernelDef(
-    name="swiglu_mlp",
-    reference=reference,
-    fidelity="close",
-    exact_on=("cuda",),  # bitwise stock's qmv (+ swiglu) where launch() takes the call
-    tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
-    body=BODY,
-    header=QDOT_HEADER,
-    input_names=("x", "inds", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"),
-    output_names=("out",),
-    launch=launch,
-    example=example,
-)
+swiglu_mlp = KernelDef(name="swiglu_mlp", reference=reference, launch=launch, example=example, **SHARED)
