@@ -41,10 +41,8 @@ def _hidden(sw, x, inds):
 @cache
 def make(shared_overlap: bool = False):
     def __call__(self, x):
-        shared = shared_expert(self, x, shared_overlap) if shared_overlap else None
         inds, scores = self.gate(x)
-        if not shared_overlap:
-            shared = shared_expert(self, x, False)
+        shared = shared_expert(self, x, shared_overlap)
         sw = self.switch_mlp
         if x.shape[-2] != 1:  # a prompt: stock experts, fused combine
             return moe_combine(sw(x, inds), scores, shared)

@@ -1,8 +1,8 @@
 """moe_combine: the MoE block's weighted sum of expert outputs plus the shared expert.
 
 With `ZMLX_MOE_SHARED_EXPERTS_OVERLAP=1` (an experiment, off by default) the shared expert
-is issued first, on a second stream, so the GPU may run it alongside the routed experts;
-the values are the same either way (same ops, only the stream differs)."""
+runs on a second stream, so the GPU may run it alongside the routed experts; the values
+are the same either way (same ops, only the stream differs)."""
 
 from __future__ import annotations
 
@@ -41,12 +41,9 @@ def shared_expert(moe, x, overlap: bool):
 @cache
 def make(shared_overlap: bool = False):
     def __call__(self, x):
-        shared = shared_expert(self, x, shared_overlap) if shared_overlap else None
         inds, scores = self.gate(x)
         y = self.switch_mlp(x, inds)
-        if not shared_overlap:
-            shared = shared_expert(self, x, False)
-        return moe_combine(y, scores, shared)
+        return moe_combine(y, scores, shared_expert(self, x, shared_overlap))
 
     return __call__
 
