@@ -9,7 +9,8 @@
 #   STEP=preset       matrix run, the family's default preset vs stock
 #   STEP=ledger       matrix run, each pattern alone and the preset, vs one shared control
 #                     (one ledger line each; PATTERN_SETS overrides the sets, ';'-separated)
-#   STEP=kernels      the `cuda` kernel tests, then the per-kernel micro-benchmark
+#   STEP=kernels      the `cuda` kernel tests (KERNEL_TESTS: which files), then the per-kernel
+#                     micro-benchmark
 #   STEP=all          experiments, noise and preset in turn
 # Bring the results home with:
 #   cp <files_at>/*.json repro_capsules/ && python -m zmlx.matrix merge <files_at>/matrix.jsonl
@@ -48,7 +49,9 @@ ledger() {
     --ledger "$out/matrix.jsonl" --notes "each pattern alone and the preset, $device" 2>&1 | tee -a "$log"
 }
 kernels() {
-  python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -25 | tee -a "$log"
+  # KERNEL_TESTS narrows the tests (e.g. "tests/kernels/test_moe_mlp.py tests/kernels/test_swiglu_mlp.py")
+  # shellcheck disable=SC2086
+  python3 -m pytest -q -p no:cacheprovider -m cuda ${KERNEL_TESTS:-tests/kernels} 2>&1 | tail -25 | tee -a "$log"
   python3 benchmarks/bench_kernels.py --capsule-dir "$out" 2>&1 | tee -a "$log"
 }
 case "$step" in
