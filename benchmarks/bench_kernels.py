@@ -51,13 +51,7 @@ def main(
     console = ui.console()
     console.print(kernels.table(rows, f"{path.name} on {cap['device']['name']}"))
     if cap["custom_call_overhead"]:
-        console.print("custom-call overhead, in-graph µs per call (build graph + eval):")
-    for row in cap["custom_call_overhead"]:
-        if "error" in row:
-            console.print(f"  {'failed':>7}  {row['case']}: {row['error']}")
-        else:
-            console.print(f"  {row['graph_us']:7.1f} = {row['build_us']:5.1f} + {row['eval_us']:5.1f}"
-                          f"  {row['case']}")
+        console.print(kernels.overhead_table(cap["custom_call_overhead"], "custom-call overhead (per call)"))
     print(f"capsule: {path}")
 
 

@@ -46,3 +46,16 @@ def test_kernel_microbench_writes_a_capsule_the_report_reads(tmp_path):
     assert all(r["bitwise"] and r["wall_us"] > 0 for r in rows)
     p = subprocess.run([sys.executable, "-m", "zmlx.bench.report", str(path)], capture_output=True, text=True)
     assert p.returncode == 0 and "residual_norm" in p.stdout
+
+
+def test_overhead_table_shows_failed_cases():
+    from rich.console import Console
+
+    from zmlx.bench.kernels import overhead_table
+
+    rows = [{"case": "stock op", "graph_us": 5.0, "build_us": 0.8, "eval_us": 4.2},
+            {"case": "broken kernel", "error": "does not compile"}]
+    con = Console(width=120, record=True)
+    con.print(overhead_table(rows, "overhead"))
+    text = con.export_text()
+    assert "5.0" in text and "4.2" in text and "failed: does not compile" in text

@@ -208,6 +208,22 @@ def table(rows: list[dict[str, Any]], title: str):
     return t
 
 
+def overhead_table(rows: list[dict[str, Any]], title: str):
+    """The custom-call overhead diagnostic (`overhead()`'s rows) as a table."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("call", "in-graph µs", "build graph µs", "eval µs"):
+        t.add_column(col, justify="left" if col == "call" else "right")
+    for r in rows:
+        if "error" in r:
+            t.add_row(r["case"], f"failed: {r['error']}", "", "")
+        else:
+            t.add_row(r["case"], f"{r['graph_us']:.1f}", f"{r.get('build_us', float('nan')):.1f}",
+                      f"{r.get('eval_us', float('nan')):.1f}")
+    return t
+
+
 def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
     """Where a custom kernel call's host time goes (CUDA only): in-graph µs per call of a
     stock op, a minimal custom kernel (short and ~8 KB source), and residual_norm through

@@ -106,9 +106,11 @@ def command(capsules: Annotated[list[Path], typer.Argument(help="capsule JSON fi
     console = ui.console()
     for label, c in loaded:
         if "kernels" in c:  # a kernel micro-benchmark capsule (benchmarks/bench_kernels.py)
-            from zmlx.bench.kernels import table
+            from zmlx.bench.kernels import overhead_table, table
 
             console.print(table(c["kernels"], f"{label} on {c['device']['name']}"))
+            if c.get("custom_call_overhead"):
+                console.print(overhead_table(c["custom_call_overhead"], "custom-call overhead (per call)"))
         else:
             console.print(single_table(c, label))
     if len(loaded) > 1 and not any("kernels" in c for _, c in loaded):
