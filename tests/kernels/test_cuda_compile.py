@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(not cuda_check.available(),
                                 reason="needs NVRTC and CUDA headers: benchmarks/gpu/setup_cuda_check.sh")
 
 
-def _quantized_cases():
-    for dtype, bits in ((mx.bfloat16, 4), (mx.float16, 8), (mx.float32, 4), (mx.float32, 8)):
+def _quantized_cases():  # and unquantized (bits None)
+    for dtype, bits in ((mx.bfloat16, 4), (mx.float16, 8), (mx.float32, 4), (mx.float32, 8),
+                        (mx.bfloat16, None), (mx.float32, None)):
         kw = dict(group_size=64, bits=bits)
         x = mx.zeros((1, 1, 256), dtype)
         inds = mx.zeros((1, 1, 4), mx.uint32)

@@ -18,6 +18,8 @@ CASES = [  # (tokens shape, experts, k, rows I, width D, group, bits)
     ((1, 1), 6, 2, 7, 384, 128, 4),  # odd rows
     ((2,), 5, 3, 9, 256, 32, 8),
     ((1, 1), 4, 1, 16, 128, 64, 8),
+    ((1, 1), 8, 4, 24, 256, None, None),  # unquantized experts (gemv order, 4 per lane)
+    ((2,), 5, 3, 9, 192, None, None),  # 2 per lane
 ]
 
 
@@ -63,7 +65,9 @@ def test_launch_says_why_it_takes_the_reference():
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 def test_metal_body_is_as_close_as_stock(tmp_path_factory, case, dtype):
-    args, kw = _inputs(*case, dtype, seed=case[4] + case[6])
+    if None in case and dtype != mx.float32:
+        pytest.skip("MLX's CPU gather_mm (the reference) runs only float32")
+    args, kw = _inputs(*case, dtype, seed=case[4] + (case[6] or 0))
     got = metal_emu.run(moe_mlp, *args, workdir=tmp_path_factory.getbasetemp(), **kw)  # poisoned NaN
     want, bar = _bar(args, kw, dtype)
     assert got.dtype == dtype and got.shape == want.shape
@@ -82,12 +86,22 @@ def test_cuda_takes_only_stock_qmv_calls():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES + [((1, 1), 64, 4, 1536, 2048, 64, 4),  # GLM-4.7-Flash
+                                          ((1, 1), 64, 4, 1536, 2048, None, None),  # and in bf16
                                           ((7,), 9, 1, 40, 1536, 32, 4),  # 7 rows, remainder tile
                                           ((1,), 8, 4, 33, 2048, 128, 8)])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 def test_cuda_kernel_is_bitwise_stock(case, dtype):
-    args, kw = _inputs(*case, dtype, seed=case[4] + case[6])
+    args, kw = _inputs(*case, dtype, seed=case[4] + (case[6] or 0))
     got = moe_mlp.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
     want = reference(*args, **kw)
     assert got.dtype == dtype and got.shape == want.shape
     assert mx.array_equal(got, want).item(), mx.abs(got.astype(mx.float32) - want).max().item()
+
+
+def test_unquantized_experts_take_the_kernel_in_stock_gemv_regime():
+    args, kw = _inputs((1, 1), 8, 4, 24, 256, None, None, mx.bfloat16)
+    assert launch("cuda", *args, **kw).template[5:7] == [("GS", 256), ("BITS", 32)]
+    f32 = [a.astype(mx.float32) if i in (2, 5) else a for i, a in enumerate(args)]  # weights
+    assert "unquantized weights" in launch("cuda", *f32, **kw)
+    many, kw = _inputs((16,), 8, 4, 24, 256, None, None, mx.bfloat16)  # 64 rows: stock sorts
+    assert "gemv" in launch("cuda", *many, **kw)

@@ -16,6 +16,8 @@ CASES = [  # (tokens shape, rows I, width D, group, bits)
     ((1, 1), 7, 384, 128, 4),  # odd rows, remainder tile
     ((3,), 9, 256, 32, 8),  # several tokens: Metal only (CUDA stock leaves qmv)
     ((1,), 16, 128, 64, 8),
+    ((1, 1), 24, 256, None, None),  # unquantized (gemv order, 4 per lane)
+    ((1,), 9, 192, None, None),  # 2 per lane
 ]
 
 
@@ -53,7 +55,7 @@ def test_launch_says_why_it_takes_the_reference():
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 def test_metal_body_is_as_close_as_stock(tmp_path_factory, case, dtype):
-    args, kw = _inputs(*case, dtype, seed=case[2] + case[4])
+    args, kw = _inputs(*case, dtype, seed=case[2] + (case[4] or 0))
     got = metal_emu.run(swiglu_mlp, *args, workdir=tmp_path_factory.getbasetemp(), **kw)  # poisoned NaN
     want = reference_f32(*args, **kw)
     stock_err = mx.abs(reference(*args, **kw).astype(mx.float32) - want).max().item()
@@ -67,11 +69,12 @@ def test_metal_body_is_as_close_as_stock(tmp_path_factory, case, dtype):
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] != (3,)] + [
     ((1, 1), 1536, 2048, 64, 4),  # GLM-4.7-Flash's shared expert
     ((1, 1), 10240, 2048, 64, 4),  # its dense first layer
+    ((1, 1), 1536, 2048, None, None),  # the shared expert in bf16
     ((1,), 33, 2048, 128, 8),
 ])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 def test_cuda_kernel_is_bitwise_stock(case, dtype):
-    args, kw = _inputs(*case, dtype, seed=case[2] + case[4])
+    args, kw = _inputs(*case, dtype, seed=case[2] + (case[4] or 0))
     got = swiglu_mlp.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
     want = reference(*args, **kw)
     assert got.dtype == dtype and got.shape == want.shape

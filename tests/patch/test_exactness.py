@@ -119,14 +119,22 @@ def test_pipelined_model_is_skipped_with_reason(tiny_q4):
         zmlx.unpatch(model)
 
 
-def test_moe_mlp_skips_unquantized_experts_with_reason(tiny_f32):
+def test_unquantized_experts_and_mlps_are_patched_and_bitwise_stock(tiny_f32):
+    """Unquantized (here float32) experts and dense MLPs take the gemv-order kernels; on the
+    CPU their references must equal stock exactly."""
     model, _ = tiny_f32
-    result = zmlx.patch(model, patterns=["moe_mlp"])
+    prompt = mx.array([[3, 14, 15, 92, 65]])
+    stock = _forward_steps(model, prompt, 3, True)
+    result = zmlx.patch(model, patterns=["moe_mlp", "downproj_combine", "swiglu_mlp"])
     try:
-        assert result.patched_modules == 0
-        assert "not quantized" in result.patterns["moe_mlp"].skipped[0][1]
+        moe_layers = model.args.num_hidden_layers - 1
+        assert len(result.patterns["moe_mlp"].patched) == moe_layers
+        assert len(result.patterns["downproj_combine"].patched) == moe_layers
+        assert len(result.patterns["swiglu_mlp"].patched) == model.args.num_hidden_layers
+        patched = _forward_steps(model, prompt, 3, True)
     finally:
         zmlx.unpatch(model)
+    assert all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
 
 
 def test_downproj_combine_wins_over_moe_combine_and_says_so(tiny_q4):
@@ -140,18 +148,11 @@ def test_downproj_combine_wins_over_moe_combine_and_says_so(tiny_q4):
         zmlx.unpatch(model)
 
 
-def test_swiglu_mlp_patches_every_dense_mlp_and_skips_unquantized_ones(tiny_q4, tiny_f32):
+def test_swiglu_mlp_patches_every_dense_mlp(tiny_q4):
     model, _ = tiny_q4
     result = zmlx.patch(model, patterns=["swiglu_mlp"])
     try:  # the first, dense layer and every MoE layer's shared expert
         assert len(result.patterns["swiglu_mlp"].patched) == model.args.num_hidden_layers
-    finally:
-        zmlx.unpatch(model)
-    model, _ = tiny_f32
-    result = zmlx.patch(model, patterns=["swiglu_mlp"])
-    try:
-        assert result.patched_modules == 0
-        assert "not quantized" in result.patterns["swiglu_mlp"].skipped[0][1]
     finally:
         zmlx.unpatch(model)
 
@@ -185,3 +186,28 @@ def test_expert_and_dense_kernels_skip_mxfp4_with_the_reason():
             assert all("mxfp4-quantized (affine only)" in why for _, why in report.skipped), report.skipped
     finally:
         zmlx.unpatch(model)
+
+
+@pytest.mark.parametrize("which", ["tiny_q4", "tiny_f32"])
+def test_expert_patterns_leave_sorted_decode_steps_to_mlx_lm(request, which, monkeypatch):
+    """16 sequences x top-4 = 64 rows: mlx-lm sorts them by expert, so the expert patterns
+    must hand such a decode step to mlx-lm's own path (bitwise stock)."""
+    from zmlx.patch.patterns import downproj_combine, moe_mlp
+
+    model, _ = request.getfixturevalue(which)
+    calls = []
+    for module, name in ((moe_mlp, "moe_mlp"), (downproj_combine, "downproj_combine")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *a, _k=kernel, **kw: calls.append(a[0].shape) or _k(*a, **kw))
+    for batch, expect_calls in ((16, False), (1, True)):
+        prompt = mx.array([[3, 14, 15, 92, 65]] * batch) + mx.arange(batch)[:, None]
+        stock = _forward_steps(model, prompt, 2, True)
+        zmlx.patch(model, patterns=["moe_mlp", "downproj_combine", "swiglu_mlp"])
+        calls.clear()
+        try:
+            patched = _forward_steps(model, prompt, 2, True)
+        finally:
+            zmlx.unpatch(model)
+        assert all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
+        assert bool(calls) == expect_calls, (batch, calls)

@@ -44,12 +44,25 @@ def qmv_reason(backend: str, rows: int, dtype, *scales_and_biases,
     return None
 
 
-def quantized_reason(name: str, proj, kind: type) -> str | None:
-    """Why a quantized projection of class `kind` (mlx-lm's QuantizedSwitchLinear for
-    experts, mlx's QuantizedLinear for dense layers) cannot go through the quantized
-    kernels, or None."""
-    if not isinstance(proj, kind):
-        return f"{name} is not quantized (unquantized weights are not fused yet)"
+# mlx-lm's SwitchGLU sorts its (token, expert) rows by expert from this many on (and then
+# calls gather_(q)mm with sorted indices): the expert patterns leave such calls to mlx-lm.
+MLX_LM_SORT_ROWS = 64
+# ... and MLX's CUDA gather_mm leaves its gemv there: unquantized experts are followed below.
+GEMV_MAX_ROWS = MLX_LM_SORT_ROWS
+
+
+def gemv_reason(backend: str, rows: int, dtype, *weights, max_rows: int = GEMV_MAX_ROWS) -> str | None:
+    """`qmv_reason` for unquantized weights: stock's gemv regime, weights in x's dtype."""
+    if any(w.dtype != dtype for w in weights):
+        return f"weights not in the activations' dtype {dtype}"
+    if backend == "cuda" and rows >= max_rows:
+        return f"{rows} rows: stock leaves its gemv from {max_rows} rows (only its gemv is followed)"
+    return None
+
+
+def quantized_reason(name: str, proj) -> str | None:
+    """Why a quantized projection (mlx-lm's QuantizedSwitchLinear for experts, mlx's
+    QuantizedLinear for dense layers) cannot go through the kernels, or None."""
     if proj.mode != "affine":
         return f"{name} is {proj.mode}-quantized (affine only)"
     if (why := layout_reason(proj.bits, proj.group_size)) is not None:
@@ -59,18 +72,98 @@ def quantized_reason(name: str, proj, kind: type) -> str | None:
     return None
 
 
-def switch_linear_reason(name: str, proj) -> str | None:
-    """Why an mlx-lm expert projection cannot go through the quantized kernels, or None."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+def gathered(x, w, s, b, inds, group_size, bits):
+    """mlx-lm's (Quantized)SwitchLinear on x (..., 1, 1, D): gather_qmm, or gather_mm for
+    unquantized weights (s None)."""
+    import mlx.core as mx
 
-    return quantized_reason(name, proj, QuantizedSwitchLinear)
+    if s is None:
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=inds)
+    return mx.gather_qmm(x, w, s, b, rhs_indices=inds, transpose=True, group_size=group_size, bits=bits)
+
+
+def dequantized(w, s, b, group_size, bits):
+    """The weights in float32 (dequantized when quantized): for float32 accuracy bars."""
+    import mlx.core as mx
+
+    if s is None:
+        return w.astype(mx.float32)
+    return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+
+
+def or_placeholder(a, placeholder):
+    """Unquantized rows have no scales or biases: the kernel's inputs get `placeholder`."""
+    return placeholder if a is None else a
+
+
+_FLOATS = ("bfloat16", "float16", "float32")
+
+
+def weights_reason(w, s, b, *, cols: int, group_size, bits, dtype) -> str | None:
+    """Why a weight matrix (or stack of them) of `cols`-wide rows cannot be read by the
+    kernels, or None: affine-quantized (packed w, scales s, biases b) or unquantized (s and
+    b None, w in the activations' dtype)."""
+    if s is None:
+        if b is not None or w.dtype != dtype:
+            return f"unquantized weights {w.dtype} for activations {dtype}"
+        return None if w.shape[-1] == cols else f"weights {w.shape} for rows of {cols}"
+    if (why := layout_reason(bits, group_size)) is not None:
+        return why
+    if b is None:
+        return "affine quantization without biases"
+    if str(s.dtype).split(".")[-1] not in _FLOATS:
+        return f"scales {s.dtype}"
+    if w.shape[-1] * (32 // bits) != cols or cols % group_size:
+        return f"weights {w.shape} for rows of {cols}"
+    if s.shape != w.shape[:-1] + (cols // group_size,) or b.shape != s.shape:
+        return f"scales {s.shape} for groups of {group_size}"
+    return None
+
+
+def regime_reason(backend: str, rows: int, dtype, s, b, w, *, qmv_rows: int = QMV_MAX_ROWS,
+                  gemv_rows: int = GEMV_MAX_ROWS) -> str | None:
+    """Where stock's CUDA matvec (qmv, or gemv for unquantized weights) runs, the kernels
+    follow it; elsewhere they step aside (None: the kernel takes the call)."""
+    if s is None:
+        return gemv_reason(backend, rows, dtype, w, max_rows=gemv_rows)
+    return qmv_reason(backend, rows, dtype, s, b, max_rows=qmv_rows)
+
+
+def packing(cols: int, group_size, bits) -> tuple[int, int]:
+    """(GS, BITS) template values: the quantization's, or (cols, 32) for unquantized rows."""
+    return (cols, 32) if bits is None else (group_size, bits)
+
+
+def dense_or_quantized(name: str, proj, quantized: type, dense: type) -> str | None:
+    """Why a projection can go through neither kernel path (affine-quantized or unquantized)."""
+    if isinstance(proj, quantized):
+        return quantized_reason(name, proj)
+    if isinstance(proj, dense):
+        return f"{name} has a bias" if "bias" in proj else None
+    return f"{name} is a {type(proj).__name__} (neither an affine-quantized nor an unquantized linear)"
+
+
+def switch_linear_reason(name: str, proj) -> str | None:
+    """Why an mlx-lm expert projection (affine-quantized or unquantized) cannot go through
+    the kernels, or None."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return dense_or_quantized(name, proj, QuantizedSwitchLinear, SwitchLinear)
 
 
 def linear_reason(name: str, proj) -> str | None:
-    """Why a dense projection cannot go through the quantized kernels, or None."""
+    """Why a dense projection (affine-quantized or unquantized) cannot go through the
+    kernels, or None."""
     import mlx.nn as nn
 
-    return quantized_reason(name, proj, nn.QuantizedLinear)
+    return dense_or_quantized(name, proj, nn.QuantizedLinear, nn.Linear)
+
+
+def weights_of(proj) -> tuple[tuple, dict]:
+    """((weight, scales, biases), {group_size, bits}) of a projection, as the kernels take
+    them; scales, biases, group size and bits are None for unquantized weights."""
+    return ((proj["weight"], proj.get("scales"), proj.get("biases")),
+            {"group_size": getattr(proj, "group_size", None), "bits": getattr(proj, "bits", None)})
 
 QDOT_HEADER = """
 #ifdef ZMLX_CUDA
@@ -161,6 +254,27 @@ __device__ inline float zmlx_qdot_lane(const uint* w, const T* s, const T* b, co
     return sum;
 }
 
+// The same for an unquantized row (BITS = 32: one T per value; s and b unused), in MLX's
+// CUDA gemv order (gather_mv / gemv_single at one row): lane l takes NPT consecutive
+// values at NPT * l + r * 32 * NPT into one float accumulator (fma), NPT = 4 when
+// COLS % 128 == 0 and both pointers are 4-value aligned, 2 when COLS % 64 == 0 and
+// 2-aligned, else 1, as MLX picks it (rows of a multiple of 64 values keep the
+// alignment of the array's base, which is what MLX checks).
+__device__ inline bool zmlx_aligned(const void* p, size_t bytes) {
+    return reinterpret_cast<size_t>(p) % bytes == 0;
+}
+
+template <int BITS, int GS, int COLS, typename T>
+__device__ inline float zmlx_qdot_lane(const T* w, const T* s, const T* b, const T* x, uint lane) {
+    const int npt = (COLS % 128 == 0 && zmlx_aligned(w, 4 * sizeof(T)) && zmlx_aligned(x, 4 * sizeof(T)))
+        ? 4 : (COLS % 64 == 0 && zmlx_aligned(w, 2 * sizeof(T)) && zmlx_aligned(x, 2 * sizeof(T))) ? 2 : 1;
+    float sum = 0.0f;
+    for (int col = npt * int(lane); col < COLS; col += 32 * npt) {
+        for (int j = 0; j < npt; ++j) sum = fmaf(zmlx_f(w[col + j]), zmlx_f(x[col + j]), sum);
+    }
+    return sum;
+}
+
 // mlx-lm's swiglu(gate, up) = silu(gate) * up as MLX's compiled CUDA kernel runs it:
 // each op is MLX's own device functor, each result rounded to T.
 template <typename T>
@@ -190,6 +304,15 @@ inline float zmlx_qdot_lane(const device uint* w, const device TS* s,
             acc += (sc * v + bi) * static_cast<float>(x[k * PER_WORD + j]);
         }
     }
+    return acc;
+}
+
+// An unquantized row (BITS = 32; s and b unused): a plain float32 sum.
+template <int BITS, int GS, int COLS, typename T>
+inline float zmlx_qdot_lane(const device T* w, const device T* s, const device T* b,
+                            const device T* x, uint lane) {
+    float acc = 0.0f;
+    for (uint k = lane; k < uint(COLS); k += 32) acc += static_cast<float>(w[k]) * static_cast<float>(x[k]);
     return acc;
 }
 

@@ -24,23 +24,29 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import QDOT_HEADER, layout_reason, qmv_reason
+from zmlx.kernels._quant import (
+    QDOT_HEADER,
+    dequantized,
+    gathered,
+    or_placeholder,
+    packing,
+    regime_reason,
+    weights_reason,
+)
 from zmlx.kernels.moe_combine import SUM_HEADER, sequential_sum
 from zmlx.kernels.moe_combine import reference as combine
 
 
-def reference(h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size: int, bits: int):
+def reference(h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None):
     """mlx-lm's op sequence. h (..., k, I) in T, inds (..., k), scores (..., k) float32,
     shared (..., D) or None -> (..., D) in T."""
-    y = mx.gather_qmm(mx.expand_dims(h, -2), down_w, down_s, down_b, rhs_indices=inds, transpose=True,
-                      group_size=group_size, bits=bits).squeeze(-2)
+    y = gathered(mx.expand_dims(h, -2), down_w, down_s, down_b, inds, group_size, bits).squeeze(-2)
     return combine(y, scores, shared)
 
 
-def reference_f32(h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size: int, bits: int):
+def reference_f32(h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None):
     """The same in float32 throughout: the accuracy bar."""
-    w = mx.dequantize(down_w, down_s.astype(mx.float32), down_b.astype(mx.float32),
-                      group_size=group_size, bits=bits)
+    w = dequantized(down_w, down_s, down_b, group_size, bits)
     y = (w[inds] @ h.astype(mx.float32)[..., None])[..., 0]  # (..., k, D)
     out = (y * scores[..., None]).sum(axis=-2)
     return out if shared is None else out + shared.astype(mx.float32)
@@ -75,23 +81,18 @@ _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
 def launch(
-    backend, h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size, bits
+    backend, h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None
 ) -> Launch | str:
-    if (why := layout_reason(bits, group_size)) is not None:
-        return why
-    if h.dtype not in _DTYPES or down_s.dtype not in _DTYPES:
-        return f"h {h.dtype}, scales {down_s.dtype}"
-    if down_b is None:
-        return "affine quantization without biases"
-    if h.ndim < 2:
-        return f"h of rank {h.ndim}"
+    if h.dtype not in _DTYPES or h.ndim < 2:
+        return f"h {h.dtype} of rank {h.ndim}"
     k, i = h.shape[-2:]
     lead = h.shape[:-2]
-    if down_w.ndim != 3 or down_w.shape[-1] * (32 // bits) != i or i % group_size:
-        return f"weights {down_w.shape} for expert inputs of width {i}"
+    if (why := weights_reason(down_w, down_s, down_b, cols=i, group_size=group_size, bits=bits,
+                              dtype=h.dtype)) is not None:
+        return why
+    if down_w.ndim != 3:
+        return f"weights {down_w.shape}"
     d = down_w.shape[1]
-    if down_s.shape != down_w.shape[:2] + (i // group_size,):
-        return f"scales {down_s.shape} for groups of {group_size}"
     if inds.shape != lead + (k,) or inds.dtype != mx.uint32:
         return f"indices {inds.shape} {inds.dtype} for h {h.shape}"
     if scores.shape != lead + (k,) or scores.dtype != mx.float32:
@@ -99,14 +100,16 @@ def launch(
     if shared is not None and (shared.shape != lead + (d,) or shared.dtype != h.dtype):
         return "shared expert output does not match"
     n = math.prod(lead)
-    if (why := qmv_reason(backend, n * k, h.dtype, down_s, down_b)) is not None:
+    if (why := regime_reason(backend, n * k, h.dtype, down_s, down_b, down_w)) is not None:
         return why
     if n * d * 32 >= 2**31:
         return f"{n} tokens x {d} outputs is too large for one launch"
+    gs, nbits = packing(i, group_size, bits)
     return Launch(
-        inputs=[h, inds, scores, down_w, down_s, down_b, shared if shared is not None else h],
-        template=[("T", h.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", group_size),
-                  ("BITS", bits), ("HAS_SHARED", shared is not None),
+        inputs=[h, inds, scores, down_w, or_placeholder(down_s, down_w), or_placeholder(down_b, down_w),
+                or_placeholder(shared, h)],
+        template=[("T", h.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", gs),
+                  ("BITS", nbits), ("HAS_SHARED", shared is not None),
                   ("SEQUENTIAL", sequential_sum(backend, k, d))],
         grid=(n * d * 32, 1, 1),
         threadgroup=(256, 1, 1),

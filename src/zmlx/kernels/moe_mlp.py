@@ -25,25 +25,31 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import QDOT_HEADER, layout_reason, qmv_reason
+from zmlx.kernels._quant import (
+    QDOT_HEADER,
+    dequantized,
+    gathered,
+    or_placeholder,
+    packing,
+    regime_reason,
+    weights_reason,
+)
 
 
-def reference(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size: int, bits: int):
+def reference(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None):
     """mlx-lm's op sequence. x (..., D), inds (..., k) -> (..., k, I) in x's dtype."""
     from mlx_lm.models.activations import swiglu
 
     xe = mx.expand_dims(x, (-2, -3))  # as SwitchGLU does: (..., 1, 1, D)
-    qmm = dict(transpose=True, group_size=group_size, bits=bits)
-    up = mx.gather_qmm(xe, up_w, up_s, up_b, rhs_indices=inds, **qmm)
-    gate = mx.gather_qmm(xe, gate_w, gate_s, gate_b, rhs_indices=inds, **qmm)
+    up = gathered(xe, up_w, up_s, up_b, inds, group_size, bits)
+    gate = gathered(xe, gate_w, gate_s, gate_b, inds, group_size, bits)
     return swiglu(gate, up).squeeze(-2)
 
 
-def reference_f32(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size: int, bits: int):
+def reference_f32(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None):
     """The same in float32 throughout (no rounding to T in between): the accuracy bar."""
-    deq = dict(group_size=group_size, bits=bits)
-    g_all = mx.dequantize(gate_w, gate_s.astype(mx.float32), gate_b.astype(mx.float32), **deq)
-    u_all = mx.dequantize(up_w, up_s.astype(mx.float32), up_b.astype(mx.float32), **deq)
+    g_all = dequantized(gate_w, gate_s, gate_b, group_size, bits)
+    u_all = dequantized(up_w, up_s, up_b, group_size, bits)
     xf = x.astype(mx.float32)[..., None, :, None]  # (..., 1, D, 1)
     g = (g_all[inds] @ xf)[..., 0]  # (..., k, I)
     u = (u_all[inds] @ xf)[..., 0]
@@ -78,31 +84,31 @@ if (lane == 0) {
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
-def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size, bits) -> Launch | str:
-    if (why := layout_reason(bits, group_size)) is not None:
-        return why
-    if x.dtype not in _DTYPES or gate_s.dtype not in _DTYPES or up_s.dtype not in _DTYPES:
-        return f"x {x.dtype}, scales {gate_s.dtype}"
-    if gate_b is None or up_b is None:
-        return "affine quantization without biases"
+def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None,
+           bits=None) -> Launch | str:
+    if x.dtype not in _DTYPES:
+        return f"x {x.dtype}"
     d = x.shape[-1]
-    per_word = 32 // bits
-    if gate_w.ndim != 3 or gate_w.shape != up_w.shape or gate_w.shape[-1] * per_word != d:
-        return f"weights {gate_w.shape} / {up_w.shape} for x of width {d}"
-    if d % group_size or gate_s.shape != gate_w.shape[:2] + (d // group_size,):
-        return f"scales {gate_s.shape} for groups of {group_size}"
+    for w, s, b in ((gate_w, gate_s, gate_b), (up_w, up_s, up_b)):
+        if (why := weights_reason(w, s, b, cols=d, group_size=group_size, bits=bits, dtype=x.dtype)):
+            return why
+    if gate_w.ndim != 3 or gate_w.shape != up_w.shape or (gate_s is None) != (up_s is None):
+        return f"weights {gate_w.shape} / {up_w.shape}"
     if inds.shape[:-1] != x.shape[:-1] or inds.dtype != mx.uint32:
         return f"indices {inds.shape} {inds.dtype} for x {x.shape}"
     n = math.prod(x.shape[:-1])
     k = inds.shape[-1]
     i = gate_w.shape[1]
-    if (why := qmv_reason(backend, n * k, x.dtype, gate_s, gate_b, up_s, up_b)) is not None:
-        return why
+    for s, b, w in ((gate_s, gate_b, gate_w), (up_s, up_b, up_w)):
+        if (why := regime_reason(backend, n * k, x.dtype, s, b, w)) is not None:
+            return why
     if n * k * i * 32 >= 2**31:
         return f"{n} tokens x {k} experts x {i} rows is too large for one launch"
+    gs, nbits = packing(d, group_size, bits)
     return Launch(
-        inputs=[x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b],
-        template=[("T", x.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", group_size), ("BITS", bits),
+        inputs=[x, inds, gate_w, or_placeholder(gate_s, gate_w), or_placeholder(gate_b, gate_w),
+                up_w, or_placeholder(up_s, up_w), or_placeholder(up_b, up_w)],
+        template=[("T", x.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", gs), ("BITS", nbits),
                   ("DENSE", False)],
         grid=(n * k * i * 32, 1, 1),
         threadgroup=(256, 1, 1),
@@ -111,9 +117,12 @@ def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_
     )
 
 
-def quantized_experts(experts: int, rows: int, d: int, *, group_size: int, bits: int, dtype, seed: int):
-    """Random affine-quantized expert weights (weight, scales, biases) as mlx-lm stores them."""
+def quantized_experts(experts: int, rows: int, d: int, *, group_size, bits, dtype, seed: int):
+    """Random expert weights (weight, scales, biases) as mlx-lm stores them: affine-quantized,
+    or unquantized in `dtype` with no scales or biases when `bits` is None."""
     w = mx.random.normal((experts, rows, d), key=mx.random.key(seed)) * d**-0.5
+    if bits is None:
+        return w.astype(dtype), None, None
     q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
     return q, s.astype(dtype), b.astype(dtype)
 

@@ -25,27 +25,30 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import layout_reason, qmv_reason
+from zmlx.kernels._quant import dequantized, or_placeholder, packing, regime_reason, weights_reason
 from zmlx.kernels.moe_mlp import SHARED, quantized_experts
 
 
-def reference(x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size: int, bits: int):
-    """mlx-lm's op sequence. x (..., D), weights (I, D * bits / 32) -> (..., I) in x's dtype."""
+def dense(x, w, s, b, group_size, bits):
+    """mlx's (Quantized)Linear without bias: quantized_matmul, or x @ w.T unquantized (s None)."""
+    if s is None:
+        return x @ w.T
+    return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group_size, bits=bits)
+
+
+def reference(x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None):
+    """mlx-lm's op sequence. x (..., D), weights (I, D) or packed -> (..., I) in x's dtype."""
     from mlx_lm.models.activations import swiglu
 
-    qmm = dict(transpose=True, group_size=group_size, bits=bits)
-    gate = mx.quantized_matmul(x, gate_w, gate_s, gate_b, **qmm)
-    up = mx.quantized_matmul(x, up_w, up_s, up_b, **qmm)
-    return swiglu(gate, up)
+    gate = dense(x, gate_w, gate_s, gate_b, group_size, bits)
+    return swiglu(gate, dense(x, up_w, up_s, up_b, group_size, bits))
 
 
-def reference_f32(x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size: int, bits: int):
+def reference_f32(x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None):
     """The same in float32 throughout (no rounding to T in between): the accuracy bar."""
-    def dense(w, s, b):
-        return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
-
     xf = x.astype(mx.float32)
-    g, u = xf @ dense(gate_w, gate_s, gate_b).T, xf @ dense(up_w, up_s, up_b).T
+    g = xf @ dequantized(gate_w, gate_s, gate_b, group_size, bits).T
+    u = xf @ dequantized(up_w, up_s, up_b, group_size, bits).T
     return g * mx.sigmoid(g) * u
 
 
@@ -58,29 +61,31 @@ def _no_indices() -> mx.array:
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
-def launch(backend, x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size, bits) -> Launch | str:
-    if (why := layout_reason(bits, group_size)) is not None:
-        return why
-    if x.dtype not in _DTYPES or gate_s.dtype not in _DTYPES or up_s.dtype not in _DTYPES:
-        return f"x {x.dtype}, scales {gate_s.dtype}"
-    if gate_b is None or up_b is None:
-        return "affine quantization without biases"
+def launch(backend, x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None,
+           bits=None) -> Launch | str:
+    if x.dtype not in _DTYPES:
+        return f"x {x.dtype}"
     d = x.shape[-1]
-    if gate_w.ndim != 2 or gate_w.shape != up_w.shape or gate_w.shape[-1] * (32 // bits) != d:
-        return f"weights {gate_w.shape} / {up_w.shape} for x of width {d}"
+    for w, s, b in ((gate_w, gate_s, gate_b), (up_w, up_s, up_b)):
+        if (why := weights_reason(w, s, b, cols=d, group_size=group_size, bits=bits, dtype=x.dtype)):
+            return why
+    if gate_w.ndim != 2 or gate_w.shape != up_w.shape or (gate_s is None) != (up_s is None):
+        return f"weights {gate_w.shape} / {up_w.shape}"
     i = gate_w.shape[0]
-    if d % group_size or gate_s.shape != (i, d // group_size) or up_s.shape != gate_s.shape:
-        return f"scales {gate_s.shape} for groups of {group_size}"
     n = math.prod(x.shape[:-1])
     if n == 0:
         return "no tokens"
-    if (why := qmv_reason(backend, n, x.dtype, gate_s, gate_b, up_s, up_b, max_rows=2)) is not None:
-        return why
+    # a dense matmul leaves its matvec (qmv or gemv) from 2 rows
+    for s, b, w in ((gate_s, gate_b, gate_w), (up_s, up_b, up_w)):
+        if (why := regime_reason(backend, n, x.dtype, s, b, w, qmv_rows=2, gemv_rows=2)) is not None:
+            return why
     if n * i * 32 >= 2**31:
         return f"{n} tokens x {i} rows is too large for one launch"
+    gs, nbits = packing(d, group_size, bits)
     return Launch(
-        inputs=[x, _no_indices(), gate_w, gate_s, gate_b, up_w, up_s, up_b],
-        template=[("T", x.dtype), ("N", n), ("K", 1), ("I", i), ("D", d), ("GS", group_size), ("BITS", bits),
+        inputs=[x, _no_indices(), gate_w, or_placeholder(gate_s, gate_w), or_placeholder(gate_b, gate_w),
+                up_w, or_placeholder(up_s, up_w), or_placeholder(up_b, up_w)],
+        template=[("T", x.dtype), ("N", n), ("K", 1), ("I", i), ("D", d), ("GS", gs), ("BITS", nbits),
                   ("DENSE", True)],
         grid=(n * i * 32, 1, 1),
         threadgroup=(256, 1, 1),
@@ -89,10 +94,11 @@ def launch(backend, x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size, 
     )
 
 
-def quantized_linear(rows: int, d: int, *, group_size: int, bits: int, dtype, seed: int):
-    """Random affine-quantized dense weights (weight, scales, biases) as mlx-lm stores them."""
-    return tuple(a[0] for a in quantized_experts(1, rows, d, group_size=group_size, bits=bits,
-                                                 dtype=dtype, seed=seed))
+def quantized_linear(rows: int, d: int, *, group_size, bits, dtype, seed: int):
+    """Random dense weights (weight, scales, biases) as mlx stores them: affine-quantized, or
+    unquantized with no scales or biases when `bits` is None."""
+    experts = quantized_experts(1, rows, d, group_size=group_size, bits=bits, dtype=dtype, seed=seed)
+    return tuple(None if a is None else a[0] for a in experts)
 
 
 def example():

@@ -15,7 +15,7 @@ from functools import cache
 
 import mlx.core as mx
 
-from zmlx.kernels._quant import switch_linear_reason
+from zmlx.kernels._quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.patch.pattern import Pattern
@@ -44,11 +44,10 @@ def make(shared_overlap: bool = False):
         inds, scores = self.gate(x)
         shared = shared_expert(self, x, shared_overlap)
         sw = self.switch_mlp
-        if x.shape[-2] != 1:  # a prompt: stock experts, fused combine
-            return moe_combine(sw(x, inds), scores, shared)
-        d = sw.down_proj
-        return downproj_combine(_hidden(sw, x, inds), inds, scores, d["weight"], d["scales"], d["biases"],
-                                shared, group_size=d.group_size, bits=d.bits)
+        if x.shape[-2] != 1 or inds.size >= MLX_LM_SORT_ROWS:  # a prompt, or rows mlx-lm sorts:
+            return moe_combine(sw(x, inds), scores, shared)  # stock experts, fused combine
+        down, packing = weights_of(sw.down_proj)
+        return downproj_combine(_hidden(sw, x, inds), inds, scores, *down, shared, **packing)
 
     return __call__
 

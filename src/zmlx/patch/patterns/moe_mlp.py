@@ -1,9 +1,10 @@
 """moe_mlp: the routed experts' gate + up + SwiGLU in one launch at decode (close).
 
 Patches `SwitchGLU.__call__`: for a decode step (one token per sequence) the fused
-`moe_mlp` kernel replaces the two gathered quantized matmuls and the activation; the
-down projection stays mlx-lm's. Prompts take mlx-lm's own path (it sorts tokens by
-expert when there are many). Off by default until the ledger shows it correct and faster.
+`moe_mlp` kernel replaces the two gathered matmuls and the activation; the down
+projection stays mlx-lm's. Prompts, and decode steps of so many sequences that mlx-lm
+sorts the rows by expert (MLX_LM_SORT_ROWS), take mlx-lm's own path. Off by default
+until the ledger shows it faster.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from functools import cache
 import mlx.core as mx
 from mlx_lm.models.switch_layers import SwiGLU
 
-from zmlx.kernels._quant import switch_linear_reason
+from zmlx.kernels._quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
 from zmlx.kernels.moe_mlp import moe_mlp
 from zmlx.patch.pattern import Pattern
 
@@ -24,23 +25,22 @@ def check(switch, params) -> str | None:
     for name in ("gate_proj", "up_proj"):
         if (why := switch_linear_reason(name, getattr(switch, name))) is not None:
             return why
-    g, u = switch.gate_proj, switch.up_proj
-    if (g.bits, g.group_size) != (u.bits, u.group_size):
+    if weights_of(switch.gate_proj)[1] != weights_of(switch.up_proj)[1]:
         return "gate_proj and up_proj are quantized differently"
     return None
 
 
 def hidden(switch, x, indices):
     """The experts' SwiGLU activations (..., k, I) of one decode step, through the kernel."""
-    g, u = switch.gate_proj, switch.up_proj
-    return moe_mlp(x, indices, g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"],
-                   group_size=g.group_size, bits=g.bits)
+    gate, packing = weights_of(switch.gate_proj)
+    up, _ = weights_of(switch.up_proj)
+    return moe_mlp(x, indices, *gate, *up, **packing)
 
 
 @cache
 def make():
     def __call__(self, x, indices):
-        if x.shape[-2] != 1:  # a prompt: mlx-lm's own path
+        if x.shape[-2] != 1 or indices.size >= MLX_LM_SORT_ROWS:  # a prompt, or rows mlx-lm sorts
             return type(self).__zmlx_original__.__call__(self, x, indices)
         return self.down_proj(mx.expand_dims(hidden(self, x, indices), -2), indices).squeeze(-2)
 
@@ -49,7 +49,7 @@ def make():
 
 PATTERN = Pattern(
     name="moe_mlp",
-    summary="routed experts at decode: gate + up + SwiGLU in one launch (affine 4/8-bit)",
+    summary="routed experts at decode: gate + up + SwiGLU in one launch (affine 4/8-bit or unquantized)",
     fidelity="close",
     kernels=(moe_mlp,),
     check=check,

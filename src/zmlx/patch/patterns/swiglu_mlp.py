@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from zmlx.kernels._quant import linear_reason
+from zmlx.kernels._quant import linear_reason, weights_of
 from zmlx.kernels.swiglu_mlp import swiglu_mlp
 from zmlx.patch.pattern import Pattern
 
@@ -20,8 +20,7 @@ def check(mlp, params) -> str | None:
     for name in ("gate_proj", "up_proj"):
         if (why := linear_reason(name, getattr(mlp, name, None))) is not None:
             return why
-    g, u = mlp.gate_proj, mlp.up_proj
-    if (g.bits, g.group_size) != (u.bits, u.group_size):
+    if weights_of(mlp.gate_proj)[1] != weights_of(mlp.up_proj)[1]:
         return "gate_proj and up_proj are quantized differently"
     return None
 
@@ -31,10 +30,9 @@ def make():
     def __call__(self, x):
         if x.shape[-2] != 1:  # a prompt: mlx-lm's own path
             return type(self).__zmlx_original__.__call__(self, x)
-        g, u = self.gate_proj, self.up_proj
-        h = swiglu_mlp(x, g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"],
-                       group_size=g.group_size, bits=g.bits)
-        return self.down_proj(h)
+        gate, packing = weights_of(self.gate_proj)
+        up, _ = weights_of(self.up_proj)
+        return self.down_proj(swiglu_mlp(x, *gate, *up, **packing))
 
     return __call__
 
@@ -42,7 +40,7 @@ def make():
 PATTERN = Pattern(
     name="swiglu_mlp",
     summary=("dense MLPs at decode (shared expert, first layer): gate + up + SwiGLU in one launch"
-             " (affine 4/8-bit)"),
+             " (affine 4/8-bit or unquantized)"),
     fidelity="close",
     kernels=(swiglu_mlp,),
     check=check,
