@@ -84,16 +84,26 @@ if (lane == 0) {
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
-def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None,
-           bits=None) -> Launch | str:
+def gate_up_reason(x, gate: tuple, up: tuple, *, ndim: int, group_size, bits) -> str | None:
+    """Why x and the gate and up (weight, scales, biases) do not fit the shared body (moe_mlp:
+    stacked experts, ndim 3; swiglu_mlp: one matrix, ndim 2), or None."""
     if x.dtype not in _DTYPES:
         return f"x {x.dtype}"
-    d = x.shape[-1]
-    for w, s, b in ((gate_w, gate_s, gate_b), (up_w, up_s, up_b)):
-        if (why := weights_reason(w, s, b, cols=d, group_size=group_size, bits=bits, dtype=x.dtype)):
+    for w, s, b in (gate, up):
+        why = weights_reason(w, s, b, cols=x.shape[-1], group_size=group_size, bits=bits, dtype=x.dtype)
+        if why is not None:
             return why
-    if gate_w.ndim != 3 or gate_w.shape != up_w.shape or (gate_s is None) != (up_s is None):
-        return f"weights {gate_w.shape} / {up_w.shape}"
+    if gate[0].ndim != ndim or gate[0].shape != up[0].shape or (gate[1] is None) != (up[1] is None):
+        return f"weights {gate[0].shape} / {up[0].shape}"
+    return None
+
+
+def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None,
+           bits=None) -> Launch | str:
+    gate, up = (gate_w, gate_s, gate_b), (up_w, up_s, up_b)
+    if (why := gate_up_reason(x, gate, up, ndim=3, group_size=group_size, bits=bits)) is not None:
+        return why
+    d = x.shape[-1]
     if inds.shape[:-1] != x.shape[:-1] or inds.dtype != mx.uint32:
         return f"indices {inds.shape} {inds.dtype} for x {x.shape}"
     n = math.prod(x.shape[:-1])

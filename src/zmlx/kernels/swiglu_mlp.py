@@ -25,8 +25,8 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import dequantized, or_placeholder, packing, regime_reason, weights_reason
-from zmlx.kernels.moe_mlp import SHARED, quantized_experts
+from zmlx.kernels._quant import dequantized, or_placeholder, packing, regime_reason
+from zmlx.kernels.moe_mlp import SHARED, gate_up_reason, quantized_experts
 
 
 def dense(x, w, s, b, group_size, bits):
@@ -58,19 +58,12 @@ def _no_indices() -> mx.array:
     return mx.zeros((1,), mx.uint32)
 
 
-_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
-
-
 def launch(backend, x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None,
            bits=None) -> Launch | str:
-    if x.dtype not in _DTYPES:
-        return f"x {x.dtype}"
+    gate, up = (gate_w, gate_s, gate_b), (up_w, up_s, up_b)
+    if (why := gate_up_reason(x, gate, up, ndim=2, group_size=group_size, bits=bits)) is not None:
+        return why
     d = x.shape[-1]
-    for w, s, b in ((gate_w, gate_s, gate_b), (up_w, up_s, up_b)):
-        if (why := weights_reason(w, s, b, cols=d, group_size=group_size, bits=bits, dtype=x.dtype)):
-            return why
-    if gate_w.ndim != 2 or gate_w.shape != up_w.shape or (gate_s is None) != (up_s is None):
-        return f"weights {gate_w.shape} / {up_w.shape}"
     i = gate_w.shape[0]
     n = math.prod(x.shape[:-1])
     if n == 0:
