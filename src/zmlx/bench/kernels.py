@@ -75,31 +75,42 @@ def _glm_cases(tokens: int) -> list[Case]:
         Case("residual_norm", f"{shape}, 2048", stock_residual_norm,
              lambda: residual_norm(x, r, w, 1e-5)),
     ]
-    if tokens == 1:  # a decode kernel (prompts keep the stock path)
-        # the routed experts' gate + up at GLM-4.7-Flash's size (8 experts stored: a call reads
-        # only its 4 either way), affine 4-bit, group 64, bf16 scales
+    if tokens == 1:  # the decode kernels (prompts keep the stock path)
         xq = mx.random.normal((1, tokens, 2048), key=ks[0]).astype(mx.bfloat16)
         inds = (mx.arange(tokens * 4).reshape(1, tokens, 4) % 8).astype(mx.uint32)
-        gate_q = quantized_experts(8, 1536, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=1)
-        up_q = quantized_experts(8, 1536, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=2)
-        down_q = quantized_experts(8, 2048, 1536, group_size=64, bits=4, dtype=mx.bfloat16, seed=3)
         hq = mx.random.normal((1, tokens, 4, 1536), key=ks[1]).astype(mx.bfloat16)
-        mx.eval(xq, inds, gate_q, up_q, down_q, hq)
-        mlp_args = (xq, inds, *gate_q, *up_q)
-        down_args = (hq, inds, scores, *down_q, shared)
-        cases.append(Case("moe_mlp", f"{shape}, 4 x 2 x 1536 x 2048, 4-bit",
-                          lambda: moe_mlp_stock(*mlp_args, group_size=64, bits=4),
-                          lambda: moe_mlp(*mlp_args, group_size=64, bits=4)))
-        cases.append(Case("downproj_combine", f"{shape}, 4 x 2048 x 1536, 4-bit + shared",
-                          lambda: downproj_stock(*down_args, group_size=64, bits=4),
-                          lambda: downproj_combine(*down_args, group_size=64, bits=4)))
-        for rows, what in ((1536, "shared expert"), (10240, "dense layer")):
-            dense = (xq, *quantized_linear(rows, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=4),
-                     *quantized_linear(rows, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=5))
-            mx.eval(dense)
-            cases.append(Case("swiglu_mlp", f"{shape}, {what} 2 x {rows} x 2048, 4-bit",
-                              lambda a=dense: swiglu_stock(*a, group_size=64, bits=4),
-                              lambda a=dense: swiglu_mlp(*a, group_size=64, bits=4)))
+        # affine 4-bit (group 64, bf16 scales), and bf16 weights where MLX's gather_mm runs
+        # them (not on its CPU backend: float32 only there)
+        for bits in (4, None) if backend.current() != "cpu" else (4,):
+            cases += _expert_cases(shape, xq, inds, hq, scores, shared, bits)
+    return cases
+
+
+def _expert_cases(shape: str, x, inds, h, scores, shared, bits) -> list[Case]:
+    """The expert and dense-MLP kernels at GLM-4.7-Flash's size (8 experts stored: a call
+    reads only its 4 either way)."""
+    kw = dict(group_size=64 if bits else None, bits=bits)
+    what = f"{bits}-bit" if bits else "bf16"
+    gate = quantized_experts(8, 1536, 2048, dtype=mx.bfloat16, seed=1, **kw)
+    up = quantized_experts(8, 1536, 2048, dtype=mx.bfloat16, seed=2, **kw)
+    down = quantized_experts(8, 2048, 1536, dtype=mx.bfloat16, seed=3, **kw)
+    mx.eval(gate, up, down)
+    mlp_args = (x, inds, *gate, *up)
+    down_args = (h, inds, scores, *down, shared)
+    cases = [
+        Case("moe_mlp", f"{shape}, 4 x 2 x 1536 x 2048, {what}",
+             lambda: moe_mlp_stock(*mlp_args, **kw), lambda: moe_mlp(*mlp_args, **kw)),
+        Case("downproj_combine", f"{shape}, 4 x 2048 x 1536, {what} + shared",
+             lambda: downproj_stock(*down_args, **kw), lambda: downproj_combine(*down_args, **kw)),
+    ]
+    for rows, role in ((1536, "shared expert"), (10240, "dense layer")):
+        dense = (x, *quantized_linear(rows, 2048, dtype=mx.bfloat16, seed=4, **kw),
+                 *quantized_linear(rows, 2048, dtype=mx.bfloat16, seed=5, **kw))
+        mx.eval(dense)
+        cases.append(Case("swiglu_mlp", f"{shape}, {role} 2 x {rows} x 2048, {what}",
+                          lambda a=dense: swiglu_stock(*a, **kw), lambda a=dense: swiglu_mlp(*a, **kw)))
+    return cases
+
     return cases
 
 
