@@ -78,6 +78,21 @@ PRELUDE_SOURCE = {
 }
 
 
+def template_lines(template, type_names) -> list[str]:
+    """The lines MLX puts at the top of a kernel for its template arguments (`constexpr`
+    for ints and bools, `using` for dtypes, named through `type_names`), for the tools that
+    build the same source outside MLX (Metal emulation, CUDA compile check)."""
+    lines = []
+    for name, value in template:
+        if isinstance(value, bool):
+            lines.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {name} = {value};")
+        else:
+            lines.append(f"  using {name} = {type_names[value]};")
+    return lines
+
+
 @functools.lru_cache(maxsize=256)
 def float_bits(value: float) -> int:
     """The float32 nearest `value` as the int with its bits (a template argument)."""

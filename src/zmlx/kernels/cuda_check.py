@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef, Launch
+from zmlx.kernels._core import KernelDef, Launch, template_lines
 
 ARCH = "sm_90a"  # the H100, as MLX's JIT targets it
 _ROOT = Path(__file__).resolve().parents[3]  # the project root (a source checkout)
@@ -72,14 +72,7 @@ def source_for(kernel: KernelDef, spec: Launch) -> str:
     name = f"custom_kernel_zmlx_{kernel.name}"
     params = [f"    const {_CUDA_TYPE[a.dtype]}* {n}" for n, a in zip(kernel.input_names, spec.inputs)]
     params += [f"    {_CUDA_TYPE[d]}* {n}" for n, d in zip(kernel.output_names, spec.output_dtypes)]
-    consts = []
-    for n, v in spec.template:
-        if isinstance(v, bool):
-            consts.append(f"  constexpr bool {n} = {'true' if v else 'false'};")
-        elif isinstance(v, int):
-            consts.append(f"  constexpr int {n} = {v};")
-        else:
-            consts.append(f"  using {n} = {_CUDA_TYPE[v]};")
+    consts = template_lines(spec.template, _CUDA_TYPE)
     return (
         '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
         + header

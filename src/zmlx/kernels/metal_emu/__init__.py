@@ -22,6 +22,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from zmlx.kernels._core import template_lines
+
 HERE = Path(__file__).resolve().parent
 
 _CTYPES = {
@@ -107,14 +109,7 @@ def _translation_unit(kernel, spec) -> str:
             f'  {{ FILE* f = std::fopen(argv[{n_in + j + 1}], "wb"); '
             f"std::fwrite(out{j}.data(), 1, out{j}.size(), f); std::fclose(f); }}"
         )
-    consts = []
-    for name, value in spec.template:
-        if isinstance(value, bool):
-            consts.append(f"  constexpr bool {name} = {'true' if value else 'false'};")
-        elif isinstance(value, int):
-            consts.append(f"  constexpr int {name} = {value};")
-        else:
-            consts.append(f"  using {name} = {_CTYPES[value]};")
+    consts = template_lines(spec.template, _CTYPES)
     attrs = "\n".join(f"#define {k} ({v})" for k, v in _ATTRS.items())
     gx, gy, gz = spec.grid
     tx, ty, tz = spec.threadgroup
