@@ -8,6 +8,7 @@ from typing import Literal
 import mlx.core as mx
 
 Backend = Literal["metal", "cuda", "cpu"]
+BACKENDS: tuple[Backend, ...] = ("metal", "cuda", "cpu")
 
 
 _GPU0, _CPU0 = mx.Device(mx.gpu), mx.Device(mx.cpu)

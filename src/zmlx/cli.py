@@ -29,9 +29,22 @@ def patterns_command():
     for col in ("pattern", "fuses", "fidelity", "flag", "default in"):
         t.add_column(col)
     for name, p in PATTERNS.items():
-        default = ", ".join(f for f, fam in FAMILIES.items() if name in fam.preset) or "-"
-        t.add_row(name, p.summary, p.fidelity, flag_name(name), default)
+        default = ", ".join(_preset_cell(f, fam, name) for f, fam in FAMILIES.items()
+                            if name in fam.preset or any(name in p for p in fam.presets_on.values())) or "-"
+        exact_on = [b for b in ("cuda", "metal") if all(k.fidelity_on(b) == "exact" for k in p.kernels)]
+        fidelity = p.fidelity
+        if fidelity != "exact" and exact_on:
+            fidelity += f" (exact on {', '.join(exact_on)})"
+        t.add_row(name, p.summary, fidelity, flag_name(name), default)
     ui.console().print(t)
+
+
+def _preset_cell(family: str, fam, name: str) -> str:
+    """'glm4_moe_lite' when in the preset everywhere, else 'glm4_moe_lite (cuda)'."""
+    from zmlx.backend import BACKENDS
+
+    on = [b for b in BACKENDS if name in fam.preset_on(b)]
+    return family if len(on) == len(BACKENDS) else f"{family} ({', '.join(on)})"
 
 
 def main():

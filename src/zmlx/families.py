@@ -25,9 +25,16 @@ class Family:
     module: str
     targets: Mapping[str, Target]  # pattern name -> target
     preset: tuple[str, ...]  # applied by patch(model) with no selection
+    # backend -> the preset there instead, where the ledger shows more exact and faster
+    # on that backend than on the others (a `close` kernel can be bitwise on one backend)
+    presets_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def target_class(self, pattern: str) -> type:
         return getattr(importlib.import_module(self.module), self.targets[pattern].cls)
+
+    def preset_on(self, backend: str) -> tuple[str, ...]:
+        """The default preset on `backend` ('cuda', 'metal', 'cpu')."""
+        return self.presets_on.get(backend, self.preset)
 
 
 FAMILIES: dict[str, Family] = {
@@ -47,6 +54,16 @@ FAMILIES: dict[str, Family] = {
         # residual_norm is exact but measured slower on the H100 (ledger, 2026-11-24:
         # 0.875x at 200 tokens, 0.922x at 1024): opt in with ZMLX_RESIDUAL_NORM=1.
         preset=("moe_router", "moe_combine"),
+        presets_on={
+            # The expert kernels are bitwise stock on CUDA (close on Metal, where no run has
+            # shown identical tokens yet). Ledger, H100, 2026-11-25 (commit 2116e8c):
+            # router + moe_mlp + downproj_combine 1.196x at 200 tokens (5 runs), 1.035x at
+            # 1024 (the preset alone 0.994x there), GPU 9.14 -> 7.34 ms/token, identical
+            # tokens. downproj_combine takes over moe_combine's method (prompts still run
+            # the combine kernel), so moe_combine is not listed. swiglu_mlp lost (1.114x
+            # with it vs 1.196x without) and stays opt-in.
+            "cuda": ("moe_router", "moe_mlp", "downproj_combine"),
+        },
     ),
 }
 

@@ -11,6 +11,17 @@ from zmlx import backend, synth
 from zmlx.config import ConfigError, PatchConfig
 
 
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+    """Selection and lifecycle, not kernels: the same answers on every machine (on a GPU
+    the default preset and each pattern's path differ; tests/patch/test_exactness.py and
+    the kernel tests cover those)."""
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(before)
+
+
 def _snapshot(model):
     """Every module's identity, class and attribute names; every parameter's identity."""
     mods = {p: (id(m), type(m), sorted(vars(m)), sorted(m.keys())) for p, m in model.named_modules()}
@@ -106,10 +117,30 @@ def test_explicit_selection_and_exclude(model):
                                    "swiglu_mlp": "not in the requested patterns"}
     result = zmlx.patch(model, exclude=["moe_router"])
     assert list(result.patterns) == ["moe_combine"]
-    assert result.not_selected == {"moe_router": "excluded", "downproj_combine": "not in the default preset",
-                                   "residual_norm": "not in the default preset",
-                                   "moe_mlp": "not in the default preset",
-                                   "swiglu_mlp": "not in the default preset"}
+    assert result.not_selected == {"moe_router": "excluded",
+                                   "downproj_combine": "not in the default preset on cpu",
+                                   "residual_norm": "not in the default preset on cpu",
+                                   "moe_mlp": "not in the default preset on cpu",
+                                   "swiglu_mlp": "not in the default preset on cpu"}
+
+
+def test_the_default_preset_is_chosen_per_backend():
+    from zmlx.families import FAMILIES
+    from zmlx.patch import select_patterns
+
+    fam = FAMILIES["glm4_moe_lite"]
+    for b in ("cpu", "metal"):
+        chosen, why_not = select_patterns("glm4_moe_lite", None, None, PatchConfig(), b)
+        assert chosen == ["moe_router", "moe_combine"]
+        assert why_not["moe_mlp"] == f"not in the default preset on {b}"
+    chosen, why_not = select_patterns("glm4_moe_lite", None, None, PatchConfig(), "cuda")
+    assert set(chosen) == set(fam.preset_on("cuda")) == {"moe_router", "moe_mlp", "downproj_combine"}
+    assert why_not["moe_combine"] == "not in the default preset on cuda"
+    # flags still add and remove on top of the backend's preset
+    cfg = PatchConfig.from_env({"ZMLX_MOE_MLP": "0", "ZMLX_SWIGLU_MLP": "1"})
+    chosen, why_not = select_patterns("glm4_moe_lite", None, None, cfg, "cuda")
+    assert set(chosen) == {"moe_router", "downproj_combine", "swiglu_mlp"}
+    assert why_not["moe_mlp"] == "ZMLX_MOE_MLP=0"
 
 
 def test_environment_flags_go_through_patch_config(model):

@@ -115,6 +115,7 @@ def run(
     """Measure MODEL stock vs patched and append one line per pattern set to the ledger."""
     from rich.progress import Progress
 
+    from zmlx.backend import current as current_backend
     from zmlx.bench.harness import CONTROL, Variant, measure
     from zmlx.models import ModelLoadError, load
     from zmlx.patch.core import check_names, select_patterns
@@ -139,7 +140,7 @@ def run(
         family, quant = describe_without_loading(model)
         for names in sets:
             requested = [] if names == ("none",) else select_patterns(
-                family, names, None, PatchConfig.from_env())[0]
+                family, names, None, PatchConfig.from_env(), current_backend())[0]
             entry = _base_entry(model, requested, notes, params)
             entry.update({"family": family, "quantization": quant, "fidelity": "SKIP(RAM)"})
             entry["skip_reason"] = f"needs ~{need / 1e9:.1f} GB, {where} is {budget / 1e9:.1f} GB"
@@ -157,7 +158,8 @@ def run(
                 if names == ("none",):
                     variants.append(Variant(f"control_repeat_{i}", note="stock vs stock: the noise floor"))
                 else:
-                    applied, _ = select_patterns(source.family, names, None, PatchConfig.from_env())
+                    applied, _ = select_patterns(source.family, names, None, PatchConfig.from_env(),
+                                                 current_backend())
                     variants.append(Variant(f"patched_{i}", tuple(applied)))
             progress.update(task, description="measuring", completed=0,
                             total=(len(variants) + 1) * (runs + 1))

@@ -117,13 +117,15 @@ def select_patterns(
     patterns: Sequence[str] | None,
     exclude: Sequence[str] | None,
     config: PatchConfig,
+    backend: str = "cpu",
 ) -> tuple[list[str], dict[str, str]]:
-    """The patterns to apply, in registry order, and why each other known one is not."""
+    """The patterns to apply on `backend`, in registry order, and why each other known one
+    is not."""
     for names, what in ((patterns, "patterns"), (exclude, "exclude"),
                         (config.patterns, "ZMLX_PATTERNS"), (config.exclude, "ZMLX_EXCLUDE")):
         check_names(names or (), what)
     fam = FAMILIES.get(family)
-    preset = fam.preset if fam else ()
+    preset = fam.preset_on(backend) if fam else ()
     explicit = patterns if patterns is not None else config.patterns
     why_not: dict[str, str] = {}
     if explicit is not None:
@@ -137,7 +139,7 @@ def select_patterns(
                 chosen.add(name)
             elif flag is False and name in preset:
                 why_not[name] = f"{flag_name(name)}=0"
-        why = "not in the default preset"
+        why = "not in the default preset" + (f" on {backend}" if fam and fam.presets_on else "")
     for name in (*(exclude or ()), *config.exclude):
         if name in chosen:
             chosen.discard(name)
@@ -205,9 +207,10 @@ def patch(
         raise TypeError(f"zmlx.patch expects an mlx-lm model (mlx.nn.Module), got {type(model).__name__}")
     config = config if config is not None else PatchConfig.from_env()
     family = family_of(model)
-    selected, not_selected = select_patterns(family, patterns, exclude, config)
+    backend = _backend.current()
+    selected, not_selected = select_patterns(family, patterns, exclude, config, backend)
     unpatch(model)
-    result = PatchResult(family=family, backend=_backend.current(), not_selected=not_selected)
+    result = PatchResult(family=family, backend=backend, not_selected=not_selected)
 
     fam = FAMILIES.get(family)
     if fam is None:
