@@ -10,6 +10,7 @@ import pytest
 
 from zmlx.kernels import cuda_check
 from zmlx.kernels.downproj_combine import downproj_combine
+from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
 from zmlx.kernels.moe_router import moe_router
@@ -36,9 +37,12 @@ def _quantized_cases():  # and unquantized (bits None)
 
 
 def _cases():
-    for k in (moe_router, moe_combine, residual_norm, moe_mlp, downproj_combine, swiglu_mlp):
+    for k in (moe_router, moe_combine, residual_norm, moe_mlp, downproj_combine, swiglu_mlp, glm47_rope):
         args, kw = k.example()
         yield k, args, kw
+    for dtype in (mx.float16, mx.float32):
+        (q, kv, t, pos), kw = glm47_rope.example()
+        yield glm47_rope, (q.astype(dtype), kv.astype(dtype), t, pos), kw
     yield moe_combine, (mx.zeros((2, 4, 123), mx.float16), mx.zeros((2, 4)), None), {}  # tree order
     yield from _quantized_cases()
 

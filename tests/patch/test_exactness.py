@@ -5,7 +5,11 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import zmlx
-from zmlx import synth
+from zmlx import backend, synth
+from zmlx.families import FAMILIES
+
+# patterns that patch one module per MoE layer (all layers but the first, dense one)
+_PER_MOE_LAYER = {"moe_router", "moe_combine", "moe_mlp", "downproj_combine"}
 
 
 def _forward_steps(model, prompt, steps, use_cache):
@@ -32,15 +36,20 @@ def _forward_steps(model, prompt, steps, use_cache):
 @pytest.mark.parametrize("which", ["tiny_f32", "tiny_q4"])
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("patterns", [None, ("moe_router", "moe_combine", "residual_norm")])
+@pytest.mark.parametrize("patterns", [None, ("moe_router", "moe_combine", "residual_norm"),
+                                      ("moe_router", "moe_mlp", "downproj_combine", "glm47_rope")])
 def test_patched_model_is_bitwise_stock(request, which, use_cache, batch, patterns):
     model, _ = request.getfixturevalue(which)
     prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
     stock = _forward_steps(model, prompt, 4, use_cache)
     result = zmlx.patch(model, patterns=patterns)
     try:
-        # router + combine in each MoE layer (all but the first), and the model loop
-        assert result.patched_modules == 2 * (model.args.num_hidden_layers - 1) + (patterns is not None)
+        # one module per MoE layer (all but the first) for each MoE pattern, the model loop
+        # for residual_norm, every layer's attention for glm47_rope
+        chosen = set(patterns or FAMILIES["glm4_moe_lite"].preset_on(backend.current()))
+        layers = model.args.num_hidden_layers
+        assert result.patched_modules == ((layers - 1) * len(chosen & _PER_MOE_LAYER)
+                                          + ("residual_norm" in chosen) + layers * ("glm47_rope" in chosen))
         patched = _forward_steps(model, prompt, 4, use_cache)
     finally:
         zmlx.unpatch(model)
@@ -74,7 +83,8 @@ def test_exactness_check_can_fail(tiny_q4, monkeypatch):
 
 @pytest.mark.parametrize("patterns", [["moe_router"], ["moe_combine"], ["residual_norm"], ["moe_mlp"],
                                       ["downproj_combine"], ["downproj_combine", "moe_mlp"], ["swiglu_mlp"],
-                                      ["moe_router", "moe_mlp", "downproj_combine", "swiglu_mlp"]])
+                                      ["moe_router", "moe_mlp", "downproj_combine", "swiglu_mlp"],
+                                      ["glm47_rope"]])
 def test_each_pattern_alone_is_bitwise_stock(tiny_q4, patterns):
     """On the CPU every pattern runs its reference: this checks each replacement's plumbing
     (decode and prompt paths) against stock, bitwise."""

@@ -2,10 +2,18 @@
 where two patterns replace the same method: the earlier one wins (downproj_combine
 before moe_combine)."""
 
-from zmlx.patch.patterns import downproj_combine, moe_combine, moe_mlp, moe_router, residual_norm, swiglu_mlp
+from zmlx.patch.patterns import (
+    downproj_combine,
+    glm47_rope,
+    moe_combine,
+    moe_mlp,
+    moe_router,
+    residual_norm,
+    swiglu_mlp,
+)
 
 PATTERNS = {
     p.name: p
     for p in (moe_router.PATTERN, downproj_combine.PATTERN, moe_combine.PATTERN, residual_norm.PATTERN,
-              moe_mlp.PATTERN, swiglu_mlp.PATTERN)
+              moe_mlp.PATTERN, swiglu_mlp.PATTERN, glm47_rope.PATTERN)
 }

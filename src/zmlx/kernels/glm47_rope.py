@@ -1,0 +1,173 @@
+"""glm47_rope: MLA's decode RoPE of q_pe and k_pe (and q_pe's attention scale) in one launch.
+
+Stock, per attention layer and decoded token (mlx-lm `Glm4MoeLiteAttention`):
+
+    q_pe = rope(q[..., nope:])           # mx.fast.rope, traditional, a strided slice of q
+    k_pe = rope(kv[..., rank:])          # mx.fast.rope of the kv projection's tail
+    pe_scores = (q_pe * scale) @ k_pe^T  # the multiply is a third launch
+
+Here one launch reads q and kv where the projections wrote them (no copies) and writes
+q_pe * scale and k_pe, bitwise what those three launches give:
+- cos and sin come from a table made by `mx.fast.rope` itself: the rotation of the pair
+  (1, 0) by theta is (cos theta, sin theta) exactly (1 * cos - 0 * sin), so the table
+  holds the very values the stock kernel computes on this backend (CUDA's exp2f/cosf/sinf,
+  Metal's fast::cos/sin). It is float32, (positions, dims) interleaved like a
+  traditional-RoPE row, shared by all layers, and grown in powers of two as positions
+  advance (`rope_table`), never `max_position_embeddings` rows up front.
+- the rotation in float32 as MLX's rope kernel is compiled: on CUDA `fmaf(x1, c, -(x2 *
+  s))` and `fmaf(x1, s, x2 * c)` with the products rounded (nvcc contracts MLX's
+  `x1 * c - x2 * s`); on Metal the expression as MLX's Metal kernel writes it. Then the
+  rounding to T, and the scale multiply in T (`float(T(rx)) * T(scale)`, one rounding:
+  the product of two values of T is exact in float32).
+One thread per rotated pair: B * (H + 1) rows (H query heads and the one key head) of
+RD / 2 pairs. The position is an int32 input (no recompile per token).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from zmlx import backend as _backend
+from zmlx.kernels._core import KernelDef, Launch, float_bits
+
+_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+_NAN_BITS = 0x7FC00000
+
+
+def reference(q, kv, table, offset, *, heads, rope_dims, base, rope_scale, scale):
+    """q (B, 1, heads * (nope + rope_dims)) and kv (B, 1, rank + rope_dims), the query and
+    kv projections' outputs at decode; offset: the cache position (int).
+
+    -> (q_pe * scale (B, heads, 1, rope_dims), k_pe (B, 1, 1, rope_dims)), as mlx-lm
+    computes them (reshape, transpose, split, `nn.RoPE` = `mx.fast.rope`, multiply).
+    `table` is the kernel's (see `rope_table`); the reference does not need it."""
+    b, n, _ = q.shape
+    q = q.reshape(b, n, heads, -1).transpose(0, 2, 1, 3)
+    _, q_pe = mx.split(q, [q.shape[-1] - rope_dims], axis=-1)
+    _, k_pe = mx.split(kv, [kv.shape[-1] - rope_dims], axis=-1)
+    k_pe = k_pe.reshape(b, n, 1, rope_dims).transpose(0, 2, 1, 3)
+    q_pe = mx.fast.rope(q_pe, rope_dims, traditional=True, base=base, scale=rope_scale, offset=offset)
+    k_pe = mx.fast.rope(k_pe, rope_dims, traditional=True, base=base, scale=rope_scale, offset=offset)
+    return q_pe * scale, k_pe
+
+
+_TABLES: dict[tuple, mx.array] = {}
+MIN_TABLE_ROWS = 256
+
+
+def rope_table(rope_dims: int, base: float, rope_scale: float, positions: int) -> mx.array:
+    """float32 (N, rope_dims) with N >= positions a power of two (at least 256): row p holds
+    (cos, sin) of each pair at position p, as `mx.fast.rope(traditional=True)` computes them
+    on the current backend. Cached per backend and RoPE parameters; a longer context makes
+    the next power of two (the old table is dropped)."""
+    key = (_backend.current(), rope_dims, float(base), float(rope_scale))
+    table = _TABLES.get(key)
+    if table is not None and table.shape[0] >= positions:
+        return table
+    n = max(MIN_TABLE_ROWS, 1 << max(positions - 1, 0).bit_length())
+    ones = mx.broadcast_to(mx.array([1.0, 0.0], mx.float32), (1, 1, n, rope_dims // 2, 2))
+    table = mx.fast.rope(ones.reshape(1, 1, n, rope_dims), rope_dims, traditional=True,
+                         base=base, scale=rope_scale, offset=0).reshape(n, rope_dims)
+    _TABLES[key] = table
+    return table
+
+
+HEADER = """
+#ifdef ZMLX_CUDA
+#define ZMLX_ROPE_X1(x1, x2, c, s) fmaf((x1), (c), -__fmul_rn((x2), (s)))
+#define ZMLX_ROPE_X2(x1, x2, c, s) fmaf((x1), (s), __fmul_rn((x2), (c)))
+#else
+#define ZMLX_ROPE_X1(x1, x2, c, s) ((x1) * (c) - (x2) * (s))
+#define ZMLX_ROPE_X2(x1, x2, c, s) ((x1) * (s) + (x2) * (c))
+#endif
+"""
+
+BODY = """
+const uint row = zmlx_tid / (RD / 2);
+const uint i = zmlx_tid % (RD / 2);
+if (row < NROWS) {
+    const uint b = row / (H + 1);
+    const uint h = row % (H + 1);
+    const int p = pos[0];
+    const bool in_table = p >= 0 && p < NPOS;
+    const float c = in_table ? table[size_t(p) * RD + 2 * i] : ZMLX_FLOAT_BITS(NAN_BITS);
+    const float s = in_table ? table[size_t(p) * RD + 2 * i + 1] : ZMLX_FLOAT_BITS(NAN_BITS);
+    if (h < H) {
+        const size_t src = (size_t(b) * H + h) * QW + NOPE + 2 * i;
+        const float x1 = static_cast<float>(q[src]);
+        const float x2 = static_cast<float>(q[src + 1]);
+        const float sc = ZMLX_FLOAT_BITS(SCALE_BITS);
+        const size_t dst = (size_t(b) * H + h) * RD + 2 * i;
+        const T r1 = static_cast<T>(ZMLX_ROPE_X1(x1, x2, c, s));
+        const T r2 = static_cast<T>(ZMLX_ROPE_X2(x1, x2, c, s));
+        q_pe[dst] = static_cast<T>(ZMLX_MUL(static_cast<float>(r1), sc));
+        q_pe[dst + 1] = static_cast<T>(ZMLX_MUL(static_cast<float>(r2), sc));
+    } else {
+        const size_t src = size_t(b) * KVW + RANK + 2 * i;
+        const float x1 = static_cast<float>(kv[src]);
+        const float x2 = static_cast<float>(kv[src + 1]);
+        k_pe[size_t(b) * RD + 2 * i] = static_cast<T>(ZMLX_ROPE_X1(x1, x2, c, s));
+        k_pe[size_t(b) * RD + 2 * i + 1] = static_cast<T>(ZMLX_ROPE_X2(x1, x2, c, s));
+    }
+}
+"""
+
+_SCALES: dict[tuple, int] = {}
+
+
+def _scale_bits(scale: float, dtype) -> int:
+    """The bits of float(T(scale)): mlx-lm's `q_pe * scale` rounds the Python float to q_pe's
+    dtype first (a weakly typed scalar)."""
+    key = (scale, dtype)
+    if key not in _SCALES:
+        _SCALES[key] = float_bits(mx.array(scale, dtype=dtype).astype(mx.float32).item())
+    return _SCALES[key]
+
+
+def launch(backend, q, kv, table, offset, *, heads, rope_dims, base, rope_scale, scale) -> Launch | str:
+    if q.dtype not in _DTYPES or kv.dtype != q.dtype:
+        return f"q {q.dtype}, kv {kv.dtype} (one float dtype needed)"
+    if q.ndim != 3 or kv.ndim != 3 or q.shape[1] != 1 or kv.shape[:2] != q.shape[:2]:
+        return f"q {q.shape}, kv {kv.shape}: one token per sequence (decode) only"
+    if not isinstance(offset, int) or offset < 0:
+        return f"offset {offset!r}: one int position for the batch needed"
+    if rope_dims % 2 or q.shape[-1] % heads or q.shape[-1] // heads < rope_dims or kv.shape[-1] < rope_dims:
+        return f"rope_dims {rope_dims} does not fit q {q.shape} with {heads} heads and kv {kv.shape}"
+    if (table.dtype != mx.float32 or table.ndim != 2 or table.shape[1] != rope_dims
+            or table.shape[0] <= offset):
+        return f"table {table.shape} {table.dtype} does not cover position {offset}"
+    b = q.shape[0]
+    qw = q.shape[-1] // heads
+    nrows = b * (heads + 1)
+    n = nrows * (rope_dims // 2)
+    return Launch(
+        inputs=[q, kv, table, mx.array(offset, dtype=mx.int32)],
+        template=[("T", q.dtype), ("H", heads), ("QW", qw), ("NOPE", qw - rope_dims), ("KVW", kv.shape[-1]),
+                  ("RANK", kv.shape[-1] - rope_dims), ("RD", rope_dims), ("NROWS", nrows),
+                  ("NPOS", table.shape[0]), ("SCALE_BITS", _scale_bits(scale, q.dtype)),
+                  ("NAN_BITS", _NAN_BITS)],
+        grid=(n, 1, 1),
+        threadgroup=(min(256, n), 1, 1),
+        output_shapes=[(b, heads, 1, rope_dims), (b, 1, 1, rope_dims)],
+        output_dtypes=[q.dtype, q.dtype],
+    )
+
+
+def example():
+    # GLM-4.7-Flash's rope (64 dims, base 1e6) with fewer heads and a shorter nope/rank
+    kw = dict(heads=5, rope_dims=64, base=1_000_000.0, rope_scale=1.0, scale=(16 + 64) ** -0.5)
+    q = mx.random.normal((1, 1, 5 * (16 + 64)), key=mx.random.key(41)).astype(mx.bfloat16)
+    kv = mx.random.normal((1, 1, 48 + 64), key=mx.random.key(42)).astype(mx.bfloat16)
+    return (q, kv, rope_table(64, kw["base"], kw["rope_scale"], 300), 257), kw
+
+
+glm47_rope = KernelDef(
+    name="glm47_rope",
+    reference=reference,
+    body=BODY,
+    header=HEADER,
+    input_names=("q", "kv", "table", "pos"),
+    output_names=("q_pe", "k_pe"),
+    launch=launch,
+    example=example,
+)

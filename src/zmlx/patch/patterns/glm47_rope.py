@@ -1,0 +1,86 @@
+"""glm47_rope: MLA attention's decode RoPE (q_pe and k_pe) and q_pe's scale in one launch.
+
+Patches the MLA attention class (on glm4_moe_lite: `Glm4MoeLiteAttention`). A decode step
+(one token per sequence, one int cache offset) runs mlx-lm's method with the two
+`self.rope` calls and the `q_pe * self.scale` multiply replaced by one `glm47_rope` launch
+(3 launches -> 1 per layer); everything else is mlx-lm's code, in its order. Prompts and
+batched caches with per-sequence offsets take mlx-lm's own method. Exact: the kernel's
+cos/sin table is made by `mx.fast.rope` itself.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from zmlx.kernels.glm47_rope import glm47_rope, rope_table
+from zmlx.patch.pattern import Pattern
+
+
+def check(attn, params) -> str | None:
+    rope = getattr(attn, "rope", None)
+    if type(rope) is not nn.RoPE:
+        return f"rope is {type(rope).__name__}, not plain nn.RoPE (rope_scaling is not fused)"
+    if not rope.traditional:
+        return "rope is not traditional (interleaved pairs)"
+    if rope.base is None:
+        return "rope has no base (custom frequencies)"
+    if rope.dims != attn.qk_rope_head_dim:
+        return f"rope dims {rope.dims} != qk_rope_head_dim {attn.qk_rope_head_dim}"
+    if not all(hasattr(attn, a) for a in ("embed_q", "unembed_out", "kv_a_proj_with_mqa", "kv_a_layernorm")):
+        return "not a latent-space (MLA) attention"
+    return None
+
+
+@cache
+def make():
+    def __call__(self, x, mask=None, cache=None):
+        B, L, _ = x.shape
+        offset = cache.offset if cache is not None else 0
+        if L != 1 or not isinstance(offset, int):  # a prompt, or per-sequence offsets
+            return type(self).__zmlx_original__.__call__(self, x, mask, cache)
+        # mlx-lm's Glm4MoeLiteAttention.__call__ at L == 1, the rope and scale fused
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        compressed_kv = self.kv_a_proj_with_mqa(x)
+        rope = self.rope
+        q_pe, k_pe = glm47_rope(
+            q, compressed_kv, rope_table(rope.dims, rope.base, rope.scale, offset + 1), offset,
+            heads=self.num_heads, rope_dims=rope.dims, base=rope.base, rope_scale=rope.scale,
+            scale=self.scale,
+        )  # q_pe is already q_pe * self.scale
+        q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
+        q_nope, _ = mx.split(q, [self.qk_nope_head_dim], axis=-1)
+        compressed_kv, _ = mx.split(compressed_kv, [self.kv_lora_rank], axis=-1)
+        kv_latent = self.kv_a_layernorm(compressed_kv)
+        kv_latent = mx.expand_dims(kv_latent, axis=1)
+        if cache is not None:
+            kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
+        pe_scores = q_pe @ k_pe.swapaxes(-1, -2)
+        if mask is not None:
+            pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
+        q_nope = self.embed_q(q_nope)
+        output = scaled_dot_product_attention(
+            q_nope, kv_latent, kv_latent, cache=cache, scale=self.scale, mask=pe_scores
+        )
+        output = self.unembed_out(output)
+        output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(output)
+
+    return __call__
+
+
+PATTERN = Pattern(
+    name="glm47_rope",
+    summary="MLA attention at decode: RoPE of q_pe and k_pe and q_pe's scale in one launch",
+    fidelity="exact",
+    kernels=(glm47_rope,),
+    check=check,
+    make=make,
+    paths=("decode",),
+)
