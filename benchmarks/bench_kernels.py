@@ -26,6 +26,8 @@ def main(
     iters: Annotated[int, typer.Option(help="calls per timed block")] = 200,
     repeats: Annotated[int, typer.Option(help="timed blocks per side (median taken)")] = 7,
     capsule_dir: Annotated[Path, typer.Option(help="where the capsule is written")] = Path("repro_capsules"),
+    only: Annotated[list[str] | None, typer.Option(help="only these kernels' cases (repeatable)")] = None,
+    overhead: Annotated[bool, typer.Option(help="also the custom-call overhead diagnostic (CUDA)")] = True,
 ):
     from rich.console import Console
     from rich.progress import Progress
@@ -36,17 +38,22 @@ def main(
     err = Console(stderr=True)
     with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("kernels", total=None)
-        rows = kernels.run(iters=iters, repeats=repeats,
-                           progress=lambda what: progress.update(task, description=what))
+        try:
+            rows = kernels.run(iters=iters, repeats=repeats, only=only,
+                               progress=lambda what: progress.update(task, description=what))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(2) from None
     cap = capsule.build(
         name="kernel_microbench",
         model={"name": "kernels-glm47-flash-shapes", "kind": "kernels", "family": "glm4_moe_lite",
                "quantization": None},
-        params={"iters": iters, "repeats": repeats, "backend": backend.current()},
+        params={"iters": iters, "repeats": repeats, "backend": backend.current(), "only": only},
         variants=[],
     )
     cap["kernels"] = rows
-    cap["custom_call_overhead"] = kernels.overhead(iters=iters, repeats=repeats)  # [] off CUDA
+    # [] off CUDA or when not asked for
+    cap["custom_call_overhead"] = kernels.overhead(iters=iters, repeats=repeats) if overhead else []
     path = capsule.write(cap, capsule_dir)
     console = ui.console()
     console.print(kernels.table(rows, f"{path.name} on {cap['device']['name']}"))

@@ -8,7 +8,8 @@
 #   STEP=noise        matrix run, stock vs stock (the noise floor)
 #   STEP=preset       matrix run, the family's default preset vs stock
 #   STEP=ledger       matrix run, each pattern alone and the preset, vs one shared control
-#                     (one ledger line each; PATTERN_SETS overrides the sets, ';'-separated)
+#                     (one ledger line each; PATTERN_SETS overrides the sets, ';'-separated;
+#                     PROMPT=4096 decodes after a 4096-token prompt)
 #   STEP=kernels      the `cuda` kernel tests (KERNEL_TESTS: which files), then the per-kernel
 #                     micro-benchmark
 #   STEP=all          experiments, noise and preset in turn
@@ -20,6 +21,7 @@ tokens=${2:-200}
 runs=${RUNS:-3}
 out=${OUT:-gpu-results}
 model=${MODEL:-synth:glm4_moe_lite/flash/affine4}
+prompt=${PROMPT:-32}  # prompt tokens (the context decode starts from)
 variants=${VARIANTS:-control control_repeat moe_router moe_combine residual_norm exact_three}
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo unknown)
 mkdir -p "$out"
@@ -46,13 +48,18 @@ ledger() {
   IFS=';' read -ra parts <<< "$sets"
   for s in "${parts[@]}"; do args+=(--patterns "$s"); done
   python3 -m zmlx.matrix run "$model" "${args[@]}" --runs "$runs" --max-tokens "$tokens" \
+    --prompt-tokens "$prompt" \
     --ledger "$out/matrix.jsonl" --notes "each pattern alone and the preset, $device" 2>&1 | tee -a "$log"
 }
 kernels() {
   # KERNEL_TESTS narrows the tests (e.g. "tests/kernels/test_moe_mlp.py tests/kernels/test_swiglu_mlp.py")
   # shellcheck disable=SC2086
   python3 -m pytest -q -p no:cacheprovider -m cuda ${KERNEL_TESTS:-tests/kernels} 2>&1 | tail -25 | tee -a "$log"
-  python3 benchmarks/bench_kernels.py --capsule-dir "$out" 2>&1 | tee -a "$log"
+  # ONLY="glm47_rope mla_attention" narrows the micro-benchmark (and skips the overhead diagnostic)
+  local only=()
+  for k in ${ONLY:-}; do only+=(--only "$k"); done
+  [ ${#only[@]} -gt 0 ] && only+=(--no-overhead)
+  python3 benchmarks/bench_kernels.py --capsule-dir "$out" "${only[@]}" 2>&1 | tee -a "$log"
 }
 case "$step" in
   experiments) experiments ;;

@@ -52,6 +52,7 @@ FAMILIES: dict[str, Family] = {
             "swiglu_mlp": Target("Glm4MoeLiteMLP"),  # shared experts and the dense first layer
             # exact; opt-in until the ledger shows it faster
             "glm47_rope": Target("Glm4MoeLiteAttention"),
+            "mla_attention": Target("Glm4MoeLiteAttention"),  # close: opt-in
         },
         # residual_norm is exact but measured slower on the H100 (ledger, 2026-11-24:
         # 0.875x at 200 tokens, 0.922x at 1024): opt in with ZMLX_RESIDUAL_NORM=1.

@@ -42,8 +42,12 @@ def test_kernel_microbench_writes_a_capsule_the_report_reads(tmp_path):
     (path,) = tmp_path.glob("*.json")
     rows = json.loads(path.read_text())["kernels"]
     assert {r["kernel"] for r in rows} >= {"moe_router", "moe_combine", "residual_norm", "moe_mlp",
-                                          "downproj_combine", "swiglu_mlp"}
-    assert all(r["bitwise"] and r["wall_us"] > 0 for r in rows)
+                                          "downproj_combine", "swiglu_mlp", "glm47_rope",
+                                          "mla_attention (close)"}
+    assert all(r["wall_us"] > 0 for r in rows)
+    # on the CPU every exact kernel is its reference = stock; a close one is a float32 computation
+    assert all(r["bitwise"] for r in rows if "(close)" not in r["kernel"])
+    assert not any(r["bitwise"] for r in rows if "(close)" in r["kernel"])
     p = subprocess.run([sys.executable, "-m", "zmlx.bench.report", str(path)], capture_output=True, text=True)
     assert p.returncode == 0 and "residual_norm" in p.stdout
 

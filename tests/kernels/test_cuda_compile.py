@@ -11,6 +11,7 @@ import pytest
 from zmlx.kernels import cuda_check
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.glm47_rope import glm47_rope
+from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
 from zmlx.kernels.moe_router import moe_router
@@ -37,7 +38,8 @@ def _quantized_cases():  # and unquantized (bits None)
 
 
 def _cases():
-    for k in (moe_router, moe_combine, residual_norm, moe_mlp, downproj_combine, swiglu_mlp, glm47_rope):
+    for k in (moe_router, moe_combine, residual_norm, moe_mlp, downproj_combine, swiglu_mlp, glm47_rope,
+              mla_embed_q, mla_decode, mla_unembed):
         args, kw = k.example()
         yield k, args, kw
     for dtype in (mx.float16, mx.float32):
@@ -45,6 +47,21 @@ def _cases():
         yield glm47_rope, (q.astype(dtype), kv.astype(dtype), t, pos), kw
     yield moe_combine, (mx.zeros((2, 4, 123), mx.float16), mx.zeros((2, 4)), None), {}  # tree order
     yield from _quantized_cases()
+    yield from _mla_cases()
+
+
+def _mla_cases():  # GLM-4.7-Flash's attention: 20 heads, nope 192, rope 64, latent 512, v 256
+    for dtype, bits in ((mx.bfloat16, 8), (mx.float16, 4), (mx.float32, None)):
+        kw = dict(group_size=64 if bits else None, bits=bits)
+        q = mx.zeros((1, 1, 20 * 256), dtype)
+        yield mla_embed_q, (q, *quantized_experts(20, 512, 192, dtype=dtype, seed=1, **kw)), dict(
+            heads=20, head_dim=256, nope=192, **kw)
+        lat, kpe = mx.zeros((1, 1, 512, 512), dtype), mx.zeros((1, 1, 512, 64), dtype)
+        yield mla_decode, (mx.zeros((1, 20, 512)), mx.zeros((1, 20, 1, 64), dtype), lat, kpe, 300), dict(
+            scale=0.0625)
+        o, m = mx.zeros((1, 5, 20, 512)), mx.zeros((1, 5, 20))
+        yield mla_unembed, (o, m, m, *quantized_experts(20, 256, 512, dtype=dtype, seed=2, **kw)), dict(
+            dtype=dtype, **kw)
 
 
 CASES = list(_cases())

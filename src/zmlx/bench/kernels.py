@@ -26,6 +26,9 @@ import mlx.core as mx
 from zmlx import backend
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.downproj_combine import reference as downproj_stock
+from zmlx.kernels.glm47_rope import glm47_rope, rope_table
+from zmlx.kernels.glm47_rope import reference as rope_stock
+from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
 from zmlx.kernels.moe_mlp import reference as moe_mlp_stock
@@ -83,6 +86,50 @@ def _glm_cases(tokens: int) -> list[Case]:
         # them (not on its CPU backend: float32 only there)
         for bits in (4, None) if backend.current() != "cpu" else (4,):
             cases += _expert_cases(shape, xq, inds, hq, scores, shared, bits)
+        cases += _attention_cases(shape)
+    return cases
+
+
+def _attention_cases(shape: str, contexts: tuple[int, ...] = (4096, 32768)) -> list[Case]:
+    """GLM-4.7-Flash's MLA attention at decode (20 heads, nope 192, rope 64, latent 512, v 256,
+    affine 4-bit embed_q / unembed_out): the rope, and the attention core after the
+    projections over a cache of `context` positions (stock: mlx-lm's ops; no cache update)."""
+    heads, nope, rd, r, v = 20, 192, 64, 512, 256
+    scale = (nope + rd) ** -0.5
+    ks = mx.random.split(mx.random.key(7), 6)
+    q = mx.random.normal((1, 1, heads * (nope + rd)), key=ks[0]).astype(mx.bfloat16)
+    ckv = mx.random.normal((1, 1, r + rd), key=ks[1]).astype(mx.bfloat16)
+    kw = dict(group_size=64, bits=4)
+    embed = quantized_experts(heads, r, nope, dtype=mx.bfloat16, seed=8, **kw)
+    unembed = quantized_experts(heads, v, r, dtype=mx.bfloat16, seed=9, **kw)
+    rope = dict(heads=heads, rope_dims=rd, base=1_000_000.0, rope_scale=1.0, scale=scale)
+    mx.eval(q, ckv, embed, unembed)
+    cases = []
+    pos = 4095
+    table = rope_table(rd, 1_000_000.0, 1.0, pos + 1)
+    mx.eval(table)
+    cases.append(Case("glm47_rope", f"{shape}, 20 heads + k_pe, position {pos}",
+                      lambda: rope_stock(q, ckv, table, pos, **rope),
+                      lambda: glm47_rope(q, ckv, table, pos, **rope)))
+    for context in contexts:
+        lat = mx.random.normal((1, 1, context, r), key=ks[2]).astype(mx.bfloat16)
+        kpe = mx.random.normal((1, 1, context, rd), key=ks[3]).astype(mx.bfloat16)
+        q_pe = (mx.random.normal((1, heads, 1, rd), key=ks[4]) * 0.1).astype(mx.bfloat16)
+        mx.eval(lat, kpe, q_pe)
+
+        def stock(lat=lat, kpe=kpe, q_pe=q_pe):
+            q_nope = q.reshape(1, 1, heads, nope + rd).transpose(0, 2, 1, 3)[..., :nope]
+            pe_scores = q_pe @ kpe.swapaxes(-1, -2)
+            q_abs = mx.quantized_matmul(q_nope, *embed, transpose=True, **kw)
+            out = mx.fast.scaled_dot_product_attention(q_abs, lat, lat, scale=scale, mask=pe_scores)
+            return mx.quantized_matmul(out, *unembed, transpose=True, **kw)
+
+        def fused(lat=lat, kpe=kpe, q_pe=q_pe, context=context):
+            qv = mla_embed_q(q, *embed, heads=heads, head_dim=nope + rd, nope=nope, **kw)
+            o, m, lsum = mla_decode(qv, q_pe, lat, kpe, context, scale=scale)
+            return mla_unembed(o, m, lsum, *unembed, dtype=mx.bfloat16, **kw)
+
+        cases.append(Case("mla_attention (close)", f"{shape}, context {context}, 4-bit", stock, fused))
     return cases
 
 
@@ -149,10 +196,16 @@ def _equal(a, b) -> bool:
 
 
 def run(iters: int = 200, repeats: int = 7, tokens: tuple[int, ...] = (1, 32),
-        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+        progress: Callable[[str], None] | None = None, only: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per (case, side). Wall time first for every case; the profiler (which
-    slows every later launch once attached) only after all wall-time blocks."""
+    slows every later launch once attached) only after all wall-time blocks. `only`: the
+    cases of these kernels (names as in the table, without a "(close)" suffix)."""
     cases = [c for t in tokens for c in _glm_cases(t)]
+    if only:
+        known = {c.kernel.split(" (")[0] for c in cases}
+        if unknown := sorted(set(only) - known):
+            raise ValueError(f"unknown kernel(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        cases = [c for c in cases if c.kernel.split(" (")[0] in only]
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for case in cases:
         for side, fn in (("stock", case.stock), ("fused", case.fused)):

@@ -123,6 +123,9 @@ class KernelDef:
     # backends on which a "close" kernel is bitwise the reference all the same (its arithmetic
     # follows stock's kernels there): the self-check then demands bitwise equality
     exact_on: tuple[str, ...] = ()
+    # the reference is stock's own op sequence (so the reference path, e.g. on the CPU, is
+    # exact); False for a kernel whose reference is a float32 computation of another shape
+    reference_is_stock: bool = True
     body: str | None = None
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
@@ -138,8 +141,11 @@ class KernelDef:
         return PRELUDE_HEADER[backend] + self.header, PRELUDE_SOURCE[backend] + self.body
 
     def fidelity_on(self, backend: str) -> str:
-        """"exact" or "close" on this backend (the reference path is exact by definition)."""
-        return "exact" if backend == "cpu" or backend in self.exact_on else self.fidelity
+        """"exact" or "close" on this backend (the reference path is exact when the reference
+        is stock's op sequence)."""
+        if backend == "cpu":
+            return "exact" if self.reference_is_stock else self.fidelity
+        return "exact" if backend in self.exact_on else self.fidelity
 
     def plan(self, backend: str | None = None) -> Plan:
         backend = backend or _backend.current()

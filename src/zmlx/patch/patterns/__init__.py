@@ -1,10 +1,11 @@
 """The registry: every pattern zmlx knows, by name (one small file each). Order matters
 where two patterns replace the same method: the earlier one wins (downproj_combine
-before moe_combine)."""
+before moe_combine, mla_attention before glm47_rope)."""
 
 from zmlx.patch.patterns import (
     downproj_combine,
     glm47_rope,
+    mla_attention,
     moe_combine,
     moe_mlp,
     moe_router,
@@ -15,5 +16,5 @@ from zmlx.patch.patterns import (
 PATTERNS = {
     p.name: p
     for p in (moe_router.PATTERN, downproj_combine.PATTERN, moe_combine.PATTERN, residual_norm.PATTERN,
-              moe_mlp.PATTERN, swiglu_mlp.PATTERN, glm47_rope.PATTERN)
+              moe_mlp.PATTERN, swiglu_mlp.PATTERN, mla_attention.PATTERN, glm47_rope.PATTERN)
 }

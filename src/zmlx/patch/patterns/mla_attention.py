@@ -1,0 +1,82 @@
+"""mla_attention: MLA's decode attention (rope, absorbed q, latent attention, unembed) in
+four launches (close).
+
+Patches the MLA attention class (on glm4_moe_lite: `Glm4MoeLiteAttention`; registered
+before `glm47_rope`, which patches the same method, so it wins when both are chosen). A
+decode step with mlx-lm's plain `KVCache` and no mask runs: the projections (mlx-lm's),
+`glm47_rope` (q_pe * scale and k_pe), the cache update (mlx-lm's own cache object, so
+prompts, generate and prompt caches keep working), then `mla_embed_q`, `mla_decode` and
+`mla_unembed` over the cache's buffers, then `o_proj`. Prompts, other cache types and
+masked steps run mlx-lm's own method. Close, not exact: stock rounds to bf16 at every
+step and runs cuBLASLt GEMMs whose order is not ours to follow.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from zmlx.kernels._quant import weights_of
+from zmlx.kernels.glm47_rope import glm47_rope, rope_table
+from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
+from zmlx.patch.pattern import Pattern
+from zmlx.patch.patterns import glm47_rope as rope_pattern
+
+
+def check(attn, params) -> str | None:
+    if (why := rope_pattern.check(attn, params)) is not None:
+        return why
+    for name in ("embed_q", "unembed_out"):
+        proj = getattr(attn, name)
+        if getattr(proj, "mode", "affine") != "affine":
+            return f"{name} is {proj.mode}-quantized (affine or unquantized needed)"
+        if proj.get("scales") is not None and proj.get("biases") is None:
+            return f"{name} has no biases"
+    return None
+
+
+@cache
+def make():
+    def __call__(self, x, mask=None, cache=None):
+        B, L, _ = x.shape
+        if L != 1 or mask is not None or type(cache) is not KVCache:
+            return type(self).__zmlx_original__.__call__(self, x, mask, cache)
+        offset = cache.offset
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        compressed_kv = self.kv_a_proj_with_mqa(x)
+        rope = self.rope
+        q_pe, k_pe = glm47_rope(
+            q, compressed_kv, rope_table(rope.dims, rope.base, rope.scale, offset + 1), offset,
+            heads=self.num_heads, rope_dims=rope.dims, base=rope.base, rope_scale=rope.scale,
+            scale=self.scale,
+        )
+        compressed_kv, _ = mx.split(compressed_kv, [self.kv_lora_rank], axis=-1)
+        kv_latent = mx.expand_dims(self.kv_a_layernorm(compressed_kv), axis=1)
+        cache.update_and_fetch(kv_latent, k_pe)  # the buffers are read below, up to offset + 1
+        embed, embed_packing = weights_of(self.embed_q)
+        qv = mla_embed_q(q, *embed, heads=self.num_heads, head_dim=self.q_head_dim,
+                         nope=self.qk_nope_head_dim, **embed_packing)
+        o, m, lsum = mla_decode(qv, q_pe, cache.keys, cache.values, cache.offset, scale=self.scale)
+        unembed, unembed_packing = weights_of(self.unembed_out)
+        output = mla_unembed(o, m, lsum, *unembed, dtype=x.dtype, **unembed_packing)
+        output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(output)
+
+    return __call__
+
+
+PATTERN = Pattern(
+    name="mla_attention",
+    summary=("MLA attention at decode: rope, absorbed q (embed_q), attention over the latent cache"
+             " (flash-decoding) and unembed_out in four launches"),
+    fidelity="close",
+    kernels=(glm47_rope, mla_embed_q, mla_decode, mla_unembed),
+    check=check,
+    make=make,
+    paths=("decode",),
+)
