@@ -28,6 +28,7 @@ def main(
     capsule_dir: Annotated[Path, typer.Option(help="where the capsule is written")] = Path("repro_capsules"),
     only: Annotated[list[str] | None, typer.Option(help="only these kernels' cases (repeatable)")] = None,
     overhead: Annotated[bool, typer.Option(help="also the custom-call overhead diagnostic (CUDA)")] = True,
+    breakdown: Annotated[bool, typer.Option(help="print each case's kernels by GPU time (CUDA)")] = False,
 ):
     from rich.console import Console
     from rich.progress import Progress
@@ -52,13 +53,22 @@ def main(
         variants=[],
     )
     cap["kernels"] = rows
+    cap["kernel_fallbacks"] = kernels.fallbacks()  # a failed self-check: its "fused" side ran the reference
     # [] off CUDA or when not asked for
     cap["custom_call_overhead"] = kernels.overhead(iters=iters, repeats=repeats) if overhead else []
     path = capsule.write(cap, capsule_dir)
     console = ui.console()
     console.print(kernels.table(rows, f"{path.name} on {cap['device']['name']}"))
+    for name, reason in cap["kernel_fallbacks"].items():
+        console.print(f"[bold red]fallback:[/] {name} ran its reference: {reason}")
     if cap["custom_call_overhead"]:
         console.print(kernels.overhead_table(cap["custom_call_overhead"], "custom-call overhead (per call)"))
+    if breakdown and backend.current() == "cuda":
+        for case in kernels.cases(only=only):
+            for side, fn in (("stock", case.stock), ("fused", case.fused)):
+                print(f"-- {case.kernel} | {case.shape} | {side}")
+                for name, n, us in kernels.breakdown(fn):
+                    print(f"   {us:8.2f} µs  x{n:4.1f}  {name}")
     print(f"capsule: {path}")
 
 

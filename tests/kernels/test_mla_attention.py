@@ -44,12 +44,18 @@ def _attention_f32(q, q_pe, lat, kpe, embed, unembed, scale, *, heads, nope, len
     we = dequantized(*embed, **packing)
     wu = dequantized(*unembed, **packing)
     qn = q.reshape(b, heads, -1)[..., :nope].astype(mx.float32)
-    qv = (we[None] @ qn[..., None]).squeeze(-1)  # (B, H, R)
+    qv = _dot(we[None], qn[:, :, None, :])  # (B, H, R)
     lt = lat[:, 0, :length].astype(mx.float32)
     kp = kpe[:, 0, :length].astype(mx.float32)
-    s = scale * (qv @ lt.swapaxes(-1, -2)) + q_pe[:, :, 0].astype(mx.float32) @ kp.swapaxes(-1, -2)
-    x = mx.softmax(s, axis=-1, precise=True) @ lt
-    return (wu[None] @ x[..., None]).squeeze(-1)[:, :, None, :].astype(dtype)
+    qp = q_pe[:, :, 0, None].astype(mx.float32)
+    s = scale * _dot(qv[:, :, None, :], lt[:, None]) + _dot(qp, kp[:, None])
+    p = mx.softmax(s, axis=-1, precise=True)  # (B, H, S)
+    x = _dot(p[..., None, :], lt[:, None].swapaxes(-1, -2))  # (B, H, R)
+    return _dot(wu[None], x[:, :, None, :])[:, :, None, :].astype(dtype)
+
+
+def _dot(a, b):  # float32 products without matmul (CUDA runs float32 matmuls as TF32)
+    return (a * b).sum(axis=-1)
 
 
 def _chain(fns, q, q_pe, lat, kpe, embed, unembed, scale, *, heads, nope, length, dtype, packing):

@@ -189,10 +189,54 @@ def _profile(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
     return sum(e.time_range.elapsed_us() for e in kernels) / iters, len(kernels) / iters
 
 
+def fallbacks() -> dict[str, str]:
+    """Kernels whose self-check failed on this backend (they ran their reference): name -> why."""
+    from zmlx.patch import PATTERNS
+
+    here = backend.current()
+    kernels = {k.name: k for p in PATTERNS.values() for k in p.kernels}
+    return {name: k._status[here] for name, k in kernels.items() if k._status.get(here)}
+
+
+def breakdown(fn: Callable[[], Any], iters: int = 20) -> list[tuple[str, float, float]]:
+    """(kernel name, launches per call, GPU µs per call) of what one call runs, longest
+    first (CUDA + PyTorch only): where a case's time goes."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from zmlx.bench.harness import cuda_kernels
+
+    mx.eval(fn())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prof = profile(activities=[ProfilerActivity.CUDA])
+    with prof:
+        for _ in range(iters):
+            mx.eval(fn())
+    per: dict[str, list[float]] = defaultdict(list)
+    for e in cuda_kernels(prof):
+        per[e.name[:90]].append(e.time_range.elapsed_us())
+    rows = [(name, len(ts) / iters, sum(ts) / iters) for name, ts in per.items()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def _equal(a, b) -> bool:
     a = a if isinstance(a, tuple) else (a,)
     b = b if isinstance(b, tuple) else (b,)
     return len(a) == len(b) and all(mx.array_equal(x, y).item() for x, y in zip(a, b))
+
+
+def cases(tokens: tuple[int, ...] = (1, 32), only: list[str] | None = None) -> list[Case]:
+    """The benchmark's cases; `only`: those of these kernels (names as in the table, without
+    a "(close)" suffix); ValueError for unknown names."""
+    found = [c for t in tokens for c in _glm_cases(t)]
+    if only:
+        known = {c.kernel.split(" (")[0] for c in found}
+        if unknown := sorted(set(only) - known):
+            raise ValueError(f"unknown kernel(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        found = [c for c in found if c.kernel.split(" (")[0] in only]
+    return found
 
 
 def run(iters: int = 200, repeats: int = 7, tokens: tuple[int, ...] = (1, 32),
@@ -200,14 +244,9 @@ def run(iters: int = 200, repeats: int = 7, tokens: tuple[int, ...] = (1, 32),
     """One row per (case, side). Wall time first for every case; the profiler (which
     slows every later launch once attached) only after all wall-time blocks. `only`: the
     cases of these kernels (names as in the table, without a "(close)" suffix)."""
-    cases = [c for t in tokens for c in _glm_cases(t)]
-    if only:
-        known = {c.kernel.split(" (")[0] for c in cases}
-        if unknown := sorted(set(only) - known):
-            raise ValueError(f"unknown kernel(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        cases = [c for c in cases if c.kernel.split(" (")[0] in only]
+    todo = cases(tokens, only)
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for case in cases:
+    for case in todo:
         for side, fn in (("stock", case.stock), ("fused", case.fused)):
             mx.eval(fn())  # build / compile outside the timing
         walls: dict[str, list[float]] = {"stock": [], "fused": []}
@@ -231,7 +270,7 @@ def run(iters: int = 200, repeats: int = 7, tokens: tuple[int, ...] = (1, 32),
             import torch.profiler  # noqa: F401
         except ImportError:
             return list(rows.values())
-        for case in cases:
+        for case in todo:
             for side, fn in (("stock", case.stock), ("fused", case.fused)):
                 blocks = [_profile(fn, iters) for _ in range(repeats)]
                 row = rows[(case.kernel, case.shape, side)]

@@ -44,10 +44,12 @@ _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 HEADER = """
 #ifdef ZMLX_CUDA
 #define ZMLX_FN __device__ inline
+#define ZMLX_UNROLL _Pragma("unroll")
 #define ZMLX_EXP(v) expf(v)
 #define ZMLX_FMAX(a, b) fmaxf((a), (b))
 #else
 #define ZMLX_FN inline
+#define ZMLX_UNROLL
 #define ZMLX_EXP(v) metal::exp(v)
 #define ZMLX_FMAX(a, b) metal::max((a), (b))
 #endif
@@ -74,6 +76,13 @@ ZMLX_FN float zmlx_mla_w(const ZMLX_DEVICE W* w, const ZMLX_DEVICE S* s, const Z
 """
 
 
+def _dot(a, b):
+    """sum(a * b) over the last axis, in float32, broadcasting the rest: the references'
+    products without matmul (MLX's CUDA matmul runs float32 as TF32 by default, too coarse
+    for a float32 reference)."""
+    return (a * b).sum(axis=-1)
+
+
 # ---------------------------------------------------------------- 1. embed_q
 
 
@@ -83,7 +92,7 @@ def embed_q_reference(q, w, s, b, *, heads, head_dim, nope, group_size, bits):
     float32."""
     wf = dequantized(w, s, b, group_size, bits)  # (heads, R, nope) float32
     qn = q.reshape(q.shape[0], heads, head_dim)[..., :nope].astype(mx.float32)
-    return (wf[None] @ qn[..., None]).squeeze(-1)
+    return _dot(wf[None], qn[:, :, None, :])
 
 
 EMBED_Q_BODY = """
@@ -168,14 +177,16 @@ def decode_reference(qv, q_pe, lat, kpe, length, *, scale):
     c = math.ceil(length / CHUNK)
     lat = lat[:, 0, :length].astype(mx.float32)  # (B, S, R)
     kpe = kpe[:, 0, :length].astype(mx.float32)
-    scores = scale * (qv @ lat.swapaxes(-1, -2)) + q_pe[:, :, 0].astype(mx.float32) @ kpe.swapaxes(-1, -2)
+    scores = (scale * _dot(qv[:, :, None, :], lat[:, None])
+              + _dot(q_pe[:, :, 0, None].astype(mx.float32), kpe[:, None]))  # (B, H, S)
     pad = c * CHUNK - length
     scores = mx.pad(scores, [(0, 0), (0, 0), (0, pad)], constant_values=-mx.inf)  # (B, H, C*CH)
     scores = scores.reshape(bsz, heads, c, CHUNK).transpose(0, 2, 1, 3)  # (B, C, H, CH)
     m = scores.max(axis=-1)
     e = mx.exp(scores - m[..., None])
     lat = mx.pad(lat, [(0, 0), (0, pad), (0, 0)]).reshape(bsz, c, CHUNK, r)
-    return e @ lat, m, e.sum(axis=-1)
+    o = _dot(e[..., None, :], lat[:, :, None].swapaxes(-1, -2))  # (B, C, H, R)
+    return o, m, e.sum(axis=-1)
 
 
 DECODE_BODY = """
@@ -195,12 +206,15 @@ ZMLX_SHARED float sc[H * CH];
 for (uint i0 = zmlx_warp * PW; i0 < n; i0 += (NT / 32) * PW) {
     float lv[PW][R / 32];
     float kv[PW][RD / 32];
+    ZMLX_UNROLL
     for (uint u = 0; u < PW; ++u) {
         const bool in = i0 + u < n;
         const size_t p = p0 + i0 + u;
+        ZMLX_UNROLL
         for (uint t = 0; t < R / 32; ++t) {
             lv[u][t] = in ? static_cast<float>(lat[lat0 + p * R + zmlx_lane + 32 * t]) : 0.0f;
         }
+        ZMLX_UNROLL
         for (uint t = 0; t < RD / 32; ++t) {
             kv[u][t] = in ? static_cast<float>(kpe[kpe0 + p * RD + zmlx_lane + 32 * t]) : 0.0f;
         }
@@ -209,15 +223,21 @@ for (uint i0 = zmlx_warp * PW; i0 < n; i0 += (NT / 32) * PW) {
         const size_t qh = size_t(b) * H + h;
         float a[PW];
         float e[PW];
+        ZMLX_UNROLL
         for (uint u = 0; u < PW; ++u) a[u] = e[u] = 0.0f;
+        ZMLX_UNROLL
         for (uint t = 0; t < R / 32; ++t) {
             const float qq = qv[qh * R + zmlx_lane + 32 * t];
+            ZMLX_UNROLL
             for (uint u = 0; u < PW; ++u) a[u] += qq * lv[u][t];
         }
+        ZMLX_UNROLL
         for (uint t = 0; t < RD / 32; ++t) {
             const float pp = static_cast<float>(q_pe[qh * RD + zmlx_lane + 32 * t]);
+            ZMLX_UNROLL
             for (uint u = 0; u < PW; ++u) e[u] += pp * kv[u][t];
         }
+        ZMLX_UNROLL
         for (uint u = 0; u < PW; ++u) {
             float sv = scale * a[u] + e[u];  // this lane's share of the score
             ZMLX_WARP_SUM(sv);
@@ -247,11 +267,14 @@ ZMLX_BARRIER;
 // 3. the exp-weighted sum of the chunk's latent rows, every head at once
 for (uint d = zmlx_lid; d < R; d += NT) {
     float acc[H];
+    ZMLX_UNROLL
     for (uint h = 0; h < H; ++h) acc[h] = 0.0f;
     for (uint i = 0; i < n; ++i) {
         const float v = static_cast<float>(lat[lat0 + (p0 + i) * R + d]);
+        ZMLX_UNROLL
         for (uint h = 0; h < H; ++h) acc[h] += sc[h * CH + i] * v;
     }
+    ZMLX_UNROLL
     for (uint h = 0; h < H; ++h) o[((size_t(b) * NC + c) * H + h) * R + d] = acc[h];
 }
 """
@@ -317,7 +340,7 @@ def unembed_reference(o, m, lsum, w, s, b, *, dtype, group_size, bits):
     a = mx.exp(m - mmax)  # (B, C, H)
     x = (a[..., None] * o).sum(axis=1) / (a * lsum).sum(axis=1)[..., None]  # (B, H, R)
     wf = dequantized(w, s, b, group_size, bits)  # (H, V, R)
-    return (wf[None] @ x[..., None]).squeeze(-1)[:, :, None, :].astype(dtype)
+    return _dot(wf[None], x[:, :, None, :])[:, :, None, :].astype(dtype)
 
 
 UNEMBED_BODY = """
