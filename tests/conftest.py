@@ -14,8 +14,22 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_q4():
-    """Tiny GLM-4.7-Flash, affine 4-bit, bf16 activations (as users run it)."""
-    return synth.build("synth:glm4_moe_lite/tiny/affine4")
+    """Tiny GLM-4.7-Flash, affine 4-bit, bf16 activations (as users run it).
+
+    Skipped where stock MLX itself cannot run it: on the H100/H200 (mlx 0.32.4, CUDA) the
+    stock forward of this tiny config gives NaN at 16 tokens and different logits for the
+    same prompt run twice (benchmarks/gpu/diagnose_tiny.py), so stock-vs-patched
+    comparisons there would test MLX, not zmlx. The probe runs stock twice; once MLX runs
+    it reliably the tests run again."""
+    model, tok = synth.build("synth:glm4_moe_lite/tiny/affine4")
+    if backend.current() != "cpu":
+        probe = mx.arange(1, 17)[None]
+        a, b = model(probe), model(probe)
+        mx.eval(a, b)
+        if not (mx.isfinite(a).all().item() and mx.array_equal(a, b).item()):
+            pytest.skip(f"stock mlx on {backend.current()} gives non-finite or non-repeatable logits for "
+                        "the tiny affine4 model (see benchmarks/gpu/diagnose_tiny.py)")
+    return model, tok
 
 
 @pytest.fixture(scope="session")
