@@ -50,8 +50,7 @@ FAMILIES: dict[str, Family] = {
             "moe_mlp": Target("SwitchGLU"),
             "downproj_combine": Target("Glm4MoeLiteMoE"),
             "swiglu_mlp": Target("Glm4MoeLiteMLP"),  # shared experts and the dense first layer
-            # exact; opt-in until the ledger shows it faster
-            "glm47_rope": Target("Glm4MoeLiteAttention"),
+            "glm47_rope": Target("Glm4MoeLiteAttention"),  # exact; in the CUDA preset
             "mla_attention": Target("Glm4MoeLiteAttention"),  # close: opt-in
         },
         # residual_norm is exact but measured slower on the H100 (ledger, 2026-11-24:
@@ -64,8 +63,12 @@ FAMILIES: dict[str, Family] = {
             # 1024 (the preset alone 0.994x there), GPU 9.14 -> 7.34 ms/token, identical
             # tokens. downproj_combine takes over moe_combine's method (prompts still run
             # the combine kernel), so moe_combine is not listed. swiglu_mlp lost (1.114x
-            # with it vs 1.196x without) and stays opt-in.
-            "cuda": ("moe_router", "moe_mlp", "downproj_combine"),
+            # with it vs 1.196x without) and stays opt-in. glm47_rope (exact: its cuda
+            # tests are bitwise) replaces 3 launches per layer by 1: micro-benchmark (H200,
+            # alternated) 8.6 -> 2.9 µs GPU and 26.8 -> 19.5 µs in-graph per layer; ledger
+            # (H200, 2026-11-26) with it 1.19x at a 32-token and 1.21x at a 4096-token
+            # prompt, identical tokens, kernels 1624 -> 1530 per token.
+            "cuda": ("moe_router", "moe_mlp", "downproj_combine", "glm47_rope"),
         },
     ),
 }
