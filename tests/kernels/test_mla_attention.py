@@ -124,6 +124,21 @@ def test_metal_bodies_match_their_references(tmp_path_factory, dtype, packing, l
             assert close.item(), kernel.name
 
 
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+def test_unembed_combines_more_chunks_than_one_tile(tmp_path_factory):
+    """mla_unembed weighs chunks a tile of 256 at a time: 300 chunks (a 19,200-position
+    context) take two tiles, the second partial."""
+    ks = mx.random.split(mx.random.key(9), 3)
+    o = mx.random.normal((1, 300, 2, 64), key=ks[0])
+    m = mx.random.normal((1, 300, 2), key=ks[1]) * 4
+    lsum = 1 + mx.random.uniform(shape=(1, 300, 2), key=ks[2]) * 60
+    w, s, b = quantized_experts(2, 40, 64, dtype=mx.float32, seed=4, group_size=64, bits=4)
+    kw = dict(dtype=mx.float32, group_size=64, bits=4)
+    got = metal_emu.run(mla_unembed, o, m, lsum, w, s, b, **kw, workdir=tmp_path_factory.getbasetemp())
+    want = unembed_reference(o, m, lsum, w, s, b, **kw)
+    assert mx.allclose(got, want, rtol=1e-4, atol=1e-5).item()
+
+
 def test_patched_model_decodes_close_to_stock(tiny_q4):
     """On the CPU the pattern runs its float32 references: the prompt is stock's own path
     (bitwise), decode steps stay close to stock's logits and pick the same tokens here."""

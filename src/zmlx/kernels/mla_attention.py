@@ -17,9 +17,10 @@ scaled_dot_product_attention over the latent cache with pe_scores as an additive
    sum l, and the chunk's exp-weighted sum of latent rows o (each warp scores 4 positions
    at a time, so each head's qv is read once per 4 positions). The cache is mlx-lm's own
    buffer (keys = latent, values = k_pe), read up to the current length.
-3. `mla_unembed`: per (b, h, 64 output rows), the chunks combined (m, l, o -> the softmax
-   weighted latent, in threadgroup memory) and projected through W_out[h] to the head's
-   v_head_dim outputs, rounded to the activations' dtype.
+3. `mla_unembed`: per (b, h), the chunks combined once by the whole threadgroup (the
+   largest max and the denominator by reductions, then the weighted latent tile by tile
+   with the tile's chunk weights in threadgroup memory), then projected through W_out[h]
+   to the head's v_head_dim outputs, one warp per row, rounded to the activations' dtype.
 
 The current length and the cache's allocated length travel as an int32 input, so a
 kernel is built once per model shape, not per token. Fidelity `close`: each kernel is
@@ -37,7 +38,7 @@ from zmlx.kernels._core import KernelDef, Launch, float_bits
 from zmlx.kernels._quant import dequantized, or_placeholder, packing, weights_reason
 
 CHUNK = 64  # positions per mla_decode threadgroup
-ROWS = 64  # output rows per threadgroup in mla_embed_q / mla_unembed
+ROWS = 64  # output rows per threadgroup in mla_embed_q
 THREADS = 256
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
@@ -45,11 +46,13 @@ HEADER = """
 #ifdef ZMLX_CUDA
 #define ZMLX_FN __device__ inline
 #define ZMLX_UNROLL _Pragma("unroll")
+#define ZMLX_UNROLL8 _Pragma("unroll 8")
 #define ZMLX_EXP(v) expf(v)
 #define ZMLX_FMAX(a, b) fmaxf((a), (b))
 #else
 #define ZMLX_FN inline
 #define ZMLX_UNROLL
+#define ZMLX_UNROLL8
 #define ZMLX_EXP(v) metal::exp(v)
 #define ZMLX_FMAX(a, b) metal::max((a), (b))
 #endif
@@ -344,37 +347,65 @@ def unembed_reference(o, m, lsum, w, s, b, *, dtype, group_size, bits):
 
 
 UNEMBED_BODY = """
+// One threadgroup per (b, h): the chunks combined once, in parallel, then every row.
 const uint NC = dims[0];
-const uint nb = (V + ROWS - 1) / ROWS;
-const uint rb = zmlx_gid % nb;
-const uint h = (zmlx_gid / nb) % H;
-const uint b = zmlx_gid / (nb * H);
+const uint h = zmlx_gid % H;
+const uint b = zmlx_gid / H;
 ZMLX_SHARED float xs[R];
+ZMLX_SHARED float wts[NT];
+ZMLX_SHARED float red[NT / 32];
+// 1. the largest chunk max (threadgroup reduction)
 float mmax = -3.0e38f;
-for (uint c = 0; c < NC; ++c) mmax = ZMLX_FMAX(mmax, m[(size_t(b) * NC + c) * H + h]);
+for (uint c = zmlx_lid; c < NC; c += NT) mmax = ZMLX_FMAX(mmax, m[(size_t(b) * NC + c) * H + h]);
+ZMLX_WARP_MAX(mmax);
+if (zmlx_lane == 0) red[zmlx_warp] = mmax;
+ZMLX_BARRIER;
+mmax = red[0];
+for (uint w = 1; w < NT / 32; ++w) mmax = ZMLX_FMAX(mmax, red[w]);
+ZMLX_BARRIER;
+// 2. the softmax denominator: sum over chunks of exp(m_c - max) * l_c
 float den = 0.0f;
-for (uint c = 0; c < NC; ++c) {
+for (uint c = zmlx_lid; c < NC; c += NT) {
     const size_t i = (size_t(b) * NC + c) * H + h;
     den += ZMLX_EXP(m[i] - mmax) * l[i];
 }
-for (uint d = zmlx_lid; d < R; d += NT) {
-    float acc = 0.0f;
-    for (uint c = 0; c < NC; ++c) {
-        const size_t i = (size_t(b) * NC + c) * H + h;
-        acc += ZMLX_EXP(m[i] - mmax) * o[i * R + d];
+ZMLX_WARP_SUM(den);
+if (zmlx_lane == 0) red[zmlx_warp] = den;
+ZMLX_BARRIER;
+den = 0.0f;
+for (uint w = 0; w < NT / 32; ++w) den += red[w];
+// 3. the weighted latent: tiles of NT chunks, their weights in threadgroup memory
+float xa[(R + NT - 1) / NT];
+for (uint t = 0; t < (R + NT - 1) / NT; ++t) xa[t] = 0.0f;
+for (uint c0 = 0; c0 < NC; c0 += NT) {
+    ZMLX_BARRIER;  // the previous tile's weights are used up
+    const uint c = c0 + zmlx_lid;
+    wts[zmlx_lid] = c < NC ? ZMLX_EXP(m[(size_t(b) * NC + c) * H + h] - mmax) : 0.0f;
+    ZMLX_BARRIER;
+    const uint nt = NC - c0 < uint(NT) ? NC - c0 : uint(NT);
+    ZMLX_UNROLL8  // independent loads in flight: this loop is latency-bound otherwise
+    for (uint j = 0; j < nt; ++j) {
+        const float a = wts[j];
+        const size_t base = ((size_t(b) * NC + c0 + j) * H + h) * R;
+        ZMLX_UNROLL
+        for (uint t = 0; t < (R + NT - 1) / NT; ++t) {
+            const uint d = zmlx_lid + NT * t;
+            if (d < R) xa[t] += a * o[base + d];
+        }
     }
-    xs[d] = acc / den;
+}
+for (uint t = 0; t < (R + NT - 1) / NT; ++t) {
+    const uint d = zmlx_lid + NT * t;
+    if (d < R) xs[d] = xa[t] / den;
 }
 ZMLX_BARRIER;
-for (uint jj = zmlx_warp; jj < ROWS; jj += NT / 32) {
-    const uint j = rb * ROWS + jj;
-    if (j < V) {  // the same for the whole warp
-        const size_t row = size_t(h) * V + j;
-        float acc = 0.0f;
-        for (uint k = zmlx_lane; k < R; k += 32) acc += zmlx_mla_w<BITS, GS, R>(w, s, bi, row, k) * xs[k];
-        ZMLX_WARP_SUM(acc);
-        if (zmlx_lane == 0) out[(size_t(b) * H + h) * V + j] = static_cast<T>(acc);
-    }
+// 4. unembed_out: one warp per output row
+for (uint j = zmlx_warp; j < V; j += NT / 32) {
+    const size_t row = size_t(h) * V + j;
+    float acc = 0.0f;
+    for (uint k = zmlx_lane; k < R; k += 32) acc += zmlx_mla_w<BITS, GS, R>(w, s, bi, row, k) * xs[k];
+    ZMLX_WARP_SUM(acc);
+    if (zmlx_lane == 0) out[(size_t(b) * H + h) * V + j] = static_cast<T>(acc);
 }
 """
 
@@ -391,14 +422,13 @@ def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> 
         return f"unembed_out: {why}"
     v = w.shape[1]
     gs, nbits = packing(r, group_size, bits)
-    blocks = bsz * heads * math.ceil(v / ROWS)
     placeholder = mx.zeros((1,), dtype)
     return Launch(
         inputs=[o, m, lsum, w, or_placeholder(s, placeholder), or_placeholder(b, placeholder),
                 mx.array([o.shape[1]], dtype=mx.int32)],
-        template=[("T", dtype), ("H", heads), ("R", r), ("V", v), ("ROWS", ROWS), ("NT", THREADS),
-                  ("GS", gs), ("BITS", nbits)],
-        grid=(blocks * THREADS, 1, 1),
+        template=[("T", dtype), ("H", heads), ("R", r), ("V", v), ("NT", THREADS), ("GS", gs),
+                  ("BITS", nbits)],
+        grid=(bsz * heads * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(bsz, heads, 1, v)],
         output_dtypes=[dtype],
