@@ -38,3 +38,22 @@ def tiny_f32():
     model, tok = synth.build("synth:glm4_moe_lite/tiny/bf16")
     model.set_dtype(mx.float32)
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def decode_steps():
+    """steps(model, prompt, n) -> the logits of a prompt (with mlx-lm's prompt cache) and n
+    greedy decode steps after it, evaluated."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    def steps(model, prompt, n):
+        cache = make_prompt_cache(model)
+        logits = model(prompt, cache=cache)
+        outs = [logits]
+        for _ in range(n):
+            logits = model(mx.argmax(logits[:, -1:], axis=-1), cache=cache)
+            outs.append(logits)
+        mx.eval(outs)
+        return outs
+
+    return steps

@@ -100,31 +100,18 @@ def test_metal_body_matches_the_reference(tmp_path_factory, b, heads, nope, rank
             assert mx.allclose(g.astype(mx.float32), w.astype(mx.float32), rtol=2 * tol, atol=tol).item()
 
 
-def test_a_wrong_rope_is_caught(tiny_q4, monkeypatch):
+def test_a_wrong_rope_is_caught(tiny_q4, monkeypatch, decode_steps):
     """The patched model's comparison with stock must see a rope that is off by one position."""
     from zmlx.patch.patterns import glm47_rope as pattern_module
 
     model, _ = tiny_q4
     prompt = mx.array([[5, 6, 7, 8]])
-
-    def steps():
-        from mlx_lm.models.cache import make_prompt_cache
-
-        cache = make_prompt_cache(model)
-        logits = model(prompt, cache=cache)
-        outs = [logits]
-        for _ in range(2):
-            logits = model(mx.argmax(logits[:, -1:], axis=-1), cache=cache)
-            outs.append(logits)
-        mx.eval(outs)
-        return outs
-
-    stock = steps()
+    stock = decode_steps(model, prompt, 2)
     monkeypatch.setattr(pattern_module, "glm47_rope",
                         lambda q, kv, t, offset, **kw: reference(q, kv, t, offset + 1, **kw))
     zmlx.patch(model, patterns=["glm47_rope"])
     try:
-        patched = steps()
+        patched = decode_steps(model, prompt, 2)
     finally:
         zmlx.unpatch(model)
     assert mx.array_equal(stock[0], patched[0]).item()  # the prompt is stock's own path

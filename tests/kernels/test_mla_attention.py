@@ -139,30 +139,17 @@ def test_unembed_combines_more_chunks_than_one_tile(tmp_path_factory):
     assert mx.allclose(got, want, rtol=1e-4, atol=1e-5).item()
 
 
-def test_patched_model_decodes_close_to_stock(tiny_q4):
+def test_patched_model_decodes_close_to_stock(tiny_q4, decode_steps):
     """On the CPU the pattern runs its float32 references: the prompt is stock's own path
     (bitwise), decode steps stay close to stock's logits and pick the same tokens here."""
-    from mlx_lm.models.cache import make_prompt_cache
-
     model, _ = tiny_q4
     prompt = mx.array([[3, 14, 15, 92, 65, 35, 89]])
-
-    def steps():
-        cache = make_prompt_cache(model)
-        logits = model(prompt, cache=cache)
-        outs = [logits]
-        for _ in range(6):
-            logits = model(mx.argmax(logits[:, -1:], axis=-1), cache=cache)
-            outs.append(logits)
-        mx.eval(outs)
-        return outs
-
-    stock = steps()
+    stock = decode_steps(model, prompt, 6)
     result = zmlx.patch(model, patterns=["mla_attention"])
     try:
         assert len(result.patterns["mla_attention"].patched) == model.args.num_hidden_layers
         assert result.patterns["mla_attention"].fidelity == "close"
-        patched = steps()
+        patched = decode_steps(model, prompt, 6)
     finally:
         zmlx.unpatch(model)
     assert mx.array_equal(stock[0], patched[0]).item()

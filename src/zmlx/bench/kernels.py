@@ -174,7 +174,8 @@ def _graph_us(fn: Callable[[], Any], iters: int) -> float:
     return (time.perf_counter() - t0) / iters * 1e6
 
 
-def _profile(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
+def _kernel_events(fn: Callable[[], Any], iters: int) -> list:
+    """The CUDA kernel events of `iters` evaluated calls (PyTorch's profiler, CUPTI)."""
     from torch.profiler import ProfilerActivity, profile
 
     from zmlx.bench.harness import cuda_kernels
@@ -185,7 +186,11 @@ def _profile(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
     with prof:
         for _ in range(iters):
             mx.eval(fn())
-    kernels = cuda_kernels(prof)
+    return cuda_kernels(prof)
+
+
+def _profile(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
+    kernels = _kernel_events(fn, iters)
     return sum(e.time_range.elapsed_us() for e in kernels) / iters, len(kernels) / iters
 
 
@@ -203,19 +208,9 @@ def breakdown(fn: Callable[[], Any], iters: int = 20) -> list[tuple[str, float, 
     first (CUDA + PyTorch only): where a case's time goes."""
     from collections import defaultdict
 
-    from torch.profiler import ProfilerActivity, profile
-
-    from zmlx.bench.harness import cuda_kernels
-
     mx.eval(fn())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prof = profile(activities=[ProfilerActivity.CUDA])
-    with prof:
-        for _ in range(iters):
-            mx.eval(fn())
     per: dict[str, list[float]] = defaultdict(list)
-    for e in cuda_kernels(prof):
+    for e in _kernel_events(fn, iters):
         per[e.name[:90]].append(e.time_range.elapsed_us())
     rows = [(name, len(ts) / iters, sum(ts) / iters) for name, ts in per.items()]
     return sorted(rows, key=lambda r: -r[2])

@@ -35,6 +35,23 @@ def check(attn, params) -> str | None:
     return None
 
 
+def project_and_rope(attn, x, offset: int):
+    """mlx-lm's q and kv projections of x (one token per sequence), then q_pe * scale and
+    k_pe through the fused rope: (q, compressed_kv, q_pe, k_pe). Shared with mla_attention."""
+    if attn.q_lora_rank is None:
+        q = attn.q_proj(x)
+    else:
+        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    compressed_kv = attn.kv_a_proj_with_mqa(x)
+    rope = attn.rope
+    q_pe, k_pe = glm47_rope(
+        q, compressed_kv, rope_table(rope.dims, rope.base, rope.scale, offset + 1), offset,
+        heads=attn.num_heads, rope_dims=rope.dims, base=rope.base, rope_scale=rope.scale,
+        scale=attn.scale,
+    )  # q_pe is already q_pe * attn.scale
+    return q, compressed_kv, q_pe, k_pe
+
+
 @cache
 def make():
     def __call__(self, x, mask=None, cache=None):
@@ -43,17 +60,7 @@ def make():
         if L != 1 or not isinstance(offset, int):  # a prompt, or per-sequence offsets
             return type(self).__zmlx_original__.__call__(self, x, mask, cache)
         # mlx-lm's Glm4MoeLiteAttention.__call__ at L == 1, the rope and scale fused
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        compressed_kv = self.kv_a_proj_with_mqa(x)
-        rope = self.rope
-        q_pe, k_pe = glm47_rope(
-            q, compressed_kv, rope_table(rope.dims, rope.base, rope.scale, offset + 1), offset,
-            heads=self.num_heads, rope_dims=rope.dims, base=rope.base, rope_scale=rope.scale,
-            scale=self.scale,
-        )  # q_pe is already q_pe * self.scale
+        q, compressed_kv, q_pe, k_pe = project_and_rope(self, x, offset)
         q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
         q_nope, _ = mx.split(q, [self.qk_nope_head_dim], axis=-1)
         compressed_kv, _ = mx.split(compressed_kv, [self.kv_lora_rank], axis=-1)

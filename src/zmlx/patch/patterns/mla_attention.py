@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from zmlx.kernels._quant import weights_of
-from zmlx.kernels.glm47_rope import glm47_rope, rope_table
+from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
 from zmlx.patch.pattern import Pattern
 from zmlx.patch.patterns import glm47_rope as rope_pattern
@@ -43,18 +43,7 @@ def make():
         B, L, _ = x.shape
         if L != 1 or mask is not None or type(cache) is not KVCache:
             return type(self).__zmlx_original__.__call__(self, x, mask, cache)
-        offset = cache.offset
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        compressed_kv = self.kv_a_proj_with_mqa(x)
-        rope = self.rope
-        q_pe, k_pe = glm47_rope(
-            q, compressed_kv, rope_table(rope.dims, rope.base, rope.scale, offset + 1), offset,
-            heads=self.num_heads, rope_dims=rope.dims, base=rope.base, rope_scale=rope.scale,
-            scale=self.scale,
-        )
+        q, compressed_kv, q_pe, k_pe = rope_pattern.project_and_rope(self, x, cache.offset)
         compressed_kv, _ = mx.split(compressed_kv, [self.kv_lora_rank], axis=-1)
         kv_latent = mx.expand_dims(self.kv_a_layernorm(compressed_kv), axis=1)
         cache.update_and_fetch(kv_latent, k_pe)  # the buffers are read below, up to offset + 1
