@@ -44,16 +44,6 @@ def tiny_f32():
 def decode_steps():
     """steps(model, prompt, n) -> the logits of a prompt (with mlx-lm's prompt cache) and n
     greedy decode steps after it, evaluated."""
-    from mlx_lm.models.cache import make_prompt_cache
+    from zmlx.validate import greedy_logits
 
-    def steps(model, prompt, n):
-        cache = make_prompt_cache(model)
-        logits = model(prompt, cache=cache)
-        outs = [logits]
-        for _ in range(n):
-            logits = model(mx.argmax(logits[:, -1:], axis=-1), cache=cache)
-            outs.append(logits)
-        mx.eval(outs)
-        return outs
-
-    return steps
+    return greedy_logits

@@ -14,21 +14,10 @@ import sys
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import make_prompt_cache
 
 import zmlx
 from zmlx import synth
-
-
-def steps(model, prompt, n=3):
-    cache = make_prompt_cache(model)
-    logits = model(prompt, cache=cache)
-    outs = [logits]
-    for _ in range(n):
-        logits = model(mx.argmax(logits[:, -1:], axis=-1), cache=cache)
-        outs.append(logits)
-    mx.eval(outs)
-    return outs
+from zmlx.validate import greedy_logits
 
 
 def finite(xs) -> str:
@@ -50,11 +39,11 @@ def main(spec: str) -> None:
         model, _ = synth.build(spec)
         before = {k: mx.array(v) for k, v in tree_flatten(model.parameters())}
         mx.eval(before)
-        stock = steps(model, prompt)
+        stock = greedy_logits(model, prompt, 3)
         result = zmlx.patch(model, patterns=patterns)
         paths = {n: r.path for n, r in result.patterns.items()}
         try:
-            patched = steps(model, prompt)
+            patched = greedy_logits(model, prompt, 3)
         finally:
             zmlx.unpatch(model)
         after = dict(tree_flatten(model.parameters()))

@@ -126,6 +126,21 @@ def teacher_forced_logits(model, prompt: mx.array, tokens: Sequence[int]):
         logits = model(mx.array([[t]]), cache=cache)[0, -1]
 
 
+def greedy_logits(model, prompt: mx.array, steps: int) -> list[mx.array]:
+    """The logits of `prompt` (B, L) through a fresh prompt cache, then of `steps` greedy
+    decode steps after it, evaluated: the raw outputs the exactness checks compare."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(prompt, cache=cache)
+    outs = [logits]
+    for _ in range(steps):
+        logits = model(mx.argmax(logits[:, -1:], axis=-1), cache=cache)
+        outs.append(logits)
+    mx.eval(outs)
+    return outs
+
+
 def divergence(run: int, stock: list[int], patched: list[int]) -> tuple[int, Divergence | None]:
     """(length of the common prefix, the first divergence or None when identical)."""
     n = 0

@@ -2,11 +2,11 @@
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 import zmlx
 from zmlx import backend, synth
 from zmlx.families import FAMILIES
+from zmlx.validate import greedy_logits
 
 # patterns that patch one module per MoE layer (all layers but the first, dense one)
 _PER_MOE_LAYER = {"moe_router", "moe_combine", "moe_mlp", "downproj_combine"}
@@ -14,21 +14,14 @@ _PER_MOE_LAYER = {"moe_router", "moe_combine", "moe_mlp", "downproj_combine"}
 
 def _forward_steps(model, prompt, steps, use_cache):
     """Logits of a prefill then `steps` greedy decode steps (or full recomputes without cache)."""
-    outs = []
     if use_cache:
-        cache = make_prompt_cache(model)
-        logits = model(prompt, cache=cache)
+        return greedy_logits(model, prompt, steps)
+    outs = []
+    seq = prompt
+    for _ in range(steps + 1):
+        logits = model(seq)
         outs.append(logits)
-        for _ in range(steps):
-            nxt = mx.argmax(logits[:, -1:], axis=-1)
-            logits = model(nxt, cache=cache)
-            outs.append(logits)
-    else:
-        seq = prompt
-        for _ in range(steps + 1):
-            logits = model(seq)
-            outs.append(logits)
-            seq = mx.concatenate([seq, mx.argmax(logits[:, -1:], axis=-1)], axis=1)
+        seq = mx.concatenate([seq, mx.argmax(logits[:, -1:], axis=-1)], axis=1)
     mx.eval(outs)
     return outs
 
