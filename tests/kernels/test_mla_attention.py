@@ -10,7 +10,11 @@ import zmlx
 from zmlx.kernels import metal_emu
 from zmlx.kernels._quant import dequantized
 from zmlx.kernels.mla_attention import (
-    CHUNK,
+    MIN_CHUNK,
+    TARGET_CHUNKS,
+    TP,
+    UNEMBED_THREADS,
+    chunk_size,
     decode_reference,
     embed_q_reference,
     mla_decode,
@@ -66,7 +70,15 @@ def _chain(fns, q, q_pe, lat, kpe, embed, unembed, scale, *, heads, nope, length
     return unembed_fn(o, m, lsum, *unembed, dtype=dtype, **packing)
 
 
-@pytest.mark.parametrize("length", [1, 17, CHUNK, CHUNK + 1, 300])
+def test_chunks_are_bounded_in_count_and_size():
+    for length in (1, 31, 32, 33, 200, 2047, 2048, 2049, 4096, 32768, 131072):
+        ch = chunk_size(length)
+        assert ch >= MIN_CHUNK and ch % TP == 0
+        assert math.ceil(length / ch) <= TARGET_CHUNKS
+        assert ch == MIN_CHUNK or math.ceil(length / (ch - TP)) > TARGET_CHUNKS  # no larger than needed
+
+
+@pytest.mark.parametrize("length", [1, 17, MIN_CHUNK, MIN_CHUNK + 1, 300, 5000])
 @pytest.mark.parametrize("packing", PACKINGS[:2])
 def test_chunked_references_equal_plain_attention(length, packing):
     """The flash-decoding split (chunks, max, exp sums, combine) is plain softmax attention."""
@@ -80,8 +92,8 @@ def test_chunked_references_equal_plain_attention(length, packing):
 
 def test_launches_say_why_they_take_the_reference():
     packing = PACKINGS[0]
-    q, q_pe, lat, kpe, embed, unembed, scale = _problem(1, 3, 64, 32, 64, 48, 10, mx.bfloat16, packing, 1)
-    head = dict(heads=3, head_dim=96, nope=64, **packing)
+    q, q_pe, lat, kpe, embed, unembed, scale = _problem(1, 3, 64, 64, 128, 48, 10, mx.bfloat16, packing, 1)
+    head = dict(heads=3, head_dim=128, nope=64, **packing)
     assert not isinstance(mla_embed_q.launch("cuda", q, *embed, **head), str)
     assert "one token" in mla_embed_q.launch("cuda", mx.concatenate([q, q], axis=1), *embed, **head)
     assert "embed_q" in mla_embed_q.launch("cuda", q, *embed, **{**head, "nope": 80})
@@ -91,6 +103,8 @@ def test_launches_say_why_they_take_the_reference():
     assert "float32" in mla_decode.launch("cuda", qv.astype(mx.bfloat16), q_pe, lat, kpe, 10, scale=scale)
     kpe32 = kpe.astype(mx.float32)
     assert "one float dtype" in mla_decode.launch("cuda", qv, q_pe, lat, kpe32, 10, scale=scale)
+    narrow = mla_decode.launch("cuda", qv[..., :64], q_pe, lat[..., :64], kpe, 10, scale=scale)
+    assert "multiples of 128" in narrow  # the latent's vector loads
     o, m, lsum = decode_reference(qv, q_pe, lat, kpe, 10, scale=scale)
     out = dict(dtype=mx.bfloat16, **packing)
     assert not isinstance(mla_unembed.launch("cuda", o, m, lsum, *unembed, **out), str)
@@ -105,8 +119,8 @@ def test_metal_bodies_match_their_references(tmp_path_factory, dtype, packing, l
     """Each kernel through the emulation (outputs poisoned with NaN) against its reference,
     within the kernel's stated tolerance."""
     work = tmp_path_factory.getbasetemp()
-    q, q_pe, lat, kpe, embed, unembed, scale = _problem(1, 2, 64, 32, 64, 40, length, dtype, packing, length)
-    head = dict(heads=2, head_dim=96, nope=64, **packing)
+    q, q_pe, lat, kpe, embed, unembed, scale = _problem(1, 3, 64, 64, 128, 40, length, dtype, packing, length)
+    head = dict(heads=3, head_dim=128, nope=64, **packing)  # 3 heads: a warp with a spare head
     cases = [(mla_embed_q, (q, *embed), head)]
     qv = embed_q_reference(q, *embed, **head)
     cases.append((mla_decode, (qv, q_pe, lat, kpe, length), dict(scale=scale)))
@@ -126,12 +140,14 @@ def test_metal_bodies_match_their_references(tmp_path_factory, dtype, packing, l
 
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
 def test_unembed_combines_more_chunks_than_one_tile(tmp_path_factory):
-    """mla_unembed weighs chunks a tile of 256 at a time: 300 chunks (a 19,200-position
-    context) take two tiles, the second partial."""
+    """mla_unembed weighs chunks a tile of UNEMBED_THREADS at a time: more chunks than that
+    (more than mla_decode makes, but any caller's partials are combined) take two tiles,
+    the second partial."""
     ks = mx.random.split(mx.random.key(9), 3)
-    o = mx.random.normal((1, 300, 2, 64), key=ks[0])
-    m = mx.random.normal((1, 300, 2), key=ks[1]) * 4
-    lsum = 1 + mx.random.uniform(shape=(1, 300, 2), key=ks[2]) * 60
+    c = UNEMBED_THREADS + 90
+    o = mx.random.normal((1, c, 2, 64), key=ks[0])
+    m = mx.random.normal((1, c, 2), key=ks[1]) * 4
+    lsum = 1 + mx.random.uniform(shape=(1, c, 2), key=ks[2]) * 60
     w, s, b = quantized_experts(2, 40, 64, dtype=mx.float32, seed=4, group_size=64, bits=4)
     kw = dict(dtype=mx.float32, group_size=64, bits=4)
     got = metal_emu.run(mla_unembed, o, m, lsum, w, s, b, **kw, workdir=tmp_path_factory.getbasetemp())

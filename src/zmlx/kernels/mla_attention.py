@@ -8,19 +8,21 @@ scaled_dot_product_attention over the latent cache with pe_scores as an additive
 
 1. `mla_embed_q`: qv[b, h] = W_q[h] @ q_nope[b, h] (R = kv_lora_rank outputs per head),
    read from the q projection's output in place (no copy), weights affine 4/8-bit or
-   unquantized. One threadgroup per (b, h, 64 rows), q_nope staged in threadgroup memory,
-   one warp per row.
-2. `mla_decode` (flash-decoding): the positions are split into chunks of CH = 64; one
-   threadgroup per (b, chunk) computes, for every head, the scores
-   `scale * qv . latent[p] + q_pe . k_pe[p]` (the latent row read once for all heads),
-   then per head the chunk's max m, the exponentials and their
-   sum l, and the chunk's exp-weighted sum of latent rows o (each warp scores 4 positions
-   at a time, so each head's qv is read once per 4 positions). The cache is mlx-lm's own
-   buffer (keys = latent, values = k_pe), read up to the current length.
+   unquantized. One threadgroup per (b, h, 32 rows), q_nope staged in threadgroup memory,
+   each warp 4 rows at once (their loads in flight together), a lane a packed word a row.
+2. `mla_decode` (flash-decoding): the positions are split into at most TARGET_CHUNKS chunks
+   (at least MIN_CHUNK positions each); one threadgroup per (b, chunk, head group), each
+   warp on its own for HEADS_PER_WARP heads: TP positions at a time, the latent and rope
+   rows in registers (vector loads), the scores `scale * qv . latent[p] + q_pe . k_pe[p]`
+   by warp sums, an online softmax (running max m, exp sum l) and the exp-weighted sum of
+   latent rows o. No threadgroup memory, no barriers; the warps of a threadgroup share the
+   chunk's rows through L1. The cache is mlx-lm's own buffer (keys = latent, values =
+   k_pe), read up to the current length.
 3. `mla_unembed`: per (b, h), the chunks combined once by the whole threadgroup (the
    largest max and the denominator by reductions, then the weighted latent tile by tile
-   with the tile's chunk weights in threadgroup memory), then projected through W_out[h]
-   to the head's v_head_dim outputs, one warp per row, rounded to the activations' dtype.
+   with the tile's chunk weights in threadgroup memory, vector loads), then projected
+   through W_out[h] to the head's v_head_dim outputs, each warp 8 rows at once, rounded
+   to the activations' dtype.
 
 The current length and the cache's allocated length travel as an int32 input, so a
 kernel is built once per model shape, not per token. Fidelity `close`: each kernel is
@@ -37,20 +39,32 @@ import mlx.core as mx
 from zmlx.kernels._core import KernelDef, Launch, float_bits
 from zmlx.kernels._quant import dequantized, or_placeholder, packing, weights_reason
 
-CHUNK = 64  # positions per mla_decode threadgroup
-ROWS = 64  # output rows per threadgroup in mla_embed_q
-THREADS = 256
+# mla_decode: a chunk is at least MIN_CHUNK positions, and a context is split into at most
+# TARGET_CHUNKS chunks (the partials unembed combines grow with the chunk count); each warp
+# scores HEADS_PER_WARP heads, TP positions at a time; at most WARPS_PER_BLOCK warps share a
+# chunk's rows (L1) in one threadgroup.
+MIN_CHUNK = 32
+TARGET_CHUNKS = 64
+HEADS_PER_WARP = 2
+WARPS_PER_BLOCK = 10
+TP = 4
+EMBED_RW = 4  # mla_embed_q: rows per warp, computed together (their loads in flight at once)
+UNEMBED_RW = 8  # mla_unembed: the same
+THREADS = 256  # mla_embed_q
+UNEMBED_THREADS = 512
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 HEADER = """
 #ifdef ZMLX_CUDA
-#define ZMLX_FN __device__ inline
+#define ZMLX_FN __device__ __forceinline__
+#define ZMLX_THREAD
 #define ZMLX_UNROLL _Pragma("unroll")
 #define ZMLX_UNROLL8 _Pragma("unroll 8")
 #define ZMLX_EXP(v) expf(v)
 #define ZMLX_FMAX(a, b) fmaxf((a), (b))
 #else
 #define ZMLX_FN inline
+#define ZMLX_THREAD thread
 #define ZMLX_UNROLL
 #define ZMLX_UNROLL8
 #define ZMLX_EXP(v) metal::exp(v)
@@ -60,22 +74,122 @@ HEADER = """
 #define ZMLX_WARP_MAX(v) \\
     for (uint zmlx_m = 16; zmlx_m > 0; zmlx_m /= 2) (v) = ZMLX_FMAX((v), ZMLX_SHFL_XOR((v), zmlx_m))
 
-// Weight (row, k) of a stack of rows of K values, in float: affine-quantized (packed
-// words, one scale and bias per group of GS) or unquantized (BITS = 32, w is T).
-template <int BITS, int GS, int K, typename S>
-ZMLX_FN float zmlx_mla_w(const ZMLX_DEVICE uint* w, const ZMLX_DEVICE S* s, const ZMLX_DEVICE S* b,
-                         size_t row, uint k) {
-    constexpr uint PER_WORD = 32 / BITS;
-    const uint word = w[row * (K / PER_WORD) + k / PER_WORD];
-    const uint q = (word >> (BITS * (k % PER_WORD))) & ((1u << BITS) - 1u);
-    const size_t g = row * (K / GS) + k / GS;
-    return static_cast<float>(s[g]) * static_cast<float>(q) + static_cast<float>(b[g]);
+// N = 4 or 2 consecutive values from p as floats: one vector load on CUDA (p aligned to N
+// elements), N loads on Metal.
+#ifdef ZMLX_CUDA
+ZMLX_FN void zmlx_mla_load4(const float* p, float* v) {
+    const float4 f = *reinterpret_cast<const float4*>(p);
+    v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
 }
-template <int BITS, int GS, int K, typename S, typename W>
-ZMLX_FN float zmlx_mla_w(const ZMLX_DEVICE W* w, const ZMLX_DEVICE S* s, const ZMLX_DEVICE S* b,
-                         size_t row, uint k) {
-    return static_cast<float>(w[row * K + k]);
+ZMLX_FN void zmlx_mla_load2(const float* p, float* v) {
+    const float2 f = *reinterpret_cast<const float2*>(p);
+    v[0] = f.x; v[1] = f.y;
 }
+ZMLX_FN void zmlx_mla_load4(const __nv_bfloat16* p, float* v) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    v[0] = __uint_as_float(w.x << 16); v[1] = __uint_as_float(w.x & 0xffff0000u);
+    v[2] = __uint_as_float(w.y << 16); v[3] = __uint_as_float(w.y & 0xffff0000u);
+}
+ZMLX_FN void zmlx_mla_load2(const __nv_bfloat16* p, float* v) {
+    const uint w = *reinterpret_cast<const uint*>(p);
+    v[0] = __uint_as_float(w << 16); v[1] = __uint_as_float(w & 0xffff0000u);
+}
+ZMLX_FN void zmlx_mla_load4(const __half* p, float* v) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&w.x));
+    const float2 c = __half22float2(*reinterpret_cast<const __half2*>(&w.y));
+    v[0] = a.x; v[1] = a.y; v[2] = c.x; v[3] = c.y;
+}
+ZMLX_FN void zmlx_mla_load2(const __half* p, float* v) {
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(p));
+    v[0] = a.x; v[1] = a.y;
+}
+#else
+template <typename T>
+inline void zmlx_mla_load4(const device T* p, thread float* v) {
+    for (uint i = 0; i < 4; ++i) v[i] = static_cast<float>(p[i]);
+}
+template <typename T>
+inline void zmlx_mla_load2(const device T* p, thread float* v) {
+    for (uint i = 0; i < 2; ++i) v[i] = static_cast<float>(p[i]);
+}
+#endif
+
+// RW rows' dot products with a vector x of K values (this lane's share, to be finished by a
+// warp sum), rows row0 .. row0 + RW - 1 of a stack of K-wide rows, those from row `nrows` on
+// skipped. The lane holds x in registers as units: unit u = lane + 32 i (i < NI) covers
+// values u * UV .. u * UV + UV - 1, UV = one packed word's values (affine 4/8-bit: packed
+// words, one scale and bias per group of GS) or 4 (unquantized, BITS = 32, w of type W);
+// xsum[i] is the sum of unit i's values (a group's bias multiplies it).
+template <int BITS, int GS, int K, int RW, typename S>
+ZMLX_FN void zmlx_mla_rows(const ZMLX_DEVICE uint* w, const ZMLX_DEVICE S* s, const ZMLX_DEVICE S* b,
+                           size_t row0, uint nrows, uint lane, const ZMLX_THREAD float* x,
+                           const ZMLX_THREAD float* xsum, ZMLX_THREAD float* acc) {
+    constexpr uint UV = 32 / BITS;
+    constexpr uint NU = K / UV;
+    constexpr uint NI = (NU + 31) / 32;
+    ZMLX_UNROLL
+    for (uint r = 0; r < RW; ++r) acc[r] = 0.0f;
+    ZMLX_UNROLL
+    for (uint i = 0; i < NI; ++i) {
+        const uint u = lane + 32 * i;
+        if (u < NU) {
+            ZMLX_UNROLL
+            for (uint r = 0; r < RW; ++r) {
+                if (r < nrows) {
+                    const size_t row = row0 + r;
+                    const uint word = w[row * NU + u];
+                    float qx = 0.0f;
+                    ZMLX_UNROLL
+                    for (uint j = 0; j < UV; ++j) {
+                        qx += static_cast<float>((word >> (BITS * j)) & ((1u << BITS) - 1u)) * x[i * UV + j];
+                    }
+                    const size_t g = row * (K / GS) + (u * UV) / GS;
+                    acc[r] += static_cast<float>(s[g]) * qx + static_cast<float>(b[g]) * xsum[i];
+                }
+            }
+        }
+    }
+}
+template <int BITS, int GS, int K, int RW, typename S, typename W>
+ZMLX_FN void zmlx_mla_rows(const ZMLX_DEVICE W* w, const ZMLX_DEVICE S* s, const ZMLX_DEVICE S* b,
+                           size_t row0, uint nrows, uint lane, const ZMLX_THREAD float* x,
+                           const ZMLX_THREAD float* xsum, ZMLX_THREAD float* acc) {
+    constexpr uint NU = K / 4;
+    constexpr uint NI = (NU + 31) / 32;
+    ZMLX_UNROLL
+    for (uint r = 0; r < RW; ++r) acc[r] = 0.0f;
+    ZMLX_UNROLL
+    for (uint i = 0; i < NI; ++i) {
+        const uint u = lane + 32 * i;
+        if (u < NU) {
+            ZMLX_UNROLL
+            for (uint r = 0; r < RW; ++r) {
+                if (r < nrows) {
+                    float wv[4];
+                    zmlx_mla_load4(w + (row0 + r) * K + u * 4, wv);
+                    ZMLX_UNROLL
+                    for (uint j = 0; j < 4; ++j) acc[r] += wv[j] * x[i * 4 + j];
+                }
+            }
+        }
+    }
+}
+// The x registers of zmlx_mla_rows from K values in threadgroup memory (a macro: threadgroup
+// arrays cannot be passed to functions portably). Declares X and XSUM.
+#define ZMLX_MLA_X_UNITS(BITS_, K_, XS, X, XSUM) \\
+    constexpr uint X##_UV = BITS_ == 32 ? 4 : 32 / BITS_; \\
+    constexpr uint X##_NI = (K_ / X##_UV + 31) / 32; \\
+    float X[X##_NI * X##_UV]; \\
+    float XSUM[X##_NI]; \\
+    for (uint zi = 0; zi < X##_NI; ++zi) { \\
+        const uint zu = zmlx_lane + 32 * zi; \\
+        XSUM[zi] = 0.0f; \\
+        for (uint zj = 0; zj < X##_UV; ++zj) { \\
+            X[zi * X##_UV + zj] = zu < K_ / X##_UV ? XS[zu * X##_UV + zj] : 0.0f; \\
+            XSUM[zi] += X[zi * X##_UV + zj]; \\
+        } \\
+    }
 """
 
 
@@ -100,22 +214,23 @@ def embed_q_reference(q, w, s, b, *, heads, head_dim, nope, group_size, bits):
 
 EMBED_Q_BODY = """
 ZMLX_SHARED float xs[NOPE];
-const uint nb = (R + ROWS - 1) / ROWS;
+const uint nb = (R + RB - 1) / RB;
 const uint rb = zmlx_gid % nb;
 const uint h = (zmlx_gid / nb) % H;
 const uint b = zmlx_gid / (nb * H);
 for (uint k = zmlx_lid; k < NOPE; k += NT) xs[k] = static_cast<float>(q[(size_t(b) * H + h) * QW + k]);
 ZMLX_BARRIER;
-for (uint jj = zmlx_warp; jj < ROWS; jj += NT / 32) {
-    const uint j = rb * ROWS + jj;
-    if (j < R) {  // the same for the whole warp
-        const size_t row = size_t(h) * R + j;
-        float acc = 0.0f;
-        for (uint k = zmlx_lane; k < NOPE; k += 32) {
-            acc += zmlx_mla_w<BITS, GS, NOPE>(w, s, bi, row, k) * xs[k];
-        }
-        ZMLX_WARP_SUM(acc);
-        if (zmlx_lane == 0) qv[(size_t(b) * H + h) * R + j] = acc;
+ZMLX_MLA_X_UNITS(BITS, NOPE, xs, xr, xsum)
+const uint j0 = rb * RB + zmlx_warp * RW;
+if (j0 < R) {  // the same for the whole warp
+    const uint nrows = R - j0 < RW ? R - j0 : RW;
+    float acc[RW];
+    zmlx_mla_rows<BITS, GS, NOPE, RW>(w, s, bi, size_t(h) * R + j0, nrows, zmlx_lane, xr, xsum, acc);
+    ZMLX_UNROLL
+    for (uint r = 0; r < RW; ++r) {
+        float a = acc[r];
+        ZMLX_WARP_SUM(a);
+        if (zmlx_lane == 0 && r < nrows) qv[(size_t(b) * H + h) * R + j0 + r] = a;
     }
 }
 """
@@ -132,11 +247,14 @@ def embed_q_launch(backend, q, w, s, b, *, heads, head_dim, nope, group_size, bi
         return f"embed_q: {why}"
     r = w.shape[1]
     gs, nbits = packing(nope, group_size, bits)
-    blocks = q.shape[0] * heads * math.ceil(r / ROWS)
+    if nope % (4 if nbits == 32 else 32 // nbits):
+        return f"nope {nope}: a whole number of packed words (or of 4 values) per row needed"
+    rows = (THREADS // 32) * EMBED_RW
+    blocks = q.shape[0] * heads * math.ceil(r / rows)
     return Launch(
         inputs=[q, w, or_placeholder(s, q), or_placeholder(b, q)],
-        template=[("H", heads), ("QW", head_dim), ("NOPE", nope), ("R", r), ("ROWS", ROWS), ("NT", THREADS),
-                  ("GS", gs), ("BITS", nbits)],
+        template=[("H", heads), ("QW", head_dim), ("NOPE", nope), ("R", r), ("RB", rows), ("RW", EMBED_RW),
+                  ("NT", THREADS), ("GS", gs), ("BITS", nbits)],
         grid=(blocks * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(q.shape[0], heads, r)],
@@ -171,114 +289,149 @@ mla_embed_q = KernelDef(
 # ---------------------------------------------------------------- 2. decode (chunks)
 
 
+def chunk_size(length: int) -> int:
+    """Positions per mla_decode chunk for a context of `length`: MIN_CHUNK, grown (in steps of
+    TP) so that there are at most TARGET_CHUNKS chunks."""
+    return max(MIN_CHUNK, TP * math.ceil(length / (TP * TARGET_CHUNKS)))
+
+
 def decode_reference(qv, q_pe, lat, kpe, length, *, scale):
     """qv (B, H, R) float32, q_pe (B, H, 1, RD) (already scaled, as glm47_rope gives it),
     lat (B, 1, SA, R) and kpe (B, 1, SA, RD) the cache's buffers, of which the first
-    `length` positions hold data -> per chunk of CHUNK positions: o (B, C, H, R) the
-    exp-weighted latent sum, m (B, C, H) the max score, l (B, C, H) the exp sum."""
+    `length` positions hold data -> per chunk of `chunk_size(length)` positions: o (B, C, H, R)
+    the exp-weighted latent sum, m (B, C, H) the max score, l (B, C, H) the exp sum."""
     bsz, heads, r = qv.shape
-    c = math.ceil(length / CHUNK)
+    ch = chunk_size(length)
+    c = math.ceil(length / ch)
     lat = lat[:, 0, :length].astype(mx.float32)  # (B, S, R)
     kpe = kpe[:, 0, :length].astype(mx.float32)
     scores = (scale * _dot(qv[:, :, None, :], lat[:, None])
               + _dot(q_pe[:, :, 0, None].astype(mx.float32), kpe[:, None]))  # (B, H, S)
-    pad = c * CHUNK - length
+    pad = c * ch - length
     scores = mx.pad(scores, [(0, 0), (0, 0), (0, pad)], constant_values=-mx.inf)  # (B, H, C*CH)
-    scores = scores.reshape(bsz, heads, c, CHUNK).transpose(0, 2, 1, 3)  # (B, C, H, CH)
+    scores = scores.reshape(bsz, heads, c, ch).transpose(0, 2, 1, 3)  # (B, C, H, CH)
     m = scores.max(axis=-1)
     e = mx.exp(scores - m[..., None])
-    lat = mx.pad(lat, [(0, 0), (0, pad), (0, 0)]).reshape(bsz, c, CHUNK, r)
+    lat = mx.pad(lat, [(0, 0), (0, pad), (0, 0)]).reshape(bsz, c, ch, r)
     o = _dot(e[..., None, :], lat[:, :, None].swapaxes(-1, -2))  # (B, C, H, R)
     return o, m, e.sum(axis=-1)
 
 
 DECODE_BODY = """
-const int S = dims[0];
-const int SA = dims[1];
-const uint NC = (uint(S) + CH - 1) / CH;
-const uint c = zmlx_gid % NC;
-const uint b = zmlx_gid / NC;
+// One threadgroup per (b, chunk, group of WPB * HPW heads); each warp on its own: HPW heads
+// over the chunk's positions, TP at a time, with an online softmax (no threadgroup memory,
+// no barriers; the warps of a group share the chunk's rows through L1). A lane holds the
+// latent dims d = 4 lane + 128 t + i and the rope dims e = 2 lane + 64 t + i.
+constexpr uint RT = R / 128;
+constexpr uint ET = RD / 64;
+const uint S = uint(dims[0]);
+const uint SA = uint(dims[1]);
+const uint CH = uint(dims[2]);
+const uint NC = (S + CH - 1) / CH;
+const uint NG = (H + HPW * WPB - 1) / (HPW * WPB);
+const uint g = zmlx_gid % NG;
+const uint c = (zmlx_gid / NG) % NC;
+const uint b = zmlx_gid / (NG * NC);
+const uint hw = (g * WPB + zmlx_warp) * HPW;  // this warp's first head
+if (hw >= H) return;  // the whole warp: a last group's spare warps
 const uint p0 = c * CH;
-const uint n = uint(S) - p0 < uint(CH) ? uint(S) - p0 : uint(CH);
+const uint n = S - p0 < CH ? S - p0 : CH;
 const float scale = ZMLX_FLOAT_BITS(SCALE_BITS);
-const size_t lat0 = size_t(b) * size_t(SA) * R;
-const size_t kpe0 = size_t(b) * size_t(SA) * RD;
-ZMLX_SHARED float sc[H * CH];
-// 1. scores: each warp takes PW positions at a time, their latent and rope rows read once
-// for every head, each head's qv slice read once for the PW positions
-for (uint i0 = zmlx_warp * PW; i0 < n; i0 += (NT / 32) * PW) {
-    float lv[PW][R / 32];
-    float kv[PW][RD / 32];
+const ZMLX_DEVICE T* latb = lat + size_t(b) * SA * R;
+const ZMLX_DEVICE T* kpeb = kpe + size_t(b) * SA * RD;
+float qr[HPW][RT][4];  // scale * qv
+float qe[HPW][ET][2];  // q_pe
+float acc[HPW][RT][4];
+float mh[HPW];
+float lh[HPW];
+ZMLX_UNROLL
+for (uint j = 0; j < HPW; ++j) {
+    const size_t qh = size_t(b) * H + (hw + j < H ? hw + j : H - 1);  // a spare head repeats the last
     ZMLX_UNROLL
-    for (uint u = 0; u < PW; ++u) {
-        const bool in = i0 + u < n;
-        const size_t p = p0 + i0 + u;
+    for (uint t = 0; t < RT; ++t) {
         ZMLX_UNROLL
-        for (uint t = 0; t < R / 32; ++t) {
-            lv[u][t] = in ? static_cast<float>(lat[lat0 + p * R + zmlx_lane + 32 * t]) : 0.0f;
-        }
-        ZMLX_UNROLL
-        for (uint t = 0; t < RD / 32; ++t) {
-            kv[u][t] = in ? static_cast<float>(kpe[kpe0 + p * RD + zmlx_lane + 32 * t]) : 0.0f;
+        for (uint i = 0; i < 4; ++i) {
+            qr[j][t][i] = scale * qv[qh * R + 4 * zmlx_lane + 128 * t + i];
+            acc[j][t][i] = 0.0f;
         }
     }
-    for (uint h = 0; h < H; ++h) {
-        const size_t qh = size_t(b) * H + h;
-        float a[PW];
-        float e[PW];
+    ZMLX_UNROLL
+    for (uint t = 0; t < ET; ++t) {
         ZMLX_UNROLL
-        for (uint u = 0; u < PW; ++u) a[u] = e[u] = 0.0f;
-        ZMLX_UNROLL
-        for (uint t = 0; t < R / 32; ++t) {
-            const float qq = qv[qh * R + zmlx_lane + 32 * t];
-            ZMLX_UNROLL
-            for (uint u = 0; u < PW; ++u) a[u] += qq * lv[u][t];
+        for (uint i = 0; i < 2; ++i) {
+            qe[j][t][i] = static_cast<float>(q_pe[qh * RD + 2 * zmlx_lane + 64 * t + i]);
         }
+    }
+    mh[j] = -3.0e38f;
+    lh[j] = 0.0f;
+}
+for (uint i0 = 0; i0 < n; i0 += TP) {
+    float lv[TP][RT][4];
+    float kv[TP][ET][2];
+    ZMLX_UNROLL
+    for (uint u = 0; u < TP; ++u) {
+        const size_t p = p0 + (i0 + u < n ? i0 + u : n - 1);  // past the chunk: its last row, weight 0
         ZMLX_UNROLL
-        for (uint t = 0; t < RD / 32; ++t) {
-            const float pp = static_cast<float>(q_pe[qh * RD + zmlx_lane + 32 * t]);
+        for (uint t = 0; t < RT; ++t) zmlx_mla_load4(latb + p * R + 4 * zmlx_lane + 128 * t, lv[u][t]);
+        ZMLX_UNROLL
+        for (uint t = 0; t < ET; ++t) zmlx_mla_load2(kpeb + p * RD + 2 * zmlx_lane + 64 * t, kv[u][t]);
+    }
+    ZMLX_UNROLL
+    for (uint j = 0; j < HPW; ++j) {
+        float sc[TP];
+        float smax = mh[j];
+        ZMLX_UNROLL
+        for (uint u = 0; u < TP; ++u) {
+            float a = 0.0f;
             ZMLX_UNROLL
-            for (uint u = 0; u < PW; ++u) e[u] += pp * kv[u][t];
+            for (uint t = 0; t < RT; ++t) {
+                ZMLX_UNROLL
+                for (uint i = 0; i < 4; ++i) a += qr[j][t][i] * lv[u][t][i];
+            }
+            ZMLX_UNROLL
+            for (uint t = 0; t < ET; ++t) {
+                ZMLX_UNROLL
+                for (uint i = 0; i < 2; ++i) a += qe[j][t][i] * kv[u][t][i];
+            }
+            ZMLX_WARP_SUM(a);
+            sc[u] = i0 + u < n ? a : -3.0e38f;
+            smax = ZMLX_FMAX(smax, sc[u]);
         }
+        const float alpha = ZMLX_EXP(mh[j] - smax);  // 0 on the first step
+        mh[j] = smax;
+        float psum = 0.0f;
         ZMLX_UNROLL
-        for (uint u = 0; u < PW; ++u) {
-            float sv = scale * a[u] + e[u];  // this lane's share of the score
-            ZMLX_WARP_SUM(sv);
-            if (zmlx_lane == 0 && i0 + u < n) sc[h * CH + i0 + u] = sv;
+        for (uint u = 0; u < TP; ++u) {
+            sc[u] = ZMLX_EXP(sc[u] - smax);
+            psum += sc[u];
+        }
+        lh[j] = lh[j] * alpha + psum;
+        ZMLX_UNROLL
+        for (uint t = 0; t < RT; ++t) {
+            ZMLX_UNROLL
+            for (uint i = 0; i < 4; ++i) {
+                float v = acc[j][t][i] * alpha;
+                ZMLX_UNROLL
+                for (uint u = 0; u < TP; ++u) v += sc[u] * lv[u][t][i];
+                acc[j][t][i] = v;
+            }
         }
     }
 }
-ZMLX_BARRIER;
-// 2. per head: the chunk's max, exponentials and their sum
-for (uint h = zmlx_warp; h < H; h += NT / 32) {
-    float mx_ = -3.0e38f;
-    for (uint i = zmlx_lane; i < n; i += 32) mx_ = ZMLX_FMAX(mx_, sc[h * CH + i]);
-    ZMLX_WARP_MAX(mx_);
-    float sum = 0.0f;
-    for (uint i = zmlx_lane; i < n; i += 32) {
-        const float e = ZMLX_EXP(sc[h * CH + i] - mx_);
-        sc[h * CH + i] = e;
-        sum += e;
-    }
-    ZMLX_WARP_SUM(sum);
-    if (zmlx_lane == 0) {
-        m[(size_t(b) * NC + c) * H + h] = mx_;
-        l[(size_t(b) * NC + c) * H + h] = sum;
-    }
-}
-ZMLX_BARRIER;
-// 3. the exp-weighted sum of the chunk's latent rows, every head at once
-for (uint d = zmlx_lid; d < R; d += NT) {
-    float acc[H];
-    ZMLX_UNROLL
-    for (uint h = 0; h < H; ++h) acc[h] = 0.0f;
-    for (uint i = 0; i < n; ++i) {
-        const float v = static_cast<float>(lat[lat0 + (p0 + i) * R + d]);
+ZMLX_UNROLL
+for (uint j = 0; j < HPW; ++j) {
+    if (hw + j < H) {
+        const size_t oi = (size_t(b) * NC + c) * H + hw + j;
         ZMLX_UNROLL
-        for (uint h = 0; h < H; ++h) acc[h] += sc[h * CH + i] * v;
+        for (uint t = 0; t < RT; ++t) {
+            ZMLX_UNROLL
+            for (uint i = 0; i < 4; ++i) o[oi * R + 4 * zmlx_lane + 128 * t + i] = acc[j][t][i];
+        }
+        if (zmlx_lane == 0) {
+            m[oi] = mh[j];
+            l[oi] = lh[j];
+        }
     }
-    ZMLX_UNROLL
-    for (uint h = 0; h < H; ++h) o[((size_t(b) * NC + c) * H + h) * R + d] = acc[h];
 }
 """
 
@@ -294,27 +447,31 @@ def decode_launch(backend, qv, q_pe, lat, kpe, length, *, scale) -> Launch | str
     rd = kpe.shape[-1]
     if q_pe.shape != (bsz, heads, 1, rd):
         return f"q_pe {q_pe.shape} for {heads} heads of {rd}"
-    if r % 32 or rd % 32 or r > 2048 or heads * CHUNK > 4096 or heads > 128:
-        return f"latent {r}, rope {rd} (multiples of 32 needed), {heads} heads"
+    if r % 128 or rd % 64 or r > 2048 or rd > 256 or heads > 256:
+        return f"latent {r}, rope {rd} (multiples of 128 and 64 needed), {heads} heads"
     if not isinstance(length, int) or not 0 < length <= lat.shape[2]:
         return f"length {length!r} for a cache of {lat.shape[2]}"
-    c = math.ceil(length / CHUNK)
+    ch = chunk_size(length)
+    c = math.ceil(length / ch)
+    hpw = min(HEADS_PER_WARP, heads)
+    wpb = min(WARPS_PER_BLOCK, math.ceil(heads / hpw))
+    groups = math.ceil(heads / (hpw * wpb))
     return Launch(
-        inputs=[qv, q_pe, lat, kpe, mx.array([length, lat.shape[2]], dtype=mx.int32)],
-        template=[("H", heads), ("R", r), ("RD", rd), ("CH", CHUNK), ("NT", THREADS), ("PW", 4),
-                  ("SCALE_BITS", float_bits(scale))],
-        grid=(bsz * c * THREADS, 1, 1),
-        threadgroup=(THREADS, 1, 1),
+        inputs=[qv, q_pe, lat, kpe, mx.array([length, lat.shape[2], ch], dtype=mx.int32)],
+        template=[("T", lat.dtype), ("H", heads), ("R", r), ("RD", rd), ("HPW", hpw), ("WPB", wpb),
+                  ("TP", TP), ("SCALE_BITS", float_bits(scale))],
+        grid=(bsz * c * groups * wpb * 32, 1, 1),
+        threadgroup=(wpb * 32, 1, 1),
         output_shapes=[(bsz, c, heads, r), (bsz, c, heads), (bsz, c, heads)],
         output_dtypes=[mx.float32] * 3,
     )
 
 
 def _decode_example():
-    qv = mx.random.normal((1, 3, 64), key=mx.random.key(53))
-    q_pe = mx.random.normal((1, 3, 1, 32), key=mx.random.key(54)).astype(mx.bfloat16)
-    lat = mx.random.normal((1, 1, 256, 64), key=mx.random.key(55)).astype(mx.bfloat16)
-    kpe = mx.random.normal((1, 1, 256, 32), key=mx.random.key(56)).astype(mx.bfloat16)
+    qv = mx.random.normal((1, 3, 128), key=mx.random.key(53))
+    q_pe = mx.random.normal((1, 3, 1, 64), key=mx.random.key(54)).astype(mx.bfloat16)
+    lat = mx.random.normal((1, 1, 256, 128), key=mx.random.key(55)).astype(mx.bfloat16)
+    kpe = mx.random.normal((1, 1, 256, 64), key=mx.random.key(56)).astype(mx.bfloat16)
     return (qv, q_pe, lat, kpe, 150), {"scale": 0.125}
 
 
@@ -348,11 +505,14 @@ def unembed_reference(o, m, lsum, w, s, b, *, dtype, group_size, bits):
 
 UNEMBED_BODY = """
 // One threadgroup per (b, h): the chunks combined once, in parallel, then every row.
+constexpr uint QD = R / 4;  // quads of latent values
+constexpr uint CL = NT / QD;  // threads per quad, each summing every CL-th chunk
 const uint NC = dims[0];
 const uint h = zmlx_gid % H;
 const uint b = zmlx_gid / H;
 ZMLX_SHARED float xs[R];
 ZMLX_SHARED float wts[NT];
+ZMLX_SHARED float part[CL * R];
 ZMLX_SHARED float red[NT / 32];
 // 1. the largest chunk max (threadgroup reduction)
 float mmax = -3.0e38f;
@@ -374,9 +534,11 @@ if (zmlx_lane == 0) red[zmlx_warp] = den;
 ZMLX_BARRIER;
 den = 0.0f;
 for (uint w = 0; w < NT / 32; ++w) den += red[w];
-// 3. the weighted latent: tiles of NT chunks, their weights in threadgroup memory
-float xa[(R + NT - 1) / NT];
-for (uint t = 0; t < (R + NT - 1) / NT; ++t) xa[t] = 0.0f;
+// 3. the weighted latent: tiles of NT chunks (their weights in threadgroup memory); thread
+// (cl, qd) sums quad qd of chunks cl, cl + CL, ... with vector loads, then the CL sums
+const uint qd = zmlx_lid % QD;
+const uint cl = zmlx_lid / QD;
+float xa[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 for (uint c0 = 0; c0 < NC; c0 += NT) {
     ZMLX_BARRIER;  // the previous tile's weights are used up
     const uint c = c0 + zmlx_lid;
@@ -384,28 +546,35 @@ for (uint c0 = 0; c0 < NC; c0 += NT) {
     ZMLX_BARRIER;
     const uint nt = NC - c0 < uint(NT) ? NC - c0 : uint(NT);
     ZMLX_UNROLL8  // independent loads in flight: this loop is latency-bound otherwise
-    for (uint j = 0; j < nt; ++j) {
+    for (uint j = cl; j < nt; j += CL) {
+        float v[4];
+        zmlx_mla_load4(o + ((size_t(b) * NC + c0 + j) * H + h) * R + 4 * qd, v);
         const float a = wts[j];
-        const size_t base = ((size_t(b) * NC + c0 + j) * H + h) * R;
         ZMLX_UNROLL
-        for (uint t = 0; t < (R + NT - 1) / NT; ++t) {
-            const uint d = zmlx_lid + NT * t;
-            if (d < R) xa[t] += a * o[base + d];
-        }
+        for (uint i = 0; i < 4; ++i) xa[i] += a * v[i];
     }
 }
-for (uint t = 0; t < (R + NT - 1) / NT; ++t) {
-    const uint d = zmlx_lid + NT * t;
-    if (d < R) xs[d] = xa[t] / den;
+ZMLX_UNROLL
+for (uint i = 0; i < 4; ++i) part[cl * R + 4 * qd + i] = xa[i];
+ZMLX_BARRIER;
+for (uint d = zmlx_lid; d < R; d += NT) {
+    float sum = 0.0f;
+    for (uint k = 0; k < CL; ++k) sum += part[k * R + d];
+    xs[d] = sum / den;
 }
 ZMLX_BARRIER;
-// 4. unembed_out: one warp per output row
-for (uint j = zmlx_warp; j < V; j += NT / 32) {
-    const size_t row = size_t(h) * V + j;
-    float acc = 0.0f;
-    for (uint k = zmlx_lane; k < R; k += 32) acc += zmlx_mla_w<BITS, GS, R>(w, s, bi, row, k) * xs[k];
-    ZMLX_WARP_SUM(acc);
-    if (zmlx_lane == 0) out[(size_t(b) * H + h) * V + j] = static_cast<T>(acc);
+// 4. unembed_out: each warp RW rows at a time
+ZMLX_MLA_X_UNITS(BITS, R, xs, xr, xsum)
+for (uint j0 = zmlx_warp * RW; j0 < V; j0 += (NT / 32) * RW) {
+    const uint nrows = V - j0 < RW ? V - j0 : RW;
+    float acc[RW];
+    zmlx_mla_rows<BITS, GS, R, RW>(w, s, bi, size_t(h) * V + j0, nrows, zmlx_lane, xr, xsum, acc);
+    ZMLX_UNROLL
+    for (uint r = 0; r < RW; ++r) {
+        float a = acc[r];
+        ZMLX_WARP_SUM(a);
+        if (zmlx_lane == 0 && r < nrows) out[(size_t(b) * H + h) * V + j0 + r] = static_cast<T>(a);
+    }
 }
 """
 
@@ -416,20 +585,23 @@ def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> 
     bsz, _, heads, r = o.shape
     if dtype not in _DTYPES:
         return f"output dtype {dtype}"
-    if r > 4096 or w.ndim != 3 or w.shape[0] != heads:
-        return f"unembed_out weights {w.shape} for {heads} heads of latent {r}"
+    if r <= 0 or r % 4 or UNEMBED_THREADS % (r // 4) or w.ndim != 3 or w.shape[0] != heads:
+        return (f"unembed_out weights {w.shape} for {heads} heads of latent {r} "
+                f"(latent / 4 must divide {UNEMBED_THREADS})")
     if (why := weights_reason(w, s, b, cols=r, group_size=group_size, bits=bits, dtype=dtype)):
         return f"unembed_out: {why}"
     v = w.shape[1]
     gs, nbits = packing(r, group_size, bits)
+    if r % (4 if nbits == 32 else 32 // nbits):
+        return f"latent {r}: a whole number of packed words per row needed"
     placeholder = mx.zeros((1,), dtype)
     return Launch(
         inputs=[o, m, lsum, w, or_placeholder(s, placeholder), or_placeholder(b, placeholder),
                 mx.array([o.shape[1]], dtype=mx.int32)],
-        template=[("T", dtype), ("H", heads), ("R", r), ("V", v), ("NT", THREADS), ("GS", gs),
-                  ("BITS", nbits)],
-        grid=(bsz * heads * THREADS, 1, 1),
-        threadgroup=(THREADS, 1, 1),
+        template=[("T", dtype), ("H", heads), ("R", r), ("V", v), ("NT", UNEMBED_THREADS), ("RW", UNEMBED_RW),
+                  ("GS", gs), ("BITS", nbits)],
+        grid=(bsz * heads * UNEMBED_THREADS, 1, 1),
+        threadgroup=(UNEMBED_THREADS, 1, 1),
         output_shapes=[(bsz, heads, 1, v)],
         output_dtypes=[dtype],
     )
