@@ -82,9 +82,10 @@ def source_for(kernel: KernelDef, spec: Launch) -> str:
     )
 
 
-def compile_launch(kernel: KernelDef, spec: Launch) -> None:
-    """Compile the kernel's CUDA source for this launch to PTX; CudaCompileError with
-    NVRTC's log if it does not compile."""
+def compile_launch(kernel: KernelDef, spec: Launch, *, resources: bool = False) -> str:
+    """Compile the kernel's CUDA source for this launch; CudaCompileError with NVRTC's log
+    if it does not compile. `resources`: return ptxas's report (registers per thread, spill
+    stores and loads, stack frame), else ''."""
     lib = _nvrtc()
     if lib is None or not available():
         raise CudaCompileError("NVRTC or the CUDA headers are missing: "
@@ -96,6 +97,8 @@ def compile_launch(kernel: KernelDef, spec: Launch) -> None:
     opts = [b"--device-as-default-execution-space", f"--gpu-architecture={ARCH}".encode(),
             f"--include-path={INCLUDE}".encode(), f"--include-path={INCLUDE / 'cccl'}".encode(),
             f"--include-path={include}".encode(), f"--include-path={include / 'cccl'}".encode()]
+    if resources:
+        opts.append(b"--ptxas-options=--verbose")
     arr = (ctypes.c_char_p * len(opts))(*opts)
     try:
         status = lib.nvrtcCompileProgram(prog, len(opts), arr)
@@ -106,6 +109,14 @@ def compile_launch(kernel: KernelDef, spec: Launch) -> None:
             lib.nvrtcGetProgramLog(prog, log)
             errors = [ln for ln in log.value.decode(errors="replace").splitlines() if "error" in ln]
             raise CudaCompileError(f"{kernel.name} does not compile for {ARCH}:\n" + "\n".join(errors[:20]))
+        if not resources:
+            return ""
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        return "\n".join(ln for ln in log.value.decode(errors="replace").splitlines()
+                         if "ptxas" in ln or "registers" in ln or "spill" in ln or "stack" in ln)
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
