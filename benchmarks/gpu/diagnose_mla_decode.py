@@ -40,7 +40,7 @@ def main(context: Annotated[int, typer.Option()] = 4096,
         hpw, ch = (int(v) for v in once.split(","))
         mla.HEADS_PER_WARP, mla.MIN_CHUNK, mla.TARGET_CHUNKS = hpw, ch, 10**9
         for _ in range(5):
-            mx.eval(mla.mla_decode(qv, q_pe, lat, kpe, context, scale=scale))
+            mx.eval(mla.mla_decode(qv, q_pe, lat, kpe, scale=scale))
         return
     print(f"backend {backend.current()} {backend.device_name()}  context {context}")
     want = None
@@ -50,11 +50,11 @@ def main(context: Annotated[int, typer.Option()] = 4096,
                 mla.TP, mla.HEADS_PER_WARP, mla.MIN_CHUNK, mla.TARGET_CHUNKS = tp, hpw, ch, 10**9
                 if mla.chunk_size(context) != ch:
                     continue
-                got = mla.mla_decode(qv, q_pe, lat, kpe, context, scale=scale)
-                want = mla.decode_reference(qv, q_pe, lat, kpe, context, scale=scale)
+                got = mla.mla_decode(qv, q_pe, lat, kpe, scale=scale)
+                want = mla.decode_reference(qv, q_pe, lat, kpe, scale=scale)
                 err = max(mx.abs(g - w).max().item() / (1 + mx.abs(w).max().item())
                           for g, w in zip(got, want))
-                parts = kb.breakdown(lambda: mla.mla_decode(qv, q_pe, lat, kpe, context, scale=scale))
+                parts = kb.breakdown(lambda: mla.mla_decode(qv, q_pe, lat, kpe, scale=scale))
                 us = sum(u for _, _, u in parts)
                 blocks = math.ceil(context / ch) * math.ceil(20 / (hpw * min(10, math.ceil(20 / hpw))))
                 print(f"TP {tp} HPW {hpw} CH {ch:4d}: {blocks:4d} threadgroups  {us:8.1f} µs  "

@@ -56,9 +56,9 @@ def _mla_cases():  # GLM-4.7-Flash's attention: 20 heads, nope 192, rope 64, lat
         q = mx.zeros((1, 1, 20 * 256), dtype)
         yield mla_embed_q, (q, *quantized_experts(20, 512, 192, dtype=dtype, seed=1, **kw)), dict(
             heads=20, head_dim=256, nope=192, **kw)
-        lat, kpe = mx.zeros((1, 1, 512, 512), dtype), mx.zeros((1, 1, 512, 64), dtype)
-        yield mla_decode, (mx.zeros((1, 20, 512)), mx.zeros((1, 20, 1, 64), dtype), lat, kpe, 300), dict(
-            scale=0.0625)
+        lat, kpe = mx.zeros((1, 1, 512, 512), dtype)[:, :, :300], mx.zeros((1, 1, 512, 64), dtype)[:, :, :300]
+        qv, q_pe = mx.zeros((1, 20, 512)), mx.zeros((1, 20, 1, 64), dtype)
+        yield mla_decode, (qv, q_pe, lat, kpe), dict(scale=0.0625)
         o, m = mx.zeros((1, 5, 20, 512)), mx.zeros((1, 5, 20))
         yield mla_unembed, (o, m, m, *quantized_experts(20, 256, 512, dtype=dtype, seed=2, **kw)), dict(
             dtype=dtype, **kw)

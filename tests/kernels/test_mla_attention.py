@@ -37,6 +37,7 @@ def _problem(b, heads, nope, rd, r, v, length, dtype, packing, seed, spare=5):
     q_pe = mx.random.normal((b, heads, 1, rd), key=ks[1]).astype(dtype) * 0.3
     lat = mx.random.normal((b, 1, length + spare, r), key=ks[2]).astype(dtype)
     kpe = mx.random.normal((b, 1, length + spare, rd), key=ks[3]).astype(dtype)
+    lat, kpe = lat[:, :, :length], kpe[:, :, :length]  # views, as mlx-lm's update_and_fetch returns
     embed = quantized_experts(heads, r, nope, dtype=dtype, seed=seed + 10, **packing)
     unembed = quantized_experts(heads, v, r, dtype=dtype, seed=seed + 11, **packing)
     return q, q_pe, lat, kpe, embed, unembed, head_dim ** -0.5
@@ -66,7 +67,7 @@ def _chain(fns, q, q_pe, lat, kpe, embed, unembed, scale, *, heads, nope, length
     embed_fn, decode_fn, unembed_fn = fns
     head_dim = q.shape[-1] // heads
     qv = embed_fn(q, *embed, heads=heads, head_dim=head_dim, nope=nope, **packing)
-    o, m, lsum = decode_fn(qv, q_pe, lat, kpe, length, scale=scale)
+    o, m, lsum = decode_fn(qv, q_pe, lat, kpe, scale=scale)
     return unembed_fn(o, m, lsum, *unembed, dtype=dtype, **packing)
 
 
@@ -98,14 +99,14 @@ def test_launches_say_why_they_take_the_reference():
     assert "one token" in mla_embed_q.launch("cuda", mx.concatenate([q, q], axis=1), *embed, **head)
     assert "embed_q" in mla_embed_q.launch("cuda", q, *embed, **{**head, "nope": 80})
     qv = embed_q_reference(q, *embed, **head)
-    assert not isinstance(mla_decode.launch("cuda", qv, q_pe, lat, kpe, 10, scale=scale), str)
-    assert "length" in mla_decode.launch("cuda", qv, q_pe, lat, kpe, 16, scale=scale)  # past the buffer
-    assert "float32" in mla_decode.launch("cuda", qv.astype(mx.bfloat16), q_pe, lat, kpe, 10, scale=scale)
+    assert not isinstance(mla_decode.launch("cuda", qv, q_pe, lat, kpe, scale=scale), str)
+    assert "cache buffers" in mla_decode.launch("cuda", qv, q_pe, lat, kpe[:, :, :5], scale=scale)
+    assert "float32" in mla_decode.launch("cuda", qv.astype(mx.bfloat16), q_pe, lat, kpe, scale=scale)
     kpe32 = kpe.astype(mx.float32)
-    assert "one float dtype" in mla_decode.launch("cuda", qv, q_pe, lat, kpe32, 10, scale=scale)
-    narrow = mla_decode.launch("cuda", qv[..., :64], q_pe, lat[..., :64], kpe, 10, scale=scale)
+    assert "one float dtype" in mla_decode.launch("cuda", qv, q_pe, lat, kpe32, scale=scale)
+    narrow = mla_decode.launch("cuda", qv[..., :64], q_pe, lat[..., :64], kpe, scale=scale)
     assert "multiples of 128" in narrow  # the latent's vector loads
-    o, m, lsum = decode_reference(qv, q_pe, lat, kpe, 10, scale=scale)
+    o, m, lsum = decode_reference(qv, q_pe, lat, kpe, scale=scale)
     out = dict(dtype=mx.bfloat16, **packing)
     assert not isinstance(mla_unembed.launch("cuda", o, m, lsum, *unembed, **out), str)
     assert "partials" in mla_unembed.launch("cuda", o, m[:, :, :2], lsum, *unembed, **out)
@@ -123,8 +124,8 @@ def test_metal_bodies_match_their_references(tmp_path_factory, dtype, packing, l
     head = dict(heads=3, head_dim=128, nope=64, **packing)  # 3 heads: a warp with a spare head
     cases = [(mla_embed_q, (q, *embed), head)]
     qv = embed_q_reference(q, *embed, **head)
-    cases.append((mla_decode, (qv, q_pe, lat, kpe, length), dict(scale=scale)))
-    o, m, lsum = decode_reference(qv, q_pe, lat, kpe, length, scale=scale)
+    cases.append((mla_decode, (qv, q_pe, lat, kpe), dict(scale=scale)))
+    o, m, lsum = decode_reference(qv, q_pe, lat, kpe, scale=scale)
     cases.append((mla_unembed, (o, m, lsum, *unembed), dict(dtype=dtype, **packing)))
     for kernel, args, kw in cases:
         got = metal_emu.run(kernel, *args, **kw, workdir=work)
@@ -196,14 +197,15 @@ def test_cuda_kernels_match_their_references(length, dtype, packing):
     """GLM-4.7-Flash's attention shape at the issue's context lengths, each kernel on the
     reference's own inputs, outputs poisoned."""
     g = GLM_SHAPE
-    q, q_pe, lat, kpe, embed, unembed, scale = _problem(1, g["heads"], g["nope"], g["rd"], g["r"], g["v"],
+    batch = 2 if length == 17 else 1  # two sequences: the cache views are strided (MLX copies them)
+    q, q_pe, lat, kpe, embed, unembed, scale = _problem(batch, g["heads"], g["nope"], g["rd"], g["r"], g["v"],
                                                         length, dtype, packing, seed=length % 1000)
     head = dict(heads=g["heads"], head_dim=g["nope"] + g["rd"], nope=g["nope"], **packing)
     qv = embed_q_reference(q, *embed, **head)
-    o, m, lsum = decode_reference(qv, q_pe, lat, kpe, length, scale=scale)
+    o, m, lsum = decode_reference(qv, q_pe, lat, kpe, scale=scale)
     checks = [
         (mla_embed_q, (q, *embed), head, qv),
-        (mla_decode, (qv, q_pe, lat, kpe, length), dict(scale=scale), (o, m, lsum)),
+        (mla_decode, (qv, q_pe, lat, kpe), dict(scale=scale), (o, m, lsum)),
         (mla_unembed, (o, m, lsum, *unembed), dict(dtype=dtype, **packing),
          unembed_reference(o, m, lsum, *unembed, dtype=dtype, **packing)),
     ]

@@ -126,7 +126,7 @@ def _attention_cases(shape: str, contexts: tuple[int, ...] = (4096, 32768)) -> l
 
         def fused(lat=lat, kpe=kpe, q_pe=q_pe, context=context):
             qv = mla_embed_q(q, *embed, heads=heads, head_dim=nope + rd, nope=nope, **kw)
-            o, m, lsum = mla_decode(qv, q_pe, lat, kpe, context, scale=scale)
+            o, m, lsum = mla_decode(qv, q_pe, lat, kpe, scale=scale)
             return mla_unembed(o, m, lsum, *unembed, dtype=mx.bfloat16, **kw)
 
         cases.append(Case("mla_attention (close)", f"{shape}, context {context}, 4-bit", stock, fused))

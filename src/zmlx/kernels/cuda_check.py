@@ -70,7 +70,11 @@ def source_for(kernel: KernelDef, spec: Launch) -> str:
     """The full source MLX's cuda_kernel builds for this launch (see its build_kernel)."""
     header, body = kernel.source("cuda")
     name = f"custom_kernel_zmlx_{kernel.name}"
-    params = [f"    const {_CUDA_TYPE[a.dtype]}* {n}" for n, a in zip(kernel.input_names, spec.inputs)]
+    params = []
+    for n, a in zip(kernel.input_names, spec.inputs):
+        params.append(f"    const {_CUDA_TYPE[a.dtype]}* {n}")
+        if f"{n}_shape" in body and a.ndim > 0:  # MLX passes the shape by value when named
+            params.append(f"    const __grid_constant__ Shape {n}_shape")
     params += [f"    {_CUDA_TYPE[d]}* {n}" for n, d in zip(kernel.output_names, spec.output_dtypes)]
     consts = template_lines(spec.template, _CUDA_TYPE)
     return (

@@ -20,7 +20,9 @@ q_pe * scale and k_pe, bitwise what those three launches give:
   rounding to T, and the scale multiply in T (`float(T(rx)) * T(scale)`, one rounding:
   the product of two values of T is exact in float32).
 One thread per rotated pair: B * (H + 1) rows (H query heads and the one key head) of
-RD / 2 pairs. The position is an int32 input (no recompile per token).
+RD / 2 pairs. The kernel reads the position's table row, passed as a view of the table
+(no recompile per token, and no per-token array made on the host, which MLX's CUDA
+backend would put in managed memory for the kernel to fault in).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from zmlx import backend as _backend
 from zmlx.kernels._core import KernelDef, Launch, float_bits
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
-_NAN_BITS = 0x7FC00000
 
 
 def reference(q, kv, table, offset, *, heads, rope_dims, base, rope_scale, scale):
@@ -88,10 +89,8 @@ const uint i = zmlx_tid % (RD / 2);
 if (row < NROWS) {
     const uint b = row / (H + 1);
     const uint h = row % (H + 1);
-    const int p = pos[0];
-    const bool in_table = p >= 0 && p < NPOS;
-    const float c = in_table ? table[size_t(p) * RD + 2 * i] : ZMLX_FLOAT_BITS(NAN_BITS);
-    const float s = in_table ? table[size_t(p) * RD + 2 * i + 1] : ZMLX_FLOAT_BITS(NAN_BITS);
+    const float c = cs[2 * i];
+    const float s = cs[2 * i + 1];
     if (h < H) {
         const size_t src = (size_t(b) * H + h) * QW + NOPE + 2 * i;
         const float x1 = static_cast<float>(q[src]);
@@ -141,11 +140,10 @@ def launch(backend, q, kv, table, offset, *, heads, rope_dims, base, rope_scale,
     nrows = b * (heads + 1)
     n = nrows * (rope_dims // 2)
     return Launch(
-        inputs=[q, kv, table, mx.array(offset, dtype=mx.int32)],
+        inputs=[q, kv, table[offset:offset + 1]],  # the position's row: a view
         template=[("T", q.dtype), ("H", heads), ("QW", qw), ("NOPE", qw - rope_dims), ("KVW", kv.shape[-1]),
                   ("RANK", kv.shape[-1] - rope_dims), ("RD", rope_dims), ("NROWS", nrows),
-                  ("NPOS", table.shape[0]), ("SCALE_BITS", _scale_bits(scale, q.dtype)),
-                  ("NAN_BITS", _NAN_BITS)],
+                  ("SCALE_BITS", _scale_bits(scale, q.dtype))],
         grid=(n, 1, 1),
         threadgroup=(min(256, n), 1, 1),
         output_shapes=[(b, heads, 1, rope_dims), (b, 1, 1, rope_dims)],
@@ -166,7 +164,7 @@ glm47_rope = KernelDef(
     reference=reference,
     body=BODY,
     header=HEADER,
-    input_names=("q", "kv", "table", "pos"),
+    input_names=("q", "kv", "cs"),
     output_names=("q_pe", "k_pe"),
     launch=launch,
     example=example,

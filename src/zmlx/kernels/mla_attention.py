@@ -24,8 +24,11 @@ scaled_dot_product_attention over the latent cache with pe_scores as an additive
    through W_out[h] to the head's v_head_dim outputs, each warp 8 rows at once, rounded
    to the activations' dtype.
 
-The current length and the cache's allocated length travel as an int32 input, so a
-kernel is built once per model shape, not per token. Fidelity `close`: each kernel is
+The context length and the chunk count travel in the inputs' shapes (kernel arguments), so
+a kernel is built once per model shape, not per token, and no per-token array is made on
+the host: on CUDA, MLX puts a small host-made array in managed memory, and a kernel that
+reads it waits for its page to migrate (the first restructured mla_decode lost 20-150 µs
+per call to that; see HANDOFF). Fidelity `close`: each kernel is
 checked against a float32 reference (its tolerance below); stock itself rounds to bf16
 at every step, so the result is nearer float32 than stock is, but not stock's bits.
 """
@@ -295,16 +298,18 @@ def chunk_size(length: int) -> int:
     return max(MIN_CHUNK, TP * math.ceil(length / (TP * TARGET_CHUNKS)))
 
 
-def decode_reference(qv, q_pe, lat, kpe, length, *, scale):
+def decode_reference(qv, q_pe, lat, kpe, *, scale):
     """qv (B, H, R) float32, q_pe (B, H, 1, RD) (already scaled, as glm47_rope gives it),
-    lat (B, 1, SA, R) and kpe (B, 1, SA, RD) the cache's buffers, of which the first
-    `length` positions hold data -> per chunk of `chunk_size(length)` positions: o (B, C, H, R)
-    the exp-weighted latent sum, m (B, C, H) the max score, l (B, C, H) the exp sum."""
+    lat (B, 1, S, R) and kpe (B, 1, S, RD) the cache's S positions (what mlx-lm's
+    `update_and_fetch` returns: views of its buffers) -> per chunk of `chunk_size(S)`
+    positions: o (B, C, H, R) the exp-weighted latent sum, m (B, C, H) the max score, l (B, C, H)
+    the exp sum."""
     bsz, heads, r = qv.shape
+    length = lat.shape[2]
     ch = chunk_size(length)
     c = math.ceil(length / ch)
-    lat = lat[:, 0, :length].astype(mx.float32)  # (B, S, R)
-    kpe = kpe[:, 0, :length].astype(mx.float32)
+    lat = lat[:, 0].astype(mx.float32)  # (B, S, R)
+    kpe = kpe[:, 0].astype(mx.float32)
     scores = (scale * _dot(qv[:, :, None, :], lat[:, None])
               + _dot(q_pe[:, :, 0, None].astype(mx.float32), kpe[:, None]))  # (B, H, S)
     pad = c * ch - length
@@ -321,12 +326,13 @@ DECODE_BODY = """
 // One threadgroup per (b, chunk, group of WPB * HPW heads); each warp on its own: HPW heads
 // over the chunk's positions, TP at a time, with an online softmax (no threadgroup memory,
 // no barriers; the warps of a group share the chunk's rows through L1). A lane holds the
-// latent dims d = 4 lane + 128 t + i and the rope dims e = 2 lane + 64 t + i.
+// latent dims d = 4 lane + 128 t + i and the rope dims e = 2 lane + 64 t + i. The context
+// length S comes with the cache view's shape (a kernel argument): no per-token array.
 constexpr uint RT = R / 128;
 constexpr uint ET = RD / 64;
-const uint S = uint(dims[0]);
-const uint SA = uint(dims[1]);
-const uint CH = uint(dims[2]);
+const uint S = uint(lat_shape[2]);
+const uint CH0 = TP * ((S + TP * TARGET - 1) / (TP * TARGET));
+const uint CH = CH0 > uint(MINCH) ? CH0 : uint(MINCH);  // chunk_size(S)
 const uint NC = (S + CH - 1) / CH;
 const uint NG = (H + HPW * WPB - 1) / (HPW * WPB);
 const uint g = zmlx_gid % NG;
@@ -337,8 +343,8 @@ if (hw >= H) return;  // the whole warp: a last group's spare warps
 const uint p0 = c * CH;
 const uint n = S - p0 < CH ? S - p0 : CH;
 const float scale = ZMLX_FLOAT_BITS(SCALE_BITS);
-const ZMLX_DEVICE T* latb = lat + size_t(b) * SA * R;
-const ZMLX_DEVICE T* kpeb = kpe + size_t(b) * SA * RD;
+const ZMLX_DEVICE T* latb = lat + size_t(b) * S * R;
+const ZMLX_DEVICE T* kpeb = kpe + size_t(b) * S * RD;
 float qr[HPW][RT][4];  // scale * qv
 float qe[HPW][ET][2];  // q_pe
 float acc[HPW][RT][4];
@@ -436,7 +442,7 @@ for (uint j = 0; j < HPW; ++j) {
 """
 
 
-def decode_launch(backend, qv, q_pe, lat, kpe, length, *, scale) -> Launch | str:
+def decode_launch(backend, qv, q_pe, lat, kpe, *, scale) -> Launch | str:
     if qv.dtype != mx.float32 or qv.ndim != 3:
         return f"qv {qv.shape} {qv.dtype}: float32 (B, H, R) needed"
     bsz, heads, r = qv.shape
@@ -449,17 +455,19 @@ def decode_launch(backend, qv, q_pe, lat, kpe, length, *, scale) -> Launch | str
         return f"q_pe {q_pe.shape} for {heads} heads of {rd}"
     if r % 128 or rd % 64 or r > 2048 or rd > 256 or heads > 256:
         return f"latent {r}, rope {rd} (multiples of 128 and 64 needed), {heads} heads"
-    if not isinstance(length, int) or not 0 < length <= lat.shape[2]:
-        return f"length {length!r} for a cache of {lat.shape[2]}"
+    length = lat.shape[2]
+    if not 0 < length < 2**31 // max(r, 1):
+        return f"{length} positions"
     ch = chunk_size(length)
     c = math.ceil(length / ch)
     hpw = min(HEADS_PER_WARP, heads)
     wpb = min(WARPS_PER_BLOCK, math.ceil(heads / hpw))
     groups = math.ceil(heads / (hpw * wpb))
     return Launch(
-        inputs=[qv, q_pe, lat, kpe, mx.array([length, lat.shape[2], ch], dtype=mx.int32)],
+        inputs=[qv, q_pe, lat, kpe],
         template=[("T", lat.dtype), ("H", heads), ("R", r), ("RD", rd), ("HPW", hpw), ("WPB", wpb),
-                  ("TP", TP), ("SCALE_BITS", float_bits(scale))],
+                  ("TP", TP), ("MINCH", MIN_CHUNK), ("TARGET", TARGET_CHUNKS),
+                  ("SCALE_BITS", float_bits(scale))],
         grid=(bsz * c * groups * wpb * 32, 1, 1),
         threadgroup=(wpb * 32, 1, 1),
         output_shapes=[(bsz, c, heads, r), (bsz, c, heads), (bsz, c, heads)],
@@ -472,7 +480,7 @@ def _decode_example():
     q_pe = mx.random.normal((1, 3, 1, 64), key=mx.random.key(54)).astype(mx.bfloat16)
     lat = mx.random.normal((1, 1, 256, 128), key=mx.random.key(55)).astype(mx.bfloat16)
     kpe = mx.random.normal((1, 1, 256, 64), key=mx.random.key(56)).astype(mx.bfloat16)
-    return (qv, q_pe, lat, kpe, 150), {"scale": 0.125}
+    return (qv, q_pe, lat[:, :, :150], kpe[:, :, :150]), {"scale": 0.125}
 
 
 mla_decode = KernelDef(
@@ -483,7 +491,7 @@ mla_decode = KernelDef(
     tolerance=1e-4,
     body=DECODE_BODY,
     header=HEADER,
-    input_names=("qv", "q_pe", "lat", "kpe", "dims"),
+    input_names=("qv", "q_pe", "lat", "kpe"),
     output_names=("o", "m", "l"),
     launch=decode_launch,
     example=_decode_example,
@@ -507,7 +515,7 @@ UNEMBED_BODY = """
 // One threadgroup per (b, h): the chunks combined once, in parallel, then every row.
 constexpr uint QD = R / 4;  // quads of latent values
 constexpr uint CL = NT / QD;  // threads per quad, each summing every CL-th chunk
-const uint NC = dims[0];
+const uint NC = uint(o_shape[1]);
 const uint h = zmlx_gid % H;
 const uint b = zmlx_gid / H;
 ZMLX_SHARED float xs[R];
@@ -594,10 +602,8 @@ def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> 
     gs, nbits = packing(r, group_size, bits)
     if r % (4 if nbits == 32 else 32 // nbits):
         return f"latent {r}: a whole number of packed words per row needed"
-    placeholder = mx.zeros((1,), dtype)
-    return Launch(
-        inputs=[o, m, lsum, w, or_placeholder(s, placeholder), or_placeholder(b, placeholder),
-                mx.array([o.shape[1]], dtype=mx.int32)],
+    return Launch(  # unquantized: m stands in for the scales and biases (never read)
+        inputs=[o, m, lsum, w, or_placeholder(s, m), or_placeholder(b, m)],
         template=[("T", dtype), ("H", heads), ("R", r), ("V", v), ("NT", UNEMBED_THREADS), ("RW", UNEMBED_RW),
                   ("GS", gs), ("BITS", nbits)],
         grid=(bsz * heads * UNEMBED_THREADS, 1, 1),
@@ -625,7 +631,7 @@ mla_unembed = KernelDef(
     tolerance=2e-2,  # bf16 output: one rounding of values ~1
     body=UNEMBED_BODY,
     header=HEADER,
-    input_names=("o", "m", "l", "w", "s", "bi", "dims"),
+    input_names=("o", "m", "l", "w", "s", "bi"),
     output_names=("out",),
     launch=unembed_launch,
     example=_unembed_example,

@@ -7,7 +7,8 @@ constants, thread attributes by their Metal names). Each GPU thread is a std::th
 outputs start poisoned (all bytes 0xFF: NaN for floats) so an unwritten element shows.
 
 Limits (documented subset, see metal_emu.h): threadgroup *arrays* only (no threadgroup
-pointers), 32-wide simdgroups, float simd_* reductions, no atomics.
+pointers), 32-wide simdgroups, float simd_* reductions, no atomics. An input's `NAME_shape`
+is passed when the body names it, as MLX does; `_strides` and `_ndim` are not emulated.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def _translation_unit(kernel, spec) -> str:
         params.append(f"const device {ctype}* {name}")
         read.append(f"  auto in{i} = zmlx_read(argv[{i + 1}]);")
         call.append(f"reinterpret_cast<const {ctype}*>(in{i}.data())")
+        if f"{name}_shape" in source and arr.ndim > 0:  # as MLX adds it: a constant int buffer
+            params.append(f"const constant int* {name}_shape")
+            read.append(f"  static const int shape{i}[] = {{{', '.join(str(d) for d in arr.shape)}}};")
+            call.append(f"shape{i}")
     n_in = len(spec.inputs)
     outputs = zip(kernel.output_names, spec.output_shapes, spec.output_dtypes)
     for j, (name, shape, dtype) in enumerate(outputs):

@@ -46,11 +46,11 @@ def make():
         q, compressed_kv, q_pe, k_pe = rope_pattern.project_and_rope(self, x, cache.offset)
         compressed_kv, _ = mx.split(compressed_kv, [self.kv_lora_rank], axis=-1)
         kv_latent = mx.expand_dims(self.kv_a_layernorm(compressed_kv), axis=1)
-        cache.update_and_fetch(kv_latent, k_pe)  # the buffers are read below, up to offset + 1
+        lat, kpe = cache.update_and_fetch(kv_latent, k_pe)  # views of the buffers, offset + 1 positions
         embed, embed_packing = weights_of(self.embed_q)
         qv = mla_embed_q(q, *embed, heads=self.num_heads, head_dim=self.q_head_dim,
                          nope=self.qk_nope_head_dim, **embed_packing)
-        o, m, lsum = mla_decode(qv, q_pe, cache.keys, cache.values, cache.offset, scale=self.scale)
+        o, m, lsum = mla_decode(qv, q_pe, lat, kpe, scale=self.scale)
         unembed, unembed_packing = weights_of(self.unembed_out)
         output = mla_unembed(o, m, lsum, *unembed, dtype=x.dtype, **unembed_packing)
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
