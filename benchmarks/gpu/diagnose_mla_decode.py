@@ -38,27 +38,26 @@ def main(context: Annotated[int, typer.Option()] = 4096,
     scale = 256 ** -0.5
     if once:
         hpw, ch = (int(v) for v in once.split(","))
-        mla.HEADS_PER_WARP, mla.MIN_CHUNK, mla.TARGET_CHUNKS = hpw, ch, 10**9
+        mla.HEADS_PER_WARP, mla.MIN_CHUNK, mla.TARGET_CHUNKS = hpw, ch, 10**9  # mma for bf16
         for _ in range(5):
             mx.eval(mla.mla_decode(qv, q_pe, lat, kpe, scale=scale))
         return
     print(f"backend {backend.current()} {backend.device_name()}  context {context}")
-    want = None
-    for tp in (4, 2, 8):
-        for hpw in (2, 1):
-            for ch in (16, 32, 48, 64, 96, 128, 256):
-                mla.TP, mla.HEADS_PER_WARP, mla.MIN_CHUNK, mla.TARGET_CHUNKS = tp, hpw, ch, 10**9
-                if mla.chunk_size(context) != ch:
-                    continue
-                got = mla.mla_decode(qv, q_pe, lat, kpe, scale=scale)
-                want = mla.decode_reference(qv, q_pe, lat, kpe, scale=scale)
-                err = max(mx.abs(g - w).max().item() / (1 + mx.abs(w).max().item())
-                          for g, w in zip(got, want))
-                parts = kb.breakdown(lambda: mla.mla_decode(qv, q_pe, lat, kpe, scale=scale))
-                us = sum(u for _, _, u in parts)
-                blocks = math.ceil(context / ch) * math.ceil(20 / (hpw * min(10, math.ceil(20 / hpw))))
-                print(f"TP {tp} HPW {hpw} CH {ch:4d}: {blocks:4d} threadgroups  {us:8.1f} µs  "
-                      f"rel err {err:.1e}", flush=True)
+    for use_mma, tp, hpw in ((True, 4, 2), (False, 4, 2), (False, 4, 1)):
+        for ch in (16, 32, 48, 64, 96, 128, 256):
+            mla.USE_MMA, mla.TP, mla.HEADS_PER_WARP = use_mma, tp, hpw
+            mla.MIN_CHUNK, mla.TARGET_CHUNKS = ch, 10**9
+            got = mla.mla_decode(qv, q_pe, lat, kpe, scale=scale)
+            want = mla.decode_reference(qv, q_pe, lat, kpe, scale=scale)
+            err = max(mx.abs(g - w).max().item() / (1 + mx.abs(w).max().item())
+                      for g, w in zip(got, want))
+            parts = kb.breakdown(lambda: mla.mla_decode(qv, q_pe, lat, kpe, scale=scale))
+            us = sum(u for _, _, u in parts)
+            groups = 1 if use_mma else math.ceil(20 / (hpw * min(10, math.ceil(20 / hpw))))
+            blocks = math.ceil(context / ch) * groups
+            name = "mma" if use_mma else f"fma TP {tp} HPW {hpw}"
+            print(f"{name:16s} CH {ch:4d}: {blocks:4d} threadgroups  {us:8.1f} µs  rel err {err:.1e}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import zmlx
 from zmlx.kernels import metal_emu
 from zmlx.kernels._quant import dequantized
 from zmlx.kernels.mla_attention import (
+    CHUNK_STEP,
     MIN_CHUNK,
     TARGET_CHUNKS,
-    TP,
     UNEMBED_THREADS,
     chunk_size,
     decode_reference,
@@ -74,9 +74,9 @@ def _chain(fns, q, q_pe, lat, kpe, embed, unembed, scale, *, heads, nope, length
 def test_chunks_are_bounded_in_count_and_size():
     for length in (1, 31, 32, 33, 200, 2047, 2048, 2049, 4096, 32768, 131072):
         ch = chunk_size(length)
-        assert ch >= MIN_CHUNK and ch % TP == 0
+        assert ch >= MIN_CHUNK and ch % CHUNK_STEP == 0
         assert math.ceil(length / ch) <= TARGET_CHUNKS
-        assert ch == MIN_CHUNK or math.ceil(length / (ch - TP)) > TARGET_CHUNKS  # no larger than needed
+        assert ch == MIN_CHUNK or math.ceil(length / (ch - CHUNK_STEP)) > TARGET_CHUNKS  # none larger
 
 
 @pytest.mark.parametrize("length", [1, 17, MIN_CHUNK, MIN_CHUNK + 1, 300, 5000])

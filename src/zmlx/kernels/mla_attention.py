@@ -42,12 +42,15 @@ import mlx.core as mx
 from zmlx.kernels._core import KernelDef, Launch, float_bits
 from zmlx.kernels._quant import dequantized, or_placeholder, packing, weights_reason
 
-# mla_decode: a chunk is at least MIN_CHUNK positions, and a context is split into at most
-# TARGET_CHUNKS chunks (the partials unembed combines grow with the chunk count); each warp
-# scores HEADS_PER_WARP heads, TP positions at a time; at most WARPS_PER_BLOCK warps share a
-# chunk's rows (L1) in one threadgroup.
+# mla_decode: a chunk is at least MIN_CHUNK positions, a multiple of CHUNK_STEP, and a
+# context is split into at most TARGET_CHUNKS chunks (the partials unembed combines grow with
+# the chunk count). On CUDA with a bf16 cache (USE_MMA) a threadgroup of latent / 64 warps
+# runs the chunk on tensor cores; otherwise each warp scores HEADS_PER_WARP heads, TP
+# positions at a time, and at most WARPS_PER_BLOCK warps share a chunk's rows (L1).
 MIN_CHUNK = 32
-TARGET_CHUNKS = 64
+CHUNK_STEP = 16
+TARGET_CHUNKS = 128
+USE_MMA = True
 HEADS_PER_WARP = 2
 WARPS_PER_BLOCK = 10
 TP = 4
@@ -178,6 +181,219 @@ ZMLX_FN void zmlx_mla_rows(const ZMLX_DEVICE W* w, const ZMLX_DEVICE S* s, const
         }
     }
 }
+#ifdef ZMLX_CUDA
+ZMLX_FN void zmlx_mma_bf16(float* c, const uint* a, const uint* b) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+ZMLX_FN uint zmlx_movmatrix_t(uint a) {  // the transpose of an 8x8 b16 fragment
+    uint d;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
+    return d;
+}
+// Tensor-core path (CUDA, bf16 cache): one threadgroup of R / 64 warps per (b, chunk), warp
+// w owning latent dims 64 w .. 64 w + 63, 16 positions per step. Scores S[p][h] =
+// L[p][d] Q^T[d][h] by mma.m16n8k16 (A = the latent rows as loaded, B = scale * qv split
+// into bf16 hi + lo, so the product keeps ~16 mantissa bits; the rope part by warps
+// 0 .. RD / 16 - 1), the warps' partial scores summed in threadgroup memory, an online
+// softmax one warp per head, then O^T[d][h] += L^T[d][p] P^T[p][h] (A = the same latent
+// fragments transposed in registers by movmatrix, B = P split into bf16 hi + lo).
+// Instantiated only for bf16 (MMA = 1); TT is a template so other dtypes compile.
+template <int H, int R, int RD, int MINCH, int TARGET, int CS, typename TT>
+__device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* lat, const TT* kpe,
+                                    uint S, float scale, float* o, float* m, float* l,
+                                    uint gid, uint lid, uint lane, uint warp) {
+    constexpr uint NW = R / 64;
+    constexpr uint NT8 = (H + 7) / 8;  // head tiles of 8
+    constexpr uint HP = NT8 * 8;
+    constexpr uint RK = RD / 16;  // rope k-steps
+    __shared__ float red[NW][16][HP];
+    __shared__ float sp[HP][17];
+    __shared__ float ms[HP];
+    __shared__ float ls[HP];
+    __shared__ float al[HP];
+    const uint CH0 = CS * ((S + CS * TARGET - 1) / (CS * TARGET));
+    const uint CH = CH0 > uint(MINCH) ? CH0 : uint(MINCH);
+    const uint NC = (S + CH - 1) / CH;
+    const uint c = gid % NC;
+    const uint b = gid / NC;
+    const uint p0 = c * CH;
+    const uint n = S - p0 < CH ? S - p0 : CH;
+    const uint g = lane / 4;
+    const uint tg = lane % 4;
+    const uint w = warp;
+    const TT* latb = lat + size_t(b) * S * R + 64 * w + 2 * tg;
+    const TT* kpeb = kpe + size_t(b) * S * RD + 16 * w + 2 * tg;
+    uint qh[4][NT8][2];
+    uint ql[4][NT8][2];
+    uint qr[NT8][2];
+    ZMLX_UNROLL
+    for (uint nt = 0; nt < NT8; ++nt) {
+        const uint h = 8 * nt + g;
+        ZMLX_UNROLL
+        for (uint r = 0; r < 2; ++r) {
+            ZMLX_UNROLL
+            for (uint ks = 0; ks < 4; ++ks) {
+                const uint k = 64 * w + 16 * ks + 8 * r + 2 * tg;
+                const float x0 = h < H ? scale * qv[(size_t(b) * H + h) * R + k] : 0.0f;
+                const float x1 = h < H ? scale * qv[(size_t(b) * H + h) * R + k + 1] : 0.0f;
+                const __nv_bfloat162 hi = __floats2bfloat162_rn(x0, x1);
+                const __nv_bfloat162 lo = __floats2bfloat162_rn(x0 - __low2float(hi), x1 - __high2float(hi));
+                qh[ks][nt][r] = *reinterpret_cast<const uint*>(&hi);
+                ql[ks][nt][r] = *reinterpret_cast<const uint*>(&lo);
+            }
+            qr[nt][r] = 0u;
+            if (w < RK && h < H) {
+                const TT* qp = q_pe + (size_t(b) * H + h) * RD + 16 * w + 8 * r + 2 * tg;
+                qr[nt][r] = *reinterpret_cast<const uint*>(qp);
+            }
+        }
+    }
+    if (lid < HP) {
+        ms[lid] = -3.0e38f;
+        ls[lid] = 0.0f;
+        al[lid] = 1.0f;
+    }
+    float acc[4][NT8][4];
+    ZMLX_UNROLL
+    for (uint mt = 0; mt < 4; ++mt) {
+        ZMLX_UNROLL
+        for (uint nt = 0; nt < NT8; ++nt) {
+            ZMLX_UNROLL
+            for (uint e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+        }
+    }
+    __syncthreads();
+    for (uint t0 = 0; t0 < n; t0 += 16) {
+        const size_t r0 = p0 + (t0 + g < n ? t0 + g : n - 1);  // past the chunk: its last row, weight 0
+        const size_t r1 = p0 + (t0 + g + 8 < n ? t0 + g + 8 : n - 1);
+        uint la[4][4];
+        ZMLX_UNROLL
+        for (uint ks = 0; ks < 4; ++ks) {
+            la[ks][0] = *reinterpret_cast<const uint*>(latb + r0 * R + 16 * ks);
+            la[ks][1] = *reinterpret_cast<const uint*>(latb + r1 * R + 16 * ks);
+            la[ks][2] = *reinterpret_cast<const uint*>(latb + r0 * R + 16 * ks + 8);
+            la[ks][3] = *reinterpret_cast<const uint*>(latb + r1 * R + 16 * ks + 8);
+        }
+        float sc[NT8][4];
+        ZMLX_UNROLL
+        for (uint nt = 0; nt < NT8; ++nt) {
+            ZMLX_UNROLL
+            for (uint e = 0; e < 4; ++e) sc[nt][e] = 0.0f;
+            ZMLX_UNROLL
+            for (uint ks = 0; ks < 4; ++ks) {
+                zmlx_mma_bf16(sc[nt], la[ks], qh[ks][nt]);
+                zmlx_mma_bf16(sc[nt], la[ks], ql[ks][nt]);
+            }
+        }
+        if (w < RK) {
+            uint ka[4];
+            ka[0] = *reinterpret_cast<const uint*>(kpeb + r0 * RD);
+            ka[1] = *reinterpret_cast<const uint*>(kpeb + r1 * RD);
+            ka[2] = *reinterpret_cast<const uint*>(kpeb + r0 * RD + 8);
+            ka[3] = *reinterpret_cast<const uint*>(kpeb + r1 * RD + 8);
+            ZMLX_UNROLL
+            for (uint nt = 0; nt < NT8; ++nt) zmlx_mma_bf16(sc[nt], ka, qr[nt]);
+        }
+        ZMLX_UNROLL
+        for (uint nt = 0; nt < NT8; ++nt) {
+            red[w][g][8 * nt + 2 * tg] = sc[nt][0];
+            red[w][g][8 * nt + 2 * tg + 1] = sc[nt][1];
+            red[w][g + 8][8 * nt + 2 * tg] = sc[nt][2];
+            red[w][g + 8][8 * nt + 2 * tg + 1] = sc[nt][3];
+        }
+        __syncthreads();
+        for (uint i = lid; i < 16 * HP; i += NW * 32) {
+            const uint p = i / HP;
+            const uint h = i % HP;
+            float v = 0.0f;
+            ZMLX_UNROLL
+            for (uint ww = 0; ww < NW; ++ww) v += red[ww][p][h];
+            sp[h][p] = t0 + p < n ? v : -3.0e38f;
+        }
+        __syncthreads();
+        for (uint h = w; h < H; h += NW) {  // lanes 16..31 mirror lanes 0..15
+            const uint p = lane % 16;
+            const float s = sp[h][p];
+            float tmax = s;
+            ZMLX_UNROLL
+            for (uint mk = 8; mk > 0; mk /= 2) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, mk));
+            const float mold = ms[h];
+            const float mnew = fmaxf(mold, tmax);
+            const float e = expf(s - mnew);
+            float sum = e;
+            ZMLX_UNROLL
+            for (uint mk = 8; mk > 0; mk /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, mk);
+            __syncwarp();
+            if (lane < 16) sp[h][p] = e;
+            if (lane == 0) {
+                const float a = expf(mold - mnew);
+                al[h] = a;
+                ls[h] = ls[h] * a + sum;
+                ms[h] = mnew;
+            }
+        }
+        __syncthreads();
+        uint ph[NT8][2];
+        uint pl[NT8][2];
+        ZMLX_UNROLL
+        for (uint nt = 0; nt < NT8; ++nt) {
+            const float a0 = al[8 * nt + 2 * tg];
+            const float a1 = al[8 * nt + 2 * tg + 1];
+            ZMLX_UNROLL
+            for (uint mt = 0; mt < 4; ++mt) {
+                acc[mt][nt][0] *= a0;
+                acc[mt][nt][1] *= a1;
+                acc[mt][nt][2] *= a0;
+                acc[mt][nt][3] *= a1;
+            }
+            ZMLX_UNROLL
+            for (uint r = 0; r < 2; ++r) {
+                const float x0 = sp[8 * nt + g][8 * r + 2 * tg];
+                const float x1 = sp[8 * nt + g][8 * r + 2 * tg + 1];
+                const __nv_bfloat162 hi = __floats2bfloat162_rn(x0, x1);
+                const __nv_bfloat162 lo = __floats2bfloat162_rn(x0 - __low2float(hi), x1 - __high2float(hi));
+                ph[nt][r] = *reinterpret_cast<const uint*>(&hi);
+                pl[nt][r] = *reinterpret_cast<const uint*>(&lo);
+            }
+        }
+        ZMLX_UNROLL
+        for (uint mt = 0; mt < 4; ++mt) {
+            uint at[4];
+            at[0] = zmlx_movmatrix_t(la[mt][0]);
+            at[1] = zmlx_movmatrix_t(la[mt][2]);
+            at[2] = zmlx_movmatrix_t(la[mt][1]);
+            at[3] = zmlx_movmatrix_t(la[mt][3]);
+            ZMLX_UNROLL
+            for (uint nt = 0; nt < NT8; ++nt) {
+                zmlx_mma_bf16(acc[mt][nt], at, ph[nt]);
+                zmlx_mma_bf16(acc[mt][nt], at, pl[nt]);
+            }
+        }
+    }
+    ZMLX_UNROLL
+    for (uint mt = 0; mt < 4; ++mt) {
+        ZMLX_UNROLL
+        for (uint nt = 0; nt < NT8; ++nt) {
+            ZMLX_UNROLL
+            for (uint e = 0; e < 2; ++e) {
+                const uint h = 8 * nt + 2 * tg + e;
+                if (h < H) {
+                    const size_t oi = ((size_t(b) * NC + c) * H + h) * R + 64 * w + 16 * mt + g;
+                    o[oi] = acc[mt][nt][e];
+                    o[oi + 8] = acc[mt][nt][2 + e];
+                }
+            }
+        }
+    }
+    if (lid < H) {
+        m[(size_t(b) * NC + c) * H + lid] = ms[lid];
+        l[(size_t(b) * NC + c) * H + lid] = ls[lid];
+    }
+}
+#endif
 // The x registers of zmlx_mla_rows from K values in threadgroup memory (a macro: threadgroup
 // arrays cannot be passed to functions portably). Declares X and XSUM.
 #define ZMLX_MLA_X_UNITS(BITS_, K_, XS, X, XSUM) \\
@@ -294,8 +510,14 @@ mla_embed_q = KernelDef(
 
 def chunk_size(length: int) -> int:
     """Positions per mla_decode chunk for a context of `length`: MIN_CHUNK, grown (in steps of
-    TP) so that there are at most TARGET_CHUNKS chunks."""
-    return max(MIN_CHUNK, TP * math.ceil(length / (TP * TARGET_CHUNKS)))
+    CHUNK_STEP) so that there are at most TARGET_CHUNKS chunks."""
+    return max(MIN_CHUNK, CHUNK_STEP * math.ceil(length / (CHUNK_STEP * TARGET_CHUNKS)))
+
+
+def _mma_fits(backend, dtype, heads, r, rd) -> bool:
+    """Whether mla_decode takes its tensor-core path (CUDA, bf16 cache, GLM-like shape)."""
+    return (USE_MMA and backend == "cuda" and dtype == mx.bfloat16 and r % 64 == 0 and 64 <= r <= 1024
+            and rd % 16 == 0 and 0 < rd // 16 <= r // 64 and heads <= 32)
 
 
 def decode_reference(qv, q_pe, lat, kpe, *, scale):
@@ -331,7 +553,14 @@ DECODE_BODY = """
 constexpr uint RT = R / 128;
 constexpr uint ET = RD / 64;
 const uint S = uint(lat_shape[2]);
-const uint CH0 = TP * ((S + TP * TARGET - 1) / (TP * TARGET));
+#ifdef ZMLX_CUDA
+if constexpr (MMA) {  // bf16 on CUDA: tensor cores (zmlx_mla_decode_mma)
+    zmlx_mla_decode_mma<H, R, RD, MINCH, TARGET, CS>(qv, q_pe, lat, kpe, S, ZMLX_FLOAT_BITS(SCALE_BITS),
+                                                    o, m, l, zmlx_gid, zmlx_lid, zmlx_lane, zmlx_warp);
+    return;
+}
+#endif
+const uint CH0 = CS * ((S + CS * TARGET - 1) / (CS * TARGET));
 const uint CH = CH0 > uint(MINCH) ? CH0 : uint(MINCH);  // chunk_size(S)
 const uint NC = (S + CH - 1) / CH;
 const uint NG = (H + HPW * WPB - 1) / (HPW * WPB);
@@ -460,16 +689,18 @@ def decode_launch(backend, qv, q_pe, lat, kpe, *, scale) -> Launch | str:
         return f"{length} positions"
     ch = chunk_size(length)
     c = math.ceil(length / ch)
+    mma = _mma_fits(backend, lat.dtype, heads, r, rd)
     hpw = min(HEADS_PER_WARP, heads)
     wpb = min(WARPS_PER_BLOCK, math.ceil(heads / hpw))
     groups = math.ceil(heads / (hpw * wpb))
+    threads, blocks = ((r // 64) * 32, bsz * c) if mma else (wpb * 32, bsz * c * groups)
     return Launch(
         inputs=[qv, q_pe, lat, kpe],
-        template=[("T", lat.dtype), ("H", heads), ("R", r), ("RD", rd), ("HPW", hpw), ("WPB", wpb),
-                  ("TP", TP), ("MINCH", MIN_CHUNK), ("TARGET", TARGET_CHUNKS),
-                  ("SCALE_BITS", float_bits(scale))],
-        grid=(bsz * c * groups * wpb * 32, 1, 1),
-        threadgroup=(wpb * 32, 1, 1),
+        template=[("T", lat.dtype), ("H", heads), ("R", r), ("RD", rd), ("MMA", int(mma)), ("HPW", hpw),
+                  ("WPB", wpb), ("TP", TP), ("MINCH", MIN_CHUNK), ("CS", CHUNK_STEP),
+                  ("TARGET", TARGET_CHUNKS), ("SCALE_BITS", float_bits(scale))],
+        grid=(blocks * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
         output_shapes=[(bsz, c, heads, r), (bsz, c, heads), (bsz, c, heads)],
         output_dtypes=[mx.float32] * 3,
     )
