@@ -140,10 +140,9 @@ def test_metal_bodies_match_their_references(tmp_path_factory, dtype, packing, l
 
 
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
-def test_unembed_combines_more_chunks_than_one_tile(tmp_path_factory):
-    """mla_unembed weighs chunks a tile of UNEMBED_THREADS at a time: more chunks than that
-    (more than mla_decode makes, but any caller's partials are combined) take two tiles,
-    the second partial."""
+def test_unembed_combines_many_chunks(tmp_path_factory):
+    """mla_unembed combines any number of chunks (more than mla_decode makes, and more than
+    a threadgroup has threads), each thread over every CL-th chunk with its own running max."""
     ks = mx.random.split(mx.random.key(9), 3)
     c = UNEMBED_THREADS + 90
     o = mx.random.normal((1, c, 2, 64), key=ks[0])

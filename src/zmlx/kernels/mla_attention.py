@@ -18,11 +18,11 @@ scaled_dot_product_attention over the latent cache with pe_scores as an additive
    latent rows o. No threadgroup memory, no barriers; the warps of a threadgroup share the
    chunk's rows through L1. The cache is mlx-lm's own buffer (keys = latent, values =
    k_pe), read up to the current length.
-3. `mla_unembed`: per (b, h), the chunks combined once by the whole threadgroup (the
-   largest max and the denominator by reductions, then the weighted latent tile by tile
-   with the tile's chunk weights in threadgroup memory, vector loads), then projected
-   through W_out[h] to the head's v_head_dim outputs, each warp 8 rows at once, rounded
-   to the activations' dtype.
+3. `mla_unembed`: per (b, h), the chunks combined once by the whole threadgroup (each
+   thread a quad of latent values over every CL-th chunk with its own running max, so all
+   its loads are independent; then the partial sums rescaled to the largest max in
+   threadgroup memory), then projected through W_out[h] to the head's v_head_dim outputs,
+   each warp 8 rows at once, rounded to the activations' dtype.
 
 The context length and the chunk count travel in the inputs' shapes (kernel arguments), so
 a kernel is built once per model shape, not per token, and no per-token array is made on
@@ -57,7 +57,7 @@ TP = 4
 EMBED_RW = 4  # mla_embed_q: rows per warp, computed together (their loads in flight at once)
 UNEMBED_RW = 8  # mla_unembed: the same
 THREADS = 256  # mla_embed_q
-UNEMBED_THREADS = 512
+UNEMBED_THREADS = 512  # 1024 on CUDA (the kernel needs 48 registers)
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 HEADER = """
@@ -193,6 +193,29 @@ ZMLX_FN uint zmlx_movmatrix_t(uint a) {  // the transpose of an 8x8 b16 fragment
     asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
     return d;
 }
+// The A fragments of positions t0 .. t0 + 15 of a chunk (rows past its n positions repeat
+// its last one, weight 0): the warp's 64 latent dims (4 k-steps of 16) and, if `rope`, its
+// rope k-step.
+template <int R, int RD, typename TT>
+ZMLX_FN void zmlx_mla_fragments(const TT* latb, const TT* kpeb, uint p0, uint n, uint t0, uint g, bool rope,
+                                uint (&la)[4][4], uint (&ka)[4]) {
+    const size_t r0 = p0 + (t0 + g < n ? t0 + g : n - 1);
+    const size_t r1 = p0 + (t0 + g + 8 < n ? t0 + g + 8 : n - 1);
+    ZMLX_UNROLL
+    for (uint ks = 0; ks < 4; ++ks) {
+        la[ks][0] = *reinterpret_cast<const uint*>(latb + r0 * R + 16 * ks);
+        la[ks][1] = *reinterpret_cast<const uint*>(latb + r1 * R + 16 * ks);
+        la[ks][2] = *reinterpret_cast<const uint*>(latb + r0 * R + 16 * ks + 8);
+        la[ks][3] = *reinterpret_cast<const uint*>(latb + r1 * R + 16 * ks + 8);
+    }
+    ka[0] = ka[1] = ka[2] = ka[3] = 0u;
+    if (rope) {
+        ka[0] = *reinterpret_cast<const uint*>(kpeb + r0 * RD);
+        ka[1] = *reinterpret_cast<const uint*>(kpeb + r1 * RD);
+        ka[2] = *reinterpret_cast<const uint*>(kpeb + r0 * RD + 8);
+        ka[3] = *reinterpret_cast<const uint*>(kpeb + r1 * RD + 8);
+    }
+}
 // Tensor-core path (CUDA, bf16 cache): one threadgroup of R / 64 warps per (b, chunk), warp
 // w owning latent dims 64 w .. 64 w + 63, 16 positions per step. Scores S[p][h] =
 // L[p][d] Q^T[d][h] by mma.m16n8k16 (A = the latent rows as loaded, B = scale * qv split
@@ -214,6 +237,7 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
     __shared__ float ms[HP];
     __shared__ float ls[HP];
     __shared__ float al[HP];
+    __shared__ float ost[NW][8][68];
     const uint CH0 = CS * ((S + CS * TARGET - 1) / (CS * TARGET));
     const uint CH = CH0 > uint(MINCH) ? CH0 : uint(MINCH);
     const uint NC = (S + CH - 1) / CH;
@@ -237,8 +261,10 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
             ZMLX_UNROLL
             for (uint ks = 0; ks < 4; ++ks) {
                 const uint k = 64 * w + 16 * ks + 8 * r + 2 * tg;
-                const float x0 = h < H ? scale * qv[(size_t(b) * H + h) * R + k] : 0.0f;
-                const float x1 = h < H ? scale * qv[(size_t(b) * H + h) * R + k + 1] : 0.0f;
+                float2 x = make_float2(0.0f, 0.0f);
+                if (h < H) x = *reinterpret_cast<const float2*>(qv + (size_t(b) * H + h) * R + k);
+                const float x0 = scale * x.x;
+                const float x1 = scale * x.y;
                 const __nv_bfloat162 hi = __floats2bfloat162_rn(x0, x1);
                 const __nv_bfloat162 lo = __floats2bfloat162_rn(x0 - __low2float(hi), x1 - __high2float(hi));
                 qh[ks][nt][r] = *reinterpret_cast<const uint*>(&hi);
@@ -266,17 +292,14 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
         }
     }
     __syncthreads();
+    // the latent (and rope) fragments of the next 16 positions load while this step computes
+    uint la[4][4];
+    uint ka[4];
+    zmlx_mla_fragments<R, RD>(latb, kpeb, p0, n, 0, g, w < RK, la, ka);
     for (uint t0 = 0; t0 < n; t0 += 16) {
-        const size_t r0 = p0 + (t0 + g < n ? t0 + g : n - 1);  // past the chunk: its last row, weight 0
-        const size_t r1 = p0 + (t0 + g + 8 < n ? t0 + g + 8 : n - 1);
-        uint la[4][4];
-        ZMLX_UNROLL
-        for (uint ks = 0; ks < 4; ++ks) {
-            la[ks][0] = *reinterpret_cast<const uint*>(latb + r0 * R + 16 * ks);
-            la[ks][1] = *reinterpret_cast<const uint*>(latb + r1 * R + 16 * ks);
-            la[ks][2] = *reinterpret_cast<const uint*>(latb + r0 * R + 16 * ks + 8);
-            la[ks][3] = *reinterpret_cast<const uint*>(latb + r1 * R + 16 * ks + 8);
-        }
+        uint nla[4][4];
+        uint nka[4];
+        if (t0 + 16 < n) zmlx_mla_fragments<R, RD>(latb, kpeb, p0, n, t0 + 16, g, w < RK, nla, nka);
         float sc[NT8][4];
         ZMLX_UNROLL
         for (uint nt = 0; nt < NT8; ++nt) {
@@ -289,11 +312,6 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
             }
         }
         if (w < RK) {
-            uint ka[4];
-            ka[0] = *reinterpret_cast<const uint*>(kpeb + r0 * RD);
-            ka[1] = *reinterpret_cast<const uint*>(kpeb + r1 * RD);
-            ka[2] = *reinterpret_cast<const uint*>(kpeb + r0 * RD + 8);
-            ka[3] = *reinterpret_cast<const uint*>(kpeb + r1 * RD + 8);
             ZMLX_UNROLL
             for (uint nt = 0; nt < NT8; ++nt) zmlx_mma_bf16(sc[nt], ka, qr[nt]);
         }
@@ -372,21 +390,39 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
                 zmlx_mma_bf16(acc[mt][nt], at, pl[nt]);
             }
         }
-    }
-    ZMLX_UNROLL
-    for (uint mt = 0; mt < 4; ++mt) {
         ZMLX_UNROLL
-        for (uint nt = 0; nt < NT8; ++nt) {
+        for (uint ks = 0; ks < 4; ++ks) {
+            ZMLX_UNROLL
+            for (uint e = 0; e < 4; ++e) la[ks][e] = nla[ks][e];
+        }
+        ZMLX_UNROLL
+        for (uint e = 0; e < 4; ++e) ka[e] = nka[e];
+    }
+    // o: each warp's 8 heads x 64 dims at a time through threadgroup memory (rows of 68
+    // floats: conflict-free writes), then float4 stores, two rows per warp instruction
+    ZMLX_UNROLL
+    for (uint nt = 0; nt < NT8; ++nt) {
+        ZMLX_UNROLL
+        for (uint mt = 0; mt < 4; ++mt) {
             ZMLX_UNROLL
             for (uint e = 0; e < 2; ++e) {
-                const uint h = 8 * nt + 2 * tg + e;
-                if (h < H) {
-                    const size_t oi = ((size_t(b) * NC + c) * H + h) * R + 64 * w + 16 * mt + g;
-                    o[oi] = acc[mt][nt][e];
-                    o[oi + 8] = acc[mt][nt][2 + e];
-                }
+                ost[w][2 * tg + e][16 * mt + g] = acc[mt][nt][e];
+                ost[w][2 * tg + e][16 * mt + g + 8] = acc[mt][nt][2 + e];
             }
         }
+        __syncwarp();
+        ZMLX_UNROLL
+        for (uint i = 0; i < 4; ++i) {
+            const uint hl = 2 * i + lane / 16;
+            const uint h = 8 * nt + hl;
+            const uint d4 = 4 * (lane % 16);
+            if (h < H) {
+                const float4 v = make_float4(ost[w][hl][d4], ost[w][hl][d4 + 1], ost[w][hl][d4 + 2],
+                                             ost[w][hl][d4 + 3]);
+                *reinterpret_cast<float4*>(o + ((size_t(b) * NC + c) * H + h) * R + 64 * w + d4) = v;
+            }
+        }
+        __syncwarp();
     }
     if (lid < H) {
         m[(size_t(b) * NC + c) * H + lid] = ms[lid];
@@ -744,61 +780,52 @@ def unembed_reference(o, m, lsum, w, s, b, *, dtype, group_size, bits):
 
 UNEMBED_BODY = """
 // One threadgroup per (b, h): the chunks combined once, in parallel, then every row.
+// Thread (cl, qd) takes quad qd of chunks cl, cl + CL, ... with its own running max (no
+// reduction before its loads: they are all independent), then the CL partial sums are
+// rescaled to the largest max and added in threadgroup memory.
 constexpr uint QD = R / 4;  // quads of latent values
-constexpr uint CL = NT / QD;  // threads per quad, each summing every CL-th chunk
+constexpr uint CL = NT / QD;  // threads per quad
 const uint NC = uint(o_shape[1]);
 const uint h = zmlx_gid % H;
 const uint b = zmlx_gid / H;
 ZMLX_SHARED float xs[R];
-ZMLX_SHARED float wts[NT];
 ZMLX_SHARED float part[CL * R];
-ZMLX_SHARED float red[NT / 32];
-// 1. the largest chunk max (threadgroup reduction)
-float mmax = -3.0e38f;
-for (uint c = zmlx_lid; c < NC; c += NT) mmax = ZMLX_FMAX(mmax, m[(size_t(b) * NC + c) * H + h]);
-ZMLX_WARP_MAX(mmax);
-if (zmlx_lane == 0) red[zmlx_warp] = mmax;
-ZMLX_BARRIER;
-mmax = red[0];
-for (uint w = 1; w < NT / 32; ++w) mmax = ZMLX_FMAX(mmax, red[w]);
-ZMLX_BARRIER;
-// 2. the softmax denominator: sum over chunks of exp(m_c - max) * l_c
-float den = 0.0f;
-for (uint c = zmlx_lid; c < NC; c += NT) {
-    const size_t i = (size_t(b) * NC + c) * H + h;
-    den += ZMLX_EXP(m[i] - mmax) * l[i];
-}
-ZMLX_WARP_SUM(den);
-if (zmlx_lane == 0) red[zmlx_warp] = den;
-ZMLX_BARRIER;
-den = 0.0f;
-for (uint w = 0; w < NT / 32; ++w) den += red[w];
-// 3. the weighted latent: tiles of NT chunks (their weights in threadgroup memory); thread
-// (cl, qd) sums quad qd of chunks cl, cl + CL, ... with vector loads, then the CL sums
+ZMLX_SHARED float pm[CL];
+ZMLX_SHARED float pd[CL];
 const uint qd = zmlx_lid % QD;
 const uint cl = zmlx_lid / QD;
+float mt = -3.0e38f;
+float dl = 0.0f;
 float xa[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-for (uint c0 = 0; c0 < NC; c0 += NT) {
-    ZMLX_BARRIER;  // the previous tile's weights are used up
-    const uint c = c0 + zmlx_lid;
-    wts[zmlx_lid] = c < NC ? ZMLX_EXP(m[(size_t(b) * NC + c) * H + h] - mmax) : 0.0f;
-    ZMLX_BARRIER;
-    const uint nt = NC - c0 < uint(NT) ? NC - c0 : uint(NT);
-    ZMLX_UNROLL8  // independent loads in flight: this loop is latency-bound otherwise
-    for (uint j = cl; j < nt; j += CL) {
-        float v[4];
-        zmlx_mla_load4(o + ((size_t(b) * NC + c0 + j) * H + h) * R + 4 * qd, v);
-        const float a = wts[j];
-        ZMLX_UNROLL
-        for (uint i = 0; i < 4; ++i) xa[i] += a * v[i];
-    }
+ZMLX_UNROLL8  // independent loads in flight
+for (uint c = cl; c < NC; c += CL) {
+    const size_t i = (size_t(b) * NC + c) * H + h;
+    const float mc = m[i];
+    const float lc = l[i];
+    float v[4];
+    zmlx_mla_load4(o + i * R + 4 * qd, v);
+    const float mn = ZMLX_FMAX(mt, mc);
+    const float sa = ZMLX_EXP(mt - mn);
+    const float sb = ZMLX_EXP(mc - mn);
+    dl = dl * sa + lc * sb;
+    ZMLX_UNROLL
+    for (uint k = 0; k < 4; ++k) xa[k] = xa[k] * sa + v[k] * sb;
+    mt = mn;
 }
 ZMLX_UNROLL
-for (uint i = 0; i < 4; ++i) part[cl * R + 4 * qd + i] = xa[i];
+for (uint k = 0; k < 4; ++k) part[cl * R + 4 * qd + k] = xa[k];
+if (qd == 0) {
+    pm[cl] = mt;
+    pd[cl] = dl;
+}
 ZMLX_BARRIER;
+float mmax = pm[0];
+for (uint k = 1; k < CL; ++k) mmax = ZMLX_FMAX(mmax, pm[k]);
+float den = 0.0f;
+for (uint k = 0; k < CL; ++k) den += ZMLX_EXP(pm[k] - mmax) * pd[k];
 for (uint d = zmlx_lid; d < R; d += NT) {
     float sum = 0.0f;
-    for (uint k = 0; k < CL; ++k) sum += part[k * R + d];
+    for (uint k = 0; k < CL; ++k) sum += ZMLX_EXP(pm[k] - mmax) * part[k * R + d];
     xs[d] = sum / den;
 }
 ZMLX_BARRIER;
@@ -824,9 +851,10 @@ def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> 
     bsz, _, heads, r = o.shape
     if dtype not in _DTYPES:
         return f"output dtype {dtype}"
-    if r <= 0 or r % 4 or UNEMBED_THREADS % (r // 4) or w.ndim != 3 or w.shape[0] != heads:
+    threads = 2 * UNEMBED_THREADS if backend == "cuda" else UNEMBED_THREADS
+    if r <= 0 or r % 4 or threads % (r // 4) or w.ndim != 3 or w.shape[0] != heads:
         return (f"unembed_out weights {w.shape} for {heads} heads of latent {r} "
-                f"(latent / 4 must divide {UNEMBED_THREADS})")
+                f"(latent / 4 must divide {threads})")
     if (why := weights_reason(w, s, b, cols=r, group_size=group_size, bits=bits, dtype=dtype)):
         return f"unembed_out: {why}"
     v = w.shape[1]
@@ -835,10 +863,10 @@ def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> 
         return f"latent {r}: a whole number of packed words per row needed"
     return Launch(  # unquantized: m stands in for the scales and biases (never read)
         inputs=[o, m, lsum, w, or_placeholder(s, m), or_placeholder(b, m)],
-        template=[("T", dtype), ("H", heads), ("R", r), ("V", v), ("NT", UNEMBED_THREADS), ("RW", UNEMBED_RW),
+        template=[("T", dtype), ("H", heads), ("R", r), ("V", v), ("NT", threads), ("RW", UNEMBED_RW),
                   ("GS", gs), ("BITS", nbits)],
-        grid=(bsz * heads * UNEMBED_THREADS, 1, 1),
-        threadgroup=(UNEMBED_THREADS, 1, 1),
+        grid=(bsz * heads * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
         output_shapes=[(bsz, heads, 1, v)],
         output_dtypes=[dtype],
     )
