@@ -16,17 +16,13 @@ scaled_dot_product_attention over the latent cache with pe_scores as an additive
    rows in registers (vector loads), the scores `scale * qv . latent[p] + q_pe . k_pe[p]`
    by warp sums, an online softmax (running max m, exp sum l) and the exp-weighted sum of
    latent rows o. No threadgroup memory, no barriers; the warps of a threadgroup share the
-   chunk's rows through L1. On CUDA with a bf16 cache the chunk runs on tensor cores
-   instead (mma.m16n8k16: one threadgroup of latent / 64 warps, 16 positions a step, qv
-   and the softmax weights split into bf16 hi + lo parts so the products keep ~16 bits;
-   see zmlx_mla_decode_mma). The cache is mlx-lm's own buffer (keys = latent, values =
+   chunk's rows through L1. The cache is mlx-lm's own buffer (keys = latent, values =
    k_pe), read up to the current length.
-3. `mla_unembed`: per (b, h) (on CUDA per (b, h, half of V): twice the threadgroups,
-   each combining the chunks itself), the chunks combined by the whole threadgroup (each
+3. `mla_unembed`: per (b, h), the chunks combined once by the whole threadgroup (each
    thread a quad of latent values over every CL-th chunk with its own running max, so all
    its loads are independent; then the partial sums rescaled to the largest max in
-   threadgroup memory), then projected through W_out[h] to the slice's outputs, each warp 8
-   rows at once, rounded to the activations' dtype.
+   threadgroup memory), then projected through W_out[h] to the head's v_head_dim outputs,
+   each warp 8 rows at once, rounded to the activations' dtype.
 
 The context length and the chunk count travel in the inputs' shapes (kernel arguments), so
 a kernel is built once per model shape, not per token, and no per-token array is made on
@@ -61,8 +57,7 @@ TP = 4
 EMBED_RW = 4  # mla_embed_q: rows per warp, computed together (their loads in flight at once)
 UNEMBED_RW = 8  # mla_unembed: the same
 THREADS = 256  # mla_embed_q
-UNEMBED_THREADS = 512
-UNEMBED_SPLIT_CUDA = 2  # mla_unembed threadgroups per (b, h) on CUDA, each V / split rows
+UNEMBED_THREADS = 512  # 1024 on CUDA (the kernel needs 48 registers)
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 HEADER = """
@@ -784,19 +779,15 @@ def unembed_reference(o, m, lsum, w, s, b, *, dtype, group_size, bits):
 
 
 UNEMBED_BODY = """
-// One threadgroup per (b, h, V slice): the chunks combined (by every slice's threadgroup),
-// then the slice's rows.
+// One threadgroup per (b, h): the chunks combined once, in parallel, then every row.
 // Thread (cl, qd) takes quad qd of chunks cl, cl + CL, ... with its own running max (no
 // reduction before its loads: they are all independent), then the CL partial sums are
 // rescaled to the largest max and added in threadgroup memory.
 constexpr uint QD = R / 4;  // quads of latent values
 constexpr uint CL = NT / QD;  // threads per quad
 const uint NC = uint(o_shape[1]);
-const uint vs = zmlx_gid % VS;
-const uint h = (zmlx_gid / VS) % H;
-const uint b = zmlx_gid / (VS * H);
-constexpr uint VR = (V + VS - 1) / VS;  // rows per slice
-const uint v1 = (vs + 1) * VR < uint(V) ? (vs + 1) * VR : uint(V);
+const uint h = zmlx_gid % H;
+const uint b = zmlx_gid / H;
 ZMLX_SHARED float xs[R];
 ZMLX_SHARED float part[CL * R];
 ZMLX_SHARED float pm[CL];
@@ -840,8 +831,8 @@ for (uint d = zmlx_lid; d < R; d += NT) {
 ZMLX_BARRIER;
 // 4. unembed_out: each warp RW rows at a time
 ZMLX_MLA_X_UNITS(BITS, R, xs, xr, xsum)
-for (uint j0 = vs * VR + zmlx_warp * RW; j0 < v1; j0 += (NT / 32) * RW) {
-    const uint nrows = v1 - j0 < RW ? v1 - j0 : RW;
+for (uint j0 = zmlx_warp * RW; j0 < V; j0 += (NT / 32) * RW) {
+    const uint nrows = V - j0 < RW ? V - j0 : RW;
     float acc[RW];
     zmlx_mla_rows<BITS, GS, R, RW>(w, s, bi, size_t(h) * V + j0, nrows, zmlx_lane, xr, xsum, acc);
     ZMLX_UNROLL
@@ -860,8 +851,7 @@ def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> 
     bsz, _, heads, r = o.shape
     if dtype not in _DTYPES:
         return f"output dtype {dtype}"
-    threads = UNEMBED_THREADS
-    split = UNEMBED_SPLIT_CUDA if backend == "cuda" else 1
+    threads = 2 * UNEMBED_THREADS if backend == "cuda" else UNEMBED_THREADS
     if r <= 0 or r % 4 or threads % (r // 4) or w.ndim != 3 or w.shape[0] != heads:
         return (f"unembed_out weights {w.shape} for {heads} heads of latent {r} "
                 f"(latent / 4 must divide {threads})")
@@ -873,9 +863,9 @@ def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> 
         return f"latent {r}: a whole number of packed words per row needed"
     return Launch(  # unquantized: m stands in for the scales and biases (never read)
         inputs=[o, m, lsum, w, or_placeholder(s, m), or_placeholder(b, m)],
-        template=[("T", dtype), ("H", heads), ("R", r), ("V", v), ("VS", split), ("NT", threads),
-                  ("RW", UNEMBED_RW), ("GS", gs), ("BITS", nbits)],
-        grid=(bsz * heads * split * threads, 1, 1),
+        template=[("T", dtype), ("H", heads), ("R", r), ("V", v), ("NT", threads), ("RW", UNEMBED_RW),
+                  ("GS", gs), ("BITS", nbits)],
+        grid=(bsz * heads * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(bsz, heads, 1, v)],
         output_dtypes=[dtype],
