@@ -16,7 +16,10 @@ scaled_dot_product_attention over the latent cache with pe_scores as an additive
    rows in registers (vector loads), the scores `scale * qv . latent[p] + q_pe . k_pe[p]`
    by warp sums, an online softmax (running max m, exp sum l) and the exp-weighted sum of
    latent rows o. No threadgroup memory, no barriers; the warps of a threadgroup share the
-   chunk's rows through L1. The cache is mlx-lm's own buffer (keys = latent, values =
+   chunk's rows through L1. On CUDA with a bf16 cache the chunk runs on tensor cores
+   instead (mma.m16n8k16: one threadgroup of latent / 64 warps, 16 positions a step, qv
+   and the softmax weights split into bf16 hi + lo parts so the products keep ~16 bits;
+   see zmlx_mla_decode_mma). The cache is mlx-lm's own buffer (keys = latent, values =
    k_pe), read up to the current length.
 3. `mla_unembed`: per (b, h), the chunks combined once by the whole threadgroup (each
    thread a quad of latent values over every CL-th chunk with its own running max, so all
