@@ -124,17 +124,36 @@ inline void zmlx_mla_load2(const device T* p, thread float* v) {
 }
 #endif
 
-// RW rows' dot products with a vector x of K values (this lane's share, to be finished by a
-// warp sum), rows row0 .. row0 + RW - 1 of a stack of K-wide rows, those from row `nrows` on
-// skipped. The lane holds x in registers as units: unit u = lane + 32 i (i < NI) covers
-// values u * UV .. u * UV + UV - 1, UV = one packed word's values (affine 4/8-bit: packed
-// words, one scale and bias per group of GS) or 4 (unquantized, BITS = 32, w of type W);
-// xsum[i] is the sum of unit i's values (a group's bias multiplies it).
-template <int BITS, int GS, int K, int RW, typename S>
-ZMLX_FN void zmlx_mla_rows(const ZMLX_DEVICE uint* w, const ZMLX_DEVICE S* s, const ZMLX_DEVICE S* b,
+// One unit of a row's dot product with x (this lane's share): affine 4/8-bit, a packed word
+// of UV = 32 / BITS values (one scale and bias per group of GS; xsum = the unit's x sum,
+// which the bias multiplies), or unquantized (BITS = 32, w of type W), 4 values.
+template <int BITS, int GS, int K, typename S>
+ZMLX_FN float zmlx_mla_unit(const ZMLX_DEVICE uint* w, const ZMLX_DEVICE S* s, const ZMLX_DEVICE S* b,
+                            size_t row, uint u, const ZMLX_THREAD float* x, float xsum) {
+    constexpr uint UV = 32 / BITS;
+    const uint word = w[row * (K / UV) + u];
+    float qx = 0.0f;
+    ZMLX_UNROLL
+    for (uint j = 0; j < UV; ++j) qx += static_cast<float>((word >> (BITS * j)) & ((1u << BITS) - 1u)) * x[j];
+    const size_t g = row * (K / GS) + (u * UV) / GS;
+    return static_cast<float>(s[g]) * qx + static_cast<float>(b[g]) * xsum;
+}
+template <int BITS, int GS, int K, typename S, typename W>
+ZMLX_FN float zmlx_mla_unit(const ZMLX_DEVICE W* w, const ZMLX_DEVICE S*, const ZMLX_DEVICE S*,
+                            size_t row, uint u, const ZMLX_THREAD float* x, float) {
+    float wv[4];
+    zmlx_mla_load4(w + row * K + u * 4, wv);
+    return wv[0] * x[0] + wv[1] * x[1] + wv[2] * x[2] + wv[3] * x[3];
+}
+// RW rows' dot products with a vector x of K values (warp sums: every lane gets them), rows
+// row0 .. row0 + RW - 1 of a stack of K-wide rows, those from row `nrows` on skipped (0).
+// The lane holds x in registers as units (zmlx_mla_unit): unit u = lane + 32 i (i < NI)
+// covers values u * UV .. u * UV + UV - 1.
+template <int BITS, int GS, int K, int RW, typename S, typename W>
+ZMLX_FN void zmlx_mla_rows(const ZMLX_DEVICE W* w, const ZMLX_DEVICE S* s, const ZMLX_DEVICE S* b,
                            size_t row0, uint nrows, uint lane, const ZMLX_THREAD float* x,
                            const ZMLX_THREAD float* xsum, ZMLX_THREAD float* acc) {
-    constexpr uint UV = 32 / BITS;
+    constexpr uint UV = BITS == 32 ? 4 : 32 / BITS;
     constexpr uint NU = K / UV;
     constexpr uint NI = (NU + 31) / 32;
     ZMLX_UNROLL
@@ -146,43 +165,13 @@ ZMLX_FN void zmlx_mla_rows(const ZMLX_DEVICE uint* w, const ZMLX_DEVICE S* s, co
             ZMLX_UNROLL
             for (uint r = 0; r < RW; ++r) {
                 if (r < nrows) {
-                    const size_t row = row0 + r;
-                    const uint word = w[row * NU + u];
-                    float qx = 0.0f;
-                    ZMLX_UNROLL
-                    for (uint j = 0; j < UV; ++j) {
-                        qx += static_cast<float>((word >> (BITS * j)) & ((1u << BITS) - 1u)) * x[i * UV + j];
-                    }
-                    const size_t g = row * (K / GS) + (u * UV) / GS;
-                    acc[r] += static_cast<float>(s[g]) * qx + static_cast<float>(b[g]) * xsum[i];
+                    acc[r] += zmlx_mla_unit<BITS, GS, K>(w, s, b, row0 + r, u, x + i * UV, xsum[i]);
                 }
             }
         }
     }
-}
-template <int BITS, int GS, int K, int RW, typename S, typename W>
-ZMLX_FN void zmlx_mla_rows(const ZMLX_DEVICE W* w, const ZMLX_DEVICE S* s, const ZMLX_DEVICE S* b,
-                           size_t row0, uint nrows, uint lane, const ZMLX_THREAD float* x,
-                           const ZMLX_THREAD float* xsum, ZMLX_THREAD float* acc) {
-    constexpr uint NU = K / 4;
-    constexpr uint NI = (NU + 31) / 32;
     ZMLX_UNROLL
-    for (uint r = 0; r < RW; ++r) acc[r] = 0.0f;
-    ZMLX_UNROLL
-    for (uint i = 0; i < NI; ++i) {
-        const uint u = lane + 32 * i;
-        if (u < NU) {
-            ZMLX_UNROLL
-            for (uint r = 0; r < RW; ++r) {
-                if (r < nrows) {
-                    float wv[4];
-                    zmlx_mla_load4(w + (row0 + r) * K + u * 4, wv);
-                    ZMLX_UNROLL
-                    for (uint j = 0; j < 4; ++j) acc[r] += wv[j] * x[i * 4 + j];
-                }
-            }
-        }
-    }
+    for (uint r = 0; r < RW; ++r) ZMLX_WARP_SUM(acc[r]);
 }
 #ifdef ZMLX_CUDA
 ZMLX_FN void zmlx_mma_bf16(float* c, const uint* a, const uint* b) {
@@ -484,11 +473,8 @@ if (j0 < R) {  // the same for the whole warp
     const uint nrows = R - j0 < RW ? R - j0 : RW;
     float acc[RW];
     zmlx_mla_rows<BITS, GS, NOPE, RW>(w, s, bi, size_t(h) * R + j0, nrows, zmlx_lane, xr, xsum, acc);
-    ZMLX_UNROLL
-    for (uint r = 0; r < RW; ++r) {
-        float a = acc[r];
-        ZMLX_WARP_SUM(a);
-        if (zmlx_lane == 0 && r < nrows) qv[(size_t(b) * H + h) * R + j0 + r] = a;
+    for (uint r = 0; r < nrows; ++r) {
+        if (zmlx_lane == 0) qv[(size_t(b) * H + h) * R + j0 + r] = acc[r];
     }
 }
 """
@@ -838,11 +824,8 @@ for (uint j0 = zmlx_warp * RW; j0 < V; j0 += (NT / 32) * RW) {
     const uint nrows = V - j0 < RW ? V - j0 : RW;
     float acc[RW];
     zmlx_mla_rows<BITS, GS, R, RW>(w, s, bi, size_t(h) * V + j0, nrows, zmlx_lane, xr, xsum, acc);
-    ZMLX_UNROLL
-    for (uint r = 0; r < RW; ++r) {
-        float a = acc[r];
-        ZMLX_WARP_SUM(a);
-        if (zmlx_lane == 0 && r < nrows) out[(size_t(b) * H + h) * V + j0 + r] = static_cast<T>(a);
+    for (uint r = 0; r < nrows; ++r) {
+        if (zmlx_lane == 0) out[(size_t(b) * H + h) * V + j0 + r] = static_cast<T>(acc[r]);
     }
 }
 """
