@@ -140,6 +140,25 @@ def test_metal_bodies_match_their_references(tmp_path_factory, dtype, packing, l
 
 
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+def test_decode_body_chunks_as_chunk_size_does(tmp_path_factory, monkeypatch):
+    """The body computes its chunk size from the length it reads off the cache's shape; with
+    few target chunks it must grow past MIN_CHUNK exactly as chunk_size does (150 positions
+    into 4 chunks of 48, the last partial), or the partials land in the wrong places."""
+    from zmlx.kernels import mla_attention as mla
+
+    monkeypatch.setattr(mla, "TARGET_CHUNKS", 4)
+    assert chunk_size(150) == 48
+    packing = PACKINGS[0]
+    q, q_pe, lat, kpe, embed, _, scale = _problem(1, 3, 64, 64, 128, 40, 150, mx.bfloat16, packing, 150)
+    qv = embed_q_reference(q, *embed, heads=3, head_dim=128, nope=64, **packing)
+    got = metal_emu.run(mla_decode, qv, q_pe, lat, kpe, scale=scale, workdir=tmp_path_factory.getbasetemp())
+    want = decode_reference(qv, q_pe, lat, kpe, scale=scale)
+    assert got[0].shape == want[0].shape == (1, 4, 3, 128)
+    for g, w in zip(got, want):
+        assert mx.allclose(g, w, rtol=mla_decode.tolerance, atol=mla_decode.tolerance).item()
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
 def test_unembed_combines_many_chunks(tmp_path_factory):
     """mla_unembed combines any number of chunks (more than mla_decode makes, and more than
     a threadgroup has threads), each thread over every CL-th chunk with its own running max."""
