@@ -63,3 +63,26 @@ def test_backend_follows_the_default_device():
         mx.set_default_device(before)
     if before == mx.Device(mx.gpu):
         assert backend.current() in ("cuda", "metal")
+
+
+def test_no_kernel_makes_an_index_array_per_call():
+    """MLX's CUDA backend puts a small array made on the host (an `mx.array([...])` of a
+    length or position, made per call) in managed memory, and the kernel that reads it waits
+    for the page (20-150 µs per call for mla_decode before the fix). Per-call values travel
+    in shapes, views or the template instead: a small integer input that is not one of the
+    call's own arguments must be made once (the same array on every call), not per call."""
+    from zmlx.patch import PATTERNS
+
+    kernels = {k.name: k for p in PATTERNS.values() for k in p.kernels}
+    for name, k in sorted(kernels.items()):
+        if k.example is None or k.launch is None:
+            continue
+        args, kwargs = k.example()
+        own = [a for a in args if isinstance(a, mx.array)]
+        for backend in ("cuda", "metal"):
+            first, second = (k.launch(backend, *args, **kwargs) for _ in range(2))
+            assert not isinstance(first, str), (name, first)
+            for a, b in zip(first.inputs, second.inputs):
+                if any(a is x for x in own) or not (a.size <= 16 and mx.issubdtype(a.dtype, mx.integer)):
+                    continue
+                assert a is b, f"{name} ({backend}) makes a {a.dtype} array of {a.size} on every call"

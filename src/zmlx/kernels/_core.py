@@ -18,10 +18,16 @@ declares Metal's `thread_position_in_grid` only when the source mentions it):
     ZMLX_CUDA / ZMLX_METAL  defined on that backend, for the few lines that must differ
 
 `launch(*args)` computes the geometry and template from the shapes, or returns the
-reason this call takes the reference. Before a kernel is first used on a backend it
-is built and checked against the reference on `example()` inputs (bitwise for an
-`exact` kernel); a build failure or a mismatch makes that backend take the
-reference, and `plan()` says why, so the PatchResult records it: never silent.
+reason this call takes the reference. Values that change per call (a context length, a
+position) travel in an input's shape (`NAME_shape`, which MLX passes when the body names
+it), as a view of an existing array, or in the template; never as a small array made on
+the host per call: MLX's CUDA backend puts such an array in managed memory and the kernel
+waits for its page (tests/kernels/test_core.py checks every kernel's launch).
+
+Before a kernel is first used on a backend it is built and checked against the
+reference on `example()` inputs (bitwise for an `exact` kernel); a build failure or a
+mismatch makes that backend take the reference, and `plan()` says why, so the
+PatchResult records it: never silent.
 """
 
 from __future__ import annotations
