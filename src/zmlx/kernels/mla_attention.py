@@ -60,7 +60,8 @@ TP = 4
 EMBED_RW = 4  # mla_embed_q: rows per warp, computed together (their loads in flight at once)
 UNEMBED_RW = 8  # mla_unembed: the same
 THREADS = 256  # mla_embed_q
-UNEMBED_THREADS = 512  # 1024 on CUDA (the kernel needs 48 registers)
+UNEMBED_THREADS = 512  # Metal
+UNEMBED_THREADS_CUDA = 1024  # the kernel needs <= 56 registers, so 1024 fit
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 HEADER = """
@@ -80,8 +81,14 @@ HEADER = """
 #define ZMLX_FMAX(a, b) metal::max((a), (b))
 #endif
 #define ZMLX_WARP_SUM(v) for (uint zmlx_m = 16; zmlx_m > 0; zmlx_m /= 2) (v) += ZMLX_SHFL_XOR((v), zmlx_m)
-#define ZMLX_WARP_MAX(v) \\
-    for (uint zmlx_m = 16; zmlx_m > 0; zmlx_m /= 2) (v) = ZMLX_FMAX((v), ZMLX_SHFL_XOR((v), zmlx_m))
+
+// mla_decode's chunk size for a context of S positions (chunk_size in Python): MINCH, grown
+// in steps of CS so that there are at most TARGET chunks.
+template <int MINCH, int TARGET, int CS>
+ZMLX_FN uint zmlx_mla_chunk(uint S) {
+    const uint ch = CS * ((S + CS * TARGET - 1) / (CS * TARGET));
+    return ch > uint(MINCH) ? ch : uint(MINCH);
+}
 
 // N = 4 or 2 consecutive values from p as floats: one vector load on CUDA (p aligned to N
 // elements), N loads on Metal.
@@ -216,9 +223,9 @@ ZMLX_FN void zmlx_mla_fragments(const TT* latb, const TT* kpeb, uint p0, uint n,
 // softmax one warp per head, then O^T[d][h] += L^T[d][p] P^T[p][h] (A = the same latent
 // fragments transposed in registers by movmatrix, B = P split into bf16 hi + lo).
 // Instantiated only for bf16 (MMA = 1); TT is a template so other dtypes compile.
-template <int H, int R, int RD, int MINCH, int TARGET, int CS, typename TT>
+template <int H, int R, int RD, typename TT>
 __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* lat, const TT* kpe,
-                                    uint S, float scale, float* o, float* m, float* l,
+                                    uint S, uint CH, float scale, float* o, float* m, float* l,
                                     uint gid, uint lid, uint lane, uint warp) {
     constexpr uint NW = R / 64;
     constexpr uint NT8 = (H + 7) / 8;  // head tiles of 8
@@ -230,8 +237,6 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
     __shared__ float ls[HP];
     __shared__ float al[HP];
     __shared__ float ost[NW][8][68];
-    const uint CH0 = CS * ((S + CS * TARGET - 1) / (CS * TARGET));
-    const uint CH = CH0 > uint(MINCH) ? CH0 : uint(MINCH);
     const uint NC = (S + CH - 1) / CH;
     const uint c = gid % NC;
     const uint b = gid / NC;
@@ -578,15 +583,14 @@ DECODE_BODY = """
 constexpr uint RT = R / 128;
 constexpr uint ET = RD / 64;
 const uint S = uint(lat_shape[2]);
+const uint CH = zmlx_mla_chunk<MINCH, TARGET, CS>(S);
 #ifdef ZMLX_CUDA
 if constexpr (MMA) {  // bf16 on CUDA: tensor cores (zmlx_mla_decode_mma)
-    zmlx_mla_decode_mma<H, R, RD, MINCH, TARGET, CS>(qv, q_pe, lat, kpe, S, ZMLX_FLOAT_BITS(SCALE_BITS),
-                                                    o, m, l, zmlx_gid, zmlx_lid, zmlx_lane, zmlx_warp);
+    zmlx_mla_decode_mma<H, R, RD>(qv, q_pe, lat, kpe, S, CH, ZMLX_FLOAT_BITS(SCALE_BITS),
+                                  o, m, l, zmlx_gid, zmlx_lid, zmlx_lane, zmlx_warp);
     return;
 }
 #endif
-const uint CH0 = CS * ((S + CS * TARGET - 1) / (CS * TARGET));
-const uint CH = CH0 > uint(MINCH) ? CH0 : uint(MINCH);  // chunk_size(S)
 const uint NC = (S + CH - 1) / CH;
 const uint NG = (H + HPW * WPB - 1) / (HPW * WPB);
 const uint g = zmlx_gid % NG;
@@ -837,7 +841,7 @@ def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> 
     bsz, _, heads, r = o.shape
     if dtype not in _DTYPES:
         return f"output dtype {dtype}"
-    threads = 2 * UNEMBED_THREADS if backend == "cuda" else UNEMBED_THREADS
+    threads = UNEMBED_THREADS_CUDA if backend == "cuda" else UNEMBED_THREADS
     if r <= 0 or r % 4 or threads % (r // 4) or w.ndim != 3 or w.shape[0] != heads:
         return (f"unembed_out weights {w.shape} for {heads} heads of latent {r} "
                 f"(latent / 4 must divide {threads})")
