@@ -124,7 +124,7 @@ def _attention_cases(shape: str, contexts: tuple[int, ...] = (4096, 32768)) -> l
             out = mx.fast.scaled_dot_product_attention(q_abs, lat, lat, scale=scale, mask=pe_scores)
             return mx.quantized_matmul(out, *unembed, transpose=True, **kw)
 
-        def fused(lat=lat, kpe=kpe, q_pe=q_pe, context=context):
+        def fused(lat=lat, kpe=kpe, q_pe=q_pe):
             qv = mla_embed_q(q, *embed, heads=heads, head_dim=nope + rd, nope=nope, **kw)
             o, m, lsum = mla_decode(qv, q_pe, lat, kpe, scale=scale)
             return mla_unembed(o, m, lsum, *unembed, dtype=mx.bfloat16, **kw)

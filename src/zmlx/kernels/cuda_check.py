@@ -107,22 +107,23 @@ def compile_launch(kernel: KernelDef, spec: Launch, *, resources: bool = False) 
     try:
         status = lib.nvrtcCompileProgram(prog, len(opts), arr)
         if status != 0:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            errors = [ln for ln in log.value.decode(errors="replace").splitlines() if "error" in ln]
+            errors = [ln for ln in _log(lib, prog) if "error" in ln]
             raise CudaCompileError(f"{kernel.name} does not compile for {ARCH}:\n" + "\n".join(errors[:20]))
         if not resources:
             return ""
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        return "\n".join(ln for ln in log.value.decode(errors="replace").splitlines()
+        return "\n".join(ln for ln in _log(lib, prog)
                          if "ptxas" in ln or "registers" in ln or "spill" in ln or "stack" in ln)
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _log(lib, prog) -> list[str]:
+    """NVRTC's log of a compiled program, line by line."""
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    return log.value.decode(errors="replace").splitlines()
 
 
 def _ok(lib, status: int) -> None:
