@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from zmlx import ui
-from zmlx.bench import capsule, report
+from zmlx.bench import capsule, report, stamp
 from zmlx.bench.harness import measure
 from zmlx.bench.variants import GLM47_FLASH
 from zmlx.models import ModelLoadError, load
@@ -51,6 +51,11 @@ def main(
     if runs < 1 or max_tokens < 1 or prompt_tokens < 1:
         print("error: --runs, --max-tokens and --prompt-tokens must be at least 1", file=sys.stderr)
         raise typer.Exit(2)
+    try:
+        git = stamp.git()
+    except stamp.GitStateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
     chosen = [GLM47_FLASH["control"]] + [GLM47_FLASH[n] for n in names if n != "control"]
     err = Console(stderr=True)
     try:
@@ -74,6 +79,7 @@ def main(
         params={"runs": runs, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens,
                 "allow_unsafe": allow_unsafe, "variants": [v.name for v in chosen]},
         variants=[r.to_dict() for r in results],
+        git=git,
     )
     path = capsule.write(cap, capsule_dir)
     if json_out is not None:

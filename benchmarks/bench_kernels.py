@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from zmlx import backend, ui
-from zmlx.bench import capsule, kernels
+from zmlx.bench import capsule, kernels, stamp
 
 
 def main(
@@ -36,6 +36,11 @@ def main(
     if iters < 1 or repeats < 1:
         print("error: --iters and --repeats must be at least 1", file=sys.stderr)
         raise typer.Exit(2)
+    try:
+        git = stamp.git()
+    except stamp.GitStateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
     err = Console(stderr=True)
     with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("kernels", total=None)
@@ -51,6 +56,7 @@ def main(
                "quantization": None},
         params={"iters": iters, "repeats": repeats, "backend": backend.current(), "only": only},
         variants=[],
+        git=git,
     )
     cap["kernels"] = rows
     cap["kernel_fallbacks"] = kernels.fallbacks()  # a failed self-check: its "fused" side ran the reference

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from zmlx.bench import capsule
+from zmlx.bench import capsule, stamp
 
 
 def _variant(name, decode, kernels=None, skipped=None):
@@ -58,10 +58,13 @@ def test_write_never_overwrites(tmp_path):
     assert a != b and a.exists() and b.exists()
 
 
-def test_git_stamp_from_the_environment_when_there_is_no_checkout(monkeypatch):
-    monkeypatch.setenv("ZMLX_GIT_COMMIT", "abc123")
-    monkeypatch.setenv("ZMLX_GIT_DIRTY", "0")
-    assert _capsule([1.0], [1.0])["git"] == {"commit": "abc123", "dirty": False}
+def test_a_capsule_refuses_a_stated_commit_the_checkout_does_not_hold(monkeypatch):
+    # (without a checkout the stated commit is recorded as given: tests/bench/test_stamp.py)
+    monkeypatch.setenv("ZMLX_GIT_COMMIT", "0123456789abcdef")
+    with pytest.raises(stamp.GitStateError, match="is not a commit"):
+        _capsule([1.0], [1.0])
+    stated = {"commit": "abc123", "dirty": None}
+    assert capsule.build(name="x", model={"name": "m"}, params={}, variants=[], git=stated)["git"] == stated
 
 
 @pytest.mark.parametrize(

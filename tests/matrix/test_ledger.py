@@ -93,3 +93,48 @@ def test_merge_appends_new_lines_once(tmp_path):
     assert n == 1 and problems == ["line 3: not JSON (Expecting value)"]
     assert L.merge(there, here)[0] == 0
     assert [e["model"] for e in L.read(here).entries] == ["common", "gpu"]
+
+
+def test_line_ids_are_stable_and_tell_lines_apart():
+    a, b = entry(model="a"), entry(model="b")
+    assert L.line_id(a) == L.line_id(dict(reversed(list(a.items()))))  # key order does not matter
+    assert L.line_id(a) != L.line_id(b) and len(L.line_id(a)) == 10
+
+
+def test_supersede_appends_a_mark_and_read_sets_the_line_aside(tmp_path):
+    path = tmp_path / "m.jsonl"
+    L.append(entry(model="bad"), path)
+    L.append(entry(model="good"), path)
+    bad = L.line_id(L.read(path).entries[0])
+    with pytest.raises(L.LedgerError, match="reason"):
+        L.supersede(path, [bad], " ", "2026-11-29T00:00:00+00:00")
+    with pytest.raises(L.LedgerError, match="no line"):
+        L.supersede(path, ["ffffffffff"], "why", "2026-11-29T00:00:00+00:00")
+    assert L.supersede(path, [bad[:4]], "harness bug", "2026-11-29T00:00:00+00:00") == [bad]
+    data = L.read(path)
+    assert [e["model"] for e in data.entries] == ["bad", "good"]  # history keeps both
+    assert [e["model"] for e in data.current()] == ["good"]
+    assert data.superseded[bad]["reason"] == "harness bug"
+
+
+def test_merge_refuses_lines_whose_commit_is_not_in_the_repository(tmp_path):
+    here, there = tmp_path / "here.jsonl", tmp_path / "there.jsonl"
+    L.append(entry(model="known", git={"commit": "abc", "dirty": None}), there)
+    L.append(entry(model="unknown", git={"commit": "fff", "dirty": None}), there)
+    L.append(entry(model="no commit", git={"commit": None, "dirty": None}), there)
+    L.supersede(there, [L.line_id(L.read(there).entries[0])], "bad harness", "2026-11-29T00:00:00+00:00")
+    n, problems = L.merge(there, here, commit_exists=lambda sha: sha == "abc")
+    assert n == 3 and len(problems) == 1 and "commit fff is not in this repository" in problems[0]
+    data = L.read(here)
+    assert [e["model"] for e in data.entries] == ["known", "no commit"] and len(data.superseded) == 1
+    assert L.merge(there, here, commit_exists=lambda sha: sha == "abc")[0] == 0  # the mark too, once
+
+
+def test_check_writable_refuses_directories_and_paths_under_files(tmp_path):
+    with pytest.raises(L.LedgerPathError, match="is a directory"):
+        L.check_writable(tmp_path)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(L.LedgerPathError, match="is a file"):
+        L.check_writable(tmp_path / "f" / "sub" / "m.jsonl")
+    assert L.check_writable(tmp_path / "new" / "m.jsonl") == tmp_path / "new" / "m.jsonl"
+    assert not (tmp_path / "new").exists()  # checking creates nothing

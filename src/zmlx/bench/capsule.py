@@ -30,7 +30,10 @@ def build(
     params: dict[str, Any],
     variants: Sequence[dict[str, Any]],
     command: Sequence[str] | None = None,
+    git: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`git`: the measured code's stamp.git(), taken before measuring (so that a bad stated
+    commit stops the run before it spends time); taken here when not given."""
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -41,7 +44,7 @@ def build(
         "model": model,
         "device": stamp.device(),
         "versions": stamp.versions(),
-        "git": stamp.git(),
+        "git": git if git is not None else stamp.git(),
         "params": params,
         "baseline": variants[0]["name"] if variants else None,
         "variants": list(variants),

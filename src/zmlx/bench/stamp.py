@@ -53,21 +53,50 @@ def host_memory(available: bool = False) -> int | None:
         return None
 
 
-def git(root: Path | None = None) -> dict[str, Any]:
-    """{'commit', 'dirty'} of the project checkout; the ZMLX_GIT_* overrides where
-    the tree has no .git (the GPU machine gets a copy of the working tree only)."""
-    commit, dirty = git_override()
-    if commit:
-        return {"commit": commit, "dirty": bool(dirty)}
-    root = root or Path(__file__).resolve().parents[3]
+class GitStateError(ValueError):
+    """A stated commit that the repository at hand does not hold."""
+
+
+def _git(root: Path, *args: str) -> str | None:
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-            capture_output=True, text=True, check=True,
-        ).stdout
-        return {"commit": commit, "dirty": bool(status.strip())}
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+        return None
+
+
+def checkout(root: Path | None = None) -> Path | None:
+    """The project's git checkout (the tree this zmlx is imported from), or None: an
+    installed zmlx, or a copy of the tree without .git (the GPU machine's)."""
+    root = (root or Path(__file__).resolve().parents[3]).resolve()
+    top = _git(root, "rev-parse", "--show-toplevel")
+    return root if top and Path(top).resolve() == root else None
+
+
+def commit_exists(sha: str, root: Path | None = None) -> bool | None:
+    """Whether the checkout holds commit `sha`; None when there is no checkout to ask."""
+    repo = checkout(root)
+    if repo is None:
+        return None
+    return _git(repo, "rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}") is not None
+
+
+def git(root: Path | None = None) -> dict[str, Any]:
+    """{'commit', 'dirty'} of the measured code. Where the checkout is at hand, both come
+    from it, and a commit stated by ZMLX_GIT_COMMIT must exist in it (GitStateError
+    otherwise). Without a checkout (the GPU machine gets a copy of the tree), the stated
+    commit is recorded as given and `dirty` is ZMLX_GIT_DIRTY's value, or None: unknown
+    is recorded as unknown, never as clean."""
+    stated, stated_dirty = git_override()
+    repo = checkout(root)
+    if repo is None:
+        return {"commit": stated, "dirty": stated_dirty if stated else None}
+    head = _git(repo, "rev-parse", "HEAD")
+    status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    dirty = None if status is None else bool(status)
+    if not stated:
+        return {"commit": head, "dirty": dirty}
+    full = _git(repo, "rev-parse", "--verify", "--quiet", f"{stated}^{{commit}}")
+    if full is None:
+        raise GitStateError(f"ZMLX_GIT_COMMIT={stated} is not a commit in {repo}")
+    return {"commit": full, "dirty": dirty if full == head else stated_dirty}
