@@ -1,6 +1,9 @@
 """Synthetic checkpoints: mlx_lm.load reads them unchanged; seeded; not degenerate."""
 
 import json
+import signal
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx_lm
@@ -89,21 +92,50 @@ def test_greedy_decoding_is_not_degenerate(request, fixture):
     assert synth.EOS_ID not in tokens
 
 
-def test_write_refuses_to_overwrite_and_is_atomic(tmp_path, monkeypatch):
-    out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_write_marks_its_directory_and_replaces_only_that(tmp_path):
+    out = synth.write("synth:glm4_moe_lite/tiny/affine4", tmp_path / "ckpt")
+    manifest = json.loads((out / synth.MANIFEST).read_text())
+    assert manifest["spec"] == "synth:glm4_moe_lite/tiny/affine4"
+    assert sorted(manifest["files"] + [synth.MANIFEST]) == sorted(p.name for p in out.iterdir())
     with pytest.raises(synth.SynthError, match="exists"):
         synth.write("synth:glm4_moe_lite/tiny/affine4", out)
+    synth.write("synth:glm4_moe_lite/tiny/affine4@1", out, overwrite=True)
+    assert json.loads((out / synth.MANIFEST).read_text())["spec"] == "synth:glm4_moe_lite/tiny/affine4@1"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(synth.SynthError, match="not a directory zmlx wrote"):
+        synth.write("synth:glm4_moe_lite/tiny/affine4", mine, overwrite=True)
+    assert _tree(mine) == {"keep.txt": b"mine"}
+
+
+def test_write_that_fails_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    out = synth.write("synth:glm4_moe_lite/tiny/affine4", tmp_path / "ckpt")
+    before = _tree(out)
 
     def broken(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(synth, "write_tokenizer", broken)
     with pytest.raises(KeyboardInterrupt):
-        synth.write("synth:glm4_moe_lite/tiny/affine4", out, overwrite=True)
+        synth.write("synth:glm4_moe_lite/tiny/affine4@1", out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dir left
-    assert (out / "keep.txt").read_text() == "mine"  # the old one is intact
+    assert _tree(out) == before  # the old one is intact
+
+
+def test_chat_template_works_on_the_loaded_checkpoint(tmp_path):
+    out = synth.write("synth:glm4_moe_lite/tiny/affine4", tmp_path / "ckpt")
+    model, tok = mlx_lm.load(str(out))
+    assert tok.has_chat_template
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert tok.decode(prompt) == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
+    # What `mlx_lm chat` does with each turn.
+    assert len(tok.encode(mlx_lm.generate(model, tok, prompt, max_tokens=4))) >= 1
 
 
 def test_memory_estimate_of_the_real_size():
@@ -114,10 +146,17 @@ def test_memory_estimate_of_the_real_size():
     assert abs(synth.estimate_bytes("synth:glm4_moe_lite/tiny/affine4") - actual) < 0.05 * actual
 
 
-def test_synth_cli(tmp_path):
-    import subprocess
-    import sys
+def _synth(*args, cwd=None):
+    cmd = [sys.executable, "-m", "zmlx.synth", "glm4_moe_lite", "--preset", "tiny", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
 
+
+def _refused(p):
+    return p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: ")
+
+
+@pytest.mark.slow
+def test_synth_cli(tmp_path):
     out = tmp_path / "c"
     cmd = [sys.executable, "-m", "zmlx.synth", "glm4_moe_lite", "--preset", "tiny", "--out", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -125,3 +164,61 @@ def test_synth_cli(tmp_path):
     assert "wrote synth:glm4_moe_lite/tiny/affine4" in p.stdout
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 2 and "exists" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_synth_cli_refuses_what_zmlx_did_not_write(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    afile = tmp_path / "afile"
+    afile.write_text("data")
+    for out in (mine, afile, "."):
+        p = _synth("--out", out, "--overwrite", cwd=tmp_path)
+        assert _refused(p), (out, p.returncode, p.stderr)
+    assert _tree(tmp_path) == {"mine/notes.txt": b"mine", "afile": b"data"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = _synth("--out", empty)
+    assert p.returncode == 0, p.stderr
+
+
+# The CLI with a tokenizer writer that stalls once the weights are written.
+SLOW_SYNTH = """
+import sys, time
+from zmlx import synth, ui
+from zmlx.synth_cli import command
+
+def stalled_tokenizer(out, vocab_size):
+    print("writing", flush=True)
+    time.sleep(300)
+
+synth.write_tokenizer = stalled_tokenizer
+sys.argv[1:] = ["--out", sys.argv[1], "--overwrite"]
+ui.run_command(command)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_write_leaves_the_old_checkpoint_and_no_temporary(tmp_path):
+    out = synth.write("synth:glm4_moe_lite/tiny/affine4", tmp_path / "ckpt")
+    before = _tree(out)
+    p = subprocess.Popen([sys.executable, "-c", SLOW_SYNTH, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "writing\n"
+        assert len(list(tmp_path.iterdir())) == 2  # the new one is half-written beside it
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        p.kill()
+        p.wait()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["ckpt"]
+    assert _tree(out) == before
+
+
+@pytest.mark.slow
+def test_mlx_lm_chat_runs_on_a_synthetic_checkpoint(tmp_path):
+    out = synth.write("synth:glm4_moe_lite/tiny/affine4", tmp_path / "ckpt")
+    cmd = [sys.executable, "-m", "mlx_lm", "chat", "--model", str(out), "--max-tokens", "4"]
+    p = subprocess.run(cmd, input="hi\nq\n", capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]

@@ -21,98 +21,22 @@ import io
 import json
 import math
 import os
-import shutil
-import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
-import typer
 
-from zmlx import ui
+from zmlx import safe_write, ui
+from zmlx.synth_presets import FAMILIES, GLM4_MOE_LITE_COMMON, QUANTS
+from zmlx.synth_tokenizer import EOS_ID as EOS_ID  # re-exported: synth.EOS_ID
+from zmlx.synth_tokenizer import load_tokenizer_for, write_tokenizer
 
 SPEC_PREFIX = "synth:"
-EOS_TOKEN = "<|endoftext|>"
-EOS_ID = 0
-
-# Real GLM-4.7-Flash shapes, and a tiny one with the same structure (dims multiples
-# of 64, as MLX's CUDA quantized matmul needs).
-GLM4_MOE_LITE_PRESETS: dict[str, dict[str, Any]] = {
-    "flash": dict(
-        vocab_size=154880,
-        hidden_size=2048,
-        intermediate_size=10240,
-        moe_intermediate_size=1536,
-        num_hidden_layers=47,
-        num_attention_heads=20,
-        num_key_value_heads=20,
-        n_shared_experts=1,
-        n_routed_experts=64,
-        num_experts_per_tok=4,
-        kv_lora_rank=512,
-        q_lora_rank=768,
-        qk_rope_head_dim=64,
-        qk_nope_head_dim=192,
-        v_head_dim=256,
-        first_k_dense_replace=1,
-    ),
-    "tiny": dict(
-        vocab_size=4096,
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=64,
-        num_experts_per_tok=4,
-        kv_lora_rank=128,
-        q_lora_rank=128,
-        qk_rope_head_dim=64,
-        # 128, not 64: MLX's CUDA quantized matmul has no kernel for the prompt path's
-        # untransposed embed_q product with 64 outputs (checked on the H100, mlx 0.32.4).
-        qk_nope_head_dim=128,
-        v_head_dim=64,
-        first_k_dense_replace=1,
-    ),
-}
-
-GLM4_MOE_LITE_COMMON: dict[str, Any] = dict(
-    model_type="glm4_moe_lite",
-    architectures=["Glm4MoeLiteForCausalLM"],
-    routed_scaling_factor=1.8,
-    topk_method="noaux_tc",
-    scoring_func="sigmoid",
-    norm_topk_prob=True,
-    n_group=1,
-    topk_group=1,
-    moe_layer_freq=1,
-    max_position_embeddings=202752,
-    rms_norm_eps=1e-5,
-    rope_theta=1_000_000.0,
-    rope_scaling=None,
-    attention_bias=False,
-    partial_rotary_factor=1.0,
-    tie_word_embeddings=False,
-    num_nextn_predict_layers=1,
-    torch_dtype="bfloat16",
-    eos_token_id=EOS_ID,
-)
-
-# quant name -> (mode, group_size, bits); None = bf16 weights in the Hub layout.
-QUANTS: dict[str, tuple[str, int, int] | None] = {
-    "bf16": None,
-    "affine4": ("affine", 64, 4),
-    "affine8": ("affine", 64, 8),
-    "mxfp4": ("mxfp4", 32, 4),
-}
-
-FAMILIES = {"glm4_moe_lite": GLM4_MOE_LITE_PRESETS}
+# Marks a directory this module wrote: only such a directory (or an empty one) is replaced.
+MANIFEST = "zmlx-synth.json"
 
 
 class SynthError(ValueError):
@@ -334,57 +258,6 @@ def build(spec: SynthSpec | str, progress: Callable[[int, int], None] | None = N
     return model, load_tokenizer_for(cfg)
 
 
-# ---------------------------------------------------------------- tokenizer
-
-
-def _tokenizer_vocab(vocab_size: int) -> dict[str, int]:
-    from itertools import product
-
-    from tokenizers import pre_tokenizers
-
-    vocab = {EOS_TOKEN: EOS_ID}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    length = 1
-    # Readable filler tokens: ' ab', ' ac', ... (\u0120 is ByteLevel's space).
-    while len(vocab) < vocab_size:
-        length += 1
-        for chars in product(letters, repeat=length):
-            if len(vocab) >= vocab_size:
-                break
-            vocab["\u0120" + "".join(chars)] = len(vocab)
-    return vocab
-
-
-def write_tokenizer(out: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer with exactly `vocab_size` ids, built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(vocab=_tokenizer_vocab(vocab_size), merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([EOS_TOKEN])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN)
-    fast.save_pretrained(str(out))
-
-
-_TOKENIZER_CACHE: dict[int, Path] = {}
-
-
-def load_tokenizer_for(cfg: dict[str, Any]):
-    """The tokenizer a written checkpoint would carry, loaded through mlx-lm."""
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-    vocab = cfg["vocab_size"]
-    if vocab not in _TOKENIZER_CACHE:
-        path = Path(tempfile.mkdtemp(prefix="zmlx-tokenizer-"))
-        write_tokenizer(path, vocab)
-        _TOKENIZER_CACHE[vocab] = path
-    return load_tokenizer(_TOKENIZER_CACHE[vocab], eos_token_ids=[cfg["eos_token_id"]])
-
-
 # ---------------------------------------------------------------- checkpoint
 
 SHARD_BYTES = 4 << 30
@@ -399,58 +272,56 @@ def write(
 ) -> Path:
     """Write a checkpoint directory that `mlx_lm.load(out)` loads unchanged.
 
-    Written into a temporary sibling directory and renamed at the end, so an
-    interrupted run never leaves a half-written checkpoint at `out`.
+    `out` may be new, an empty directory, or (with `overwrite`) a checkpoint this
+    module wrote (it holds MANIFEST); anything else raises SynthError and is left as it
+    was. The files go to a temporary sibling that replaces `out` only once complete.
     """
     spec = SynthSpec.parse(spec) if isinstance(spec, str) else spec
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SynthError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    stamp = {"written_by": "zmlx.synth", "spec": spec.name}
     try:
-        model, cfg = _structure(spec)
-        shards: list[dict[str, mx.array]] = [{}]
-        files: list[Path] = []
-        total = cfg["num_hidden_layers"] + 1
+        with safe_write.replacing(out, manifest=MANIFEST, overwrite=overwrite, stamp=stamp) as tmp:
+            _write_files(spec, tmp, progress)
+    except safe_write.OutputError as e:
+        raise SynthError(str(e)) from None
+    return Path(out)
 
-        def flush():
-            path = tmp / f"model-{len(files) + 1:05d}.safetensors"
-            mx.save_safetensors(str(path), shards[0], metadata={"format": "mlx"})
-            files.append(path)
-            shards[0] = {}
 
-        index: dict[str, int] = {}
-        size = 0
-        for i, group in enumerate(_weight_groups(spec, model, cfg)):
-            for name, arr in group.items():
-                shards[0][name] = arr
-                index[name] = len(files)
-                size += arr.nbytes
-            if sum(a.nbytes for a in shards[0].values()) >= SHARD_BYTES:
-                flush()
-            if progress:
-                progress(i + 1, total)
-        if shards[0]:
+def _write_files(spec: SynthSpec, tmp: Path, progress: Callable[[int, int], None] | None) -> None:
+    model, cfg = _structure(spec)
+    shards: list[dict[str, mx.array]] = [{}]
+    files: list[Path] = []
+    total = cfg["num_hidden_layers"] + 1
+
+    def flush():
+        path = tmp / f"model-{len(files) + 1:05d}.safetensors"
+        mx.save_safetensors(str(path), shards[0], metadata={"format": "mlx"})
+        files.append(path)
+        shards[0] = {}
+
+    index: dict[str, int] = {}
+    size = 0
+    for i, group in enumerate(_weight_groups(spec, model, cfg)):
+        for name, arr in group.items():
+            shards[0][name] = arr
+            index[name] = len(files)
+            size += arr.nbytes
+        if sum(a.nbytes for a in shards[0].values()) >= SHARD_BYTES:
             flush()
-        names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-        for path, name in zip(files, names):
-            path.rename(tmp / name)
-        with open(tmp / "model.safetensors.index.json", "w") as f:
-            weight_map = {k: names[v] for k, v in sorted(index.items())}
-            json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f, indent=2)
-        cfg = dict(cfg)
-        cfg["zmlx_synth"] = {"spec": spec.name, "seed": spec.seed}
-        with open(tmp / "config.json", "w") as f:
-            json.dump(dict(sorted(cfg.items())), f, indent=2)
-        write_tokenizer(tmp, cfg["vocab_size"])
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        if progress:
+            progress(i + 1, total)
+    if shards[0]:
+        flush()
+    names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    for path, name in zip(files, names):
+        path.rename(tmp / name)
+    with open(tmp / "model.safetensors.index.json", "w") as f:
+        weight_map = {k: names[v] for k, v in sorted(index.items())}
+        json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f, indent=2)
+    cfg = dict(cfg)
+    cfg["zmlx_synth"] = {"spec": spec.name, "seed": spec.seed}
+    with open(tmp / "config.json", "w") as f:
+        json.dump(dict(sorted(cfg.items())), f, indent=2)
+    write_tokenizer(tmp, cfg["vocab_size"])
 
 
 def estimate_bytes(spec: SynthSpec | str) -> int:
@@ -475,35 +346,7 @@ def estimate_bytes(spec: SynthSpec | str) -> int:
     return int(params * (bits / 8 + per_group / group))
 
 
-# ---------------------------------------------------------------- CLI
-
-
-def command(
-    family: Annotated[str, typer.Argument(help="model family (mlx-lm model_type)")] = "glm4_moe_lite",
-    out: Annotated[Path, typer.Option(help="checkpoint directory to write")] = Path("glm47-synth"),
-    preset: Annotated[str, typer.Option(help="tiny (CPU tests) or flash (real size)")] = "tiny",
-    quant: Annotated[str, typer.Option(help="affine4, affine8, mxfp4 or bf16 (Hub layout)")] = "affine4",
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
-):
-    """Write a synthetic checkpoint that mlx_lm.load reads unchanged."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    err = Console(stderr=True)
-    try:
-        spec = SynthSpec(family, preset, quant, seed)
-        with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
-            task = progress.add_task(f"writing {spec.name}", total=None)
-            write(spec, out, overwrite=overwrite,
-                  progress=lambda i, n: progress.update(task, completed=i, total=n))
-    except SynthError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(2)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-    print(f"wrote {spec.name} to {out} ({shown})")
-
-
 if __name__ == "__main__":
+    from zmlx.synth_cli import command
+
     ui.run_command(command)
