@@ -1,8 +1,10 @@
 """KernelDef: reference on the CPU, the reason recorded whenever the reference runs."""
 
 import mlx.core as mx
+import pytest
 
-from zmlx.kernels._core import KernelDef, Launch
+from zmlx.kernels import metal_emu
+from zmlx.kernels._core import KernelDef, Launch, compiler_error
 from zmlx.kernels.moe_combine import moe_combine
 
 
@@ -16,17 +18,70 @@ def test_a_kernel_without_body_says_so():
     assert k.plan("cuda") == ("cuda", "reference", "no cuda body for nothing yet")
 
 
-def test_a_failing_kernel_falls_back_with_its_reason():
+def _one_output_kernel(name, body):
     def launch(backend, x):
-        return Launch([x], [], (1, 1, 1), (1, 1, 1), [x.shape], [x.dtype])
+        return Launch([x], [], (4, 1, 1), (4, 1, 1), [x.shape], [x.dtype])
 
     def example():
-        return (mx.ones((4,)),), {}
+        return (mx.arange(4, dtype=mx.float32),), {}
 
-    k = KernelDef(name="broken", reference=lambda x: x, body="out[0] = ;", input_names=("x",),
-                  output_names=("out",), launch=launch, example=example)
-    plan = k.plan("metal" if not mx.metal.is_available() else "cuda")
-    assert plan.path == "reference" and "broken" in plan.reason and "failed" in plan.reason
+    return KernelDef(
+        name=name,
+        reference=lambda x: x * 2,
+        body=body,
+        input_names=("x",),
+        output_names=("out",),
+        launch=launch,
+        example=example,
+    )
+
+
+BROKEN_BODY = "out[zmlx_tid] = zmlx_undeclared_name * x[zmlx_tid];"
+
+
+@pytest.fixture
+def metal_by_emulation(monkeypatch, tmp_path):
+    """The Metal backend's build and launch done by the emulation (g++), as on a Mac."""
+    if not metal_emu.available():
+        pytest.skip("needs g++")
+    monkeypatch.setattr(
+        KernelDef,
+        "run_kernel",
+        lambda self, backend, *a, **kw: metal_emu.run(self, *a, workdir=tmp_path, **kw),
+    )
+
+
+def test_a_kernel_that_does_not_compile_falls_back_with_the_compiler_error(metal_by_emulation):
+    plan = _one_output_kernel("broken", BROKEN_BODY).plan("metal")
+    assert plan.path == "reference"
+    assert plan.reason.startswith("broken metal kernel failed to build or run: error:"), plan.reason
+    assert "zmlx_undeclared_name" in plan.reason  # the compiler's own words about the body
+
+
+def test_the_same_kernel_written_correctly_runs(metal_by_emulation):
+    """The check above fails for the body, not for the route: fixed, the kernel runs."""
+    k = _one_output_kernel("fixed", BROKEN_BODY.replace("zmlx_undeclared_name", "2.0f"))
+    assert k.plan("metal") == ("metal", "kernel", "")
+
+
+def test_the_reason_keeps_the_compiler_diagnostic():
+    nvrtc = 'Failed to compile kernel: \nzmlx_k.cu(12): error: identifier "zmlx_nope" is undefined\n\n1 error'
+    assert compiler_error(nvrtc) == 'error: identifier "zmlx_nope" is undefined'
+    gxx = (
+        "the Metal body does not build (outside the subset?): /tmp/"
+        + "d/" * 150
+        + "k.cpp:5:9: error: 'y' was not declared"
+    )
+    assert compiler_error(gxx) == "error: 'y' was not declared"
+    assert compiler_error("[metal_kernel] No Metal back-end.\nmore") == "[metal_kernel] No Metal back-end."
+
+
+@pytest.mark.cuda
+def test_a_cuda_kernel_that_does_not_compile_falls_back_with_nvrtc_error():
+    plan = _one_output_kernel("broken_cuda", BROKEN_BODY).plan("cuda")
+    assert plan.path == "reference" and "zmlx_undeclared_name" in plan.reason, plan.reason
+    fixed = _one_output_kernel("fixed_cuda", BROKEN_BODY.replace("zmlx_undeclared_name", "2.0f"))
+    assert fixed.plan("cuda").path == "kernel"
 
 
 def test_sources_share_one_body_with_a_prelude_per_backend():
@@ -42,12 +97,24 @@ def test_close_kernel_self_check_compares_within_its_tolerance(monkeypatch):
 
     from zmlx.kernels._core import KernelDef
 
-    k = KernelDef(name="close_probe", reference=lambda x: x, fidelity="close", tolerance=0.01,
-                  body="", example=lambda: ((mx.ones((4,)),), {}))
+    k = KernelDef(
+        name="close_probe",
+        reference=lambda x: x,
+        fidelity="close",
+        tolerance=0.01,
+        body="",
+        example=lambda: ((mx.ones((4,)),), {}),
+    )
     monkeypatch.setattr(KernelDef, "run_kernel", lambda self, backend, x: x * 1.001)
     assert k._check("cuda") == ""
-    k2 = KernelDef(name="close_probe2", reference=lambda x: x, fidelity="close", tolerance=0.01,
-                   body="", example=lambda: ((mx.ones((4,)),), {}))
+    k2 = KernelDef(
+        name="close_probe2",
+        reference=lambda x: x,
+        fidelity="close",
+        tolerance=0.01,
+        body="",
+        example=lambda: ((mx.ones((4,)),), {}),
+    )
     monkeypatch.setattr(KernelDef, "run_kernel", lambda self, backend, x: x * 1.1)
     assert "not within 0.01" in k2._check("cuda")
 

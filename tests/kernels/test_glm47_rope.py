@@ -2,6 +2,7 @@
 
 import mlx.core as mx
 import pytest
+from mlx_lm.models import glm4_moe_lite
 
 import zmlx
 from zmlx.kernels import glm47_rope as mod
@@ -51,6 +52,64 @@ def _check_table_rotation():
         mine = mx.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).reshape(x.shape)
         stock = mx.fast.rope(x, 64, traditional=True, base=1_000_000.0, scale=1.0, offset=p)
         assert mx.array_equal(mine, stock).item(), p
+
+
+class _Cache:
+    """A cache at `offset` that hands the new position's latent and k_pe straight back."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def update_and_fetch(self, kv_latent, k_pe):
+        return kv_latent, k_pe
+
+
+def _attention(heads, nope, dtype, seed):
+    """mlx-lm's MLA attention at a tiny size (rope head dim 64, as GLM-4.7-Flash), random weights."""
+    args = glm4_moe_lite.ModelArgs(
+        hidden_size=64,
+        num_attention_heads=heads,
+        q_lora_rank=32,
+        kv_lora_rank=48,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=nope,
+        v_head_dim=16,
+    )
+    mx.random.seed(seed)
+    attn = glm4_moe_lite.Glm4MoeLiteAttention(args)
+    attn.set_dtype(dtype)
+    return attn
+
+
+@pytest.mark.parametrize("heads,nope", [(3, 16), (1, 24)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pos", [0, 17, 4095])
+def test_reference_is_mlx_lm_attention_rope(monkeypatch, heads, nope, dtype, pos):
+    """mlx-lm's Glm4MoeLiteAttention at decode: its `self.rope` of q_pe and k_pe, and the
+    `(q_pe * self.scale) @ k_pe^T` it hands to attention as the mask, from the reference's
+    two outputs, bitwise."""
+    attn = _attention(heads, nope, dtype, seed=pos + heads)
+    roped, masks = [], []
+    rope = attn.rope
+    attn.rope = lambda x, offset: roped.append(rope(x, offset)) or roped[-1]
+
+    def sdpa(q, k, v, cache, scale, mask):
+        masks.append(mask)
+        return mx.zeros((*q.shape[:-1], v.shape[-1]), q.dtype)
+
+    monkeypatch.setattr(glm4_moe_lite, "scaled_dot_product_attention", sdpa)
+    x = mx.random.normal((2, 1, 64), key=mx.random.key(pos)).astype(dtype)
+    attn(x, cache=_Cache(pos))  # mlx-lm's __call__
+    q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    kv = attn.kv_a_proj_with_mqa(x)
+    t = rope_table(64, rope.base, rope.scale, pos + 1)
+    q_pe, k_pe = reference(
+        q, kv, t, pos, heads=heads, rope_dims=64, base=rope.base, rope_scale=rope.scale, scale=attn.scale
+    )
+    assert q_pe.dtype == k_pe.dtype == dtype
+    assert mx.array_equal(k_pe, roped[1]).item()
+    assert mx.array_equal(q_pe, roped[0] * attn.scale).item()
+    assert mx.array_equal(q_pe @ k_pe.swapaxes(-1, -2), masks[0]).item()
 
 
 def test_table_grows_in_powers_of_two_and_is_shared():
@@ -107,8 +166,9 @@ def test_a_wrong_rope_is_caught(tiny_q4, monkeypatch, decode_steps):
     model, _ = tiny_q4
     prompt = mx.array([[5, 6, 7, 8]])
     stock = decode_steps(model, prompt, 2)
-    monkeypatch.setattr(pattern_module, "glm47_rope",
-                        lambda q, kv, t, offset, **kw: reference(q, kv, t, offset + 1, **kw))
+    monkeypatch.setattr(
+        pattern_module, "glm47_rope", lambda q, kv, t, offset, **kw: reference(q, kv, t, offset + 1, **kw)
+    )
     zmlx.patch(model, patterns=["glm47_rope"])
     try:
         patched = decode_steps(model, prompt, 2)

@@ -1,7 +1,9 @@
 """residual_norm: h = x + r and mx.fast.rms_norm(h), bitwise MLX's own kernels on the GPU."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
+from mlx_lm.models import glm4_moe_lite
 
 from zmlx.kernels import metal_emu
 from zmlx.kernels.residual_norm import geometry, launch, reference, residual_norm
@@ -27,14 +29,64 @@ def _inputs(lead, d, dtype, seed):
 
 
 def stock(x, r, w, eps):
-    # mlx-lm: `h = x + r` then nn.RMSNorm, which calls mx.fast.rms_norm
+    """MLX's own RMSNorm module (what mlx-lm's layers hold), on the residual sum."""
+    norm = nn.RMSNorm(w.shape[0], eps=eps)
+    norm.weight = w
     h = x + r
-    return h, mx.fast.rms_norm(h, w, eps)
+    return h, norm(h)
 
 
-def test_reference_is_stock():
-    x, r, w = _inputs((2, 3), 2048, mx.bfloat16, 1)
-    assert all(mx.array_equal(a, b).item() for a, b in zip(reference(x, r, w, 1e-5), stock(x, r, w, 1e-5)))
+@pytest.mark.parametrize("lead,d", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+def test_reference_is_nn_rms_norm_of_the_sum(lead, d, dtype, eps):
+    x, r, w = _inputs(lead, d, dtype, d + 1)
+    got_h, got = reference(x, r, w, eps)
+    want_h, want = stock(x, r, w, eps)
+    assert got_h.dtype == got.dtype == want.dtype == dtype
+    assert mx.array_equal(got_h, want_h).item()
+    assert mx.array_equal(got, want).item()
+
+
+class _Fixed(nn.Module):
+    """Stands in for a sublayer: returns a fixed output (attention) or zeros (the MLP, so
+    that the layer returns its residual stream h unchanged) and records what it was given."""
+
+    def __init__(self, out=None):
+        super().__init__()
+        self.out, self.seen = out, []
+
+    def __call__(self, x, *args, **kwargs):
+        self.seen.append(x)
+        return self.out if self.out is not None else mx.zeros_like(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(1, 1), (2, 5)])
+def test_reference_is_mlx_lm_decoder_layer(dtype, lead):
+    """In mlx-lm's Glm4MoeLiteDecoderLayer, `h = x + r` then `post_attention_layernorm(h)`
+    feeds the MLP: the reference gives both, bitwise."""
+    d = 64
+    args = glm4_moe_lite.ModelArgs(
+        hidden_size=d,
+        intermediate_size=32,
+        num_attention_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        rms_norm_eps=1e-6,
+    )
+    layer = glm4_moe_lite.Glm4MoeLiteDecoderLayer(args, layer_idx=0)
+    layer.set_dtype(dtype)
+    x, r, w = _inputs(lead, d, dtype, 11)
+    layer.post_attention_layernorm.weight = w
+    layer.self_attn, layer.mlp = _Fixed(r), _Fixed()
+    h = layer(x)  # the MLP adds zeros: h is the layer's residual stream
+    got_h, got = reference(x, r, w, layer.post_attention_layernorm.eps)
+    assert mx.array_equal(got_h, h).item()
+    assert mx.array_equal(got, layer.mlp.seen[0]).item()
 
 
 def test_geometry_is_mlx_cuda_dispatch():

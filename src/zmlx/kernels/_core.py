@@ -105,6 +105,17 @@ def float_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
+def compiler_error(text: str, limit: int = 300) -> str:
+    """The first compiler diagnostic in a build failure's text (the "error: ..." line of
+    NVRTC, Metal's compiler or the emulation's g++, from "error:" on: the generated file's
+    path says nothing), else its first line: what a fallback reason shows."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if "error:" in ln:
+            return ln[ln.index("error:") :][:limit]
+    return lines[0][:limit] if lines else "no message"
+
+
 class Plan(NamedTuple):
     backend: str  # "cpu" | "cuda" | "metal"
     path: str  # "kernel" | "reference"
@@ -174,7 +185,7 @@ class KernelDef:
             want = self.reference(*args, **kwargs)
             mx.eval(got, want)
         except Exception as e:  # a build or launch failure: take the reference, say why
-            return f"{self.name} {backend} kernel failed to build or run: {str(e).splitlines()[0][:200]}"
+            return f"{self.name} {backend} kernel failed to build or run: {compiler_error(str(e))}"
         if isinstance(got, str):
             return f"{self.name} {backend} kernel does not take its own example: {got}"
         got = got if isinstance(got, tuple) else (got,)
