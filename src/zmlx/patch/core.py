@@ -6,7 +6,9 @@ defines only the replaced methods (cached per class and replacement set). mlx-lm
 classes are never modified, so another model in the process is unaffected, and
 `isinstance` checks in mlx-lm keep working. `unpatch` assigns each instance its
 original class back: the same module objects, the same class objects, nothing
-added to them.
+added to them. A patched instance pickles as its mlx-lm class plus the patterns that
+replaced its methods, and loads patched the same way (the model's state with it, so
+`unpatch` works on the copy).
 """
 
 from __future__ import annotations
@@ -154,10 +156,52 @@ def select_patterns(
 # ---------------------------------------------------------------- class swap
 
 
+# replacement function -> (pattern name, make()'s keyword arguments as sorted items): what
+# rebuilds it in another process, where the function itself cannot be pickled
+_MADE: dict[Any, tuple[str, tuple[tuple[str, Any], ...]]] = {}
+
+
+def _replacement(name: str, kwargs: dict[str, Any]):
+    """The pattern's function for these arguments (make() is cached: the same object for
+    the same arguments), remembered with how to make it again."""
+    fn = PATTERNS[name].make(**kwargs)
+    _MADE[fn] = (name, tuple(sorted(kwargs.items())))
+    return fn
+
+
+def _rebuild(cls: type, spec: tuple[tuple[str, str, tuple], ...]):
+    """An empty instance of `cls` patched as `spec` says ((method, pattern, make() kwargs),
+    ...); pickle fills in its state. A pattern this zmlx cannot make gives the stock class
+    and a warning: the module then computes what stock computes."""
+    try:
+        methods = tuple((method, _replacement(name, dict(kwargs))) for method, name, kwargs in spec)
+    except (KeyError, TypeError) as e:
+        warnings.warn(
+            f"a pickled zmlx patch of {cls.__name__} cannot be restored ({e!r}); "
+            "it loads as the stock module",
+            ZmlxWarning,
+            stacklevel=2,
+        )
+        return cls.__new__(cls)
+    patched = _patched_class(cls, methods)
+    return patched.__new__(patched)
+
+
+def _reduce_ex(self, protocol):
+    """Pickle a patched instance as its mlx-lm class plus the patterns that replaced its
+    methods (the generated class has no importable name); loading patches it again."""
+    cls = type(self)
+    _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))  # (__newobj__, (cls,), state, ...)
+    spec = tuple((method, *_MADE[fn]) for method, fn in cls.__zmlx_methods__)
+    return (_rebuild, (cls.__zmlx_original__, spec), *rest)
+
+
 @functools.cache
 def _patched_class(cls: type, methods: tuple[tuple[str, Any], ...]) -> type:
     ns = dict(methods)
     ns["__zmlx_original__"] = cls
+    ns["__zmlx_methods__"] = methods
+    ns["__reduce_ex__"] = _reduce_ex
     ns["__module__"] = __name__
     ns["__qualname__"] = cls.__qualname__
     return type(cls.__name__, (cls,), ns)
@@ -242,7 +286,7 @@ def patch(
             continue
         cls = fam.target_class(name)
         params = dict(target.params)
-        fn = pattern.make(**params, **{opt: getattr(config, opt) for opt in pattern.options})
+        fn = _replacement(name, {**params, **{opt: getattr(config, opt) for opt in pattern.options}})
         bad_sig = _signature_mismatch(cls, pattern.method, fn)
         for mpath, module in model.named_modules():
             if not isinstance(module, cls):
