@@ -7,8 +7,8 @@ for the device. `compile_launch` builds the same source for one `Launch` and com
 it to PTX here, so a CUDA body that does not compile fails on the developer machine
 instead of on the GPU machine (where the kernel would fall back to its reference).
 
-Needs NVRTC (`nvidia-cuda-nvrtc`), the CUDA runtime headers (`nvidia-cuda-runtime`) and
-MLX's CUDA headers in `.device/cuda-include` (`benchmarks/gpu/setup_cuda_check.sh`);
+Needs NVRTC, the CUDA runtime headers and MLX's CUDA headers for the installed MLX version
+in `cache_dir()`, which `python -m zmlx.kernels.cuda_setup` fills from PyPI (CI runs it);
 `available()` says whether they are there. Compile only: nothing runs, no numbers are
 checked (the `cuda` tests do that on the GPU).
 """
@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
+import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,14 +27,25 @@ import mlx.core as mx
 from zmlx.kernels._core import KernelDef, Launch, template_lines
 
 ARCH = "sm_90a"  # the H100, as MLX's JIT targets it
-_ROOT = Path(__file__).resolve().parents[3]  # the project root (a source checkout)
-INCLUDE = _ROOT / ".device" / "cuda-include"
+STAMP = "setup.json"  # written last by cuda_setup: the cache is complete
+SETUP = "python -m zmlx.kernels.cuda_setup"
+# The reason off Linux: a platform's skip, so it names no compiler (see tests/conftest.py)
+UNSUPPORTED = "the CUDA compile check runs on Linux only (PyPI has the CUDA compiler for Linux)"
 
 # MLX's dtype_to_cuda_type
 _CUDA_TYPE = {
-    mx.bool_: "bool", mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t",
-    mx.uint64: "uint64_t", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t",
-    mx.int64: "int64_t", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
+    mx.bool_: "bool",
+    mx.uint8: "uint8_t",
+    mx.uint16: "uint16_t",
+    mx.uint32: "uint32_t",
+    mx.uint64: "uint64_t",
+    mx.int8: "int8_t",
+    mx.int16: "int16_t",
+    mx.int32: "int32_t",
+    mx.int64: "int64_t",
+    mx.float16: "__half",
+    mx.bfloat16: "__nv_bfloat16",
+    mx.float32: "float",
 }
 
 
@@ -39,18 +53,28 @@ class CudaCompileError(RuntimeError):
     """NVRTC rejected the source; the message holds its log."""
 
 
-def _nvidia_dir() -> Path | None:
-    try:
-        import nvidia.cu13 as cu13
-    except ImportError:
-        return None
-    return Path(next(iter(cu13.__path__)))
+def supported() -> bool:
+    return sys.platform == "linux"
+
+
+def cache_dir() -> Path:
+    """Where cuda_setup puts NVRTC and the headers: one folder per MLX version, since MLX's
+    headers must be those of the MLX that runs the kernels."""
+    return Path.home() / ".cache" / "zmlx" / "cuda-check" / f"mlx-{version('mlx')}"
+
+
+def _include() -> Path:
+    return cache_dir() / "include"  # MLX's include/ (cccl, cute, cutlass, mlx) + its device headers
+
+
+def _nvidia_dir() -> Path:
+    return cache_dir() / "nvidia" / "cu13"
 
 
 @functools.cache
 def _nvrtc():
     base = _nvidia_dir()
-    if base is None:
+    if not (cache_dir() / STAMP).exists():
         return None
     try:  # NVRTC dlopens its builtins by name: load them first, globally
         for builtins in sorted((base / "lib").glob("libnvrtc-builtins.so.*")):
@@ -61,9 +85,11 @@ def _nvrtc():
 
 
 def available() -> bool:
-    base = _nvidia_dir()
-    return (_nvrtc() is not None and base is not None and (base / "include" / "cuda_bf16.h").exists()
-            and (INCLUDE / "mlx" / "backend" / "cuda" / "device" / "utils.cuh").exists())
+    return (
+        _nvrtc() is not None
+        and (_nvidia_dir() / "include" / "cuda_bf16.h").exists()
+        and (_include() / "mlx" / "backend" / "cuda" / "device" / "utils.cuh").exists()
+    )
 
 
 def source_for(kernel: KernelDef, spec: Launch) -> str:
@@ -81,8 +107,13 @@ def source_for(kernel: KernelDef, spec: Launch) -> str:
         '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
         + header
         + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-        + f"__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
-        + "\n".join(consts) + "\n\n" + body + "\n}\n\n} // namespace mlx::core::cu\n"
+        + f"__global__ void {name}(\n"
+        + ",\n".join(params)
+        + ") {\n"
+        + "\n".join(consts)
+        + "\n\n"
+        + body
+        + "\n}\n\n} // namespace mlx::core::cu\n"
     )
 
 
@@ -92,15 +123,22 @@ def compile_launch(kernel: KernelDef, spec: Launch, *, resources: bool = False) 
     stores and loads, stack frame), else ''."""
     lib = _nvrtc()
     if lib is None or not available():
-        raise CudaCompileError("NVRTC or the CUDA headers are missing: "
-                               "run benchmarks/gpu/setup_cuda_check.sh")
+        raise CudaCompileError(f"NVRTC or the CUDA headers are missing: run {SETUP}")
     src = source_for(kernel, spec).encode()
     prog = ctypes.c_void_p()
     _ok(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), src, f"{kernel.name}.cu".encode(), 0, None, None))
-    include = _nvidia_dir() / "include"
-    opts = [b"--device-as-default-execution-space", f"--gpu-architecture={ARCH}".encode(),
-            f"--include-path={INCLUDE}".encode(), f"--include-path={INCLUDE / 'cccl'}".encode(),
-            f"--include-path={include}".encode(), f"--include-path={include / 'cccl'}".encode()]
+    # MLX's include path order (jit_module.cpp): its bundled headers, their cccl, the CUDA headers
+    include = _include()
+    opts = [
+        b"--device-as-default-execution-space",
+        f"--gpu-architecture={ARCH}".encode(),
+        f"--include-path={include}".encode(),
+        f"--include-path={include / 'cccl'}".encode(),
+        f"--include-path={_nvidia_dir() / 'include'}".encode(),
+    ]
+    # Precompiled headers, one per kernel name (its header is the same in every launch): they spare
+    # re-parsing MLX's and CUDA's headers for each launch of a kernel; the compiled code is the same.
+    opts += [b"--pch", f"--pch-dir={_pch_dir().name}".encode()]
     if resources:
         opts.append(b"--ptxas-options=--verbose")
     arr = (ctypes.c_char_p * len(opts))(*opts)
@@ -111,10 +149,19 @@ def compile_launch(kernel: KernelDef, spec: Launch, *, resources: bool = False) 
             raise CudaCompileError(f"{kernel.name} does not compile for {ARCH}:\n" + "\n".join(errors[:20]))
         if not resources:
             return ""
-        return "\n".join(ln for ln in _log(lib, prog)
-                         if "ptxas" in ln or "registers" in ln or "spill" in ln or "stack" in ln)
+        return "\n".join(
+            ln
+            for ln in _log(lib, prog)
+            if "ptxas" in ln or "registers" in ln or "spill" in ln or "stack" in ln
+        )
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@functools.cache
+def _pch_dir() -> tempfile.TemporaryDirectory:
+    """NVRTC's precompiled headers, for this process (the folder goes when the process exits)."""
+    return tempfile.TemporaryDirectory(prefix="zmlx-nvrtc-pch-")
 
 
 def _log(lib, prog) -> list[str]:
