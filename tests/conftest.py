@@ -3,6 +3,33 @@ import pytest
 
 from zmlx import backend, synth
 
+pytest_plugins = ("pytester",)  # tests/test_toolchains.py runs pytest on small test files
+
+# Words in the skip reason of a test that needs a compiler of this machine: g++ (the Metal
+# emulation) or NVRTC (the CUDA compile check). --require-toolchains turns those skips into
+# failures, so that CI cannot pass with the compiler checks silently not run.
+TOOLCHAIN_SKIPS = ("g++", "NVRTC")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--require-toolchains",
+        action="store_true",
+        help="fail, instead of skipping, a test whose compiler (g++, NVRTC) is missing (CI)",
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if not (report.skipped and item.config.getoption("--require-toolchains")) or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if any(word in reason for word in TOOLCHAIN_SKIPS):
+        report.outcome = "failed"
+        report.longrepr = f"--require-toolchains: this test was skipped for a missing compiler ({reason})"
+
 
 def pytest_collection_modifyitems(config, items):
     here = backend.current()
@@ -27,8 +54,10 @@ def tiny_q4():
         a, b = model(probe), model(probe)
         mx.eval(a, b)
         if not (mx.isfinite(a).all().item() and mx.array_equal(a, b).item()):
-            pytest.skip(f"stock mlx on {backend.current()} gives non-finite or non-repeatable logits for "
-                        "the tiny affine4 model (see benchmarks/gpu/diagnose_tiny.py)")
+            pytest.skip(
+                f"stock mlx on {backend.current()} gives non-finite or non-repeatable logits for "
+                "the tiny affine4 model (see benchmarks/gpu/diagnose_tiny.py)"
+            )
     return model, tok
 
 
