@@ -21,6 +21,7 @@ def checkpoint(tmp_path_factory):
     return synth.write(SPEC, tmp_path_factory.mktemp("ckpt") / "glm47-tiny")
 
 
+@pytest.mark.slow
 def test_validate_passes_on_a_checkpoint_directory(checkpoint):
     p = run(str(checkpoint), "--max-tokens", "24", "--runs", "2")
     assert p.returncode == 0, p.stderr
@@ -28,6 +29,7 @@ def test_validate_passes_on_a_checkpoint_directory(checkpoint):
     assert "moe_router" in p.stdout and "decode tok/s" in p.stdout
 
 
+@pytest.mark.slow
 def test_validate_json(checkpoint):
     p = run(str(checkpoint), "--max-tokens", "16", "--runs", "1", "--json", "--patterns", "moe_router")
     assert p.returncode == 0, p.stderr
@@ -41,6 +43,7 @@ def test_validate_json(checkpoint):
     assert report["stock_median"]["decode_tps"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -59,6 +62,7 @@ def test_bad_input_exits_2_with_one_line(args, message):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_unloadable_checkpoint_exits_2(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no_such_model_type"}')
     (tmp_path / "model.safetensors").write_bytes(b"")
@@ -87,6 +91,7 @@ def test_a_wrong_pattern_fails_validation(monkeypatch, capsys):
     assert report["max_abs_dlogit"] > 0
 
 
+@pytest.mark.slow
 def test_zmlx_command_has_the_subcommands():
     p = subprocess.run([sys.executable, "-m", "zmlx.cli", "--help"], capture_output=True, text=True)
     assert p.returncode == 0

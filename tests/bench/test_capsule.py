@@ -82,6 +82,7 @@ def test_load_rejects_what_it_cannot_read(tmp_path, content, message):
         capsule.load(p)
 
 
+@pytest.mark.slow
 def test_report_prints_one_and_compares_two(tmp_path):
     a = capsule.write(_capsule([30.0, 31.0, 29.0], [33.0, 34.0, 32.0]), tmp_path / "a")
     b = capsule.write(_capsule([60.0, 62.0, 58.0], [66.0, 68.0, 64.0]), tmp_path / "b")
@@ -94,6 +95,7 @@ def test_report_prints_one_and_compares_two(tmp_path):
     assert "ratio" in p.stdout and "2.000" in p.stdout  # b's decode is twice a's
 
 
+@pytest.mark.slow
 def test_report_bad_file_exits_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "zmlx.bench.report", str(tmp_path / "none.json")],
                        capture_output=True, text=True)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_glm47_flash_experiments.py"
 
 
@@ -12,6 +14,7 @@ def run(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_experiment_script_writes_a_capsule(tmp_path):
     out = tmp_path / "result.json"
     p = run("--model", "synth:glm4_moe_lite/tiny/affine4", "--variants", "control_repeat",
@@ -28,12 +31,14 @@ def test_experiment_script_writes_a_capsule(tmp_path):
     assert "router_combine" in p.stdout
 
 
+@pytest.mark.slow
 def test_unknown_variant_is_an_error(tmp_path):
     p = run("--variants", "nope", "--capsule-dir", str(tmp_path))
     assert p.returncode == 2 and "unknown variant(s): nope" in p.stderr and "Traceback" not in p.stderr
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_kernel_microbench_writes_a_capsule_the_report_reads(tmp_path):
     script = SCRIPT.with_name("bench_kernels.py")
     p = subprocess.run([sys.executable, str(script), "--iters", "2", "--repeats", "1",
