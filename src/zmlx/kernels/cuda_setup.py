@@ -125,9 +125,10 @@ def _one(folder: Path, stem: str) -> Path:
 def setup(dest: Path | None = None, *, force: bool = False) -> Path:
     """Fill dest (default: cuda_check.cache_dir()) unless it is already complete; dest."""
     dest = dest or cuda_check.cache_dir()
-    if (dest / cuda_check.STAMP).exists() and not force:
-        return dest
     mlx_version = version("mlx")
+    pins, done = wheels(mlx_version), dest / cuda_check.STAMP
+    if not force and done.exists() and json.loads(done.read_text()).get("requirements") == pins:
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
         dl, new = Path(tmp) / "wheels", Path(tmp) / "new"
@@ -141,13 +142,13 @@ def setup(dest: Path | None = None, *, force: bool = False) -> Path:
             "--only-binary=:all:",
             "-d",
             str(dl),
-            *wheels(mlx_version),
+            *pins,
         ]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             lines = p.stderr.splitlines()
             why = [ln for ln in lines if ln.startswith("ERROR")] or lines[-1:]
-            raise SetupError(f"pip download {' '.join(wheels(mlx_version))} failed: {' '.join(why)}")
+            raise SetupError(f"pip download {' '.join(pins)} failed: {' '.join(why)}")
         mlx = _one(dl, "mlx_cuda_13")
         _extract(mlx, "mlx/include/", new / "include")
         with zipfile.ZipFile(mlx) as z:
@@ -166,6 +167,7 @@ def setup(dest: Path | None = None, *, force: bool = False) -> Path:
         _extract(_one(dl, "nvidia_cuda_runtime"), "nvidia/cu13/include/", new / "nvidia/cu13/include")
         stamp = {
             "mlx": mlx_version,
+            "requirements": pins,
             "wheels": sorted(w.name for w in dl.glob("*.whl")),
             "device_headers": sorted(headers),
         }
