@@ -1,8 +1,10 @@
 """All configuration zmlx takes from the environment, read here and nowhere else.
 
-Variables:
-  ZMLX_PATTERNS   comma-separated patterns to apply instead of the family's preset
-  ZMLX_EXCLUDE    comma-separated patterns to leave out
+Variables (one set to the empty string counts as unset, as `VAR= cmd` unsets it for one
+command; a ZMLX_* name zmlx does not know gets a ZmlxWarning naming the valid ones):
+  ZMLX_PATTERNS   patterns to apply instead of the family's preset, in the selection
+                  grammar of `parse_selection` ("a,b"; "none": no patterns)
+  ZMLX_EXCLUDE    patterns to leave out, same grammar
   ZMLX_<PATTERN>  one flag per pattern (e.g. ZMLX_MOE_ROUTER): 1 adds it to the
                   preset, 0 removes it; explicit `patterns=` arguments win over flags
   ZMLX_MOE_SHARED_EXPERTS_OVERLAP
@@ -13,31 +15,70 @@ Variables:
                   streams the MoE block may use (default 1; 2 with the overlap)
   ZMLX_GIT_COMMIT, ZMLX_GIT_DIRTY
                   the commit a run stamps on its records when the tree has no .git
+  ZMLX_LEDGER     the ledger `python -m zmlx.matrix` reads and writes when --ledger is
+                  not given (default: $XDG_CACHE_HOME/zmlx/matrix.jsonl, else
+                  ~/.cache/zmlx/matrix.jsonl; see `default_ledger_path`)
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from pathlib import Path
+from typing import Iterable, Mapping
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-_NOT_FLAGS = ("ZMLX_PATTERNS", "ZMLX_EXCLUDE", "ZMLX_GIT_COMMIT", "ZMLX_GIT_DIRTY",
-              "ZMLX_MOE_STREAMS", "ZMLX_MOE_SHARED_EXPERTS_OVERLAP")
+# Every ZMLX_* variable that is not a pattern's flag (the registry knows those).
+NOT_FLAGS = (
+    "ZMLX_PATTERNS",
+    "ZMLX_EXCLUDE",
+    "ZMLX_GIT_COMMIT",
+    "ZMLX_GIT_DIRTY",
+    "ZMLX_LEDGER",
+    "ZMLX_MOE_STREAMS",
+    "ZMLX_MOE_SHARED_EXPERTS_OVERLAP",
+)
 
 
 class ConfigError(ValueError):
     """A configuration value zmlx cannot use; the message says which and why."""
 
 
-def split_names(value: str | None) -> tuple[str, ...] | None:
-    """'a, b,,c' -> ('a', 'b', 'c'); None or blank -> None."""
-    if value is None or not value.strip():
+def parse_selection(value: str | Iterable[str] | None, what: str = "patterns") -> tuple[str, ...] | None:
+    """The one pattern-selection grammar: `patch(patterns=, exclude=)`, every command's
+    --patterns / --exclude, ZMLX_PATTERNS and ZMLX_EXCLUDE all mean the same by the same text.
+
+      None              not given: for patterns the family's preset, for exclude nothing
+      "none"            no patterns (stock mlx-lm); for exclude: nothing left out
+      "a,b" or "a"      those patterns (applied in the registry's order); spaces around
+                        names and a stray comma ("a,,b", "a,") are ignored
+      ["a", "b"]        the same as "a,b" (each string read as above); an empty list or
+                        tuple is Python's "none"
+      "", ",", "  "     ConfigError: an empty list is a mistake, not a choice (write none)
+
+    `what` names the source in the error ("--patterns", "ZMLX_EXCLUDE"). An environment
+    variable set to "" counts as unset before this grammar sees it. Names are checked
+    against the registry by `zmlx.patch.core.check_names`, not here.
+    """
+    if value is None:
         return None
-    return tuple(n.strip() for n in value.split(",") if n.strip())
+    parts = [value] if isinstance(value, str) else list(value)
+    if not parts:
+        return ()
+    if not all(isinstance(v, str) for v in parts):
+        raise ConfigError(f"{what}: pattern names must be strings, got {value!r}")
+    items = [name for part in parts for name in part.split(",")]
+    names = tuple(n.strip() for n in items if n.strip())
+    if not names:
+        raise ConfigError(f"empty pattern list in {what} ({value!r}): use none for no patterns")
+    if any(n.lower() == "none" for n in names):
+        if len(names) > 1:
+            raise ConfigError(f"{what}: none means no patterns and cannot be combined with names")
+        return ()
+    return names
 
 
 def flag_name(pattern: str) -> str:
@@ -66,17 +107,19 @@ class PatchConfig:
         env.update(overrides or {})
         # Which ZMLX_* names are pattern flags is known only to the registry, so the
         # raw values are kept and parsed when a pattern asks for its flag.
-        flags = {
-            k: v
-            for k, v in env.items()
-            if k.startswith("ZMLX_") and k not in _NOT_FLAGS
-        }
+        flags = {k: v for k, v in env.items() if k.startswith("ZMLX_") and k not in NOT_FLAGS}
         return cls(
-            patterns=split_names(env.get("ZMLX_PATTERNS")),
-            exclude=split_names(env.get("ZMLX_EXCLUDE")) or (),
+            patterns=parse_selection(_set(env, "ZMLX_PATTERNS"), "ZMLX_PATTERNS"),
+            exclude=parse_selection(_set(env, "ZMLX_EXCLUDE"), "ZMLX_EXCLUDE") or (),
             flags=flags,
             shared_overlap=_shared_overlap(env),
         )
+
+
+def _set(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's value, or None when it is unset or empty."""
+    raw = env.get(name)
+    return raw if raw else None
 
 
 def _switch(env: Mapping[str, str], name: str) -> bool | None:
@@ -119,3 +162,17 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The ZMLX_* variables set now, for records that must say how a run was configured."""
     env = os.environ if environ is None else environ
     return {k: v for k, v in sorted(env.items()) if k.startswith("ZMLX_")}
+
+
+def default_ledger_path(environ: Mapping[str, str] | None = None) -> Path:
+    """The ledger a `matrix` command uses without --ledger: $ZMLX_LEDGER, else
+    $XDG_CACHE_HOME/zmlx/matrix.jsonl, else ~/.cache/zmlx/matrix.jsonl: the user's own,
+    never a file in the current directory (a checkout's tracked ledger is written only
+    when named)."""
+    env = os.environ if environ is None else environ
+    if _set(env, "ZMLX_LEDGER"):
+        return Path(env["ZMLX_LEDGER"]).expanduser()
+    if _set(env, "XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]).expanduser() / "zmlx" / "matrix.jsonl"
+    home = Path(env["HOME"]) if _set(env, "HOME") else Path.home()
+    return home / ".cache" / "zmlx" / "matrix.jsonl"

@@ -13,6 +13,7 @@ replaced its methods, and loads patched the same way (the model's state with it,
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import warnings
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 from zmlx import backend as _backend
-from zmlx.config import ConfigError, PatchConfig, flag_name
+from zmlx.config import NOT_FLAGS, ConfigError, PatchConfig, flag_name, parse_selection
 from zmlx.families import FAMILIES, family_of
 from zmlx.patch.patterns import PATTERNS
 
@@ -114,15 +115,41 @@ def check_names(names: Iterable[str], what: str) -> None:
         )
 
 
+def parse_names(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
+    """`parse_selection`'s grammar (see zmlx.config), names checked against the registry."""
+    names = parse_selection(value, what)
+    check_names(names or (), what)
+    return names
+
+
+_WARNED: set[str] = set()  # unknown ZMLX_* names already warned about in this process
+
+
+def warn_unknown_variables(config: PatchConfig) -> None:
+    """A ZmlxWarning, once per process per name, for each ZMLX_* variable that is neither a
+    pattern's flag nor one of config.py's variables (a typo is otherwise silently ignored)."""
+    flags = sorted(flag_name(n) for n in PATTERNS)
+    for name in sorted(set(config.flags) - set(flags) - _WARNED):
+        _WARNED.add(name)
+        near = difflib.get_close_matches(name, flags + list(NOT_FLAGS), n=1)
+        warnings.warn(
+            f"{name} is not a zmlx variable and is ignored"
+            + (f" (did you mean {near[0]}?)" if near else "")
+            + f"; pattern flags: {', '.join(flags)}; other variables: {', '.join(sorted(NOT_FLAGS))}",
+            ZmlxWarning, stacklevel=3,
+        )
+
+
 def select_patterns(
     family: str | None,
-    patterns: Sequence[str] | None,
-    exclude: Sequence[str] | None,
+    patterns: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
     config: PatchConfig,
     backend: str = "cpu",
 ) -> tuple[list[str], dict[str, str]]:
     """The patterns to apply on `backend`, in registry order, and why each other known one
-    is not."""
+    is not. `patterns` and `exclude` follow `zmlx.config.parse_selection`."""
+    patterns, exclude = parse_selection(patterns, "patterns"), parse_selection(exclude, "exclude")
     for names, what in ((patterns, "patterns"), (exclude, "exclude"),
                         (config.patterns, "ZMLX_PATTERNS"), (config.exclude, "ZMLX_EXCLUDE")):
         check_names(names or (), what)
@@ -236,20 +263,24 @@ class _State:
 
 def patch(
     model,
-    patterns: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
+    patterns: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
     *,
     config: PatchConfig | None = None,
 ) -> PatchResult:
     """Patch `model` in place with the family's preset (or `patterns`, less `exclude`).
 
-    Returns the PatchResult, also kept as `model.zmlx_patch_result`. Patching an
-    already patched model first restores it, so patching twice equals patching once.
-    Raises ConfigError for unknown pattern names.
+    `patterns` and `exclude` follow `zmlx.config.parse_selection`: None (the preset;
+    nothing excluded), "none" or () (no patterns), "a,b", "a" or ["a", "b"]. Returns the
+    PatchResult, also kept as `model.zmlx_patch_result`. Patching an already patched
+    model first restores it, so patching twice equals patching once. Raises ConfigError
+    for unknown pattern names and an empty selection ("" or ",").
     """
     if not hasattr(model, "named_modules"):
         raise TypeError(f"zmlx.patch expects an mlx-lm model (mlx.nn.Module), got {type(model).__name__}")
+    patterns, exclude = parse_selection(patterns, "patterns"), parse_selection(exclude, "exclude")
     config = config if config is not None else PatchConfig.from_env()
+    warn_unknown_variables(config)
     family = family_of(model)
     backend = _backend.current()
     selected, not_selected = select_patterns(family, patterns, exclude, config, backend)
