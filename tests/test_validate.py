@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import typer
 
 from zmlx import synth, validate
 
@@ -52,6 +53,8 @@ def test_validate_json(checkpoint):
         (["synth:glm4_moe_lite/tiny"], "use synth:FAMILY/PRESET/QUANT"),
         ([SPEC, "--patterns", "moe_rooter"], "unknown pattern(s) in --patterns: moe_rooter"),
         ([SPEC, "--runs", "0"], "at least 1"),
+        ([SPEC, "--patterns", ","], "empty pattern list in --patterns (','): use none for no patterns"),
+        ([SPEC, "--exclude", ""], "empty pattern list in --exclude"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message):
@@ -97,3 +100,84 @@ def test_zmlx_command_has_the_subcommands():
     assert p.returncode == 0
     for sub in ("validate", "synth", "patterns"):
         assert sub in p.stdout
+
+
+# ---------------------------------------------------------------- nothing to validate
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory):
+    """A tiny llama checkpoint (a family zmlx has no patterns for), written offline."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    out = tmp_path_factory.mktemp("llama")
+    cfg = dict(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=300,
+        eos_token_id=synth.EOS_ID,
+    )
+    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (out / "config.json").write_text(json.dumps(cfg))
+    synth.write_tokenizer(out, cfg["vocab_size"])
+    return out
+
+
+def _exit_2(capsys, *args, **kwargs) -> str:
+    """Runs main_command, expects exit status 2; returns stdout + stderr."""
+    with pytest.raises(typer.Exit) as e:
+        validate.main_command(*args, **kwargs)
+    out = capsys.readouterr()
+    assert e.value.exit_code == 2
+    assert "PASS" not in out.out and "Traceback" not in out.err
+    return out.out + out.err
+
+
+def test_an_unsupported_family_has_nothing_to_validate(llama_checkpoint, capsys):
+    """Not PASS with exit 0 (a proof of nothing), and the reason said once, not three times."""
+    text = _exit_2(capsys, str(llama_checkpoint), max_tokens=4, runs=1)
+    assert text.strip().splitlines() == [
+        "error: nothing to validate: model_type 'llama' has no zmlx patterns (supported: glm4_moe_lite); "
+        "the model would run stock"
+    ]
+
+
+def test_everything_excluded_or_none_has_nothing_to_validate(capsys):
+    text = _exit_2(capsys, SPEC, exclude="moe_router,moe_combine", max_tokens=4, runs=1)
+    assert text.strip() == (
+        "error: nothing to validate: every selected pattern is left out "
+        "(moe_router: excluded, moe_combine: excluded)"
+    )
+    text = _exit_2(capsys, SPEC, patterns="none", max_tokens=4, runs=1)
+    assert text.strip() == "error: nothing to validate: no patterns selected (none)"
+
+
+def test_no_module_matched_has_nothing_to_validate(monkeypatch):
+    """A supported family whose modules every selected pattern skips: the library raises
+    NothingToValidate with each pattern's reason."""
+    import zmlx
+    from zmlx.patch.patterns import moe_router
+
+    monkeypatch.setitem(
+        zmlx.PATTERNS,
+        "moe_router",
+        moe_router.PATTERN.__class__(
+            **{**moe_router.PATTERN.__dict__, "check": lambda module, params: "not this one"}
+        ),
+    )
+    model, tok = synth.build(SPEC)
+    with pytest.raises(
+        validate.NothingToValidate,
+        match=r"nothing to validate: no module matched the selected patterns "
+        r"\(moe_router: not this one\)",
+    ):
+        validate.validate(model, tok, patterns="moe_router", max_tokens=4, runs=1)
+    assert not zmlx.is_patched(model)

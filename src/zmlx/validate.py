@@ -7,7 +7,8 @@ The model is loaded once; stock and patched runs alternate on it (unpatch/patch)
 greedy, through mlx-lm's own `stream_generate`. Fidelity: identical tokens n/N and
 the first divergence per run; then, teacher-forced on the stock tokens, top-1
 agreement, max |logit difference| and the logits' correlation. Exit status: 0 PASS,
-1 fidelity FAIL, 2 bad input.
+1 fidelity FAIL, 2 bad input or nothing to validate (no module of the model was patched:
+an unsupported family, `--patterns none`, everything excluded).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Callable, Optional, Sequence
 
@@ -24,11 +25,15 @@ import typer
 
 from zmlx import backend as _backend
 from zmlx import ui
-from zmlx.config import ConfigError, split_names
-from zmlx.patch import patch, unpatch
-from zmlx.patch.core import check_names
+from zmlx.config import ConfigError
+from zmlx.families import FAMILIES
+from zmlx.patch import PatchResult, ZmlxWarning, patch, unpatch
 
 DEFAULT_PROMPT = "The history of the city begins with a small harbour where fishermen"
+
+
+class NothingToValidate(ConfigError):
+    """The selection patches no module of this model: a fidelity check would prove nothing."""
 
 
 @dataclass
@@ -177,9 +182,13 @@ def validate(
         raise ConfigError("the prompt encodes to no tokens")
     prompt_arr = mx.array(ids)
     unpatch(model)
-    result = patch(model, patterns, exclude)
+    with warnings.catch_warnings():  # the reason goes into NothingToValidate, said once
+        warnings.filterwarnings("ignore", "nothing to patch", category=ZmlxWarning)
+        result = patch(model, patterns, exclude)
     applied = [n for n, r in result.patterns.items() if r.patched]
     unpatch(model)
+    if not applied:
+        raise NothingToValidate(f"nothing to validate: {why_nothing_patched(result)}")
     report = Report(
         model=model_name, family=result.family, quantization=quantization,
         backend=_backend.current(), device=_backend.device_name(), patterns=applied,
@@ -241,21 +250,29 @@ def validate(
     return report
 
 
+def why_nothing_patched(result: PatchResult) -> str:
+    """Why a patch left every module of the model stock, in words."""
+    if result.family not in FAMILIES:
+        return (f"model_type {result.family!r} has no zmlx patterns "
+                f"(supported: {', '.join(sorted(FAMILIES))}); the model would run stock")
+    if result.patterns:  # selected, but every module was skipped
+        return "no module matched the selected patterns (" + "; ".join(
+            f"{n}: {', '.join(sorted({w for _, w in r.skipped}))}" for n, r in result.patterns.items()) + ")"
+    left_out = ", ".join(f"{n}: {w}" for n, w in result.not_selected.items() if not w.startswith("not in"))
+    return f"every selected pattern is left out ({left_out})" if left_out else "no patterns selected (none)"
+
+
 # ---------------------------------------------------------------- output
 
 
 def render(report: Report, console) -> None:
     from rich.table import Table
 
-    from zmlx.patch.core import PatchResult, PatternReport
+    from zmlx.patch import PatternReport
 
-    pr = report.patch
-    result = PatchResult(
-        family=pr["family"], backend=pr["backend"], not_selected=pr["not_selected"],
-        message=pr["message"],
-        patterns={k: PatternReport(**v) for k, v in pr["patterns"].items()},
-    )
-    console.print(result.table())
+    pr = {k: v for k, v in report.patch.items() if k != "patched_modules"}  # to_dict adds it
+    pr["patterns"] = {k: PatternReport(**v) for k, v in pr["patterns"].items()}
+    console.print(PatchResult(**pr).table())
 
     t = Table(title=f"zmlx.validate: {report.model} ({report.quantization}) on {report.device}")
     t.add_column("")
@@ -300,57 +317,40 @@ def main_command(
     prompt: str = DEFAULT_PROMPT,
     as_json: bool = False,
 ) -> int:
-    """Everything `python -m zmlx.validate` does; returns the exit status."""
-    from rich.console import Console
+    """Everything `python -m zmlx.validate` does; returns the exit status of a finished
+    check (0 PASS, 1 FAIL); bad input raises typer.Exit(2) after its one-line message."""
     from rich.progress import Progress
 
-    from zmlx.models import ModelLoadError, load
+    from zmlx import cli_args
+    from zmlx.models import load
 
-    err = Console(stderr=True)
-    out = ui.console()
-    if max_tokens < 1 or runs < 1:
-        err.print("error: --max-tokens and --runs must be at least 1")
-        return 2
-    try:
-        # Check names before spending time loading the model.
-        pats, excl = split_names(patterns), split_names(exclude)
-        check_names(pats or (), "--patterns")
-        check_names(excl or (), "--exclude")
+    err = ui.console(stderr=True)
+    with cli_args.one_line_errors(model):
+        # Everything that can be checked is checked before spending time loading the model.
+        cli_args.at_least(1, {"--max-tokens": max_tokens, "--runs": runs})
+        pats, excl = cli_args.selection(patterns, "--patterns"), cli_args.selection(exclude, "--exclude")
+        cli_args.environment()
+        cli_args.check_model_name(model)
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task("loading model", total=None)
-
-            def loaded(i, n):
-                progress.update(task, completed=i, total=n)
-
-            m, tok, source = load(model, progress=loaded)
+            m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
             progress.update(task, description="validating", completed=0, total=2 * runs + 4)
             report = validate(
                 m, tok, model_name=source.name, quantization=source.quantization,
                 patterns=pats, exclude=excl, max_tokens=max_tokens, runs=runs, prompt=prompt,
                 on_step=lambda _: progress.advance(task),
             )
-    except (ModelLoadError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # MLX cannot run this model here: not zmlx's to trace back
-        hint = ""
-        if "GatherMM" in str(e):
-            hint = (" (MLX's CPU backend runs unquantized MoE experts only in float32:"
-                    " use a quantized checkpoint)")
-        print(f"error: MLX could not run {model} on {_backend.current()}: {e}{hint}", file=sys.stderr)
-        return 2
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        render(report, out)
+        render(report, ui.console())
     return 0 if report.passed else 1
 
 
 def command(
     model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id, or synth:FAMILY/PRESET/QUANT")],
-    patterns: Annotated[
-        Optional[str], typer.Option(help="comma-separated patterns (default: the family's preset)")
-    ] = None,
+    patterns: Annotated[Optional[str], typer.Option(
+        help="comma-separated patterns (default: the family's preset; none: no patterns)")] = None,
     exclude: Annotated[Optional[str], typer.Option(help="comma-separated patterns to leave out")] = None,
     max_tokens: Annotated[int, typer.Option(help="tokens to generate per run")] = 200,
     runs: Annotated[int, typer.Option(help="stock/patched run pairs")] = 3,

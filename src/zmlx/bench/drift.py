@@ -24,8 +24,8 @@ patterns that replace the model loop itself (residual_norm) are not exercised.
 
 from __future__ import annotations
 
+import math
 import statistics
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Callable, Optional
 
@@ -33,6 +33,7 @@ import mlx.core as mx
 import typer
 
 from zmlx import ui
+from zmlx.config import ConfigError
 
 
 @dataclass
@@ -86,8 +87,14 @@ def _logits(model, h):
     return head(h) if head is not None else model.model.embed_tokens.as_linear(h)
 
 
-def drift(stock, patched, prompt: list[int], steps: int = 8, perturb: float = 0.0,
-          on_step: Callable[[int], None] | None = None) -> Drift:
+def drift(
+    stock,
+    patched,
+    prompt: list[int],
+    steps: int = 8,
+    perturb: float = 0.0,
+    on_step: Callable[[int], None] | None = None,
+) -> Drift:
     """Layer-by-layer drift of `patched` from `stock` (two copies of one model) over
     `steps` teacher-forced decode steps after prefilling `prompt`. `perturb` > 0 multiplies
     each of the patched copy's MLP outputs by (1 + perturb * N(0, 1)) (seeded): a stand-in
@@ -96,6 +103,8 @@ def drift(stock, patched, prompt: list[int], steps: int = 8, perturb: float = 0.
 
     if len(prompt) < 2:
         raise ValueError("the prompt needs at least 2 tokens")
+    if not (math.isfinite(perturb) and perturb >= 0):
+        raise ValueError(f"perturb {perturb}: a finite relative size >= 0")
     caches = make_prompt_cache(stock), make_prompt_cache(patched)
     ids = mx.array(prompt[:-1])[None]
     mx.eval(stock(ids, cache=caches[0]), patched(ids, cache=caches[1]))
@@ -124,12 +133,14 @@ def drift(stock, patched, prompt: list[int], steps: int = 8, perturb: float = 0.
         lg_p = _logits(patched, h_p)[0, -1].astype(mx.float32)
         top2 = mx.sort(lg_s)[-2:]
         nxt = int(mx.argmax(lg_s).item())
-        out.steps.append(StepDrift(
-            token=nxt,
-            argmax_equal=nxt == int(mx.argmax(lg_p).item()),
-            max_abs_dlogit=mx.max(mx.abs(lg_s - lg_p)).item(),
-            stock_margin=(top2[1] - top2[0]).item(),
-        ))
+        out.steps.append(
+            StepDrift(
+                token=nxt,
+                argmax_equal=nxt == int(mx.argmax(lg_p).item()),
+                max_abs_dlogit=mx.max(mx.abs(lg_s - lg_p)).item(),
+                stock_margin=(top2[1] - top2[0]).item(),
+            )
+        )
         token = nxt
         if on_step:
             on_step(step)
@@ -140,13 +151,21 @@ def table(result: Drift, title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("layer", "local rel. err (median / max)", "carried rel. err (median / max)",
-                "experts differing"):
+    for col in (
+        "layer",
+        "local rel. err (median / max)",
+        "carried rel. err (median / max)",
+        "experts differing",
+    ):
         t.add_column(col, justify="right")
     for d in result.layers:
         routes = f"{sum(d.routes)} over {len(d.routes)} steps" if d.routes else "-"
-        t.add_row(str(d.layer), f"{statistics.median(d.local):.2e} / {max(d.local):.2e}",
-                  f"{statistics.median(d.carried):.2e} / {max(d.carried):.2e}", routes)
+        t.add_row(
+            str(d.layer),
+            f"{statistics.median(d.local):.2e} / {max(d.local):.2e}",
+            f"{statistics.median(d.carried):.2e} / {max(d.carried):.2e}",
+            routes,
+        )
     agree = sum(s.argmax_equal for s in result.steps)
     t.caption = (
         f"argmax equal {agree}/{len(result.steps)}; max |Δlogit| per step "
@@ -159,50 +178,58 @@ def table(result: Drift, title: str):
 def main(
     model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id, or synth:FAMILY/PRESET/QUANT")],
     patterns: Annotated[
-        Optional[str], typer.Option(help="comma-separated patterns (default: the preset; none: no patterns)")
+        Optional[str],
+        typer.Option(help="comma-separated patterns (default: the family's preset; none: no patterns)"),
     ] = None,
     steps: Annotated[int, typer.Option(help="teacher-forced decode steps")] = 8,
     prompt_tokens: Annotated[int, typer.Option(help="prompt length (seeded random ids)")] = 32,
-    perturb: Annotated[float, typer.Option(
-        help="also multiply each MLP output of the patched copy by (1 + perturb * N(0,1)): "
-             "how far rounding-sized errors carry in this model (2**-9 ~ one bf16 rounding)")] = 0.0,
+    perturb: Annotated[
+        float,
+        typer.Option(
+            help="also multiply each MLP output of the patched copy by (1 + perturb * N(0,1)): "
+            "how far rounding-sized errors carry in this model (2**-9 ~ one bf16 rounding)"
+        ),
+    ] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ):
     """Layer-by-layer drift of the patched model from stock (two copies in memory)."""
     import json
 
-    from zmlx import backend
+    from zmlx import backend, cli_args
     from zmlx.bench.harness import make_prompt
-    from zmlx.config import ConfigError, split_names
-    from zmlx.models import ModelLoadError, load
+    from zmlx.models import load
     from zmlx.patch import patch
-    from zmlx.patch.core import check_names
 
-    if steps < 1 or prompt_tokens < 2:
-        print("error: --steps must be at least 1 and --prompt-tokens at least 2", file=sys.stderr)
-        raise typer.Exit(2)
-    try:
-        pats = split_names(patterns)
-        if pats != ("none",):
-            check_names(pats or (), "--patterns")
+    with cli_args.one_line_errors(model):
+        cli_args.at_least(1, {"--steps": steps})
+        cli_args.at_least(2, {"--prompt-tokens": prompt_tokens})
+        cli_args.finite("--perturb", perturb, at_least=0)
+        pats = cli_args.selection(patterns, "--patterns")
+        cli_args.environment()
+        cli_args.check_model_name(model)
         stock, tok, source = load(model)
         patched, _, _ = load(model)
-        result = patch(patched, patterns=() if pats == ("none",) else pats)
-    except (ModelLoadError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(2) from None
-    for name in ("layers", "embed_tokens", "norm"):
-        if not hasattr(stock.model, name):
-            print(f"error: {source.name}: no model.{name}; drift follows mlx-lm's decoder-layer models",
-                  file=sys.stderr)
-            raise typer.Exit(2)
-    specials = tuple(getattr(tok, "all_special_ids", ()))
-    prompt = make_prompt(stock.args.vocab_size, prompt_tokens, avoid=specials)
-    res = drift(stock, patched, prompt, steps=steps, perturb=perturb)
+        result = patch(patched, patterns=pats)
+        for name in ("layers", "embed_tokens", "norm"):
+            if not hasattr(stock.model, name):
+                raise ConfigError(
+                    f"{source.name}: no model.{name}; drift follows mlx-lm's decoder-layer models"
+                )
+        specials = tuple(getattr(tok, "all_special_ids", ()))
+        prompt = make_prompt(stock.args.vocab_size, prompt_tokens, avoid=specials)
+        res = drift(stock, patched, prompt, steps=steps, perturb=perturb)
     if as_json:
-        print(json.dumps({"model": source.name, "backend": backend.device_name(),
-                          "patterns": {n: r.runs_on for n, r in result.patterns.items() if r.patched},
-                          **res.to_dict()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": source.name,
+                    "backend": backend.device_name(),
+                    "patterns": {n: r.runs_on for n, r in result.patterns.items() if r.patched},
+                    **res.to_dict(),
+                },
+                indent=2,
+            )
+        )
         return
     con = ui.console()
     applied = ", ".join(f"{n} ({r.runs_on})" for n, r in result.patterns.items() if r.patched) or "nothing"
