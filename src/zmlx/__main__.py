@@ -1,0 +1,5 @@
+"""python -m zmlx: the `zmlx` command."""
+
+from zmlx.cli import main
+
+main()
