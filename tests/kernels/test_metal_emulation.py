@@ -7,7 +7,9 @@ from zmlx.kernels import metal_emu
 from zmlx.kernels._core import KernelDef, Launch
 from zmlx.kernels.moe_combine import moe_combine, reference
 
-pytestmark = pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+pytestmark = pytest.mark.skipif(
+    not metal_emu.available(), reason="g++ not found: the Metal emulation needs it"
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,9 @@ if (i == 0) {
 """,
     input_names=("x",),
     output_names=("out",),
-    launch=lambda backend, x: Launch([x], [("C", x.shape[1])], (256 * x.shape[0], 1, 1), (256, 1, 1),
-                                     [(x.shape[0],)], [mx.float32]),
+    launch=lambda backend, x: Launch(
+        [x], [("C", x.shape[1])], (256 * x.shape[0], 1, 1), (256, 1, 1), [(x.shape[0],)], [mx.float32]
+    ),
 )
 
 
@@ -64,9 +67,11 @@ def test_emulation_runs_barriers_and_simd_reductions(workdir):
 
 def test_outside_the_subset_fails_with_a_clear_message(workdir):
     bad = KernelDef(
-        name="emu_atomic", reference=lambda x: x,
+        name="emu_atomic",
+        reference=lambda x: x,
         body="atomic_fetch_add_explicit(out, 1, memory_order_relaxed);",
-        input_names=("x",), output_names=("out",),
+        input_names=("x",),
+        output_names=("out",),
         launch=lambda backend, x: Launch([x], [], (1, 1, 1), (1, 1, 1), [x.shape], [x.dtype]),
     )
     with pytest.raises(metal_emu.EmulationError, match="outside the subset"):
@@ -75,8 +80,11 @@ def test_outside_the_subset_fails_with_a_clear_message(workdir):
 
 def test_unwritten_outputs_show_as_nan(workdir):
     skip_first = KernelDef(
-        name="emu_skip_first", reference=lambda x: x, body="if (zmlx_tid > 0) out[zmlx_tid] = x[zmlx_tid];",
-        input_names=("x",), output_names=("out",),
+        name="emu_skip_first",
+        reference=lambda x: x,
+        body="if (zmlx_tid > 0) out[zmlx_tid] = x[zmlx_tid];",
+        input_names=("x",),
+        output_names=("out",),
         launch=lambda backend, x: Launch([x], [], (x.size, 1, 1), (4, 1, 1), [x.shape], [x.dtype]),
     )
     got = metal_emu.run(skip_first, mx.arange(6, dtype=mx.float32), workdir=workdir)
