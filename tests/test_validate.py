@@ -105,32 +105,6 @@ def test_zmlx_command_has_the_subcommands():
 # ---------------------------------------------------------------- nothing to validate
 
 
-@pytest.fixture(scope="module")
-def llama_checkpoint(tmp_path_factory):
-    """A tiny llama checkpoint (a family zmlx has no patterns for), written offline."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
-
-    out = tmp_path_factory.mktemp("llama")
-    cfg = dict(
-        model_type="llama",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=300,
-        eos_token_id=synth.EOS_ID,
-    )
-    model = llama.Model(llama.ModelArgs.from_dict(cfg))
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (out / "config.json").write_text(json.dumps(cfg))
-    synth.write_tokenizer(out, cfg["vocab_size"])
-    return out
-
-
 def _exit_2(capsys, *args, **kwargs) -> str:
     """Runs main_command, expects exit status 2; returns stdout + stderr."""
     with pytest.raises(typer.Exit) as e:

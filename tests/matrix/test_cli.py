@@ -1,17 +1,23 @@
-"""python -m zmlx.matrix run|history|report|merge on the tiny preset and fixture ledgers."""
+"""python -m zmlx.matrix run|history|report|merge|supersede on the tiny preset and fixture ledgers."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from zmlx.matrix import ledger as L
 
 TINY = "synth:glm4_moe_lite/tiny/affine4"
+pytestmark = pytest.mark.slow  # each test runs the CLI in a subprocess
 
 
-def matrix(*args, cwd=None):
+def matrix(*args, cwd=None, env=None):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ZMLX_")}
+    environ.update(env or {})
     return subprocess.run([sys.executable, "-m", "zmlx.matrix", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+                          timeout=600, cwd=cwd, env=environ)
 
 
 def test_run_appends_a_measured_line(tmp_path):
@@ -29,12 +35,45 @@ def test_run_appends_a_measured_line(tmp_path):
     assert patched["notes"] == "ci" and patched["versions"]["mlx"] and "commit" in patched["git"]
     assert patched["kernels_per_token"] is None and "CUDA" in patched["kernels_note"]
     assert noise["patterns"] == [] and noise["fidelity"] == "PASS"
+    # what was run, how it was configured, and which path each pattern took
+    assert patched["schema_version"] == 2 and patched["prompt_tokens"] == 32
+    assert patched["command"].startswith("python -m zmlx.matrix run synth:glm4_moe_lite/tiny/affine4")
+    assert patched["env"] == {}
+    assert set(patched["pattern_paths"]) == {"moe_router", "moe_combine"}
+    assert patched["pattern_paths"]["moe_router"]["path"] == "reference"  # the CPU runs references
+    assert patched["pattern_paths"]["moe_router"]["modules"] > 0
+    assert patched["git"]["dirty"] in (True, False)  # the checkout is at hand: known
 
 
-def test_default_ledger_is_in_the_current_directory(tmp_path):
-    p = matrix("run", TINY, "--runs", "1", "--max-tokens", "4", cwd=tmp_path)
+def test_default_ledger_is_the_users_never_the_projects(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "matrix.jsonl").write_text("")  # a repository's ledger in the current directory
+    home = tmp_path / "home"
+    p = matrix("run", TINY, "--runs", "1", "--max-tokens", "4", cwd=project,
+               env={"HOME": str(home), "XDG_CACHE_HOME": ""})
     assert p.returncode == 0, p.stderr
-    assert len(L.read(tmp_path / "matrix.jsonl").entries) == 1
+    assert (project / "matrix.jsonl").read_text() == ""
+    assert len(L.read(home / ".cache" / "zmlx" / "matrix.jsonl").entries) == 1
+    mine = tmp_path / "mine.jsonl"
+    p = matrix("history", env={"HOME": str(home), "ZMLX_LEDGER": str(mine)})
+    assert p.returncode == 0 and "0 line(s)" in p.stdout
+
+
+def test_a_ledger_that_cannot_be_written_is_refused_before_measuring(tmp_path):
+    # The model does not exist: a refusal that names the ledger proves it came first.
+    p = matrix("run", "/no/such/model", "--ledger", str(tmp_path))
+    assert p.returncode == 2 and "is a directory" in p.stderr and "Traceback" not in p.stderr
+    (tmp_path / "file").write_text("x")
+    p = matrix("run", "/no/such/model", "--ledger", str(tmp_path / "file" / "m.jsonl"))
+    assert p.returncode == 2 and "is a file, not a directory" in p.stderr
+
+
+def test_a_stated_commit_must_exist_in_the_checkout(tmp_path):
+    p = matrix("run", TINY, "--ledger", str(tmp_path / "m.jsonl"),
+               env={"ZMLX_GIT_COMMIT": "0123456789abcdef"})
+    assert p.returncode == 2 and "is not a commit" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "m.jsonl").exists()
 
 
 def test_skip_ram_is_recorded_without_loading(tmp_path):
@@ -94,6 +133,61 @@ def test_history_and_report_on_a_fixture_ledger(tmp_path):
     rows = json.loads(matrix("report", "--json", "--ledger", str(ledger)).stdout)
     router = next(r for r in rows if r["model"] == "synth:flash" and r["patterns"] == ["moe_router"])
     assert router["measurements"] == 2 and router["patched_decode_tps"] == 35.0
+
+
+def test_report_groups_by_prompt_and_puts_each_ratio_next_to_its_noise_floor(tmp_path):
+    ledger = tmp_path / "m.jsonl"
+    base = {"schema": L.SCHEMA, "schema_version": 2, "model": "synth:flash", "quantization": "affine4/g64",
+            "device": {"name": "cuda (NVIDIA H200)", "backend": "cuda"}, "runs": 5, "max_tokens": 200,
+            "fidelity": "PASS", "git": {"commit": "a" * 40, "dirty": False}}
+    lines = [
+        dict(base, timestamp="2026-11-29T01:00:00+00:00", patterns=[], prompt_tokens=32, speedup=0.96),
+        dict(base, timestamp="2026-11-29T01:01:00+00:00", patterns=[], prompt_tokens=32, speedup=1.02),
+        dict(base, timestamp="2026-11-29T01:02:00+00:00", patterns=["moe_router"], prompt_tokens=32,
+             speedup=1.03),
+        dict(base, timestamp="2026-11-29T01:03:00+00:00", patterns=["glm47_rope"], prompt_tokens=32,
+             speedup=1.12, git={"commit": "b" * 40, "dirty": None}),
+        dict(base, timestamp="2026-11-29T01:04:00+00:00", patterns=["moe_router"], prompt_tokens=4096,
+             speedup=1.5),
+    ]
+    for e in lines:
+        L.append(e, ledger)
+    rows = json.loads(matrix("report", "--json", "--ledger", str(ledger)).stdout)
+    by = {(r["prompt_tokens"], tuple(r["patterns"])): r for r in rows}
+    assert set(by) == {(32, ()), (32, ("moe_router",)), (32, ("glm47_rope",)), (4096, ("moe_router",))}
+    assert by[32, ("moe_router",)]["noise_floor"] == pytest.approx(0.04)
+    assert by[32, ("moe_router",)]["beyond_noise"] is False
+    assert by[32, ("glm47_rope",)]["beyond_noise"] is True
+    assert by[4096, ("moe_router",)]["noise_floor"] is None  # another prompt length: no floor of its own
+    assert by[32, ("glm47_rope",)]["commit"] == "bbbbbbb?" and by[32, ("moe_router",)]["commit"] == "aaaaaaa"
+    text = matrix("report", "--ledger", str(ledger)).stdout
+    assert "±4.0%: within" in text and "±4.0%: beyond" in text and "no floor" in text
+    md = matrix("report", "--markdown", "--ledger", str(ledger)).stdout
+    assert md.count("| " + L.line_id(lines[3]) + " |") == 1 and "4096" in md
+
+
+def test_supersede_marks_a_line_without_changing_it(tmp_path):
+    ledger = tmp_path / "m.jsonl"
+    _fixture_ledger(ledger)
+    before = ledger.read_text()
+    bad = L.read(ledger).entries[2]  # the latest moe_router line
+    lid = L.line_id(bad)
+    p = matrix("supersede", lid[:6], "--ledger", str(ledger))
+    assert p.returncode == 2 and "reason is required" in p.stderr and ledger.read_text() == before
+    p = matrix("supersede", "zzzz", "--reason", "x", "--ledger", str(ledger))
+    assert p.returncode == 2 and "matches no line" in p.stderr
+    p = matrix("supersede", lid[:6], "--reason", "profiler attached", "--ledger", str(ledger))
+    assert p.returncode == 0 and lid in p.stdout
+    assert ledger.read_text().startswith(before)  # appended, nothing rewritten
+    rows = json.loads(matrix("report", "--json", "--ledger", str(ledger)).stdout)
+    router = next(r for r in rows if r["model"] == "synth:flash" and r["patterns"] == ["moe_router"])
+    assert router["speedup"] == 1.1  # the superseded 1.129 is left out; the earlier line remains
+    marked = [e for e in json.loads(matrix("history", "--json", "--ledger", str(ledger)).stdout)
+              if e["superseded"]]
+    assert [e["line"] for e in marked] == [lid] and marked[0]["superseded"]["reason"] == "profiler attached"
+    assert "SUPERSEDED" in matrix("history", "--ledger", str(ledger)).stdout
+    p = matrix("supersede", lid, "--reason", "again", "--ledger", str(ledger))
+    assert p.returncode == 2 and "already superseded" in p.stderr
 
 
 def test_report_on_empty_ledger(tmp_path):

@@ -51,3 +51,8 @@ def test_a_model_mlx_cannot_run_here_is_one_line_with_the_hint(tmp_path):
     )
     assert "MLX could not run synth:glm4_moe_lite/tiny/bf16 on cpu: [GatherMM::eval]" in line
     assert "use a quantized checkpoint" in line
+
+
+def test_a_model_no_pattern_applies_to_is_refused_not_recorded_as_stock_vs_stock(tmp_path, llama_checkpoint):
+    line = _refused(tmp_path, str(llama_checkpoint), "--runs", "1", "--max-tokens", "2", "--no-count-kernels")
+    assert "nothing to measure" in line and "'llama' has no zmlx patterns" in line

@@ -1,18 +1,21 @@
-"""python -m zmlx.matrix run|history|report|merge: the ledger of what patterns are worth.
+"""python -m zmlx.matrix run|history|report|merge|supersede: the ledger of what patterns are worth.
 
     run MODEL --patterns a,b --runs 3 --max-tokens 200 --notes TEXT [--ledger PATH]
     history [MODEL_SUBSTRING] [--json] [--ledger PATH]
-    report [--json] [--ledger PATH]
+    report [--json | --markdown] [--ledger PATH]
     merge OTHER_LEDGER [--ledger PATH]
+    supersede LINE_ID... --reason TEXT [--ledger PATH]
 
-The ledger is `matrix.jsonl` in the current directory unless --ledger says otherwise.
+The ledger is the user's own (`$ZMLX_LEDGER`, else ~/.cache/zmlx/matrix.jsonl) unless
+--ledger names one: the project's `matrix.jsonl` is written only when asked for by name.
 `run` measures stock and patched alternately in one process (`--patterns none`
-measures stock against stock: the noise floor) and appends one line.
+measures stock against stock: the noise floor) and appends one line per pattern set.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,13 +25,19 @@ import typer
 
 from zmlx import synth, ui
 from zmlx.bench import stamp
-from zmlx.config import ConfigError, PatchConfig, split_names
+from zmlx.config import ConfigError, PatchConfig, default_ledger_path, env_overrides
 from zmlx.matrix import ledger as L
+from zmlx.matrix import summary as S
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="The ledger (matrix.jsonl) of what each pattern combination is worth.")
 
-LedgerOpt = Annotated[Path, typer.Option("--ledger", help="ledger file")]
+LedgerOpt = Annotated[Optional[Path], typer.Option(
+    "--ledger", help="ledger file (default: $ZMLX_LEDGER, else ~/.cache/zmlx/matrix.jsonl)")]
+
+
+def _ledger(path: Path | None) -> Path:
+    return path.expanduser() if path is not None else default_ledger_path()
 
 
 def _fail(message: str, code: int = 2):
@@ -78,7 +87,8 @@ def memory_budget(max_memory_gb: float | None) -> tuple[int | None, str]:
     return stamp.host_memory(available=True), "available host memory"
 
 
-def _base_entry(model: str, patterns: list[str], notes: str, params: dict[str, Any]) -> dict[str, Any]:
+def _base_entry(model: str, patterns: list[str], notes: str, params: dict[str, Any],
+                git: dict[str, Any]) -> dict[str, Any]:
     dev = stamp.device()
     return {
         "schema": L.SCHEMA,
@@ -90,10 +100,21 @@ def _base_entry(model: str, patterns: list[str], notes: str, params: dict[str, A
         "patterns": patterns,
         "device": {"name": dev["name"], "backend": dev["backend"]},
         "versions": stamp.versions(),
-        "git": stamp.git(),
+        "git": git,
+        "command": shlex.join(["python", "-m", "zmlx.matrix", *sys.argv[1:]]),
+        "env": env_overrides(),
         **params,
         "notes": notes,
     }
+
+
+def _pattern_paths(patch: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Per applied pattern: whether its kernel or its reference ran, and why."""
+    if patch is None:
+        return None
+    return {n: {"path": r["path"], "backend": r["backend"], "fallbacks": r["fallbacks"],
+                "modules": len(r["patched"]), "skipped": sorted({why for _, why in r["skipped"]})}
+            for n, r in patch["patterns"].items() if r["patched"]}
 
 
 @app.command()
@@ -107,7 +128,7 @@ def run(
     max_tokens: Annotated[int, typer.Option(help="tokens generated per run")] = 200,
     prompt_tokens: Annotated[int, typer.Option(help="prompt length in tokens")] = 32,
     notes: Annotated[str, typer.Option(help="free text kept with the line")] = "",
-    ledger: LedgerOpt = L.DEFAULT_PATH,
+    ledger: LedgerOpt = None,
     max_memory_gb: Annotated[Optional[float], typer.Option(
         help="memory to assume instead of the device's (a larger model is SKIP(RAM))")] = None,
     count_kernels: Annotated[bool, typer.Option(help="count CUDA kernels per token")] = True,
@@ -115,21 +136,26 @@ def run(
     """Measure MODEL stock vs patched and append one line per pattern set to the ledger."""
     from rich.progress import Progress
 
+    from zmlx import cli_args
     from zmlx.backend import current as current_backend
     from zmlx.bench.harness import CONTROL, Variant, measure
-    from zmlx.models import ModelLoadError, load
-    from zmlx.patch.core import check_names, select_patterns
+    from zmlx.models import load
+    from zmlx.patch.core import select_patterns
 
-    if runs < 1 or max_tokens < 1 or prompt_tokens < 1:
-        _fail("--runs, --max-tokens and --prompt-tokens must be at least 1")
-    sets = [split_names(p) for p in (patterns or [None])]  # None: the family's preset
-    try:
-        for names in sets:
-            if names != ("none",):
-                check_names(names or (), "--patterns")
-    except ConfigError as e:
-        _fail(str(e))
+    with cli_args.one_line_errors(model):  # the checks validate and drift make, before any work
+        cli_args.at_least(1, {"--runs": runs, "--max-tokens": max_tokens, "--prompt-tokens": prompt_tokens})
+        cli_args.finite("--max-memory-gb", max_memory_gb, above=0)
+        # None: the family's preset; (): none, stock vs stock
+        sets = [cli_args.selection(p, "--patterns") for p in (patterns or [None])]
+        cli_args.environment()
+        cli_args.check_model_name(model)
     params = {"runs": runs, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens}
+    # Where the line goes and what code it measures are settled before anything is measured.
+    try:
+        ledger = L.check_writable(_ledger(ledger))
+        git = stamp.git()
+    except (L.LedgerPathError, stamp.GitStateError) as e:
+        _fail(str(e))
     if len(sets) > 1:
         shared = f"{len(sets)} sets share one control"
         notes = f"{notes}; {shared}" if notes else shared
@@ -139,9 +165,9 @@ def run(
     if need is not None and budget is not None and need > 0.9 * budget:
         family, quant = describe_without_loading(model)
         for names in sets:
-            requested = [] if names == ("none",) else select_patterns(
+            requested = [] if names == () else select_patterns(
                 family, names, None, PatchConfig.from_env(), current_backend())[0]
-            entry = _base_entry(model, requested, notes, params)
+            entry = _base_entry(model, requested, notes, params, git)
             entry.update({"family": family, "quantization": quant, "fidelity": "SKIP(RAM)"})
             entry["skip_reason"] = f"needs ~{need / 1e9:.1f} GB, {where} is {budget / 1e9:.1f} GB"
             L.append(entry, ledger)
@@ -149,17 +175,22 @@ def run(
         return
 
     err = ui.console(stderr=True)
-    try:
+    with cli_args.one_line_errors(model):  # bad input, or MLX unable to run the model here
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task(f"loading {model}", total=None)
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
             variants = []
             for i, names in enumerate(sets):
-                if names == ("none",):
+                if names == ():
                     variants.append(Variant(f"control_repeat_{i}", note="stock vs stock: the noise floor"))
                 else:
-                    applied, _ = select_patterns(source.family, names, None, PatchConfig.from_env(),
-                                                 current_backend())
+                    applied, why_not = select_patterns(source.family, names, None, PatchConfig.from_env(),
+                                                       current_backend())
+                    if not applied:  # a line would read as stock vs stock, which was not asked for
+                        why = "; ".join(f"{n}: {w}" for n, w in why_not.items()) or (
+                            f"model_type {source.family!r} has no zmlx patterns")
+                        raise ConfigError(f"nothing to measure: no pattern applies to {model} ({why}); "
+                                          "--patterns none measures stock vs stock")
                     variants.append(Variant(f"patched_{i}", tuple(applied)))
             progress.update(task, description="measuring", completed=0,
                             total=(len(variants) + 1) * (runs + 1))
@@ -168,15 +199,14 @@ def run(
                 prompt_tokens=prompt_tokens, count_kernels=count_kernels,
                 on_step=lambda _: progress.advance(task),
             )
-    except (ModelLoadError, ConfigError) as e:
-        _fail(str(e))
 
     entries = []
     for patched in measured:
         applied = list(patched.variant.patterns)
         if patched.patch is not None:
             applied = [n for n, r in patched.patch["patterns"].items() if r["patched"]]
-        entry = _base_entry(source.name, applied, notes, params)
+        entry = _base_entry(source.name, applied, notes, params, git)
+        entry["pattern_paths"] = _pattern_paths(patched.patch)
         s, p = control.stat("decode_tps"), patched.stat("decode_tps")
         entry.update({
             "family": source.family,
@@ -205,17 +235,14 @@ def run(
     ui.console().print(_history_table(entries, f"appended to {ledger}"))
 
 
-def _fmt(x, spec=".1f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _history_table(entries: list[dict[str, Any]], title: str):
+def _history_table(entries: list[dict[str, Any]], title: str, superseded: dict | None = None):
     from rich.table import Table
 
+    superseded = superseded or {}
     t = Table(title=title)
-    for col in ("when", "model", "patterns", "device", "fidelity", "stock tok/s", "patched tok/s",
-                "speedup", "kernels/tok", "notes"):
-        t.add_column(col, justify="right" if "tok/" in col or col == "speedup" else "left",
+    for col in ("line", "when", "model", "patterns", "device", "prompt", "fidelity", "stock tok/s",
+                "patched tok/s", "speedup", "kernels/tok", "commit", "notes"):
+        t.add_column(col, justify="right" if "tok/" in col or col in ("speedup", "prompt") else "left",
                      overflow="fold")
     for e in entries:
         fid = e["fidelity"]
@@ -226,17 +253,21 @@ def _history_table(entries: list[dict[str, Any]], title: str):
             fid = f"{fid} {d.get('identical')}/{d.get('total')}"
         kernels = e.get("kernels_per_token")
         stock_k = e.get("stock_kernels_per_token")
+        lid = L.line_id(e)
+        notes = f"{e.get('max_tokens', '?')} tok x {e.get('runs', '?')}; {e.get('notes', '')}".strip("; ")
+        if lid in superseded:
+            notes = f"SUPERSEDED: {superseded[lid]['reason']}; {notes}"
         t.add_row(
-            e["timestamp"][:16],
+            lid, e["timestamp"][:16],
             f"{e['model']} ({e.get('quantization') or '?'})".replace("synth:", ""),
             ",".join(e["patterns"]) or "none (stock vs stock)",
-            e["device"]["name"],
+            e["device"]["name"], S.fmt(e.get("prompt_tokens"), "d") if e.get("prompt_tokens") else "?",
             fid,
-            _fmt(e.get("stock_decode_tps_median")),
-            _fmt(e.get("decode_tps_median")),
-            _fmt(e.get("speedup"), ".3f"),
-            f"{_fmt(stock_k, '.0f')} -> {_fmt(kernels, '.0f')}" if kernels is not None else "-",
-            f"{e.get('max_tokens', '?')} tok x {e.get('runs', '?')}; {e.get('notes', '')}".strip("; "),
+            S.fmt(e.get("stock_decode_tps_median")),
+            S.fmt(e.get("decode_tps_median")),
+            S.fmt(e.get("speedup"), ".3f"),
+            f"{S.fmt(stock_k, '.0f')} -> {S.fmt(kernels, '.0f')}" if kernels is not None else "-",
+            S.commit_label(e), notes,
         )
     return t
 
@@ -247,95 +278,98 @@ def history(
         Optional[str], typer.Argument(help="only models whose name contains this")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    ledger: LedgerOpt = L.DEFAULT_PATH,
+    ledger: LedgerOpt = None,
 ):
-    """Every ledger line (optionally for one model), oldest first."""
+    """Every ledger line (optionally for one model), oldest first; superseded ones marked."""
+    ledger = _ledger(ledger)
     data = L.read(ledger)
     _warn_problems(ledger, data.problems)
     entries = L.select(data.entries, model_substring)
     if as_json:
-        print(json.dumps(entries, indent=2))
+        print(json.dumps([{**e, "line": L.line_id(e), "superseded": data.superseded.get(L.line_id(e))}
+                          for e in entries], indent=2))
         return
-    ui.console().print(_history_table(entries, f"{ledger}: {len(entries)} line(s)"))
-
-
-def summarize(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Latest line per (model, device, patterns, max_tokens), grouped by model and device."""
-    latest: dict[tuple, dict[str, Any]] = {}
-    counts: dict[tuple, int] = {}
-    for e in entries:
-        key = (e["model"], e["device"]["name"], tuple(e["patterns"]), e.get("max_tokens"))
-        counts[key] = counts.get(key, 0) + 1
-        if key not in latest or e["timestamp"] >= latest[key]["timestamp"]:
-            latest[key] = e
-    rows = []
-    for key in sorted(latest, key=lambda k: (k[0], k[1], k[3] or 0, k[2])):
-        e = latest[key]
-        rows.append({
-            "model": e["model"], "quantization": e.get("quantization"), "device": e["device"]["name"],
-            "patterns": e["patterns"], "max_tokens": e.get("max_tokens"), "runs": e.get("runs"),
-            "stock_decode_tps": e.get("stock_decode_tps_median"),
-            "patched_decode_tps": e.get("decode_tps_median"), "speedup": e.get("speedup"),
-            "fidelity": e["fidelity"], "kernels_per_token": e.get("kernels_per_token"),
-            "stock_kernels_per_token": e.get("stock_kernels_per_token"),
-            "gpu_us_per_token": e.get("gpu_us_per_token"),
-            "stock_gpu_us_per_token": e.get("stock_gpu_us_per_token"),
-            "measurements": counts[key], "timestamp": e["timestamp"],
-        })
-    return rows
+    ui.console().print(_history_table(entries, f"{ledger}: {len(entries)} line(s)", data.superseded))
 
 
 @app.command()
 def report(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    ledger: LedgerOpt = L.DEFAULT_PATH,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="print Markdown tables")] = False,
+    device: Annotated[Optional[str], typer.Option(help="only devices whose name contains this")] = None,
+    ledger: LedgerOpt = None,
 ):
-    """What each pattern set is worth, per model and device (latest measurement of each)."""
+    """What each pattern set is worth, per model, device and prompt length (latest current
+    line of each), every ratio next to the noise floor of the same device and prompt length."""
     from rich.table import Table
 
+    ledger = _ledger(ledger)
     data = L.read(ledger)
     _warn_problems(ledger, data.problems)
-    rows = summarize(data.entries)
+    current = data.current()
+    if device:
+        current = [e for e in current if device.lower() in e["device"]["name"].lower()]
+    rows = S.summarize(current)
     if as_json:
         print(json.dumps(rows, indent=2))
+        return
+    if as_markdown:
+        print(S.markdown(rows), end="")
         return
     console = ui.console()
     if not rows:
         console.print(f"{ledger}: no measurements yet")
         return
-    groups: dict[tuple, list] = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["quantization"], r["device"]), []).append(r)
-    for (model, quant, device), group in groups.items():
-        t = Table(title=f"{model} ({quant}) on {device}")
-        for col in ("patterns", "tokens", "stock tok/s", "patched tok/s", "speedup", "fidelity",
-                    "kernels/tok", "GPU µs/tok", "lines"):
-            t.add_column(col, justify="left" if col in ("patterns", "fidelity") else "right")
+    for (model, quant, dev), group in S.groups(rows).items():
+        t = Table(title=f"{model} ({quant}) on {dev}")
+        for col in S.COLUMNS:
+            t.add_column(col, justify="left" if col in ("line", "patterns", "fidelity", "noise floor",
+                                                         "commit") else "right",
+                         no_wrap=col in ("line", "noise floor", "commit", "speedup"))
         for r in group:
-            k, sk = r["kernels_per_token"], r["stock_kernels_per_token"]
-            g, sg = r["gpu_us_per_token"], r["stock_gpu_us_per_token"]
-            t.add_row(
-                ",".join(r["patterns"]) or "none (noise floor)",
-                f"{r['max_tokens']} x {r['runs']}",
-                _fmt(r["stock_decode_tps"]), _fmt(r["patched_decode_tps"]), _fmt(r["speedup"], ".3f"),
-                r["fidelity"], f"{_fmt(sk, '.0f')} -> {_fmt(k, '.0f')}" if k is not None else "-",
-                f"{_fmt(sg, '.0f')} -> {_fmt(g, '.0f')}" if g is not None else "-",
-                str(r["measurements"]),
-            )
+            c = S.cells(r)
+            t.add_row(*(c[col] for col in S.COLUMNS))
         console.print(t)
+    if data.superseded:
+        console.print(f"{len(data.superseded)} superseded line(s) left out: matrix history shows them")
 
 
 @app.command()
 def merge(
     source: Annotated[Path, typer.Argument(help="a ledger written elsewhere (e.g. on the GPU machine)")],
-    ledger: LedgerOpt = L.DEFAULT_PATH,
+    ledger: LedgerOpt = None,
 ):
-    """Append another ledger's lines (skipping ones already here) to this ledger."""
+    """Append another ledger's lines (skipping ones already here) to this ledger; a line
+    whose commit is not in this repository is refused."""
+    ledger = _ledger(ledger)
     if not source.is_file():
         _fail(f"no such ledger: {source}")
-    n, problems = L.merge(source, ledger)
+    try:
+        L.check_writable(ledger)
+    except L.LedgerPathError as e:
+        _fail(str(e))
+    n, problems = L.merge(source, ledger, commit_exists=stamp.commit_exists)
     _warn_problems(source, problems)
     print(f"merged {n} line(s) from {source} into {ledger}")
+
+
+@app.command()
+def supersede(
+    ids: Annotated[list[str], typer.Argument(help="ids of the lines (matrix history shows them)")],
+    reason: Annotated[str, typer.Option(help="what was wrong with the measurement")] = "",
+    ledger: LedgerOpt = None,
+):
+    """Mark ledger lines superseded (a known-bad harness, say): appends one line each,
+    changes none; report leaves them out, history marks them."""
+    ledger = _ledger(ledger)
+    if not ledger.is_file():
+        _fail(f"no such ledger: {ledger}")
+    try:
+        done = L.supersede(ledger, ids, reason,
+                           datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    except L.LedgerError as e:
+        _fail(str(e))
+    print(f"marked {len(done)} line(s) superseded in {ledger}: {', '.join(done)}")
 
 
 def main():
