@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine, from the project root (see README "GPU machine"):
+# On the GPU machine, from the project root (see benchmarks/README.md):
 #   source .device/extra/activate.sh && ZMLX_GIT_COMMIT=<sha> bash benchmarks/gpu/run_glm47_flash.sh STEP TOKENS
 # Builds the full-size synthetic GLM-4.7-Flash in memory (affine 4-bit, group 64, bf16
 # scales: the same generator and conversion as `python -m zmlx.synth --preset flash`)
