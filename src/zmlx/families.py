@@ -53,21 +53,17 @@ FAMILIES: dict[str, Family] = {
             "glm47_rope": Target("Glm4MoeLiteAttention"),  # exact; in the CUDA preset
             "mla_attention": Target("Glm4MoeLiteAttention"),  # close: opt-in
         },
-        # residual_norm is exact but measured slower on the H100 (ledger, 2026-11-24:
-        # 0.875x at 200 tokens, 0.922x at 1024): opt in with ZMLX_RESIDUAL_NORM=1.
+        # residual_norm is exact but slower than stock in the ledger (one fused call costs
+        # more host time than the two stock ops it replaces): opt in with ZMLX_RESIDUAL_NORM=1.
         preset=("moe_router", "moe_combine"),
         presets_on={
-            # The expert kernels are bitwise stock on CUDA (close on Metal, where no run has
-            # shown identical tokens yet). Ledger, H100, 2026-11-25 (commit 2116e8c):
-            # router + moe_mlp + downproj_combine 1.196x at 200 tokens (5 runs), 1.035x at
-            # 1024 (the preset alone 0.994x there), GPU 9.14 -> 7.34 ms/token, identical
-            # tokens. downproj_combine takes over moe_combine's method (prompts still run
-            # the combine kernel), so moe_combine is not listed. swiglu_mlp lost (1.114x
-            # with it vs 1.196x without) and stays opt-in. glm47_rope (exact: its cuda
-            # tests are bitwise) replaces 3 launches per layer by 1: micro-benchmark (H200,
-            # alternated) 8.6 -> 2.9 µs GPU and 26.8 -> 19.5 µs in-graph per layer; ledger
-            # (H200, 2026-11-26) with it 1.19x at a 32-token and 1.21x at a 4096-token
-            # prompt, identical tokens, kernels 1624 -> 1530 per token.
+            # A pattern joins a backend's preset when it is exact there and the ledger shows
+            # it faster than stock with identical tokens. On CUDA the expert kernels and
+            # glm47_rope are bitwise stock (close on Metal, where no run has shown identical
+            # tokens yet). downproj_combine takes over moe_combine's method (prompts still
+            # run the combine kernel), so moe_combine is not listed. swiglu_mlp is exact but
+            # slower in the ledger, so opt-in. The lines: STATUS.md; the history:
+            # benchmarks/NOTEBOOK.md.
             "cuda": ("moe_router", "moe_mlp", "downproj_combine", "glm47_rope"),
         },
     ),

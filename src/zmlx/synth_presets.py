@@ -42,7 +42,7 @@ GLM4_MOE_LITE_PRESETS: dict[str, dict[str, Any]] = {
         q_lora_rank=128,
         qk_rope_head_dim=64,
         # 128, not 64: MLX's CUDA quantized matmul has no kernel for the prompt path's
-        # untransposed embed_q product with 64 outputs (checked on the H100, mlx 0.32.4).
+        # untransposed embed_q product with 64 outputs (mlx 0.32.4; benchmarks/NOTEBOOK.md).
         qk_nope_head_dim=128,
         v_head_dim=64,
         first_k_dense_replace=1,
