@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 
 from zmlx.kernels import metal_emu
-from zmlx.kernels._core import KernelDef, Launch, compiler_error
+from zmlx.kernels.core import KernelDef, Launch, compiler_error
 from zmlx.kernels.moe_combine import moe_combine
 
 
@@ -95,7 +95,7 @@ def test_close_kernel_self_check_compares_within_its_tolerance(monkeypatch):
     """A `close` kernel whose output is off by more than its tolerance takes the reference."""
     import mlx.core as mx
 
-    from zmlx.kernels._core import KernelDef
+    from zmlx.kernels.core import KernelDef
 
     k = KernelDef(
         name="close_probe",
@@ -135,7 +135,7 @@ def test_backend_follows_the_default_device():
 def test_no_kernel_makes_an_index_array_per_call():
     """MLX's CUDA backend puts a small array made on the host (an `mx.array([...])` of a
     length or position, made per call) in managed memory, and the kernel that reads it waits
-    for the page (20-150 µs per call for mla_decode before the fix). Per-call values travel
+    for the page. Per-call values travel
     in shapes, views or the template instead: a small integer input that is not one of the
     call's own arguments must be made once (the same array on every call), not per call."""
     from zmlx.patch import PATTERNS

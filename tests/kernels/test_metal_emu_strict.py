@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 
 from zmlx.kernels import metal_emu
-from zmlx.kernels._core import KernelDef, Launch
+from zmlx.kernels.core import KernelDef, Launch
 from zmlx.kernels.mla_attention import mla_embed_q, mla_unembed
 from zmlx.kernels.residual_norm import residual_norm
 

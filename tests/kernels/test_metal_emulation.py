@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 
 from zmlx.kernels import metal_emu
-from zmlx.kernels._core import KernelDef, Launch
+from zmlx.kernels.core import KernelDef, Launch
 from zmlx.kernels.moe_combine import moe_combine, reference
 
 pytestmark = pytest.mark.skipif(

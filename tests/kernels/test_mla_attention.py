@@ -8,7 +8,6 @@ import pytest
 
 import zmlx
 from zmlx.kernels import metal_emu
-from zmlx.kernels._quant import dequantized
 from zmlx.kernels.mla_attention import (
     CHUNK_STEP,
     MIN_CHUNK,
@@ -23,6 +22,7 @@ from zmlx.kernels.mla_attention import (
     unembed_reference,
 )
 from zmlx.kernels.moe_mlp import quantized_experts
+from zmlx.kernels.quant import dequantized
 
 DTYPES = [mx.bfloat16, mx.float16, mx.float32]
 PACKINGS = [dict(group_size=64, bits=4), dict(group_size=32, bits=8), dict(group_size=None, bits=None)]

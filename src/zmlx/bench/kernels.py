@@ -328,7 +328,7 @@ def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
     KernelDef vs called directly with its launch spec computed once."""
     if backend.current() != "cuda":
         return []
-    from zmlx.kernels._core import _build
+    from zmlx.kernels.core import build
 
     x = mx.random.normal((1, 1, 2048)).astype(mx.bfloat16)
     r = mx.random.normal((1, 1, 2048)).astype(mx.bfloat16)
@@ -345,7 +345,7 @@ def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
                          output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
 
     spec = residual_norm.launch("cuda", x, r, w, 1e-5)
-    kernel = _build(residual_norm, "cuda")
+    kernel = build(residual_norm, "cuda")
 
     def direct():
         return kernel(inputs=spec.inputs, template=spec.template, grid=spec.grid,

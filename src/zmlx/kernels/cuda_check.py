@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef, Launch, template_lines
+from zmlx.kernels.core import KernelDef, Launch, template_lines
 
 ARCH = "sm_90a"  # the H100, as MLX's JIT targets it
 STAMP = "setup.json"  # written last by cuda_setup: the cache is complete

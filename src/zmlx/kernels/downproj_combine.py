@@ -12,9 +12,11 @@ as stock rounds y, weighted in float32 and summed in moe_combine's order, rounde
 and the shared expert's output added as stock adds it. No (k, D) intermediate is
 written: memory stays at the output's size however many experts or tokens.
 
-Fidelity: on CUDA the dot is MLX's qmv's arithmetic (`_quant.QDOT_HEADER`), so the kernel
+Fidelity: on CUDA the dot is MLX's qmv's arithmetic (csrc/quant.h), so the kernel
 is bitwise stock wherever stock runs qmv (fewer than 8 expert rows); on Metal the dot is a
 plain float32 sum (`close`).
+
+Device code: BODY below; the dot is csrc/quant.h, the sum in stock's order csrc/expert_sum.h.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import (
-    QDOT_HEADER,
+from zmlx.kernels.core import KernelDef, Launch, device_code
+from zmlx.kernels.moe_combine import reference as combine
+from zmlx.kernels.moe_combine import sequential_sum
+from zmlx.kernels.quant import (
     dequantized,
     gathered,
     or_placeholder,
@@ -33,8 +36,6 @@ from zmlx.kernels._quant import (
     regime_reason,
     weights_reason,
 )
-from zmlx.kernels.moe_combine import SUM_HEADER, sequential_sum
-from zmlx.kernels.moe_combine import reference as combine
 
 
 def reference(h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None):
@@ -136,7 +137,7 @@ downproj_combine = KernelDef(
     exact_on=("cuda",),  # bitwise stock's qmv (+ swiglu) where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
     body=BODY,
-    header=QDOT_HEADER + SUM_HEADER,
+    header=device_code("quant.h", "expert_sum.h"),
     input_names=("h", "inds", "scores", "down_w", "down_s", "down_b", "shared"),
     output_names=("out",),
     launch=launch,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from zmlx import backend as _backend
-from zmlx.kernels._core import KernelDef, Launch, float_bits
+from zmlx.kernels.core import KernelDef, Launch, float_bits
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 

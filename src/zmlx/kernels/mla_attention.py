@@ -42,8 +42,8 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef, Launch, float_bits
-from zmlx.kernels._quant import dequantized, or_placeholder, packing, weights_reason
+from zmlx.kernels.core import KernelDef, Launch, float_bits
+from zmlx.kernels.quant import dequantized, or_placeholder, packing, weights_reason
 
 # mla_decode: a chunk is at least MIN_CHUNK positions, a multiple of CHUNK_STEP, and a
 # context is split into at most TARGET_CHUNKS chunks (the partials unembed combines grow with

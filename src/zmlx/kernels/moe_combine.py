@@ -9,6 +9,10 @@ Summation order (read from MLX's CUDA col_reduce): a column of <= 32 rows whose
 stride is a multiple of 4 floats is summed in order by one thread (always the case
 for GLM-4.7-Flash: D = 2048); otherwise a 32-lane tree adds per-lane partial sums.
 Metal sums in order here; its own reduction order is still to be checked on a Mac.
+
+Device code: BODY below; stock's float32 sum of an output's k weighted expert rows is
+csrc/expert_sum.h (`ZmlxExpertSum`: add(term) for k = 0, 1, ..., then total()), shared
+with downproj_combine.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef, Launch
+from zmlx.kernels.core import KernelDef, Launch, device_code
 
 
 def reference(y: mx.array, scores: mx.array, shared: mx.array | None = None) -> mx.array:
@@ -31,34 +35,6 @@ def reference(y: mx.array, scores: mx.array, shared: mx.array | None = None) -> 
         out = out + shared
     return out
 
-
-# Stock's float32 sum of an output's k weighted expert rows, for the kernels that combine
-# experts (this one and downproj_combine): add(term) for k = 0, 1, ..., then total().
-SUM_HEADER = """
-template <bool SEQUENTIAL>
-struct ZmlxExpertSum {
-    // in order when SEQUENTIAL; else MLX's CUDA looped column reduce: lane k % 32 sums
-    // its rows in order, then a 32-lane tree (offsets 16, 8, 4, 2, 1) adds the lanes
-    float lane[SEQUENTIAL ? 1 : 32];
-    uint k;
-    ZmlxExpertSum() : k(0) {
-        for (uint j = 0; j < (SEQUENTIAL ? 1u : 32u); ++j) lane[j] = 0.0f;
-    }
-    void add(float term) {
-        const uint j = SEQUENTIAL ? 0u : k % 32;
-        lane[j] = ZMLX_ADD(lane[j], term);
-        ++k;
-    }
-    float total() {
-        if (!SEQUENTIAL) {
-            for (uint off = 16; off > 0; off /= 2) {
-                for (uint j = 0; j < off; ++j) lane[j] = ZMLX_ADD(lane[j], lane[j + off]);
-            }
-        }
-        return lane[0];
-    }
-};
-"""
 
 BODY = """
 if (zmlx_tid >= N) return;
@@ -117,7 +93,7 @@ moe_combine = KernelDef(
     name="moe_combine",
     reference=reference,
     body=BODY,
-    header=SUM_HEADER,
+    header=device_code("expert_sum.h"),
     input_names=("y", "scores", "shared"),
     output_names=("out",),
     launch=launch,

@@ -12,10 +12,12 @@ the two rows, dequantize (scale * q + bias) and accumulate, a warp sum finishes 
 dot, and lane 0 rounds gate and up to T and applies SwiGLU with stock's roundings.
 
 Fidelity: on CUDA the dots are MLX's qmv's arithmetic and SwiGLU is MLX's own device
-functors (`_quant.QDOT_HEADER`), so the kernel is bitwise stock wherever stock runs qmv
+functors (csrc/quant.h), so the kernel is bitwise stock wherever stock runs qmv
 (fewer than 8 expert rows, scales in x's dtype; other calls take the reference). On
 Metal the dot is a plain float32 sum: `close`, held to a float32 reference with stock's
 own error as the bar.
+
+Device code: BODY below (shared with swiglu_mlp); the dot and SwiGLU are csrc/quant.h.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import (
-    QDOT_HEADER,
+from zmlx.kernels.core import KernelDef, Launch, device_code
+from zmlx.kernels.quant import (
     dequantized,
     gathered,
     or_placeholder,
@@ -151,7 +152,7 @@ SHARED = dict(
     exact_on=("cuda",),  # bitwise stock's qmv (+ swiglu) where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
     body=BODY,
-    header=QDOT_HEADER,
+    header=device_code("quant.h"),
     input_names=("x", "inds", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"),
     output_names=("out",),
 )

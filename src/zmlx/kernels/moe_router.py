@@ -24,7 +24,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef, Launch, float_bits
+from zmlx.kernels.core import KernelDef, Launch, float_bits
 
 
 @mx.compile

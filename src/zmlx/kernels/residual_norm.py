@@ -24,7 +24,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef, Launch, float_bits
+from zmlx.kernels.core import KernelDef, Launch, float_bits
 
 
 def reference(x: mx.array, r: mx.array, w: mx.array, eps: float) -> tuple[mx.array, mx.array]:

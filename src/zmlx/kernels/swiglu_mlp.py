@@ -15,6 +15,8 @@ Fidelity: on CUDA the dots follow MLX's qmv and SwiGLU is MLX's own device funct
 so the kernel is bitwise stock wherever stock runs qmv: for a dense matmul on the H100
 that is one row (one token; from two rows stock takes its sm90 tiled qmm), and the
 kernel takes only such calls. On Metal the dot is a plain float32 sum (`close`).
+
+Device code: moe_mlp's BODY (src/zmlx/kernels/moe_mlp.py) with csrc/quant.h.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels._core import KernelDef, Launch
-from zmlx.kernels._quant import dequantized, or_placeholder, packing, regime_reason
+from zmlx.kernels.core import KernelDef, Launch
 from zmlx.kernels.moe_mlp import SHARED, gate_up_reason, quantized_experts
+from zmlx.kernels.quant import dequantized, or_placeholder, packing, regime_reason
 
 
 def dense(x, w, s, b, group_size, bits):

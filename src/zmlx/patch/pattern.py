@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
 
-from zmlx.kernels._core import KernelDef
+from zmlx.kernels.core import KernelDef
 
 Fidelity = Literal["exact", "close"]
 

@@ -48,7 +48,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from zmlx.kernels._core import template_lines
+from zmlx.kernels.core import template_lines
 
 HERE = Path(__file__).resolve().parent
 

@@ -15,7 +15,7 @@ from functools import cache
 
 import mlx.core as mx
 
-from zmlx.kernels._quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
+from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.patch.pattern import Pattern

@@ -18,7 +18,7 @@ from functools import cache
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from zmlx.kernels._quant import weights_of
+from zmlx.kernels.quant import weights_of
 from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
 from zmlx.patch.pattern import Pattern

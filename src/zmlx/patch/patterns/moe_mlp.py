@@ -14,7 +14,7 @@ from functools import cache
 import mlx.core as mx
 from mlx_lm.models.switch_layers import SwiGLU
 
-from zmlx.kernels._quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
+from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
 from zmlx.kernels.moe_mlp import moe_mlp
 from zmlx.patch.pattern import Pattern
 

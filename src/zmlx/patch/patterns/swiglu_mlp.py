@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from zmlx.kernels._quant import linear_reason, weights_of
+from zmlx.kernels.quant import linear_reason, weights_of
 from zmlx.kernels.swiglu_mlp import swiglu_mlp
 from zmlx.patch.pattern import Pattern
 

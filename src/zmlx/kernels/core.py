@@ -1,7 +1,10 @@
 """KernelDef: one definition per fused kernel.
 
 A kernel has a plain-MLX `reference` (the ground truth, and the path on the CPU
-backend) and one shared `body` for Metal and CUDA. Each backend gets a short
+backend) and one shared `body` for Metal and CUDA. Device code longer than a few lines
+lives in files under kernels/csrc/ (shared headers, long bodies), read by `device_code`;
+MLX, the Metal emulation and the NVRTC check all get it through `KernelDef.source`, so
+there is one copy of each. Each backend gets a short
 prelude: macros in the header, and a first line that names the thread index (MLX
 declares Metal's `thread_position_in_grid` only when the source mentions it):
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Callable, NamedTuple
 
 import mlx.core as mx
@@ -82,6 +86,17 @@ PRELUDE_SOURCE = {
         "const uint zmlx_warp = simdgroup_index_in_threadgroup;\n"
     ),
 }
+
+
+@functools.cache
+def _csrc_file(name: str) -> str:
+    return (resources.files(__package__) / "csrc" / name).read_text(encoding="utf-8")
+
+
+def device_code(*names: str) -> str:
+    """The text of these files under kernels/csrc/, in order, joined as they are: what a
+    KernelDef's `header` or `body` holds (each file read once)."""
+    return "".join(_csrc_file(name) for name in names)
 
 
 def template_lines(template, type_names) -> list[str]:
@@ -206,7 +221,7 @@ class KernelDef:
         spec = self.launch(backend, *args, **kwargs)
         if isinstance(spec, str):
             return spec
-        kernel = _build(self, backend)
+        kernel = build(self, backend)
         extra = {"init_value": init_value} if init_value is not None else {}
         outs = kernel(
             inputs=spec.inputs, template=spec.template, grid=spec.grid,
@@ -226,7 +241,8 @@ class KernelDef:
 
 
 @functools.cache
-def _build(kernel: KernelDef, backend: str) -> Any:
+def build(kernel: KernelDef, backend: str) -> Any:
+    """The kernel's mx.fast.<backend>_kernel, built once per kernel and backend."""
     header, source = kernel.source(backend)
     make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
     return make(

@@ -1,0 +1,160 @@
+
+#ifdef ZMLX_CUDA
+#include <cooperative_groups/reduce.h>
+#include <cuda/std/type_traits>
+#include "mlx/backend/cuda/device/binary_ops.cuh"
+#include "mlx/backend/cuda/device/unary_ops.cuh"
+#define ZMLX_SIMD_SUM(v) cg::reduce(cg::tiled_partition<32>(cg::this_thread_block()), (v), cg::plus<float>())
+
+// T's arithmetic as MLX's CUDA qmv compiles it: every op one IEEE rounding in T, and the
+// dequantization q * scale + bias contracted into one fma (nvcc's default -fmad).
+__device__ inline float zmlx_f(float v) { return v; }
+__device__ inline float zmlx_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float zmlx_f(__half v) { return __half2float(v); }
+__device__ inline float zmlx_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ inline __nv_bfloat16 zmlx_fma(__nv_bfloat16 a, __nv_bfloat16 b, __nv_bfloat16 c) {
+    return __hfma(a, b, c);
+}
+__device__ inline __half zmlx_fma(__half a, __half b, __half c) { return __hfma(a, b, c); }
+
+// N consecutive values from src into dst: as 16- or 8-byte loads when the size and src's
+// alignment allow (as qmv's vector loads), else one by one. Only how values are read.
+template <int N, typename T>
+__device__ inline void zmlx_load(T* dst, const T* src) {
+    constexpr int BYTES = N * int(sizeof(T));
+    if constexpr (BYTES % 16 == 0) {
+        if (reinterpret_cast<size_t>(src) % 16 == 0) {
+            uint4 v[BYTES / 16];
+#pragma unroll
+            for (int c = 0; c < BYTES / 16; ++c) v[c] = reinterpret_cast<const uint4*>(src)[c];
+            memcpy(dst, v, BYTES);
+            return;
+        }
+    } else if constexpr (BYTES % 8 == 0) {
+        if (reinterpret_cast<size_t>(src) % 8 == 0) {
+            uint2 v[BYTES / 8];
+#pragma unroll
+            for (int c = 0; c < BYTES / 8; ++c) v[c] = reinterpret_cast<const uint2*>(src)[c];
+            memcpy(dst, v, BYTES);
+            return;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) dst[j] = src[j];
+}
+
+// This lane's share of one row's dot product, in MLX's CUDA qmv order: lane l takes E
+// consecutive values at l * E + r * 32 * E (then the remainder), one accumulator per
+// position (in T for 4-bit narrow types, else float), summed in order into a float.
+// The caller finishes with ZMLX_SIMD_SUM (cg::reduce, as qmv) and rounds to T.
+template <int BITS, int GS, int COLS, typename T>
+__device__ inline float zmlx_qdot_lane(const uint* w, const T* s, const T* b, const T* x, uint lane) {
+    constexpr int E = (sizeof(T) <= 2 && BITS <= 4) ? 16 : 8;
+    constexpr int PER_WARP = 32 * E;
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr uint MASK = (1u << BITS) - 1u;
+    constexpr bool WIDE_ACC = BITS >= 8 && !cuda::std::is_same_v<T, float>;
+    using Acc = cuda::std::conditional_t<(BITS >= 8), float, T>;
+    Acc acc[E];
+#pragma unroll
+    for (int j = 0; j < E; ++j) acc[j] = Acc(0.0f);
+    constexpr int NW = E / PER_WORD;  // packed words per tile (idx is a multiple of E >= PER_WORD)
+    auto tile = [&](int idx) {
+        const T sc = s[idx / GS], bi = b[idx / GS];
+        T xs[E];
+        uint ws[NW];
+        zmlx_load<E>(xs, x + idx);
+        zmlx_load<NW>(ws, w + idx / PER_WORD);
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+            const uint q = (ws[j / PER_WORD] >> (BITS * (j % PER_WORD))) & MASK;
+            const T wd = zmlx_fma(T(float(q)), sc, bi);
+            if constexpr (WIDE_ACC) {
+                acc[j] = fmaf(zmlx_f(xs[j]), zmlx_f(wd), acc[j]);
+            } else {
+                acc[j] = zmlx_fma(xs[j], wd, acc[j]);
+            }
+        }
+    };
+    for (int r = 0; r < COLS / PER_WARP; ++r) tile(int(lane) * E + r * PER_WARP);
+    if constexpr (COLS % PER_WARP != 0) {
+        const int idx = int(lane) * E + COLS - COLS % PER_WARP;
+        if (idx < COLS) tile(idx);
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < E; ++j) sum += zmlx_f(acc[j]);
+    return sum;
+}
+
+// The same for an unquantized row (BITS = 32: one T per value; s and b unused), in MLX's
+// CUDA gemv order (gather_mv / gemv_single at one row): lane l takes NPT consecutive
+// values at NPT * l + r * 32 * NPT into one float accumulator (fma), NPT = 4 when
+// COLS % 128 == 0 and both pointers are 4-value aligned, 2 when COLS % 64 == 0 and
+// 2-aligned, else 1, as MLX picks it (rows of a multiple of 64 values keep the
+// alignment of the array's base, which is what MLX checks).
+__device__ inline bool zmlx_aligned(const void* p, size_t bytes) {
+    return reinterpret_cast<size_t>(p) % bytes == 0;
+}
+
+template <int BITS, int GS, int COLS, typename T>
+__device__ inline float zmlx_qdot_lane(const T* w, const T* s, const T* b, const T* x, uint lane) {
+    const int npt = (COLS % 128 == 0 && zmlx_aligned(w, 4 * sizeof(T)) && zmlx_aligned(x, 4 * sizeof(T)))
+        ? 4 : (COLS % 64 == 0 && zmlx_aligned(w, 2 * sizeof(T)) && zmlx_aligned(x, 2 * sizeof(T))) ? 2 : 1;
+    float sum = 0.0f;
+    for (int col = npt * int(lane); col < COLS; col += 32 * npt) {
+        for (int j = 0; j < npt; ++j) sum = fmaf(zmlx_f(w[col + j]), zmlx_f(x[col + j]), sum);
+    }
+    return sum;
+}
+
+// mlx-lm's swiglu(gate, up) = silu(gate) * up as MLX's compiled CUDA kernel runs it:
+// each op is MLX's own device functor, each result rounded to T.
+template <typename T>
+__device__ inline T zmlx_swiglu(T g, T u) {
+    const T sig = mlx::core::cu::Sigmoid{}(g);
+    return mlx::core::cu::Multiply{}(mlx::core::cu::Multiply{}(g, sig), u);
+}
+#else
+#define ZMLX_SIMD_SUM(v) simd_sum(v)
+
+// This lane's float32 share of one packed row's dot with x (lanes take words lane,
+// lane + 32, ...); the caller finishes with ZMLX_SIMD_SUM. Not MLX's Metal qmv order:
+// on Metal the quantized kernels are `close`, not exact.
+template <int BITS, int GS, int COLS, typename TS, typename TX>
+inline float zmlx_qdot_lane(const device uint* w, const device TS* s,
+                            const device TS* b, const device TX* x, uint lane) {
+    constexpr uint PER_WORD = 32 / BITS;
+    constexpr uint WORDS = COLS / PER_WORD;
+    constexpr uint MASK = (1u << BITS) - 1u;
+    float acc = 0.0f;
+    for (uint k = lane; k < WORDS; k += 32) {
+        const uint q = w[k];
+        const uint g = (k * PER_WORD) / GS;
+        const float sc = static_cast<float>(s[g]), bi = static_cast<float>(b[g]);
+        for (uint j = 0; j < PER_WORD; ++j) {
+            const float v = static_cast<float>((q >> (BITS * j)) & MASK);
+            acc += (sc * v + bi) * static_cast<float>(x[k * PER_WORD + j]);
+        }
+    }
+    return acc;
+}
+
+// An unquantized row (BITS = 32; s and b unused): a plain float32 sum.
+template <int BITS, int GS, int COLS, typename T>
+inline float zmlx_qdot_lane(const device T* w, const device T* s, const device T* b,
+                            const device T* x, uint lane) {
+    float acc = 0.0f;
+    for (uint k = lane; k < uint(COLS); k += 32) acc += static_cast<float>(w[k]) * static_cast<float>(x[k]);
+    return acc;
+}
+
+// swiglu with mlx-lm's roundings: sigmoid, silu and the product each rounded to T.
+template <typename T>
+inline T zmlx_swiglu(T g, T u) {
+    const float gt = static_cast<float>(g);
+    const float sig = static_cast<float>(static_cast<T>(1.0f / (1.0f + metal::exp(-gt))));
+    const float silu = static_cast<float>(static_cast<T>(gt * sig));
+    return static_cast<T>(silu * static_cast<float>(u));
+}
+#endif

@@ -1,0 +1,168 @@
+"""What the kernels that read mlx-lm's weights share: which layouts and regimes they take,
+the stock op sequences their references use, and the weights of a projection as they take
+them. Their device code is csrc/quant.h.
+
+MLX's affine layout: each row of a (rows, cols) matrix is packed into uint32 words,
+32 / bits values per word, lowest bits first; one scale and one bias per `group_size`
+values of a row; a value dequantizes to `scale * q + bias`.
+
+csrc/quant.h defines `zmlx_qdot_lane` (this lane's share of one packed row's dot product
+with a vector), ZMLX_SIMD_SUM (the warp sum that finishes it) and `zmlx_swiglu`. On CUDA
+they follow MLX's own qmv kernel and its compiled swiglu operation for operation, so the
+kernels that use them are bitwise stock wherever stock runs qmv (fewer than
+QMV_MAX_ROWS expert rows, scales in the activations' dtype); on Metal the dot is a plain
+float32 sum (close, not exact). Kernels put it in their header (`device_code("quant.h")`).
+"""
+
+from __future__ import annotations
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+def layout_reason(bits: int, group_size: int) -> str | None:
+    """Why an affine layout is outside what the quantized kernels read, or None."""
+    if bits not in BITS or group_size not in GROUP_SIZES:
+        return f"affine {bits}-bit, group {group_size} (the kernels take 4/8-bit, groups 32/64/128)"
+    return None
+
+
+# MLX's CUDA gather_qmm runs its qmv kernel below this many rows (tokens x experts),
+# a tiled qmm above it; the CUDA kernels follow qmv's arithmetic, so they serve only there.
+QMV_MAX_ROWS = 8
+
+
+def qmv_reason(backend: str, rows: int, dtype, *scales_and_biases,
+               max_rows: int = QMV_MAX_ROWS) -> str | None:
+    """Why a call is outside the regime where the CUDA kernels are bitwise stock's qmv, or None.
+    `max_rows`: the fewest rows at which stock leaves qmv (gathered experts: 8; a dense
+    quantized_matmul on the H100 leaves it from 2 rows, for its sm90 qmm)."""
+    if backend != "cuda":
+        return None
+    if rows >= max_rows:
+        return f"{rows} rows: stock uses a tiled qmm from {max_rows} rows (only its qmv is followed)"
+    if any(a.dtype != dtype for a in scales_and_biases):
+        return f"scales/biases not in the activations' dtype {dtype}"
+    return None
+
+
+# mlx-lm's SwitchGLU sorts its (token, expert) rows by expert from this many on (and then
+# calls gather_(q)mm with sorted indices): the expert patterns leave such calls to mlx-lm.
+MLX_LM_SORT_ROWS = 64
+# ... and MLX's CUDA gather_mm leaves its gemv there: unquantized experts are followed below.
+GEMV_MAX_ROWS = MLX_LM_SORT_ROWS
+
+
+def gemv_reason(backend: str, rows: int, dtype, *weights, max_rows: int = GEMV_MAX_ROWS) -> str | None:
+    """`qmv_reason` for unquantized weights: stock's gemv regime, weights in x's dtype."""
+    if any(w.dtype != dtype for w in weights):
+        return f"weights not in the activations' dtype {dtype}"
+    if backend == "cuda" and rows >= max_rows:
+        return f"{rows} rows: stock leaves its gemv from {max_rows} rows (only its gemv is followed)"
+    return None
+
+
+def quantized_reason(name: str, proj) -> str | None:
+    """Why a quantized projection (mlx-lm's QuantizedSwitchLinear for experts, mlx's
+    QuantizedLinear for dense layers) cannot go through the kernels, or None."""
+    if proj.mode != "affine":
+        return f"{name} is {proj.mode}-quantized (affine only)"
+    if (why := layout_reason(proj.bits, proj.group_size)) is not None:
+        return f"{name}: {why}"
+    if "bias" in proj or getattr(proj, "global_scale", None) is not None:
+        return f"{name} has a bias or a global scale"
+    return None
+
+
+def gathered(x, w, s, b, inds, group_size, bits):
+    """mlx-lm's (Quantized)SwitchLinear on x (..., 1, 1, D): gather_qmm, or gather_mm for
+    unquantized weights (s None)."""
+    import mlx.core as mx
+
+    if s is None:
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=inds)
+    return mx.gather_qmm(x, w, s, b, rhs_indices=inds, transpose=True, group_size=group_size, bits=bits)
+
+
+def dequantized(w, s, b, group_size, bits):
+    """The weights in float32 (dequantized when quantized): for float32 accuracy bars."""
+    import mlx.core as mx
+
+    if s is None:
+        return w.astype(mx.float32)
+    return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+
+
+def or_placeholder(a, placeholder):
+    """Unquantized rows have no scales or biases: the kernel's inputs get `placeholder`."""
+    return placeholder if a is None else a
+
+
+_FLOATS = ("bfloat16", "float16", "float32")
+
+
+def weights_reason(w, s, b, *, cols: int, group_size, bits, dtype) -> str | None:
+    """Why a weight matrix (or stack of them) of `cols`-wide rows cannot be read by the
+    kernels, or None: affine-quantized (packed w, scales s, biases b) or unquantized (s and
+    b None, w in the activations' dtype)."""
+    if s is None:
+        if b is not None or w.dtype != dtype:
+            return f"unquantized weights {w.dtype} for activations {dtype}"
+        return None if w.shape[-1] == cols else f"weights {w.shape} for rows of {cols}"
+    if (why := layout_reason(bits, group_size)) is not None:
+        return why
+    if b is None:
+        return "affine quantization without biases"
+    if str(s.dtype).split(".")[-1] not in _FLOATS:
+        return f"scales {s.dtype}"
+    if w.shape[-1] * (32 // bits) != cols or cols % group_size:
+        return f"weights {w.shape} for rows of {cols}"
+    if s.shape != w.shape[:-1] + (cols // group_size,) or b.shape != s.shape:
+        return f"scales {s.shape} for groups of {group_size}"
+    return None
+
+
+def regime_reason(backend: str, rows: int, dtype, s, b, w, *, qmv_rows: int = QMV_MAX_ROWS,
+                  gemv_rows: int = GEMV_MAX_ROWS) -> str | None:
+    """Where stock's CUDA matvec (qmv, or gemv for unquantized weights) runs, the kernels
+    follow it; elsewhere they step aside (None: the kernel takes the call)."""
+    if s is None:
+        return gemv_reason(backend, rows, dtype, w, max_rows=gemv_rows)
+    return qmv_reason(backend, rows, dtype, s, b, max_rows=qmv_rows)
+
+
+def packing(cols: int, group_size, bits) -> tuple[int, int]:
+    """(GS, BITS) template values: the quantization's, or (cols, 32) for unquantized rows."""
+    return (cols, 32) if bits is None else (group_size, bits)
+
+
+def dense_or_quantized(name: str, proj, quantized: type, dense: type) -> str | None:
+    """Why a projection can go through neither kernel path (affine-quantized or unquantized)."""
+    if isinstance(proj, quantized):
+        return quantized_reason(name, proj)
+    if isinstance(proj, dense):
+        return f"{name} has a bias" if "bias" in proj else None
+    return f"{name} is a {type(proj).__name__} (neither an affine-quantized nor an unquantized linear)"
+
+
+def switch_linear_reason(name: str, proj) -> str | None:
+    """Why an mlx-lm expert projection (affine-quantized or unquantized) cannot go through
+    the kernels, or None."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return dense_or_quantized(name, proj, QuantizedSwitchLinear, SwitchLinear)
+
+
+def linear_reason(name: str, proj) -> str | None:
+    """Why a dense projection (affine-quantized or unquantized) cannot go through the
+    kernels, or None."""
+    import mlx.nn as nn
+
+    return dense_or_quantized(name, proj, nn.QuantizedLinear, nn.Linear)
+
+
+def weights_of(proj) -> tuple[tuple, dict]:
+    """((weight, scales, biases), {group_size, bits}) of a projection, as the kernels take
+    them; scales, biases, group size and bits are None for unquantized weights."""
+    return ((proj["weight"], proj.get("scales"), proj.get("biases")),
+            {"group_size": getattr(proj, "group_size", None), "bits": getattr(proj, "bits", None)})
