@@ -36,7 +36,7 @@ def qmv_reason(backend: str, rows: int, dtype, *scales_and_biases,
                max_rows: int = QMV_MAX_ROWS) -> str | None:
     """Why a call is outside the regime where the CUDA kernels are bitwise stock's qmv, or None.
     `max_rows`: the fewest rows at which stock leaves qmv (gathered experts: 8; a dense
-    quantized_matmul on the H100 leaves it from 2 rows, for its sm90 qmm)."""
+    quantized_matmul on sm90 (Hopper) leaves it from 2 rows, for its sm90 qmm)."""
     if backend != "cuda":
         return None
     if rows >= max_rows:

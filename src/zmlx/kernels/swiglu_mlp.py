@@ -12,7 +12,7 @@ per output element reads x once and the row of each projection once, lane 0 appl
 SwiGLU. Three launches become one.
 
 Fidelity: on CUDA the dots follow MLX's qmv and SwiGLU is MLX's own device functors,
-so the kernel is bitwise stock wherever stock runs qmv: for a dense matmul on the H100
+so the kernel is bitwise stock wherever stock runs qmv: for a dense matmul on sm90 (Hopper)
 that is one row (one token; from two rows stock takes its sm90 tiled qmm), and the
 kernel takes only such calls. On Metal the dot is a plain float32 sum (`close`).
 
