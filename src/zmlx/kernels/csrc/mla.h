@@ -1,0 +1,378 @@
+
+#ifdef ZMLX_CUDA
+#define ZMLX_FN __device__ __forceinline__
+#define ZMLX_THREAD
+#define ZMLX_UNROLL _Pragma("unroll")
+#define ZMLX_UNROLL8 _Pragma("unroll 8")
+#define ZMLX_EXP(v) expf(v)
+#define ZMLX_FMAX(a, b) fmaxf((a), (b))
+#else
+#define ZMLX_FN inline
+#define ZMLX_THREAD thread
+#define ZMLX_UNROLL
+#define ZMLX_UNROLL8
+#define ZMLX_EXP(v) metal::exp(v)
+#define ZMLX_FMAX(a, b) metal::max((a), (b))
+#endif
+#define ZMLX_WARP_SUM(v) for (uint zmlx_m = 16; zmlx_m > 0; zmlx_m /= 2) (v) += ZMLX_SHFL_XOR((v), zmlx_m)
+
+// mla_decode's chunk size for a context of S positions (chunk_size in Python): MINCH, grown
+// in steps of CS so that there are at most TARGET chunks.
+template <int MINCH, int TARGET, int CS>
+ZMLX_FN uint zmlx_mla_chunk(uint S) {
+    const uint ch = CS * ((S + CS * TARGET - 1) / (CS * TARGET));
+    return ch > uint(MINCH) ? ch : uint(MINCH);
+}
+
+// N = 4 or 2 consecutive values from p as floats: one vector load on CUDA (p aligned to N
+// elements), N loads on Metal.
+#ifdef ZMLX_CUDA
+ZMLX_FN void zmlx_mla_load4(const float* p, float* v) {
+    const float4 f = *reinterpret_cast<const float4*>(p);
+    v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+}
+ZMLX_FN void zmlx_mla_load2(const float* p, float* v) {
+    const float2 f = *reinterpret_cast<const float2*>(p);
+    v[0] = f.x; v[1] = f.y;
+}
+ZMLX_FN void zmlx_mla_load4(const __nv_bfloat16* p, float* v) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    v[0] = __uint_as_float(w.x << 16); v[1] = __uint_as_float(w.x & 0xffff0000u);
+    v[2] = __uint_as_float(w.y << 16); v[3] = __uint_as_float(w.y & 0xffff0000u);
+}
+ZMLX_FN void zmlx_mla_load2(const __nv_bfloat16* p, float* v) {
+    const uint w = *reinterpret_cast<const uint*>(p);
+    v[0] = __uint_as_float(w << 16); v[1] = __uint_as_float(w & 0xffff0000u);
+}
+ZMLX_FN void zmlx_mla_load4(const __half* p, float* v) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&w.x));
+    const float2 c = __half22float2(*reinterpret_cast<const __half2*>(&w.y));
+    v[0] = a.x; v[1] = a.y; v[2] = c.x; v[3] = c.y;
+}
+ZMLX_FN void zmlx_mla_load2(const __half* p, float* v) {
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(p));
+    v[0] = a.x; v[1] = a.y;
+}
+#else
+template <typename T>
+inline void zmlx_mla_load4(const device T* p, thread float* v) {
+    for (uint i = 0; i < 4; ++i) v[i] = static_cast<float>(p[i]);
+}
+template <typename T>
+inline void zmlx_mla_load2(const device T* p, thread float* v) {
+    for (uint i = 0; i < 2; ++i) v[i] = static_cast<float>(p[i]);
+}
+#endif
+
+// One unit of a row's dot product with x (this lane's share): affine 4/8-bit, a packed word
+// of UV = 32 / BITS values (one scale and bias per group of GS; xsum = the unit's x sum,
+// which the bias multiplies), or unquantized (BITS = 32, w of type W), 4 values.
+template <int BITS, int GS, int K, typename S>
+ZMLX_FN float zmlx_mla_unit(const ZMLX_DEVICE uint* w, const ZMLX_DEVICE S* s, const ZMLX_DEVICE S* b,
+                            size_t row, uint u, const ZMLX_THREAD float* x, float xsum) {
+    constexpr uint UV = 32 / BITS;
+    const uint word = w[row * (K / UV) + u];
+    float qx = 0.0f;
+    ZMLX_UNROLL
+    for (uint j = 0; j < UV; ++j) qx += static_cast<float>((word >> (BITS * j)) & ((1u << BITS) - 1u)) * x[j];
+    const size_t g = row * (K / GS) + (u * UV) / GS;
+    return static_cast<float>(s[g]) * qx + static_cast<float>(b[g]) * xsum;
+}
+template <int BITS, int GS, int K, typename S, typename W>
+ZMLX_FN float zmlx_mla_unit(const ZMLX_DEVICE W* w, const ZMLX_DEVICE S*, const ZMLX_DEVICE S*,
+                            size_t row, uint u, const ZMLX_THREAD float* x, float) {
+    float wv[4];
+    zmlx_mla_load4(w + row * K + u * 4, wv);
+    return wv[0] * x[0] + wv[1] * x[1] + wv[2] * x[2] + wv[3] * x[3];
+}
+// RW rows' dot products with a vector x of K values (warp sums: every lane gets them), rows
+// row0 .. row0 + RW - 1 of a stack of K-wide rows, those from row `nrows` on skipped (0).
+// The lane holds x in registers as units (zmlx_mla_unit): unit u = lane + 32 i (i < NI)
+// covers values u * UV .. u * UV + UV - 1.
+template <int BITS, int GS, int K, int RW, typename S, typename W>
+ZMLX_FN void zmlx_mla_rows(const ZMLX_DEVICE W* w, const ZMLX_DEVICE S* s, const ZMLX_DEVICE S* b,
+                           size_t row0, uint nrows, uint lane, const ZMLX_THREAD float* x,
+                           const ZMLX_THREAD float* xsum, ZMLX_THREAD float* acc) {
+    constexpr uint UV = BITS == 32 ? 4 : 32 / BITS;
+    constexpr uint NU = K / UV;
+    constexpr uint NI = (NU + 31) / 32;
+    ZMLX_UNROLL
+    for (uint r = 0; r < RW; ++r) acc[r] = 0.0f;
+    ZMLX_UNROLL
+    for (uint i = 0; i < NI; ++i) {
+        const uint u = lane + 32 * i;
+        if (u < NU) {
+            ZMLX_UNROLL
+            for (uint r = 0; r < RW; ++r) {
+                if (r < nrows) {
+                    acc[r] += zmlx_mla_unit<BITS, GS, K>(w, s, b, row0 + r, u, x + i * UV, xsum[i]);
+                }
+            }
+        }
+    }
+    ZMLX_UNROLL
+    for (uint r = 0; r < RW; ++r) ZMLX_WARP_SUM(acc[r]);
+}
+#ifdef ZMLX_CUDA
+ZMLX_FN void zmlx_mma_bf16(float* c, const uint* a, const uint* b) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+ZMLX_FN uint zmlx_movmatrix_t(uint a) {  // the transpose of an 8x8 b16 fragment
+    uint d;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
+    return d;
+}
+// The A fragments of positions t0 .. t0 + 15 of a chunk (rows past its n positions repeat
+// its last one, weight 0): the warp's 64 latent dims (4 k-steps of 16) and, if `rope`, its
+// rope k-step.
+template <int R, int RD, typename TT>
+ZMLX_FN void zmlx_mla_fragments(const TT* latb, const TT* kpeb, uint p0, uint n, uint t0, uint g, bool rope,
+                                uint (&la)[4][4], uint (&ka)[4]) {
+    const size_t r0 = p0 + (t0 + g < n ? t0 + g : n - 1);
+    const size_t r1 = p0 + (t0 + g + 8 < n ? t0 + g + 8 : n - 1);
+    ZMLX_UNROLL
+    for (uint ks = 0; ks < 4; ++ks) {
+        la[ks][0] = *reinterpret_cast<const uint*>(latb + r0 * R + 16 * ks);
+        la[ks][1] = *reinterpret_cast<const uint*>(latb + r1 * R + 16 * ks);
+        la[ks][2] = *reinterpret_cast<const uint*>(latb + r0 * R + 16 * ks + 8);
+        la[ks][3] = *reinterpret_cast<const uint*>(latb + r1 * R + 16 * ks + 8);
+    }
+    ka[0] = ka[1] = ka[2] = ka[3] = 0u;
+    if (rope) {
+        ka[0] = *reinterpret_cast<const uint*>(kpeb + r0 * RD);
+        ka[1] = *reinterpret_cast<const uint*>(kpeb + r1 * RD);
+        ka[2] = *reinterpret_cast<const uint*>(kpeb + r0 * RD + 8);
+        ka[3] = *reinterpret_cast<const uint*>(kpeb + r1 * RD + 8);
+    }
+}
+// Tensor-core path (CUDA, bf16 cache): one threadgroup of R / 64 warps per (b, chunk), warp
+// w owning latent dims 64 w .. 64 w + 63, 16 positions per step. Scores S[p][h] =
+// L[p][d] Q^T[d][h] by mma.m16n8k16 (A = the latent rows as loaded, B = scale * qv split
+// into bf16 hi + lo, so the product keeps ~16 mantissa bits; the rope part by warps
+// 0 .. RD / 16 - 1), the warps' partial scores summed in threadgroup memory, an online
+// softmax one warp per head, then O^T[d][h] += L^T[d][p] P^T[p][h] (A = the same latent
+// fragments transposed in registers by movmatrix, B = P split into bf16 hi + lo).
+// Instantiated only for bf16 (MMA = 1); TT is a template so other dtypes compile.
+template <int H, int R, int RD, typename TT>
+__device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* lat, const TT* kpe,
+                                    uint S, uint CH, float scale, float* o, float* m, float* l,
+                                    uint gid, uint lid, uint lane, uint warp) {
+    constexpr uint NW = R / 64;
+    constexpr uint NT8 = (H + 7) / 8;  // head tiles of 8
+    constexpr uint HP = NT8 * 8;
+    constexpr uint RK = RD / 16;  // rope k-steps
+    __shared__ float red[NW][16][HP];
+    __shared__ float sp[HP][17];
+    __shared__ float ms[HP];
+    __shared__ float ls[HP];
+    __shared__ float al[HP];
+    __shared__ float ost[NW][8][68];
+    const uint NC = (S + CH - 1) / CH;
+    const uint c = gid % NC;
+    const uint b = gid / NC;
+    const uint p0 = c * CH;
+    const uint n = S - p0 < CH ? S - p0 : CH;
+    const uint g = lane / 4;
+    const uint tg = lane % 4;
+    const uint w = warp;
+    const TT* latb = lat + size_t(b) * S * R + 64 * w + 2 * tg;
+    const TT* kpeb = kpe + size_t(b) * S * RD + 16 * w + 2 * tg;
+    uint qh[4][NT8][2];
+    uint ql[4][NT8][2];
+    uint qr[NT8][2];
+    ZMLX_UNROLL
+    for (uint nt = 0; nt < NT8; ++nt) {
+        const uint h = 8 * nt + g;
+        ZMLX_UNROLL
+        for (uint r = 0; r < 2; ++r) {
+            ZMLX_UNROLL
+            for (uint ks = 0; ks < 4; ++ks) {
+                const uint k = 64 * w + 16 * ks + 8 * r + 2 * tg;
+                float2 x = make_float2(0.0f, 0.0f);
+                if (h < H) x = *reinterpret_cast<const float2*>(qv + (size_t(b) * H + h) * R + k);
+                const float x0 = scale * x.x;
+                const float x1 = scale * x.y;
+                const __nv_bfloat162 hi = __floats2bfloat162_rn(x0, x1);
+                const __nv_bfloat162 lo = __floats2bfloat162_rn(x0 - __low2float(hi), x1 - __high2float(hi));
+                qh[ks][nt][r] = *reinterpret_cast<const uint*>(&hi);
+                ql[ks][nt][r] = *reinterpret_cast<const uint*>(&lo);
+            }
+            qr[nt][r] = 0u;
+            if (w < RK && h < H) {
+                const TT* qp = q_pe + (size_t(b) * H + h) * RD + 16 * w + 8 * r + 2 * tg;
+                qr[nt][r] = *reinterpret_cast<const uint*>(qp);
+            }
+        }
+    }
+    if (lid < HP) {
+        ms[lid] = -3.0e38f;
+        ls[lid] = 0.0f;
+        al[lid] = 1.0f;
+    }
+    float acc[4][NT8][4];
+    ZMLX_UNROLL
+    for (uint mt = 0; mt < 4; ++mt) {
+        ZMLX_UNROLL
+        for (uint nt = 0; nt < NT8; ++nt) {
+            ZMLX_UNROLL
+            for (uint e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+        }
+    }
+    __syncthreads();
+    // the latent (and rope) fragments of the next 16 positions load while this step computes
+    uint la[4][4];
+    uint ka[4];
+    zmlx_mla_fragments<R, RD>(latb, kpeb, p0, n, 0, g, w < RK, la, ka);
+    for (uint t0 = 0; t0 < n; t0 += 16) {
+        uint nla[4][4];
+        uint nka[4];
+        if (t0 + 16 < n) zmlx_mla_fragments<R, RD>(latb, kpeb, p0, n, t0 + 16, g, w < RK, nla, nka);
+        float sc[NT8][4];
+        ZMLX_UNROLL
+        for (uint nt = 0; nt < NT8; ++nt) {
+            ZMLX_UNROLL
+            for (uint e = 0; e < 4; ++e) sc[nt][e] = 0.0f;
+            ZMLX_UNROLL
+            for (uint ks = 0; ks < 4; ++ks) {
+                zmlx_mma_bf16(sc[nt], la[ks], qh[ks][nt]);
+                zmlx_mma_bf16(sc[nt], la[ks], ql[ks][nt]);
+            }
+        }
+        if (w < RK) {
+            ZMLX_UNROLL
+            for (uint nt = 0; nt < NT8; ++nt) zmlx_mma_bf16(sc[nt], ka, qr[nt]);
+        }
+        ZMLX_UNROLL
+        for (uint nt = 0; nt < NT8; ++nt) {
+            red[w][g][8 * nt + 2 * tg] = sc[nt][0];
+            red[w][g][8 * nt + 2 * tg + 1] = sc[nt][1];
+            red[w][g + 8][8 * nt + 2 * tg] = sc[nt][2];
+            red[w][g + 8][8 * nt + 2 * tg + 1] = sc[nt][3];
+        }
+        __syncthreads();
+        for (uint i = lid; i < 16 * HP; i += NW * 32) {
+            const uint p = i / HP;
+            const uint h = i % HP;
+            float v = 0.0f;
+            ZMLX_UNROLL
+            for (uint ww = 0; ww < NW; ++ww) v += red[ww][p][h];
+            sp[h][p] = t0 + p < n ? v : -3.0e38f;
+        }
+        __syncthreads();
+        for (uint h = w; h < H; h += NW) {  // lanes 16..31 mirror lanes 0..15
+            const uint p = lane % 16;
+            const float s = sp[h][p];
+            float tmax = s;
+            ZMLX_UNROLL
+            for (uint mk = 8; mk > 0; mk /= 2) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, mk));
+            const float mold = ms[h];
+            const float mnew = fmaxf(mold, tmax);
+            const float e = expf(s - mnew);
+            float sum = e;
+            ZMLX_UNROLL
+            for (uint mk = 8; mk > 0; mk /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, mk);
+            __syncwarp();
+            if (lane < 16) sp[h][p] = e;
+            if (lane == 0) {
+                const float a = expf(mold - mnew);
+                al[h] = a;
+                ls[h] = ls[h] * a + sum;
+                ms[h] = mnew;
+            }
+        }
+        __syncthreads();
+        uint ph[NT8][2];
+        uint pl[NT8][2];
+        ZMLX_UNROLL
+        for (uint nt = 0; nt < NT8; ++nt) {
+            const float a0 = al[8 * nt + 2 * tg];
+            const float a1 = al[8 * nt + 2 * tg + 1];
+            ZMLX_UNROLL
+            for (uint mt = 0; mt < 4; ++mt) {
+                acc[mt][nt][0] *= a0;
+                acc[mt][nt][1] *= a1;
+                acc[mt][nt][2] *= a0;
+                acc[mt][nt][3] *= a1;
+            }
+            ZMLX_UNROLL
+            for (uint r = 0; r < 2; ++r) {
+                const float x0 = sp[8 * nt + g][8 * r + 2 * tg];
+                const float x1 = sp[8 * nt + g][8 * r + 2 * tg + 1];
+                const __nv_bfloat162 hi = __floats2bfloat162_rn(x0, x1);
+                const __nv_bfloat162 lo = __floats2bfloat162_rn(x0 - __low2float(hi), x1 - __high2float(hi));
+                ph[nt][r] = *reinterpret_cast<const uint*>(&hi);
+                pl[nt][r] = *reinterpret_cast<const uint*>(&lo);
+            }
+        }
+        ZMLX_UNROLL
+        for (uint mt = 0; mt < 4; ++mt) {
+            uint at[4];
+            at[0] = zmlx_movmatrix_t(la[mt][0]);
+            at[1] = zmlx_movmatrix_t(la[mt][2]);
+            at[2] = zmlx_movmatrix_t(la[mt][1]);
+            at[3] = zmlx_movmatrix_t(la[mt][3]);
+            ZMLX_UNROLL
+            for (uint nt = 0; nt < NT8; ++nt) {
+                zmlx_mma_bf16(acc[mt][nt], at, ph[nt]);
+                zmlx_mma_bf16(acc[mt][nt], at, pl[nt]);
+            }
+        }
+        ZMLX_UNROLL
+        for (uint ks = 0; ks < 4; ++ks) {
+            ZMLX_UNROLL
+            for (uint e = 0; e < 4; ++e) la[ks][e] = nla[ks][e];
+        }
+        ZMLX_UNROLL
+        for (uint e = 0; e < 4; ++e) ka[e] = nka[e];
+    }
+    // o: each warp's 8 heads x 64 dims at a time through threadgroup memory (rows of 68
+    // floats: conflict-free writes), then float4 stores, two rows per warp instruction
+    ZMLX_UNROLL
+    for (uint nt = 0; nt < NT8; ++nt) {
+        ZMLX_UNROLL
+        for (uint mt = 0; mt < 4; ++mt) {
+            ZMLX_UNROLL
+            for (uint e = 0; e < 2; ++e) {
+                ost[w][2 * tg + e][16 * mt + g] = acc[mt][nt][e];
+                ost[w][2 * tg + e][16 * mt + g + 8] = acc[mt][nt][2 + e];
+            }
+        }
+        __syncwarp();
+        ZMLX_UNROLL
+        for (uint i = 0; i < 4; ++i) {
+            const uint hl = 2 * i + lane / 16;
+            const uint h = 8 * nt + hl;
+            const uint d4 = 4 * (lane % 16);
+            if (h < H) {
+                const float4 v = make_float4(ost[w][hl][d4], ost[w][hl][d4 + 1], ost[w][hl][d4 + 2],
+                                             ost[w][hl][d4 + 3]);
+                *reinterpret_cast<float4*>(o + ((size_t(b) * NC + c) * H + h) * R + 64 * w + d4) = v;
+            }
+        }
+        __syncwarp();
+    }
+    if (lid < H) {
+        m[(size_t(b) * NC + c) * H + lid] = ms[lid];
+        l[(size_t(b) * NC + c) * H + lid] = ls[lid];
+    }
+}
+#endif
+// The x registers of zmlx_mla_rows from K values in threadgroup memory (a macro: threadgroup
+// arrays cannot be passed to functions portably). Declares X and XSUM.
+#define ZMLX_MLA_X_UNITS(BITS_, K_, XS, X, XSUM) \
+    constexpr uint X##_UV = BITS_ == 32 ? 4 : 32 / BITS_; \
+    constexpr uint X##_NI = (K_ / X##_UV + 31) / 32; \
+    float X[X##_NI * X##_UV]; \
+    float XSUM[X##_NI]; \
+    for (uint zi = 0; zi < X##_NI; ++zi) { \
+        const uint zu = zmlx_lane + 32 * zi; \
+        XSUM[zi] = 0.0f; \
+        for (uint zj = 0; zj < X##_UV; ++zj) { \
+            X[zi * X##_UV + zj] = zu < K_ / X##_UV ? XS[zu * X##_UV + zj] : 0.0f; \
+            XSUM[zi] += X[zi * X##_UV + zj]; \
+        } \
+    }

@@ -1,0 +1,123 @@
+
+// One threadgroup per (b, chunk, group of WPB * HPW heads); each warp on its own: HPW heads
+// over the chunk's positions, TP at a time, with an online softmax (no threadgroup memory,
+// no barriers; the warps of a group share the chunk's rows through L1). A lane holds the
+// latent dims d = 4 lane + 128 t + i and the rope dims e = 2 lane + 64 t + i. The context
+// length S comes with the cache view's shape (a kernel argument): no per-token array.
+constexpr uint RT = R / 128;
+constexpr uint ET = RD / 64;
+const uint S = uint(lat_shape[2]);
+const uint CH = zmlx_mla_chunk<MINCH, TARGET, CS>(S);
+#ifdef ZMLX_CUDA
+if constexpr (MMA) {  // bf16 on CUDA: tensor cores (zmlx_mla_decode_mma)
+    zmlx_mla_decode_mma<H, R, RD>(qv, q_pe, lat, kpe, S, CH, ZMLX_FLOAT_BITS(SCALE_BITS),
+                                  o, m, l, zmlx_gid, zmlx_lid, zmlx_lane, zmlx_warp);
+    return;
+}
+#endif
+const uint NC = (S + CH - 1) / CH;
+const uint NG = (H + HPW * WPB - 1) / (HPW * WPB);
+const uint g = zmlx_gid % NG;
+const uint c = (zmlx_gid / NG) % NC;
+const uint b = zmlx_gid / (NG * NC);
+const uint hw = (g * WPB + zmlx_warp) * HPW;  // this warp's first head
+if (hw >= H) return;  // the whole warp: a last group's spare warps
+const uint p0 = c * CH;
+const uint n = S - p0 < CH ? S - p0 : CH;
+const float scale = ZMLX_FLOAT_BITS(SCALE_BITS);
+const ZMLX_DEVICE T* latb = lat + size_t(b) * S * R;
+const ZMLX_DEVICE T* kpeb = kpe + size_t(b) * S * RD;
+float qr[HPW][RT][4];  // scale * qv
+float qe[HPW][ET][2];  // q_pe
+float acc[HPW][RT][4];
+float mh[HPW];
+float lh[HPW];
+ZMLX_UNROLL
+for (uint j = 0; j < HPW; ++j) {
+    const size_t qh = size_t(b) * H + (hw + j < H ? hw + j : H - 1);  // a spare head repeats the last
+    ZMLX_UNROLL
+    for (uint t = 0; t < RT; ++t) {
+        ZMLX_UNROLL
+        for (uint i = 0; i < 4; ++i) {
+            qr[j][t][i] = scale * qv[qh * R + 4 * zmlx_lane + 128 * t + i];
+            acc[j][t][i] = 0.0f;
+        }
+    }
+    ZMLX_UNROLL
+    for (uint t = 0; t < ET; ++t) {
+        ZMLX_UNROLL
+        for (uint i = 0; i < 2; ++i) {
+            qe[j][t][i] = static_cast<float>(q_pe[qh * RD + 2 * zmlx_lane + 64 * t + i]);
+        }
+    }
+    mh[j] = -3.0e38f;
+    lh[j] = 0.0f;
+}
+for (uint i0 = 0; i0 < n; i0 += TP) {
+    float lv[TP][RT][4];
+    float kv[TP][ET][2];
+    ZMLX_UNROLL
+    for (uint u = 0; u < TP; ++u) {
+        const size_t p = p0 + (i0 + u < n ? i0 + u : n - 1);  // past the chunk: its last row, weight 0
+        ZMLX_UNROLL
+        for (uint t = 0; t < RT; ++t) zmlx_mla_load4(latb + p * R + 4 * zmlx_lane + 128 * t, lv[u][t]);
+        ZMLX_UNROLL
+        for (uint t = 0; t < ET; ++t) zmlx_mla_load2(kpeb + p * RD + 2 * zmlx_lane + 64 * t, kv[u][t]);
+    }
+    ZMLX_UNROLL
+    for (uint j = 0; j < HPW; ++j) {
+        float sc[TP];
+        float smax = mh[j];
+        ZMLX_UNROLL
+        for (uint u = 0; u < TP; ++u) {
+            float a = 0.0f;
+            ZMLX_UNROLL
+            for (uint t = 0; t < RT; ++t) {
+                ZMLX_UNROLL
+                for (uint i = 0; i < 4; ++i) a += qr[j][t][i] * lv[u][t][i];
+            }
+            ZMLX_UNROLL
+            for (uint t = 0; t < ET; ++t) {
+                ZMLX_UNROLL
+                for (uint i = 0; i < 2; ++i) a += qe[j][t][i] * kv[u][t][i];
+            }
+            ZMLX_WARP_SUM(a);
+            sc[u] = i0 + u < n ? a : -3.0e38f;
+            smax = ZMLX_FMAX(smax, sc[u]);
+        }
+        const float alpha = ZMLX_EXP(mh[j] - smax);  // 0 on the first step
+        mh[j] = smax;
+        float psum = 0.0f;
+        ZMLX_UNROLL
+        for (uint u = 0; u < TP; ++u) {
+            sc[u] = ZMLX_EXP(sc[u] - smax);
+            psum += sc[u];
+        }
+        lh[j] = lh[j] * alpha + psum;
+        ZMLX_UNROLL
+        for (uint t = 0; t < RT; ++t) {
+            ZMLX_UNROLL
+            for (uint i = 0; i < 4; ++i) {
+                float v = acc[j][t][i] * alpha;
+                ZMLX_UNROLL
+                for (uint u = 0; u < TP; ++u) v += sc[u] * lv[u][t][i];
+                acc[j][t][i] = v;
+            }
+        }
+    }
+}
+ZMLX_UNROLL
+for (uint j = 0; j < HPW; ++j) {
+    if (hw + j < H) {
+        const size_t oi = (size_t(b) * NC + c) * H + hw + j;
+        ZMLX_UNROLL
+        for (uint t = 0; t < RT; ++t) {
+            ZMLX_UNROLL
+            for (uint i = 0; i < 4; ++i) o[oi * R + 4 * zmlx_lane + 128 * t + i] = acc[j][t][i];
+        }
+        if (zmlx_lane == 0) {
+            m[oi] = mh[j];
+            l[oi] = lh[j];
+        }
+    }
+}
