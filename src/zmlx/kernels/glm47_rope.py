@@ -23,6 +23,9 @@ One thread per rotated pair: B * (H + 1) rows (H query heads and the one key hea
 RD / 2 pairs. The kernel reads the position's table row, passed as a view of the table
 (no recompile per token, and no per-token array made on the host, which MLX's CUDA
 backend would put in managed memory for the kernel to fault in).
+
+Device code: BODY below; the rotation as each backend rounds it (ZMLX_ROPE_X1/X2) is
+csrc/glm47_rope.h.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from zmlx import backend as _backend
-from zmlx.kernels.core import KernelDef, Launch, float_bits
+from zmlx.kernels.core import KernelDef, Launch, device_code, float_bits
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
@@ -72,16 +75,6 @@ def rope_table(rope_dims: int, base: float, rope_scale: float, positions: int) -
     _TABLES[key] = table
     return table
 
-
-HEADER = """
-#ifdef ZMLX_CUDA
-#define ZMLX_ROPE_X1(x1, x2, c, s) fmaf((x1), (c), -__fmul_rn((x2), (s)))
-#define ZMLX_ROPE_X2(x1, x2, c, s) fmaf((x1), (s), __fmul_rn((x2), (c)))
-#else
-#define ZMLX_ROPE_X1(x1, x2, c, s) ((x1) * (c) - (x2) * (s))
-#define ZMLX_ROPE_X2(x1, x2, c, s) ((x1) * (s) + (x2) * (c))
-#endif
-"""
 
 BODY = """
 const uint row = zmlx_tid / (RD / 2);
@@ -163,7 +156,7 @@ glm47_rope = KernelDef(
     name="glm47_rope",
     reference=reference,
     body=BODY,
-    header=HEADER,
+    header=device_code("glm47_rope.h"),
     input_names=("q", "kv", "cs"),
     output_names=("q_pe", "k_pe"),
     launch=launch,

@@ -16,6 +16,9 @@ follows that kernel's arithmetic, read from MLX's sources:
 - the geometry MLX picks for the row length: on CUDA NR = 16 bytes of T per read and
   (BLOCK, CHUNKS) from its `dispatch_num_chunks` (or 1024 threads past 1024 reads);
   on Metal NR = 4, one chunk, up to 4096 values (longer rows take the reference).
+
+Device code: csrc/residual_norm.h (the per-backend square-accumulate and rsqrt) and
+csrc/residual_norm_body.h (the body); the geometry is `geometry()` below.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels.core import KernelDef, Launch, float_bits
+from zmlx.kernels.core import KernelDef, Launch, device_code, float_bits
 
 
 def reference(x: mx.array, r: mx.array, w: mx.array, eps: float) -> tuple[mx.array, mx.array]:
@@ -32,59 +35,6 @@ def reference(x: mx.array, r: mx.array, w: mx.array, eps: float) -> tuple[mx.arr
     h = x + r
     return h, mx.fast.rms_norm(h, w, eps)
 
-
-HEADER = """
-#ifdef ZMLX_CUDA
-#include <cooperative_groups/reduce.h>
-#define ZMLX_SQ_ACC(acc, t) ((acc) = fmaf((t), (t), (acc)))
-#define ZMLX_RSQRT(v) rsqrtf(v)
-#else
-#define ZMLX_SQ_ACC(acc, t) ((acc) += (t) * (t))
-#define ZMLX_RSQRT(v) metal::precise::rsqrt(v)
-#endif
-"""
-
-BODY = """
-#ifdef ZMLX_CUDA
-auto zmlx_tile = cg::tiled_partition<32>(cg::this_thread_block());
-#define ZMLX_SIMD_SUM(v) cg::reduce(zmlx_tile, (v), cg::plus<float>())
-#else
-#define ZMLX_SIMD_SUM(v) simd_sum(v)
-#endif
-const size_t base = size_t(zmlx_gid) * D;
-float hs[CHUNKS * NR];
-float acc = 0.0f;
-for (uint i = 0; i < CHUNKS; ++i) {
-    for (uint j = 0; j < NR; ++j) {
-        const uint d = (BLOCK * i + zmlx_lid) * NR + j;
-        if (d < D) {
-            const T hv = static_cast<T>(
-                ZMLX_ADD(static_cast<float>(x[base + d]), static_cast<float>(r[base + d])));
-            h[base + d] = hv;
-            const float t = static_cast<float>(hv);
-            hs[i * NR + j] = t;
-            ZMLX_SQ_ACC(acc, t);
-        }
-    }
-}
-acc = ZMLX_SIMD_SUM(acc);
-ZMLX_SHARED float zmlx_sums[32];
-if (zmlx_warp == 0) zmlx_sums[zmlx_lane] = 0.0f;
-ZMLX_BARRIER;
-if (zmlx_lane == 0) zmlx_sums[zmlx_warp] = acc;
-ZMLX_BARRIER;
-acc = ZMLX_SIMD_SUM(zmlx_sums[zmlx_lane]);
-const float inv = ZMLX_RSQRT(ZMLX_ADD(acc / static_cast<float>(D), ZMLX_FLOAT_BITS(EPS_BITS)));
-for (uint i = 0; i < CHUNKS; ++i) {
-    for (uint j = 0; j < NR; ++j) {
-        const uint d = (BLOCK * i + zmlx_lid) * NR + j;
-        if (d < D) {
-            const T y = static_cast<T>(ZMLX_MUL(hs[i * NR + j], inv));
-            out[base + d] = static_cast<T>(ZMLX_MUL(static_cast<float>(w[d]), static_cast<float>(y)));
-        }
-    }
-}
-"""
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
@@ -145,8 +95,8 @@ def example():
 residual_norm = KernelDef(
     name="residual_norm",
     reference=reference,
-    body=BODY,
-    header=HEADER,
+    body=device_code("residual_norm_body.h"),
+    header=device_code("residual_norm.h"),
     input_names=("x", "r", "w"),
     output_names=("h", "out"),
     launch=launch,
