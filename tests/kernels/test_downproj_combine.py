@@ -82,10 +82,16 @@ def test_cuda_takes_only_stock_qmv_calls():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", CASES + [((1, 1), 64, 4, 1536, 2048, 64, 4, True),  # GLM-4.7-Flash
-                                          ((1, 1), 64, 4, 1536, 2048, None, None, True),  # and in bf16
-                                          ((7,), 9, 1, 1536, 24, 32, 4, True),  # remainder tile
-                                          ((1,), 8, 4, 2048, 33, 128, 8, False)])
+@pytest.mark.parametrize(
+    "case",
+    CASES
+    + [
+        ((1, 1), 64, 4, 1536, 2048, 64, 4, True),  # GLM-4.7-Flash
+        ((1, 1), 64, 4, 1536, 2048, None, None, True),  # and in bf16
+        ((7,), 9, 1, 1536, 24, 32, 4, True),  # remainder tile
+        ((1,), 8, 4, 2048, 33, 128, 8, False),
+    ],
+)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 def test_cuda_kernel_is_bitwise_stock(case, dtype):
     args, kw = _inputs(*case, dtype, seed=case[3] + (case[6] or 0))

@@ -40,7 +40,7 @@ def _problem(b, heads, nope, rd, r, v, length, dtype, packing, seed, spare=5):
     lat, kpe = lat[:, :, :length], kpe[:, :, :length]  # views, as mlx-lm's update_and_fetch returns
     embed = quantized_experts(heads, r, nope, dtype=dtype, seed=seed + 10, **packing)
     unembed = quantized_experts(heads, v, r, dtype=dtype, seed=seed + 11, **packing)
-    return q, q_pe, lat, kpe, embed, unembed, head_dim ** -0.5
+    return q, q_pe, lat, kpe, embed, unembed, head_dim**-0.5
 
 
 def _attention_f32(q, q_pe, lat, kpe, embed, unembed, scale, *, heads, nope, length, dtype, packing):
@@ -216,16 +216,21 @@ def test_cuda_kernels_match_their_references(length, dtype, packing):
     reference's own inputs, outputs poisoned."""
     g = GLM_SHAPE
     batch = 2 if length == 17 else 1  # two sequences: the cache views are strided (MLX copies them)
-    q, q_pe, lat, kpe, embed, unembed, scale = _problem(batch, g["heads"], g["nope"], g["rd"], g["r"], g["v"],
-                                                        length, dtype, packing, seed=length % 1000)
+    q, q_pe, lat, kpe, embed, unembed, scale = _problem(
+        batch, g["heads"], g["nope"], g["rd"], g["r"], g["v"], length, dtype, packing, seed=length % 1000
+    )
     head = dict(heads=g["heads"], head_dim=g["nope"] + g["rd"], nope=g["nope"], **packing)
     qv = embed_q_reference(q, *embed, **head)
     o, m, lsum = decode_reference(qv, q_pe, lat, kpe, scale=scale)
     checks = [
         (mla_embed_q, (q, *embed), head, qv),
         (mla_decode, (qv, q_pe, lat, kpe), dict(scale=scale), (o, m, lsum)),
-        (mla_unembed, (o, m, lsum, *unembed), dict(dtype=dtype, **packing),
-         unembed_reference(o, m, lsum, *unembed, dtype=dtype, **packing)),
+        (
+            mla_unembed,
+            (o, m, lsum, *unembed),
+            dict(dtype=dtype, **packing),
+            unembed_reference(o, m, lsum, *unembed, dtype=dtype, **packing),
+        ),
     ]
     for kernel, args, kw, want in checks:
         got = kernel.run_kernel("cuda", *args, **kw, init_value=float("nan"))
@@ -246,8 +251,9 @@ def test_cuda_attention_is_nearer_float32_than_stock(length):
     g = GLM_SHAPE
     packing = PACKINGS[0]
     kw = dict(heads=g["heads"], nope=g["nope"], length=length, dtype=mx.bfloat16, packing=packing)
-    q, q_pe, lat, kpe, embed, unembed, scale = p = _problem(1, g["heads"], g["nope"], g["rd"], g["r"], g["v"],
-                                                            length, mx.bfloat16, packing, seed=3)
+    q, q_pe, lat, kpe, embed, unembed, scale = p = _problem(
+        1, g["heads"], g["nope"], g["rd"], g["r"], g["v"], length, mx.bfloat16, packing, seed=3
+    )
     ours = _chain((mla_embed_q, mla_decode, mla_unembed), *p, **kw)
     want = _attention_f32(*p, **kw).astype(mx.float32)
     # stock: mlx-lm's ops on the same inputs (its q_pe already scaled and roped)
@@ -260,7 +266,7 @@ def test_cuda_attention_is_nearer_float32_than_stock(length):
     stock = mx.quantized_matmul(out, *unembed, transpose=True, **packing)
     err_ours = mx.abs(ours.astype(mx.float32) - want).max().item()
     err_stock = mx.abs(stock.astype(mx.float32) - want).max().item()
-    assert err_ours <= err_stock + 2 ** -7 * mx.abs(want).max().item(), (err_ours, err_stock)
+    assert err_ours <= err_stock + 2**-7 * mx.abs(want).max().item(), (err_ours, err_stock)
     assert math.isfinite(err_ours)
 
 

@@ -48,8 +48,18 @@ def test_reference_is_mlx_lm_switch_glu_gate_and_up():
     inds = mx.array([[[1, 3, 0, 7]]], dtype=mx.uint32)
     xe = mx.expand_dims(x, (-2, -3))
     want = swiglu(gate(xe, inds), up(xe, inds)).squeeze(-2)  # SwitchGLU's activation(x_up, x_gate)
-    got = reference(x, inds, gate.weight, gate.scales, gate.biases, up.weight, up.scales, up.biases,
-                    group_size=gs, bits=bits)
+    got = reference(
+        x,
+        inds,
+        gate.weight,
+        gate.scales,
+        gate.biases,
+        up.weight,
+        up.scales,
+        up.biases,
+        group_size=gs,
+        bits=bits,
+    )
     assert mx.array_equal(got, want).item()
 
 
@@ -85,10 +95,16 @@ def test_cuda_takes_only_stock_qmv_calls():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", CASES + [((1, 1), 64, 4, 1536, 2048, 64, 4),  # GLM-4.7-Flash
-                                          ((1, 1), 64, 4, 1536, 2048, None, None),  # and in bf16
-                                          ((7,), 9, 1, 40, 1536, 32, 4),  # 7 rows, remainder tile
-                                          ((1,), 8, 4, 33, 2048, 128, 8)])
+@pytest.mark.parametrize(
+    "case",
+    CASES
+    + [
+        ((1, 1), 64, 4, 1536, 2048, 64, 4),  # GLM-4.7-Flash
+        ((1, 1), 64, 4, 1536, 2048, None, None),  # and in bf16
+        ((7,), 9, 1, 40, 1536, 32, 4),  # 7 rows, remainder tile
+        ((1,), 8, 4, 33, 2048, 128, 8),
+    ],
+)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 def test_cuda_kernel_is_bitwise_stock(case, dtype):
     args, kw = _inputs(*case, dtype, seed=case[4] + (case[6] or 0))

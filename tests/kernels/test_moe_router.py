@@ -24,8 +24,14 @@ def test_router_reference_matches_glm4_moe_lite(shape, experts, top_k, n_group, 
     args = (gates, bias, top_k, n_group, topk_group, 1.8, True)
     want_i, want_s = glm4_moe_lite.group_expert_select(*args)
     got_i, got_s = reference(
-        gates, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
-        routed_scaling_factor=1.8, norm_topk_prob=True, renorm_eps=1e-20,
+        gates,
+        bias,
+        top_k=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=1.8,
+        norm_topk_prob=True,
+        renorm_eps=1e-20,
     )
     assert got_i.dtype == want_i.dtype and got_s.dtype == want_s.dtype == mx.float32
     assert mx.array_equal(got_i, want_i).item()
@@ -37,8 +43,16 @@ def test_router_reference_matches_deepseek_v3_without_epsilon(norm):
     gates = mx.random.normal((2, 9, 256), key=mx.random.key(3)).astype(mx.bfloat16)
     bias = mx.random.normal((256,), key=mx.random.key(4)) * 0.05
     want = deepseek_v3.group_expert_select(gates, bias, 8, 8, 4, 2.5, norm)
-    got = reference(gates, bias, top_k=8, n_group=8, topk_group=4,
-                    routed_scaling_factor=2.5, norm_topk_prob=norm, renorm_eps=None)
+    got = reference(
+        gates,
+        bias,
+        top_k=8,
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=norm,
+        renorm_eps=None,
+    )
     assert all(mx.array_equal(a, b).item() for a, b in zip(got, want))
 
 
@@ -113,8 +127,9 @@ def test_metal_body_routes_like_the_gpu(tmp_path_factory, shape, experts, top_k,
     """The Metal body through the emulation: the same experts in the GPU's order (exact)
     and the same scores up to the CPU's own exp (MLX's CPU sigmoid is not std::exp)."""
     gates, bias = _inputs(shape, experts, mx.bfloat16, experts + top_k, ties)
-    inds, scores = metal_emu.run(moe_router, gates, bias, top_k=top_k, workdir=tmp_path_factory.getbasetemp(),
-                                 **kw)
+    inds, scores = metal_emu.run(
+        moe_router, gates, bias, top_k=top_k, workdir=tmp_path_factory.getbasetemp(), **kw
+    )
     want_i, want_s = _gpu_order_reference(gates, bias, top_k, kw)
     assert inds.dtype == mx.uint32 and scores.dtype == mx.float32
     assert mx.array_equal(inds, want_i).item()

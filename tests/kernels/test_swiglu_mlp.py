@@ -33,8 +33,17 @@ def test_reference_is_mlx_lm_dense_mlp_gate_and_up():
     gate, up = nn.QuantizedLinear(d, rows, bias=False), nn.QuantizedLinear(d, rows, bias=False)
     x = mx.random.normal((1, 1, d)).astype(mx.bfloat16)
     want = swiglu(gate(x), up(x))  # Glm4MoeLiteMLP before its down_proj
-    got = reference(x, gate.weight, gate.scales, gate.biases, up.weight, up.scales, up.biases,
-                    group_size=gate.group_size, bits=gate.bits)
+    got = reference(
+        x,
+        gate.weight,
+        gate.scales,
+        gate.biases,
+        up.weight,
+        up.scales,
+        up.biases,
+        group_size=gate.group_size,
+        bits=gate.bits,
+    )
     assert mx.array_equal(got, want).item()
 
 
@@ -66,12 +75,16 @@ def test_metal_body_is_as_close_as_stock(tmp_path_factory, case, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] != (3,)] + [
-    ((1, 1), 1536, 2048, 64, 4),  # GLM-4.7-Flash's shared expert
-    ((1, 1), 10240, 2048, 64, 4),  # its dense first layer
-    ((1, 1), 1536, 2048, None, None),  # the shared expert in bf16
-    ((1,), 33, 2048, 128, 8),
-])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c[0] != (3,)]
+    + [
+        ((1, 1), 1536, 2048, 64, 4),  # GLM-4.7-Flash's shared expert
+        ((1, 1), 10240, 2048, 64, 4),  # its dense first layer
+        ((1, 1), 1536, 2048, None, None),  # the shared expert in bf16
+        ((1,), 33, 2048, 128, 8),
+    ],
+)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 def test_cuda_kernel_is_bitwise_stock(case, dtype):
     args, kw = _inputs(*case, dtype, seed=case[2] + (case[4] or 0))

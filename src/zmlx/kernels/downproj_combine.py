@@ -88,8 +88,9 @@ def launch(
         return f"h {h.dtype} of rank {h.ndim}"
     k, i = h.shape[-2:]
     lead = h.shape[:-2]
-    if (why := weights_reason(down_w, down_s, down_b, cols=i, group_size=group_size, bits=bits,
-                              dtype=h.dtype)) is not None:
+    if (
+        why := weights_reason(down_w, down_s, down_b, cols=i, group_size=group_size, bits=bits, dtype=h.dtype)
+    ) is not None:
         return why
     if down_w.ndim != 3:
         return f"weights {down_w.shape}"
@@ -107,11 +108,26 @@ def launch(
         return f"{n} tokens x {d} outputs is too large for one launch"
     gs, nbits = packing(i, group_size, bits)
     return Launch(
-        inputs=[h, inds, scores, down_w, or_placeholder(down_s, down_w), or_placeholder(down_b, down_w),
-                or_placeholder(shared, h)],
-        template=[("T", h.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", gs),
-                  ("BITS", nbits), ("HAS_SHARED", shared is not None),
-                  ("SEQUENTIAL", sequential_sum(backend, k, d))],
+        inputs=[
+            h,
+            inds,
+            scores,
+            down_w,
+            or_placeholder(down_s, down_w),
+            or_placeholder(down_b, down_w),
+            or_placeholder(shared, h),
+        ],
+        template=[
+            ("T", h.dtype),
+            ("N", n),
+            ("K", k),
+            ("I", i),
+            ("D", d),
+            ("GS", gs),
+            ("BITS", nbits),
+            ("HAS_SHARED", shared is not None),
+            ("SEQUENTIAL", sequential_sum(backend, k, d)),
+        ],
         grid=(n * d * 32, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[lead + (d,)],

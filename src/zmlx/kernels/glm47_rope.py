@@ -70,8 +70,9 @@ def rope_table(rope_dims: int, base: float, rope_scale: float, positions: int) -
         return table
     n = max(MIN_TABLE_ROWS, 1 << max(positions - 1, 0).bit_length())
     ones = mx.broadcast_to(mx.array([1.0, 0.0], mx.float32), (1, 1, n, rope_dims // 2, 2))
-    table = mx.fast.rope(ones.reshape(1, 1, n, rope_dims), rope_dims, traditional=True,
-                         base=base, scale=rope_scale, offset=0).reshape(n, rope_dims)
+    table = mx.fast.rope(
+        ones.reshape(1, 1, n, rope_dims), rope_dims, traditional=True, base=base, scale=rope_scale, offset=0
+    ).reshape(n, rope_dims)
     _TABLES[key] = table
     return table
 
@@ -125,18 +126,30 @@ def launch(backend, q, kv, table, offset, *, heads, rope_dims, base, rope_scale,
         return f"offset {offset!r}: one int position for the batch needed"
     if rope_dims % 2 or q.shape[-1] % heads or q.shape[-1] // heads < rope_dims or kv.shape[-1] < rope_dims:
         return f"rope_dims {rope_dims} does not fit q {q.shape} with {heads} heads and kv {kv.shape}"
-    if (table.dtype != mx.float32 or table.ndim != 2 or table.shape[1] != rope_dims
-            or table.shape[0] <= offset):
+    if (
+        table.dtype != mx.float32
+        or table.ndim != 2
+        or table.shape[1] != rope_dims
+        or table.shape[0] <= offset
+    ):
         return f"table {table.shape} {table.dtype} does not cover position {offset}"
     b = q.shape[0]
     qw = q.shape[-1] // heads
     nrows = b * (heads + 1)
     n = nrows * (rope_dims // 2)
     return Launch(
-        inputs=[q, kv, table[offset:offset + 1]],  # the position's row: a view
-        template=[("T", q.dtype), ("H", heads), ("QW", qw), ("NOPE", qw - rope_dims), ("KVW", kv.shape[-1]),
-                  ("RANK", kv.shape[-1] - rope_dims), ("RD", rope_dims), ("NROWS", nrows),
-                  ("SCALE_BITS", _scale_bits(scale, q.dtype))],
+        inputs=[q, kv, table[offset : offset + 1]],  # the position's row: a view
+        template=[
+            ("T", q.dtype),
+            ("H", heads),
+            ("QW", qw),
+            ("NOPE", qw - rope_dims),
+            ("KVW", kv.shape[-1]),
+            ("RANK", kv.shape[-1] - rope_dims),
+            ("RD", rope_dims),
+            ("NROWS", nrows),
+            ("SCALE_BITS", _scale_bits(scale, q.dtype)),
+        ],
         grid=(n, 1, 1),
         threadgroup=(min(256, n), 1, 1),
         output_shapes=[(b, heads, 1, rope_dims), (b, 1, 1, rope_dims)],

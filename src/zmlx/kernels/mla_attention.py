@@ -116,7 +116,7 @@ def embed_q_launch(backend, q, w, s, b, *, heads, head_dim, nope, group_size, bi
         return f"nope {nope} of head {head_dim}"
     if w.ndim != 3 or w.shape[0] != heads:
         return f"embed_q weights {w.shape} for {heads} heads"
-    if (why := weights_reason(w, s, b, cols=nope, group_size=group_size, bits=bits, dtype=q.dtype)):
+    if why := weights_reason(w, s, b, cols=nope, group_size=group_size, bits=bits, dtype=q.dtype):
         return f"embed_q: {why}"
     r = w.shape[1]
     gs, nbits = packing(nope, group_size, bits)
@@ -126,8 +126,17 @@ def embed_q_launch(backend, q, w, s, b, *, heads, head_dim, nope, group_size, bi
     blocks = q.shape[0] * heads * math.ceil(r / rows)
     return Launch(
         inputs=[q, w, or_placeholder(s, q), or_placeholder(b, q)],
-        template=[("H", heads), ("QW", head_dim), ("NOPE", nope), ("R", r), ("RB", rows), ("RW", EMBED_RW),
-                  ("NT", THREADS), ("GS", gs), ("BITS", nbits)],
+        template=[
+            ("H", heads),
+            ("QW", head_dim),
+            ("NOPE", nope),
+            ("R", r),
+            ("RB", rows),
+            ("RW", EMBED_RW),
+            ("NT", THREADS),
+            ("GS", gs),
+            ("BITS", nbits),
+        ],
         grid=(blocks * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(q.shape[0], heads, r)],
@@ -170,8 +179,16 @@ def chunk_size(length: int) -> int:
 
 def _mma_fits(backend, dtype, heads, r, rd) -> bool:
     """Whether mla_decode takes its tensor-core path (CUDA, bf16 cache, GLM-like shape)."""
-    return (USE_MMA and backend == "cuda" and dtype == mx.bfloat16 and r % 64 == 0 and 64 <= r <= 1024
-            and rd % 16 == 0 and 0 < rd // 16 <= r // 64 and heads <= 32)
+    return (
+        USE_MMA
+        and backend == "cuda"
+        and dtype == mx.bfloat16
+        and r % 64 == 0
+        and 64 <= r <= 1024
+        and rd % 16 == 0
+        and 0 < rd // 16 <= r // 64
+        and heads <= 32
+    )
 
 
 def decode_reference(qv, q_pe, lat, kpe, *, scale):
@@ -186,8 +203,9 @@ def decode_reference(qv, q_pe, lat, kpe, *, scale):
     c = math.ceil(length / ch)
     lat = lat[:, 0].astype(mx.float32)  # (B, S, R)
     kpe = kpe[:, 0].astype(mx.float32)
-    scores = (scale * _dot(qv[:, :, None, :], lat[:, None])
-              + _dot(q_pe[:, :, 0, None].astype(mx.float32), kpe[:, None]))  # (B, H, S)
+    scores = scale * _dot(qv[:, :, None, :], lat[:, None]) + _dot(
+        q_pe[:, :, 0, None].astype(mx.float32), kpe[:, None]
+    )  # (B, H, S)
     pad = c * ch - length
     scores = mx.pad(scores, [(0, 0), (0, 0), (0, pad)], constant_values=-mx.inf)  # (B, H, C*CH)
     scores = scores.reshape(bsz, heads, c, ch).transpose(0, 2, 1, 3)  # (B, C, H, CH)
@@ -223,9 +241,20 @@ def decode_launch(backend, qv, q_pe, lat, kpe, *, scale) -> Launch | str:
     threads, blocks = ((r // 64) * 32, bsz * c) if mma else (wpb * 32, bsz * c * groups)
     return Launch(
         inputs=[qv, q_pe, lat, kpe],
-        template=[("T", lat.dtype), ("H", heads), ("R", r), ("RD", rd), ("MMA", int(mma)), ("HPW", hpw),
-                  ("WPB", wpb), ("TP", TP), ("MINCH", MIN_CHUNK), ("CS", CHUNK_STEP),
-                  ("TARGET", TARGET_CHUNKS), ("SCALE_BITS", float_bits(scale))],
+        template=[
+            ("T", lat.dtype),
+            ("H", heads),
+            ("R", r),
+            ("RD", rd),
+            ("MMA", int(mma)),
+            ("HPW", hpw),
+            ("WPB", wpb),
+            ("TP", TP),
+            ("MINCH", MIN_CHUNK),
+            ("CS", CHUNK_STEP),
+            ("TARGET", TARGET_CHUNKS),
+            ("SCALE_BITS", float_bits(scale)),
+        ],
         grid=(blocks * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(bsz, c, heads, r), (bsz, c, heads), (bsz, c, heads)],
@@ -277,9 +306,11 @@ def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> 
         return f"output dtype {dtype}"
     threads = UNEMBED_THREADS_CUDA if backend == "cuda" else UNEMBED_THREADS
     if r <= 0 or r % 4 or threads % (r // 4) or w.ndim != 3 or w.shape[0] != heads:
-        return (f"unembed_out weights {w.shape} for {heads} heads of latent {r} "
-                f"(latent / 4 must divide {threads})")
-    if (why := weights_reason(w, s, b, cols=r, group_size=group_size, bits=bits, dtype=dtype)):
+        return (
+            f"unembed_out weights {w.shape} for {heads} heads of latent {r} "
+            f"(latent / 4 must divide {threads})"
+        )
+    if why := weights_reason(w, s, b, cols=r, group_size=group_size, bits=bits, dtype=dtype):
         return f"unembed_out: {why}"
     v = w.shape[1]
     gs, nbits = packing(r, group_size, bits)
@@ -287,8 +318,16 @@ def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> 
         return f"latent {r}: a whole number of packed words per row needed"
     return Launch(  # unquantized: m stands in for the scales and biases (never read)
         inputs=[o, m, lsum, w, or_placeholder(s, m), or_placeholder(b, m)],
-        template=[("T", dtype), ("H", heads), ("R", r), ("V", v), ("NT", threads), ("RW", UNEMBED_RW),
-                  ("GS", gs), ("BITS", nbits)],
+        template=[
+            ("T", dtype),
+            ("H", heads),
+            ("R", r),
+            ("V", v),
+            ("NT", threads),
+            ("RW", UNEMBED_RW),
+            ("GS", gs),
+            ("BITS", nbits),
+        ],
         grid=(bsz * heads * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(bsz, heads, 1, v)],

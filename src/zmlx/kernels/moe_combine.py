@@ -73,8 +73,14 @@ def launch(backend, y, scores, shared=None) -> Launch | str:
     sequential = sequential_sum(backend, k, d)
     return Launch(
         inputs=[y, scores, shared if shared is not None else y],
-        template=[("T", y.dtype), ("K", k), ("D", d), ("N", n), ("HAS_SHARED", shared is not None),
-                  ("SEQUENTIAL", sequential)],
+        template=[
+            ("T", y.dtype),
+            ("K", k),
+            ("D", d),
+            ("N", n),
+            ("HAS_SHARED", shared is not None),
+            ("SEQUENTIAL", sequential),
+        ],
         grid=(n, 1, 1),
         threadgroup=(min(256, n), 1, 1),
         output_shapes=[y.shape[:-2] + (d,)],

@@ -99,8 +99,9 @@ def gate_up_reason(x, gate: tuple, up: tuple, *, ndim: int, group_size, bits) ->
     return None
 
 
-def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None,
-           bits=None) -> Launch | str:
+def launch(
+    backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None
+) -> Launch | str:
     gate, up = (gate_w, gate_s, gate_b), (up_w, up_s, up_b)
     if (why := gate_up_reason(x, gate, up, ndim=3, group_size=group_size, bits=bits)) is not None:
         return why
@@ -117,10 +118,26 @@ def launch(backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_
         return f"{n} tokens x {k} experts x {i} rows is too large for one launch"
     gs, nbits = packing(d, group_size, bits)
     return Launch(
-        inputs=[x, inds, gate_w, or_placeholder(gate_s, gate_w), or_placeholder(gate_b, gate_w),
-                up_w, or_placeholder(up_s, up_w), or_placeholder(up_b, up_w)],
-        template=[("T", x.dtype), ("N", n), ("K", k), ("I", i), ("D", d), ("GS", gs), ("BITS", nbits),
-                  ("DENSE", False)],
+        inputs=[
+            x,
+            inds,
+            gate_w,
+            or_placeholder(gate_s, gate_w),
+            or_placeholder(gate_b, gate_w),
+            up_w,
+            or_placeholder(up_s, up_w),
+            or_placeholder(up_b, up_w),
+        ],
+        template=[
+            ("T", x.dtype),
+            ("N", n),
+            ("K", k),
+            ("I", i),
+            ("D", d),
+            ("GS", gs),
+            ("BITS", nbits),
+            ("DENSE", False),
+        ],
         grid=(n * k * i * 32, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[x.shape[:-1] + (k, i)],

@@ -67,17 +67,23 @@ def reference(
 ) -> tuple[mx.array, mx.array]:
     """gates (..., E) any float dtype, bias (E,) float32 -> (inds (..., k) uint32,
     scores (..., k) float32)."""
-    return _route(
-        gates, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob, renorm_eps
-    )
+    return _route(gates, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob, renorm_eps)
 
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
 def launch(
-    backend, gates, bias, *, top_k, n_group=1, topk_group=1, routed_scaling_factor=1.0,
-    norm_topk_prob=True, renorm_eps=None,
+    backend,
+    gates,
+    bias,
+    *,
+    top_k,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=1.0,
+    norm_topk_prob=True,
+    renorm_eps=None,
 ) -> Launch | str:
     if n_group > 1:
         return f"group-limited routing (n_group={n_group}) is not fused"
@@ -93,9 +99,15 @@ def launch(
         return "no tokens"
     return Launch(
         inputs=[gates, bias],
-        template=[("E", e), ("K", top_k), ("ROWS", rows), ("NORM", top_k > 1 and bool(norm_topk_prob)),
-                  ("HAS_EPS", renorm_eps is not None), ("EPS_BITS", float_bits(renorm_eps or 0.0)),
-                  ("SCALE_BITS", float_bits(routed_scaling_factor))],
+        template=[
+            ("E", e),
+            ("K", top_k),
+            ("ROWS", rows),
+            ("NORM", top_k > 1 and bool(norm_topk_prob)),
+            ("HAS_EPS", renorm_eps is not None),
+            ("EPS_BITS", float_bits(renorm_eps or 0.0)),
+            ("SCALE_BITS", float_bits(routed_scaling_factor)),
+        ],
         grid=(rows * 32, 1, 1),
         threadgroup=(32 * min(8, rows), 1, 1),
         output_shapes=[gates.shape[:-1] + (top_k,)] * 2,

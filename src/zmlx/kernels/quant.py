@@ -32,8 +32,9 @@ def layout_reason(bits: int, group_size: int) -> str | None:
 QMV_MAX_ROWS = 8
 
 
-def qmv_reason(backend: str, rows: int, dtype, *scales_and_biases,
-               max_rows: int = QMV_MAX_ROWS) -> str | None:
+def qmv_reason(
+    backend: str, rows: int, dtype, *scales_and_biases, max_rows: int = QMV_MAX_ROWS
+) -> str | None:
     """Why a call is outside the regime where the CUDA kernels are bitwise stock's qmv, or None.
     `max_rows`: the fewest rows at which stock leaves qmv (gathered experts: 8; a dense
     quantized_matmul on sm90 (Hopper) leaves it from 2 rows, for its sm90 qmm)."""
@@ -122,8 +123,9 @@ def weights_reason(w, s, b, *, cols: int, group_size, bits, dtype) -> str | None
     return None
 
 
-def regime_reason(backend: str, rows: int, dtype, s, b, w, *, qmv_rows: int = QMV_MAX_ROWS,
-                  gemv_rows: int = GEMV_MAX_ROWS) -> str | None:
+def regime_reason(
+    backend: str, rows: int, dtype, s, b, w, *, qmv_rows: int = QMV_MAX_ROWS, gemv_rows: int = GEMV_MAX_ROWS
+) -> str | None:
     """Where stock's CUDA matvec (qmv, or gemv for unquantized weights) runs, the kernels
     follow it; elsewhere they step aside (None: the kernel takes the call)."""
     if s is None:
@@ -164,5 +166,7 @@ def linear_reason(name: str, proj) -> str | None:
 def weights_of(proj) -> tuple[tuple, dict]:
     """((weight, scales, biases), {group_size, bits}) of a projection, as the kernels take
     them; scales, biases, group size and bits are None for unquantized weights."""
-    return ((proj["weight"], proj.get("scales"), proj.get("biases")),
-            {"group_size": getattr(proj, "group_size", None), "bits": getattr(proj, "bits", None)})
+    return (
+        (proj["weight"], proj.get("scales"), proj.get("biases")),
+        {"group_size": getattr(proj, "group_size", None), "bits": getattr(proj, "bits", None)},
+    )

@@ -76,8 +76,14 @@ def launch(backend, x, r, w, eps) -> Launch | str:
         return f"row of {d} needs {chunks * nr} values per thread"
     return Launch(
         inputs=[x, r, w],
-        template=[("T", x.dtype), ("D", d), ("BLOCK", block), ("CHUNKS", chunks), ("NR", nr),
-                  ("EPS_BITS", float_bits(eps))],
+        template=[
+            ("T", x.dtype),
+            ("D", d),
+            ("BLOCK", block),
+            ("CHUNKS", chunks),
+            ("NR", nr),
+            ("EPS_BITS", float_bits(eps)),
+        ],
         grid=(rows * block, 1, 1),
         threadgroup=(block, 1, 1),
         output_shapes=[x.shape, x.shape],

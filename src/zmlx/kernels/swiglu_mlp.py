@@ -60,8 +60,9 @@ def _no_indices() -> mx.array:
     return mx.zeros((1,), mx.uint32)
 
 
-def launch(backend, x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None,
-           bits=None) -> Launch | str:
+def launch(
+    backend, x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None
+) -> Launch | str:
     gate, up = (gate_w, gate_s, gate_b), (up_w, up_s, up_b)
     if (why := gate_up_reason(x, gate, up, ndim=2, group_size=group_size, bits=bits)) is not None:
         return why
@@ -78,10 +79,26 @@ def launch(backend, x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=N
         return f"{n} tokens x {i} rows is too large for one launch"
     gs, nbits = packing(d, group_size, bits)
     return Launch(
-        inputs=[x, _no_indices(), gate_w, or_placeholder(gate_s, gate_w), or_placeholder(gate_b, gate_w),
-                up_w, or_placeholder(up_s, up_w), or_placeholder(up_b, up_w)],
-        template=[("T", x.dtype), ("N", n), ("K", 1), ("I", i), ("D", d), ("GS", gs), ("BITS", nbits),
-                  ("DENSE", True)],
+        inputs=[
+            x,
+            _no_indices(),
+            gate_w,
+            or_placeholder(gate_s, gate_w),
+            or_placeholder(gate_b, gate_w),
+            up_w,
+            or_placeholder(up_s, up_w),
+            or_placeholder(up_b, up_w),
+        ],
+        template=[
+            ("T", x.dtype),
+            ("N", n),
+            ("K", 1),
+            ("I", i),
+            ("D", d),
+            ("GS", gs),
+            ("BITS", nbits),
+            ("DENSE", True),
+        ],
         grid=(n * i * 32, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[x.shape[:-1] + (i,)],
