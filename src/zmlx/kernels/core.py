@@ -4,9 +4,9 @@ A kernel has a plain-MLX `reference` (the ground truth, and the path on the CPU
 backend) and one shared `body` for Metal and CUDA. Device code longer than a few lines
 lives in files under kernels/csrc/ (shared headers, long bodies), read by `device_code`;
 MLX, the Metal emulation and the NVRTC check all get it through `KernelDef.source`, so
-there is one copy of each. Each backend gets a short
-prelude: macros in the header, and a first line that names the thread index (MLX
-declares Metal's `thread_position_in_grid` only when the source mentions it):
+there is one copy of each. Each backend gets a short prelude: macros in the header
+(csrc/prelude_cuda.h, csrc/prelude_metal.h), and a first line that names the thread
+index (MLX declares Metal's `thread_position_in_grid` only when the source mentions it):
 
     zmlx_tid      this thread's index along x (the grid counts threads)
     zmlx_lid      its index in its threadgroup (block), zmlx_gid the threadgroup's
@@ -45,29 +45,20 @@ import mlx.core as mx
 
 from zmlx import backend as _backend
 
-PRELUDE_HEADER = {
-    "cuda": (
-        "#define ZMLX_CUDA 1\n"
-        "typedef unsigned int uint;\n"
-        "#define ZMLX_MUL(a, b) __fmul_rn((a), (b))\n"
-        "#define ZMLX_ADD(a, b) __fadd_rn((a), (b))\n"
-        "#define ZMLX_SHARED __shared__\n"
-        "#define ZMLX_BARRIER __syncthreads()\n"
-        "#define ZMLX_FLOAT_BITS(i) __int_as_float(i)\n"
-        "#define ZMLX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))\n"
-        "#define ZMLX_DEVICE\n"
-    ),
-    "metal": (
-        "#define ZMLX_METAL 1\n"
-        "#define ZMLX_MUL(a, b) ((a) * (b))\n"
-        "#define ZMLX_ADD(a, b) ((a) + (b))\n"
-        "#define ZMLX_SHARED threadgroup\n"
-        "#define ZMLX_BARRIER threadgroup_barrier(mem_flags::mem_threadgroup)\n"
-        "#define ZMLX_FLOAT_BITS(i) as_type<float>(int(i))\n"
-        "#define ZMLX_SHFL_XOR(v, m) simd_shuffle_xor((v), (m))\n"
-        "#define ZMLX_DEVICE device\n"
-    ),
-}
+
+@functools.cache
+def _csrc_file(name: str) -> str:
+    return (resources.files(__package__) / "csrc" / name).read_text(encoding="utf-8")
+
+
+def device_code(*names: str) -> str:
+    """The text of these files under kernels/csrc/, in order, joined as they are: what a
+    KernelDef's `header` or `body` holds (each file read once)."""
+    return "".join(_csrc_file(name) for name in names)
+
+
+# Each backend's prelude: the macros of this module's docstring, before the kernel's own header
+PRELUDE_HEADER = {backend: device_code(f"prelude_{backend}.h") for backend in ("cuda", "metal")}
 # MLX declares a Metal thread attribute only when the source names it, so the
 # indices are named here, in the source, not in the header.
 PRELUDE_SOURCE = {
@@ -86,17 +77,6 @@ PRELUDE_SOURCE = {
         "const uint zmlx_warp = simdgroup_index_in_threadgroup;\n"
     ),
 }
-
-
-@functools.cache
-def _csrc_file(name: str) -> str:
-    return (resources.files(__package__) / "csrc" / name).read_text(encoding="utf-8")
-
-
-def device_code(*names: str) -> str:
-    """The text of these files under kernels/csrc/, in order, joined as they are: what a
-    KernelDef's `header` or `body` holds (each file read once)."""
-    return "".join(_csrc_file(name) for name in names)
 
 
 def template_lines(template, type_names) -> list[str]:
@@ -173,7 +153,7 @@ class KernelDef:
         return PRELUDE_HEADER[backend] + self.header, PRELUDE_SOURCE[backend] + self.body
 
     def fidelity_on(self, backend: str) -> str:
-        """"exact" or "close" on this backend (the reference path is exact when the reference
+        """ "exact" or "close" on this backend (the reference path is exact when the reference
         is stock's op sequence)."""
         if backend == "cpu":
             return "exact" if self.reference_is_stock else self.fidelity
@@ -209,11 +189,16 @@ class KernelDef:
             len(got) == len(want) and all(mx.array_equal(a, b).item() for a, b in zip(got, want))
         ):
             return f"{self.name} {backend} kernel is not bitwise equal to the reference on its self-check"
-        if self.fidelity_on(backend) == "close" and not (len(got) == len(want) and all(
-            mx.allclose(a, b, rtol=self.tolerance, atol=self.tolerance).item() for a, b in zip(got, want)
-        )):
-            return (f"{self.name} {backend} kernel is not within {self.tolerance:g} of the reference "
-                    "on its self-check")
+        if self.fidelity_on(backend) == "close" and not (
+            len(got) == len(want)
+            and all(
+                mx.allclose(a, b, rtol=self.tolerance, atol=self.tolerance).item() for a, b in zip(got, want)
+            )
+        ):
+            return (
+                f"{self.name} {backend} kernel is not within {self.tolerance:g} of the reference "
+                "on its self-check"
+            )
         return ""
 
     def run_kernel(self, backend: str, *args, init_value: float | None = None, **kwargs):
@@ -224,9 +209,13 @@ class KernelDef:
         kernel = build(self, backend)
         extra = {"init_value": init_value} if init_value is not None else {}
         outs = kernel(
-            inputs=spec.inputs, template=spec.template, grid=spec.grid,
-            threadgroup=spec.threadgroup, output_shapes=spec.output_shapes,
-            output_dtypes=spec.output_dtypes, **extra,
+            inputs=spec.inputs,
+            template=spec.template,
+            grid=spec.grid,
+            threadgroup=spec.threadgroup,
+            output_shapes=spec.output_shapes,
+            output_dtypes=spec.output_dtypes,
+            **extra,
         )
         return outs[0] if len(outs) == 1 else tuple(outs)
 
