@@ -163,12 +163,12 @@ def test_swiglu_mlp_patches_every_dense_mlp(tiny_q4):
 @pytest.mark.parametrize("patterns", [["moe_combine"], ["downproj_combine", "moe_mlp", "swiglu_mlp"]])
 def test_shared_expert_overlap_is_bitwise_stock_and_uses_a_second_stream(tiny_q4, patterns):
     from zmlx.config import PatchConfig
-    from zmlx.patch.patterns import moe_combine as moe_combine_pattern
+    from zmlx.patch import moe
 
     model, _ = tiny_q4
     prompt = mx.array([[3, 14, 15, 92, 65]])
     stock = _forward_steps(model, prompt, 3, True)
-    moe_combine_pattern._SIDE_STREAMS.clear()
+    moe._SIDE_STREAMS.clear()
     overlap = PatchConfig.from_env({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1"})
     zmlx.patch(model, patterns=patterns, config=overlap)
     try:
@@ -176,7 +176,7 @@ def test_shared_expert_overlap_is_bitwise_stock_and_uses_a_second_stream(tiny_q4
     finally:
         zmlx.unpatch(model)
     assert all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
-    assert len(moe_combine_pattern._SIDE_STREAMS) == 1  # the shared experts ran on the side stream
+    assert len(moe._SIDE_STREAMS) == 1  # the shared experts ran on the side stream
 
 
 def test_expert_and_dense_kernels_skip_mxfp4_with_the_reason():
@@ -214,3 +214,23 @@ def test_expert_patterns_leave_sorted_decode_steps_to_mlx_lm(request, which, mon
             zmlx.unpatch(model)
         assert all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
         assert bool(calls) == expect_calls, (batch, calls)
+
+
+@pytest.mark.parametrize("patterns,kernel_activations", [(["downproj_combine"], False),
+                                                         (["moe_mlp", "downproj_combine"], True)])
+def test_downproj_combine_takes_the_activations_from_moe_mlp_only_when_it_is_chosen(
+        tiny_q4, monkeypatch, patterns, kernel_activations):
+    """With moe_mlp chosen too, the block's activations come from the moe_mlp kernel (as the
+    patched SwitchGLU computes them); alone, from mlx-lm's own projections."""
+    from zmlx.patch.patterns import downproj_combine
+
+    model, _ = tiny_q4
+    calls = []
+    kernel = downproj_combine.moe_mlp
+    monkeypatch.setattr(downproj_combine, "moe_mlp", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    zmlx.patch(model, patterns=patterns)
+    try:
+        _forward_steps(model, mx.array([[3, 14, 15, 92, 65]]), 2, True)
+    finally:
+        zmlx.unpatch(model)
+    assert bool(calls) == kernel_activations

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 from functools import cache
 
-import mlx.core as mx
-
-from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.moe_combine import moe_combine
+from zmlx.kernels.moe_mlp import moe_mlp
+from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
+from zmlx.patch.moe import gate_up, has_kernel_activations, shared_expert, stock_activations
 from zmlx.patch.pattern import Pattern
-from zmlx.patch.patterns import moe_mlp as moe_mlp_pattern
-from zmlx.patch.patterns.moe_combine import shared_expert
 
 
 def check(moe, params) -> str | None:
@@ -32,10 +30,10 @@ def check(moe, params) -> str | None:
 def _hidden(sw, x, inds):
     """The experts' SwiGLU activations (..., k, I), through moe_mlp's kernel when the
     SwitchGLU is patched by moe_mlp, else mlx-lm's own projections."""
-    if type(sw).__call__ is moe_mlp_pattern.make():
-        return moe_mlp_pattern.hidden(sw, x, inds)
-    xe = mx.expand_dims(x, (-2, -3))
-    return sw.activation(sw.up_proj(xe, inds), sw.gate_proj(xe, inds)).squeeze(-2)
+    if has_kernel_activations(sw):
+        gate, up, packing = gate_up(sw)
+        return moe_mlp(x, inds, *gate, *up, **packing)
+    return stock_activations(sw, x, inds)
 
 
 @cache

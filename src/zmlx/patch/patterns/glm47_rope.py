@@ -13,43 +13,15 @@ from __future__ import annotations
 from functools import cache
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from zmlx.kernels.glm47_rope import glm47_rope, rope_table
+from zmlx.kernels.glm47_rope import glm47_rope
+from zmlx.patch.attention import mla_rope_reason, project, rope_args
 from zmlx.patch.pattern import Pattern
 
 
 def check(attn, params) -> str | None:
-    rope = getattr(attn, "rope", None)
-    if type(rope) is not nn.RoPE:
-        return f"rope is {type(rope).__name__}, not plain nn.RoPE (rope_scaling is not fused)"
-    if not rope.traditional:
-        return "rope is not traditional (interleaved pairs)"
-    if rope.base is None:
-        return "rope has no base (custom frequencies)"
-    if rope.dims != attn.qk_rope_head_dim:
-        return f"rope dims {rope.dims} != qk_rope_head_dim {attn.qk_rope_head_dim}"
-    if not all(hasattr(attn, a) for a in ("embed_q", "unembed_out", "kv_a_proj_with_mqa", "kv_a_layernorm")):
-        return "not a latent-space (MLA) attention"
-    return None
-
-
-def project_and_rope(attn, x, offset: int):
-    """mlx-lm's q and kv projections of x (one token per sequence), then q_pe * scale and
-    k_pe through the fused rope: (q, compressed_kv, q_pe, k_pe). Shared with mla_attention."""
-    if attn.q_lora_rank is None:
-        q = attn.q_proj(x)
-    else:
-        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
-    compressed_kv = attn.kv_a_proj_with_mqa(x)
-    rope = attn.rope
-    q_pe, k_pe = glm47_rope(
-        q, compressed_kv, rope_table(rope.dims, rope.base, rope.scale, offset + 1), offset,
-        heads=attn.num_heads, rope_dims=rope.dims, base=rope.base, rope_scale=rope.scale,
-        scale=attn.scale,
-    )  # q_pe is already q_pe * attn.scale
-    return q, compressed_kv, q_pe, k_pe
+    return mla_rope_reason(attn)
 
 
 @cache
@@ -60,7 +32,9 @@ def make():
         if L != 1 or not isinstance(offset, int):  # a prompt, or per-sequence offsets
             return type(self).__zmlx_original__.__call__(self, x, mask, cache)
         # mlx-lm's Glm4MoeLiteAttention.__call__ at L == 1, the rope and scale fused
-        q, compressed_kv, q_pe, k_pe = project_and_rope(self, x, offset)
+        q, compressed_kv = project(self, x)
+        args, kw = rope_args(self, offset)
+        q_pe, k_pe = glm47_rope(q, compressed_kv, *args, **kw)  # q_pe is already q_pe * self.scale
         q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
         q_nope, _ = mx.split(q, [self.qk_nope_head_dim], axis=-1)
         compressed_kv, _ = mx.split(compressed_kv, [self.kv_lora_rank], axis=-1)

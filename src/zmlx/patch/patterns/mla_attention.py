@@ -18,15 +18,15 @@ from functools import cache
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from zmlx.kernels.quant import weights_of
 from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
+from zmlx.kernels.quant import weights_of
+from zmlx.patch.attention import mla_rope_reason, project, rope_args
 from zmlx.patch.pattern import Pattern
-from zmlx.patch.patterns import glm47_rope as rope_pattern
 
 
 def check(attn, params) -> str | None:
-    if (why := rope_pattern.check(attn, params)) is not None:
+    if (why := mla_rope_reason(attn)) is not None:
         return why
     for name in ("embed_q", "unembed_out"):
         proj = getattr(attn, name)
@@ -43,7 +43,9 @@ def make():
         B, L, _ = x.shape
         if L != 1 or mask is not None or type(cache) is not KVCache:
             return type(self).__zmlx_original__.__call__(self, x, mask, cache)
-        q, compressed_kv, q_pe, k_pe = rope_pattern.project_and_rope(self, x, cache.offset)
+        q, compressed_kv = project(self, x)
+        args, kw = rope_args(self, cache.offset)
+        q_pe, k_pe = glm47_rope(q, compressed_kv, *args, **kw)  # q_pe is already q_pe * self.scale
         compressed_kv, _ = mx.split(compressed_kv, [self.kv_lora_rank], axis=-1)
         kv_latent = mx.expand_dims(self.kv_a_layernorm(compressed_kv), axis=1)
         lat, kpe = cache.update_and_fetch(kv_latent, k_pe)  # views of the buffers, offset + 1 positions

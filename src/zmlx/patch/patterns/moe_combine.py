@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from functools import cache
 
-import mlx.core as mx
-
 from zmlx.kernels.moe_combine import moe_combine
+from zmlx.patch.moe import shared_expert
 from zmlx.patch.pattern import Pattern
 
 
@@ -18,24 +17,6 @@ def check(moe, params) -> str | None:
     if getattr(moe, "sharding_group", None) is not None:
         return "MoE is sharded across devices (distributed runs are not supported)"
     return None
-
-
-_SIDE_STREAMS: dict[str, mx.Stream] = {}
-
-
-def shared_expert(moe, x, overlap: bool):
-    """The block's shared expert output (None without one); with `overlap`, on a second
-    stream of the default device (MLX orders the streams where one reads the other)."""
-    if moe.config.n_shared_experts is None:
-        return None
-    if not overlap:
-        return moe.shared_experts(x)
-    device = mx.default_device()
-    stream = _SIDE_STREAMS.get(str(device))
-    if stream is None:
-        stream = _SIDE_STREAMS[str(device)] = mx.new_stream(device)
-    with mx.stream(stream):
-        return moe.shared_experts(x)
 
 
 @cache

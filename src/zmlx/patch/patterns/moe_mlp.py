@@ -14,8 +14,9 @@ from functools import cache
 import mlx.core as mx
 from mlx_lm.models.switch_layers import SwiGLU
 
-from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
 from zmlx.kernels.moe_mlp import moe_mlp
+from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
+from zmlx.patch.moe import gate_up, kernel_activations
 from zmlx.patch.pattern import Pattern
 
 
@@ -30,19 +31,15 @@ def check(switch, params) -> str | None:
     return None
 
 
-def hidden(switch, x, indices):
-    """The experts' SwiGLU activations (..., k, I) of one decode step, through the kernel."""
-    gate, packing = weights_of(switch.gate_proj)
-    up, _ = weights_of(switch.up_proj)
-    return moe_mlp(x, indices, *gate, *up, **packing)
-
-
 @cache
 def make():
+    @kernel_activations  # downproj_combine takes the activations from the kernel too
     def __call__(self, x, indices):
         if x.shape[-2] != 1 or indices.size >= MLX_LM_SORT_ROWS:  # a prompt, or rows mlx-lm sorts
             return type(self).__zmlx_original__.__call__(self, x, indices)
-        return self.down_proj(mx.expand_dims(hidden(self, x, indices), -2), indices).squeeze(-2)
+        gate, up, packing = gate_up(self)
+        h = moe_mlp(x, indices, *gate, *up, **packing)
+        return self.down_proj(mx.expand_dims(h, -2), indices).squeeze(-2)
 
     return __call__
 

@@ -1,0 +1,44 @@
+"""What the MLA attention patterns (glm47_rope, mla_attention) share: which attention
+modules they apply to, mlx-lm's projections of a decode step, and the arguments of the
+`glm47_rope` launch that ropes q_pe and k_pe. Each pattern calls the kernel itself."""
+
+from __future__ import annotations
+
+import mlx.nn as nn
+
+from zmlx.kernels.glm47_rope import rope_table
+
+
+def mla_rope_reason(attn) -> str | None:
+    """None when `attn` is a latent-space (MLA) attention whose rope glm47_rope fuses, else
+    why not."""
+    rope = getattr(attn, "rope", None)
+    if type(rope) is not nn.RoPE:
+        return f"rope is {type(rope).__name__}, not plain nn.RoPE (rope_scaling is not fused)"
+    if not rope.traditional:
+        return "rope is not traditional (interleaved pairs)"
+    if rope.base is None:
+        return "rope has no base (custom frequencies)"
+    if rope.dims != attn.qk_rope_head_dim:
+        return f"rope dims {rope.dims} != qk_rope_head_dim {attn.qk_rope_head_dim}"
+    if not all(hasattr(attn, a) for a in ("embed_q", "unembed_out", "kv_a_proj_with_mqa", "kv_a_layernorm")):
+        return "not a latent-space (MLA) attention"
+    return None
+
+
+def project(attn, x):
+    """mlx-lm's q and compressed kv projections of x: (q, compressed_kv)."""
+    if attn.q_lora_rank is None:
+        q = attn.q_proj(x)
+    else:
+        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    return q, attn.kv_a_proj_with_mqa(x)
+
+
+def rope_args(attn, offset: int) -> tuple[tuple, dict]:
+    """(positional, keyword) arguments after (q, compressed_kv) of the glm47_rope launch
+    that ropes the token at `offset` and scales q_pe by attn.scale."""
+    rope = attn.rope
+    table = rope_table(rope.dims, rope.base, rope.scale, offset + 1)
+    return (table, offset), dict(heads=attn.num_heads, rope_dims=rope.dims, base=rope.base,
+                                 rope_scale=rope.scale, scale=attn.scale)
