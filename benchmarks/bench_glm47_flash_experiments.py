@@ -19,9 +19,10 @@ from typing import Annotated, Optional
 import typer
 
 from zmlx import ui
-from zmlx.bench import capsule, report, stamp
+from zmlx.bench import capsule, stamp
 from zmlx.bench.harness import measure
 from zmlx.bench.variants import GLM47_FLASH
+from zmlx.cli.report import single_table
 from zmlx.models import ModelLoadError, load
 
 DEFAULT_MODEL = "synth:glm4_moe_lite/flash/affine4"
@@ -85,7 +86,7 @@ def main(
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(cap, indent=2) + "\n")
-    ui.console().print(report.single_table(cap, path.name))
+    ui.console().print(single_table(cap, path.name))
     print(f"capsule: {path}")
 
 

@@ -7,7 +7,8 @@ GLM-4.7-Flash shapes at decode (1 token) and a 32-token prompt. On the CUDA back
 with PyTorch installed: GPU time per call from device timestamps (profiler), launches
 per call, and host wall time per call; elsewhere wall time only. Writes a capsule
 (`kernels` rows instead of variants) under --capsule-dir; `python -m zmlx.bench.report`
-prints it. See zmlx.bench.kernels for what each figure means.
+prints it. See zmlx.bench.kernels for what each figure means, zmlx.bench.overhead for the
+custom-call overhead diagnostic.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import typer
 
 from zmlx import backend, ui
 from zmlx.bench import capsule, kernels, stamp
+from zmlx.bench.overhead import overhead as measure_overhead
+from zmlx.cli.report import kernels_table, overhead_table
 
 
 def main(
@@ -61,14 +64,14 @@ def main(
     cap["kernels"] = rows
     cap["kernel_fallbacks"] = kernels.fallbacks()  # a failed self-check: its "fused" side ran the reference
     # [] off CUDA or when not asked for
-    cap["custom_call_overhead"] = kernels.overhead(iters=iters, repeats=repeats) if overhead else []
+    cap["custom_call_overhead"] = measure_overhead(iters=iters, repeats=repeats) if overhead else []
     path = capsule.write(cap, capsule_dir)
     console = ui.console()
-    console.print(kernels.table(rows, f"{path.name} on {cap['device']['name']}"))
+    console.print(kernels_table(rows, f"{path.name} on {cap['device']['name']}"))
     for name, reason in cap["kernel_fallbacks"].items():
         console.print(f"[bold red]fallback:[/] {name} ran its reference: {reason}")
     if cap["custom_call_overhead"]:
-        console.print(kernels.overhead_table(cap["custom_call_overhead"], "custom-call overhead (per call)"))
+        console.print(overhead_table(cap["custom_call_overhead"], "custom-call overhead (per call)"))
     if breakdown and backend.current() == "cuda":
         for case in kernels.cases(only=only):
             for side, fn in (("stock", case.stock), ("fused", case.fused)):

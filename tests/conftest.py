@@ -73,7 +73,7 @@ def tiny_f32():
 def decode_steps():
     """steps(model, prompt, n) -> the logits of a prompt (with mlx-lm's prompt cache) and n
     greedy decode steps after it, evaluated."""
-    from zmlx.validate import greedy_logits
+    from zmlx.fidelity import greedy_logits
 
     return greedy_logits
 

@@ -1,10 +1,10 @@
-"""zmlx.cli_args: the checks validate, drift and matrix run share, and which errors become
+"""zmlx.cli.args: the checks validate, drift and matrix run share, and which errors become
 one line with exit status 2 (and which keep their traceback)."""
 
 import pytest
 import typer
 
-from zmlx import cli_args
+from zmlx.cli import args as cli_args
 from zmlx.config import ConfigError
 from zmlx.models import ModelLoadError
 

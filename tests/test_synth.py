@@ -187,7 +187,7 @@ def test_synth_cli_refuses_what_zmlx_did_not_write(tmp_path):
 SLOW_SYNTH = """
 import sys, time
 from zmlx import synth, ui
-from zmlx.synth_cli import command
+from zmlx.cli.synth import command
 
 def stalled_tokenizer(out, vocab_size):
     print("writing", flush=True)

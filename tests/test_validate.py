@@ -8,7 +8,8 @@ import sys
 import pytest
 import typer
 
-from zmlx import synth, validate
+from zmlx import fidelity, synth
+from zmlx.cli import validate as validate_cli
 
 SPEC = "synth:glm4_moe_lite/tiny/affine4"
 
@@ -85,7 +86,7 @@ def test_a_wrong_pattern_fails_validation(monkeypatch, capsys):
         return inds[..., ::-1], scores  # each expert's output gets another's weight
 
     monkeypatch.setattr(pattern_module, "moe_router", wrong_router)
-    status = validate.main_command(SPEC, max_tokens=32, runs=1, as_json=True)
+    status = validate_cli.main_command(SPEC, max_tokens=32, runs=1, as_json=True)
     report = json.loads(capsys.readouterr().out)
     assert status == 1 and report["verdict"] == "FAIL"
     d = report["first_divergence"]
@@ -108,7 +109,7 @@ def test_zmlx_command_has_the_subcommands():
 def _exit_2(capsys, *args, **kwargs) -> str:
     """Runs main_command, expects exit status 2; returns stdout + stderr."""
     with pytest.raises(typer.Exit) as e:
-        validate.main_command(*args, **kwargs)
+        validate_cli.main_command(*args, **kwargs)
     out = capsys.readouterr()
     assert e.value.exit_code == 2
     assert "PASS" not in out.out and "Traceback" not in out.err
@@ -149,9 +150,9 @@ def test_no_module_matched_has_nothing_to_validate(monkeypatch):
     )
     model, tok = synth.build(SPEC)
     with pytest.raises(
-        validate.NothingToValidate,
+        fidelity.NothingToValidate,
         match=r"nothing to validate: no module matched the selected patterns "
         r"\(moe_router: not this one\)",
     ):
-        validate.validate(model, tok, patterns="moe_router", max_tokens=4, runs=1)
+        fidelity.validate(model, tok, patterns="moe_router", max_tokens=4, runs=1)
     assert not zmlx.is_patched(model)

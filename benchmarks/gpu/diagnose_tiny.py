@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 import zmlx
 from zmlx import synth
-from zmlx.validate import greedy_logits
+from zmlx.fidelity import greedy_logits
 
 
 def finite(xs) -> str:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
-from zmlx import safe_write, ui
+from zmlx import safe_write
 from zmlx.synth_presets import FAMILIES, GLM4_MOE_LITE_COMMON, QUANTS
 from zmlx.synth_tokenizer import EOS_ID as EOS_ID  # re-exported: synth.EOS_ID
 from zmlx.synth_tokenizer import load_tokenizer_for, write_tokenizer
@@ -346,7 +346,7 @@ def estimate_bytes(spec: SynthSpec | str) -> int:
     return int(params * (bits / 8 + per_group / group))
 
 
-if __name__ == "__main__":
-    from zmlx.synth_cli import command
+if __name__ == "__main__":  # python -m zmlx.synth: the `zmlx synth` command
+    from zmlx.cli.synth import main
 
-    ui.run_command(command)
+    main()

@@ -3,8 +3,9 @@
 import pytest
 
 from zmlx import backend, synth
-from zmlx.bench.drift import drift, main
+from zmlx.bench.drift import drift
 from zmlx.bench.harness import make_prompt
+from zmlx.cli.drift import command
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +44,16 @@ def test_the_command_refuses_unknown_patterns(capsys):
     import typer
 
     with pytest.raises(typer.Exit) as e:
-        main("synth:glm4_moe_lite/tiny/affine4", patterns="no_such_pattern")
+        command("synth:glm4_moe_lite/tiny/affine4", patterns="no_such_pattern")
     assert e.value.exit_code == 2 and "no_such_pattern" in capsys.readouterr().err
 
 
 def _refused(capsys, *args, **kwargs) -> str:
-    """main() with bad input: exit 2 and one `error:` line, nothing measured."""
+    """The command with bad input: exit 2 and one `error:` line, nothing measured."""
     import typer
 
     with pytest.raises(typer.Exit) as e:
-        main(*args, **kwargs)
+        command(*args, **kwargs)
     out = capsys.readouterr()
     assert e.value.exit_code == 2 and out.out == ""
     (line,) = out.err.strip().splitlines()

@@ -60,7 +60,7 @@ def test_kernel_microbench_writes_a_capsule_the_report_reads(tmp_path):
 def test_overhead_table_shows_failed_cases():
     from rich.console import Console
 
-    from zmlx.bench.kernels import overhead_table
+    from zmlx.cli.report import overhead_table
 
     rows = [{"case": "stock op", "graph_us": 5.0, "build_us": 0.8, "eval_us": 4.2},
             {"case": "broken kernel", "error": "does not compile"}]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from zmlx.matrix import cli as matrix_cli
+from zmlx.cli import matrix as matrix_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = re.compile(r"<!-- ledger-report:(?P<args>[^>]*)-->\n(?P<body>.*?)<!-- /ledger-report -->", re.S)

@@ -1,11 +1,11 @@
-"""`matrix run` checks its arguments as validate and drift do (zmlx.cli_args): bad input is
+"""`matrix run` checks its arguments as validate and drift do (zmlx.cli.args): bad input is
 one `error:` line and exit status 2, before anything is measured or written."""
 
 import pytest
 from typer.testing import CliRunner
 
 from zmlx import backend
-from zmlx.matrix import cli as matrix_cli
+from zmlx.cli import matrix as matrix_cli
 
 TINY = "synth:glm4_moe_lite/tiny/affine4"
 

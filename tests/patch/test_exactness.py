@@ -6,7 +6,7 @@ import pytest
 import zmlx
 from zmlx import backend, synth
 from zmlx.families import FAMILIES
-from zmlx.validate import greedy_logits
+from zmlx.fidelity import greedy_logits
 
 # patterns that patch one module per MoE layer (all layers but the first, dense one)
 _PER_MOE_LAYER = {"moe_router", "moe_combine", "moe_mlp", "downproj_combine"}

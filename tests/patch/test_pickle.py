@@ -130,7 +130,7 @@ def test_a_patched_model_loads_patched_in_a_fresh_process(model, decode_steps, t
     (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
     code = (
         "import pickle, sys, mlx.core as mx, zmlx\n"
-        "from zmlx.validate import greedy_logits\n"
+        "from zmlx.fidelity import greedy_logits\n"
         "mx.set_default_device(mx.cpu)\n"
         "m = pickle.loads(open(sys.argv[1], 'rb').read())\n"
         "assert zmlx.is_patched(m), 'not patched'\n"

@@ -18,8 +18,8 @@ import numpy as np
 
 from zmlx import backend
 from zmlx.config import PatchConfig
+from zmlx.fidelity import divergence, generate
 from zmlx.patch import patch, unpatch
-from zmlx.validate import divergence, generate
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ For every case (GLM-4.7-Flash shapes) both sides run on the same fixed inputs:
 - `bitwise`: whether the fused outputs equal stock's.
 GPU time needs the CUDA backend and PyTorch; elsewhere only wall time is taken (and
 the "fused" side is the reference, since custom kernels do not run on the CPU).
+`zmlx report` (zmlx.cli.report) prints the rows as a table.
 """
 
 from __future__ import annotations
@@ -158,8 +159,6 @@ def _expert_cases(shape: str, x, inds, h, scores, shared, bits) -> list[Case]:
                           lambda a=dense: swiglu_stock(*a, **kw), lambda a=dense: swiglu_mlp(*a, **kw)))
     return cases
 
-    return cases
-
 
 def _wall_us(fn: Callable[[], Any], iters: int) -> float:
     t0 = time.perf_counter()
@@ -275,113 +274,3 @@ def run(iters: int = 200, repeats: int = 7, tokens: tuple[int, ...] = (1, 32),
             if progress:
                 progress(f"gpu {case.kernel} {case.shape}")
     return list(rows.values())
-
-
-def table(rows: list[dict[str, Any]], title: str):
-    from rich.table import Table
-
-    t = Table(title=title)
-    for col in ("kernel", "shape", "launches", "GPU µs stock", "GPU µs fused", "GPU ratio",
-                "in-graph µs stock", "in-graph µs fused", "in-graph ratio", "synced ratio", "bitwise"):
-        t.add_column(col, justify="left" if col in ("kernel", "shape") else "right")
-    by = {(r["kernel"], r["shape"], r["side"]): r for r in rows}
-    for (kernel, shape, side), s in by.items():
-        if side != "stock":
-            continue
-        f = by[(kernel, shape, "fused")]
-
-        def fmt(x, spec=".1f"):
-            return "-" if x is None else format(x, spec)
-
-        t.add_row(
-            kernel, shape,
-            f"{fmt(s['launches'], '.0f')} -> {fmt(f['launches'], '.0f')}",
-            fmt(s["gpu_us"], ".2f"), fmt(f["gpu_us"], ".2f"),
-            fmt(f["gpu_us"] / s["gpu_us"] if s["gpu_us"] else None, ".3f"),
-            fmt(s.get("graph_us")), fmt(f.get("graph_us")),
-            fmt(f["graph_us"] / s["graph_us"] if s.get("graph_us") else None, ".3f"),
-            fmt(f["wall_us"] / s["wall_us"], ".3f"),
-            "yes" if s["bitwise"] else "NO",
-        )
-    return t
-
-
-def overhead_table(rows: list[dict[str, Any]], title: str):
-    """The custom-call overhead diagnostic (`overhead()`'s rows) as a table."""
-    from rich.table import Table
-
-    t = Table(title=title)
-    for col in ("call", "in-graph µs", "build graph µs", "eval µs"):
-        t.add_column(col, justify="left" if col == "call" else "right")
-    for r in rows:
-        if "error" in r:
-            t.add_row(r["case"], f"failed: {r['error']}", "", "")
-        else:
-            t.add_row(r["case"], f"{r['graph_us']:.1f}", f"{r.get('build_us', float('nan')):.1f}",
-                      f"{r.get('eval_us', float('nan')):.1f}")
-    return t
-
-
-def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
-    """Where a custom kernel call's host time goes (CUDA only): in-graph µs per call of a
-    stock op, a minimal custom kernel (short and ~8 KB source), and residual_norm through
-    KernelDef vs called directly with its launch spec computed once."""
-    if backend.current() != "cuda":
-        return []
-    from zmlx.kernels.core import build
-
-    x = mx.random.normal((1, 1, 2048)).astype(mx.bfloat16)
-    r = mx.random.normal((1, 1, 2048)).astype(mx.bfloat16)
-    w = mx.ones((2048,), mx.bfloat16)
-    mx.eval(x, r, w)
-
-    def minimal(pad: int):
-        k = mx.fast.cuda_kernel(
-            name=f"zmlx_overhead_copy_{pad}", input_names=["x"], output_names=["out"],
-            header="// " + "pad " * pad + "\n",
-            source="const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < N) out[i] = x[i];",
-        )
-        return lambda: k(inputs=[x], template=[("N", x.size)], grid=(x.size, 1, 1), threadgroup=(256, 1, 1),
-                         output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
-
-    spec = residual_norm.launch("cuda", x, r, w, 1e-5)
-    kernel = build(residual_norm, "cuda")
-
-    def direct():
-        return kernel(inputs=spec.inputs, template=spec.template, grid=spec.grid,
-                      threadgroup=spec.threadgroup, output_shapes=spec.output_shapes,
-                      output_dtypes=spec.output_dtypes)
-
-    cases = {
-        "stock op (x + r)": lambda: x + r,
-        "stock rms_norm": lambda: mx.fast.rms_norm(x, w, 1e-5),
-        "custom copy, short source": minimal(0),
-        "custom copy, ~8 KB source": minimal(2000),
-        "residual_norm, launch spec precomputed": direct,
-        "residual_norm through KernelDef": lambda: residual_norm(x, r, w, 1e-5),
-    }
-    rows = []
-    for name, fn in cases.items():
-        try:
-            mx.eval(fn())
-        except Exception as e:  # one broken case must not lose the others
-            rows.append({"case": name, "error": str(e).splitlines()[0]})
-            continue
-        split = [_split_us(fn, iters) for _ in range(repeats)]
-        rows.append({"case": name,
-                     "graph_us": statistics.median(b + e for b, e in split),
-                     "build_us": statistics.median(b for b, _ in split),
-                     "eval_us": statistics.median(e for _, e in split),
-                     "graph_us_blocks": [b + e for b, e in split]})
-    return rows
-
-
-def _split_us(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
-    """In-graph µs per call, split into building the graph (Python + MLX's op
-    construction) and evaluating it (encoding, launch, GPU)."""
-    t0 = time.perf_counter()
-    outs = [fn() for _ in range(iters)]
-    t1 = time.perf_counter()
-    mx.eval(outs)
-    t2 = time.perf_counter()
-    return (t1 - t0) / iters * 1e6, (t2 - t1) / iters * 1e6

@@ -1,3 +1,5 @@
-from zmlx.matrix.cli import main
+"""python -m zmlx.matrix: the `zmlx matrix` command (zmlx.cli.matrix)."""
+
+from zmlx.cli.matrix import main
 
 main()

@@ -1,4 +1,5 @@
-"""python -m zmlx.matrix run|history|report|merge|supersede: the ledger of what patterns are worth.
+"""`zmlx matrix` / `python -m zmlx.matrix run|history|report|merge|supersede`: the ledger
+of what patterns are worth.
 
     run MODEL --patterns a,b --runs 3 --max-tokens 200 --notes TEXT [--ledger PATH]
     history [MODEL_SUBSTRING] [--json] [--ledger PATH]
@@ -9,7 +10,8 @@
 The ledger is the user's own (`$ZMLX_LEDGER`, else ~/.cache/zmlx/matrix.jsonl) unless
 --ledger names one: the project's `matrix.jsonl` is written only when asked for by name.
 `run` measures stock and patched alternately in one process (`--patterns none`
-measures stock against stock: the noise floor) and appends one line per pattern set.
+measures stock against stock: the noise floor) and appends one line per pattern set
+(the lines are zmlx.matrix.entries', the file zmlx.matrix.ledger's).
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from zmlx import synth, ui
+from zmlx import ui
 from zmlx.bench import stamp
-from zmlx.config import ConfigError, PatchConfig, default_ledger_path, env_overrides
+from zmlx.cli import args as cli_args
+from zmlx.config import default_ledger_path
+from zmlx.matrix import entries as E
 from zmlx.matrix import ledger as L
 from zmlx.matrix import summary as S
+from zmlx.matrix.memory import too_large
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="The ledger (matrix.jsonl) of what each pattern combination is worth.")
@@ -50,73 +55,6 @@ def _warn_problems(path: Path, problems: list[str]) -> None:
         print(f"warning: {path} {p} (skipped)", file=sys.stderr)
 
 
-def estimate_model_bytes(model: str) -> int | None:
-    """Weight bytes of what `model` names, without loading it (None if unknown)."""
-    if synth.is_spec(model):
-        return synth.estimate_bytes(model)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return None
-
-
-def describe_without_loading(model: str) -> tuple[str | None, str | None]:
-    """(family, quantization) from a spec or a checkpoint's config.json; (None, None) if unknown."""
-    from zmlx.models import quantization_of
-
-    if synth.is_spec(model):
-        try:
-            spec = synth.SynthSpec.parse(model)
-        except synth.SynthError:
-            return None, None
-        return spec.family, spec.quantization
-    config = Path(model).expanduser() / "config.json"
-    try:
-        cfg = json.loads(config.read_text())
-        return cfg.get("model_type"), quantization_of(cfg)
-    except (OSError, ValueError):
-        return None, None
-
-
-def memory_budget(max_memory_gb: float | None) -> tuple[int | None, str]:
-    if max_memory_gb is not None:
-        return int(max_memory_gb * 1e9), "--max-memory-gb"
-    dev = stamp.device()
-    if dev["memory_bytes"]:
-        return dev["memory_bytes"], "device memory"
-    return stamp.host_memory(available=True), "available host memory"
-
-
-def _base_entry(model: str, patterns: list[str], notes: str, params: dict[str, Any],
-                git: dict[str, Any]) -> dict[str, Any]:
-    dev = stamp.device()
-    return {
-        "schema": L.SCHEMA,
-        "schema_version": L.SCHEMA_VERSION,
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": model,
-        "family": None,
-        "quantization": None,
-        "patterns": patterns,
-        "device": {"name": dev["name"], "backend": dev["backend"]},
-        "versions": stamp.versions(),
-        "git": git,
-        "command": shlex.join(["python", "-m", "zmlx.matrix", *sys.argv[1:]]),
-        "env": env_overrides(),
-        **params,
-        "notes": notes,
-    }
-
-
-def _pattern_paths(patch: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Per applied pattern: whether its kernel or its reference ran, and why."""
-    if patch is None:
-        return None
-    return {n: {"path": r["path"], "backend": r["backend"], "fallbacks": r["fallbacks"],
-                "modules": len(r["patched"]), "skipped": sorted({why for _, why in r["skipped"]})}
-            for n, r in patch["patterns"].items() if r["patched"]}
-
-
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id or synth: spec")],
@@ -136,11 +74,9 @@ def run(
     """Measure MODEL stock vs patched and append one line per pattern set to the ledger."""
     from rich.progress import Progress
 
-    from zmlx import cli_args
     from zmlx.backend import current as current_backend
-    from zmlx.bench.harness import CONTROL, Variant, measure
+    from zmlx.bench.harness import CONTROL, measure
     from zmlx.models import load
-    from zmlx.patch.core import select_patterns
 
     with cli_args.one_line_errors(model):  # the checks validate and drift make, before any work
         cli_args.at_least(1, {"--runs": runs, "--max-tokens": max_tokens, "--prompt-tokens": prompt_tokens})
@@ -159,19 +95,13 @@ def run(
     if len(sets) > 1:
         shared = f"{len(sets)} sets share one control"
         notes = f"{notes}; {shared}" if notes else shared
+    base = {"notes": notes, "params": params, "git": git,
+            "command": shlex.join(["python", "-m", "zmlx.matrix", *sys.argv[1:]])}
 
-    need = estimate_model_bytes(model)
-    budget, where = memory_budget(max_memory_gb)
-    if need is not None and budget is not None and need > 0.9 * budget:
-        family, quant = describe_without_loading(model)
-        for names in sets:
-            requested = [] if names == () else select_patterns(
-                family, names, None, PatchConfig.from_env(), current_backend())[0]
-            entry = _base_entry(model, requested, notes, params, git)
-            entry.update({"family": family, "quantization": quant, "fidelity": "SKIP(RAM)"})
-            entry["skip_reason"] = f"needs ~{need / 1e9:.1f} GB, {where} is {budget / 1e9:.1f} GB"
+    if (why := too_large(model, max_memory_gb)) is not None:
+        for entry in E.skipped_for_memory(model, sets, why, current_backend(), **base):
             L.append(entry, ledger)
-        print(f"SKIP(RAM): {model} {entry['skip_reason']}; recorded in {ledger}")
+        print(f"SKIP(RAM): {model} {why}; recorded in {ledger}")
         return
 
     err = ui.console(stderr=True)
@@ -179,19 +109,7 @@ def run(
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task(f"loading {model}", total=None)
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
-            variants = []
-            for i, names in enumerate(sets):
-                if names == ():
-                    variants.append(Variant(f"control_repeat_{i}", note="stock vs stock: the noise floor"))
-                else:
-                    applied, why_not = select_patterns(source.family, names, None, PatchConfig.from_env(),
-                                                       current_backend())
-                    if not applied:  # a line would read as stock vs stock, which was not asked for
-                        why = "; ".join(f"{n}: {w}" for n, w in why_not.items()) or (
-                            f"model_type {source.family!r} has no zmlx patterns")
-                        raise ConfigError(f"nothing to measure: no pattern applies to {model} ({why}); "
-                                          "--patterns none measures stock vs stock")
-                    variants.append(Variant(f"patched_{i}", tuple(applied)))
+            variants = E.variants(model, source.family, sets, current_backend())
             progress.update(task, description="measuring", completed=0,
                             total=(len(variants) + 1) * (runs + 1))
             control, *measured = measure(
@@ -200,38 +118,9 @@ def run(
                 on_step=lambda _: progress.advance(task),
             )
 
-    entries = []
-    for patched in measured:
-        applied = list(patched.variant.patterns)
-        if patched.patch is not None:
-            applied = [n for n, r in patched.patch["patterns"].items() if r["patched"]]
-        entry = _base_entry(source.name, applied, notes, params, git)
-        entry["pattern_paths"] = _pattern_paths(patched.patch)
-        s, p = control.stat("decode_tps"), patched.stat("decode_tps")
-        entry.update({
-            "family": source.family,
-            "quantization": source.quantization,
-            "fidelity": patched.fidelity["verdict"],
-            "fidelity_detail": patched.fidelity,
-            "decode_tps": [r.decode_tps for r in patched.runs],
-            "decode_tps_median": p["median"],
-            "prefill_tps": [r.prompt_tps for r in patched.runs],
-            "prefill_tps_median": patched.stat("prompt_tps")["median"],
-            "stock_decode_tps": [r.decode_tps for r in control.runs],
-            "stock_decode_tps_median": s["median"],
-            "stock_prefill_tps": [r.prompt_tps for r in control.runs],
-            "stock_prefill_tps_median": control.stat("prompt_tps")["median"],
-            "speedup": p["median"] / s["median"],
-            "kernels_per_token": patched.kernels_per_token,
-            "stock_kernels_per_token": control.kernels_per_token,
-            "gpu_us_per_token": patched.gpu_us_per_token,
-            "stock_gpu_us_per_token": control.gpu_us_per_token,
-            "kernels_note": patched.kernels_note,
-            "peak_memory_gb": max(r.peak_memory_gb for r in patched.runs),
-            "stock_peak_memory_gb": max(r.peak_memory_gb for r in control.runs),
-        })
+    entries = [E.measured(source, control, patched, **base) for patched in measured]
+    for entry in entries:
         L.append(entry, ledger)
-        entries.append(entry)
     ui.console().print(_history_table(entries, f"appended to {ledger}"))
 
 

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from zmlx import ui
+
 
 def command(
     family: Annotated[str, typer.Argument(help="model family (mlx-lm model_type)")] = "glm4_moe_lite",
@@ -42,3 +44,7 @@ def command(
     size = sum(f.stat().st_size for f in out.iterdir())
     shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
     print(f"wrote {spec.name} to {out} ({shown})")
+
+
+def main() -> None:
+    ui.run_command(command)

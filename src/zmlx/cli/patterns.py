@@ -1,0 +1,42 @@
+"""`zmlx patterns`: the registry as a table (what each pattern fuses, its fidelity class,
+its flag, and the families whose preset has it)."""
+
+from __future__ import annotations
+
+from zmlx import ui
+
+
+def command():
+    """List the patterns: what each fuses, fidelity class, flag, families and preset."""
+    from rich.table import Table
+
+    from zmlx.config import flag_name
+    from zmlx.families import FAMILIES
+    from zmlx.patch import PATTERNS
+
+    t = Table(title="zmlx patterns")
+    for col in ("pattern", "fuses", "fidelity", "flag", "default in"):
+        t.add_column(col)
+    for name, p in PATTERNS.items():
+        default = (
+            ", ".join(
+                _preset_cell(f, fam, name)
+                for f, fam in FAMILIES.items()
+                if name in fam.preset or any(name in p for p in fam.presets_on.values())
+            )
+            or "-"
+        )
+        exact_on = [b for b in ("cuda", "metal") if all(k.fidelity_on(b) == "exact" for k in p.kernels)]
+        fidelity = p.fidelity
+        if fidelity != "exact" and exact_on:
+            fidelity += f" (exact on {', '.join(exact_on)})"
+        t.add_row(name, p.summary, fidelity, flag_name(name), default)
+    ui.console().print(t)
+
+
+def _preset_cell(family: str, fam, name: str) -> str:
+    """'glm4_moe_lite' when in the preset everywhere, else 'glm4_moe_lite (cuda)'."""
+    from zmlx.backend import BACKENDS
+
+    on = [b for b in BACKENDS if name in fam.preset_on(b)]
+    return family if len(on) == len(BACKENDS) else f"{family} ({', '.join(on)})"

@@ -1,0 +1,118 @@
+"""`zmlx validate` / `python -m zmlx.validate`: token fidelity and throughput of a patched
+model against stock mlx-lm (the check itself is zmlx.fidelity.validate).
+
+    python -m zmlx.validate MODEL [--patterns a,b] [--exclude c] [--max-tokens 200]
+                                  [--runs 3] [--prompt TEXT] [--json]
+
+Exit status: 0 PASS, 1 fidelity FAIL, 2 bad input or nothing to validate (no module of the
+model was patched: an unsupported family, `--patterns none`, everything excluded).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from zmlx import ui
+from zmlx.cli import args as cli_args
+from zmlx.fidelity import DEFAULT_PROMPT, Report, validate
+from zmlx.patch import PatchResult, PatternReport
+
+
+def render(report: Report, console) -> None:
+    from rich.table import Table
+
+    pr = {k: v for k, v in report.patch.items() if k != "patched_modules"}  # to_dict adds it
+    pr["patterns"] = {k: PatternReport(**v) for k, v in pr["patterns"].items()}
+    console.print(PatchResult(**pr).table())
+
+    t = Table(title=f"zmlx.validate: {report.model} ({report.quantization}) on {report.device}")
+    t.add_column("")
+    t.add_column("stock", justify="right")
+    t.add_column("patched", justify="right")
+    t.add_column("patched / stock", justify="right")
+    for label, key, fmt in (
+        ("decode tok/s (median)", "decode_tps", "{:.1f}"),
+        ("prefill tok/s (median)", "prompt_tps", "{:.1f}"),
+        ("peak memory GB", "peak_memory_gb", "{:.3f}"),
+    ):
+        s, p = report.median("stock", key), report.median("patched", key)
+        t.add_row(label, fmt.format(s), fmt.format(p), f"{p / s:.3f}x" if s else "-")
+    console.print(t)
+
+    f = Table(title=f"fidelity over {report.runs} run(s), {report.max_tokens} max tokens")
+    f.add_column("check")
+    f.add_column("result", justify="right")
+    f.add_row("identical tokens", f"{report.identical}/{report.total}")
+    d = report.first_divergence
+    f.add_row(
+        "first divergence",
+        "none" if d is None else f"run {d.run + 1}, position {d.position}: "
+        f"stock {d.stock_token} vs patched {d.patched_token}",
+    )
+    f.add_row("teacher-forced top-1 agreement", f"{report.teacher_forced_top1:.4f}")
+    f.add_row("max |Δlogit|", f"{report.max_abs_dlogit:.4g}")
+    f.add_row("logit correlation", f"{report.logit_correlation:.6f}")
+    if not report.stock_deterministic:
+        f.add_row("note", "stock runs differ from each other: the backend is not deterministic")
+    color = "green" if report.passed else "red"
+    f.add_row("verdict", f"[bold {color}]{report.verdict}[/]")
+    console.print(f)
+
+
+def main_command(
+    model: str,
+    patterns: str | None = None,
+    exclude: str | None = None,
+    max_tokens: int = 200,
+    runs: int = 3,
+    prompt: str = DEFAULT_PROMPT,
+    as_json: bool = False,
+) -> int:
+    """Everything `zmlx validate` does; returns the exit status of a finished
+    check (0 PASS, 1 FAIL); bad input raises typer.Exit(2) after its one-line message."""
+    from rich.progress import Progress
+
+    from zmlx.models import load
+
+    err = ui.console(stderr=True)
+    with cli_args.one_line_errors(model):
+        # Everything that can be checked is checked before spending time loading the model.
+        cli_args.at_least(1, {"--max-tokens": max_tokens, "--runs": runs})
+        pats, excl = cli_args.selection(patterns, "--patterns"), cli_args.selection(exclude, "--exclude")
+        cli_args.environment()
+        cli_args.check_model_name(model)
+        with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task("loading model", total=None)
+            m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
+            progress.update(task, description="validating", completed=0, total=2 * runs + 4)
+            report = validate(
+                m, tok, model_name=source.name, quantization=source.quantization,
+                patterns=pats, exclude=excl, max_tokens=max_tokens, runs=runs, prompt=prompt,
+                on_step=lambda _: progress.advance(task),
+            )
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render(report, ui.console())
+    return 0 if report.passed else 1
+
+
+def command(
+    model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id, or synth:FAMILY/PRESET/QUANT")],
+    patterns: Annotated[Optional[str], typer.Option(
+        help="comma-separated patterns (default: the family's preset; none: no patterns)")] = None,
+    exclude: Annotated[Optional[str], typer.Option(help="comma-separated patterns to leave out")] = None,
+    max_tokens: Annotated[int, typer.Option(help="tokens to generate per run")] = 200,
+    runs: Annotated[int, typer.Option(help="stock/patched run pairs")] = 3,
+    prompt: Annotated[str, typer.Option(help="prompt text")] = DEFAULT_PROMPT,
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+):
+    """Token fidelity and decode/prefill throughput of the patched model vs stock mlx-lm."""
+    raise typer.Exit(main_command(model, patterns, exclude, max_tokens, runs, prompt, json_output))
+
+
+def main() -> None:
+    ui.run_command(command)
