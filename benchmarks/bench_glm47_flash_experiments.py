@@ -46,8 +46,10 @@ def main(
     names = list(variants or GLM47_FLASH)
     unknown = [n for n in names if n not in GLM47_FLASH]
     if unknown:
-        print(f"error: unknown variant(s): {', '.join(unknown)}; valid: {', '.join(GLM47_FLASH)}",
-              file=sys.stderr)
+        print(
+            f"error: unknown variant(s): {', '.join(unknown)}; valid: {', '.join(GLM47_FLASH)}",
+            file=sys.stderr,
+        )
         raise typer.Exit(2)
     if runs < 1 or max_tokens < 1 or prompt_tokens < 1:
         print("error: --runs, --max-tokens and --prompt-tokens must be at least 1", file=sys.stderr)
@@ -63,11 +65,16 @@ def main(
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task(f"loading {model}", total=None)
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
-            progress.update(task, description="measuring", completed=0,
-                            total=len(chosen) * (runs + 1))
+            progress.update(task, description="measuring", completed=0, total=len(chosen) * (runs + 1))
             results = measure(
-                m, tok, chosen, runs=runs, max_tokens=max_tokens, prompt_tokens=prompt_tokens,
-                allow_unsafe=allow_unsafe, count_kernels=count_kernels,
+                m,
+                tok,
+                chosen,
+                runs=runs,
+                max_tokens=max_tokens,
+                prompt_tokens=prompt_tokens,
+                allow_unsafe=allow_unsafe,
+                count_kernels=count_kernels,
                 on_step=lambda _: progress.advance(task),
             )
     except ModelLoadError as e:
@@ -75,10 +82,19 @@ def main(
         raise typer.Exit(2)
     cap = capsule.build(
         name=name,
-        model={"name": source.name, "kind": source.kind, "family": source.family,
-               "quantization": source.quantization},
-        params={"runs": runs, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens,
-                "allow_unsafe": allow_unsafe, "variants": [v.name for v in chosen]},
+        model={
+            "name": source.name,
+            "kind": source.kind,
+            "family": source.family,
+            "quantization": source.quantization,
+        },
+        params={
+            "runs": runs,
+            "max_tokens": max_tokens,
+            "prompt_tokens": prompt_tokens,
+            "allow_unsafe": allow_unsafe,
+            "variants": [v.name for v in chosen],
+        },
         variants=[r.to_dict() for r in results],
         git=git,
     )

@@ -48,15 +48,23 @@ def main(
     with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("kernels", total=None)
         try:
-            rows = kernels.run(iters=iters, repeats=repeats, only=only,
-                               progress=lambda what: progress.update(task, description=what))
+            rows = kernels.run(
+                iters=iters,
+                repeats=repeats,
+                only=only,
+                progress=lambda what: progress.update(task, description=what),
+            )
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2) from None
     cap = capsule.build(
         name="kernel_microbench",
-        model={"name": "kernels-glm47-flash-shapes", "kind": "kernels", "family": "glm4_moe_lite",
-               "quantization": None},
+        model={
+            "name": "kernels-glm47-flash-shapes",
+            "kind": "kernels",
+            "family": "glm4_moe_lite",
+            "quantization": None,
+        },
         params={"iters": iters, "repeats": repeats, "backend": backend.current(), "only": only},
         variants=[],
         git=git,

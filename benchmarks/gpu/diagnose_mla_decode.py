@@ -32,10 +32,12 @@ def inputs(context: int):
     return qv, q_pe, lat, kpe
 
 
-def main(context: Annotated[int, typer.Option()] = 4096,
-         once: Annotated[str, typer.Option(help="HPW,CH: one configuration only")] = ""):
+def main(
+    context: Annotated[int, typer.Option()] = 4096,
+    once: Annotated[str, typer.Option(help="HPW,CH: one configuration only")] = "",
+):
     qv, q_pe, lat, kpe = inputs(context)
-    scale = 256 ** -0.5
+    scale = 256**-0.5
     if once:
         hpw, ch = (int(v) for v in once.split(","))
         mla.HEADS_PER_WARP, mla.MIN_CHUNK, mla.TARGET_CHUNKS = hpw, ch, 10**9  # mma for bf16
@@ -49,15 +51,16 @@ def main(context: Annotated[int, typer.Option()] = 4096,
             mla.MIN_CHUNK, mla.TARGET_CHUNKS = ch, 10**9
             got = mla.mla_decode(qv, q_pe, lat, kpe, scale=scale)
             want = mla.decode_reference(qv, q_pe, lat, kpe, scale=scale)
-            err = max(mx.abs(g - w).max().item() / (1 + mx.abs(w).max().item())
-                      for g, w in zip(got, want))
+            err = max(mx.abs(g - w).max().item() / (1 + mx.abs(w).max().item()) for g, w in zip(got, want))
             parts = kb.breakdown(lambda: mla.mla_decode(qv, q_pe, lat, kpe, scale=scale))
             us = sum(u for _, _, u in parts)
             groups = 1 if use_mma else math.ceil(20 / (hpw * min(10, math.ceil(20 / hpw))))
             blocks = math.ceil(context / ch) * groups
             name = "mma" if use_mma else f"fma TP {tp} HPW {hpw}"
-            print(f"{name:16s} CH {ch:4d}: {blocks:4d} threadgroups  {us:8.1f} µs  rel err {err:.1e}",
-                  flush=True)
+            print(
+                f"{name:16s} CH {ch:4d}: {blocks:4d} threadgroups  {us:8.1f} µs  rel err {err:.1e}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

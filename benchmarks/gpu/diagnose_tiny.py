@@ -33,9 +33,17 @@ def main(spec: str) -> None:
         mx.eval(out)
         print(f"stock forward M={m:3d}: finite={finite([out])}")
     prompt = mx.array([[3, 14, 15, 92, 65, 35, 89]])
-    for patterns in (["moe_router"], ["moe_combine"], ["moe_mlp"], ["downproj_combine"],
-                     ["swiglu_mlp"], ["residual_norm"], ["glm47_rope"], ["mla_attention"],
-                     ["moe_router", "moe_mlp", "downproj_combine"]):
+    for patterns in (
+        ["moe_router"],
+        ["moe_combine"],
+        ["moe_mlp"],
+        ["downproj_combine"],
+        ["swiglu_mlp"],
+        ["residual_norm"],
+        ["glm47_rope"],
+        ["mla_attention"],
+        ["moe_router", "moe_mlp", "downproj_combine"],
+    ):
         model, _ = synth.build(spec)
         before = {k: mx.array(v) for k, v in tree_flatten(model.parameters())}
         mx.eval(before)
@@ -49,8 +57,10 @@ def main(spec: str) -> None:
         after = dict(tree_flatten(model.parameters()))
         changed = [k for k, v in before.items() if not mx.array_equal(v, after[k], equal_nan=True).item()]
         equal = "".join("=" if mx.array_equal(s, p).item() else "x" for s, p in zip(stock, patched))
-        print(f"{','.join(patterns):40s} paths={paths} stock={finite(stock)} patched={finite(patched)} "
-              f"equal={equal} params_changed={changed[:3]}{'...' if len(changed) > 3 else ''}")
+        print(
+            f"{','.join(patterns):40s} paths={paths} stock={finite(stock)} patched={finite(patched)} "
+            f"equal={equal} params_changed={changed[:3]}{'...' if len(changed) > 3 else ''}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,13 @@ from zmlx.bench import kernels as kb
 from zmlx.kernels import mla_attention as mla
 
 CONFIGS = [  # (USE_MMA, HEADS_PER_WARP, WARPS_PER_BLOCK, TARGET_CHUNKS, MIN_CHUNK)
-    (True, 2, 10, 128, 32), (True, 2, 10, 64, 32), (True, 2, 10, 256, 16), (True, 2, 10, 32, 32),
-    (True, 2, 10, 128, 64), (False, 2, 10, 128, 32), (False, 2, 5, 64, 32),
+    (True, 2, 10, 128, 32),
+    (True, 2, 10, 64, 32),
+    (True, 2, 10, 256, 16),
+    (True, 2, 10, 32, 32),
+    (True, 2, 10, 128, 64),
+    (False, 2, 10, 128, 32),
+    (False, 2, 5, 64, 32),
 ]
 KNOBS = ("USE_MMA", "HEADS_PER_WARP", "WARPS_PER_BLOCK", "TARGET_CHUNKS", "MIN_CHUNK")
 
@@ -41,8 +46,10 @@ def _short(kernel: str) -> str:
     return kernel.split("zmlx_")[-1][:14] if "zmlx_" in kernel else kernel.split("::")[-1][:14]
 
 
-def main(contexts: Annotated[list[int], typer.Option(help="cache lengths")] = [4096, 32768],  # noqa: B006
-         out: Annotated[Path, typer.Option(help="where tune_mla.json goes")] = OUT):
+def main(
+    contexts: Annotated[list[int], typer.Option(help="cache lengths")] = [4096, 32768],  # noqa: B006
+    out: Annotated[Path, typer.Option(help="where tune_mla.json goes")] = OUT,
+):
     print(f"backend {backend.current()}")
     rows = []
     defaults = tuple(getattr(mla, k) for k in KNOBS)
@@ -51,8 +58,14 @@ def main(contexts: Annotated[list[int], typer.Option(help="cache lengths")] = [4
         stock = kb.breakdown(case.stock)
         total = sum(us for _, _, us in stock)
         print(f"\n{case.shape}: stock {total:.1f} µs in {sum(n for _, n, _ in stock):.0f} launches")
-        rows.append({"shape": case.shape, "config": "stock", "gpu_us": total,
-                     "kernels": [[name, n, us] for name, n, us in stock]})
+        rows.append(
+            {
+                "shape": case.shape,
+                "config": "stock",
+                "gpu_us": total,
+                "kernels": [[name, n, us] for name, n, us in stock],
+            }
+        )
         want = case.stock()
         for config in CONFIGS:
             for k, v in zip(KNOBS, config):
@@ -63,12 +76,19 @@ def main(contexts: Annotated[list[int], typer.Option(help="cache lengths")] = [4
             parts = kb.breakdown(case.fused)
             total = sum(us for _, _, us in parts)
             name = "mma" if use_mma else f"fma hpw {hpw} wpb {wpb:2d}"
-            print(f"  {name:16s} chunks<={target:3d} >={least:3d}: {total:6.1f} µs, "
-                  f"max|Δ| vs stock {err:.2e}: "
-                  + ", ".join(f"{_short(k)} {us:.1f}" for k, _, us in parts))
-            rows.append({"shape": case.shape, "config": dict(zip(KNOBS, config)),
-                         "gpu_us": total, "max_abs_diff_vs_stock": err,
-                         "kernels": [[name, n, us] for name, n, us in parts]})
+            print(
+                f"  {name:16s} chunks<={target:3d} >={least:3d}: {total:6.1f} µs, "
+                f"max|Δ| vs stock {err:.2e}: " + ", ".join(f"{_short(k)} {us:.1f}" for k, _, us in parts)
+            )
+            rows.append(
+                {
+                    "shape": case.shape,
+                    "config": dict(zip(KNOBS, config)),
+                    "gpu_us": total,
+                    "max_abs_diff_vs_stock": err,
+                    "kernels": [[name, n, us] for name, n, us in parts],
+                }
+            )
     for k, v in zip(KNOBS, defaults):
         setattr(mla, k, v)
     out.mkdir(parents=True, exist_ok=True)

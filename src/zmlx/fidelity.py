@@ -183,9 +183,16 @@ def validate(
     if not applied:
         raise NothingToValidate(f"nothing to validate: {why_nothing_patched(result)}")
     report = Report(
-        model=model_name, family=result.family, quantization=quantization,
-        backend=_backend.current(), device=_backend.device_name(), patterns=applied,
-        patch=result.to_dict(), prompt_tokens=len(ids), max_tokens=max_tokens, runs=runs,
+        model=model_name,
+        family=result.family,
+        quantization=quantization,
+        backend=_backend.current(),
+        device=_backend.device_name(),
+        patterns=applied,
+        patch=result.to_dict(),
+        prompt_tokens=len(ids),
+        max_tokens=max_tokens,
+        runs=runs,
     )
 
     def patched_run(fn):
@@ -246,10 +253,17 @@ def validate(
 def why_nothing_patched(result: PatchResult) -> str:
     """Why a patch left every module of the model stock, in words."""
     if result.family not in FAMILIES:
-        return (f"model_type {result.family!r} has no zmlx patterns "
-                f"(supported: {', '.join(sorted(FAMILIES))}); the model would run stock")
+        return (
+            f"model_type {result.family!r} has no zmlx patterns "
+            f"(supported: {', '.join(sorted(FAMILIES))}); the model would run stock"
+        )
     if result.patterns:  # selected, but every module was skipped
-        return "no module matched the selected patterns (" + "; ".join(
-            f"{n}: {', '.join(sorted({w for _, w in r.skipped}))}" for n, r in result.patterns.items()) + ")"
+        return (
+            "no module matched the selected patterns ("
+            + "; ".join(
+                f"{n}: {', '.join(sorted({w for _, w in r.skipped}))}" for n, r in result.patterns.items()
+            )
+            + ")"
+        )
     left_out = ", ".join(f"{n}: {w}" for n, w in result.not_selected.items() if not w.startswith("not in"))
     return f"every selected pattern is left out ({left_out})" if left_out else "no patterns selected (none)"

@@ -13,16 +13,27 @@ def _variant(name, decode, kernels=None, skipped=None):
         {"prompt_tps": 100.0, "decode_tps": d, "peak_memory_gb": 1.5, "generated_tokens": 8} for d in decode
     ]
     return {
-        "name": name, "patterns": [], "env": {}, "unsafe": False, "note": "", "skipped": skipped,
+        "name": name,
+        "patterns": [],
+        "env": {},
+        "unsafe": False,
+        "note": "",
+        "skipped": skipped,
         "runs": runs if not skipped else [],
         "summary": {
             "decode_tps": {
-                "median": sorted(decode)[len(decode) // 2], "min": min(decode), "max": max(decode)
+                "median": sorted(decode)[len(decode) // 2],
+                "min": min(decode),
+                "max": max(decode),
             },
             "prompt_tps": {"median": 100.0, "min": 100.0, "max": 100.0},
             "peak_memory_gb": 1.5,
-        } if not skipped else {"decode_tps": None, "prompt_tps": None, "peak_memory_gb": None},
-        "kernels_per_token": kernels, "kernels_note": "", "patch": None,
+        }
+        if not skipped
+        else {"decode_tps": None, "prompt_tps": None, "peak_memory_gb": None},
+        "kernels_per_token": kernels,
+        "kernels_note": "",
+        "patch": None,
         "fidelity": {"verdict": "PASS", "identical": 8, "total": 8, "first_divergence": None},
     }
 
@@ -30,11 +41,18 @@ def _variant(name, decode, kernels=None, skipped=None):
 def _capsule(decode_control, decode_patched):
     return capsule.build(
         name="unit",
-        model={"name": "synth:glm4_moe_lite/tiny/affine4", "kind": "synth", "family": "glm4_moe_lite",
-               "quantization": "affine4/g64"},
+        model={
+            "name": "synth:glm4_moe_lite/tiny/affine4",
+            "kind": "synth",
+            "family": "glm4_moe_lite",
+            "quantization": "affine4/g64",
+        },
         params={"runs": 3, "max_tokens": 8, "prompt_tokens": 4},
-        variants=[_variant("control", decode_control, 2400), _variant("patched", decode_patched, 2300),
-                  _variant("risky", [1.0], skipped="unsafe: pass --allow-unsafe to run it")],
+        variants=[
+            _variant("control", decode_control, 2400),
+            _variant("patched", decode_patched, 2300),
+            _variant("risky", [1.0], skipped="unsafe: pass --allow-unsafe to run it"),
+        ],
         command=["bench", "--runs", "3"],
     )
 
@@ -89,14 +107,18 @@ def test_report_prints_one_and_compares_two(tmp_path):
     p = subprocess.run([sys.executable, "-m", "zmlx.bench.report", str(a)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "30.0 [29.0-31.0]" in p.stdout and "1.100x" in p.stdout and "SKIP" in p.stdout
-    p = subprocess.run([sys.executable, "-m", "zmlx.bench.report", str(a), str(b)], capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "zmlx.bench.report", str(a), str(b)], capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr
     assert "ratio" in p.stdout and "2.000" in p.stdout  # b's decode is twice a's
 
 
 @pytest.mark.slow
 def test_report_bad_file_exits_2(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "zmlx.bench.report", str(tmp_path / "none.json")],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "zmlx.bench.report", str(tmp_path / "none.json")],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and "no such capsule" in p.stderr and "Traceback" not in p.stderr

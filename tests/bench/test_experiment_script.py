@@ -17,9 +17,22 @@ def run(*args):
 @pytest.mark.slow
 def test_experiment_script_writes_a_capsule(tmp_path):
     out = tmp_path / "result.json"
-    p = run("--model", "synth:glm4_moe_lite/tiny/affine4", "--variants", "control_repeat",
-            "--variants", "router_combine", "--runs", "1", "--max-tokens", "8",
-            "--capsule-dir", str(tmp_path / "caps"), "--json-out", str(out))
+    p = run(
+        "--model",
+        "synth:glm4_moe_lite/tiny/affine4",
+        "--variants",
+        "control_repeat",
+        "--variants",
+        "router_combine",
+        "--runs",
+        "1",
+        "--max-tokens",
+        "8",
+        "--capsule-dir",
+        str(tmp_path / "caps"),
+        "--json-out",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr
     caps = list((tmp_path / "caps").glob("*.json"))
     assert len(caps) == 1
@@ -41,14 +54,25 @@ def test_unknown_variant_is_an_error(tmp_path):
 @pytest.mark.slow
 def test_kernel_microbench_writes_a_capsule_the_report_reads(tmp_path):
     script = SCRIPT.with_name("bench_kernels.py")
-    p = subprocess.run([sys.executable, str(script), "--iters", "2", "--repeats", "1",
-                        "--capsule-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(script), "--iters", "2", "--repeats", "1", "--capsule-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     (path,) = tmp_path.glob("*.json")
     rows = json.loads(path.read_text())["kernels"]
-    assert {r["kernel"] for r in rows} >= {"moe_router", "moe_combine", "residual_norm", "moe_mlp",
-                                          "downproj_combine", "swiglu_mlp", "glm47_rope",
-                                          "mla_attention (close)"}
+    assert {r["kernel"] for r in rows} >= {
+        "moe_router",
+        "moe_combine",
+        "residual_norm",
+        "moe_mlp",
+        "downproj_combine",
+        "swiglu_mlp",
+        "glm47_rope",
+        "mla_attention (close)",
+    }
     assert all(r["wall_us"] > 0 for r in rows)
     # on the CPU every exact kernel is its reference = stock; a close one is a float32 computation
     assert all(r["bitwise"] for r in rows if "(close)" not in r["kernel"])
@@ -62,8 +86,10 @@ def test_overhead_table_shows_failed_cases():
 
     from zmlx.cli.report import overhead_table
 
-    rows = [{"case": "stock op", "graph_us": 5.0, "build_us": 0.8, "eval_us": 4.2},
-            {"case": "broken kernel", "error": "does not compile"}]
+    rows = [
+        {"case": "stock op", "graph_us": 5.0, "build_us": 0.8, "eval_us": 4.2},
+        {"case": "broken kernel", "error": "does not compile"},
+    ]
     con = Console(width=120, record=True)
     con.print(overhead_table(rows, "overhead"))
     text = con.export_text()

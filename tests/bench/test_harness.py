@@ -8,8 +8,12 @@ from zmlx.bench.harness import CONTROL, Variant, make_prompt, measure
 def test_variants_are_measured_with_fidelity_against_control(tiny_q4):
     model, tok = tiny_q4
     results = measure(
-        model, tok, [CONTROL, Variant("control_repeat"), Variant("both", ("moe_router", "moe_combine"))],
-        runs=2, max_tokens=12, prompt_tokens=9,
+        model,
+        tok,
+        [CONTROL, Variant("control_repeat"), Variant("both", ("moe_router", "moe_combine"))],
+        runs=2,
+        max_tokens=12,
+        prompt_tokens=9,
     )
     assert [r.variant.name for r in results] == ["control", "control_repeat", "both"]
     for r in results:

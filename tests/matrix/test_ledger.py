@@ -10,9 +10,14 @@ from zmlx.matrix import ledger as L
 
 def entry(model="m", patterns=("moe_router",), speed=1.1, **extra):
     e = {
-        "schema": L.SCHEMA, "schema_version": L.SCHEMA_VERSION, "timestamp": "2026-11-24T00:00:00+00:00",
-        "model": model, "patterns": list(patterns), "device": {"name": "cpu (x)", "backend": "cpu"},
-        "fidelity": "PASS", "speedup": speed,
+        "schema": L.SCHEMA,
+        "schema_version": L.SCHEMA_VERSION,
+        "timestamp": "2026-11-24T00:00:00+00:00",
+        "model": model,
+        "patterns": list(patterns),
+        "device": {"name": "cpu (x)", "backend": "cpu"},
+        "fidelity": "PASS",
+        "speedup": speed,
     }
     e.update(extra)
     return e

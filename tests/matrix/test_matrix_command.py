@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow  # each test runs the CLI in a subprocess
 def matrix(*args, cwd=None, env=None):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("ZMLX_")}
     environ.update(env or {})
-    return subprocess.run([sys.executable, "-m", "zmlx.matrix", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, env=environ)
+    return subprocess.run(
+        [sys.executable, "-m", "zmlx.matrix", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env=environ,
+    )
 
 
 def test_run_appends_a_measured_line(tmp_path):
@@ -50,8 +56,16 @@ def test_default_ledger_is_the_users_never_the_projects(tmp_path):
     project.mkdir()
     (project / "matrix.jsonl").write_text("")  # a repository's ledger in the current directory
     home = tmp_path / "home"
-    p = matrix("run", TINY, "--runs", "1", "--max-tokens", "4", cwd=project,
-               env={"HOME": str(home), "XDG_CACHE_HOME": ""})
+    p = matrix(
+        "run",
+        TINY,
+        "--runs",
+        "1",
+        "--max-tokens",
+        "4",
+        cwd=project,
+        env={"HOME": str(home), "XDG_CACHE_HOME": ""},
+    )
     assert p.returncode == 0, p.stderr
     assert (project / "matrix.jsonl").read_text() == ""
     assert len(L.read(home / ".cache" / "zmlx" / "matrix.jsonl").entries) == 1
@@ -70,8 +84,9 @@ def test_a_ledger_that_cannot_be_written_is_refused_before_measuring(tmp_path):
 
 
 def test_a_stated_commit_must_exist_in_the_checkout(tmp_path):
-    p = matrix("run", TINY, "--ledger", str(tmp_path / "m.jsonl"),
-               env={"ZMLX_GIT_COMMIT": "0123456789abcdef"})
+    p = matrix(
+        "run", TINY, "--ledger", str(tmp_path / "m.jsonl"), env={"ZMLX_GIT_COMMIT": "0123456789abcdef"}
+    )
     assert p.returncode == 2 and "is not a commit" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "m.jsonl").exists()
 
@@ -97,20 +112,64 @@ def test_bad_input_exits_2(tmp_path):
 
 
 def _fixture_ledger(path):
-    base = {"schema": L.SCHEMA, "schema_version": 1, "family": "glm4_moe_lite", "quantization": "affine4/g64",
-            "device": {"name": "cuda (NVIDIA H100 80GB HBM3)", "backend": "cuda"}, "runs": 3, "notes": ""}
+    base = {
+        "schema": L.SCHEMA,
+        "schema_version": 1,
+        "family": "glm4_moe_lite",
+        "quantization": "affine4/g64",
+        "device": {"name": "cuda (NVIDIA H100 80GB HBM3)", "backend": "cuda"},
+        "runs": 3,
+        "notes": "",
+    }
     rows = [
-        dict(base, timestamp="2026-11-24T01:00:00+00:00", model="synth:flash", patterns=[], max_tokens=200,
-             fidelity="PASS", stock_decode_tps_median=30.0, decode_tps_median=30.3, speedup=1.01,
-             kernels_per_token=2400.0, stock_kernels_per_token=2400.0),
-        dict(base, timestamp="2026-11-24T01:10:00+00:00", model="synth:flash", patterns=["moe_router"],
-             max_tokens=200, fidelity="PASS", stock_decode_tps_median=30.0, decode_tps_median=33.0,
-             speedup=1.1, kernels_per_token=2300.0, stock_kernels_per_token=2400.0),
-        dict(base, timestamp="2026-11-24T01:20:00+00:00", model="synth:flash", patterns=["moe_router"],
-             max_tokens=200, fidelity="PASS", stock_decode_tps_median=31.0, decode_tps_median=35.0,
-             speedup=1.129, kernels_per_token=2300.0, stock_kernels_per_token=2400.0),
-        dict(base, timestamp="2026-11-24T01:30:00+00:00", model="synth:other", patterns=["moe_router"],
-             max_tokens=200, fidelity="SKIP(RAM)", skip_reason="needs ~90 GB"),
+        dict(
+            base,
+            timestamp="2026-11-24T01:00:00+00:00",
+            model="synth:flash",
+            patterns=[],
+            max_tokens=200,
+            fidelity="PASS",
+            stock_decode_tps_median=30.0,
+            decode_tps_median=30.3,
+            speedup=1.01,
+            kernels_per_token=2400.0,
+            stock_kernels_per_token=2400.0,
+        ),
+        dict(
+            base,
+            timestamp="2026-11-24T01:10:00+00:00",
+            model="synth:flash",
+            patterns=["moe_router"],
+            max_tokens=200,
+            fidelity="PASS",
+            stock_decode_tps_median=30.0,
+            decode_tps_median=33.0,
+            speedup=1.1,
+            kernels_per_token=2300.0,
+            stock_kernels_per_token=2400.0,
+        ),
+        dict(
+            base,
+            timestamp="2026-11-24T01:20:00+00:00",
+            model="synth:flash",
+            patterns=["moe_router"],
+            max_tokens=200,
+            fidelity="PASS",
+            stock_decode_tps_median=31.0,
+            decode_tps_median=35.0,
+            speedup=1.129,
+            kernels_per_token=2300.0,
+            stock_kernels_per_token=2400.0,
+        ),
+        dict(
+            base,
+            timestamp="2026-11-24T01:30:00+00:00",
+            model="synth:other",
+            patterns=["moe_router"],
+            max_tokens=200,
+            fidelity="SKIP(RAM)",
+            skip_reason="needs ~90 GB",
+        ),
     ]
     for r in rows:
         L.append(r, path)
@@ -137,18 +196,42 @@ def test_history_and_report_on_a_fixture_ledger(tmp_path):
 
 def test_report_groups_by_prompt_and_puts_each_ratio_next_to_its_noise_floor(tmp_path):
     ledger = tmp_path / "m.jsonl"
-    base = {"schema": L.SCHEMA, "schema_version": 2, "model": "synth:flash", "quantization": "affine4/g64",
-            "device": {"name": "cuda (NVIDIA H200)", "backend": "cuda"}, "runs": 5, "max_tokens": 200,
-            "fidelity": "PASS", "git": {"commit": "a" * 40, "dirty": False}}
+    base = {
+        "schema": L.SCHEMA,
+        "schema_version": 2,
+        "model": "synth:flash",
+        "quantization": "affine4/g64",
+        "device": {"name": "cuda (NVIDIA H200)", "backend": "cuda"},
+        "runs": 5,
+        "max_tokens": 200,
+        "fidelity": "PASS",
+        "git": {"commit": "a" * 40, "dirty": False},
+    }
     lines = [
         dict(base, timestamp="2026-11-29T01:00:00+00:00", patterns=[], prompt_tokens=32, speedup=0.96),
         dict(base, timestamp="2026-11-29T01:01:00+00:00", patterns=[], prompt_tokens=32, speedup=1.02),
-        dict(base, timestamp="2026-11-29T01:02:00+00:00", patterns=["moe_router"], prompt_tokens=32,
-             speedup=1.03),
-        dict(base, timestamp="2026-11-29T01:03:00+00:00", patterns=["glm47_rope"], prompt_tokens=32,
-             speedup=1.12, git={"commit": "b" * 40, "dirty": None}),
-        dict(base, timestamp="2026-11-29T01:04:00+00:00", patterns=["moe_router"], prompt_tokens=4096,
-             speedup=1.5),
+        dict(
+            base,
+            timestamp="2026-11-29T01:02:00+00:00",
+            patterns=["moe_router"],
+            prompt_tokens=32,
+            speedup=1.03,
+        ),
+        dict(
+            base,
+            timestamp="2026-11-29T01:03:00+00:00",
+            patterns=["glm47_rope"],
+            prompt_tokens=32,
+            speedup=1.12,
+            git={"commit": "b" * 40, "dirty": None},
+        ),
+        dict(
+            base,
+            timestamp="2026-11-29T01:04:00+00:00",
+            patterns=["moe_router"],
+            prompt_tokens=4096,
+            speedup=1.5,
+        ),
     ]
     for e in lines:
         L.append(e, ledger)
@@ -182,8 +265,9 @@ def test_supersede_marks_a_line_without_changing_it(tmp_path):
     rows = json.loads(matrix("report", "--json", "--ledger", str(ledger)).stdout)
     router = next(r for r in rows if r["model"] == "synth:flash" and r["patterns"] == ["moe_router"])
     assert router["speedup"] == 1.1  # the superseded 1.129 is left out; the earlier line remains
-    marked = [e for e in json.loads(matrix("history", "--json", "--ledger", str(ledger)).stdout)
-              if e["superseded"]]
+    marked = [
+        e for e in json.loads(matrix("history", "--json", "--ledger", str(ledger)).stdout) if e["superseded"]
+    ]
     assert [e["line"] for e in marked] == [lid] and marked[0]["superseded"]["reason"] == "profiler attached"
     assert "SUPERSEDED" in matrix("history", "--ledger", str(ledger)).stdout
     p = matrix("supersede", lid, "--reason", "again", "--ledger", str(ledger))
@@ -197,8 +281,22 @@ def test_report_on_empty_ledger(tmp_path):
 
 def test_several_pattern_sets_share_one_control(tmp_path):
     ledger = tmp_path / "m.jsonl"
-    p = matrix("run", TINY, "--patterns", "moe_router", "--patterns", "residual_norm", "--patterns", "none",
-               "--runs", "2", "--max-tokens", "6", "--ledger", str(ledger))
+    p = matrix(
+        "run",
+        TINY,
+        "--patterns",
+        "moe_router",
+        "--patterns",
+        "residual_norm",
+        "--patterns",
+        "none",
+        "--runs",
+        "2",
+        "--max-tokens",
+        "6",
+        "--ledger",
+        str(ledger),
+    )
     assert p.returncode == 0, p.stderr
     router, norm, noise = L.read(ledger).entries
     assert router["patterns"] == ["moe_router"] and norm["patterns"] == ["residual_norm"]

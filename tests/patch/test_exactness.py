@@ -29,8 +29,14 @@ def _forward_steps(model, prompt, steps, use_cache):
 @pytest.mark.parametrize("which", ["tiny_f32", "tiny_q4"])
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("patterns", [None, ("moe_router", "moe_combine", "residual_norm"),
-                                      ("moe_router", "moe_mlp", "downproj_combine", "glm47_rope")])
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        None,
+        ("moe_router", "moe_combine", "residual_norm"),
+        ("moe_router", "moe_mlp", "downproj_combine", "glm47_rope"),
+    ],
+)
 def test_patched_model_is_bitwise_stock(request, which, use_cache, batch, patterns):
     model, _ = request.getfixturevalue(which)
     prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
@@ -41,8 +47,11 @@ def test_patched_model_is_bitwise_stock(request, which, use_cache, batch, patter
         # for residual_norm, every layer's attention for glm47_rope
         chosen = set(patterns or FAMILIES["glm4_moe_lite"].preset_on(backend.current()))
         layers = model.args.num_hidden_layers
-        assert result.patched_modules == ((layers - 1) * len(chosen & _PER_MOE_LAYER)
-                                          + ("residual_norm" in chosen) + layers * ("glm47_rope" in chosen))
+        assert result.patched_modules == (
+            (layers - 1) * len(chosen & _PER_MOE_LAYER)
+            + ("residual_norm" in chosen)
+            + layers * ("glm47_rope" in chosen)
+        )
         patched = _forward_steps(model, prompt, 4, use_cache)
     finally:
         zmlx.unpatch(model)
@@ -74,10 +83,20 @@ def test_exactness_check_can_fail(tiny_q4, monkeypatch):
     assert not all(mx.array_equal(s, p).item() for s, p in zip(stock, patched))
 
 
-@pytest.mark.parametrize("patterns", [["moe_router"], ["moe_combine"], ["residual_norm"], ["moe_mlp"],
-                                      ["downproj_combine"], ["downproj_combine", "moe_mlp"], ["swiglu_mlp"],
-                                      ["moe_router", "moe_mlp", "downproj_combine", "swiglu_mlp"],
-                                      ["glm47_rope"]])
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        ["moe_router"],
+        ["moe_combine"],
+        ["residual_norm"],
+        ["moe_mlp"],
+        ["downproj_combine"],
+        ["downproj_combine", "moe_mlp"],
+        ["swiglu_mlp"],
+        ["moe_router", "moe_mlp", "downproj_combine", "swiglu_mlp"],
+        ["glm47_rope"],
+    ],
+)
 def test_each_pattern_alone_is_bitwise_stock(tiny_q4, patterns):
     """On the CPU every pattern runs its reference: this checks each replacement's plumbing
     (decode and prompt paths) against stock, bitwise."""
@@ -201,8 +220,9 @@ def test_expert_patterns_leave_sorted_decode_steps_to_mlx_lm(request, which, mon
     calls = []
     for module, name in ((moe_mlp, "moe_mlp"), (downproj_combine, "downproj_combine")):
         kernel = getattr(module, name)
-        monkeypatch.setattr(module, name,
-                            lambda *a, _k=kernel, **kw: calls.append(a[0].shape) or _k(*a, **kw))
+        monkeypatch.setattr(
+            module, name, lambda *a, _k=kernel, **kw: calls.append(a[0].shape) or _k(*a, **kw)
+        )
     for batch, expect_calls in ((16, False), (1, True)):
         prompt = mx.array([[3, 14, 15, 92, 65]] * batch) + mx.arange(batch)[:, None]
         stock = _forward_steps(model, prompt, 2, True)
@@ -216,10 +236,12 @@ def test_expert_patterns_leave_sorted_decode_steps_to_mlx_lm(request, which, mon
         assert bool(calls) == expect_calls, (batch, calls)
 
 
-@pytest.mark.parametrize("patterns,kernel_activations", [(["downproj_combine"], False),
-                                                         (["moe_mlp", "downproj_combine"], True)])
+@pytest.mark.parametrize(
+    "patterns,kernel_activations", [(["downproj_combine"], False), (["moe_mlp", "downproj_combine"], True)]
+)
 def test_downproj_combine_takes_the_activations_from_moe_mlp_only_when_it_is_chosen(
-        tiny_q4, monkeypatch, patterns, kernel_activations):
+    tiny_q4, monkeypatch, patterns, kernel_activations
+):
     """With moe_mlp chosen too, the block's activations come from the moe_mlp kernel (as the
     patched SwitchGLU computes them); alone, from mlx-lm's own projections."""
     from zmlx.patch.patterns import downproj_combine

@@ -110,22 +110,26 @@ def test_explicit_selection_and_exclude(model):
     result = zmlx.patch(model, patterns=["moe_router"])
     assert list(result.patterns) == ["moe_router"]
     assert type(_moe_layers(model)[0]) is glm4_moe_lite.Glm4MoeLiteMoE
-    assert result.not_selected == {"downproj_combine": "not in the requested patterns",
-                                   "moe_combine": "not in the requested patterns",
-                                   "residual_norm": "not in the requested patterns",
-                                   "moe_mlp": "not in the requested patterns",
-                                   "swiglu_mlp": "not in the requested patterns",
-                                   "glm47_rope": "not in the requested patterns",
-                                   "mla_attention": "not in the requested patterns"}
+    assert result.not_selected == {
+        "downproj_combine": "not in the requested patterns",
+        "moe_combine": "not in the requested patterns",
+        "residual_norm": "not in the requested patterns",
+        "moe_mlp": "not in the requested patterns",
+        "swiglu_mlp": "not in the requested patterns",
+        "glm47_rope": "not in the requested patterns",
+        "mla_attention": "not in the requested patterns",
+    }
     result = zmlx.patch(model, exclude=["moe_router"])
     assert list(result.patterns) == ["moe_combine"]
-    assert result.not_selected == {"moe_router": "excluded",
-                                   "downproj_combine": "not in the default preset on cpu",
-                                   "residual_norm": "not in the default preset on cpu",
-                                   "moe_mlp": "not in the default preset on cpu",
-                                   "swiglu_mlp": "not in the default preset on cpu",
-                                   "glm47_rope": "not in the default preset on cpu",
-                                   "mla_attention": "not in the default preset on cpu"}
+    assert result.not_selected == {
+        "moe_router": "excluded",
+        "downproj_combine": "not in the default preset on cpu",
+        "residual_norm": "not in the default preset on cpu",
+        "moe_mlp": "not in the default preset on cpu",
+        "swiglu_mlp": "not in the default preset on cpu",
+        "glm47_rope": "not in the default preset on cpu",
+        "mla_attention": "not in the default preset on cpu",
+    }
 
 
 def test_the_default_preset_is_chosen_per_backend():
@@ -138,8 +142,11 @@ def test_the_default_preset_is_chosen_per_backend():
         assert chosen == ["moe_router", "moe_combine"]
         assert why_not["moe_mlp"] == f"not in the default preset on {b}"
     chosen, why_not = select_patterns("glm4_moe_lite", None, None, PatchConfig(), "cuda")
-    assert set(chosen) == set(fam.preset_on("cuda")) == {"moe_router", "moe_mlp", "downproj_combine",
-                                                         "glm47_rope"}
+    assert (
+        set(chosen)
+        == set(fam.preset_on("cuda"))
+        == {"moe_router", "moe_mlp", "downproj_combine", "glm47_rope"}
+    )
     assert why_not["moe_combine"] == "not in the default preset on cuda"
     # flags still add and remove on top of the backend's preset
     cfg = PatchConfig.from_env({"ZMLX_MOE_MLP": "0", "ZMLX_SWIGLU_MLP": "1"})
@@ -170,8 +177,14 @@ def test_patch_reads_the_environment_by_default(model, monkeypatch):
 
 def test_non_moe_model_is_returned_unchanged():
     args = llama.ModelArgs(
-        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-        num_attention_heads=2, rms_norm_eps=1e-5, vocab_size=100, num_key_value_heads=2,
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=100,
+        num_key_value_heads=2,
     )
     dense = llama.Model(args)
     before = _snapshot(dense)
@@ -205,10 +218,14 @@ def test_changed_signature_is_skipped_not_patched(model, monkeypatch):
     def make(renorm_eps=None):
         def __call__(self, x, extra):
             return None
+
         return __call__
 
-    monkeypatch.setitem(zmlx.PATTERNS, "moe_router", moe_router.PATTERN.__class__(
-        **{**moe_router.PATTERN.__dict__, "make": make}))
+    monkeypatch.setitem(
+        zmlx.PATTERNS,
+        "moe_router",
+        moe_router.PATTERN.__class__(**{**moe_router.PATTERN.__dict__, "make": make}),
+    )
     result = zmlx.patch(model, patterns=["moe_router"])
     assert result.patterns["moe_router"].patched == []
     assert "signature changed" in result.patterns["moe_router"].skipped[0][1]
@@ -229,12 +246,17 @@ def test_patched_model_still_quantizes_and_saves_the_same_tree(model):
 def test_shared_expert_overlap_is_read_from_the_environment():
     assert PatchConfig.from_env({}).shared_overlap is False
     assert PatchConfig.from_env({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1"}).shared_overlap is True
-    assert PatchConfig.from_env({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1",
-                                 "ZMLX_MOE_STREAMS": "2"}).shared_overlap is True
+    assert (
+        PatchConfig.from_env({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1", "ZMLX_MOE_STREAMS": "2"}).shared_overlap
+        is True
+    )
     assert PatchConfig.from_env({"ZMLX_MOE_STREAMS": "2"}).shared_overlap is False
-    for bad, why in (({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1", "ZMLX_MOE_STREAMS": "1"}, "needs"),
-                     ({"ZMLX_MOE_STREAMS": "3"}, "1 or 2"), ({"ZMLX_MOE_STREAMS": "two"}, "whole number"),
-                     ({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "sometimes"}, "use 1")):
+    for bad, why in (
+        ({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "1", "ZMLX_MOE_STREAMS": "1"}, "needs"),
+        ({"ZMLX_MOE_STREAMS": "3"}, "1 or 2"),
+        ({"ZMLX_MOE_STREAMS": "two"}, "whole number"),
+        ({"ZMLX_MOE_SHARED_EXPERTS_OVERLAP": "sometimes"}, "use 1"),
+    ):
         with pytest.raises(ConfigError, match=why):
             PatchConfig.from_env(bad)
     # neither is a pattern flag

@@ -113,8 +113,11 @@ def cuda_kernels(prof) -> list:
     """The CUDA kernel events of a finished torch.profiler run (copies and memsets left out)."""
     from torch.autograd import DeviceType
 
-    return [e for e in prof.events()
-            if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+    return [
+        e
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
 
 
 def profile_decode(model, prompt: mx.array, steps: int = 8) -> tuple[float | None, float | None, str]:

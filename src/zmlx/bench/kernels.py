@@ -71,13 +71,19 @@ def _glm_cases(tokens: int) -> list[Case]:
         return h, mx.fast.rms_norm(h, w, 1e-5)
 
     cases = [
-        Case("moe_router", f"{shape}, 64 experts, top-4",
-             lambda: group_expert_select(gates, bias, 4, 1, 1, 1.8, True),
-             lambda: moe_router(gates, bias, top_k=4, routed_scaling_factor=1.8, renorm_eps=1e-20)),
-        Case("moe_combine", f"{shape}, 4 x 2048 + shared", stock_combine,
-             lambda: moe_combine(y, scores, shared)),
-        Case("residual_norm", f"{shape}, 2048", stock_residual_norm,
-             lambda: residual_norm(x, r, w, 1e-5)),
+        Case(
+            "moe_router",
+            f"{shape}, 64 experts, top-4",
+            lambda: group_expert_select(gates, bias, 4, 1, 1, 1.8, True),
+            lambda: moe_router(gates, bias, top_k=4, routed_scaling_factor=1.8, renorm_eps=1e-20),
+        ),
+        Case(
+            "moe_combine",
+            f"{shape}, 4 x 2048 + shared",
+            stock_combine,
+            lambda: moe_combine(y, scores, shared),
+        ),
+        Case("residual_norm", f"{shape}, 2048", stock_residual_norm, lambda: residual_norm(x, r, w, 1e-5)),
     ]
     if tokens == 1:  # the decode kernels (prompts keep the stock path)
         xq = mx.random.normal((1, tokens, 2048), key=ks[0]).astype(mx.bfloat16)
@@ -109,9 +115,14 @@ def _attention_cases(shape: str, contexts: tuple[int, ...] = (4096, 32768)) -> l
     pos = 4095
     table = rope_table(rd, 1_000_000.0, 1.0, pos + 1)
     mx.eval(table)
-    cases.append(Case("glm47_rope", f"{shape}, 20 heads + k_pe, position {pos}",
-                      lambda: rope_stock(q, ckv, table, pos, **rope),
-                      lambda: glm47_rope(q, ckv, table, pos, **rope)))
+    cases.append(
+        Case(
+            "glm47_rope",
+            f"{shape}, 20 heads + k_pe, position {pos}",
+            lambda: rope_stock(q, ckv, table, pos, **rope),
+            lambda: glm47_rope(q, ckv, table, pos, **rope),
+        )
+    )
     for context in contexts:
         lat = mx.random.normal((1, 1, context, r), key=ks[2]).astype(mx.bfloat16)
         kpe = mx.random.normal((1, 1, context, rd), key=ks[3]).astype(mx.bfloat16)
@@ -146,17 +157,34 @@ def _expert_cases(shape: str, x, inds, h, scores, shared, bits) -> list[Case]:
     mlp_args = (x, inds, *gate, *up)
     down_args = (h, inds, scores, *down, shared)
     cases = [
-        Case("moe_mlp", f"{shape}, 4 x 2 x 1536 x 2048, {what}",
-             lambda: moe_mlp_stock(*mlp_args, **kw), lambda: moe_mlp(*mlp_args, **kw)),
-        Case("downproj_combine", f"{shape}, 4 x 2048 x 1536, {what} + shared",
-             lambda: downproj_stock(*down_args, **kw), lambda: downproj_combine(*down_args, **kw)),
+        Case(
+            "moe_mlp",
+            f"{shape}, 4 x 2 x 1536 x 2048, {what}",
+            lambda: moe_mlp_stock(*mlp_args, **kw),
+            lambda: moe_mlp(*mlp_args, **kw),
+        ),
+        Case(
+            "downproj_combine",
+            f"{shape}, 4 x 2048 x 1536, {what} + shared",
+            lambda: downproj_stock(*down_args, **kw),
+            lambda: downproj_combine(*down_args, **kw),
+        ),
     ]
     for rows, role in ((1536, "shared expert"), (10240, "dense layer")):
-        dense = (x, *quantized_linear(rows, 2048, dtype=mx.bfloat16, seed=4, **kw),
-                 *quantized_linear(rows, 2048, dtype=mx.bfloat16, seed=5, **kw))
+        dense = (
+            x,
+            *quantized_linear(rows, 2048, dtype=mx.bfloat16, seed=4, **kw),
+            *quantized_linear(rows, 2048, dtype=mx.bfloat16, seed=5, **kw),
+        )
         mx.eval(dense)
-        cases.append(Case("swiglu_mlp", f"{shape}, {role} 2 x {rows} x 2048, {what}",
-                          lambda a=dense: swiglu_stock(*a, **kw), lambda a=dense: swiglu_mlp(*a, **kw)))
+        cases.append(
+            Case(
+                "swiglu_mlp",
+                f"{shape}, {role} 2 x {rows} x 2048, {what}",
+                lambda a=dense: swiglu_stock(*a, **kw),
+                lambda a=dense: swiglu_mlp(*a, **kw),
+            )
+        )
     return cases
 
 
@@ -233,8 +261,13 @@ def cases(tokens: tuple[int, ...] = (1, 32), only: list[str] | None = None) -> l
     return found
 
 
-def run(iters: int = 200, repeats: int = 7, tokens: tuple[int, ...] = (1, 32),
-        progress: Callable[[str], None] | None = None, only: list[str] | None = None) -> list[dict[str, Any]]:
+def run(
+    iters: int = 200,
+    repeats: int = 7,
+    tokens: tuple[int, ...] = (1, 32),
+    progress: Callable[[str], None] | None = None,
+    only: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """One row per (case, side). Wall time first for every case; the profiler (which
     slows every later launch once attached) only after all wall-time blocks. `only`: the
     cases of these kernels (names as in the table, without a "(close)" suffix)."""
@@ -252,10 +285,16 @@ def run(iters: int = 200, repeats: int = 7, tokens: tuple[int, ...] = (1, 32),
         equal = _equal(case.fused(), case.stock())
         for side in ("stock", "fused"):
             rows[(case.kernel, case.shape, side)] = {
-                "kernel": case.kernel, "shape": case.shape, "side": side,
-                "wall_us": statistics.median(walls[side]), "wall_us_blocks": walls[side],
-                "graph_us": statistics.median(graphs[side]), "graph_us_blocks": graphs[side],
-                "gpu_us": None, "launches": None, "bitwise": equal,
+                "kernel": case.kernel,
+                "shape": case.shape,
+                "side": side,
+                "wall_us": statistics.median(walls[side]),
+                "wall_us_blocks": walls[side],
+                "graph_us": statistics.median(graphs[side]),
+                "graph_us_blocks": graphs[side],
+                "gpu_us": None,
+                "launches": None,
+                "bitwise": equal,
             }
         if progress:
             progress(f"wall {case.kernel} {case.shape}")

@@ -31,20 +31,33 @@ def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
 
     def minimal(pad: int):
         k = mx.fast.cuda_kernel(
-            name=f"zmlx_overhead_copy_{pad}", input_names=["x"], output_names=["out"],
+            name=f"zmlx_overhead_copy_{pad}",
+            input_names=["x"],
+            output_names=["out"],
             header="// " + "pad " * pad + "\n",
             source="const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < N) out[i] = x[i];",
         )
-        return lambda: k(inputs=[x], template=[("N", x.size)], grid=(x.size, 1, 1), threadgroup=(256, 1, 1),
-                         output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+        return lambda: k(
+            inputs=[x],
+            template=[("N", x.size)],
+            grid=(x.size, 1, 1),
+            threadgroup=(256, 1, 1),
+            output_shapes=[x.shape],
+            output_dtypes=[x.dtype],
+        )[0]
 
     spec = residual_norm.launch("cuda", x, r, w, 1e-5)
     kernel = build(residual_norm, "cuda")
 
     def direct():
-        return kernel(inputs=spec.inputs, template=spec.template, grid=spec.grid,
-                      threadgroup=spec.threadgroup, output_shapes=spec.output_shapes,
-                      output_dtypes=spec.output_dtypes)
+        return kernel(
+            inputs=spec.inputs,
+            template=spec.template,
+            grid=spec.grid,
+            threadgroup=spec.threadgroup,
+            output_shapes=spec.output_shapes,
+            output_dtypes=spec.output_dtypes,
+        )
 
     cases = {
         "stock op (x + r)": lambda: x + r,
@@ -62,11 +75,15 @@ def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
             rows.append({"case": name, "error": str(e).splitlines()[0]})
             continue
         split = [_split_us(fn, iters) for _ in range(repeats)]
-        rows.append({"case": name,
-                     "graph_us": statistics.median(b + e for b, e in split),
-                     "build_us": statistics.median(b for b, _ in split),
-                     "eval_us": statistics.median(e for _, e in split),
-                     "graph_us_blocks": [b + e for b, e in split]})
+        rows.append(
+            {
+                "case": name,
+                "graph_us": statistics.median(b + e for b, e in split),
+                "build_us": statistics.median(b for b, _ in split),
+                "eval_us": statistics.median(e for _, e in split),
+                "graph_us_blocks": [b + e for b, e in split],
+            }
+        )
     return rows
 
 

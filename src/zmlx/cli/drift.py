@@ -106,6 +106,5 @@ def command(
     con.print(table(res, f"drift of {source.name} patched with {applied} on {backend.device_name()}"))
 
 
-
 def main() -> None:
     ui.run_command(command)

@@ -34,11 +34,17 @@ from zmlx.matrix import ledger as L
 from zmlx.matrix import summary as S
 from zmlx.matrix.memory import too_large
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="The ledger (matrix.jsonl) of what each pattern combination is worth.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="The ledger (matrix.jsonl) of what each pattern combination is worth.",
+)
 
-LedgerOpt = Annotated[Optional[Path], typer.Option(
-    "--ledger", help="ledger file (default: $ZMLX_LEDGER, else ~/.cache/zmlx/matrix.jsonl)")]
+LedgerOpt = Annotated[
+    Optional[Path],
+    typer.Option("--ledger", help="ledger file (default: $ZMLX_LEDGER, else ~/.cache/zmlx/matrix.jsonl)"),
+]
 
 
 def _ledger(path: Path | None) -> Path:
@@ -58,17 +64,23 @@ def _warn_problems(path: Path, problems: list[str]) -> None:
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id or synth: spec")],
-    patterns: Annotated[Optional[list[str]], typer.Option(
-        help="comma-separated patterns; default: the family's preset; 'none': stock vs stock. "
-             "Repeat the option to measure several sets against one shared, interleaved control "
-             "(one ledger line per set)")] = None,
+    patterns: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="comma-separated patterns; default: the family's preset; 'none': stock vs stock. "
+            "Repeat the option to measure several sets against one shared, interleaved control "
+            "(one ledger line per set)"
+        ),
+    ] = None,
     runs: Annotated[int, typer.Option(help="timed runs of each side")] = 3,
     max_tokens: Annotated[int, typer.Option(help="tokens generated per run")] = 200,
     prompt_tokens: Annotated[int, typer.Option(help="prompt length in tokens")] = 32,
     notes: Annotated[str, typer.Option(help="free text kept with the line")] = "",
     ledger: LedgerOpt = None,
-    max_memory_gb: Annotated[Optional[float], typer.Option(
-        help="memory to assume instead of the device's (a larger model is SKIP(RAM))")] = None,
+    max_memory_gb: Annotated[
+        Optional[float],
+        typer.Option(help="memory to assume instead of the device's (a larger model is SKIP(RAM))"),
+    ] = None,
     count_kernels: Annotated[bool, typer.Option(help="count CUDA kernels per token")] = True,
 ):
     """Measure MODEL stock vs patched and append one line per pattern set to the ledger."""
@@ -95,8 +107,12 @@ def run(
     if len(sets) > 1:
         shared = f"{len(sets)} sets share one control"
         notes = f"{notes}; {shared}" if notes else shared
-    base = {"notes": notes, "params": params, "git": git,
-            "command": shlex.join(["python", "-m", "zmlx.matrix", *sys.argv[1:]])}
+    base = {
+        "notes": notes,
+        "params": params,
+        "git": git,
+        "command": shlex.join(["python", "-m", "zmlx.matrix", *sys.argv[1:]]),
+    }
 
     if (why := too_large(model, max_memory_gb)) is not None:
         for entry in E.skipped_for_memory(model, sets, why, current_backend(), **base):
@@ -110,11 +126,17 @@ def run(
             task = progress.add_task(f"loading {model}", total=None)
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
             variants = E.variants(model, source.family, sets, current_backend())
-            progress.update(task, description="measuring", completed=0,
-                            total=(len(variants) + 1) * (runs + 1))
+            progress.update(
+                task, description="measuring", completed=0, total=(len(variants) + 1) * (runs + 1)
+            )
             control, *measured = measure(
-                m, tok, [CONTROL, *variants], runs=runs, max_tokens=max_tokens,
-                prompt_tokens=prompt_tokens, count_kernels=count_kernels,
+                m,
+                tok,
+                [CONTROL, *variants],
+                runs=runs,
+                max_tokens=max_tokens,
+                prompt_tokens=prompt_tokens,
+                count_kernels=count_kernels,
                 on_step=lambda _: progress.advance(task),
             )
 
@@ -129,10 +151,24 @@ def _history_table(entries: list[dict[str, Any]], title: str, superseded: dict |
 
     superseded = superseded or {}
     t = Table(title=title)
-    for col in ("line", "when", "model", "patterns", "device", "prompt", "fidelity", "stock tok/s",
-                "patched tok/s", "speedup", "kernels/tok", "commit", "notes"):
-        t.add_column(col, justify="right" if "tok/" in col or col in ("speedup", "prompt") else "left",
-                     overflow="fold")
+    for col in (
+        "line",
+        "when",
+        "model",
+        "patterns",
+        "device",
+        "prompt",
+        "fidelity",
+        "stock tok/s",
+        "patched tok/s",
+        "speedup",
+        "kernels/tok",
+        "commit",
+        "notes",
+    ):
+        t.add_column(
+            col, justify="right" if "tok/" in col or col in ("speedup", "prompt") else "left", overflow="fold"
+        )
     for e in entries:
         fid = e["fidelity"]
         if fid == "SKIP(RAM)":
@@ -147,16 +183,19 @@ def _history_table(entries: list[dict[str, Any]], title: str, superseded: dict |
         if lid in superseded:
             notes = f"SUPERSEDED: {superseded[lid]['reason']}; {notes}"
         t.add_row(
-            lid, e["timestamp"][:16],
+            lid,
+            e["timestamp"][:16],
             f"{e['model']} ({e.get('quantization') or '?'})".replace("synth:", ""),
             ",".join(e["patterns"]) or "none (stock vs stock)",
-            e["device"]["name"], S.fmt(e.get("prompt_tokens"), "d") if e.get("prompt_tokens") else "?",
+            e["device"]["name"],
+            S.fmt(e.get("prompt_tokens"), "d") if e.get("prompt_tokens") else "?",
             fid,
             S.fmt(e.get("stock_decode_tps_median")),
             S.fmt(e.get("decode_tps_median")),
             S.fmt(e.get("speedup"), ".3f"),
             f"{S.fmt(stock_k, '.0f')} -> {S.fmt(kernels, '.0f')}" if kernels is not None else "-",
-            S.commit_label(e), notes,
+            S.commit_label(e),
+            notes,
         )
     return t
 
@@ -175,8 +214,15 @@ def history(
     _warn_problems(ledger, data.problems)
     entries = L.select(data.entries, model_substring)
     if as_json:
-        print(json.dumps([{**e, "line": L.line_id(e), "superseded": data.superseded.get(L.line_id(e))}
-                          for e in entries], indent=2))
+        print(
+            json.dumps(
+                [
+                    {**e, "line": L.line_id(e), "superseded": data.superseded.get(L.line_id(e))}
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
         return
     ui.console().print(_history_table(entries, f"{ledger}: {len(entries)} line(s)", data.superseded))
 
@@ -212,9 +258,13 @@ def report(
     for (model, quant, dev), group in S.groups(rows).items():
         t = Table(title=f"{model} ({quant}) on {dev}")
         for col in S.COLUMNS:
-            t.add_column(col, justify="left" if col in ("line", "patterns", "fidelity", "noise floor",
-                                                         "commit") else "right",
-                         no_wrap=col in ("line", "noise floor", "commit", "speedup"))
+            t.add_column(
+                col,
+                justify="left"
+                if col in ("line", "patterns", "fidelity", "noise floor", "commit")
+                else "right",
+                no_wrap=col in ("line", "noise floor", "commit", "speedup"),
+            )
         for r in group:
             c = S.cells(r)
             t.add_row(*(c[col] for col in S.COLUMNS))
@@ -254,8 +304,7 @@ def supersede(
     if not ledger.is_file():
         _fail(f"no such ledger: {ledger}")
     try:
-        done = L.supersede(ledger, ids, reason,
-                           datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        done = L.supersede(ledger, ids, reason, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     except L.LedgerError as e:
         _fail(str(e))
     print(f"marked {len(done)} line(s) superseded in {ledger}: {', '.join(done)}")

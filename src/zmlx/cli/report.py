@@ -33,8 +33,16 @@ def single_table(capsule: dict[str, Any], title: str):
 
     d = capsule["device"]
     t = Table(title=f"{title}: {capsule['model']['name']} on {d['name']}")
-    for col in ("variant", "decode tok/s", "prefill tok/s", "peak GB", "kernels/tok", "GPU µs/tok",
-                "fidelity", "speedup"):
+    for col in (
+        "variant",
+        "decode tok/s",
+        "prefill tok/s",
+        "peak GB",
+        "kernels/tok",
+        "GPU µs/tok",
+        "fidelity",
+        "speedup",
+    ):
         t.add_column(col, justify="left" if col in ("variant", "fidelity") else "right")
     base = next((v for v in capsule["variants"] if v["name"] == capsule.get("baseline")), None)
     base_decode = _median(base, "decode_tps") if base else None
@@ -81,9 +89,13 @@ def compare_table(capsules: list[tuple[str, dict[str, Any]]]):
     for _, c in capsules:
         names += [v["name"] for v in c["variants"] if v["name"] not in names]
     for name in names:
-        for figure, key in (("decode tok/s", "decode_tps"), ("prefill tok/s", "prompt_tps"),
-                            ("peak GB", "peak_memory_gb"), ("kernels/tok", "kernels_per_token"),
-                            ("GPU µs/tok", "gpu_us_per_token")):
+        for figure, key in (
+            ("decode tok/s", "decode_tps"),
+            ("prefill tok/s", "prompt_tps"),
+            ("peak GB", "peak_memory_gb"),
+            ("kernels/tok", "kernels_per_token"),
+            ("GPU µs/tok", "gpu_us_per_token"),
+        ):
             values = []
             for _, c in capsules:
                 v = next((v for v in c["variants"] if v["name"] == name and not v.get("skipped")), None)
@@ -103,8 +115,19 @@ def kernels_table(rows: list[dict[str, Any]], title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("kernel", "shape", "launches", "GPU µs stock", "GPU µs fused", "GPU ratio",
-                "in-graph µs stock", "in-graph µs fused", "in-graph ratio", "synced ratio", "bitwise"):
+    for col in (
+        "kernel",
+        "shape",
+        "launches",
+        "GPU µs stock",
+        "GPU µs fused",
+        "GPU ratio",
+        "in-graph µs stock",
+        "in-graph µs fused",
+        "in-graph ratio",
+        "synced ratio",
+        "bitwise",
+    ):
         t.add_column(col, justify="left" if col in ("kernel", "shape") else "right")
     by = {(r["kernel"], r["shape"], r["side"]): r for r in rows}
     for (kernel, shape, side), s in by.items():
@@ -116,11 +139,14 @@ def kernels_table(rows: list[dict[str, Any]], title: str):
             return "-" if x is None else format(x, spec)
 
         t.add_row(
-            kernel, shape,
+            kernel,
+            shape,
             f"{fmt(s['launches'], '.0f')} -> {fmt(f['launches'], '.0f')}",
-            fmt(s["gpu_us"], ".2f"), fmt(f["gpu_us"], ".2f"),
+            fmt(s["gpu_us"], ".2f"),
+            fmt(f["gpu_us"], ".2f"),
             fmt(f["gpu_us"] / s["gpu_us"] if s["gpu_us"] else None, ".3f"),
-            fmt(s.get("graph_us")), fmt(f.get("graph_us")),
+            fmt(s.get("graph_us")),
+            fmt(f.get("graph_us")),
             fmt(f["graph_us"] / s["graph_us"] if s.get("graph_us") else None, ".3f"),
             fmt(f["wall_us"] / s["wall_us"], ".3f"),
             "yes" if s["bitwise"] else "NO",
@@ -139,8 +165,12 @@ def overhead_table(rows: list[dict[str, Any]], title: str):
         if "error" in r:
             t.add_row(r["case"], f"failed: {r['error']}", "", "")
         else:
-            t.add_row(r["case"], f"{r['graph_us']:.1f}", f"{r.get('build_us', float('nan')):.1f}",
-                      f"{r.get('eval_us', float('nan')):.1f}")
+            t.add_row(
+                r["case"],
+                f"{r['graph_us']:.1f}",
+                f"{r.get('build_us', float('nan')):.1f}",
+                f"{r.get('eval_us', float('nan')):.1f}",
+            )
     return t
 
 

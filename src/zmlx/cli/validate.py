@@ -49,8 +49,9 @@ def render(report: Report, console) -> None:
     d = report.first_divergence
     f.add_row(
         "first divergence",
-        "none" if d is None else f"run {d.run + 1}, position {d.position}: "
-        f"stock {d.stock_token} vs patched {d.patched_token}",
+        "none"
+        if d is None
+        else f"run {d.run + 1}, position {d.position}: stock {d.stock_token} vs patched {d.patched_token}",
     )
     f.add_row("teacher-forced top-1 agreement", f"{report.teacher_forced_top1:.4f}")
     f.add_row("max |Δlogit|", f"{report.max_abs_dlogit:.4g}")
@@ -89,8 +90,15 @@ def main_command(
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
             progress.update(task, description="validating", completed=0, total=2 * runs + 4)
             report = validate(
-                m, tok, model_name=source.name, quantization=source.quantization,
-                patterns=pats, exclude=excl, max_tokens=max_tokens, runs=runs, prompt=prompt,
+                m,
+                tok,
+                model_name=source.name,
+                quantization=source.quantization,
+                patterns=pats,
+                exclude=excl,
+                max_tokens=max_tokens,
+                runs=runs,
+                prompt=prompt,
                 on_step=lambda _: progress.advance(task),
             )
     if as_json:
@@ -102,8 +110,10 @@ def main_command(
 
 def command(
     model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id, or synth:FAMILY/PRESET/QUANT")],
-    patterns: Annotated[Optional[str], typer.Option(
-        help="comma-separated patterns (default: the family's preset; none: no patterns)")] = None,
+    patterns: Annotated[
+        Optional[str],
+        typer.Option(help="comma-separated patterns (default: the family's preset; none: no patterns)"),
+    ] = None,
     exclude: Annotated[Optional[str], typer.Option(help="comma-separated patterns to leave out")] = None,
     max_tokens: Annotated[int, typer.Option(help="tokens to generate per run")] = 200,
     runs: Annotated[int, typer.Option(help="stock/patched run pairs")] = 3,

@@ -13,8 +13,9 @@ from zmlx.matrix import ledger as L
 from zmlx.patch.core import select_patterns
 
 
-def base_entry(model: str, patterns: list[str], notes: str, params: dict[str, Any], git: dict[str, Any],
-               command: str) -> dict[str, Any]:
+def base_entry(
+    model: str, patterns: list[str], notes: str, params: dict[str, Any], git: dict[str, Any], command: str
+) -> dict[str, Any]:
     """The fields every line has: when, what, where, with which code, and how it was run."""
     dev = stamp.device()
     return {
@@ -39,13 +40,22 @@ def pattern_paths(patch: dict[str, Any] | None) -> dict[str, Any] | None:
     """Per applied pattern: whether its kernel or its reference ran, and why."""
     if patch is None:
         return None
-    return {n: {"path": r["path"], "backend": r["backend"], "fallbacks": r["fallbacks"],
-                "modules": len(r["patched"]), "skipped": sorted({why for _, why in r["skipped"]})}
-            for n, r in patch["patterns"].items() if r["patched"]}
+    return {
+        n: {
+            "path": r["path"],
+            "backend": r["backend"],
+            "fallbacks": r["fallbacks"],
+            "modules": len(r["patched"]),
+            "skipped": sorted({why for _, why in r["skipped"]}),
+        }
+        for n, r in patch["patterns"].items()
+        if r["patched"]
+    }
 
 
-def variants(model: str, family: str | None, sets: Sequence[tuple[str, ...] | None],
-             backend: str) -> list[Variant]:
+def variants(
+    model: str, family: str | None, sets: Sequence[tuple[str, ...] | None], backend: str
+) -> list[Variant]:
     """One variant per pattern set (None: the family's preset; (): stock vs stock, the noise
     floor). ConfigError when a set applies no pattern to this model: its line would read as
     stock vs stock, which was not asked for."""
@@ -57,15 +67,19 @@ def variants(model: str, family: str | None, sets: Sequence[tuple[str, ...] | No
         applied, why_not = select_patterns(family, names, None, PatchConfig.from_env(), backend)
         if not applied:
             why = "; ".join(f"{n}: {w}" for n, w in why_not.items()) or (
-                f"model_type {family!r} has no zmlx patterns")
-            raise ConfigError(f"nothing to measure: no pattern applies to {model} ({why}); "
-                              "--patterns none measures stock vs stock")
+                f"model_type {family!r} has no zmlx patterns"
+            )
+            raise ConfigError(
+                f"nothing to measure: no pattern applies to {model} ({why}); "
+                "--patterns none measures stock vs stock"
+            )
         out.append(Variant(f"patched_{i}", tuple(applied)))
     return out
 
 
-def skipped_for_memory(model: str, sets: Sequence[tuple[str, ...] | None], reason: str, backend: str,
-                       **base: Any) -> list[dict[str, Any]]:
+def skipped_for_memory(
+    model: str, sets: Sequence[tuple[str, ...] | None], reason: str, backend: str, **base: Any
+) -> list[dict[str, Any]]:
     """One SKIP(RAM) line per pattern set, with the patterns it would have applied;
     `base`: base_entry's notes, params, git and command."""
     from zmlx.matrix.memory import describe_without_loading
@@ -73,11 +87,13 @@ def skipped_for_memory(model: str, sets: Sequence[tuple[str, ...] | None], reaso
     family, quant = describe_without_loading(model)
     entries = []
     for names in sets:
-        requested = [] if names == () else select_patterns(
-            family, names, None, PatchConfig.from_env(), backend)[0]
+        requested = (
+            [] if names == () else select_patterns(family, names, None, PatchConfig.from_env(), backend)[0]
+        )
         entry = base_entry(model, requested, **base)
-        entry.update({"family": family, "quantization": quant, "fidelity": "SKIP(RAM)",
-                      "skip_reason": reason})
+        entry.update(
+            {"family": family, "quantization": quant, "fidelity": "SKIP(RAM)", "skip_reason": reason}
+        )
         entries.append(entry)
     return entries
 
@@ -91,26 +107,28 @@ def measured(source, control: VariantResult, patched: VariantResult, **base: Any
     entry = base_entry(source.name, applied, **base)
     entry["pattern_paths"] = pattern_paths(patched.patch)
     s, p = control.stat("decode_tps"), patched.stat("decode_tps")
-    entry.update({
-        "family": source.family,
-        "quantization": source.quantization,
-        "fidelity": patched.fidelity["verdict"],
-        "fidelity_detail": patched.fidelity,
-        "decode_tps": [r.decode_tps for r in patched.runs],
-        "decode_tps_median": p["median"],
-        "prefill_tps": [r.prompt_tps for r in patched.runs],
-        "prefill_tps_median": patched.stat("prompt_tps")["median"],
-        "stock_decode_tps": [r.decode_tps for r in control.runs],
-        "stock_decode_tps_median": s["median"],
-        "stock_prefill_tps": [r.prompt_tps for r in control.runs],
-        "stock_prefill_tps_median": control.stat("prompt_tps")["median"],
-        "speedup": p["median"] / s["median"],
-        "kernels_per_token": patched.kernels_per_token,
-        "stock_kernels_per_token": control.kernels_per_token,
-        "gpu_us_per_token": patched.gpu_us_per_token,
-        "stock_gpu_us_per_token": control.gpu_us_per_token,
-        "kernels_note": patched.kernels_note,
-        "peak_memory_gb": max(r.peak_memory_gb for r in patched.runs),
-        "stock_peak_memory_gb": max(r.peak_memory_gb for r in control.runs),
-    })
+    entry.update(
+        {
+            "family": source.family,
+            "quantization": source.quantization,
+            "fidelity": patched.fidelity["verdict"],
+            "fidelity_detail": patched.fidelity,
+            "decode_tps": [r.decode_tps for r in patched.runs],
+            "decode_tps_median": p["median"],
+            "prefill_tps": [r.prompt_tps for r in patched.runs],
+            "prefill_tps_median": patched.stat("prompt_tps")["median"],
+            "stock_decode_tps": [r.decode_tps for r in control.runs],
+            "stock_decode_tps_median": s["median"],
+            "stock_prefill_tps": [r.prompt_tps for r in control.runs],
+            "stock_prefill_tps_median": control.stat("prompt_tps")["median"],
+            "speedup": p["median"] / s["median"],
+            "kernels_per_token": patched.kernels_per_token,
+            "stock_kernels_per_token": control.kernels_per_token,
+            "gpu_us_per_token": patched.gpu_us_per_token,
+            "stock_gpu_us_per_token": control.gpu_us_per_token,
+            "kernels_note": patched.kernels_note,
+            "peak_memory_gb": max(r.peak_memory_gb for r in patched.runs),
+            "stock_peak_memory_gb": max(r.peak_memory_gb for r in control.runs),
+        }
+    )
     return entry

@@ -151,9 +151,7 @@ def read(path: str | os.PathLike) -> Ledger:
     return ledger
 
 
-def merge(
-    source: str | os.PathLike, path: str | os.PathLike, commit_exists=None
-) -> tuple[int, list[str]]:
+def merge(source: str | os.PathLike, path: str | os.PathLike, commit_exists=None) -> tuple[int, list[str]]:
     """Append the good lines of another ledger (e.g. one brought back from the GPU
     machine), skipping lines already present. `commit_exists(sha) -> bool | None` checks a
     line's stated commit where the repository is at hand: a line whose commit is not in it
@@ -196,8 +194,17 @@ def supersede(path: str | os.PathLike, ids: Iterable[str], reason: str, timestam
             raise LedgerError(f"line {hits[0]} is already superseded: {data.superseded[hits[0]]['reason']}")
         targets.append(hits[0])
     for target in targets:
-        append({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "timestamp": timestamp,
-                "kind": SUPERSEDE, "target": target, "reason": reason.strip()}, path)
+        append(
+            {
+                "schema": SCHEMA,
+                "schema_version": SCHEMA_VERSION,
+                "timestamp": timestamp,
+                "kind": SUPERSEDE,
+                "target": target,
+                "reason": reason.strip(),
+            },
+            path,
+        )
     return targets
 
 

@@ -67,21 +67,32 @@ def summarize(entries: Iterable[dict[str, Any]]) -> list[Row]:
         beyond = None
         if floor is not None and speedup is not None and e["patterns"]:
             beyond = abs(speedup - 1.0) > floor["floor"]
-        rows.append({
-            "line": line_id(e), "model": e["model"], "quantization": e.get("quantization"),
-            "device": e["device"]["name"], "prompt_tokens": e.get("prompt_tokens"),
-            "patterns": e["patterns"], "max_tokens": e.get("max_tokens"), "runs": e.get("runs"),
-            "stock_decode_tps": e.get("stock_decode_tps_median"),
-            "patched_decode_tps": e.get("decode_tps_median"), "speedup": speedup,
-            "noise_floor": None if floor is None else floor["floor"],
-            "noise_lines": [] if floor is None else floor["lines"],
-            "beyond_noise": beyond,
-            "fidelity": e["fidelity"], "kernels_per_token": e.get("kernels_per_token"),
-            "stock_kernels_per_token": e.get("stock_kernels_per_token"),
-            "gpu_us_per_token": e.get("gpu_us_per_token"),
-            "stock_gpu_us_per_token": e.get("stock_gpu_us_per_token"),
-            "commit": commit_label(e), "measurements": counts[key], "timestamp": e["timestamp"],
-        })
+        rows.append(
+            {
+                "line": line_id(e),
+                "model": e["model"],
+                "quantization": e.get("quantization"),
+                "device": e["device"]["name"],
+                "prompt_tokens": e.get("prompt_tokens"),
+                "patterns": e["patterns"],
+                "max_tokens": e.get("max_tokens"),
+                "runs": e.get("runs"),
+                "stock_decode_tps": e.get("stock_decode_tps_median"),
+                "patched_decode_tps": e.get("decode_tps_median"),
+                "speedup": speedup,
+                "noise_floor": None if floor is None else floor["floor"],
+                "noise_lines": [] if floor is None else floor["lines"],
+                "beyond_noise": beyond,
+                "fidelity": e["fidelity"],
+                "kernels_per_token": e.get("kernels_per_token"),
+                "stock_kernels_per_token": e.get("stock_kernels_per_token"),
+                "gpu_us_per_token": e.get("gpu_us_per_token"),
+                "stock_gpu_us_per_token": e.get("stock_gpu_us_per_token"),
+                "commit": commit_label(e),
+                "measurements": counts[key],
+                "timestamp": e["timestamp"],
+            }
+        )
     return rows
 
 
@@ -116,8 +127,20 @@ def cells(r: Row) -> dict[str, str]:
     }
 
 
-COLUMNS = ("line", "patterns", "prompt", "tokens", "stock tok/s", "patched tok/s", "speedup",
-           "noise floor", "fidelity", "kernels/tok", "GPU ms/tok", "commit")
+COLUMNS = (
+    "line",
+    "patterns",
+    "prompt",
+    "tokens",
+    "stock tok/s",
+    "patched tok/s",
+    "speedup",
+    "noise floor",
+    "fidelity",
+    "kernels/tok",
+    "GPU ms/tok",
+    "commit",
+)
 
 
 def groups(rows: list[Row]) -> dict[tuple, list[Row]]:

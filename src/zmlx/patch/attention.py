@@ -40,5 +40,6 @@ def rope_args(attn, offset: int) -> tuple[tuple, dict]:
     that ropes the token at `offset` and scales q_pe by attn.scale."""
     rope = attn.rope
     table = rope_table(rope.dims, rope.base, rope.scale, offset + 1)
-    return (table, offset), dict(heads=attn.num_heads, rope_dims=rope.dims, base=rope.base,
-                                 rope_scale=rope.scale, scale=attn.scale)
+    return (table, offset), dict(
+        heads=attn.num_heads, rope_dims=rope.dims, base=rope.base, rope_scale=rope.scale, scale=attn.scale
+    )

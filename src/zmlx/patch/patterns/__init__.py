@@ -15,6 +15,14 @@ from zmlx.patch.patterns import (
 
 PATTERNS = {
     p.name: p
-    for p in (moe_router.PATTERN, downproj_combine.PATTERN, moe_combine.PATTERN, residual_norm.PATTERN,
-              moe_mlp.PATTERN, swiglu_mlp.PATTERN, mla_attention.PATTERN, glm47_rope.PATTERN)
+    for p in (
+        moe_router.PATTERN,
+        downproj_combine.PATTERN,
+        moe_combine.PATTERN,
+        residual_norm.PATTERN,
+        moe_mlp.PATTERN,
+        swiglu_mlp.PATTERN,
+        mla_attention.PATTERN,
+        glm47_rope.PATTERN,
+    )
 }

@@ -50,8 +50,14 @@ def make():
         kv_latent = mx.expand_dims(self.kv_a_layernorm(compressed_kv), axis=1)
         lat, kpe = cache.update_and_fetch(kv_latent, k_pe)  # views of the buffers, offset + 1 positions
         embed, embed_packing = weights_of(self.embed_q)
-        qv = mla_embed_q(q, *embed, heads=self.num_heads, head_dim=self.q_head_dim,
-                         nope=self.qk_nope_head_dim, **embed_packing)
+        qv = mla_embed_q(
+            q,
+            *embed,
+            heads=self.num_heads,
+            head_dim=self.q_head_dim,
+            nope=self.qk_nope_head_dim,
+            **embed_packing,
+        )
         o, m, lsum = mla_decode(qv, q_pe, lat, kpe, scale=self.scale)
         unembed, unembed_packing = weights_of(self.unembed_out)
         output = mla_unembed(o, m, lsum, *unembed, dtype=x.dtype, **unembed_packing)
@@ -63,8 +69,10 @@ def make():
 
 PATTERN = Pattern(
     name="mla_attention",
-    summary=("MLA attention at decode: rope, absorbed q (embed_q), attention over the latent cache"
-             " (flash-decoding) and unembed_out in four launches"),
+    summary=(
+        "MLA attention at decode: rope, absorbed q (embed_q), attention over the latent cache"
+        " (flash-decoding) and unembed_out in four launches"
+    ),
     fidelity="close",
     kernels=(glm47_rope, mla_embed_q, mla_decode, mla_unembed),
     check=check,

@@ -39,8 +39,10 @@ def make():
 
 PATTERN = Pattern(
     name="swiglu_mlp",
-    summary=("dense MLPs at decode (shared expert, first layer): gate + up + SwiGLU in one launch"
-             " (affine 4/8-bit or unquantized)"),
+    summary=(
+        "dense MLPs at decode (shared expert, first layer): gate + up + SwiGLU in one launch"
+        " (affine 4/8-bit or unquantized)"
+    ),
     fidelity="close",
     kernels=(swiglu_mlp,),
     check=check,
