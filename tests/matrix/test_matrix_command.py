@@ -43,7 +43,7 @@ def test_run_appends_a_measured_line(tmp_path):
     assert noise["patterns"] == [] and noise["fidelity"] == "PASS"
     # what was run, how it was configured, and which path each pattern took
     assert patched["schema_version"] == 2 and patched["prompt_tokens"] == 32
-    assert patched["command"].startswith("python -m zmlx.matrix run synth:glm4_moe_lite/tiny/affine4")
+    assert " -m zmlx.matrix run synth:glm4_moe_lite/tiny/affine4 --runs 2" in patched["command"]
     assert patched["env"] == {}
     assert set(patched["pattern_paths"]) == {"moe_router", "moe_combine"}
     assert patched["pattern_paths"]["moe_router"]["path"] == "reference"  # the CPU runs references

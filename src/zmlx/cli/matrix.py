@@ -111,7 +111,8 @@ def run(
         "notes": notes,
         "params": params,
         "git": git,
-        "command": shlex.join(["python", "-m", "zmlx.matrix", *sys.argv[1:]]),
+        # as typed: `python -m zmlx.matrix run ...` or `zmlx matrix run ...`
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
     }
 
     if (why := too_large(model, max_memory_gb)) is not None:
