@@ -3,8 +3,8 @@
 import mlx.core as mx
 import pytest
 
-from zmlx.kernels import metal_emu
-from zmlx.kernels.core import KernelDef, Launch, compiler_error
+from zmlx.kernels import core, metal_emu
+from zmlx.kernels.core import KernelDef, Launch, Skip, compiler_error
 from zmlx.kernels.moe_combine import moe_combine
 
 
@@ -84,6 +84,37 @@ def test_a_cuda_kernel_that_does_not_compile_falls_back_with_nvrtc_error():
     assert fixed.plan("cuda").path == "kernel"
 
 
+def test_a_call_takes_the_kernel_when_its_launch_fits_and_the_reference_on_a_skip(monkeypatch):
+    """KernelDef.__call__ on a backend whose self-check passed: the kernel for a Launch, the
+    reference for a Skip (the kernel is faked: this runs on the CPU)."""
+    k = KernelDef(
+        name="choice_probe",
+        reference=lambda x: x * 2,
+        body="",
+        launch=lambda backend, x: (
+            Skip("odd length") if x.size % 2 else Launch([x], [], (1, 1, 1), (1, 1, 1), [], [])
+        ),
+    )
+    monkeypatch.setattr(core._backend, "current", lambda: "cuda")
+    monkeypatch.setattr(core, "build", lambda kernel, backend: lambda inputs, **kw: [inputs[0] * 3])
+    k._status["cuda"] = ""  # its self-check passed
+    assert k(mx.ones((4,))).tolist() == [3.0] * 4  # the kernel
+    assert k(mx.ones((3,))).tolist() == [2.0] * 3  # the reference
+    assert k.run_kernel("cuda", mx.ones((3,))) == Skip("odd length")
+    k2 = KernelDef(
+        name="skips_its_example",
+        reference=lambda x: x,
+        body="",
+        launch=k.launch,
+        example=lambda: ((mx.ones((3,)),), {}),
+    )
+    assert k2.plan("cuda") == (
+        "cuda",
+        "reference",
+        "skips_its_example cuda kernel does not take its own example: odd length",
+    )
+
+
 def test_sources_share_one_body_with_a_prelude_per_backend():
     cuda_header, cuda_src = moe_combine.source("cuda")
     metal_header, metal_src = moe_combine.source("metal")
@@ -148,7 +179,7 @@ def test_no_kernel_makes_an_index_array_per_call():
         own = [a for a in args if isinstance(a, mx.array)]
         for backend in ("cuda", "metal"):
             first, second = (k.launch(backend, *args, **kwargs) for _ in range(2))
-            assert not isinstance(first, str), (name, first)
+            assert isinstance(first, Launch), (name, first)
             for a, b in zip(first.inputs, second.inputs):
                 if any(a is x for x in own) or not (a.size <= 16 and mx.issubdtype(a.dtype, mx.integer)):
                     continue

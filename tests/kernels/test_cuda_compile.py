@@ -11,6 +11,7 @@ import mlx.core as mx
 import pytest
 
 from zmlx.kernels import cuda_check, cuda_setup
+from zmlx.kernels.core import Launch
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
@@ -100,7 +101,7 @@ CASES = list(_cases())
 def test_cuda_body_compiles(case):
     kernel, args, kw = case
     spec = kernel.launch("cuda", *args, **kw)
-    assert not isinstance(spec, str), spec
+    assert isinstance(spec, Launch), spec
     cuda_check.compile_launch(kernel, spec)
 
 

@@ -20,12 +20,12 @@ index (MLX declares Metal's `thread_position_in_grid` only when the source menti
                   as int template arguments: see float_bits())
     ZMLX_CUDA / ZMLX_METAL  defined on that backend, for the few lines that must differ
 
-`launch(*args)` computes the geometry and template from the shapes, or returns the
-reason this call takes the reference. Values that change per call (a context length, a
-position) travel in an input's shape (`NAME_shape`, which MLX passes when the body names
-it), as a view of an existing array, or in the template; never as a small array made on
-the host per call: MLX's CUDA backend puts such an array in managed memory and the kernel
-waits for its page (tests/kernels/test_core.py checks every kernel's launch).
+`launch(*args)` computes the geometry and template from the shapes (a `Launch`), or
+says why this call takes the reference (a `Skip`). Values that change per call (a context
+length, a position) travel in an input's shape (`NAME_shape`, which MLX passes when the
+body names it), as a view of an existing array, or in the template; never as a small array
+made on the host per call: MLX's CUDA backend puts such an array in managed memory and the
+kernel waits for its page (tests/kernels/test_core.py checks every kernel's launch).
 
 Before a kernel is first used on a backend it is built and checked against the
 reference on `example()` inputs (bitwise for an `exact` kernel); a build failure or a
@@ -39,11 +39,15 @@ import functools
 import struct
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import mlx.core as mx
 
 from zmlx import backend as _backend
+from zmlx.backend import Backend
+
+# "exact": bitwise equal to the stock op sequence; "close": within the accuracy rule
+Fidelity = Literal["exact", "close"]
 
 
 @functools.cache
@@ -58,10 +62,12 @@ def device_code(*names: str) -> str:
 
 
 # Each backend's prelude: the macros of this module's docstring, before the kernel's own header
-PRELUDE_HEADER = {backend: device_code(f"prelude_{backend}.h") for backend in ("cuda", "metal")}
+PRELUDE_HEADER: dict[Backend, str] = {
+    backend: device_code(f"prelude_{backend}.h") for backend in ("cuda", "metal")
+}
 # MLX declares a Metal thread attribute only when the source names it, so the
 # indices are named here, in the source, not in the header.
-PRELUDE_SOURCE = {
+PRELUDE_SOURCE: dict[Backend, str] = {
     "cuda": (
         "const uint zmlx_tid = blockIdx.x * blockDim.x + threadIdx.x;\n"
         "const uint zmlx_lid = threadIdx.x;\n"
@@ -112,54 +118,67 @@ def compiler_error(text: str, limit: int = 300) -> str:
 
 
 class Plan(NamedTuple):
-    backend: str  # "cpu" | "cuda" | "metal"
-    path: str  # "kernel" | "reference"
+    backend: Backend
+    path: Literal["kernel", "reference"]
     reason: str  # why the reference runs ("" when the kernel does)
 
 
 class Launch(NamedTuple):
+    """What one call hands to the kernel: its inputs and the geometry computed from their shapes."""
+
     inputs: list
     template: list
-    grid: tuple
-    threadgroup: tuple
+    grid: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
     output_shapes: list
     output_dtypes: list
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """This call takes the reference, and why (its shapes or dtypes do not fit the kernel).
+    Not a tuple, so that it is never mistaken for a kernel's outputs."""
+
+    reason: str
 
 
 @dataclass(frozen=True, eq=False)
 class KernelDef:
     name: str
     reference: Callable
-    fidelity: str = "exact"  # "exact": bitwise equal to reference; "close": within tolerance
+    fidelity: Fidelity = "exact"  # "exact": bitwise equal to reference; "close": within tolerance
     tolerance: float = 0.0  # "close": the self-check's rtol and atol against the reference
     # backends on which a "close" kernel is bitwise the reference all the same (its arithmetic
     # follows stock's kernels there): the self-check then demands bitwise equality
-    exact_on: tuple[str, ...] = ()
+    exact_on: tuple[Backend, ...] = ()
     # the reference is stock's own op sequence (so the reference path, e.g. on the CPU, is
     # exact); False for a kernel whose reference is a float32 computation of another shape
     reference_is_stock: bool = True
     body: str | None = None
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
-    # launch(backend, *args, **kwargs) -> Launch, or a str: why this call takes the reference
-    launch: Callable[..., Launch | str] | None = None
+    # launch(backend, *args, **kwargs) -> Launch, or Skip: why this call takes the reference
+    launch: Callable[..., Launch | Skip] | None = None
     # example() -> (args, kwargs): small inputs for the pre-use check
     example: Callable[[], tuple[tuple, dict]] | None = None
     header: str = ""
-    _status: dict = field(default_factory=dict, repr=False)  # backend -> "" or failure reason
+    # backend -> "" (the kernel passed its self-check) or why it failed
+    _status: dict[Backend, str] = field(default_factory=dict, repr=False)
 
-    def source(self, backend: str) -> tuple[str, str]:
+    def source(self, backend: Backend) -> tuple[str, str]:
         """(header, source) exactly as handed to mx.fast.<backend>_kernel."""
+        if self.body is None:
+            raise ValueError(f"{self.name} has no device body")
         return PRELUDE_HEADER[backend] + self.header, PRELUDE_SOURCE[backend] + self.body
 
-    def fidelity_on(self, backend: str) -> str:
+    def fidelity_on(self, backend: Backend) -> Fidelity:
         """ "exact" or "close" on this backend (the reference path is exact when the reference
         is stock's op sequence)."""
         if backend == "cpu":
             return "exact" if self.reference_is_stock else self.fidelity
         return "exact" if backend in self.exact_on else self.fidelity
 
-    def plan(self, backend: str | None = None) -> Plan:
+    def plan(self, backend: Backend | None = None) -> Plan:
         backend = backend or _backend.current()
         if backend == "cpu":
             return Plan(backend, "reference", "custom kernels do not run on MLX's CPU backend")
@@ -170,7 +189,7 @@ class KernelDef:
         reason = self._status[backend]
         return Plan(backend, "reference" if reason else "kernel", reason)
 
-    def _check(self, backend: str) -> str:
+    def _check(self, backend: Backend) -> str:
         """Build and run once on the example; '' if it matches the reference."""
         if self.example is None:
             return ""
@@ -181,8 +200,8 @@ class KernelDef:
             mx.eval(got, want)
         except Exception as e:  # a build or launch failure: take the reference, say why
             return f"{self.name} {backend} kernel failed to build or run: {compiler_error(str(e))}"
-        if isinstance(got, str):
-            return f"{self.name} {backend} kernel does not take its own example: {got}"
+        if isinstance(got, Skip):
+            return f"{self.name} {backend} kernel does not take its own example: {got.reason}"
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         if self.fidelity_on(backend) == "exact" and not (
@@ -201,10 +220,13 @@ class KernelDef:
             )
         return ""
 
-    def run_kernel(self, backend: str, *args, init_value: float | None = None, **kwargs):
-        """The fused kernel itself (no fallback); a str when the shapes do not fit it."""
+    def run_kernel(self, backend: Backend, *args, init_value: float | None = None, **kwargs):
+        """The fused kernel itself (no fallback): its output(s), or the launch's Skip when
+        the shapes do not fit it."""
+        if self.launch is None:
+            raise ValueError(f"{self.name} has no launch")
         spec = self.launch(backend, *args, **kwargs)
-        if isinstance(spec, str):
+        if isinstance(spec, Skip):
             return spec
         kernel = build(self, backend)
         extra = {"init_value": init_value} if init_value is not None else {}
@@ -220,17 +242,19 @@ class KernelDef:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def __call__(self, *args, **kwargs):
+        """The kernel where it passed its self-check on this backend and its launch takes
+        these arguments; the reference otherwise."""
         backend = _backend.current()
-        # the hot path: a backend whose kernel has passed its self-check ("" = no failure)
+        # `_status` first: the hot path, once this backend's self-check has passed ("")
         if self._status.get(backend) == "" or self.plan(backend).path == "kernel":
             out = self.run_kernel(backend, *args, **kwargs)
-            if not isinstance(out, str):
+            if not isinstance(out, Skip):
                 return out
         return self.reference(*args, **kwargs)
 
 
 @functools.cache
-def build(kernel: KernelDef, backend: str) -> Any:
+def build(kernel: KernelDef, backend: Backend) -> Any:
     """The kernel's mx.fast.<backend>_kernel, built once per kernel and backend."""
     header, source = kernel.source(backend)
     make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel

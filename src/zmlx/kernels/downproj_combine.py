@@ -25,7 +25,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels.core import KernelDef, Launch, device_code
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 from zmlx.kernels.moe_combine import reference as combine
 from zmlx.kernels.moe_combine import sequential_sum
 from zmlx.kernels.quant import (
@@ -83,29 +83,29 @@ _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 def launch(
     backend, h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None
-) -> Launch | str:
+) -> Launch | Skip:
     if h.dtype not in _DTYPES or h.ndim < 2:
-        return f"h {h.dtype} of rank {h.ndim}"
+        return Skip(f"h {h.dtype} of rank {h.ndim}")
     k, i = h.shape[-2:]
     lead = h.shape[:-2]
     if (
         why := weights_reason(down_w, down_s, down_b, cols=i, group_size=group_size, bits=bits, dtype=h.dtype)
     ) is not None:
-        return why
+        return Skip(why)
     if down_w.ndim != 3:
-        return f"weights {down_w.shape}"
+        return Skip(f"weights {down_w.shape}")
     d = down_w.shape[1]
     if inds.shape != lead + (k,) or inds.dtype != mx.uint32:
-        return f"indices {inds.shape} {inds.dtype} for h {h.shape}"
+        return Skip(f"indices {inds.shape} {inds.dtype} for h {h.shape}")
     if scores.shape != lead + (k,) or scores.dtype != mx.float32:
-        return "scores are not float32 of h's leading shape"
+        return Skip("scores are not float32 of h's leading shape")
     if shared is not None and (shared.shape != lead + (d,) or shared.dtype != h.dtype):
-        return "shared expert output does not match"
+        return Skip("shared expert output does not match")
     n = math.prod(lead)
     if (why := regime_reason(backend, n * k, h.dtype, down_s, down_b, down_w)) is not None:
-        return why
+        return Skip(why)
     if n * d * 32 >= 2**31:
-        return f"{n} tokens x {d} outputs is too large for one launch"
+        return Skip(f"{n} tokens x {d} outputs is too large for one launch")
     gs, nbits = packing(i, group_size, bits)
     return Launch(
         inputs=[

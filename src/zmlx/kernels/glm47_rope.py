@@ -33,7 +33,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from zmlx import backend as _backend
-from zmlx.kernels.core import KernelDef, Launch, device_code, float_bits
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
@@ -117,22 +117,22 @@ def _scale_bits(scale: float, dtype) -> int:
     return _SCALES[key]
 
 
-def launch(backend, q, kv, table, offset, *, heads, rope_dims, base, rope_scale, scale) -> Launch | str:
+def launch(backend, q, kv, table, offset, *, heads, rope_dims, base, rope_scale, scale) -> Launch | Skip:
     if q.dtype not in _DTYPES or kv.dtype != q.dtype:
-        return f"q {q.dtype}, kv {kv.dtype} (one float dtype needed)"
+        return Skip(f"q {q.dtype}, kv {kv.dtype} (one float dtype needed)")
     if q.ndim != 3 or kv.ndim != 3 or q.shape[1] != 1 or kv.shape[:2] != q.shape[:2]:
-        return f"q {q.shape}, kv {kv.shape}: one token per sequence (decode) only"
+        return Skip(f"q {q.shape}, kv {kv.shape}: one token per sequence (decode) only")
     if not isinstance(offset, int) or offset < 0:
-        return f"offset {offset!r}: one int position for the batch needed"
+        return Skip(f"offset {offset!r}: one int position for the batch needed")
     if rope_dims % 2 or q.shape[-1] % heads or q.shape[-1] // heads < rope_dims or kv.shape[-1] < rope_dims:
-        return f"rope_dims {rope_dims} does not fit q {q.shape} with {heads} heads and kv {kv.shape}"
+        return Skip(f"rope_dims {rope_dims} does not fit q {q.shape} with {heads} heads and kv {kv.shape}")
     if (
         table.dtype != mx.float32
         or table.ndim != 2
         or table.shape[1] != rope_dims
         or table.shape[0] <= offset
     ):
-        return f"table {table.shape} {table.dtype} does not cover position {offset}"
+        return Skip(f"table {table.shape} {table.dtype} does not cover position {offset}")
     b = q.shape[0]
     qw = q.shape[-1] // heads
     nrows = b * (heads + 1)

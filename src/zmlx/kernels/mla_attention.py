@@ -46,7 +46,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels.core import KernelDef, Launch, device_code, float_bits
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
 from zmlx.kernels.quant import dequantized, or_placeholder, packing, weights_reason
 
 # mla_decode: a chunk is at least MIN_CHUNK positions, a multiple of CHUNK_STEP, and a
@@ -109,19 +109,19 @@ if (j0 < R) {  // the same for the whole warp
 """
 
 
-def embed_q_launch(backend, q, w, s, b, *, heads, head_dim, nope, group_size, bits) -> Launch | str:
+def embed_q_launch(backend, q, w, s, b, *, heads, head_dim, nope, group_size, bits) -> Launch | Skip:
     if q.dtype not in _DTYPES or q.ndim != 3 or q.shape[1] != 1 or q.shape[-1] != heads * head_dim:
-        return f"q {q.shape} {q.dtype}: one token of {heads} heads x {head_dim} needed"
+        return Skip(f"q {q.shape} {q.dtype}: one token of {heads} heads x {head_dim} needed")
     if not 0 < nope <= head_dim or nope > 4096:
-        return f"nope {nope} of head {head_dim}"
+        return Skip(f"nope {nope} of head {head_dim}")
     if w.ndim != 3 or w.shape[0] != heads:
-        return f"embed_q weights {w.shape} for {heads} heads"
+        return Skip(f"embed_q weights {w.shape} for {heads} heads")
     if why := weights_reason(w, s, b, cols=nope, group_size=group_size, bits=bits, dtype=q.dtype):
-        return f"embed_q: {why}"
+        return Skip(f"embed_q: {why}")
     r = w.shape[1]
     gs, nbits = packing(nope, group_size, bits)
     if nope % (4 if nbits == 32 else 32 // nbits):
-        return f"nope {nope}: a whole number of packed words (or of 4 values) per row needed"
+        return Skip(f"nope {nope}: a whole number of packed words (or of 4 values) per row needed")
     rows = (THREADS // 32) * EMBED_RW
     blocks = q.shape[0] * heads * math.ceil(r / rows)
     return Launch(
@@ -216,22 +216,22 @@ def decode_reference(qv, q_pe, lat, kpe, *, scale):
     return o, m, e.sum(axis=-1)
 
 
-def decode_launch(backend, qv, q_pe, lat, kpe, *, scale) -> Launch | str:
+def decode_launch(backend, qv, q_pe, lat, kpe, *, scale) -> Launch | Skip:
     if qv.dtype != mx.float32 or qv.ndim != 3:
-        return f"qv {qv.shape} {qv.dtype}: float32 (B, H, R) needed"
+        return Skip(f"qv {qv.shape} {qv.dtype}: float32 (B, H, R) needed")
     bsz, heads, r = qv.shape
     if lat.dtype not in _DTYPES or kpe.dtype != lat.dtype or q_pe.dtype != lat.dtype:
-        return f"latent {lat.dtype}, k_pe {kpe.dtype}, q_pe {q_pe.dtype}: one float dtype needed"
+        return Skip(f"latent {lat.dtype}, k_pe {kpe.dtype}, q_pe {q_pe.dtype}: one float dtype needed")
     if lat.ndim != 4 or lat.shape[:2] != (bsz, 1) or lat.shape[-1] != r or kpe.shape[:3] != lat.shape[:3]:
-        return f"cache buffers {lat.shape} / {kpe.shape} for qv {qv.shape}"
+        return Skip(f"cache buffers {lat.shape} / {kpe.shape} for qv {qv.shape}")
     rd = kpe.shape[-1]
     if q_pe.shape != (bsz, heads, 1, rd):
-        return f"q_pe {q_pe.shape} for {heads} heads of {rd}"
+        return Skip(f"q_pe {q_pe.shape} for {heads} heads of {rd}")
     if r % 128 or rd % 64 or r > 2048 or rd > 256 or heads > 256:
-        return f"latent {r}, rope {rd} (multiples of 128 and 64 needed), {heads} heads"
+        return Skip(f"latent {r}, rope {rd} (multiples of 128 and 64 needed), {heads} heads")
     length = lat.shape[2]
     if not 0 < length < 2**31 // max(r, 1):
-        return f"{length} positions"
+        return Skip(f"{length} positions")
     ch = chunk_size(length)
     c = math.ceil(length / ch)
     mma = _mma_fits(backend, lat.dtype, heads, r, rd)
@@ -298,24 +298,24 @@ def unembed_reference(o, m, lsum, w, s, b, *, dtype, group_size, bits):
     return _dot(wf[None], x[:, :, None, :])[:, :, None, :].astype(dtype)
 
 
-def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> Launch | str:
+def unembed_launch(backend, o, m, lsum, w, s, b, *, dtype, group_size, bits) -> Launch | Skip:
     if o.dtype != mx.float32 or o.ndim != 4 or m.shape != o.shape[:3] or lsum.shape != m.shape:
-        return f"partials o {o.shape}, m {m.shape}, l {lsum.shape}"
+        return Skip(f"partials o {o.shape}, m {m.shape}, l {lsum.shape}")
     bsz, _, heads, r = o.shape
     if dtype not in _DTYPES:
-        return f"output dtype {dtype}"
+        return Skip(f"output dtype {dtype}")
     threads = UNEMBED_THREADS_CUDA if backend == "cuda" else UNEMBED_THREADS
     if r <= 0 or r % 4 or threads % (r // 4) or w.ndim != 3 or w.shape[0] != heads:
-        return (
+        return Skip(
             f"unembed_out weights {w.shape} for {heads} heads of latent {r} "
             f"(latent / 4 must divide {threads})"
         )
     if why := weights_reason(w, s, b, cols=r, group_size=group_size, bits=bits, dtype=dtype):
-        return f"unembed_out: {why}"
+        return Skip(f"unembed_out: {why}")
     v = w.shape[1]
     gs, nbits = packing(r, group_size, bits)
     if r % (4 if nbits == 32 else 32 // nbits):
-        return f"latent {r}: a whole number of packed words per row needed"
+        return Skip(f"latent {r}: a whole number of packed words per row needed")
     return Launch(  # unquantized: m stands in for the scales and biases (never read)
         inputs=[o, m, lsum, w, or_placeholder(s, m), or_placeholder(b, m)],
         template=[

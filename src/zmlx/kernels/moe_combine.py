@@ -21,7 +21,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels.core import KernelDef, Launch, device_code
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 
 
 def reference(y: mx.array, scores: mx.array, shared: mx.array | None = None) -> mx.array:
@@ -59,17 +59,17 @@ def sequential_sum(backend: str, k: int, d: int) -> bool:
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
-def launch(backend, y, scores, shared=None) -> Launch | str:
+def launch(backend, y, scores, shared=None) -> Launch | Skip:
     if y.ndim < 2 or y.dtype not in _DTYPES:
-        return f"y {y.dtype} of rank {y.ndim}"
+        return Skip(f"y {y.dtype} of rank {y.ndim}")
     if scores.dtype != mx.float32 or scores.shape != y.shape[:-1]:
-        return "scores are not float32 of y's leading shape"
+        return Skip("scores are not float32 of y's leading shape")
     if shared is not None and (shared.dtype != y.dtype or shared.shape != y.shape[:-2] + y.shape[-1:]):
-        return "shared expert output does not match y"
+        return Skip("shared expert output does not match y")
     k, d = y.shape[-2:]
     n = math.prod(y.shape[:-2]) * d
     if n == 0 or n >= 2**31:
-        return f"{n} outputs"
+        return Skip(f"{n} outputs")
     sequential = sequential_sum(backend, k, d)
     return Launch(
         inputs=[y, scores, shared if shared is not None else y],

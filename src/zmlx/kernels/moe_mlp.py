@@ -26,7 +26,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels.core import KernelDef, Launch, device_code
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 from zmlx.kernels.quant import (
     dequantized,
     gathered,
@@ -101,21 +101,21 @@ def gate_up_reason(x, gate: tuple, up: tuple, *, ndim: int, group_size, bits) ->
 
 def launch(
     backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None
-) -> Launch | str:
+) -> Launch | Skip:
     gate, up = (gate_w, gate_s, gate_b), (up_w, up_s, up_b)
     if (why := gate_up_reason(x, gate, up, ndim=3, group_size=group_size, bits=bits)) is not None:
-        return why
+        return Skip(why)
     d = x.shape[-1]
     if inds.shape[:-1] != x.shape[:-1] or inds.dtype != mx.uint32:
-        return f"indices {inds.shape} {inds.dtype} for x {x.shape}"
+        return Skip(f"indices {inds.shape} {inds.dtype} for x {x.shape}")
     n = math.prod(x.shape[:-1])
     k = inds.shape[-1]
     i = gate_w.shape[1]
     for s, b, w in ((gate_s, gate_b, gate_w), (up_s, up_b, up_w)):
         if (why := regime_reason(backend, n * k, x.dtype, s, b, w)) is not None:
-            return why
+            return Skip(why)
     if n * k * i * 32 >= 2**31:
-        return f"{n} tokens x {k} experts x {i} rows is too large for one launch"
+        return Skip(f"{n} tokens x {k} experts x {i} rows is too large for one launch")
     gs, nbits = packing(d, group_size, bits)
     return Launch(
         inputs=[

@@ -27,7 +27,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels.core import KernelDef, Launch, device_code, float_bits
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
 
 
 @mx.compile
@@ -84,19 +84,19 @@ def launch(
     routed_scaling_factor=1.0,
     norm_topk_prob=True,
     renorm_eps=None,
-) -> Launch | str:
+) -> Launch | Skip:
     if n_group > 1:
-        return f"group-limited routing (n_group={n_group}) is not fused"
+        return Skip(f"group-limited routing (n_group={n_group}) is not fused")
     if gates.ndim < 1 or gates.dtype not in _DTYPES or bias.dtype not in _DTYPES:
-        return f"gates {gates.dtype}, bias {bias.dtype}"
+        return Skip(f"gates {gates.dtype}, bias {bias.dtype}")
     e = gates.shape[-1]
     if bias.shape != (e,):
-        return f"bias of shape {bias.shape} for {e} experts"
+        return Skip(f"bias of shape {bias.shape} for {e} experts")
     if not (1 <= e <= 256 and 1 <= top_k <= min(8, e)):
-        return f"{e} experts, top-{top_k} (the kernel takes <= 256 experts, top-k <= 8)"
+        return Skip(f"{e} experts, top-{top_k} (the kernel takes <= 256 experts, top-k <= 8)")
     rows = math.prod(gates.shape[:-1])
     if rows == 0:
-        return "no tokens"
+        return Skip("no tokens")
     return Launch(
         inputs=[gates, bias],
         template=[

@@ -27,7 +27,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels.core import KernelDef, Launch, device_code, float_bits
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
 
 
 def reference(x: mx.array, r: mx.array, w: mx.array, eps: float) -> tuple[mx.array, mx.array]:
@@ -39,11 +39,11 @@ def reference(x: mx.array, r: mx.array, w: mx.array, eps: float) -> tuple[mx.arr
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
-def geometry(backend: str, d: int, itemsize: int) -> tuple[int, int, int] | str:
+def geometry(backend: str, d: int, itemsize: int) -> tuple[int, int, int] | Skip:
     """(BLOCK threads, CHUNKS, NR values per read) as MLX's rms_norm lays out a row of d."""
     if backend == "metal":
         if d > 4096:
-            return f"row of {d} (MLX's Metal rms_norm loops past 4096; its order is not followed)"
+            return Skip(f"row of {d} (MLX's Metal rms_norm loops past 4096; its order is not followed)")
         nr = 4
         return 32 * math.ceil(math.ceil(d / nr) / 32), 1, nr
     nr = 16 // itemsize
@@ -59,21 +59,21 @@ def geometry(backend: str, d: int, itemsize: int) -> tuple[int, int, int] | str:
     return 128, math.ceil(nvec / 128), nr
 
 
-def launch(backend, x, r, w, eps) -> Launch | str:
+def launch(backend, x, r, w, eps) -> Launch | Skip:
     if x.dtype not in _DTYPES or r.dtype != x.dtype or w.dtype != x.dtype:
-        return f"x {x.dtype}, r {r.dtype}, w {w.dtype} (one float dtype needed)"
+        return Skip(f"x {x.dtype}, r {r.dtype}, w {w.dtype} (one float dtype needed)")
     if x.ndim < 1 or r.shape != x.shape or w.shape != x.shape[-1:]:
-        return f"shapes x {x.shape}, r {r.shape}, w {w.shape}"
+        return Skip(f"shapes x {x.shape}, r {r.shape}, w {w.shape}")
     d = x.shape[-1]
     rows = math.prod(x.shape[:-1])
     if d == 0 or rows == 0:
-        return "empty input"
+        return Skip("empty input")
     geo = geometry(backend, d, x.dtype.size)
-    if isinstance(geo, str):
+    if isinstance(geo, Skip):
         return geo
     block, chunks, nr = geo
     if chunks * nr > 64:
-        return f"row of {d} needs {chunks * nr} values per thread"
+        return Skip(f"row of {d} needs {chunks * nr} values per thread")
     return Launch(
         inputs=[x, r, w],
         template=[

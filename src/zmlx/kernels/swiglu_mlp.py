@@ -26,7 +26,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels.core import KernelDef, Launch
+from zmlx.kernels.core import KernelDef, Launch, Skip
 from zmlx.kernels.moe_mlp import SHARED, gate_up_reason, quantized_experts
 from zmlx.kernels.quant import dequantized, or_placeholder, packing, regime_reason
 
@@ -62,21 +62,21 @@ def _no_indices() -> mx.array:
 
 def launch(
     backend, x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None
-) -> Launch | str:
+) -> Launch | Skip:
     gate, up = (gate_w, gate_s, gate_b), (up_w, up_s, up_b)
     if (why := gate_up_reason(x, gate, up, ndim=2, group_size=group_size, bits=bits)) is not None:
-        return why
+        return Skip(why)
     d = x.shape[-1]
     i = gate_w.shape[0]
     n = math.prod(x.shape[:-1])
     if n == 0:
-        return "no tokens"
+        return Skip("no tokens")
     # a dense matmul leaves its matvec (qmv or gemv) from 2 rows
     for s, b, w in ((gate_s, gate_b, gate_w), (up_s, up_b, up_w)):
         if (why := regime_reason(backend, n, x.dtype, s, b, w, qmv_rows=2, gemv_rows=2)) is not None:
-            return why
+            return Skip(why)
     if n * i * 32 >= 2**31:
-        return f"{n} tokens x {i} rows is too large for one launch"
+        return Skip(f"{n} tokens x {i} rows is too large for one launch")
     gs, nbits = packing(d, group_size, bits)
     return Launch(
         inputs=[

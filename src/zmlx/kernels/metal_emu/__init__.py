@@ -48,7 +48,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from zmlx.kernels.core import template_lines
+from zmlx.kernels.core import Skip, template_lines
 
 HERE = Path(__file__).resolve().parent
 
@@ -195,8 +195,8 @@ def run(kernel, *args, workdir: str | Path | None = None, seed: int = 0, **kwarg
     same order: a fixed default keeps CI reproducible). A failed check (a race, a divergent
     simd op, a read of unwritten threadgroup memory) raises EmulationError with its message."""
     spec = kernel.launch("metal", *args, **kwargs)
-    if isinstance(spec, str):
-        raise EmulationError(f"{kernel.name} does not take these inputs: {spec}")
+    if isinstance(spec, Skip):
+        raise EmulationError(f"{kernel.name} does not take these inputs: {spec.reason}")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="zmlx-metal-emu-"))
     exe = _compile(_translation_unit(kernel, spec), workdir)
     paths = []
@@ -206,11 +206,11 @@ def run(kernel, *args, workdir: str | Path | None = None, seed: int = 0, **kwarg
         np.asarray(mx.contiguous(data)).tofile(p)
         paths.append(str(p))
     outs = [str(workdir / f"out{j}.bin") for j in range(len(spec.output_shapes))]
-    p = subprocess.run([str(exe), *paths, *outs, str(seed)], capture_output=True, text=True, timeout=300)
-    if p.returncode == _CHECK_FAILED:
-        raise EmulationError(f"{kernel.name}: {p.stderr.strip().removeprefix('zmlx-emu: ')[:600]}")
-    if p.returncode != 0:
-        raise EmulationError(f"emulated kernel exited {p.returncode}: {p.stderr[:300]}")
+    proc = subprocess.run([str(exe), *paths, *outs, str(seed)], capture_output=True, text=True, timeout=300)
+    if proc.returncode == _CHECK_FAILED:
+        raise EmulationError(f"{kernel.name}: {proc.stderr.strip().removeprefix('zmlx-emu: ')[:600]}")
+    if proc.returncode != 0:
+        raise EmulationError(f"emulated kernel exited {proc.returncode}: {proc.stderr[:300]}")
     results = []
     for path, shape, dtype in zip(outs, spec.output_shapes, spec.output_dtypes):
         if dtype in (mx.bfloat16, mx.float16):
