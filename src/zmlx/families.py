@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from zmlx.backend import Backend
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Family:
     def target_class(self, pattern: str) -> type:
         return getattr(importlib.import_module(self.module), self.targets[pattern].cls)
 
-    def preset_on(self, backend: str) -> tuple[str, ...]:
+    def preset_on(self, backend: Backend) -> tuple[str, ...]:
         """The default preset on `backend` ('cuda', 'metal', 'cpu')."""
         return self.presets_on.get(backend, self.preset)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from zmlx import synth
 
@@ -64,11 +65,11 @@ def load(name: str, progress=None):
     else:
         raise ModelLoadError(f"no such path: {name} (nor a Hub id like org/name or a synth: spec)")
     try:
-        model, tokenizer, config = mlx_lm.load(str(path) if kind == "path" else name, return_config=True)
+        # return_config=True: three items (mlx-lm's annotation is the union of two and three)
+        loaded = mlx_lm.load(str(path) if kind == "path" else name, return_config=True)
+        model, tokenizer, config = cast("tuple[Any, Any, dict[str, Any]]", loaded)
     except Exception as e:  # mlx-lm raises many types for a model it cannot read
         where = "from the Hugging Face Hub" if kind == "hub" else f"from {path}"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load {name} {where}: {first}") from None
-    return model, tokenizer, ModelSource(
-        name, kind, config.get("model_type"), quantization_of(config)
-    )
+    return model, tokenizer, ModelSource(name, kind, config.get("model_type"), quantization_of(config))

@@ -81,7 +81,8 @@ class SynthSpec:
             raise SynthError(f"bad spec {text!r}: use synth:FAMILY/PRESET/QUANT[@SEED]")
         if seed and not seed.isdigit():
             raise SynthError(f"bad seed in {text!r}: use a non-negative integer")
-        return cls(*parts, seed=int(seed or 0))
+        family, preset, quant = parts
+        return cls(family, preset, quant, seed=int(seed or 0))
 
 
 def is_spec(text: str) -> bool:

@@ -87,13 +87,14 @@ def embedded_headers(lib: bytes) -> dict[str, bytes]:
     slots = sorted(names)
     if not slots or slots[-1] - slots[0] != 8 * (len(slots) - 1):
         raise SetupError("libmlx.so has no array of MLX's device header names (has jit_module.cpp changed?)")
-    found = []
+    found: list[list[bytes]] = []
     for delta in range(-4096, 4097, 8):
         if abs(delta) < 8 * len(slots):
             continue
         texts = [string(pointers[s + delta]) if s + delta in pointers else None for s in slots]
-        if all(t is not None and t.startswith(b"// Copyright") for t in texts):
-            found.append(texts)
+        headers = [t for t in texts if t is not None and t.startswith(b"// Copyright")]
+        if len(headers) == len(slots):
+            found.append(headers)
     if len(found) != 1:
         raise SetupError(f"libmlx.so: {len(found)} candidate arrays of MLX's device headers, expected 1")
     return {names[s]: t for s, t in zip(slots, found[0])}

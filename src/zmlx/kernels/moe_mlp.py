@@ -23,6 +23,7 @@ Device code: BODY below (shared with swiglu_mlp); the dot and SwiGLU are csrc/qu
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import mlx.core as mx
 
@@ -164,7 +165,7 @@ def example():
 
 
 # What moe_mlp and swiglu_mlp share: the body, its header and its inputs, and fidelity.
-SHARED = dict(
+SHARED: dict[str, Any] = dict(
     fidelity="close",
     exact_on=("cuda",),  # bitwise stock's qmv (+ swiglu) where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error

@@ -138,8 +138,9 @@ def packing(cols: int, group_size, bits) -> tuple[int, int]:
     return (cols, 32) if bits is None else (group_size, bits)
 
 
-def dense_or_quantized(name: str, proj, quantized: type, dense: type) -> str | None:
-    """Why a projection can go through neither kernel path (affine-quantized or unquantized)."""
+def dense_or_quantized(name: str, proj, quantized: type, dense: type[dict]) -> str | None:
+    """Why a projection can go through neither kernel path (affine-quantized or unquantized).
+    `dense` is an mlx module class: a dict of its parameters."""
     if isinstance(proj, quantized):
         return quantized_reason(name, proj)
     if isinstance(proj, dense):

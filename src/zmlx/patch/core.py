@@ -18,11 +18,13 @@ import functools
 import inspect
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 from zmlx import backend as _backend
+from zmlx.backend import Backend
 from zmlx.config import NOT_FLAGS, ConfigError, PatchConfig, flag_name, parse_selection
 from zmlx.families import FAMILIES, family_of
+from zmlx.kernels.core import Fidelity
 from zmlx.patch.patterns import PATTERNS
 
 _STATE = "_zmlx_state"
@@ -39,9 +41,9 @@ class ZmlxWarning(UserWarning):
 @dataclass
 class PatternReport:
     name: str
-    fidelity: str  # on this backend: a "close" pattern whose kernels are bitwise stock here says "exact"
-    backend: str
-    path: str  # "kernel" or "reference"
+    fidelity: Fidelity  # on this backend: a "close" pattern whose kernels are bitwise stock here says "exact"
+    backend: Backend
+    path: Literal["kernel", "reference"]
     patched: list[str] = field(default_factory=list)  # module paths
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
     fallbacks: list[str] = field(default_factory=list)  # why the reference runs
@@ -54,7 +56,7 @@ class PatternReport:
 @dataclass
 class PatchResult:
     family: str | None
-    backend: str
+    backend: Backend
     patterns: dict[str, PatternReport] = field(default_factory=dict)
     not_selected: dict[str, str] = field(default_factory=dict)  # name -> why
     message: str = ""
@@ -145,7 +147,7 @@ def select_patterns(
     patterns: str | Sequence[str] | None,
     exclude: str | Sequence[str] | None,
     config: PatchConfig,
-    backend: str = "cpu",
+    backend: Backend = "cpu",
 ) -> tuple[list[str], dict[str, str]]:
     """The patterns to apply on `backend`, in registry order, and why each other known one
     is not. `patterns` and `exclude` follow `zmlx.config.parse_selection`."""
@@ -153,7 +155,7 @@ def select_patterns(
     for names, what in ((patterns, "patterns"), (exclude, "exclude"),
                         (config.patterns, "ZMLX_PATTERNS"), (config.exclude, "ZMLX_EXCLUDE")):
         check_names(names or (), what)
-    fam = FAMILIES.get(family)
+    fam = FAMILIES.get(family) if family is not None else None
     preset = fam.preset_on(backend) if fam else ()
     explicit = patterns if patterns is not None else config.patterns
     why_not: dict[str, str] = {}
@@ -196,7 +198,8 @@ def _replacement(name: str, kwargs: dict[str, Any]):
     return fn
 
 
-def _rebuild(cls: type, spec: tuple[tuple[str, str, tuple], ...]):
+# `cls` and `patched` are Any: mypy reads `cls.__new__` as the metaclass's (type.__new__)
+def _rebuild(cls: Any, spec: tuple[tuple[str, str, tuple], ...]):
     """An empty instance of `cls` patched as `spec` says ((method, pattern, make() kwargs),
     ...); pickle fills in its state. A pattern this zmlx cannot make gives the stock class
     and a warning: the module then computes what stock computes."""
@@ -210,7 +213,7 @@ def _rebuild(cls: type, spec: tuple[tuple[str, str, tuple], ...]):
             stacklevel=2,
         )
         return cls.__new__(cls)
-    patched = _patched_class(cls, methods)
+    patched: Any = _patched_class(cls, methods)
     return patched.__new__(patched)
 
 
@@ -287,7 +290,7 @@ def patch(
     unpatch(model)
     result = PatchResult(family=family, backend=backend, not_selected=not_selected)
 
-    fam = FAMILIES.get(family)
+    fam = FAMILIES.get(family) if family is not None else None
     if fam is None:
         supported = ", ".join(sorted(FAMILIES))
         result.message = (
@@ -304,7 +307,9 @@ def patch(
         pattern = PATTERNS[name]
         target = fam.targets.get(name)
         kplans = [k.plan(result.backend) for k in pattern.kernels]
-        path = "kernel" if all(p.path == "kernel" for p in kplans) else "reference"
+        path: Literal["kernel", "reference"] = (
+            "kernel" if all(p.path == "kernel" for p in kplans) else "reference"
+        )
         exact_here = all(k.fidelity_on(result.backend) == "exact" for k in pattern.kernels)
         report = PatternReport(
             name=name, fidelity="exact" if exact_here else pattern.fidelity, backend=result.backend,
@@ -342,7 +347,7 @@ def patch(
     for mpath, module, methods, _ in plans.values():
         if not methods:
             continue
-        original = type(module)
+        original: type = type(module)
         module.__class__ = _patched_class(original, tuple(sorted(methods.items())))
         swapped.append((mpath, module, original))
     if not swapped:

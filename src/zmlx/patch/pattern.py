@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Mapping
 
-from zmlx.kernels.core import KernelDef
+from zmlx.kernels.core import Fidelity, KernelDef
 
-Fidelity = Literal["exact", "close"]
+__all__ = ["Fidelity", "Pattern"]
 
 
 @dataclass(frozen=True)
