@@ -80,7 +80,11 @@ class PatchResult:
         for r in self.patterns.values():
             notes = sorted({reason for _, reason in r.skipped} | set(r.fallbacks))
             t.add_row(
-                r.name, r.fidelity, str(len(r.patched)), str(len(r.skipped)), r.runs_on,
+                r.name,
+                r.fidelity,
+                str(len(r.patched)),
+                str(len(r.skipped)),
+                r.runs_on,
                 "; ".join(notes),
             )
         for name, why in self.not_selected.items():
@@ -112,8 +116,7 @@ def check_names(names: Iterable[str], what: str) -> None:
     unknown = [n for n in names if n not in PATTERNS]
     if unknown:
         raise ConfigError(
-            f"unknown pattern(s) in {what}: {', '.join(unknown)}; "
-            f"valid: {', '.join(sorted(PATTERNS))}"
+            f"unknown pattern(s) in {what}: {', '.join(unknown)}; valid: {', '.join(sorted(PATTERNS))}"
         )
 
 
@@ -138,7 +141,8 @@ def warn_unknown_variables(config: PatchConfig) -> None:
             f"{name} is not a zmlx variable and is ignored"
             + (f" (did you mean {near[0]}?)" if near else "")
             + f"; pattern flags: {', '.join(flags)}; other variables: {', '.join(sorted(NOT_FLAGS))}",
-            ZmlxWarning, stacklevel=3,
+            ZmlxWarning,
+            stacklevel=3,
         )
 
 
@@ -152,8 +156,12 @@ def select_patterns(
     """The patterns to apply on `backend`, in registry order, and why each other known one
     is not. `patterns` and `exclude` follow `zmlx.config.parse_selection`."""
     patterns, exclude = parse_selection(patterns, "patterns"), parse_selection(exclude, "exclude")
-    for names, what in ((patterns, "patterns"), (exclude, "exclude"),
-                        (config.patterns, "ZMLX_PATTERNS"), (config.exclude, "ZMLX_EXCLUDE")):
+    for names, what in (
+        (patterns, "patterns"),
+        (exclude, "exclude"),
+        (config.patterns, "ZMLX_PATTERNS"),
+        (config.exclude, "ZMLX_EXCLUDE"),
+    ):
         check_names(names or (), what)
     fam = FAMILIES.get(family) if family is not None else None
     preset = fam.preset_on(backend) if fam else ()
@@ -312,7 +320,9 @@ def patch(
         )
         exact_here = all(k.fidelity_on(result.backend) == "exact" for k in pattern.kernels)
         report = PatternReport(
-            name=name, fidelity="exact" if exact_here else pattern.fidelity, backend=result.backend,
+            name=name,
+            fidelity="exact" if exact_here else pattern.fidelity,
+            backend=result.backend,
             path=path,
             fallbacks=sorted({p.reason for p in kplans if p.reason}),
         )
