@@ -106,3 +106,21 @@ def llama_checkpoint(tmp_path_factory):
     (out / "config.json").write_text(json.dumps(cfg))
     synth.write_tokenizer(out, cfg["vocab_size"])
     return out
+
+
+def _close_bar(reference, reference_f32, args, kw, dtype):
+    import mlx.core as mx
+
+    want = reference_f32(*args, **kw)
+    stock_err = mx.abs(reference(*args, **kw).astype(mx.float32) - want).max().item()
+    ulp = {mx.bfloat16: 2**-8, mx.float16: 2**-11, mx.float32: 2**-18}[dtype]
+    return want, 2 * stock_err + ulp * mx.abs(want).max().item()
+
+
+@pytest.fixture
+def close_bar():
+    """close_bar(reference, reference_f32, args, kw, dtype) -> (float32 truth, tolerance) for a
+    `close` kernel: 2x stock's largest error against float32, plus one rounding of dtype at the
+    output's size (for float32: the reordering of a D-term float32 sum, 2**-18 of the largest
+    output)."""
+    return _close_bar

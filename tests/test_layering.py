@@ -99,3 +99,12 @@ def test_every_documented_entry_point_answers_help(entry):
     p = subprocess.run([sys.executable, "-m", *entry, "--help"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "Usage:" in p.stdout and "Traceback" not in p.stderr
+
+
+def test_no_module_is_over_400_lines():
+    """A module a reader can hold in mind: device code lives in kernels/csrc, CLI apart from
+    library; a module that grows past this is split, not stretched."""
+    long = {
+        str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert not long, f"over 400 lines: {long}"

@@ -1,9 +1,9 @@
 """zmlx: fused GPU kernels patched into mlx-lm models at run time.
 
-    import mlx_lm, zmlx
-    model, tokenizer = mlx_lm.load(path)
-    result = zmlx.patch(model)     # family preset; see result / print(result)
-    zmlx.unpatch(model)            # the original model, exactly
+import mlx_lm, zmlx
+model, tokenizer = mlx_lm.load(path)
+result = zmlx.patch(model)     # family preset; see result / print(result)
+zmlx.unpatch(model)            # the original model, exactly
 """
 
 from zmlx.config import ConfigError, PatchConfig

@@ -13,7 +13,7 @@ import math
 import statistics
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import mlx.core as mx
 
@@ -93,6 +93,11 @@ class Report:
 
 
 # ---------------------------------------------------------------- measuring
+
+
+def scalar(x: mx.array) -> float:
+    """A real-valued one-element array as a float (MLX types `.item()` as int | float | complex)."""
+    return cast(float, x.item())
 
 
 def generate(model, tokenizer, prompt: mx.array, max_tokens: int) -> Run:
@@ -232,7 +237,7 @@ def validate(
         try:
             for a, b in zip(stock_logits, teacher_forced_logits(model, prompt_arr, reference)):
                 agree += int(mx.argmax(a).item() == mx.argmax(b).item())
-                max_d = max(max_d, mx.abs(a - b).max().item())
+                max_d = max(max_d, scalar(mx.abs(a - b).max()))
                 sx += a.sum().item()
                 sy += b.sum().item()
                 sxx += (a * a).sum().item()

@@ -32,15 +32,6 @@ def _inputs(lead, experts, k, rows, d, gs, bits, dtype, seed=0):
     return (x, inds, *g, *u), dict(group_size=gs, bits=bits)
 
 
-def _bar(args, kw, dtype):
-    """2x stock's largest error against float32, plus one rounding of dtype at the output's
-    size (for float32: the reordering of a D-term float32 sum, 2**-18 of the largest output)."""
-    want = reference_f32(*args, **kw)
-    stock_err = mx.abs(reference(*args, **kw).astype(mx.float32) - want).max().item()
-    ulp = {mx.bfloat16: 2**-8, mx.float16: 2**-11, mx.float32: 2**-18}[dtype]
-    return want, 2 * stock_err + ulp * mx.abs(want).max().item()
-
-
 def test_reference_is_mlx_lm_switch_glu_gate_and_up():
     lead, experts, k, rows, d, gs, bits = CASES[0]
     gate = QuantizedSwitchLinear(d, rows, experts, bias=False, group_size=gs, bits=bits)
@@ -75,12 +66,12 @@ def test_launch_says_why_it_takes_the_reference():
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-def test_metal_body_is_as_close_as_stock(tmp_path_factory, case, dtype):
+def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, case, dtype):
     if None in case and dtype != mx.float32:
         pytest.skip("MLX's CPU gather_mm (the reference) runs only float32")
     args, kw = _inputs(*case, dtype, seed=case[4] + (case[6] or 0))
     got = metal_emu.run(moe_mlp, *args, workdir=tmp_path_factory.getbasetemp(), **kw)  # poisoned NaN
-    want, bar = _bar(args, kw, dtype)
+    want, bar = close_bar(reference, reference_f32, args, kw, dtype)
     assert got.dtype == dtype and got.shape == want.shape
     assert mx.abs(got.astype(mx.float32) - want).max().item() <= bar
 

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
+from zmlx.fidelity import scalar
+
 
 @dataclass
 class LayerDrift:
@@ -58,8 +60,8 @@ class Drift:
 
 def _rel(a: mx.array, b: mx.array) -> float:
     a, b = a.astype(mx.float32), b.astype(mx.float32)
-    den = mx.sqrt(mx.sum(b * b)).item()
-    return mx.sqrt(mx.sum((a - b) ** 2)).item() / den if den > 0 else float(mx.any(a != b).item())
+    den = scalar(mx.sqrt(mx.sum(b * b)))
+    return scalar(mx.sqrt(mx.sum((a - b) ** 2))) / den if den > 0 else float(scalar(mx.any(a != b)))
 
 
 def _noisy(m: mx.array, eps: float, key) -> mx.array:
@@ -127,13 +129,13 @@ def drift(
         lg_s = _logits(stock, h_s)[0, -1].astype(mx.float32)
         lg_p = _logits(patched, h_p)[0, -1].astype(mx.float32)
         top2 = mx.sort(lg_s)[-2:]
-        nxt = int(mx.argmax(lg_s).item())
+        nxt = int(scalar(mx.argmax(lg_s)))
         out.steps.append(
             StepDrift(
                 token=nxt,
-                argmax_equal=nxt == int(mx.argmax(lg_p).item()),
-                max_abs_dlogit=mx.max(mx.abs(lg_s - lg_p)).item(),
-                stock_margin=(top2[1] - top2[0]).item(),
+                argmax_equal=nxt == int(scalar(mx.argmax(lg_p))),
+                max_abs_dlogit=scalar(mx.max(mx.abs(lg_s - lg_p))),
+                stock_margin=scalar(top2[1] - top2[0]),
             )
         )
         token = nxt

@@ -16,6 +16,7 @@ the "fused" side is the reference, since custom kernels do not run on the CPU).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import warnings
@@ -181,8 +182,8 @@ def _expert_cases(shape: str, x, inds, h, scores, shared, bits) -> list[Case]:
             Case(
                 "swiglu_mlp",
                 f"{shape}, {role} 2 x {rows} x 2048, {what}",
-                lambda a=dense: swiglu_stock(*a, **kw),
-                lambda a=dense: swiglu_mlp(*a, **kw),
+                functools.partial(swiglu_stock, *dense, **kw),
+                functools.partial(swiglu_mlp, *dense, **kw),
             )
         )
     return cases

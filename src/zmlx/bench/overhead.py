@@ -22,15 +22,15 @@ def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
     KernelDef vs called directly with its launch spec computed once."""
     if backend.current() != "cuda":
         return []
-    from zmlx.kernels.core import build
+    from zmlx.kernels.core import Launch, build
 
     x = mx.random.normal((1, 1, 2048)).astype(mx.bfloat16)
     r = mx.random.normal((1, 1, 2048)).astype(mx.bfloat16)
     w = mx.ones((2048,), mx.bfloat16)
     mx.eval(x, r, w)
 
-    def minimal(pad: int):
-        k = mx.fast.cuda_kernel(
+    def minimal(pad: int) -> Callable[[], Any]:
+        k: Any = mx.fast.cuda_kernel(
             name=f"zmlx_overhead_copy_{pad}",
             input_names=["x"],
             output_names=["out"],
@@ -46,7 +46,10 @@ def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
             output_dtypes=[x.dtype],
         )[0]
 
+    assert residual_norm.launch is not None
     spec = residual_norm.launch("cuda", x, r, w, 1e-5)
+    if not isinstance(spec, Launch):  # the study's shapes always fit; say so if they stop fitting
+        raise ValueError(f"residual_norm does not launch on the study's shapes: {spec.reason}")
     kernel = build(residual_norm, "cuda")
 
     def direct():
@@ -59,7 +62,7 @@ def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
             output_dtypes=spec.output_dtypes,
         )
 
-    cases = {
+    cases: dict[str, Callable[[], Any]] = {
         "stock op (x + r)": lambda: x + r,
         "stock rms_norm": lambda: mx.fast.rms_norm(x, w, 1e-5),
         "custom copy, short source": minimal(0),
@@ -67,7 +70,7 @@ def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
         "residual_norm, launch spec precomputed": direct,
         "residual_norm through KernelDef": lambda: residual_norm(x, r, w, 1e-5),
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, fn in cases.items():
         try:
             mx.eval(fn())

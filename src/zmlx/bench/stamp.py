@@ -17,7 +17,11 @@ from zmlx.config import git_override
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "mlx": mx.__version__, "zmlx": __version__}
+    out = {
+        "python": platform.python_version(),
+        "mlx": getattr(mx, "__version__", "unknown"),
+        "zmlx": __version__,
+    }
     try:
         out["mlx_lm"] = version("mlx-lm")
     except PackageNotFoundError:

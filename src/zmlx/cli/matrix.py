@@ -21,7 +21,7 @@ import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
@@ -51,7 +51,7 @@ def _ledger(path: Path | None) -> Path:
     return path.expanduser() if path is not None else default_ledger_path()
 
 
-def _fail(message: str, code: int = 2):
+def _fail(message: str, code: int = 2) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
 
@@ -94,7 +94,8 @@ def run(
         cli_args.at_least(1, {"--runs": runs, "--max-tokens": max_tokens, "--prompt-tokens": prompt_tokens})
         cli_args.finite("--max-memory-gb", max_memory_gb, above=0)
         # None: the family's preset; (): none, stock vs stock
-        sets = [cli_args.selection(p, "--patterns") for p in (patterns or [None])]
+        asked: list[str | None] = list(patterns) if patterns else [None]
+        sets = [cli_args.selection(p, "--patterns") for p in asked]
         cli_args.environment()
         cli_args.check_model_name(model)
     params = {"runs": runs, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens}

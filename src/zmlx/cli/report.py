@@ -96,7 +96,7 @@ def compare_table(capsules: list[tuple[str, dict[str, Any]]]):
             ("kernels/tok", "kernels_per_token"),
             ("GPU µs/tok", "gpu_us_per_token"),
         ):
-            values = []
+            values: list[Any] = []
             for _, c in capsules:
                 v = next((v for v in c["variants"] if v["name"] == name and not v.get("skipped")), None)
                 if v is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from zmlx.backend import Backend
 from zmlx.bench import stamp
 from zmlx.bench.harness import Variant, VariantResult
 from zmlx.config import ConfigError, PatchConfig, env_overrides
@@ -54,7 +55,7 @@ def pattern_paths(patch: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def variants(
-    model: str, family: str | None, sets: Sequence[tuple[str, ...] | None], backend: str
+    model: str, family: str | None, sets: Sequence[tuple[str, ...] | None], backend: Backend
 ) -> list[Variant]:
     """One variant per pattern set (None: the family's preset; (): stock vs stock, the noise
     floor). ConfigError when a set applies no pattern to this model: its line would read as
@@ -78,7 +79,7 @@ def variants(
 
 
 def skipped_for_memory(
-    model: str, sets: Sequence[tuple[str, ...] | None], reason: str, backend: str, **base: Any
+    model: str, sets: Sequence[tuple[str, ...] | None], reason: str, backend: Backend, **base: Any
 ) -> list[dict[str, Any]]:
     """One SKIP(RAM) line per pattern set, with the patterns it would have applied;
     `base`: base_entry's notes, params, git and command."""
@@ -98,6 +99,13 @@ def skipped_for_memory(
     return entries
 
 
+def _stat(result: VariantResult, key: str) -> dict[str, float]:
+    stat = result.stat(key)
+    if stat is None:  # measure() times every variant it does not skip
+        raise ValueError(f"{result.variant.name} has no timed runs")
+    return stat
+
+
 def measured(source, control: VariantResult, patched: VariantResult, **base: Any) -> dict[str, Any]:
     """The line of one measured pattern set against the shared control; `source`: the
     loaded model's zmlx.models.ModelSource; `base`: base_entry's notes, params, git and command."""
@@ -106,7 +114,7 @@ def measured(source, control: VariantResult, patched: VariantResult, **base: Any
         applied = [n for n, r in patched.patch["patterns"].items() if r["patched"]]
     entry = base_entry(source.name, applied, **base)
     entry["pattern_paths"] = pattern_paths(patched.patch)
-    s, p = control.stat("decode_tps"), patched.stat("decode_tps")
+    s, p = _stat(control, "decode_tps"), _stat(patched, "decode_tps")
     entry.update(
         {
             "family": source.family,
@@ -116,11 +124,11 @@ def measured(source, control: VariantResult, patched: VariantResult, **base: Any
             "decode_tps": [r.decode_tps for r in patched.runs],
             "decode_tps_median": p["median"],
             "prefill_tps": [r.prompt_tps for r in patched.runs],
-            "prefill_tps_median": patched.stat("prompt_tps")["median"],
+            "prefill_tps_median": _stat(patched, "prompt_tps")["median"],
             "stock_decode_tps": [r.decode_tps for r in control.runs],
             "stock_decode_tps_median": s["median"],
             "stock_prefill_tps": [r.prompt_tps for r in control.runs],
-            "stock_prefill_tps_median": control.stat("prompt_tps")["median"],
+            "stock_prefill_tps_median": _stat(control, "prompt_tps")["median"],
             "speedup": p["median"] / s["median"],
             "kernels_per_token": patched.kernels_per_token,
             "stock_kernels_per_token": control.kernels_per_token,
