@@ -7,6 +7,10 @@ command; a ZMLX_* name zmlx does not know gets a ZmlxWarning naming the valid on
   ZMLX_EXCLUDE    patterns to leave out, same grammar
   ZMLX_<PATTERN>  one flag per pattern (e.g. ZMLX_MOE_ROUTER): 1 adds it to the
                   preset, 0 removes it; explicit `patterns=` arguments win over flags
+  ZMLX_PRESET     the preset when `patch(preset=)` / --preset is not given: default
+                  (exact patterns only: identical tokens) or fast (also the close
+                  patterns the ledger shows ACCURATE on the family and backend);
+                  explicit patterns (argument or ZMLX_PATTERNS) win over any preset
   ZMLX_MOE_SHARED_EXPERTS_OVERLAP
                   1: the MoE block runs its shared expert on a second stream,
                   alongside the routed experts (experiment, off by default; needs
@@ -18,6 +22,10 @@ command; a ZMLX_* name zmlx does not know gets a ZmlxWarning naming the valid on
   ZMLX_LEDGER     the ledger `python -m zmlx.matrix` reads and writes when --ledger is
                   not given (default: $XDG_CACHE_HOME/zmlx/matrix.jsonl, else
                   ~/.cache/zmlx/matrix.jsonl; see `default_ledger_path`)
+  MLX_ENABLE_TF32 MLX's own (read by MLX once per process, default on): 0 makes CUDA run
+                  float32 matmuls in float32, not TF32. zmlx only reads it: with TF32 on,
+                  the accuracy rule's float32 reference runs on the CPU stream
+                  (`tf32_enabled`, zmlx.accuracy.exact_float32)
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ _FALSE = {"0", "false", "no", "off"}
 NOT_FLAGS = (
     "ZMLX_PATTERNS",
     "ZMLX_EXCLUDE",
+    "ZMLX_PRESET",
     "ZMLX_GIT_COMMIT",
     "ZMLX_GIT_DIRTY",
     "ZMLX_LEDGER",
@@ -45,6 +54,19 @@ NOT_FLAGS = (
 
 class ConfigError(ValueError):
     """A configuration value zmlx cannot use; the message says which and why."""
+
+
+# default: exact patterns only; fast: also the close ones the ledger shows ACCURATE
+PRESETS = ("default", "fast")
+
+
+def check_preset(value: str | None, what: str = "preset") -> str | None:
+    """The preset name, None when not given; ConfigError naming the valid ones otherwise."""
+    if value is None:
+        return None
+    if value not in PRESETS:
+        raise ConfigError(f"unknown preset {value!r} in {what}; valid: {', '.join(PRESETS)}")
+    return value
 
 
 def parse_selection(value: str | Iterable[str] | None, what: str = "patterns") -> tuple[str, ...] | None:
@@ -91,6 +113,7 @@ class PatchConfig:
     patterns: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     flags: Mapping[str, str] = field(default_factory=dict)
+    preset: str | None = None  # ZMLX_PRESET: used when patch() is given no preset
     # options patterns take (Pattern.options names them): see the module docstring
     shared_overlap: bool = False
 
@@ -111,6 +134,7 @@ class PatchConfig:
         return cls(
             patterns=parse_selection(_set(env, "ZMLX_PATTERNS"), "ZMLX_PATTERNS"),
             exclude=parse_selection(_set(env, "ZMLX_EXCLUDE"), "ZMLX_EXCLUDE") or (),
+            preset=check_preset(_set(env, "ZMLX_PRESET"), "ZMLX_PRESET"),
             flags=flags,
             shared_overlap=_shared_overlap(env),
         )
@@ -147,6 +171,17 @@ def _shared_overlap(env: Mapping[str, str]) -> bool:
     if overlap and streams < 2:
         raise ConfigError("ZMLX_MOE_SHARED_EXPERTS_OVERLAP=1 needs ZMLX_MOE_STREAMS=2 (or unset)")
     return overlap
+
+
+def tf32_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether MLX's CUDA backend runs float32 matmuls as TF32 (MLX_ENABLE_TF32, MLX's
+    default 1; any integer other than 0 means on, as MLX reads it)."""
+    env = os.environ if environ is None else environ
+    raw = (env.get("MLX_ENABLE_TF32") or "").strip()
+    try:
+        return int(raw) != 0 if raw else True
+    except ValueError:
+        return True
 
 
 def git_override(environ: Mapping[str, str] | None = None) -> tuple[str | None, bool | None]:

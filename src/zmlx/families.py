@@ -3,7 +3,8 @@
 A model's family is its `args.model_type` (GLM-5 and Kimi build their layers from
 DeepSeek classes, so the class's module says nothing about the family). For each
 family: the mlx-lm module that defines its classes, the class each pattern patches,
-per-family parameters a pattern needs, and the default preset.
+per-family parameters a pattern needs, the default preset (exact patterns) and what the
+`fast` preset adds (close patterns, each with the ledger line that shows it ACCURATE).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class Family:
     # backend -> the preset there instead, where the ledger shows more exact and faster
     # on that backend than on the others (a `close` kernel can be bitwise on one backend)
     presets_on: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # backend -> {close pattern: id of the current matrix.jsonl line (zmlx.matrix.ledger.line_id)
+    # whose verdict is ACCURATE for this family on this backend with that pattern}: what
+    # preset="fast" adds there. The package has no ledger at run time, so the evidence is
+    # named here and tests/test_presets.py checks each id against the repository's ledger.
+    fast_on: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def target_class(self, pattern: str) -> type:
         return getattr(importlib.import_module(self.module), self.targets[pattern].cls)
@@ -38,6 +44,17 @@ class Family:
     def preset_on(self, backend: Backend) -> tuple[str, ...]:
         """The default preset on `backend` ('cuda', 'metal', 'cpu')."""
         return self.presets_on.get(backend, self.preset)
+
+    def fast_added(self, backend: Backend) -> tuple[str, ...]:
+        """The close patterns preset="fast" adds on `backend` (ACCURATE in the ledger there)."""
+        return tuple(self.fast_on.get(backend, {}))
+
+    def preset_named(self, preset: str, backend: Backend) -> tuple[str, ...]:
+        """The patterns of preset `preset` ('default' or 'fast') on `backend`."""
+        base = self.preset_on(backend)
+        if preset != "fast":
+            return base
+        return base + tuple(n for n in self.fast_added(backend) if n not in base)
 
 
 FAMILIES: dict[str, Family] = {
@@ -69,6 +86,8 @@ FAMILIES: dict[str, Family] = {
             # benchmarks/NOTEBOOK.md.
             "cuda": ("moe_router", "moe_mlp", "downproj_combine", "glm47_rope"),
         },
+        # No ledger line says ACCURATE yet: preset="fast" is the default preset everywhere.
+        fast_on={},
     ),
 }
 

@@ -92,3 +92,13 @@ def test_no_warning_for_the_variables_zmlx_uses(model, monkeypatch):
         warnings.simplefilter("error")
         zmlx.patch(model, config=PatchConfig.from_env(env))
     zmlx.unpatch(model)
+
+
+def test_the_preset_variable_is_not_an_unknown_pattern_flag(model, monkeypatch):
+    monkeypatch.setattr(core, "_WARNED", set())
+    assert "ZMLX_PRESET" in NOT_FLAGS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = zmlx.patch(model, config=PatchConfig.from_env({"ZMLX_PRESET": "fast"}))
+    assert result.preset == "fast"
+    zmlx.unpatch(model)

@@ -17,15 +17,16 @@ import difflib
 import functools
 import inspect
 import warnings
-from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal, Sequence
 
 from zmlx import backend as _backend
 from zmlx.backend import Backend
-from zmlx.config import NOT_FLAGS, ConfigError, PatchConfig, flag_name, parse_selection
-from zmlx.families import FAMILIES, family_of
-from zmlx.kernels.core import Fidelity
+from zmlx.config import NOT_FLAGS, ConfigError, PatchConfig, check_preset, flag_name, parse_selection
+from zmlx.families import FAMILIES, Family, family_of
 from zmlx.patch.patterns import PATTERNS
+from zmlx.patch.result import PatchResult, PatternReport
+
+__all__ = ["PatchResult", "PatternReport", "ZmlxWarning", "patch", "select_patterns", "unpatch"]
 
 _STATE = "_zmlx_state"
 RESULT_ATTR = "zmlx_patch_result"
@@ -33,80 +34,6 @@ RESULT_ATTR = "zmlx_patch_result"
 
 class ZmlxWarning(UserWarning):
     """zmlx could not do what was asked, but the model still works as before."""
-
-
-# ---------------------------------------------------------------- result
-
-
-@dataclass
-class PatternReport:
-    name: str
-    fidelity: Fidelity  # on this backend: a "close" pattern whose kernels are bitwise stock here says "exact"
-    backend: Backend
-    path: Literal["kernel", "reference"]
-    patched: list[str] = field(default_factory=list)  # module paths
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
-    fallbacks: list[str] = field(default_factory=list)  # why the reference runs
-
-    @property
-    def runs_on(self) -> str:
-        return f"{self.backend} ({self.path})"
-
-
-@dataclass
-class PatchResult:
-    family: str | None
-    backend: Backend
-    patterns: dict[str, PatternReport] = field(default_factory=dict)
-    not_selected: dict[str, str] = field(default_factory=dict)  # name -> why
-    message: str = ""
-
-    @property
-    def patched_modules(self) -> int:
-        return sum(len(r.patched) for r in self.patterns.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["patched_modules"] = self.patched_modules
-        return d
-
-    def table(self):
-        """A rich Table: one row per pattern."""
-        from rich.table import Table
-
-        t = Table(title=f"zmlx.patch: {self.family or 'unknown family'} on {self.backend}")
-        for col in ("pattern", "fidelity", "patched", "skipped", "runs on", "notes"):
-            t.add_column(col, justify="right" if col in ("patched", "skipped") else "left")
-        for r in self.patterns.values():
-            notes = sorted({reason for _, reason in r.skipped} | set(r.fallbacks))
-            t.add_row(
-                r.name,
-                r.fidelity,
-                str(len(r.patched)),
-                str(len(r.skipped)),
-                r.runs_on,
-                "; ".join(notes),
-            )
-        for name, why in self.not_selected.items():
-            t.add_row(name, PATTERNS[name].fidelity, "-", "-", "-", f"not applied: {why}")
-        if self.message:
-            t.caption = self.message
-        return t
-
-    def __str__(self) -> str:
-        lines = [f"zmlx.patch: family={self.family} backend={self.backend}"]
-        for r in self.patterns.values():
-            lines.append(
-                f"  {r.name} ({r.fidelity}): patched {len(r.patched)}, skipped "
-                f"{len(r.skipped)}, runs on {r.runs_on}"
-            )
-            for reason in sorted({reason for _, reason in r.skipped} | set(r.fallbacks)):
-                lines.append(f"    - {reason}")
-        for name, why in self.not_selected.items():
-            lines.append(f"  {name}: not applied ({why})")
-        if self.message:
-            lines.append(f"  {self.message}")
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- selection
@@ -146,15 +73,32 @@ def warn_unknown_variables(config: PatchConfig) -> None:
         )
 
 
+def resolve_preset(preset: str | None, config: PatchConfig) -> str:
+    """The preset in force: the argument, else ZMLX_PRESET, else "default"."""
+    return check_preset(preset, "preset") or config.preset or "default"
+
+
+def preset_note(fam: Family | None, preset: str, backend: Backend) -> str:
+    """What the preset adds to the default one on `backend`, or why it adds nothing."""
+    if preset != "fast" or fam is None:
+        return ""
+    added = fam.fast_added(backend)
+    if not added:
+        return f"no close pattern is ACCURATE on {backend} in the ledger yet: the same as default"
+    return f"adds {', '.join(added)} (close, ACCURATE on {backend} in the ledger)"
+
+
 def select_patterns(
     family: str | None,
     patterns: str | Sequence[str] | None,
     exclude: str | Sequence[str] | None,
     config: PatchConfig,
     backend: Backend = "cpu",
+    preset: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The patterns to apply on `backend`, in registry order, and why each other known one
-    is not. `patterns` and `exclude` follow `zmlx.config.parse_selection`."""
+    is not. `patterns` and `exclude` follow `zmlx.config.parse_selection`; explicit patterns
+    win over the preset (`resolve_preset`: the argument, else ZMLX_PRESET, else default)."""
     patterns, exclude = parse_selection(patterns, "patterns"), parse_selection(exclude, "exclude")
     for names, what in (
         (patterns, "patterns"),
@@ -164,7 +108,8 @@ def select_patterns(
     ):
         check_names(names or (), what)
     fam = FAMILIES.get(family) if family is not None else None
-    preset = fam.preset_on(backend) if fam else ()
+    name_of_preset = resolve_preset(preset, config)
+    in_preset = fam.preset_named(name_of_preset, backend) if fam else ()
     explicit = patterns if patterns is not None else config.patterns
     why_not: dict[str, str] = {}
     if explicit is not None:
@@ -174,11 +119,12 @@ def select_patterns(
         chosen = set()
         for name in PATTERNS:
             flag = config.flag(name)
-            if flag is True or (flag is None and name in preset):
+            if flag is True or (flag is None and name in in_preset):
                 chosen.add(name)
-            elif flag is False and name in preset:
+            elif flag is False and name in in_preset:
                 why_not[name] = f"{flag_name(name)}=0"
-        why = "not in the default preset" + (f" on {backend}" if fam and fam.presets_on else "")
+        varies = fam and (fam.presets_on or (name_of_preset == "fast" and fam.fast_on))
+        why = f"not in the {name_of_preset} preset" + (f" on {backend}" if varies else "")
     for name in (*(exclude or ()), *config.exclude):
         if name in chosen:
             chosen.discard(name)
@@ -277,15 +223,19 @@ def patch(
     patterns: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     *,
+    preset: Literal["default", "fast"] | None = None,
     config: PatchConfig | None = None,
 ) -> PatchResult:
     """Patch `model` in place with the family's preset (or `patterns`, less `exclude`).
 
     `patterns` and `exclude` follow `zmlx.config.parse_selection`: None (the preset;
-    nothing excluded), "none" or () (no patterns), "a,b", "a" or ["a", "b"]. Returns the
-    PatchResult, also kept as `model.zmlx_patch_result`. Patching an already patched
-    model first restores it, so patching twice equals patching once. Raises ConfigError
-    for unknown pattern names and an empty selection ("" or ",").
+    nothing excluded), "none" or () (no patterns), "a,b", "a" or ["a", "b"]. `preset`
+    (else ZMLX_PRESET): "default" (exact patterns: identical tokens) or "fast" (also the
+    close patterns the ledger shows ACCURATE on this family and backend); explicit
+    patterns win over it. Returns the PatchResult, also kept as `model.zmlx_patch_result`.
+    Patching an already patched model first restores it, so patching twice equals
+    patching once. Raises ConfigError for unknown pattern or preset names and an empty
+    selection ("" or ",").
     """
     if not hasattr(model, "named_modules"):
         raise TypeError(f"zmlx.patch expects an mlx-lm model (mlx.nn.Module), got {type(model).__name__}")
@@ -294,11 +244,13 @@ def patch(
     warn_unknown_variables(config)
     family = family_of(model)
     backend = _backend.current()
-    selected, not_selected = select_patterns(family, patterns, exclude, config, backend)
+    selected, not_selected = select_patterns(family, patterns, exclude, config, backend, preset)
     unpatch(model)
-    result = PatchResult(family=family, backend=backend, not_selected=not_selected)
-
     fam = FAMILIES.get(family) if family is not None else None
+    explicit = patterns is not None or config.patterns is not None
+    chosen_by = None if explicit else resolve_preset(preset, config)
+    result = PatchResult(family=family, backend=backend, not_selected=not_selected, preset=chosen_by)
+    result.preset_note = preset_note(fam, chosen_by, backend) if chosen_by else ""
     if fam is None:
         supported = ", ".join(sorted(FAMILIES))
         result.message = (
