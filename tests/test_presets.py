@@ -206,3 +206,68 @@ def test_the_preset_travels_with_the_pickle(model, fast_mla):
     assert zmlx.patch_result(loaded).preset == "fast"
     assert type(loaded.model.layers[0].self_attn) is type(model.model.layers[0].self_attn)
     zmlx.unpatch(model)
+
+
+TINY = "synth:glm4_moe_lite/tiny/affine4"
+
+
+@pytest.mark.parametrize("command", [["drift", TINY], ["matrix", "run", TINY]])
+def test_an_unknown_preset_option_is_one_line_and_exit_2(command, tmp_path):
+    from typer.testing import CliRunner
+
+    from zmlx.cli import app
+
+    ledger = ["--ledger", str(tmp_path / "m.jsonl")] if command[0] == "matrix" else []
+    result = CliRunner().invoke(app, [*command, "--preset", "quick", *ledger])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == "error: unknown preset 'quick' in --preset; valid: default, fast"
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_drift_takes_the_preset(monkeypatch):
+    from typer.testing import CliRunner
+
+    from zmlx.cli import app
+
+    args = ["drift", TINY, "--steps", "1", "--prompt-tokens", "4", "--json", "--preset", "fast"]
+    plain = CliRunner().invoke(app, args)
+    assert plain.exit_code == 0, plain.output
+    assert "mla_attention" not in json.loads(plain.stdout)["patterns"]
+    fam = dataclasses.replace(FAMILIES[FAMILY], fast_on={"cpu": {"mla_attention": "0123456789"}})
+    monkeypatch.setitem(FAMILIES, FAMILY, fam)
+    fast = CliRunner().invoke(app, args)
+    assert fast.exit_code == 0, fast.output
+    assert "mla_attention" in json.loads(fast.stdout)["patterns"]
+
+
+def test_the_patterns_command_shows_the_fast_preset(monkeypatch):
+    from typer.testing import CliRunner
+
+    from zmlx.cli import app
+
+    monkeypatch.setenv("COLUMNS", "250")
+    out = CliRunner().invoke(app, ["patterns"]).stdout
+    assert "fast adds" in out and "no close pattern is ACCURATE in the ledger yet" in out
+    fam = dataclasses.replace(FAMILIES[FAMILY], fast_on={"cuda": {"mla_attention": "0123456789"}})
+    monkeypatch.setitem(FAMILIES, FAMILY, fam)
+    out = CliRunner().invoke(app, ["patterns"]).stdout
+    (row,) = [line for line in out.splitlines() if "mla_attention" in line]
+    assert row.rstrip(" │").endswith("glm4_moe_lite (cuda)")
+
+
+def test_matrix_run_takes_the_preset(monkeypatch, tmp_path):
+    """A set without --patterns is the preset's: here recorded without loading (SKIP(RAM))."""
+    from typer.testing import CliRunner
+
+    from zmlx import backend
+    from zmlx.cli import app
+
+    fam = dataclasses.replace(FAMILIES[FAMILY], fast_on={backend.current(): {"mla_attention": "0123456789"}})
+    monkeypatch.setitem(FAMILIES, FAMILY, fam)
+    ledger = tmp_path / "m.jsonl"
+    for preset in ("default", "fast"):
+        args = ["matrix", "run", TINY, "--preset", preset, "--max-memory-gb", "1e-6", "--ledger", str(ledger)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    default, fast = (e["patterns"] for e in L.read(ledger).entries)
+    assert "mla_attention" not in default and fast == [*default, "mla_attention"]

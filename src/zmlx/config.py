@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -57,16 +57,18 @@ class ConfigError(ValueError):
 
 
 # default: exact patterns only; fast: also the close ones the ledger shows ACCURATE
-PRESETS = ("default", "fast")
+Preset = Literal["default", "fast"]
+PRESETS: tuple[Preset, ...] = ("default", "fast")
 
 
-def check_preset(value: str | None, what: str = "preset") -> str | None:
+def check_preset(value: str | None, what: str = "preset") -> Preset | None:
     """The preset name, None when not given; ConfigError naming the valid ones otherwise."""
     if value is None:
         return None
-    if value not in PRESETS:
-        raise ConfigError(f"unknown preset {value!r} in {what}; valid: {', '.join(PRESETS)}")
-    return value
+    for preset in PRESETS:
+        if value == preset:
+            return preset
+    raise ConfigError(f"unknown preset {value!r} in {what}; valid: {', '.join(PRESETS)}")
 
 
 def parse_selection(value: str | Iterable[str] | None, what: str = "patterns") -> tuple[str, ...] | None:
@@ -113,7 +115,7 @@ class PatchConfig:
     patterns: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     flags: Mapping[str, str] = field(default_factory=dict)
-    preset: str | None = None  # ZMLX_PRESET: used when patch() is given no preset
+    preset: Preset | None = None  # ZMLX_PRESET: used when patch() is given no preset
     # options patterns take (Pattern.options names them): see the module docstring
     shared_overlap: bool = False
 

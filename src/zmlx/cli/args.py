@@ -4,6 +4,7 @@ same bad input gets the same one-line error and exit status 2 from each of them.
     with one_line_errors(model):            # bad input -> "error: ..." on stderr, exit 2
         at_least(1, {"--runs": runs})
         patterns = selection(patterns, "--patterns")
+        preset = preset_option(preset)          # --preset default|fast
         check_model_name(model)
         ...load and run...
 
@@ -19,10 +20,16 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator, Mapping
 
-from zmlx.config import ConfigError, PatchConfig
+from zmlx.config import PRESETS, ConfigError, PatchConfig, Preset, check_preset
 from zmlx.models import ModelLoadError
 
 # What MLX's CPU backend cannot run, and what to do instead.
+PRESET_HELP = (
+    f"{' or '.join(PRESETS)}: default applies exact patterns only (identical tokens); fast also "
+    "the close patterns the ledger shows ACCURATE on the family and backend "
+    "(default: $ZMLX_PRESET, else default; explicit --patterns win)"
+)
+
 _MLX_HINTS = {
     "GatherMM": "MLX's CPU backend runs unquantized MoE experts only in float32: use a quantized "
     "checkpoint (e.g. synth:FAMILY/tiny/affine4)",
@@ -58,6 +65,12 @@ def selection(value, option: str) -> tuple[str, ...] | None:
     from zmlx.patch.core import parse_names
 
     return parse_names(value, option)
+
+
+def preset_option(value: str | None, option: str = "--preset") -> Preset | None:
+    """--preset: default (exact patterns) or fast (also the close patterns the ledger shows
+    ACCURATE; zmlx.config.PRESETS); None when not given (then ZMLX_PRESET, else default)."""
+    return check_preset(value, option)
 
 
 def environment() -> PatchConfig:

@@ -53,6 +53,7 @@ def command(
         Optional[str],
         typer.Option(help="comma-separated patterns (default: the family's preset; none: no patterns)"),
     ] = None,
+    preset: Annotated[Optional[str], typer.Option(help=cli_args.PRESET_HELP)] = None,
     steps: Annotated[int, typer.Option(help="teacher-forced decode steps")] = 8,
     prompt_tokens: Annotated[int, typer.Option(help="prompt length (seeded random ids)")] = 32,
     perturb: Annotated[
@@ -75,11 +76,12 @@ def command(
         cli_args.at_least(2, {"--prompt-tokens": prompt_tokens})
         cli_args.finite("--perturb", perturb, at_least=0)
         pats = cli_args.selection(patterns, "--patterns")
+        chosen = cli_args.preset_option(preset)
         cli_args.environment()
         cli_args.check_model_name(model)
         stock, tok, source = load(model)
         patched, _, _ = load(model)
-        result = patch(patched, patterns=pats)
+        result = patch(patched, patterns=pats, preset=chosen)
         for name in ("layers", "embed_tokens", "norm"):
             if not hasattr(stock.model, name):
                 raise ConfigError(

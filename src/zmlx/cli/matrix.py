@@ -72,6 +72,7 @@ def run(
             "(one ledger line per set)"
         ),
     ] = None,
+    preset: Annotated[Optional[str], typer.Option(help=cli_args.PRESET_HELP)] = None,
     runs: Annotated[int, typer.Option(help="timed runs of each side")] = 3,
     max_tokens: Annotated[int, typer.Option(help="tokens generated per run")] = 200,
     prompt_tokens: Annotated[int, typer.Option(help="prompt length in tokens")] = 32,
@@ -96,6 +97,7 @@ def run(
         # None: the family's preset; (): none, stock vs stock
         asked: list[str | None] = list(patterns) if patterns else [None]
         sets = [cli_args.selection(p, "--patterns") for p in asked]
+        preset = cli_args.preset_option(preset)
         cli_args.environment()
         cli_args.check_model_name(model)
     params = {"runs": runs, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens}
@@ -117,7 +119,7 @@ def run(
     }
 
     if (why := too_large(model, max_memory_gb)) is not None:
-        for entry in E.skipped_for_memory(model, sets, why, current_backend(), **base):
+        for entry in E.skipped_for_memory(model, sets, why, current_backend(), preset=preset, **base):
             L.append(entry, ledger)
         print(f"SKIP(RAM): {model} {why}; recorded in {ledger}")
         return
@@ -127,7 +129,7 @@ def run(
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task(f"loading {model}", total=None)
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
-            variants = E.variants(model, source.family, sets, current_backend())
+            variants = E.variants(model, source.family, sets, current_backend(), preset)
             progress.update(
                 task, description="measuring", completed=0, total=(len(variants) + 1) * (runs + 1)
             )

@@ -55,9 +55,13 @@ def pattern_paths(patch: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def variants(
-    model: str, family: str | None, sets: Sequence[tuple[str, ...] | None], backend: Backend
+    model: str,
+    family: str | None,
+    sets: Sequence[tuple[str, ...] | None],
+    backend: Backend,
+    preset: str | None = None,
 ) -> list[Variant]:
-    """One variant per pattern set (None: the family's preset; (): stock vs stock, the noise
+    """One variant per pattern set (None: the family's `preset`; (): stock vs stock, the noise
     floor). ConfigError when a set applies no pattern to this model: its line would read as
     stock vs stock, which was not asked for."""
     out = []
@@ -65,7 +69,7 @@ def variants(
         if names == ():
             out.append(Variant(f"control_repeat_{i}", note="stock vs stock: the noise floor"))
             continue
-        applied, why_not = select_patterns(family, names, None, PatchConfig.from_env(), backend)
+        applied, why_not = select_patterns(family, names, None, PatchConfig.from_env(), backend, preset)
         if not applied:
             why = "; ".join(f"{n}: {w}" for n, w in why_not.items()) or (
                 f"model_type {family!r} has no zmlx patterns"
@@ -79,7 +83,12 @@ def variants(
 
 
 def skipped_for_memory(
-    model: str, sets: Sequence[tuple[str, ...] | None], reason: str, backend: Backend, **base: Any
+    model: str,
+    sets: Sequence[tuple[str, ...] | None],
+    reason: str,
+    backend: Backend,
+    preset: str | None = None,
+    **base: Any,
 ) -> list[dict[str, Any]]:
     """One SKIP(RAM) line per pattern set, with the patterns it would have applied;
     `base`: base_entry's notes, params, git and command."""
@@ -89,7 +98,9 @@ def skipped_for_memory(
     entries = []
     for names in sets:
         requested = (
-            [] if names == () else select_patterns(family, names, None, PatchConfig.from_env(), backend)[0]
+            []
+            if names == ()
+            else select_patterns(family, names, None, PatchConfig.from_env(), backend, preset)[0]
         )
         entry = base_entry(model, requested, **base)
         entry.update(

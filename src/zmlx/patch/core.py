@@ -21,7 +21,15 @@ from typing import Any, Iterable, Literal, Sequence
 
 from zmlx import backend as _backend
 from zmlx.backend import Backend
-from zmlx.config import NOT_FLAGS, ConfigError, PatchConfig, check_preset, flag_name, parse_selection
+from zmlx.config import (
+    NOT_FLAGS,
+    ConfigError,
+    PatchConfig,
+    Preset,
+    check_preset,
+    flag_name,
+    parse_selection,
+)
 from zmlx.families import FAMILIES, Family, family_of
 from zmlx.patch.patterns import PATTERNS
 from zmlx.patch.result import PatchResult, PatternReport
@@ -73,7 +81,7 @@ def warn_unknown_variables(config: PatchConfig) -> None:
         )
 
 
-def resolve_preset(preset: str | None, config: PatchConfig) -> str:
+def resolve_preset(preset: str | None, config: PatchConfig) -> Preset:
     """The preset in force: the argument, else ZMLX_PRESET, else "default"."""
     return check_preset(preset, "preset") or config.preset or "default"
 
@@ -223,7 +231,7 @@ def patch(
     patterns: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     *,
-    preset: Literal["default", "fast"] | None = None,
+    preset: Preset | None = None,
     config: PatchConfig | None = None,
 ) -> PatchResult:
     """Patch `model` in place with the family's preset (or `patterns`, less `exclude`).
