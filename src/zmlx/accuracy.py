@@ -257,14 +257,15 @@ def accuracy(
     tokens: Sequence[int],
     patterns: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
+    preset: config.Preset | None = None,
 ) -> Accuracy:
-    """The accuracy rule for `zmlx.patch(model, patterns, exclude)` on a loaded (stock)
+    """The accuracy rule for `zmlx.patch(model, patterns, exclude, preset=)` on a loaded (stock)
     mlx-lm model: teacher-forced over `prompt` (token ids) then `tokens` (stock's greedy
     continuation). Needs memory for a second copy of the model (`reference_bytes`)."""
     from zmlx.patch import patch, unpatch
 
     def apply(m):
-        patch(m, patterns, exclude)
+        patch(m, patterns, exclude, preset=preset)
         return lambda: unpatch(m)
 
     ids = prompt if isinstance(prompt, mx.array) else mx.array(list(prompt))
