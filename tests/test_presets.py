@@ -271,3 +271,20 @@ def test_matrix_run_takes_the_preset(monkeypatch, tmp_path):
         assert result.exit_code == 0, result.output
     default, fast = (e["patterns"] for e in L.read(ledger).entries)
     assert "mla_attention" not in default and fast == [*default, "mla_attention"]
+
+
+def test_the_accuracy_rule_judges_what_the_preset_applies(model, fast_mla, monkeypatch):
+    from zmlx import accuracy
+
+    seen = []
+
+    def compare(m, ids, tokens, apply):  # the patched side only: what apply() patches
+        undo = apply(m)
+        seen.append(_applied(zmlx.patch_result(m)))
+        undo()
+
+    monkeypatch.setattr(accuracy, "compare", compare)
+    accuracy.accuracy(model, [1, 2], [3], preset="fast")
+    accuracy.accuracy(model, [1, 2], [3])
+    assert "mla_attention" in seen[0] and "mla_attention" not in seen[1]
+    assert not zmlx.is_patched(model)
