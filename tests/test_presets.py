@@ -288,3 +288,14 @@ def test_the_accuracy_rule_judges_what_the_preset_applies(model, fast_mla, monke
     accuracy.accuracy(model, [1, 2], [3])
     assert "mla_attention" in seen[0] and "mla_attention" not in seen[1]
     assert not zmlx.is_patched(model)
+
+
+def test_a_bad_preset_variable_is_one_line_and_exit_2(monkeypatch):
+    from typer.testing import CliRunner
+
+    from zmlx.cli import app
+
+    monkeypatch.setenv("ZMLX_PRESET", "quick")
+    result = CliRunner().invoke(app, ["drift", TINY, "--steps", "1", "--prompt-tokens", "4"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == "error: unknown preset 'quick' in ZMLX_PRESET; valid: default, fast"
