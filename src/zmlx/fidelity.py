@@ -4,7 +4,9 @@
 The model is loaded once; stock and patched runs alternate on it (unpatch/patch),
 greedy, through mlx-lm's own `stream_generate`. Fidelity: identical tokens n/N and
 the first divergence per run; then, teacher-forced on the stock tokens, top-1
-agreement, max |logit difference| and the logits' correlation.
+agreement, max |logit difference| and the logits' correlation; with `accuracy=True`
+also the accuracy rule against a float32 reference (zmlx.accuracy). The verdict:
+PASS (identical tokens), ACCURATE (tokens differ, the rule holds) or FAIL.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import Any, Callable, Sequence, cast
 import mlx.core as mx
 
 from zmlx import backend as _backend
-from zmlx.config import ConfigError
+from zmlx.accuracy import Accuracy
+from zmlx.accuracy import accuracy as accuracy_check
+from zmlx.accuracy import verdict as accuracy_verdict
+from zmlx.config import ConfigError, Preset
 from zmlx.families import FAMILIES
 from zmlx.patch import PatchResult, ZmlxWarning, patch, unpatch
 
@@ -66,14 +71,22 @@ class Report:
     teacher_forced_top1: float = float("nan")
     max_abs_dlogit: float = float("nan")
     logit_correlation: float = float("nan")
+    accuracy: Accuracy | None = None  # the accuracy rule, when checked
 
     @property
     def passed(self) -> bool:
+        """Identical tokens to stock in every run."""
         return self.total > 0 and self.identical == self.total and self.first_divergence is None
 
     @property
     def verdict(self) -> str:
-        return "PASS" if self.passed else "FAIL"
+        """PASS, ACCURATE (tokens differ but the accuracy rule holds) or FAIL."""
+        return accuracy_verdict(self.passed, self.accuracy.accurate if self.accuracy else None)
+
+    @property
+    def ok(self) -> bool:
+        """PASS or ACCURATE: what exit status 0 means."""
+        return self.verdict != "FAIL"
 
     def median(self, which: str, key: str) -> float:
         return statistics.median(getattr(r, key) for r in getattr(self, which))
@@ -81,6 +94,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["verdict"] = self.verdict
+        d["accuracy"] = self.accuracy.to_dict() if self.accuracy else None
         for which in ("stock", "patched"):
             for r in d[which]:
                 r.pop("tokens")
@@ -170,8 +184,12 @@ def validate(
     prompt: str = DEFAULT_PROMPT,
     warmup_tokens: int = 8,
     on_step: Callable[[str], None] | None = None,
+    accuracy: bool = False,
+    preset: Preset | None = None,
 ) -> Report:
-    """Stock and patched, alternating on one model; returns the Report (model left stock)."""
+    """Stock and patched, alternating on one model; returns the Report (model left stock).
+    `accuracy`: also judge the patched model by the accuracy rule (zmlx.accuracy), which
+    needs memory for a float32 reference copy of the model."""
     if max_tokens < 1 or runs < 1:
         raise ConfigError("--max-tokens and --runs must be at least 1")
     step = on_step or (lambda _: None)
@@ -182,7 +200,7 @@ def validate(
     unpatch(model)
     with warnings.catch_warnings():  # the reason goes into NothingToValidate, said once
         warnings.filterwarnings("ignore", "nothing to patch", category=ZmlxWarning)
-        result = patch(model, patterns, exclude)
+        result = patch(model, patterns, exclude, preset=preset)
     applied = [n for n, r in result.patterns.items() if r.patched]
     unpatch(model)
     if not applied:
@@ -201,7 +219,7 @@ def validate(
     )
 
     def patched_run(fn):
-        patch(model, patterns, exclude)
+        patch(model, patterns, exclude, preset=preset)
         try:
             return fn()
         finally:
@@ -233,7 +251,7 @@ def validate(
         agree, max_d = 0, 0.0
         sx = sy = sxx = syy = sxy = 0.0
         count = 0
-        patch(model, patterns, exclude)
+        patch(model, patterns, exclude, preset=preset)
         try:
             for a, b in zip(stock_logits, teacher_forced_logits(model, prompt_arr, reference)):
                 agree += int(mx.argmax(a).item() == mx.argmax(b).item())
@@ -252,6 +270,9 @@ def validate(
         cov = sxy / count - (sx / count) * (sy / count)
         var = (sxx / count - (sx / count) ** 2) * (syy / count - (sy / count) ** 2)
         report.logit_correlation = cov / math.sqrt(var) if var > 0 else float("nan")
+        if accuracy:
+            report.accuracy = accuracy_check(model, prompt_arr, reference, patterns, exclude, preset)
+            step("accuracy rule")
     return report
 
 
