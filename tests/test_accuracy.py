@@ -211,3 +211,67 @@ def test_the_cli_prints_the_accuracy_table():
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["accuracy"]["ref_stock"]["positions"] == 8  # on by default for the tiny model
+
+
+def test_the_reference_avoids_tf32_on_cuda(monkeypatch):
+    """MLX runs float32 matmuls as TF32 on CUDA unless MLX_ENABLE_TF32=0: then the reference
+    runs on the CPU stream; elsewhere, and with TF32 off, where it is."""
+    from zmlx import config
+
+    assert config.tf32_enabled({}) and config.tf32_enabled({"MLX_ENABLE_TF32": "1"})
+    assert not config.tf32_enabled({"MLX_ENABLE_TF32": "0"})
+    import contextlib
+
+    used = []
+
+    def stream(s):
+        used.append(s)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(mx, "stream", stream)
+    monkeypatch.setattr(acc._backend, "current", lambda: "cuda")
+    monkeypatch.setattr(config, "tf32_enabled", lambda environ=None: True)
+    with acc.exact_float32():
+        pass
+    assert used == [mx.cpu]
+    monkeypatch.setattr(config, "tf32_enabled", lambda environ=None: False)
+    with acc.exact_float32():
+        pass
+    monkeypatch.setattr(acc._backend, "current", lambda: "metal")
+    monkeypatch.setattr(config, "tf32_enabled", lambda environ=None: True)
+    with acc.exact_float32():
+        pass
+    assert used == [mx.cpu]
+
+
+def test_accuracy_is_off_by_default_when_the_reference_does_not_fit(monkeypatch):
+    from zmlx.cli import validate as validate_cli
+    from zmlx.matrix import memory
+
+    assert validate_cli.accuracy_by_default(SPEC)  # the tiny model
+    need = memory.estimate_model_bytes(SPEC)
+    monkeypatch.setattr(memory, "memory_budget", lambda _: (int(1.5 * need), "test"))
+    assert not validate_cli.accuracy_by_default(SPEC)
+
+
+def test_no_accuracy_leaves_it_out():
+    from zmlx.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "validate",
+            SPEC,
+            "--patterns",
+            "moe_router",
+            "--max-tokens",
+            "4",
+            "--runs",
+            "1",
+            "--json",
+            "--no-accuracy",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["accuracy"] is None and d["verdict"] == "PASS"

@@ -93,6 +93,9 @@ def test_a_wrong_pattern_fails_validation(monkeypatch, capsys):
     assert d is not None and d["stock_token"] != d["patched_token"]
     assert report["identical"] == d["position"] < 32
     assert report["max_abs_dlogit"] > 0
+    # nor is it accurate: a wrong kernel is not rescued by the accuracy rule
+    assert report["accuracy"] is not None and not report["accuracy"]["accurate"]
+    assert report["accuracy"]["reasons"]
 
 
 @pytest.mark.slow
