@@ -42,7 +42,7 @@ def test_run_appends_a_measured_line(tmp_path):
     assert patched["kernels_per_token"] is None and "CUDA" in patched["kernels_note"]
     assert noise["patterns"] == [] and noise["fidelity"] == "PASS"
     # what was run, how it was configured, and which path each pattern took
-    assert patched["schema_version"] == 2 and patched["prompt_tokens"] == 32
+    assert patched["schema_version"] == 3 and patched["prompt_tokens"] == 32
     assert " -m zmlx.matrix run synth:glm4_moe_lite/tiny/affine4 --runs 2" in patched["command"]
     assert patched["env"] == {}
     assert set(patched["pattern_paths"]) == {"moe_router", "moe_combine"}
@@ -305,3 +305,44 @@ def test_several_pattern_sets_share_one_control(tmp_path):
     for e in (router, norm, noise):
         assert e["fidelity"] == "PASS" and "3 sets share one control" in e["notes"]
     assert router["gpu_us_per_token"] is None
+
+
+def test_a_close_set_is_judged_by_the_accuracy_rule(tmp_path):
+    from zmlx.accuracy import verdict
+
+    ledger = tmp_path / "m.jsonl"
+    p = matrix(
+        "run",
+        TINY,
+        "--patterns",
+        "mla_attention",
+        "--runs",
+        "1",
+        "--max-tokens",
+        "12",
+        "--ledger",
+        str(ledger),
+    )
+    assert p.returncode == 0, p.stderr
+    p = matrix(
+        "run",
+        TINY,
+        "--patterns",
+        "mla_attention",
+        "--runs",
+        "1",
+        "--max-tokens",
+        "4",
+        "--no-accuracy",
+        "--ledger",
+        str(ledger),
+    )
+    assert p.returncode == 0, p.stderr
+    judged, unjudged = L.read(ledger).entries
+    d = judged["fidelity_detail"]
+    acc = d["accuracy"]
+    assert {"ref_stock", "ref_patched", "stock_patched", "rule"} <= set(acc)  # the statistics are kept
+    assert acc["ref_patched"]["kld_mean"] >= 0
+    assert judged["fidelity"] == verdict(d["identical"] == d["total"], acc["accurate"])
+    assert "accuracy" not in unjudged["fidelity_detail"]
+    assert unjudged["fidelity"] in ("PASS", "FAIL")

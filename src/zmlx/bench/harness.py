@@ -174,11 +174,14 @@ def measure(
     warmup_tokens: int = 16,
     allow_unsafe: bool = False,
     count_kernels: bool = True,
+    accuracy: bool = False,
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
 ) -> list[VariantResult]:
     """Every variant, interleaved run by run. The first variant must be stock: it is the
-    baseline that the others' token fidelity is judged against."""
+    baseline that the others' token fidelity is judged against. `accuracy`: also judge each
+    patched variant by the accuracy rule (zmlx.accuracy: a float32 reference model, so
+    twice the memory), after every timed run; its verdict is then PASS, ACCURATE or FAIL."""
     if not variants or not variants[0].is_stock:
         raise ValueError("the first variant must be stock (control): it is the baseline")
     step = on_step or (lambda _: None)
@@ -213,4 +216,15 @@ def measure(
     control = active[0].tokens
     for r in active:
         r.fidelity = _fidelity(control, r.tokens)
+    if accuracy:
+        from zmlx.accuracy import accuracy as judge
+        from zmlx.accuracy import verdict
+
+        for r in active[1:]:
+            if r.variant.is_stock or r.variant.env:  # stock vs stock, or a variant judged by its env
+                continue
+            acc = judge(model, prompt, control[0], patterns=r.variant.patterns)
+            r.fidelity["accuracy"] = acc.to_dict()
+            r.fidelity["verdict"] = verdict(r.fidelity["verdict"] == "PASS", acc.accurate)
+            step(f"accuracy {r.variant.name}")
     return results

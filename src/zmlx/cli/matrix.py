@@ -83,12 +83,23 @@ def run(
         typer.Option(help="memory to assume instead of the device's (a larger model is SKIP(RAM))"),
     ] = None,
     count_kernels: Annotated[bool, typer.Option(help="count CUDA kernels per token")] = True,
+    accuracy: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--accuracy/--no-accuracy",
+            help="judge each set by the accuracy rule against a float32 reference model "
+            "(default: on when twice the model's size fits in memory)",
+        ),
+    ] = None,
 ):
-    """Measure MODEL stock vs patched and append one line per pattern set to the ledger."""
+    """Measure MODEL stock vs patched and append one line per pattern set to the ledger.
+    A set whose tokens differ from stock's is ACCURATE when the accuracy rule holds
+    (zmlx.accuracy), else FAIL."""
     from rich.progress import Progress
 
     from zmlx.backend import current as current_backend
     from zmlx.bench.harness import CONTROL, measure
+    from zmlx.cli.validate import accuracy_by_default
     from zmlx.models import load
 
     with cli_args.one_line_errors(model):  # the checks validate and drift make, before any work
@@ -141,6 +152,7 @@ def run(
                 max_tokens=max_tokens,
                 prompt_tokens=prompt_tokens,
                 count_kernels=count_kernels,
+                accuracy=accuracy_by_default(model) if accuracy is None else accuracy,
                 on_step=lambda _: progress.advance(task),
             )
 

@@ -10,7 +10,9 @@ it by its id (`line_id`: a hash of its content) and says why; `report` leaves su
 
 Schema versions: 1 recorded an unknown git state as `dirty: false`; 2 records `null` when
 unknown, and adds `command`, `env` (the ZMLX_* variables set) and `pattern_paths` (per
-pattern: kernel or reference, and why).
+pattern: kernel or reference, and why); 3 adds the accuracy rule: `fidelity` may be
+`ACCURATE` (tokens differ from stock's, the rule holds), and `fidelity_detail.accuracy`
+holds the KL-divergence statistics against the float32 reference (zmlx.accuracy).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SCHEMA = "zmlx.matrix"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SUPERSEDE = "supersede"  # the `kind` of a line that marks another one superseded
 
 REQUIRED = ("schema", "schema_version", "timestamp", "model", "patterns", "device", "fidelity")
