@@ -18,12 +18,21 @@ import math
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Annotated, Iterator, Mapping, Optional
+
+import typer
 
 from zmlx.config import PRESETS, ConfigError, PatchConfig, Preset, check_preset
 from zmlx.models import ModelLoadError
 
 # What MLX's CPU backend cannot run, and what to do instead.
+# The MODEL argument and --patterns option every model command takes, worded once.
+ModelArg = Annotated[str, typer.Argument(help="checkpoint directory, Hub id, or synth:FAMILY/PRESET/QUANT")]
+PatternsOpt = Annotated[
+    Optional[str],
+    typer.Option(help="comma-separated patterns (default: the family's preset; none: no patterns)"),
+]
+
 PRESET_HELP = (
     f"{' or '.join(PRESETS)}: default applies exact patterns only (identical tokens); fast also "
     "the close patterns the ledger shows ACCURATE on the family and backend "

@@ -48,11 +48,8 @@ def table(result: Drift, title: str):
 
 
 def command(
-    model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id, or synth:FAMILY/PRESET/QUANT")],
-    patterns: Annotated[
-        Optional[str],
-        typer.Option(help="comma-separated patterns (default: the family's preset; none: no patterns)"),
-    ] = None,
+    model: cli_args.ModelArg,
+    patterns: cli_args.PatternsOpt = None,
     preset: Annotated[Optional[str], typer.Option(help=cli_args.PRESET_HELP)] = None,
     steps: Annotated[int, typer.Option(help="teacher-forced decode steps")] = 8,
     prompt_tokens: Annotated[int, typer.Option(help="prompt length (seeded random ids)")] = 32,

@@ -167,11 +167,8 @@ def main_command(
 
 
 def command(
-    model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id, or synth:FAMILY/PRESET/QUANT")],
-    patterns: Annotated[
-        Optional[str],
-        typer.Option(help="comma-separated patterns (default: the family's preset; none: no patterns)"),
-    ] = None,
+    model: cli_args.ModelArg,
+    patterns: cli_args.PatternsOpt = None,
     exclude: Annotated[Optional[str], typer.Option(help="comma-separated patterns to leave out")] = None,
     preset: Annotated[Optional[str], typer.Option(help=cli_args.PRESET_HELP)] = None,
     max_tokens: Annotated[int, typer.Option(help="tokens to generate per run")] = 200,
