@@ -275,3 +275,14 @@ def test_no_accuracy_leaves_it_out():
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["accuracy"] is None and d["verdict"] == "PASS"
+
+
+def test_the_rule_also_reads_a_fixed_text(tiny_q4):
+    model, tok = tiny_q4
+    prompt, rest = acc.fixed_text_sequence(tok)
+    assert tok.decode(list(prompt) + list(rest)) == acc.FIXED_TEXT and len(rest) > 100
+    report = fidelity.validate(model, tok, patterns="moe_router", max_tokens=16, runs=1, accuracy=True)
+    # stock's 16 greedy tokens and every position of the fixed text
+    assert report.accuracy is not None and report.accuracy.ref_stock.positions == 16 + len(rest)
+    alone = acc.accuracy(model, mx.array(tok.encode(DEFAULT_PROMPT)), report.stock[0].tokens, "moe_router")
+    assert alone.ref_stock.positions == 16

@@ -6,7 +6,8 @@ instead against a float32 reference model (`reference_model`): the same weights
 (quantized weights stay quantized; their scales and biases, every other parameter and
 every activation in float32), computed truly in float32. Stock, patched and the
 reference are teacher-forced over the same tokens (stock's greedy tokens after the
-prompt) and their next-token distributions compared as llama.cpp's `--kl-divergence`
+prompt, and a fixed text, `FIXED_TEXT`, so that the rule sees text no model chose) and
+their next-token distributions compared as llama.cpp's `--kl-divergence`
 does: KL divergence in nats per position (mean ± standard error, 99th percentile, max),
 "same top token" % and the mean |Δp| of the first distribution's top token.
 
@@ -222,27 +223,57 @@ class Accuracy:
         }
 
 
+Sequence_ = tuple[Sequence[int] | mx.array, Sequence[int]]  # (prompt ids, tokens fed after it)
+
+# A plain passage teacher-forced next to stock's own tokens: text the models did not choose.
+FIXED_TEXT = (
+    "The river rose through the night, and by morning the lower fields were under water. "
+    "Farmers moved their animals to the ridge, where the old church stood above the valley. "
+    "Nobody could remember a flood like it; the oldest stones of the bridge still carried "
+    "marks from a storm two hundred years before, and the water reached them by noon. "
+    "In the afternoon the rain stopped. Children counted the boats drifting past the mill, "
+    "and the baker, whose ovens stood dry on the high street, gave away bread to anyone "
+    "who had walked up from the farms. By evening the level had fallen a hand's width, "
+    "and people began to talk about the harvest, the roads, and the cost of new fences."
+)
+
+
+def fixed_text_sequence(tokenizer, prompt_tokens: int = 8) -> Sequence_:
+    """FIXED_TEXT in `tokenizer`'s ids, split into a short prompt and the tokens after it."""
+    ids = list(tokenizer.encode(FIXED_TEXT))
+    return ids[:prompt_tokens], ids[prompt_tokens:]
+
+
 def compare(
     model,
-    prompt: mx.array,
+    prompt: Sequence[int] | mx.array,
     tokens: Sequence[int],
     apply: Callable[[Any], Callable[[], None]],
     rule: AccuracyRule = RULE,
+    also: Sequence[Sequence_] = (),
 ) -> Accuracy:
     """The check with any change to the model: `apply(model)` changes it in place and
     returns the function that undoes it. `model` must be stock when called; it is stock
-    again on return. The reference copy is freed before stock and patched run."""
+    again on return. `also`: more (prompt, tokens) sequences whose positions join the
+    statistics. The reference copy is freed before stock and patched run."""
     from zmlx.fidelity import teacher_forced_logits
+
+    seqs = [
+        (p if isinstance(p, mx.array) else mx.array(list(p)), list(t)) for p, t in [(prompt, tokens), *also]
+    ]
+
+    def logp(m) -> np.ndarray:
+        return np.concatenate([log_probs(list(teacher_forced_logits(m, p, t))) for p, t in seqs])
 
     ref = reference_model(model)
     with exact_float32():
-        lp_ref = log_probs(list(teacher_forced_logits(ref, prompt, tokens)))
+        lp_ref = logp(ref)
     del ref
     mx.clear_cache()
-    lp_stock = log_probs(list(teacher_forced_logits(model, prompt, tokens)))
+    lp_stock = logp(model)
     undo = apply(model)
     try:
-        lp_patched = log_probs(list(teacher_forced_logits(model, prompt, tokens)))
+        lp_patched = logp(model)
     finally:
         undo()
     ref_stock = Divergences.between(lp_ref, lp_stock)
@@ -258,15 +289,16 @@ def accuracy(
     patterns: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     preset: config.Preset | None = None,
+    also: Sequence[Sequence_] = (),
 ) -> Accuracy:
     """The accuracy rule for `zmlx.patch(model, patterns, exclude, preset=)` on a loaded (stock)
     mlx-lm model: teacher-forced over `prompt` (token ids) then `tokens` (stock's greedy
-    continuation). Needs memory for a second copy of the model (`reference_bytes`)."""
+    continuation), and over each (prompt, tokens) of `also` (e.g. `fixed_text_sequence`).
+    Needs memory for a second copy of the model (`reference_bytes`)."""
     from zmlx.patch import patch, unpatch
 
     def apply(m):
         patch(m, patterns, exclude, preset=preset)
         return lambda: unpatch(m)
 
-    ids = prompt if isinstance(prompt, mx.array) else mx.array(list(prompt))
-    return compare(model, ids, tokens, apply)
+    return compare(model, prompt, tokens, apply, also=also)

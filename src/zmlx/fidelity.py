@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence, cast
 import mlx.core as mx
 
 from zmlx import backend as _backend
-from zmlx.accuracy import Accuracy
+from zmlx.accuracy import Accuracy, fixed_text_sequence
 from zmlx.accuracy import accuracy as accuracy_check
 from zmlx.accuracy import verdict as accuracy_verdict
 from zmlx.config import ConfigError, Preset
@@ -271,7 +271,9 @@ def validate(
         var = (sxx / count - (sx / count) ** 2) * (syy / count - (sy / count) ** 2)
         report.logit_correlation = cov / math.sqrt(var) if var > 0 else float("nan")
         if accuracy:
-            report.accuracy = accuracy_check(model, prompt_arr, reference, patterns, exclude, preset)
+            report.accuracy = accuracy_check(
+                model, prompt_arr, reference, patterns, exclude, preset, also=[fixed_text_sequence(tokenizer)]
+            )
             step("accuracy rule")
     return report
 

@@ -218,12 +218,14 @@ def measure(
         r.fidelity = _fidelity(control, r.tokens)
     if accuracy:
         from zmlx.accuracy import accuracy as judge
-        from zmlx.accuracy import verdict
+        from zmlx.accuracy import fixed_text_sequence, verdict
+
+        also = [fixed_text_sequence(tokenizer)]
 
         for r in active[1:]:
             if r.variant.is_stock or r.variant.env:  # stock vs stock, or a variant judged by its env
                 continue
-            acc = judge(model, prompt, control[0], patterns=r.variant.patterns)
+            acc = judge(model, prompt, control[0], patterns=r.variant.patterns, also=also)
             r.fidelity["accuracy"] = acc.to_dict()
             r.fidelity["verdict"] = verdict(r.fidelity["verdict"] == "PASS", acc.accurate)
             step(f"accuracy {r.variant.name}")
