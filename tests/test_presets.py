@@ -109,6 +109,14 @@ def test_fast_equals_default_while_no_line_says_accurate():
 
 
 @pytest.fixture
+def no_fast(monkeypatch):
+    """The family as if no ledger line said ACCURATE."""
+    fam = dataclasses.replace(FAMILIES[FAMILY], fast_on={})
+    monkeypatch.setitem(FAMILIES, FAMILY, fam)
+    return fam
+
+
+@pytest.fixture
 def fast_mla(monkeypatch):
     """The family as if the ledger showed mla_attention ACCURATE on the CPU."""
     fam = dataclasses.replace(FAMILIES[FAMILY], fast_on={"cpu": {"mla_attention": "0123456789"}})
@@ -166,7 +174,7 @@ def _applied(result):
     return [n for n, r in result.patterns.items() if r.patched]
 
 
-def test_patch_stays_exact_by_default_and_fast_says_it_added_nothing(model):
+def test_patch_stays_exact_by_default_and_fast_says_it_added_nothing(model, no_fast):
     default = zmlx.patch(model, config=PatchConfig())
     assert default.preset == "default" and default.close == []
     assert "preset default" in str(default) and "every applied pattern is exact" in str(default)
@@ -224,7 +232,7 @@ def test_an_unknown_preset_option_is_one_line_and_exit_2(command, tmp_path):
     assert not (tmp_path / "m.jsonl").exists()
 
 
-def test_drift_takes_the_preset(monkeypatch):
+def test_drift_takes_the_preset(monkeypatch, no_fast):
     from typer.testing import CliRunner
 
     from zmlx.cli import app
@@ -240,7 +248,7 @@ def test_drift_takes_the_preset(monkeypatch):
     assert "mla_attention" in json.loads(fast.stdout)["patterns"]
 
 
-def test_the_patterns_command_shows_the_fast_preset(monkeypatch):
+def test_the_patterns_command_shows_the_fast_preset(monkeypatch, no_fast):
     from typer.testing import CliRunner
 
     from zmlx.cli import app
@@ -278,7 +286,7 @@ def test_the_accuracy_rule_judges_what_the_preset_applies(model, fast_mla, monke
 
     seen = []
 
-    def compare(m, ids, tokens, apply):  # the patched side only: what apply() patches
+    def compare(m, ids, tokens, apply, also=()):  # the patched side only: what apply() patches
         undo = apply(m)
         seen.append(_applied(zmlx.patch_result(m)))
         undo()
