@@ -79,7 +79,9 @@ def accuracy_table(acc: Accuracy):
     """llama.cpp's --kl-divergence summary, one row per comparison (KLD in nats per position)."""
     from rich.table import Table
 
-    t = Table(title="accuracy against the float32 reference (teacher-forced on stock's tokens and a fixed text)")
+    t = Table(
+        title="accuracy against the float32 reference (teacher-forced on stock's tokens and a fixed text)"
+    )
     for name in ("", "mean KLD ± err", "p99 KLD", "max KLD", "same top %", "mean |Δp|"):
         t.add_column(name, justify="left" if not name else "right")
     for label, d in acc.rows():
