@@ -210,7 +210,11 @@ def test_the_cli_prints_the_accuracy_table():
     )
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert d["accuracy"]["ref_stock"]["positions"] == 8  # on by default for the tiny model
+    from zmlx.models import load
+
+    _, tok, _ = load(SPEC)
+    fixed = len(acc.fixed_text_sequence(tok)[1])
+    assert d["accuracy"]["ref_stock"]["positions"] == 8 + fixed  # on by default for the tiny model
 
 
 def test_the_reference_avoids_tf32_on_cuda(monkeypatch):
