@@ -56,3 +56,12 @@ def test_a_model_mlx_cannot_run_here_is_one_line_with_the_hint(tmp_path):
 def test_a_model_no_pattern_applies_to_is_refused_not_recorded_as_stock_vs_stock(tmp_path, llama_checkpoint):
     line = _refused(tmp_path, str(llama_checkpoint), "--runs", "1", "--max-tokens", "2", "--no-count-kernels")
     assert "nothing to measure" in line and "'llama' has no zmlx patterns" in line
+
+
+@pytest.mark.parametrize(
+    "command", [["history"], ["report"], ["supersede", "abc", "--reason", "x"], ["run", TINY]]
+)
+def test_a_ledger_that_is_a_directory_is_one_line_for_every_command(tmp_path, command):
+    result = CliRunner().invoke(matrix_cli.app, [*command, "--ledger", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is a directory" in result.stderr.strip().splitlines()[-1]

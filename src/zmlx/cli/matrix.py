@@ -48,7 +48,12 @@ LedgerOpt = Annotated[
 
 
 def _ledger(path: Path | None) -> Path:
-    return path.expanduser() if path is not None else default_ledger_path()
+    """The ledger every command reads or writes: --ledger, else the user's; a directory is
+    refused here, once, for every command (history and report read it too)."""
+    resolved = path.expanduser() if path is not None else default_ledger_path()
+    if resolved.is_dir():
+        _fail(f"ledger {resolved} is a directory: give a file, e.g. {resolved / 'matrix.jsonl'}")
+    return resolved
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
