@@ -1,0 +1,278 @@
+"""moe_down: the routed experts' down projection, the routing weights, the shared expert's
+down projection and the decoder layer's residual add in one launch (decode; launch 3 of the
+moe_block). A dense variant does a dense MLP's down projection and the residual add.
+
+Stock (mlx-lm `Glm4MoeLiteMoE` from its down projections on, then
+`Glm4MoeLiteDecoderLayer`'s `h + r`):
+
+    y   = gather_qmm(h, down_w, ..., rhs_indices=inds)     # (..., k, D), rounded to T
+    y   = (y * scores[..., None]).sum(-2).astype(T)
+    y   = y + quantized_matmul(hs, sdown_w, ...)           # the shared expert's down, in T
+    out = resid + y                                        # in T
+    dense layer (Glm4MoeLiteMLP): out = resid + quantized_matmul(h, down_w, ...)
+
+Fused: downproj_combine's warp per output value (token, d) goes on: after the k routed
+rows (each rounded to T, weighted and summed in moe_combine's order, rounded to T) the same
+warp dots the shared expert's row d with hs (its own packing), rounds it to T and adds it
+as stock does, then lane 0 adds the residual. No intermediate is written; five stock
+launches (two matmuls, the combine, two adds) become one.
+
+Fidelity: on CUDA the dots are MLX's qmv's arithmetic (gemv's for unquantized weights;
+csrc/quant.h) and the adds round as MLX's, so the kernel is bitwise stock wherever stock
+runs its matvecs: fewer than 8 expert rows for the routed experts and one token for a dense
+down projection (the shared expert's, the dense layer's: a dense quantized_matmul leaves
+qmv from 2 rows on sm90); other calls take the reference. On Metal the dot is a plain
+float32 sum: `close`.
+
+Device code: csrc/moe_down_body.h; the dot is csrc/quant.h, the sum in stock's order
+csrc/expert_sum.h.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import mlx.core as mx
+
+from zmlx.kernels import downproj_combine
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
+from zmlx.kernels.moe_mlp import quantized_experts
+from zmlx.kernels.quant import dequantized, or_placeholder, packing, regime_reason, weights_reason
+from zmlx.kernels.swiglu_mlp import dense, quantized_linear
+
+
+def reference(
+    h,
+    inds,
+    scores,
+    down_w,
+    down_s,
+    down_b,
+    resid,
+    hs=None,
+    sdown_w=None,
+    sdown_s=None,
+    sdown_b=None,
+    *,
+    group_size=None,
+    bits=None,
+    shared_group_size=None,
+    shared_bits=None,
+):
+    """mlx-lm's op sequence, -> (..., D) in T.
+    routed: h (..., k, I) in T, inds (..., k), scores (..., k) float32, hs (..., Is) or None;
+    dense (inds and scores None): h (..., I), down_w one matrix (D, I)."""
+    if inds is None:
+        return resid + dense(h, down_w, down_s, down_b, group_size, bits)
+    shared = None if hs is None else dense(hs, sdown_w, sdown_s, sdown_b, shared_group_size, shared_bits)
+    y = downproj_combine.reference(
+        h, inds, scores, down_w, down_s, down_b, shared, group_size=group_size, bits=bits
+    )
+    return resid + y
+
+
+def reference_f32(
+    h,
+    inds,
+    scores,
+    down_w,
+    down_s,
+    down_b,
+    resid,
+    hs=None,
+    sdown_w=None,
+    sdown_s=None,
+    sdown_b=None,
+    *,
+    group_size=None,
+    bits=None,
+    shared_group_size=None,
+    shared_bits=None,
+):
+    """The same in float32 throughout: the accuracy bar."""
+    r = resid.astype(mx.float32)
+    if inds is None:
+        return r + h.astype(mx.float32) @ dequantized(down_w, down_s, down_b, group_size, bits).T
+    shared = None
+    if hs is not None:
+        shared = (
+            hs.astype(mx.float32) @ dequantized(sdown_w, sdown_s, sdown_b, shared_group_size, shared_bits).T
+        )
+    y = downproj_combine.reference_f32(
+        h, inds, scores, down_w, down_s, down_b, shared, group_size=group_size, bits=bits
+    )
+    return r + y
+
+
+@functools.cache
+def _placeholders() -> tuple[mx.array, mx.array]:
+    # the dense variant's indices and scores inputs, never read when DENSE
+    return mx.zeros((1,), mx.uint32), mx.zeros((1,), mx.float32)
+
+
+_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+
+def _dense_reason(backend, x, w, s, b, *, rows: int, group_size, bits, what: str) -> str | None:
+    """Why a dense down projection of x (..., cols) by w (rows, cols) does not fit, or None."""
+    cols = x.shape[-1]
+    if (
+        why := weights_reason(w, s, b, cols=cols, group_size=group_size, bits=bits, dtype=x.dtype)
+    ) is not None:
+        return f"{what}: {why}"
+    if w.ndim != 2 or w.shape[0] != rows:
+        return f"{what}: weights {w.shape} for {rows} outputs"
+    n = math.prod(x.shape[:-1])
+    # a dense matmul leaves its matvec (qmv or gemv) from 2 rows
+    if (why := regime_reason(backend, n, x.dtype, s, b, w, qmv_rows=2, gemv_rows=2)) is not None:
+        return f"{what}: {why}"
+    return None
+
+
+def launch(
+    backend,
+    h,
+    inds,
+    scores,
+    down_w,
+    down_s,
+    down_b,
+    resid,
+    hs=None,
+    sdown_w=None,
+    sdown_s=None,
+    sdown_b=None,
+    *,
+    group_size=None,
+    bits=None,
+    shared_group_size=None,
+    shared_bits=None,
+) -> Launch | Skip:
+    if h.dtype not in _DTYPES:
+        return Skip(f"h {h.dtype}")
+    if (inds is None) != (scores is None):
+        return Skip("indices and scores: both or neither (the dense variant)")
+    is_dense = inds is None
+    if is_dense:  # the dense MLP's down projection
+        if hs is not None:
+            return Skip("the dense variant takes no shared expert")
+        lead, k, i = h.shape[:-1], 1, h.shape[-1]
+        d = down_w.shape[0]
+        why = _dense_reason(
+            backend, h, down_w, down_s, down_b, rows=d, group_size=group_size, bits=bits, what="down"
+        )
+        if why is not None:
+            return Skip(why)
+        inds, scores = _placeholders()
+        sequential = True  # no expert sum
+    else:
+        routed = downproj_combine.launch(
+            backend, h, inds, scores, down_w, down_s, down_b, group_size=group_size, bits=bits
+        )
+        if isinstance(routed, Skip):
+            return routed
+        t = dict(routed.template)
+        lead, k, i, d, sequential = h.shape[:-2], t["K"], t["I"], t["D"], t["SEQUENTIAL"]
+        if hs is not None:
+            if sdown_w is None:
+                return Skip("shared expert output without its down weights")
+            if hs.dtype != h.dtype or hs.shape[:-1] != lead:
+                return Skip(f"shared expert input {hs.shape} {hs.dtype} for h {h.shape} {h.dtype}")
+            why = _dense_reason(
+                backend,
+                hs,
+                sdown_w,
+                sdown_s,
+                sdown_b,
+                rows=d,
+                group_size=shared_group_size,
+                bits=shared_bits,
+                what="shared expert",
+            )
+            if why is not None:
+                return Skip(why)
+    if resid.shape != lead + (d,) or resid.dtype != h.dtype:
+        return Skip(f"residual {resid.shape} {resid.dtype} for outputs {lead + (d,)} {h.dtype}")
+    n = math.prod(lead)
+    if n == 0 or n * d * 32 >= 2**31:
+        return Skip(f"{n} tokens x {d} outputs for one launch")
+    gs, nbits = packing(i, group_size, bits)
+    has_shared = hs is not None
+    # without a shared expert its inputs are the routed ones, packing and all (never read)
+    s_w, s_s, s_b, s_x = (sdown_w, sdown_s, sdown_b, hs) if has_shared else (down_w, down_s, down_b, h)
+    i_s = s_x.shape[-1]
+    sgs, sbits = packing(i_s, shared_group_size, shared_bits) if has_shared else (gs, nbits)
+    return Launch(
+        inputs=[
+            h,
+            inds,
+            scores,
+            down_w,
+            or_placeholder(down_s, down_w),
+            or_placeholder(down_b, down_w),
+            resid,
+            s_x,
+            s_w,
+            or_placeholder(s_s, s_w),
+            or_placeholder(s_b, s_w),
+        ],
+        template=[
+            ("T", h.dtype),
+            ("N", n),
+            ("K", k),
+            ("I", i),
+            ("D", d),
+            ("GS", gs),
+            ("BITS", nbits),
+            ("IS", i_s),
+            ("SGS", sgs),
+            ("SBITS", sbits),
+            ("HAS_SHARED", has_shared),
+            ("DENSE", is_dense),
+            ("SEQUENTIAL", sequential),
+        ],
+        grid=(n * d * 32, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[lead + (d,)],
+        output_dtypes=[h.dtype],
+    )
+
+
+def example():
+    h = mx.random.normal((1, 1, 4, 128), key=mx.random.key(81)).astype(mx.bfloat16)
+    inds = mx.array([[[3, 0, 5, 1]]], dtype=mx.uint32)
+    scores = mx.random.uniform(shape=(1, 1, 4), key=mx.random.key(82))
+    w = quantized_experts(6, 40, 128, group_size=64, bits=4, dtype=mx.bfloat16, seed=83)
+    resid = mx.random.normal((1, 1, 40), key=mx.random.key(84)).astype(mx.bfloat16)
+    hs = mx.random.normal((1, 1, 192), key=mx.random.key(85)).astype(mx.bfloat16)
+    sw = quantized_linear(40, 192, group_size=32, bits=8, dtype=mx.bfloat16, seed=86)
+    kw = dict(group_size=64, bits=4, shared_group_size=32, shared_bits=8)
+    return (h, inds, scores, *w, resid, hs, *sw), kw
+
+
+moe_down = KernelDef(
+    name="moe_down",
+    reference=reference,
+    fidelity="close",
+    exact_on=("cuda",),  # bitwise stock's qmv/gemv, combine and adds where launch() takes the call
+    tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
+    body=device_code("moe_down_body.h"),
+    header=device_code("quant.h", "expert_sum.h"),
+    input_names=(
+        "h",
+        "inds",
+        "scores",
+        "down_w",
+        "down_s",
+        "down_b",
+        "resid",
+        "hs",
+        "sdown_w",
+        "sdown_s",
+        "sdown_b",
+    ),
+    output_names=("out",),
+    launch=launch,
+    example=example,
+)

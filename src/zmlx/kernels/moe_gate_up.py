@@ -1,0 +1,179 @@
+"""moe_gate_up: the routed experts' and the shared expert's gate + up + SwiGLU in one
+launch (decode; launch 2 of the moe_block).
+
+Stock (mlx-lm `Glm4MoeLiteMoE`: `SwitchGLU` up to its down projection, and the shared
+`Glm4MoeLiteMLP` up to its own):
+
+    up   = gather_qmm(x, up_w, ..., rhs_indices=inds)     # (..., k, 1, I), rounded to T
+    gate = gather_qmm(x, gate_w, ..., rhs_indices=inds)
+    hr   = silu(gate) * up                                 # in T
+    hs   = swiglu(quantized_matmul(x, sgate_w, ...), quantized_matmul(x, sup_w, ...))  # (..., Is)
+
+Fused: moe_mlp's kernel with the shared expert's rows in the same launch. One 32-lane warp
+per output element: warps below N*k*I take a routed expert's row (as moe_mlp), the warps
+past them the shared expert's N*Is rows (as swiglu_mlp), with the shared weights' own
+packing (they may be quantized differently from the experts). x is read by both; six
+stock launches (four matmuls, two SwiGLUs) become one.
+
+Fidelity: on CUDA the dots follow MLX's qmv (gemv for unquantized weights) and SwiGLU is
+MLX's own device functors (csrc/quant.h), so both outputs are bitwise stock wherever
+stock runs its matvecs: fewer than 8 expert rows for the routed side, and one token for
+the shared side (a dense quantized_matmul leaves qmv from 2 rows on sm90): other calls
+take the reference. On Metal the dot is a plain float32 sum: `close`.
+
+Device code: csrc/moe_gate_up_body.h (moe_mlp's body and its shared rows); the dot and
+SwiGLU are csrc/quant.h.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from zmlx.kernels import moe_mlp, swiglu_mlp
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
+from zmlx.kernels.moe_mlp import quantized_experts
+from zmlx.kernels.swiglu_mlp import quantized_linear
+
+
+def reference(
+    x,
+    inds,
+    gate_w,
+    gate_s,
+    gate_b,
+    up_w,
+    up_s,
+    up_b,
+    sgate_w,
+    sgate_s,
+    sgate_b,
+    sup_w,
+    sup_s,
+    sup_b,
+    *,
+    group_size=None,
+    bits=None,
+    shared_group_size=None,
+    shared_bits=None,
+):
+    """mlx-lm's op sequences. x (..., D), inds (..., k) -> (hr (..., k, I), hs (..., Is)) in
+    x's dtype: the routed experts' SwiGLU (moe_mlp) and the shared expert's (swiglu_mlp)."""
+    hr = moe_mlp.reference(
+        x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, group_size=group_size, bits=bits
+    )
+    hs = swiglu_mlp.reference(
+        x, sgate_w, sgate_s, sgate_b, sup_w, sup_s, sup_b, group_size=shared_group_size, bits=shared_bits
+    )
+    return hr, hs
+
+
+def reference_f32(
+    x,
+    inds,
+    gate_w,
+    gate_s,
+    gate_b,
+    up_w,
+    up_s,
+    up_b,
+    sgate_w,
+    sgate_s,
+    sgate_b,
+    sup_w,
+    sup_s,
+    sup_b,
+    *,
+    group_size=None,
+    bits=None,
+    shared_group_size=None,
+    shared_bits=None,
+):
+    """The same in float32 throughout: the accuracy bar."""
+    routed = (gate_w, gate_s, gate_b, up_w, up_s, up_b)
+    shared = (sgate_w, sgate_s, sgate_b, sup_w, sup_s, sup_b)
+    return (
+        moe_mlp.reference_f32(x, inds, *routed, group_size=group_size, bits=bits),
+        swiglu_mlp.reference_f32(x, *shared, group_size=shared_group_size, bits=shared_bits),
+    )
+
+
+def launch(
+    backend,
+    x,
+    inds,
+    gate_w,
+    gate_s,
+    gate_b,
+    up_w,
+    up_s,
+    up_b,
+    sgate_w,
+    sgate_s,
+    sgate_b,
+    sup_w,
+    sup_s,
+    sup_b,
+    *,
+    group_size=None,
+    bits=None,
+    shared_group_size=None,
+    shared_bits=None,
+) -> Launch | Skip:
+    # each side's shapes, dtypes and regime are checked as its own kernel checks them
+    routed = moe_mlp.launch(
+        backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, group_size=group_size, bits=bits
+    )
+    if isinstance(routed, Skip):
+        return routed
+    shared = swiglu_mlp.launch(
+        backend,
+        x,
+        sgate_w,
+        sgate_s,
+        sgate_b,
+        sup_w,
+        sup_s,
+        sup_b,
+        group_size=shared_group_size,
+        bits=shared_bits,
+    )
+    if isinstance(shared, Skip):
+        return Skip(f"shared expert: {shared.reason}")
+    t, s = dict(routed.template), dict(shared.template)
+    n, k, i, i_s = t["N"], t["K"], t["I"], s["I"]
+    warps = n * k * i + n * i_s
+    if warps * 32 >= 2**31:
+        return Skip(f"{warps} rows is too large for one launch")
+    return Launch(
+        inputs=routed.inputs + shared.inputs[2:],  # the shared side's inputs past its x and no-indices
+        template=routed.template + [("IS", i_s), ("SGS", s["GS"]), ("SBITS", s["BITS"])],
+        grid=(warps * 32, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=routed.output_shapes + shared.output_shapes,
+        output_dtypes=[x.dtype, x.dtype],
+    )
+
+
+def example():
+    x = mx.random.normal((1, 1, 256), key=mx.random.key(71)).astype(mx.bfloat16)
+    inds = mx.array([[[3, 0, 5, 1]]], dtype=mx.uint32)
+    g = quantized_experts(6, 24, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=72)
+    u = quantized_experts(6, 24, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=73)
+    sg = quantized_linear(40, 256, group_size=128, bits=8, dtype=mx.bfloat16, seed=74)
+    su = quantized_linear(40, 256, group_size=128, bits=8, dtype=mx.bfloat16, seed=75)
+    return (x, inds, *g, *u, *sg, *su), dict(group_size=64, bits=4, shared_group_size=128, shared_bits=8)
+
+
+moe_gate_up = KernelDef(
+    name="moe_gate_up",
+    reference=reference,
+    fidelity="close",
+    exact_on=("cuda",),  # bitwise stock's qmv/gemv (+ swiglu) where launch() takes the call
+    tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
+    body=device_code("moe_gate_up_body.h"),
+    header=device_code("quant.h"),
+    input_names=moe_mlp.SHARED["input_names"] + ("sgate_w", "sgate_s", "sgate_b", "sup_w", "sup_s", "sup_b"),
+    output_names=("out", "sout"),
+    launch=launch,
+    example=example,
+)
