@@ -1,0 +1,191 @@
+"""norm_router: the residual add, the RMSNorm and the MoE router in one launch (decode;
+launch 1 of the moe_block).
+
+Stock (mlx-lm `glm4_moe_lite`: the decoder layer, then `MoEGate`):
+
+    h     = x + r                                   # in T
+    xn    = mx.fast.rms_norm(h, norm_w, eps)        # post_attention_layernorm, T
+    gates = xn @ gate_w.T                           # unquantized (E, D) weight in T -> T
+    inds, scores = group_expert_select(gates, ...)  # sigmoid, bias for selection, top-k, ...
+
+Fused: one threadgroup per token recomputes h and its RMS in MLX's rms_norm order
+(residual_norm's geometry; threads past its BLOCK add +0.0 where MLX's reduction has its
+zero fill), writes h and xn and keeps xn in threadgroup memory, computes the E gate dots
+(warps split the experts) rounded to T, and one warp routes with moe_router's arithmetic.
+
+The gate matvec: MLX's CUDA `Matmul::eval_gpu` (mlx/backend/cuda/matmul.cpp) flattens
+xn to (M, D) and calls `gemm_and_bias`, which takes `cu::gemv` (gemms/gemv.cu) when
+`can_use_gemv`: M == 1 with the transposed weight view `gate_w.T`. That is `gemv_single`,
+one warp per row: lane l sums n_per_thread values at n_per_thread * l + 32 * n_per_thread * r
+into one float (fma), n_per_thread 4 / 2 / 1 from D % 128, D % 64 and the alignment of the
+weight and of xn (a fresh array: aligned), then `cg::reduce` and a rounding to T. The kernel
+runs that order through csrc/quant.h's `zmlx_qdot_lane` (BITS = 32). With more than one
+token M > 1 and stock runs cuBLAS, whose order is not followed: on CUDA such calls take
+the reference.
+
+Fidelity: bitwise stock on CUDA (batch 1 decode); on Metal the dot is a plain float32 sum
+(`close`). Group-limited routing (n_group > 1), E > 256 and k > 8 take the reference.
+
+Device code: csrc/norm_router_body.h (the body); csrc/quant.h (the gemv-order dot),
+csrc/residual_norm.h (the square-accumulate and rsqrt) and csrc/moe_router.h (MLX's
+sigmoid and sort order) as its header.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from zmlx.kernels import moe_router
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
+from zmlx.kernels.residual_norm import geometry
+
+
+def reference(
+    x: mx.array,
+    r: mx.array,
+    norm_w: mx.array,
+    gate_w: mx.array,
+    bias: mx.array,
+    *,
+    eps: float,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+    norm_topk_prob: bool = True,
+    renorm_eps: float | None = None,
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """x, r (..., D) in T, norm_w (D,), gate_w (E, D), bias (E,) -> (h (..., D) T, xn (..., D) T,
+    inds (..., k) uint32, scores (..., k) float32): mlx-lm's op sequence."""
+    h = x + r
+    xn = mx.fast.rms_norm(h, norm_w, eps)
+    inds, scores = moe_router.reference(
+        xn @ gate_w.T,
+        bias,
+        top_k=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor,
+        norm_topk_prob=norm_topk_prob,
+        renorm_eps=renorm_eps,
+    )
+    return h, xn, inds, scores
+
+
+_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+# threadgroup memory the body may declare (xn, the gates, the sums): Metal's limit
+_SHARED_BYTES = 32768
+# threads per group for the gate dots (more warps split the experts), at least rms's BLOCK
+_GATE_THREADS = 512
+
+
+def launch(
+    backend,
+    x,
+    r,
+    norm_w,
+    gate_w,
+    bias,
+    *,
+    eps,
+    top_k,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=1.0,
+    norm_topk_prob=True,
+    renorm_eps=None,
+) -> Launch | Skip:
+    if n_group > 1:
+        return Skip(f"group-limited routing (n_group={n_group}) is not fused")
+    if x.dtype not in _DTYPES or r.dtype != x.dtype or norm_w.dtype != x.dtype:
+        return Skip(f"x {x.dtype}, r {r.dtype}, norm weight {norm_w.dtype} (one float dtype needed)")
+    if gate_w.dtype != x.dtype:
+        return Skip(f"gate weight {gate_w.dtype} (quantized, or not in x's dtype {x.dtype})")
+    if bias.dtype not in _DTYPES:
+        return Skip(f"bias {bias.dtype}")
+    if x.ndim < 1 or r.shape != x.shape or norm_w.shape != x.shape[-1:]:
+        return Skip(f"shapes x {x.shape}, r {r.shape}, norm weight {norm_w.shape}")
+    d = x.shape[-1]
+    if gate_w.ndim != 2 or gate_w.shape[1] != d or bias.shape != gate_w.shape[:1]:
+        return Skip(f"gate weight {gate_w.shape}, bias {bias.shape} for rows of {d}")
+    e = gate_w.shape[0]
+    if not (1 <= e <= 256 and 1 <= top_k <= min(8, e)):
+        return Skip(f"{e} experts, top-{top_k} (the kernel takes <= 256 experts, top-k <= 8)")
+    rows = math.prod(x.shape[:-1])
+    if rows == 0 or d == 0:
+        return Skip("empty input")
+    if backend == "cuda" and rows > 1:
+        return Skip(f"{rows} tokens: stock's gate matmul runs cuBLAS from 2 rows (only its gemv is followed)")
+    geo = geometry(backend, d, x.dtype.size)
+    if isinstance(geo, Skip):
+        return geo
+    block, chunks, nr = geo
+    if chunks * nr > 64:
+        return Skip(f"row of {d} needs {chunks * nr} values per thread")
+    if d * x.dtype.size + 4 * (e + 32) > _SHARED_BYTES:
+        return Skip(f"row of {d} {x.dtype} does not fit in threadgroup memory")
+    threads = max(block, min(_GATE_THREADS, 32 * e))
+    lead = x.shape[:-1]
+    return Launch(
+        inputs=[x, r, norm_w, gate_w, bias],
+        template=[
+            ("T", x.dtype),
+            ("D", d),
+            ("E", e),
+            ("K", top_k),
+            ("BLOCK", block),
+            ("CHUNKS", chunks),
+            ("NR", nr),
+            ("TG", threads),
+            ("NORM_EPS_BITS", float_bits(eps)),
+            ("NORM", top_k > 1 and bool(norm_topk_prob)),
+            ("HAS_EPS", renorm_eps is not None),
+            ("RENORM_EPS_BITS", float_bits(renorm_eps or 0.0)),
+            ("SCALE_BITS", float_bits(routed_scaling_factor)),
+        ],
+        grid=(rows * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[x.shape, x.shape, lead + (top_k,), lead + (top_k,)],
+        output_dtypes=[x.dtype, x.dtype, mx.uint32, mx.float32],
+    )
+
+
+def inputs(lead, d, e, dtype, seed, *, ties=False):
+    """Random (x, r, norm_w, gate_w, bias) at a decoder layer's scales. `ties`: a bias that is
+    0 on half the experts, and on the rest a few coarse values, so that biased scores tie."""
+    keys = mx.random.split(mx.random.key(seed), 5)
+    x = mx.random.normal((*lead, d), key=keys[0]).astype(dtype)
+    r = (0.5 * mx.random.normal((*lead, d), key=keys[1])).astype(dtype)
+    norm_w = (1 + 0.1 * mx.random.normal((d,), key=keys[2])).astype(dtype)
+    gate_w = (mx.random.normal((e, d), key=keys[3]) * d**-0.5).astype(dtype)
+    bias = mx.random.normal((e,), key=keys[4]) * 0.05
+    if ties:
+        bias = mx.where(mx.arange(e) % 2 == 0, 0.0, mx.round(bias * 16) / 16)
+    return x, r, norm_w, gate_w, bias
+
+
+def example():
+    # one token (CUDA's regime), an odd width (gemv with 2 values per lane) and 40 experts;
+    # distinct biases and a seed whose top 5 biased scores are far apart (> 0.05), so that a
+    # float32 Metal dot picks the same experts in the same order
+    x, r, norm_w, gate_w, _ = inputs((1, 1), 320, 40, mx.bfloat16, 55)
+    bias = ((mx.arange(40) * 17) % 40).astype(mx.float32) * 0.05
+    kwargs = dict(eps=1e-5, top_k=4, routed_scaling_factor=1.8, norm_topk_prob=True, renorm_eps=1e-20)
+    return (x, r, norm_w, gate_w, bias), kwargs
+
+
+norm_router = KernelDef(
+    name="norm_router",
+    reference=reference,
+    fidelity="close",
+    exact_on=("cuda",),  # bitwise stock's rms_norm + gemv + router where launch() takes the call
+    tolerance=2**-3,  # the self-check only: a few roundings of T, far below a layout error
+    body=device_code("norm_router_body.h"),
+    header=device_code("quant.h", "residual_norm.h", "moe_router.h"),
+    input_names=("x", "r", "norm_w", "gate_w", "bias"),
+    output_names=("h", "xn", "inds", "scores"),
+    launch=launch,
+    example=example,
+)
