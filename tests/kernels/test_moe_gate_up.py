@@ -1,0 +1,144 @@
+"""moe_gate_up: the routed experts' and the shared expert's gate + up + SwiGLU in one launch.
+
+On CUDA the kernel follows MLX's qmv (gemv unquantized) and compiled swiglu operation for
+operation: bitwise stock wherever stock runs them (fewer than 8 expert rows, one token for the
+shared expert's dense matmuls). The Metal body sums in float32 in another order (`close`):
+each output is held to the float32 reference with stock's own error as the bar."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+from zmlx.kernels import metal_emu
+from zmlx.kernels.core import Launch
+from zmlx.kernels.moe_gate_up import launch, moe_gate_up, reference, reference_f32
+from zmlx.kernels.moe_mlp import quantized_experts
+from zmlx.kernels.swiglu_mlp import quantized_linear
+
+# (tokens shape, experts, k, rows I, shared rows Is, width D, (group, bits), shared (group, bits))
+CASES = [
+    ((1, 1), 8, 4, 24, 40, 256, (64, 4), (64, 4)),  # GLM-4.7-Flash's kind of call, small
+    ((1, 1), 6, 2, 7, 9, 384, (128, 4), (32, 8)),  # odd rows, a remainder tile, mixed packing
+    ((1,), 5, 3, 9, 33, 256, (32, 8), (128, 4)),
+    ((1, 1), 4, 1, 16, 16, 128, (64, 8), (None, None)),  # quantized experts, unquantized shared
+    ((1, 1), 8, 4, 24, 40, 256, (None, None), (None, None)),  # unquantized (gemv order, 4 per lane)
+    ((1,), 5, 3, 9, 7, 192, (None, None), (64, 4)),  # 2 per lane
+    ((3,), 5, 2, 9, 11, 256, (64, 4), (64, 8)),  # several tokens: Metal only (CUDA stock leaves qmv)
+]
+
+
+def _inputs(lead, experts, k, rows, srows, d, quant, squant, dtype, seed=0):
+    (gs, bits), (sgs, sbits) = quant, squant
+    x = mx.random.normal((*lead, d), key=mx.random.key(seed)).astype(dtype)
+    inds = mx.random.randint(0, experts, (*lead, k), key=mx.random.key(seed + 1)).astype(mx.uint32)
+    g = quantized_experts(experts, rows, d, group_size=gs, bits=bits, dtype=dtype, seed=seed + 2)
+    u = quantized_experts(experts, rows, d, group_size=gs, bits=bits, dtype=dtype, seed=seed + 3)
+    sg = quantized_linear(srows, d, group_size=sgs, bits=sbits, dtype=dtype, seed=seed + 4)
+    su = quantized_linear(srows, d, group_size=sgs, bits=sbits, dtype=dtype, seed=seed + 5)
+    kw = dict(group_size=gs, bits=bits, shared_group_size=sgs, shared_bits=sbits)
+    return (x, inds, *g, *u, *sg, *su), kw
+
+
+def _weights(proj):
+    return proj.weight, getattr(proj, "scales", None), getattr(proj, "biases", None)
+
+
+@pytest.mark.parametrize(
+    "dtype,quant,squant",
+    [
+        (mx.bfloat16, (64, 4), (32, 8)),
+        (mx.float16, (128, 8), (64, 4)),
+        (mx.float32, (None, None), (None, None)),  # MLX's CPU gather_mm runs only float32
+    ],
+)
+def test_reference_is_mlx_lm_switch_glu_and_shared_mlp_gate_and_up(dtype, quant, squant):
+    """hr is SwitchGLU's activation(x_up, x_gate) and hs the shared Glm4MoeLiteMLP's swiglu,
+    from mlx-lm's own (quantized) modules."""
+    d, rows, srows, experts = 256, 24, 40, 8
+    (gs, bits), (sgs, sbits) = quant, squant
+    if bits is None:
+        gate, up = (SwitchLinear(d, rows, experts, bias=False) for _ in range(2))
+    else:
+        gate, up = (QuantizedSwitchLinear(d, rows, experts, False, gs, bits) for _ in range(2))
+    sgate, sup = (nn.Linear(d, srows, bias=False) for _ in range(2))
+    for m in (gate, up, sgate, sup):
+        m.set_dtype(dtype)
+    if sbits is not None:
+        sgate, sup = (m.to_quantized(group_size=sgs, bits=sbits) for m in (sgate, sup))
+    x = mx.random.normal((1, 1, d)).astype(dtype)
+    inds = mx.array([[[1, 3, 0, 7]]], dtype=mx.uint32)
+    xe = mx.expand_dims(x, (-2, -3))
+    want_r = swiglu(gate(xe, inds), up(xe, inds)).squeeze(-2)
+    want_s = swiglu(sgate(x), sup(x))
+    weights = (*_weights(gate), *_weights(up), *_weights(sgate), *_weights(sup))
+    kw = dict(group_size=gs, bits=bits, shared_group_size=sgs, shared_bits=sbits)
+    hr, hs = reference(x, inds, *weights, **kw)
+    assert hr.dtype == dtype and hs.dtype == dtype
+    assert mx.array_equal(hr, want_r).item() and mx.array_equal(hs, want_s).item()
+
+
+def test_launch_says_why_it_takes_the_reference():
+    args, kw = _inputs(*CASES[0], mx.bfloat16)
+    assert "4/8-bit" in launch("cuda", *args, **{**kw, "bits": 3}).reason
+    assert launch("cuda", *args, **{**kw, "shared_bits": 3}).reason.startswith("shared expert: affine 3-bit")
+    assert "without biases" in launch("cuda", *args[:10], None, *args[11:], **kw).reason
+    assert "indices" in launch("cuda", args[0], args[1].astype(mx.int32), *args[2:], **kw).reason
+    short = args[8][:, :16]  # shared gate weights of another width
+    assert "shared expert: weights" in launch("cuda", *args[:8], short, *args[9:], **kw).reason
+    spec = launch("cuda", *args, **kw)
+    assert spec.grid == ((4 * 24 + 40) * 32, 1, 1)
+    assert spec.output_shapes == [(1, 1, 4, 24), (1, 1, 40)]
+
+
+def test_cuda_takes_only_stock_matvec_calls():
+    """On CUDA the kernel serves what stock runs through qmv/gemv: < 8 expert rows, and one
+    token for the shared expert (a dense quantized_matmul leaves qmv from 2 rows on sm90)."""
+    args, kw = _inputs((2, 1), 8, 4, 24, 40, 256, (64, 4), (64, 4), mx.bfloat16)  # 8 expert rows
+    assert "tiled qmm" in launch("cuda", *args, **kw).reason
+    args, kw = _inputs((2,), 8, 2, 24, 40, 256, (64, 4), (64, 4), mx.bfloat16)  # 4 expert rows, 2 tokens
+    assert launch("cuda", *args, **kw).reason.startswith("shared expert: 2 rows: stock uses a tiled qmm")
+    assert isinstance(launch("metal", *args, **kw), Launch)  # Metal is close anyway
+    args, kw = _inputs((2,), 8, 2, 24, 40, 256, (64, 4), (None, None), mx.bfloat16)
+    assert "shared expert: 2 rows: stock leaves its gemv" in launch("cuda", *args, **kw).reason
+    args, kw = _inputs(*CASES[0], mx.bfloat16)
+    f16 = [a.astype(mx.float16) if i in (9, 10, 12, 13) else a for i, a in enumerate(args)]  # shared s, b
+    assert "shared expert: scales/biases not in the activations' dtype" in launch("cuda", *f16, **kw).reason
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, case, dtype):
+    if case[6] == (None, None) and dtype != mx.float32:
+        pytest.skip("MLX's CPU gather_mm (the reference) runs only float32")
+    args, kw = _inputs(*case, dtype, seed=case[5] + case[3])
+    got = metal_emu.run(moe_gate_up, *args, workdir=tmp_path_factory.getbasetemp(), **kw)  # poisoned NaN
+    for j in range(2):
+        want, bar = close_bar(
+            lambda *a, **k: reference(*a, **k)[j], lambda *a, **k: reference_f32(*a, **k)[j], args, kw, dtype
+        )
+        assert got[j].dtype == dtype and got[j].shape == want.shape
+        assert mx.abs(got[j].astype(mx.float32) - want).max().item() <= bar, j
+
+
+CUDA_CASES = [c for c in CASES if c[0] != (3,)] + [
+    ((1, 1), 64, 4, 1536, 1536, 2048, (64, 4), (64, 4)),  # GLM-4.7-Flash
+    ((1, 1), 64, 4, 1536, 1536, 2048, (None, None), (None, None)),  # and in bf16
+    ((1,), 9, 1, 40, 24, 1536, (32, 4), (128, 8)),  # remainder tile
+    ((1,), 8, 4, 33, 35, 2048, (128, 8), (32, 4)),
+    ((1, 1), 8, 4, 32, 32, 352, (32, 8), (None, None)),  # gemv: 1 per lane
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_cuda_kernel_is_bitwise_stock(case, dtype):
+    args, kw = _inputs(*case, dtype, seed=case[5] + case[3])
+    got = moe_gate_up.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
+    want = reference(*args, **kw)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert mx.array_equal(g, w).item(), mx.abs(g.astype(mx.float32) - w).max().item()
