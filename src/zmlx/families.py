@@ -72,6 +72,9 @@ FAMILIES: dict[str, Family] = {
             "swiglu_mlp": Target("Glm4MoeLiteMLP"),  # shared experts and the dense first layer
             "glm47_rope": Target("Glm4MoeLiteAttention"),  # exact; in the CUDA preset
             "mla_attention": Target("Glm4MoeLiteAttention"),  # close: opt-in
+            # close (exact on CUDA): the decoder layer's MoE half in three launches; opt-in
+            # until the ledger shows it faster
+            "moe_block": Target("Glm4MoeLiteDecoderLayer", {"renorm_eps": 1e-20}),
         },
         # residual_norm is exact but slower than stock in the ledger (one fused call costs
         # more host time than the two stock ops it replaces): opt in with ZMLX_RESIDUAL_NORM=1.

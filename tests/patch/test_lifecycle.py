@@ -98,7 +98,8 @@ def test_result_is_returned_and_attached(model):
 
 
 def test_unknown_pattern_name_lists_valid_ones(model):
-    valid = "downproj_combine, glm47_rope, mla_attention, moe_combine, moe_mlp, moe_router, residual_norm"
+    valid = "downproj_combine, glm47_rope, mla_attention, moe_block, moe_combine, moe_mlp, moe_router"
+    valid += ", residual_norm"
     with pytest.raises(ConfigError, match=f"nope.*valid: {valid}"):
         zmlx.patch(model, patterns=["nope"])
     with pytest.raises(ConfigError, match="exclude"):
@@ -118,6 +119,7 @@ def test_explicit_selection_and_exclude(model):
         "swiglu_mlp": "not in the requested patterns",
         "glm47_rope": "not in the requested patterns",
         "mla_attention": "not in the requested patterns",
+        "moe_block": "not in the requested patterns",
     }
     result = zmlx.patch(model, exclude=["moe_router"])
     assert list(result.patterns) == ["moe_combine"]
@@ -129,6 +131,7 @@ def test_explicit_selection_and_exclude(model):
         "swiglu_mlp": "not in the default preset on cpu",
         "glm47_rope": "not in the default preset on cpu",
         "mla_attention": "not in the default preset on cpu",
+        "moe_block": "not in the default preset on cpu",
     }
 
 

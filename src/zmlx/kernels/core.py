@@ -134,6 +134,26 @@ class Launch(NamedTuple):
     output_dtypes: list
 
 
+def kernel_kwargs(spec: Launch, init_value: float | None = None) -> dict[str, Any]:
+    """What a kernel call hands MLX for this Launch besides its inputs: the one definition
+    that `KernelDef.run_kernel` and a prepared launch (zmlx.kernels.prepared) share."""
+    kw: dict[str, Any] = dict(
+        template=spec.template,
+        grid=spec.grid,
+        threadgroup=spec.threadgroup,
+        output_shapes=spec.output_shapes,
+        output_dtypes=spec.output_dtypes,
+    )
+    if init_value is not None:
+        kw["init_value"] = init_value
+    return kw
+
+
+def outputs(outs: list) -> Any:
+    """A kernel call's result: its one output, or a tuple of them."""
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 @dataclass(frozen=True, slots=True)
 class Skip:
     """This call takes the reference, and why (its shapes or dtypes do not fit the kernel).
@@ -228,18 +248,7 @@ class KernelDef:
         spec = self.launch(backend, *args, **kwargs)
         if isinstance(spec, Skip):
             return spec
-        kernel = build(self, backend)
-        extra = {"init_value": init_value} if init_value is not None else {}
-        outs = kernel(
-            inputs=spec.inputs,
-            template=spec.template,
-            grid=spec.grid,
-            threadgroup=spec.threadgroup,
-            output_shapes=spec.output_shapes,
-            output_dtypes=spec.output_dtypes,
-            **extra,
-        )
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return outputs(build(self, backend)(inputs=spec.inputs, **kernel_kwargs(spec, init_value)))
 
     def __call__(self, *args, **kwargs):
         """The kernel where it passed its self-check on this backend and its launch takes

@@ -290,6 +290,10 @@ def patch(
         if target is None:
             report.skipped.append(("*", f"no target in family {family}"))
             continue
+        winners = [w for w in pattern.yields_to if w in result.patterns and result.patterns[w].patched]
+        if winners:
+            report.skipped.append(("*", f"{winners[0]} is applied and this pattern would bypass it"))
+            continue
         cls = fam.target_class(name)
         params = dict(target.params)
         fn = _replacement(name, {**params, **{opt: getattr(config, opt) for opt in pattern.options}})

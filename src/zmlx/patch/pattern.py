@@ -27,3 +27,6 @@ class Pattern:
     # PatchConfig options passed to make() as keyword arguments (e.g. "shared_overlap")
     options: tuple[str, ...] = ()
     paths: tuple[str, ...] = ("decode", "prefill")
+    # patterns that win over this one when they patch any module of the model: this one
+    # would bypass what they patched (registered after them, so they are planned first)
+    yields_to: tuple[str, ...] = ()

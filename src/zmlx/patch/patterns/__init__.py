@@ -1,11 +1,13 @@
 """The registry: every pattern zmlx knows, by name (one small file each). Order matters
 where two patterns replace the same method: the earlier one wins (downproj_combine
-before moe_combine, mla_attention before glm47_rope)."""
+before moe_combine, mla_attention before glm47_rope); and a pattern that yields to another
+(Pattern.yields_to: residual_norm to moe_block) comes after it."""
 
 from zmlx.patch.patterns import (
     downproj_combine,
     glm47_rope,
     mla_attention,
+    moe_block,
     moe_combine,
     moe_mlp,
     moe_router,
@@ -19,6 +21,7 @@ PATTERNS = {
         moe_router.PATTERN,
         downproj_combine.PATTERN,
         moe_combine.PATTERN,
+        moe_block.PATTERN,
         residual_norm.PATTERN,
         moe_mlp.PATTERN,
         swiglu_mlp.PATTERN,

@@ -5,7 +5,10 @@ out = h + mlp; and the next layer (or the final norm) normalizes `out` again. Th
 patched model loop carries the residual stream itself and calls the `residual_norm`
 kernel at every add: 2 launches fewer per layer. It calls each layer's own attention,
 MLP and norm weights (so the attention and MoE patterns still apply inside), and
-falls back to mlx-lm's loop for pipeline-parallel runs.
+falls back to mlx-lm's loop for pipeline-parallel runs. Its loop never calls a decoder
+layer's `__call__`, so it yields to moe_block (which patches that method and fuses these
+adds into its own launches): with both chosen, moe_block applies and residual_norm is
+skipped, and the report says why.
 """
 
 from __future__ import annotations
@@ -63,4 +66,5 @@ PATTERN = Pattern(
     kernels=(residual_norm,),
     check=check,
     make=make,
+    yields_to=("moe_block",),
 )

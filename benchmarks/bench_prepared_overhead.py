@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""zmlx's own Python per prepared launch, with MLX's kernel call replaced by a no-op.
+
+    .venv/bin/python benchmarks/bench_prepared_overhead.py [--calls 2000] [--repeats 7]
+
+Each kernel of the moe_block is prepared for the CUDA backend on its example() inputs,
+with the built kernel replaced by a function that returns preallocated outputs, so the
+time per call is what zmlx adds on the host to MLX's own cost of a custom-kernel call:
+the live inputs put in their slots and the call. `block` times a whole decode step of one
+moe_block layer of the tiny synthetic model the same way (step key, weight check, three
+launches). Prints the median over repeats, in microseconds per call. Runs on any machine;
+tests/kernels/test_prepared.py holds the CPU-side bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+from zmlx import backend
+from zmlx.kernels import core
+from zmlx.kernels.core import KernelDef, Launch
+from zmlx.kernels.prepared import prepare
+
+# kernel -> the positions of its example() arguments that change per decode step
+LIVE = {
+    "norm_router": (0, 1),
+    "moe_gate_up": (0, 1),
+    "moe_mlp": (0, 1),
+    "moe_down": (0, 1, 2, 6, 7),
+    "residual_norm": (0, 1),
+    "swiglu_mlp": (0,),
+}
+
+
+def _noop(kernel: KernelDef, backend_name: str):
+    """A stand-in for the built kernel: returns zeros of the launch's output shapes, made on
+    the first call with that (prepared, so the same) list of shapes."""
+    made: dict = {}
+
+    def call(inputs, output_shapes, output_dtypes, **_):
+        out = made.get(id(output_shapes))
+        if out is None:
+            out = made[id(output_shapes)] = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return out
+
+    return call
+
+
+@contextlib.contextmanager
+def noop_kernels(kernels, backend_name: str = "cuda") -> Iterator[None]:
+    """`kernels` planned as passing their self-check on `backend_name`, built as no-ops."""
+    saved = {k: k._status.get(backend_name) for k in kernels}
+    build = core.build
+    core.build = lambda k, b: _noop(k, b)  # type: ignore[assignment]
+    try:
+        for k in kernels:
+            k._status[backend_name] = ""
+        yield
+    finally:
+        core.build = build  # type: ignore[assignment]
+        for k, status in saved.items():
+            if status is None:
+                k._status.pop(backend_name, None)
+            else:
+                k._status[backend_name] = status
+
+
+def median_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
+    """The median over `repeats` of the time per call of `fn`, in microseconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times)
+
+
+def launches(calls: int = 2000, repeats: int = 7) -> dict[str, float]:
+    """kernel name -> median µs of Python per prepared launch (no-op kernel)."""
+    from zmlx.patch.patterns.moe_block import PATTERN
+
+    out = {}
+    with noop_kernels(PATTERN.kernels):
+        for k in PATTERN.kernels:
+            args, kwargs = k.example()
+            live = LIVE[k.name]
+            assert isinstance(k.launch("cuda", *args, **kwargs), Launch), k.name
+            p = prepare(k, args, kwargs, live, "cuda")
+            assert p.path == "kernel", (k.name, p.reason)
+            arrays = tuple(args[i] for i in live)
+            out[k.name] = median_us(lambda p=p, arrays=arrays: p(*arrays), calls, repeats)
+    return out
+
+
+def block(calls: int = 500, repeats: int = 7) -> float:
+    """Median µs of Python for one moe_block decode step of a MoE layer (after attention):
+    the step key, the weight check and the three launches (no-op kernels)."""
+    from zmlx import synth
+    from zmlx.patch.patterns import moe_block
+
+    model, _ = synth.build("synth:glm4_moe_lite/tiny/affine4")
+    layer = model.model.layers[1]
+    x = mx.zeros((1, 1, model.args.hidden_size), mx.bfloat16)
+    r = mx.ones((1, 1, model.args.hidden_size), mx.bfloat16)
+    current = backend.current
+    backend.current = lambda: "cuda"  # type: ignore[assignment]
+    try:
+        with noop_kernels(moe_block.PATTERN.kernels):
+            first = moe_block._block(layer, x, r, 1e-20)
+            assert not isinstance(first, str), first
+            return median_us(lambda: moe_block._block(layer, x, r, 1e-20)(x, r), calls, repeats)
+    finally:
+        backend.current = current  # type: ignore[assignment]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per timed block")
+    parser.add_argument("--repeats", type=int, default=7, help="timed blocks (median taken)")
+    a = parser.parse_args()
+    if a.calls < 1 or a.repeats < 1:
+        parser.error("--calls and --repeats must be at least 1")
+    for name, us in launches(a.calls, a.repeats).items():
+        print(f"{name:14s} {us:6.2f} us per prepared launch")
+    print(f"{'block':14s} {block(max(1, a.calls // 4), a.repeats):6.2f} us per MoE layer step (3 launches)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Prepared launches: a kernel call with everything that depends only on shapes, dtypes and
+weights computed once.
+
+At decode the shapes do not change from one token to the next, so a block pattern prepares
+each of its launches once per (layer, input shapes, dtypes): the plan (kernel or reference,
+and why), the launch's Skip decision, its Launch (the weight inputs, template, grid,
+threadgroup, output shapes and dtypes) and the built kernel. A call then hands the few
+per-call ("live") arrays to the built kernel, and nothing else is recomputed.
+
+One definition: a prepared kernel call passes MLX exactly what `KernelDef.run_kernel`
+passes for the same arguments (`core.kernel_kwargs`), with the live arrays in the input
+slots where launch() put them. What makes that sound is the rule of KernelDef's docstring:
+launch() reads the live arguments only through their shapes and dtypes, and passes each
+through as an input unchanged; `prepare` refuses a launch that does not. A prepared launch
+holds for live arrays of the shapes and dtypes it was prepared with: its caller keys it by
+them. The self-check and fallback rules are KernelDef.plan's: a kernel that failed its
+self-check on this backend (or has no body there, e.g. the CPU) is prepared as its
+reference, with the plan's reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import mlx.core as mx
+
+from zmlx import backend as _backend
+from zmlx.backend import Backend
+from zmlx.kernels import core
+from zmlx.kernels.core import KernelDef, Skip, kernel_kwargs, outputs
+
+
+class Prepared:
+    """One prepared launch. Call it with the live arrays, in the order `live` named them.
+
+    path: "kernel" or "reference"; reason: why the reference runs ("" for the kernel);
+    skip: the launch's Skip reason for these shapes (then path is "reference"), else None."""
+
+    __slots__ = ("kernel", "path", "reason", "skip")
+
+    def __init__(self, kernel: KernelDef, path: str, reason: str, skip: str | None):
+        self.kernel, self.path, self.reason, self.skip = kernel, path, reason, skip
+
+    def __call__(self, *live: mx.array) -> Any:
+        raise NotImplementedError
+
+
+class KernelCall(Prepared):
+    """The built kernel with the Launch's inputs, the live ones put in their slots."""
+
+    __slots__ = ("_fn", "_inputs", "_slots", "_kw")
+
+    def __init__(self, kernel: KernelDef, fn, inputs: Sequence, slots: tuple[tuple[int, int], ...], kw: dict):
+        super().__init__(kernel, "kernel", "", None)
+        inputs = list(inputs)
+        for slot, _ in slots:  # hold no live array: it would keep its step's graph alive
+            inputs[slot] = None
+        self._fn, self._inputs, self._slots, self._kw = fn, inputs, slots, kw
+
+    def __call__(self, *live: mx.array) -> Any:
+        inputs = self._inputs.copy()
+        for slot, i in self._slots:
+            inputs[slot] = live[i]
+        return outputs(self._fn(inputs=inputs, **self._kw))
+
+
+class ReferenceCall(Prepared):
+    """The kernel's reference with the prepared arguments, the live ones put in place."""
+
+    __slots__ = ("_args", "_positions", "_kwargs")
+
+    def __init__(self, kernel: KernelDef, args: Sequence, positions, kwargs: dict, reason: str, skip):
+        super().__init__(kernel, "reference", reason, skip)
+        args = list(args)
+        for position in positions:  # hold no live array: it would keep its step's graph alive
+            args[position] = None
+        self._args, self._positions, self._kwargs = args, tuple(positions), kwargs
+
+    def __call__(self, *live: mx.array) -> Any:
+        args = self._args.copy()
+        for i, position in enumerate(self._positions):
+            args[position] = live[i]
+        return self.kernel.reference(*args, **self._kwargs)
+
+
+def _slots(kernel: KernelDef, inputs: Sequence, args: Sequence, live: Sequence[int]) -> tuple:
+    """(input slot, index in `live`) for every input that is a live argument, by identity;
+    ValueError when a live argument is not passed through unchanged, or is ambiguous."""
+    slots = []
+    fixed = {id(a) for p, a in enumerate(args) if p not in live}
+    seen: set[int] = set()
+    for i, position in enumerate(live):
+        a = args[position]
+        if not isinstance(a, mx.array) or id(a) in fixed or id(a) in seen:
+            raise ValueError(
+                f"{kernel.name}: live argument {position} must be an array of its own "
+                "(not None, not also a fixed or another live argument)"
+            )
+        seen.add(id(a))
+        found = [(slot, i) for slot, x in enumerate(inputs) if x is a]
+        if not found:
+            raise ValueError(
+                f"{kernel.name}: launch() does not pass live argument {position} through as an input "
+                "unchanged, so its launch cannot be prepared"
+            )
+        slots.extend(found)
+    return tuple(slots)
+
+
+def prepare(
+    kernel: KernelDef,
+    args: Sequence,
+    kwargs: Mapping[str, Any] | None = None,
+    live: Sequence[int] = (),
+    backend: Backend | None = None,
+) -> Prepared:
+    """`kernel` prepared for `args` (positional) and `kwargs`: a later call with the arrays
+    at positions `live` of the same shapes and dtypes computes what `kernel(*args, **kwargs)`
+    would with them. launch() is asked on every backend, so a shape it skips is skipped
+    everywhere (`skip`), even where the reference would run anyway (the CPU)."""
+    backend = backend or _backend.current()
+    kwargs = dict(kwargs or {})
+    spec = kernel.launch(backend, *args, **kwargs) if kernel.launch is not None else None
+    if isinstance(spec, Skip):
+        return ReferenceCall(kernel, args, live, kwargs, spec.reason, spec.reason)
+    # the contract is checked on every backend, so the CPU's tests hold it for the GPU
+    slots = _slots(kernel, list(args) if spec is None else spec.inputs, args, live)
+    plan = kernel.plan(backend)
+    if plan.path == "reference" or spec is None:
+        return ReferenceCall(kernel, args, live, kwargs, plan.reason, None)
+    return KernelCall(kernel, core.build(kernel, backend), spec.inputs, slots, kernel_kwargs(spec))
+
+
+def key(*live: mx.array) -> tuple:
+    """What a prepared launch holds for: the live arrays' shapes and dtypes."""
+    return tuple((a.shape, a.dtype) for a in live)

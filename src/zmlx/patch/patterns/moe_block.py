@@ -1,0 +1,279 @@
+"""moe_block: the MoE half of a decoder layer at decode in three prepared launches (close).
+
+Patches the decoder layer (on glm4_moe_lite: `Glm4MoeLiteDecoderLayer`; the DeepSeek-style
+layers have the same attributes: self_attn, input_layernorm, post_attention_layernorm, mlp,
+and their MoE the same gate and experts). A decode step (one token per sequence) runs the
+layer's attention as it is (stock, or as an attention pattern patched it), then
+
+    MoE layer:   norm_router  (h = x + r, xn = post_attention_layernorm(h), gate, routing)
+                 moe_gate_up  (routed and shared experts' gate + up + SwiGLU; moe_mlp when
+                               the block has no shared expert)
+                 moe_down     (down projections, routing-weighted combine, shared expert, h + y)
+    dense layer: residual_norm, swiglu_mlp, moe_down (dense: h + down(...))
+
+Each launch is prepared once per (layer, input shapes, dtypes, backend) with the weights it
+read (zmlx.kernels.prepared): a decode step checks the weights are still the module's and
+goes straight to the built kernels. Prompts, steps whose rows mlx-lm sorts by expert, and
+steps any launch skips (its reason: `decode_plan`) run mlx-lm's code, where the module
+patterns inside the layer (moe_router, moe_mlp, downproj_combine, ...) still apply. On the
+CPU the launches run their references: stock's op sequence, bitwise.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import weakref
+from functools import cache
+
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwiGLU
+
+from zmlx import backend as _backend
+from zmlx.kernels.moe_down import moe_down
+from zmlx.kernels.moe_gate_up import moe_gate_up
+from zmlx.kernels.moe_mlp import moe_mlp
+from zmlx.kernels.norm_router import norm_router
+from zmlx.kernels.prepared import Prepared, prepare
+from zmlx.kernels.quant import MLX_LM_SORT_ROWS, linear_reason, switch_linear_reason, weights_of
+from zmlx.kernels.residual_norm import residual_norm
+from zmlx.kernels.swiglu_mlp import swiglu_mlp
+from zmlx.patch.pattern import Pattern
+
+
+def _mlp_reason(name: str, mlp) -> str | None:
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        if (why := linear_reason(f"{name}.{proj}", getattr(mlp, proj, None))) is not None:
+            return why
+    if weights_of(mlp.gate_proj)[1] != weights_of(mlp.up_proj)[1]:
+        return f"{name}: gate_proj and up_proj are quantized differently"
+    return None
+
+
+def _moe_reason(moe) -> str | None:
+    if getattr(moe, "sharding_group", None) is not None:
+        return "MoE is sharded across devices (distributed runs are not supported)"
+    gate = moe.gate
+    if getattr(gate.config, "topk_method", "noaux_tc") != "noaux_tc":
+        return f"topk_method {gate.config.topk_method!r} (only noaux_tc is fused)"
+    if getattr(gate.config, "scoring_func", "sigmoid") != "sigmoid":
+        return f"scoring_func {gate.config.scoring_func!r} (only sigmoid is fused)"
+    if gate.n_group > 1:
+        return f"group-limited routing (n_group={gate.n_group}) is not fused"
+    sw = moe.switch_mlp
+    if not isinstance(sw.activation, SwiGLU):
+        return f"activation {type(sw.activation).__name__} (only SwiGLU is fused)"
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        if (why := switch_linear_reason(f"switch_mlp.{proj}", getattr(sw, proj))) is not None:
+            return why
+    if weights_of(sw.gate_proj)[1] != weights_of(sw.up_proj)[1]:
+        return "switch_mlp: gate_proj and up_proj are quantized differently"
+    if moe.config.n_shared_experts is not None:
+        return _mlp_reason("shared_experts", moe.shared_experts)
+    return None
+
+
+def check(layer, params) -> str | None:
+    for attr in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp"):
+        if not hasattr(layer, attr):
+            return f"decoder layer has no {attr}"
+    if type(layer.post_attention_layernorm) is not nn.RMSNorm:
+        return f"post_attention_layernorm is a {type(layer.post_attention_layernorm).__name__}"
+    if hasattr(layer.mlp, "switch_mlp"):
+        return _moe_reason(layer.mlp)
+    return _mlp_reason("mlp", layer.mlp)
+
+
+# ---------------------------------------------------------------- the prepared block
+
+
+# A module keeps its submodules and arrays as its dict's items: reading them as items
+# (m["mlp"]) costs a dict lookup, as attributes (m.mlp) a failed attribute lookup first.
+
+
+def _arrays(mlp) -> tuple:
+    """The gate, up and down projections' (weight, scales, biases) of an MLP or SwitchGLU."""
+    g, u, d = mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"]
+    return (
+        *(g["weight"], g.get("scales"), g.get("biases")),
+        *(u["weight"], u.get("scales"), u.get("biases")),
+        *(d["weight"], d.get("scales"), d.get("biases")),
+    )
+
+
+def _weights(layer) -> tuple:
+    """Every array the block's launches read, in a fixed order: a prepared block holds for
+    these objects only (a model whose weights were replaced or quantized since is prepared
+    again)."""
+    mlp = layer["mlp"]
+    norm_w = layer["post_attention_layernorm"]["weight"]
+    if "switch_mlp" not in mlp:
+        return (norm_w, *_arrays(mlp))
+    gate = mlp["gate"]
+    out = (norm_w, gate["weight"], gate["e_score_correction_bias"], *_arrays(mlp["switch_mlp"]))
+    if mlp.config.n_shared_experts is None:
+        return out
+    return out + _arrays(mlp["shared_experts"])
+
+
+class _MoE:
+    __slots__ = ("launches", "shared")
+
+    def __init__(self, route: Prepared, gate_up: Prepared, down: Prepared, shared: bool):
+        self.launches, self.shared = (route, gate_up, down), shared
+
+    def __call__(self, x, r):
+        route, gate_up, down = self.launches
+        h, xn, inds, scores = route(x, r)
+        if self.shared:
+            hr, hs = gate_up(xn, inds)
+            return down(hr, inds, scores, h, hs)
+        return down(gate_up(xn, inds), inds, scores, h)
+
+
+class _Dense:
+    __slots__ = ("launches",)
+
+    def __init__(self, norm: Prepared, gate_up: Prepared, down: Prepared):
+        self.launches = (norm, gate_up, down)
+
+    def __call__(self, x, r):
+        norm, gate_up, down = self.launches
+        h, xn = norm(x, r)
+        return down(gate_up(xn), h)
+
+
+class _Stock(Exception):
+    """This step runs mlx-lm's code; the message says why."""
+
+
+def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
+    """The block's three launches prepared for x and r (each one's outputs give the next
+    its shapes), or why this step runs mlx-lm's code."""
+    norm, mlp = layer.post_attention_layernorm, layer.mlp
+    launches: list[Prepared] = []
+
+    def run(kernel, args, kwargs, live):
+        p = prepare(kernel, args, kwargs, live, backend)
+        if p.skip:
+            raise _Stock(p.skip)
+        launches.append(p)
+        return p(*(args[i] for i in live))
+
+    try:
+        if not hasattr(mlp, "switch_mlp"):  # the dense layer
+            (gate, packing), (up, _), (down, down_packing) = map(
+                weights_of, (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            )
+            h, xn = run(residual_norm, (x, r, norm["weight"], norm.eps), {}, (0, 1))
+            a = run(swiglu_mlp, (xn, *gate, *up), packing, (0,))
+            run(moe_down, (a, None, None, *down, h), down_packing, (0, 6))
+            return _Dense(*launches)
+        g, sw = mlp.gate, mlp.switch_mlp
+        rows = math.prod(x.shape[:-1]) * g.top_k
+        if rows >= MLX_LM_SORT_ROWS:
+            raise _Stock(f"{rows} expert rows: mlx-lm sorts them by expert (its own path)")
+        route_kw = dict(
+            eps=norm.eps,
+            top_k=g.top_k,
+            n_group=g.n_group,
+            topk_group=g.topk_group,
+            routed_scaling_factor=g.routed_scaling_factor,
+            norm_topk_prob=g.norm_topk_prob,
+            renorm_eps=renorm_eps,
+        )
+        route_args = (x, r, norm["weight"], g["weight"], g["e_score_correction_bias"])
+        h, xn, inds, scores = run(norm_router, route_args, route_kw, (0, 1))
+        (gate, packing), (up, _), (down, down_packing) = map(
+            weights_of, (sw.gate_proj, sw.up_proj, sw.down_proj)
+        )
+        if mlp.config.n_shared_experts is None:
+            hr = run(moe_mlp, (xn, inds, *gate, *up), packing, (0, 1))
+            run(moe_down, (hr, inds, scores, *down, h), down_packing, (0, 1, 2, 6))
+            return _MoE(*launches, shared=False)
+        se = mlp.shared_experts
+        (sgate, s_packing), (sup, _), (sdown, sdown_packing) = map(
+            weights_of, (se.gate_proj, se.up_proj, se.down_proj)
+        )
+        gu_kw = {**packing, **{f"shared_{k}": v for k, v in s_packing.items()}}
+        hr, hs = run(moe_gate_up, (xn, inds, *gate, *up, *sgate, *sup), gu_kw, (0, 1))
+        down_kw = {**down_packing, **{f"shared_{k}": v for k, v in sdown_packing.items()}}
+        run(moe_down, (hr, inds, scores, *down, h, hs, *sdown), down_kw, (0, 1, 2, 6, 7))
+        return _MoE(*launches, shared=True)
+    except _Stock as why:
+        return str(why)
+
+
+# id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
+_BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _blocks_of(layer) -> dict:
+    entry = _BLOCKS.get(id(layer))
+    if entry is not None and entry[0]() is layer:
+        return entry[1]
+    blocks: dict = {}
+    _BLOCKS[id(layer)] = (weakref.ref(layer, lambda _, i=id(layer): _BLOCKS.pop(i, None)), blocks)
+    return blocks
+
+
+def _block(layer, x, r, renorm_eps):
+    """The layer's prepared block for this step's shapes and dtypes (prepared on first use,
+    and again when the layer's weights are no longer the arrays it read), or why not."""
+    backend = _backend.current()
+    blocks = _blocks_of(layer)
+    key = (x.shape, x.dtype, r.shape, r.dtype, backend)
+    weights = _weights(layer)
+    entry = blocks.get(key)
+    if entry is not None and all(map(operator.is_, weights, entry[0])):
+        return entry[1]
+    if entry is not None:  # new weights: every shape is prepared again
+        blocks.clear()
+    block = _build(layer, x, r, renorm_eps, backend)
+    blocks[key] = (weights, block)
+    return block
+
+
+def decode_plan(layer) -> dict[tuple, str]:
+    """What the decode steps this layer has run with moe_block do, per step key (shapes,
+    dtypes, backend): "kernel: a, b, c", "reference: a, b, c (why)", or "mlx-lm (why)"."""
+    entry = _BLOCKS.get(id(layer))
+    out = {}
+    for key, (_, block) in (entry[1] if entry is not None and entry[0]() is layer else {}).items():
+        if isinstance(block, str):
+            out[key] = f"mlx-lm ({block})"
+            continue
+        names = ", ".join(p.kernel.name for p in block.launches)
+        reasons = sorted({p.reason for p in block.launches if p.reason})
+        out[key] = f"reference: {names} ({'; '.join(reasons)})" if reasons else f"kernel: {names}"
+    return out
+
+
+@cache
+def make(renorm_eps: float | None = None):
+    def __call__(self, x, mask=None, cache=None):
+        if x.shape[-2] != 1:  # a prompt: mlx-lm's own layer
+            return type(self).__zmlx_original__.__call__(self, x, mask, cache)
+        r = self.self_attn(self.input_layernorm(x), mask, cache)
+        block = _block(self, x, r, renorm_eps)
+        if isinstance(block, str):  # outside the launches' regime: the rest of mlx-lm's layer
+            h = x + r
+            return h + self.mlp(self.post_attention_layernorm(h))
+        return block(x, r)
+
+    return __call__
+
+
+PATTERN = Pattern(
+    name="moe_block",
+    summary=(
+        "decoder layer's MoE half at decode in three prepared launches: residual add + norm +"
+        " router, experts' and shared expert's gate + up + SwiGLU, down projections + combine +"
+        " residual add (the dense layer likewise)"
+    ),
+    fidelity="close",
+    kernels=(norm_router, moe_gate_up, moe_mlp, moe_down, residual_norm, swiglu_mlp),
+    check=check,
+    make=make,
+    paths=("decode",),
+)
