@@ -16,8 +16,12 @@ from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
 from zmlx.kernels.moe_combine import moe_combine
+from zmlx.kernels.moe_down import moe_down
+from zmlx.kernels.moe_gate_up import moe_gate_up
 from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
 from zmlx.kernels.moe_router import moe_router
+from zmlx.kernels.norm_router import inputs as norm_router_inputs
+from zmlx.kernels.norm_router import norm_router
 from zmlx.kernels.residual_norm import residual_norm
 from zmlx.kernels.swiglu_mlp import quantized_linear, swiglu_mlp
 
@@ -48,6 +52,23 @@ def _quantized_cases():  # and unquantized (bits None)
         yield downproj_combine, (h, inds, mx.zeros((1, 1, 4)), *d, mx.zeros((1, 1, 7), dtype)), kw
         g = quantized_linear(40, 384, dtype=dtype, seed=3, **kw)  # 384: a remainder tile
         yield swiglu_mlp, (mx.zeros((1, 1, 384), dtype), *g, *g), kw
+        yield from _block_cases(dtype, bits)
+
+
+def _block_cases(dtype, bits):  # moe_gate_up and moe_down: the shared/dense weights packed otherwise
+    sbits = {4: 8, 8: None, None: 4}[bits]  # shared 8-bit, unquantized, 4-bit
+    kw = dict(group_size=64, bits=bits, shared_group_size=sbits and 128, shared_bits=sbits)
+    x, inds, res = mx.zeros((1, 1, 384), dtype), mx.zeros((1, 1, 4), mx.uint32), mx.zeros((1, 1, 7), dtype)
+    e = quantized_experts(6, 40, 384, dtype=dtype, seed=1, group_size=64, bits=bits)  # 384: a remainder tile
+    s = quantized_linear(24, 384, dtype=dtype, seed=2, group_size=sbits and 128, bits=sbits)
+    yield moe_gate_up, (x, inds, *e, *e, *s, *s), kw
+    d = quantized_experts(6, 7, 256, dtype=dtype, seed=3, group_size=64, bits=bits)  # odd D: lane-tree sum
+    sd = quantized_linear(7, 384, dtype=dtype, seed=4, group_size=sbits and 128, bits=sbits)
+    h, hs = mx.zeros((1, 1, 4, 256), dtype), mx.zeros((1, 1, 384), dtype)
+    yield moe_down, (h, inds, mx.zeros((1, 1, 4)), *d, res, hs, *sd), kw
+    yield moe_down, (h, inds, mx.zeros((1, 1, 4)), *d, res), kw  # no shared expert
+    dense = (a if a is None else a[0] for a in e)  # one (40, 384) matrix
+    yield moe_down, (x, None, None, *dense, mx.zeros((1, 1, 40), dtype)), kw  # the dense layer's down
 
 
 def _cases():
@@ -58,6 +79,8 @@ def _cases():
         moe_mlp,
         downproj_combine,
         swiglu_mlp,
+        moe_gate_up,
+        moe_down,
         glm47_rope,
         mla_embed_q,
         mla_decode,
@@ -71,6 +94,7 @@ def _cases():
     yield moe_combine, (mx.zeros((2, 4, 123), mx.float16), mx.zeros((2, 4)), None), {}  # tree order
     yield from _quantized_cases()
     yield from _mla_cases()
+    yield from _norm_router_cases()
 
 
 def _mla_cases():  # GLM-4.7-Flash's attention: 20 heads, nope 192, rope 64, latent 512, v 256
@@ -91,6 +115,13 @@ def _mla_cases():  # GLM-4.7-Flash's attention: 20 heads, nope 192, rope 64, lat
             (o, m, m, *quantized_experts(20, 256, 512, dtype=dtype, seed=2, **kw)),
             dict(dtype=dtype, **kw),
         )
+
+
+def _norm_router_cases():  # GLM-4.7-Flash's width, and odd ones (2 and 1 values per lane in the gemv)
+    kw = dict(eps=1e-5, top_k=4, routed_scaling_factor=1.8, norm_topk_prob=True, renorm_eps=1e-20)
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
+        for d, e in ((2048, 64), (320, 40), (200, 7)):
+            yield norm_router, norm_router_inputs((1, 1), d, e, dtype, 1), kw
 
 
 CASES = list(_cases())
