@@ -7,13 +7,15 @@ for a dense down projection. The Metal body is `close`: held to a float32 refere
 stock's own error as the bar. The references, with moe_gate_up's, are mlx-lm's own modules'
 output: the MoE half of a Glm4MoeLiteDecoderLayer, `h + mlp(post_attention_layernorm(h))`."""
 
+import dataclasses
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.models.glm4_moe_lite import Glm4MoeLiteMLP, Glm4MoeLiteMoE, ModelArgs
 
 from zmlx.kernels import metal_emu
-from zmlx.kernels.core import Launch, Skip
+from zmlx.kernels.core import KernelDef, Launch, Skip
 from zmlx.kernels.moe_down import launch, moe_down, reference, reference_f32
 from zmlx.kernels.moe_gate_up import moe_gate_up
 from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
@@ -169,6 +171,14 @@ def test_cuda_takes_only_stock_matvec_calls():
     args, kw = _inputs(*CASES[0], mx.bfloat16)
     f16 = [a.astype(mx.float16) if i in (9, 10) else a for i, a in enumerate(args)]  # shared scales, biases
     assert "shared expert: scales/biases not in the activations' dtype" in launch("cuda", *f16, **kw).reason
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+def test_its_example_passes_the_self_check_on_emulated_metal(monkeypatch, tmp_path):
+    """What a Mac runs before the first use: the kernel on its example() against the reference."""
+    run = lambda self, backend, *a, **kw: metal_emu.run(self, *a, workdir=tmp_path, **kw)  # noqa: E731
+    monkeypatch.setattr(KernelDef, "run_kernel", run)
+    assert dataclasses.replace(moe_down, _status={}).plan("metal") == ("metal", "kernel", "")
 
 
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")

@@ -5,6 +5,8 @@ operation: bitwise stock wherever stock runs them (fewer than 8 expert rows, one
 shared expert's dense matmuls). The Metal body sums in float32 in another order (`close`):
 each output is held to the float32 reference with stock's own error as the bar."""
 
+import dataclasses
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -12,7 +14,7 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from zmlx.kernels import metal_emu
-from zmlx.kernels.core import Launch
+from zmlx.kernels.core import KernelDef, Launch
 from zmlx.kernels.moe_gate_up import launch, moe_gate_up, reference, reference_f32
 from zmlx.kernels.moe_mlp import quantized_experts
 from zmlx.kernels.swiglu_mlp import quantized_linear
@@ -105,6 +107,14 @@ def test_cuda_takes_only_stock_matvec_calls():
     args, kw = _inputs(*CASES[0], mx.bfloat16)
     f16 = [a.astype(mx.float16) if i in (9, 10, 12, 13) else a for i, a in enumerate(args)]  # shared s, b
     assert "shared expert: scales/biases not in the activations' dtype" in launch("cuda", *f16, **kw).reason
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+def test_its_example_passes_the_self_check_on_emulated_metal(monkeypatch, tmp_path):
+    """What a Mac runs before the first use: the kernel on its example() against the reference."""
+    run = lambda self, backend, *a, **kw: metal_emu.run(self, *a, workdir=tmp_path, **kw)  # noqa: E731
+    monkeypatch.setattr(KernelDef, "run_kernel", run)
+    assert dataclasses.replace(moe_gate_up, _status={}).plan("metal") == ("metal", "kernel", "")
 
 
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")

@@ -243,10 +243,10 @@ def example():
     h = mx.random.normal((1, 1, 4, 128), key=mx.random.key(81)).astype(mx.bfloat16)
     inds = mx.array([[[3, 0, 5, 1]]], dtype=mx.uint32)
     scores = mx.random.uniform(shape=(1, 1, 4), key=mx.random.key(82))
-    w = quantized_experts(6, 40, 128, group_size=64, bits=4, dtype=mx.bfloat16, seed=83)
-    resid = mx.random.normal((1, 1, 40), key=mx.random.key(84)).astype(mx.bfloat16)
+    w = quantized_experts(6, 13, 128, group_size=64, bits=4, dtype=mx.bfloat16, seed=83)
+    resid = mx.random.normal((1, 1, 13), key=mx.random.key(84)).astype(mx.bfloat16)
     hs = mx.random.normal((1, 1, 192), key=mx.random.key(85)).astype(mx.bfloat16)
-    sw = quantized_linear(40, 192, group_size=32, bits=8, dtype=mx.bfloat16, seed=86)
+    sw = quantized_linear(13, 192, group_size=32, bits=8, dtype=mx.bfloat16, seed=86)
     kw = dict(group_size=64, bits=4, shared_group_size=32, shared_bits=8)
     return (h, inds, scores, *w, resid, hs, *sw), kw
 

@@ -157,10 +157,10 @@ def launch(
 def example():
     x = mx.random.normal((1, 1, 256), key=mx.random.key(71)).astype(mx.bfloat16)
     inds = mx.array([[[3, 0, 5, 1]]], dtype=mx.uint32)
-    g = quantized_experts(6, 24, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=72)
-    u = quantized_experts(6, 24, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=73)
-    sg = quantized_linear(40, 256, group_size=128, bits=8, dtype=mx.bfloat16, seed=74)
-    su = quantized_linear(40, 256, group_size=128, bits=8, dtype=mx.bfloat16, seed=75)
+    g = quantized_experts(6, 9, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=72)
+    u = quantized_experts(6, 9, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=73)
+    sg = quantized_linear(13, 256, group_size=128, bits=8, dtype=mx.bfloat16, seed=74)
+    su = quantized_linear(13, 256, group_size=128, bits=8, dtype=mx.bfloat16, seed=75)
     return (x, inds, *g, *u, *sg, *su), dict(group_size=64, bits=4, shared_group_size=128, shared_bits=8)
 
 
