@@ -119,8 +119,8 @@ def _weights(layer) -> tuple:
 class _MoE:
     __slots__ = ("launches", "shared")
 
-    def __init__(self, route: Prepared, gate_up: Prepared, down: Prepared, shared: bool):
-        self.launches, self.shared = (route, gate_up, down), shared
+    def __init__(self, launches: list[Prepared], shared: bool):
+        self.launches, self.shared = tuple(launches), shared  # route, gate_up, down
 
     def __call__(self, x, r):
         route, gate_up, down = self.launches
@@ -134,8 +134,8 @@ class _MoE:
 class _Dense:
     __slots__ = ("launches",)
 
-    def __init__(self, norm: Prepared, gate_up: Prepared, down: Prepared):
-        self.launches = (norm, gate_up, down)
+    def __init__(self, launches: list[Prepared]):
+        self.launches = tuple(launches)  # norm, gate_up, down
 
     def __call__(self, x, r):
         norm, gate_up, down = self.launches
@@ -168,7 +168,7 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
             h, xn = run(residual_norm, (x, r, norm["weight"], norm.eps), {}, (0, 1))
             a = run(swiglu_mlp, (xn, *gate, *up), packing, (0,))
             run(moe_down, (a, None, None, *down, h), down_packing, (0, 6))
-            return _Dense(*launches)
+            return _Dense(launches)
         g, sw = mlp.gate, mlp.switch_mlp
         rows = math.prod(x.shape[:-1]) * g.top_k
         if rows >= MLX_LM_SORT_ROWS:
@@ -190,7 +190,7 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
         if mlp.config.n_shared_experts is None:
             hr = run(moe_mlp, (xn, inds, *gate, *up), packing, (0, 1))
             run(moe_down, (hr, inds, scores, *down, h), down_packing, (0, 1, 2, 6))
-            return _MoE(*launches, shared=False)
+            return _MoE(launches, shared=False)
         se = mlp.shared_experts
         (sgate, s_packing), (sup, _), (sdown, sdown_packing) = map(
             weights_of, (se.gate_proj, se.up_proj, se.down_proj)
@@ -199,7 +199,7 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
         hr, hs = run(moe_gate_up, (xn, inds, *gate, *up, *sgate, *sup), gu_kw, (0, 1))
         down_kw = {**down_packing, **{f"shared_{k}": v for k, v in sdown_packing.items()}}
         run(moe_down, (hr, inds, scores, *down, h, hs, *sdown), down_kw, (0, 1, 2, 6, 7))
-        return _MoE(*launches, shared=True)
+        return _MoE(launches, shared=True)
     except _Stock as why:
         return str(why)
 
@@ -213,7 +213,12 @@ def _blocks_of(layer) -> dict:
     if entry is not None and entry[0]() is layer:
         return entry[1]
     blocks: dict = {}
-    _BLOCKS[id(layer)] = (weakref.ref(layer, lambda _, i=id(layer): _BLOCKS.pop(i, None)), blocks)
+    i = id(layer)
+
+    def forget(_: weakref.ref) -> None:  # the layer is gone: so are its prepared blocks
+        _BLOCKS.pop(i, None)
+
+    _BLOCKS[i] = (weakref.ref(layer, forget), blocks)
     return blocks
 
 

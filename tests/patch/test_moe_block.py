@@ -1,0 +1,315 @@
+"""moe_block: the decoder layer's MoE half at decode through prepared launches; on the CPU
+their references, which must be mlx-lm's own layer bitwise (compared with the unpatched
+model, never with a copy of the pattern)."""
+
+import copy
+import dataclasses
+import pickle
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import glm4_moe_lite
+
+import zmlx
+from zmlx import synth
+from zmlx.config import PatchConfig
+from zmlx.fidelity import greedy_logits
+from zmlx.kernels.core import Skip
+from zmlx.patch import select_patterns
+from zmlx.patch.patterns import moe_block
+
+PROMPT = mx.array([[3, 14, 15, 92, 65]])
+# the CUDA preset: the module patterns moe_block contains at decode
+MODULE_PATTERNS = ["moe_router", "moe_mlp", "downproj_combine", "swiglu_mlp", "glm47_rope"]
+
+
+@pytest.fixture(autouse=True)
+def _on_the_cpu_with_nothing_prepared():
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    moe_block._BLOCKS.clear()  # the session's models are shared: each test prepares its own
+    yield
+    moe_block._BLOCKS.clear()
+    mx.set_default_device(before)
+
+
+@pytest.fixture
+def fresh_q4():
+    return synth.build("synth:glm4_moe_lite/tiny/affine4")[0]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(mx.array_equal(x, y).item() for x, y in zip(a, b))
+
+
+def _plans(model):
+    return [moe_block.decode_plan(layer) for layer in model.model.layers]
+
+
+def _patched_run(model, prompt, steps, patterns=("moe_block",), **kw):
+    result = zmlx.patch(model, patterns=list(patterns), **kw)
+    try:
+        return result, greedy_logits(model, prompt, steps), _plans(model)
+    finally:
+        zmlx.unpatch(model)
+
+
+@pytest.mark.parametrize("which", ["tiny_q4", "tiny_f32"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_moe_block_is_bitwise_mlx_lm(request, which, batch):
+    model, _ = request.getfixturevalue(which)
+    prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
+    stock = greedy_logits(model, prompt, 4)
+    result, patched, plans = _patched_run(model, prompt, 4)
+    assert len(result.patterns["moe_block"].patched) == model.args.num_hidden_layers
+    assert _same(stock, patched)
+    # every layer ran its block at decode (the dense first one and the MoE ones)
+    assert [list(p.values()) for p in plans] == [
+        [f"reference: {names} (custom kernels do not run on MLX's CPU backend)"]
+        for names in ["residual_norm, swiglu_mlp, moe_down"]
+        + ["norm_router, moe_gate_up, moe_down"] * (model.args.num_hidden_layers - 1)
+    ]
+
+
+def test_without_a_shared_expert_moe_mlp_is_the_second_launch(fresh_q4):
+    model = fresh_q4
+    model.args.n_shared_experts = None  # every MoE's config: stock drops its shared expert too
+    stock = greedy_logits(model, PROMPT, 3)
+    _, patched, plans = _patched_run(model, PROMPT, 3)
+    assert _same(stock, patched)
+    assert all("norm_router, moe_mlp, moe_down" in next(iter(p.values())) for p in plans[1:])
+
+
+def test_the_comparison_sees_one_launch_off_by_a_rounding(tiny_q4, monkeypatch):
+    """The same comparison fails when moe_down's output is off by one bf16 step: the patched
+    decode really runs the block."""
+    model, _ = tiny_q4
+    stock = greedy_logits(model, PROMPT, 2)
+    ref = moe_block.moe_down.reference
+    off = dataclasses.replace(moe_block.moe_down, reference=lambda *a, **k: ref(*a, **k) * (1 + 2**-7))
+    monkeypatch.setattr(moe_block, "moe_down", off)
+    _, patched, _ = _patched_run(model, PROMPT, 2)
+    assert _same(stock[:1], patched[:1])  # the prompt: mlx-lm's own layer
+    assert not _same(stock, patched)
+
+
+def test_a_prompt_runs_mlx_lms_layer(tiny_q4):
+    model, _ = tiny_q4
+    zmlx.patch(model, patterns=["moe_block"])
+    try:
+        mx.eval(model(PROMPT))
+        assert _plans(model) == [{}] * model.args.num_hidden_layers  # nothing prepared
+    finally:
+        zmlx.unpatch(model)
+
+
+def test_rows_mlx_lm_sorts_run_mlx_lms_code(tiny_q4):
+    """16 sequences x top-4 = 64 expert rows: mlx-lm sorts them by expert; moe_block leaves
+    such MoE steps to mlx-lm (the dense layer still runs its block)."""
+    model, _ = tiny_q4
+    prompt = mx.array([[3, 14, 15, 92, 65]] * 16) + mx.arange(16)[:, None]
+    stock = greedy_logits(model, prompt, 2)
+    _, patched, plans = _patched_run(model, prompt, 2)
+    assert _same(stock, patched)
+    assert next(iter(plans[0].values())).startswith("reference: residual_norm")
+    assert all(
+        list(p.values()) == ["mlx-lm (64 expert rows: mlx-lm sorts them by expert (its own path))"]
+        for p in plans[1:]
+    )
+
+
+def test_a_launch_that_skips_runs_mlx_lms_code_and_is_decided_once(tiny_q4, monkeypatch):
+    model, _ = tiny_q4
+    stock = greedy_logits(model, PROMPT, 3)
+    asked = []
+
+    def skipping(backend, *a, **k):
+        asked.append(1)
+        return Skip("not this shape (test)")
+
+    monkeypatch.setattr(moe_block, "moe_down", dataclasses.replace(moe_block.moe_down, launch=skipping))
+    _, patched, plans = _patched_run(model, PROMPT, 3)
+    assert _same(stock, patched)
+    assert all(list(p.values()) == ["mlx-lm (not this shape (test))"] for p in plans)
+    assert len(asked) == model.args.num_hidden_layers  # once per layer, not once per step
+
+
+def test_each_layer_prepares_once_per_shape_and_again_for_new_weights(fresh_q4, monkeypatch):
+    model = fresh_q4
+    prepared = []
+    real = moe_block.prepare
+    monkeypatch.setattr(moe_block, "prepare", lambda k, *a: prepared.append(k.name) or real(k, *a))
+    layers = model.args.num_hidden_layers
+    zmlx.patch(model, patterns=["moe_block"])
+    try:
+        greedy_logits(model, PROMPT, 4)
+        assert len(prepared) == 3 * layers  # once, for 4 decode steps
+        greedy_logits(model, mx.concatenate([PROMPT, PROMPT]), 2)  # batch 2: another shape
+        assert len(prepared) == 6 * layers
+        # new weights (the same values, new arrays: as model.update or load_weights leave them)
+        down = model.model.layers[2].mlp.switch_mlp.down_proj
+        down.scales = mx.array(down.scales * 2)
+        patched = greedy_logits(model, PROMPT, 2)
+        assert len(prepared) == 6 * layers + 3  # only that layer, again
+    finally:
+        zmlx.unpatch(model)
+    assert _same(patched, greedy_logits(model, PROMPT, 2))  # stock, with the new weights
+
+
+def test_patch_and_unpatch_leave_the_model_as_it_was(tiny_q4):
+    model, _ = tiny_q4
+
+    def snapshot():
+        mods = {p: (id(m), type(m), sorted(vars(m)), sorted(m.keys())) for p, m in model.named_modules()}
+        return mods, {k: id(v) for k, v in tree_flatten(model.parameters())}, sorted(vars(model))
+
+    before = snapshot()
+    zmlx.patch(model, patterns=["moe_block"])
+    layer_cls = type(model.model.layers[1])
+    assert layer_cls is not glm4_moe_lite.Glm4MoeLiteDecoderLayer
+    assert isinstance(model.model.layers[1], glm4_moe_lite.Glm4MoeLiteDecoderLayer)
+    greedy_logits(model, PROMPT, 2)  # prepared blocks live outside the modules
+    zmlx.unpatch(model)
+    assert snapshot() == before
+    assert all(type(layer) is glm4_moe_lite.Glm4MoeLiteDecoderLayer for layer in model.model.layers)
+    assert dict(vars(glm4_moe_lite.Glm4MoeLiteDecoderLayer)).get("__call__") is not None
+
+
+def test_excluding_moe_block_leaves_todays_patterns(tiny_q4):
+    model, _ = tiny_q4
+    flag = PatchConfig.from_env({"ZMLX_MOE_BLOCK": "1"})
+    result = zmlx.patch(model, patterns=MODULE_PATTERNS + ["moe_block"], exclude=["moe_block"])
+    try:
+        assert result.not_selected["moe_block"] == "excluded"
+        assert "moe_block" not in result.patterns
+        assert all(type(layer) is glm4_moe_lite.Glm4MoeLiteDecoderLayer for layer in model.model.layers)
+        assert {n for n, r in result.patterns.items() if r.patched} == set(MODULE_PATTERNS)
+    finally:
+        zmlx.unpatch(model)
+    assert "moe_block" in zmlx.patch(model, config=flag).patterns  # its flag adds it to the preset
+    assert zmlx.patch(model, exclude="moe_block", config=flag).not_selected["moe_block"] == "excluded"
+    zmlx.unpatch(model)
+
+
+def test_with_the_module_patterns_moe_block_runs_decode_and_they_run_prompts(tiny_q4):
+    model, _ = tiny_q4
+    stock = greedy_logits(model, PROMPT, 3)
+    result, patched, plans = _patched_run(model, PROMPT, 3, MODULE_PATTERNS + ["moe_block"])
+    assert _same(stock, patched)
+    assert all(result.patterns[n].patched for n in MODULE_PATTERNS + ["moe_block"])
+    assert all(next(iter(p.values())).startswith("reference: ") for p in plans)
+
+
+def test_residual_norm_yields_to_moe_block_and_says_why(tiny_q4):
+    model, _ = tiny_q4
+    stock = greedy_logits(model, PROMPT, 3)
+    result, patched, plans = _patched_run(model, PROMPT, 3, ["moe_block", "residual_norm"])
+    assert _same(stock, patched)
+    assert len(result.patterns["moe_block"].patched) == model.args.num_hidden_layers
+    assert result.patterns["residual_norm"].patched == []
+    assert result.patterns["residual_norm"].skipped == [
+        ("*", "moe_block is applied and this pattern would bypass it")
+    ]
+    assert all(plans)  # the layers' blocks ran: no model loop went around them
+    assert "moe_block is applied" in str(result)
+
+
+def test_residual_norm_applies_where_moe_block_patches_nothing():
+    model, _ = synth.build("synth:glm4_moe_lite/tiny/mxfp4")
+    result = zmlx.patch(model, patterns=["moe_block", "residual_norm"])
+    try:
+        block = result.patterns["moe_block"]
+        assert block.patched == [] and len(block.skipped) == model.args.num_hidden_layers
+        assert all("mxfp4-quantized (affine only)" in why for _, why in block.skipped), block.skipped
+        assert result.patterns["residual_norm"].patched == ["model"]
+    finally:
+        zmlx.unpatch(model)
+
+
+def _sharded(m):
+    m.model.layers[1].mlp.sharding_group = object()
+
+
+def _grouped(m):
+    m.model.layers[1].mlp.gate.n_group = 2
+
+
+def _other_activation(m):
+    m.model.layers[1].mlp.switch_mlp.activation = object()
+
+
+def _mixed_packing(m):
+    import mlx.nn as nn
+
+    mlp = m.model.layers[0].mlp
+    mlp.up_proj = nn.QuantizedLinear.from_linear(nn.Linear(128, 256, bias=False), group_size=32, bits=8)
+
+
+@pytest.mark.parametrize(
+    "change, layer, why",
+    [
+        (_sharded, 1, "MoE is sharded across devices"),
+        (_grouped, 1, "group-limited routing (n_group=2) is not fused"),
+        (_other_activation, 1, "activation object (only SwiGLU is fused)"),
+        (_mixed_packing, 0, "mlp: gate_proj and up_proj are quantized differently"),
+    ],
+)
+def test_check_says_why_a_layer_does_not_fit(fresh_q4, change, layer, why):
+    change(fresh_q4)
+    result = zmlx.patch(fresh_q4, patterns=["moe_block"])
+    zmlx.unpatch(fresh_q4)
+    report = result.patterns["moe_block"]
+    assert (f"model.layers.{layer}", why) in [(p, w[: len(why)]) for p, w in report.skipped]
+    assert len(report.patched) == fresh_q4.args.num_hidden_layers - 1
+
+
+def test_the_report_names_moe_block(tiny_q4):
+    model, _ = tiny_q4
+    result = zmlx.patch(model, patterns=["moe_block"])
+    zmlx.unpatch(model)
+    report = result.patterns["moe_block"]
+    assert report.patched == [f"model.layers.{i}" for i in range(model.args.num_hidden_layers)]
+    assert (report.fidelity, report.path) == ("exact", "reference")  # exact on the CPU: stock's ops
+    assert zmlx.PATTERNS["moe_block"].fidelity == "close" and zmlx.PATTERNS["moe_block"].paths == ("decode",)
+    assert f"moe_block (exact): patched {model.args.num_hidden_layers}" in str(result)
+
+
+def test_moe_block_is_in_no_preset():
+    for backend in ("cpu", "cuda", "metal"):
+        for preset in ("default", "fast"):
+            chosen, why_not = select_patterns("glm4_moe_lite", None, None, PatchConfig(), backend, preset)
+            assert "moe_block" not in chosen and why_not["moe_block"].startswith(
+                f"not in the {preset} preset"
+            )
+
+
+@pytest.mark.parametrize(
+    "copier", [lambda m: pickle.loads(pickle.dumps(m)), copy.deepcopy], ids=["pickle", "deepcopy"]
+)
+def test_a_model_patched_with_moe_block_copies_patched(tiny_q4, copier):
+    model, _ = tiny_q4
+    stock = greedy_logits(model, PROMPT, 2)
+    zmlx.patch(model, patterns=["moe_block"])
+    try:
+        twin = copier(model)
+        assert type(twin.model.layers[1]) is type(model.model.layers[1])
+        assert _same(greedy_logits(twin, PROMPT, 2), stock)
+        assert all(_plans(twin))  # the copy runs its own prepared blocks
+        zmlx.unpatch(twin)
+        assert type(twin.model.layers[1]) is glm4_moe_lite.Glm4MoeLiteDecoderLayer
+    finally:
+        zmlx.unpatch(model)
+
+
+def test_a_layer_that_is_gone_takes_its_prepared_blocks_with_it():
+    """The blocks hold the layer's weights: they must not outlive the model."""
+    import gc
+
+    model, _ = synth.build("synth:glm4_moe_lite/tiny/affine4")
+    zmlx.patch(model, patterns=["moe_block"])
+    greedy_logits(model, PROMPT, 1)
+    assert len(moe_block._BLOCKS) == model.args.num_hidden_layers
+    del model
+    gc.collect()
+    assert moe_block._BLOCKS == {}
