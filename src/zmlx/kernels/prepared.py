@@ -83,13 +83,12 @@ class ReferenceCall(Prepared):
         return self.kernel.reference(*args, **self._kwargs)
 
 
-def _slots(kernel: KernelDef, inputs: Sequence, args: Sequence, live: Sequence[int]) -> tuple:
-    """(input slot, index in `live`) for every input that is a live argument, by identity;
-    ValueError when a live argument is not passed through unchanged, or is ambiguous."""
-    slots = []
+def _check_live(kernel: KernelDef, args: Sequence, live: Sequence[int]) -> None:
+    """ValueError unless each live argument is an array of its own: found by identity among
+    a launch's inputs, it must not also be a fixed argument or another live one."""
     fixed = {id(a) for p, a in enumerate(args) if p not in live}
     seen: set[int] = set()
-    for i, position in enumerate(live):
+    for position in live:
         a = args[position]
         if not isinstance(a, mx.array) or id(a) in fixed or id(a) in seen:
             raise ValueError(
@@ -97,7 +96,14 @@ def _slots(kernel: KernelDef, inputs: Sequence, args: Sequence, live: Sequence[i
                 "(not None, not also a fixed or another live argument)"
             )
         seen.add(id(a))
-        found = [(slot, i) for slot, x in enumerate(inputs) if x is a]
+
+
+def _slots(kernel: KernelDef, inputs: Sequence, args: Sequence, live: Sequence[int]) -> tuple:
+    """(input slot, index in `live`) for every input that is a live argument, by identity;
+    ValueError when launch() did not pass a live argument through unchanged."""
+    slots = []
+    for i, position in enumerate(live):
+        found = [(slot, i) for slot, x in enumerate(inputs) if x is args[position]]
         if not found:
             raise ValueError(
                 f"{kernel.name}: launch() does not pass live argument {position} through as an input "
@@ -120,6 +126,7 @@ def prepare(
     everywhere (`skip`), even where the reference would run anyway (the CPU)."""
     backend = backend or _backend.current()
     kwargs = dict(kwargs or {})
+    _check_live(kernel, args, live)
     spec = kernel.launch(backend, *args, **kwargs) if kernel.launch is not None else None
     if isinstance(spec, Skip):
         return ReferenceCall(kernel, args, live, kwargs, spec.reason, spec.reason)
