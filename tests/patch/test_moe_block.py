@@ -313,3 +313,12 @@ def test_a_layer_that_is_gone_takes_its_prepared_blocks_with_it():
     del model
     gc.collect()
     assert moe_block._BLOCKS == {}
+
+
+def test_a_pattern_that_yields_is_registered_after_the_one_it_yields_to():
+    """patch() plans in registry order: residual_norm can see that moe_block patched layers
+    only when moe_block was planned first."""
+    order = list(zmlx.PATTERNS)
+    assert zmlx.PATTERNS["residual_norm"].yields_to == ("moe_block",)
+    for name, p in zmlx.PATTERNS.items():
+        assert all(order.index(w) < order.index(name) for w in p.yields_to), name

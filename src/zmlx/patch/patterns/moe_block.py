@@ -16,7 +16,8 @@ read (zmlx.kernels.prepared): a decode step checks the weights are still the mod
 goes straight to the built kernels. Prompts, steps whose rows mlx-lm sorts by expert, and
 steps any launch skips (its reason: `decode_plan`) run mlx-lm's code, where the module
 patterns inside the layer (moe_router, moe_mlp, downproj_combine, ...) still apply. On the
-CPU the launches run their references: stock's op sequence, bitwise.
+CPU the launches run their references: stock's op sequence, bitwise. residual_norm's model
+loop would go around the layers' `__call__`, so it yields to moe_block (Pattern.yields_to).
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def make(renorm_eps: float | None = None):
     def __call__(self, x, mask=None, cache=None):
         if x.shape[-2] != 1:  # a prompt: mlx-lm's own layer
             return type(self).__zmlx_original__.__call__(self, x, mask, cache)
-        r = self.self_attn(self.input_layernorm(x), mask, cache)
+        r = self["self_attn"](self["input_layernorm"](x), mask, cache)  # mlx-lm's, read as items
         block = _block(self, x, r, renorm_eps)
         if isinstance(block, str):  # outside the launches' regime: the rest of mlx-lm's layer
             h = x + r
