@@ -322,3 +322,17 @@ def test_a_pattern_that_yields_is_registered_after_the_one_it_yields_to():
     assert zmlx.PATTERNS["residual_norm"].yields_to == ("moe_block",)
     for name, p in zmlx.PATTERNS.items():
         assert all(order.index(w) < order.index(name) for w in p.yields_to), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("which", ["tiny_q4", "tiny_f32"])
+def test_on_the_gpu_every_layer_runs_its_kernels_bitwise_mlx_lm(request, which):
+    """One sequence (the kernels' regime on CUDA): each layer's three launches are the fused
+    kernels (no reference, no mlx-lm fallback) and the tokens and logits are stock's."""
+    mx.set_default_device(mx.gpu)  # the autouse fixture puts the CPU back afterwards
+    model, _ = request.getfixturevalue(which)
+    stock = greedy_logits(model, PROMPT, 4)
+    result, patched, plans = _patched_run(model, PROMPT, 4)
+    assert result.patterns["moe_block"].path == "kernel", result.patterns["moe_block"].fallbacks
+    assert all(list(p.values()) and all(v.startswith("kernel: ") for v in p.values()) for p in plans), plans
+    assert _same(stock, patched)
