@@ -1,0 +1,141 @@
+// mla_q_prep: TG threads per threadgroup; threadgroups 0 .. NB - 1 are (b, head) pairs,
+// NB .. NB + B - 1 the kv rows of sequence b.
+// q threadgroup:
+// 1. q_a_layernorm of q_a[b] in MLX's rms_norm order (residual_norm_body.h's mapping: threads
+//    below QBLOCK own MLX's elements; the others' warps add +0.0 where MLX zero-fills), the
+//    row kept in zmlx_xn (T on CUDA, aligned as stock's fresh array; float on Metal).
+// 2. the head's QW rows of q_b_proj, warps taking rows warp, warp + TG / 32, ...: on CUDA in
+//    stock's qmv (gemv) order (csrc/quant.h), on Metal float32 sums; each rounded to T, kept
+//    as float in zmlx_q.
+// 3. q_pe's RD / 2 pairs roped (glm47_rope's arithmetic and table row) and scaled in T;
+//    embed_q's R rows from q_nope in float32 (mla.h's row dots, as mla_embed_q).
+// kv threadgroup: kv_a_layernorm of ckv[b][:R] in the same order, and the rope of k_pe.
+ZMLX_SHARED float zmlx_sums[32];
+ZMLX_SHARED float zmlx_q[QW];
+#ifdef ZMLX_CUDA
+__shared__ __align__(16) T zmlx_xn[QLR];
+#else
+threadgroup float zmlx_xn[QLR];
+#endif
+// The mean-square reduction of one row in MLX's rms_norm order: each thread below BLOCK
+// accumulates its values (read by the caller's VALUE(d)), then the two warp sums.
+#define ZMLX_QP_RMS(BLOCK, CHUNKS, NR, D, VALUE, INV)                                   \
+    {                                                                                   \
+        float zacc = 0.0f;                                                              \
+        if (zmlx_lid < BLOCK) {                                                         \
+            for (uint zi = 0; zi < CHUNKS; ++zi) {                                      \
+                for (uint zj = 0; zj < NR; ++zj) {                                      \
+                    const uint d = (BLOCK * zi + zmlx_lid) * NR + zj;                   \
+                    if (d < D) {                                                        \
+                        const float zt = VALUE;                                         \
+                        ZMLX_SQ_ACC(zacc, zt);                                          \
+                    }                                                                   \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
+        zacc = ZMLX_SIMD_SUM(zacc);                                                     \
+        if (zmlx_warp == 0) zmlx_sums[zmlx_lane] = 0.0f;                                \
+        ZMLX_BARRIER;                                                                   \
+        if (zmlx_lane == 0) zmlx_sums[zmlx_warp] = zacc;                                \
+        ZMLX_BARRIER;                                                                   \
+        zacc = ZMLX_SIMD_SUM(static_cast<float>(zmlx_sums[zmlx_lane]));                 \
+        INV = ZMLX_RSQRT(ZMLX_ADD(zacc / static_cast<float>(D), ZMLX_FLOAT_BITS(EPS_BITS))); \
+    }
+// w * T(x * inv) in T, as MLX's rms_norm writes it
+#define ZMLX_QP_NORMED(X, W, INV) \
+    static_cast<T>(ZMLX_MUL(static_cast<float>(W), static_cast<float>(static_cast<T>(ZMLX_MUL((X), (INV))))))
+if (zmlx_gid >= NB) {
+    const uint b = zmlx_gid - NB;
+    const size_t src = size_t(b) * KVW;
+    float inv;
+    ZMLX_QP_RMS(KBLOCK, KCHUNKS, KNR, R, static_cast<float>(ckv[src + d]), inv)
+    if (zmlx_lid < KBLOCK) {
+        for (uint i = 0; i < KCHUNKS; ++i) {
+            for (uint j = 0; j < KNR; ++j) {
+                const uint d = (KBLOCK * i + zmlx_lid) * KNR + j;
+                if (d < R) kv_latent[size_t(b) * R + d] = ZMLX_QP_NORMED(static_cast<float>(ckv[src + d]), kv_w[d], inv);
+            }
+        }
+    }
+    if (zmlx_lid < RD / 2) {
+        const uint i = zmlx_lid;
+        const float c = cs[2 * i], s = cs[2 * i + 1];
+        const float x1 = static_cast<float>(ckv[src + R + 2 * i]);
+        const float x2 = static_cast<float>(ckv[src + R + 2 * i + 1]);
+        k_pe[size_t(b) * RD + 2 * i] = static_cast<T>(ZMLX_ROPE_X1(x1, x2, c, s));
+        k_pe[size_t(b) * RD + 2 * i + 1] = static_cast<T>(ZMLX_ROPE_X2(x1, x2, c, s));
+    }
+    return;
+}
+const uint b = zmlx_gid / H;
+const uint h = zmlx_gid % H;
+// 1. q_a_layernorm
+{
+    const size_t src = size_t(b) * QLR;
+    float inv;
+    ZMLX_QP_RMS(QBLOCK, QCHUNKS, QNR, QLR, static_cast<float>(q_a[src + d]), inv)
+    if (zmlx_lid < QBLOCK) {
+        for (uint i = 0; i < QCHUNKS; ++i) {
+            for (uint j = 0; j < QNR; ++j) {
+                const uint d = (QBLOCK * i + zmlx_lid) * QNR + j;
+                if (d < QLR) zmlx_xn[d] = ZMLX_QP_NORMED(static_cast<float>(q_a[src + d]), qa_w[d], inv);
+            }
+        }
+    }
+}
+ZMLX_BARRIER;
+// 2. q_b_proj: the head's rows h * QW .. h * QW + QW - 1
+#ifdef ZMLX_CUDA
+constexpr uint QWORDS = QLR * QBITS / 32;  // packed words (or values, unquantized) per row
+constexpr uint QGROUPS = QLR / QGS;
+for (uint j0 = 0; j0 < QW; j0 += TG / 32) {  // every warp the same number of rounds
+    const uint j = j0 + zmlx_warp;
+    float g = 0.0f;
+    if (j < QW) {
+        const size_t row = size_t(h) * QW + j;
+        g = zmlx_qdot_lane<QBITS, QGS, QLR>(qb_w + row * QWORDS, qb_s + (QBITS == 32 ? 0 : row * QGROUPS),
+                                            qb_b + (QBITS == 32 ? 0 : row * QGROUPS), zmlx_xn, zmlx_lane);
+    }
+    g = ZMLX_SIMD_SUM(g);
+    if (zmlx_lane == 0 && j < QW) zmlx_q[j] = static_cast<float>(static_cast<T>(g));  // stock's matmul: T
+}
+#else
+{
+    ZMLX_MLA_X_UNITS(QBITS, QLR, zmlx_xn, xq, xqsum)
+    for (uint j0 = 0; j0 < QW; j0 += (TG / 32) * RW) {  // every warp the same simd ops before the barrier
+        const uint j = j0 + zmlx_warp * RW;
+        const uint nrows = j >= QW ? 0 : QW - j < RW ? QW - j : RW;  // the same for the whole warp
+        float acc[RW];
+        zmlx_mla_rows<QBITS, QGS, QLR, RW>(qb_w, qb_s, qb_b, size_t(h) * QW + j, nrows, zmlx_lane, xq, xqsum, acc);
+        for (uint r = 0; r < nrows; ++r) {
+            if (zmlx_lane == 0) zmlx_q[j + r] = static_cast<float>(static_cast<T>(acc[r]));
+        }
+    }
+}
+#endif
+ZMLX_BARRIER;
+// 3. the rope of q_pe and its scale (one rounding of the product of two values of T)
+if (zmlx_lid < RD / 2) {
+    const uint i = zmlx_lid;
+    const float c = cs[2 * i], s = cs[2 * i + 1];
+    const float x1 = zmlx_q[NOPE + 2 * i], x2 = zmlx_q[NOPE + 2 * i + 1];
+    const float sc = ZMLX_FLOAT_BITS(SCALE_BITS);
+    const size_t dst = size_t(zmlx_gid) * RD + 2 * i;
+    const T r1 = static_cast<T>(ZMLX_ROPE_X1(x1, x2, c, s));
+    const T r2 = static_cast<T>(ZMLX_ROPE_X2(x1, x2, c, s));
+    q_pe[dst] = static_cast<T>(ZMLX_MUL(static_cast<float>(r1), sc));
+    q_pe[dst + 1] = static_cast<T>(ZMLX_MUL(static_cast<float>(r2), sc));
+}
+// ... and embed_q: qv[b, h] = W_q[h] @ q_nope in float32
+ZMLX_MLA_X_UNITS(EBITS, NOPE, zmlx_q, xr, xsum)
+for (uint j0 = 0; j0 < R; j0 += (TG / 32) * RW) {
+    const uint j = j0 + zmlx_warp * RW;
+    if (j < R) {  // the same for the whole warp
+        const uint nrows = R - j < RW ? R - j : RW;
+        float acc[RW];
+        zmlx_mla_rows<EBITS, EGS, NOPE, RW>(eq_w, eq_s, eq_b, size_t(h) * R + j, nrows, zmlx_lane, xr, xsum, acc);
+        for (uint r = 0; r < nrows; ++r) {
+            if (zmlx_lane == 0) qv[size_t(zmlx_gid) * R + j + r] = acc[r];
+        }
+    }
+}

@@ -1,0 +1,327 @@
+"""mla_q_prep: MLA's query and new-key preparation at decode in one launch (launch B of mla_block).
+
+Stock, per attention layer and decoded token (mlx-lm `Glm4MoeLiteAttention`, from the
+outputs q_a of q_a_proj and ckv of kv_a_proj_with_mqa):
+
+    q = q_b_proj(q_a_layernorm(q_a))              # rms_norm, (Quantized)Linear, T
+    q_nope, q_pe = split(q.reshape(B, 1, H, nope + rope).transpose(0, 2, 1, 3))
+    kv_latent = kv_a_layernorm(ckv[..., :rank]); k_pe = ckv[..., rank:]
+    q_pe = rope(q_pe, offset); k_pe = rope(k_pe, offset)
+    q_pe * scale; embed_q(q_nope)                 # pe_scores' multiply; the absorbed query
+
+Fused: one threadgroup per (b, head) recomputes q_a_layernorm in MLX's rms_norm order
+(residual_norm's geometry, norm_router's scheme: threads past the norm's BLOCK add the +0.0
+of MLX's zero fill), keeps the normalized row in threadgroup memory, computes the head's
+nope + rope rows of q_b_proj (warps split the rows) rounded to T, ropes q_pe with
+glm47_rope's arithmetic (its table row, passed as a view: no per-token host array) and
+scales it in T, then computes embed_q's kv_lora_rank rows from q_nope. B more threadgroups
+(after the B * H) do kv_a_layernorm of ckv[..., :rank] and the rope of k_pe.
+
+Outputs, what mla_attention's kernels and mlx-lm's cache take: qv (B, H, rank) float32
+(mla_decode's absorbed query, as mla_embed_q gives it), q_pe * scale (B, H, 1, rope) T,
+kv_latent (B, 1, 1, rank) T and k_pe (B, 1, 1, rope) T (for `cache.update_and_fetch`).
+
+Fidelity: on CUDA the norms, q_b_proj (MLX's qmv order, or gemv unquantized, at one token;
+more tokens take the reference) and both ropes are bitwise stock, so q_pe, kv_latent and
+k_pe are exact. embed_q is not: stock's `quantized_matmul` of (B, H, 1, nope) by the
+(H, rank, nope) stack does not run qmv per head: MLX's CUDA `QuantizedMatmul::eval_gpu`
+(mlx/backend/cuda/quantized/quantized.cpp) takes qmv only for M * batch < 8 (or
+M == batch == 1 where its sm90 qmm applies), so from 8 heads it runs `qmm_sm80`
+(device/qmm_sm80.cuh: a tensor-core GEMM, the row padded to 16, bf16 mma.sync in k-steps
+of 16, the sum rounded to T), and float32 activations take `qmm_naive`. Its result is
+rounded to T, while mla_decode takes a float32 qv; so qv is computed as mla_embed_q does
+it (float32, mla.h's `zmlx_mla_rows`), one rounding less than stock. The reference gives
+stock's embed_q values widened to float32 (the CPU path is stock's own op sequence), so
+the kernel is `close` (exact_on empty). On Metal every dot is a float32 sum (close).
+
+Device code: csrc/mla_q_prep_body.h (the body); its header is csrc/quant.h (qmv-order row
+dots), csrc/residual_norm.h (the norm's square-accumulate and rsqrt), csrc/glm47_rope.h
+(the rotation as each backend rounds it) and csrc/mla.h (the float32 row dots).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
+from zmlx.kernels.glm47_rope import rope_table
+from zmlx.kernels.quant import or_placeholder, packing, regime_reason, weights_reason
+from zmlx.kernels.residual_norm import geometry
+from zmlx.kernels.swiglu_mlp import dense
+
+_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+THREADS = 512  # per threadgroup (at least the norms' BLOCK): 16 warps split a head's rows
+RW = 4  # the float32 row dots (embed_q; q_b_proj on Metal): rows per warp at once
+_SHARED_BYTES = 32768  # Metal's threadgroup memory
+
+
+def reference(
+    q_a,
+    ckv,
+    qa_norm_w,
+    qb_w,
+    qb_s,
+    qb_b,
+    kv_norm_w,
+    eq_w,
+    eq_s,
+    eq_b,
+    table,
+    offset,
+    *,
+    eps,
+    heads,
+    rope_dims,
+    base,
+    rope_scale,
+    scale,
+    group_size=None,
+    bits=None,
+    embed_group_size=None,
+    embed_bits=None,
+):
+    """q_a (B, 1, q_lora_rank) and ckv (B, 1, rank + rope_dims): q_a_proj's and
+    kv_a_proj_with_mqa's outputs at decode (T); qa_norm_w, kv_norm_w the two RMSNorm weights;
+    qb_* q_b_proj's (heads * (nope + rope_dims), q_lora_rank) weights and embed_q's per-head
+    (heads, rank, nope) weights (affine-quantized with scales and biases, or unquantized with
+    s and b None; (group_size, bits) and (embed_group_size, embed_bits) their packings);
+    table, offset: glm47_rope's cos/sin table (`rope_table`; the reference does not need it)
+    and the cache position (int). With qa_norm_w None, q_a is already q (q_lora_rank None:
+    q_proj's output) and qb_* are not read. eps: both norms' (mlx-lm gives them one).
+
+    -> (qv (B, heads, rank) float32, q_pe * scale (B, heads, 1, rope_dims) T,
+    kv_latent (B, 1, 1, rank) T, k_pe (B, 1, 1, rope_dims) T): mlx-lm's op sequence
+    (rms_norm, the (Quantized)Linear op, reshape/transpose/split, nn.RoPE's mx.fast.rope,
+    the scale multiply, MultiLinear's matmul), qv being stock's embed_q output widened."""
+    b, n, _ = q_a.shape
+    if qa_norm_w is None:
+        q = q_a
+    else:
+        q = dense(mx.fast.rms_norm(q_a, qa_norm_w, eps), qb_w, qb_s, qb_b, group_size, bits)
+    q = q.reshape(b, n, heads, -1).transpose(0, 2, 1, 3)
+    q_nope, q_pe = mx.split(q, [q.shape[-1] - rope_dims], axis=-1)
+    rank = ckv.shape[-1] - rope_dims
+    kv, k_pe = mx.split(ckv, [rank], axis=-1)
+    k_pe = k_pe.reshape(b, n, 1, rope_dims).transpose(0, 2, 1, 3)
+    kv_latent = mx.fast.rms_norm(kv, kv_norm_w, eps)
+    q_pe = mx.fast.rope(q_pe, rope_dims, traditional=True, base=base, scale=rope_scale, offset=offset)
+    k_pe = mx.fast.rope(k_pe, rope_dims, traditional=True, base=base, scale=rope_scale, offset=offset)
+    kv_latent = mx.expand_dims(kv_latent, axis=1)
+    if eq_s is None:  # mlx-lm's MultiLinear
+        qv = q_nope @ eq_w.swapaxes(-1, -2)
+    else:  # its QuantizedMultiLinear
+        qv = mx.quantized_matmul(
+            q_nope, eq_w, eq_s, eq_b, transpose=True, group_size=embed_group_size, bits=embed_bits
+        )
+    return qv.reshape(b, heads, -1).astype(mx.float32), q_pe * scale, kv_latent, k_pe
+
+
+_SCALES: dict[tuple, int] = {}
+
+
+def _scale_bits(scale: float, dtype) -> int:
+    """The bits of float(T(scale)): stock's `q_pe * scale` rounds the Python float to T first."""
+    key = (scale, dtype)
+    if key not in _SCALES:
+        _SCALES[key] = float_bits(mx.array(scale, dtype=dtype).astype(mx.float32).item())
+    return _SCALES[key]
+
+
+def _shape_reason(q_a, ckv, qa_norm_w, kv_norm_w, heads, rope_dims) -> str | None:
+    if q_a.dtype not in _DTYPES or ckv.dtype != q_a.dtype:
+        return f"q_a {q_a.dtype}, ckv {ckv.dtype} (one float dtype needed)"
+    if qa_norm_w.dtype != q_a.dtype or kv_norm_w.dtype != q_a.dtype:
+        return f"norm weights {qa_norm_w.dtype}, {kv_norm_w.dtype} not in the activations' dtype {q_a.dtype}"
+    if q_a.ndim != 3 or ckv.ndim != 3 or q_a.shape[1] != 1 or ckv.shape[:2] != q_a.shape[:2]:
+        return f"q_a {q_a.shape}, ckv {ckv.shape}: one token per sequence (decode) only"
+    rank = ckv.shape[-1] - rope_dims
+    if rope_dims <= 0 or rope_dims % 2 or rope_dims > 2 * THREADS or rank <= 0:
+        return f"rope_dims {rope_dims} for ckv {ckv.shape}"
+    if qa_norm_w.shape != q_a.shape[-1:] or kv_norm_w.shape != (rank,):
+        return f"norm weights {qa_norm_w.shape}, {kv_norm_w.shape} for rows of {q_a.shape[-1]}, {rank}"
+    if heads <= 0 or q_a.shape[0] == 0:
+        return f"{heads} heads, {q_a.shape[0]} sequences"
+    return None
+
+
+def launch(
+    backend,
+    q_a,
+    ckv,
+    qa_norm_w,
+    qb_w,
+    qb_s,
+    qb_b,
+    kv_norm_w,
+    eq_w,
+    eq_s,
+    eq_b,
+    table,
+    offset,
+    *,
+    eps,
+    heads,
+    rope_dims,
+    base,
+    rope_scale,
+    scale,
+    group_size=None,
+    bits=None,
+    embed_group_size=None,
+    embed_bits=None,
+) -> Launch | Skip:
+    if qa_norm_w is None:
+        return Skip("no q_a_layernorm (q_lora_rank None: q_proj) is not fused yet")
+    if why := _shape_reason(q_a, ckv, qa_norm_w, kv_norm_w, heads, rope_dims):
+        return Skip(why)
+    bsz, qlr, dtype = q_a.shape[0], q_a.shape[-1], q_a.dtype
+    rank = ckv.shape[-1] - rope_dims
+    if qb_w.ndim != 2 or qb_w.shape[0] % heads:
+        return Skip(f"q_b_proj weights {qb_w.shape} for {heads} heads")
+    qw = qb_w.shape[0] // heads
+    nope = qw - rope_dims
+    if nope <= 0:
+        return Skip(f"q_b_proj's {qw} rows per head leave no nope part beside rope {rope_dims}")
+    if why := weights_reason(qb_w, qb_s, qb_b, cols=qlr, group_size=group_size, bits=bits, dtype=dtype):
+        return Skip(f"q_b_proj: {why}")
+    if why := regime_reason(backend, bsz, dtype, qb_s, qb_b, qb_w, qmv_rows=2, gemv_rows=2):
+        return Skip(f"q_b_proj: {why}")
+    if eq_w.ndim != 3 or eq_w.shape[:2] != (heads, rank):
+        return Skip(f"embed_q weights {eq_w.shape} for {heads} heads of latent {rank}")
+    eq_kw = dict(group_size=embed_group_size, bits=embed_bits)
+    if why := weights_reason(eq_w, eq_s, eq_b, cols=nope, dtype=dtype, **eq_kw):
+        return Skip(f"embed_q: {why}")
+    qgs, qbits = packing(qlr, group_size, bits)
+    egs, ebits = packing(nope, embed_group_size, embed_bits)
+    for name, cols, nbits in (("q_lora_rank", qlr, qbits), ("nope", nope, ebits)):
+        if cols % (4 if nbits == 32 else 32 // nbits) or cols > 4096:
+            return Skip(f"{name} {cols}: a whole number of packed words (or of 4 values), at most 4096")
+    if not isinstance(offset, int) or offset < 0:
+        return Skip(f"offset {offset!r}: one int position for the batch needed")
+    if (
+        table.dtype != mx.float32
+        or table.ndim != 2
+        or table.shape[1] != rope_dims
+        or table.shape[0] <= offset
+    ):
+        return Skip(f"table {table.shape} {table.dtype} does not cover position {offset}")
+    geos = []  # the two norms' (BLOCK, CHUNKS, NR)
+    for d in (qlr, rank):
+        geo = geometry(backend, d, dtype.size)
+        if isinstance(geo, Skip):
+            return geo
+        if geo[1] * geo[2] > 64:
+            return Skip(f"row of {d} needs {geo[1] * geo[2]} values per thread")
+        geos.append(geo)
+    (qblock, qchunks, qnr), (kblock, kchunks, knr) = geos
+    if qlr * 4 + qw * 4 + 128 > _SHARED_BYTES:
+        return Skip(f"q_lora_rank {qlr} does not fit in threadgroup memory")
+    threads = max(THREADS, qblock, kblock)
+    return Launch(
+        inputs=[
+            q_a,
+            ckv,
+            qa_norm_w,
+            qb_w,
+            or_placeholder(qb_s, q_a),
+            or_placeholder(qb_b, q_a),
+            kv_norm_w,
+            eq_w,
+            or_placeholder(eq_s, q_a),
+            or_placeholder(eq_b, q_a),
+            table[offset : offset + 1],  # the position's row: a view
+        ],
+        template=[
+            ("T", dtype),
+            ("H", heads),
+            ("QLR", qlr),
+            ("QW", qw),
+            ("NOPE", nope),
+            ("RD", rope_dims),
+            ("R", rank),
+            ("KVW", ckv.shape[-1]),
+            ("NB", bsz * heads),
+            ("TG", threads),
+            ("RW", RW),
+            ("QBLOCK", qblock),
+            ("QCHUNKS", qchunks),
+            ("QNR", qnr),
+            ("KBLOCK", kblock),
+            ("KCHUNKS", kchunks),
+            ("KNR", knr),
+            ("QGS", qgs),
+            ("QBITS", qbits),
+            ("EGS", egs),
+            ("EBITS", ebits),
+            ("EPS_BITS", float_bits(eps)),
+            ("SCALE_BITS", _scale_bits(scale, dtype)),
+        ],
+        grid=((bsz * heads + bsz) * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[
+            (bsz, heads, rank),
+            (bsz, heads, 1, rope_dims),
+            (bsz, 1, 1, rank),
+            (bsz, 1, 1, rope_dims),
+        ],
+        output_dtypes=[mx.float32, dtype, dtype, dtype],
+    )
+
+
+def inputs(b, heads, qlr, nope, rope_dims, rank, dtype, seed, *, packing=None, embed_packing=None):
+    """Random (q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, eq_w, eq_s, eq_b) at a layer's
+    scales; packing / embed_packing: {group_size, bits} of q_b_proj / embed_q (None:
+    unquantized, in dtype)."""
+    from zmlx.kernels.moe_mlp import quantized_experts
+    from zmlx.kernels.swiglu_mlp import quantized_linear
+
+    ks = mx.random.split(mx.random.key(seed), 4)
+    q_a = (2 * mx.random.normal((b, 1, qlr), key=ks[0])).astype(dtype)
+    ckv = (2 * mx.random.normal((b, 1, rank + rope_dims), key=ks[1])).astype(dtype)
+    qa_norm_w = (1 + 0.1 * mx.random.normal((qlr,), key=ks[2])).astype(dtype)
+    kv_norm_w = (1 + 0.1 * mx.random.normal((rank,), key=ks[3])).astype(dtype)
+    qp = packing or dict(group_size=None, bits=None)
+    ep = embed_packing or dict(group_size=None, bits=None)
+    qb = quantized_linear(heads * (nope + rope_dims), qlr, dtype=dtype, seed=seed + 1, **qp)
+    eq = quantized_experts(heads, rank, nope, dtype=dtype, seed=seed + 2, **ep)
+    return (q_a, ckv, qa_norm_w, *qb, kv_norm_w, *eq)
+
+
+def kwargs(heads, nope, rope_dims, *, packing=None, embed_packing=None, base=10_000.0):
+    """The keyword arguments that go with `inputs`: mlx-lm's scale (nope + rope_dims) ** -0.5."""
+    qp = packing or dict(group_size=None, bits=None)
+    ep = embed_packing or dict(group_size=None, bits=None)
+    return dict(
+        eps=1e-5,
+        heads=heads,
+        rope_dims=rope_dims,
+        base=base,
+        rope_scale=1.0,
+        scale=(nope + rope_dims) ** -0.5,
+        group_size=qp["group_size"],
+        bits=qp["bits"],
+        embed_group_size=ep["group_size"],
+        embed_bits=ep["bits"],
+    )
+
+
+def example():
+    # small odd shapes: 3 heads, q_lora_rank 96, nope 32, rope 16, latent 64; 4-bit groups of 32
+    p = dict(group_size=32, bits=4)
+    args = inputs(1, 3, 96, 32, 16, 64, mx.bfloat16, 71, packing=p, embed_packing=p)
+    kw = kwargs(3, 32, 16, packing=p, embed_packing=p)
+    return (*args, rope_table(16, kw["base"], 1.0, 300), 257), kw
+
+
+mla_q_prep = KernelDef(
+    name="mla_q_prep",
+    reference=reference,
+    fidelity="close",  # qv is float32 where stock rounds embed_q to T; the rest is exact on CUDA
+    tolerance=2**-3,  # the self-check only: a few roundings of T, far below a layout error
+    body=device_code("mla_q_prep_body.h"),
+    header=device_code("quant.h", "residual_norm.h", "glm47_rope.h", "mla.h"),
+    input_names=("q_a", "ckv", "qa_w", "qb_w", "qb_s", "qb_b", "kv_w", "eq_w", "eq_s", "eq_b", "cs"),
+    output_names=("qv", "q_pe", "kv_latent", "k_pe"),
+    launch=launch,
+    example=example,
+)
