@@ -20,6 +20,8 @@ from zmlx.kernels.moe_down import moe_down
 from zmlx.kernels.moe_gate_up import moe_gate_up
 from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
 from zmlx.kernels.moe_router import moe_router
+from zmlx.kernels.norm_qkv_a import inputs as norm_qkv_a_inputs
+from zmlx.kernels.norm_qkv_a import norm_qkv_a
 from zmlx.kernels.norm_router import inputs as norm_router_inputs
 from zmlx.kernels.norm_router import norm_router
 from zmlx.kernels.residual_norm import residual_norm
@@ -95,6 +97,7 @@ def _cases():
     yield from _quantized_cases()
     yield from _mla_cases()
     yield from _norm_router_cases()
+    yield from _norm_qkv_a_cases()
 
 
 def _mla_cases():  # GLM-4.7-Flash's attention: 20 heads, nope 192, rope 64, latent 512, v 256
@@ -122,6 +125,20 @@ def _norm_router_cases():  # GLM-4.7-Flash's width, and odd ones (2 and 1 values
     for dtype in (mx.bfloat16, mx.float16, mx.float32):
         for d, e in ((2048, 64), (320, 40), (200, 7)):
             yield norm_router, norm_router_inputs((1, 1), d, e, dtype, 1), kw
+
+
+def _norm_qkv_a_cases():  # GLM-4.7-Flash's rows, and odd ones: q_a and kv_a packed differently or unquantized
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
+        for d, rq, rkv, q, kv in (
+            (2048, 768, 576, (64, 4), (64, 4)),
+            (320, 40, 21, (64, 4), (32, 8)),  # a remainder tile
+            (384, 13, 9, (128, 8), (None, None)),
+            (200, 39, 5, (None, None), (None, None)),  # gemv, 1 value per lane
+        ):
+            args, kw = norm_qkv_a_inputs(
+                (1, 1), d, rq, rkv, dtype, 1, group_size=q[0], bits=q[1], kv_group_size=kv[0], kv_bits=kv[1]
+            )
+            yield norm_qkv_a, args, kw
 
 
 CASES = list(_cases())
