@@ -1,0 +1,267 @@
+"""mla_q_prep: q_a_layernorm + q_b_proj + rope of q_pe (scaled) + embed_q, and kv_a_layernorm +
+rope of k_pe, in one launch.
+
+CPU: the reference equals the pieces mlx-lm's own `Glm4MoeLiteAttention` computes (its
+embed_q output, its rope's q_pe times its scale, what it writes into the cache), random
+weights, quantized by `nn.quantize` or not. The Metal body through the emulation: each
+output as close to a float32 truth as stock is. `cuda` tests: q_pe, kv_latent and k_pe
+bitwise stock, qv as close to float32 as stock's embed_q, outputs poisoned first."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.models import glm4_moe_lite
+from mlx_lm.models.cache import KVCache
+
+from zmlx.kernels import metal_emu
+from zmlx.kernels.core import Launch, Skip
+from zmlx.kernels.glm47_rope import rope_table
+from zmlx.kernels.mla_q_prep import THREADS, inputs, kwargs, launch, mla_q_prep, reference
+from zmlx.kernels.quant import dequantized, weights_of
+from zmlx.patch.attention import rope_args
+
+DTYPES = [mx.bfloat16, mx.float16, mx.float32]
+Q4, Q8 = dict(group_size=32, bits=4), dict(group_size=64, bits=8)
+SHAPES = [  # (batch, heads, q_lora_rank, nope, rope_dims, kv_lora_rank)
+    (1, 3, 96, 32, 16, 64),  # small and odd
+    (1, 20, 768, 192, 64, 512),  # GLM-4.7-Flash
+    (1, 5, 320, 64, 32, 128),  # q_lora_rank: 2 values per lane in the unquantized gemv
+    (1, 1, 200, 16, 8, 40),  # 1 value per lane, one head
+]
+PACKINGS = [(Q4, Q4), (Q8, None), (None, Q4), (None, None)]  # (q_b_proj, embed_q)
+
+
+def _packing_for(p, cols):
+    """p, or groups of 32 where the width has no whole group of p's size (unquantized where
+    it has none of 32 either)."""
+    if p is None or cols % p["group_size"] == 0:
+        return p
+    return dict(p, group_size=32) if cols % 32 == 0 else None
+
+
+def _problem(shape, dtype, packings, seed, position=37):
+    b, heads, qlr, nope, rd, rank = shape
+    qp, ep = _packing_for(packings[0], qlr), _packing_for(packings[1], nope)
+    args = inputs(b, heads, qlr, nope, rd, rank, dtype, seed, packing=qp, embed_packing=ep)
+    kw = kwargs(heads, nope, rd, packing=qp, embed_packing=ep, base=1_000_000.0)
+    return (*args, rope_table(rd, kw["base"], 1.0, position + 1), position), kw
+
+
+# ---------------------------------------------------------------- the reference is mlx-lm's
+
+
+def _attention(heads, qlr, nope, rd, rank, dtype, bits, seed):
+    args = glm4_moe_lite.ModelArgs(
+        hidden_size=64,
+        num_attention_heads=heads,
+        q_lora_rank=qlr,
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rd,
+        kv_lora_rank=rank,
+        v_head_dim=32,
+    )
+    mx.random.seed(seed)
+    attn = glm4_moe_lite.Glm4MoeLiteAttention(args)
+    attn.q_a_layernorm.weight = 1 + 0.1 * mx.random.normal((qlr,))
+    attn.kv_a_layernorm.weight = 1 + 0.1 * mx.random.normal((rank,))
+    attn.set_dtype(dtype)
+    if bits is not None:
+        nn.quantize(attn, group_size=32, bits=bits)
+    return attn
+
+
+class _Recorder(nn.Module):
+    """A module that runs `inner` and keeps its outputs."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.outputs: list = []
+
+    def __call__(self, *args, **kw):
+        out = self.inner(*args, **kw)
+        self.outputs.append(out)
+        return out
+
+
+def _stock_pieces(attn, x, offset):
+    """What mlx-lm's module computes for one decode token at `offset`: (embed_q's output,
+    its roped q_pe times its scale, the kv_latent and k_pe it writes into the cache)."""
+    b = x.shape[0]
+    cache = KVCache()
+    if offset:
+        lat, kpe = (mx.zeros((b, 1, offset, d), x.dtype) for d in (attn.kv_lora_rank, attn.qk_rope_head_dim))
+        cache.update_and_fetch(lat, kpe)
+    attn.embed_q = _Recorder(attn.embed_q)
+    attn.rope = _Recorder(attn.rope)
+    attn(x, mask=None, cache=cache)
+    q_pe = attn.rope.outputs[0]
+    pos = slice(offset, offset + 1)
+    return attn.embed_q.outputs[0], q_pe * attn.scale, cache.keys[:, :, pos], cache.values[:, :, pos]
+
+
+def _ours_args(attn, x, offset):
+    """mla_q_prep's arguments for the same token, from the module's own projections and weights."""
+    (qb, qb_packing), (eq, eq_packing) = weights_of(attn.q_b_proj), weights_of(attn.embed_q)
+    (table, pos), kw = rope_args(attn, offset)
+    kw = dict(kw, eps=attn.q_a_layernorm.eps, **qb_packing)
+    kw.update(embed_group_size=eq_packing["group_size"], embed_bits=eq_packing["bits"])
+    q_a, ckv = attn.q_a_proj(x), attn.kv_a_proj_with_mqa(x)
+    qa_w, kv_w = attn.q_a_layernorm.weight, attn.kv_a_layernorm.weight
+    return (q_a, ckv, qa_w, *qb, kv_w, *eq, table, pos), kw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8, None])
+@pytest.mark.parametrize("b,offset", [(1, 37), (2, 0)])
+def test_reference_is_mlx_lm_attention(dtype, bits, b, offset):
+    attn = _attention(3, 96, 32, 16, 64, dtype, bits, seed=b + offset)
+    x = mx.random.normal((b, 1, 64), key=mx.random.key(5)).astype(dtype)
+    args, kw = _ours_args(attn, x, offset)
+    qv, q_pe, kv_latent, k_pe = reference(*args, **kw)
+    want_qv, want_pe, want_lat, want_kpe = _stock_pieces(attn, x, offset)
+    assert qv.dtype == mx.float32 and qv.shape == (b, 3, 64)
+    assert mx.array_equal(qv, want_qv.reshape(b, 3, 64).astype(mx.float32)).item()
+    for got, want in ((q_pe, want_pe), (kv_latent, want_lat), (k_pe, want_kpe)):
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape
+        assert mx.array_equal(got, want).item()
+
+
+def test_reference_takes_q_proj_output_without_q_lora_rank():
+    args, kw = _problem(SHAPES[0], mx.bfloat16, (Q4, Q4), 3)
+    q_a, ckv, _, qb_w, qb_s, qb_b, *rest = args
+    q = mx.quantized_matmul(mx.fast.rms_norm(q_a, args[2], 1e-5), qb_w, qb_s, qb_b, group_size=32, bits=4)
+    got = reference(q, ckv, None, None, None, None, *rest, **kw)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(got, reference(*args, **kw)))
+
+
+# ---------------------------------------------------------------- launch
+
+
+def test_launch_says_why_it_takes_the_reference():
+    args, kw = _problem(SHAPES[1], mx.bfloat16, (Q4, Q4), 1)
+    q_a, ckv, qa_w, qb_w, qb_s, qb_b, kv_w, eq_w, eq_s, eq_b, table, pos = args
+    spec = launch("cuda", *args, **kw)
+    assert isinstance(spec, Launch)
+    assert spec.grid == ((20 + 1) * THREADS, 1, 1) and spec.threadgroup == (THREADS, 1, 1)  # heads + kv
+    assert [tuple(s) for s in spec.output_shapes] == [
+        (1, 20, 512),
+        (1, 20, 1, 64),
+        (1, 1, 1, 512),
+        (1, 1, 1, 64),
+    ]
+    assert spec.output_dtypes == [mx.float32] + [mx.bfloat16] * 3
+
+    def why(*a, backend="cuda", **k):
+        got = launch(backend, *a, **{**kw, **k})
+        assert isinstance(got, Skip), got
+        return got.reason
+
+    assert "q_lora_rank None" in why(q_a, ckv, None, None, None, None, *args[6:])
+    assert "one float dtype" in why(q_a, ckv.astype(mx.float16), *args[2:])
+    assert "norm weights" in why(q_a, ckv, qa_w.astype(mx.float32), *args[3:])
+    assert "decode" in why(mx.concatenate([q_a, q_a], axis=1), ckv, *args[2:])
+    two = [mx.concatenate([a, a]) for a in (q_a, ckv)]
+    assert "2 rows" in why(*two, *args[2:])  # more than one token: stock leaves qmv on CUDA
+    assert isinstance(launch("metal", *two, *args[2:], **kw), Launch)  # Metal is close anyway
+    assert "scales" in why(q_a, ckv, qa_w, qb_w, qb_s.astype(mx.float32), qb_b, *args[6:])
+    assert "q_b_proj weights" in why(q_a, ckv, qa_w, qb_w[:-1], qb_s[:-1], qb_b[:-1], *args[6:])
+    assert "embed_q weights" in why(*args[:7], eq_w[:3], eq_s[:3], eq_b[:3], table, pos)
+    assert "embed_q:" in why(*args[:7], eq_w, eq_s, None, table, pos)
+    assert "does not cover position" in why(*args[:10], table, table.shape[0])
+    assert "one int position" in why(*args[:10], table, mx.array(3))
+    assert "rope_dims" in why(*args, rope_dims=63)
+    wide, wide_kw = _problem((1, 2, 4160, 32, 16, 64), mx.bfloat16, (Q4, Q4), 2)
+    assert "at most 4096" in why(*wide, **wide_kw)
+    long_kv, long_kw = _problem((1, 2, 96, 32, 16, 4608), mx.bfloat16, (Q4, Q4), 2)
+    assert "4096" in why(*long_kv, backend="metal", **long_kw)  # MLX's Metal rms_norm loops past 4096
+
+
+# ---------------------------------------------------------------- Metal, through the emulation
+
+
+def _truth(q_a, ckv, qa_w, qb_w, qb_s, qb_b, kv_w, eq_w, eq_s, eq_b, table, offset, **kw):
+    """The four outputs in float32 from stock's inputs (no rounding to T on the way)."""
+    f32 = mx.float32
+    rd, heads, b = kw["rope_dims"], kw["heads"], q_a.shape[0]
+    xn = mx.fast.rms_norm(q_a.astype(f32), qa_w.astype(f32), kw["eps"])
+    q = (xn[..., None, :] * dequantized(qb_w, qb_s, qb_b, kw["group_size"], kw["bits"])).sum(axis=-1)
+    q = q.reshape(b, heads, 1, -1)
+    rope = dict(traditional=True, base=kw["base"], scale=kw["rope_scale"], offset=offset)
+    q_pe = mx.fast.rope(q[..., -rd:], rd, **rope) * kw["scale"]
+    we = dequantized(eq_w, eq_s, eq_b, kw["embed_group_size"], kw["embed_bits"])  # (H, R, nope)
+    qv = (we[None] * q[:, :, 0, None, :-rd]).sum(axis=-1)
+    c = ckv.astype(f32)
+    lat = mx.fast.rms_norm(c[..., :-rd], kv_w.astype(f32), kw["eps"])[:, None]
+    k_pe = mx.fast.rope(c[:, None, :, -rd:], rd, **rope)
+    return qv, q_pe, lat, k_pe
+
+
+EMU_SHAPES = [SHAPES[0], SHAPES[3], (2, 3, 96, 32, 16, 64), (1, 4, 256, 128, 64, 128)]
+
+
+# every shape in every dtype, the packings taking turns (each compile of the emulation takes seconds)
+EMU_CASES = [(s, d, PACKINGS[(i + j) % 3]) for i, s in enumerate(EMU_SHAPES) for j, d in enumerate(DTYPES)]
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+@pytest.mark.parametrize("shape,dtype,packings", EMU_CASES)
+def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, shape, dtype, packings):
+    args, kw = _problem(shape, dtype, packings, sum(shape))
+    got = metal_emu.run(mla_q_prep, *args, workdir=tmp_path_factory.getbasetemp(), **kw)
+    want = reference(*args, **kw)
+    truth = _truth(*args, **kw)
+    for name, g, w, t in zip(("qv", "q_pe", "kv_latent", "k_pe"), got, want, truth):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert not mx.any(mx.isnan(g.astype(mx.float32))).item(), name
+        truth_f32, bar = close_bar(lambda *a, w=w, **k: w, lambda *a, t=t, **k: t, args, kw, dtype)
+        assert mx.abs(g.astype(mx.float32) - truth_f32).max().item() <= bar, name
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+def test_metal_self_check_example_passes(tmp_path_factory):
+    args, kw = mla_q_prep.example()
+    got = metal_emu.run(mla_q_prep, *args, workdir=tmp_path_factory.getbasetemp(), **kw)
+    tol = mla_q_prep.tolerance
+    assert all(mx.allclose(g, w, rtol=tol, atol=tol).item() for g, w in zip(got, reference(*args, **kw)))
+
+
+# ---------------------------------------------------------------- CUDA (run on the GPU)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("packings", PACKINGS)
+@pytest.mark.parametrize("position", [0, 4096])
+def test_cuda_kernel_is_bitwise_stock_but_qv(close_bar, shape, dtype, packings, position):
+    args, kw = _problem(shape, dtype, packings, sum(shape) + position, position)
+    got = mla_q_prep.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
+    want = reference(*args, **kw)
+    for name, g, w in zip(("qv", "q_pe", "kv_latent", "k_pe"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+    for name, g, w in zip(("q_pe", "kv_latent", "k_pe"), got[1:], want[1:]):
+        assert mx.array_equal(g, w).item(), name
+    truth = _truth(*args, **kw)[0]
+    truth, bar = close_bar(lambda *a, **k: want[0], lambda *a, **k: truth, args, kw, dtype)
+    assert mx.abs(got[0] - truth).max().item() <= bar
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8, None])
+def test_cuda_kernel_is_mlx_lm_attention_but_qv(dtype, bits):
+    attn = _attention(3, 96, 32, 16, 64, dtype, bits, seed=9)
+    x = mx.random.normal((1, 1, 64), key=mx.random.key(6)).astype(dtype)
+    args, kw = _ours_args(attn, x, 300)
+    got = mla_q_prep.run_kernel("cuda", *args, init_value=float("nan"), **kw)
+    want = _stock_pieces(attn, x, 300)
+    for name, g, w in zip(("q_pe", "kv_latent", "k_pe"), got[1:], want[1:]):
+        assert g.dtype == w.dtype and mx.array_equal(g, w).item(), name
+    tol = mla_q_prep.tolerance
+    assert mx.allclose(got[0], want[0].reshape(got[0].shape).astype(mx.float32), rtol=tol, atol=tol).item()
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_is_what_runs():
+    assert mla_q_prep.plan("cuda").path == "kernel", mla_q_prep.plan("cuda").reason
