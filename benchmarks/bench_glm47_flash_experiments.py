@@ -65,7 +65,12 @@ def main(
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task(f"loading {model}", total=None)
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
-            progress.update(task, description="measuring", completed=0, total=len(chosen) * (runs + 1))
+            progress.update(
+                task,
+                description="measuring",
+                completed=0,
+                total=len(chosen) * (runs + 1) + (len(chosen) if count_kernels else 0),
+            )
             results = measure(
                 m,
                 tok,
@@ -75,7 +80,7 @@ def main(
                 prompt_tokens=prompt_tokens,
                 allow_unsafe=allow_unsafe,
                 count_kernels=count_kernels,
-                on_step=lambda _: progress.advance(task),
+                on_step=ui.step_reporter(progress, task, err),
             )
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)

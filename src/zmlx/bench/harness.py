@@ -206,13 +206,17 @@ def measure(
                 run = generate(model, tokenizer, prompt, max_tokens)
             r.runs.append(RunNumbers(run.prompt_tps, run.decode_tps, run.peak_memory_gb, len(run.tokens)))
             r.tokens.append(run.tokens)
-            step(f"run {i + 1} {r.variant.name}")
+            step(f"run {i + 1}/{runs} {r.variant.name}: {run.decode_tps:.1f} tok/s decode")
     # Kernel counts last: once CUPTI has been attached it slows every later launch
     # (seen on the H100: stock decode fell from ~31 to ~24 tok/s), so no timed run may follow.
     if count_kernels:
         for r in active:
             with applied(model, r.variant):
                 r.kernels_per_token, r.gpu_us_per_token, r.kernels_note = profile_decode(model, prompt)
+            counted = (
+                f"{r.kernels_per_token} per token" if r.kernels_per_token is not None else r.kernels_note
+            )
+            step(f"kernels {r.variant.name}: {counted}")
     control = active[0].tokens
     for r in active:
         r.fidelity = _fidelity(control, r.tokens)
@@ -228,5 +232,5 @@ def measure(
             acc = judge(model, prompt, control[0], patterns=r.variant.patterns, also=also)
             r.fidelity["accuracy"] = acc.to_dict()
             r.fidelity["verdict"] = verdict(r.fidelity["verdict"] == "PASS", acc.accurate)
-            step(f"accuracy {r.variant.name}")
+            step(f"accuracy {r.variant.name}: {r.fidelity['verdict']}")
     return results

@@ -1,7 +1,7 @@
 """`zmlx matrix` / `python -m zmlx.matrix run|history|report|merge|supersede`: the ledger
 of what patterns are worth.
 
-    run MODEL --patterns a,b --runs 3 --max-tokens 200 --notes TEXT [--ledger PATH]
+    run MODEL --patterns a,b --runs 3 --max-tokens 200 --notes TEXT [--emulate-metal] [--ledger PATH]
     history [MODEL_SUBSTRING] [--json] [--ledger PATH]
     report [--json | --markdown] [--ledger PATH]
     merge OTHER_LEDGER [--ledger PATH]
@@ -68,6 +68,7 @@ def _warn_problems(path: Path, problems: list[str]) -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="checkpoint directory, Hub id or synth: spec")],
     patterns: Annotated[
         Optional[list[str]],
@@ -96,6 +97,14 @@ def run(
             "(default: on when twice the model's size fits in memory)",
         ),
     ] = None,
+    emulate_metal: Annotated[
+        bool,
+        typer.Option(
+            "--emulate-metal",
+            help="run the kernels' Metal bodies emulated on the CPU (MLX's CPU backend, g++): judges "
+            "how they compute, not their speed; the line's backend is metal-emulated",
+        ),
+    ] = False,
 ):
     """Measure MODEL stock vs patched and append one line per pattern set to the ledger.
     A set whose tokens differ from stock's is ACCURATE when the accuracy rule holds
@@ -126,6 +135,14 @@ def run(
     if len(sets) > 1:
         shared = f"{len(sets)} sets share one control"
         notes = f"{notes}; {shared}" if notes else shared
+    if emulate_metal:  # until the command returns: every kernel dispatches as on Metal, emulated
+        from zmlx.kernels.metal_emu import dispatch
+
+        if (why := dispatch.refusal()) is not None:
+            _fail(f"--emulate-metal: {why}")
+        ctx.with_resource(dispatch.emulated())
+        emulation = "Metal bodies emulated on the CPU (tok/s are the emulation's)"
+        notes = f"{notes}; {emulation}" if notes else emulation
     base = {
         "notes": notes,
         "params": params,
@@ -146,9 +163,10 @@ def run(
             task = progress.add_task(f"loading {model}", total=None)
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
             variants = E.variants(model, source.family, sets, current_backend(), preset)
-            progress.update(
-                task, description="measuring", completed=0, total=(len(variants) + 1) * (runs + 1)
-            )
+            judged = accuracy_by_default(model) if accuracy is None else accuracy
+            n = len(variants) + 1  # with the control; steps: warm-ups, runs, kernel counts, accuracy
+            total = n * (runs + 1) + (n if count_kernels else 0) + (n - 1 if judged else 0)
+            progress.update(task, description="measuring", completed=0, total=total)
             control, *measured = measure(
                 m,
                 tok,
@@ -157,8 +175,8 @@ def run(
                 max_tokens=max_tokens,
                 prompt_tokens=prompt_tokens,
                 count_kernels=count_kernels,
-                accuracy=accuracy_by_default(model) if accuracy is None else accuracy,
-                on_step=lambda _: progress.advance(task),
+                accuracy=judged,
+                on_step=ui.step_reporter(progress, task, err),
             )
 
     entries = [E.measured(source, control, patched, **base) for patched in measured]

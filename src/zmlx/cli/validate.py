@@ -157,7 +157,7 @@ def main_command(
                 max_tokens=max_tokens,
                 runs=runs,
                 prompt=prompt,
-                on_step=lambda _: progress.advance(task),
+                on_step=ui.step_reporter(progress, task, err),
                 accuracy=accuracy,
                 preset=chosen,
             )
