@@ -24,8 +24,9 @@ wherever stock runs those matvecs: one token (a dense matmul leaves qmv and gemv
 rows on sm90), scales in x's dtype; other calls take the reference. On Metal the dot is a
 plain float32 sum (`close`).
 
-Device code: csrc/norm_qkv_a_body.h (the body); csrc/quant.h (the qmv/gemv-order dot) and
-csrc/residual_norm.h (the square-accumulate and rsqrt) as its header.
+Device code: csrc/norm_qkv_a_body.h (the body); csrc/quant.h (the qmv/gemv-order dot),
+csrc/residual_norm.h (the square-accumulate and rsqrt) and csrc/norm_qkv_a.h (a helper of
+the Metal dot) as its header.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ norm_qkv_a = KernelDef(
     exact_on=("cuda",),  # bitwise stock's rms_norm + qmv/gemv where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few roundings of T, far below a layout error
     body=device_code("norm_qkv_a_body.h"),
-    header=device_code("quant.h", "residual_norm.h"),
+    header=device_code("quant.h", "residual_norm.h", "norm_qkv_a.h"),
     input_names=("x", "norm_w", "qa_w", "qa_s", "qa_b", "kva_w", "kva_s", "kva_b"),
     output_names=("q_a", "ckv"),
     launch=launch,

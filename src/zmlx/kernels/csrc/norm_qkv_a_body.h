@@ -52,21 +52,21 @@ const uint row = (zmlx_gid % G) * (TG / 32) + zmlx_warp;
 if (row >= RQ + RKV) return;  // whole warps: no simd op or barrier follows for them
 const bool is_q = row < RQ;
 const uint r = is_q ? row : row - RQ;
-float dot = 0.0f;
+float rdot = 0.0f;
 #ifdef ZMLX_CUDA
 // stock's qmv order (gemv for unquantized rows, BITS = 32): csrc/quant.h
 if (is_q) {
-    dot = zmlx_qdot_lane<BITS, GS, D, T>(qa_w + size_t(r) * (D / (32 / BITS)), qa_s + size_t(r) * (D / GS),
+    rdot = zmlx_qdot_lane<BITS, GS, D, T>(qa_w + size_t(r) * (D / (32 / BITS)), qa_s + size_t(r) * (D / GS),
                                          qa_b + size_t(r) * (D / GS), zmlx_xn, zmlx_lane);
 } else {
-    dot = zmlx_qdot_lane<KV_BITS, KV_GS, D, T>(kva_w + size_t(r) * (D / (32 / KV_BITS)),
+    rdot = zmlx_qdot_lane<KV_BITS, KV_GS, D, T>(kva_w + size_t(r) * (D / (32 / KV_BITS)),
                                                kva_s + size_t(r) * (D / KV_GS), kva_b + size_t(r) * (D / KV_GS),
                                                zmlx_xn, zmlx_lane);
 }
 #else
 // a plain float32 sum (close on Metal): lanes take packed words lane, lane + 32, ... of the
 // row (values for an unquantized row, NBITS = 32). Both branches compile for both weight
-// types (packed uint32 or T); the one NBITS names runs.
+// types (packed uint32 or T: csrc/norm_qkv_a.h); the one NBITS names runs.
 #define ZMLX_NQA_DOT(W, S, B, NBITS, NGS)                                                        \
     {                                                                                           \
         constexpr uint PW = 32 / NBITS;                                                         \
@@ -74,14 +74,14 @@ if (is_q) {
         const size_t wrow = size_t(r) * (D / PW), grow = size_t(r) * (D / NGS);                 \
         for (uint k = zmlx_lane; k < D / PW; k += 32) {                                         \
             if (NBITS == 32) {                                                                  \
-                dot += static_cast<float>(W[wrow + k]) * static_cast<float>(static_cast<T>(zmlx_xn[k])); \
+                rdot += static_cast<float>(W[wrow + k]) * static_cast<float>(static_cast<T>(zmlx_xn[k])); \
             } else {                                                                            \
-                const uint q = static_cast<uint>(W[wrow + k]);                                  \
+                const uint q = zmlx_packed_word(W[wrow + k]);                                   \
                 const float sc = static_cast<float>(S[grow + k * PW / NGS]);                     \
                 const float bi = static_cast<float>(B[grow + k * PW / NGS]);                     \
                 for (uint j = 0; j < PW; ++j) {                                                 \
                     const float v = static_cast<float>((q >> (NBITS * j)) & MASK);              \
-                    dot += (sc * v + bi) * static_cast<float>(static_cast<T>(zmlx_xn[k * PW + j])); \
+                    rdot += (sc * v + bi) * static_cast<float>(static_cast<T>(zmlx_xn[k * PW + j])); \
                 }                                                                               \
             }                                                                                   \
         }                                                                                       \
@@ -93,11 +93,11 @@ if (is_q) {
 }
 #undef ZMLX_NQA_DOT
 #endif
-dot = ZMLX_SIMD_SUM(dot);
+rdot = ZMLX_SIMD_SUM(rdot);
 if (zmlx_lane == 0) {
     if (is_q) {
-        q_a[size_t(token) * RQ + r] = static_cast<T>(dot);
+        q_a[size_t(token) * RQ + r] = static_cast<T>(rdot);
     } else {
-        ckv[size_t(token) * RKV + r] = static_cast<T>(dot);
+        ckv[size_t(token) * RKV + r] = static_cast<T>(rdot);
     }
 }
