@@ -9,7 +9,9 @@
 #   STEP=preset       matrix run, the family's default preset vs stock
 #   STEP=ledger       matrix run, each pattern alone and the preset, vs one shared control
 #                     (one ledger line each; PATTERN_SETS overrides the sets, ';'-separated;
-#                     PROMPT=4096 decodes after a 4096-token prompt)
+#                     PROMPT=4096 decodes after a 4096-token prompt; ACCURACY=0 skips the
+#                     float32 reference: a set whose tokens differ is then FAIL, which is the
+#                     verdict for an exact pattern anyway, and it saves ~100 s a set on flash)
 #   STEP=kernels      the `cuda` kernel tests (KERNEL_TESTS: which files), then the per-kernel
 #                     micro-benchmark
 #   STEP=all          experiments, noise and preset in turn
@@ -44,12 +46,13 @@ preset() {
 }
 ledger() {
   local sets=${PATTERN_SETS:-moe_router;moe_combine;residual_norm;moe_router,moe_combine,residual_norm}
-  local args=()
+  local args=() accuracy=""
+  [ "${ACCURACY:-1}" = 0 ] && accuracy="--no-accuracy"
   IFS=';' read -ra parts <<< "$sets"
   for s in "${parts[@]}"; do args+=(--patterns "$s"); done
   python3 -m zmlx.matrix run "$model" "${args[@]}" --runs "$runs" --max-tokens "$tokens" \
-    --prompt-tokens "$prompt" \
-    --ledger "$out/matrix.jsonl" --notes "each pattern alone and the preset, $device" 2>&1 | tee -a "$log"
+    --prompt-tokens "$prompt" $accuracy \
+    --ledger "$out/matrix.jsonl" --notes "${NOTES:-each pattern alone and the preset}, $device" 2>&1 | tee -a "$log"
 }
 kernels() {
   # KERNEL_TESTS narrows the tests (e.g. "tests/kernels/test_moe_mlp.py tests/kernels/test_swiglu_mlp.py")
