@@ -15,6 +15,9 @@ from zmlx.kernels.core import Launch
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
+from zmlx.kernels.mla_q_prep import inputs as mla_q_prep_inputs
+from zmlx.kernels.mla_q_prep import kwargs as mla_q_prep_kwargs
+from zmlx.kernels.mla_q_prep import mla_q_prep
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_down import moe_down
 from zmlx.kernels.moe_gate_up import moe_gate_up
@@ -97,6 +100,7 @@ def _cases():
     yield from _quantized_cases()
     yield from _mla_cases()
     yield from _norm_router_cases()
+    yield from _mla_q_prep_cases()
     yield from _norm_qkv_a_cases()
 
 
@@ -139,6 +143,25 @@ def _norm_qkv_a_cases():  # GLM-4.7-Flash's rows, and odd ones: q_a and kv_a pac
                 (1, 1), d, rq, rkv, dtype, 1, group_size=q[0], bits=q[1], kv_group_size=kv[0], kv_bits=kv[1]
             )
             yield norm_qkv_a, args, kw
+
+
+def _mla_q_prep_cases():  # GLM-4.7-Flash's attention and small odd shapes; mixed packings
+    from zmlx.kernels.glm47_rope import rope_table
+
+    q4, q8 = dict(group_size=64, bits=4), dict(group_size=32, bits=8)
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
+        for shape, qp, ep in (
+            ((20, 768, 192, 64, 512), q4, q4),
+            ((20, 768, 192, 64, 512), q8, None),
+            ((3, 96, 32, 16, 64), None, q8),  # odd shapes, unquantized q_b_proj
+            ((1, 200, 16, 8, 40), None, None),  # 1 value per lane in the gemv
+        ):
+            heads, qlr, nope, rd, rank = shape
+            args = mla_q_prep_inputs(1, heads, qlr, nope, rd, rank, dtype, 1, packing=qp, embed_packing=ep)
+            kw = mla_q_prep_kwargs(heads, nope, rd, packing=qp, embed_packing=ep)
+            yield mla_q_prep, (*args, rope_table(rd, 10_000.0, 1.0, 8), 5), kw
+    args, kw = mla_q_prep.example()  # the self-check's
+    yield mla_q_prep, args, kw
 
 
 CASES = list(_cases())
