@@ -75,6 +75,7 @@ def test_the_check_refuses_every_kind_of_unbacked_entry(tmp_path):
         "fail": _line(fidelity="FAIL"),
         "family": _line(family="deepseek_v3"),
         "backend": _line(backend="metal"),
+        "emulated": _line(backend="metal-emulated"),  # matrix run --emulate-metal: not a Metal device
         "pattern": _line(patterns=("moe_router",)),
         "old": {**_line(), "notes": "taken with a bad harness"},
     }
@@ -93,6 +94,7 @@ def test_the_check_refuses_every_kind_of_unbacked_entry(tmp_path):
     assert "not ACCURATE" in check("pass")[0] and "not ACCURATE" in check("fail")[0]
     assert "a line of deepseek_v3" in check("family")[0]
     assert "a line on metal" in check("backend")[0]
+    assert "a line on metal-emulated" in check("emulated", backend="metal")[0]
     assert "the line measured" in check("pattern")[0]
     assert "superseded" in check("old")[0]
     assert "not in the ledger" in check(line="0123456789")[0]

@@ -13,9 +13,13 @@ BACKENDS: tuple[Backend, ...] = ("metal", "cuda", "cpu")
 
 _GPU0, _CPU0 = mx.Device(mx.gpu), mx.Device(mx.cpu)
 
+# The backend zmlx's dispatch sees while zmlx.kernels.metal_emu.emulated() runs that backend's
+# bodies on the CPU (MLX itself still computes on its CPU); None otherwise.
+_emulated: Backend | None = None
+
 
 def current() -> Backend:
-    """The backend of MLX's default device.
+    """The backend of MLX's default device (or the emulated one, see `emulate`).
 
     A GPU default device is Metal on Apple silicon and CUDA elsewhere; a CPU
     default device (including a GPU build forced onto the CPU) runs the
@@ -23,6 +27,8 @@ def current() -> Backend:
     devices, which is cheaper than reading and comparing the device type (a nanobind
     enum comparison; benchmarks/NOTEBOOK.md, facts).
     """
+    if _emulated is not None:
+        return _emulated
     device = mx.default_device()
     if device == _GPU0:
         return _gpu_backend()
@@ -42,8 +48,32 @@ def _gpu_backend() -> Backend:
     return "cpu"
 
 
+def emulate(backend: Backend | None) -> None:
+    """Make current() answer `backend`, whose kernel bodies an emulation runs on the CPU
+    (zmlx.kernels.metal_emu.emulated sets and clears it), or MLX's own backend again (None)."""
+    global _emulated
+    _emulated = backend
+
+
+def emulated() -> Backend | None:
+    """The backend an emulation stands in for now, or None."""
+    return _emulated
+
+
+def recorded() -> str:
+    """The backend as a record (a ledger line, a capsule) names it: current(), or e.g.
+    "metal-emulated" while an emulation runs, so that its records never count as the real
+    backend's (a preset's evidence, a speed)."""
+    return f"{_emulated}-emulated" if _emulated is not None else current()
+
+
 def device_name() -> str:
-    """A human-readable name of the device that runs the default stream."""
+    """A human-readable name of the device that runs the default stream (while an emulation
+    runs, the CPU it runs on, named as such)."""
+    if _emulated is not None:
+        import platform
+
+        return f"{recorded()} on cpu ({platform.machine()}, {platform.processor() or 'unknown'})"
     backend = current()
     try:
         info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()

@@ -38,7 +38,7 @@ def device() -> dict[str, Any]:
     memory = info.get("memory_size") or info.get("total_memory")
     return {
         "name": backend.device_name(),
-        "backend": backend.current(),
+        "backend": backend.recorded(),  # "metal-emulated" under the emulation, never "metal"
         "memory_bytes": int(memory) if memory else None,
         "host_memory_bytes": host_memory(),
         "host": platform.machine(),

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable, Literal, NamedTuple
@@ -185,6 +186,9 @@ class KernelDef:
     # backend -> "" (the kernel passed its self-check) or why it failed
     _status: dict[Backend, str] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        _DEFINED.add(self)
+
     def source(self, backend: Backend) -> tuple[str, str]:
         """(header, source) exactly as handed to mx.fast.<backend>_kernel."""
         if self.body is None:
@@ -262,6 +266,26 @@ class KernelDef:
         return self.reference(*args, **kwargs)
 
 
+# Every KernelDef alive, so that an emulation (zmlx.kernels.metal_emu.emulated) can set aside
+# and restore each one's self-check status on the backend it stands in for.
+_DEFINED: weakref.WeakSet[KernelDef] = weakref.WeakSet()
+
+
+def swap_statuses(backend: Backend, statuses: dict[KernelDef, str]) -> dict[KernelDef, str]:
+    """Every live kernel's self-check status on `backend`, replaced by `statuses` (a kernel
+    not in it has none: its next plan() checks it again). An emulation sets the real ones
+    aside on its way in and puts them back on its way out."""
+    old = {}
+    for kernel in list(_DEFINED):
+        if backend in kernel._status:
+            old[kernel] = kernel._status.pop(backend)
+    for kernel, status in statuses.items():
+        kernel._status[backend] = status
+    return old
+
+
+# zmlx.kernels.metal_emu.emulated() puts its own `build` here while it runs (its Metal launches
+# emulated) and the real one back after: a switch that costs the hot path nothing.
 @functools.cache
 def build(kernel: KernelDef, backend: Backend) -> Any:
     """The kernel's mx.fast.<backend>_kernel, built once per kernel and backend."""

@@ -198,7 +198,18 @@ def run(kernel, *args, workdir: str | Path | None = None, seed: int = 0, **kwarg
     if isinstance(spec, Skip):
         raise EmulationError(f"{kernel.name} does not take these inputs: {spec.reason}")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="zmlx-metal-emu-"))
-    exe = _compile(_translation_unit(kernel, spec), workdir)
+    results = execute(kernel, spec, compile_launch(kernel, spec, workdir), workdir, seed)
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def compile_launch(kernel, spec, workdir: Path) -> Path:
+    """The executable that runs this Launch of the kernel's Metal body (built in `workdir`
+    once per kernel, template, geometry, shapes and dtypes; kept there for the next time)."""
+    return _compile(_translation_unit(kernel, spec), workdir)
+
+
+def execute(kernel, spec, exe: Path, workdir: Path, seed: int = 0) -> list:
+    """Run one launch: `spec`'s inputs through `exe` (compile_launch's), its outputs as arrays."""
     paths = []
     for i, arr in enumerate(spec.inputs):
         p = workdir / f"in{i}.bin"
@@ -219,4 +230,8 @@ def run(kernel, *args, workdir: str | Path | None = None, seed: int = 0, **kwarg
         else:
             np_dtype = np.dtype(str(dtype).split(".")[-1].replace("bool_", "bool"))
             results.append(mx.array(np.fromfile(path, dtype=np_dtype).reshape(shape)))
-    return results[0] if len(results) == 1 else tuple(results)
+    return results
+
+
+# A whole model with its kernels' Metal bodies emulated (after the names it uses from here).
+from zmlx.kernels.metal_emu.dispatch import emulated as emulated  # noqa: E402
