@@ -75,6 +75,9 @@ FAMILIES: dict[str, Family] = {
             # close (exact on CUDA): the decoder layer's MoE half in three launches; opt-in
             # until the ledger shows it faster
             "moe_block": Target("Glm4MoeLiteDecoderLayer", {"renorm_eps": 1e-20}),
+            # static latent cache, decode steps as one compiled graph: opt-in until the ledger
+            # shows it faster with identical tokens on the GPU
+            "compiled_decode": Target("Model"),
         },
         # residual_norm is exact but slower than stock in the ledger (one fused call costs
         # more host time than the two stock ops it replaces): opt in with ZMLX_RESIDUAL_NORM=1.

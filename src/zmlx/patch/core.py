@@ -278,7 +278,11 @@ def patch(
         path: Literal["kernel", "reference"] = (
             "kernel" if all(p.path == "kernel" for p in kplans) else "reference"
         )
-        exact_here = all(k.fidelity_on(result.backend) == "exact" for k in pattern.kernels)
+        exact_here = (
+            all(k.fidelity_on(result.backend) == "exact" for k in pattern.kernels)
+            if pattern.kernels
+            else result.backend in pattern.exact_on
+        )
         report = PatternReport(
             name=name,
             fidelity="exact" if exact_here else pattern.fidelity,
@@ -296,7 +300,9 @@ def patch(
             continue
         cls = fam.target_class(name)
         params = dict(target.params)
-        fn = _replacement(name, {**params, **{opt: getattr(config, opt) for opt in pattern.options}})
+        kwargs = {**params, **{opt: getattr(config, opt) for opt in pattern.options}}
+        fn = _replacement(name, kwargs)
+        added = {m: _replacement(name, {**kwargs, "method": m}) for m in pattern.adds}
         bad_sig = _signature_mismatch(cls, pattern.method, fn)
         for mpath, module in model.named_modules():
             if not isinstance(module, cls):
@@ -311,6 +317,7 @@ def patch(
                 continue
             entry[2][pattern.method] = fn
             entry[3][pattern.method] = name
+            entry[2].update(added)
             report.patched.append(mpath)
 
     for report in result.patterns.values():

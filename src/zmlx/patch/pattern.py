@@ -24,6 +24,12 @@ class Pattern:
     # are cached on it), so pattern files wrap it in functools.cache.
     make: Callable[..., Callable]
     method: str = "__call__"
+    # methods the pattern also installs, which the stock class need not have (compiled_decode
+    # adds make_cache): make(method=name, **params) gives each
+    adds: tuple[str, ...] = ()
+    # for a pattern without kernels: the backends where it is bitwise stock (elsewhere it
+    # has `fidelity`); a pattern with kernels takes its kernels' fidelity
+    exact_on: tuple[str, ...] = ()
     # PatchConfig options passed to make() as keyword arguments (e.g. "shared_overlap")
     options: tuple[str, ...] = ()
     paths: tuple[str, ...] = ("decode", "prefill")

@@ -4,6 +4,7 @@ before moe_combine, mla_attention before glm47_rope); and a pattern that yields 
 (Pattern.yields_to: residual_norm to moe_block) comes after it."""
 
 from zmlx.patch.patterns import (
+    compiled_decode,
     downproj_combine,
     glm47_rope,
     mla_attention,
@@ -27,5 +28,6 @@ PATTERNS = {
         swiglu_mlp.PATTERN,
         mla_attention.PATTERN,
         glm47_rope.PATTERN,
+        compiled_decode.PATTERN,
     )
 }
