@@ -76,6 +76,29 @@ def _block_cases(dtype, bits):  # moe_gate_up and moe_down: the shared/dense wei
     yield moe_down, (x, None, None, *dense, mx.zeros((1, 1, 40), dtype)), kw  # the dense layer's down
 
 
+def _mxfp4_cases():  # mxfp4 experts (uint8 scales, no biases), alone and beside other packings
+    mxfp4, q8 = dict(group_size=32, bits=4, mode="mxfp4"), dict(group_size=32, bits=8)
+    shared = lambda p: {f"shared_{k}": v for k, v in p.items()}  # noqa: E731
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
+        x, inds, scores = mx.zeros((1, 1, 544), dtype), mx.zeros((1, 1, 4), mx.uint32), mx.zeros((1, 1, 4))
+        e = quantized_experts(6, 9, 544, dtype=dtype, seed=1, **mxfp4)  # 544: a full tile and a remainder
+        yield moe_mlp, (x, inds, *e, *e), mxfp4
+        g = quantized_linear(7, 288, dtype=dtype, seed=2, **mxfp4)  # 288: a remainder tile only
+        yield swiglu_mlp, (mx.zeros((1, 1, 288), dtype), *g, *g), mxfp4
+        s8 = quantized_linear(13, 544, dtype=dtype, seed=3, **q8)
+        yield moe_gate_up, (x, inds, *e, *e, *s8, *s8), {**mxfp4, **shared(q8)}
+        e8 = quantized_experts(6, 9, 544, dtype=dtype, seed=4, **q8)
+        smx = quantized_linear(13, 544, dtype=dtype, seed=5, **mxfp4)
+        yield moe_gate_up, (x, inds, *e8, *e8, *smx, *smx), {**q8, **shared(mxfp4)}
+        h, hs, res = mx.zeros((1, 1, 4, 288), dtype), mx.zeros((1, 1, 544), dtype), mx.zeros((1, 1, 7), dtype)
+        d = quantized_experts(6, 7, 288, dtype=dtype, seed=6, **mxfp4)  # odd D: the lane-tree sum
+        yield downproj_combine, (h, inds, scores, *d, res), mxfp4
+        sd = quantized_linear(7, 544, dtype=dtype, seed=7, **mxfp4)
+        yield moe_down, (h, inds, scores, *d, res, hs, *sd), {**mxfp4, **shared(mxfp4)}
+        yield moe_down, (h, inds, scores, *d, res), mxfp4  # no shared expert
+        yield moe_down, (hs, None, None, *sd, res), mxfp4  # the dense layer's down
+
+
 def _cases():
     for k in (
         moe_router,
@@ -98,6 +121,7 @@ def _cases():
         yield glm47_rope, (q.astype(dtype), kv.astype(dtype), t, pos), kw
     yield moe_combine, (mx.zeros((2, 4, 123), mx.float16), mx.zeros((2, 4)), None), {}  # tree order
     yield from _quantized_cases()
+    yield from _mxfp4_cases()
     yield from _mla_cases()
     yield from _norm_router_cases()
     yield from _mla_q_prep_cases()

@@ -13,7 +13,8 @@ and the shared expert's output added as stock adds it. No (k, D) intermediate is
 written: memory stays at the output's size however many experts or tokens.
 
 Fidelity: on CUDA the dot is MLX's qmv's arithmetic (csrc/quant.h), so the kernel
-is bitwise stock wherever stock runs qmv (fewer than 8 expert rows); on Metal the dot is a
+is bitwise stock wherever stock runs qmv (fewer than 8 expert rows; affine, mxfp4 or
+unquantized experts); on Metal the dot is a
 plain float32 sum (`close`).
 
 Device code: BODY below; the dot is csrc/quant.h, the sum in stock's order csrc/expert_sum.h.
@@ -38,16 +39,20 @@ from zmlx.kernels.quant import (
 )
 
 
-def reference(h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None):
+def reference(
+    h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None, mode="affine"
+):
     """mlx-lm's op sequence. h (..., k, I) in T, inds (..., k), scores (..., k) float32,
     shared (..., D) or None -> (..., D) in T."""
-    y = gathered(mx.expand_dims(h, -2), down_w, down_s, down_b, inds, group_size, bits).squeeze(-2)
+    y = gathered(mx.expand_dims(h, -2), down_w, down_s, down_b, inds, group_size, bits, mode).squeeze(-2)
     return combine(y, scores, shared)
 
 
-def reference_f32(h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None):
+def reference_f32(
+    h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None, mode="affine"
+):
     """The same in float32 throughout: the accuracy bar."""
-    w = dequantized(down_w, down_s, down_b, group_size, bits)
+    w = dequantized(down_w, down_s, down_b, group_size, bits, mode)
     y = (w[inds] @ h.astype(mx.float32)[..., None])[..., 0]  # (..., k, D)
     out = (y * scores[..., None]).sum(axis=-2)
     return out if shared is None else out + shared.astype(mx.float32)
@@ -82,15 +87,27 @@ _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
 def launch(
-    backend, h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None
+    backend,
+    h,
+    inds,
+    scores,
+    down_w,
+    down_s,
+    down_b,
+    shared=None,
+    *,
+    group_size=None,
+    bits=None,
+    mode="affine",
 ) -> Launch | Skip:
     if h.dtype not in _DTYPES or h.ndim < 2:
         return Skip(f"h {h.dtype} of rank {h.ndim}")
     k, i = h.shape[-2:]
     lead = h.shape[:-2]
-    if (
-        why := weights_reason(down_w, down_s, down_b, cols=i, group_size=group_size, bits=bits, dtype=h.dtype)
-    ) is not None:
+    why = weights_reason(
+        down_w, down_s, down_b, cols=i, group_size=group_size, bits=bits, dtype=h.dtype, mode=mode
+    )
+    if why is not None:
         return Skip(why)
     if down_w.ndim != 3:
         return Skip(f"weights {down_w.shape}")
@@ -102,7 +119,7 @@ def launch(
     if shared is not None and (shared.shape != lead + (d,) or shared.dtype != h.dtype):
         return Skip("shared expert output does not match")
     n = math.prod(lead)
-    if (why := regime_reason(backend, n * k, h.dtype, down_s, down_b, down_w)) is not None:
+    if (why := regime_reason(backend, n * k, h.dtype, down_s, down_b, down_w, mode=mode)) is not None:
         return Skip(why)
     if n * d * 32 >= 2**31:
         return Skip(f"{n} tokens x {d} outputs is too large for one launch")

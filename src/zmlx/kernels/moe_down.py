@@ -21,7 +21,8 @@ Fidelity: on CUDA the dots are MLX's qmv's arithmetic (gemv's for unquantized we
 csrc/quant.h) and the adds round as MLX's, so the kernel is bitwise stock wherever stock
 runs its matvecs: fewer than 8 expert rows for the routed experts and one token for a dense
 down projection (the shared expert's, the dense layer's: a dense quantized_matmul leaves
-qmv from 2 rows on sm90); other calls take the reference. On Metal the dot is a plain
+qmv from 2 rows on sm90; mxfp4 from 8); other calls take the reference. Weights are affine,
+mxfp4 or unquantized, each set on its own. On Metal the dot is a plain
 float32 sum: `close`.
 
 Device code: csrc/moe_down_body.h; the dot is csrc/quant.h, the sum in stock's order
@@ -59,15 +60,19 @@ def reference(
     bits=None,
     shared_group_size=None,
     shared_bits=None,
+    mode="affine",
+    shared_mode="affine",
 ):
     """mlx-lm's op sequence, -> (..., D) in T.
     routed: h (..., k, I) in T, inds (..., k), scores (..., k) float32, hs (..., Is) or None;
     dense (inds and scores None): h (..., I), down_w one matrix (D, I)."""
     if inds is None:
-        return resid + dense(h, down_w, down_s, down_b, group_size, bits)
-    shared = None if hs is None else dense(hs, sdown_w, sdown_s, sdown_b, shared_group_size, shared_bits)
+        return resid + dense(h, down_w, down_s, down_b, group_size, bits, mode)
+    shared = None
+    if hs is not None:
+        shared = dense(hs, sdown_w, sdown_s, sdown_b, shared_group_size, shared_bits, shared_mode)
     y = downproj_combine.reference(
-        h, inds, scores, down_w, down_s, down_b, shared, group_size=group_size, bits=bits
+        h, inds, scores, down_w, down_s, down_b, shared, group_size=group_size, bits=bits, mode=mode
     )
     return resid + y
 
@@ -89,18 +94,19 @@ def reference_f32(
     bits=None,
     shared_group_size=None,
     shared_bits=None,
+    mode="affine",
+    shared_mode="affine",
 ):
     """The same in float32 throughout: the accuracy bar."""
     r = resid.astype(mx.float32)
     if inds is None:
-        return r + h.astype(mx.float32) @ dequantized(down_w, down_s, down_b, group_size, bits).T
+        return r + h.astype(mx.float32) @ dequantized(down_w, down_s, down_b, group_size, bits, mode).T
     shared = None
     if hs is not None:
-        shared = (
-            hs.astype(mx.float32) @ dequantized(sdown_w, sdown_s, sdown_b, shared_group_size, shared_bits).T
-        )
+        sw = dequantized(sdown_w, sdown_s, sdown_b, shared_group_size, shared_bits, shared_mode)
+        shared = hs.astype(mx.float32) @ sw.T
     y = downproj_combine.reference_f32(
-        h, inds, scores, down_w, down_s, down_b, shared, group_size=group_size, bits=bits
+        h, inds, scores, down_w, down_s, down_b, shared, group_size=group_size, bits=bits, mode=mode
     )
     return r + y
 
@@ -114,18 +120,17 @@ def _placeholders() -> tuple[mx.array, mx.array]:
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
-def _dense_reason(backend, x, w, s, b, *, rows: int, group_size, bits, what: str) -> str | None:
+def _dense_reason(backend, x, w, s, b, *, rows: int, group_size, bits, mode, what: str) -> str | None:
     """Why a dense down projection of x (..., cols) by w (rows, cols) does not fit, or None."""
     cols = x.shape[-1]
-    if (
-        why := weights_reason(w, s, b, cols=cols, group_size=group_size, bits=bits, dtype=x.dtype)
-    ) is not None:
+    why = weights_reason(w, s, b, cols=cols, group_size=group_size, bits=bits, dtype=x.dtype, mode=mode)
+    if why is not None:
         return f"{what}: {why}"
     if w.ndim != 2 or w.shape[0] != rows:
         return f"{what}: weights {w.shape} for {rows} outputs"
     n = math.prod(x.shape[:-1])
-    # a dense matmul leaves its matvec (qmv or gemv) from 2 rows
-    if (why := regime_reason(backend, n, x.dtype, s, b, w, qmv_rows=2, gemv_rows=2)) is not None:
+    # a dense matmul leaves its matvec (qmv or gemv) from 2 rows (mxfp4: from 8)
+    if (why := regime_reason(backend, n, x.dtype, s, b, w, qmv_rows=2, gemv_rows=2, mode=mode)) is not None:
         return f"{what}: {why}"
     return None
 
@@ -148,6 +153,8 @@ def launch(
     bits=None,
     shared_group_size=None,
     shared_bits=None,
+    mode="affine",
+    shared_mode="affine",
 ) -> Launch | Skip:
     if h.dtype not in _DTYPES:
         return Skip(f"h {h.dtype}")
@@ -160,7 +167,16 @@ def launch(
         lead, k, i = h.shape[:-1], 1, h.shape[-1]
         d = down_w.shape[0]
         why = _dense_reason(
-            backend, h, down_w, down_s, down_b, rows=d, group_size=group_size, bits=bits, what="down"
+            backend,
+            h,
+            down_w,
+            down_s,
+            down_b,
+            rows=d,
+            group_size=group_size,
+            bits=bits,
+            mode=mode,
+            what="down",
         )
         if why is not None:
             return Skip(why)
@@ -168,7 +184,7 @@ def launch(
         sequential = True  # no expert sum
     else:
         routed = downproj_combine.launch(
-            backend, h, inds, scores, down_w, down_s, down_b, group_size=group_size, bits=bits
+            backend, h, inds, scores, down_w, down_s, down_b, group_size=group_size, bits=bits, mode=mode
         )
         if isinstance(routed, Skip):
             return routed
@@ -188,6 +204,7 @@ def launch(
                 rows=d,
                 group_size=shared_group_size,
                 bits=shared_bits,
+                mode=shared_mode,
                 what="shared expert",
             )
             if why is not None:

@@ -18,8 +18,9 @@ stock launches (four matmuls, two SwiGLUs) become one.
 Fidelity: on CUDA the dots follow MLX's qmv (gemv for unquantized weights) and SwiGLU is
 MLX's own device functors (csrc/quant.h), so both outputs are bitwise stock wherever
 stock runs its matvecs: fewer than 8 expert rows for the routed side, and one token for
-the shared side (a dense quantized_matmul leaves qmv from 2 rows on sm90): other calls
-take the reference. On Metal the dot is a plain float32 sum: `close`.
+the shared side (a dense quantized_matmul leaves qmv from 2 rows on sm90; mxfp4 from 8):
+other calls take the reference. Each side is affine, mxfp4 or unquantized. On Metal the
+dot is a plain float32 sum: `close`.
 
 Device code: csrc/moe_gate_up_body.h (moe_mlp's body and its shared rows); the dot and
 SwiGLU are csrc/quant.h.
@@ -55,14 +56,25 @@ def reference(
     bits=None,
     shared_group_size=None,
     shared_bits=None,
+    mode="affine",
+    shared_mode="affine",
 ):
     """mlx-lm's op sequences. x (..., D), inds (..., k) -> (hr (..., k, I), hs (..., Is)) in
     x's dtype: the routed experts' SwiGLU (moe_mlp) and the shared expert's (swiglu_mlp)."""
     hr = moe_mlp.reference(
-        x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, group_size=group_size, bits=bits
+        x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, group_size=group_size, bits=bits, mode=mode
     )
     hs = swiglu_mlp.reference(
-        x, sgate_w, sgate_s, sgate_b, sup_w, sup_s, sup_b, group_size=shared_group_size, bits=shared_bits
+        x,
+        sgate_w,
+        sgate_s,
+        sgate_b,
+        sup_w,
+        sup_s,
+        sup_b,
+        group_size=shared_group_size,
+        bits=shared_bits,
+        mode=shared_mode,
     )
     return hr, hs
 
@@ -87,13 +99,17 @@ def reference_f32(
     bits=None,
     shared_group_size=None,
     shared_bits=None,
+    mode="affine",
+    shared_mode="affine",
 ):
     """The same in float32 throughout: the accuracy bar."""
     routed = (gate_w, gate_s, gate_b, up_w, up_s, up_b)
     shared = (sgate_w, sgate_s, sgate_b, sup_w, sup_s, sup_b)
     return (
-        moe_mlp.reference_f32(x, inds, *routed, group_size=group_size, bits=bits),
-        swiglu_mlp.reference_f32(x, *shared, group_size=shared_group_size, bits=shared_bits),
+        moe_mlp.reference_f32(x, inds, *routed, group_size=group_size, bits=bits, mode=mode),
+        swiglu_mlp.reference_f32(
+            x, *shared, group_size=shared_group_size, bits=shared_bits, mode=shared_mode
+        ),
     )
 
 
@@ -118,10 +134,23 @@ def launch(
     bits=None,
     shared_group_size=None,
     shared_bits=None,
+    mode="affine",
+    shared_mode="affine",
 ) -> Launch | Skip:
     # each side's shapes, dtypes and regime are checked as its own kernel checks them
     routed = moe_mlp.launch(
-        backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, group_size=group_size, bits=bits
+        backend,
+        x,
+        inds,
+        gate_w,
+        gate_s,
+        gate_b,
+        up_w,
+        up_s,
+        up_b,
+        group_size=group_size,
+        bits=bits,
+        mode=mode,
     )
     if isinstance(routed, Skip):
         return routed
@@ -136,6 +165,7 @@ def launch(
         sup_b,
         group_size=shared_group_size,
         bits=shared_bits,
+        mode=shared_mode,
     )
     if isinstance(shared, Skip):
         return Skip(f"shared expert: {shared.reason}")

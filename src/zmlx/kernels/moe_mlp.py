@@ -13,9 +13,9 @@ dot, and lane 0 rounds gate and up to T and applies SwiGLU with stock's rounding
 
 Fidelity: on CUDA the dots are MLX's qmv's arithmetic and SwiGLU is MLX's own device
 functors (csrc/quant.h), so the kernel is bitwise stock wherever stock runs qmv
-(fewer than 8 expert rows, scales in x's dtype; other calls take the reference). On
-Metal the dot is a plain float32 sum: `close`, held to a float32 reference with stock's
-own error as the bar.
+(fewer than 8 expert rows, scales in x's dtype; other calls take the reference), for
+affine, mxfp4 and unquantized experts. On Metal the dot is a plain float32 sum: `close`,
+held to a float32 reference with stock's own error as the bar.
 
 Device code: BODY below (shared with swiglu_mlp); the dot and SwiGLU are csrc/quant.h.
 """
@@ -38,20 +38,24 @@ from zmlx.kernels.quant import (
 )
 
 
-def reference(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None):
+def reference(
+    x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None, mode="affine"
+):
     """mlx-lm's op sequence. x (..., D), inds (..., k) -> (..., k, I) in x's dtype."""
     from mlx_lm.models.activations import swiglu
 
     xe = mx.expand_dims(x, (-2, -3))  # as SwitchGLU does: (..., 1, 1, D)
-    up = gathered(xe, up_w, up_s, up_b, inds, group_size, bits)
-    gate = gathered(xe, gate_w, gate_s, gate_b, inds, group_size, bits)
+    up = gathered(xe, up_w, up_s, up_b, inds, group_size, bits, mode)
+    gate = gathered(xe, gate_w, gate_s, gate_b, inds, group_size, bits, mode)
     return swiglu(gate, up).squeeze(-2)
 
 
-def reference_f32(x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None):
+def reference_f32(
+    x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None, mode="affine"
+):
     """The same in float32 throughout (no rounding to T in between): the accuracy bar."""
-    g_all = dequantized(gate_w, gate_s, gate_b, group_size, bits)
-    u_all = dequantized(up_w, up_s, up_b, group_size, bits)
+    g_all = dequantized(gate_w, gate_s, gate_b, group_size, bits, mode)
+    u_all = dequantized(up_w, up_s, up_b, group_size, bits, mode)
     xf = x.astype(mx.float32)[..., None, :, None]  # (..., 1, D, 1)
     g = (g_all[inds] @ xf)[..., 0]  # (..., k, I)
     u = (u_all[inds] @ xf)[..., 0]
@@ -86,13 +90,15 @@ if (lane == 0) {
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
-def gate_up_reason(x, gate: tuple, up: tuple, *, ndim: int, group_size, bits) -> str | None:
+def gate_up_reason(x, gate: tuple, up: tuple, *, ndim: int, group_size, bits, mode="affine") -> str | None:
     """Why x and the gate and up (weight, scales, biases) do not fit the shared body (moe_mlp:
     stacked experts, ndim 3; swiglu_mlp: one matrix, ndim 2), or None."""
     if x.dtype not in _DTYPES:
         return f"x {x.dtype}"
     for w, s, b in (gate, up):
-        why = weights_reason(w, s, b, cols=x.shape[-1], group_size=group_size, bits=bits, dtype=x.dtype)
+        why = weights_reason(
+            w, s, b, cols=x.shape[-1], group_size=group_size, bits=bits, dtype=x.dtype, mode=mode
+        )
         if why is not None:
             return why
     if gate[0].ndim != ndim or gate[0].shape != up[0].shape or (gate[1] is None) != (up[1] is None):
@@ -101,10 +107,10 @@ def gate_up_reason(x, gate: tuple, up: tuple, *, ndim: int, group_size, bits) ->
 
 
 def launch(
-    backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None
+    backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None, mode="affine"
 ) -> Launch | Skip:
     gate, up = (gate_w, gate_s, gate_b), (up_w, up_s, up_b)
-    if (why := gate_up_reason(x, gate, up, ndim=3, group_size=group_size, bits=bits)) is not None:
+    if (why := gate_up_reason(x, gate, up, ndim=3, group_size=group_size, bits=bits, mode=mode)) is not None:
         return Skip(why)
     d = x.shape[-1]
     if inds.shape[:-1] != x.shape[:-1] or inds.dtype != mx.uint32:
@@ -113,7 +119,7 @@ def launch(
     k = inds.shape[-1]
     i = gate_w.shape[1]
     for s, b, w in ((gate_s, gate_b, gate_w), (up_s, up_b, up_w)):
-        if (why := regime_reason(backend, n * k, x.dtype, s, b, w)) is not None:
+        if (why := regime_reason(backend, n * k, x.dtype, s, b, w, mode=mode)) is not None:
             return Skip(why)
     if n * k * i * 32 >= 2**31:
         return Skip(f"{n} tokens x {k} experts x {i} rows is too large for one launch")
@@ -146,12 +152,16 @@ def launch(
     )
 
 
-def quantized_experts(experts: int, rows: int, d: int, *, group_size, bits, dtype, seed: int):
+def quantized_experts(experts: int, rows: int, d: int, *, group_size, bits, dtype, seed: int, mode="affine"):
     """Random expert weights (weight, scales, biases) as mlx-lm stores them: affine-quantized,
-    or unquantized in `dtype` with no scales or biases when `bits` is None."""
+    mxfp4 (uint8 scales, no biases), or unquantized in `dtype` with no scales or biases when
+    `bits` is None."""
     w = mx.random.normal((experts, rows, d), key=mx.random.key(seed)) * d**-0.5
     if bits is None:
         return w.astype(dtype), None, None
+    if mode != "affine":
+        q, s = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)[:2]  # no biases
+        return q, s, None
     q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
     return q, s.astype(dtype), b.astype(dtype)
 

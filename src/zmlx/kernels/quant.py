@@ -4,24 +4,37 @@ them. Their device code is csrc/quant.h.
 
 MLX's affine layout: each row of a (rows, cols) matrix is packed into uint32 words,
 32 / bits values per word, lowest bits first; one scale and one bias per `group_size`
-values of a row; a value dequantizes to `scale * q + bias`.
+values of a row; a value dequantizes to `scale * q + bias`. mxfp4: 4-bit e2m1 values in
+the same words, one uint8 e8m0 scale (a power of two) per 32 values, no biases; a value
+dequantizes to `e2m1(q) * scale`. The expert kernels (moe_mlp, downproj_combine,
+swiglu_mlp, moe_gate_up, moe_down) read both (`MODES`); the others affine only.
 
 csrc/quant.h defines `zmlx_qdot_lane` (this lane's share of one packed row's dot product
 with a vector), ZMLX_SIMD_SUM (the warp sum that finishes it) and `zmlx_swiglu`. On CUDA
 they follow MLX's own qmv kernel and its compiled swiglu operation for operation, so the
 kernels that use them are bitwise stock wherever stock runs qmv (fewer than
 QMV_MAX_ROWS expert rows, scales in the activations' dtype); on Metal the dot is a plain
-float32 sum (close, not exact). Kernels put it in their header (`device_code("quant.h")`).
+float32 sum (close, not exact). Kernels put it in their header (`device_code("quant.h")`);
+the dot takes mxfp4 rows where the scales are uint8 (an overload, so the bodies name no
+mode). mxfp4 follows qmv.cu as sm80/sm90 run it: MLX's fp_qmv serves a dense mxfp4 matmul
+only on sm100 and later (`supports_fp_qmv`), never a gathered one, so there the dense
+kernels are not bitwise.
 """
 
 from __future__ import annotations
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
+AFFINE = ("affine",)
+MODES = ("affine", "mxfp4")  # what the expert kernels read
 
 
-def layout_reason(bits: int, group_size: int) -> str | None:
-    """Why an affine layout is outside what the quantized kernels read, or None."""
+def layout_reason(bits: int, group_size: int, mode: str = "affine") -> str | None:
+    """Why a layout is outside what the quantized kernels read, or None."""
+    if mode == "mxfp4":
+        return None if (bits, group_size) == (4, 32) else f"mxfp4 {bits}-bit, group {group_size}"
+    if mode != "affine":
+        return f"{mode} quantization"
     if bits not in BITS or group_size not in GROUP_SIZES:
         return f"affine {bits}-bit, group {group_size} (the kernels take 4/8-bit, groups 32/64/128)"
     return None
@@ -63,34 +76,38 @@ def gemv_reason(backend: str, rows: int, dtype, *weights, max_rows: int = GEMV_M
     return None
 
 
-def quantized_reason(name: str, proj) -> str | None:
+def quantized_reason(name: str, proj, modes: tuple[str, ...] = AFFINE) -> str | None:
     """Why a quantized projection (mlx-lm's QuantizedSwitchLinear for experts, mlx's
-    QuantizedLinear for dense layers) cannot go through the kernels, or None."""
-    if proj.mode != "affine":
-        return f"{name} is {proj.mode}-quantized (affine only)"
-    if (why := layout_reason(proj.bits, proj.group_size)) is not None:
+    QuantizedLinear for dense layers) cannot go through kernels that read `modes`, or None."""
+    if proj.mode not in modes:
+        return f"{name} is {proj.mode}-quantized ({' or '.join(modes)} only)"
+    if (why := layout_reason(proj.bits, proj.group_size, proj.mode)) is not None:
         return f"{name}: {why}"
     if "bias" in proj or getattr(proj, "global_scale", None) is not None:
         return f"{name} has a bias or a global scale"
     return None
 
 
-def gathered(x, w, s, b, inds, group_size, bits):
+def gathered(x, w, s, b, inds, group_size, bits, mode="affine"):
     """mlx-lm's (Quantized)SwitchLinear on x (..., 1, 1, D): gather_qmm, or gather_mm for
     unquantized weights (s None)."""
     import mlx.core as mx
 
     if s is None:
         return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=inds)
-    return mx.gather_qmm(x, w, s, b, rhs_indices=inds, transpose=True, group_size=group_size, bits=bits)
+    return mx.gather_qmm(
+        x, w, s, b, rhs_indices=inds, transpose=True, group_size=group_size, bits=bits, mode=mode
+    )
 
 
-def dequantized(w, s, b, group_size, bits):
+def dequantized(w, s, b, group_size, bits, mode="affine"):
     """The weights in float32 (dequantized when quantized): for float32 accuracy bars."""
     import mlx.core as mx
 
     if s is None:
         return w.astype(mx.float32)
+    if mode != "affine":  # e2m1 times a power of two: exact in float32
+        return mx.dequantize(w, s, None, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
     return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
 
 
@@ -102,34 +119,53 @@ def or_placeholder(a, placeholder):
 _FLOATS = ("bfloat16", "float16", "float32")
 
 
-def weights_reason(w, s, b, *, cols: int, group_size, bits, dtype) -> str | None:
+def weights_reason(w, s, b, *, cols: int, group_size, bits, dtype, mode="affine") -> str | None:
     """Why a weight matrix (or stack of them) of `cols`-wide rows cannot be read by the
-    kernels, or None: affine-quantized (packed w, scales s, biases b) or unquantized (s and
-    b None, w in the activations' dtype)."""
+    kernels, or None: affine-quantized (packed w, scales s, biases b), mxfp4 (packed w,
+    uint8 scales s, b None) or unquantized (s and b None, w in the activations' dtype)."""
     if s is None:
         if b is not None or w.dtype != dtype:
             return f"unquantized weights {w.dtype} for activations {dtype}"
         return None if w.shape[-1] == cols else f"weights {w.shape} for rows of {cols}"
-    if (why := layout_reason(bits, group_size)) is not None:
+    if (why := layout_reason(bits, group_size, mode)) is not None:
         return why
-    if b is None:
+    scales = str(s.dtype).split(".")[-1]
+    if mode == "mxfp4":
+        if b is not None:
+            return "mxfp4 quantization with biases"
+        if scales != "uint8":
+            return f"mxfp4 scales {s.dtype} (e8m0 scales are uint8)"
+    elif b is None:
         return "affine quantization without biases"
-    if str(s.dtype).split(".")[-1] not in _FLOATS:
+    elif scales not in _FLOATS:
         return f"scales {s.dtype}"
     if w.shape[-1] * (32 // bits) != cols or cols % group_size:
         return f"weights {w.shape} for rows of {cols}"
-    if s.shape != w.shape[:-1] + (cols // group_size,) or b.shape != s.shape:
+    if s.shape != w.shape[:-1] + (cols // group_size,) or (b is not None and b.shape != s.shape):
         return f"scales {s.shape} for groups of {group_size}"
     return None
 
 
 def regime_reason(
-    backend: str, rows: int, dtype, s, b, w, *, qmv_rows: int = QMV_MAX_ROWS, gemv_rows: int = GEMV_MAX_ROWS
+    backend: str,
+    rows: int,
+    dtype,
+    s,
+    b,
+    w,
+    *,
+    qmv_rows: int = QMV_MAX_ROWS,
+    gemv_rows: int = GEMV_MAX_ROWS,
+    mode: str = "affine",
 ) -> str | None:
     """Where stock's CUDA matvec (qmv, or gemv for unquantized weights) runs, the kernels
-    follow it; elsewhere they step aside (None: the kernel takes the call)."""
+    follow it; elsewhere they step aside (None: the kernel takes the call). `qmv_rows` is
+    where affine weights leave qmv: mxfp4 ones have no sm90 qmm, so a dense matmul stays in
+    qmv below QMV_MAX_ROWS as a gathered one does (and their scales are uint8 by layout)."""
     if s is None:
         return gemv_reason(backend, rows, dtype, w, max_rows=gemv_rows)
+    if mode == "mxfp4":
+        return qmv_reason(backend, rows, dtype, max_rows=QMV_MAX_ROWS)
     return qmv_reason(backend, rows, dtype, s, b, max_rows=qmv_rows)
 
 
@@ -138,36 +174,40 @@ def packing(cols: int, group_size, bits) -> tuple[int, int]:
     return (cols, 32) if bits is None else (group_size, bits)
 
 
-def dense_or_quantized(name: str, proj, quantized: type, dense: type[dict]) -> str | None:
-    """Why a projection can go through neither kernel path (affine-quantized or unquantized).
-    `dense` is an mlx module class: a dict of its parameters."""
+def dense_or_quantized(
+    name: str, proj, quantized: type, dense: type[dict], modes: tuple[str, ...] = AFFINE
+) -> str | None:
+    """Why a projection can go through neither kernel path (quantized in one of `modes`, or
+    unquantized). `dense` is an mlx module class: a dict of its parameters."""
     if isinstance(proj, quantized):
-        return quantized_reason(name, proj)
+        return quantized_reason(name, proj, modes)
     if isinstance(proj, dense):
         return f"{name} has a bias" if "bias" in proj else None
     return f"{name} is a {type(proj).__name__} (neither an affine-quantized nor an unquantized linear)"
 
 
-def switch_linear_reason(name: str, proj) -> str | None:
-    """Why an mlx-lm expert projection (affine-quantized or unquantized) cannot go through
-    the kernels, or None."""
+def switch_linear_reason(name: str, proj, modes: tuple[str, ...] = AFFINE) -> str | None:
+    """Why an mlx-lm expert projection (quantized in one of `modes`, or unquantized) cannot
+    go through the kernels, or None."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-    return dense_or_quantized(name, proj, QuantizedSwitchLinear, SwitchLinear)
+    return dense_or_quantized(name, proj, QuantizedSwitchLinear, SwitchLinear, modes)
 
 
-def linear_reason(name: str, proj) -> str | None:
-    """Why a dense projection (affine-quantized or unquantized) cannot go through the
-    kernels, or None."""
+def linear_reason(name: str, proj, modes: tuple[str, ...] = AFFINE) -> str | None:
+    """Why a dense projection (quantized in one of `modes`, or unquantized) cannot go
+    through the kernels, or None."""
     import mlx.nn as nn
 
-    return dense_or_quantized(name, proj, nn.QuantizedLinear, nn.Linear)
+    return dense_or_quantized(name, proj, nn.QuantizedLinear, nn.Linear, modes)
 
 
 def weights_of(proj) -> tuple[tuple, dict]:
-    """((weight, scales, biases), {group_size, bits}) of a projection, as the kernels take
-    them; scales, biases, group size and bits are None for unquantized weights."""
-    return (
-        (proj["weight"], proj.get("scales"), proj.get("biases")),
-        {"group_size": getattr(proj, "group_size", None), "bits": getattr(proj, "bits", None)},
-    )
+    """((weight, scales, biases), {group_size, bits[, mode]}) of a projection, as the
+    kernels take them; scales, biases, group size and bits are None for unquantized
+    weights, biases for mxfp4. `mode` is there only when not affine, so the affine-only
+    kernels (which take no mode) get what they always got; their patterns refuse the rest."""
+    packing = {"group_size": getattr(proj, "group_size", None), "bits": getattr(proj, "bits", None)}
+    if getattr(proj, "mode", "affine") != "affine":
+        packing["mode"] = proj.mode
+    return (proj["weight"], proj.get("scales"), proj.get("biases")), packing

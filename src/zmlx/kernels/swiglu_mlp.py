@@ -14,7 +14,9 @@ SwiGLU. Three launches become one.
 Fidelity: on CUDA the dots follow MLX's qmv and SwiGLU is MLX's own device functors,
 so the kernel is bitwise stock wherever stock runs qmv: for a dense matmul on sm90 (Hopper)
 that is one row (one token; from two rows stock takes its sm90 tiled qmm), and the
-kernel takes only such calls. On Metal the dot is a plain float32 sum (`close`).
+kernel takes only such calls. mxfp4 weights have no sm90 qmm: they stay in qmv below 8
+rows (on sm100 and later stock's fp_qmv takes them: not bitwise there). On Metal the dot
+is a plain float32 sum (`close`).
 
 Device code: moe_mlp's BODY (src/zmlx/kernels/moe_mlp.py) with csrc/quant.h.
 """
@@ -31,26 +33,26 @@ from zmlx.kernels.moe_mlp import SHARED, gate_up_reason, quantized_experts
 from zmlx.kernels.quant import dequantized, or_placeholder, packing, regime_reason
 
 
-def dense(x, w, s, b, group_size, bits):
+def dense(x, w, s, b, group_size, bits, mode="affine"):
     """mlx's (Quantized)Linear without bias: quantized_matmul, or x @ w.T unquantized (s None)."""
     if s is None:
         return x @ w.T
-    return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group_size, bits=bits)
+    return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
 
-def reference(x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None):
+def reference(x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None, mode="affine"):
     """mlx-lm's op sequence. x (..., D), weights (I, D) or packed -> (..., I) in x's dtype."""
     from mlx_lm.models.activations import swiglu
 
-    gate = dense(x, gate_w, gate_s, gate_b, group_size, bits)
-    return swiglu(gate, dense(x, up_w, up_s, up_b, group_size, bits))
+    gate = dense(x, gate_w, gate_s, gate_b, group_size, bits, mode)
+    return swiglu(gate, dense(x, up_w, up_s, up_b, group_size, bits, mode))
 
 
-def reference_f32(x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None):
+def reference_f32(x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None, mode="affine"):
     """The same in float32 throughout (no rounding to T in between): the accuracy bar."""
     xf = x.astype(mx.float32)
-    g = xf @ dequantized(gate_w, gate_s, gate_b, group_size, bits).T
-    u = xf @ dequantized(up_w, up_s, up_b, group_size, bits).T
+    g = xf @ dequantized(gate_w, gate_s, gate_b, group_size, bits, mode).T
+    u = xf @ dequantized(up_w, up_s, up_b, group_size, bits, mode).T
     return g * mx.sigmoid(g) * u
 
 
@@ -61,19 +63,21 @@ def _no_indices() -> mx.array:
 
 
 def launch(
-    backend, x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None
+    backend, x, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None, mode="affine"
 ) -> Launch | Skip:
     gate, up = (gate_w, gate_s, gate_b), (up_w, up_s, up_b)
-    if (why := gate_up_reason(x, gate, up, ndim=2, group_size=group_size, bits=bits)) is not None:
+    if (why := gate_up_reason(x, gate, up, ndim=2, group_size=group_size, bits=bits, mode=mode)) is not None:
         return Skip(why)
     d = x.shape[-1]
     i = gate_w.shape[0]
     n = math.prod(x.shape[:-1])
     if n == 0:
         return Skip("no tokens")
-    # a dense matmul leaves its matvec (qmv or gemv) from 2 rows
+    # a dense matmul leaves its matvec (qmv or gemv) from 2 rows (mxfp4: from 8)
     for s, b, w in ((gate_s, gate_b, gate_w), (up_s, up_b, up_w)):
-        if (why := regime_reason(backend, n, x.dtype, s, b, w, qmv_rows=2, gemv_rows=2)) is not None:
+        if (
+            why := regime_reason(backend, n, x.dtype, s, b, w, qmv_rows=2, gemv_rows=2, mode=mode)
+        ) is not None:
             return Skip(why)
     if n * i * 32 >= 2**31:
         return Skip(f"{n} tokens x {i} rows is too large for one launch")
@@ -106,10 +110,12 @@ def launch(
     )
 
 
-def quantized_linear(rows: int, d: int, *, group_size, bits, dtype, seed: int):
-    """Random dense weights (weight, scales, biases) as mlx stores them: affine-quantized, or
-    unquantized with no scales or biases when `bits` is None."""
-    experts = quantized_experts(1, rows, d, group_size=group_size, bits=bits, dtype=dtype, seed=seed)
+def quantized_linear(rows: int, d: int, *, group_size, bits, dtype, seed: int, mode="affine"):
+    """Random dense weights (weight, scales, biases) as mlx stores them: affine-quantized,
+    mxfp4, or unquantized with no scales or biases when `bits` is None."""
+    experts = quantized_experts(
+        1, rows, d, group_size=group_size, bits=bits, dtype=dtype, seed=seed, mode=mode
+    )
     return tuple(None if a is None else a[0] for a in experts)
 
 

@@ -1,3 +1,22 @@
+// mxfp4 (MLX's layout: e2m1 values, 8 to a uint32 word, lowest nibble first; one uint8
+// e8m0 scale per 32 values; no biases). Both conversions are exact, as cutlass's:
+// e2m1 s.ee.m -> +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}; e8m0 e -> 2^(e - 127), e = 0 -> 2^-127, 255 NaN.
+#ifdef ZMLX_CUDA
+#define ZMLX_QUANT_FN __device__ inline
+#else
+#define ZMLX_QUANT_FN inline
+#endif
+ZMLX_QUANT_FN float zmlx_e2m1(uint q) {
+    const uint mag = q & 7u;
+    const uint bits = (mag >= 2u ? (((mag >> 1) + 126u) << 23) | ((mag & 1u) << 22) : mag * 0x3F000000u)
+        | ((q & 8u) << 28);
+    return ZMLX_FLOAT_BITS(int(bits));
+}
+ZMLX_QUANT_FN float zmlx_e8m0(uint e) {
+    return ZMLX_FLOAT_BITS(int(e == 0u ? 0x00400000u : e == 255u ? 0x7fffffffu : e << 23));
+}
+#undef ZMLX_QUANT_FN
+
 
 #ifdef ZMLX_CUDA
 #include <cooperative_groups/reduce.h>
@@ -43,12 +62,23 @@ __device__ inline void zmlx_load(T* dst, const T* src) {
     for (int j = 0; j < N; ++j) dst[j] = src[j];
 }
 
+template <typename T>
+__device__ inline T zmlx_mul(T a, T b) { return __hmul(a, b); }
+__device__ inline float zmlx_mul(float a, float b) { return __fmul_rn(a, b); }
+
 // This lane's share of one row's dot product, in MLX's CUDA qmv order: lane l takes E
 // consecutive values at l * E + r * 32 * E (then the remainder), one accumulator per
 // position (in T for 4-bit narrow types, else float), summed in order into a float.
 // The caller finishes with ZMLX_SIMD_SUM (cg::reduce, as qmv) and rounds to T.
-template <int BITS, int GS, int COLS, typename T>
-__device__ inline float zmlx_qdot_lane(const uint* w, const T* s, const T* b, const T* x, uint lane) {
+// Affine rows (scales S and biases B in T) dequantize as fma(q, scale, bias) in T; mxfp4
+// rows (S uint8: e8m0 scales, B a placeholder never read) as T(e2m1 value) * T(scale), as
+// qmv dequantizes them on sm80/sm90 (qmv.cu, Q = float_e2m1_t, S = float_ue8m0_t, no bias;
+// the product is exact but at the ends of T's range), everything else the same.
+template <int BITS, int GS, int COLS, typename T, typename S, typename B>
+__device__ inline float zmlx_qdot_lane(const uint* w, const S* s, const B* b, const T* x, uint lane) {
+    constexpr bool MX = cuda::std::is_same_v<S, uint8_t>;
+    static_assert(MX ? BITS == 4 && GS == 32 : cuda::std::is_same_v<S, T> && cuda::std::is_same_v<B, T>,
+                  "affine scales and biases in T, or mxfp4 (4-bit, group 32, uint8 scales)");
     constexpr int E = (sizeof(T) <= 2 && BITS <= 4) ? 16 : 8;
     constexpr int PER_WARP = 32 * E;
     constexpr int PER_WORD = 32 / BITS;
@@ -60,7 +90,13 @@ __device__ inline float zmlx_qdot_lane(const uint* w, const T* s, const T* b, co
     for (int j = 0; j < E; ++j) acc[j] = Acc(0.0f);
     constexpr int NW = E / PER_WORD;  // packed words per tile (idx is a multiple of E >= PER_WORD)
     auto tile = [&](int idx) {
-        const T sc = s[idx / GS], bi = b[idx / GS];
+        T sc, bi;
+        if constexpr (MX) {
+            sc = static_cast<T>(zmlx_e8m0(s[idx / GS]));
+        } else {
+            sc = s[idx / GS];
+            bi = b[idx / GS];
+        }
         T xs[E];
         uint ws[NW];
         zmlx_load<E>(xs, x + idx);
@@ -68,7 +104,12 @@ __device__ inline float zmlx_qdot_lane(const uint* w, const T* s, const T* b, co
 #pragma unroll
         for (int j = 0; j < E; ++j) {
             const uint q = (ws[j / PER_WORD] >> (BITS * (j % PER_WORD))) & MASK;
-            const T wd = zmlx_fma(T(float(q)), sc, bi);
+            T wd;
+            if constexpr (MX) {
+                wd = zmlx_mul(static_cast<T>(zmlx_e2m1(q)), sc);
+            } else {
+                wd = zmlx_fma(T(float(q)), sc, bi);
+            }
             if constexpr (WIDE_ACC) {
                 acc[j] = fmaf(zmlx_f(xs[j]), zmlx_f(wd), acc[j]);
             } else {
@@ -136,6 +177,22 @@ inline float zmlx_qdot_lane(const device uint* w, const device TS* s,
             const float v = static_cast<float>((q >> (BITS * j)) & MASK);
             acc += (sc * v + bi) * static_cast<float>(x[k * PER_WORD + j]);
         }
+    }
+    return acc;
+}
+
+// The same for an mxfp4 row (uint8 e8m0 scales; b a placeholder of another type, never
+// read): each word's eight products summed, times its group's scale, in float32.
+template <int BITS, int GS, int COLS, typename TB, typename TX>
+inline float zmlx_qdot_lane(const device uint* w, const device uint8_t* s,
+                            const device TB* b, const device TX* x, uint lane) {
+    constexpr uint WORDS = COLS / 8;
+    float acc = 0.0f;
+    for (uint k = lane; k < WORDS; k += 32) {
+        const uint q = w[k];
+        float part = 0.0f;
+        for (uint j = 0; j < 8; ++j) part += zmlx_e2m1(q >> (4 * j)) * static_cast<float>(x[k * 8 + j]);
+        acc += zmlx_e8m0(s[(k * 8) / GS]) * part;
     }
     return acc;
 }
