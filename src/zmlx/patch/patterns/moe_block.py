@@ -36,7 +36,7 @@ from zmlx.kernels.moe_gate_up import moe_gate_up
 from zmlx.kernels.moe_mlp import moe_mlp
 from zmlx.kernels.norm_router import norm_router
 from zmlx.kernels.prepared import Prepared, prepare
-from zmlx.kernels.quant import MLX_LM_SORT_ROWS, linear_reason, switch_linear_reason, weights_of
+from zmlx.kernels.quant import MLX_LM_SORT_ROWS, MODES, linear_reason, switch_linear_reason, weights_of
 from zmlx.kernels.residual_norm import residual_norm
 from zmlx.kernels.swiglu_mlp import swiglu_mlp
 from zmlx.patch.pattern import Pattern
@@ -44,7 +44,7 @@ from zmlx.patch.pattern import Pattern
 
 def _mlp_reason(name: str, mlp) -> str | None:
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        if (why := linear_reason(f"{name}.{proj}", getattr(mlp, proj, None))) is not None:
+        if (why := linear_reason(f"{name}.{proj}", getattr(mlp, proj, None), MODES)) is not None:
             return why
     if weights_of(mlp.gate_proj)[1] != weights_of(mlp.up_proj)[1]:
         return f"{name}: gate_proj and up_proj are quantized differently"
@@ -65,7 +65,7 @@ def _moe_reason(moe) -> str | None:
     if not isinstance(sw.activation, SwiGLU):
         return f"activation {type(sw.activation).__name__} (only SwiGLU is fused)"
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        if (why := switch_linear_reason(f"switch_mlp.{proj}", getattr(sw, proj))) is not None:
+        if (why := switch_linear_reason(f"switch_mlp.{proj}", getattr(sw, proj), MODES)) is not None:
             return why
     if weights_of(sw.gate_proj)[1] != weights_of(sw.up_proj)[1]:
         return "switch_mlp: gate_proj and up_proj are quantized differently"
