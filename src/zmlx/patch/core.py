@@ -199,6 +199,17 @@ def _patched_class(cls: type, methods: tuple[tuple[str, Any], ...]) -> type:
     return type(cls.__name__, (cls,), ns)
 
 
+def _merge(methods: dict[str, Any], first: str, pattern, kwargs: dict[str, Any]) -> str | None:
+    """Add `pattern`'s part to the method that pattern `first` already replaced on this
+    instance: the one function made from both patterns' make() arguments (Pattern.part), so
+    each keeps its own flag, report and fidelity; or why `pattern` is skipped there."""
+    if not (pattern.part and PATTERNS[first].part):
+        return f"{pattern.method} already replaced by {first}"
+    made_by, made_with = _MADE[methods[pattern.method]]
+    methods[pattern.method] = _replacement(made_by, {**dict(made_with), **kwargs})
+    return None
+
+
 def _signature_mismatch(cls: type, method: str, fn) -> str | None:
     original = getattr(cls, method, None)
     if original is None:
@@ -300,7 +311,7 @@ def patch(
             continue
         cls = fam.target_class(name)
         params = dict(target.params)
-        kwargs = {**params, **{opt: getattr(config, opt) for opt in pattern.options}}
+        kwargs = {**params, **{opt: getattr(config, opt) for opt in pattern.options}, **dict(pattern.part)}
         fn = _replacement(name, kwargs)
         added = {m: _replacement(name, {**kwargs, "method": m}) for m in pattern.adds}
         bad_sig = _signature_mismatch(cls, pattern.method, fn)
@@ -311,13 +322,14 @@ def patch(
             reason = bad_sig or pattern.check(module, params)
             entry = plans.setdefault(id(module), (mpath, module, {}, {}))
             if reason is None and pattern.method in entry[2]:
-                reason = f"{pattern.method} already replaced by {entry[3][pattern.method]}"
+                reason = _merge(entry[2], entry[3][pattern.method], pattern, kwargs)
+            elif reason is None:
+                entry[2][pattern.method] = fn
+                entry[3][pattern.method] = name
+                entry[2].update(added)
             if reason is not None:
                 report.skipped.append((mpath, reason))
                 continue
-            entry[2][pattern.method] = fn
-            entry[3][pattern.method] = name
-            entry[2].update(added)
             report.patched.append(mpath)
 
     for report in result.patterns.values():

@@ -36,3 +36,8 @@ class Pattern:
     # patterns that win over this one when they patch any module of the model: this one
     # would bypass what they patched (registered after them, so they are planned first)
     yields_to: tuple[str, ...] = ()
+    # the part of a shared method this pattern supplies, as keyword arguments of make() (the
+    # decoder layer's attention or MoE half: zmlx.patch.layer). Where two patterns with parts
+    # replace the same method of one instance, it gets the one function make() builds from
+    # both patterns' arguments and both count it patched; otherwise the first planned wins.
+    part: tuple[tuple[str, Any], ...] = ()

@@ -2,8 +2,9 @@
 
 Patches the decoder layer (on glm4_moe_lite: `Glm4MoeLiteDecoderLayer`; the DeepSeek-style
 layers have the same attributes: self_attn, input_layernorm, post_attention_layernorm, mlp,
-and their MoE the same gate and experts). A decode step (one token per sequence) runs the
-layer's attention as it is (stock, or as an attention pattern patched it), then
+and their MoE the same gate and experts) as the MoE half of zmlx.patch.layer's shared
+`__call__`. A decode step (one token per sequence) runs the layer's attention half as it is
+(stock, as an attention pattern patched it, or mla_block's), then
 
     MoE layer:   norm_router  (h = x + r, xn = post_attention_layernorm(h), gate, routing)
                  moe_gate_up  (routed and shared experts' gate + up + SwiGLU; moe_mlp when
@@ -25,7 +26,6 @@ from __future__ import annotations
 import math
 import operator
 import weakref
-from functools import cache
 
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwiGLU
@@ -39,6 +39,7 @@ from zmlx.kernels.prepared import Prepared, prepare
 from zmlx.kernels.quant import MLX_LM_SORT_ROWS, MODES, linear_reason, switch_linear_reason, weights_of
 from zmlx.kernels.residual_norm import residual_norm
 from zmlx.kernels.swiglu_mlp import swiglu_mlp
+from zmlx.patch.layer import blocks_of, make, stock_moe
 from zmlx.patch.pattern import Pattern
 
 
@@ -88,8 +89,7 @@ def check(layer, params) -> str | None:
 # ---------------------------------------------------------------- the prepared block
 
 
-# A module keeps its submodules and arrays as its dict's items: reading them as items
-# (m["mlp"]) costs a dict lookup, as attributes (m.mlp) a failed attribute lookup first.
+# Modules are read as items (m["mlp"]): a dict lookup (see zmlx.patch.layer).
 
 
 def _arrays(mlp) -> tuple:
@@ -209,25 +209,11 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
 _BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def _blocks_of(layer) -> dict:
-    entry = _BLOCKS.get(id(layer))
-    if entry is not None and entry[0]() is layer:
-        return entry[1]
-    blocks: dict = {}
-    i = id(layer)
-
-    def forget(_: weakref.ref) -> None:  # the layer is gone: so are its prepared blocks
-        _BLOCKS.pop(i, None)
-
-    _BLOCKS[i] = (weakref.ref(layer, forget), blocks)
-    return blocks
-
-
 def _block(layer, x, r, renorm_eps):
     """The layer's prepared block for this step's shapes and dtypes (prepared on first use,
     and again when the layer's weights are no longer the arrays it read), or why not."""
     backend = _backend.current()
-    blocks = _blocks_of(layer)
+    blocks = blocks_of(_BLOCKS, layer)
     key = (x.shape, x.dtype, r.shape, r.dtype, backend)
     weights = _weights(layer)
     entry = blocks.get(key)
@@ -255,19 +241,12 @@ def decode_plan(layer) -> dict[tuple, str]:
     return out
 
 
-@cache
-def make(renorm_eps: float | None = None):
-    def __call__(self, x, mask=None, cache=None):
-        if x.shape[-2] != 1:  # a prompt: mlx-lm's own layer
-            return type(self).__zmlx_original__.__call__(self, x, mask, cache)
-        r = self["self_attn"](self["input_layernorm"](x), mask, cache)  # mlx-lm's, read as items
-        block = _block(self, x, r, renorm_eps)
-        if isinstance(block, str):  # outside the launches' regime: the rest of mlx-lm's layer
-            h = x + r
-            return h + self.mlp(self.post_attention_layernorm(h))
-        return block(x, r)
-
-    return __call__
+def moe_half(layer, x, r, renorm_eps=None):
+    """The MoE half of a decode step: the layer's output from x and the attention's r."""
+    block = _block(layer, x, r, renorm_eps)
+    if isinstance(block, str):  # outside the launches' regime: the rest of mlx-lm's layer
+        return stock_moe(layer, x, r)
+    return block(x, r)
 
 
 PATTERN = Pattern(
@@ -282,4 +261,5 @@ PATTERN = Pattern(
     check=check,
     make=make,
     paths=("decode",),
+    part=(("moe", moe_half),),
 )
