@@ -78,6 +78,9 @@ FAMILIES: dict[str, Family] = {
             # static latent cache, decode steps as one compiled graph: opt-in until the ledger
             # shows it faster with identical tokens on the GPU
             "compiled_decode": Target("Model"),
+            # close: the decoder layer's attention half in four launches and o_proj; opt-in
+            # until an ACCURATE ledger line puts it in `fast`
+            "mla_block": Target("Glm4MoeLiteDecoderLayer"),
         },
         # residual_norm is exact but slower than stock in the ledger (one fused call costs
         # more host time than the two stock ops it replaces): opt in with ZMLX_RESIDUAL_NORM=1.

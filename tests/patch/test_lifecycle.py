@@ -98,7 +98,8 @@ def test_result_is_returned_and_attached(model):
 
 
 def test_unknown_pattern_name_lists_valid_ones(model):
-    valid = "compiled_decode, downproj_combine, glm47_rope, mla_attention, moe_block, moe_combine, moe_mlp, moe_router"
+    valid = "compiled_decode, downproj_combine, glm47_rope, mla_attention, mla_block, moe_block"
+    valid += ", moe_combine, moe_mlp, moe_router"
     valid += ", residual_norm"
     with pytest.raises(ConfigError, match=f"nope.*valid: {valid}"):
         zmlx.patch(model, patterns=["nope"])
@@ -120,6 +121,7 @@ def test_explicit_selection_and_exclude(model):
         "glm47_rope": "not in the requested patterns",
         "mla_attention": "not in the requested patterns",
         "moe_block": "not in the requested patterns",
+        "mla_block": "not in the requested patterns",
         "compiled_decode": "not in the requested patterns",
     }
     result = zmlx.patch(model, exclude=["moe_router"])
@@ -133,6 +135,7 @@ def test_explicit_selection_and_exclude(model):
         "glm47_rope": "not in the default preset on cpu",
         "mla_attention": "not in the default preset on cpu",
         "moe_block": "not in the default preset on cpu",
+        "mla_block": "not in the default preset on cpu",
         "compiled_decode": "not in the default preset on cpu",
     }
 

@@ -1,4 +1,4 @@
-"""What the MLA attention patterns (glm47_rope, mla_attention) share: which attention
+"""What the MLA attention patterns (glm47_rope, mla_attention, mla_block) share: which attention
 modules they apply to, mlx-lm's projections of a decode step, and the arguments of the
 `glm47_rope` launch that ropes q_pe and k_pe. Each pattern calls the kernel itself."""
 
@@ -23,6 +23,20 @@ def mla_rope_reason(attn) -> str | None:
         return f"rope dims {rope.dims} != qk_rope_head_dim {attn.qk_rope_head_dim}"
     if not all(hasattr(attn, a) for a in ("embed_q", "unembed_out", "kv_a_proj_with_mqa", "kv_a_layernorm")):
         return "not a latent-space (MLA) attention"
+    return None
+
+
+def mla_reason(attn) -> str | None:
+    """mla_rope_reason, and why the absorbed projections (embed_q, unembed_out) cannot go
+    through mla_attention's kernels (they read affine or unquantized weights), or None."""
+    if (why := mla_rope_reason(attn)) is not None:
+        return why
+    for name in ("embed_q", "unembed_out"):
+        proj = getattr(attn, name)
+        if getattr(proj, "mode", "affine") != "affine":
+            return f"{name} is {proj.mode}-quantized (affine or unquantized needed)"
+        if proj.get("scales") is not None and proj.get("biases") is None:
+            return f"{name} has no biases"
     return None
 
 

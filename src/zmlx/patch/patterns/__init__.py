@@ -1,13 +1,16 @@
 """The registry: every pattern zmlx knows, by name (one small file each). Order matters
 where two patterns replace the same method: the earlier one wins (downproj_combine
-before moe_combine, mla_attention before glm47_rope); and a pattern that yields to another
-(Pattern.yields_to: residual_norm to moe_block) comes after it."""
+before moe_combine, mla_attention before glm47_rope), unless both supply a part of it
+(Pattern.part: moe_block and mla_block, the decoder layer's two halves); and a pattern
+that yields to another (Pattern.yields_to: residual_norm to moe_block and mla_block) comes
+after it."""
 
 from zmlx.patch.patterns import (
     compiled_decode,
     downproj_combine,
     glm47_rope,
     mla_attention,
+    mla_block,
     moe_block,
     moe_combine,
     moe_mlp,
@@ -23,6 +26,7 @@ PATTERNS = {
         downproj_combine.PATTERN,
         moe_combine.PATTERN,
         moe_block.PATTERN,
+        mla_block.PATTERN,
         residual_norm.PATTERN,
         moe_mlp.PATTERN,
         swiglu_mlp.PATTERN,

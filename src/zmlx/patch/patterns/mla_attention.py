@@ -21,20 +21,12 @@ from mlx_lm.models.cache import KVCache
 from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
 from zmlx.kernels.quant import weights_of
-from zmlx.patch.attention import mla_rope_reason, project, rope_args
+from zmlx.patch.attention import mla_reason, project, rope_args
 from zmlx.patch.pattern import Pattern
 
 
 def check(attn, params) -> str | None:
-    if (why := mla_rope_reason(attn)) is not None:
-        return why
-    for name in ("embed_q", "unembed_out"):
-        proj = getattr(attn, name)
-        if getattr(proj, "mode", "affine") != "affine":
-            return f"{name} is {proj.mode}-quantized (affine or unquantized needed)"
-        if proj.get("scales") is not None and proj.get("biases") is None:
-            return f"{name} has no biases"
-    return None
+    return mla_reason(attn)
 
 
 @cache

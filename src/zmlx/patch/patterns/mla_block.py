@@ -1,0 +1,274 @@
+"""mla_block: the attention half of a decoder layer at decode in four launches and o_proj (close).
+
+Patches the decoder layer (on glm4_moe_lite: `Glm4MoeLiteDecoderLayer`) as the attention half
+of zmlx.patch.layer's shared `__call__` (moe_block supplies the MoE half; each is chosen on
+its own, and on a layer both patch the two halves run together). A decode step with mlx-lm's
+plain `KVCache` and no mask runs
+
+    norm_qkv_a   input_layernorm + q_a_proj + kv_a_proj_with_mqa, one pass over the row
+    mla_q_prep   q_a_layernorm + q_b_proj + rope of q_pe and its scale + embed_q (float32);
+                 kv_a_layernorm + rope of k_pe
+    cache.update_and_fetch(kv_latent, k_pe): mlx-lm's own cache (prompt caches, trimming
+                 and cache files keep working)
+    mla_decode   flash-decoding over the latent cache, its length read from the buffers' shapes
+    mla_unembed  the chunks combined + unembed_out
+    o_proj       mlx-lm's module
+
+norm_qkv_a is prepared once per (layer, input shape, dtype, backend), and again for new
+weights (zmlx.kernels.prepared). mla_q_prep reads the position only through the rope table
+row it passes as an input (a view), so it is prepared once for every position and called
+with each step's row. mla_decode's inputs grow with the context: a plain kernel call each
+step, as in mla_attention. mla_unembed's shapes change with the chunk count only (at most
+TARGET_CHUNKS), so it is prepared per count. Prompts, masked steps, other caches and layers
+whose launches skip (why: `decode_plan`) run mlx-lm's attention: the layer's self_attn, with
+the attention patterns that patched it. Close, not exact: the attention itself runs in
+float32 (mla_attention's kernels); norm_qkv_a and mla_q_prep's q_pe, kv_latent and k_pe are
+bitwise stock on CUDA. residual_norm yields to it (its model loop goes around the layers).
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+
+from zmlx import backend as _backend
+from zmlx.kernels import core
+from zmlx.kernels.core import KernelDef, Launch, Skip, kernel_kwargs
+from zmlx.kernels.glm47_rope import rope_table
+from zmlx.kernels.mla_attention import mla_decode, mla_unembed
+from zmlx.kernels.mla_q_prep import mla_q_prep
+from zmlx.kernels.norm_qkv_a import attention_args, attention_reason, norm_qkv_a
+from zmlx.kernels.prepared import KernelCall, Prepared, ReferenceCall, prepare
+from zmlx.kernels.quant import linear_reason, weights_of
+from zmlx.patch.attention import mla_reason
+from zmlx.patch.layer import blocks_of, make, stock_attention
+from zmlx.patch.pattern import Pattern
+
+
+def check(layer, params) -> str | None:
+    for attr in ("self_attn", "input_layernorm"):
+        if not hasattr(layer, attr):
+            return f"decoder layer has no {attr}"
+    if type(layer.input_layernorm) is not nn.RMSNorm:
+        return f"input_layernorm is a {type(layer.input_layernorm).__name__}"
+    attn = layer.self_attn
+    if (why := mla_reason(attn)) is not None:
+        return why
+    if getattr(attn, "q_lora_rank", None) is None:
+        return "q_lora_rank None (q_proj without q_a_layernorm): mla_q_prep does not fuse it"
+    if (why := attention_reason(attn) or linear_reason("q_b_proj", attn.q_b_proj)) is not None:
+        return why
+    if attn.q_a_layernorm.eps != attn.kv_a_layernorm.eps:
+        return "q_a_layernorm and kv_a_layernorm have different eps (mla_q_prep takes one)"
+    return None
+
+
+# ---------------------------------------------------------------- the prepared block
+
+
+def _weights(layer) -> tuple:
+    """Every array the block's launches read, in a fixed order: a prepared block holds for
+    these objects only (a model whose weights were replaced since is prepared again)."""
+    attn = layer["self_attn"]
+    out = [
+        layer["input_layernorm"]["weight"],
+        attn["q_a_layernorm"]["weight"],
+        attn["kv_a_layernorm"]["weight"],
+    ]
+    for name in ("q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "embed_q", "unembed_out"):
+        p = attn[name]
+        out += (p["weight"], p.get("scales"), p.get("biases"))
+    return tuple(out)
+
+
+class _QPrep:
+    """mla_q_prep for every position: its launch reads the position only through the rope
+    table row it passes as input `cs` (a view), so the kernel prepared at position 0 is
+    called with each step's row; the reference takes the position itself."""
+
+    __slots__ = ("call", "rope")
+
+    def __init__(self, call: Prepared, rope: tuple[int, float, float]):
+        # Any: a ReferenceCall takes the position (an int) where the KernelCall takes the row
+        self.call: Any = call
+        self.rope = rope
+
+    def __call__(self, q_a, ckv, offset: int):
+        if self.call.path == "kernel":
+            return self.call(q_a, ckv, rope_table(*self.rope, offset + 1)[offset : offset + 1])
+        return self.call(q_a, ckv, offset)
+
+
+def _launch(kernel: KernelDef) -> Callable[..., Launch | Skip]:
+    if kernel.launch is None:
+        raise ValueError(f"{kernel.name} has no launch")
+    return kernel.launch
+
+
+def _prepare_q_prep(args: tuple, kw: dict, backend) -> Prepared:
+    """args: mla_q_prep's, with q_a and ckv (live) first and the table and position 0 last."""
+    spec = _launch(mla_q_prep)(backend, *args, **kw)
+    if isinstance(spec, Skip):
+        return ReferenceCall(mla_q_prep, args, (0, 1, 11), kw, spec.reason, spec.reason)
+    plan = mla_q_prep.plan(backend)
+    if plan.path == "reference":
+        return ReferenceCall(mla_q_prep, args, (0, 1, 11), kw, plan.reason, None)
+    if spec.inputs[0] is not args[0] or spec.inputs[1] is not args[1]:
+        raise ValueError("mla_q_prep: launch() does not pass q_a and ckv through as its first inputs")
+    slots = ((0, 0), (1, 1), (mla_q_prep.input_names.index("cs"), 2))
+    return KernelCall(mla_q_prep, core.build(mla_q_prep, backend), spec.inputs, slots, kernel_kwargs(spec))
+
+
+class _Attention:
+    """The prepared launches of one layer for one input shape and dtype."""
+
+    __slots__ = ("qkv", "q_prep", "scale", "unembed", "unembed_args", "unembed_kw", "backend", "names")
+
+    def __init__(
+        self,
+        qkv: Prepared,
+        q_prep: _QPrep,
+        scale: float,
+        unembed: Prepared,
+        o_shape,
+        unembed_args,
+        unembed_kw,
+        backend,
+    ):
+        self.qkv, self.q_prep, self.scale, self.backend = qkv, q_prep, scale, backend
+        self.unembed: dict[tuple, Prepared] = {o_shape: unembed}  # per chunk count
+        self.unembed_args, self.unembed_kw = unembed_args, unembed_kw
+        self.names = (  # each launch's name and why its reference runs ("" for the kernel)
+            (norm_qkv_a.name, qkv.reason),
+            (mla_q_prep.name, q_prep.call.reason),
+            (mla_decode.name, mla_decode.plan(backend).reason),
+            (mla_unembed.name, unembed.reason),
+        )
+
+    def __call__(self, attn, x, cache):
+        q_a, ckv = self.qkv(x)
+        qv, q_pe, kv_latent, k_pe = self.q_prep(q_a, ckv, cache.offset)
+        lat, kpe = cache.update_and_fetch(kv_latent, k_pe)  # views of the buffers, offset + 1 positions
+        o, m, lsum = mla_decode(qv, q_pe, lat, kpe, scale=self.scale)
+        unembed = self.unembed.get(o.shape)
+        if unembed is None:  # a chunk count not seen yet (at most TARGET_CHUNKS of them)
+            args = (o, m, lsum, *self.unembed_args)
+            unembed = self.unembed[o.shape] = prepare(
+                mla_unembed, args, self.unembed_kw, (0, 1, 2), self.backend
+            )
+        out = unembed(o, m, lsum)  # (B, H, 1, v_head_dim): one token, so (B, 1, H * v) as stock lays it out
+        return attn["o_proj"](out.reshape(x.shape[0], 1, -1))
+
+
+class _Stock(Exception):
+    """Steps of these shapes run mlx-lm's attention; the message says why."""
+
+
+def _ready(p: Prepared) -> Prepared:
+    if p.skip:
+        raise _Stock(p.skip)
+    return p
+
+
+def _build(layer, x, backend) -> _Attention | str:
+    """The block's launches prepared for x (each one's outputs give the next its shapes; the
+    attention is checked against a one-position cache), or why such steps run mlx-lm's code."""
+    attn = layer.self_attn
+    try:
+        args, kw = attention_args(layer.input_layernorm, attn)
+        qkv = _ready(prepare(norm_qkv_a, (x, *args), kw, (0,), backend))
+        q_a, ckv = qkv(x)
+        rope = (attn.rope.dims, attn.rope.base, attn.rope.scale)
+        (qb, qb_kw), (eq, eq_kw) = weights_of(attn.q_b_proj), weights_of(attn.embed_q)
+        q_kw = dict(
+            eps=attn.q_a_layernorm.eps,
+            heads=attn.num_heads,
+            rope_dims=rope[0],
+            base=rope[1],
+            rope_scale=rope[2],
+            scale=attn.scale,
+            **qb_kw,
+            embed_group_size=eq_kw["group_size"],
+            embed_bits=eq_kw["bits"],
+        )
+        q_norms = (attn.q_a_layernorm["weight"], *qb, attn.kv_a_layernorm["weight"], *eq)
+        q_args = (q_a, ckv, *q_norms, rope_table(*rope, 1), 0)
+        q_prep = _QPrep(_ready(_prepare_q_prep(q_args, q_kw, backend)), rope)
+        qv, q_pe, kv_latent, k_pe = q_prep(q_a, ckv, 0)
+        spec = _launch(mla_decode)(backend, qv, q_pe, kv_latent, k_pe, scale=attn.scale)
+        if isinstance(spec, Skip):
+            raise _Stock(spec.reason)
+        unembed_w, unembed_packing = weights_of(attn.unembed_out)
+        unembed_kw = dict(dtype=x.dtype, **unembed_packing)
+        o, m, lsum = (mx.zeros(s, d) for s, d in zip(spec.output_shapes, spec.output_dtypes))
+        unembed = _ready(prepare(mla_unembed, (o, m, lsum, *unembed_w), unembed_kw, (0, 1, 2), backend))
+    except _Stock as why:
+        return str(why)
+    return _Attention(qkv, q_prep, attn.scale, unembed, o.shape, unembed_w, unembed_kw, backend)
+
+
+# id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
+_BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _block(layer, x):
+    """The layer's prepared block for this step's shape and dtype (prepared on first use,
+    and again when the layer's weights are no longer the arrays it read), or why not."""
+    backend = _backend.current()
+    blocks = blocks_of(_BLOCKS, layer)
+    key = (x.shape, x.dtype, backend)
+    weights = _weights(layer)
+    entry = blocks.get(key)
+    if entry is not None and all(map(operator.is_, weights, entry[0])):
+        return entry[1]
+    if entry is not None:  # new weights: every shape is prepared again
+        blocks.clear()
+    block = _build(layer, x, backend)
+    blocks[key] = (weights, block)
+    return block
+
+
+def decode_plan(layer) -> dict[tuple, str]:
+    """What the decode steps this layer has run with mla_block do, per step key (shape,
+    dtype, backend): "kernel: a, b, ...", "reference: a, b, ... (why)", or "mlx-lm (why)"."""
+    entry = _BLOCKS.get(id(layer))
+    out = {}
+    for key, (_, block) in (entry[1] if entry is not None and entry[0]() is layer else {}).items():
+        if isinstance(block, str):
+            out[key] = f"mlx-lm ({block})"
+            continue
+        names = ", ".join(name for name, _ in block.names)
+        reasons = sorted({why for _, why in block.names if why})
+        out[key] = f"reference: {names} ({'; '.join(reasons)})" if reasons else f"kernel: {names}"
+    return out
+
+
+def attention_half(layer, x, mask, cache):
+    """The attention half of a decode step: r (before the residual add)."""
+    if mask is not None or type(cache) is not KVCache:  # mlx-lm's attention (as patched)
+        return stock_attention(layer, x, mask, cache)
+    block = _block(layer, x)
+    if isinstance(block, str):  # outside the launches' regime
+        return stock_attention(layer, x, mask, cache)
+    return block(layer["self_attn"], x, cache)
+
+
+PATTERN = Pattern(
+    name="mla_block",
+    summary=(
+        "decoder layer's attention half at decode: input RMSNorm + q_a and kv_a projections;"
+        " q_a norm + q_b projection + RoPE + embed_q with kv norm + RoPE; mlx-lm's cache update;"
+        " flash-decoding over the latent cache; combine + unembed_out; o_proj"
+    ),
+    fidelity="close",
+    kernels=(norm_qkv_a, mla_q_prep, mla_decode, mla_unembed),
+    check=check,
+    make=make,
+    paths=("decode",),
+    part=(("attention", attention_half),),
+)
