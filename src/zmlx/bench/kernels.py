@@ -95,6 +95,9 @@ def _glm_cases(tokens: int) -> list[Case]:
         for bits in (4, None) if backend.current() != "cpu" else (4,):
             cases += _expert_cases(shape, xq, inds, hq, scores, shared, bits)
         cases += _attention_cases(shape)
+        from zmlx.bench import block_cases  # imports Case from here
+
+        cases += block_cases.moe_block_cases() + block_cases.mla_block_cases()
     return cases
 
 

@@ -1,0 +1,28 @@
+"""The block kernels' micro-benchmark cases have GLM-4.7-Flash's decode shapes (on the CPU the
+fused side runs its reference, so only the GPU compares the two sides)."""
+
+import pytest
+
+from zmlx.bench import block_cases
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return {c.kernel: c for c in block_cases.moe_block_cases() + block_cases.mla_block_cases()}
+
+
+def test_every_block_kernel_has_a_case(cases):
+    assert set(cases) == {"norm_router", "moe_gate_up", "moe_down", "norm_qkv_a", "mla_q_prep (close)"}
+
+
+def test_the_cases_have_glm47_flash_decode_shapes(cases):
+    h, xn, inds, scores = cases["norm_router"].stock()
+    assert h.shape == xn.shape == (1, 1, 2048) and inds.shape == scores.shape == (1, 1, 4)
+    hr, hs = cases["moe_gate_up"].stock()
+    assert hr.shape == (1, 1, 4, 1536) and hs.shape == (1, 1, 1536)
+    assert cases["moe_down"].stock().shape == (1, 1, 2048)
+    q_a, ckv = cases["norm_qkv_a"].stock()
+    assert q_a.shape == (1, 1, 768) and ckv.shape == (1, 1, 576)
+    qv, q_pe, latent, k_pe = cases["mla_q_prep (close)"].stock()
+    assert qv.shape == (1, 20, 512) and q_pe.shape == (1, 20, 1, 64)
+    assert latent.shape == (1, 1, 1, 512) and k_pe.shape == (1, 1, 1, 64)
