@@ -17,19 +17,22 @@ scaled so that greedy decoding is not degenerate.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
-import math
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from zmlx import safe_write
+from zmlx.synth_families import FAMILIES as OTHER_FAMILIES
+from zmlx.synth_families import glm4_moe_lite
+from zmlx.synth_families.base import make, text_config
 from zmlx.synth_presets import FAMILIES, GLM4_MOE_LITE_COMMON, QUANTS
 from zmlx.synth_tokenizer import EOS_ID as EOS_ID  # re-exported: synth.EOS_ID
 from zmlx.synth_tokenizer import load_tokenizer_for, write_tokenizer
@@ -90,95 +93,36 @@ def is_spec(text: str) -> bool:
 
 
 def model_config(spec: SynthSpec) -> dict[str, Any]:
-    """config.json of the bf16 (Hub-layout) checkpoint."""
-    return {**GLM4_MOE_LITE_COMMON, **FAMILIES[spec.family][spec.preset]}
+    """config.json of the bf16 checkpoint (Hub layout, or mlx-lm's where the family says)."""
+    if spec.family == "glm4_moe_lite":
+        return {**GLM4_MOE_LITE_COMMON, **FAMILIES[spec.family][spec.preset]}
+    return OTHER_FAMILIES[spec.family].config(spec.preset)
+
+
+def layer_faithful(spec: SynthSpec) -> str | None:
+    """The label of a layer-faithful preset (real per-layer shapes, fewer layers), else None.
+
+    The preset's name says it too (`layers4`), so every report and ledger line that names
+    the model carries it.
+    """
+    family = OTHER_FAMILIES.get(spec.family)
+    return family.faithful.get(spec.preset) if family else None
 
 
 # ---------------------------------------------------------------- weights
 
 
-def _key(spec: SynthSpec, name: str) -> mx.array:
-    # Seed per tensor name: reproducible whatever order tensors are made in.
-    return mx.random.key((spec.seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 32))
-
-
-def _normal(spec, name, shape, std, dtype=mx.bfloat16) -> mx.array:
-    return (mx.random.normal(shape, key=_key(spec, name)) * std).astype(dtype)
-
-
-def _linear(spec, name, out_dims, in_dims, gain=1.0) -> mx.array:
-    return _normal(spec, name, (out_dims, in_dims), gain / math.sqrt(in_dims))
-
-
-def _norm(spec, name, dims) -> mx.array:
-    # Near 1, not exactly: a fused norm that drops the weight would show.
-    return (1.0 + _normal(spec, name, (dims,), 0.1, mx.float32)).astype(mx.bfloat16)
-
-
-def hub_layer_weights(spec: SynthSpec, cfg: dict[str, Any], layer: int) -> dict[str, mx.array]:
-    """One decoder layer's tensors, named and shaped as in the Hub checkpoint."""
-    D, H = cfg["hidden_size"], cfg["num_attention_heads"]
-    nope, rope, vdim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-    qr, kvr = cfg["q_lora_rank"], cfg["kv_lora_rank"]
-    p = f"model.layers.{layer}"
-    a = f"{p}.self_attn"
-    w = {
-        f"{p}.input_layernorm.weight": _norm(spec, f"{p}.input_layernorm", D),
-        f"{p}.post_attention_layernorm.weight": _norm(spec, f"{p}.post_attention_layernorm", D),
-        f"{a}.q_a_proj.weight": _linear(spec, f"{a}.q_a_proj", qr, D),
-        f"{a}.q_a_layernorm.weight": _norm(spec, f"{a}.q_a_layernorm", qr),
-        f"{a}.q_b_proj.weight": _linear(spec, f"{a}.q_b_proj", H * (nope + rope), qr),
-        f"{a}.kv_a_proj_with_mqa.weight": _linear(spec, f"{a}.kv_a_proj_with_mqa", kvr + rope, D),
-        f"{a}.kv_a_layernorm.weight": _norm(spec, f"{a}.kv_a_layernorm", kvr),
-        f"{a}.kv_b_proj.weight": _linear(spec, f"{a}.kv_b_proj", H * (nope + vdim), kvr),
-        f"{a}.o_proj.weight": _linear(spec, f"{a}.o_proj", D, H * vdim),
-    }
-    m = f"{p}.mlp"
-    if layer < cfg["first_k_dense_replace"]:
-        inter = cfg["intermediate_size"]
-        w[f"{m}.gate_proj.weight"] = _linear(spec, f"{m}.gate_proj", inter, D)
-        w[f"{m}.up_proj.weight"] = _linear(spec, f"{m}.up_proj", inter, D)
-        w[f"{m}.down_proj.weight"] = _linear(spec, f"{m}.down_proj", D, inter)
-        return w
-    E, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
-    # Router logits ~ N(0, 1): sigmoid scores well spread; the correction bias is
-    # large enough to change which experts win, as in trained checkpoints.
-    w[f"{m}.gate.weight"] = _linear(spec, f"{m}.gate", E, D)
-    w[f"{m}.gate.e_score_correction_bias"] = _normal(
-        spec, f"{m}.gate.e_score_correction_bias", (E,), 0.05, mx.float32
-    )
-    for e in range(E):
-        x = f"{m}.experts.{e}"
-        w[f"{x}.gate_proj.weight"] = _linear(spec, f"{x}.gate_proj", inter, D)
-        w[f"{x}.up_proj.weight"] = _linear(spec, f"{x}.up_proj", inter, D)
-        w[f"{x}.down_proj.weight"] = _linear(spec, f"{x}.down_proj", D, inter)
-    shared = inter * cfg["n_shared_experts"]
-    s = f"{m}.shared_experts"
-    w[f"{s}.gate_proj.weight"] = _linear(spec, f"{s}.gate_proj", shared, D)
-    w[f"{s}.up_proj.weight"] = _linear(spec, f"{s}.up_proj", shared, D)
-    w[f"{s}.down_proj.weight"] = _linear(spec, f"{s}.down_proj", D, shared)
-    return w
-
-
-def hub_outer_weights(spec: SynthSpec, cfg: dict[str, Any]) -> dict[str, mx.array]:
-    """Embedding, final norm and LM head (Hub names)."""
-    V, D = cfg["vocab_size"], cfg["hidden_size"]
-    # A large head gain makes the argmax decisive, so bf16 rounding noise in the
-    # stock model does not flip tokens on its own.
-    head = _linear(spec, "lm_head", V, D, gain=4.0)
-    # The end-of-text row is zero so that greedy decoding rarely stops early.
-    head = mx.concatenate([mx.zeros((1, D), head.dtype), head[1:]], axis=0)
-    return {
-        "model.embed_tokens.weight": _normal(spec, "model.embed_tokens", (V, D), 1.0),
-        "model.norm.weight": _norm(spec, "model.norm", D),
-        "lm_head.weight": head,
-    }
-
-
-def _hub_weight_groups(spec, cfg) -> Iterator[dict[str, mx.array]]:
-    yield hub_outer_weights(spec, cfg)
-    for layer in range(cfg["num_hidden_layers"]):
-        yield hub_layer_weights(spec, cfg, layer)
+def _hub_weight_groups(spec: SynthSpec, cfg: dict[str, Any]) -> Iterator[dict[str, mx.array]]:
+    """The checkpoint's tensors in its stored layout: embedding/norm/head, then one group per layer."""
+    layers = text_config(cfg)["num_hidden_layers"]
+    if spec.family == "glm4_moe_lite":
+        yield glm4_moe_lite.hub_outer_weights(spec.seed, cfg)
+        for layer in range(layers):
+            yield glm4_moe_lite.hub_layer_weights(spec.seed, cfg, layer)
+        return
+    family = OTHER_FAMILIES[spec.family]
+    for part in (None, *range(layers)):
+        yield {name: make(spec.seed, name, t) for name, t in family.tensors(cfg, part).items()}
 
 
 # ---------------------------------------------------------------- model
@@ -214,10 +158,18 @@ def _quantized_paths(model: nn.Module) -> dict[str, tuple[str, int, int]]:
     }
 
 
-def _converted(model, quantized, hub: dict[str, mx.array]) -> dict[str, mx.array]:
+def _sanitize(spec: SynthSpec, model, group: dict[str, mx.array]) -> dict[str, mx.array]:
+    """mlx-lm's sanitize of one group of the stored tensors."""
+    family = OTHER_FAMILIES.get(spec.family)
+    if family is not None and family.sanitize_group is not None:
+        return family.sanitize_group(model, group)
+    return model.sanitize(group)
+
+
+def _converted(spec, model, quantized, hub: dict[str, mx.array]) -> dict[str, mx.array]:
     """Hub tensors -> the converter's layout: sanitize, then quantize where it would."""
     out = {}
-    for name, w in model.sanitize(hub).items():
+    for name, w in _sanitize(spec, model, hub).items():
         path, _, leaf = name.rpartition(".")
         if leaf == "weight" and path in quantized:
             mode, group_size, bits = quantized[path]
@@ -234,7 +186,7 @@ def _weight_groups(spec: SynthSpec, model, cfg) -> Iterator[dict[str, mx.array]]
     """Evaluated tensor groups in the layout the checkpoint stores (one layer at a time)."""
     quantized = _quantized_paths(model)
     for hub in _hub_weight_groups(spec, model_config(spec)):
-        group = hub if QUANTS[spec.quant] is None else _converted(model, quantized, hub)
+        group = hub if QUANTS[spec.quant] is None else _converted(spec, model, quantized, hub)
         mx.eval(group)
         yield group
 
@@ -248,15 +200,15 @@ def build(spec: SynthSpec | str, progress: Callable[[int, int], None] | None = N
     spec = SynthSpec.parse(spec) if isinstance(spec, str) else spec
     model, cfg = _structure(spec)
     weights: dict[str, mx.array] = {}
-    total = cfg["num_hidden_layers"] + 1
+    total = text_config(cfg)["num_hidden_layers"] + 1
     for i, group in enumerate(_weight_groups(spec, model, cfg)):
-        weights.update(group if QUANTS[spec.quant] else model.sanitize(group))
+        weights.update(group if QUANTS[spec.quant] else _sanitize(spec, model, group))
         if progress:
             progress(i + 1, total)
     model.eval()
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    return model, load_tokenizer_for(cfg)
+    return model, load_tokenizer_for(text_config(cfg))
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -279,6 +231,8 @@ def write(
     """
     spec = SynthSpec.parse(spec) if isinstance(spec, str) else spec
     stamp = {"written_by": "zmlx.synth", "spec": spec.name}
+    if label := layer_faithful(spec):
+        stamp["layer_faithful"] = label
     try:
         with safe_write.replacing(out, manifest=MANIFEST, overwrite=overwrite, stamp=stamp) as tmp:
             _write_files(spec, tmp, progress)
@@ -291,7 +245,7 @@ def _write_files(spec: SynthSpec, tmp: Path, progress: Callable[[int, int], None
     model, cfg = _structure(spec)
     shards: list[dict[str, mx.array]] = [{}]
     files: list[Path] = []
-    total = cfg["num_hidden_layers"] + 1
+    total = text_config(cfg)["num_hidden_layers"] + 1
 
     def flush():
         path = tmp / f"model-{len(files) + 1:05d}.safetensors"
@@ -320,31 +274,38 @@ def _write_files(spec: SynthSpec, tmp: Path, progress: Callable[[int, int], None
         json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f, indent=2)
     cfg = dict(cfg)
     cfg["zmlx_synth"] = {"spec": spec.name, "seed": spec.seed}
+    if label := layer_faithful(spec):
+        cfg["zmlx_synth"]["layer_faithful"] = label
     with open(tmp / "config.json", "w") as f:
         json.dump(dict(sorted(cfg.items())), f, indent=2)
-    write_tokenizer(tmp, cfg["vocab_size"])
+    write_tokenizer(tmp, text_config(cfg)["vocab_size"])
+
+
+@functools.lru_cache(maxsize=64)
+def _estimate(spec: SynthSpec) -> int:
+    # The model's own (lazy, never evaluated) parameters, bf16 as a checkpoint stores them,
+    # quantized by mlx-lm's converter: exact whatever the family.
+    cfg = model_config(spec)
+    model_class, args_class = _model_classes(cfg)
+    model = model_class(args_class.from_dict(cfg))
+    # bf16 but where mlx-lm keeps float32 (its cast_predicate: e.g. the router's correction bias).
+    keep = getattr(model, "cast_predicate", lambda name: True)
+    params = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+    model.update(tree_unflatten([(k, v.astype(mx.bfloat16)) for k, v in params if keep(k)]))
+    quant = QUANTS[spec.quant]
+    if quant is not None:
+        from mlx_lm.utils import quantize_model
+
+        mode, group_size, bits = quant
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, _ = quantize_model(model, cfg, group_size, bits, mode=mode)
+    params = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+    return sum(v.nbytes for _, v in params)
 
 
 def estimate_bytes(spec: SynthSpec | str) -> int:
     """Bytes of weights the model holds (what loading it costs in memory)."""
-    spec = SynthSpec.parse(spec) if isinstance(spec, str) else spec
-    cfg = model_config(spec)
-    D, V, H = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"]
-    nope, rope, vdim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
-    qr, kvr = cfg["q_lora_rank"], cfg["kv_lora_rank"]
-    attn = qr * D + H * (nope + rope) * qr + (kvr + rope) * D + H * (nope + vdim) * kvr + D * H * vdim
-    moe = 3 * D * cfg["moe_intermediate_size"] * (cfg["n_routed_experts"] + cfg["n_shared_experts"])
-    dense = 3 * D * cfg["intermediate_size"]
-    k = cfg["first_k_dense_replace"]
-    n = cfg["num_hidden_layers"]
-    params = 2 * V * D + n * attn + k * dense + (n - k) * moe
-    quant = QUANTS[spec.quant]
-    if quant is None:
-        return params * 2
-    mode, group, bits = quant
-    # Packed weights plus, per group, a bf16 scale and bias (affine) or a uint8 scale (mxfp4).
-    per_group = 4 if mode == "affine" else 1
-    return int(params * (bits / 8 + per_group / group))
+    return _estimate(SynthSpec.parse(spec) if isinstance(spec, str) else spec)
 
 
 if __name__ == "__main__":  # python -m zmlx.synth: the `zmlx synth` command

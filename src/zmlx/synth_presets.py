@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from zmlx.synth_families import FAMILIES as OTHER_FAMILIES
 from zmlx.synth_tokenizer import EOS_ID
 
 # Real GLM-4.7-Flash shapes, and a tiny one with the same structure (dims multiples
@@ -79,4 +80,8 @@ QUANTS: dict[str, tuple[str, int, int] | None] = {
     "mxfp4": ("mxfp4", 32, 4),
 }
 
-FAMILIES = {"glm4_moe_lite": GLM4_MOE_LITE_PRESETS}
+# family (mlx-lm model_type) -> preset name -> the config keys the preset sets.
+FAMILIES: dict[str, dict[str, dict[str, Any]]] = {
+    "glm4_moe_lite": GLM4_MOE_LITE_PRESETS,
+    **{name: family.presets for name, family in OTHER_FAMILIES.items()},
+}
