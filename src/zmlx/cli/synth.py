@@ -14,7 +14,10 @@ from zmlx import ui
 def command(
     family: Annotated[str, typer.Argument(help="model family (mlx-lm model_type)")] = "glm4_moe_lite",
     out: Annotated[Path, typer.Option(help="checkpoint directory to write")] = Path("glm47-synth"),
-    preset: Annotated[str, typer.Option(help="tiny (CPU tests) or flash (real size)")] = "tiny",
+    preset: Annotated[
+        str,
+        typer.Option(help="tiny (CPU tests), a real size (glm4_moe_lite: flash) or layer-faithful (layers4)"),
+    ] = "tiny",
     quant: Annotated[str, typer.Option(help="affine4, affine8, mxfp4 or bf16 (Hub layout)")] = "affine4",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     overwrite: Annotated[
