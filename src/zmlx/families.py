@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 class Target:
     cls: str  # class name in the family's mlx-lm module
     params: Mapping[str, Any] = field(default_factory=dict)
+    module: str | None = None  # another mlx-lm module that defines `cls` (Kimi's Model)
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,12 @@ class Family:
     # preset="fast" adds there. The package has no ledger at run time, so the evidence is
     # named here and tests/test_presets.py checks each id against the repository's ledger.
     fast_on: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # pattern -> why it has no target in this family (the report's skip reason)
+    skips: Mapping[str, str] = field(default_factory=dict)
 
     def target_class(self, pattern: str) -> type:
-        return getattr(importlib.import_module(self.module), self.targets[pattern].cls)
+        target = self.targets[pattern]
+        return getattr(importlib.import_module(target.module or self.module), target.cls)
 
     def preset_on(self, backend: Backend) -> tuple[str, ...]:
         """The default preset on `backend` ('cuda', 'metal', 'cpu')."""
@@ -99,6 +103,141 @@ FAMILIES: dict[str, Family] = {
         # than stock under the accuracy rule. On CUDA its kernels (with the CUDA preset) are
         # ACCURATE after 32- and 4096-token prompts (the 4096 line: 36a0fd85ab).
         fast_on={"cpu": {"mla_attention": "e9fba61980"}, "cuda": {"mla_attention": "635fee972e"}},
+    ),
+}
+
+
+# ---------------------------------------------------------------- more families
+#
+# Each class named below was read in mlx-lm's module for the family. The default preset on
+# the CPU and Metal is the patterns that are exact on every backend; on CUDA it is the ones
+# whose kernels are bitwise stock in the `cuda` tests, as for glm4_moe_lite, but no ledger
+# line exists for these families yet (so nothing is in `fast`, and swiglu_mlp and
+# residual_norm, slower than stock on glm4_moe_lite, stay opt-in).
+
+# mlx-lm's DeepSeek-V3 router renormalizes without glm4_moe_lite's `+ 1e-20` (so do
+# deepseek_v32, GLM-5 built from it, and glm4_moe).
+_NO_EPS: Mapping[str, Any] = {"renorm_eps": None}
+_GQA = "GQA attention, not MLA (the attention patterns fuse MLA's latent attention)"
+_DSA_LOOP = "the model loop takes the mask from the DSA CacheList; residual_norm runs DeepSeek-V3's loop"
+_SOFTMAX = "softmax router inside the MoE block; moe_router fuses the sigmoid MoEGate with correction bias"
+_BLOCK_ROUTES = (
+    "the MoE block routes in its own __call__ (softmax, scores in the activations' dtype); the combine "
+    "kernels take a gate module's float32 scores"
+)
+
+
+def _deepseek(model_type: str, module: str, prefix: str, model_module: str | None = None) -> Family:
+    """The DeepSeek-V3 family: MLA attention, sigmoid MoEGate with correction bias (group-limited
+    where n_group > 1: moe_router and moe_block skip those layers), SwitchGLU experts, a shared
+    expert. `prefix` names the module's classes (DeepseekV3, DeepseekV32). The DSA models
+    (deepseek_v32, glm_moe_dsa) have an indexer: the attention patterns' checks refuse it."""
+    dsa = prefix == "DeepseekV32"
+    targets = {
+        "moe_router": Target("MoEGate", _NO_EPS),
+        "moe_combine": Target(f"{prefix}MoE"),
+        "downproj_combine": Target(f"{prefix}MoE"),
+        "moe_mlp": Target("SwitchGLU"),
+        "swiglu_mlp": Target(f"{prefix}MLP"),
+        "glm47_rope": Target(f"{prefix}Attention"),
+        "mla_attention": Target(f"{prefix}Attention"),
+        "moe_block": Target(f"{prefix}DecoderLayer", _NO_EPS),
+        "mla_block": Target(f"{prefix}DecoderLayer"),
+        "compiled_decode": Target("Model", module=model_module),
+    }
+    if not dsa:
+        targets["residual_norm"] = Target(f"{prefix}Model")
+    # as glm4_moe_lite's: exact everywhere; on CUDA the expert kernels and the rope are bitwise
+    # stock (downproj_combine takes over moe_combine's method)
+    cuda = ("moe_router", "moe_mlp", "downproj_combine") + (() if dsa else ("glm47_rope",))
+    return Family(
+        model_type=model_type,
+        module=module,
+        targets=targets,
+        preset=("moe_router", "moe_combine"),
+        presets_on={"cuda": cuda},
+        skips={"residual_norm": _DSA_LOOP} if dsa else {},
+    )
+
+
+def _softmax_moe(model_type: str, module: str, targets: Mapping[str, Target], skips: dict) -> Family:
+    """A family with a softmax router inside the MoE block (Qwen3-MoE, Mixtral): only the
+    experts' kernels apply; moe_mlp is exact on CUDA (close on Metal, so not in that preset)."""
+    return Family(
+        model_type=model_type,
+        module=module,
+        targets=targets,
+        preset=(),
+        presets_on={"cuda": ("moe_mlp",)},
+        skips={
+            "moe_router": _SOFTMAX,
+            "moe_combine": _BLOCK_ROUTES,
+            "downproj_combine": _BLOCK_ROUTES,
+            **{p: _GQA for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode")},
+            **skips,
+        },
+    )
+
+
+FAMILIES.update(
+    {
+        "deepseek_v3": _deepseek("deepseek_v3", "mlx_lm.models.deepseek_v3", "DeepseekV3"),
+        # Kimi-K2/K2.5: DeepSeek-V3's classes under its own Model (a language_model inside)
+        "kimi_k25": _deepseek(
+            "kimi_k25", "mlx_lm.models.deepseek_v3", "DeepseekV3", model_module="mlx_lm.models.kimi_k25"
+        ),
+        "deepseek_v32": _deepseek("deepseek_v32", "mlx_lm.models.deepseek_v32", "DeepseekV32"),
+        # GLM-5: DeepSeek-V3.2's classes (its router has no `+ 1e-20`)
+        "glm_moe_dsa": _deepseek("glm_moe_dsa", "mlx_lm.models.deepseek_v32", "DeepseekV32"),
+        # GLM-4.5/4.6: GQA attention, the DeepSeek-V3 MoE (sigmoid MoEGate, shared expert)
+        "glm4_moe": Family(
+            model_type="glm4_moe",
+            module="mlx_lm.models.glm4_moe",
+            targets={
+                "moe_router": Target("MoEGate", _NO_EPS),
+                "moe_combine": Target("MoE"),
+                "downproj_combine": Target("MoE"),
+                "moe_mlp": Target("SwitchGLU"),
+                "swiglu_mlp": Target("MLP"),
+                "moe_block": Target("DecoderLayer", _NO_EPS),
+            },
+            preset=("moe_router", "moe_combine"),
+            presets_on={"cuda": ("moe_router", "moe_mlp", "downproj_combine")},
+            skips={
+                **{p: _GQA for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode")},
+                "residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array",
+            },
+        ),
+        "qwen3_moe": _softmax_moe(
+            "qwen3_moe",
+            "mlx_lm.models.qwen3_moe",
+            {
+                "moe_mlp": Target("SwitchGLU"),
+                "swiglu_mlp": Target("MLP"),  # the dense layers (mlp_only_layers)
+                # the dense layers; the MoE layers are skipped (softmax router) by its check
+                "moe_block": Target("Qwen3MoeDecoderLayer"),
+            },
+            {"residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array"},
+        ),
+        "mixtral": _softmax_moe(
+            "mixtral",
+            "mlx_lm.models.mixtral",
+            {"moe_mlp": Target("SwitchGLU")},
+            {
+                "swiglu_mlp": "no dense MLP (every layer is MoE, no shared expert)",
+                "moe_block": "the decoder layer calls block_sparse_moe, a softmax top-2 router in the block",
+                "residual_norm": "the decoder layer calls block_sparse_moe, not mlp",
+            },
+        ),
+    }
+)
+
+# model_type -> why no pattern applies (patch() warns "nothing to patch" with this reason)
+UNSUPPORTED: dict[str, str] = {
+    # moe_mlp's and moe_block's checks refuse its modules with these reasons (tests say so)
+    "gpt_oss": (
+        "gpt-oss routes by a softmax over the top-k with a router bias, its experts have biases "
+        "and a clamped SwiGLU (SwigluOAI), its attention has sinks and sliding windows"
     ),
 }
 

@@ -12,6 +12,8 @@ from zmlx.kernels.glm47_rope import rope_table
 def mla_rope_reason(attn) -> str | None:
     """None when `attn` is a latent-space (MLA) attention whose rope glm47_rope fuses, else
     why not."""
+    if hasattr(attn, "indexer"):  # DeepSeek-V3.2, GLM-5: the kernels attend to every position
+        return "DSA indexer (sparse attention over the cache's top-k positions) is not supported"
     rope = getattr(attn, "rope", None)
     if type(rope) is not nn.RoPE:
         return f"rope is {type(rope).__name__}, not plain nn.RoPE (rope_scaling is not fused)"

@@ -30,7 +30,7 @@ from zmlx.config import (
     flag_name,
     parse_selection,
 )
-from zmlx.families import FAMILIES, Family, family_of
+from zmlx.families import FAMILIES, UNSUPPORTED, Family, family_of
 from zmlx.patch.patterns import PATTERNS
 from zmlx.patch.result import PatchResult, PatternReport
 
@@ -272,8 +272,9 @@ def patch(
     result.preset_note = preset_note(fam, chosen_by, backend) if chosen_by else ""
     if fam is None:
         supported = ", ".join(sorted(FAMILIES))
+        why = f": {UNSUPPORTED[family]}" if family in UNSUPPORTED else ""
         result.message = (
-            f"nothing to patch: model_type {family!r} has no zmlx patterns "
+            f"nothing to patch: model_type {family!r} has no zmlx patterns{why} "
             f"(supported: {supported}); the model is unchanged"
         )
         result.not_selected = {}
@@ -303,7 +304,7 @@ def patch(
         )
         result.patterns[name] = report
         if target is None:
-            report.skipped.append(("*", f"no target in family {family}"))
+            report.skipped.append(("*", fam.skips.get(name, f"no target in family {family}")))
             continue
         winners = [w for w in pattern.yields_to if w in result.patterns and result.patterns[w].patched]
         if winners:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 import mlx.core as mx
+from mlx_lm.models.switch_layers import SwiGLU
 
 from zmlx.kernels.quant import weights_of
 
@@ -27,6 +28,38 @@ def shared_expert(moe, x, overlap: bool):
         stream = _SIDE_STREAMS[str(device)] = mx.new_stream(device)
     with mx.stream(stream):
         return moe.shared_experts(x)
+
+
+def router_reason(gate) -> str | None:
+    """Why an MoE block's router is not the DeepSeek-style one that moe_router and moe_block's
+    norm_router compute (sigmoid scores plus a correction bias for selection, noaux_tc top-k in
+    one group), or None. Softmax routers (Qwen3-MoE, Mixtral, gpt-oss) route inside the block's
+    own __call__, with no gate module that returns (inds, scores)."""
+    if not hasattr(gate, "e_score_correction_bias"):
+        return (
+            f"router is a {type(gate).__name__}: softmax routing inside the MoE block "
+            "(only the sigmoid MoEGate with a correction bias is fused)"
+        )
+    if getattr(gate.config, "topk_method", "noaux_tc") != "noaux_tc":
+        return f"topk_method {gate.config.topk_method!r} (only noaux_tc is fused)"
+    if getattr(gate.config, "scoring_func", "sigmoid") != "sigmoid":
+        return f"scoring_func {gate.config.scoring_func!r} (only sigmoid is fused)"
+    if gate.n_group > 1:
+        # the kernels would take their references (stock's own ops): nothing to gain
+        return f"group-limited routing (n_group={gate.n_group}) is not fused"
+    return None
+
+
+def experts_reason(switch) -> str | None:
+    """Why a SwitchGLU's experts are not what the expert kernels compute (bias-free
+    projections, mlx-lm's SwiGLU), or None: gpt-oss's experts have biases and its clamped
+    SwiGLU (SwigluOAI)."""
+    biased = [p for p in ("gate_proj", "up_proj", "down_proj") if "bias" in getattr(switch, p)]
+    if biased:
+        return f"experts have biases ({', '.join(biased)}); the expert kernels take bias-free projections"
+    if not isinstance(switch.activation, SwiGLU):
+        return f"activation {type(switch.activation).__name__} (only SwiGLU is fused)"
+    return None
 
 
 def gate_up(switch) -> tuple[tuple, tuple, dict]:

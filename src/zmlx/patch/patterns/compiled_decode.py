@@ -51,6 +51,8 @@ def check(model, params) -> str | None:
         attn = getattr(layer, "self_attn", None)
         if not hasattr(attn, "kv_lora_rank") or not hasattr(attn, "kv_a_proj_with_mqa"):
             return f"layer {i} has no MLA attention (the static cache holds a latent cache)"
+        if hasattr(attn, "indexer"):
+            return f"layer {i} has a DSA indexer (its own key cache; the static cache holds the latent one)"
     return None
 
 

@@ -28,7 +28,6 @@ import operator
 import weakref
 
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwiGLU
 
 from zmlx import backend as _backend
 from zmlx.kernels.moe_down import moe_down
@@ -40,6 +39,7 @@ from zmlx.kernels.quant import MLX_LM_SORT_ROWS, MODES, linear_reason, switch_li
 from zmlx.kernels.residual_norm import residual_norm
 from zmlx.kernels.swiglu_mlp import swiglu_mlp
 from zmlx.patch.layer import blocks_of, make, stock_moe
+from zmlx.patch.moe import experts_reason, router_reason
 from zmlx.patch.pattern import Pattern
 
 
@@ -55,16 +55,11 @@ def _mlp_reason(name: str, mlp) -> str | None:
 def _moe_reason(moe) -> str | None:
     if getattr(moe, "sharding_group", None) is not None:
         return "MoE is sharded across devices (distributed runs are not supported)"
-    gate = moe.gate
-    if getattr(gate.config, "topk_method", "noaux_tc") != "noaux_tc":
-        return f"topk_method {gate.config.topk_method!r} (only noaux_tc is fused)"
-    if getattr(gate.config, "scoring_func", "sigmoid") != "sigmoid":
-        return f"scoring_func {gate.config.scoring_func!r} (only sigmoid is fused)"
-    if gate.n_group > 1:
-        return f"group-limited routing (n_group={gate.n_group}) is not fused"
+    if (why := router_reason(moe.gate)) is not None:
+        return why
     sw = moe.switch_mlp
-    if not isinstance(sw.activation, SwiGLU):
-        return f"activation {type(sw.activation).__name__} (only SwiGLU is fused)"
+    if (why := experts_reason(sw)) is not None:
+        return why
     for proj in ("gate_proj", "up_proj", "down_proj"):
         if (why := switch_linear_reason(f"switch_mlp.{proj}", getattr(sw, proj), MODES)) is not None:
             return why
@@ -81,9 +76,12 @@ def check(layer, params) -> str | None:
             return f"decoder layer has no {attr}"
     if type(layer.post_attention_layernorm) is not nn.RMSNorm:
         return f"post_attention_layernorm is a {type(layer.post_attention_layernorm).__name__}"
-    if hasattr(layer.mlp, "switch_mlp"):
-        return _moe_reason(layer.mlp)
-    return _mlp_reason("mlp", layer.mlp)
+    mlp = layer.mlp
+    if hasattr(mlp, "switch_mlp"):
+        return _moe_reason(mlp)
+    if hasattr(mlp, "experts") and hasattr(mlp, "router"):  # gpt-oss's MLPBlock
+        return experts_reason(mlp.experts) or router_reason(mlp.router)
+    return _mlp_reason("mlp", mlp)
 
 
 # ---------------------------------------------------------------- the prepared block

@@ -12,17 +12,16 @@ from __future__ import annotations
 from functools import cache
 
 import mlx.core as mx
-from mlx_lm.models.switch_layers import SwiGLU
 
 from zmlx.kernels.moe_mlp import moe_mlp
 from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
-from zmlx.patch.moe import gate_up, kernel_activations
+from zmlx.patch.moe import experts_reason, gate_up, kernel_activations
 from zmlx.patch.pattern import Pattern
 
 
 def check(switch, params) -> str | None:
-    if not isinstance(switch.activation, SwiGLU):
-        return f"activation {type(switch.activation).__name__} (only SwiGLU is fused)"
+    if (why := experts_reason(switch)) is not None:
+        return why
     for name in ("gate_proj", "up_proj"):
         if (why := switch_linear_reason(name, getattr(switch, name))) is not None:
             return why

@@ -5,17 +5,12 @@ from __future__ import annotations
 from functools import cache
 
 from zmlx.kernels.moe_router import moe_router
+from zmlx.patch.moe import router_reason
 from zmlx.patch.pattern import Pattern
 
 
 def check(gate, params) -> str | None:
-    if getattr(gate.config, "topk_method", "noaux_tc") != "noaux_tc":
-        return f"topk_method {gate.config.topk_method!r} (only noaux_tc is supported)"
-    if getattr(gate.config, "scoring_func", "sigmoid") != "sigmoid":
-        return f"scoring_func {gate.config.scoring_func!r} (only sigmoid is supported)"
-    if gate.n_group > 1:
-        return f"group-limited routing (n_group={gate.n_group}) is not fused yet"
-    return None
+    return router_reason(gate)
 
 
 @cache
