@@ -1,0 +1,228 @@
+"""The families of issue 19 in zmlx.families: patch finds their classes (no "nothing to
+patch" warning), unpatch restores them exactly, and every pattern that does not apply says
+why in the PatchResult. The bitwise checks are in test_family_exactness.py (whose tiny
+random models, built from mlx-lm's own classes, these tests share)."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwiGLU
+from test_family_exactness import APPLIES, FAMILY_NAMES, build
+
+import zmlx
+from zmlx.families import FAMILIES, UNSUPPORTED
+from zmlx.kernels.core import KernelDef
+from zmlx.patch import PATTERNS
+
+_GQA = "GQA attention, not MLA"
+_DSA = "DSA indexer (sparse attention over the cache's top-k positions) is not supported"
+_GROUPED = "group-limited routing (n_group=4) is not fused"
+_SOFTMAX = "softmax router inside the MoE block"
+_BLOCK_ROUTES = "the MoE block routes in its own __call__"
+_SOFTMAX_GATE = "router is a QuantizedLinear: softmax routing inside the MoE block"
+_WINS = "__call__ already replaced by downproj_combine"
+_YIELDS = "moe_block is applied and this pattern would bypass it"
+
+# family -> pattern -> what its skip reasons say, when every pattern is asked for at once
+# (a pattern that patches some modules and skips others is in both APPLIES and here)
+SKIPS: dict[str, dict[str, set[str]]] = {
+    "deepseek_v3": {
+        "moe_router": {_GROUPED},
+        "moe_block": {_GROUPED},  # the MoE layers; the dense one is patched
+        "moe_combine": {_WINS},
+        "residual_norm": {_YIELDS},
+        "glm47_rope": {"__call__ already replaced by mla_attention"},
+    },
+    "kimi_k25": {
+        "moe_combine": {_WINS},
+        "residual_norm": {_YIELDS},
+        "glm47_rope": {"__call__ already replaced by mla_attention"},
+    },
+    "deepseek_v32": {
+        "moe_router": {_GROUPED},
+        "moe_block": {_GROUPED},
+        "moe_combine": {_WINS},
+        "residual_norm": {"the model loop takes the mask from the DSA CacheList"},
+        "glm47_rope": {_DSA},
+        "mla_attention": {_DSA},
+        "mla_block": {_DSA},
+        "compiled_decode": {"layer 0 has a DSA indexer"},
+    },
+    "glm_moe_dsa": {
+        "moe_combine": {_WINS},
+        "residual_norm": {"the model loop takes the mask from the DSA CacheList"},
+        "glm47_rope": {_DSA},
+        "mla_attention": {_DSA},
+        "mla_block": {_DSA},
+        "compiled_decode": {"layer 0 has a DSA indexer"},
+    },
+    "glm4_moe": {
+        "moe_combine": {_WINS},
+        "residual_norm": {"the model loop passes a 'causal' mask"},
+        **{p: {_GQA} for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode")},
+    },
+    "qwen3_moe": {
+        "moe_router": {_SOFTMAX},
+        "moe_combine": {_BLOCK_ROUTES},
+        "downproj_combine": {_BLOCK_ROUTES},
+        "moe_block": {_SOFTMAX_GATE},  # the MoE layers; the dense one is patched
+        "residual_norm": {"the model loop passes a 'causal' mask"},
+        **{p: {_GQA} for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode")},
+    },
+    "mixtral": {
+        "moe_router": {_SOFTMAX},
+        "moe_combine": {_BLOCK_ROUTES},
+        "downproj_combine": {_BLOCK_ROUTES},
+        "moe_block": {"the decoder layer calls block_sparse_moe, a softmax top-2 router"},
+        "swiglu_mlp": {"no dense MLP"},
+        "residual_norm": {"the decoder layer calls block_sparse_moe, not mlp"},
+        **{p: {_GQA} for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode")},
+    },
+}
+
+
+def _classes(model):
+    return [(path, type(m), id(m)) for path, m in model.named_modules()]
+
+
+def _arrays(model):
+    return [(k, id(v)) for k, v in tree_flatten(model.parameters())]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_patch_finds_the_family_without_warning(family):
+    model = build(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", zmlx.ZmlxWarning)
+        result = zmlx.patch(model, patterns=sorted(PATTERNS))
+    zmlx.unpatch(model)
+    assert result.family == family and "nothing to patch" not in result.message
+    # every pattern that applies, less those that another one wins over
+    lose = {"moe_combine", "residual_norm"} | (
+        {"glm47_rope"} if "mla_attention" in APPLIES[family] else set()
+    )
+    assert {n for n, r in result.patterns.items() if r.patched} == APPLIES[family] - lose
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("patterns", [None, "cuda", "all"])
+def test_patch_then_unpatch_leaves_the_same_objects(family, patterns):
+    model = build(family)
+    chosen = {"cuda": FAMILIES[family].preset_on("cuda"), "all": sorted(PATTERNS)}.get(patterns)
+    classes, arrays = _classes(model), _arrays(model)
+    result = zmlx.patch(model, patterns=chosen)
+    swapped = [p for (p, cls, _), (_, now, _) in zip(classes, _classes(model)) if now is not cls]
+    assert len(swapped) == len({m for r in result.patterns.values() for m in r.patched})
+    for (_, cls, _), (_, now, _) in zip(classes, _classes(model)):
+        assert now is cls or (issubclass(now, cls) and now.__zmlx_original__ is cls)
+    zmlx.unpatch(model)
+    assert _classes(model) == classes and _arrays(model) == arrays
+    assert not hasattr(model, "zmlx_patch_result")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_pattern_that_does_not_apply_says_why(family):
+    model = build(family)
+    result = zmlx.patch(model, patterns=sorted(PATTERNS))
+    zmlx.unpatch(model)
+    for name, report in result.patterns.items():
+        want = SKIPS[family].get(name, set())
+        got = {why for _, why in report.skipped}
+        assert len(got) == len(want), (name, got)
+        for w in want:
+            assert any(w in g for g in got), (name, w, got)
+        assert report.patched or report.skipped, f"{name}: neither patched nor skipped"
+
+
+def test_gpt_oss_still_warns_and_says_why_nothing_applies():
+    """gpt-oss has no pattern that applies (its router, experts and attention are each
+    another computation than the kernels'), so patch keeps the warning, with the reason."""
+    model = build("gpt_oss")
+    with pytest.warns(zmlx.ZmlxWarning, match="nothing to patch: model_type 'gpt_oss'.*SwigluOAI"):
+        result = zmlx.patch(model)
+    assert result.patched_modules == 0 and "gpt_oss" in UNSUPPORTED and "gpt_oss" not in FAMILIES
+
+
+def test_gpt_oss_modules_are_refused_by_the_checks_with_reasons():
+    model = build.__wrapped__("gpt_oss", "float32")  # a model of its own: this test edits it
+    layer = model.model.layers[0]
+    why = PATTERNS["moe_mlp"].check(layer.mlp.experts, {})
+    biases = "experts have biases (gate_proj, up_proj, down_proj)"
+    assert why == f"{biases}; the expert kernels take bias-free projections"
+    assert PATTERNS["moe_block"].check(layer, {}) == why
+    # without the biases, the clamped SwiGLU is the reason; with neither, the softmax router
+    experts = layer.mlp.experts
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        del getattr(experts, proj)["bias"]
+    assert PATTERNS["moe_mlp"].check(experts, {}) == "activation SwigluOAI (only SwiGLU is fused)"
+    experts.activation = SwiGLU()
+    assert PATTERNS["moe_mlp"].check(experts, {}) is None
+    assert PATTERNS["moe_block"].check(layer, {}).startswith("router is a Linear: softmax routing inside")
+
+
+def test_moe_block_refuses_a_softmax_router_instead_of_failing():
+    """mlx-lm's Qwen3-MoE block has an nn.Linear gate with no config: the check says so."""
+    layer = build("qwen3_moe").model.layers[1]
+    why = PATTERNS["moe_block"].check(layer, {})
+    assert why is not None and why.startswith("router is a QuantizedLinear: softmax routing")
+    assert PATTERNS["moe_router"].check(layer.mlp.gate, {}) == why
+
+
+def test_group_limited_routing_is_skipped_by_both_router_patterns():
+    model = build("deepseek_v3")
+    moe = model.model.layers[1].mlp
+    assert moe.gate.n_group == 4
+    assert PATTERNS["moe_router"].check(moe.gate, {}) == _GROUPED
+    assert PATTERNS["moe_block"].check(model.model.layers[1], {}) == _GROUPED
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"glm4_moe_lite"}))
+def test_family_data_names_real_classes_and_exact_presets(family):
+    fam = FAMILIES[family]
+    for name, target in fam.targets.items():
+        assert name in PATTERNS and isinstance(fam.target_class(name), type), name
+    assert not set(fam.skips) & set(fam.targets)
+    assert set(fam.targets) | set(fam.skips) == set(PATTERNS)  # every pattern: a target or a reason
+    for backend in ("cpu", "metal", "cuda"):
+        for name in fam.preset_on(backend):
+            pattern = PATTERNS[name]
+            kernels: tuple[KernelDef, ...] = pattern.kernels
+            assert name in fam.targets
+            exact = all(k.fidelity_on(backend) == "exact" for k in kernels) if kernels else False
+            assert exact, f"{family}: {name} is not exact on {backend}"
+        assert not fam.fast_added(backend)  # no ledger line for these families yet
+
+
+def test_router_epsilon_per_family_follows_mlx_lm():
+    """glm4_moe_lite adds 1e-20 to the renorm denominator; DeepSeek-V3/V3.2 (and Kimi, GLM-5
+    built from them) and glm4_moe do not: read from mlx-lm's source."""
+    import inspect
+
+    for family, fam in FAMILIES.items():
+        if "moe_router" not in fam.targets:
+            continue
+        source = inspect.getsource(importlib.import_module(fam.module).group_expert_select)
+        eps = fam.targets["moe_router"].params.get("renorm_eps")
+        assert ("1e-20" in source) == (eps == 1e-20), family
+        assert (
+            fam.targets.get("moe_block") is None or fam.targets["moe_block"].params.get("renorm_eps") == eps
+        )
+
+
+def test_kimi_is_patched_through_its_own_model_class():
+    from mlx_lm.models import kimi_k25
+
+    model = build("kimi_k25")
+    assert FAMILIES["kimi_k25"].target_class("compiled_decode") is kimi_k25.Model
+    result = zmlx.patch(model, patterns=["compiled_decode"])
+    try:
+        assert result.patterns["compiled_decode"].patched == ["<model>"]
+        assert len(model.make_cache()) == len(model.layers)
+    finally:
+        zmlx.unpatch(model)
+    assert mx.array_equal(model(mx.array([[1, 2, 3]])), model(mx.array([[1, 2, 3]]))).item()
