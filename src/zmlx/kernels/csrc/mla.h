@@ -149,7 +149,8 @@ ZMLX_FN void zmlx_mla_fragments(const TT* latb, const TT* kpeb, uint p0, uint n,
         ka[3] = *reinterpret_cast<const uint*>(kpeb + r1 * RD + 8);
     }
 }
-// Tensor-core path (CUDA, bf16 cache): one threadgroup of R / 64 warps per (b, chunk), warp
+// Tensor-core path (CUDA, bf16 cache): one threadgroup of R / 64 warps per (b, chunk) of the
+// S buffered positions, SL <= S of them valid (a chunk past SL writes the neutral partials), warp
 // w owning latent dims 64 w .. 64 w + 63, 16 positions per step. Scores S[p][h] =
 // L[p][d] Q^T[d][h] by mma.m16n8k16 (A = the latent rows as loaded, B = scale * qv split
 // into bf16 hi + lo, so the product keeps ~16 mantissa bits; the rope part by warps
@@ -159,7 +160,7 @@ ZMLX_FN void zmlx_mla_fragments(const TT* latb, const TT* kpeb, uint p0, uint n,
 // Instantiated only for bf16 (MMA = 1); TT is a template so other dtypes compile.
 template <int H, int R, int RD, typename TT>
 __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* lat, const TT* kpe,
-                                    uint S, uint CH, float scale, float* o, float* m, float* l,
+                                    uint S, uint SL, uint CH, float scale, float* o, float* m, float* l,
                                     uint gid, uint lid, uint lane, uint warp) {
     constexpr uint NW = R / 64;
     constexpr uint NT8 = (H + 7) / 8;  // head tiles of 8
@@ -175,7 +176,7 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
     const uint c = gid % NC;
     const uint b = gid / NC;
     const uint p0 = c * CH;
-    const uint n = S - p0 < CH ? S - p0 : CH;
+    const uint n = p0 < SL ? (SL - p0 < CH ? SL - p0 : CH) : 0;  // 0: a chunk past the length
     const uint g = lane / 4;
     const uint tg = lane % 4;
     const uint w = warp;
@@ -226,7 +227,7 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
     // the latent (and rope) fragments of the next 16 positions load while this step computes
     uint la[4][4];
     uint ka[4];
-    zmlx_mla_fragments<R, RD>(latb, kpeb, p0, n, 0, g, w < RK, la, ka);
+    if (n > 0) zmlx_mla_fragments<R, RD>(latb, kpeb, p0, n, 0, g, w < RK, la, ka);
     for (uint t0 = 0; t0 < n; t0 += 16) {
         uint nla[4][4];
         uint nka[4];

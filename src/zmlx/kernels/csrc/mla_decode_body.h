@@ -4,13 +4,21 @@
 // no barriers; the warps of a group share the chunk's rows through L1). A lane holds the
 // latent dims d = 4 lane + 128 t + i and the rope dims e = 2 lane + 64 t + i. The context
 // length S comes with the cache view's shape (a kernel argument): no per-token array.
+// With ZMLX_MLA_LEN_INPUT (mla_decode_len: a static cache's whole buffers) S is the buffers'
+// capacity, which fixes the chunks, and only the first SL = n_valid[0] positions count: a
+// chunk past them writes the neutral partials (m -3e38, l 0, o 0), which the combine weighs 0.
 constexpr uint RT = R / 128;
 constexpr uint ET = RD / 64;
 const uint S = uint(lat_shape[2]);
+#ifdef ZMLX_MLA_LEN_INPUT
+const uint SL = uint(n_valid[0]) < S ? uint(n_valid[0]) : S;
+#else
+const uint SL = S;
+#endif
 const uint CH = zmlx_mla_chunk<MINCH, TARGET, CS>(S);
 #ifdef ZMLX_CUDA
 if constexpr (MMA) {  // bf16 on CUDA: tensor cores (zmlx_mla_decode_mma)
-    zmlx_mla_decode_mma<H, R, RD>(qv, q_pe, lat, kpe, S, CH, ZMLX_FLOAT_BITS(SCALE_BITS),
+    zmlx_mla_decode_mma<H, R, RD>(qv, q_pe, lat, kpe, S, SL, CH, ZMLX_FLOAT_BITS(SCALE_BITS),
                                   o, m, l, zmlx_gid, zmlx_lid, zmlx_lane, zmlx_warp);
     return;
 }
@@ -23,7 +31,7 @@ const uint b = zmlx_gid / (NG * NC);
 const uint hw = (g * WPB + zmlx_warp) * HPW;  // this warp's first head
 if (hw >= H) return;  // the whole warp: a last group's spare warps
 const uint p0 = c * CH;
-const uint n = S - p0 < CH ? S - p0 : CH;
+const uint n = p0 < SL ? (SL - p0 < CH ? SL - p0 : CH) : 0;  // 0: a chunk past the length
 const float scale = ZMLX_FLOAT_BITS(SCALE_BITS);
 const ZMLX_DEVICE T* latb = lat + size_t(b) * S * R;
 const ZMLX_DEVICE T* kpeb = kpe + size_t(b) * S * RD;

@@ -1,0 +1,85 @@
+"""mla_decode_len: mla_decode over a static cache's whole buffers, its length a device input (close).
+
+mla_decode reads the context length from the cache view's shape. A compiled decode step over
+`zmlx.static_cache.StaticMLACache` (compiled_decode) sees the whole fixed-capacity buffers
+instead, and the valid length is a device array made in the graph (the cache's position + 1),
+so shapes stay fixed from token to token and the host makes no array per step. This kernel is
+mla_decode's body with ZMLX_MLA_LEN_INPUT: the chunks are fixed by the CAPACITY (the buffers'
+shape, so mla_unembed's input shapes never change within a bucket), and `n_valid`, an int32
+array of one element, says how many positions count. A chunk past them writes the neutral
+partials (m = -3e38, mla_decode's own initial max; l = 0; o = 0): mla_unembed's combine gives
+it weight exp(-3e38 - max) = 0 and never subtracts two infinities, so the result equals
+mla_decode over the valid slice up to the chunking of the sum (the chunk size follows the
+capacity, not the length).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
+from zmlx.kernels.mla_attention import _dot, chunk_size, decode_launch
+
+# The neutral max of a chunk with no valid position: mla_decode's initial running max.
+EMPTY_MAX = -3.0e38
+
+
+def reference(qv, q_pe, lat, kpe, n_valid, *, scale):
+    """As mla_attention's decode_reference over the buffers' S positions (the chunks follow
+    S), but only positions < n_valid[0] count: o (B, C, H, R), m (B, C, H), l (B, C, H), a
+    chunk with none of them (m EMPTY_MAX, l 0, o 0). The length stays a device array."""
+    bsz, heads, r = qv.shape
+    cap = lat.shape[2]
+    ch = chunk_size(cap)
+    c = math.ceil(cap / ch)
+    lat = lat[:, 0].astype(mx.float32)  # (B, S, R)
+    kpe = kpe[:, 0].astype(mx.float32)
+    scores = scale * _dot(qv[:, :, None, :], lat[:, None]) + _dot(
+        q_pe[:, :, 0, None].astype(mx.float32), kpe[:, None]
+    )  # (B, H, S)
+    valid = mx.arange(cap) < n_valid.reshape(-1)[:1].astype(mx.int32)  # (S,)
+    scores = mx.where(valid, scores, -mx.inf)
+    pad = c * ch - cap
+    scores = mx.pad(scores, [(0, 0), (0, 0), (0, pad)], constant_values=-mx.inf)  # (B, H, C*CH)
+    scores = scores.reshape(bsz, heads, c, ch).transpose(0, 2, 1, 3)  # (B, C, H, CH)
+    # a chunk of -inf scores keeps EMPTY_MAX as its max, so exp(-inf - m) = 0, never NaN
+    m = mx.maximum(scores.max(axis=-1), EMPTY_MAX)
+    e = mx.exp(scores - m[..., None])
+    lat = mx.pad(lat, [(0, 0), (0, pad), (0, 0)]).reshape(bsz, c, ch, r)
+    o = _dot(e[..., None, :], lat[:, :, None].swapaxes(-1, -2))  # (B, C, H, R)
+    return o, m, e.sum(axis=-1)
+
+
+def launch(backend, qv, q_pe, lat, kpe, n_valid, *, scale) -> Launch | Skip:
+    if not isinstance(n_valid, mx.array) or n_valid.dtype != mx.int32 or n_valid.size != 1:
+        return Skip(f"n_valid {getattr(n_valid, 'shape', n_valid)!r}: one int32 element needed")
+    spec = decode_launch(backend, qv, q_pe, lat, kpe, scale=scale)
+    if isinstance(spec, Skip):
+        return spec
+    spec.inputs.append(n_valid.reshape(1))
+    return spec
+
+
+def _example():
+    qv = mx.random.normal((1, 3, 128), key=mx.random.key(61))
+    q_pe = mx.random.normal((1, 3, 1, 64), key=mx.random.key(62)).astype(mx.bfloat16)
+    lat = mx.random.normal((1, 1, 256, 128), key=mx.random.key(63)).astype(mx.bfloat16)
+    kpe = mx.random.normal((1, 1, 256, 64), key=mx.random.key(64)).astype(mx.bfloat16)
+    return (qv, q_pe, lat, kpe, mx.array([150], mx.int32)), {"scale": 0.125}
+
+
+mla_decode_len = KernelDef(
+    name="mla_decode_len",
+    reference=reference,
+    fidelity="close",
+    reference_is_stock=False,  # a float32 computation, not mlx-lm's bf16 op sequence
+    tolerance=1e-4,
+    body="#define ZMLX_MLA_LEN_INPUT 1\n" + device_code("mla_decode_body.h"),
+    header=device_code("mla.h"),
+    input_names=("qv", "q_pe", "lat", "kpe", "n_valid"),
+    output_names=("o", "m", "l"),
+    launch=launch,
+    example=_example,
+)
