@@ -41,6 +41,7 @@ from zmlx.kernels import core
 from zmlx.kernels.core import KernelDef, Launch, Skip, kernel_kwargs
 from zmlx.kernels.glm47_rope import rope_table
 from zmlx.kernels.mla_attention import mla_decode, mla_unembed
+from zmlx.kernels.mla_decode_len import mla_decode_len
 from zmlx.kernels.mla_q_prep import mla_q_prep
 from zmlx.kernels.norm_qkv_a import attention_args, attention_reason, norm_qkv_a
 from zmlx.kernels.prepared import KernelCall, Prepared, ReferenceCall, prepare
@@ -48,6 +49,7 @@ from zmlx.kernels.quant import linear_reason, weights_of
 from zmlx.patch.attention import mla_reason
 from zmlx.patch.layer import blocks_of, make, stock_attention
 from zmlx.patch.pattern import Pattern
+from zmlx.static_cache import StaticMLACache
 
 
 def check(layer, params) -> str | None:
@@ -103,6 +105,13 @@ class _QPrep:
             return self.call(q_a, ckv, rope_table(*self.rope, offset + 1)[offset : offset + 1])
         return self.call(q_a, ckv, offset)
 
+    def at(self, q_a, ckv, position: mx.array, rows: int):
+        """The same at a device position (an int32 scalar) below `rows`: the kernel takes the
+        table's row gathered in the graph, the reference gives mx.fast.rope the array."""
+        if self.call.path == "kernel":
+            return self.call(q_a, ckv, mx.take(rope_table(*self.rope, rows), position.reshape(1), axis=0))
+        return self.call(q_a, ckv, position)
+
 
 def _launch(kernel: KernelDef) -> Callable[..., Launch | Skip]:
     if kernel.launch is None:
@@ -152,9 +161,16 @@ class _Attention:
 
     def __call__(self, attn, x, cache):
         q_a, ckv = self.qkv(x)
-        qv, q_pe, kv_latent, k_pe = self.q_prep(q_a, ckv, cache.offset)
-        lat, kpe = cache.update_and_fetch(kv_latent, k_pe)  # views of the buffers, offset + 1 positions
-        o, m, lsum = mla_decode(qv, q_pe, lat, kpe, scale=self.scale)
+        offset = cache.offset
+        if isinstance(offset, mx.array):  # a static cache in a compiled step: a device position
+            qv, q_pe, kv_latent, k_pe = self.q_prep.at(q_a, ckv, offset, cache.capacity)
+            lat, kpe = cache.update_and_fetch(kv_latent, k_pe)  # the whole buffers, written at offset
+            n_valid = (offset + 1).astype(mx.int32).reshape(1)  # made in the graph, not on the host
+            o, m, lsum = mla_decode_len(qv, q_pe, lat, kpe, n_valid, scale=self.scale)
+        else:
+            qv, q_pe, kv_latent, k_pe = self.q_prep(q_a, ckv, offset)
+            lat, kpe = cache.update_and_fetch(kv_latent, k_pe)  # views of the buffers, offset + 1 positions
+            o, m, lsum = mla_decode(qv, q_pe, lat, kpe, scale=self.scale)
         unembed = self.unembed.get(o.shape)
         if unembed is None:  # a chunk count not seen yet (at most TARGET_CHUNKS of them)
             args = (o, m, lsum, *self.unembed_args)
@@ -248,9 +264,21 @@ def decode_plan(layer) -> dict[tuple, str]:
     return out
 
 
+def _regime(mask, cache) -> bool:
+    """Whether the launches take this step: mlx-lm's KVCache, or a StaticMLACache, with no
+    mask; or a StaticMLACache in a compiled step (compiled_decode), whose mask is the cache's
+    own mask of valid positions (the model makes it with make_mask), which the device length
+    mla_decode_len takes stands for."""
+    if type(cache) is KVCache:
+        return mask is None
+    if type(cache) is StaticMLACache:
+        return mask is None or isinstance(cache.offset, mx.array)
+    return False
+
+
 def attention_half(layer, x, mask, cache):
     """The attention half of a decode step: r (before the residual add)."""
-    if mask is not None or type(cache) is not KVCache:  # mlx-lm's attention (as patched)
+    if not _regime(mask, cache):  # mlx-lm's attention (as patched)
         return stock_attention(layer, x, mask, cache)
     block = _block(layer, x)
     if isinstance(block, str):  # outside the launches' regime
@@ -266,7 +294,7 @@ PATTERN = Pattern(
         " flash-decoding over the latent cache; combine + unembed_out; o_proj"
     ),
     fidelity="close",
-    kernels=(norm_qkv_a, mla_q_prep, mla_decode, mla_unembed),
+    kernels=(norm_qkv_a, mla_q_prep, mla_decode, mla_decode_len, mla_unembed),
     check=check,
     make=make,
     paths=("decode",),
