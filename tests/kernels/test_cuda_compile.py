@@ -15,6 +15,7 @@ from zmlx.kernels.core import Launch
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
+from zmlx.kernels.mla_decode_len import mla_decode_len
 from zmlx.kernels.mla_q_prep import inputs as mla_q_prep_inputs
 from zmlx.kernels.mla_q_prep import kwargs as mla_q_prep_kwargs
 from zmlx.kernels.mla_q_prep import mla_q_prep
@@ -140,6 +141,10 @@ def _mla_cases():  # GLM-4.7-Flash's attention: 20 heads, nope 192, rope 64, lat
         lat, kpe = mx.zeros((1, 1, 512, 512), dtype)[:, :, :300], mx.zeros((1, 1, 512, 64), dtype)[:, :, :300]
         qv, q_pe = mx.zeros((1, 20, 512)), mx.zeros((1, 20, 1, 64), dtype)
         yield mla_decode, (qv, q_pe, lat, kpe), dict(scale=0.0625)
+        # the static cache's whole buffers and a device length (bf16: the tensor-core path)
+        n_valid = mx.array([300], mx.int32)
+        full = (mx.zeros((1, 1, 512, 512), dtype), mx.zeros((1, 1, 512, 64), dtype))
+        yield mla_decode_len, (qv, q_pe, *full, n_valid), dict(scale=0.0625)
         o, m = mx.zeros((1, 5, 20, 512)), mx.zeros((1, 5, 20))
         yield (
             mla_unembed,
