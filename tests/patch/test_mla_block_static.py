@@ -1,0 +1,135 @@
+"""mla_block over zmlx's StaticMLACache: eagerly, and inside compiled_decode's traced step (the
+rope row gathered at the device position, the cache's own slice_update, mla_decode_len over
+the whole buffers with the device length). On the CPU every launch runs its reference, and the
+compiled step is bitwise eager mla_block over mlx-lm's KVCache: the same float32 reference ops
+over the same positions (the chunk size is 32 for the slice and for the bucket alike, up to
+4096 positions) and the chunks past the length add exact zeros."""
+
+import dataclasses
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache
+
+import zmlx
+from zmlx.fidelity import greedy_logits
+from zmlx.patch.patterns import compiled_decode, mla_block, moe_block
+from zmlx.static_cache import StaticMLACache
+
+PROMPT = mx.array([[3, 14, 15, 92, 65, 35, 8]])
+
+
+@pytest.fixture(autouse=True)
+def _on_the_cpu_with_nothing_prepared():
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    mla_block._BLOCKS.clear()
+    moe_block._BLOCKS.clear()
+    yield
+    mla_block._BLOCKS.clear()
+    moe_block._BLOCKS.clear()
+    mx.set_default_device(before)
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert mx.array_equal(x, y).item()
+
+
+def _run(model, prompt, steps, patterns):
+    zmlx.patch(model, patterns=patterns)
+    try:
+        return greedy_logits(model, prompt, steps), compiled_decode.stats(model)
+    finally:
+        zmlx.unpatch(model)
+
+
+@pytest.fixture
+def no_stock_attention(monkeypatch):
+    """Decode steps may not fall back to mlx-lm's attention (prompts run mlx-lm's own layer)."""
+
+    def refuse(*a, **kw):
+        raise AssertionError("a decode step ran mlx-lm's attention")
+
+    monkeypatch.setattr(mla_block, "stock_attention", refuse)
+
+
+@pytest.mark.parametrize("which", ["tiny_f32", "tiny_q4"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_steps_run_the_launches_bitwise_eager_mla_block(request, no_stock_attention, which, batch):
+    model, _ = request.getfixturevalue(which)
+    prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
+    eager, _ = _run(model, prompt, 10, "mla_block")
+    ours, stats = _run(model, prompt, 10, "mla_block,compiled_decode")
+    assert stats["compiled_steps"] == 10 and stats["traces"] == 1 and stats["stock_steps"] == {}
+    _same(eager, ours)
+
+
+def test_the_compiled_step_goes_through_mla_decode_len(tiny_q4, monkeypatch):
+    """A device-length decode whose output is off by 1% moves the compiled steps' logits (and
+    not eager mla_block's over KVCache, which runs mla_decode)."""
+    model, _ = tiny_q4
+    honest, _ = _run(model, PROMPT, 2, "mla_block,compiled_decode")
+    k = mla_block.mla_decode_len
+
+    def off(*a, **kw):
+        o, m, lsum = k.reference(*a, **kw)
+        return o * 1.01, m, lsum
+
+    monkeypatch.setattr(mla_block, "mla_decode_len", dataclasses.replace(k, reference=off))
+    mla_block._BLOCKS.clear()
+    eager, _ = _run(model, PROMPT, 2, "mla_block")
+    _same(honest, eager)
+    changed, _ = _run(model, PROMPT, 2, "mla_block,compiled_decode")
+    _same(honest[:1], changed[:1])  # the prompt: mlx-lm's layer
+    assert not mx.array_equal(honest[1], changed[1]).item()
+
+
+def test_retraces_only_at_capacity_buckets(tiny_q4, no_stock_attention):
+    model, _ = tiny_q4
+    prompt = mx.random.randint(1, model.args.vocab_size, (1, 250), key=mx.random.key(7))
+    eager, _ = _run(model, prompt, 10, "mla_block")
+    zmlx.patch(model, patterns="mla_block,compiled_decode")
+    try:
+        ours = greedy_logits(model, prompt, 10)  # 250 + 10 positions: buckets 256, then 512
+        stats = compiled_decode.stats(model)
+        assert stats["traces"] == 2 and stats["compiled_steps"] == 10
+        greedy_logits(model, prompt[:, :20], 10)  # known buckets: no trace
+        assert compiled_decode.stats(model)["traces"] == 2
+    finally:
+        zmlx.unpatch(model)
+    _same(eager, ours)
+
+
+def test_eager_steps_over_a_static_cache_equal_kvcache(tiny_q4, no_stock_attention):
+    """Without compiled_decode a StaticMLACache is in eager mode: the launches run over its
+    valid slice, as over KVCache."""
+    model, _ = tiny_q4
+    zmlx.patch(model, patterns="mla_block")
+    try:
+        outs = {}
+        for kind in (KVCache, StaticMLACache):
+            cache = [kind() for _ in model.layers]
+            logits = [model(PROMPT, cache=cache)]
+            for _ in range(4):
+                logits.append(model(mx.argmax(logits[-1][:, -1:], axis=-1), cache=cache))
+            mx.eval(logits)
+            outs[kind] = logits
+    finally:
+        zmlx.unpatch(model)
+    _same(outs[KVCache], outs[StaticMLACache])
+
+
+def test_a_mask_with_an_eager_static_cache_runs_mlx_lms_attention(tiny_q4):
+    """Only a traced step's mask (the cache's own valid positions) is taken as the length."""
+    cache = StaticMLACache()
+    cache.update_and_fetch(mx.zeros((1, 1, 3, 4)), mx.zeros((1, 1, 3, 2)))
+    assert not mla_block._regime(mx.array([[True]]), cache)
+    assert mla_block._regime(None, cache)
+    cache.trace_at(cache.keys, cache.values, mx.array(3, mx.int32))
+    try:
+        assert mla_block._regime(cache.make_mask(1), cache)
+    finally:
+        cache.end_trace()
