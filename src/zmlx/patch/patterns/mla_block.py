@@ -11,6 +11,10 @@ plain `KVCache` and no mask runs
     cache.update_and_fetch(kv_latent, k_pe): mlx-lm's own cache (prompt caches, trimming
                  and cache files keep working)
     mla_decode   flash-decoding over the latent cache, its length read from the buffers' shapes
+                 (inside compiled_decode's traced step, over zmlx's StaticMLACache: the rope row
+                 gathered at the device position, the cache's slice_update, and mla_decode_len
+                 over the whole buffers, the length position + 1 a device input: no host array,
+                 no retrace per token)
     mla_unembed  the chunks combined + unembed_out
     o_proj       mlx-lm's module
 
