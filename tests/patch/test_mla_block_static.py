@@ -133,3 +133,35 @@ def test_a_mask_with_an_eager_static_cache_runs_mlx_lms_attention(tiny_q4):
         assert mla_block._regime(cache.make_mask(1), cache)
     finally:
         cache.end_trace()
+
+
+# ---------------------------------------------------------------- on the GPU (the lead runs these)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("which", ["tiny_q4", "tiny_f32"])
+def test_on_the_gpu_compiled_steps_run_the_kernels_close_to_eager(request, no_stock_attention, which):
+    """compiled_decode + mla_block on the GPU: every decode step compiled, one trace, the
+    launches planned as kernels (mla_decode_len's self-check passed), and the logits of
+    teacher-forced steps (eager mla_block's tokens) close to eager mla_block's over KVCache
+    (mx.compile's fusion may round elsewhere; the partials themselves are bitwise mla_decode's:
+    tests/kernels/test_mla_decode_len.py)."""
+    mx.set_default_device(mx.gpu)  # the autouse fixture puts the CPU back afterwards
+    model, _ = request.getfixturevalue(which)
+    eager, _ = _run(model, PROMPT, 8, "mla_block")
+    tokens = [mx.argmax(x[:, -1:], axis=-1) for x in eager[:-1]]
+    zmlx.patch(model, patterns="mla_block,compiled_decode")
+    try:
+        cache = model.make_cache()
+        ours = [model(PROMPT, cache=cache)] + [model(t, cache=cache) for t in tokens]
+        mx.eval(ours)
+        stats = compiled_decode.stats(model)
+    finally:
+        zmlx.unpatch(model)
+    assert stats["compiled_steps"] == 8 and stats["traces"] == 1 and stats["stock_steps"] == {}
+    assert mla_block.mla_decode_len.plan().path == "kernel", mla_block.mla_decode_len.plan().reason
+    for e, o in zip(eager, ours):
+        e, o = e.astype(mx.float32), o.astype(mx.float32)
+        assert mx.isfinite(o).all().item()
+        # test_mla_block's rule: a rounding may flip a tiny random router's expert now and then
+        assert (mx.abs(e - o).mean() <= 0.35 * mx.abs(e).mean()).item()
