@@ -209,7 +209,7 @@ def test_the_cli_prints_the_accuracy_table():
         app, ["validate", SPEC, "--patterns", "moe_router", "--max-tokens", "8", "--runs", "1", "--json"]
     )
     assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = json.loads(r.stdout)  # the steps go to stderr, which r.output mixes in
     from zmlx.models import load
 
     _, tok, _ = load(SPEC)
@@ -277,7 +277,7 @@ def test_no_accuracy_leaves_it_out():
         ],
     )
     assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = json.loads(r.stdout)  # the steps go to stderr, which r.output mixes in
     assert d["accuracy"] is None and d["verdict"] == "PASS"
 
 
