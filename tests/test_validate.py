@@ -123,7 +123,8 @@ def test_an_unsupported_family_has_nothing_to_validate(llama_checkpoint, capsys)
     """Not PASS with exit 0 (a proof of nothing), and the reason said once, not three times."""
     text = _exit_2(capsys, str(llama_checkpoint), max_tokens=4, runs=1)
     assert text.strip().splitlines() == [
-        "error: nothing to validate: model_type 'llama' has no zmlx patterns (supported: glm4_moe_lite); "
+        "error: nothing to validate: model_type 'llama' has no zmlx patterns (supported: deepseek_v3, "
+        "deepseek_v32, glm4_moe, glm4_moe_lite, glm_moe_dsa, kimi_k25, mixtral, qwen3_moe); "
         "the model would run stock"
     ]
 

@@ -11,6 +11,8 @@ partials (m = -3e38, mla_decode's own initial max; l = 0; o = 0): mla_unembed's 
 it weight exp(-3e38 - max) = 0 and never subtracts two infinities, so the result equals
 mla_decode over the valid slice up to the chunking of the sum (the chunk size follows the
 capacity, not the length).
+
+Device code: mla_decode's, csrc/mla.h and csrc/mla_decode_body.h, with ZMLX_MLA_LEN_INPUT.
 """
 
 from __future__ import annotations
@@ -53,12 +55,12 @@ def reference(qv, q_pe, lat, kpe, n_valid, *, scale):
 
 
 def launch(backend, qv, q_pe, lat, kpe, n_valid, *, scale) -> Launch | Skip:
-    if not isinstance(n_valid, mx.array) or n_valid.dtype != mx.int32 or n_valid.size != 1:
-        return Skip(f"n_valid {getattr(n_valid, 'shape', n_valid)!r}: one int32 element needed")
+    if not isinstance(n_valid, mx.array) or n_valid.dtype != mx.int32 or n_valid.shape != (1,):
+        return Skip(f"n_valid {getattr(n_valid, 'shape', n_valid)!r}: an int32 array of shape (1,) needed")
     spec = decode_launch(backend, qv, q_pe, lat, kpe, scale=scale)
     if isinstance(spec, Skip):
         return spec
-    spec.inputs.append(n_valid.reshape(1))
+    spec.inputs.append(n_valid)  # the caller's own array: none is made per call
     return spec
 
 
