@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from zmlx.cli import drift, matrix, patterns, report, synth, validate
+from zmlx.cli import drift, matrix, patterns, report, synth, tools, validate
 
 app = typer.Typer(
     add_completion=False,
@@ -26,6 +26,7 @@ app.command("synth")(synth.command)
 app.command("report")(report.command)
 app.command("patterns")(patterns.command)
 app.add_typer(matrix.app, name="matrix")
+tools.register(app)  # generate, chat, server: mlx-lm's commands, patched
 
 
 def version_line() -> str:

@@ -1,0 +1,224 @@
+"""mlx-lm's own commands (generate, chat, server) with the model patched right after loading.
+
+    run("generate", ["--model", path, "--prompt", "hi", "--patterns", "moe_router"])
+
+mlx-lm offers no hook between loading a model and using it, so this is a small shim around
+its loader: each command module imports `load` (and `sharded_load`) from `mlx_lm.utils` at
+module level and calls it by that name inside `main()`. While the command runs, those names
+in the command's module are replaced by wrappers that call mlx-lm's loader and then
+`zmlx.patch` on the model it returns (the draft model of `--draft-model` too: it is loaded
+the same way); afterwards the originals are put back. Nothing of mlx-lm is copied: its
+argument parsing, generation loop, server and output are its own.
+
+zmlx's flags (`--patterns`, `--exclude`, `--preset`, `--no-patch`) are taken out of the
+arguments before mlx-lm parses them; every other argument reaches mlx-lm untouched. The
+patch report goes to stderr, one line per pattern, so stdout is exactly what mlx-lm prints.
+The shim relies on mlx-lm internals (the module-level loader names); `check_hooks` says
+clearly when an mlx-lm version no longer has them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence, TextIO
+
+from zmlx.config import ConfigError, PatchConfig, Preset, check_preset
+
+# command -> the mlx-lm module whose main() runs it
+TOOLS = {"generate": "mlx_lm.generate", "chat": "mlx_lm.chat", "server": "mlx_lm.server"}
+
+# The loader names each command's module imports from mlx_lm.utils and calls in main()
+# (sharded_load: chat and server in distributed mode). Each must be there; the shim wraps
+# every one a module has.
+REQUIRED_LOADERS = {
+    "generate": ("load",),
+    "chat": ("load", "sharded_load"),
+    "server": ("load", "sharded_load"),
+}
+
+# mlx-lm versions the shim was tested against (pyproject's pin); another version gets a
+# warning on stderr, not a refusal: the loader names rarely change, and check_hooks catches it
+# when they do.
+TESTED_MLX_LM = ("0.32.2",)
+
+OWN_FLAGS_HELP = (
+    "zmlx options (taken out before mlx-lm parses the rest):\n"
+    "  --patterns P      comma-separated patterns to apply (none: no patterns; default: the "
+    "family's preset)\n"
+    "  --exclude P       comma-separated patterns not to apply\n"
+    "  --preset NAME     default (exact patterns only: identical tokens) or fast (also the close "
+    "patterns the ledger shows ACCURATE)\n"
+    "  --no-patch        run mlx-lm's command unpatched\n"
+    "The patch report goes to stderr; stdout is mlx-lm's."
+)
+
+_VALUED = ("--patterns", "--exclude", "--preset")
+
+
+@dataclass(frozen=True)
+class ToolOptions:
+    """zmlx's part of a tool command line: what `zmlx.patch` is called with."""
+
+    patterns: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    preset: Preset | None = None
+    patch: bool = True
+
+
+class MlxLmHookError(ConfigError):
+    """The installed mlx-lm lacks the loader names the shim wraps."""
+
+
+def split_args(argv: Sequence[str]) -> tuple[ToolOptions, list[str]]:
+    """zmlx's options out of `argv` (`--flag value` or `--flag=value`), checked (unknown
+    pattern or preset names raise ConfigError), and the rest for mlx-lm, in order."""
+    from zmlx.patch.core import parse_names
+
+    values: dict[str, str] = {}
+    no_patch = False
+    rest: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if arg == "--no-patch":
+            no_patch = True
+        elif name in _VALUED:
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"{name} needs a value")
+                i += 1
+                value = args[i]
+            values[name] = value
+        else:
+            rest.append(arg)
+        i += 1
+    options = ToolOptions(
+        patterns=parse_names(values.get("--patterns"), "--patterns"),
+        exclude=parse_names(values.get("--exclude"), "--exclude"),
+        preset=check_preset(values.get("--preset"), "--preset"),
+        patch=not no_patch,
+    )
+    if not options.patch and len(values):
+        raise ConfigError(f"--no-patch cannot be combined with {', '.join(sorted(values))}")
+    return options, rest
+
+
+def tool_module(tool: str):
+    """The mlx-lm module that runs `tool`; ConfigError for a command zmlx does not wrap."""
+    if tool not in TOOLS:
+        raise ConfigError(f"unknown mlx-lm tool {tool!r}; zmlx wraps: {', '.join(TOOLS)}")
+    return importlib.import_module(TOOLS[tool])
+
+
+def check_hooks(tool: str, module: Any = None) -> None:
+    """MlxLmHookError unless `tool`'s module has `main` and the loader names it calls."""
+    import mlx_lm
+
+    module = module if module is not None else tool_module(tool)
+    missing = [n for n in ("main", *REQUIRED_LOADERS[tool]) if not callable(getattr(module, n, None))]
+    if missing:
+        raise MlxLmHookError(
+            f"{module.__name__} of mlx-lm {mlx_lm.__version__} has no {', '.join(missing)}: `zmlx {tool}` "
+            f"cannot patch its model (tested with mlx-lm {', '.join(TESTED_MLX_LM)}); "
+            "use zmlx.patch(model) in Python instead"
+        )
+
+
+def version_warning() -> str | None:
+    """A warning line when the installed mlx-lm is not one the shim was tested with."""
+    import mlx_lm
+
+    if mlx_lm.__version__ in TESTED_MLX_LM:
+        return None
+    return (
+        f"warning: zmlx's mlx-lm commands were tested with mlx-lm {', '.join(TESTED_MLX_LM)}; "
+        f"this is {mlx_lm.__version__}"
+    )
+
+
+def report_lines(result, label: str) -> list[str]:
+    """The patch report in compact form: a header, one line per applied pattern, one line
+    per reason the others were not applied."""
+    head = (
+        f"zmlx: patched {label} (family {result.family}, backend {result.backend}, "
+        f"preset {result.preset or 'none: explicit patterns'}): {result.patched_modules} modules"
+    )
+    lines = [head + (f"; {result.message}" if result.message else "")]
+    for r in result.patterns.values():
+        why = sorted({reason for _, reason in r.skipped} | set(r.fallbacks))
+        lines.append(
+            f"zmlx:   {r.name} ({r.fidelity}) patched {len(r.patched)}, skipped {len(r.skipped)}, "
+            f"runs on {r.runs_on}" + (f" ({'; '.join(why)})" if why else "")
+        )
+    by_reason: dict[str, list[str]] = {}
+    for name, why in result.not_selected.items():
+        by_reason.setdefault(why, []).append(name)
+    lines.extend(f"zmlx:   not applied ({why}): {', '.join(names)}" for why, names in by_reason.items())
+    return lines
+
+
+def patching_loader(
+    loader: Callable, options: ToolOptions, config: PatchConfig | None, err: TextIO
+) -> Callable:
+    """`loader` (mlx-lm's load or sharded_load), then `zmlx.patch` on the model it returns;
+    the result is returned unchanged (mlx-lm's tuple), the report written to `err`."""
+    import zmlx
+
+    @functools.wraps(loader)
+    def load(path_or_hf_repo, *args, **kwargs):
+        loaded = loader(path_or_hf_repo, *args, **kwargs)
+        result = zmlx.patch(
+            loaded[0], options.patterns, options.exclude, preset=options.preset, config=config
+        )
+        print("\n".join(report_lines(result, str(path_or_hf_repo))), file=err, flush=True)
+        return loaded
+
+    return load
+
+
+@contextmanager
+def patched_loaders(
+    module, options: ToolOptions, config: PatchConfig | None = None, err: TextIO | None = None
+) -> Iterator[None]:
+    """Inside, the loader names of `module` patch every model they load; restored after."""
+    names = [n for n in ("load", "sharded_load") if callable(getattr(module, n, None))]
+    originals = {n: getattr(module, n) for n in names}
+    try:
+        if options.patch:
+            for name, loader in originals.items():
+                setattr(module, name, patching_loader(loader, options, config, err or sys.stderr))
+        yield
+    finally:
+        for name, loader in originals.items():
+            setattr(module, name, loader)
+
+
+def run(tool: str, argv: Sequence[str], config: PatchConfig | None = None, prog: str | None = None) -> None:
+    """Run mlx-lm's `tool` command with `argv` (its flags plus zmlx's), the model patched.
+
+    zmlx's options are checked before anything is loaded (ConfigError). mlx-lm's argparse
+    sees sys.argv = [prog, *its arguments]; sys.argv is restored afterwards. With -h/--help,
+    mlx-lm's help is followed by zmlx's options."""
+    module = tool_module(tool)
+    check_hooks(tool, module)
+    options, rest = split_args(argv)
+    warning = version_warning()
+    if warning:
+        print(warning, file=sys.stderr)
+    saved = sys.argv
+    sys.argv = [prog or f"zmlx {tool}", *rest]
+    try:
+        with patched_loaders(module, options, config):
+            module.main()
+    except SystemExit as e:
+        if e.code in (0, None) and any(a in ("-h", "--help") for a in rest):
+            print(f"\n{OWN_FLAGS_HELP}")
+        raise
+    finally:
+        sys.argv = saved

@@ -1,0 +1,365 @@
+"""`zmlx generate | chat | server` run mlx-lm's own commands on a patched model: the same
+output as the stock commands (greedy), mlx-lm's flags reach mlx-lm, zmlx's flags are taken
+out and checked, the patch report goes to stderr. Everything runs on the CPU on the tiny
+synthetic GLM-4.7-Flash checkpoint, each command in a subprocess as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+
+from zmlx import mlx_lm_tools, synth
+from zmlx.config import ConfigError
+
+TIMEOUT = 120  # seconds for one command; a tiny model answers in a few
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """The tiny GLM-4.7-Flash, affine 4-bit, written as a checkpoint directory."""
+    out = tmp_path_factory.mktemp("tools") / "glm47-tiny"
+    return str(synth.write("synth:glm4_moe_lite/tiny/affine4", out))
+
+
+def command(prog: str, tool: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m <prog> <tool> args` (prog: zmlx or mlx_lm), its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", prog, tool, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+def report_in(stderr: str) -> bool:
+    return "zmlx: patched" in stderr and "zmlx:   moe_router (exact) patched" in stderr
+
+
+# ---------------------------------------------------------------- generate
+
+
+QUIET = ("--verbose", "False")  # only the text: stdout without timings must match byte for byte
+
+GENERATE_ARGS = {
+    "greedy": ("--prompt", "hello world", "--max-tokens", "8", *QUIET),
+    "sampled": ("--prompt", "hello world", "--max-tokens", "8", "--temp", "0.9", "--seed", "7", *QUIET),
+    "max-kv-size": (
+        "--prompt",
+        "a prompt longer than four",
+        "--max-tokens",
+        "6",
+        "--max-kv-size",
+        "4",
+        *QUIET,
+    ),
+    "system-prompt": ("--prompt", "hi", "--system-prompt", "be brief", "--max-tokens", "5", *QUIET),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATE_ARGS))
+def test_generate_stdout_is_stock(checkpoint, case):
+    args = ("--model", checkpoint, *GENERATE_ARGS[case])
+    stock = command("mlx_lm", "generate", *args)
+    patched = command("zmlx", "generate", *args)
+    assert stock.returncode == 0, stock.stderr
+    assert patched.returncode == 0, patched.stderr
+    assert stock.stdout.strip(), "mlx-lm printed no text: the comparison would prove nothing"
+    assert patched.stdout == stock.stdout
+    assert report_in(patched.stderr) and not report_in(stock.stderr)
+    assert "zmlx" not in patched.stdout  # the report stays off stdout
+
+
+def _timings_masked(text: str) -> str:
+    return re.sub(r"[\d.]+ (tokens-per-sec|GB|tok/s)", r"N \1", text)
+
+
+def test_generate_verbose_and_flags_reach_mlx_lm(checkpoint):
+    """Default (verbose) output equals stock's but for the timings; --max-tokens and
+    --temp/--seed change what mlx-lm generates, so they reached it."""
+    args = ("--model", checkpoint, "--prompt", "hello world")
+    stock = command("mlx_lm", "generate", *args, "--max-tokens", "8")
+    patched = command("zmlx", "generate", *args, "--max-tokens", "8")
+    assert patched.returncode == 0, patched.stderr
+    assert _timings_masked(patched.stdout) == _timings_masked(stock.stdout)
+    assert "Generation: 8 tokens" in patched.stdout
+    short = command("zmlx", "generate", *args, "--max-tokens", "3")
+    assert "Generation: 3 tokens" in short.stdout
+    greedy = command("zmlx", "generate", *args, "--max-tokens", "8", *QUIET).stdout
+    hot = command("zmlx", "generate", *args, "--max-tokens", "8", "--temp", "5", "--seed", "1", *QUIET)
+    assert hot.stdout != greedy
+
+
+def test_no_patch_is_stock_and_reports_nothing(checkpoint):
+    args = ("--model", checkpoint, "--prompt", "hello world", "--max-tokens", "8", *QUIET)
+    stock = command("mlx_lm", "generate", *args)
+    plain = command("zmlx", "generate", *args, "--no-patch")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == stock.stdout
+    assert "zmlx: patched" not in plain.stderr
+
+
+def test_zmlx_flags_choose_the_patterns(checkpoint):
+    """--patterns / --exclude / --preset reach zmlx.patch (the report says what it applied)
+    and are not passed to mlx-lm (its parser would refuse them)."""
+    base = ("--model", checkpoint, "--prompt", "hi", "--max-tokens", "4", *QUIET)
+    stock = command("mlx_lm", "generate", *base).stdout
+    only = command("zmlx", "generate", *base, "--patterns", "moe_combine")
+    assert only.returncode == 0, only.stderr
+    assert only.stdout == stock
+    assert "moe_combine (exact) patched" in only.stderr and "moe_router (exact) patched" not in only.stderr
+    excluded = command("zmlx", "generate", *base, "--exclude=moe_router", "--preset", "default")
+    assert excluded.returncode == 0, excluded.stderr
+    assert "moe_router (exact) patched" not in excluded.stderr
+    assert "not applied (excluded): moe_router" in excluded.stderr
+    assert "preset default" in excluded.stderr
+
+
+def test_speculative_decoding_matches_stock(checkpoint):
+    """--draft-model: the draft model is loaded by the same loader, so it is patched too;
+    greedy speculative decoding gives stock's text."""
+    args = ("--model", checkpoint, "--draft-model", checkpoint, "--num-draft-tokens", "3")
+    args += ("--prompt", "hello world", "--max-tokens", "8", *QUIET)
+    stock = command("mlx_lm", "generate", *args)
+    patched = command("zmlx", "generate", *args)
+    assert stock.returncode == 0, stock.stderr
+    assert patched.returncode == 0, patched.stderr
+    assert patched.stdout == stock.stdout
+    assert patched.stderr.count("zmlx: patched") == 2  # the model and its draft
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (("--patterns", "nonsense"), "unknown pattern(s) in --patterns: nonsense"),
+        (("--exclude", "moe_routr"), "unknown pattern(s) in --exclude: moe_routr"),
+        (("--preset", "exact"), "unknown preset 'exact' in --preset"),
+        (("--preset",), "--preset needs a value"),
+        (("--no-patch", "--patterns", "moe_router"), "--no-patch cannot be combined with --patterns"),
+    ],
+)
+def test_bad_zmlx_flags_are_one_line(checkpoint, bad, words):
+    out = command("zmlx", "generate", "--model", checkpoint, "--prompt", "hi", *bad)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip().removeprefix('error: ')}"]
+    assert words in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_help_is_mlx_lm_s_plus_zmlx_s():
+    out = command("zmlx", "generate", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "--max-tokens" in out.stdout and "--draft-model" in out.stdout  # mlx-lm's
+    assert "--patterns" in out.stdout and "--no-patch" in out.stdout  # zmlx's
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_chat_through_stdin_matches_stock(checkpoint):
+    """Two turns, a reset (r) between them, then q: mlx-lm's chat loop ends on q."""
+    turns = "hello there\nr\nwhat now\nq\n"
+    args = ("--model", checkpoint, "--max-tokens", "6")
+    stock = command("mlx_lm", "chat", *args, stdin=turns)
+    patched = command("zmlx", "chat", *args, stdin=turns)
+    assert stock.returncode == 0, stock.stderr
+    assert patched.returncode == 0, patched.stderr
+    assert "bye" in stock.stdout and stock.stdout.count("6 tokens") == 2
+    assert _timings_masked(patched.stdout) == _timings_masked(stock.stdout)
+    assert report_in(patched.stderr)
+
+
+# ---------------------------------------------------------------- server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(prog: str, checkpoint: str, log):
+    """`python -m <prog> server` on a free loopback port, ready; its stderr goes to the file
+    `log` (a pipe could fill up and block it); stopped by its PID after."""
+    port = _free_port()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", prog, "server", "--model", checkpoint]
+            + ["--host", "127.0.0.1", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert proc.poll() is None, f"{prog} server exited: {log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, f"{prog} server did not answer"
+                time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _post(url: str, body: dict) -> str:
+    """The generated text of a completions or chat request, streamed or not."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        if not body.get("stream"):
+            choice = json.load(response)["choices"][0]
+            return choice["text"] if "text" in choice else choice["message"]["content"]
+        text = []
+        for line in response:
+            line = line.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line.removeprefix("data:"))["choices"]
+            if choice:
+                text.append(choice[0].get("text") or (choice[0].get("delta") or {}).get("content") or "")
+        return "".join(text)
+
+
+def _requests(prompt: str) -> list[tuple[str, dict]]:
+    greedy = {"max_tokens": 8, "temperature": 0}
+    chat = {"messages": [{"role": "user", "content": prompt}], **greedy}
+    return [
+        ("/v1/completions", {"prompt": prompt, **greedy}),
+        ("/v1/completions", {"prompt": prompt, "stream": True, **greedy}),
+        ("/v1/chat/completions", chat),
+        ("/v1/chat/completions", {**chat, "stream": True}),
+    ]
+
+
+def _answers(url: str, prompts) -> list[str]:
+    return [_post(url + path, body) for p in prompts for path, body in _requests(p)]
+
+
+@pytest.mark.slow
+def test_server_matches_stock_and_survives_load(checkpoint, tmp_path):
+    """Completions and chat, streamed and not, give stock's text (the same prompt twice:
+    the second reuses the prompt cache); 4 concurrent clients x 5 requests lose none and
+    give the same greedy text as serial requests."""
+    prompts = ["hello world", "tell me more", "hello world"]
+    with server("mlx_lm", checkpoint, tmp_path / "stock.log") as (url, _):
+        stock = _answers(url, prompts)
+    assert all(stock), "a stock answer is empty: the comparison would prove nothing"
+    with server("zmlx", checkpoint, tmp_path / "zmlx.log") as (url, proc):
+        patched = _answers(url, prompts)
+        assert patched == stock
+        load = [(path, body) for p in ("one", "two", "three", "four", "five") for path, body in _requests(p)]
+        serial = [_post(url + path, body) for path, body in load]
+        jobs = [load[i::4] for i in range(4)]  # 4 clients, 5 requests each
+
+        def client(requests):
+            return [_post(url + path, body) for path, body in requests]
+
+        with ThreadPoolExecutor(4) as pool:
+            concurrent = list(pool.map(client, jobs))
+        assert [len(answers) for answers in concurrent] == [len(j) for j in jobs] == [5] * 4
+        assert concurrent == [serial[i::4] for i in range(4)]
+        assert proc.poll() is None
+    assert report_in((tmp_path / "zmlx.log").read_text())
+    assert not report_in((tmp_path / "stock.log").read_text())
+
+
+# ---------------------------------------------------------------- Python API
+
+
+def test_batch_generate_on_a_patched_model(checkpoint):
+    import mlx_lm
+
+    import zmlx
+
+    model, tok = mlx_lm.load(checkpoint)
+    prompts = [tok.encode(p) for p in ("hello world", "a", "tell me a long story please")]
+    stock = mlx_lm.batch_generate(model, tok, prompts, max_tokens=8).texts
+    result = zmlx.patch(model)
+    assert result.patched_modules > 0
+    assert mlx_lm.batch_generate(model, tok, prompts, max_tokens=8).texts == stock
+    assert all(stock)
+
+
+# ---------------------------------------------------------------- the shim itself
+
+
+def test_mlx_lm_has_the_loader_names_the_shim_wraps():
+    """If this fails, mlx-lm changed the internals the shim relies on (the loader names each
+    command module imports from mlx_lm.utils and calls in main()): update zmlx.mlx_lm_tools."""
+    import mlx_lm.utils
+
+    for tool in mlx_lm_tools.TOOLS:
+        module = mlx_lm_tools.tool_module(tool)
+        mlx_lm_tools.check_hooks(tool, module)
+        assert module.load is mlx_lm.utils.load, f"{module.__name__}.load is not mlx_lm.utils.load"
+
+
+def test_check_hooks_names_what_is_missing():
+    fake = types.SimpleNamespace(__name__="mlx_lm.generate", main=lambda: None)
+    with pytest.raises(mlx_lm_tools.MlxLmHookError, match=r"mlx_lm.generate of mlx-lm .* has no load"):
+        mlx_lm_tools.check_hooks("generate", fake)
+
+
+def test_patched_loaders_patch_then_restore(checkpoint, capsys):
+    import zmlx
+
+    module = mlx_lm_tools.tool_module("generate")  # mlx_lm.generate is also a function's name
+    original = module.load
+    with mlx_lm_tools.patched_loaders(module, mlx_lm_tools.ToolOptions()):
+        model, _ = module.load(checkpoint)
+    assert zmlx.is_patched(model)
+    assert module.load is original
+    assert "zmlx: patched" in capsys.readouterr().err
+    with mlx_lm_tools.patched_loaders(module, mlx_lm_tools.ToolOptions(patch=False)):
+        model, _ = module.load(checkpoint)
+    assert not zmlx.is_patched(model)
+
+
+def test_split_args_takes_out_only_zmlx_flags():
+    argv = ["--model", "m", "--patterns=moe_router", "--prompt=--x", "--exclude", "moe_combine", "-n"]
+    options, rest = mlx_lm_tools.split_args(argv)
+    assert options == mlx_lm_tools.ToolOptions(patterns=("moe_router",), exclude=("moe_combine",))
+    assert rest == ["--model", "m", "--prompt=--x", "-n"]
+    assert mlx_lm_tools.split_args(["--no-patch", "-h"]) == (mlx_lm_tools.ToolOptions(patch=False), ["-h"])
+    assert mlx_lm_tools.split_args(["--preset", "fast"])[0].preset == "fast"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        mlx_lm_tools.split_args(["--preset", "exact"])
+
+
+def test_untested_mlx_lm_version_warns(monkeypatch):
+    import mlx_lm
+
+    assert mlx_lm_tools.version_warning() is None  # the pinned version
+    monkeypatch.setattr(mlx_lm, "__version__", "9.9.9")
+    assert "tested with mlx-lm 0.32.2; this is 9.9.9" in mlx_lm_tools.version_warning()
+
+
+def test_run_restores_argv_and_appends_zmlx_help(capsys):
+    saved = list(sys.argv)
+    with pytest.raises(SystemExit) as exit_:
+        mlx_lm_tools.run("generate", ["--help"])
+    assert exit_.value.code == 0
+    assert sys.argv == saved
+    out = capsys.readouterr().out
+    assert out.startswith("usage: zmlx generate") and "--patterns" in out
