@@ -39,8 +39,9 @@ import mlx.core as mx
 from zmlx.kernels import downproj_combine
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 from zmlx.kernels.moe_mlp import quantized_experts
-from zmlx.kernels.quant import dequantized, or_placeholder, packing, regime_reason, weights_reason
-from zmlx.kernels.swiglu_mlp import dense, quantized_linear
+from zmlx.kernels.precision import precision
+from zmlx.kernels.quant import or_placeholder, packing, regime_reason, weights_reason
+from zmlx.kernels.swiglu_mlp import quantized_linear
 
 
 def reference(
@@ -62,53 +63,26 @@ def reference(
     shared_bits=None,
     mode="affine",
     shared_mode="affine",
+    f32=False,
 ):
     """mlx-lm's op sequence, -> (..., D) in T.
     routed: h (..., k, I) in T, inds (..., k), scores (..., k) float32, hs (..., Is) or None;
-    dense (inds and scores None): h (..., I), down_w one matrix (D, I)."""
+    dense (inds and scores None): h (..., I), down_w one matrix (D, I).
+    f32: the same in float32 throughout (reference_f32)."""
+    p = precision(f32)
     if inds is None:
-        return resid + dense(h, down_w, down_s, down_b, group_size, bits, mode)
+        return p.cast(resid) + p.dense(h, down_w, down_s, down_b, group_size, bits, mode)
     shared = None
     if hs is not None:
-        shared = dense(hs, sdown_w, sdown_s, sdown_b, shared_group_size, shared_bits, shared_mode)
-    y = downproj_combine.reference(
-        h, inds, scores, down_w, down_s, down_b, shared, group_size=group_size, bits=bits, mode=mode
-    )
-    return resid + y
+        shared = p.dense(hs, sdown_w, sdown_s, sdown_b, shared_group_size, shared_bits, shared_mode)
+    combine = downproj_combine.reference_f32 if f32 else downproj_combine.reference
+    y = combine(h, inds, scores, down_w, down_s, down_b, shared, group_size=group_size, bits=bits, mode=mode)
+    return p.cast(resid) + y
 
 
-def reference_f32(
-    h,
-    inds,
-    scores,
-    down_w,
-    down_s,
-    down_b,
-    resid,
-    hs=None,
-    sdown_w=None,
-    sdown_s=None,
-    sdown_b=None,
-    *,
-    group_size=None,
-    bits=None,
-    shared_group_size=None,
-    shared_bits=None,
-    mode="affine",
-    shared_mode="affine",
-):
-    """The same in float32 throughout: the accuracy bar."""
-    r = resid.astype(mx.float32)
-    if inds is None:
-        return r + h.astype(mx.float32) @ dequantized(down_w, down_s, down_b, group_size, bits, mode).T
-    shared = None
-    if hs is not None:
-        sw = dequantized(sdown_w, sdown_s, sdown_b, shared_group_size, shared_bits, shared_mode)
-        shared = hs.astype(mx.float32) @ sw.T
-    y = downproj_combine.reference_f32(
-        h, inds, scores, down_w, down_s, down_b, shared, group_size=group_size, bits=bits, mode=mode
-    )
-    return r + y
+def reference_f32(*args, **kwargs):
+    """reference's math in float32 throughout: the accuracy bar."""
+    return reference(*args, f32=True, **kwargs)
 
 
 @functools.cache

@@ -58,59 +58,23 @@ def reference(
     shared_bits=None,
     mode="affine",
     shared_mode="affine",
+    f32=False,
 ):
     """mlx-lm's op sequences. x (..., D), inds (..., k) -> (hr (..., k, I), hs (..., Is)) in
-    x's dtype: the routed experts' SwiGLU (moe_mlp) and the shared expert's (swiglu_mlp)."""
-    hr = moe_mlp.reference(
-        x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, group_size=group_size, bits=bits, mode=mode
-    )
-    hs = swiglu_mlp.reference(
-        x,
-        sgate_w,
-        sgate_s,
-        sgate_b,
-        sup_w,
-        sup_s,
-        sup_b,
-        group_size=shared_group_size,
-        bits=shared_bits,
-        mode=shared_mode,
-    )
+    x's dtype: the routed experts' SwiGLU (moe_mlp) and the shared expert's (swiglu_mlp).
+    f32: the same in float32 throughout (reference_f32)."""
+    routed_ref = moe_mlp.reference_f32 if f32 else moe_mlp.reference
+    shared_ref = swiglu_mlp.reference_f32 if f32 else swiglu_mlp.reference
+    routed = (gate_w, gate_s, gate_b, up_w, up_s, up_b)
+    shared = (sgate_w, sgate_s, sgate_b, sup_w, sup_s, sup_b)
+    hr = routed_ref(x, inds, *routed, group_size=group_size, bits=bits, mode=mode)
+    hs = shared_ref(x, *shared, group_size=shared_group_size, bits=shared_bits, mode=shared_mode)
     return hr, hs
 
 
-def reference_f32(
-    x,
-    inds,
-    gate_w,
-    gate_s,
-    gate_b,
-    up_w,
-    up_s,
-    up_b,
-    sgate_w,
-    sgate_s,
-    sgate_b,
-    sup_w,
-    sup_s,
-    sup_b,
-    *,
-    group_size=None,
-    bits=None,
-    shared_group_size=None,
-    shared_bits=None,
-    mode="affine",
-    shared_mode="affine",
-):
-    """The same in float32 throughout: the accuracy bar."""
-    routed = (gate_w, gate_s, gate_b, up_w, up_s, up_b)
-    shared = (sgate_w, sgate_s, sgate_b, sup_w, sup_s, sup_b)
-    return (
-        moe_mlp.reference_f32(x, inds, *routed, group_size=group_size, bits=bits, mode=mode),
-        swiglu_mlp.reference_f32(
-            x, *shared, group_size=shared_group_size, bits=shared_bits, mode=shared_mode
-        ),
-    )
+def reference_f32(*args, **kwargs):
+    """reference's math in float32 throughout: the accuracy bar."""
+    return reference(*args, f32=True, **kwargs)
 
 
 def launch(

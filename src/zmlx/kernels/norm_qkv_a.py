@@ -36,8 +36,8 @@ import math
 import mlx.core as mx
 
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
+from zmlx.kernels.precision import precision
 from zmlx.kernels.quant import (
-    dequantized,
     linear_reason,
     or_placeholder,
     packing,
@@ -46,7 +46,7 @@ from zmlx.kernels.quant import (
     weights_reason,
 )
 from zmlx.kernels.residual_norm import geometry
-from zmlx.kernels.swiglu_mlp import dense, quantized_linear
+from zmlx.kernels.swiglu_mlp import quantized_linear
 
 
 def reference(
@@ -64,38 +64,22 @@ def reference(
     bits=None,
     kv_group_size=None,
     kv_bits=None,
+    f32=False,
 ):
     """mlx-lm's op sequence. x (..., D) in T, norm_w (D,), weights (R, D) or packed ->
-    (q_a (..., Rq), ckv (..., Rkv)) in T (scales/biases None: an unquantized Linear)."""
-    xn = mx.fast.rms_norm(x, norm_w, eps)
+    (q_a (..., Rq), ckv (..., Rkv)) in T (scales/biases None: an unquantized Linear).
+    f32: the same in float32 throughout, no rounding to T in between (reference_f32)."""
+    p = precision(f32)
+    xn = mx.fast.rms_norm(p.cast(x), p.cast(norm_w), eps)
     return (
-        dense(xn, qa_w, qa_s, qa_b, group_size, bits),
-        dense(xn, kva_w, kva_s, kva_b, kv_group_size, kv_bits),
+        p.dense(xn, qa_w, qa_s, qa_b, group_size, bits),
+        p.dense(xn, kva_w, kva_s, kva_b, kv_group_size, kv_bits),
     )
 
 
-def reference_f32(
-    x,
-    norm_w,
-    qa_w,
-    qa_s,
-    qa_b,
-    kva_w,
-    kva_s,
-    kva_b,
-    *,
-    eps,
-    group_size=None,
-    bits=None,
-    kv_group_size=None,
-    kv_bits=None,
-):
-    """The same in float32 throughout (no rounding to T in between): the accuracy bar."""
-    xn = mx.fast.rms_norm(x.astype(mx.float32), norm_w.astype(mx.float32), eps)
-    return (
-        xn @ dequantized(qa_w, qa_s, qa_b, group_size, bits).T,
-        xn @ dequantized(kva_w, kva_s, kva_b, kv_group_size, kv_bits).T,
-    )
+def reference_f32(*args, **kwargs):
+    """reference's math in float32 throughout: the accuracy bar."""
+    return reference(*args, f32=True, **kwargs)
 
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
