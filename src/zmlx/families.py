@@ -95,9 +95,11 @@ FAMILIES: dict[str, Family] = {
             # glm47_rope are bitwise stock (close on Metal, where no run has shown identical
             # tokens yet). downproj_combine takes over moe_combine's method (prompts still
             # run the combine kernel), so moe_combine is not listed. swiglu_mlp is exact but
-            # slower in the ledger, so opt-in. The lines: STATUS.md; the history:
+            # slower in the ledger, so opt-in. moe_block (the MoE half of a layer at decode
+            # in three launches; its kernels are bitwise stock on CUDA) runs the decode
+            # steps, the module patterns the prompts. The lines: STATUS.md; the history:
             # benchmarks/NOTEBOOK.md.
-            "cuda": ("moe_router", "moe_mlp", "downproj_combine", "glm47_rope"),
+            "cuda": ("moe_router", "moe_mlp", "downproj_combine", "glm47_rope", "moe_block"),
         },
         # On the CPU mla_attention runs its float32 reference: closer to the float32 model
         # than stock under the accuracy rule. On CUDA its kernels (with the CUDA preset) are
