@@ -125,6 +125,7 @@ def _cases():
     yield from _mxfp4_cases()
     yield from _mla_cases()
     yield from _norm_router_cases()
+    yield from _group_router_cases()
     yield from _mla_q_prep_cases()
     yield from _norm_qkv_a_cases()
 
@@ -158,6 +159,14 @@ def _norm_router_cases():  # GLM-4.7-Flash's width, and odd ones (2 and 1 values
     for dtype in (mx.bfloat16, mx.float16, mx.float32):
         for d, e in ((2048, 64), (320, 40), (200, 7)):
             yield norm_router, norm_router_inputs((1, 1), d, e, dtype, 1), kw
+
+
+def _group_router_cases():  # DeepSeek-V3's group-limited routing (8 groups, 4 kept), and odd groupings
+    ds = dict(routed_scaling_factor=2.5, norm_topk_prob=True, renorm_eps=None)
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
+        for e, k, ng, tg in ((256, 8, 8, 4), (64, 8, 8, 4), (24, 3, 4, 2)):
+            kw = dict(ds, top_k=k, n_group=ng, topk_group=tg)
+            yield moe_router, (mx.zeros((1, e), dtype), mx.zeros((e,))), kw
 
 
 def _norm_qkv_a_cases():  # GLM-4.7-Flash's rows, and odd ones: q_a and kv_a packed differently or unquantized

@@ -15,7 +15,12 @@ MLX's own arithmetic (read from MLX's CUDA and Metal sources):
 - the sum of the k gathered scores is MLX's row reduce: each thread sums 4 floats in
   order from 0, then the partial sums are added (k <= 8: two partials);
 - the renormalize and scaling are separate float32 ops (no FMA can form).
-Group-limited routing (n_group > 1) takes the reference (DeepSeek-V3's 8 groups).
+Group-limited routing (DeepSeek-V3: 8 groups of consecutive experts, the best 4 kept) is
+mlx-lm's: a group's score is the sum of its two largest biased scores (`mx.topk` is a
+partition, so only the two values count); the `n_group - topk_group` groups first in the
+GPU's stable ascending sort of those sums (NaN last, ties to the lower group) have their
+biased scores set to 0.0 (not removed: such an expert can still be chosen when kept
+scores are negative); then the same top-k as with one group.
 
 Device code: csrc/moe_router.h (MLX's sigmoid, the sort order `zmlx_before`) and
 csrc/moe_router_body.h (the body).
@@ -73,6 +78,18 @@ def reference(
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
+def groups_reason(experts: int, n_group: int, topk_group: int) -> str | None:
+    """Why the router kernels do not take this grouping, or None: groups of >= 2 experts
+    (mx.topk of 2 per group), at most 32 of them (a bitmask), 1 <= topk_group <= n_group."""
+    if n_group == 1:
+        return None
+    if not (1 < n_group <= 32 and experts % n_group == 0 and experts // n_group >= 2):
+        return f"{experts} experts in {n_group} groups (the kernel takes <= 32 groups of >= 2 experts)"
+    if not 1 <= topk_group <= n_group:
+        return f"topk_group={topk_group} of {n_group} groups"
+    return None
+
+
 def launch(
     backend,
     gates,
@@ -85,8 +102,6 @@ def launch(
     norm_topk_prob=True,
     renorm_eps=None,
 ) -> Launch | Skip:
-    if n_group > 1:
-        return Skip(f"group-limited routing (n_group={n_group}) is not fused")
     if gates.ndim < 1 or gates.dtype not in _DTYPES or bias.dtype not in _DTYPES:
         return Skip(f"gates {gates.dtype}, bias {bias.dtype}")
     e = gates.shape[-1]
@@ -94,6 +109,8 @@ def launch(
         return Skip(f"bias of shape {bias.shape} for {e} experts")
     if not (1 <= e <= 256 and 1 <= top_k <= min(8, e)):
         return Skip(f"{e} experts, top-{top_k} (the kernel takes <= 256 experts, top-k <= 8)")
+    if (why := groups_reason(e, n_group, topk_group)) is not None:
+        return Skip(why)
     rows = math.prod(gates.shape[:-1])
     if rows == 0:
         return Skip("no tokens")
@@ -102,6 +119,8 @@ def launch(
         template=[
             ("E", e),
             ("K", top_k),
+            ("NG", n_group),
+            ("TG", topk_group if n_group > 1 else 1),
             ("ROWS", rows),
             ("NORM", top_k > 1 and bool(norm_topk_prob)),
             ("HAS_EPS", renorm_eps is not None),
