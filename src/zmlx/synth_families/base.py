@@ -10,6 +10,8 @@ from typing import Any, Callable, NamedTuple
 
 import mlx.core as mx
 
+from zmlx.synth_tokenizer import EOS_ID
+
 
 class T(NamedTuple):
     """One tensor to make: N(mean, std) of `shape` (drawn in float32), stored bf16 unless `float32`."""
@@ -71,6 +73,36 @@ def per_expert(prefix: str, n: int, D: int, inter: int, names=("gate_proj", "up_
         out[f"{prefix}.{e}.{up}.weight"] = linear(inter, D)
         out[f"{prefix}.{e}.{down}.weight"] = linear(D, inter)
     return out
+
+
+def layer_norms(prefix: str, D: int) -> dict[str, T]:
+    """A decoder layer's two RMSNorms, input and post-attention (Hub and mlx-lm names agree)."""
+    return {f"{prefix}.input_layernorm.weight": norm(D), f"{prefix}.post_attention_layernorm.weight": norm(D)}
+
+
+def gqa_projections(cfg: dict[str, Any], head_dim: int) -> dict[str, tuple[int, int]]:
+    """GQA attention's projections, name -> (out, in): q and o over every head, k and v over
+    the key-value heads."""
+    D, H, KV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    return {
+        "q_proj": (H * head_dim, D),
+        "k_proj": (KV * head_dim, D),
+        "v_proj": (KV * head_dim, D),
+        "o_proj": (D, H * head_dim),
+    }
+
+
+def common_config(model_type: str, architecture: str, **keys: Any) -> dict[str, Any]:
+    """A family's config keys shared by its presets: its type and class, `keys`, and what every
+    synthetic checkpoint says (untied bf16 weights, the synthetic tokenizer's end of text)."""
+    return dict(
+        model_type=model_type,
+        architectures=[architecture],
+        **keys,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        eos_token_id=EOS_ID,
+    )
 
 
 @dataclass(frozen=True)

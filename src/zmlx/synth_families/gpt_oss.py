@@ -10,39 +10,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from zmlx.synth_families.base import Family, T, bias, experts, linear, norm, outer
-from zmlx.synth_tokenizer import EOS_ID
+from zmlx.synth_families.base import (
+    Family,
+    T,
+    bias,
+    common_config,
+    experts,
+    gqa_projections,
+    layer_norms,
+    linear,
+    outer,
+)
 
 
 def gpt_oss_tensors(cfg: dict[str, Any], layer: int | None) -> dict[str, T]:
     if layer is None:
         return outer(cfg)
-    D, H, KV, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    D, H, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_dim"]
     E, inter = cfg["num_local_experts"], cfg["intermediate_size"]
     p = f"model.layers.{layer}"
     a, m = f"{p}.self_attn", f"{p}.mlp"
-    return {
-        f"{p}.input_layernorm.weight": norm(D),
-        f"{p}.post_attention_layernorm.weight": norm(D),
-        f"{a}.q_proj.weight": linear(H * hd, D),
-        f"{a}.q_proj.bias": bias(H * hd),
-        f"{a}.k_proj.weight": linear(KV * hd, D),
-        f"{a}.k_proj.bias": bias(KV * hd),
-        f"{a}.v_proj.weight": linear(KV * hd, D),
-        f"{a}.v_proj.bias": bias(KV * hd),
-        f"{a}.o_proj.weight": linear(D, H * hd),
-        f"{a}.o_proj.bias": bias(D),
-        # Sink logits of the order of the attention scores: they take a real share.
-        f"{a}.sinks": T((H,), 1.0),
-        f"{m}.router.weight": linear(E, D),
-        f"{m}.router.bias": bias(E),
-        f"{m}.experts.gate_proj.weight": experts(E, inter, D),
-        f"{m}.experts.gate_proj.bias": bias(E, inter),
-        f"{m}.experts.up_proj.weight": experts(E, inter, D),
-        f"{m}.experts.up_proj.bias": bias(E, inter),
-        f"{m}.experts.down_proj.weight": experts(E, D, inter),
-        f"{m}.experts.down_proj.bias": bias(E, D),
-    }
+    w = layer_norms(p, D)
+    for name, (out_dims, in_dims) in gqa_projections(cfg, hd).items():
+        w[f"{a}.{name}.weight"] = linear(out_dims, in_dims)
+        w[f"{a}.{name}.bias"] = bias(out_dims)
+    # Sink logits of the order of the attention scores: they take a real share.
+    w[f"{a}.sinks"] = T((H,), 1.0)
+    w[f"{m}.router.weight"] = linear(E, D)
+    w[f"{m}.router.bias"] = bias(E)
+    for name, out_dims, in_dims in (("gate_proj", inter, D), ("up_proj", inter, D), ("down_proj", D, inter)):
+        w[f"{m}.experts.{name}.weight"] = experts(E, out_dims, in_dims)
+        w[f"{m}.experts.{name}.bias"] = bias(E, out_dims)
+    return w
 
 
 def _alternating(layers: int) -> list[str]:
@@ -81,9 +80,9 @@ GPT_OSS = Family(
             sliding_window=128,
         ),
     },
-    common=dict(
-        model_type="gpt_oss",
-        architectures=["GptOssForCausalLM"],
+    common=common_config(
+        "gpt_oss",
+        "GptOssForCausalLM",
         rms_norm_eps=1e-5,
         rope_theta=150000,
         rope_scaling=dict(
@@ -96,9 +95,6 @@ GPT_OSS = Family(
         ),
         max_position_embeddings=131072,
         swiglu_limit=7.0,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-        eos_token_id=EOS_ID,
     ),
     tensors=gpt_oss_tensors,
     layout="mlx",

@@ -7,27 +7,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from zmlx.synth_families.base import Family, T, bias, linear, mlp, norm, outer, per_expert
-from zmlx.synth_tokenizer import EOS_ID
+from zmlx.synth_families.base import (
+    Family,
+    T,
+    bias,
+    common_config,
+    gqa_projections,
+    layer_norms,
+    linear,
+    mlp,
+    norm,
+    outer,
+    per_expert,
+)
 
 
 def _attention(a: str, cfg: dict[str, Any], head_dim: int, qkv_bias: bool) -> dict[str, T]:
-    D, H, KV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = {
-        f"{a}.q_proj.weight": linear(H * head_dim, D),
-        f"{a}.k_proj.weight": linear(KV * head_dim, D),
-        f"{a}.v_proj.weight": linear(KV * head_dim, D),
-        f"{a}.o_proj.weight": linear(D, H * head_dim),
-    }
+    proj = gqa_projections(cfg, head_dim)
+    w = {f"{a}.{name}.weight": linear(*dims) for name, dims in proj.items()}
     if qkv_bias:
-        w[f"{a}.q_proj.bias"] = bias(H * head_dim)
-        w[f"{a}.k_proj.bias"] = bias(KV * head_dim)
-        w[f"{a}.v_proj.bias"] = bias(KV * head_dim)
+        w.update({f"{a}.{name}.bias": bias(proj[name][0]) for name in ("q_proj", "k_proj", "v_proj")})
     return w
-
-
-def _norms(p: str, D: int) -> dict[str, T]:
-    return {f"{p}.input_layernorm.weight": norm(D), f"{p}.post_attention_layernorm.weight": norm(D)}
 
 
 def glm4_moe_tensors(cfg: dict[str, Any], layer: int | None) -> dict[str, T]:
@@ -35,7 +35,7 @@ def glm4_moe_tensors(cfg: dict[str, Any], layer: int | None) -> dict[str, T]:
         return outer(cfg)
     D, hd = cfg["hidden_size"], cfg["head_dim"]
     p = f"model.layers.{layer}"
-    w = {**_norms(p, D), **_attention(f"{p}.self_attn", cfg, hd, cfg["attention_bias"])}
+    w = {**layer_norms(p, D), **_attention(f"{p}.self_attn", cfg, hd, cfg["attention_bias"])}
     if cfg["use_qk_norm"]:
         w[f"{p}.self_attn.q_norm.weight"] = norm(hd)
         w[f"{p}.self_attn.k_norm.weight"] = norm(hd)
@@ -86,9 +86,9 @@ GLM4_MOE = Family(
         ),
         "air": GLM45_AIR,
     },
-    common=dict(
-        model_type="glm4_moe",
-        architectures=["Glm4MoeForCausalLM"],
+    common=common_config(
+        "glm4_moe",
+        "Glm4MoeForCausalLM",
         routed_scaling_factor=1.0,
         norm_topk_prob=True,
         n_group=1,
@@ -100,10 +100,7 @@ GLM4_MOE = Family(
         attention_bias=True,
         use_qk_norm=False,
         max_position_embeddings=131072,
-        tie_word_embeddings=False,
         num_nextn_predict_layers=1,
-        torch_dtype="bfloat16",
-        eos_token_id=EOS_ID,
     ),
     tensors=glm4_moe_tensors,
     layout="hub",
@@ -116,7 +113,7 @@ def qwen3_moe_tensors(cfg: dict[str, Any], layer: int | None) -> dict[str, T]:
     D, hd = cfg["hidden_size"], cfg["head_dim"]
     p = f"model.layers.{layer}"
     a = f"{p}.self_attn"
-    w = {**_norms(p, D), **_attention(a, cfg, hd, qkv_bias=False)}
+    w = {**layer_norms(p, D), **_attention(a, cfg, hd, qkv_bias=False)}
     w[f"{a}.q_norm.weight"] = norm(hd)
     w[f"{a}.k_norm.weight"] = norm(hd)
     E, inter = cfg["num_experts"], cfg["moe_intermediate_size"]
@@ -155,9 +152,9 @@ QWEN3_MOE = Family(
             num_experts_per_tok=8,
         ),
     },
-    common=dict(
-        model_type="qwen3_moe",
-        architectures=["Qwen3MoeForCausalLM"],
+    common=common_config(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
         decoder_sparse_step=1,
         mlp_only_layers=[],
         norm_topk_prob=True,
@@ -165,9 +162,6 @@ QWEN3_MOE = Family(
         rope_theta=1_000_000.0,
         rope_scaling=None,
         max_position_embeddings=40960,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-        eos_token_id=EOS_ID,
     ),
     tensors=qwen3_moe_tensors,
     layout="hub",
@@ -179,7 +173,7 @@ def mixtral_tensors(cfg: dict[str, Any], layer: int | None) -> dict[str, T]:
         return outer(cfg)
     D, H = cfg["hidden_size"], cfg["num_attention_heads"]
     p = f"model.layers.{layer}"
-    w = {**_norms(p, D), **_attention(f"{p}.self_attn", cfg, D // H, qkv_bias=False)}
+    w = {**layer_norms(p, D), **_attention(f"{p}.self_attn", cfg, D // H, qkv_bias=False)}
     m = f"{p}.block_sparse_moe"
     E, inter = cfg["num_local_experts"], cfg["intermediate_size"]
     w[f"{m}.gate.weight"] = linear(E, D)
@@ -225,15 +219,12 @@ MIXTRAL = Family(
             num_experts_per_tok=2,
         ),
     },
-    common=dict(
-        model_type="mixtral",
-        architectures=["MixtralForCausalLM"],
+    common=common_config(
+        "mixtral",
+        "MixtralForCausalLM",
         rms_norm_eps=1e-5,
         rope_theta=1_000_000.0,
         max_position_embeddings=32768,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-        eos_token_id=EOS_ID,
     ),
     tensors=mixtral_tensors,
     layout="hub",
