@@ -161,3 +161,70 @@ def test_prompts_and_calls_without_static_caches_run_stock(patched, tiny_q4):
     model(mx.argmax(logits[:, -1:], axis=-1), cache=kv)
     assert compiled_decode.stats(model)["stock_steps"] == {"cache is not static (KVCache)": 1}
     assert model(mx.array([[3]])).shape[:2] == (1, 1)  # no cache: stock, not counted
+
+
+# ---------------------------------------------------------------- on the GPU (the lead runs these)
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_glm47_rope_runs_its_kernel_inside_the_compiled_step(tiny_f32, monkeypatch):
+    """Inside the traced step glm47_rope gathers the table row at the device position and
+    launches its kernel (the row path: not mlx-lm's rope), and the logits of teacher-forced
+    steps stay close to the eager patterns' (mx.compile may round elsewhere)."""
+    from zmlx.patch.patterns import glm47_rope as rope_pattern
+
+    mx.set_default_device(mx.gpu)
+    try:
+        model, _ = tiny_f32
+        prompt = mx.array([[3, 14, 15, 92, 65, 35]])
+        zmlx.patch(model, patterns="glm47_rope")
+        try:
+            eager = greedy_logits(model, prompt, 6)
+        finally:
+            zmlx.unpatch(model)
+        rows = []
+        real = rope_pattern._row_args
+
+        def spy(*a):
+            got = real(*a)
+            rows.append(got[0] is not None)
+            return got
+
+        monkeypatch.setattr(rope_pattern, "_row_args", spy)
+        tokens = [mx.argmax(x[:, -1:], axis=-1) for x in eager[:-1]]
+        zmlx.patch(model, patterns="glm47_rope,compiled_decode")
+        try:
+            cache = model.make_cache()
+            ours = [model(prompt, cache=cache)] + [model(t, cache=cache) for t in tokens]
+            mx.eval(ours)
+            stats = compiled_decode.stats(model)
+        finally:
+            zmlx.unpatch(model)
+    finally:
+        mx.set_default_device(mx.cpu)
+    assert stats["compiled_steps"] == 6 and stats["traces"] == 1
+    assert rows and all(rows), "a traced layer did not take glm47_rope's kernel"
+    for e, o in zip(eager, ours):
+        e, o = e.astype(mx.float32), o.astype(mx.float32)
+        assert mx.isfinite(o).all().item()
+        assert (mx.abs(e - o).mean() <= 0.35 * mx.abs(e).mean()).item()
+
+
+def test_on_the_cpu_glm47_rope_leaves_traced_steps_to_mlx_lm(patched, monkeypatch):
+    """Where glm47_rope runs its reference (the CPU) the traced step takes mlx-lm's rope with
+    the array offset: the row path would hand the reference offset 0."""
+    from zmlx.patch.patterns import glm47_rope as rope_pattern
+
+    rows = []
+    real = rope_pattern._row_args
+
+    def spy(*a):
+        got = real(*a)
+        rows.append(got[0] is not None)
+        return got
+
+    monkeypatch.setattr(rope_pattern, "_row_args", spy)
+    model, _ = patched("tiny_q4", "glm47_rope,compiled_decode")
+    greedy_logits(model, mx.array([[3, 14, 15, 92, 65, 35]]), 4)
+    assert compiled_decode.stats(model)["compiled_steps"] == 4
+    assert rows and not any(rows)
