@@ -10,6 +10,7 @@ import pytest
 
 from zmlx.kernels import core
 from zmlx.kernels.core import KernelDef, Launch, Skip
+from zmlx.kernels.mla_q_prep import mla_q_prep
 from zmlx.kernels.prepared import KernelCall, ReferenceCall, key, prepare
 from zmlx.patch.patterns.moe_block import PATTERN as MOE_BLOCK
 
@@ -163,3 +164,30 @@ def test_python_cost_per_prepared_launch_is_small():
     per_launch = _bench().launches(calls=300, repeats=5)
     assert set(per_launch) == {k.name for k in MOE_BLOCK.kernels}
     assert max(per_launch.values()) < 15, per_launch
+
+
+def test_a_derived_live_argument_is_the_kernels_input_and_the_references_argument(recorded, monkeypatch):
+    """mla_q_prep reads its position through the table's row `cs`: prepared once with the
+    position derived, the kernel call takes each step's row where run_kernel slices it from the
+    table, and the reference takes the position itself."""
+    monkeypatch.setitem(mla_q_prep._status, "cuda", "")
+    args, kwargs = mla_q_prep.example()
+    live, derived = (0, 1, 11), {11: "cs"}
+    table, cs = args[10], mla_q_prep.input_names.index("cs")
+    p = prepare(mla_q_prep, args, kwargs, live, "cuda", derived=derived)
+    assert isinstance(p, KernelCall) and not any(h is args[i] for h in p._inputs for i in (0, 1))
+    for position in (257, 3):
+        new = _fresh(args, (0, 1))
+        new[11] = position
+        p(new[0], new[1], table[position : position + 1])
+        mla_q_prep.run_kernel("cuda", *new, **kwargs)
+        (_, got, got_kw), (_, want, want_kw) = recorded[-2:]
+        assert all(a is b for s, (a, b) in enumerate(zip(got, want)) if s != cs) and got_kw == want_kw
+        row = table[position : position + 1]
+        assert mx.array_equal(got[cs], want[cs]).item() and mx.array_equal(got[cs], row).item()
+    ref = prepare(mla_q_prep, args, kwargs, live, "cpu", derived=derived)
+    assert ref.path == "reference"
+    got, want = ref(new[0], new[1], 3), mla_q_prep.reference(*new, **kwargs)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="derived argument 10"):  # not a live one
+        prepare(mla_q_prep, args, kwargs, live, "cuda", derived={10: "cs"})

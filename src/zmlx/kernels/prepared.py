@@ -11,7 +11,10 @@ One definition: a prepared kernel call passes MLX exactly what `KernelDef.run_ke
 passes for the same arguments (`core.kernel_kwargs`), with the live arrays in the input
 slots where launch() put them. What makes that sound is the rule of KernelDef's docstring:
 launch() reads the live arguments only through their shapes and dtypes, and passes each
-through as an input unchanged; `prepare` refuses a launch that does not. A prepared launch
+through as an input unchanged; `prepare` refuses a launch that does not. A live argument that
+launch() reads into an input of its own (mla_q_prep's position, read as the rope table's
+row `cs`) is `derived`: the kernel is called with that input, which its caller computes
+each step, and the reference with the argument itself. A prepared launch
 holds for live arrays of the shapes and dtypes it was prepared with: its caller keys it by
 them. The self-check and fallback rules are KernelDef.plan's: a kernel that failed its
 self-check on this backend (or has no body there, e.g. the CPU) is prepared as its
@@ -83,12 +86,20 @@ class ReferenceCall(Prepared):
         return self.kernel.reference(*args, **self._kwargs)
 
 
-def _check_live(kernel: KernelDef, args: Sequence, live: Sequence[int]) -> None:
+def _check_live(kernel: KernelDef, args: Sequence, live: Sequence[int], derived: Mapping[int, str]) -> None:
     """ValueError unless each live argument is an array of its own: found by identity among
-    a launch's inputs, it must not also be a fixed argument or another live one."""
+    a launch's inputs, it must not also be a fixed argument or another live one (a derived
+    one is not looked for: it must be live and name one of the kernel's inputs)."""
+    for position, name in derived.items():
+        if position not in live or name not in kernel.input_names:
+            raise ValueError(
+                f"{kernel.name}: derived argument {position} -> {name!r} is not a live one to an input"
+            )
     fixed = {id(a) for p, a in enumerate(args) if p not in live}
     seen: set[int] = set()
     for position in live:
+        if position in derived:
+            continue
         a = args[position]
         if not isinstance(a, mx.array) or id(a) in fixed or id(a) in seen:
             raise ValueError(
@@ -98,11 +109,17 @@ def _check_live(kernel: KernelDef, args: Sequence, live: Sequence[int]) -> None:
         seen.add(id(a))
 
 
-def _slots(kernel: KernelDef, inputs: Sequence, args: Sequence, live: Sequence[int]) -> tuple:
-    """(input slot, index in `live`) for every input that is a live argument, by identity;
-    ValueError when launch() did not pass a live argument through unchanged."""
+def _slots(
+    kernel: KernelDef, inputs: Sequence, args: Sequence, live: Sequence[int], derived: Mapping[int, str]
+) -> tuple:
+    """(input slot, index in `live`) for every input that is a live argument, by identity, or
+    that a derived one names; ValueError when launch() did not pass a live argument through
+    unchanged."""
     slots = []
     for i, position in enumerate(live):
+        if position in derived:
+            slots.append((kernel.input_names.index(derived[position]), i))
+            continue
         found = [(slot, i) for slot, x in enumerate(inputs) if x is args[position]]
         if not found:
             raise ValueError(
@@ -119,19 +136,25 @@ def prepare(
     kwargs: Mapping[str, Any] | None = None,
     live: Sequence[int] = (),
     backend: Backend | None = None,
+    derived: Mapping[int, str] | None = None,
 ) -> Prepared:
     """`kernel` prepared for `args` (positional) and `kwargs`: a later call with the arrays
     at positions `live` of the same shapes and dtypes computes what `kernel(*args, **kwargs)`
     would with them. launch() is asked on every backend, so a shape it skips is skipped
-    everywhere (`skip`), even where the reference would run anyway (the CPU)."""
+    everywhere (`skip`), even where the reference would run anyway (the CPU).
+
+    derived: live positions that launch() reads into an input of its own -> that input's
+    name. Where `path` is "kernel" a call takes that input's value in their place, where it
+    is "reference" the argument itself (its caller gives each what the path takes)."""
     backend = backend or _backend.current()
     kwargs = dict(kwargs or {})
-    _check_live(kernel, args, live)
+    derived = dict(derived or {})
+    _check_live(kernel, args, live, derived)
     spec = kernel.launch(backend, *args, **kwargs) if kernel.launch is not None else None
     if isinstance(spec, Skip):
         return ReferenceCall(kernel, args, live, kwargs, spec.reason, spec.reason)
     # the contract is checked on every backend, so the CPU's tests hold it for the GPU
-    slots = _slots(kernel, list(args) if spec is None else spec.inputs, args, live)
+    slots = _slots(kernel, list(args) if spec is None else spec.inputs, args, live, derived)
     plan = kernel.plan(backend)
     if plan.path == "reference" or spec is None:
         return ReferenceCall(kernel, args, live, kwargs, plan.reason, None)

@@ -41,14 +41,13 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from zmlx import backend as _backend
-from zmlx.kernels import core
-from zmlx.kernels.core import KernelDef, Launch, Skip, kernel_kwargs
+from zmlx.kernels.core import KernelDef, Launch, Skip
 from zmlx.kernels.glm47_rope import rope_table
 from zmlx.kernels.mla_attention import mla_decode, mla_unembed
 from zmlx.kernels.mla_decode_len import mla_decode_len
 from zmlx.kernels.mla_q_prep import mla_q_prep
 from zmlx.kernels.norm_qkv_a import attention_args, attention_reason, norm_qkv_a
-from zmlx.kernels.prepared import KernelCall, Prepared, ReferenceCall, prepare
+from zmlx.kernels.prepared import Prepared, prepare
 from zmlx.kernels.quant import linear_reason, weights_of
 from zmlx.patch.attention import mla_reason
 from zmlx.patch.layer import blocks_of, make, stock_attention
@@ -121,20 +120,6 @@ def _launch(kernel: KernelDef) -> Callable[..., Launch | Skip]:
     if kernel.launch is None:
         raise ValueError(f"{kernel.name} has no launch")
     return kernel.launch
-
-
-def _prepare_q_prep(args: tuple, kw: dict, backend) -> Prepared:
-    """args: mla_q_prep's, with q_a and ckv (live) first and the table and position 0 last."""
-    spec = _launch(mla_q_prep)(backend, *args, **kw)
-    if isinstance(spec, Skip):
-        return ReferenceCall(mla_q_prep, args, (0, 1, 11), kw, spec.reason, spec.reason)
-    plan = mla_q_prep.plan(backend)
-    if plan.path == "reference":
-        return ReferenceCall(mla_q_prep, args, (0, 1, 11), kw, plan.reason, None)
-    if spec.inputs[0] is not args[0] or spec.inputs[1] is not args[1]:
-        raise ValueError("mla_q_prep: launch() does not pass q_a and ckv through as its first inputs")
-    slots = ((0, 0), (1, 1), (mla_q_prep.input_names.index("cs"), 2))
-    return KernelCall(mla_q_prep, core.build(mla_q_prep, backend), spec.inputs, slots, kernel_kwargs(spec))
 
 
 class _Attention:
@@ -218,7 +203,9 @@ def _build(layer, x, backend) -> _Attention | str:
         )
         q_norms = (attn.q_a_layernorm["weight"], *qb, attn.kv_a_layernorm["weight"], *eq)
         q_args = (q_a, ckv, *q_norms, rope_table(*rope, 1), 0)
-        q_prep = _QPrep(_ready(_prepare_q_prep(q_args, q_kw, backend)), rope)
+        # live: q_a, ckv and the position, which the kernel reads as the table's row `cs`
+        q_call = prepare(mla_q_prep, q_args, q_kw, (0, 1, 11), backend, derived={11: "cs"})
+        q_prep = _QPrep(_ready(q_call), rope)
         qv, q_pe, kv_latent, k_pe = q_prep(q_a, ckv, 0)
         spec = _launch(mla_decode)(backend, qv, q_pe, kv_latent, k_pe, scale=attn.scale)
         if isinstance(spec, Skip):
