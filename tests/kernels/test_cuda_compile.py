@@ -167,6 +167,7 @@ def _group_router_cases():  # DeepSeek-V3's group-limited routing (8 groups, 4 k
         for e, k, ng, tg in ((256, 8, 8, 4), (64, 8, 8, 4), (24, 3, 4, 2)):
             kw = dict(ds, top_k=k, n_group=ng, topk_group=tg)
             yield moe_router, (mx.zeros((1, e), dtype), mx.zeros((e,))), kw
+            yield norm_router, norm_router_inputs((1, 1), 320, e, dtype, 1), dict(kw, eps=1e-6)
 
 
 def _norm_qkv_a_cases():  # GLM-4.7-Flash's rows, and odd ones: q_a and kv_a packed differently or unquantized

@@ -186,8 +186,8 @@ def test_launch_says_why_it_takes_the_reference():
     assert "groups" in launch("cuda", g, b, top_k=4, n_group=64, topk_group=4).reason
     assert "groups" in launch("cuda", g, b, top_k=4, n_group=3, topk_group=1).reason
     assert "topk_group=9" in launch("cuda", g, b, top_k=4, n_group=8, topk_group=9).reason
-    assert ("NG", 8) in launch("cuda", g, b, top_k=4, n_group=8, topk_group=4).template
-    assert ("TG", 1) in launch("cuda", g, b, top_k=4, n_group=1, topk_group=4).template
+    assert ("N_GROUP", 8) in launch("cuda", g, b, top_k=4, n_group=8, topk_group=4).template
+    assert ("TOPK_GROUP", 1) in launch("cuda", g, b, top_k=4, n_group=1, topk_group=4).template
     assert "top-k <= 8" in launch("cuda", g, b, top_k=9).reason
     assert "256 experts" in launch("cuda", mx.zeros((1, 300)), mx.zeros((300,)), top_k=4).reason
     assert "bias of shape" in launch("cuda", g, mx.zeros((63,)), top_k=4).reason

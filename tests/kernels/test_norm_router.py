@@ -9,7 +9,7 @@ stock on the GPU."""
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx_lm.models import glm4_moe_lite
+from mlx_lm.models import deepseek_v3, glm4_moe_lite
 
 from zmlx.kernels import metal_emu
 from zmlx.kernels.core import Launch
@@ -23,20 +23,37 @@ def _kw(top_k, norm=True, scale=1.8):
     return dict(eps=EPS, top_k=top_k, routed_scaling_factor=scale, norm_topk_prob=norm, renorm_eps=1e-20)
 
 
-def stock(x, r, norm_w, gate_w, bias, *, eps, top_k, routed_scaling_factor, norm_topk_prob, **_):
-    """mlx-lm's modules: the decoder layer's residual add, post_attention_layernorm, MoEGate."""
+def _ds_kw(top_k, n_group, topk_group):
+    # DeepSeek-V3's router: group-limited, no epsilon in the renormalization
+    return dict(
+        eps=EPS,
+        top_k=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        renorm_eps=None,
+    )
+
+
+def stock(x, r, norm_w, gate_w, bias, *, eps, top_k, routed_scaling_factor, norm_topk_prob, **kw):
+    """mlx-lm's modules: the decoder layer's residual add, post_attention_layernorm, MoEGate
+    (glm4_moe_lite's with its + 1e-20, else deepseek_v3's)."""
     e, d = gate_w.shape
-    args = glm4_moe_lite.ModelArgs(
+    module = glm4_moe_lite if kw.get("renorm_eps", 1e-20) is not None else deepseek_v3
+    args = module.ModelArgs(
         hidden_size=d,
         n_routed_experts=e,
         num_experts_per_tok=top_k,
+        n_group=kw.get("n_group", 1),
+        topk_group=kw.get("topk_group", 1),
         routed_scaling_factor=routed_scaling_factor,
         norm_topk_prob=norm_topk_prob,
         rms_norm_eps=eps,
     )
     norm = nn.RMSNorm(d, eps=eps)
     norm.weight = norm_w
-    gate = glm4_moe_lite.MoEGate(args)
+    gate = module.MoEGate(args)
     gate.weight = gate_w
     gate.e_score_correction_bias = bias
     h = x + r
@@ -61,10 +78,15 @@ CASES = [  # (tokens shape, D, experts, top_k, kwargs)
     ((1,), 1536, 24, 3, _kw(3, norm=False)),
     ((1, 1), 512, 64, 1, _kw(1)),  # top-1: no renormalization
 ]
+GROUP_CASES = [  # DeepSeek-V3's group-limited routing (8 groups, the best 4 kept), and odd ones
+    ((1, 1), 2048, 256, 8, _ds_kw(8, 8, 4)),
+    ((1, 1), 320, 64, 8, _ds_kw(8, 8, 4)),
+    ((1,), 200, 24, 3, _ds_kw(3, 4, 2)),
+]
 DTYPES = [mx.bfloat16, mx.float16, mx.float32]
 
 
-@pytest.mark.parametrize("lead,d,experts,top_k,kw", CASES[:4] + [((2, 3), 320, 40, 4, _kw(4))])
+@pytest.mark.parametrize("lead,d,experts,top_k,kw", CASES[:4] + GROUP_CASES + [((2, 3), 320, 40, 4, _kw(4))])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
 def test_reference_is_mlx_lm_modules(lead, d, experts, top_k, kw, dtype, ties):
@@ -80,7 +102,8 @@ def test_launch_says_why_it_takes_the_reference():
     x, r, norm_w, gate_w, bias = args
     kw = _kw(4)
     assert launch("cuda", *args, **kw).grid == (512, 1, 1)  # one threadgroup per token
-    assert "group-limited" in launch("cuda", *args, **{**kw, "n_group": 8, "topk_group": 4}).reason
+    assert "groups" in launch("cuda", *args, **{**kw, "n_group": 3, "topk_group": 2}).reason
+    assert ("N_GROUP", 8) in launch("cuda", *args, **{**kw, "n_group": 8, "topk_group": 4}).template
     assert "top-k <= 8" in launch("cuda", *args, **{**kw, "top_k": 9}).reason
     wide = inputs((1, 1), 320, 300, mx.bfloat16, 1)
     assert "256 experts" in launch("cuda", *wide, **kw).reason
@@ -101,16 +124,29 @@ def test_cuda_takes_one_token_where_stock_runs_gemv():
     assert isinstance(spec, Launch) and spec.grid[0] == 2 * spec.threadgroup[0]
 
 
-def _gpu_order(gates, bias, inds=None, *, top_k, routed_scaling_factor, norm_topk_prob, renorm_eps, **_):
+def _limit_groups(biased, n_group=1, topk_group=1, **_):
+    """DeepSeek-V3's group step with the GPU's stable sort: the n_group - topk_group groups of
+    the lowest top-2 sums (ties: the lower group) are set to 0.0."""
+    if n_group == 1:
+        return biased
+    groups = mx.unflatten(biased, -1, (n_group, -1))
+    sums = mx.topk(groups, 2, axis=-1).sum(axis=-1, keepdims=True)
+    low = mx.argsort(sums, axis=-2)[..., : n_group - topk_group, :]
+    return mx.flatten(mx.put_along_axis(groups, low, mx.array(0.0), axis=-2), -2, -1)
+
+
+def _gpu_order(gates, bias, inds=None, *, top_k, routed_scaling_factor, norm_topk_prob, renorm_eps, **kw):
     """The routing with argpartition replaced by a stable argsort (the order MLX's GPU sort
     returns; the CPU's argpartition leaves the k in no particular order), in float32 from
     `gates`; with `inds` given, the scores of those experts."""
     scores = mx.sigmoid(gates.astype(mx.float32))
     if inds is None:
-        inds = mx.argsort(-(scores + bias), axis=-1)[..., :top_k].astype(mx.uint32)
+        biased = _limit_groups(scores + bias, **kw)
+        inds = mx.argsort(-biased, axis=-1)[..., :top_k].astype(mx.uint32)
     picked = mx.take_along_axis(scores, inds, axis=-1)
     if top_k > 1 and norm_topk_prob:
-        picked = picked / (picked.sum(axis=-1, keepdims=True) + renorm_eps)
+        den = picked.sum(axis=-1, keepdims=True)
+        picked = picked / (den + renorm_eps if renorm_eps is not None else den)
     return inds, picked * routed_scaling_factor
 
 
@@ -157,6 +193,33 @@ def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, lead, d, e
     assert mx.abs(scores - want).max().item() <= bar
 
 
+def _clear(values, margin=0.005):
+    """Sorted, neighbours exactly tied or at least `margin` apart (a rounding of a gate moves
+    them by far less): every order of the dot ranks them alike."""
+    gaps = mx.diff(mx.sort(values, axis=-1), axis=-1)
+    return mx.all((gaps == 0) | (gaps > margin)).item()
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+@pytest.mark.parametrize("lead,d,experts,top_k,kw", GROUP_CASES)
+def test_metal_body_limits_groups_like_the_gpu(tmp_path_factory, lead, d, experts, top_k, kw):
+    """Group-limited routing in the Metal body: on inputs whose group sums and limited top-k
+    have clear gaps in a float32 truth, the experts bitwise in the GPU's order."""
+    for seed in range(d + experts, d + experts + 200):
+        args = inputs(lead, d, experts, mx.bfloat16, seed)
+        biased = mx.sigmoid(_truth(*args, **kw)[1]) + args[4]
+        sums = mx.topk(mx.unflatten(biased, -1, (kw["n_group"], -1)), 2, axis=-1).sum(axis=-1)
+        if _clear(sums) and _clear(-mx.sort(-_limit_groups(biased, **kw), axis=-1)[..., : top_k + 1]):
+            break
+    else:
+        pytest.fail("no inputs with clear gaps")
+    got = metal_emu.run(norm_router, *args, workdir=tmp_path_factory.getbasetemp(), **kw)
+    want_xn = reference(*args, **kw)[1]
+    want_i, want_s = _gpu_order(want_xn @ args[3].T, args[4], **kw)
+    assert mx.array_equal(got[2], want_i).item()
+    assert mx.allclose(got[3], want_s, rtol=norm_router.tolerance, atol=norm_router.tolerance).item()
+
+
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
 def test_metal_self_check_example_routes_like_the_gpu(tmp_path_factory):
     """The example the self-check runs has clear gaps: a float32 dot picks stock's experts."""
@@ -169,7 +232,9 @@ def test_metal_self_check_example_routes_like_the_gpu(tmp_path_factory):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("lead,d,experts,top_k,kw", CASES + [((1, 1), 5120, 160, 8, _kw(8, scale=2.5))])
+@pytest.mark.parametrize(
+    "lead,d,experts,top_k,kw", CASES + GROUP_CASES + [((1, 1), 5120, 160, 8, _kw(8, scale=2.5))]
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
 def test_cuda_kernel_is_bitwise_stock(lead, d, experts, top_k, kw, dtype, ties):

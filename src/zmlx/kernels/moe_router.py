@@ -119,8 +119,8 @@ def launch(
         template=[
             ("E", e),
             ("K", top_k),
-            ("NG", n_group),
-            ("TG", topk_group if n_group > 1 else 1),
+            ("N_GROUP", n_group),
+            ("TOPK_GROUP", topk_group if n_group > 1 else 1),
             ("ROWS", rows),
             ("NORM", top_k > 1 and bool(norm_topk_prob)),
             ("HAS_EPS", renorm_eps is not None),

@@ -24,7 +24,8 @@ token M > 1 and stock runs cuBLAS, whose order is not followed: on CUDA such cal
 the reference.
 
 Fidelity: bitwise stock on CUDA (batch 1 decode); on Metal the dot is a plain float32 sum
-(`close`). Group-limited routing (n_group > 1), E > 256 and k > 8 take the reference.
+(`close`). Group-limited routing (DeepSeek-V3) is moe_router's (csrc/moe_router.h's
+`zmlx_limit_groups`); E > 256, k > 8 and groupings it does not take take the reference.
 
 Device code: csrc/norm_router_body.h (the body); csrc/quant.h (the gemv-order dot),
 csrc/residual_norm.h (the square-accumulate and rsqrt) and csrc/moe_router.h (MLX's
@@ -97,8 +98,6 @@ def launch(
     norm_topk_prob=True,
     renorm_eps=None,
 ) -> Launch | Skip:
-    if n_group > 1:
-        return Skip(f"group-limited routing (n_group={n_group}) is not fused")
     if x.dtype not in _DTYPES or r.dtype != x.dtype or norm_w.dtype != x.dtype:
         return Skip(f"x {x.dtype}, r {r.dtype}, norm weight {norm_w.dtype} (one float dtype needed)")
     if gate_w.dtype != x.dtype:
@@ -113,6 +112,8 @@ def launch(
     e = gate_w.shape[0]
     if not (1 <= e <= 256 and 1 <= top_k <= min(8, e)):
         return Skip(f"{e} experts, top-{top_k} (the kernel takes <= 256 experts, top-k <= 8)")
+    if (why := moe_router.groups_reason(e, n_group, topk_group)) is not None:
+        return Skip(why)
     rows = math.prod(x.shape[:-1])
     if rows == 0 or d == 0:
         return Skip("empty input")
@@ -135,6 +136,8 @@ def launch(
             ("D", d),
             ("E", e),
             ("K", top_k),
+            ("N_GROUP", n_group),
+            ("TOPK_GROUP", topk_group if n_group > 1 else 1),
             ("BLOCK", block),
             ("CHUNKS", chunks),
             ("NR", nr),

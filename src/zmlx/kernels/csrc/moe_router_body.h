@@ -4,56 +4,23 @@ const uint row = zmlx_tid / 32;
 const uint lane = zmlx_tid % 32;
 if (row >= ROWS) return;  // whole warps only: the grid is a multiple of 32
 constexpr uint PER = (E + 31) / 32;
-float biased[PER];
+ZmlxScores<PER> biased;
 uint taken = 0;
 for (uint m = 0; m < PER; ++m) {
     const uint e = lane + 32 * m;
-    biased[m] = e < E
+    biased.v[m] = e < E
         ? ZMLX_ADD(zmlx_sigmoid(static_cast<float>(gates[row * E + e])), static_cast<float>(bias[e]))
         : 0.0f;
 }
-if (NG > 1) {
-    // Group-limited (DeepSeek-V3): the groups are G consecutive experts; a group's score is
-    // the sum of its two largest biased scores (mx.topk: a partition, ascending, the last
-    // two, summed from the smaller); the D = NG - TG groups first in MLX's stable ascending
-    // sort of those sums (ties: the lower group first) are set to 0.0, not dropped.
-    constexpr uint G = E / NG;
-    constexpr uint D = NG - TG;
-    float sums[NG];
-    for (uint g = 0; g < NG; ++g) {
-        const float ninf = -ZMLX_FLOAT_BITS(0x7f800000);
-        ZmlxTop2 t = {ninf, ninf};
-        for (uint m = 0; m < PER; ++m) {
-            const uint e = lane + 32 * m;
-            if (e < E && e / G == g) t = zmlx_top2_add(t, biased[m], ninf);
-        }
-        for (uint off = 16; off > 0; off /= 2) {
-            t = zmlx_top2_add(t, ZMLX_SHFL_XOR(t.first, off), ZMLX_SHFL_XOR(t.second, off));
-        }
-        // lanes may hold zeros of either sign here: equal in every comparison below
-        sums[g] = ZMLX_ADD(t.second, t.first);
-    }
-    uint zeroed = 0;
-    for (uint g = 0; g < NG; ++g) {
-        uint pos = 0;  // g's position in the stable ascending sort of the sums
-        for (uint h = 0; h < NG; ++h) {
-            pos += (zmlx_less(sums[h], sums[g]) || (h < g && !zmlx_less(sums[g], sums[h]))) ? 1u : 0u;
-        }
-        if (pos < D) zeroed |= 1u << g;
-    }
-    for (uint m = 0; m < PER; ++m) {
-        const uint e = lane + 32 * m;
-        if (e < E && ((zeroed >> (e / G)) & 1u)) biased[m] = 0.0f;
-    }
-}
+if (N_GROUP > 1) biased = zmlx_limit_groups<E, N_GROUP, TOPK_GROUP>(biased, lane);
 float picked[K];
 for (uint k = 0; k < K; ++k) {
     // this lane's best remaining expert (strict: the lower index wins a tie) ...
     float bv = 0.0f, bi = -1.0f;  // value, expert index (exact in a float)
     for (uint m = 0; m < PER; ++m) {
         const uint e = lane + 32 * m;
-        if (e < E && !((taken >> m) & 1u) && (bi < 0.0f || zmlx_before(biased[m], bv))) {
-            bv = biased[m];
+        if (e < E && !((taken >> m) & 1u) && (bi < 0.0f || zmlx_before(biased.v[m], bv))) {
+            bv = biased.v[m];
             bi = static_cast<float>(e);
         }
     }

@@ -75,20 +75,21 @@ if (zmlx_warp != 0) return;
 // the routing of moe_router_body.h for this token: lane l holds experts l, l + 32, ...
 const uint lane = zmlx_lane;
 constexpr uint PER = (E + 31) / 32;
-float biased[PER];
+ZmlxScores<PER> biased;
 uint taken = 0;
 for (uint m = 0; m < PER; ++m) {
     const uint e = lane + 32 * m;
-    biased[m] = e < E ? ZMLX_ADD(zmlx_sigmoid(static_cast<float>(zmlx_gates[e])), static_cast<float>(bias[e]))
-                      : 0.0f;
+    biased.v[m] = e < E ? ZMLX_ADD(zmlx_sigmoid(static_cast<float>(zmlx_gates[e])), static_cast<float>(bias[e]))
+                        : 0.0f;
 }
+if (N_GROUP > 1) biased = zmlx_limit_groups<E, N_GROUP, TOPK_GROUP>(biased, lane);
 float picked[K];
 for (uint k = 0; k < K; ++k) {
     float bv = 0.0f, bi = -1.0f;  // this lane's best remaining (value, expert index)
     for (uint m = 0; m < PER; ++m) {
         const uint e = lane + 32 * m;
-        if (e < E && !((taken >> m) & 1u) && (bi < 0.0f || zmlx_before(biased[m], bv))) {
-            bv = biased[m];
+        if (e < E && !((taken >> m) & 1u) && (bi < 0.0f || zmlx_before(biased.v[m], bv))) {
+            bv = biased.v[m];
             bi = static_cast<float>(e);
         }
     }
