@@ -42,17 +42,34 @@ def command(prog: str, tool: str, *args: str, stdin: str | None = None) -> subpr
     )
 
 
+_STOCK: dict[tuple, subprocess.CompletedProcess] = {}
+
+
+def stock(tool: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m mlx_lm <tool> args`, run once per session for the same arguments."""
+    key = (tool, args, stdin)
+    if key not in _STOCK:
+        _STOCK[key] = command("mlx_lm", tool, *args, stdin=stdin)
+        assert _STOCK[key].returncode == 0, _STOCK[key].stderr
+    return _STOCK[key]
+
+
 def report_in(stderr: str) -> bool:
     return "zmlx: patched" in stderr and "zmlx:   moe_router (exact) patched" in stderr
+
+
+def _timings_masked(text: str) -> str:
+    return re.sub(r"[\d.]+ (tokens-per-sec|GB|tok/s)", r"N \1", text)
 
 
 # ---------------------------------------------------------------- generate
 
 
 QUIET = ("--verbose", "False")  # only the text: stdout without timings must match byte for byte
+GREEDY = ("--prompt", "hello world", "--max-tokens", "8", *QUIET)
 
 GENERATE_ARGS = {
-    "greedy": ("--prompt", "hello world", "--max-tokens", "8", *QUIET),
+    "greedy": GREEDY,
     "sampled": ("--prompt", "hello world", "--max-tokens", "8", "--temp", "0.9", "--seed", "7", *QUIET),
     "max-kv-size": (
         "--prompt",
@@ -63,63 +80,56 @@ GENERATE_ARGS = {
         "4",
         *QUIET,
     ),
-    "system-prompt": ("--prompt", "hi", "--system-prompt", "be brief", "--max-tokens", "5", *QUIET),
 }
 
 
 @pytest.mark.parametrize("case", sorted(GENERATE_ARGS))
 def test_generate_stdout_is_stock(checkpoint, case):
     args = ("--model", checkpoint, *GENERATE_ARGS[case])
-    stock = command("mlx_lm", "generate", *args)
+    want = stock("generate", *args)
     patched = command("zmlx", "generate", *args)
-    assert stock.returncode == 0, stock.stderr
     assert patched.returncode == 0, patched.stderr
-    assert stock.stdout.strip(), "mlx-lm printed no text: the comparison would prove nothing"
-    assert patched.stdout == stock.stdout
-    assert report_in(patched.stderr) and not report_in(stock.stderr)
+    assert want.stdout.strip(), "mlx-lm printed no text: the comparison would prove nothing"
+    assert patched.stdout == want.stdout
+    assert report_in(patched.stderr) and not report_in(want.stderr)
     assert "zmlx" not in patched.stdout  # the report stays off stdout
-
-
-def _timings_masked(text: str) -> str:
-    return re.sub(r"[\d.]+ (tokens-per-sec|GB|tok/s)", r"N \1", text)
 
 
 def test_generate_verbose_and_flags_reach_mlx_lm(checkpoint):
     """Default (verbose) output equals stock's but for the timings; --max-tokens and
     --temp/--seed change what mlx-lm generates, so they reached it."""
     args = ("--model", checkpoint, "--prompt", "hello world")
-    stock = command("mlx_lm", "generate", *args, "--max-tokens", "8")
-    patched = command("zmlx", "generate", *args, "--max-tokens", "8")
-    assert patched.returncode == 0, patched.stderr
-    assert _timings_masked(patched.stdout) == _timings_masked(stock.stdout)
-    assert "Generation: 8 tokens" in patched.stdout
-    short = command("zmlx", "generate", *args, "--max-tokens", "3")
-    assert "Generation: 3 tokens" in short.stdout
-    greedy = command("zmlx", "generate", *args, "--max-tokens", "8", *QUIET).stdout
-    hot = command("zmlx", "generate", *args, "--max-tokens", "8", "--temp", "5", "--seed", "1", *QUIET)
-    assert hot.stdout != greedy
+    verbose = command("zmlx", "generate", *args, "--max-tokens", "8")
+    assert verbose.returncode == 0, verbose.stderr
+    assert _timings_masked(verbose.stdout) == _timings_masked(
+        stock("generate", *args, "--max-tokens", "8").stdout
+    )
+    assert "Generation: 8 tokens" in verbose.stdout
+    assert "Generation: 3 tokens" in command("zmlx", "generate", *args, "--max-tokens", "3").stdout
+    hot = command("zmlx", "generate", "--model", checkpoint, *GREEDY, "--temp", "5", "--seed", "1")
+    assert hot.returncode == 0 and hot.stdout != stock("generate", "--model", checkpoint, *GREEDY).stdout
 
 
 def test_no_patch_is_stock_and_reports_nothing(checkpoint):
-    args = ("--model", checkpoint, "--prompt", "hello world", "--max-tokens", "8", *QUIET)
-    stock = command("mlx_lm", "generate", *args)
-    plain = command("zmlx", "generate", *args, "--no-patch")
+    plain = command("zmlx", "generate", "--model", checkpoint, *GREEDY, "--no-patch")
     assert plain.returncode == 0, plain.stderr
-    assert plain.stdout == stock.stdout
-    assert "zmlx: patched" not in plain.stderr
+    assert plain.stdout == stock("generate", "--model", checkpoint, *GREEDY).stdout
+    assert "zmlx" not in plain.stderr
 
 
 def test_zmlx_flags_choose_the_patterns(checkpoint):
     """--patterns / --exclude / --preset reach zmlx.patch (the report says what it applied)
     and are not passed to mlx-lm (its parser would refuse them)."""
-    base = ("--model", checkpoint, "--prompt", "hi", "--max-tokens", "4", *QUIET)
-    stock = command("mlx_lm", "generate", *base).stdout
-    only = command("zmlx", "generate", *base, "--patterns", "moe_combine")
+    want = stock("generate", "--model", checkpoint, *GREEDY).stdout
+    only = command("zmlx", "generate", "--model", checkpoint, *GREEDY, "--patterns", "moe_combine")
     assert only.returncode == 0, only.stderr
-    assert only.stdout == stock
+    assert only.stdout == want
     assert "moe_combine (exact) patched" in only.stderr and "moe_router (exact) patched" not in only.stderr
-    excluded = command("zmlx", "generate", *base, "--exclude=moe_router", "--preset", "default")
+    excluded = command(
+        "zmlx", "generate", "--exclude=moe_router", "--model", checkpoint, "--preset", "default", *GREEDY
+    )
     assert excluded.returncode == 0, excluded.stderr
+    assert excluded.stdout == want
     assert "moe_router (exact) patched" not in excluded.stderr
     assert "not applied (excluded): moe_router" in excluded.stderr
     assert "preset default" in excluded.stderr
@@ -128,32 +138,67 @@ def test_zmlx_flags_choose_the_patterns(checkpoint):
 def test_speculative_decoding_matches_stock(checkpoint):
     """--draft-model: the draft model is loaded by the same loader, so it is patched too;
     greedy speculative decoding gives stock's text."""
-    args = ("--model", checkpoint, "--draft-model", checkpoint, "--num-draft-tokens", "3")
-    args += ("--prompt", "hello world", "--max-tokens", "8", *QUIET)
-    stock = command("mlx_lm", "generate", *args)
+    args = ("--model", checkpoint, "--draft-model", checkpoint, "--num-draft-tokens", "3", *GREEDY)
     patched = command("zmlx", "generate", *args)
-    assert stock.returncode == 0, stock.stderr
     assert patched.returncode == 0, patched.stderr
-    assert patched.stdout == stock.stdout
+    assert patched.stdout == stock("generate", *args).stdout
     assert patched.stderr.count("zmlx: patched") == 2  # the model and its draft
+
+
+def test_prompt_cache_file_matches_stock(checkpoint, tmp_path):
+    """--prompt-cache-file (a prefix cached by mlx-lm's cache_prompt) reaches mlx-lm, which
+    takes the model's path from the file: the patched model continues it as stock does."""
+    cache = str(tmp_path / "prefix.safetensors")
+    made = command(
+        "mlx_lm",
+        "cache_prompt",
+        "--model",
+        checkpoint,
+        "--prompt",
+        "a shared prefix",
+        "--prompt-cache-file",
+        cache,
+    )
+    assert made.returncode == 0, made.stderr
+    args = ("--prompt-cache-file", cache, "--prompt", "more", "--max-tokens", "6", *QUIET)
+    patched = command("zmlx", "generate", *args)
+    assert patched.returncode == 0, patched.stderr
+    assert report_in(patched.stderr)
+    assert patched.stdout == stock("generate", *args).stdout
+
+
+def _one_line_error(code: int, stderr: str, words: str) -> None:
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert words in lines[0]
+    assert "Traceback" not in stderr
+
+
+def test_bad_pattern_is_one_line_from_the_command(checkpoint):
+    out = command("zmlx", "generate", "--model", checkpoint, "--prompt", "hi", "--patterns", "nonsense")
+    _one_line_error(out.returncode, out.stderr, "unknown pattern(s) in --patterns: nonsense")
+    assert out.stdout == ""
 
 
 @pytest.mark.parametrize(
     "bad, words",
     [
-        (("--patterns", "nonsense"), "unknown pattern(s) in --patterns: nonsense"),
         (("--exclude", "moe_routr"), "unknown pattern(s) in --exclude: moe_routr"),
-        (("--preset", "exact"), "unknown preset 'exact' in --preset"),
+        (("--preset", "exact"), "unknown preset 'exact' in --preset; valid: default, fast"),
         (("--preset",), "--preset needs a value"),
         (("--no-patch", "--patterns", "moe_router"), "--no-patch cannot be combined with --patterns"),
     ],
 )
-def test_bad_zmlx_flags_are_one_line(checkpoint, bad, words):
-    out = command("zmlx", "generate", "--model", checkpoint, "--prompt", "hi", *bad)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip().removeprefix('error: ')}"]
-    assert words in out.stderr
-    assert "Traceback" not in out.stderr and out.stdout == ""
+@pytest.mark.parametrize("tool", ["generate", "chat", "server"])
+def test_bad_zmlx_flags_are_one_line(tool, bad, words):
+    """Checked before mlx-lm runs (nothing is loaded: the model does not exist)."""
+    from typer.testing import CliRunner
+
+    from zmlx.cli import app
+
+    result = CliRunner().invoke(app, [tool, "--model", "/nonexistent", *bad])
+    _one_line_error(result.exit_code, result.stderr, words)
 
 
 def test_help_is_mlx_lm_s_plus_zmlx_s():
@@ -170,12 +215,11 @@ def test_chat_through_stdin_matches_stock(checkpoint):
     """Two turns, a reset (r) between them, then q: mlx-lm's chat loop ends on q."""
     turns = "hello there\nr\nwhat now\nq\n"
     args = ("--model", checkpoint, "--max-tokens", "6")
-    stock = command("mlx_lm", "chat", *args, stdin=turns)
+    want = stock("chat", *args, stdin=turns)
     patched = command("zmlx", "chat", *args, stdin=turns)
-    assert stock.returncode == 0, stock.stderr
     assert patched.returncode == 0, patched.stderr
-    assert "bye" in stock.stdout and stock.stdout.count("6 tokens") == 2
-    assert _timings_masked(patched.stdout) == _timings_masked(stock.stdout)
+    assert "bye" in want.stdout and want.stdout.count("6 tokens") == 2
+    assert _timings_masked(patched.stdout) == _timings_masked(want.stdout)
     assert report_in(patched.stderr)
 
 
