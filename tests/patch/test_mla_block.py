@@ -12,7 +12,17 @@ import pickle
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx.utils import tree_flatten
+from block_helpers import (
+    block_plans,
+    check_a_copy_runs_patched,
+    check_a_launch_that_skips_runs_mlx_lm_once_per_layer,
+    check_a_layer_that_is_gone_takes_its_prepared_blocks_with_it,
+    check_a_prompt_runs_mlx_lms_layer,
+    check_presets,
+    patched_run,
+    same,
+    snapshot,
+)
 from mlx_lm.models import glm4_moe_lite
 from mlx_lm.models.cache import RotatingKVCache
 
@@ -21,9 +31,7 @@ from zmlx import accuracy as acc
 from zmlx import synth
 from zmlx.config import PatchConfig
 from zmlx.fidelity import generate, greedy_logits
-from zmlx.kernels.core import Skip
 from zmlx.patch import layer as shared_layer
-from zmlx.patch import select_patterns
 from zmlx.patch.patterns import mla_block, moe_block
 
 PROMPT = mx.array([[3, 14, 15, 92, 65, 35, 89]])
@@ -31,25 +39,7 @@ LAUNCHES = "norm_qkv_a, mla_q_prep, mla_decode, mla_unembed"
 ON_THE_CPU = f"reference: {LAUNCHES} (custom kernels do not run on MLX's CPU backend)"
 
 
-@pytest.fixture(autouse=True)
-def _on_the_cpu_with_nothing_prepared():
-    before = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    mla_block._BLOCKS.clear()  # the session's models are shared: each test prepares its own
-    moe_block._BLOCKS.clear()
-    yield
-    mla_block._BLOCKS.clear()
-    moe_block._BLOCKS.clear()
-    mx.set_default_device(before)
-
-
-@pytest.fixture
-def fresh_q4():
-    return synth.build("synth:glm4_moe_lite/tiny/affine4")[0]
-
-
-def _same(a, b):
-    return len(a) == len(b) and all(mx.array_equal(x, y).item() for x, y in zip(a, b))
+pytestmark = pytest.mark.usefixtures("blocks_on_the_cpu")
 
 
 def _close(stock, patched):
@@ -82,18 +72,6 @@ def _greedy_tokens(logits):
     return [mx.argmax(x[:, -1:], axis=-1) for x in logits[:-1]]
 
 
-def _plans(model, pattern=mla_block):
-    return [pattern.decode_plan(layer) for layer in model.model.layers]
-
-
-def _patched_run(model, prompt, steps, patterns=("mla_block",), **kw):
-    result = zmlx.patch(model, patterns=list(patterns), **kw)
-    try:
-        return result, greedy_logits(model, prompt, steps), _plans(model)
-    finally:
-        zmlx.unpatch(model)
-
-
 @pytest.mark.parametrize("which", ["tiny_q4", "tiny_f32"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_mla_block_decodes_close_to_stock_through_its_launches(request, which, batch):
@@ -103,12 +81,12 @@ def test_mla_block_decodes_close_to_stock_through_its_launches(request, which, b
     tokens = _greedy_tokens(stock)
     result = zmlx.patch(model, patterns=["mla_block"])
     try:
-        patched, plans = _steps(model, prompt, tokens), _plans(model)
+        patched, plans = _steps(model, prompt, tokens), block_plans(model, mla_block)
     finally:
         zmlx.unpatch(model)
     assert len(result.patterns["mla_block"].patched) == model.args.num_hidden_layers
-    assert _same(stock[:1], patched[:1])  # the prompt: mlx-lm's own layer
-    assert not _same(stock[1:2], patched[1:2])  # a decode step: the float32 attention
+    assert same(stock[:1], patched[:1])  # the prompt: mlx-lm's own layer
+    assert not same(stock[1:2], patched[1:2])  # a decode step: the float32 attention
     _close(stock, patched)
     assert [list(p.values()) for p in plans] == [[ON_THE_CPU]] * model.args.num_hidden_layers
 
@@ -134,7 +112,7 @@ def test_every_launch_is_on_the_decode_path(tiny_q4, monkeypatch, kernel):
     """The decode steps go through each of the four launches: one whose first output is off
     by 1% moves the logits (the prompt, mlx-lm's layer, does not move)."""
     model, _ = tiny_q4
-    _, honest, _ = _patched_run(model, PROMPT, 2)
+    _, honest, _ = patched_run(mla_block, model, PROMPT, 2)
     k = getattr(mla_block, kernel)
 
     def off(*a, **kw):
@@ -143,8 +121,8 @@ def test_every_launch_is_on_the_decode_path(tiny_q4, monkeypatch, kernel):
 
     monkeypatch.setattr(mla_block, kernel, dataclasses.replace(k, reference=off))
     mla_block._BLOCKS.clear()  # prepared again, with the changed kernel
-    _, patched, _ = _patched_run(model, PROMPT, 2)
-    assert _same(honest[:1], patched[:1])
+    _, patched, _ = patched_run(mla_block, model, PROMPT, 2)
+    assert same(honest[:1], patched[:1])
     assert not mx.array_equal(honest[1], patched[1]).item()
 
 
@@ -168,21 +146,21 @@ def test_with_moe_block_each_half_runs_its_launches(tiny_q4):
     and the MoE half moe_block's, bitwise stock's MoE on the CPU; each alone; neither."""
     model, _ = tiny_q4
     stock = greedy_logits(model, PROMPT, 4)
-    result, attention_only, plans = _patched_run(model, PROMPT, 4)
+    result, attention_only, plans = patched_run(mla_block, model, PROMPT, 4)
     assert "moe_block" not in result.patterns and all(plans)
-    assert _plans(model, moe_block) == [{}] * model.args.num_hidden_layers
+    assert block_plans(model, moe_block) == [{}] * model.args.num_hidden_layers
 
-    result, both, plans = _patched_run(model, PROMPT, 4, ["moe_block", "mla_block"])
+    result, both, plans = patched_run(mla_block, model, PROMPT, 4, ["moe_block", "mla_block"])
     layers = [f"model.layers.{i}" for i in range(model.args.num_hidden_layers)]
     assert result.patterns["moe_block"].patched == result.patterns["mla_block"].patched == layers
-    assert _same(both, attention_only)  # moe_block's half is bitwise mlx-lm's MoE here
-    assert all(plans) and all(_plans(model, moe_block))
+    assert same(both, attention_only)  # moe_block's half is bitwise mlx-lm's MoE here
+    assert all(plans) and all(block_plans(model, moe_block))
 
     mla_block._BLOCKS.clear()
-    _, moe_only, _ = _patched_run(model, PROMPT, 4, ["moe_block"])
-    assert _same(moe_only, stock) and _plans(model) == [{}] * model.args.num_hidden_layers
-    result, neither, _ = _patched_run(model, PROMPT, 4, [])
-    assert not result.patterns and _same(neither, stock)
+    _, moe_only, _ = patched_run(mla_block, model, PROMPT, 4, ["moe_block"])
+    assert same(moe_only, stock) and block_plans(model, mla_block) == [{}] * model.args.num_hidden_layers
+    result, neither, _ = patched_run(mla_block, model, PROMPT, 4, [])
+    assert not result.patterns and same(neither, stock)
 
 
 def test_both_halves_make_one_function_whatever_the_order(tiny_q4):
@@ -204,18 +182,13 @@ def test_both_halves_make_one_function_whatever_the_order(tiny_q4):
 
 def test_patch_and_unpatch_leave_the_model_as_it_was(tiny_q4):
     model, _ = tiny_q4
-
-    def snapshot():
-        mods = {p: (id(m), type(m), sorted(vars(m)), sorted(m.keys())) for p, m in model.named_modules()}
-        return mods, {k: id(v) for k, v in tree_flatten(model.parameters())}, sorted(vars(model))
-
-    before = snapshot()
+    before = snapshot(model)
     zmlx.patch(model, patterns=["mla_block", "moe_block", "mla_attention"])
     assert type(model.model.layers[1]) is not glm4_moe_lite.Glm4MoeLiteDecoderLayer
     assert isinstance(model.model.layers[1], glm4_moe_lite.Glm4MoeLiteDecoderLayer)
     greedy_logits(model, PROMPT, 2)  # prepared blocks live outside the modules
     zmlx.unpatch(model)
-    assert snapshot() == before
+    assert snapshot(model) == before
     assert all(type(layer) is glm4_moe_lite.Glm4MoeLiteDecoderLayer for layer in model.model.layers)
 
 
@@ -228,12 +201,7 @@ def test_a_patched_model_copies_patched(tiny_q4, copier, patterns):
     zmlx.patch(model, patterns=patterns)
     try:
         patched = greedy_logits(model, PROMPT, 2)
-        twin = copier(model)
-        assert type(twin.model.layers[1]) is type(model.model.layers[1])
-        assert _same(greedy_logits(twin, PROMPT, 2), patched)
-        assert all(_plans(twin))  # the copy runs its own prepared blocks
-        zmlx.unpatch(twin)
-        assert type(twin.model.layers[1]) is glm4_moe_lite.Glm4MoeLiteDecoderLayer
+        check_a_copy_runs_patched(mla_block, model, copier(model), PROMPT, patched)
     finally:
         zmlx.unpatch(model)
 
@@ -275,16 +243,12 @@ def test_the_report_says_close_for_mla_block_and_exact_for_moe_block(tiny_q4):
 
 
 def test_mla_block_is_in_no_preset():
-    for backend in ("cpu", "cuda", "metal"):
-        for preset in ("default", "fast"):
-            chosen, why_not = select_patterns("glm4_moe_lite", None, None, PatchConfig(), backend, preset)
-            assert "mla_block" not in chosen
-            assert why_not["mla_block"].startswith(f"not in the {preset} preset")
+    check_presets(mla_block)
 
 
 def test_residual_norm_yields_to_mla_block(tiny_q4):
     model, _ = tiny_q4
-    result, _, plans = _patched_run(model, PROMPT, 2, ["mla_block", "residual_norm"])
+    result, _, plans = patched_run(mla_block, model, PROMPT, 2, ["mla_block", "residual_norm"])
     assert result.patterns["residual_norm"].skipped == [
         ("*", "mla_block is applied and this pattern would bypass it")
     ]
@@ -295,13 +259,7 @@ def test_residual_norm_yields_to_mla_block(tiny_q4):
 
 
 def test_a_prompt_runs_mlx_lms_layer(tiny_q4):
-    model, _ = tiny_q4
-    zmlx.patch(model, patterns=["mla_block"])
-    try:
-        mx.eval(model(PROMPT))
-        assert _plans(model) == [{}] * model.args.num_hidden_layers
-    finally:
-        zmlx.unpatch(model)
+    check_a_prompt_runs_mlx_lms_layer(mla_block, tiny_q4[0], PROMPT)
 
 
 def _rotating_steps(model, steps):
@@ -324,27 +282,16 @@ def test_other_caches_and_masks_run_mlx_lms_attention(tiny_q4):
     stock_masked = layer(x, mask, None)
     zmlx.patch(model, patterns=["mla_block"])
     try:
-        assert _same(_rotating_steps(model, 3), stock)
+        assert same(_rotating_steps(model, 3), stock)
         assert mx.array_equal(layer(x, mask, None), stock_masked).item()
-        assert _plans(model) == [{}] * model.args.num_hidden_layers  # nothing prepared
+        assert block_plans(model, mla_block) == [{}] * model.args.num_hidden_layers  # nothing prepared
     finally:
         zmlx.unpatch(model)
 
 
 def test_a_launch_that_skips_runs_mlx_lms_attention_and_is_decided_once(tiny_q4, monkeypatch):
     model, _ = tiny_q4
-    stock = greedy_logits(model, PROMPT, 3)
-    asked = []
-
-    def skipping(backend, *a, **k):
-        asked.append(1)
-        return Skip("not this shape (test)")
-
-    monkeypatch.setattr(mla_block, "mla_decode", dataclasses.replace(mla_block.mla_decode, launch=skipping))
-    _, patched, plans = _patched_run(model, PROMPT, 3)
-    assert _same(stock, patched)
-    assert all(list(p.values()) == ["mlx-lm (not this shape (test))"] for p in plans)
-    assert len(asked) == model.args.num_hidden_layers  # once per layer, not once per step
+    check_a_launch_that_skips_runs_mlx_lm_once_per_layer(monkeypatch, mla_block, "mla_decode", model, PROMPT)
 
 
 def test_each_layer_prepares_once_per_shape_and_again_for_new_weights(fresh_q4, monkeypatch):
@@ -414,15 +361,7 @@ def test_an_mxfp4_model_is_skipped_with_the_reason():
 
 
 def test_a_layer_that_is_gone_takes_its_prepared_blocks_with_it():
-    import gc
-
-    model, _ = synth.build("synth:glm4_moe_lite/tiny/affine4")
-    zmlx.patch(model, patterns=["mla_block"])
-    greedy_logits(model, PROMPT, 1)
-    assert len(mla_block._BLOCKS) == model.args.num_hidden_layers
-    del model
-    gc.collect()
-    assert mla_block._BLOCKS == {}
+    check_a_layer_that_is_gone_takes_its_prepared_blocks_with_it(mla_block, PROMPT)
 
 
 # ---------------------------------------------------------------- on the GPU (the lead runs these)
@@ -434,14 +373,14 @@ def test_on_the_gpu_every_layer_runs_its_kernels_close_to_stock(request, which):
     """One sequence (the kernels' regime on CUDA): each layer's launches are the fused kernels
     (no reference, no mlx-lm fallback), alone and with moe_block, and the logits stay within
     mla_attention's tolerance of stock's."""
-    mx.set_default_device(mx.gpu)  # the autouse fixture puts the CPU back afterwards
+    mx.set_default_device(mx.gpu)  # blocks_on_the_cpu puts the CPU back afterwards
     model, _ = request.getfixturevalue(which)
     stock = greedy_logits(model, PROMPT, 6)
     for patterns in (["mla_block"], ["mla_block", "moe_block"]):
         mla_block._BLOCKS.clear()
         result = zmlx.patch(model, patterns=patterns)
         try:
-            patched, plans = _steps(model, PROMPT, _greedy_tokens(stock)), _plans(model)
+            patched, plans = _steps(model, PROMPT, _greedy_tokens(stock)), block_plans(model, mla_block)
         finally:
             zmlx.unpatch(model)
         assert result.patterns["mla_block"].path == "kernel", result.patterns["mla_block"].fallbacks

@@ -13,22 +13,13 @@ from mlx_lm.models.cache import KVCache
 
 import zmlx
 from zmlx.fidelity import greedy_logits
-from zmlx.patch.patterns import compiled_decode, mla_block, moe_block
+from zmlx.patch.patterns import compiled_decode, mla_block
 from zmlx.static_cache import StaticMLACache
 
 PROMPT = mx.array([[3, 14, 15, 92, 65, 35, 8]])
 
 
-@pytest.fixture(autouse=True)
-def _on_the_cpu_with_nothing_prepared():
-    before = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    mla_block._BLOCKS.clear()
-    moe_block._BLOCKS.clear()
-    yield
-    mla_block._BLOCKS.clear()
-    moe_block._BLOCKS.clear()
-    mx.set_default_device(before)
+pytestmark = pytest.mark.usefixtures("blocks_on_the_cpu")
 
 
 def _same(a, b):
@@ -146,7 +137,7 @@ def test_on_the_gpu_compiled_steps_run_the_kernels_close_to_eager(request, no_st
     teacher-forced steps (eager mla_block's tokens) close to eager mla_block's over KVCache
     (mx.compile's fusion may round elsewhere; the partials themselves are bitwise mla_decode's:
     tests/kernels/test_mla_decode_len.py)."""
-    mx.set_default_device(mx.gpu)  # the autouse fixture puts the CPU back afterwards
+    mx.set_default_device(mx.gpu)  # blocks_on_the_cpu puts the CPU back afterwards
     model, _ = request.getfixturevalue(which)
     eager, _ = _run(model, PROMPT, 8, "mla_block")
     tokens = [mx.argmax(x[:, -1:], axis=-1) for x in eager[:-1]]

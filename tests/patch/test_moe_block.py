@@ -9,15 +9,23 @@ import pickle
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx.utils import tree_flatten
+from block_helpers import (
+    check_a_copy_runs_patched,
+    check_a_launch_that_skips_runs_mlx_lm_once_per_layer,
+    check_a_layer_that_is_gone_takes_its_prepared_blocks_with_it,
+    check_a_prompt_runs_mlx_lms_layer,
+    check_presets,
+    moe_block_on_the_cpu,
+    patched_run,
+    same,
+    snapshot,
+)
 from mlx_lm.models import glm4_moe_lite
 
 import zmlx
 from zmlx import synth
 from zmlx.config import PatchConfig
 from zmlx.fidelity import greedy_logits
-from zmlx.kernels.core import Skip
-from zmlx.patch import select_patterns
 from zmlx.patch.patterns import moe_block
 
 PROMPT = mx.array([[3, 14, 15, 92, 65]])
@@ -25,35 +33,7 @@ PROMPT = mx.array([[3, 14, 15, 92, 65]])
 MODULE_PATTERNS = ["moe_router", "moe_mlp", "downproj_combine", "swiglu_mlp", "glm47_rope"]
 
 
-@pytest.fixture(autouse=True)
-def _on_the_cpu_with_nothing_prepared():
-    before = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    moe_block._BLOCKS.clear()  # the session's models are shared: each test prepares its own
-    yield
-    moe_block._BLOCKS.clear()
-    mx.set_default_device(before)
-
-
-@pytest.fixture
-def fresh_q4():
-    return synth.build("synth:glm4_moe_lite/tiny/affine4")[0]
-
-
-def _same(a, b):
-    return len(a) == len(b) and all(mx.array_equal(x, y).item() for x, y in zip(a, b))
-
-
-def _plans(model):
-    return [moe_block.decode_plan(layer) for layer in model.model.layers]
-
-
-def _patched_run(model, prompt, steps, patterns=("moe_block",), **kw):
-    result = zmlx.patch(model, patterns=list(patterns), **kw)
-    try:
-        return result, greedy_logits(model, prompt, steps), _plans(model)
-    finally:
-        zmlx.unpatch(model)
+pytestmark = pytest.mark.usefixtures("blocks_on_the_cpu")
 
 
 @pytest.mark.parametrize("which", ["tiny_q4", "tiny_f32"])
@@ -62,23 +42,19 @@ def test_moe_block_is_bitwise_mlx_lm(request, which, batch):
     model, _ = request.getfixturevalue(which)
     prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
     stock = greedy_logits(model, prompt, 4)
-    result, patched, plans = _patched_run(model, prompt, 4)
+    result, patched, plans = patched_run(moe_block, model, prompt, 4)
     assert len(result.patterns["moe_block"].patched) == model.args.num_hidden_layers
-    assert _same(stock, patched)
+    assert same(stock, patched)
     # every layer ran its block at decode (the dense first one and the MoE ones)
-    assert [list(p.values()) for p in plans] == [
-        [f"reference: {names} (custom kernels do not run on MLX's CPU backend)"]
-        for names in ["residual_norm, swiglu_mlp, moe_down"]
-        + ["norm_router, moe_gate_up, moe_down"] * (model.args.num_hidden_layers - 1)
-    ]
+    assert [list(p.values()) for p in plans] == moe_block_on_the_cpu(model.args.num_hidden_layers)
 
 
 def test_without_a_shared_expert_moe_mlp_is_the_second_launch(fresh_q4):
     model = fresh_q4
     model.args.n_shared_experts = None  # every MoE's config: stock drops its shared expert too
     stock = greedy_logits(model, PROMPT, 3)
-    _, patched, plans = _patched_run(model, PROMPT, 3)
-    assert _same(stock, patched)
+    _, patched, plans = patched_run(moe_block, model, PROMPT, 3)
+    assert same(stock, patched)
     assert all("norm_router, moe_mlp, moe_down" in next(iter(p.values())) for p in plans[1:])
 
 
@@ -90,19 +66,13 @@ def test_the_comparison_sees_one_launch_off_by_a_rounding(tiny_q4, monkeypatch):
     ref = moe_block.moe_down.reference
     off = dataclasses.replace(moe_block.moe_down, reference=lambda *a, **k: ref(*a, **k) * (1 + 2**-7))
     monkeypatch.setattr(moe_block, "moe_down", off)
-    _, patched, _ = _patched_run(model, PROMPT, 2)
-    assert _same(stock[:1], patched[:1])  # the prompt: mlx-lm's own layer
-    assert not _same(stock, patched)
+    _, patched, _ = patched_run(moe_block, model, PROMPT, 2)
+    assert same(stock[:1], patched[:1])  # the prompt: mlx-lm's own layer
+    assert not same(stock, patched)
 
 
 def test_a_prompt_runs_mlx_lms_layer(tiny_q4):
-    model, _ = tiny_q4
-    zmlx.patch(model, patterns=["moe_block"])
-    try:
-        mx.eval(model(PROMPT))
-        assert _plans(model) == [{}] * model.args.num_hidden_layers  # nothing prepared
-    finally:
-        zmlx.unpatch(model)
+    check_a_prompt_runs_mlx_lms_layer(moe_block, tiny_q4[0], PROMPT)
 
 
 def test_rows_mlx_lm_sorts_run_mlx_lms_code(tiny_q4):
@@ -111,8 +81,8 @@ def test_rows_mlx_lm_sorts_run_mlx_lms_code(tiny_q4):
     model, _ = tiny_q4
     prompt = mx.array([[3, 14, 15, 92, 65]] * 16) + mx.arange(16)[:, None]
     stock = greedy_logits(model, prompt, 2)
-    _, patched, plans = _patched_run(model, prompt, 2)
-    assert _same(stock, patched)
+    _, patched, plans = patched_run(moe_block, model, prompt, 2)
+    assert same(stock, patched)
     assert next(iter(plans[0].values())).startswith("reference: residual_norm")
     assert all(
         list(p.values()) == ["mlx-lm (64 expert rows: mlx-lm sorts them by expert (its own path))"]
@@ -121,19 +91,9 @@ def test_rows_mlx_lm_sorts_run_mlx_lms_code(tiny_q4):
 
 
 def test_a_launch_that_skips_runs_mlx_lms_code_and_is_decided_once(tiny_q4, monkeypatch):
-    model, _ = tiny_q4
-    stock = greedy_logits(model, PROMPT, 3)
-    asked = []
-
-    def skipping(backend, *a, **k):
-        asked.append(1)
-        return Skip("not this shape (test)")
-
-    monkeypatch.setattr(moe_block, "moe_down", dataclasses.replace(moe_block.moe_down, launch=skipping))
-    _, patched, plans = _patched_run(model, PROMPT, 3)
-    assert _same(stock, patched)
-    assert all(list(p.values()) == ["mlx-lm (not this shape (test))"] for p in plans)
-    assert len(asked) == model.args.num_hidden_layers  # once per layer, not once per step
+    check_a_launch_that_skips_runs_mlx_lm_once_per_layer(
+        monkeypatch, moe_block, "moe_down", tiny_q4[0], PROMPT
+    )
 
 
 def test_each_layer_prepares_once_per_shape_and_again_for_new_weights(fresh_q4, monkeypatch):
@@ -155,24 +115,19 @@ def test_each_layer_prepares_once_per_shape_and_again_for_new_weights(fresh_q4, 
         assert len(prepared) == 6 * layers + 3  # only that layer, again
     finally:
         zmlx.unpatch(model)
-    assert _same(patched, greedy_logits(model, PROMPT, 2))  # stock, with the new weights
+    assert same(patched, greedy_logits(model, PROMPT, 2))  # stock, with the new weights
 
 
 def test_patch_and_unpatch_leave_the_model_as_it_was(tiny_q4):
     model, _ = tiny_q4
-
-    def snapshot():
-        mods = {p: (id(m), type(m), sorted(vars(m)), sorted(m.keys())) for p, m in model.named_modules()}
-        return mods, {k: id(v) for k, v in tree_flatten(model.parameters())}, sorted(vars(model))
-
-    before = snapshot()
+    before = snapshot(model)
     zmlx.patch(model, patterns=["moe_block"])
     layer_cls = type(model.model.layers[1])
     assert layer_cls is not glm4_moe_lite.Glm4MoeLiteDecoderLayer
     assert isinstance(model.model.layers[1], glm4_moe_lite.Glm4MoeLiteDecoderLayer)
     greedy_logits(model, PROMPT, 2)  # prepared blocks live outside the modules
     zmlx.unpatch(model)
-    assert snapshot() == before
+    assert snapshot(model) == before
     assert all(type(layer) is glm4_moe_lite.Glm4MoeLiteDecoderLayer for layer in model.model.layers)
     assert dict(vars(glm4_moe_lite.Glm4MoeLiteDecoderLayer)).get("__call__") is not None
 
@@ -196,8 +151,8 @@ def test_excluding_moe_block_leaves_todays_patterns(tiny_q4):
 def test_with_the_module_patterns_moe_block_runs_decode_and_they_run_prompts(tiny_q4):
     model, _ = tiny_q4
     stock = greedy_logits(model, PROMPT, 3)
-    result, patched, plans = _patched_run(model, PROMPT, 3, MODULE_PATTERNS + ["moe_block"])
-    assert _same(stock, patched)
+    result, patched, plans = patched_run(moe_block, model, PROMPT, 3, MODULE_PATTERNS + ["moe_block"])
+    assert same(stock, patched)
     assert all(result.patterns[n].patched for n in MODULE_PATTERNS + ["moe_block"])
     assert all(next(iter(p.values())).startswith("reference: ") for p in plans)
 
@@ -205,8 +160,8 @@ def test_with_the_module_patterns_moe_block_runs_decode_and_they_run_prompts(tin
 def test_residual_norm_yields_to_moe_block_and_says_why(tiny_q4):
     model, _ = tiny_q4
     stock = greedy_logits(model, PROMPT, 3)
-    result, patched, plans = _patched_run(model, PROMPT, 3, ["moe_block", "residual_norm"])
-    assert _same(stock, patched)
+    result, patched, plans = patched_run(moe_block, model, PROMPT, 3, ["moe_block", "residual_norm"])
+    assert same(stock, patched)
     assert len(result.patterns["moe_block"].patched) == model.args.num_hidden_layers
     assert result.patterns["residual_norm"].patched == []
     assert result.patterns["residual_norm"].skipped == [
@@ -277,13 +232,8 @@ def test_the_report_names_moe_block(tiny_q4):
     assert f"moe_block (exact): patched {model.args.num_hidden_layers}" in str(result)
 
 
-def test_moe_block_is_in_no_preset():
-    for backend in ("cpu", "cuda", "metal"):
-        for preset in ("default", "fast"):
-            chosen, why_not = select_patterns("glm4_moe_lite", None, None, PatchConfig(), backend, preset)
-            assert "moe_block" not in chosen and why_not["moe_block"].startswith(
-                f"not in the {preset} preset"
-            )
+def test_moe_block_is_in_the_cuda_presets_only():
+    check_presets(moe_block, with_it=("cuda",))
 
 
 @pytest.mark.parametrize(
@@ -294,27 +244,13 @@ def test_a_model_patched_with_moe_block_copies_patched(tiny_q4, copier):
     stock = greedy_logits(model, PROMPT, 2)
     zmlx.patch(model, patterns=["moe_block"])
     try:
-        twin = copier(model)
-        assert type(twin.model.layers[1]) is type(model.model.layers[1])
-        assert _same(greedy_logits(twin, PROMPT, 2), stock)
-        assert all(_plans(twin))  # the copy runs its own prepared blocks
-        zmlx.unpatch(twin)
-        assert type(twin.model.layers[1]) is glm4_moe_lite.Glm4MoeLiteDecoderLayer
+        check_a_copy_runs_patched(moe_block, model, copier(model), PROMPT, stock)
     finally:
         zmlx.unpatch(model)
 
 
 def test_a_layer_that_is_gone_takes_its_prepared_blocks_with_it():
-    """The blocks hold the layer's weights: they must not outlive the model."""
-    import gc
-
-    model, _ = synth.build("synth:glm4_moe_lite/tiny/affine4")
-    zmlx.patch(model, patterns=["moe_block"])
-    greedy_logits(model, PROMPT, 1)
-    assert len(moe_block._BLOCKS) == model.args.num_hidden_layers
-    del model
-    gc.collect()
-    assert moe_block._BLOCKS == {}
+    check_a_layer_that_is_gone_takes_its_prepared_blocks_with_it(moe_block, PROMPT)
 
 
 def test_a_pattern_that_yields_is_registered_after_the_one_it_yields_to():
@@ -331,10 +267,10 @@ def test_a_pattern_that_yields_is_registered_after_the_one_it_yields_to():
 def test_on_the_gpu_every_layer_runs_its_kernels_bitwise_mlx_lm(request, which):
     """One sequence (the kernels' regime on CUDA): each layer's three launches are the fused
     kernels (no reference, no mlx-lm fallback) and the tokens and logits are stock's."""
-    mx.set_default_device(mx.gpu)  # the autouse fixture puts the CPU back afterwards
+    mx.set_default_device(mx.gpu)  # blocks_on_the_cpu puts the CPU back afterwards
     model, _ = request.getfixturevalue(which)
     stock = greedy_logits(model, PROMPT, 4)
-    result, patched, plans = _patched_run(model, PROMPT, 4)
+    result, patched, plans = patched_run(moe_block, model, PROMPT, 4)
     assert result.patterns["moe_block"].path == "kernel", result.patterns["moe_block"].fallbacks
     assert all(list(p.values()) and all(v.startswith("kernel: ") for v in p.values()) for p in plans), plans
-    assert _same(stock, patched)
+    assert same(stock, patched)

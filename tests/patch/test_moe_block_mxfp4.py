@@ -4,21 +4,13 @@ references, which must be mlx-lm's own layers bitwise; on CUDA the kernels, bitw
 
 import mlx.core as mx
 import pytest
+from block_helpers import moe_block_on_the_cpu, patched_run, same
 
-import zmlx
 from zmlx import backend, synth
 from zmlx.fidelity import greedy_logits
 from zmlx.patch.patterns import moe_block
 
-
-@pytest.fixture(autouse=True)
-def _on_the_cpu_with_nothing_prepared():
-    before = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    moe_block._BLOCKS.clear()
-    yield
-    moe_block._BLOCKS.clear()
-    mx.set_default_device(before)
+pytestmark = pytest.mark.usefixtures("blocks_on_the_cpu")
 
 
 def _tiny_mxfp4():
@@ -32,19 +24,6 @@ def _tiny_mxfp4():
     return model
 
 
-def _run(model, prompt, steps):
-    result = zmlx.patch(model, patterns=["moe_block"])
-    try:
-        logits = greedy_logits(model, prompt, steps)
-        return result, logits, [moe_block.decode_plan(layer) for layer in model.model.layers]
-    finally:
-        zmlx.unpatch(model)
-
-
-def _same(a, b):
-    return len(a) == len(b) and all(mx.array_equal(x, y).item() for x, y in zip(a, b))
-
-
 @pytest.mark.parametrize("batch", [1, 2])
 def test_moe_block_takes_mxfp4_layers_bitwise_mlx_lm(batch):
     model = _tiny_mxfp4()
@@ -52,26 +31,22 @@ def test_moe_block_takes_mxfp4_layers_bitwise_mlx_lm(batch):
     assert model.model.layers[1].mlp.shared_experts.down_proj.mode == "mxfp4"
     prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
     stock = greedy_logits(model, prompt, 4)
-    result, patched, plans = _run(model, prompt, 4)
+    result, patched, plans = patched_run(moe_block, model, prompt, 4)
     assert len(result.patterns["moe_block"].patched) == model.args.num_hidden_layers
-    assert _same(stock, patched)
+    assert same(stock, patched)
     # every layer ran its three launches at decode (here their references)
-    assert [list(p.values()) for p in plans] == [
-        [f"reference: {names} (custom kernels do not run on MLX's CPU backend)"]
-        for names in ["residual_norm, swiglu_mlp, moe_down"]
-        + ["norm_router, moe_gate_up, moe_down"] * (model.args.num_hidden_layers - 1)
-    ]
+    assert [list(p.values()) for p in plans] == moe_block_on_the_cpu(model.args.num_hidden_layers)
 
 
 @pytest.mark.cuda
 def test_on_the_gpu_every_mxfp4_layer_runs_its_kernels_bitwise_mlx_lm():
     """One sequence (the kernels' regime on CUDA): each layer's three launches are the fused
     kernels with mxfp4 weights, and the tokens and logits are stock's."""
-    mx.set_default_device(mx.gpu)  # the autouse fixture puts the CPU back afterwards
+    mx.set_default_device(mx.gpu)  # blocks_on_the_cpu puts the CPU back afterwards
     model = _tiny_mxfp4()
     prompt = mx.array([[3, 14, 15, 92, 65]])
     stock = greedy_logits(model, prompt, 4)
-    result, patched, plans = _run(model, prompt, 4)
+    result, patched, plans = patched_run(moe_block, model, prompt, 4)
     assert result.patterns["moe_block"].path == "kernel", result.patterns["moe_block"].fallbacks
     assert all(list(p.values()) and all(v.startswith("kernel: ") for v in p.values()) for p in plans), plans
-    assert _same(stock, patched)
+    assert same(stock, patched)
