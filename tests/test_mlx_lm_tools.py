@@ -181,6 +181,16 @@ def test_bad_pattern_is_one_line_from_the_command(checkpoint):
     assert out.stdout == ""
 
 
+def test_kv_bits_on_an_mla_model_is_one_line_not_mlx_lm_s_traceback(checkpoint):
+    """mlx-lm's quantized KV cache cannot hold MLA's latent (its attention calls array methods
+    on the quantized tuples): zmlx says so in one line, exit 2, instead of that traceback."""
+    out = command(
+        "zmlx", "generate", "--model", checkpoint, "--prompt", "hi", "--max-tokens", "2", "--kv-bits", "4"
+    )
+    _one_line_error(out.returncode, out.stderr, "--kv-bits: this model's attention caches MLA's latent")
+    assert out.stdout == ""
+
+
 @pytest.mark.parametrize(
     "bad, words",
     [

@@ -67,6 +67,7 @@ class ToolOptions:
     exclude: tuple[str, ...] | None = None
     preset: Preset | None = None
     patch: bool = True
+    kv_bits: bool = False  # mlx-lm's --kv-bits was given (it stays in mlx-lm's arguments)
 
 
 class MlxLmHookError(ConfigError):
@@ -103,6 +104,7 @@ def split_args(argv: Sequence[str]) -> tuple[ToolOptions, list[str]]:
         exclude=parse_names(values.get("--exclude"), "--exclude"),
         preset=check_preset(values.get("--preset"), "--preset"),
         patch=not no_patch,
+        kv_bits=any(a.partition("=")[0] == "--kv-bits" for a in rest),
     )
     if not options.patch and len(values):
         raise ConfigError(f"--no-patch cannot be combined with {', '.join(sorted(values))}")
@@ -163,6 +165,19 @@ def report_lines(result, label: str) -> list[str]:
     return lines
 
 
+KV_BITS_MLA = (
+    "--kv-bits: this model's attention caches MLA's latent (kv_lora_rank), which mlx-lm's "
+    "quantized KV cache cannot hold (its attention fails on the quantized tuples); "
+    "run without --kv-bits"
+)
+
+
+def latent_cache(model) -> bool:
+    """Whether the model's attention caches an MLA latent (an attention with kv_lora_rank)."""
+    layers = getattr(model, "layers", None) or []
+    return any(hasattr(getattr(layer, "self_attn", None), "kv_lora_rank") for layer in layers)
+
+
 def patching_loader(
     loader: Callable, options: ToolOptions, config: PatchConfig | None, err: TextIO
 ) -> Callable:
@@ -173,6 +188,8 @@ def patching_loader(
     @functools.wraps(loader)
     def load(path_or_hf_repo, *args, **kwargs):
         loaded = loader(path_or_hf_repo, *args, **kwargs)
+        if options.kv_bits and latent_cache(loaded[0]):
+            raise ConfigError(KV_BITS_MLA)
         result = zmlx.patch(
             loaded[0], options.patterns, options.exclude, preset=options.preset, config=config
         )
