@@ -15,6 +15,7 @@ from zmlx.config import PatchConfig
 from zmlx.fidelity import greedy_logits
 from zmlx.kernels.core import Skip
 from zmlx.patch import select_patterns
+from zmlx.patch.patterns import moe_block
 
 
 def same(a, b) -> bool:
@@ -108,10 +109,17 @@ def check_presets(block, with_it: tuple[str, ...] = ()):
                 assert why_not[name(block)].startswith(f"not in the {preset} preset")
 
 
-def moe_block_on_the_cpu(layers: int) -> list[list[str]]:
-    """moe_block's decode plans on the CPU, layer by layer: the dense first layer's launches
-    and the MoE layers' run their references."""
-    return [
+def check_moe_block_is_bitwise_mlx_lm_on_the_cpu(model, batch: int):
+    """A random prompt of `batch` sequences and 4 greedy steps: moe_block patches every layer,
+    the logits are stock's bitwise, and at decode every layer ran its launches' references
+    (the dense first layer's and the MoE layers')."""
+    prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
+    stock = greedy_logits(model, prompt, 4)
+    result, patched, layer_plans = patched_run(moe_block, model, prompt, 4)
+    layers = model.args.num_hidden_layers
+    assert len(result.patterns["moe_block"].patched) == layers
+    assert same(stock, patched)
+    assert [list(p.values()) for p in layer_plans] == [
         [f"reference: {names} (custom kernels do not run on MLX's CPU backend)"]
         for names in ["residual_norm, swiglu_mlp, moe_down"]
         + ["norm_router, moe_gate_up, moe_down"] * (layers - 1)

@@ -14,8 +14,8 @@ from block_helpers import (
     check_a_launch_that_skips_runs_mlx_lm_once_per_layer,
     check_a_layer_that_is_gone_takes_its_prepared_blocks_with_it,
     check_a_prompt_runs_mlx_lms_layer,
+    check_moe_block_is_bitwise_mlx_lm_on_the_cpu,
     check_presets,
-    moe_block_on_the_cpu,
     patched_run,
     same,
     snapshot,
@@ -39,14 +39,7 @@ pytestmark = pytest.mark.usefixtures("blocks_on_the_cpu")
 @pytest.mark.parametrize("which", ["tiny_q4", "tiny_f32"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_moe_block_is_bitwise_mlx_lm(request, which, batch):
-    model, _ = request.getfixturevalue(which)
-    prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
-    stock = greedy_logits(model, prompt, 4)
-    result, patched, plans = patched_run(moe_block, model, prompt, 4)
-    assert len(result.patterns["moe_block"].patched) == model.args.num_hidden_layers
-    assert same(stock, patched)
-    # every layer ran its block at decode (the dense first one and the MoE ones)
-    assert [list(p.values()) for p in plans] == moe_block_on_the_cpu(model.args.num_hidden_layers)
+    check_moe_block_is_bitwise_mlx_lm_on_the_cpu(request.getfixturevalue(which)[0], batch)
 
 
 def test_without_a_shared_expert_moe_mlp_is_the_second_launch(fresh_q4):

@@ -4,7 +4,7 @@ references, which must be mlx-lm's own layers bitwise; on CUDA the kernels, bitw
 
 import mlx.core as mx
 import pytest
-from block_helpers import moe_block_on_the_cpu, patched_run, same
+from block_helpers import check_moe_block_is_bitwise_mlx_lm_on_the_cpu, patched_run, same
 
 from zmlx import backend, synth
 from zmlx.fidelity import greedy_logits
@@ -29,13 +29,7 @@ def test_moe_block_takes_mxfp4_layers_bitwise_mlx_lm(batch):
     model = _tiny_mxfp4()
     assert model.model.layers[1].mlp.switch_mlp.gate_proj.mode == "mxfp4"
     assert model.model.layers[1].mlp.shared_experts.down_proj.mode == "mxfp4"
-    prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
-    stock = greedy_logits(model, prompt, 4)
-    result, patched, plans = patched_run(moe_block, model, prompt, 4)
-    assert len(result.patterns["moe_block"].patched) == model.args.num_hidden_layers
-    assert same(stock, patched)
-    # every layer ran its three launches at decode (here their references)
-    assert [list(p.values()) for p in plans] == moe_block_on_the_cpu(model.args.num_hidden_layers)
+    check_moe_block_is_bitwise_mlx_lm_on_the_cpu(model, batch)
 
 
 @pytest.mark.cuda
