@@ -12,7 +12,18 @@ def cases():
 
 
 def test_every_block_kernel_has_a_case(cases):
-    assert set(cases) == {"norm_router", "moe_gate_up", "moe_down", "norm_qkv_a", "mla_q_prep (close)"}
+    prepared = {"norm_router", "moe_gate_up", "moe_down", "norm_qkv_a"}
+    assert set(cases) == prepared | {f"{k} (prepared)" for k in prepared} | {"mla_q_prep (close)"}
+
+
+def test_a_prepared_case_computes_what_the_public_function_does(cases):
+    # on the CPU both run the reference; the prepared call must hand it the same arguments
+    import mlx.core as mx
+
+    for name in ("norm_router", "moe_gate_up", "moe_down", "norm_qkv_a"):
+        want, got = cases[name].fused(), cases[f"{name} (prepared)"].fused()
+        want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+        assert all(mx.array_equal(w, g).item() for w, g in zip(want, got, strict=True)), name
 
 
 def test_the_cases_have_glm47_flash_decode_shapes(cases):

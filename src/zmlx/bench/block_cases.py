@@ -1,7 +1,10 @@
 """The block patterns' kernels in the per-kernel micro-benchmark (zmlx.bench.kernels), at
 GLM-4.7-Flash's decode shapes (one token, affine 4-bit, group 64, bf16): each kernel against
 its reference, which is the stock op sequence it replaces (mla_q_prep's reference widens
-stock's `embed_q` output to float32 at the end, one cheap op more on the stock side).
+stock's `embed_q` output to float32 at the end, one cheap op more on the stock side). The
+kernels the block patterns call through prepared launches are timed both ways: through
+their public function (which plans every call) and prepared ("(prepared)" cases), as the
+patterns call them.
 
 moe_block: `norm_router` (residual add + RMSNorm + gate matvec + routing), `moe_gate_up`
 (routed and shared experts' gate + up + SwiGLU), `moe_down` (down projections + combine +
@@ -25,6 +28,7 @@ from zmlx.kernels.moe_down import reference as down_stock
 from zmlx.kernels.moe_gate_up import moe_gate_up
 from zmlx.kernels.moe_gate_up import reference as gate_up_stock
 from zmlx.kernels.moe_mlp import quantized_experts
+from zmlx.kernels.prepared import prepare
 from zmlx.kernels.swiglu_mlp import quantized_linear
 
 # GLM-4.7-Flash: hidden 2048, 64 experts (8 stored: a call reads only its 4 either way),
@@ -35,7 +39,19 @@ HEADS, QLR, NOPE, ROPE, RANK = 20, 768, 192, 64, 512
 Q4 = dict(group_size=64, bits=4)
 
 
-def _case(name: str, shape: str, stock, fused, args: tuple, kwargs: dict) -> Case:
+def _case(name: str, shape: str, stock, fused, args: tuple, kwargs: dict, live: tuple[int, ...] = ()) -> Case:
+    """stock's ops against the fused kernel, called as the block patterns call it where `live`
+    names the per-call arguments (a prepared launch: zmlx.kernels.prepared; the kernel's name
+    then ends in "(prepared)"), else through the kernel's public function, which plans
+    every call."""
+    if live:
+        call = prepare(fused, args, kwargs, live)
+        return Case(
+            f"{name} (prepared)",
+            shape,
+            functools.partial(stock, *args, **kwargs),
+            functools.partial(call, *(args[i] for i in live)),
+        )
     return Case(
         name, shape, functools.partial(stock, *args, **kwargs), functools.partial(fused, *args, **kwargs)
     )
@@ -68,11 +84,37 @@ def moe_block_cases() -> list[Case]:
             route_kw,
         ),
         _case(
+            "norm_router",
+            f"{shape}, {D} wide, {E} experts, top-{K}",
+            router.reference,
+            router.norm_router,
+            (x, r, norm_w, gate_w, bias),
+            route_kw,
+            live=(0, 1),
+        ),
+        _case(
             "moe_gate_up",
             f"{shape}, {K} experts + shared, 2 x {INTER} x {D}",
             gate_up_stock,
             moe_gate_up,
             (xn, inds, *gate, *up, *sgate, *sup),
+            shared_kw,
+        ),
+        _case(
+            "moe_gate_up",
+            f"{shape}, {K} experts + shared, 2 x {INTER} x {D}",
+            gate_up_stock,
+            moe_gate_up,
+            (xn, inds, *gate, *up, *sgate, *sup),
+            shared_kw,
+            live=(0, 1),
+        ),
+        _case(
+            "moe_down",
+            f"{shape}, {K} experts + shared, {D} x {INTER}, + residual",
+            down_stock,
+            moe_down,
+            (hr, inds, scores, *down, h, hs, *sdown),
             shared_kw,
         ),
         _case(
@@ -82,6 +124,7 @@ def moe_block_cases() -> list[Case]:
             moe_down,
             (hr, inds, scores, *down, h, hs, *sdown),
             shared_kw,
+            live=(0, 1, 2, 6, 7),
         ),
     ]
 
@@ -105,6 +148,15 @@ def mla_block_cases(position: int = 4095) -> list[Case]:
             qkv_a.norm_qkv_a,
             args,
             kw,
+        ),
+        _case(
+            "norm_qkv_a",
+            f"{shape}, {D} wide, q_a {QLR} + kv_a {RANK + ROPE} rows",
+            qkv_a.reference,
+            qkv_a.norm_qkv_a,
+            args,
+            kw,
+            live=(0,),
         ),
         _case(
             "mla_q_prep (close)",
