@@ -131,7 +131,7 @@ _BLOCK_ROUTES = (
 
 def _deepseek(model_type: str, module: str, prefix: str, model_module: str | None = None) -> Family:
     """The DeepSeek-V3 family: MLA attention, sigmoid MoEGate with correction bias (group-limited
-    where n_group > 1: moe_router and moe_block skip those layers), SwitchGLU experts, a shared
+    where n_group > 1: the router kernels compute that too), SwitchGLU experts, a shared
     expert. `prefix` names the module's classes (DeepseekV3, DeepseekV32). The DSA models
     (deepseek_v32, glm_moe_dsa) have an indexer: the attention patterns' checks refuse it."""
     dsa = prefix == "DeepseekV32"

@@ -21,7 +21,6 @@ from zmlx.patch import PATTERNS
 
 _GQA = "GQA attention, not MLA"
 _DSA = "DSA indexer (sparse attention over the cache's top-k positions) is not supported"
-_GROUPED = "group-limited routing (n_group=4) is not fused"
 _SOFTMAX = "softmax router inside the MoE block"
 _BLOCK_ROUTES = "the MoE block routes in its own __call__"
 _SOFTMAX_GATE = "router is a QuantizedLinear: softmax routing inside the MoE block"
@@ -32,8 +31,6 @@ _YIELDS = "moe_block is applied and this pattern would bypass it"
 # (a pattern that patches some modules and skips others is in both APPLIES and here)
 SKIPS: dict[str, dict[str, set[str]]] = {
     "deepseek_v3": {
-        "moe_router": {_GROUPED},
-        "moe_block": {_GROUPED},  # the MoE layers; the dense one is patched
         "moe_combine": {_WINS},
         "residual_norm": {_YIELDS},
         "glm47_rope": {"__call__ already replaced by mla_attention"},
@@ -44,8 +41,6 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "glm47_rope": {"__call__ already replaced by mla_attention"},
     },
     "deepseek_v32": {
-        "moe_router": {_GROUPED},
-        "moe_block": {_GROUPED},
         "moe_combine": {_WINS},
         "residual_norm": {"the model loop takes the mask from the DSA CacheList"},
         "glm47_rope": {_DSA},
@@ -173,12 +168,24 @@ def test_moe_block_refuses_a_softmax_router_instead_of_failing():
     assert PATTERNS["moe_router"].check(layer.mlp.gate, {}) == why
 
 
-def test_group_limited_routing_is_skipped_by_both_router_patterns():
+def test_group_limited_routing_is_taken_by_both_router_patterns():
+    """DeepSeek-V3's grouping is fused; a grouping the router kernels do not take is refused
+    by both with the same reason (3 groups of 16 experts do not divide)."""
     model = build("deepseek_v3")
-    moe = model.model.layers[1].mlp
-    assert moe.gate.n_group == 4
-    assert PATTERNS["moe_router"].check(moe.gate, {}) == _GROUPED
-    assert PATTERNS["moe_block"].check(model.model.layers[1], {}) == _GROUPED
+    layer = model.model.layers[1]
+    assert (layer.mlp.gate.n_group, layer.mlp.gate.topk_group) == (4, 2)
+    assert PATTERNS["moe_router"].check(layer.mlp.gate, {}) is None
+    assert PATTERNS["moe_block"].check(layer, {}) is None
+    gate = layer.mlp.gate
+    try:
+        gate.n_group = 3
+        why = "16 experts in 3 groups (the kernel takes <= 32 groups of >= 2 experts)"
+        assert PATTERNS["moe_router"].check(gate, {}) == why
+        assert PATTERNS["moe_block"].check(layer, {}) == why
+        gate.n_group, gate.topk_group = 4, 5
+        assert PATTERNS["moe_router"].check(gate, {}) == "topk_group=5 of 4 groups"
+    finally:
+        gate.n_group, gate.topk_group = 4, 2
 
 
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"glm4_moe_lite"}))

@@ -169,6 +169,7 @@ def applied(result) -> set[str]:
 # skipped with their reasons: tests/patch/test_families.py)
 APPLIES = {
     "deepseek_v3": {
+        "moe_router",
         "moe_combine",
         "downproj_combine",
         "moe_mlp",
@@ -176,17 +177,17 @@ APPLIES = {
         "glm47_rope",
         "mla_attention",
         "mla_block",
-        "moe_block",  # the dense layer (the MoE layers route group-limited)
+        "moe_block",
         "residual_norm",
         "compiled_decode",
     },
-    "deepseek_v32": {"moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
+    "deepseek_v32": {"moe_router", "moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
     "glm4_moe": {"moe_router", "moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
     "qwen3_moe": {"moe_mlp", "swiglu_mlp", "moe_block"},
     "mixtral": {"moe_mlp"},
 }
-APPLIES["kimi_k25"] = APPLIES["deepseek_v3"] | {"moe_router"}
-APPLIES["glm_moe_dsa"] = APPLIES["deepseek_v32"] | {"moe_router"}
+APPLIES["kimi_k25"] = APPLIES["deepseek_v3"]
+APPLIES["glm_moe_dsa"] = APPLIES["deepseek_v32"]
 FAMILY_NAMES = sorted(APPLIES)
 CLOSE_ON_CPU = {"mla_attention", "mla_block"}  # float32 attention: not stock's bf16 op sequence
 

@@ -10,6 +10,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx_lm.models.switch_layers import SwiGLU
 
+from zmlx.kernels.moe_router import groups_reason
 from zmlx.kernels.quant import weights_of
 
 _SIDE_STREAMS: dict[str, mx.Stream] = {}
@@ -32,9 +33,10 @@ def shared_expert(moe, x, overlap: bool):
 
 def router_reason(gate) -> str | None:
     """Why an MoE block's router is not the DeepSeek-style one that moe_router and moe_block's
-    norm_router compute (sigmoid scores plus a correction bias for selection, noaux_tc top-k in
-    one group), or None. Softmax routers (Qwen3-MoE, Mixtral, gpt-oss) route inside the block's
-    own __call__, with no gate module that returns (inds, scores)."""
+    norm_router compute (sigmoid scores plus a correction bias for selection, noaux_tc top-k,
+    in one group or group-limited as DeepSeek-V3's), or None. Softmax routers (Qwen3-MoE,
+    Mixtral, gpt-oss) route inside the block's own __call__, with no gate module that returns
+    (inds, scores)."""
     if not hasattr(gate, "e_score_correction_bias"):
         return (
             f"router is a {type(gate).__name__}: softmax routing inside the MoE block "
@@ -44,10 +46,8 @@ def router_reason(gate) -> str | None:
         return f"topk_method {gate.config.topk_method!r} (only noaux_tc is fused)"
     if getattr(gate.config, "scoring_func", "sigmoid") != "sigmoid":
         return f"scoring_func {gate.config.scoring_func!r} (only sigmoid is fused)"
-    if gate.n_group > 1:
-        # the kernels would take their references (stock's own ops): nothing to gain
-        return f"group-limited routing (n_group={gate.n_group}) is not fused"
-    return None
+    # groupings the kernels do not take would run their references (stock's own ops): nothing to gain
+    return groups_reason(gate.weight.shape[0], gate.n_group, gate.topk_group)
 
 
 def experts_reason(switch) -> str | None:
