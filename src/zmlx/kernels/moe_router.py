@@ -22,8 +22,9 @@ GPU's stable ascending sort of those sums (NaN last, ties to the lower group) ha
 biased scores set to 0.0 (not removed: such an expert can still be chosen when kept
 scores are negative); then the same top-k as with one group.
 
-Device code: csrc/moe_router.h (MLX's sigmoid, the sort order `zmlx_before`) and
-csrc/moe_router_body.h (the body).
+Device code: csrc/moe_router.h (MLX's sigmoid, its sort orders `zmlx_less`/`zmlx_before`,
+the group step `zmlx_limit_groups`, which norm_router calls too) and csrc/moe_router_body.h
+(the body).
 """
 
 from __future__ import annotations
