@@ -181,6 +181,19 @@ def _gpu_order_reference(gates, bias, top_k, kw):
     return inds, picked * kw["routed_scaling_factor"]
 
 
+@pytest.mark.parametrize("shape,experts,top_k,kw", KERNEL_SHAPES)
+def test_gpu_order_reference_chooses_stocks_experts(shape, experts, top_k, kw):
+    """The emulation tests' GPU-order reference picks the experts mlx-lm picks on the CPU
+    (without ties the set is the same; the CPU's argpartition leaves it in another order)."""
+    gates, bias, kw = _inputs(shape, experts, mx.float32, experts + 5 * top_k, False, kw)
+    want_i, want_s = _stock(gates, bias, top_k, kw)
+    got_i, got_s = _gpu_order_reference(gates, bias, top_k, kw)
+    order_w, order_g = mx.argsort(want_i, axis=-1), mx.argsort(got_i, axis=-1)
+    take = mx.take_along_axis
+    assert mx.array_equal(take(want_i, order_w, axis=-1), take(got_i, order_g, axis=-1)).item()
+    assert mx.allclose(take(want_s, order_w, axis=-1), take(got_s, order_g, axis=-1), rtol=1e-6).item()
+
+
 def test_launch_says_why_it_takes_the_reference():
     g, b = mx.zeros((1, 64)), mx.zeros((64,))
     assert "groups" in launch("cuda", g, b, top_k=4, n_group=64, topk_group=4).reason
