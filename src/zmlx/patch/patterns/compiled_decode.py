@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
+from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import Any, Iterator
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -65,7 +66,8 @@ class _Step:
         self.compiled_steps = 0
         self.stock_steps: Counter[str] = Counter()
         self._live: tuple[Any, list] | None = None  # (model, caches) of the call being run
-        self._fn = mx.compile(self._trace)
+        self._compiled = mx.compile(self._trace)
+        self._fn = self._compiled
 
     def _trace(self, inputs, position, *buffers):
         """Run once per new (bucket, batch, dtype) signature, by mx.compile, with tracers."""
@@ -151,6 +153,21 @@ def stats(model) -> dict[str, Any]:
         "compiled_steps": step.compiled_steps,
         "stock_steps": dict(step.stock_steps),
     }
+
+
+@contextmanager
+def uncompiled(model) -> Iterator[None]:
+    """Inside, `model`'s decode steps run the traced step's code eagerly, without mx.compile:
+    the static cache's traced path (whole buffers, device position, mask) with MLX's eager
+    kernels. A diagnostic: what differs between it and mlx-lm's eager step is the static
+    path's, what differs between it and the compiled step is mx.compile's
+    (benchmarks/gpu/diagnose_compiled.py). Each such step counts as a trace in `stats`."""
+    step = _step_for(model, check_weights=False)
+    step._fn = step._trace
+    try:
+        yield
+    finally:
+        step._fn = step._compiled
 
 
 def _call(self, inputs, cache=None):
