@@ -193,6 +193,16 @@ def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, lead, d, e
     assert mx.abs(scores - want).max().item() <= bar
 
 
+@pytest.mark.parametrize("lead,d,experts,top_k,kw", GROUP_CASES)
+def test_gpu_order_limits_groups_as_mlx_lm(lead, d, experts, top_k, kw):
+    """The emulation test's GPU-order routing picks the experts mlx-lm's MoEGate picks on the
+    CPU (the same set; the CPU's argpartition leaves it in another order)."""
+    args = inputs(lead, d, experts, mx.float32, d)
+    _, xn, want_i, _ = stock(*args, **kw)
+    got_i, _ = _gpu_order(xn @ args[3].T, args[4], **kw)
+    assert mx.array_equal(mx.sort(got_i, axis=-1), mx.sort(want_i, axis=-1)).item()
+
+
 def _clear(values, margin=0.005):
     """Sorted, neighbours exactly tied or at least `margin` apart (a rounding of a gate moves
     them by far less): every order of the dot ranks them alike."""
