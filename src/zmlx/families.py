@@ -76,6 +76,9 @@ FAMILIES: dict[str, Family] = {
             "swiglu_mlp": Target("Glm4MoeLiteMLP"),  # shared experts and the dense first layer
             "glm47_rope": Target("Glm4MoeLiteAttention"),  # exact; in the CUDA preset
             "mla_attention": Target("Glm4MoeLiteAttention"),  # close: opt-in
+            # close (bitwise stock unless the cache is quantized): reads mlx-lm's quantized KV
+            # cache (kv_bits); opt-in, `zmlx generate|chat|server --kv-bits` turns it on
+            "mla_kv_quant": Target("Glm4MoeLiteAttention"),
             # close (exact on CUDA): the decoder layer's MoE half in three launches; opt-in
             # until the ledger shows it faster
             "moe_block": Target("Glm4MoeLiteDecoderLayer", {"renorm_eps": 1e-20}),
@@ -143,6 +146,7 @@ def _deepseek(model_type: str, module: str, prefix: str, model_module: str | Non
         "swiglu_mlp": Target(f"{prefix}MLP"),
         "glm47_rope": Target(f"{prefix}Attention"),
         "mla_attention": Target(f"{prefix}Attention"),
+        "mla_kv_quant": Target(f"{prefix}Attention"),
         "moe_block": Target(f"{prefix}DecoderLayer", _NO_EPS),
         "mla_block": Target(f"{prefix}DecoderLayer"),
         "compiled_decode": Target("Model", module=model_module),
@@ -175,7 +179,10 @@ def _softmax_moe(model_type: str, module: str, targets: Mapping[str, Target], sk
             "moe_router": _SOFTMAX,
             "moe_combine": _BLOCK_ROUTES,
             "downproj_combine": _BLOCK_ROUTES,
-            **{p: _GQA for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode")},
+            **{
+                p: _GQA
+                for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode", "mla_kv_quant")
+            },
             **skips,
         },
     )
@@ -206,7 +213,10 @@ FAMILIES.update(
             preset=("moe_router", "moe_combine"),
             presets_on={"cuda": ("moe_router", "moe_mlp", "downproj_combine")},
             skips={
-                **{p: _GQA for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode")},
+                **{
+                    p: _GQA
+                    for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode", "mla_kv_quant")
+                },
                 "residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array",
             },
         ),

@@ -26,6 +26,7 @@ _BLOCK_ROUTES = "the MoE block routes in its own __call__"
 _SOFTMAX_GATE = "router is a QuantizedLinear: softmax routing inside the MoE block"
 _WINS = "__call__ already replaced by downproj_combine"
 _YIELDS = "moe_block is applied and this pattern would bypass it"
+_MLA_ONLY = ("glm47_rope", "mla_attention", "mla_block", "compiled_decode", "mla_kv_quant")
 
 # family -> pattern -> what its skip reasons say, when every pattern is asked for at once
 # (a pattern that patches some modules and skips others is in both APPLIES and here)
@@ -34,11 +35,13 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "moe_combine": {_WINS},
         "residual_norm": {_YIELDS},
         "glm47_rope": {"__call__ already replaced by mla_attention"},
+        "mla_kv_quant": {"__call__ already replaced by mla_attention"},
     },
     "kimi_k25": {
         "moe_combine": {_WINS},
         "residual_norm": {_YIELDS},
         "glm47_rope": {"__call__ already replaced by mla_attention"},
+        "mla_kv_quant": {"__call__ already replaced by mla_attention"},
     },
     "deepseek_v32": {
         "moe_combine": {_WINS},
@@ -47,6 +50,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "mla_attention": {_DSA},
         "mla_block": {_DSA},
         "compiled_decode": {"layer 0 has a DSA indexer"},
+        "mla_kv_quant": {"DSA indexer: the layer's cache is a CacheList"},
     },
     "glm_moe_dsa": {
         "moe_combine": {_WINS},
@@ -55,11 +59,12 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "mla_attention": {_DSA},
         "mla_block": {_DSA},
         "compiled_decode": {"layer 0 has a DSA indexer"},
+        "mla_kv_quant": {"DSA indexer: the layer's cache is a CacheList"},
     },
     "glm4_moe": {
         "moe_combine": {_WINS},
         "residual_norm": {"the model loop passes a 'causal' mask"},
-        **{p: {_GQA} for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode")},
+        **{p: {_GQA} for p in _MLA_ONLY},
     },
     "qwen3_moe": {
         "moe_router": {_SOFTMAX},
@@ -67,7 +72,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "downproj_combine": {_BLOCK_ROUTES},
         "moe_block": {_SOFTMAX_GATE},  # the MoE layers; the dense one is patched
         "residual_norm": {"the model loop passes a 'causal' mask"},
-        **{p: {_GQA} for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode")},
+        **{p: {_GQA} for p in _MLA_ONLY},
     },
     "mixtral": {
         "moe_router": {_SOFTMAX},
@@ -76,7 +81,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "moe_block": {"the decoder layer calls block_sparse_moe, a softmax top-2 router"},
         "swiglu_mlp": {"no dense MLP"},
         "residual_norm": {"the decoder layer calls block_sparse_moe, not mlp"},
-        **{p: {_GQA} for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode")},
+        **{p: {_GQA} for p in _MLA_ONLY},
     },
 }
 

@@ -1,6 +1,6 @@
 """The registry: every pattern zmlx knows, by name (one small file each). Order matters
 where two patterns replace the same method: the earlier one wins (downproj_combine
-before moe_combine, mla_attention before glm47_rope), unless both supply a part of it
+before moe_combine, mla_attention before glm47_rope before mla_kv_quant), unless both supply a part of it
 (Pattern.part: moe_block and mla_block, the decoder layer's two halves); and a pattern
 that yields to another (Pattern.yields_to: residual_norm to moe_block and mla_block) comes
 after it."""
@@ -11,6 +11,7 @@ from zmlx.patch.patterns import (
     glm47_rope,
     mla_attention,
     mla_block,
+    mla_kv_quant,
     moe_block,
     moe_combine,
     moe_mlp,
@@ -32,6 +33,7 @@ PATTERNS = {
         swiglu_mlp.PATTERN,
         mla_attention.PATTERN,
         glm47_rope.PATTERN,
+        mla_kv_quant.PATTERN,
         compiled_decode.PATTERN,
     )
 }

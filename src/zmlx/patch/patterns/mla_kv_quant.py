@@ -1,0 +1,102 @@
+"""mla_kv_quant: MLA attention over a quantized latent cache (mlx-lm's `--kv-bits` / `kv_bits`).
+
+Patches the MLA attention class (on glm4_moe_lite: `Glm4MoeLiteAttention`). mlx-lm's
+`maybe_quantize_kv_cache` turns each layer's `KVCache` into a `QuantizedKVCache` once its
+offset reaches `quantized_kv_start`; mlx-lm's MLA attention then fails on the triples that
+cache returns. With this pattern, a step whose cache is a `QuantizedKVCache` runs mlx-lm's
+projections and rope, writes the new kv_latent and k_pe through the cache's own
+update_and_fetch (quantized there), and reads the cached triples:
+
+- decode (one token): `zmlx.latent_quant.latent_attention`, the reference a fused
+  dequant-in-attention kernel replaces (the quantized arrays are its inputs);
+- a prompt (several tokens into an already quantized cache: `--quantized-kv-start 0` with a
+  prompt longer than one prefill chunk, a chat's later turns, a reused prompt cache): the
+  cache's whole latent dequantized, then mlx-lm's prompt branch (keys embed_q(latent), values
+  unembed_out(latent)).
+
+With any other cache (or none) the call is mlx-lm's method: bitwise stock. Close with a
+quantized cache (judged by the accuracy rule against the bf16 cache). Only 4 and 8 bits
+with groups of 32 or 64 are taken (latent_quant.BITS, GROUP_SIZES); others raise ValueError.
+DSA models (deepseek_v32, glm_moe_dsa) are skipped: their cache is a CacheList, which mlx-lm
+never quantizes. Registered after mla_attention and glm47_rope: where one of those replaced
+the attention's method, it wins and this pattern is skipped on that module.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import mlx.core as mx
+
+from zmlx.latent_quant import dequantize, is_quantized, kv_quant_error, latent_attention
+from zmlx.patch.attention import project
+from zmlx.patch.pattern import Pattern
+
+SMALLEST_GROUP = 32
+
+
+def check(attn, params) -> str | None:
+    if hasattr(attn, "indexer"):
+        return "DSA indexer: the layer's cache is a CacheList, which mlx-lm does not quantize"
+    if not all(hasattr(attn, a) for a in ("embed_q", "unembed_out", "kv_a_proj_with_mqa", "kv_a_layernorm")):
+        return "not a latent-space (MLA) attention"
+    for name in ("kv_lora_rank", "qk_rope_head_dim"):
+        if getattr(attn, name) % SMALLEST_GROUP:
+            return f"{name} {getattr(attn, name)} is not a multiple of {SMALLEST_GROUP} (the smallest group)"
+    return None
+
+
+@cache
+def make():
+    def __call__(self, x, mask=None, cache=None):
+        if not is_quantized(cache):
+            return type(self).__zmlx_original__.__call__(self, x, mask, cache)
+        if (why := kv_quant_error(cache.bits, cache.group_size)) is not None:
+            raise ValueError(why)
+        # mlx-lm's MLA attention up to the cache update, in its order
+        B, L, _ = x.shape
+        q, compressed_kv = project(self, x)
+        q = q.reshape(B, L, self.num_heads, self.q_head_dim).transpose(0, 2, 1, 3)
+        q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
+        compressed_kv, k_pe = mx.split(compressed_kv, [self.kv_lora_rank], axis=-1)
+        k_pe = k_pe.reshape(B, L, 1, self.qk_rope_head_dim).transpose(0, 2, 1, 3)
+        kv_latent = self.kv_a_layernorm(compressed_kv)
+        q_pe = self.rope(q_pe, cache.offset)
+        k_pe = self.rope(k_pe, cache.offset)
+        kv_latent = mx.expand_dims(kv_latent, axis=1)
+        latent, pe = cache.update_and_fetch(kv_latent, k_pe)
+        quant = dict(group_size=cache.group_size, bits=cache.bits)
+        if L == 1:
+            q_nope = self.embed_q(q_nope)
+            output = latent_attention(q_nope, q_pe, latent, pe, scale=self.scale, mask=mask, **quant)
+            output = self.unembed_out(output)
+        else:
+            output = _prompt(self, q_nope, q_pe, dequantize(latent, **quant), dequantize(pe, **quant), mask)
+        output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(output)
+
+    return __call__
+
+
+def _prompt(attn, q_nope, q_pe, kv_latent, k_pe, mask):
+    """mlx-lm's prompt branch over the dequantized cache."""
+    pe_scores = (q_pe * attn.scale) @ k_pe.swapaxes(-1, -2)
+    if mask is not None:
+        pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
+    k = attn.embed_q(kv_latent, transpose=False)
+    v = attn.unembed_out(kv_latent)
+    return mx.fast.scaled_dot_product_attention(q_nope, k, v, scale=attn.scale, mask=pe_scores)
+
+
+PATTERN = Pattern(
+    name="mla_kv_quant",
+    summary=(
+        "MLA attention over mlx-lm's quantized KV cache (kv_bits 4/8): the latent and k_pe cached"
+        " quantized, read through dequantization (otherwise mlx-lm's method)"
+    ),
+    fidelity="close",
+    kernels=(),
+    check=check,
+    make=make,
+    paths=("decode", "prefill"),
+)
