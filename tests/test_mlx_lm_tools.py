@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import pytest
 
 from zmlx import mlx_lm_tools, synth
-from zmlx.config import ConfigError
+from zmlx.config import ConfigError, PatchConfig
 
 TIMEOUT = 120  # seconds for one command; a tiny model answers in a few
 
@@ -181,14 +181,63 @@ def test_bad_pattern_is_one_line_from_the_command(checkpoint):
     assert out.stdout == ""
 
 
-def test_kv_bits_on_an_mla_model_is_one_line_not_mlx_lm_s_traceback(checkpoint):
-    """mlx-lm's quantized KV cache cannot hold MLA's latent (its attention calls array methods
-    on the quantized tuples): zmlx says so in one line, exit 2, instead of that traceback."""
+def test_kv_bits_on_an_mla_model_runs_the_quantized_latent_cache(checkpoint):
+    """mlx-lm's own attention fails on its quantized cache's tuples (a traceback); zmlx adds
+    mla_kv_quant, which reads the quantized latent, and mlx-lm's generate runs."""
+    args = ("--model", checkpoint, "--prompt", "hi", "--max-tokens", "4", "--kv-bits", "8")
+    args += ("--quantized-kv-start", "0")
+    out = command("mlx_lm", "generate", *args)
+    assert out.returncode != 0 and "swapaxes" in out.stderr
+    out = command("zmlx", "generate", *args)
+    assert out.returncode == 0, out.stderr
+    assert "zmlx:   mla_kv_quant (close) patched 4, skipped 0" in out.stderr
+    assert "Generation: 4 tokens" in out.stdout
+
+
+def test_kv_bits_the_latent_cache_does_not_read_is_one_line(checkpoint):
     out = command(
-        "zmlx", "generate", "--model", checkpoint, "--prompt", "hi", "--max-tokens", "2", "--kv-bits", "4"
+        "zmlx", "generate", "--model", checkpoint, "--prompt", "hi", "--max-tokens", "2", "--kv-bits", "3"
     )
-    _one_line_error(out.returncode, out.stderr, "--kv-bits: this model's attention caches MLA's latent")
+    _one_line_error(out.returncode, out.stderr, "--kv-bits 3 is not supported for an MLA latent cache")
     assert out.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--kv-bits", "8", "--kv-group-size=128"], "--kv-group-size 128 is not supported"),
+        (["--kv-bits", "4", "--no-patch"], "zmlx's mla_kv_quant can: drop --no-patch"),
+        (["--kv-bits", "4", "--exclude", "mla_kv_quant"], "mla_kv_quant can: do not exclude it"),
+        (["--kv-bits", "4", "--patterns", "moe_router"], "add mla_kv_quant to --patterns"),
+        (["--kv-bits=4", "--patterns", "mla_kv_quant,glm47_rope"], "leave glm47_rope out of --patterns"),
+    ],
+)
+def test_kv_bits_selection_on_an_mla_model_refuses_in_one_line(checkpoint, argv, words):
+    module = mlx_lm_tools.tool_module("generate")
+    options, _ = mlx_lm_tools.split_args(argv)
+    with mlx_lm_tools.patched_loaders(module, options, PatchConfig()):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            module.load(checkpoint)
+
+
+def test_kv_bits_leaves_out_the_patterns_that_cannot_read_a_quantized_latent():
+    options, _ = mlx_lm_tools.split_args(["--kv-bits", "8", "--kv-group-size", "32", "--exclude", "moe_mlp"])
+    assert options.kv_quant == (8, 32)
+    chosen, config = mlx_lm_tools.kv_quant_selection(options, PatchConfig())
+    assert chosen.patterns is None and chosen.exclude == ("moe_mlp", *mlx_lm_tools.KV_QUANT_CONFLICTS)
+    assert config.flag("mla_kv_quant") is True
+
+
+def test_kv_bits_on_a_dsa_model_is_one_line():
+    """DeepSeek-V3.2 / GLM-5 keep a CacheList mlx-lm never quantizes: refused with the reason."""
+    import zmlx
+
+    model = synth.build("synth:deepseek_v32/tiny/bf16")[0]
+    options, _ = mlx_lm_tools.split_args(["--kv-bits", "4"])
+    chosen, config = mlx_lm_tools.kv_quant_selection(options, PatchConfig())
+    result = zmlx.patch(model, chosen.patterns, chosen.exclude, config=config)
+    with pytest.raises(ConfigError, match="mla_kv_quant does not apply \\(DSA indexer"):
+        mlx_lm_tools.check_kv_quant(result)
 
 
 @pytest.mark.parametrize(

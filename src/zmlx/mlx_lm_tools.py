@@ -15,10 +15,16 @@ arguments before mlx-lm parses them; every other argument reaches mlx-lm untouch
 patch report goes to stderr, one line per pattern, so stdout is exactly what mlx-lm prints.
 The shim relies on mlx-lm internals (the module-level loader names); `check_hooks` says
 clearly when an mlx-lm version no longer has them.
+
+mlx-lm's `--kv-bits` on an MLA model (its cache holds the latent) needs the mla_kv_quant
+pattern on every attention: the preset's patterns run less those that cannot read a
+quantized latent (KV_QUANT_CONFLICTS), plus mla_kv_quant; anything else (--no-patch, DSA
+models, bits other than 4 and 8, groups other than 32 and 64) is one error line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import sys
@@ -68,6 +74,8 @@ class ToolOptions:
     preset: Preset | None = None
     patch: bool = True
     kv_bits: bool = False  # mlx-lm's --kv-bits was given (it stays in mlx-lm's arguments)
+    # the values of mlx-lm's --kv-bits and --kv-group-size where given as integers (else None)
+    kv_quant: tuple[int | None, int | None] = (None, None)
 
 
 class MlxLmHookError(ConfigError):
@@ -105,10 +113,23 @@ def split_args(argv: Sequence[str]) -> tuple[ToolOptions, list[str]]:
         preset=check_preset(values.get("--preset"), "--preset"),
         patch=not no_patch,
         kv_bits=any(a.partition("=")[0] == "--kv-bits" for a in rest),
+        kv_quant=(_int_value(rest, "--kv-bits"), _int_value(rest, "--kv-group-size")),
     )
     if not options.patch and len(values):
         raise ConfigError(f"--no-patch cannot be combined with {', '.join(sorted(values))}")
     return options, rest
+
+
+def _int_value(args: Sequence[str], flag: str) -> int | None:
+    """The last value of mlx-lm's `flag` in `args` as an int; None when it is absent or not an
+    int (mlx-lm's own parser then says so)."""
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, text = arg.partition("=")
+        if name == flag:
+            text = text if eq else (args[i + 1] if i + 1 < len(args) else "")
+            value = int(text) if text.lstrip("-").isdigit() else None
+    return value
 
 
 def tool_module(tool: str):
@@ -167,9 +188,49 @@ def report_lines(result, label: str) -> list[str]:
 
 KV_BITS_MLA = (
     "--kv-bits: this model's attention caches MLA's latent (kv_lora_rank), which mlx-lm's "
-    "quantized KV cache cannot hold (its attention fails on the quantized tuples); "
-    "run without --kv-bits"
+    "attention cannot read from its quantized KV cache (it fails on the quantized tuples); {fix}"
 )
+
+# With --kv-bits on an MLA model the mla_kv_quant pattern must patch every attention: these
+# patterns replace the attention's method first (registered earlier) and read a bf16 cache
+# only, or give the model a cache that mlx-lm never quantizes (compiled_decode's static one).
+KV_QUANT_CONFLICTS = ("mla_attention", "glm47_rope", "compiled_decode")
+
+
+def kv_quant_selection(options: ToolOptions, config: PatchConfig) -> tuple[ToolOptions, PatchConfig]:
+    """The selection with --kv-bits on an MLA model: the preset's patterns less
+    KV_QUANT_CONFLICTS, plus mla_kv_quant; explicit --patterns must name mla_kv_quant and no
+    conflict. ConfigError where they do not, or for bits or group sizes it does not read."""
+    from zmlx.config import flag_name
+    from zmlx.latent_quant import kv_quant_error
+
+    if (why := kv_quant_error(*options.kv_quant)) is not None:
+        raise ConfigError(why)
+    fix = "run without --kv-bits"
+    if not options.patch:
+        raise ConfigError(KV_BITS_MLA.format(fix=f"zmlx's mla_kv_quant can: drop --no-patch, or {fix}"))
+    if "mla_kv_quant" in (*(options.exclude or ()), *config.exclude):
+        raise ConfigError(KV_BITS_MLA.format(fix=f"zmlx's mla_kv_quant can: do not exclude it, or {fix}"))
+    explicit = options.patterns if options.patterns is not None else config.patterns
+    if explicit is None:
+        exclude = (*(options.exclude or ()), *KV_QUANT_CONFLICTS)
+        flags = {**config.flags, flag_name("mla_kv_quant"): "1"}
+        return dataclasses.replace(options, exclude=exclude), dataclasses.replace(config, flags=flags)
+    bad = [n for n in explicit if n in KV_QUANT_CONFLICTS]
+    if bad or "mla_kv_quant" not in explicit:
+        what = f"leave {', '.join(bad)} out of" if bad else "add mla_kv_quant to"
+        raise ConfigError(f"--kv-bits on an MLA model: {what} --patterns (the quantized latent cache)")
+    return options, config
+
+
+def check_kv_quant(result) -> None:
+    """ConfigError unless mla_kv_quant patched every attention module it was meant to."""
+    report = result.patterns.get("mla_kv_quant")
+    if report is not None and report.patched and not report.skipped:
+        return
+    why = sorted({reason for _, reason in report.skipped}) if report is not None else []
+    fix = f"mla_kv_quant does not apply ({'; '.join(why)})" if why else "zmlx has no pattern for it"
+    raise ConfigError(KV_BITS_MLA.format(fix=f"{fix}: run without --kv-bits"))
 
 
 def latent_cache(model) -> bool:
@@ -188,11 +249,15 @@ def patching_loader(
     @functools.wraps(loader)
     def load(path_or_hf_repo, *args, **kwargs):
         loaded = loader(path_or_hf_repo, *args, **kwargs)
-        if options.kv_bits and latent_cache(loaded[0]):
-            raise ConfigError(KV_BITS_MLA)
-        result = zmlx.patch(
-            loaded[0], options.patterns, options.exclude, preset=options.preset, config=config
-        )
+        quantized_latent = options.kv_bits and latent_cache(loaded[0])
+        chosen, conf = options, config
+        if quantized_latent:
+            chosen, conf = kv_quant_selection(options, config or PatchConfig.from_env())
+        if not options.patch:
+            return loaded
+        result = zmlx.patch(loaded[0], chosen.patterns, chosen.exclude, preset=chosen.preset, config=conf)
+        if quantized_latent:
+            check_kv_quant(result)
         print("\n".join(report_lines(result, str(path_or_hf_repo))), file=err, flush=True)
         return loaded
 
@@ -207,7 +272,7 @@ def patched_loaders(
     names = [n for n in ("load", "sharded_load") if callable(getattr(module, n, None))]
     originals = {n: getattr(module, n) for n in names}
     try:
-        if options.patch:
+        if options.patch or options.kv_bits:  # --no-patch --kv-bits: the check of MLA models
             for name, loader in originals.items():
                 setattr(module, name, patching_loader(loader, options, config, err or sys.stderr))
         yield
