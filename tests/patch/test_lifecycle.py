@@ -100,7 +100,7 @@ def test_result_is_returned_and_attached(model):
 def test_unknown_pattern_name_lists_valid_ones(model):
     valid = "compiled_decode, downproj_combine, glm47_rope, mla_attention, mla_block, mla_kv_quant, moe_block"
     valid += ", moe_combine, moe_mlp, moe_router"
-    valid += ", residual_norm"
+    valid += ", residual_norm, softmax_router"
     with pytest.raises(ConfigError, match=f"nope.*valid: {valid}"):
         zmlx.patch(model, patterns=["nope"])
     with pytest.raises(ConfigError, match="exclude"):
@@ -209,16 +209,16 @@ def test_not_a_model_is_a_type_error():
         zmlx.patch(object())
 
 
-def test_sharded_moe_is_skipped_with_reason(model):
+def test_sharded_moe_is_patched_with_its_all_sum(model):
+    """A tensor-parallel MoE (mlx-lm's shard() sets sharding_group) is patched: moe_combine
+    all-sums after the combine, where mlx-lm does (run over two processes in
+    tests/distributed/test_sharded.py)."""
     moe = _moe_layers(model)[0]
     moe.sharding_group = object()
-    result = zmlx.patch(model)
-    combine = result.patterns["moe_combine"]
-    assert combine.skipped == [
-        ("model.layers.1.mlp", "MoE is sharded across devices (distributed runs are not supported)")
-    ]
+    combine = zmlx.patch(model).patterns["moe_combine"]
+    assert combine.skipped == [] and len(combine.patched) == 3
+    zmlx.unpatch(model)
     assert type(moe) is glm4_moe_lite.Glm4MoeLiteMoE
-    assert len(combine.patched) == 2
 
 
 def test_changed_signature_is_skipped_not_patched(model, monkeypatch):

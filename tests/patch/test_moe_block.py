@@ -199,7 +199,7 @@ def _mixed_packing(m):
 @pytest.mark.parametrize(
     "change, layer, why",
     [
-        (_sharded, 1, "MoE is sharded across devices"),
+        (_sharded, 1, "tensor-parallel MoE: moe_down would add the residual on every process"),
         (_grouped, 1, "64 experts in 3 groups (the kernel takes <= 32 groups of >= 2 experts)"),
         (_other_activation, 1, "activation object (only SwiGLU is fused)"),
         (_mixed_packing, 0, "mlp: gate_proj and up_proj are quantized differently"),

@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Iterable, Literal, Sequence
 
 from zmlx import backend as _backend
+from zmlx import distributed as _distributed
 from zmlx.backend import Backend
 from zmlx.config import (
     NOT_FLAGS,
@@ -349,6 +350,7 @@ def patch(
         return result
     setattr(model, _STATE, _State(swapped, result))
     setattr(model, RESULT_ATTR, result)
+    _distributed.guard(model)  # patches are planned for these shapes: shard() now raises
     return result
 
 
@@ -361,6 +363,7 @@ def unpatch(model):
         module.__class__ = original
     object.__delattr__(model, _STATE)
     object.__delattr__(model, RESULT_ATTR)
+    _distributed.release(model)
     return model
 
 

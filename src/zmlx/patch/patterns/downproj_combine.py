@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from zmlx.distributed import moe_input, moe_output
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_mlp import moe_mlp
@@ -22,8 +23,7 @@ from zmlx.patch.pattern import Pattern
 
 
 def check(moe, params) -> str | None:
-    if getattr(moe, "sharding_group", None) is not None:
-        return "MoE is sharded across devices (distributed runs are not supported)"
+    # tensor-parallel MoEs too: each process's slice of the experts' width, then mlx-lm's all-sum
     return switch_linear_reason("down_proj", moe.switch_mlp.down_proj)
 
 
@@ -39,13 +39,15 @@ def _hidden(sw, x, inds):
 @cache
 def make(shared_overlap: bool = False):
     def __call__(self, x):
+        x = moe_input(self, x)
         inds, scores = self.gate(x)
         shared = shared_expert(self, x, shared_overlap)
         sw = self.switch_mlp
         if x.shape[-2] != 1 or inds.size >= MLX_LM_SORT_ROWS:  # a prompt, or rows mlx-lm sorts:
-            return moe_combine(sw(x, inds), scores, shared)  # stock experts, fused combine
+            return moe_output(self, moe_combine(sw(x, inds), scores, shared))  # stock experts, fused combine
         down, packing = weights_of(sw.down_proj)
-        return downproj_combine(_hidden(sw, x, inds), inds, scores, *down, shared, **packing)
+        y = downproj_combine(_hidden(sw, x, inds), inds, scores, *down, shared, **packing)
+        return moe_output(self, y)
 
     return __call__
 

@@ -41,6 +41,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from zmlx import backend as _backend
+from zmlx.distributed import sharded_linear_reason
 from zmlx.kernels.core import KernelDef, Launch, Skip
 from zmlx.kernels.glm47_rope import rope_table
 from zmlx.kernels.mla_attention import mla_decode, mla_unembed
@@ -66,6 +67,8 @@ def check(layer, params) -> str | None:
         return why
     if getattr(attn, "q_lora_rank", None) is None:
         return "q_lora_rank None (q_proj without q_a_layernorm): mla_q_prep does not fuse it"
+    if (why := sharded_linear_reason("q_b_proj", attn.q_b_proj)) is not None:
+        return why  # mla_q_prep reads q_b_proj as one whole linear
     if (why := attention_reason(attn) or linear_reason("q_b_proj", attn.q_b_proj)) is not None:
         return why
     if attn.q_a_layernorm.eps != attn.kv_a_layernorm.eps:

@@ -30,6 +30,7 @@ import weakref
 import mlx.nn as nn
 
 from zmlx import backend as _backend
+from zmlx.distributed import moe_sharded, sharded_linear_reason
 from zmlx.kernels.moe_down import moe_down
 from zmlx.kernels.moe_gate_up import moe_gate_up
 from zmlx.kernels.moe_mlp import moe_mlp
@@ -45,7 +46,8 @@ from zmlx.patch.pattern import Pattern
 
 def _mlp_reason(name: str, mlp) -> str | None:
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        if (why := linear_reason(f"{name}.{proj}", getattr(mlp, proj, None), MODES)) is not None:
+        p, where = getattr(mlp, proj, None), f"{name}.{proj}"
+        if (why := sharded_linear_reason(where, p) or linear_reason(where, p, MODES)) is not None:
             return why
     if weights_of(mlp.gate_proj)[1] != weights_of(mlp.up_proj)[1]:
         return f"{name}: gate_proj and up_proj are quantized differently"
@@ -53,8 +55,8 @@ def _mlp_reason(name: str, mlp) -> str | None:
 
 
 def _moe_reason(moe) -> str | None:
-    if getattr(moe, "sharding_group", None) is not None:
-        return "MoE is sharded across devices (distributed runs are not supported)"
+    if moe_sharded(moe):  # moe_down adds the residual in its launch, before mlx-lm's all-sum
+        return "tensor-parallel MoE: moe_down would add the residual on every process, before the all-sum"
     if (why := router_reason(moe.gate)) is not None:
         return why
     sw = moe.switch_mlp

@@ -8,23 +8,23 @@ from __future__ import annotations
 
 from functools import cache
 
+from zmlx.distributed import moe_input, moe_output
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.patch.moe import shared_expert
 from zmlx.patch.pattern import Pattern
 
 
 def check(moe, params) -> str | None:
-    if getattr(moe, "sharding_group", None) is not None:
-        return "MoE is sharded across devices (distributed runs are not supported)"
-    return None
+    return None  # tensor-parallel MoEs too: the all-sum stays after the combine, as mlx-lm's
 
 
 @cache
 def make(shared_overlap: bool = False):
     def __call__(self, x):
+        x = moe_input(self, x)
         inds, scores = self.gate(x)
         y = self.switch_mlp(x, inds)
-        return moe_combine(y, scores, shared_expert(self, x, shared_overlap))
+        return moe_output(self, moe_combine(y, scores, shared_expert(self, x, shared_overlap)))
 
     return __call__
 

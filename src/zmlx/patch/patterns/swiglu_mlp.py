@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from zmlx.distributed import sharded_linear_reason
 from zmlx.kernels.quant import linear_reason, weights_of
 from zmlx.kernels.swiglu_mlp import swiglu_mlp
 from zmlx.patch.pattern import Pattern
@@ -18,7 +19,8 @@ from zmlx.patch.pattern import Pattern
 
 def check(mlp, params) -> str | None:
     for name in ("gate_proj", "up_proj"):
-        if (why := linear_reason(name, getattr(mlp, name, None))) is not None:
+        proj = getattr(mlp, name, None)
+        if (why := sharded_linear_reason(name, proj) or linear_reason(name, proj)) is not None:
             return why
     if weights_of(mlp.gate_proj)[1] != weights_of(mlp.up_proj)[1]:
         return "gate_proj and up_proj are quantized differently"

@@ -1,0 +1,190 @@
+"""zmlx with mlx-lm's sharded models (mx.distributed: ring, JACCL, MPI, NCCL).
+
+mlx-lm splits a model over a group of processes in two ways, and zmlx patches the result:
+
+- tensor parallel, `model.shard(group)`: each attention keeps `num_heads / N` heads (q_b_proj
+  an AllToShardedLinear, embed_q / unembed_out sliced by head, o_proj a ShardedToAllLinear
+  that all-sums), a dense MLP's projections become sharded linears, and each MoE block keeps
+  every expert with 1/N of its intermediate width (shard_inplace) and all-sums its output
+  (routed combine plus shared expert) itself, once, before the decoder layer's residual add.
+- pipeline parallel, `model.model.pipeline(group)`: each process runs a slice of the layers.
+
+The rule is: shard (or pipeline) first, then patch. A pattern either computes the sharded
+shapes (it reads the heads and widths from the sharded modules, and leaves every all-sum
+where mlx-lm puts it) or skips with its reason (`sharded_linear_reason`). Sharding a model
+that is patched would leave the patches planned for the whole model's shapes, so `patch`
+replaces the model's `shard` and its inner model's `pipeline` with `Refuse`, which raises one
+line; `unpatch` removes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ORDER",
+    "Refuse",
+    "ShardError",
+    "check_shardable",
+    "guard",
+    "moe_sharded",
+    "release",
+    "shard_reason",
+    "sharded_linear_reason",
+]
+
+ORDER = "unpatch, shard, then patch: zmlx.unpatch(model); model.shard(group); zmlx.patch(model)"
+
+
+class ShardError(ValueError):
+    """A model that cannot be sharded as asked; the message is one line that says why."""
+
+
+def _sharded_types() -> tuple[type, ...]:
+    from mlx.nn.layers import distributed as d
+
+    return (
+        d.AllToShardedLinear,
+        d.ShardedToAllLinear,
+        d.QuantizedAllToShardedLinear,
+        d.QuantizedShardedToAllLinear,
+    )
+
+
+def sharded_linear_reason(name: str, proj) -> str | None:
+    """Why a pattern that reads `proj`'s weights as one whole linear skips it: it is one of
+    mlx-lm's tensor-parallel linears (a slice of the rows or columns, and for sharded-to-all
+    an all-sum inside its call); None otherwise."""
+    if isinstance(proj, _sharded_types()):
+        return (
+            f"tensor-parallel model: {name} is a {type(proj).__name__} (mlx-lm's shard()); "
+            "this pattern's kernels read whole linears"
+        )
+    return None
+
+
+def moe_sharded(moe) -> bool:
+    """Whether an MoE block is tensor-parallel (mlx-lm all-sums its output itself)."""
+    return getattr(moe, "sharding_group", None) is not None
+
+
+class Refuse:
+    """Stands in for a patched model's `shard` / `pipeline` method: raises ShardError.
+    A module-level class (not a closure), so a patched model still pickles."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        raise ShardError(f"this model is patched by zmlx; {self.what} would not re-plan the patches: {ORDER}")
+
+
+# (object holding the method, method name, what calling it does)
+def _targets(model) -> list[tuple[Any, str, str]]:
+    out = []
+    if callable(getattr(model, "shard", None)):
+        out.append((model, "shard", "shard()"))
+    inner = getattr(model, "model", None)
+    if inner is not None and callable(getattr(inner, "pipeline", None)):
+        out.append((inner, "pipeline", "pipeline()"))
+    return out
+
+
+def guard(model) -> None:
+    """Make `model.shard(...)` and `model.model.pipeline(...)` raise ShardError while the model
+    is patched (instance attributes: mlx-lm's classes are untouched)."""
+    for obj, name, what in _targets(model):
+        if not isinstance(obj.__dict__.get(name), Refuse):
+            object.__setattr__(obj, name, Refuse(what))
+
+
+def release(model) -> None:
+    """Undo `guard`: the model's own methods again."""
+    for obj in (model, getattr(model, "model", None)):
+        if obj is None or not hasattr(obj, "__dict__"):
+            continue
+        for name in ("shard", "pipeline"):
+            if isinstance(obj.__dict__.get(name), Refuse):
+                object.__delattr__(obj, name)
+
+
+# ---------------------------------------------------------------- bad set-ups
+
+
+def _widths(proj) -> tuple[int, int | None]:
+    """(input width, quantization group size or None) of a linear or switch linear."""
+    gs = getattr(proj, "group_size", None) if "scales" in proj else None
+    cols = proj["weight"].shape[-1]
+    if gs is not None:
+        cols = cols * 32 // proj.bits
+    return cols, gs
+
+
+def shard_reason(model, size: int) -> str | None:
+    """Why mlx-lm's tensor-parallel `model.shard(group)` cannot split `model` over `size`
+    processes, as one line, or None. mlx-lm itself checks none of this: a head count that
+    `size` does not divide leaves a wrong head count, and a width that does not split into
+    whole quantization groups raises deep inside mx.split."""
+    if size < 1:
+        return f"world size {size} is not positive"
+    if not callable(getattr(model, "shard", None)):
+        mt = getattr(model, "model_type", type(model).__name__)
+        return f"model type {mt!r} has no tensor parallelism in mlx-lm (no shard() method)"
+    if size == 1:
+        return None
+    for i, layer in enumerate(getattr(model, "layers", None) or ()):
+        attn = getattr(layer, "self_attn", None)
+        heads = getattr(attn, "num_heads", None)
+        if heads is not None and heads % size:
+            return f"layer {i}: {heads} attention heads do not split over {size} processes"
+        mlp = getattr(layer, "mlp", None)
+        parts = []
+        if mlp is not None and hasattr(mlp, "switch_mlp"):
+            parts.append(("experts' down_proj", mlp.switch_mlp.down_proj))
+            if getattr(mlp, "shared_experts", None) is not None:
+                parts.append(("shared expert's down_proj", mlp.shared_experts.down_proj))
+        elif mlp is not None and hasattr(mlp, "down_proj"):
+            parts.append(("MLP down_proj", mlp.down_proj))
+        for name, proj in parts:
+            if "weight" not in proj:
+                continue
+            cols, gs = _widths(proj)
+            if cols % size:
+                return f"layer {i}: {name} width {cols} does not split over {size} processes"
+            if gs is not None and (cols // size) % gs:
+                return (
+                    f"layer {i}: {name} width {cols} over {size} processes is not whole quantization "
+                    f"groups of {gs}"
+                )
+    return None
+
+
+def check_shardable(model, size: int) -> None:
+    """Raise ShardError with `shard_reason`'s line where the model cannot be sharded."""
+    if (why := shard_reason(model, size)) is not None:
+        raise ShardError(why)
+
+
+# ---------------------------------------------------------------- the MoE's all-sum
+
+
+def moe_input(moe, x):
+    """mlx-lm's tensor-parallel MoE input: x through sum_gradients (the identity forward; the
+    gradients all-summed), or x itself for an MoE that is not sharded."""
+    group = getattr(moe, "sharding_group", None)
+    if group is None:
+        return x
+    from mlx.nn.layers.distributed import sum_gradients
+
+    return sum_gradients(group)(x)
+
+
+def moe_output(moe, y):
+    """mlx-lm's tensor-parallel MoE output: the routed combine plus the shared expert
+    all-summed over the group (once, before the decoder layer adds its residual), or y."""
+    group = getattr(moe, "sharding_group", None)
+    if group is None:
+        return y
+    import mlx.core as mx
+
+    return mx.distributed.all_sum(y, group=group)
