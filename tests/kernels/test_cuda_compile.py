@@ -29,6 +29,7 @@ from zmlx.kernels.norm_qkv_a import norm_qkv_a
 from zmlx.kernels.norm_router import inputs as norm_router_inputs
 from zmlx.kernels.norm_router import norm_router
 from zmlx.kernels.residual_norm import residual_norm
+from zmlx.kernels.softmax_router import softmax_router
 from zmlx.kernels.swiglu_mlp import quantized_linear, swiglu_mlp
 
 needs_nvrtc = pytest.mark.skipif(
@@ -128,6 +129,20 @@ def _cases():
     yield from _group_router_cases()
     yield from _mla_q_prep_cases()
     yield from _norm_qkv_a_cases()
+    yield from _softmax_router_cases()
+
+
+def _softmax_router_cases():  # Qwen3-MoE (128 experts, top-8, renormalized) and Mixtral (top-2 of 8); odd
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
+        for e, k, first, norm in (
+            (128, 8, True, True),
+            (60, 4, True, False),
+            (8, 2, False, False),
+            (7, 3, False, False),
+        ):
+            kw = dict(top_k=k, softmax_first=first, norm_topk_prob=norm)
+            yield softmax_router, (mx.zeros((1, 1, e), dtype),), kw
+    yield (softmax_router, *softmax_router.example())  # the self-check's
 
 
 def _mla_cases():  # GLM-4.7-Flash's attention: 20 heads, nope 192, rope 64, latent 512, v 256

@@ -1,0 +1,256 @@
+"""softmax_router's reference is mlx-lm's own routing (Qwen3MoeSparseMoeBlock and
+MixtralSparseMoeBlock, run here with a spy in place of the gate and the experts); its Metal
+body, through the g++ emulation, chooses the GPU's experts in the GPU's order; its CUDA body
+compiles (tests/kernels/test_cuda_compile.py) and is bitwise stock on the GPU (`cuda`)."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models import mixtral, qwen3_moe
+
+from zmlx.kernels import metal_emu
+from zmlx.kernels.softmax_router import launch, reference, softmax_router
+
+DTYPES = [mx.float32, mx.bfloat16, mx.float16]
+SHAPES = [  # (tokens shape, experts, top_k)
+    ((1, 1), 128, 8),  # Qwen3-30B-A3B decode
+    ((2, 9), 128, 8),  # prompt, batch 2
+    ((1, 1), 8, 2),  # Mixtral decode
+    ((2, 5), 8, 2),
+    ((3, 1), 60, 4),  # Qwen1.5-MoE-sized, odd
+    ((1, 3), 60, 8),
+    ((2, 1), 128, 4),
+    ((1, 2), 7, 3),  # odd
+    ((1, 1), 8, 8),  # every expert
+]
+
+
+class _Gate(nn.Module):
+    """The gate of a spied block: its input is the logits."""
+
+    def __call__(self, x):
+        return x
+
+
+class _Experts(nn.Module):
+    """switch_mlp of a spied block: records the indices and returns the identity per token,
+    so that the block's weighted sum over the k returns the scores themselves."""
+
+    def __call__(self, x, inds):
+        self.inds = inds
+        k = inds.shape[-1]
+        return mx.broadcast_to(mx.eye(k, dtype=x.dtype), (*inds.shape, k))
+
+
+def _block(family: str, experts: int, top_k: int, norm: bool = True):
+    if family == "qwen3_moe":
+        args = qwen3_moe.ModelArgs(
+            model_type="qwen3_moe", hidden_size=16, num_hidden_layers=1, intermediate_size=16,
+            num_attention_heads=1, num_experts=experts, num_experts_per_tok=top_k,
+            decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=8, rms_norm_eps=1e-6,
+            vocab_size=8, num_key_value_heads=1, head_dim=16, rope_theta=1e4,
+            tie_word_embeddings=False, max_position_embeddings=64, norm_topk_prob=norm,
+        )  # fmt: skip
+        block = qwen3_moe.Qwen3MoeSparseMoeBlock(args)
+    else:
+        args = mixtral.ModelArgs(
+            model_type="mixtral", vocab_size=8, hidden_size=16, intermediate_size=16,
+            num_hidden_layers=1, num_attention_heads=1, num_experts_per_tok=top_k,
+            num_key_value_heads=1, num_local_experts=experts,
+        )  # fmt: skip
+        block = mixtral.MixtralSparseMoeBlock(args)
+    block.gate, block.switch_mlp = _Gate(), _Experts()
+    return block
+
+
+def _stock(family, gates, top_k, norm=True):
+    """mlx-lm's block routing these logits: (inds, scores)."""
+    block = _block(family, gates.shape[-1], top_k, norm)
+    scores = block(gates)
+    return block.switch_mlp.inds, scores
+
+
+def _gates(shape, experts, dtype, seed, ties):
+    gates = mx.random.normal((*shape, experts), key=mx.random.key(seed)) * 2
+    if ties:  # coarse logits: many equal probabilities and logits
+        gates = mx.round(gates * 2) / 2
+    return gates.astype(dtype)
+
+
+def _kw(family, top_k, norm=True):
+    return dict(top_k=top_k, softmax_first=family == "qwen3_moe", norm_topk_prob=norm)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("shape,experts,top_k", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_reference_is_mlx_lm_routing(family, shape, experts, top_k, dtype, ties):
+    gates = _gates(shape, experts, dtype, experts + top_k, ties)
+    want_i, want_s = _stock(family, gates, top_k)
+    got_i, got_s = reference(gates, **_kw(family, top_k))
+    assert got_i.dtype == want_i.dtype and got_s.dtype == want_s.dtype == dtype
+    assert mx.array_equal(got_i, want_i).item() and mx.array_equal(got_s, want_s).item()
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_reference_follows_norm_topk_prob(norm):
+    gates = _gates((2, 3), 60, mx.bfloat16, 3, False)
+    want = _stock("qwen3_moe", gates, 4, norm)
+    got = reference(gates, **_kw("qwen3_moe", 4, norm))
+    assert all(mx.array_equal(a, b).item() for a, b in zip(got, want))
+    other = reference(gates, **_kw("qwen3_moe", 4, not norm))[1]
+    assert not mx.array_equal(other, want[1]).item()
+
+
+# ---------------------------------------------------------------- the GPU's order
+
+
+def _gpu_order(family, gates, top_k, norm=True):
+    """The routing as MLX's GPU runs it, with argpartition replaced by a stable argsort (the
+    order MLX's GPU argpartition, a stable merge sort, returns; MLX's CPU argpartition leaves
+    the k in another order): Qwen3-MoE the last k of the ascending sort of the probabilities,
+    Mixtral the first k of the ascending sort of -gates. The softmax and sums are the CPU's."""
+    if family == "qwen3_moe":
+        p = mx.softmax(gates, axis=-1, precise=True)
+        order = np.argsort(np.array(p.astype(mx.float32)), axis=-1, kind="stable")[..., -top_k:]
+        inds = mx.array(order.astype(np.uint32))
+        scores = mx.take_along_axis(p, inds, axis=-1)
+        return inds, scores / mx.sum(scores, axis=-1, keepdims=True) if norm else scores
+    order = np.argsort(-np.array(gates.astype(mx.float32)), axis=-1, kind="stable")[..., :top_k]
+    inds = mx.array(order.astype(np.uint32))
+    return inds, mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)
+
+
+def _sorted(inds, scores):
+    order = mx.argsort(inds, axis=-1)
+    return mx.take_along_axis(inds, order, axis=-1), mx.take_along_axis(scores, order, axis=-1)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("shape,experts,top_k", SHAPES)
+def test_gpu_order_reference_chooses_stocks_experts(family, shape, experts, top_k):
+    gates = _gates(shape, experts, mx.float32, 7 * experts + top_k, False)
+    want_i, want_s = _sorted(*_stock(family, gates, top_k))
+    got_i, got_s = _sorted(*_gpu_order(family, gates, top_k))
+    assert mx.array_equal(want_i, got_i).item()
+    assert mx.allclose(want_s, got_s, rtol=1e-6, atol=0).item()
+
+
+def _exact_rows(experts, dtype):
+    """Qwen3-MoE logits whose softmax is exact on any exp: 0 or -1000 (exp: 1 or 0), with a
+    power of two of zeros per row (probabilities 1/n and 0, sums exact): ties everywhere, and
+    fewer candidates than k in some rows (experts of probability 0 are chosen)."""
+    rows = []
+    for r, n in enumerate((1, 2, 4, 8, 16, 32)):
+        n = min(n, experts)
+        chosen = set(mx.random.permutation(experts, key=mx.random.key(r))[:n].tolist())
+        rows.append(mx.array([0.0 if i in chosen else -1000.0 for i in range(experts)]))
+    return mx.stack(rows).astype(dtype)
+
+
+needs_gxx = pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+EMU_SHAPES = [((1, 1), 128, 8), ((2, 5), 8, 2), ((3, 1), 60, 4), ((1, 2), 7, 3), ((2, 1), 128, 16)]
+
+
+@needs_gxx
+@pytest.mark.parametrize("experts,top_k", [(128, 8), (60, 4), (8, 2), (7, 3), (128, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [False, True])
+def test_metal_body_breaks_ties_like_the_gpu(tmp_path_factory, experts, top_k, dtype, norm):
+    """Softmax values exact on any exp: the experts, their order and the scores bitwise."""
+    if 32 * 16 // dtype.size < experts:
+        pytest.skip("more experts than one warp's softmax")
+    gates = _exact_rows(experts, dtype)
+    kw = _kw("qwen3_moe", top_k, norm)
+    inds, scores = metal_emu.run(softmax_router, gates, workdir=tmp_path_factory.getbasetemp(), **kw)
+    want_i, want_s = _gpu_order("qwen3_moe", gates, top_k, norm)
+    assert inds.dtype == mx.uint32 and scores.dtype == dtype
+    assert mx.array_equal(inds, want_i).item() and mx.array_equal(scores, want_s).item()
+
+
+@needs_gxx
+@pytest.mark.parametrize("shape,experts,top_k", EMU_SHAPES)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("ties", [False, True])
+def test_metal_body_routes_mixtral_like_the_gpu(tmp_path_factory, shape, experts, top_k, dtype, ties):
+    """Mixtral chooses on the logits (no exp): the experts in the GPU's order exactly; the
+    softmax of the k up to the exp (the emulation's is std::exp, the CPU's MLX's own)."""
+    if 32 * 16 // dtype.size < experts:
+        pytest.skip("more experts than one warp's softmax")
+    gates = _gates(shape, experts, dtype, 3 * experts + top_k, ties)
+    kw = _kw("mixtral", top_k)
+    inds, scores = metal_emu.run(softmax_router, gates, workdir=tmp_path_factory.getbasetemp(), **kw)
+    want_i, want_s = _gpu_order("mixtral", gates, top_k)
+    assert mx.array_equal(inds, want_i).item()
+    tol = 1e-6 if dtype == mx.float32 else 1e-2
+    assert mx.allclose(scores, want_s, rtol=tol, atol=tol).item()
+
+
+@needs_gxx
+@pytest.mark.parametrize("experts,top_k", [(128, 8), (60, 4), (8, 2)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_metal_body_routes_qwen3_like_the_gpu(tmp_path_factory, experts, top_k, dtype):
+    """Well separated logits (1/8 apart): the same experts in the GPU's order, scores close."""
+    rows = [mx.random.permutation(experts, key=mx.random.key(experts + r)) for r in range(4)]
+    gates = (mx.stack(rows).astype(mx.float32) / 8 - 4).astype(dtype)
+    kw = _kw("qwen3_moe", top_k)
+    inds, scores = metal_emu.run(softmax_router, gates, workdir=tmp_path_factory.getbasetemp(), **kw)
+    want_i, want_s = _gpu_order("qwen3_moe", gates, top_k)
+    assert mx.array_equal(inds, want_i).item()
+    assert mx.allclose(scores, want_s, rtol=1e-2, atol=1e-3).item()
+
+
+def test_launch_says_why_it_takes_the_reference():
+    kw = dict(softmax_first=True, norm_topk_prob=True)
+    assert "256 experts" in launch("cuda", mx.zeros((1, 300), mx.bfloat16), top_k=8, **kw).reason
+    assert "128 experts" in launch("cuda", mx.zeros((1, 256)), top_k=8, **kw).reason
+    assert "top-17" in launch("cuda", mx.zeros((1, 64), mx.bfloat16), top_k=17, **kw).reason
+    assert "dimension" in launch("cuda", mx.zeros((64,), mx.bfloat16), top_k=4, **kw).reason
+    spec = launch("cuda", mx.zeros((2, 3, 128), mx.bfloat16), top_k=8, **kw)
+    assert ("N", 8) in spec.template and ("ROWS", 6) in spec.template and spec.grid == (6 * 32, 1, 1)
+    assert ("NORM", False) in launch("cuda", mx.zeros((1, 8)), top_k=2, softmax_first=False).template
+
+
+# ---------------------------------------------------------------- on the GPU
+
+
+def _nan_rows(dtype):
+    g = _gates((2,), 128, mx.float32, 9, True)
+    return mx.where(mx.arange(128) % 37 == 5, float("nan"), g).astype(dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("shape,experts,top_k", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_cuda_kernel_is_bitwise_stock(family, shape, experts, top_k, dtype, ties):
+    if 32 * 16 // dtype.size < experts:
+        pytest.skip("more experts than one warp's softmax")
+    gates = _gates(shape, experts, dtype, 5 * experts + top_k, ties)
+    want_i, want_s = _stock(family, gates, top_k)
+    for poison in (float("nan"), 1e9):  # an unwritten index or score shows either way
+        got_i, got_s = softmax_router.run_kernel("cuda", gates, init_value=poison, **_kw(family, top_k))
+        assert got_i.dtype == want_i.dtype and got_s.dtype == want_s.dtype
+        assert mx.array_equal(got_i, want_i).item() and mx.array_equal(got_s, want_s).item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_cuda_kernel_is_bitwise_stock_on_many_rows_and_exact_ties(family, dtype):
+    """Many rows (every lane's max and sum differ: MLX's butterfly order shows), the exact-tie
+    rows and rows with NaN logits."""
+    gates = _gates((512,), 128, dtype, 11, False)
+    for g in (gates, _exact_rows(128, dtype), _nan_rows(dtype)):
+        want_i, want_s = _stock(family, g, 8)
+        got_i, got_s = softmax_router.run_kernel("cuda", g, init_value=float("nan"), **_kw(family, 8))
+        assert mx.array_equal(got_i, want_i).item()
+        assert mx.array_equal(got_s, want_s, equal_nan=True).item()
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_is_what_runs():
+    assert softmax_router.plan("cuda").path == "kernel", softmax_router.plan("cuda").reason
