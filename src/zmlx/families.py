@@ -125,7 +125,11 @@ FAMILIES: dict[str, Family] = {
 _NO_EPS: Mapping[str, Any] = {"renorm_eps": None}
 _GQA = "GQA attention, not MLA (the attention patterns fuse MLA's latent attention)"
 _DSA_LOOP = "the model loop takes the mask from the DSA CacheList; residual_norm runs DeepSeek-V3's loop"
-_SOFTMAX = "softmax router inside the MoE block; moe_router fuses the sigmoid MoEGate with correction bias"
+_SOFTMAX = (
+    "softmax router inside the MoE block (softmax_router fuses it); moe_router fuses the sigmoid "
+    "MoEGate with correction bias"
+)
+_SIGMOID = "sigmoid MoEGate router (moe_router fuses it); softmax_router fuses Qwen3-MoE's and Mixtral's"
 _BLOCK_ROUTES = (
     "the MoE block routes in its own __call__ (softmax, scores in the activations' dtype); the combine "
     "kernels take a gate module's float32 scores"
@@ -162,13 +166,14 @@ def _deepseek(model_type: str, module: str, prefix: str, model_module: str | Non
         targets=targets,
         preset=("moe_router", "moe_combine"),
         presets_on={"cuda": cuda},
-        skips={"residual_norm": _DSA_LOOP} if dsa else {},
+        skips={"softmax_router": _SIGMOID, **({"residual_norm": _DSA_LOOP} if dsa else {})},
     )
 
 
 def _softmax_moe(model_type: str, module: str, targets: Mapping[str, Target], skips: dict) -> Family:
-    """A family with a softmax router inside the MoE block (Qwen3-MoE, Mixtral): only the
-    experts' kernels apply; moe_mlp is exact on CUDA (close on Metal, so not in that preset)."""
+    """A family with a softmax router inside the MoE block (Qwen3-MoE, Mixtral): the experts'
+    kernels and softmax_router (the block's routing) apply; moe_mlp is exact on CUDA (close on
+    Metal, so not in that preset); softmax_router waits for its cuda tests to join a preset."""
     return Family(
         model_type=model_type,
         module=module,
@@ -218,6 +223,7 @@ FAMILIES.update(
                     for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode", "mla_kv_quant")
                 },
                 "residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array",
+                "softmax_router": _SIGMOID,
             },
         ),
         "qwen3_moe": _softmax_moe(
@@ -225,6 +231,8 @@ FAMILIES.update(
             "mlx_lm.models.qwen3_moe",
             {
                 "moe_mlp": Target("SwitchGLU"),
+                # exact on CUDA (close on Metal): opt-in until the cuda tests and a ledger line
+                "softmax_router": Target("Qwen3MoeSparseMoeBlock", {"softmax_first": True}),
                 "swiglu_mlp": Target("MLP"),  # the dense layers (mlp_only_layers)
                 # the dense layers; the MoE layers are skipped (softmax router) by its check
                 "moe_block": Target("Qwen3MoeDecoderLayer"),
@@ -234,7 +242,11 @@ FAMILIES.update(
         "mixtral": _softmax_moe(
             "mixtral",
             "mlx_lm.models.mixtral",
-            {"moe_mlp": Target("SwitchGLU")},
+            {
+                "moe_mlp": Target("SwitchGLU"),
+                # exact on CUDA (close on Metal): opt-in until the cuda tests and a ledger line
+                "softmax_router": Target("MixtralSparseMoeBlock", {"softmax_first": False}),
+            },
             {
                 "swiglu_mlp": "no dense MLP (every layer is MoE, no shared expert)",
                 "moe_block": "the decoder layer calls block_sparse_moe, a softmax top-2 router in the block",

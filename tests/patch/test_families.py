@@ -27,23 +27,27 @@ _SOFTMAX_GATE = "router is a QuantizedLinear: softmax routing inside the MoE blo
 _WINS = "__call__ already replaced by downproj_combine"
 _YIELDS = "moe_block is applied and this pattern would bypass it"
 _MLA_ONLY = ("glm47_rope", "mla_attention", "mla_block", "compiled_decode", "mla_kv_quant")
+_SIGMOID = {"softmax_router": {"sigmoid MoEGate router (moe_router fuses it)"}}
 
 # family -> pattern -> what its skip reasons say, when every pattern is asked for at once
 # (a pattern that patches some modules and skips others is in both APPLIES and here)
 SKIPS: dict[str, dict[str, set[str]]] = {
     "deepseek_v3": {
+        **_SIGMOID,
         "moe_combine": {_WINS},
         "residual_norm": {_YIELDS},
         "glm47_rope": {"__call__ already replaced by mla_attention"},
         "mla_kv_quant": {"__call__ already replaced by mla_attention"},
     },
     "kimi_k25": {
+        **_SIGMOID,
         "moe_combine": {_WINS},
         "residual_norm": {_YIELDS},
         "glm47_rope": {"__call__ already replaced by mla_attention"},
         "mla_kv_quant": {"__call__ already replaced by mla_attention"},
     },
     "deepseek_v32": {
+        **_SIGMOID,
         "moe_combine": {_WINS},
         "residual_norm": {"the model loop takes the mask from the DSA CacheList"},
         "glm47_rope": {_DSA},
@@ -53,6 +57,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "mla_kv_quant": {"DSA indexer: the layer's cache is a CacheList"},
     },
     "glm_moe_dsa": {
+        **_SIGMOID,
         "moe_combine": {_WINS},
         "residual_norm": {"the model loop takes the mask from the DSA CacheList"},
         "glm47_rope": {_DSA},
@@ -62,6 +67,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "mla_kv_quant": {"DSA indexer: the layer's cache is a CacheList"},
     },
     "glm4_moe": {
+        **_SIGMOID,
         "moe_combine": {_WINS},
         "residual_norm": {"the model loop passes a 'causal' mask"},
         **{p: {_GQA} for p in _MLA_ONLY},

@@ -183,8 +183,8 @@ APPLIES = {
     },
     "deepseek_v32": {"moe_router", "moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
     "glm4_moe": {"moe_router", "moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
-    "qwen3_moe": {"moe_mlp", "swiglu_mlp", "moe_block"},
-    "mixtral": {"moe_mlp"},
+    "qwen3_moe": {"moe_mlp", "swiglu_mlp", "moe_block", "softmax_router"},
+    "mixtral": {"moe_mlp", "softmax_router"},
 }
 APPLIES["kimi_k25"] = APPLIES["deepseek_v3"]
 APPLIES["glm_moe_dsa"] = APPLIES["deepseek_v32"]

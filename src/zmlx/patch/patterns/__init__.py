@@ -17,6 +17,7 @@ from zmlx.patch.patterns import (
     moe_mlp,
     moe_router,
     residual_norm,
+    softmax_router,
     swiglu_mlp,
 )
 
@@ -24,6 +25,7 @@ PATTERNS = {
     p.name: p
     for p in (
         moe_router.PATTERN,
+        softmax_router.PATTERN,
         downproj_combine.PATTERN,
         moe_combine.PATTERN,
         moe_block.PATTERN,
