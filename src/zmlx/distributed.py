@@ -11,7 +11,10 @@ mlx-lm splits a model over a group of processes in two ways, and zmlx patches th
 
 The rule is: shard (or pipeline) first, then patch. A pattern either computes the sharded
 shapes (it reads the heads and widths from the sharded modules, and leaves every all-sum
-where mlx-lm puts it) or skips with its reason (`sharded_linear_reason`). Sharding a model
+where mlx-lm puts it: moe_combine and downproj_combine all-sum after the combine, moe_block's
+moe_down adds a zero residual and the layer adds h after the all-sum; mla_block reads an
+all-to-sharded q_b_proj as the linear of this process's heads) or skips with its reason
+(`sharded_linear_reason`: the dense layer's sharded MLP). Sharding a model
 that is patched would leave the patches planned for the whole model's shapes, so `patch`
 replaces the model's `shard` and its inner model's `pipeline` with `Refuse`, which raises one
 line; `unpatch` removes them.
@@ -29,6 +32,7 @@ __all__ = [
     "guard",
     "moe_sharded",
     "release",
+    "row_sharded_reason",
     "shard_reason",
     "sharded_linear_reason",
 ]
@@ -61,6 +65,19 @@ def sharded_linear_reason(name: str, proj) -> str | None:
             "this pattern's kernels read whole linears"
         )
     return None
+
+
+def row_sharded_reason(name: str, proj) -> str | None:
+    """For a pattern that reads `proj` through zmlx.kernels.quant.weights_of: None where it
+    is a plain linear or mlx-lm's all-to-sharded one (its call is the plain product over its
+    slice of the output rows: the same kernel inputs, fewer rows), else why not."""
+    from mlx.nn.layers import distributed as d
+
+    from zmlx.kernels.quant import dense_or_quantized, linear_reason
+
+    if isinstance(proj, (d.AllToShardedLinear, d.QuantizedAllToShardedLinear)):
+        return dense_or_quantized(name, proj, d.QuantizedAllToShardedLinear, d.AllToShardedLinear)
+    return sharded_linear_reason(name, proj) or linear_reason(name, proj)
 
 
 def moe_sharded(moe) -> bool:

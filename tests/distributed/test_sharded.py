@@ -126,15 +126,16 @@ def test_each_pattern_patches_or_skips_with_its_reason(run):
     for name in ("glm47_rope", "mla_attention", "mla_kv_quant"):
         assert glm[name]["patched"] == layers, (mode, name)  # num_heads per rank
     assert glm["swiglu_mlp"]["patched"] == moe_layers  # the shared experts (sliced in place)
+    assert glm["mla_block"]["patched"] == layers  # tensor parallel: q_b_proj's rows of this rank's heads
     if mode == "tensor":
-        assert "tensor-parallel MoE" in " ".join(glm["moe_block"]["skipped"])
-        assert glm["moe_block"]["patched"] == 0
-        assert glm["mla_block"]["patched"] == 0
-        assert "tensor-parallel model: q_b_proj" in " ".join(glm["mla_block"]["skipped"])
-        assert "tensor-parallel model: gate_proj" in " ".join(glm["swiglu_mlp"]["skipped"])  # the dense layer
+        # moe_down adds a zero residual; the layer adds h after mlx-lm's all-sum
+        assert glm["moe_block"]["patched"] == moe_layers
+        # the dense layer's MLP: mlx-lm's sharded linears, which the kernels do not read
+        for name, proj in (("moe_block", "mlp.gate_proj"), ("swiglu_mlp", "gate_proj")):
+            assert f"tensor-parallel model: {proj} is a AllToShardedLinear" in " ".join(glm[name]["skipped"])
         assert glm["residual_norm"]["patched"] == 1 and glm["compiled_decode"]["patched"] == 1
     else:
-        assert glm["moe_block"]["patched"] == glm["mla_block"]["patched"] == layers
+        assert glm["moe_block"]["patched"] == layers
         for name in ("residual_norm", "compiled_decode"):
             assert glm[name]["patched"] == 0 and "pipeline-parallel" in " ".join(glm[name]["skipped"])
     ds = _patterns(results, "deepseek_v3")

@@ -22,12 +22,13 @@ import zmlx
 from zmlx.distributed import ShardError
 
 # Patterns that replace the same method are split over selections, so each one is applied
-# somewhere (the registry's first pattern wins where two are chosen together); mla_attention
-# alone, as compiled_decode's static cache would send it to mlx-lm's method.
+# somewhere (the registry's first pattern wins where two are chosen together; the block
+# patterns go around the module patterns at decode); mla_attention without compiled_decode,
+# whose static cache would send it to mlx-lm's method.
 SELECTIONS = (
-    "moe_router,downproj_combine,moe_block,mla_block,moe_mlp,swiglu_mlp,compiled_decode",
+    "moe_block,mla_block,compiled_decode",
     "moe_router,moe_combine,residual_norm,glm47_rope",
-    "mla_attention",
+    "downproj_combine,moe_mlp,swiglu_mlp,mla_attention",
     "mla_kv_quant",
 )
 PROMPT = [[5, 17, 33, 71, 200, 9, 1021, 4]]

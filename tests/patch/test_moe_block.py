@@ -177,10 +177,6 @@ def test_residual_norm_applies_where_moe_block_patches_nothing():
         zmlx.unpatch(model)
 
 
-def _sharded(m):
-    m.model.layers[1].mlp.sharding_group = object()
-
-
 def _grouped(m):  # groups the router kernels cannot take (2..32 groups of >= 2 experts are)
     m.model.layers[1].mlp.gate.n_group = 3
 
@@ -199,7 +195,6 @@ def _mixed_packing(m):
 @pytest.mark.parametrize(
     "change, layer, why",
     [
-        (_sharded, 1, "tensor-parallel MoE: moe_down would add the residual on every process"),
         (_grouped, 1, "64 experts in 3 groups (the kernel takes <= 32 groups of >= 2 experts)"),
         (_other_activation, 1, "activation object (only SwiGLU is fused)"),
         (_mixed_packing, 0, "mlp: gate_proj and up_proj are quantized differently"),

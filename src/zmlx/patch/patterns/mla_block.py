@@ -41,7 +41,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from zmlx import backend as _backend
-from zmlx.distributed import sharded_linear_reason
+from zmlx.distributed import row_sharded_reason
 from zmlx.kernels.core import KernelDef, Launch, Skip
 from zmlx.kernels.glm47_rope import rope_table
 from zmlx.kernels.mla_attention import mla_decode, mla_unembed
@@ -49,7 +49,7 @@ from zmlx.kernels.mla_decode_len import mla_decode_len
 from zmlx.kernels.mla_q_prep import mla_q_prep
 from zmlx.kernels.norm_qkv_a import attention_args, attention_reason, norm_qkv_a
 from zmlx.kernels.prepared import Prepared, prepare
-from zmlx.kernels.quant import linear_reason, weights_of
+from zmlx.kernels.quant import weights_of
 from zmlx.patch.attention import mla_reason
 from zmlx.patch.layer import blocks_of, make, stock_attention
 from zmlx.patch.pattern import Pattern
@@ -67,9 +67,8 @@ def check(layer, params) -> str | None:
         return why
     if getattr(attn, "q_lora_rank", None) is None:
         return "q_lora_rank None (q_proj without q_a_layernorm): mla_q_prep does not fuse it"
-    if (why := sharded_linear_reason("q_b_proj", attn.q_b_proj)) is not None:
-        return why  # mla_q_prep reads q_b_proj as one whole linear
-    if (why := attention_reason(attn) or linear_reason("q_b_proj", attn.q_b_proj)) is not None:
+    # tensor parallel: q_b_proj is all-to-sharded (this process's heads' rows), num_heads per process
+    if (why := attention_reason(attn) or row_sharded_reason("q_b_proj", attn.q_b_proj)) is not None:
         return why
     if attn.q_a_layernorm.eps != attn.kv_a_layernorm.eps:
         return "q_a_layernorm and kv_a_layernorm have different eps (mla_q_prep takes one)"

@@ -27,6 +27,7 @@ import math
 import operator
 import weakref
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from zmlx import backend as _backend
@@ -55,8 +56,6 @@ def _mlp_reason(name: str, mlp) -> str | None:
 
 
 def _moe_reason(moe) -> str | None:
-    if moe_sharded(moe):  # moe_down adds the residual in its launch, before mlx-lm's all-sum
-        return "tensor-parallel MoE: moe_down would add the residual on every process, before the all-sum"
     if (why := router_reason(moe.gate)) is not None:
         return why
     sw = moe.switch_mlp
@@ -118,18 +117,25 @@ def _weights(layer) -> tuple:
 
 
 class _MoE:
-    __slots__ = ("launches", "shared")
+    __slots__ = ("launches", "shared", "group", "zero")
 
-    def __init__(self, launches: list[Prepared], shared: bool):
+    def __init__(self, launches: list[Prepared], shared: bool, group=None, zero=None):
         self.launches, self.shared = tuple(launches), shared  # route, gate_up, down
+        self.group, self.zero = group, zero  # tensor parallel: mlx-lm's group, a zero residual
 
     def __call__(self, x, r):
         route, gate_up, down = self.launches
         h, xn, inds, scores = route(x, r)
+        # A tensor-parallel MoE's output is a partial sum that mlx-lm all-sums before the
+        # layer's residual add: moe_down adds a zero residual (y + 0 is y, bitwise) and h is
+        # added after the all-sum, once, not once per process.
+        resid = h if self.group is None else self.zero
         if self.shared:
             hr, hs = gate_up(xn, inds)
-            return down(hr, inds, scores, h, hs)
-        return down(gate_up(xn, inds), inds, scores, h)
+            y = down(hr, inds, scores, resid, hs)
+        else:
+            y = down(gate_up(xn, inds), inds, scores, resid)
+        return y if self.group is None else h + mx.distributed.all_sum(y, group=self.group)
 
 
 class _Dense:
@@ -185,13 +191,16 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
         )
         route_args = (x, r, norm["weight"], g["weight"], g["e_score_correction_bias"])
         h, xn, inds, scores = run(norm_router, route_args, route_kw, (0, 1))
+        group = mlp.sharding_group if moe_sharded(mlp) else None
+        zero = None if group is None else mx.zeros(h.shape, h.dtype)
+        resid = h if group is None else zero
         (gate, packing), (up, _), (down, down_packing) = map(
             weights_of, (sw.gate_proj, sw.up_proj, sw.down_proj)
         )
         if mlp.config.n_shared_experts is None:
             hr = run(moe_mlp, (xn, inds, *gate, *up), packing, (0, 1))
-            run(moe_down, (hr, inds, scores, *down, h), down_packing, (0, 1, 2, 6))
-            return _MoE(launches, shared=False)
+            run(moe_down, (hr, inds, scores, *down, resid), down_packing, (0, 1, 2, 6))
+            return _MoE(launches, False, group, zero)
         se = mlp.shared_experts
         (sgate, s_packing), (sup, _), (sdown, sdown_packing) = map(
             weights_of, (se.gate_proj, se.up_proj, se.down_proj)
@@ -199,8 +208,8 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
         gu_kw = {**packing, **{f"shared_{k}": v for k, v in s_packing.items()}}
         hr, hs = run(moe_gate_up, (xn, inds, *gate, *up, *sgate, *sup), gu_kw, (0, 1))
         down_kw = {**down_packing, **{f"shared_{k}": v for k, v in sdown_packing.items()}}
-        run(moe_down, (hr, inds, scores, *down, h, hs, *sdown), down_kw, (0, 1, 2, 6, 7))
-        return _MoE(launches, shared=True)
+        run(moe_down, (hr, inds, scores, *down, resid, hs, *sdown), down_kw, (0, 1, 2, 6, 7))
+        return _MoE(launches, True, group, zero)
     except _Stock as why:
         return str(why)
 
