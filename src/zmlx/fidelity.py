@@ -72,6 +72,7 @@ class Report:
     max_abs_dlogit: float = float("nan")
     logit_correlation: float = float("nan")
     accuracy: Accuracy | None = None  # the accuracy rule, when checked
+    model_label: str | None = None  # a layer-faithful synthetic model's label (ModelSource.label)
 
     @property
     def passed(self) -> bool:

@@ -23,6 +23,9 @@ class ModelSource:
     kind: str  # "synth" | "path" | "hub"
     family: str | None
     quantization: str  # "bf16", "affine4/g64", ...
+    # what the model stands for when it is not what its name says: a layer-faithful
+    # synthetic preset's label (real per-layer shapes, fewer layers), else None
+    label: str | None = None
 
 
 def quantization_of(config: dict) -> str:
@@ -52,7 +55,11 @@ def load(name: str, progress=None):
             raise ModelLoadError(str(e)) from None
         model, tokenizer = synth.build(spec, progress=progress)
         cfg = synth.model_config(spec)
-        return model, tokenizer, ModelSource(spec.name, "synth", cfg["model_type"], spec.quantization)
+        return (
+            model,
+            tokenizer,
+            ModelSource(spec.name, "synth", cfg["model_type"], spec.quantization, synth.layer_faithful(spec)),
+        )
 
     import mlx_lm
 
@@ -72,4 +79,5 @@ def load(name: str, progress=None):
         where = "from the Hugging Face Hub" if kind == "hub" else f"from {path}"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load {name} {where}: {first}") from None
-    return model, tokenizer, ModelSource(name, kind, config.get("model_type"), quantization_of(config))
+    label = (config.get("zmlx_synth") or {}).get("layer_faithful")  # a written layer-faithful preset
+    return model, tokenizer, ModelSource(name, kind, config.get("model_type"), quantization_of(config), label)

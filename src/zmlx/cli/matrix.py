@@ -295,7 +295,7 @@ def report(
         console.print(f"{ledger}: no measurements yet")
         return
     for (model, quant, dev), group in S.groups(rows).items():
-        t = Table(title=f"{model} ({quant}) on {dev}")
+        t = Table(title=S.title(model, quant, dev, group))
         for col in S.COLUMNS:
             t.add_column(
                 col,

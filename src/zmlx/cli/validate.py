@@ -35,7 +35,8 @@ def render(report: Report, console) -> None:
     pr["patterns"] = {k: PatternReport(**v) for k, v in pr["patterns"].items()}
     console.print(PatchResult(**pr).table())
 
-    t = Table(title=f"zmlx.validate: {report.model} ({report.quantization}) on {report.device}")
+    label = f" [{report.model_label}]" if report.model_label else ""
+    t = Table(title=f"zmlx.validate: {report.model} ({report.quantization}) on {report.device}{label}")
     t.add_column("")
     t.add_column("stock", justify="right")
     t.add_column("patched", justify="right")
@@ -161,6 +162,7 @@ def main_command(
                 accuracy=accuracy,
                 preset=chosen,
             )
+            report.model_label = source.label
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

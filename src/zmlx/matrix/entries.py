@@ -126,6 +126,8 @@ def measured(source, control: VariantResult, patched: VariantResult, **base: Any
     entry = base_entry(source.name, applied, **base)
     entry["pattern_paths"] = pattern_paths(patched.patch)
     s, p = _stat(control, "decode_tps"), _stat(patched, "decode_tps")
+    if source.label:  # a layer-faithful synthetic model says so in its every line
+        entry["model_label"] = source.label
     entry.update(
         {
             "family": source.family,

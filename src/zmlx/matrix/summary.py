@@ -71,6 +71,7 @@ def summarize(entries: Iterable[dict[str, Any]]) -> list[Row]:
             {
                 "line": line_id(e),
                 "model": e["model"],
+                "model_label": e.get("model_label"),
                 "quantization": e.get("quantization"),
                 "device": e["device"]["name"],
                 "prompt_tokens": e.get("prompt_tokens"),
@@ -150,12 +151,19 @@ def groups(rows: list[Row]) -> dict[tuple, list[Row]]:
     return out
 
 
+def title(model: str, quant: str | None, device: str, group: list[Row]) -> str:
+    """A table's title: the model, its quantization and device, and the label of a
+    layer-faithful synthetic model (its name alone would pass for the real one)."""
+    labels = sorted({r["model_label"] for r in group if r.get("model_label")})
+    return f"{model} ({quant}) on {device}" + "".join(f" [{label}]" for label in labels)
+
+
 def markdown(rows: list[Row]) -> str:
     """The report as Markdown tables (one per model and device), for documents that quote
     the ledger: every number in it carries the id of the ledger line it comes from."""
     parts = []
     for (model, quant, device), group in groups(rows).items():
-        parts.append(f"{model} ({quant}) on {device}:\n")
+        parts.append(f"{title(model, quant, device, group)}:\n")
         parts.append("| " + " | ".join(COLUMNS) + " |")
         parts.append("|" + "|".join("---" for _ in COLUMNS) + "|")
         for r in group:
