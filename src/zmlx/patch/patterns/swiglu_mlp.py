@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from functools import cache
 
-from zmlx.distributed import sharded_linear_reason
-from zmlx.kernels.quant import linear_reason, weights_of
+from zmlx.distributed import row_sharded_reason
+from zmlx.kernels.quant import weights_of
 from zmlx.kernels.swiglu_mlp import swiglu_mlp
 from zmlx.patch.pattern import Pattern
 
 
 def check(mlp, params) -> str | None:
     for name in ("gate_proj", "up_proj"):
-        proj = getattr(mlp, name, None)
-        if (why := sharded_linear_reason(name, proj) or linear_reason(name, proj)) is not None:
+        # tensor parallel: all-to-sharded rows (this process's slice); down_proj stays mlx-lm's
+        if (why := row_sharded_reason(name, getattr(mlp, name, None))) is not None:
             return why
     if weights_of(mlp.gate_proj)[1] != weights_of(mlp.up_proj)[1]:
         return "gate_proj and up_proj are quantized differently"
