@@ -228,3 +228,14 @@ def test_on_the_cpu_glm47_rope_leaves_traced_steps_to_mlx_lm(patched, monkeypatc
     greedy_logits(model, mx.array([[3, 14, 15, 92, 65, 35]]), 4)
     assert compiled_decode.stats(model)["compiled_steps"] == 4
     assert rows and not any(rows)
+
+
+def test_the_report_says_a_kernel_less_pattern_runs_mlx_ops(tiny_q4):
+    model, _ = tiny_q4
+    result = zmlx.patch(model, patterns="compiled_decode,moe_router")
+    try:
+        assert result.patterns["compiled_decode"].path == "mlx"  # not "kernel": it has none
+        assert result.patterns["compiled_decode"].runs_on == "cpu (mlx)"
+        assert result.patterns["moe_router"].path == "reference"  # a kernel's reference on the CPU
+    finally:
+        zmlx.unpatch(model)

@@ -288,8 +288,12 @@ def patch(
         pattern = PATTERNS[name]
         target = fam.targets.get(name)
         kplans = [k.plan(result.backend) for k in pattern.kernels]
-        path: Literal["kernel", "reference"] = (
-            "kernel" if all(p.path == "kernel" for p in kplans) else "reference"
+        path: Literal["kernel", "reference", "mlx"] = (
+            "mlx"  # no custom kernel: the pattern is MLX ops (a cache, a compiled step)
+            if not kplans
+            else "kernel"
+            if all(p.path == "kernel" for p in kplans)
+            else "reference"
         )
         exact_here = (
             all(k.fidelity_on(result.backend) == "exact" for k in pattern.kernels)

@@ -17,7 +17,9 @@ class PatternReport:
     name: str
     fidelity: Fidelity  # on this backend: a "close" pattern whose kernels are bitwise stock here says "exact"
     backend: Backend
-    path: Literal["kernel", "reference"]
+    # kernel: its custom kernels run; reference: their plain-MLX references run (no body for
+    # the backend, a failed self-check); mlx: a pattern without custom kernels
+    path: Literal["kernel", "reference", "mlx"]
     patched: list[str] = field(default_factory=list)  # module paths
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
     fallbacks: list[str] = field(default_factory=list)  # why the reference runs
