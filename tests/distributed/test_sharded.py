@@ -1,7 +1,8 @@
 """zmlx.patch on mlx-lm's sharded models, two processes on the loopback address over MLX's
 ring backend: tensor parallel (`model.shard(group)`) and pipeline parallel
 (`model.model.pipeline(group)`, via mlx-lm's sharded_load) of tiny glm4_moe_lite and
-deepseek_v3 checkpoints (bf16, run in float32: MLX's CPU gather_mm takes float32).
+deepseek_v3 checkpoints (bf16, run in float32: MLX's CPU gather_mm takes float32; and
+glm4_moe_lite in mxfp4, whose sharded linears are mlx's quantized ones).
 
 One process pair per parallelism runs worker.py, which decodes greedily with the unsharded
 stock model, the sharded stock model and the sharded model patched with each of its
@@ -33,7 +34,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORKER = Path(__file__).with_name("worker.py")
-FAMILIES = ("glm4_moe_lite", "deepseek_v3")
+# family/quantization; mxfp4's groups of 32 split the tiny experts' width 64 over 2 (affine4's
+# groups of 64 do not: zmlx.distributed.shard_reason), and moe_block takes mxfp4
+CHECKPOINTS = ("glm4_moe_lite/bf16", "deepseek_v3/bf16", "glm4_moe_lite/mxfp4")
 TIMEOUT_S = 240
 ORDER = "unpatch, shard, then patch"
 
@@ -76,7 +79,11 @@ def launch(tmp: Path, args: list[str], size: int = 2) -> dict:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("sharded")
-    return {f: str(synth.write(f"synth:{f}/tiny/bf16", root / f)) for f in FAMILIES}
+    out = {}
+    for name in CHECKPOINTS:
+        family, quant = name.split("/")
+        out[name] = str(synth.write(f"synth:{family}/tiny/{quant}", root / f"{family}-{quant}"))
+    return out
 
 
 @pytest.fixture(scope="module", params=["tensor", "pipeline"])
@@ -118,7 +125,7 @@ def _patterns(results: dict, family: str) -> dict:
 
 def test_each_pattern_patches_or_skips_with_its_reason(run):
     mode, results = run
-    glm = _patterns(results, "glm4_moe_lite")
+    glm = _patterns(results, "glm4_moe_lite/bf16")
     # rank 0 holds layers 2 and 3 of 4 under pipeline parallelism (mlx-lm gives it the last ones)
     layers, moe_layers = (4, 3) if mode == "tensor" else (2, 2)
     for name in ("moe_router", "moe_combine", "downproj_combine", "moe_mlp"):
@@ -139,6 +146,8 @@ def test_each_pattern_patches_or_skips_with_its_reason(run):
         assert glm["moe_block"]["patched"] == layers
         for name in ("residual_norm", "compiled_decode"):
             assert glm[name]["patched"] == 0 and "pipeline-parallel" in " ".join(glm[name]["skipped"])
-    ds = _patterns(results, "deepseek_v3")
+    q = _patterns(results, "glm4_moe_lite/mxfp4")  # mlx-lm's Quantized*ShardedLinear
+    assert q["moe_block"]["patched"] == moe_layers and q["moe_combine"]["patched"] == moe_layers
+    ds = _patterns(results, "deepseek_v3/bf16")
     assert ds["moe_combine"]["patched"] == moe_layers and ds["moe_mlp"]["patched"] == moe_layers
     assert "YarnRoPE" in " ".join(ds["glm47_rope"]["skipped"])  # tiny deepseek_v3 has rope scaling
