@@ -30,11 +30,14 @@ __all__ = [
     "ShardError",
     "check_shardable",
     "guard",
+    "load",
     "moe_sharded",
+    "primary",
     "release",
     "row_sharded_reason",
     "shard_reason",
     "sharded_linear_reason",
+    "world",
 ]
 
 ORDER = "unpatch, shard, then patch: zmlx.unpatch(model); model.shard(group); zmlx.patch(model)"
@@ -205,3 +208,74 @@ def moe_output(moe, y):
     import mlx.core as mx
 
     return mx.distributed.all_sum(y, group=group)
+
+
+# ---------------------------------------------------------------- the CLIs under mlx.launch
+
+
+def world():
+    """The group `mlx.launch` started this process in (more than one process), else None.
+    mx.distributed.init reads the launcher's settings (a hostfile and rank for ring, NCCL's
+    host and port); a process started on its own gets a group of one."""
+    import mlx.core as mx
+
+    if not mx.distributed.is_available():
+        return None
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def primary(group) -> bool:
+    """Whether this process prints and writes ledger lines: rank 0, or not distributed."""
+    return group is None or group.rank() == 0
+
+
+def load(name: str, group, pipeline: bool = False):
+    """(model, tokenizer, zmlx.models.ModelSource) of what `name` names (a synth spec, a
+    checkpoint directory, a Hub id), split over `group` by mlx-lm: tensor parallel
+    (`model.shard(group)`), or with `pipeline` its layers (`model.model.pipeline(group)`).
+    A model that cannot be split so raises ShardError or zmlx.models.ModelLoadError, one
+    line, before any weight is read where the checkpoint is local."""
+    from pathlib import Path
+
+    import mlx.core as mx
+
+    from zmlx import models, synth
+
+    name = str(name)
+    size = group.size()
+    if synth.is_spec(name):
+        model, tokenizer, source = models.load(name)
+        _check(model, size, pipeline)
+        model.model.pipeline(group) if pipeline else model.shard(group)
+        mx.eval(model.parameters())
+        return model, tokenizer, source
+    from mlx_lm.utils import load_model, sharded_load
+
+    path = Path(name).expanduser()
+    if path.exists():
+        models._check_path(path)  # the same one-line errors as zmlx.models.load
+        _check(load_model(path, lazy=True, strict=False)[0], size, pipeline)
+    groups = {"pipeline_group": group} if pipeline else {"tensor_group": group}
+    try:
+        where = str(path) if path.exists() else name
+        model, tokenizer, config = sharded_load(where, return_config=True, **groups)
+    except Exception as e:  # mlx-lm raises many types for a model it cannot read or split
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise models.ModelLoadError(f"could not load {name} split over {size} processes: {first}") from None
+    label = (config.get("zmlx_synth") or {}).get("layer_faithful")
+    kind = "path" if path.exists() else "hub"
+    quantization = models.quantization_of(config)
+    return model, tokenizer, models.ModelSource(name, kind, config.get("model_type"), quantization, label)
+
+
+def _check(model, size: int, pipeline: bool) -> None:
+    if not pipeline:
+        check_shardable(model, size)
+        return
+    inner: Any = getattr(model, "model", None)
+    if not callable(getattr(inner, "pipeline", None)):
+        mt = getattr(model, "model_type", type(model).__name__)
+        raise ShardError(f"model type {mt!r} has no pipeline parallelism in mlx-lm (no pipeline() method)")
+    if len(inner.layers) < size:
+        raise ShardError(f"{len(inner.layers)} layers do not split over {size} processes")

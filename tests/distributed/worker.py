@@ -19,6 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load, sharded_load
 
 import zmlx
+from zmlx import distributed
 from zmlx.distributed import ShardError
 
 # Patterns that replace the same method are split over selections, so each one is applied
@@ -103,13 +104,31 @@ def run(path: str, mode: str, group) -> dict:
     return out
 
 
+def loads(path: str, mode: str, group) -> dict:
+    """zmlx.distributed's loader (what the CLIs call under mlx.launch): a checkpoint and the
+    same model as a synth spec, split as `mode` says, and an affine4 spec it refuses."""
+    pipeline = mode == "pipeline"
+    out = {"world": distributed.world().size(), "primary": distributed.primary(group)}
+    for name in (path, "synth:glm4_moe_lite/tiny/bf16"):
+        model, _, source = distributed.load(name, group, pipeline=pipeline)
+        model.set_dtype(mx.float32)
+        out[source.kind] = greedy(model)[0]
+    try:
+        distributed.load("synth:glm4_moe_lite/tiny/affine4", group, pipeline=pipeline)
+        out["refused"] = ""
+    except ShardError as e:
+        out["refused"] = str(e)
+    return out
+
+
 def main() -> None:
     out_path, mode, *paths = sys.argv[1:]
     group = mx.distributed.init(backend="ring", strict=True)
     results = {path: run(path, mode, group) for path in paths}
+    load = loads(paths[0], mode, group)
     if group.rank() == 0:
         with open(out_path, "w") as f:
-            json.dump({"size": group.size(), "results": results}, f)
+            json.dump({"size": group.size(), "results": results, "load": load}, f)
 
 
 if __name__ == "__main__":
