@@ -16,6 +16,8 @@ from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
 from zmlx.kernels.mla_decode_len import mla_decode_len
+from zmlx.kernels.mla_decode_q import inputs as mla_decode_q_inputs
+from zmlx.kernels.mla_decode_q import mla_decode_q
 from zmlx.kernels.mla_q_prep import inputs as mla_q_prep_inputs
 from zmlx.kernels.mla_q_prep import kwargs as mla_q_prep_kwargs
 from zmlx.kernels.mla_q_prep import mla_q_prep
@@ -125,6 +127,7 @@ def _cases():
     yield from _quantized_cases()
     yield from _mxfp4_cases()
     yield from _mla_cases()
+    yield from _mla_decode_q_cases()
     yield from _norm_router_cases()
     yield from _group_router_cases()
     yield from _mla_q_prep_cases()
@@ -167,6 +170,15 @@ def _mla_cases():  # GLM-4.7-Flash's attention: 20 heads, nope 192, rope 64, lat
             (o, m, m, *quantized_experts(20, 256, 512, dtype=dtype, seed=2, **kw)),
             dict(dtype=dtype, **kw),
         )
+
+
+def _mla_decode_q_cases():  # GLM-4.7-Flash's latent over a quantized cache; odd heads and a narrow latent
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
+        for bits, group_size in ((4, 64), (4, 32), (8, 64), (8, 32)):
+            glm = mla_decode_q_inputs(1, 20, 512, 64, 300, dtype, group_size=group_size, bits=bits)
+            yield mla_decode_q, *glm
+        yield mla_decode_q, *mla_decode_q_inputs(2, 5, 128, 32, 40, dtype, group_size=32, bits=4)
+    yield (mla_decode_q, *mla_decode_q.example())  # the self-check's
 
 
 def _norm_router_cases():  # GLM-4.7-Flash's width, and odd ones (2 and 1 values per lane in the gemv)

@@ -7,8 +7,11 @@ cache returns. With this pattern, a step whose cache is a `QuantizedKVCache` run
 projections and rope, writes the new kv_latent and k_pe through the cache's own
 update_and_fetch (quantized there), and reads the cached triples:
 
-- decode (one token): `zmlx.latent_quant.latent_attention`, the reference a fused
-  dequant-in-attention kernel replaces (the quantized arrays are its inputs);
+- decode (one token): where the `mla_decode_q` kernel runs (GPU) and no mask is given, it reads
+  the packed cache directly (dequantized in registers, flash-decoding in float32) and
+  `mla_unembed` combines its chunks and projects through unembed_out; elsewhere (CPU) its
+  reference `zmlx.latent_quant.latent_attention` (mx.dequantize, then mlx-lm's math) and
+  mlx-lm's unembed_out;
 - a prompt (several tokens into an already quantized cache: `--quantized-kv-start 0` with a
   prompt longer than one prefill chunk, a chat's later turns, a reused prompt cache): the
   cache's whole latent dequantized, then mlx-lm's prompt branch (keys embed_q(latent), values
@@ -28,6 +31,9 @@ from functools import cache
 
 import mlx.core as mx
 
+from zmlx.kernels.mla_attention import mla_unembed
+from zmlx.kernels.mla_decode_q import mla_decode_q
+from zmlx.kernels.quant import weights_of
 from zmlx.latent_quant import dequantize, is_quantized, kv_quant_error, latent_attention
 from zmlx.patch.attention import project
 from zmlx.patch.pattern import Pattern
@@ -68,14 +74,29 @@ def make():
         quant = dict(group_size=cache.group_size, bits=cache.bits)
         if L == 1:
             q_nope = self.embed_q(q_nope)
-            output = latent_attention(q_nope, q_pe, latent, pe, scale=self.scale, mask=mask, **quant)
-            output = self.unembed_out(output)
+            output = _fused_decode(self, q_nope, q_pe, latent, pe, mask, quant, x.dtype)
+            if output is None:
+                output = latent_attention(q_nope, q_pe, latent, pe, scale=self.scale, mask=mask, **quant)
+                output = self.unembed_out(output)
         else:
             output = _prompt(self, q_nope, q_pe, dequantize(latent, **quant), dequantize(pe, **quant), mask)
         output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(output)
 
     return __call__
+
+
+def _fused_decode(attn, q_nope, q_pe, latent, pe, mask, quant, dtype):
+    """The decode attention through unembed_out in two launches (mla_decode_q's partials over
+    the packed cache, mla_unembed's combine and projection), or None where the kernel does
+    not run (the CPU: its plan is the reference), a mask is given or unembed_out is not affine."""
+    if mask is not None or mla_decode_q.plan().path != "kernel":
+        return None
+    unembed, packing = weights_of(attn.unembed_out)
+    if "mode" in packing:  # mla_unembed reads affine or unquantized rows only
+        return None
+    o, m, lsum = mla_decode_q(q_nope, q_pe, *latent, *pe, scale=attn.scale, **quant)
+    return mla_unembed(o, m, lsum, *unembed, dtype=dtype, **packing)
 
 
 def _prompt(attn, q_nope, q_pe, kv_latent, k_pe, mask):
@@ -95,7 +116,7 @@ PATTERN = Pattern(
         " quantized, read through dequantization (otherwise mlx-lm's method)"
     ),
     fidelity="close",
-    kernels=(),
+    kernels=(mla_decode_q, mla_unembed),
     check=check,
     make=make,
     paths=("decode", "prefill"),

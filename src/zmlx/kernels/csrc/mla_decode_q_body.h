@@ -1,0 +1,161 @@
+// mla_decode's FMA path over a quantized latent cache (mlx-lm's QuantizedKVCache: MLX's affine
+// quantization, packed uint32 words of UV = 32 / BITS values, one scale and bias in T per
+// group of GS values along the row). One threadgroup per (b, chunk, group of WPB * HPW heads);
+// each warp on its own: HPW heads over the chunk's positions, TP at a time, with an online
+// softmax (no threadgroup memory, no barriers; the warps of a group share the chunk's packed
+// rows through L1). A lane holds the packed words u = lane + 32 t of each latent row (values
+// UV u .. UV u + UV - 1) and of each rope row, dequantized in registers as
+// float(q) * scale + bias (a word lies in one group: GS is a multiple of UV) and used for both
+// the scores (warp sums) and the weighted sum. The scores are scale * (q_nope . latent +
+// q_pe . k_pe), scale folded into the query registers. The partials (o, m, l) have
+// mla_decode's layout and chunking, so mla_unembed combines them. The context length comes
+// with the cache view's shape (a kernel argument): no per-token array.
+constexpr uint UV = 32 / BITS;
+constexpr uint MASK = (1u << BITS) - 1u;
+constexpr uint LWN = R / UV;  // packed words per latent row
+constexpr uint PWN = RD / UV;  // per rope row
+constexpr uint LT = (LWN + 31) / 32;  // latent words per lane
+constexpr uint PT = (PWN + 31) / 32;  // rope words per lane
+const uint S = uint(lw_shape[2]);
+const uint CH = zmlx_mla_chunk<MINCH, TARGET, CS>(S);
+const uint NC = (S + CH - 1) / CH;
+const uint NG = (H + HPW * WPB - 1) / (HPW * WPB);
+const uint g = zmlx_gid % NG;
+const uint c = (zmlx_gid / NG) % NC;
+const uint b = zmlx_gid / (NG * NC);
+const uint hw = (g * WPB + zmlx_warp) * HPW;  // this warp's first head
+if (hw >= H) return;  // the whole warp: a last group's spare warps
+const uint p0 = c * CH;
+const uint n = S - p0 < CH ? S - p0 : CH;
+const float scale = ZMLX_FLOAT_BITS(SCALE_BITS);
+const ZMLX_DEVICE uint* lwb = lw + size_t(b) * S * LWN;
+const ZMLX_DEVICE T* lsb = ls + size_t(b) * S * (R / GS);
+const ZMLX_DEVICE T* lbb = lb + size_t(b) * S * (R / GS);
+const ZMLX_DEVICE uint* pwb = pw + size_t(b) * S * PWN;
+const ZMLX_DEVICE T* psb = ps + size_t(b) * S * (RD / GS);
+const ZMLX_DEVICE T* pbb = pb + size_t(b) * S * (RD / GS);
+float qr[HPW][LT][UV];  // scale * q_nope (0 past the row)
+float qe[HPW][PT][UV];  // scale * q_pe
+float acc[HPW][LT][UV];
+float mh[HPW];
+float lh[HPW];
+ZMLX_UNROLL
+for (uint j = 0; j < HPW; ++j) {
+    const size_t qh = size_t(b) * H + (hw + j < H ? hw + j : H - 1);  // a spare head repeats the last
+    ZMLX_UNROLL
+    for (uint t = 0; t < LT; ++t) {
+        const uint u = zmlx_lane + 32 * t;
+        ZMLX_UNROLL
+        for (uint i = 0; i < UV; ++i) {
+            qr[j][t][i] = u < LWN ? scale * static_cast<float>(qn[qh * R + u * UV + i]) : 0.0f;
+            acc[j][t][i] = 0.0f;
+        }
+    }
+    ZMLX_UNROLL
+    for (uint t = 0; t < PT; ++t) {
+        const uint u = zmlx_lane + 32 * t;
+        ZMLX_UNROLL
+        for (uint i = 0; i < UV; ++i) {
+            qe[j][t][i] = u < PWN ? scale * static_cast<float>(qp[qh * RD + u * UV + i]) : 0.0f;
+        }
+    }
+    mh[j] = -3.0e38f;
+    lh[j] = 0.0f;
+}
+for (uint i0 = 0; i0 < n; i0 += TP) {
+    float lv[TP][LT][UV];
+    float kv[TP][PT][UV];
+    ZMLX_UNROLL
+    for (uint v = 0; v < TP; ++v) {
+        const size_t p = p0 + (i0 + v < n ? i0 + v : n - 1);  // past the chunk: its last row, weight 0
+        ZMLX_UNROLL
+        for (uint t = 0; t < LT; ++t) {
+            const uint u = zmlx_lane + 32 * t;
+            uint word = 0u;
+            float sc = 0.0f;
+            float bi = 0.0f;
+            if (u < LWN) {
+                const size_t gi = p * (R / GS) + (u * UV) / GS;
+                word = lwb[p * LWN + u];
+                sc = static_cast<float>(lsb[gi]);
+                bi = static_cast<float>(lbb[gi]);
+            }
+            ZMLX_UNROLL
+            for (uint i = 0; i < UV; ++i) lv[v][t][i] = static_cast<float>((word >> (BITS * i)) & MASK) * sc + bi;
+        }
+        ZMLX_UNROLL
+        for (uint t = 0; t < PT; ++t) {
+            const uint u = zmlx_lane + 32 * t;
+            uint word = 0u;
+            float sc = 0.0f;
+            float bi = 0.0f;
+            if (u < PWN) {
+                const size_t gi = p * (RD / GS) + (u * UV) / GS;
+                word = pwb[p * PWN + u];
+                sc = static_cast<float>(psb[gi]);
+                bi = static_cast<float>(pbb[gi]);
+            }
+            ZMLX_UNROLL
+            for (uint i = 0; i < UV; ++i) kv[v][t][i] = static_cast<float>((word >> (BITS * i)) & MASK) * sc + bi;
+        }
+    }
+    ZMLX_UNROLL
+    for (uint j = 0; j < HPW; ++j) {
+        float sc[TP];
+        float smax = mh[j];
+        ZMLX_UNROLL
+        for (uint v = 0; v < TP; ++v) {
+            float a = 0.0f;
+            ZMLX_UNROLL
+            for (uint t = 0; t < LT; ++t) {
+                ZMLX_UNROLL
+                for (uint i = 0; i < UV; ++i) a += qr[j][t][i] * lv[v][t][i];
+            }
+            ZMLX_UNROLL
+            for (uint t = 0; t < PT; ++t) {
+                ZMLX_UNROLL
+                for (uint i = 0; i < UV; ++i) a += qe[j][t][i] * kv[v][t][i];
+            }
+            ZMLX_WARP_SUM(a);
+            sc[v] = i0 + v < n ? a : -3.0e38f;
+            smax = ZMLX_FMAX(smax, sc[v]);
+        }
+        const float alpha = ZMLX_EXP(mh[j] - smax);  // 0 on the first step
+        mh[j] = smax;
+        float psum = 0.0f;
+        ZMLX_UNROLL
+        for (uint v = 0; v < TP; ++v) {
+            sc[v] = ZMLX_EXP(sc[v] - smax);
+            psum += sc[v];
+        }
+        lh[j] = lh[j] * alpha + psum;
+        ZMLX_UNROLL
+        for (uint t = 0; t < LT; ++t) {
+            ZMLX_UNROLL
+            for (uint i = 0; i < UV; ++i) {
+                float a = acc[j][t][i] * alpha;
+                ZMLX_UNROLL
+                for (uint v = 0; v < TP; ++v) a += sc[v] * lv[v][t][i];
+                acc[j][t][i] = a;
+            }
+        }
+    }
+}
+ZMLX_UNROLL
+for (uint j = 0; j < HPW; ++j) {
+    if (hw + j < H) {
+        const size_t oi = (size_t(b) * NC + c) * H + hw + j;
+        ZMLX_UNROLL
+        for (uint t = 0; t < LT; ++t) {
+            const uint u = zmlx_lane + 32 * t;
+            if (u < LWN) {
+                ZMLX_UNROLL
+                for (uint i = 0; i < UV; ++i) o[oi * R + u * UV + i] = acc[j][t][i];
+            }
+        }
+        if (zmlx_lane == 0) {
+            m[oi] = mh[j];
+            l[oi] = lh[j];
+        }
+    }
+}
