@@ -29,6 +29,7 @@ __all__ = [
     "Refuse",
     "ShardError",
     "check_shardable",
+    "groups_memo",
     "guard",
     "load",
     "moe_sharded",
@@ -223,6 +224,20 @@ def world():
         return None
     group = mx.distributed.init()
     return group if group.size() > 1 else None
+
+
+def groups_memo(model) -> dict[int, Any]:
+    """A copy.deepcopy memo that keeps the model's mx.distributed groups shared (a Group
+    cannot be copied): a copy of a sharded model, as zmlx.accuracy's float32 reference,
+    computes in the same group as the model."""
+    import mlx.core as mx
+
+    memo: dict[int, Any] = {}
+    for _, module in model.named_modules():
+        for value in vars(module).values():
+            if isinstance(value, mx.distributed.Group):
+                memo[id(value)] = value
+    return memo
 
 
 def primary(group) -> bool:

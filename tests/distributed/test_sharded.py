@@ -162,7 +162,7 @@ def test_load_splits_a_checkpoint_or_a_spec_and_refuses_what_does_not_split(run)
     mode, results, load = run
     assert load["world"] == 2 and load["primary"] is True  # rank 0 wrote the file
     sharded = results["glm4_moe_lite/bf16"]["sharded"]
-    assert load["path"] == sharded and load["synth"] == sharded
+    assert load["path"] == sharded and load["synth"] == sharded and load["copy"] == sharded
     if mode == "tensor":
         assert load["refused"] == (
             "layer 1: experts' down_proj width 64 over 2 processes is not whole quantization groups of 64"

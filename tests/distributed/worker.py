@@ -11,6 +11,7 @@ bitwise equal, and each pattern's report. Every rank checks its own tokens agree
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -113,6 +114,8 @@ def loads(path: str, mode: str, group) -> dict:
         model, _, source = distributed.load(name, group, pipeline=pipeline)
         model.set_dtype(mx.float32)
         out[source.kind] = greedy(model)[0]
+    # zmlx.accuracy's reference is a deep copy: the groups stay shared (a Group cannot be copied)
+    out["copy"] = greedy(copy.deepcopy(model, distributed.groups_memo(model)))[0]
     try:
         distributed.load("synth:glm4_moe_lite/tiny/affine4", group, pipeline=pipeline)
         out["refused"] = ""
