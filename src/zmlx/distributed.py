@@ -143,9 +143,9 @@ def _widths(proj) -> tuple[int, int | None]:
 
 def shard_reason(model, size: int) -> str | None:
     """Why mlx-lm's tensor-parallel `model.shard(group)` cannot split `model` over `size`
-    processes, as one line, or None. mlx-lm itself checks none of this: a head count that
-    `size` does not divide leaves a wrong head count, and a width that does not split into
-    whole quantization groups raises deep inside mx.split."""
+    processes, as one line, or None. mlx-lm's shard() does not check the heads (it floors
+    num_heads / N), and a width that does not split (into whole quantization groups, for
+    quantized weights) raises from inside mlx.nn's shard_linear / shard_inplace (mx.split)."""
     if size < 1:
         return f"world size {size} is not positive"
     if not callable(getattr(model, "shard", None)):

@@ -47,7 +47,8 @@ def test_a_model_nothing_patched_keeps_its_methods(tiny):
 
 def test_shard_reason(tiny):
     assert shard_reason(tiny, 1) is None
-    # mlx-lm's shard() checks neither: 4 heads over 3 leave num_heads 1 (the first call fails in a reshape)
+    # mlx-lm's shard() does not check the heads (num_heads //= N); on this model it raises for
+    # the dense MLP's width 256 first, as a traceback from inside mlx.nn's shard_linear
     assert shard_reason(tiny, 3) == "layer 0: 4 attention heads do not split over 3 processes"
     # mlx-lm's shard_inplace raises deep in mx.split: the experts' width 64 is one group of 64
     assert shard_reason(tiny, 2) == (
