@@ -48,9 +48,10 @@ def reference_model(model):
     every floating parameter cast to float32 (`nn.Module.set_dtype` converts floating
     parameters only, so packed uint32 quantized weights stay as they are; their scales and
     biases become float32). Activations follow the embeddings' dtype, so they are float32 too."""
+    from zmlx.distributed import groups_memo
     from zmlx.patch import unpatch
 
-    ref = copy.deepcopy(model)
+    ref = copy.deepcopy(model, groups_memo(model))  # a sharded model's copy shares its group
     unpatch(ref)
     ref.set_dtype(mx.float32)
     return ref

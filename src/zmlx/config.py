@@ -186,6 +186,14 @@ def tf32_enabled(environ: Mapping[str, str] | None = None) -> bool:
         return True
 
 
+def launched(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a launcher (`mlx.launch`) started this process as one rank of a group: it
+    sets MLX_RANK for every backend. Only then does zmlx join mx.distributed's group (a
+    process started on its own never touches a distributed backend)."""
+    env = os.environ if environ is None else environ
+    return bool((env.get("MLX_RANK") or "").strip())
+
+
 def git_override(environ: Mapping[str, str] | None = None) -> tuple[str | None, bool | None]:
     """(commit, dirty) given by ZMLX_GIT_COMMIT / ZMLX_GIT_DIRTY, for a copy of the tree
     without .git (the GPU machine receives the working tree only)."""

@@ -220,7 +220,9 @@ def world():
     host and port); a process started on its own gets a group of one."""
     import mlx.core as mx
 
-    if not mx.distributed.is_available():
+    from zmlx import config
+
+    if not config.launched() or not mx.distributed.is_available():
         return None
     group = mx.distributed.init()
     return group if group.size() > 1 else None

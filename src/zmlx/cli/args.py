@@ -109,8 +109,9 @@ def message_for(error: BaseException, model: str | None = None) -> str | None:
     """The one-line message for an error caused by the user's input or by what MLX can run
     here, or None for anything else (a bug, which keeps its traceback)."""
     from zmlx import backend, synth
+    from zmlx.distributed import ShardError
 
-    if isinstance(error, (ConfigError, ModelLoadError, synth.SynthError)):
+    if isinstance(error, (ConfigError, ModelLoadError, synth.SynthError, ShardError)):
         return str(error)
     text = str(error).strip()
     # MLX's own errors name the operation that refused ("[GatherMM::eval] ..."): what MLX
