@@ -135,6 +135,25 @@ def _show_zmlx_warning(original):
     return show
 
 
+def model_loader():
+    """(group, load): the launcher's mx.distributed group (None when this process was not
+    started by `mlx.launch`) and the loader to use, zmlx.models.load's signature: under a
+    launcher the model is split over the group (zmlx.distributed.load, tensor parallel)."""
+    import functools
+
+    from zmlx import distributed
+    from zmlx.models import load
+
+    group = distributed.world()
+    return group, (load if group is None else functools.partial(_load_split, group=group))
+
+
+def _load_split(name: str, group, progress=None):
+    from zmlx import distributed
+
+    return distributed.load(name, group)
+
+
 @contextmanager
 def one_line_errors(model: str | None = None) -> Iterator[None]:
     """Inside: bad input (see `message_for`) prints `error: <message>` on stderr and exits

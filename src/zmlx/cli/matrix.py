@@ -114,7 +114,6 @@ def run(
     from zmlx.backend import current as current_backend
     from zmlx.bench.harness import CONTROL, measure
     from zmlx.cli.validate import accuracy_by_default
-    from zmlx.models import load
 
     with cli_args.one_line_errors(model):  # the checks validate and drift make, before any work
         cli_args.at_least(1, {"--runs": runs, "--max-tokens": max_tokens, "--prompt-tokens": prompt_tokens})
@@ -159,6 +158,7 @@ def run(
 
     err = ui.console(stderr=True)
     with cli_args.one_line_errors(model):  # bad input, or MLX unable to run the model here
+        group, load = cli_args.model_loader()  # under mlx.launch: split over the group
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task(f"loading {model}", total=None)
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
@@ -180,6 +180,11 @@ def run(
             )
 
     entries = [E.measured(source, control, patched, **base) for patched in measured]
+    if group is not None:  # every rank measured the split model; rank 0 alone writes
+        if group.rank() != 0:
+            return
+        for entry in entries:
+            entry["world_size"] = group.size()
     for entry in entries:
         L.append(entry, ledger)
     ui.console().print(_history_table(entries, f"appended to {ledger}"))

@@ -130,12 +130,9 @@ def main_command(
     """Everything `zmlx validate` does; returns the exit status of a finished
     check (0 PASS or ACCURATE, 1 FAIL); bad input raises typer.Exit(2) after its one-line
     message. `accuracy` None: on when the model's reference fits (accuracy_by_default)."""
-    import functools
-
     from rich.progress import Progress
 
     from zmlx import distributed
-    from zmlx.models import load
 
     err = ui.console(stderr=True)
     with cli_args.one_line_errors(model):
@@ -147,10 +144,7 @@ def main_command(
         cli_args.check_model_name(model)
         if accuracy is None:
             accuracy = accuracy_by_default(model)
-        # under mlx.launch: the model split over the group (tensor parallel), rank 0 reports
-        group = distributed.world()
-        if group is not None:
-            load = functools.partial(_load_split, group=group)
+        group, load = cli_args.model_loader()  # under mlx.launch: split over the group; rank 0 reports
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task("loading model", total=None)
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
@@ -177,13 +171,6 @@ def main_command(
     else:
         render(report, ui.console())
     return 0 if report.ok else 1
-
-
-def _load_split(name: str, group, progress=None):
-    """zmlx.models.load's signature over zmlx.distributed.load (no progress to report)."""
-    from zmlx import distributed
-
-    return distributed.load(name, group)
 
 
 def command(
