@@ -439,6 +439,22 @@ def test_patched_loaders_patch_then_restore(checkpoint, capsys):
     assert not zmlx.is_patched(model)
 
 
+def test_under_a_launcher_only_rank_0_reports(checkpoint, capsys, monkeypatch):
+    import zmlx
+    from zmlx import distributed
+
+    class Rank1:  # what mx.distributed.init() gives rank 1 of two
+        def rank(self):
+            return 1
+
+    monkeypatch.setattr(distributed, "world", lambda: Rank1())
+    module = mlx_lm_tools.tool_module("generate")
+    with mlx_lm_tools.patched_loaders(module, mlx_lm_tools.ToolOptions()):
+        model, _ = module.load(checkpoint)
+    assert zmlx.is_patched(model)  # every rank patches its model
+    assert "zmlx:" not in capsys.readouterr().err  # rank 1 says nothing
+
+
 def test_split_args_takes_out_only_zmlx_flags():
     argv = ["--model", "m", "--patterns=moe_router", "--prompt=--x", "--exclude", "moe_combine", "-n"]
     options, rest = mlx_lm_tools.split_args(argv)

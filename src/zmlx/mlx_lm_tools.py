@@ -245,6 +245,7 @@ def patching_loader(
     """`loader` (mlx-lm's load or sharded_load), then `zmlx.patch` on the model it returns;
     the result is returned unchanged (mlx-lm's tuple), the report written to `err`."""
     import zmlx
+    from zmlx import distributed
 
     @functools.wraps(loader)
     def load(path_or_hf_repo, *args, **kwargs):
@@ -258,7 +259,8 @@ def patching_loader(
         result = zmlx.patch(loaded[0], chosen.patterns, chosen.exclude, preset=chosen.preset, config=conf)
         if quantized_latent:
             check_kv_quant(result)
-        print("\n".join(report_lines(result, str(path_or_hf_repo))), file=err, flush=True)
+        if distributed.primary(distributed.world()):  # under mlx.launch: rank 0 reports
+            print("\n".join(report_lines(result, str(path_or_hf_repo))), file=err, flush=True)
         return loaded
 
     return load
