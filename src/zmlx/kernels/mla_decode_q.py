@@ -6,19 +6,25 @@ group of 32 or 64 values along the row. The plain-MLX path (zmlx.latent_quant.la
 dequantizes both into new arrays, then runs mlx-lm's attention; this kernel reads the packed
 words, scales and biases directly and dequantizes in registers, as flash-decoding: the
 positions split into mla_attention's chunks (chunk_size), one threadgroup per (b, chunk, head
-group), each warp on its own for HEADS_PER_WARP heads with an online softmax, in float32
-throughout. It writes mla_decode's partials (o (B, C, H, R) the exp-weighted latent sum, m and
-l (B, C, H) the max score and exp sum), so mla_unembed combines them and projects through
-unembed_out in one more launch; `combine` is the same combine in plain MLX (tests, and a
-caller that wants the attention before unembed_out).
+group), each warp on its own for HEADS_PER_WARP heads with an online softmax, in float32 past
+the dequantized values (q * scale + bias rounded once to the activations' dtype: the values
+the cache holds, as mx.dequantize gives them). It writes mla_decode's partials (o (B, C, H, R)
+the exp-weighted latent sum, m and l (B, C, H) the max score and exp sum), so mla_unembed
+combines them and projects through unembed_out in one more launch; `combine` is the same
+combine in plain MLX (tests, and a caller that wants the attention before unembed_out).
 
 Its arguments are latent_attention's (q_nope after embed_q, q_pe roped and not scaled, the
-cache's two triples), unpacked: the partials' reference dequantizes in float32 and runs
-mla_attention's chunked reference; the combined result is latent_attention's up to float32
-rounding (its own rounds to the activations' dtype at every step).
+cache's two triples), unpacked: the partials' reference dequantizes as the kernel does and runs
+mla_attention's chunked float32 reference; combined, it is latent_attention's result up to
+rounding (latent_attention rounds to the activations' dtype at every step).
 
-Device code: csrc/mla_decode_q_body.h, with mla_attention's header csrc/mla.h (the chunk size,
-warp sums).
+On CUDA with bf16 activations the chunks run on tensor cores instead (mla_decode's
+zmlx_mla_decode_mma_rows, its fragments dequantized to bf16 as they load: the values
+mx.dequantize holds in a bf16 cache; the queries split into bf16 hi + lo parts).
+
+Device code: csrc/mla_decode_q_body.h; csrc/mla_decode_q.h (the tensor-core path's
+dequantizing loader); mla_attention's header csrc/mla.h (the chunk size, warp sums, the
+tensor-core path).
 """
 
 from __future__ import annotations
@@ -34,20 +40,29 @@ from zmlx.kernels.mla_attention import (
     MIN_CHUNK,
     TARGET_CHUNKS,
     TP,
-    WARPS_PER_BLOCK,
+    _mma_fits,
     chunk_size,
     decode_reference,
 )
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64)
+# On CUDA with bf16 activations, a GLM-like shape runs mla_decode's tensor-core path over the
+# dequantized fragments (one threadgroup of latent / 64 warps per chunk); False: the FMA path.
+USE_MMA = True
+# The FMA path: at most 8 warps share a chunk, so that a threadgroup fits the SM's 64K registers
+# at any register count the compiler picks (<= 255 per thread; mla_decode's 10 warps need <= 204).
+WARPS_PER_BLOCK = 8
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
 def _dequantized(w, s, b, group_size, bits):
-    """MLX's affine dequantization in float32 (the scales and biases widened first)."""
+    """The values a cache of the scales' dtype holds, in float32: MLX's affine dequantization
+    q * scale + bias in float32, rounded once to that dtype (both kernel paths round so: the
+    tensor-core path feeds them to bf16 mma)."""
     f32 = mx.float32
-    return mx.dequantize(w, s.astype(f32), b.astype(f32), group_size=group_size, bits=bits)
+    v = mx.dequantize(w, s.astype(f32), b.astype(f32), group_size=group_size, bits=bits)
+    return v.astype(s.dtype).astype(f32)
 
 
 def reference(q_nope, q_pe, lw, ls, lb, pw, ps, pb, *, scale, group_size, bits):
@@ -100,10 +115,11 @@ def launch(backend, q_nope, q_pe, lw, ls, lb, pw, ps, pb, *, scale, group_size, 
     if not 0 < length < 2**31 // max(r, 1):
         return Skip(f"{length} positions")
     c = math.ceil(length / chunk_size(length))
+    mma = USE_MMA and _mma_fits(backend, dtype, heads, r, rd)
     hpw = min(HEADS_PER_WARP, heads)
     wpb = min(WARPS_PER_BLOCK, math.ceil(heads / hpw))
-    groups = math.ceil(heads / (hpw * wpb))
-    threads = wpb * 32
+    groups = 1 if mma else math.ceil(heads / (hpw * wpb))
+    threads = (r // 64) * 32 if mma else wpb * 32
     return Launch(
         inputs=[q_nope, q_pe, lw, ls, lb, pw, ps, pb],
         template=[
@@ -113,6 +129,7 @@ def launch(backend, q_nope, q_pe, lw, ls, lb, pw, ps, pb, *, scale, group_size, 
             ("RD", rd),
             ("BITS", bits),
             ("GS", group_size),
+            ("MMA", int(mma)),
             ("HPW", hpw),
             ("WPB", wpb),
             ("TP", TP),
@@ -141,8 +158,8 @@ def inputs(bsz, heads, r, rd, length, dtype, *, group_size, bits, seed=0, spare=
     return (q_nope, q_pe, *view), dict(scale=(r + rd) ** -0.5, **quant)
 
 
-def _example():
-    return inputs(1, 3, 128, 64, 150, mx.bfloat16, group_size=64, bits=4, seed=71)
+def _example():  # bf16, latent 256 and rope 64: on CUDA the tensor-core path
+    return inputs(1, 3, 256, 64, 150, mx.bfloat16, group_size=64, bits=4, seed=71)
 
 
 mla_decode_q = KernelDef(
@@ -152,7 +169,7 @@ mla_decode_q = KernelDef(
     reference_is_stock=False,  # a float32 computation, not mlx-lm's op sequence
     tolerance=1e-4,
     body=device_code("mla_decode_q_body.h"),
-    header=device_code("mla.h"),
+    header=device_code("mla.h", "mla_decode_q.h"),
     input_names=("qn", "qp", "lw", "ls", "lb", "pw", "ps", "pb"),
     output_names=("o", "m", "l"),
     launch=launch,

@@ -149,6 +149,21 @@ ZMLX_FN void zmlx_mla_fragments(const TT* latb, const TT* kpeb, uint p0, uint n,
         ka[3] = *reinterpret_cast<const uint*>(kpeb + r1 * RD + 8);
     }
 }
+// Where zmlx_mla_decode_mma_rows reads the cache's rows from: `start` once per threadgroup
+// (batch row b of S positions, warp w, lane's tg), then `fragments` per 16 positions (as
+// zmlx_mla_fragments). This one: bf16 buffers read as they are.
+template <int R, int RD, typename TT>
+struct zmlx_mla_bf16_rows {
+    const TT* lat;
+    const TT* kpe;
+    ZMLX_FN void start(uint b, uint S, uint w, uint tg) {
+        lat += size_t(b) * S * R + 64 * w + 2 * tg;
+        kpe += size_t(b) * S * RD + 16 * w + 2 * tg;
+    }
+    ZMLX_FN void fragments(uint p0, uint n, uint t0, uint g, bool rope, uint (&la)[4][4], uint (&ka)[4]) const {
+        zmlx_mla_fragments<R, RD>(lat, kpe, p0, n, t0, g, rope, la, ka);
+    }
+};
 // Tensor-core path (CUDA, bf16 cache): one threadgroup of R / 64 warps per (b, chunk) of the
 // S buffered positions, SL <= S of them valid (a chunk past SL writes the neutral partials), warp
 // w owning latent dims 64 w .. 64 w + 63, 16 positions per step. Scores S[p][h] =
@@ -158,10 +173,13 @@ ZMLX_FN void zmlx_mla_fragments(const TT* latb, const TT* kpeb, uint p0, uint n,
 // softmax one warp per head, then O^T[d][h] += L^T[d][p] P^T[p][h] (A = the same latent
 // fragments transposed in registers by movmatrix, B = P split into bf16 hi + lo).
 // Instantiated only for bf16 (MMA = 1); TT is a template so other dtypes compile.
-template <int H, int R, int RD, typename TT>
-__device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* lat, const TT* kpe,
-                                    uint S, uint SL, uint CH, float scale, float* o, float* m, float* l,
-                                    uint gid, uint lid, uint lane, uint warp) {
+// The rows come from ROWS (zmlx_mla_bf16_rows, or mla_decode_q's dequantizing loader); qv is
+// float32 or the activations' dtype (QT); with PE_LO, q_pe is not yet scaled: scale * q_pe is
+// split into bf16 hi + lo as qv is (one more rope mma), else q_pe's own bf16 bits are B.
+template <int H, int R, int RD, bool PE_LO, typename QT, typename PT, typename ROWS>
+__device__ void zmlx_mla_decode_mma_rows(const QT* qv, const PT* q_pe, ROWS rows, uint S, uint SL, uint CH,
+                                         float scale, float* o, float* m, float* l, uint gid, uint lid,
+                                         uint lane, uint warp) {
     constexpr uint NW = R / 64;
     constexpr uint NT8 = (H + 7) / 8;  // head tiles of 8
     constexpr uint HP = NT8 * 8;
@@ -180,11 +198,11 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
     const uint g = lane / 4;
     const uint tg = lane % 4;
     const uint w = warp;
-    const TT* latb = lat + size_t(b) * S * R + 64 * w + 2 * tg;
-    const TT* kpeb = kpe + size_t(b) * S * RD + 16 * w + 2 * tg;
+    rows.start(b, S, w, tg);
     uint qh[4][NT8][2];
     uint ql[4][NT8][2];
     uint qr[NT8][2];
+    uint qrl[NT8][2];  // PE_LO: scale * q_pe's lo part
     ZMLX_UNROLL
     for (uint nt = 0; nt < NT8; ++nt) {
         const uint h = 8 * nt + g;
@@ -193,19 +211,30 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
             ZMLX_UNROLL
             for (uint ks = 0; ks < 4; ++ks) {
                 const uint k = 64 * w + 16 * ks + 8 * r + 2 * tg;
-                float2 x = make_float2(0.0f, 0.0f);
-                if (h < H) x = *reinterpret_cast<const float2*>(qv + (size_t(b) * H + h) * R + k);
-                const float x0 = scale * x.x;
-                const float x1 = scale * x.y;
+                float x[2] = {0.0f, 0.0f};
+                if (h < H) zmlx_mla_load2(qv + (size_t(b) * H + h) * R + k, x);
+                const float x0 = scale * x[0];
+                const float x1 = scale * x[1];
                 const __nv_bfloat162 hi = __floats2bfloat162_rn(x0, x1);
                 const __nv_bfloat162 lo = __floats2bfloat162_rn(x0 - __low2float(hi), x1 - __high2float(hi));
                 qh[ks][nt][r] = *reinterpret_cast<const uint*>(&hi);
                 ql[ks][nt][r] = *reinterpret_cast<const uint*>(&lo);
             }
             qr[nt][r] = 0u;
+            qrl[nt][r] = 0u;
             if (w < RK && h < H) {
-                const TT* qp = q_pe + (size_t(b) * H + h) * RD + 16 * w + 8 * r + 2 * tg;
-                qr[nt][r] = *reinterpret_cast<const uint*>(qp);
+                const PT* qp = q_pe + (size_t(b) * H + h) * RD + 16 * w + 8 * r + 2 * tg;
+                if constexpr (PE_LO) {
+                    float e[2];
+                    zmlx_mla_load2(qp, e);
+                    const __nv_bfloat162 hi = __floats2bfloat162_rn(scale * e[0], scale * e[1]);
+                    const __nv_bfloat162 lo = __floats2bfloat162_rn(scale * e[0] - __low2float(hi),
+                                                                    scale * e[1] - __high2float(hi));
+                    qr[nt][r] = *reinterpret_cast<const uint*>(&hi);
+                    qrl[nt][r] = *reinterpret_cast<const uint*>(&lo);
+                } else {
+                    qr[nt][r] = *reinterpret_cast<const uint*>(qp);
+                }
             }
         }
     }
@@ -227,11 +256,11 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
     // the latent (and rope) fragments of the next 16 positions load while this step computes
     uint la[4][4];
     uint ka[4];
-    if (n > 0) zmlx_mla_fragments<R, RD>(latb, kpeb, p0, n, 0, g, w < RK, la, ka);
+    if (n > 0) rows.fragments(p0, n, 0, g, w < RK, la, ka);
     for (uint t0 = 0; t0 < n; t0 += 16) {
         uint nla[4][4];
         uint nka[4];
-        if (t0 + 16 < n) zmlx_mla_fragments<R, RD>(latb, kpeb, p0, n, t0 + 16, g, w < RK, nla, nka);
+        if (t0 + 16 < n) rows.fragments(p0, n, t0 + 16, g, w < RK, nla, nka);
         float sc[NT8][4];
         ZMLX_UNROLL
         for (uint nt = 0; nt < NT8; ++nt) {
@@ -245,7 +274,10 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
         }
         if (w < RK) {
             ZMLX_UNROLL
-            for (uint nt = 0; nt < NT8; ++nt) zmlx_mma_bf16(sc[nt], ka, qr[nt]);
+            for (uint nt = 0; nt < NT8; ++nt) {
+                zmlx_mma_bf16(sc[nt], ka, qr[nt]);
+                if constexpr (PE_LO) zmlx_mma_bf16(sc[nt], ka, qrl[nt]);
+            }
         }
         ZMLX_UNROLL
         for (uint nt = 0; nt < NT8; ++nt) {
@@ -360,6 +392,14 @@ __device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* l
         m[(size_t(b) * NC + c) * H + lid] = ms[lid];
         l[(size_t(b) * NC + c) * H + lid] = ls[lid];
     }
+}
+// mla_decode's tensor-core path: the cache's bf16 buffers, qv float32, q_pe already scaled.
+template <int H, int R, int RD, typename TT>
+__device__ void zmlx_mla_decode_mma(const float* qv, const TT* q_pe, const TT* lat, const TT* kpe,
+                                    uint S, uint SL, uint CH, float scale, float* o, float* m, float* l,
+                                    uint gid, uint lid, uint lane, uint warp) {
+    zmlx_mla_decode_mma_rows<H, R, RD, false>(qv, q_pe, zmlx_mla_bf16_rows<R, RD, TT>{lat, kpe}, S, SL, CH,
+                                              scale, o, m, l, gid, lid, lane, warp);
 }
 #endif
 // The x registers of zmlx_mla_rows from K values in threadgroup memory (a macro: threadgroup

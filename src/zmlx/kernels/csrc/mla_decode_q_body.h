@@ -5,11 +5,15 @@
 // softmax (no threadgroup memory, no barriers; the warps of a group share the chunk's packed
 // rows through L1). A lane holds the packed words u = lane + 32 t of each latent row (values
 // UV u .. UV u + UV - 1) and of each rope row, dequantized in registers as
-// float(q) * scale + bias (a word lies in one group: GS is a multiple of UV) and used for both
+// float(q) * scale + bias rounded once to T (the value a cache of dtype T holds, as
+// mx.dequantize gives it, and what the tensor-core path feeds its mma; a word lies in one
+// group: GS is a multiple of UV) and used for both
 // the scores (warp sums) and the weighted sum. The scores are scale * (q_nope . latent +
 // q_pe . k_pe), scale folded into the query registers. The partials (o, m, l) have
 // mla_decode's layout and chunking, so mla_unembed combines them. The context length comes
 // with the cache view's shape (a kernel argument): no per-token array.
+// On CUDA with bf16 activations (MMA) the chunk runs on tensor cores instead: mla_decode's
+// zmlx_mla_decode_mma_rows over fragments dequantized by zmlx_mla_qrows (csrc/mla_decode_q.h).
 constexpr uint UV = 32 / BITS;
 constexpr uint MASK = (1u << BITS) - 1u;
 constexpr uint LWN = R / UV;  // packed words per latent row
@@ -18,6 +22,14 @@ constexpr uint LT = (LWN + 31) / 32;  // latent words per lane
 constexpr uint PT = (PWN + 31) / 32;  // rope words per lane
 const uint S = uint(lw_shape[2]);
 const uint CH = zmlx_mla_chunk<MINCH, TARGET, CS>(S);
+#ifdef ZMLX_CUDA
+if constexpr (MMA) {  // bf16 on CUDA: mla_decode's tensor-core path over the dequantized fragments
+    zmlx_mla_decode_mma_rows<H, R, RD, true>(qn, qp, zmlx_mla_qrows<R, RD, BITS, GS, T>{lw, ls, lb, pw, ps, pb},
+                                             S, S, CH, ZMLX_FLOAT_BITS(SCALE_BITS), o, m, l, zmlx_gid, zmlx_lid,
+                                             zmlx_lane, zmlx_warp);
+    return;
+}
+#endif
 const uint NC = (S + CH - 1) / CH;
 const uint NG = (H + HPW * WPB - 1) / (HPW * WPB);
 const uint g = zmlx_gid % NG;
@@ -81,7 +93,10 @@ for (uint i0 = 0; i0 < n; i0 += TP) {
                 bi = static_cast<float>(lbb[gi]);
             }
             ZMLX_UNROLL
-            for (uint i = 0; i < UV; ++i) lv[v][t][i] = static_cast<float>((word >> (BITS * i)) & MASK) * sc + bi;
+            for (uint i = 0; i < UV; ++i) {
+                const float x = static_cast<float>((word >> (BITS * i)) & MASK) * sc + bi;
+                lv[v][t][i] = static_cast<float>(static_cast<T>(x));
+            }
         }
         ZMLX_UNROLL
         for (uint t = 0; t < PT; ++t) {
@@ -96,7 +111,10 @@ for (uint i0 = 0; i0 < n; i0 += TP) {
                 bi = static_cast<float>(pbb[gi]);
             }
             ZMLX_UNROLL
-            for (uint i = 0; i < UV; ++i) kv[v][t][i] = static_cast<float>((word >> (BITS * i)) & MASK) * sc + bi;
+            for (uint i = 0; i < UV; ++i) {
+                const float x = static_cast<float>((word >> (BITS * i)) & MASK) * sc + bi;
+                kv[v][t][i] = static_cast<float>(static_cast<T>(x));
+            }
         }
     }
     ZMLX_UNROLL
