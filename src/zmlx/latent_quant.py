@@ -4,9 +4,10 @@ mlx-lm's `QuantizedKVCache` (what `--kv-bits` / `kv_bits` make through
 `maybe_quantize_kv_cache`) holds MLA's latent as its keys and the roped k_pe as its values,
 each as MLX's affine quantization (packed uint32, scales, biases; group along the last axis).
 `latent_attention` is the plain-MLX reference of the decode attention over it: it
-dequantizes the cached triples and runs mlx-lm's attention math in mlx-lm's order. A fused
-dequant-in-attention kernel takes the same arguments (the quantized arrays, not dequantized
-ones), with this as its reference.
+dequantizes the cached triples and runs mlx-lm's attention math in mlx-lm's order (the CPU's
+path). The fused kernel, zmlx.kernels.mla_decode_q, takes the same arguments (the quantized
+arrays, not dequantized ones) and dequantizes in registers; its tests hold it at least as
+close to a float32 truth as this reference.
 """
 
 from __future__ import annotations
