@@ -169,6 +169,34 @@ def test_tensor_core_loader_gives_the_fragments_of_the_dequantized_rows(tmp_path
     assert run.stdout.count("bad 0") == 4
 
 
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+def test_mla_kv_quant_runs_latent_attention_where_the_launch_skips(tiny_q4, monkeypatch):
+    """Where the kernel runs but its launch refuses the shapes, the step is latent_attention's
+    (the CPU's path, bitwise), not the kernel's float32 reference, whose (B, H, S, R) products
+    would not fit at long contexts; mla_unembed does not run either."""
+    model = tiny_q4[0]
+    attn = model.layers[0].self_attn
+    x = mx.random.normal((1, 6, model.args.hidden_size), key=mx.random.key(4)).astype(mx.bfloat16)
+    zmlx.patch(model, patterns="mla_kv_quant")
+    try:
+        outs = []
+        for emulate in (False, True):
+            cache = QuantizedKVCache(group_size=64, bits=4)
+            attn(x[:, :5], None, cache)
+            if not emulate:
+                outs.append(attn(x[:, 5:], None, cache))
+                continue
+            with metal_emu.emulated() as emulation:
+                assert mla_decode_q.plan().path == "kernel"  # its self-check: one launch
+                monkeypatch.setattr(mla_decode_q_module, "BITS", (8,))  # now it refuses 4 bits
+                outs.append(attn(x[:, 5:], None, cache))
+                mx.eval(outs[-1])
+                assert emulation.launches == 1
+    finally:
+        zmlx.unpatch(model)
+    assert mx.array_equal(outs[0], outs[1]).item()
+
+
 GLM = dict(heads=20, r=512, rd=64)  # GLM-4.7-Flash's latent attention
 
 

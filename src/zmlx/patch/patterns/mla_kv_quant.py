@@ -31,6 +31,7 @@ from functools import cache
 
 import mlx.core as mx
 
+from zmlx.kernels.core import Skip
 from zmlx.kernels.mla_attention import mla_unembed
 from zmlx.kernels.mla_decode_q import mla_decode_q
 from zmlx.kernels.quant import weights_of
@@ -89,13 +90,18 @@ def make():
 def _fused_decode(attn, q_nope, q_pe, latent, pe, mask, quant, dtype):
     """The decode attention through unembed_out in two launches (mla_decode_q's partials over
     the packed cache, mla_unembed's combine and projection), or None where the kernel does
-    not run (the CPU: its plan is the reference), a mask is given or unembed_out is not affine."""
-    if mask is not None or mla_decode_q.plan().path != "kernel":
+    not run (the CPU: its plan is the reference; shapes its launch skips: latent_attention,
+    not the kernel's float32 reference, then runs), a mask is given or unembed_out is not affine."""
+    plan = mla_decode_q.plan()
+    if mask is not None or plan.path != "kernel":
         return None
     unembed, packing = weights_of(attn.unembed_out)
     if "mode" in packing:  # mla_unembed reads affine or unquantized rows only
         return None
-    o, m, lsum = mla_decode_q(q_nope, q_pe, *latent, *pe, scale=attn.scale, **quant)
+    out = mla_decode_q.run_kernel(plan.backend, q_nope, q_pe, *latent, *pe, scale=attn.scale, **quant)
+    if isinstance(out, Skip):
+        return None
+    o, m, lsum = out
     return mla_unembed(o, m, lsum, *unembed, dtype=dtype, **packing)
 
 
