@@ -123,6 +123,9 @@ def _cases():
     for dtype in (mx.float16, mx.float32):
         (q, kv, t, pos), kw = glm47_rope.example()
         yield glm47_rope, (q.astype(dtype), kv.astype(dtype), t, pos), kw
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):  # YaRN's rope: mscale 1 + 0.1 ln 32 scales the input
+        (q, kv, t, pos), kw = glm47_rope.example()
+        yield glm47_rope, (q.astype(dtype), kv.astype(dtype), t, pos), dict(kw, mscale=1.3465735902799727)
     yield moe_combine, (mx.zeros((2, 4, 123), mx.float16), mx.zeros((2, 4)), None), {}  # tree order
     yield from _quantized_cases()
     yield from _mxfp4_cases()

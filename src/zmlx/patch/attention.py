@@ -5,21 +5,26 @@ modules they apply to, mlx-lm's projections of a decode step, and the arguments 
 from __future__ import annotations
 
 import mlx.nn as nn
+from mlx_lm.models.rope_utils import YarnRoPE
 
 from zmlx.kernels.glm47_rope import rope_table
 
 
-def mla_rope_reason(attn) -> str | None:
+def mla_rope_reason(attn, *, yarn: bool = False) -> str | None:
     """None when `attn` is a latent-space (MLA) attention whose rope glm47_rope fuses, else
-    why not."""
+    why not. `yarn`: the caller ropes through glm47_rope (`rope_args`), which also takes YaRN
+    (mlx-lm's YarnRoPE, rope_scaling "yarn": DeepSeek-V3, Kimi-K2) exactly; a caller with its
+    own rope arithmetic (mla_block's mla_q_prep) takes plain nn.RoPE only."""
     if hasattr(attn, "indexer"):  # DeepSeek-V3.2, GLM-5: the kernels attend to every position
         return "DSA indexer (sparse attention over the cache's top-k positions) is not supported"
     rope = getattr(attn, "rope", None)
-    if type(rope) is not nn.RoPE:
-        return f"rope is {type(rope).__name__}, not plain nn.RoPE (rope_scaling is not fused)"
+    if type(rope) is YarnRoPE and not yarn:
+        return "rope is YarnRoPE (rope_scaling yarn): this pattern's kernels take plain nn.RoPE only"
+    if type(rope) not in (nn.RoPE, YarnRoPE):
+        return f"rope is {type(rope).__name__}, not nn.RoPE or YarnRoPE (this rope_scaling is not fused)"
     if not rope.traditional:
         return "rope is not traditional (interleaved pairs)"
-    if rope.base is None:
+    if type(rope) is nn.RoPE and rope.base is None:
         return "rope has no base (custom frequencies)"
     if rope.dims != attn.qk_rope_head_dim:
         return f"rope dims {rope.dims} != qk_rope_head_dim {attn.qk_rope_head_dim}"
@@ -28,10 +33,10 @@ def mla_rope_reason(attn) -> str | None:
     return None
 
 
-def mla_reason(attn) -> str | None:
+def mla_reason(attn, *, yarn: bool = False) -> str | None:
     """mla_rope_reason, and why the absorbed projections (embed_q, unembed_out) cannot go
     through mla_attention's kernels (they read affine or unquantized weights), or None."""
-    if (why := mla_rope_reason(attn)) is not None:
+    if (why := mla_rope_reason(attn, yarn=yarn)) is not None:
         return why
     for name in ("embed_q", "unembed_out"):
         proj = getattr(attn, name)
@@ -55,7 +60,13 @@ def rope_args(attn, offset: int) -> tuple[tuple, dict]:
     """(positional, keyword) arguments after (q, compressed_kv) of the glm47_rope launch
     that ropes the token at `offset` and scales q_pe by attn.scale."""
     rope = attn.rope
-    table = rope_table(rope.dims, rope.base, rope.scale, offset + 1)
-    return (table, offset), dict(
-        heads=attn.num_heads, rope_dims=rope.dims, base=rope.base, rope_scale=rope.scale, scale=attn.scale
-    )
+    if type(rope) is YarnRoPE:
+        # mlx-lm's MLA attention calls it with its default scale 1.0; the table is made with its
+        # frequencies, the kernel scales the input by its mscale (glm47_rope's rules)
+        freqs = rope._freqs
+        table = rope_table(rope.dims, None, 1.0, offset + 1, freqs=freqs)
+        kw = dict(base=None, rope_scale=1.0, freqs=freqs, mscale=rope.mscale)
+    else:
+        table = rope_table(rope.dims, rope.base, rope.scale, offset + 1)
+        kw = dict(base=rope.base, rope_scale=rope.scale)
+    return (table, offset), dict(heads=attn.num_heads, rope_dims=rope.dims, scale=attn.scale, **kw)

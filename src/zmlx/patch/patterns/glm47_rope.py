@@ -5,7 +5,9 @@ Patches the MLA attention class (on glm4_moe_lite: `Glm4MoeLiteAttention`). A de
 `self.rope` calls and the `q_pe * self.scale` multiply replaced by one `glm47_rope` launch
 (3 launches -> 1 per layer); everything else is mlx-lm's code, in its order. Prompts and
 batched caches with per-sequence offsets take mlx-lm's own method. Exact: the kernel's
-cos/sin table is made by `mx.fast.rope` itself.
+cos/sin table is made by `mx.fast.rope` itself. The DeepSeek-V3 family's YaRN rope
+(`YarnRoPE`) is fused too: its frequencies go into the table, its mscale multiplies the
+input in its dtype as stock does (kernels/glm47_rope.py says why that is exact).
 
 Inside compiled_decode's traced step the offset is a device position (a static cache): the
 kernel reads the position only through the table row it takes as input, so the row is
@@ -31,7 +33,7 @@ from zmlx.static_cache import StaticMLACache
 
 
 def check(attn, params) -> str | None:
-    return mla_rope_reason(attn)
+    return mla_rope_reason(attn, yarn=True)
 
 
 @cache

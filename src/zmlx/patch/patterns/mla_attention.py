@@ -26,7 +26,7 @@ from zmlx.patch.pattern import Pattern
 
 
 def check(attn, params) -> str | None:
-    return mla_reason(attn)
+    return mla_reason(attn, yarn=True)  # its rope is glm47_rope's launch (rope_args): YaRN too
 
 
 @cache
