@@ -158,7 +158,8 @@ def _deepseek(model_type: str, module: str, prefix: str, model_module: str | Non
     if not dsa:
         targets["residual_norm"] = Target(f"{prefix}Model")
     # as glm4_moe_lite's: exact everywhere; on CUDA the expert kernels and the rope are bitwise
-    # stock (downproj_combine takes over moe_combine's method)
+    # stock (downproj_combine takes over moe_combine's method; glm47_rope fuses the real models'
+    # YaRN rope, its cuda tests in tests/kernels/test_glm47_rope.py)
     cuda = ("moe_router", "moe_mlp", "downproj_combine") + (() if dsa else ("glm47_rope",))
     return Family(
         model_type=model_type,

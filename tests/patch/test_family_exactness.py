@@ -126,11 +126,37 @@ def _random_like(name: str, p: mx.array, key) -> mx.array:
     return mx.random.normal(p.shape, key=key) * (2.0 / math.sqrt(p.shape[-1]))
 
 
+# rope_scaling yarn (mlx-lm's YarnRoPE), as the real models have it: DeepSeek-V3's (the rope's
+# mscale 1, the attention scale times mscale_all_dim's factor squared) and one whose rope
+# scales its input (mscale_all_dim 0: mscale 1 + 0.1 ln 32), on Kimi's classes.
+YARN = {
+    "deepseek_v3": dict(
+        type="yarn",
+        factor=40.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+        original_max_position_embeddings=4096,
+        beta_fast=32,
+        beta_slow=1,
+    ),
+    "kimi_k25": dict(
+        type="yarn", factor=32.0, mscale=1.0, original_max_position_embeddings=4096, beta_fast=1
+    ),
+}
+
+
+def _with_yarn(family: str, config: dict) -> dict:
+    if "text_config" in config:
+        return {**config, "text_config": _with_yarn(family, config["text_config"])}
+    return {**config, "rope_scaling": YARN[family], "max_position_embeddings": 163840}
+
+
 @functools.cache
-def build(family: str, quant: str = "affine4") -> nn.Module:
+def build(family: str, quant: str = "affine4", yarn: bool = False) -> nn.Module:
     """A tiny random model of `family` from mlx-lm's classes: affine 4-bit with bf16
-    activations (as users run them), or float32 (MLX's CPU gather_mm needs float32)."""
-    config = CONFIGS[family]
+    activations (as users run them), or float32 (MLX's CPU gather_mm needs float32);
+    `yarn`: with the family's YARN rope_scaling."""
+    config = _with_yarn(family, CONFIGS[family]) if yarn else CONFIGS[family]
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = module.Model(module.ModelArgs.from_dict(config))
     params = tree_flatten(model.parameters())
@@ -235,9 +261,12 @@ def test_unquantized_family_is_bitwise_stock_with_every_exact_pattern(family):
     _check_bitwise(build(family, "float32"), together(family))
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "kimi_k25"])
-@pytest.mark.parametrize("pattern", sorted(CLOSE_ON_CPU))
-def test_close_attention_patterns_decode_close_to_stock(family, pattern):
+@pytest.mark.parametrize(
+    "family,pattern,yarn",
+    [(f, p, False) for f in ("deepseek_v3", "kimi_k25") for p in sorted(CLOSE_ON_CPU)]
+    + [(f, "mla_attention", True) for f in sorted(YARN)],  # mla_block skips YaRN (its own rope)
+)
+def test_close_attention_patterns_decode_close_to_stock(family, pattern, yarn):
     """mla_attention and mla_block attend in float32 with their own order (close even on the
     CPU): on the float32 model, teacher-forced, every step within float32 rounding of stock
     (reading a wrong head or position would move the logits by O(1)); the prompt bitwise."""
@@ -245,7 +274,7 @@ def test_close_attention_patterns_decode_close_to_stock(family, pattern):
 
     from zmlx.patch.patterns import mla_block
 
-    model = build(family, "float32")
+    model = build(family, "float32", yarn)
     prompt = mx.random.randint(1, 512, (2, 7), key=mx.random.key(2))
     stock = greedy_logits(model, prompt, 4)
     tokens = [mx.argmax(x[:, -1:], axis=-1) for x in stock[:-1]]
@@ -265,6 +294,44 @@ def test_close_attention_patterns_decode_close_to_stock(family, pattern):
     assert mx.array_equal(stock[0], patched[0]).item()
     for s, p in zip(stock, patched, strict=True):
         assert mx.allclose(s, p, rtol=1e-3, atol=1e-3).item()
+
+
+@pytest.mark.parametrize("family", sorted(YARN))
+@pytest.mark.parametrize("patterns", [("glm47_rope",), "cuda"])
+def test_yarn_family_is_bitwise_stock_with_glm47_rope(family, patterns):
+    """glm47_rope fuses YaRN's rope (on the CPU its reference: the table's frequencies, the
+    input's mscale, the attention scale's factor), alone and in the family's CUDA preset."""
+    from mlx_lm.models.rope_utils import YarnRoPE
+
+    model = build(family, yarn=True)
+    layers = model.language_model.model.layers if family == "kimi_k25" else model.model.layers
+    rope = layers[0].self_attn.rope
+    assert type(rope) is YarnRoPE and (rope.mscale == 1.0) == (family == "deepseek_v3")
+    _check_bitwise(model, FAMILIES[family].preset_on("cuda") if patterns == "cuda" else patterns)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", sorted(YARN))
+def test_on_cuda_yarn_family_is_bitwise_stock_with_the_glm47_rope_kernel(family):
+    """On the GPU the decode steps run glm47_rope's kernel (YaRN's table and mscale): the
+    logits stay bitwise stock's."""
+    from zmlx.kernels.glm47_rope import glm47_rope
+
+    assert glm47_rope.plan("cuda").path == "kernel", glm47_rope.plan("cuda").reason
+    _check_bitwise(build(family, yarn=True), ("glm47_rope",))
+
+
+@pytest.mark.parametrize("family", sorted(YARN))
+def test_yarn_family_patterns_with_their_own_rope_skip_it(family):
+    model = build(family, yarn=True)
+    result = zmlx.patch(model, patterns=["glm47_rope", "mla_block"])
+    try:
+        assert len(result.patterns["glm47_rope"].patched) == CONFIGS["deepseek_v3"]["num_hidden_layers"]
+        assert not result.patterns["mla_block"].patched
+        reasons = {why for _, why in result.patterns["mla_block"].skipped}
+        assert any("YarnRoPE" in why for why in reasons), reasons
+    finally:
+        zmlx.unpatch(model)
 
 
 def test_the_routers_epsilon_comes_from_the_family_data(monkeypatch):
