@@ -79,5 +79,6 @@ def cache_bytes(caches: Iterable[Any]) -> int:
         if getattr(c, "keys", None) is None:
             continue
         held = c.keys_and_values() if hasattr(c, "keys_and_values") else c.state
-        total += sum(a.nbytes for _, a in tree_flatten(held) if isinstance(a, mx.array))
+        arrays = [item[1] for item in tree_flatten(held) if isinstance(item[1], mx.array)]
+        total += sum(a.nbytes for a in arrays)
     return total

@@ -40,6 +40,8 @@ YaRN's input scale (ZMLX_ROPE_IN) are csrc/glm47_rope.h.
 
 from __future__ import annotations
 
+from typing import cast
+
 import mlx.core as mx
 
 from zmlx import backend as _backend
@@ -82,7 +84,8 @@ def _freqs_key(freqs: mx.array | None) -> tuple[float, ...] | None:
         return None
     hit = _FREQS.get(id(freqs))
     if hit is None:
-        hit = _FREQS[id(freqs)] = (freqs, tuple(freqs.astype(mx.float32).tolist()))
+        values = cast("list[float]", freqs.astype(mx.float32).tolist())  # a 1-D array's values
+        hit = _FREQS[id(freqs)] = (freqs, tuple(values))
     return hit[1]
 
 

@@ -20,7 +20,7 @@ def mla_rope_reason(attn, *, yarn: bool = False) -> str | None:
     rope = getattr(attn, "rope", None)
     if type(rope) is YarnRoPE and not yarn:
         return "rope is YarnRoPE (rope_scaling yarn): this pattern's kernels take plain nn.RoPE only"
-    if type(rope) not in (nn.RoPE, YarnRoPE):
+    if rope is None or type(rope) not in (nn.RoPE, YarnRoPE):
         return f"rope is {type(rope).__name__}, not nn.RoPE or YarnRoPE (this rope_scaling is not fused)"
     if not rope.traditional:
         return "rope is not traditional (interleaved pairs)"

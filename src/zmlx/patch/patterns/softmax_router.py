@@ -46,31 +46,29 @@ def check(block, params) -> str | None:
 
 @cache
 def make(softmax_first: bool):
-    if softmax_first:
+    return _qwen3_call if softmax_first else _mixtral_call
 
-        def __call__(self, x):  # Qwen3MoeSparseMoeBlock.__call__, the routing fused
-            group = getattr(self, "sharding_group", None)
-            if group is not None:
-                x = sum_gradients(group)(x)
-            gates = self.gate(x)
-            inds, scores = softmax_router(
-                gates, top_k=self.top_k, softmax_first=True, norm_topk_prob=self.norm_topk_prob
-            )
-            y = self.switch_mlp(x, inds)
-            y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
-            if group is not None:
-                y = mx.distributed.all_sum(y, group=group)
-            return y
 
-        return __call__
+def _qwen3_call(self, x):  # Qwen3MoeSparseMoeBlock.__call__, the routing fused
+    group = getattr(self, "sharding_group", None)
+    if group is not None:
+        x = sum_gradients(group)(x)
+    gates = self.gate(x)
+    inds, scores = softmax_router(
+        gates, top_k=self.top_k, softmax_first=True, norm_topk_prob=self.norm_topk_prob
+    )
+    y = self.switch_mlp(x, inds)
+    y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+    if group is not None:
+        y = mx.distributed.all_sum(y, group=group)
+    return y
 
-    def __call__(self, x):  # MixtralSparseMoeBlock.__call__, the routing fused
-        gates = self.gate(x)
-        inds, scores = softmax_router(gates, top_k=self.num_experts_per_tok, softmax_first=False)
-        y = self.switch_mlp(x, inds)
-        return (y * scores[..., None]).sum(axis=-2)
 
-    return __call__
+def _mixtral_call(self, x):  # MixtralSparseMoeBlock.__call__, the routing fused
+    gates = self.gate(x)
+    inds, scores = softmax_router(gates, top_k=self.num_experts_per_tok, softmax_first=False)
+    y = self.switch_mlp(x, inds)
+    return (y * scores[..., None]).sum(axis=-2)
 
 
 PATTERN = Pattern(
