@@ -292,3 +292,23 @@ def test_the_block_patterns_hand_a_quantized_cache_to_the_attention(tiny_q4, blo
     finally:
         zmlx.unpatch(model)
     assert with_blocks == alone, (with_blocks, alone)
+
+
+@pytest.mark.parametrize("first", ["glm47_rope", "mla_attention", "glm47_rope,mla_kv_quant"])
+def test_attention_patterns_that_take_the_call_first_hand_a_quantized_cache_on(tiny_q4, first):
+    """glm47_rope and mla_attention take the attention's __call__ before mla_kv_quant (their
+    kernels read a plain cache): over mlx-lm's quantized cache they run mla_kv_quant's path,
+    so a preset with them (the CUDA default has glm47_rope) works with kv_bits."""
+    model, tok = tiny_q4
+    kw = dict(max_tokens=6, kv_bits=8, quantized_kv_start=0)
+    zmlx.patch(model, patterns=PATTERNS)
+    try:
+        alone = generate(model, tok, PROMPT, **kw)
+    finally:
+        zmlx.unpatch(model)
+    zmlx.patch(model, patterns=first)
+    try:
+        ours = generate(model, tok, PROMPT, **kw)
+    finally:
+        zmlx.unpatch(model)
+    assert ours == alone, (ours, alone)

@@ -53,6 +53,15 @@ def check(attn, params) -> str | None:
     return None
 
 
+def over_quantized(attn, x, mask, cache):
+    """What this pattern runs for `attn` over a quantized cache, for another pattern that took
+    the attention's __call__ first (glm47_rope, mla_attention: their kernels read a plain
+    cache) and meets one; mlx-lm's method where this pattern does not apply to `attn`."""
+    if check(attn, None) is None:
+        return make()(attn, x, mask, cache)
+    return type(attn).__zmlx_original__.__call__(attn, x, mask, cache)
+
+
 @cache
 def make():
     def __call__(self, x, mask=None, cache=None):
