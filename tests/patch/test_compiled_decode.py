@@ -163,6 +163,22 @@ def test_prompts_and_calls_without_static_caches_run_stock(patched, tiny_q4):
     assert model(mx.array([[3]])).shape[:2] == (1, 1)  # no cache: stock, not counted
 
 
+def _spy_row_args(monkeypatch) -> list[bool]:
+    """A list that records, per traced layer, whether glm47_rope took its kernel's row path."""
+    from zmlx.patch.patterns import glm47_rope as rope_pattern
+
+    rows: list[bool] = []
+    real = rope_pattern._row_args
+
+    def spy(*a):
+        got = real(*a)
+        rows.append(got[0] is not None)
+        return got
+
+    monkeypatch.setattr(rope_pattern, "_row_args", spy)
+    return rows
+
+
 # ---------------------------------------------------------------- on the GPU (the lead runs these)
 
 
@@ -171,8 +187,6 @@ def test_on_the_gpu_glm47_rope_runs_its_kernel_inside_the_compiled_step(tiny_f32
     """Inside the traced step glm47_rope gathers the table row at the device position and
     launches its kernel (the row path: not mlx-lm's rope), and the logits of teacher-forced
     steps stay close to the eager patterns' (mx.compile may round elsewhere)."""
-    from zmlx.patch.patterns import glm47_rope as rope_pattern
-
     mx.set_default_device(mx.gpu)
     try:
         model, _ = tiny_f32
@@ -182,15 +196,7 @@ def test_on_the_gpu_glm47_rope_runs_its_kernel_inside_the_compiled_step(tiny_f32
             eager = greedy_logits(model, prompt, 6)
         finally:
             zmlx.unpatch(model)
-        rows = []
-        real = rope_pattern._row_args
-
-        def spy(*a):
-            got = real(*a)
-            rows.append(got[0] is not None)
-            return got
-
-        monkeypatch.setattr(rope_pattern, "_row_args", spy)
+        rows = _spy_row_args(monkeypatch)
         tokens = [mx.argmax(x[:, -1:], axis=-1) for x in eager[:-1]]
         zmlx.patch(model, patterns="glm47_rope,compiled_decode")
         try:
@@ -213,17 +219,8 @@ def test_on_the_gpu_glm47_rope_runs_its_kernel_inside_the_compiled_step(tiny_f32
 def test_on_the_cpu_glm47_rope_leaves_traced_steps_to_mlx_lm(patched, monkeypatch):
     """Where glm47_rope runs its reference (the CPU) the traced step takes mlx-lm's rope with
     the array offset: the row path would hand the reference offset 0."""
-    from zmlx.patch.patterns import glm47_rope as rope_pattern
 
-    rows = []
-    real = rope_pattern._row_args
-
-    def spy(*a):
-        got = real(*a)
-        rows.append(got[0] is not None)
-        return got
-
-    monkeypatch.setattr(rope_pattern, "_row_args", spy)
+    rows = _spy_row_args(monkeypatch)
     model, _ = patched("tiny_q4", "glm47_rope,compiled_decode")
     greedy_logits(model, mx.array([[3, 14, 15, 92, 65, 35]]), 4)
     assert compiled_decode.stats(model)["compiled_steps"] == 4

@@ -300,15 +300,13 @@ def test_attention_patterns_that_take_the_call_first_hand_a_quantized_cache_on(t
     kernels read a plain cache): over mlx-lm's quantized cache they run mla_kv_quant's path,
     so a preset with them (the CUDA default has glm47_rope) works with kv_bits."""
     model, tok = tiny_q4
-    kw = dict(max_tokens=6, kv_bits=8, quantized_kv_start=0)
-    zmlx.patch(model, patterns=PATTERNS)
+    assert _text_8_bit(model, tok, first) == _text_8_bit(model, tok, PATTERNS)
+
+
+def _text_8_bit(model, tok, patterns: str) -> str:
+    """Greedy text of the model patched with `patterns` over an 8-bit latent cache."""
+    zmlx.patch(model, patterns=patterns)
     try:
-        alone = generate(model, tok, PROMPT, **kw)
+        return generate(model, tok, PROMPT, max_tokens=6, kv_bits=8, quantized_kv_start=0)
     finally:
         zmlx.unpatch(model)
-    zmlx.patch(model, patterns=first)
-    try:
-        ours = generate(model, tok, PROMPT, **kw)
-    finally:
-        zmlx.unpatch(model)
-    assert ours == alone, (ours, alone)

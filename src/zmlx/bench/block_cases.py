@@ -39,22 +39,26 @@ HEADS, QLR, NOPE, ROPE, RANK = 20, 768, 192, 64, 512
 Q4 = dict(group_size=64, bits=4)
 
 
-def _case(name: str, shape: str, stock, fused, args: tuple, kwargs: dict, live: tuple[int, ...] = ()) -> Case:
-    """stock's ops against the fused kernel, called as the block patterns call it where `live`
-    names the per-call arguments (a prepared launch: zmlx.kernels.prepared; the kernel's name
-    then ends in "(prepared)"), else through the kernel's public function, which plans
-    every call."""
-    if live:
-        call = prepare(fused, args, kwargs, live)
-        return Case(
-            f"{name} (prepared)",
-            shape,
-            functools.partial(stock, *args, **kwargs),
-            functools.partial(call, *(args[i] for i in live)),
-        )
+def _case(name: str, shape: str, stock, fused, args: tuple, kwargs: dict) -> Case:
+    """stock's ops against the fused kernel through its public function (which plans every call)."""
     return Case(
         name, shape, functools.partial(stock, *args, **kwargs), functools.partial(fused, *args, **kwargs)
     )
+
+
+def _cases(
+    name: str, shape: str, stock, fused, args: tuple, kwargs: dict, live: tuple[int, ...]
+) -> list[Case]:
+    """_case, and the same kernel called as the block patterns call it: a prepared launch
+    (zmlx.kernels.prepared) fed the per-call arguments `live` names ("<name> (prepared)")."""
+    call = prepare(fused, args, kwargs, live)
+    prepared = Case(
+        f"{name} (prepared)",
+        shape,
+        functools.partial(stock, *args, **kwargs),
+        functools.partial(call, *(args[i] for i in live)),
+    )
+    return [_case(name, shape, stock, fused, args, kwargs), prepared]
 
 
 def moe_block_cases() -> list[Case]:
@@ -75,15 +79,7 @@ def moe_block_cases() -> list[Case]:
     mx.eval(x, r, h, xn, inds, scores, gate, up, down, sgate, sup, sdown, hr, hs)
     shape = "1 token, 4-bit"
     return [
-        _case(
-            "norm_router",
-            f"{shape}, {D} wide, {E} experts, top-{K}",
-            router.reference,
-            router.norm_router,
-            (x, r, norm_w, gate_w, bias),
-            route_kw,
-        ),
-        _case(
+        *_cases(
             "norm_router",
             f"{shape}, {D} wide, {E} experts, top-{K}",
             router.reference,
@@ -92,15 +88,7 @@ def moe_block_cases() -> list[Case]:
             route_kw,
             live=(0, 1),
         ),
-        _case(
-            "moe_gate_up",
-            f"{shape}, {K} experts + shared, 2 x {INTER} x {D}",
-            gate_up_stock,
-            moe_gate_up,
-            (xn, inds, *gate, *up, *sgate, *sup),
-            shared_kw,
-        ),
-        _case(
+        *_cases(
             "moe_gate_up",
             f"{shape}, {K} experts + shared, 2 x {INTER} x {D}",
             gate_up_stock,
@@ -109,15 +97,7 @@ def moe_block_cases() -> list[Case]:
             shared_kw,
             live=(0, 1),
         ),
-        _case(
-            "moe_down",
-            f"{shape}, {K} experts + shared, {D} x {INTER}, + residual",
-            down_stock,
-            moe_down,
-            (hr, inds, scores, *down, h, hs, *sdown),
-            shared_kw,
-        ),
-        _case(
+        *_cases(
             "moe_down",
             f"{shape}, {K} experts + shared, {D} x {INTER}, + residual",
             down_stock,
@@ -141,15 +121,7 @@ def mla_block_cases(position: int = 4095) -> list[Case]:
     mx.eval(args, prep, table)
     shape = "1 token, 4-bit"
     return [
-        _case(
-            "norm_qkv_a",
-            f"{shape}, {D} wide, q_a {QLR} + kv_a {RANK + ROPE} rows",
-            qkv_a.reference,
-            qkv_a.norm_qkv_a,
-            args,
-            kw,
-        ),
-        _case(
+        *_cases(
             "norm_qkv_a",
             f"{shape}, {D} wide, q_a {QLR} + kv_a {RANK + ROPE} rows",
             qkv_a.reference,
