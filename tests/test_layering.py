@@ -108,3 +108,14 @@ def test_no_module_is_over_400_lines():
         str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
     }
     assert not long, f"over 400 lines: {long}"
+
+
+def test_no_two_test_modules_share_a_name():
+    # pytest imports test modules by their basename (rootdir-relative "prepend" mode, no
+    # __init__.py): two files of one name make the second fail to collect
+    from collections import Counter
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    names = Counter(p.name for p in tests.rglob("test_*.py"))
+    assert not [n for n, k in names.items() if k > 1]

@@ -28,9 +28,9 @@ from zmlx import backend as _backend
 from zmlx.kernels.core import Skip
 from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.latent_quant import is_quantized
+from zmlx.patch import quantized_attention
 from zmlx.patch.attention import mla_rope_reason, project, rope_args
 from zmlx.patch.pattern import Pattern
-from zmlx.patch.patterns import mla_kv_quant
 from zmlx.static_cache import StaticMLACache
 
 
@@ -42,7 +42,7 @@ def check(attn, params) -> str | None:
 def make():
     def __call__(self, x, mask=None, cache=None):
         if is_quantized(cache):  # mlx-lm's quantized cache (kv_bits): mla_kv_quant reads it
-            return mla_kv_quant.over_quantized(self, x, mask, cache)
+            return quantized_attention.over_quantized(self, x, mask, cache)
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         if L != 1 or not (isinstance(offset, int) or _static_position(cache)):

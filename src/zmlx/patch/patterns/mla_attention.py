@@ -22,9 +22,9 @@ from zmlx.kernels.glm47_rope import glm47_rope
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
 from zmlx.kernels.quant import weights_of
 from zmlx.latent_quant import is_quantized
+from zmlx.patch import quantized_attention
 from zmlx.patch.attention import mla_reason, project, rope_args
 from zmlx.patch.pattern import Pattern
-from zmlx.patch.patterns import mla_kv_quant
 
 
 def check(attn, params) -> str | None:
@@ -35,7 +35,7 @@ def check(attn, params) -> str | None:
 def make():
     def __call__(self, x, mask=None, cache=None):
         if is_quantized(cache):  # mlx-lm's quantized cache (kv_bits): mla_kv_quant reads it
-            return mla_kv_quant.over_quantized(self, x, mask, cache)
+            return quantized_attention.over_quantized(self, x, mask, cache)
         B, L, _ = x.shape
         if L != 1 or mask is not None or type(cache) is not KVCache:
             return type(self).__zmlx_original__.__call__(self, x, mask, cache)
