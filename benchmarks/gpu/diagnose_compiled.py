@@ -22,6 +22,7 @@ import mlx.core as mx
 
 import zmlx
 from zmlx import synth
+from zmlx.cli import args as cli_args
 from zmlx.fidelity import greedy_logits
 from zmlx.patch.patterns import compiled_decode
 
@@ -73,9 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patterns", default="none", help="patterns beside compiled_decode")
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args(argv)
-    model, _ = synth.build(args.spec)
-    print(f"backend {zmlx.backend.current()}  model {args.spec}  patterns {args.patterns}")
-    rows = diagnose(model, args.patterns, args.steps)
+    with cli_args.one_line_errors(args.spec):  # bad input: one `error:` line, exit 2
+        cli_args.at_least(1, {"--steps": args.steps})
+        cli_args.selection(args.patterns, "--patterns")
+        model, _ = synth.build(args.spec)
+        print(f"backend {zmlx.backend.current()}  model {args.spec}  patterns {args.patterns}")
+        rows = diagnose(model, args.patterns, args.steps)
     print(f"{'step':>4}  {'eager vs static path (A/B)':<30}  {'static path vs compiled (B/C)':<30}")
     for i, (ab, bc) in enumerate(rows, 1):
         print(f"{i:>4}  {ab:<30}  {bc:<30}")
@@ -85,4 +89,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    import typer
+
+    try:
+        main()
+    except typer.Exit as e:  # one_line_errors' exit, outside a typer app
+        sys.exit(e.exit_code)

@@ -41,3 +41,13 @@ def test_uncompiled_runs_the_trace_function_every_step(tiny_q4):
         assert compiled_decode.stats(model)["traces"] == 4  # compiled again: traced once
     finally:
         zmlx.unpatch(model)
+
+
+def test_bad_input_is_one_line_and_exit_2():
+    import subprocess
+    import sys
+
+    for args in (["synth:nope/tiny/bf16"], ["--steps", "0"], ["--patterns", "bogus"]):
+        p = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (args, p.stderr)
+        assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
