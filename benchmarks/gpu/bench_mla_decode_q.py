@@ -21,7 +21,10 @@ from typing import Annotated
 import mlx.core as mx
 import typer
 
+from zmlx import backend
 from zmlx.bench import kernels as kb
+from zmlx.cli import args as cli_args
+from zmlx.config import ConfigError
 from zmlx.kernels import mla_decode_q as mdq
 from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
 from zmlx.kernels.moe_mlp import quantized_experts
@@ -88,7 +91,16 @@ def main(
     breakdown: Annotated[bool, typer.Option(help="each row's kernels")] = False,
     iters: Annotated[int, typer.Option()] = 20,
 ):
-    for context in (int(c) for c in contexts.split(",")):
+    with cli_args.one_line_errors():  # bad input: one `error:` line, exit 2
+        cli_args.at_least(1, {"--iters": iters})
+        try:
+            lengths = [int(c) for c in contexts.split(",")]
+        except ValueError:
+            raise ConfigError(f"--contexts {contexts!r}: comma-separated positive integers") from None
+        cli_args.at_least(1, {"--contexts": min(lengths)})
+        if backend.current() != "cuda":
+            raise ConfigError(f"needs MLX's CUDA backend (this is {backend.current()}): it times GPU kernels")
+    for context in lengths:
         for name, fn in cases(context):
             mx.eval(fn())
             gpu, launches = kb._profile(fn, iters)
