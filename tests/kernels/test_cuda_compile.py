@@ -229,6 +229,10 @@ def _mla_q_prep_cases():  # GLM-4.7-Flash's attention and small odd shapes; mixe
             args = mla_q_prep_inputs(1, heads, qlr, nope, rd, rank, dtype, 1, packing=qp, embed_packing=ep)
             kw = mla_q_prep_kwargs(heads, nope, rd, packing=qp, embed_packing=ep)
             yield mla_q_prep, (*args, rope_table(rd, 10_000.0, 1.0, 8), 5), kw
+            if qp is q4:  # YaRN's rope: its frequencies in the table, mscale 1 + 0.1 ln 32 on the input
+                freqs = mx.arange(1, rd // 2 + 1, dtype=mx.float32)
+                yarn = dict(kw, base=None, freqs=freqs, mscale=1.3465735902799727)
+                yield mla_q_prep, (*args, rope_table(rd, None, 1.0, 8, freqs=freqs), 5), yarn
     args, kw = mla_q_prep.example()  # the self-check's
     yield mla_q_prep, args, kw
 

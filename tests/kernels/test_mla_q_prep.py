@@ -3,15 +3,18 @@ rope of k_pe, in one launch.
 
 CPU: the reference equals the pieces mlx-lm's own `Glm4MoeLiteAttention` computes (its
 embed_q output, its rope's q_pe times its scale, what it writes into the cache), random
-weights, quantized by `nn.quantize` or not. The Metal body through the emulation: each
-output as close to a float32 truth as stock is. `cuda` tests: q_pe, kv_latent and k_pe
-bitwise stock, qv as close to float32 as stock's embed_q, outputs poisoned first."""
+weights, quantized by `nn.quantize` or not; and `DeepseekV3Attention`'s with YaRN's rope
+(test_glm47_rope's cases: DeepSeek-V3's, and one whose rope scales its input, Kimi-K2's).
+The Metal body through the emulation: each output as close to a float32 truth as stock is.
+`cuda` tests: q_pe, kv_latent and k_pe bitwise stock, qv as close to float32 as stock's
+embed_q, outputs poisoned first."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx_lm.models import glm4_moe_lite
+from mlx_lm.models import deepseek_v3, glm4_moe_lite
 from mlx_lm.models.cache import KVCache
+from test_glm47_rope import YARN  # the test directory is on sys.path (pytest)
 
 from zmlx.kernels import metal_emu
 from zmlx.kernels.core import Launch, Skip
@@ -41,19 +44,27 @@ def _packing_for(p, cols):
     return dict(p, group_size=32) if cols % 32 == 0 else None
 
 
-def _problem(shape, dtype, packings, seed, position=37):
+def _problem(shape, dtype, packings, seed, position=37, yarn=None):
+    """Random inputs of `shape`; yarn (a name in YARN): the rope and scale of mlx-lm's
+    DeepseekV3Attention with that rope_scaling (its YarnRoPE's table, freqs and mscale)."""
     b, heads, qlr, nope, rd, rank = shape
     qp, ep = _packing_for(packings[0], qlr), _packing_for(packings[1], nope)
     args = inputs(b, heads, qlr, nope, rd, rank, dtype, seed, packing=qp, embed_packing=ep)
     kw = kwargs(heads, nope, rd, packing=qp, embed_packing=ep, base=1_000_000.0)
-    return (*args, rope_table(rd, kw["base"], 1.0, position + 1), position), kw
+    if yarn is None:
+        return (*args, rope_table(rd, kw["base"], 1.0, position + 1), position), kw
+    (table, _), rope_kw = rope_args(_attention(1, 32, nope, rd, 32, mx.float32, None, 0, yarn), position)
+    kw.update((k, rope_kw[k]) for k in ("base", "rope_scale", "freqs", "mscale", "scale"))
+    return (*args, table, position), kw
 
 
 # ---------------------------------------------------------------- the reference is mlx-lm's
 
 
-def _attention(heads, qlr, nope, rd, rank, dtype, bits, seed):
-    args = glm4_moe_lite.ModelArgs(
+def _attention(heads, qlr, nope, rd, rank, dtype, bits, seed, yarn=None):
+    """mlx-lm's Glm4MoeLiteAttention, or (yarn: a name in YARN) its DeepseekV3Attention with
+    that rope_scaling, at a tiny size with random norm weights."""
+    kw = dict(
         hidden_size=64,
         num_attention_heads=heads,
         q_lora_rank=qlr,
@@ -63,7 +74,13 @@ def _attention(heads, qlr, nope, rd, rank, dtype, bits, seed):
         v_head_dim=32,
     )
     mx.random.seed(seed)
-    attn = glm4_moe_lite.Glm4MoeLiteAttention(args)
+    if yarn is None:
+        attn = glm4_moe_lite.Glm4MoeLiteAttention(glm4_moe_lite.ModelArgs(**kw))
+    else:
+        scaling, theta = YARN[yarn]
+        yarn_kw = dict(rope_theta=theta, rope_scaling=scaling, max_position_embeddings=163840)
+        args = deepseek_v3.ModelArgs(model_type="deepseek_v3", num_key_value_heads=heads, **kw, **yarn_kw)
+        attn = deepseek_v3.DeepseekV3Attention(args)
     attn.q_a_layernorm.weight = 1 + 0.1 * mx.random.normal((qlr,))
     attn.kv_a_layernorm.weight = 1 + 0.1 * mx.random.normal((rank,))
     attn.set_dtype(dtype)
@@ -116,10 +133,13 @@ def _ours_args(attn, x, offset):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [4, 8, None])
 @pytest.mark.parametrize("b,offset", [(1, 37), (2, 0)])
-def test_reference_is_mlx_lm_attention(dtype, bits, b, offset):
-    attn = _attention(3, 96, 32, 16, 64, dtype, bits, seed=b + offset)
+@pytest.mark.parametrize("yarn", [None, *sorted(YARN)])
+def test_reference_is_mlx_lm_attention(dtype, bits, b, offset, yarn):
+    attn = _attention(3, 96, 32, 16, 64, dtype, bits, seed=b + offset, yarn=yarn)
     x = mx.random.normal((b, 1, 64), key=mx.random.key(5)).astype(dtype)
     args, kw = _ours_args(attn, x, offset)
+    if yarn is not None:  # YarnRoPE's own frequencies and input scale
+        assert kw["freqs"] is attn.rope._freqs and kw["mscale"] == attn.rope.mscale
     qv, q_pe, kv_latent, k_pe = reference(*args, **kw)
     want_qv, want_pe, want_lat, want_kpe = _stock_pieces(attn, x, offset)
     assert qv.dtype == mx.float32 and qv.shape == (b, 3, 64)
@@ -189,27 +209,37 @@ def _truth(q_a, ckv, qa_w, qb_w, qb_s, qb_b, kv_w, eq_w, eq_s, eq_b, table, offs
     xn = mx.fast.rms_norm(q_a.astype(f32), qa_w.astype(f32), kw["eps"])
     q = (xn[..., None, :] * dequantized(qb_w, qb_s, qb_b, kw["group_size"], kw["bits"])).sum(axis=-1)
     q = q.reshape(b, heads, 1, -1)
-    rope = dict(traditional=True, base=kw["base"], scale=kw["rope_scale"], offset=offset)
-    q_pe = mx.fast.rope(q[..., -rd:], rd, **rope) * kw["scale"]
+    rope = dict(
+        traditional=True, base=kw["base"], scale=kw["rope_scale"], offset=offset, freqs=kw.get("freqs")
+    )
+    m = kw.get("mscale", 1.0)  # YaRN's input scale
+    q_pe = mx.fast.rope(q[..., -rd:] * m, rd, **rope) * kw["scale"]
     we = dequantized(eq_w, eq_s, eq_b, kw["embed_group_size"], kw["embed_bits"])  # (H, R, nope)
     qv = (we[None] * q[:, :, 0, None, :-rd]).sum(axis=-1)
     c = ckv.astype(f32)
     lat = mx.fast.rms_norm(c[..., :-rd], kv_w.astype(f32), kw["eps"])[:, None]
-    k_pe = mx.fast.rope(c[:, None, :, -rd:], rd, **rope)
+    k_pe = mx.fast.rope(c[:, None, :, -rd:] * m, rd, **rope)
     return qv, q_pe, lat, k_pe
 
 
 EMU_SHAPES = [SHAPES[0], SHAPES[3], (2, 3, 96, 32, 16, 64), (1, 4, 256, 128, 64, 128)]
 
 
-# every shape in every dtype, the packings taking turns (each compile of the emulation takes seconds)
-EMU_CASES = [(s, d, PACKINGS[(i + j) % 3]) for i, s in enumerate(EMU_SHAPES) for j, d in enumerate(DTYPES)]
+# every shape in every dtype, the packings taking turns (each compile of the emulation takes seconds);
+# YaRN's rope in each dtype, its input scale in the two that round it
+EMU_CASES = [
+    (s, d, PACKINGS[(i + j) % 3], None) for i, s in enumerate(EMU_SHAPES) for j, d in enumerate(DTYPES)
+] + [
+    (EMU_SHAPES[0], mx.bfloat16, (Q4, Q4), "mscale"),
+    (EMU_SHAPES[2], mx.float16, (None, Q4), "mscale"),
+    (EMU_SHAPES[3], mx.float32, (Q8, None), "deepseek_v3"),
+]
 
 
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
-@pytest.mark.parametrize("shape,dtype,packings", EMU_CASES)
-def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, shape, dtype, packings):
-    args, kw = _problem(shape, dtype, packings, sum(shape))
+@pytest.mark.parametrize("shape,dtype,packings,yarn", EMU_CASES)
+def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, shape, dtype, packings, yarn):
+    args, kw = _problem(shape, dtype, packings, sum(shape), yarn=yarn)
     got = metal_emu.run(mla_q_prep, *args, workdir=tmp_path_factory.getbasetemp(), **kw)
     want = reference(*args, **kw)
     truth = _truth(*args, **kw)
@@ -235,9 +265,11 @@ def test_metal_self_check_example_passes(tmp_path_factory):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("packings", PACKINGS)
-@pytest.mark.parametrize("position", [0, 4096])
-def test_cuda_kernel_is_bitwise_stock_but_qv(close_bar, shape, dtype, packings, position):
-    args, kw = _problem(shape, dtype, packings, sum(shape) + position, position)
+@pytest.mark.parametrize(
+    "position,yarn", [(0, None), (4096, None), (4096, "deepseek_v3"), (100000, "mscale")]
+)
+def test_cuda_kernel_is_bitwise_stock_but_qv(close_bar, shape, dtype, packings, position, yarn):
+    args, kw = _problem(shape, dtype, packings, sum(shape) + position, position, yarn)
     got = mla_q_prep.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
     want = reference(*args, **kw)
     for name, g, w in zip(("qv", "q_pe", "kv_latent", "k_pe"), got, want):
@@ -252,8 +284,9 @@ def test_cuda_kernel_is_bitwise_stock_but_qv(close_bar, shape, dtype, packings, 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [4, 8, None])
-def test_cuda_kernel_is_mlx_lm_attention_but_qv(dtype, bits):
-    attn = _attention(3, 96, 64, 16, 128, dtype, bits, seed=9)  # nope 64: see SHAPES
+@pytest.mark.parametrize("yarn", [None, *sorted(YARN)])
+def test_cuda_kernel_is_mlx_lm_attention_but_qv(dtype, bits, yarn):
+    attn = _attention(3, 96, 64, 16, 128, dtype, bits, seed=9, yarn=yarn)  # nope 64: see SHAPES
     x = mx.random.normal((1, 1, 64), key=mx.random.key(6)).astype(dtype)
     args, kw = _ours_args(attn, x, 300)
     got = mla_q_prep.run_kernel("cuda", *args, init_value=float("nan"), **kw)

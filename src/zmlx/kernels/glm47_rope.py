@@ -63,13 +63,19 @@ def reference(q, kv, table, offset, *, heads, rope_dims, base, rope_scale, scale
     _, q_pe = mx.split(q, [q.shape[-1] - rope_dims], axis=-1)
     _, k_pe = mx.split(kv, [kv.shape[-1] - rope_dims], axis=-1)
     k_pe = k_pe.reshape(b, n, 1, rope_dims).transpose(0, 2, 1, 3)
+    rope = dict(base=base, rope_scale=rope_scale, freqs=freqs, mscale=mscale)
+    q_pe, k_pe = stock_rope(q_pe, k_pe, offset, rope_dims, **rope)
+    return q_pe * scale, k_pe
+
+
+def stock_rope(q_pe, k_pe, offset, rope_dims, *, base, rope_scale, freqs=None, mscale=1.0):
+    """mlx-lm's rope of q_pe and k_pe at `offset`: nn.RoPE's `mx.fast.rope`, or YarnRoPE's
+    (base None): the input times `mscale` in its dtype, then the rope with `freqs`."""
     if mscale != 1.0:  # YarnRoPE scales its input in the input's dtype, before the rope
         q_pe = q_pe.at[..., :rope_dims].multiply(mscale)
         k_pe = k_pe.at[..., :rope_dims].multiply(mscale)
     rope = dict(traditional=True, base=base, scale=rope_scale, offset=offset, freqs=freqs)
-    q_pe = mx.fast.rope(q_pe, rope_dims, **rope)
-    k_pe = mx.fast.rope(k_pe, rope_dims, **rope)
-    return q_pe * scale, k_pe
+    return mx.fast.rope(q_pe, rope_dims, **rope), mx.fast.rope(k_pe, rope_dims, **rope)
 
 
 _TABLES: dict[tuple, mx.array] = {}
@@ -153,7 +159,7 @@ if (row < NROWS) {
 _SCALES: dict[tuple, int] = {}
 
 
-def _scale_bits(scale: float, dtype) -> int:
+def scale_bits(scale: float, dtype) -> int:
     """The bits of float(T(scale)): mlx-lm's `q_pe * scale` (and YarnRoPE's input multiply by
     mscale) rounds the Python float to q_pe's dtype first (a weakly typed scalar)."""
     key = (scale, dtype)
@@ -195,8 +201,8 @@ def launch(
             ("RANK", kv.shape[-1] - rope_dims),
             ("RD", rope_dims),
             ("NROWS", nrows),
-            ("SCALE_BITS", _scale_bits(scale, q.dtype)),
-            ("MSCALE_BITS", _scale_bits(mscale, q.dtype)),  # the frequencies are the table's
+            ("SCALE_BITS", scale_bits(scale, q.dtype)),
+            ("MSCALE_BITS", scale_bits(mscale, q.dtype)),  # the frequencies are the table's
         ],
         grid=(n, 1, 1),
         threadgroup=(min(256, n), 1, 1),

@@ -9,6 +9,12 @@ outputs q_a of q_a_proj and ckv of kv_a_proj_with_mqa):
     q_pe = rope(q_pe, offset); k_pe = rope(k_pe, offset)
     q_pe * scale; embed_q(q_nope)                 # pe_scores' multiply; the absorbed query
 
+The DeepSeek-V3 family's (`DeepseekV3Attention`) is the same sequence; its rope may be YaRN
+(mlx-lm's `YarnRoPE`), taken as glm47_rope takes it: the table made from its frequencies
+(`rope_table(..., freqs=)`), its `mscale` multiplying q_pe and k_pe in T before the rotation
+(csrc/glm47_rope.h's ZMLX_ROPE_IN), and `scale` the module's, which holds YaRN's
+mscale_all_dim factor.
+
 Fused: one threadgroup per (b, head) recomputes q_a_layernorm in MLX's rms_norm order
 (residual_norm's geometry, norm_router's scheme: threads past the norm's BLOCK add the +0.0
 of MLX's zero fill), keeps the normalized row in threadgroup memory, computes the head's
@@ -44,7 +50,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
-from zmlx.kernels.glm47_rope import rope_table
+from zmlx.kernels.glm47_rope import rope_table, scale_bits, stock_rope
 from zmlx.kernels.quant import or_placeholder, packing, regime_reason, weights_reason
 from zmlx.kernels.residual_norm import geometry
 from zmlx.kernels.swiglu_mlp import dense
@@ -79,6 +85,8 @@ def reference(
     bits=None,
     embed_group_size=None,
     embed_bits=None,
+    freqs=None,
+    mscale=1.0,
 ):
     """q_a (B, 1, q_lora_rank) and ckv (B, 1, rank + rope_dims): q_a_proj's and
     kv_a_proj_with_mqa's outputs at decode (T); qa_norm_w, kv_norm_w the two RMSNorm weights;
@@ -92,7 +100,9 @@ def reference(
     -> (qv (B, heads, rank) float32, q_pe * scale (B, heads, 1, rope_dims) T,
     kv_latent (B, 1, 1, rank) T, k_pe (B, 1, 1, rope_dims) T): mlx-lm's op sequence
     (rms_norm, the (Quantized)Linear op, reshape/transpose/split, nn.RoPE's mx.fast.rope,
-    the scale multiply, MultiLinear's matmul), qv being stock's embed_q output widened."""
+    the scale multiply, MultiLinear's matmul), qv being stock's embed_q output widened.
+    YaRN: base None, `freqs` and `mscale` as mlx-lm's YarnRoPE holds them (`_freqs`,
+    `mscale`), as glm47_rope takes them."""
     b, n, _ = q_a.shape
     if qa_norm_w is None:
         q = q_a
@@ -104,8 +114,8 @@ def reference(
     kv, k_pe = mx.split(ckv, [rank], axis=-1)
     k_pe = k_pe.reshape(b, n, 1, rope_dims).transpose(0, 2, 1, 3)
     kv_latent = mx.fast.rms_norm(kv, kv_norm_w, eps)
-    q_pe = mx.fast.rope(q_pe, rope_dims, traditional=True, base=base, scale=rope_scale, offset=offset)
-    k_pe = mx.fast.rope(k_pe, rope_dims, traditional=True, base=base, scale=rope_scale, offset=offset)
+    rope = dict(base=base, rope_scale=rope_scale, freqs=freqs, mscale=mscale)
+    q_pe, k_pe = stock_rope(q_pe, k_pe, offset, rope_dims, **rope)
     kv_latent = mx.expand_dims(kv_latent, axis=1)
     if eq_s is None:  # mlx-lm's MultiLinear
         qv = q_nope @ eq_w.swapaxes(-1, -2)
@@ -114,17 +124,6 @@ def reference(
             q_nope, eq_w, eq_s, eq_b, transpose=True, group_size=embed_group_size, bits=embed_bits
         )
     return qv.reshape(b, heads, -1).astype(mx.float32), q_pe * scale, kv_latent, k_pe
-
-
-_SCALES: dict[tuple, int] = {}
-
-
-def _scale_bits(scale: float, dtype) -> int:
-    """The bits of float(T(scale)): stock's `q_pe * scale` rounds the Python float to T first."""
-    key = (scale, dtype)
-    if key not in _SCALES:
-        _SCALES[key] = float_bits(mx.array(scale, dtype=dtype).astype(mx.float32).item())
-    return _SCALES[key]
 
 
 def _shape_reason(q_a, ckv, qa_norm_w, kv_norm_w, heads, rope_dims) -> str | None:
@@ -169,6 +168,8 @@ def launch(
     bits=None,
     embed_group_size=None,
     embed_bits=None,
+    freqs=None,
+    mscale=1.0,
 ) -> Launch | Skip:
     if qa_norm_w is None:
         return Skip("no q_a_layernorm (q_lora_rank None: q_proj) is not fused yet")
@@ -254,7 +255,8 @@ def launch(
             ("EGS", egs),
             ("EBITS", ebits),
             ("EPS_BITS", float_bits(eps)),
-            ("SCALE_BITS", _scale_bits(scale, dtype)),
+            ("SCALE_BITS", scale_bits(scale, dtype)),  # float(T(scale)), as stock's multiply
+            ("MSCALE_BITS", scale_bits(mscale, dtype)),  # YaRN's frequencies are the table's
         ],
         grid=((bsz * heads + bsz) * threads, 1, 1),
         threadgroup=(threads, 1, 1),

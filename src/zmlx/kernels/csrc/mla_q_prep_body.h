@@ -7,9 +7,10 @@
 // 2. the head's QW rows of q_b_proj, warps taking rows warp, warp + TG / 32, ...: on CUDA in
 //    stock's qmv (gemv) order (csrc/quant.h), on Metal float32 sums; each rounded to T, kept
 //    as float in zmlx_q.
-// 3. q_pe's RD / 2 pairs roped (glm47_rope's arithmetic and table row) and scaled in T;
+// 3. q_pe's RD / 2 pairs roped (glm47_rope's arithmetic and table row; YaRN's mscale on the
+//    input, ZMLX_ROPE_IN) and scaled in T;
 //    embed_q's R rows from q_nope in float32 (mla.h's row dots, as mla_embed_q).
-// kv threadgroup: kv_a_layernorm of ckv[b][:R] in the same order, and the rope of k_pe.
+// kv threadgroup: kv_a_layernorm of ckv[b][:R] in the same order, and the rope of k_pe (the same).
 ZMLX_SHARED float zmlx_sums[32];
 ZMLX_SHARED float zmlx_q[QW];
 #ifdef ZMLX_CUDA
@@ -60,8 +61,8 @@ if (zmlx_gid >= NB) {
     if (zmlx_lid < RD / 2) {
         const uint i = zmlx_lid;
         const float c = cs[2 * i], s = cs[2 * i + 1];
-        const float x1 = static_cast<float>(ckv[src + R + 2 * i]);
-        const float x2 = static_cast<float>(ckv[src + R + 2 * i + 1]);
+        const float x1 = ZMLX_ROPE_IN(static_cast<float>(ckv[src + R + 2 * i]));
+        const float x2 = ZMLX_ROPE_IN(static_cast<float>(ckv[src + R + 2 * i + 1]));
         k_pe[size_t(b) * RD + 2 * i] = static_cast<T>(ZMLX_ROPE_X1(x1, x2, c, s));
         k_pe[size_t(b) * RD + 2 * i + 1] = static_cast<T>(ZMLX_ROPE_X2(x1, x2, c, s));
     }
@@ -118,7 +119,7 @@ ZMLX_BARRIER;
 if (zmlx_lid < RD / 2) {
     const uint i = zmlx_lid;
     const float c = cs[2 * i], s = cs[2 * i + 1];
-    const float x1 = zmlx_q[NOPE + 2 * i], x2 = zmlx_q[NOPE + 2 * i + 1];
+    const float x1 = ZMLX_ROPE_IN(zmlx_q[NOPE + 2 * i]), x2 = ZMLX_ROPE_IN(zmlx_q[NOPE + 2 * i + 1]);
     const float sc = ZMLX_FLOAT_BITS(SCALE_BITS);
     const size_t dst = size_t(zmlx_gid) * RD + 2 * i;
     const T r1 = static_cast<T>(ZMLX_ROPE_X1(x1, x2, c, s));
