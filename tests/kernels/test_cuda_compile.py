@@ -148,6 +148,9 @@ def _softmax_router_cases():  # Qwen3-MoE (128 experts, top-8, renormalized) and
         ):
             kw = dict(top_k=k, softmax_first=first, norm_topk_prob=norm)
             yield softmax_router, (mx.zeros((1, 1, e), dtype),), kw
+        for e, k in ((32, 4), (128, 4), (7, 3)):  # gpt-oss-20b, -120b, odd: the last k of the sort
+            kw = dict(top_k=k, softmax_first=False, topk_last=True)
+            yield softmax_router, (mx.zeros((1, 1, e), dtype),), kw
     yield (softmax_router, *softmax_router.example())  # the self-check's
 
 

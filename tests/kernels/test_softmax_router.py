@@ -1,5 +1,6 @@
-"""softmax_router's reference is mlx-lm's own routing (Qwen3MoeSparseMoeBlock and
-MixtralSparseMoeBlock, run here with a spy in place of the gate and the experts); its Metal
+"""softmax_router's reference is mlx-lm's own routing (Qwen3MoeSparseMoeBlock,
+MixtralSparseMoeBlock and gpt-oss's MLPBlock, run here with a spy in place of the gate and the
+experts); its Metal
 body, through the g++ emulation, chooses the GPU's experts in the GPU's order; its CUDA body
 compiles (tests/kernels/test_cuda_compile.py) and is bitwise stock on the GPU (`cuda`)."""
 
@@ -7,12 +8,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models import mixtral, qwen3_moe
+from mlx_lm.models import gpt_oss, mixtral, qwen3_moe
 
 from zmlx.kernels import metal_emu
 from zmlx.kernels.softmax_router import launch, reference, softmax_router
 
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]
+FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
 SHAPES = [  # (tokens shape, experts, top_k)
     ((1, 1), 128, 8),  # Qwen3-30B-A3B decode
     ((2, 9), 128, 8),  # prompt, batch 2
@@ -23,6 +25,8 @@ SHAPES = [  # (tokens shape, experts, top_k)
     ((2, 1), 128, 4),
     ((1, 2), 7, 3),  # odd
     ((1, 1), 8, 8),  # every expert
+    ((1, 1), 32, 4),  # gpt-oss-20b decode
+    ((2, 3), 128, 4),  # gpt-oss-120b
 ]
 
 
@@ -53,6 +57,13 @@ def _block(family: str, experts: int, top_k: int, norm: bool = True):
             tie_word_embeddings=False, max_position_embeddings=64, norm_topk_prob=norm,
         )  # fmt: skip
         block = qwen3_moe.Qwen3MoeSparseMoeBlock(args)
+    elif family == "gpt_oss":
+        args = gpt_oss.ModelArgs(
+            hidden_size=16, intermediate_size=16, num_local_experts=experts, num_experts_per_tok=top_k
+        )
+        block = gpt_oss.MLPBlock(args)
+        block.router, block.experts = _Gate(), _Experts()
+        return block
     else:
         args = mixtral.ModelArgs(
             model_type="mixtral", vocab_size=8, hidden_size=16, intermediate_size=16,
@@ -68,7 +79,8 @@ def _stock(family, gates, top_k, norm=True):
     """mlx-lm's block routing these logits: (inds, scores)."""
     block = _block(family, gates.shape[-1], top_k, norm)
     scores = block(gates)
-    return block.switch_mlp.inds, scores
+    experts = block.experts if family == "gpt_oss" else block.switch_mlp
+    return experts.inds, scores
 
 
 def _gates(shape, experts, dtype, seed, ties):
@@ -79,10 +91,11 @@ def _gates(shape, experts, dtype, seed, ties):
 
 
 def _kw(family, top_k, norm=True):
-    return dict(top_k=top_k, softmax_first=family == "qwen3_moe", norm_topk_prob=norm)
+    kw = dict(top_k=top_k, softmax_first=family == "qwen3_moe", norm_topk_prob=norm)
+    return {**kw, "topk_last": True} if family == "gpt_oss" else kw
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("shape,experts,top_k", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
@@ -111,14 +124,18 @@ def _gpu_order(family, gates, top_k, norm=True):
     """The routing as MLX's GPU runs it, with argpartition replaced by a stable argsort (the
     order MLX's GPU argpartition, a stable merge sort, returns; MLX's CPU argpartition leaves
     the k in another order): Qwen3-MoE the last k of the ascending sort of the probabilities,
-    Mixtral the first k of the ascending sort of -gates. The softmax and sums are the CPU's."""
+    Mixtral the first k of the ascending sort of -gates, gpt-oss the last k of the ascending
+    sort of the gates. The softmax and sums are the CPU's."""
     if family == "qwen3_moe":
         p = mx.softmax(gates, axis=-1, precise=True)
         order = np.argsort(np.array(p.astype(mx.float32)), axis=-1, kind="stable")[..., -top_k:]
         inds = mx.array(order.astype(np.uint32))
         scores = mx.take_along_axis(p, inds, axis=-1)
         return inds, scores / mx.sum(scores, axis=-1, keepdims=True) if norm else scores
-    order = np.argsort(-np.array(gates.astype(mx.float32)), axis=-1, kind="stable")[..., :top_k]
+    if family == "gpt_oss":
+        order = np.argsort(np.array(gates.astype(mx.float32)), axis=-1, kind="stable")[..., -top_k:]
+    else:
+        order = np.argsort(-np.array(gates.astype(mx.float32)), axis=-1, kind="stable")[..., :top_k]
     inds = mx.array(order.astype(np.uint32))
     return inds, mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)
 
@@ -128,7 +145,7 @@ def _sorted(inds, scores):
     return mx.take_along_axis(inds, order, axis=-1), mx.take_along_axis(scores, order, axis=-1)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("shape,experts,top_k", SHAPES)
 def test_gpu_order_reference_chooses_stocks_experts(family, shape, experts, top_k):
     gates = _gates(shape, experts, mx.float32, 7 * experts + top_k, False)
@@ -171,21 +188,44 @@ def test_metal_body_breaks_ties_like_the_gpu(tmp_path_factory, experts, top_k, d
 
 
 @needs_gxx
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("shape,experts,top_k", EMU_SHAPES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("ties", [False, True])
-def test_metal_body_routes_mixtral_like_the_gpu(tmp_path_factory, shape, experts, top_k, dtype, ties):
-    """Mixtral chooses on the logits (no exp): the experts in the GPU's order exactly; the
-    softmax of the k up to the exp (the emulation's is std::exp, the CPU's MLX's own)."""
+def test_metal_body_routes_on_the_logits_like_the_gpu(
+    tmp_path_factory, family, shape, experts, top_k, dtype, ties
+):
+    """Mixtral and gpt-oss choose on the logits (no exp): the experts in the GPU's order
+    exactly (gpt-oss's the last k of the ascending sort, Mixtral's the first of the sort of
+    -gates); the softmax of the k up to the exp (the emulation's is std::exp, the CPU's MLX's)."""
     if 32 * 16 // dtype.size < experts:
         pytest.skip("more experts than one warp's softmax")
     gates = _gates(shape, experts, dtype, 3 * experts + top_k, ties)
-    kw = _kw("mixtral", top_k)
+    kw = _kw(family, top_k)
     inds, scores = metal_emu.run(softmax_router, gates, workdir=tmp_path_factory.getbasetemp(), **kw)
-    want_i, want_s = _gpu_order("mixtral", gates, top_k)
+    want_i, want_s = _gpu_order(family, gates, top_k)
     assert mx.array_equal(inds, want_i).item()
     tol = 1e-6 if dtype == mx.float32 else 1e-2
     assert mx.allclose(scores, want_s, rtol=tol, atol=tol).item()
+
+
+@needs_gxx
+@pytest.mark.parametrize("experts,top_k", [(128, 4), (32, 4), (7, 3), (8, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_metal_body_routes_gpt_oss_ties_bitwise_like_the_gpu(tmp_path_factory, experts, top_k, dtype):
+    """gpt-oss on logits 0 and -1000 (the softmax of the k exact on any exp, ties everywhere,
+    fewer zeros than k in some rows): the experts, their order and the scores bitwise."""
+    if 32 * 16 // dtype.size < experts:
+        pytest.skip("more experts than one warp's softmax")
+    gates = _exact_rows(experts, dtype)
+    kw = _kw("gpt_oss", top_k)
+    inds, scores = metal_emu.run(softmax_router, gates, workdir=tmp_path_factory.getbasetemp(), **kw)
+    want_i, want_s = _gpu_order("gpt_oss", gates, top_k)
+    assert inds.dtype == mx.uint32 and scores.dtype == dtype
+    assert mx.array_equal(inds, want_i).item() and mx.array_equal(scores, want_s).item()
+    if top_k < experts:  # Mixtral's convention on the same rows chooses the tied experts otherwise
+        mixtral_i = _gpu_order("mixtral", gates, top_k)[0]
+        assert not mx.array_equal(_sorted(inds, scores)[0], _sorted(mixtral_i, scores)[0]).item()
 
 
 @needs_gxx
@@ -210,7 +250,24 @@ def test_launch_says_why_it_takes_the_reference():
     assert "dimension" in launch("cuda", mx.zeros((64,), mx.bfloat16), top_k=4, **kw).reason
     spec = launch("cuda", mx.zeros((2, 3, 128), mx.bfloat16), top_k=8, **kw)
     assert ("N", 8) in spec.template and ("ROWS", 6) in spec.template and spec.grid == (6 * 32, 1, 1)
-    assert ("NORM", False) in launch("cuda", mx.zeros((1, 8)), top_k=2, softmax_first=False).template
+    mixtral = launch("cuda", mx.zeros((1, 8)), top_k=2, softmax_first=False).template
+    assert ("NORM", False) in mixtral and ("LAST", False) in mixtral and ("LAST", True) in spec.template
+    oss = launch("cuda", mx.zeros((1, 32)), top_k=4, softmax_first=False, topk_last=True).template
+    assert ("LAST", True) in oss and ("SOFTMAX_FIRST", False) in oss
+
+
+def test_reference_takes_the_families_top_k_conventions():
+    """gpt-oss's top-k (the last k of the ascending sort) and Mixtral's (the first k of the
+    sort of -gates) choose the same experts from distinct logits but in other orders; the
+    default convention is Qwen3-MoE's with softmax_first, Mixtral's without."""
+    gates = _gates((4, 3), 32, mx.float32, 5, False)
+    oss = reference(gates, top_k=4, softmax_first=False, topk_last=True)
+    mixtral = reference(gates, top_k=4, softmax_first=False)
+    assert mx.array_equal(_sorted(*oss)[0], _sorted(*mixtral)[0]).item()
+    assert not mx.array_equal(oss[0], mixtral[0]).item()
+    assert all(mx.array_equal(a, b).item() for a, b in zip(mixtral, reference(gates, **_kw("mixtral", 4))))
+    qwen = reference(gates, top_k=4, softmax_first=True, norm_topk_prob=True, topk_last=True)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(qwen, reference(gates, **_kw("qwen3_moe", 4))))
 
 
 # ---------------------------------------------------------------- on the GPU
@@ -222,7 +279,7 @@ def _nan_rows(dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("shape,experts,top_k", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
@@ -238,7 +295,7 @@ def test_cuda_kernel_is_bitwise_stock(family, shape, experts, top_k, dtype, ties
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 def test_cuda_kernel_is_bitwise_stock_on_many_rows_and_exact_ties(family, dtype):
     """Many rows (every lane's max and sum differ: MLX's butterfly order shows), the exact-tie

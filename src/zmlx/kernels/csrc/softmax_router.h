@@ -62,10 +62,10 @@ inline ZmlxRow<N> zmlx_softmax_warp(ZmlxRow<N> x, uint lane) {
     return out;
 }
 
-// Whether (av, ai) is chosen before (bv, bi). LAST (Qwen3-MoE: argpartition(p)[-k:]): the
-// last of MLX's stable ascending sort first (NaN the largest; of equal values the higher
-// index). Otherwise (Mixtral: argpartition(-g)[:k]): the first of the ascending sort of -g
-// (NaN last; of equal values the lower index).
+// Whether (av, ai) is chosen before (bv, bi). LAST (Qwen3-MoE: argpartition(p)[-k:], gpt-oss:
+// argpartition(g)[-k:]): the last of MLX's stable ascending sort first (NaN the largest; of
+// equal values the higher index). Otherwise (Mixtral: argpartition(-g)[:k]): the first of the
+// ascending sort of -g (NaN last; of equal values the lower index).
 template <bool LAST>
 inline bool zmlx_chosen_before(float av, float ai, float bv, float bi) {
     if (LAST) return zmlx_less(bv, av) || (!zmlx_less(av, bv) && ai > bi);
