@@ -263,8 +263,7 @@ def test_unquantized_family_is_bitwise_stock_with_every_exact_pattern(family):
 
 @pytest.mark.parametrize(
     "family,pattern,yarn",
-    [(f, p, False) for f in ("deepseek_v3", "kimi_k25") for p in sorted(CLOSE_ON_CPU)]
-    + [(f, "mla_attention", True) for f in sorted(YARN)],  # mla_block skips YaRN (its own rope)
+    [(f, p, yarn) for f in sorted(YARN) for p in sorted(CLOSE_ON_CPU) for yarn in (False, True)],
 )
 def test_close_attention_patterns_decode_close_to_stock(family, pattern, yarn):
     """mla_attention and mla_block attend in float32 with their own order (close even on the
@@ -322,14 +321,16 @@ def test_on_cuda_yarn_family_is_bitwise_stock_with_the_glm47_rope_kernel(family)
 
 
 @pytest.mark.parametrize("family", sorted(YARN))
-def test_yarn_family_patterns_with_their_own_rope_skip_it(family):
+def test_yarn_family_takes_glm47_rope_and_mla_block_on_every_layer(family):
+    """mla_block's mla_q_prep ropes YaRN as glm47_rope does (its table, mscale and scale):
+    both patch every layer (the decode steps: test_close_attention_patterns_decode_close_to_stock)."""
     model = build(family, yarn=True)
     result = zmlx.patch(model, patterns=["glm47_rope", "mla_block"])
     try:
-        assert len(result.patterns["glm47_rope"].patched) == CONFIGS["deepseek_v3"]["num_hidden_layers"]
-        assert not result.patterns["mla_block"].patched
-        reasons = {why for _, why in result.patterns["mla_block"].skipped}
-        assert any("YarnRoPE" in why for why in reasons), reasons
+        for name in ("glm47_rope", "mla_block"):
+            report = result.patterns[name]
+            assert len(report.patched) == CONFIGS["deepseek_v3"]["num_hidden_layers"], report.skipped
+            assert not report.skipped, name
     finally:
         zmlx.unpatch(model)
 

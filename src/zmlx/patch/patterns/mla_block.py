@@ -7,7 +7,8 @@ plain `KVCache` and no mask runs
 
     norm_qkv_a   input_layernorm + q_a_proj + kv_a_proj_with_mqa, one pass over the row
     mla_q_prep   q_a_layernorm + q_b_proj + rope of q_pe and its scale + embed_q (float32);
-                 kv_a_layernorm + rope of k_pe
+                 kv_a_layernorm + rope of k_pe (nn.RoPE, or the DeepSeek-V3 family's YaRN
+                 as glm47_rope takes it; another rope_scaling is skipped with its reason)
     cache.update_and_fetch(kv_latent, k_pe): mlx-lm's own cache (prompt caches, trimming
                  and cache files keep working)
     mla_decode   flash-decoding over the latent cache, its length read from the buffers' shapes
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import operator
 import weakref
+from functools import partial
 from typing import Any, Callable
 
 import mlx.core as mx
@@ -50,7 +52,7 @@ from zmlx.kernels.mla_q_prep import mla_q_prep
 from zmlx.kernels.norm_qkv_a import attention_args, attention_reason, norm_qkv_a
 from zmlx.kernels.prepared import Prepared, prepare
 from zmlx.kernels.quant import weights_of
-from zmlx.patch.attention import mla_reason
+from zmlx.patch.attention import mla_reason, rope_args
 from zmlx.patch.layer import blocks_of, make, stock_attention
 from zmlx.patch.pattern import Pattern
 from zmlx.static_cache import StaticMLACache
@@ -63,7 +65,7 @@ def check(layer, params) -> str | None:
     if type(layer.input_layernorm) is not nn.RMSNorm:
         return f"input_layernorm is a {type(layer.input_layernorm).__name__}"
     attn = layer.self_attn
-    if (why := mla_reason(attn)) is not None:
+    if (why := mla_reason(attn, yarn=True)) is not None:  # mla_q_prep ropes as glm47_rope: YaRN too
         return why
     if getattr(attn, "q_lora_rank", None) is None:
         return "q_lora_rank None (q_proj without q_a_layernorm): mla_q_prep does not fuse it"
@@ -98,23 +100,23 @@ class _QPrep:
     table row it passes as input `cs` (a view), so the kernel prepared at position 0 is
     called with each step's row; the reference takes the position itself."""
 
-    __slots__ = ("call", "rope")
+    __slots__ = ("call", "table")
 
-    def __init__(self, call: Prepared, rope: tuple[int, float, float]):
+    def __init__(self, call: Prepared, table: Callable[[int], mx.array]):
         # Any: a ReferenceCall takes the position (an int) where the KernelCall takes the row
         self.call: Any = call
-        self.rope = rope
+        self.table = table  # rows -> the layer's rope table (rope_table) of at least that many rows
 
     def __call__(self, q_a, ckv, offset: int):
         if self.call.path == "kernel":
-            return self.call(q_a, ckv, rope_table(*self.rope, offset + 1)[offset : offset + 1])
+            return self.call(q_a, ckv, self.table(offset + 1)[offset : offset + 1])
         return self.call(q_a, ckv, offset)
 
     def at(self, q_a, ckv, position: mx.array, rows: int):
         """The same at a device position (an int32 scalar) below `rows`: the kernel takes the
         table's row gathered in the graph, the reference gives mx.fast.rope the array."""
         if self.call.path == "kernel":
-            return self.call(q_a, ckv, mx.take(rope_table(*self.rope, rows), position.reshape(1), axis=0))
+            return self.call(q_a, ckv, mx.take(self.table(rows), position.reshape(1), axis=0))
         return self.call(q_a, ckv, position)
 
 
@@ -190,24 +192,22 @@ def _build(layer, x, backend) -> _Attention | str:
         args, kw = attention_args(layer.input_layernorm, attn)
         qkv = _ready(prepare(norm_qkv_a, (x, *args), kw, (0,), backend))
         q_a, ckv = qkv(x)
-        rope = (attn.rope.dims, attn.rope.base, attn.rope.scale)
+        # heads, rope_dims, scale and the rope's (base, rope_scale; YaRN's freqs and mscale), as glm47_rope's
+        (table, _), rope_kw = rope_args(attn, 0)
         (qb, qb_kw), (eq, eq_kw) = weights_of(attn.q_b_proj), weights_of(attn.embed_q)
         q_kw = dict(
             eps=attn.q_a_layernorm.eps,
-            heads=attn.num_heads,
-            rope_dims=rope[0],
-            base=rope[1],
-            rope_scale=rope[2],
-            scale=attn.scale,
+            **rope_kw,
             **qb_kw,
             embed_group_size=eq_kw["group_size"],
             embed_bits=eq_kw["bits"],
         )
         q_norms = (attn.q_a_layernorm["weight"], *qb, attn.kv_a_layernorm["weight"], *eq)
-        q_args = (q_a, ckv, *q_norms, rope_table(*rope, 1), 0)
+        q_args = (q_a, ckv, *q_norms, table, 0)
         # live: q_a, ckv and the position, which the kernel reads as the table's row `cs`
         q_call = prepare(mla_q_prep, q_args, q_kw, (0, 1, 11), backend, derived={11: "cs"})
-        q_prep = _QPrep(_ready(q_call), rope)
+        rope = (rope_kw["rope_dims"], rope_kw["base"], rope_kw["rope_scale"])
+        q_prep = _QPrep(_ready(q_call), partial(rope_table, *rope, freqs=rope_kw.get("freqs")))
         qv, q_pe, kv_latent, k_pe = q_prep(q_a, ckv, 0)
         spec = _launch(mla_decode)(backend, qv, q_pe, kv_latent, k_pe, scale=attn.scale)
         if isinstance(spec, Skip):
