@@ -129,7 +129,9 @@ _SOFTMAX = (
     "softmax router inside the MoE block (softmax_router fuses it); moe_router fuses the sigmoid "
     "MoEGate with correction bias"
 )
-_SIGMOID = "sigmoid MoEGate router (moe_router fuses it); softmax_router fuses Qwen3-MoE's and Mixtral's"
+_SIGMOID = (
+    "sigmoid MoEGate router (moe_router fuses it); softmax_router fuses Qwen3-MoE's, Mixtral's and gpt-oss's"
+)
 _BLOCK_ROUTES = (
     "the MoE block routes in its own __call__ (softmax, scores in the activations' dtype); the combine "
     "kernels take a gate module's float32 scores"
@@ -260,14 +262,38 @@ FAMILIES.update(
     }
 )
 
+# gpt-oss: GQA attention with sinks and alternating sliding-window layers, an MLPBlock that
+# routes by a softmax over the top-k of a biased router (softmax_router fuses the routing after
+# the router), SwitchGLU experts with biases and the clamped SwiGLU (SwigluOAI: moe_mlp's check
+# refuses them with that reason). softmax_router is exact on the CPU (its reference) and on
+# CUDA by construction, close on Metal: the CPU/Metal preset is empty (no pattern is exact on
+# Metal), and it stays out of the CUDA preset until its cuda tests run on a GPU.
+_OSS_ATTENTION = "GQA attention with sinks and sliding windows, not MLA (the attention patterns fuse MLA's)"
+FAMILIES["gpt_oss"] = Family(
+    model_type="gpt_oss",
+    module="mlx_lm.models.gpt_oss",
+    targets={
+        "softmax_router": Target("MLPBlock", {"softmax_first": False, "topk_last": True}),
+        "moe_mlp": Target("SwitchGLU"),  # its check says why not: biases, SwigluOAI
+    },
+    preset=(),
+    skips={
+        "moe_router": _SOFTMAX,
+        "moe_combine": _BLOCK_ROUTES,
+        "downproj_combine": _BLOCK_ROUTES,
+        "moe_block": "the MLPBlock routes by a softmax over the top-k of a biased router (softmax_router "
+        "fuses it); its experts have biases and SwigluOAI",
+        "swiglu_mlp": "no dense MLP (every layer's MLPBlock is MoE, no shared expert)",
+        "residual_norm": "the model loop passes each layer a full or a sliding-window mask by its type",
+        **{
+            p: _OSS_ATTENTION
+            for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode", "mla_kv_quant")
+        },
+    },
+)
+
 # model_type -> why no pattern applies (patch() warns "nothing to patch" with this reason)
-UNSUPPORTED: dict[str, str] = {
-    # moe_mlp's and moe_block's checks refuse its modules with these reasons (tests say so)
-    "gpt_oss": (
-        "gpt-oss routes by a softmax over the top-k with a router bias, its experts have biases "
-        "and a clamped SwiGLU (SwigluOAI), its attention has sinks and sliding windows"
-    ),
-}
+UNSUPPORTED: dict[str, str] = {}
 
 
 def family_of(model) -> str | None:

@@ -89,6 +89,16 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "residual_norm": {"the decoder layer calls block_sparse_moe, not mlp"},
         **{p: {_GQA} for p in _MLA_ONLY},
     },
+    "gpt_oss": {
+        "moe_router": {_SOFTMAX},
+        "moe_combine": {_BLOCK_ROUTES},
+        "downproj_combine": {_BLOCK_ROUTES},
+        "moe_mlp": {"experts have biases (gate_proj, up_proj, down_proj)"},  # its check, per layer
+        "moe_block": {"the MLPBlock routes by a softmax over the top-k of a biased router"},
+        "swiglu_mlp": {"no dense MLP"},
+        "residual_norm": {"a full or a sliding-window mask by its type"},
+        **{p: {"GQA attention with sinks and sliding windows, not MLA"} for p in _MLA_ONLY},
+    },
 }
 
 
@@ -145,13 +155,19 @@ def test_every_pattern_that_does_not_apply_says_why(family):
         assert report.patched or report.skipped, f"{name}: neither patched nor skipped"
 
 
-def test_gpt_oss_still_warns_and_says_why_nothing_applies():
-    """gpt-oss has no pattern that applies (its router, experts and attention are each
-    another computation than the kernels'), so patch keeps the warning, with the reason."""
+def test_gpt_oss_is_a_family_whose_default_preset_waits_for_its_cuda_tests():
+    """gpt-oss is supported (softmax_router fuses its routing), so patch no longer warns
+    "nothing to patch"; its default preset is empty on every backend (softmax_router is close
+    on Metal and joins the CUDA preset once its cuda tests have run on a GPU)."""
     model = build("gpt_oss")
-    with pytest.warns(zmlx.ZmlxWarning, match="nothing to patch: model_type 'gpt_oss'.*SwigluOAI"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", zmlx.ZmlxWarning)
         result = zmlx.patch(model)
-    assert result.patched_modules == 0 and "gpt_oss" in UNSUPPORTED and "gpt_oss" not in FAMILIES
+    zmlx.unpatch(model)
+    assert result.family == "gpt_oss" and "nothing to patch" not in result.message
+    assert "gpt_oss" not in UNSUPPORTED and result.patched_modules == 0
+    assert all(FAMILIES["gpt_oss"].preset_on(b) == () for b in ("cpu", "metal", "cuda"))
+    assert FAMILIES["gpt_oss"].targets["softmax_router"].params == {"softmax_first": False, "topk_last": True}
 
 
 def test_gpt_oss_modules_are_refused_by_the_checks_with_reasons():

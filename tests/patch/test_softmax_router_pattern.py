@@ -1,4 +1,4 @@
-"""The softmax_router pattern on Qwen3-MoE's and Mixtral's sparse MoE blocks: it patches every
+"""The softmax_router pattern on Qwen3-MoE's, Mixtral's and gpt-oss's MoE blocks: it patches every
 MoE layer, runs the kernel once per layer and forward (prompt and decode), keeps mlx-lm's
 code around it (the k in the kernel's order reach the weighted sum), unpatches exactly, and
 says why it skips a block. The families' bitwise checks on the CPU are in
@@ -15,18 +15,27 @@ from zmlx.kernels.softmax_router import reference, softmax_router
 from zmlx.patch import PATTERNS
 from zmlx.patch.patterns import softmax_router as pattern_module
 
-FAMILIES = ["qwen3_moe", "mixtral"]
-PARAMS = {"qwen3_moe": {"softmax_first": True}, "mixtral": {"softmax_first": False}}
+FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
+PARAMS = {
+    "qwen3_moe": {"softmax_first": True},
+    "mixtral": {"softmax_first": False},
+    "gpt_oss": {"softmax_first": False, "topk_last": True},
+}
+GATES = {"qwen3_moe": 16, "mixtral": 8, "gpt_oss": 8}  # experts of the tiny models
+TOP_K = {"qwen3_moe": 4, "mixtral": 2, "gpt_oss": 4}
+
+
+def _attr(family):
+    return "block_sparse_moe" if family == "mixtral" else "mlp"
 
 
 def _blocks(model, family):
-    attr = "mlp" if family == "qwen3_moe" else "block_sparse_moe"
-    return [(i, getattr(layer, attr)) for i, layer in enumerate(model.model.layers)]
+    return [(i, getattr(layer, _attr(family))) for i, layer in enumerate(model.model.layers)]
 
 
 def _moe_paths(model, family):
-    attr = "mlp" if family == "qwen3_moe" else "block_sparse_moe"
-    return [f"model.layers.{i}.{attr}" for i, b in _blocks(model, family) if hasattr(b, "switch_mlp")]
+    moe = [i for i, b in _blocks(model, family) if hasattr(b, "switch_mlp") or hasattr(b, "experts")]
+    return [f"model.layers.{i}.{_attr(family)}" for i in moe]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -51,16 +60,16 @@ def test_every_moe_block_is_patched_and_runs_the_kernel_once_per_forward(family,
         result.patterns["softmax_router"].patched == paths and not result.patterns["softmax_router"].skipped
     )
     assert len(calls) == 3 * len(paths)  # the prompt and two decode steps
-    top_k = 4 if family == "qwen3_moe" else 2
     first = family == "qwen3_moe"
-    want = dict(top_k=top_k, softmax_first=first, **({"norm_topk_prob": True} if first else {}))
-    assert calls[0] == ((2, 7, 16 if first else 8), want)
-    assert calls[-1][0] == (2, 1, 16 if first else 8)
+    want = dict(top_k=TOP_K[family], softmax_first=first)
+    want.update({"norm_topk_prob": True} if first else {"topk_last": True} if family == "gpt_oss" else {})
+    assert calls[0] == ((2, 7, GATES[family]), want)
+    assert calls[-1][0] == (2, 1, GATES[family])
     for s, p in zip(stock, patched, strict=True):
         assert mx.array_equal(s, p).item()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe"])  # Mixtral's top-2: a sum of two, either order
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # Mixtral's top-2: a sum of two, either order
 def test_the_order_of_the_k_reaches_the_weighted_sum(family, monkeypatch):
     """The pattern adds the experts' outputs in the order the router returns them (mlx-lm's
     sum over the k): a router returning the same experts and scores reversed changes the
@@ -105,6 +114,19 @@ def test_check_says_why_it_skips_a_block():
     assert check(mixtral, PARAMS["qwen3_moe"]) == (
         "MixtralSparseMoeBlock has no top_k, norm_topk_prob: not mlx-lm's sparse MoE block"
     )
+    oss = _blocks(build("gpt_oss"), "gpt_oss")[0][1]
+    assert check(oss, PARAMS["gpt_oss"]) is None
+    # gpt-oss's block read as Mixtral's (wrong family data) is refused, not run in the wrong order
+    assert check(oss, PARAMS["mixtral"]) == "MLPBlock has no gate, switch_mlp: not mlx-lm's sparse MoE block"
+    assert check(qwen, {"softmax_first": True, "topk_last": False}) == (
+        "no mlx-lm block routes with softmax_first=True, topk_last=False"
+    )
+    router, bias = oss.router, oss.router.bias
+    try:  # the router's bias is part of gpt-oss's block (mlx-lm's Linear keeps it)
+        del router["bias"]
+        assert check(oss, PARAMS["gpt_oss"]) == "router is a QuantizedLinear without a bias or weights"
+    finally:
+        router.bias = bias
     f32 = _blocks(build("qwen3_moe", "float32"), "qwen3_moe")[1][1]
     assert check(f32, PARAMS["qwen3_moe"]) is None
     top_k = f32.top_k
