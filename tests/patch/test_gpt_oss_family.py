@@ -1,0 +1,78 @@
+"""gpt-oss through zmlx.synth's tiny checkpoint (as `mlx_lm.load` reads it: sinks, alternating
+sliding-window layers whose rotating cache wraps, a biased router, biased experts with the
+clamped SwiGLU), in bf16, affine 4-bit and mxfp4 (the released models' experts): patch then
+unpatch leaves the same objects, the default preset patches nothing without a warning, and
+with softmax_router the quantized models' logits are bitwise stock on the CPU for prompts and decode steps,
+batch 1 and 2, with and without a cache. The tiny models built from mlx-lm's classes are in
+test_family_exactness.py and test_families.py."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from test_family_exactness import forward
+
+import zmlx
+from zmlx import synth
+
+QUANTS = ["bf16", "affine4", "mxfp4"]
+
+
+@functools.cache
+def _model(quant: str):
+    model, _ = synth.build(f"synth:gpt_oss/tiny/{quant}")
+    return model
+
+
+def _state(model):
+    return [(p, type(m)) for p, m in model.named_modules()], [(k, id(v)) for k, v in tree_flatten(model)]
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_patch_then_unpatch_leaves_the_synth_model_as_it_was(quant):
+    model = _model(quant)
+    before = _state(model)
+    result = zmlx.patch(model, patterns=["softmax_router", "moe_mlp"])
+    layers = len(model.layers)
+    assert result.patterns["softmax_router"].patched == [f"model.layers.{i}.mlp" for i in range(layers)]
+    assert type(model.layers[0].mlp).__zmlx_original__.__name__ == "MLPBlock"
+    skipped = {why for _, why in result.patterns["moe_mlp"].skipped}
+    assert not result.patterns["moe_mlp"].patched and len(result.patterns["moe_mlp"].skipped) == layers
+    assert skipped == {
+        "experts have biases (gate_proj, up_proj, down_proj); the expert kernels take bias-free projections"
+    }
+    zmlx.unpatch(model)
+    assert _state(model) == before
+
+
+def test_default_preset_patches_nothing_without_a_warning():
+    model = _model("affine4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", zmlx.ZmlxWarning)
+        result = zmlx.patch(model)
+    zmlx.unpatch(model)
+    assert result.family == "gpt_oss" and result.patched_modules == 0
+    assert "nothing to patch" not in result.message
+
+
+@pytest.mark.parametrize("quant", ["affine4", "mxfp4"])  # MLX's CPU gather_mm takes float32 only
+def test_softmax_router_is_bitwise_stock_on_the_synth_model(quant):
+    model = _model(quant)
+    window = model.args.sliding_window
+    for batch, use_cache in ((1, True), (2, True), (1, False), (2, False)):
+        # a prompt longer than the window, then decode steps: the rotating cache wraps
+        prompt = mx.random.randint(1, 4096, (batch, window + 3), key=mx.random.key(batch))
+        stock = forward(model, prompt, 3, use_cache)
+        result = zmlx.patch(model, patterns=["softmax_router"])
+        try:
+            patched = forward(model, prompt, 3, use_cache)
+        finally:
+            zmlx.unpatch(model)
+        report = result.patterns["softmax_router"]
+        assert report.fidelity == "exact" and len(report.patched) == len(model.layers)
+        for s, p in zip(stock, patched, strict=True):
+            assert s.dtype == p.dtype and mx.array_equal(s, p).item(), (quant, batch, use_cache)
