@@ -1,0 +1,186 @@
+"""The quantized latent cache at long context: its accuracy, bytes and decode time (issue 20).
+
+For each context length, one prompt of that many tokens is prefilled (in chunks, as mlx-lm's
+generate does) into a plain (bf16) cache of the patched model; copies of that cache are
+quantized as mlx-lm's `kv_bits` quantizes it (`maybe_quantize_kv_cache`, from the first
+position); then
+
+- accuracy: the bf16 cache decodes greedily for `tokens` steps; each quantized copy and the
+  float32 reference model (zmlx.accuracy: its own float32 cache) are teacher-forced over
+  the same tokens. The accuracy rule judges each quantized cache against the bf16 one (the
+  bf16 cache in the rule's "stock" place: same model, same patterns, only the cache differs);
+- bytes: what each cache holds at that context (`latent_quant.cache_bytes`);
+- decode time: synchronous decode steps over each cache, the caches alternated step block by
+  step block, `repeats` blocks each (median ms per step).
+
+The patterns are the same on every side; mla_kv_quant must be among them (it is what lets the
+MLA attention read a quantized cache).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from zmlx import latent_quant
+from zmlx.accuracy import RULE, Divergences, exact_float32, log_probs, reference_model
+
+
+@dataclass
+class Side:
+    """One cache at one context length."""
+
+    name: str  # "bf16" or "q{bits}"
+    bits: int | None
+    cache_bytes: int = 0
+    decode_ms: list[float] = field(default_factory=list)  # per timed block: ms per step
+    vs_reference: Divergences | None = None
+    vs_bf16: Divergences | None = None
+    accurate: bool | None = None  # None for the bf16 side (it is the yardstick)
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "bits": self.bits,
+            "cache_bytes": self.cache_bytes,
+            "decode_ms_per_step": self.decode_ms,
+            "decode_ms_median": statistics.median(self.decode_ms) if self.decode_ms else None,
+            "kld_vs_reference": self.vs_reference.to_dict() if self.vs_reference else None,
+            "kld_vs_bf16": self.vs_bf16.to_dict() if self.vs_bf16 else None,
+            "accurate": self.accurate,
+            "reasons": self.reasons,
+        }
+
+
+def prefill(model, prompt: mx.array, chunk: int) -> tuple[list, mx.array]:
+    """A fresh prompt cache holding `prompt` (fed `chunk` tokens at a time) and the float32
+    next-token logits after it."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    for start in range(0, prompt.size - 1, chunk):
+        stop = min(start + chunk, prompt.size - 1)
+        model(prompt[None, start:stop], cache=cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+    logits = model(prompt[None, -1:], cache=cache)[0, -1].astype(mx.float32)
+    mx.eval(logits)
+    return cache, logits
+
+
+def quantized_copy(cache: list, bits: int, group_size: int) -> list:
+    """mlx-lm's kv_bits quantization of a copy of `cache` (the original is not changed)."""
+    from mlx_lm.generate import maybe_quantize_kv_cache
+
+    copy = list(cache)
+    maybe_quantize_kv_cache(copy, 0, group_size, bits)
+    mx.eval([c.state for c in copy])
+    return copy
+
+
+def decode(model, cache: list, first: mx.array, tokens: Sequence[int] | None, steps: int):
+    """Float32 logits after `first` and after each fed token: `tokens` (teacher-forced) or,
+    when None, the greedy choice. Returns (logits, the tokens fed)."""
+    outs, fed, logits = [first], [], first
+    for i in range(steps):
+        t = int(np.argmax(np.asarray(logits))) if tokens is None else int(tokens[i])
+        fed.append(t)
+        logits = model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)
+        mx.eval(logits)
+        outs.append(logits)
+    return outs[:-1], fed
+
+
+def time_steps(model, cache: list, token: int, steps: int) -> float:
+    """ms per synchronous decode step over `cache`, feeding `token`."""
+    x = mx.array([[token]])
+    start = time.perf_counter()
+    for _ in range(steps):
+        mx.eval(model(x, cache=cache))
+    return 1000.0 * (time.perf_counter() - start) / steps
+
+
+def measure(
+    model,
+    prompt: mx.array,
+    *,
+    bits: Sequence[int] = (4, 8),
+    group_size: int = 64,
+    tokens: int = 64,
+    chunk: int = 2048,
+    timing_steps: int = 16,
+    repeats: int = 5,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[Side]:
+    """The sides (bf16 first, then one per bit width) at `prompt`'s length, for the model as
+    it is patched now (its patterns must read a quantized cache: mla_kv_quant)."""
+    for b in bits:
+        why = latent_quant.kv_quant_error(b, group_size)
+        if why:
+            raise ValueError(why)
+    if tokens < 1 or chunk < 1 or timing_steps < 1 or repeats < 1:
+        raise ValueError("tokens, chunk, timing steps and repeats must be at least 1")
+    n = prompt.size
+    progress(f"{n} tokens: prefill")
+    cache, first = prefill(model, prompt, chunk)
+    sides = [Side("bf16", None)] + [Side(f"q{b}", b) for b in bits]
+    caches = [cache] + [quantized_copy(cache, b, group_size) for b in bits]
+    for side, c in zip(sides, caches):
+        side.cache_bytes = latent_quant.cache_bytes(c)
+    progress(f"{n} tokens: decode bf16")
+    bf16_logits, fed = decode(model, cache, first, None, tokens)
+    lp_bf16 = log_probs(bf16_logits)
+    lps = [lp_bf16]
+    for side, c in zip(sides[1:], caches[1:]):
+        progress(f"{n} tokens: decode {side.name}")
+        lps.append(log_probs(decode(model, c, first, fed, tokens)[0]))
+    for _ in range(repeats):  # alternated blocks; the caches grow alike
+        for side, c in zip(sides, caches):
+            side.decode_ms.append(time_steps(model, c, fed[-1], timing_steps))
+    del caches, cache
+    mx.clear_cache()
+    progress(f"{n} tokens: float32 reference")
+    ref = reference_model(model)
+    with exact_float32():
+        ref_cache, ref_first = prefill(ref, prompt, chunk)
+        lp_ref = log_probs(decode(ref, ref_cache, ref_first, fed, tokens)[0])
+    del ref, ref_cache
+    mx.clear_cache()
+    for side, lp in zip(sides, lps):
+        side.vs_reference = Divergences.between(lp_ref, lp)
+        side.vs_bf16 = Divergences.between(lp_bf16, lp)
+    for side in sides[1:]:
+        assert sides[0].vs_reference is not None and side.vs_reference is not None
+        side.accurate, side.reasons = RULE.judge(sides[0].vs_reference, side.vs_reference)
+    return sides
+
+
+def table_rows(results: dict[int, list[Side]]) -> list[list[str]]:
+    """Rows of (context, cache, bytes vs bf16, KLD mean and p99 vs the reference, same top,
+    verdict, decode ms/step) for printing."""
+    rows = []
+    for n, sides in results.items():
+        base = sides[0]
+        for s in sides:
+            ref = s.vs_reference
+            ms = statistics.median(s.decode_ms) if s.decode_ms else float("nan")
+            verdict = "yardstick" if s.accurate is None else ("ACCURATE" if s.accurate else "FAIL")
+            rows.append(
+                [
+                    str(n),
+                    s.name,
+                    f"{s.cache_bytes / max(base.cache_bytes, 1):.3f}x",
+                    f"{ref.kld_mean:.4g}" if ref else "-",
+                    f"{ref.kld_p99:.4g}" if ref else "-",
+                    f"{ref.same_top:.1f}%" if ref else "-",
+                    verdict,
+                    f"{ms:.2f}" if np.isfinite(ms) else "-",
+                ]
+            )
+    return rows
