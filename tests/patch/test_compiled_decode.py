@@ -79,6 +79,18 @@ def test_traces_only_at_capacity_buckets(patched):
     assert compiled_decode.stats(model)["traces"] == 3
 
 
+def test_token_dtype_makes_no_new_trace(patched):
+    """mlx-lm's generate feeds the prompt's last token as int32 and sampled tokens as uint32:
+    one bucket, one trace, whatever the tokens' dtype."""
+    model, _ = patched()
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[3, 14, 15]]), cache=cache))
+    for dtype in (mx.int32, mx.uint32, mx.int32, mx.int64):
+        mx.eval(model(mx.array([[92]], dtype=dtype), cache=cache))
+    assert compiled_decode.stats(model)["traces"] == 1
+    assert compiled_decode.stats(model)["compiled_steps"] == 4
+
+
 @pytest.mark.parametrize("api", ["generate", "stream_generate"])
 def test_mlx_lm_generate_apis_give_stock_text(patched, tiny_q4, api):
     model, tok = tiny_q4

@@ -88,6 +88,10 @@ class _Step:
         return (logits, position + inputs.shape[1], *written)
 
     def __call__(self, model, inputs, caches: list):
+        # One token dtype for every step: mlx-lm's generate passes the prompt's last token as
+        # int32 and sampled ones as uint32 (argmax, categorical), and mx.compile traces per dtype.
+        if inputs.dtype != mx.uint32:
+            inputs = inputs.astype(mx.uint32)
         n_new = inputs.shape[1]
         for c in caches:
             c.reserve(n_new)
