@@ -1,4 +1,7 @@
-"""The harness: interleaved variants, fidelity against control, unsafe opt-in."""
+"""The harness: interleaved variants, fidelity against control, unsafe opt-in, issue time."""
+
+import math
+import time
 
 import pytest
 
@@ -58,3 +61,53 @@ def test_prompt_is_seeded_and_avoids_special_ids():
     a = make_prompt(4096, 50, seed=3, avoid=[0])
     assert a == make_prompt(4096, 50, seed=3, avoid=[0]) != make_prompt(4096, 50, seed=4)
     assert len(a) == 50 and all(300 <= t < 4096 for t in a)
+
+
+def test_issue_time_is_recorded_for_stock_and_patched_with_compiled_decodes_counters(tiny_q4):
+    model, tok = tiny_q4
+    plain, compiled = Variant("plain", ("moe_router",)), Variant("compiled", ("compiled_decode",))
+    steps: list[str] = []
+    control, p, c = measure(
+        model, tok, [CONTROL, plain, compiled], runs=2, max_tokens=12, prompt_tokens=9, on_step=steps.append
+    )
+    # after the timed runs, before the kernel counts (CUPTI, once attached, slows every launch)
+    kinds = [s.split()[0] for s in steps]
+    assert kinds[-6:] == ["issue"] * 3 + ["kernels"] * 3 and kinds[-7] == "run"
+    for r in (control, p, c):
+        assert math.isfinite(r.issue_ms_per_step) and r.issue_ms_per_step > 0
+        assert 0 < r.build_ms_per_step <= r.issue_ms_per_step
+        assert r.to_dict()["issue_ms_per_step"] == r.issue_ms_per_step
+        assert r.to_dict()["build_ms_per_step"] == r.build_ms_per_step
+    assert control.compiled_decode is None and p.compiled_decode is None
+    # 9 + 12 positions fit one capacity bucket: one trace, even though mlx-lm's generate feeds
+    # the prompt's last token as int32 and sampled tokens as uint32
+    assert c.compiled_decode["traces"] == 1 and c.compiled_decode["compiled_steps"] > 0
+    assert c.compiled_decode["stock_steps"] == {} and c.to_dict()["compiled_decode"] == c.compiled_decode
+
+
+def test_issue_time_counts_the_issue_not_the_evaluation(tiny_q4, monkeypatch):
+    """A slow mx.eval (the step's evaluation) must not show; a slow mx.async_eval (the issue's
+    last call) must: each check fails if the timer is drawn around the wrong calls."""
+    import mlx.core as mx
+
+    from zmlx.bench import issue_time
+
+    model, _ = tiny_q4
+    prompt = mx.array(make_prompt(model.args.vocab_size, 9))
+    pause = 0.2
+    real_eval, real_async = mx.eval, mx.async_eval
+
+    def slow(real):
+        def call(*args):
+            time.sleep(pause)
+            return real(*args)
+
+        return call
+
+    monkeypatch.setattr(mx, "eval", slow(real_eval))
+    times = issue_time.issue_times(model, prompt, steps=3, warm=1)
+    assert len(times.issue_ms) == len(times.build_ms) == 3 and max(times.issue_ms) < pause * 1e3
+    monkeypatch.setattr(mx, "eval", real_eval)
+    monkeypatch.setattr(mx, "async_eval", slow(real_async))
+    times = issue_time.issue_times(model, prompt, steps=3, warm=1)
+    assert min(times.issue_ms) >= pause * 1e3 > max(times.build_ms)  # build: before async_eval

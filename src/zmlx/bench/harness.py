@@ -17,9 +17,11 @@ import mlx.core as mx
 import numpy as np
 
 from zmlx import backend
+from zmlx.bench.issue_time import issue_times
 from zmlx.config import PatchConfig
 from zmlx.fidelity import divergence, generate
 from zmlx.patch import patch, unpatch
+from zmlx.patch.patterns import compiled_decode
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class VariantResult:
     kernels_per_token: float | None = None
     gpu_us_per_token: float | None = None  # summed device time of those kernels
     kernels_note: str = ""
+    issue_ms_per_step: float | None = None  # host time to issue one decode step (median)
+    build_ms_per_step: float | None = None  # of which building its graph (Python's part)
+    compiled_decode: dict[str, Any] | None = None  # its stats() after the last timed run
     patch: dict[str, Any] | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)
 
@@ -82,6 +87,9 @@ class VariantResult:
             "kernels_per_token": self.kernels_per_token,
             "gpu_us_per_token": self.gpu_us_per_token,
             "kernels_note": self.kernels_note,
+            "issue_ms_per_step": self.issue_ms_per_step,
+            "build_ms_per_step": self.build_ms_per_step,
+            "compiled_decode": self.compiled_decode,
             "fidelity": self.fidelity,
             "patch": self.patch,
         }
@@ -181,7 +189,9 @@ def measure(
     """Every variant, interleaved run by run. The first variant must be stock: it is the
     baseline that the others' token fidelity is judged against. `accuracy`: also judge each
     patched variant by the accuracy rule (zmlx.accuracy: a float32 reference model, so
-    twice the memory), after every timed run; its verdict is then PASS, ACCURATE or FAIL."""
+    twice the memory), after every timed run; its verdict is then PASS, ACCURATE or FAIL.
+    After the timed runs, each variant's host time to issue a decode step (zmlx.bench.issue_time);
+    with compiled_decode applied, its counters (traces, compiled and stock steps) of the last run."""
     if not variants or not variants[0].is_stock:
         raise ValueError("the first variant must be stock (control): it is the baseline")
     step = on_step or (lambda _: None)
@@ -202,11 +212,20 @@ def measure(
         step(f"warm-up {r.variant.name}")
     for i in range(runs):
         for r in active:
-            with applied(model, r.variant):
+            with applied(model, r.variant) as result:
                 run = generate(model, tokenizer, prompt, max_tokens)
+                cd = result.patterns.get("compiled_decode") if result is not None else None
+                if cd is not None and cd.patched:  # its counters belong to this patch: read them now
+                    r.compiled_decode = compiled_decode.stats(model)
             r.runs.append(RunNumbers(run.prompt_tps, run.decode_tps, run.peak_memory_gb, len(run.tokens)))
             r.tokens.append(run.tokens)
             step(f"run {i + 1}/{runs} {r.variant.name}: {run.decode_tps:.1f} tok/s decode")
+    # Issue time before the kernel counts (below), which would slow it; any backend.
+    for r in active:
+        with applied(model, r.variant):
+            times = issue_times(model, prompt)
+        r.issue_ms_per_step, r.build_ms_per_step = times.issue_median, times.build_median
+        step(f"issue {r.variant.name}: {r.issue_ms_per_step:.3f} ms per decode step")
     # Kernel counts last: once CUPTI has been attached it slows every later launch
     # (seen on the H100: stock decode fell from ~31 to ~24 tok/s), so no timed run may follow.
     if count_kernels:
