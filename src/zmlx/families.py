@@ -264,17 +264,18 @@ FAMILIES.update(
 
 # gpt-oss: GQA attention with sinks and alternating sliding-window layers, an MLPBlock that
 # routes by a softmax over the top-k of a biased router (softmax_router fuses the routing after
-# the router), SwitchGLU experts with biases and the clamped SwiGLU (SwigluOAI: moe_mlp's check
-# refuses them with that reason). softmax_router is exact on the CPU (its reference) and on
-# CUDA by construction, close on Metal: the CPU/Metal preset is empty (no pattern is exact on
-# Metal), and it stays out of the CUDA preset until its cuda tests run on a GPU.
+# the router), SwitchGLU experts with biases and the clamped SwiGLU (SwigluOAI: moe_mlp's
+# kernel adds the gate and up biases and applies it). Both are exact on the CPU (their
+# references) and on CUDA by construction, close on Metal: the CPU/Metal preset is empty (no
+# pattern is exact on Metal), and they stay out of the CUDA preset until their cuda tests run
+# on a GPU (tests/kernels/test_softmax_router.py, test_moe_mlp_oai.py, the family's model tests).
 _OSS_ATTENTION = "GQA attention with sinks and sliding windows, not MLA (the attention patterns fuse MLA's)"
 FAMILIES["gpt_oss"] = Family(
     model_type="gpt_oss",
     module="mlx_lm.models.gpt_oss",
     targets={
         "softmax_router": Target("MLPBlock", {"softmax_first": False, "topk_last": True}),
-        "moe_mlp": Target("SwitchGLU"),  # its check says why not: biases, SwigluOAI
+        "moe_mlp": Target("SwitchGLU"),  # affine or unquantized experts (mxfp4: its check says no)
     },
     preset=(),
     skips={

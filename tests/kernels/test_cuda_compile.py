@@ -56,6 +56,8 @@ def _quantized_cases():  # and unquantized (bits None)
         inds = mx.zeros((1, 1, 4), mx.uint32)
         e = quantized_experts(6, 40, 256, dtype=dtype, seed=1, **kw)
         yield moe_mlp, (x, inds, *e, *e), kw
+        pb = mx.zeros((6, 40), dtype)  # gpt-oss: the projections' biases and SwigluOAI
+        yield moe_mlp, (x, inds, *e, *e, pb, pb), dict(kw, oai=(1.702, 7.0))
         h = mx.zeros((1, 1, 4, 256), dtype)
         d = quantized_experts(6, 7, 256, dtype=dtype, seed=2, **kw)  # odd width: the lane-tree sum
         yield downproj_combine, (h, inds, mx.zeros((1, 1, 4)), *d, mx.zeros((1, 1, 7), dtype)), kw
@@ -87,6 +89,8 @@ def _mxfp4_cases():  # mxfp4 experts (uint8 scales, no biases), alone and beside
         x, inds, scores = mx.zeros((1, 1, 544), dtype), mx.zeros((1, 1, 4), mx.uint32), mx.zeros((1, 1, 4))
         e = quantized_experts(6, 9, 544, dtype=dtype, seed=1, **mxfp4)  # 544: a full tile and a remainder
         yield moe_mlp, (x, inds, *e, *e), mxfp4
+        pb = mx.zeros((6, 9), dtype)  # gpt-oss's experts: mxfp4, biases, SwigluOAI
+        yield moe_mlp, (x, inds, *e, *e, pb, pb), dict(mxfp4, oai=(1.702, 7.0))
         g = quantized_linear(7, 288, dtype=dtype, seed=2, **mxfp4)  # 288: a remainder tile only
         yield swiglu_mlp, (mx.zeros((1, 1, 288), dtype), *g, *g), mxfp4
         s8 = quantized_linear(13, 544, dtype=dtype, seed=3, **q8)

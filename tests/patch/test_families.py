@@ -93,7 +93,6 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "moe_router": {_SOFTMAX},
         "moe_combine": {_BLOCK_ROUTES},
         "downproj_combine": {_BLOCK_ROUTES},
-        "moe_mlp": {"experts have biases (gate_proj, up_proj, down_proj)"},  # its check, per layer
         "moe_block": {"the MLPBlock routes by a softmax over the top-k of a biased router"},
         "swiglu_mlp": {"no dense MLP"},
         "residual_norm": {"a full or a sliding-window mask by its type"},
@@ -170,18 +169,22 @@ def test_gpt_oss_is_a_family_whose_default_preset_waits_for_its_cuda_tests():
     assert FAMILIES["gpt_oss"].targets["softmax_router"].params == {"softmax_first": False, "topk_last": True}
 
 
-def test_gpt_oss_modules_are_refused_by_the_checks_with_reasons():
+def test_gpt_oss_modules_are_taken_or_refused_by_the_checks_with_reasons():
+    """moe_mlp takes gpt-oss's experts (its kernel adds the gate and up biases and applies
+    SwigluOAI); moe_block refuses them (its kernels take bias-free SwiGLU experts)."""
     model = build.__wrapped__("gpt_oss", "float32")  # a model of its own: this test edits it
     layer = model.model.layers[0]
-    why = PATTERNS["moe_mlp"].check(layer.mlp.experts, {})
-    biases = "experts have biases (gate_proj, up_proj, down_proj)"
-    assert why == f"{biases}; the expert kernels take bias-free projections"
-    assert PATTERNS["moe_block"].check(layer, {}) == why
-    # without the biases, the clamped SwiGLU is the reason; with neither, the softmax router
     experts = layer.mlp.experts
-    for proj in ("gate_proj", "up_proj", "down_proj"):
+    assert PATTERNS["moe_mlp"].check(experts, {}) is None
+    biases = "experts have biases (gate_proj, up_proj, down_proj); the expert kernels take bias-free"
+    assert PATTERNS["moe_block"].check(layer, {}) == f"{biases} projections"
+    # a bias on gate_proj alone; then none: the clamped SwiGLU is moe_block's reason
+    del experts.up_proj["bias"]
+    assert PATTERNS["moe_mlp"].check(experts, {}) == "a bias on one of gate_proj and up_proj only"
+    for proj in ("gate_proj", "down_proj"):
         del getattr(experts, proj)["bias"]
-    assert PATTERNS["moe_mlp"].check(experts, {}) == "activation SwigluOAI (only SwiGLU is fused)"
+    assert PATTERNS["moe_mlp"].check(experts, {}) is None
+    assert PATTERNS["moe_block"].check(layer, {}) == "activation SwigluOAI (only SwiGLU is fused)"
     experts.activation = SwiGLU()
     assert PATTERNS["moe_mlp"].check(experts, {}) is None
     assert PATTERNS["moe_block"].check(layer, {}).startswith("router is a Linear: softmax routing inside")

@@ -211,7 +211,7 @@ APPLIES = {
     "glm4_moe": {"moe_router", "moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
     "qwen3_moe": {"moe_mlp", "swiglu_mlp", "moe_block", "softmax_router"},
     "mixtral": {"moe_mlp", "softmax_router"},
-    "gpt_oss": {"softmax_router"},  # moe_mlp's check refuses its experts (biases, SwigluOAI)
+    "gpt_oss": {"softmax_router", "moe_mlp"},
 }
 APPLIES["kimi_k25"] = APPLIES["deepseek_v3"]
 APPLIES["glm_moe_dsa"] = APPLIES["deepseek_v32"]

@@ -2,9 +2,9 @@
 sliding-window layers whose rotating cache wraps, a biased router, biased experts with the
 clamped SwiGLU), in bf16, affine 4-bit and mxfp4 (the released models' experts): patch then
 unpatch leaves the same objects, the default preset patches nothing without a warning, and
-with softmax_router the quantized models' logits are bitwise stock on the CPU for prompts and decode steps,
-batch 1 and 2, with and without a cache. The tiny models built from mlx-lm's classes are in
-test_family_exactness.py and test_families.py."""
+with softmax_router and moe_mlp (alone and together) the quantized models' logits are bitwise
+stock on the CPU for prompts and decode steps, batch 1 and 2, with and without a cache. The
+tiny models built from mlx-lm's classes are in test_family_exactness.py and test_families.py."""
 
 from __future__ import annotations
 
@@ -40,11 +40,12 @@ def test_patch_then_unpatch_leaves_the_synth_model_as_it_was(quant):
     layers = len(model.layers)
     assert result.patterns["softmax_router"].patched == [f"model.layers.{i}.mlp" for i in range(layers)]
     assert type(model.layers[0].mlp).__zmlx_original__.__name__ == "MLPBlock"
-    skipped = {why for _, why in result.patterns["moe_mlp"].skipped}
-    assert not result.patterns["moe_mlp"].patched and len(result.patterns["moe_mlp"].skipped) == layers
-    assert skipped == {
-        "experts have biases (gate_proj, up_proj, down_proj); the expert kernels take bias-free projections"
-    }
+    experts = [f"model.layers.{i}.mlp.experts" for i in range(layers)]
+    if quant == "mxfp4":  # the moe_mlp pattern takes affine or unquantized experts
+        skipped = {why for _, why in result.patterns["moe_mlp"].skipped}
+        assert skipped == {"gate_proj is mxfp4-quantized (affine only)"}, skipped
+    else:
+        assert result.patterns["moe_mlp"].patched == experts
     zmlx.unpatch(model)
     assert _state(model) == before
 
@@ -60,19 +61,50 @@ def test_default_preset_patches_nothing_without_a_warning():
 
 
 @pytest.mark.parametrize("quant", ["affine4", "mxfp4"])  # MLX's CPU gather_mm takes float32 only
-def test_softmax_router_is_bitwise_stock_on_the_synth_model(quant):
+@pytest.mark.parametrize("patterns", [("softmax_router",), ("moe_mlp",), ("softmax_router", "moe_mlp")])
+def test_patched_synth_model_is_bitwise_stock(quant, patterns):
     model = _model(quant)
     window = model.args.sliding_window
     for batch, use_cache in ((1, True), (2, True), (1, False), (2, False)):
         # a prompt longer than the window, then decode steps: the rotating cache wraps
         prompt = mx.random.randint(1, 4096, (batch, window + 3), key=mx.random.key(batch))
         stock = forward(model, prompt, 3, use_cache)
-        result = zmlx.patch(model, patterns=["softmax_router"])
+        result = zmlx.patch(model, patterns=list(patterns))
         try:
             patched = forward(model, prompt, 3, use_cache)
         finally:
             zmlx.unpatch(model)
-        report = result.patterns["softmax_router"]
-        assert report.fidelity == "exact" and len(report.patched) == len(model.layers)
+        for name in patterns:
+            report = result.patterns[name]
+            layers = 0 if (name, quant) == ("moe_mlp", "mxfp4") else len(model.layers)
+            assert report.fidelity == "exact" and len(report.patched) == layers, name
         for s, p in zip(stock, patched, strict=True):
             assert s.dtype == p.dtype and mx.array_equal(s, p).item(), (quant, batch, use_cache)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("patterns", [("softmax_router",), ("moe_mlp",), ("softmax_router", "moe_mlp")])
+def test_on_cuda_patched_synth_model_is_bitwise_stock(quant, patterns):
+    """On the GPU the kernels run (softmax_router's routing, moe_mlp's biases and SwigluOAI at
+    decode): the logits stay bitwise stock's, batch 1 and 2, the rotating cache wrapping."""
+    from zmlx.kernels.moe_mlp import moe_mlp
+    from zmlx.kernels.softmax_router import softmax_router
+
+    for kernel in (softmax_router, moe_mlp):
+        assert kernel.plan("cuda").path == "kernel", kernel.plan("cuda").reason
+    model = _model(quant)
+    window = model.args.sliding_window
+    for batch in (1, 2):
+        prompt = mx.random.randint(1, 4096, (batch, window + 3), key=mx.random.key(batch))
+        stock = forward(model, prompt, 8, True)
+        result = zmlx.patch(model, patterns=list(patterns))
+        try:
+            patched = forward(model, prompt, 8, True)
+        finally:
+            zmlx.unpatch(model)
+        for name in patterns:
+            report = result.patterns[name]
+            assert report.path == "kernel" and report.fidelity == "exact", (name, report)
+        for s, p in zip(stock, patched, strict=True):
+            assert mx.array_equal(s, p).item(), (quant, patterns, batch)

@@ -6,6 +6,13 @@ Stock (mlx-lm `SwitchGLU` with affine-quantized `QuantizedSwitchLinear`s):
     gate = gather_qmm(x, gate_w, ..., rhs_indices=inds)   # rounded to T
     h    = silu(gate) * up                                 # in T
 
+gpt-oss's experts (`SwitchGLU(bias=True, activation=SwigluOAI())`): each projection adds its
+expert's bias in T (`x + bias[inds]`, after the rounding), and the activation is mlx-lm's
+compiled `swiglu_oai(gate, up, alpha, limit)`: `min(gate, limit)`, `clip(up, -limit, limit)`
+(maximum, then minimum), `(up + 1) * (gate * sigmoid(alpha * gate))`, every op in T. The
+kernel's compile-time variant (BIAS, OAI with the float32 bits of alpha and limit) does the
+same after its dots.
+
 Fused: one launch reads x once and each selected expert's gate and up rows once. One
 32-lane warp (simdgroup) per output element (token, expert slot, row): the lanes split
 the two rows, dequantize (scale * q + bias) and accumulate, a warp sum finishes each
@@ -17,12 +24,14 @@ functors (csrc/quant.h), so the kernel is bitwise stock wherever stock runs qmv
 affine, mxfp4 and unquantized experts. On Metal the dot is a plain float32 sum: `close`,
 held to a float32 reference with stock's own error as the bar.
 
-Device code: BODY below (shared with swiglu_mlp); the dot and SwiGLU are csrc/quant.h.
+Device code: BODY below (shared with swiglu_mlp: DOTS and its SwiGLU), MOE_BODY (DOTS, the
+biases, SwiGLU or SwigluOAI); the dot and SwiGLU are csrc/quant.h, SwigluOAI csrc/swiglu_oai.h.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import mlx.core as mx
@@ -39,19 +48,55 @@ from zmlx.kernels.quant import (
 
 
 def reference(
-    x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None, mode="affine"
+    x,
+    inds,
+    gate_w,
+    gate_s,
+    gate_b,
+    up_w,
+    up_s,
+    up_b,
+    gate_pb=None,
+    up_pb=None,
+    *,
+    group_size=None,
+    bits=None,
+    mode="affine",
+    oai: tuple[float, float] | None = None,
 ):
-    """mlx-lm's op sequence. x (..., D), inds (..., k) -> (..., k, I) in x's dtype."""
-    from mlx_lm.models.activations import swiglu
+    """mlx-lm's op sequence. x (..., D), inds (..., k) -> (..., k, I) in x's dtype.
+    gate_pb, up_pb (E, I): the projections' own biases (gpt-oss), added as SwitchLinear adds
+    them; `oai` (alpha, limit): SwigluOAI's activation instead of SwiGLU."""
+    from mlx_lm.models.activations import swiglu, swiglu_oai
 
     xe = mx.expand_dims(x, (-2, -3))  # as SwitchGLU does: (..., 1, 1, D)
     up = gathered(xe, up_w, up_s, up_b, inds, group_size, bits, mode)
+    if up_pb is not None:
+        up = up + mx.expand_dims(up_pb[inds], -2)
     gate = gathered(xe, gate_w, gate_s, gate_b, inds, group_size, bits, mode)
+    if gate_pb is not None:
+        gate = gate + mx.expand_dims(gate_pb[inds], -2)
+    if oai is not None:
+        return swiglu_oai(gate, up, alpha=oai[0], limit=oai[1]).squeeze(-2)
     return swiglu(gate, up).squeeze(-2)
 
 
 def reference_f32(
-    x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None, mode="affine"
+    x,
+    inds,
+    gate_w,
+    gate_s,
+    gate_b,
+    up_w,
+    up_s,
+    up_b,
+    gate_pb=None,
+    up_pb=None,
+    *,
+    group_size=None,
+    bits=None,
+    mode="affine",
+    oai: tuple[float, float] | None = None,
 ):
     """The same in float32 throughout (no rounding to T in between): the accuracy bar."""
     g_all = dequantized(gate_w, gate_s, gate_b, group_size, bits, mode)
@@ -59,11 +104,19 @@ def reference_f32(
     xf = x.astype(mx.float32)[..., None, :, None]  # (..., 1, D, 1)
     g = (g_all[inds] @ xf)[..., 0]  # (..., k, I)
     u = (u_all[inds] @ xf)[..., 0]
+    if gate_pb is not None:
+        g = g + gate_pb[inds].astype(mx.float32)
+    if up_pb is not None:
+        u = u + up_pb[inds].astype(mx.float32)
+    if oai is not None:
+        alpha, limit = oai
+        g, u = mx.minimum(g, limit), mx.clip(u, -limit, limit)
+        return (u + 1.0) * (g * mx.sigmoid(alpha * g))
     return g * mx.sigmoid(g) * u
 
 
 # Shared with swiglu_mlp (DENSE: one weight matrix, no indices, K = 1).
-BODY = """
+DOTS = """
 // One warp per output element (n, slot, i): out[((n * K) + slot) * I + i].
 const uint warp_id = zmlx_tid / 32;
 const uint lane = zmlx_tid % 32;
@@ -81,11 +134,35 @@ float acc_u = zmlx_qdot_lane<BITS, GS, D>(up_w + row * WORDS, up_s + row * GROUP
                                           x + size_t(n) * D, lane);
 acc_g = ZMLX_SIMD_SUM(acc_g);
 acc_u = ZMLX_SIMD_SUM(acc_u);
+"""
+BODY = (
+    DOTS
+    + """
 if (lane == 0) {
     // stock rounds gate and up to T (qmv's output), then applies swiglu in T
     out[warp_id] = zmlx_swiglu(static_cast<T>(acc_g), static_cast<T>(acc_u));
 }
 """
+)
+# moe_mlp's: BIAS adds the expert's gate and up biases (gate_pb, up_pb: placeholders without),
+# OAI applies SwigluOAI with alpha and limit given as float32 bits.
+MOE_BODY = (
+    DOTS
+    + """
+if (lane == 0) {
+    // stock rounds gate and up to T (qmv's output), adds the biases in T (SwitchLinear's
+    // x + bias[inds]), then applies the activation in T
+    T g = static_cast<T>(acc_g);
+    T u = static_cast<T>(acc_u);
+    if (BIAS) {
+        g = zmlx_add(g, static_cast<T>(gate_pb[row]));
+        u = zmlx_add(u, static_cast<T>(up_pb[row]));
+    }
+    const float alpha = ZMLX_FLOAT_BITS(ALPHA), limit = ZMLX_FLOAT_BITS(LIMIT);
+    out[warp_id] = OAI ? zmlx_swiglu_oai(g, u, alpha, limit) : zmlx_swiglu(g, u);
+}
+"""
+)
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
@@ -106,11 +183,45 @@ def gate_up_reason(x, gate: tuple, up: tuple, *, ndim: int, group_size, bits, mo
     return None
 
 
+def _bits(v: float) -> int:
+    """A float's float32 bits as the kernel's template takes them (a positive int)."""
+    return struct.unpack("<i", struct.pack("<f", v))[0]
+
+
+def oai_reason(x, gate_w, gate_pb, up_pb, oai) -> str | None:
+    """Why the biases and SwigluOAI's parameters do not fit the kernel's variant, or None."""
+    if (gate_pb is None) != (up_pb is None):
+        return "a bias on one of gate_proj and up_proj only"
+    for pb in (gate_pb, up_pb):
+        if pb is not None and (pb.dtype != x.dtype or pb.shape != gate_w.shape[:2]):
+            return f"projection bias {pb.shape} {pb.dtype} for x {x.dtype}, weights {gate_w.shape}"
+    if oai is not None and not all(v > 0 and math.isfinite(v) for v in oai):
+        return f"SwigluOAI alpha, limit {oai} (the kernel takes positive finite values)"
+    return None
+
+
 def launch(
-    backend, x, inds, gate_w, gate_s, gate_b, up_w, up_s, up_b, *, group_size=None, bits=None, mode="affine"
+    backend,
+    x,
+    inds,
+    gate_w,
+    gate_s,
+    gate_b,
+    up_w,
+    up_s,
+    up_b,
+    gate_pb=None,
+    up_pb=None,
+    *,
+    group_size=None,
+    bits=None,
+    mode="affine",
+    oai: tuple[float, float] | None = None,
 ) -> Launch | Skip:
     gate, up = (gate_w, gate_s, gate_b), (up_w, up_s, up_b)
     if (why := gate_up_reason(x, gate, up, ndim=3, group_size=group_size, bits=bits, mode=mode)) is not None:
+        return Skip(why)
+    if (why := oai_reason(x, gate_w, gate_pb, up_pb, oai)) is not None:
         return Skip(why)
     d = x.shape[-1]
     if inds.shape[:-1] != x.shape[:-1] or inds.dtype != mx.uint32:
@@ -134,6 +245,8 @@ def launch(
             up_w,
             or_placeholder(up_s, up_w),
             or_placeholder(up_b, up_w),
+            or_placeholder(gate_pb, x),
+            or_placeholder(up_pb, x),
         ],
         template=[
             ("T", x.dtype),
@@ -144,6 +257,10 @@ def launch(
             ("GS", gs),
             ("BITS", nbits),
             ("DENSE", False),
+            ("BIAS", gate_pb is not None),
+            ("OAI", oai is not None),
+            ("ALPHA", _bits(oai[0]) if oai else 0),
+            ("LIMIT", _bits(oai[1]) if oai else 0),
         ],
         grid=(n * k * i * 32, 1, 1),
         threadgroup=(256, 1, 1),
@@ -185,4 +302,15 @@ SHARED: dict[str, Any] = dict(
     output_names=("out",),
 )
 
-moe_mlp = KernelDef(name="moe_mlp", reference=reference, launch=launch, example=example, **SHARED)
+moe_mlp = KernelDef(
+    name="moe_mlp",
+    reference=reference,
+    launch=launch,
+    example=example,
+    **{
+        **SHARED,
+        "body": MOE_BODY,
+        "header": device_code("quant.h", "swiglu_oai.h"),
+        "input_names": (*SHARED["input_names"], "gate_pb", "up_pb"),
+    },
+)

@@ -76,14 +76,15 @@ def gemv_reason(backend: str, rows: int, dtype, *weights, max_rows: int = GEMV_M
     return None
 
 
-def quantized_reason(name: str, proj, modes: tuple[str, ...] = AFFINE) -> str | None:
+def quantized_reason(name: str, proj, modes: tuple[str, ...] = AFFINE, bias: bool = False) -> str | None:
     """Why a quantized projection (mlx-lm's QuantizedSwitchLinear for experts, mlx's
-    QuantizedLinear for dense layers) cannot go through kernels that read `modes`, or None."""
+    QuantizedLinear for dense layers) cannot go through kernels that read `modes` (and add
+    its bias, with `bias`), or None."""
     if proj.mode not in modes:
         return f"{name} is {proj.mode}-quantized ({' or '.join(modes)} only)"
     if (why := layout_reason(proj.bits, proj.group_size, proj.mode)) is not None:
         return f"{name}: {why}"
-    if "bias" in proj or getattr(proj, "global_scale", None) is not None:
+    if ("bias" in proj and not bias) or getattr(proj, "global_scale", None) is not None:
         return f"{name} has a bias or a global scale"
     return None
 
@@ -175,23 +176,24 @@ def packing(cols: int, group_size, bits) -> tuple[int, int]:
 
 
 def dense_or_quantized(
-    name: str, proj, quantized: type, dense: type[dict], modes: tuple[str, ...] = AFFINE
+    name: str, proj, quantized: type, dense: type[dict], modes: tuple[str, ...] = AFFINE, bias: bool = False
 ) -> str | None:
     """Why a projection can go through neither kernel path (quantized in one of `modes`, or
-    unquantized). `dense` is an mlx module class: a dict of its parameters."""
+    unquantized; with `bias`, the kernel adds its bias). `dense` is an mlx module class: a
+    dict of its parameters."""
     if isinstance(proj, quantized):
-        return quantized_reason(name, proj, modes)
+        return quantized_reason(name, proj, modes, bias)
     if isinstance(proj, dense):
-        return f"{name} has a bias" if "bias" in proj else None
+        return f"{name} has a bias" if "bias" in proj and not bias else None
     return f"{name} is a {type(proj).__name__} (neither an affine-quantized nor an unquantized linear)"
 
 
-def switch_linear_reason(name: str, proj, modes: tuple[str, ...] = AFFINE) -> str | None:
-    """Why an mlx-lm expert projection (quantized in one of `modes`, or unquantized) cannot
-    go through the kernels, or None."""
+def switch_linear_reason(name: str, proj, modes: tuple[str, ...] = AFFINE, bias: bool = False) -> str | None:
+    """Why an mlx-lm expert projection (quantized in one of `modes`, or unquantized; with
+    `bias`, the kernel adds its bias) cannot go through the kernels, or None."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-    return dense_or_quantized(name, proj, QuantizedSwitchLinear, SwitchLinear, modes)
+    return dense_or_quantized(name, proj, QuantizedSwitchLinear, SwitchLinear, modes, bias)
 
 
 def linear_reason(name: str, proj, modes: tuple[str, ...] = AFFINE) -> str | None:

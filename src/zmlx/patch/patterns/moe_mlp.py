@@ -4,7 +4,9 @@ Patches `SwitchGLU.__call__`: for a decode step (one token per sequence) the fus
 `moe_mlp` kernel replaces the two gathered matmuls and the activation; the down
 projection stays mlx-lm's. Prompts, and decode steps of so many sequences that mlx-lm
 sorts the rows by expert (MLX_LM_SORT_ROWS), take mlx-lm's own path. Off by default
-until the ledger shows it faster.
+until the ledger shows it faster. gpt-oss's experts (biases, SwigluOAI) take the kernel's
+variant that adds the gate and up biases and applies SwigluOAI as mlx-lm does (down_proj's
+bias stays mlx-lm's add).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from functools import cache
 
 import mlx.core as mx
+from mlx_lm.models.activations import SwigluOAI
 
 from zmlx.kernels.moe_mlp import moe_mlp
 from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
@@ -19,11 +22,22 @@ from zmlx.patch.moe import experts_reason, gate_up, kernel_activations
 from zmlx.patch.pattern import Pattern
 
 
+def _experts_reason(switch) -> str | None:
+    """experts_reason, less what the kernel's gpt-oss variant takes: SwigluOAI, with biases on
+    both gate_proj and up_proj or on neither."""
+    if not isinstance(switch.activation, SwigluOAI):
+        return experts_reason(switch)
+    if ("bias" in switch.gate_proj) != ("bias" in switch.up_proj):
+        return "a bias on one of gate_proj and up_proj only"
+    return None
+
+
 def check(switch, params) -> str | None:
-    if (why := experts_reason(switch)) is not None:
+    if (why := _experts_reason(switch)) is not None:
         return why
     for name in ("gate_proj", "up_proj"):
-        if (why := switch_linear_reason(name, getattr(switch, name))) is not None:
+        oai = isinstance(switch.activation, SwigluOAI)  # the kernel adds gpt-oss's biases
+        if (why := switch_linear_reason(name, getattr(switch, name), bias=oai)) is not None:
             return why
     if weights_of(switch.gate_proj)[1] != weights_of(switch.up_proj)[1]:
         return "gate_proj and up_proj are quantized differently"
@@ -37,7 +51,12 @@ def make():
         if x.shape[-2] != 1 or indices.size >= MLX_LM_SORT_ROWS:  # a prompt, or rows mlx-lm sorts
             return type(self).__zmlx_original__.__call__(self, x, indices)
         gate, up, packing = gate_up(self)
-        h = moe_mlp(x, indices, *gate, *up, **packing)
+        act = self.activation
+        if isinstance(act, SwigluOAI):  # gpt-oss
+            biases = (self.gate_proj.get("bias"), self.up_proj.get("bias"))
+            h = moe_mlp(x, indices, *gate, *up, *biases, **packing, oai=(act._alpha, act._limit))
+        else:
+            h = moe_mlp(x, indices, *gate, *up, **packing)
         return self.down_proj(mx.expand_dims(h, -2), indices).squeeze(-2)
 
     return __call__
@@ -45,7 +64,7 @@ def make():
 
 PATTERN = Pattern(
     name="moe_mlp",
-    summary="routed experts at decode: gate + up + SwiGLU in one launch (affine 4/8-bit or unquantized)",
+    summary="routed experts at decode: gate + up (+ biases) + SwiGLU or SwigluOAI in one launch",
     fidelity="close",
     kernels=(moe_mlp,),
     check=check,
