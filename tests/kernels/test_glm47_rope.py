@@ -417,8 +417,8 @@ def test_cuda_kernel_with_yarn_is_bitwise_stock(name, b, heads, nope, rank, dtyp
 
 
 def test_which_ropes_the_mla_patterns_take():
-    """glm47_rope (and mla_attention, through its launch) take YaRN; mla_block's own rope
-    arithmetic does not yet; every other rope class, and a YaRN rope on split halves, is
+    """glm47_rope, mla_attention (through its launch) and mla_block (mla_q_prep ropes as
+    glm47_rope) take YaRN; every other rope class, and a YaRN rope on split halves, is
     refused with its reason."""
     import mlx.nn as nn
     from mlx_lm.models.rope_utils import Llama3RoPE, YarnRoPE
@@ -426,11 +426,10 @@ def test_which_ropes_the_mla_patterns_take():
     from zmlx.patch.attention import mla_rope_reason
 
     attn = _yarn_attention("mscale", 2, 16, mx.float32, 0)
-    assert mla_rope_reason(attn, yarn=True) is None
-    assert "YarnRoPE (rope_scaling yarn)" in mla_rope_reason(attn)
+    assert mla_rope_reason(attn) is None
     attn.rope = YarnRoPE(64, traditional=False, scaling_factor=32.0)
-    assert "not traditional" in mla_rope_reason(attn, yarn=True)
+    assert "not traditional" in mla_rope_reason(attn)
     attn.rope = Llama3RoPE(64, traditional=True, scaling_config={"factor": 8.0})
-    assert "rope is Llama3RoPE, not nn.RoPE or YarnRoPE" in mla_rope_reason(attn, yarn=True)
+    assert "rope is Llama3RoPE, not nn.RoPE or YarnRoPE" in mla_rope_reason(attn)
     attn.rope = nn.RoPE(64, traditional=True, base=1e4)
-    assert mla_rope_reason(attn) is None and mla_rope_reason(attn, yarn=True) is None
+    assert mla_rope_reason(attn) is None

@@ -10,16 +10,14 @@ from mlx_lm.models.rope_utils import YarnRoPE
 from zmlx.kernels.glm47_rope import rope_table
 
 
-def mla_rope_reason(attn, *, yarn: bool = False) -> str | None:
-    """None when `attn` is a latent-space (MLA) attention whose rope glm47_rope fuses, else
-    why not. `yarn`: the caller ropes through glm47_rope (`rope_args`), which also takes YaRN
-    (mlx-lm's YarnRoPE, rope_scaling "yarn": DeepSeek-V3, Kimi-K2) exactly; a caller with its
-    own rope arithmetic (mla_block's mla_q_prep) takes plain nn.RoPE only."""
+def mla_rope_reason(attn) -> str | None:
+    """None when `attn` is a latent-space (MLA) attention whose rope glm47_rope's arithmetic
+    fuses (every caller ropes through it: glm47_rope, mla_attention through `rope_args`,
+    mla_block's mla_q_prep), else why not: plain nn.RoPE, and YaRN (mlx-lm's YarnRoPE,
+    rope_scaling "yarn": DeepSeek-V3, Kimi-K2) exactly."""
     if hasattr(attn, "indexer"):  # DeepSeek-V3.2, GLM-5: the kernels attend to every position
         return "DSA indexer (sparse attention over the cache's top-k positions) is not supported"
     rope = getattr(attn, "rope", None)
-    if type(rope) is YarnRoPE and not yarn:
-        return "rope is YarnRoPE (rope_scaling yarn): this pattern's kernels take plain nn.RoPE only"
     if rope is None or type(rope) not in (nn.RoPE, YarnRoPE):
         return f"rope is {type(rope).__name__}, not nn.RoPE or YarnRoPE (this rope_scaling is not fused)"
     if not rope.traditional:
@@ -33,10 +31,10 @@ def mla_rope_reason(attn, *, yarn: bool = False) -> str | None:
     return None
 
 
-def mla_reason(attn, *, yarn: bool = False) -> str | None:
+def mla_reason(attn) -> str | None:
     """mla_rope_reason, and why the absorbed projections (embed_q, unembed_out) cannot go
     through mla_attention's kernels (they read affine or unquantized weights), or None."""
-    if (why := mla_rope_reason(attn, yarn=yarn)) is not None:
+    if (why := mla_rope_reason(attn)) is not None:
         return why
     for name in ("embed_q", "unembed_out"):
         proj = getattr(attn, name)

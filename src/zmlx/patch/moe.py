@@ -36,12 +36,12 @@ def router_reason(gate) -> str | None:
     norm_router compute (sigmoid scores plus a correction bias for selection, noaux_tc top-k,
     in one group or group-limited as DeepSeek-V3's), or None. Softmax routers (Qwen3-MoE,
     Mixtral, gpt-oss) route inside the block's own __call__, with no gate module that returns
-    (inds, scores): the softmax_router pattern patches Qwen3-MoE's and Mixtral's blocks instead."""
+    (inds, scores): the softmax_router pattern patches Qwen3-MoE's, Mixtral's and gpt-oss's blocks instead."""
     if not hasattr(gate, "e_score_correction_bias"):
         return (
             f"router is a {type(gate).__name__}: softmax routing inside the MoE block "
             "(only the sigmoid MoEGate with a correction bias is fused here; softmax_router fuses "
-            "Qwen3-MoE's and Mixtral's)"
+            "Qwen3-MoE's, Mixtral's and gpt-oss's)"
         )
     if getattr(gate.config, "topk_method", "noaux_tc") != "noaux_tc":
         return f"topk_method {gate.config.topk_method!r} (only noaux_tc is fused)"

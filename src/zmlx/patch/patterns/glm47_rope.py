@@ -35,7 +35,7 @@ from zmlx.static_cache import StaticMLACache
 
 
 def check(attn, params) -> str | None:
-    return mla_rope_reason(attn, yarn=True)
+    return mla_rope_reason(attn)
 
 
 @cache

@@ -28,7 +28,7 @@ from zmlx.patch.pattern import Pattern
 
 
 def check(attn, params) -> str | None:
-    return mla_reason(attn, yarn=True)  # its rope is glm47_rope's launch (rope_args): YaRN too
+    return mla_reason(attn)  # its rope is glm47_rope's launch (rope_args): YaRN too
 
 
 @cache

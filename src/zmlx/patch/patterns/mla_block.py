@@ -65,7 +65,7 @@ def check(layer, params) -> str | None:
     if type(layer.input_layernorm) is not nn.RMSNorm:
         return f"input_layernorm is a {type(layer.input_layernorm).__name__}"
     attn = layer.self_attn
-    if (why := mla_reason(attn, yarn=True)) is not None:  # mla_q_prep ropes as glm47_rope: YaRN too
+    if (why := mla_reason(attn)) is not None:  # mla_q_prep ropes as glm47_rope: YaRN too
         return why
     if getattr(attn, "q_lora_rank", None) is None:
         return "q_lora_rank None (q_proj without q_a_layernorm): mla_q_prep does not fuse it"
