@@ -23,8 +23,9 @@ biased scores set to 0.0 (not removed: such an expert can still be chosen when k
 scores are negative); then the same top-k as with one group.
 
 Device code: csrc/moe_router.h (MLX's sigmoid, its sort orders `zmlx_less`/`zmlx_before`,
-the group step `zmlx_limit_groups`, which norm_router calls too) and csrc/moe_router_body.h
-(the body).
+the group step `zmlx_limit_groups`, and the whole routing of one token by one warp,
+`zmlx_route_warp`, which norm_router and moe_gate_up_route call too) and
+csrc/moe_router_body.h (the body: one warp per token).
 """
 
 from __future__ import annotations

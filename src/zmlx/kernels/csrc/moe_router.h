@@ -73,3 +73,69 @@ inline ZmlxScores<PER> zmlx_limit_groups(ZmlxScores<PER> s, uint lane) {
     }
     return s;
 }
+
+template <uint K>
+struct ZmlxRoute {  // one token's routing: the same on every lane of the warp that computed it
+    uint inds[K];
+    float scores[K];
+};
+// The routing of one token by one 32-lane warp (every lane calls it; no barrier), as
+// moe_router.py's docstring says: lane l holds experts l, l + 32, ...; sigmoid, the bias for
+// selection, the group limit, k rounds of "best remaining" (per lane, then a butterfly on
+// (sort position, index)), the renormalization in MLX's row-reduce order (partial sums of
+// 4, in order) and the routed scaling, each a separate float32 op. gates[e] and bias[e]
+// are read as floats (any dtype; a device or threadgroup array).
+template <uint E, uint K, uint N_GROUP, uint TOPK_GROUP, bool NORM, bool HAS_EPS, int EPS_BITS, int SCALE_BITS,
+          typename G, typename B>
+inline ZmlxRoute<K> zmlx_route_warp(G gates, B bias, uint lane) {
+    constexpr uint PER = (E + 31) / 32;
+    ZmlxScores<PER> biased;
+    uint taken = 0;
+    for (uint m = 0; m < PER; ++m) {
+        const uint e = lane + 32 * m;
+        biased.v[m] = e < E ? ZMLX_ADD(zmlx_sigmoid(static_cast<float>(gates[e])), static_cast<float>(bias[e]))
+                            : 0.0f;
+    }
+    if (N_GROUP > 1) biased = zmlx_limit_groups<E, N_GROUP, TOPK_GROUP>(biased, lane);
+    ZmlxRoute<K> out;
+    float picked[K];
+    for (uint k = 0; k < K; ++k) {
+        // this lane's best remaining expert (strict: the lower index wins a tie) ...
+        float bv = 0.0f, bi = -1.0f;  // value, expert index (exact in a float)
+        for (uint m = 0; m < PER; ++m) {
+            const uint e = lane + 32 * m;
+            if (e < E && !((taken >> m) & 1u) && (bi < 0.0f || zmlx_before(biased.v[m], bv))) {
+                bv = biased.v[m];
+                bi = static_cast<float>(e);
+            }
+        }
+        // ... then the warp's: the minimum of (sort position, index) is the same on every lane
+        for (uint off = 16; off > 0; off /= 2) {
+            const float ov = ZMLX_SHFL_XOR(bv, off);
+            const float oi = ZMLX_SHFL_XOR(bi, off);
+            if (oi >= 0.0f && (bi < 0.0f || zmlx_before(ov, bv) || (!zmlx_before(bv, ov) && oi < bi))) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        const uint best = static_cast<uint>(bi);
+        if (best % 32 == lane) taken |= 1u << (best / 32);
+        picked[k] = zmlx_sigmoid(static_cast<float>(gates[best]));
+        out.inds[k] = best;
+    }
+    float den = 0.0f;
+    if (NORM) {  // MLX's row reduce of k <= 8 values: partial sums of 4, in order
+        for (uint k = 0; k < K && k < 4; ++k) den = ZMLX_ADD(den, picked[k]);
+        if (K > 4) {
+            float second = 0.0f;
+            for (uint k = 4; k < K; ++k) second = ZMLX_ADD(second, picked[k]);
+            den = ZMLX_ADD(den, second);
+        }
+        if (HAS_EPS) den = ZMLX_ADD(den, ZMLX_FLOAT_BITS(EPS_BITS));
+    }
+    for (uint k = 0; k < K; ++k) {
+        const float s = NORM ? picked[k] / den : picked[k];
+        out.scores[k] = ZMLX_MUL(s, ZMLX_FLOAT_BITS(SCALE_BITS));
+    }
+    return out;
+}
