@@ -1,19 +1,20 @@
-"""norm_router: the residual add, post_attention_layernorm and the MoE router in one launch.
+"""norm_router: the residual add, post_attention_layernorm and the MoE router in one launch;
+norm_router_gates: the same body without the routing (the gates out, over many threadgroups).
 
 CPU: the reference is mlx-lm's own modules (the decoder layer's `x + r`, its RMSNorm and
 glm4_moe_lite's MoEGate), not a copy of itself. The Metal body through the emulation: h
 bitwise, xn and the scores as close to a float32 truth as stock is, the experts bitwise in
-the GPU's order (clear gaps, or exact ties from duplicated gate rows). `cuda` tests: bitwise
-stock on the GPU."""
+the GPU's order (clear gaps, or exact ties from duplicated gate rows); the two modes agree
+bitwise. `cuda` tests: bitwise stock on the GPU."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.models import deepseek_v3, glm4_moe_lite
 
-from zmlx.kernels import metal_emu
+from zmlx.kernels import metal_emu, moe_router
 from zmlx.kernels.core import Launch
-from zmlx.kernels.norm_router import inputs, launch, norm_router, reference
+from zmlx.kernels.norm_router import inputs, launch, norm_router, norm_router_gates, reference
 
 EPS = 1e-5
 
@@ -95,6 +96,12 @@ def test_reference_is_mlx_lm_modules(lead, d, experts, top_k, kw, dtype, ties):
     got, want = reference(*args, **kw), stock(*args, **kw)
     assert [a.dtype for a in got] == [dtype, dtype, mx.uint32, mx.float32]
     assert all(a.dtype == b.dtype and mx.array_equal(a, b).item() for a, b in zip(got, want))
+    # without the routing: the gates that, routed by moe_router's reference, give MoEGate's
+    h, xn, gates = reference(*args[:4], eps=kw["eps"], route=False)
+    router = {k: v for k, v in kw.items() if k != "eps"}
+    assert gates.dtype == dtype and gates.shape == (*lead, experts)
+    routed = moe_router.reference(gates, args[4], **router)
+    assert all(a.dtype == b.dtype and mx.array_equal(a, b).item() for a, b in zip((h, xn, *routed), want))
 
 
 def test_launch_says_why_it_takes_the_reference():
@@ -114,6 +121,27 @@ def test_launch_says_why_it_takes_the_reference():
     assert "shapes" in launch("cuda", x, r[..., :64], norm_w, gate_w, bias, **kw).reason
     assert "bias" in launch("cuda", x, r, norm_w, gate_w, bias[:7], **kw).reason
     assert "threadgroup memory" in launch("cuda", *inputs((1,), 9000, 8, mx.float32, 1), **kw).reason
+    assert "no bias" in launch("cuda", *args[:4], eps=EPS).reason
+
+
+def test_without_routing_the_gate_dots_spread_over_threadgroups():
+    """norm_router_gates: E / 8 threadgroups per token (the last one partial), one warp per
+    expert, the gates (..., E) in x's dtype; no bias read, no routing template."""
+    x, r, norm_w, gate_w, _ = inputs((1, 1), 320, 40, mx.bfloat16, 1)
+    spec = norm_router_gates.launch("cuda", x, r, norm_w, gate_w, eps=EPS)
+    t = dict(spec.template)
+    assert (t["GROUPS"], t["GPT"], t["TG"]) == (5, 8, 256) and "K" not in t
+    assert spec.grid == (5 * 256, 1, 1) and spec.threadgroup == (256, 1, 1)
+    assert spec.inputs == [x, r, norm_w, gate_w]
+    assert spec.output_shapes == [(1, 1, 320), (1, 1, 320), (1, 1, 40)]
+    assert spec.output_dtypes == [mx.bfloat16] * 3
+    long = norm_router_gates.launch("cuda", *inputs((1,), 12288, 7, mx.float16, 1)[:4], eps=EPS)
+    assert dict(long.template)["TG"] == 1024 and long.grid == (1024, 1, 1)  # the norm's BLOCK, 7 experts
+    assert (
+        "cuBLAS"
+        in norm_router_gates.launch("cuda", *inputs((2,), 320, 40, mx.float16, 1)[:4], eps=EPS).reason
+    )
+    assert dict(norm_router.launch("cuda", x, r, norm_w, gate_w, _, eps=EPS, top_k=4).template)["GROUPS"] == 1
 
 
 def test_cuda_takes_one_token_where_stock_runs_gemv():
@@ -193,6 +221,31 @@ def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, lead, d, e
     assert mx.abs(scores - want).max().item() <= bar
 
 
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+@pytest.mark.parametrize("lead,d,experts,top_k,kw", EMU_CASES + GROUP_CASES[1:])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_metal_body_without_routing_is_the_routed_bodys_first_half(
+    tmp_path_factory, close_bar, lead, d, experts, top_k, kw, dtype
+):
+    """norm_router_gates' Metal body (outputs poisoned by the emulation): h and xn bitwise the
+    routing body's, written once for all its threadgroups; its gates, routed by moe_router's
+    Metal body, give the routing body's inds and scores bitwise (the same dots, the same
+    rounding to T); the gates as close to a float32 truth as stock's matmul is."""
+    args = inputs(lead, d, experts, dtype, 5 * d + experts)
+    work = tmp_path_factory.getbasetemp()
+    h, xn, gates = metal_emu.run(norm_router_gates, *args[:4], workdir=work, eps=kw["eps"])
+    routed = metal_emu.run(norm_router, *args, workdir=work, **kw)
+    assert gates.dtype == dtype and gates.shape == (*lead, experts)
+    assert mx.array_equal(h, routed[0]).item() and mx.array_equal(xn, routed[1]).item()
+    router = {k: v for k, v in kw.items() if k != "eps"}
+    inds, scores = metal_emu.run(moe_router.moe_router, gates, args[4], workdir=work, **router)
+    assert mx.array_equal(inds, routed[2]).item() and mx.array_equal(scores, routed[3]).item()
+    xn_f32, gates_f32 = _truth(*args, **kw)
+    stock_gates = reference(*args, route=False, **kw)[2]
+    want, bar = close_bar(lambda *a, **k: stock_gates, lambda *a, **k: gates_f32, args, kw, dtype)
+    assert mx.abs(gates.astype(mx.float32) - want).max().item() <= bar
+
+
 @pytest.mark.parametrize("lead,d,experts,top_k,kw", GROUP_CASES)
 def test_gpu_order_limits_groups_as_mlx_lm(lead, d, experts, top_k, kw):
     """The emulation test's GPU-order routing picks the experts mlx-lm's MoEGate picks on the
@@ -247,16 +300,24 @@ def test_metal_self_check_example_routes_like_the_gpu(tmp_path_factory):
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
-def test_cuda_kernel_is_bitwise_stock(lead, d, experts, top_k, kw, dtype, ties):
+@pytest.mark.parametrize("route", [True, False], ids=["norm_router", "norm_router_gates"])
+def test_cuda_kernel_is_bitwise_stock(lead, d, experts, top_k, kw, dtype, ties, route):
+    """Both modes against mlx-lm's modules on the GPU; without the routing the gates are
+    MoEGate's matmul `xn @ W.T` on stock's xn."""
     args = inputs(lead, d, experts, dtype, 3 * d + experts + ties)
     args = _tied(args) if ties else args
     want = stock(*args, **kw)
-    got = norm_router.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
-    for name, a, b in zip(("h", "xn", "inds", "scores"), got, want):
+    if route:
+        got = norm_router.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
+    else:
+        got = norm_router_gates.run_kernel("cuda", *args[:4], init_value=float("nan"), eps=kw["eps"])
+        want = (*want[:2], want[1] @ args[3].T)
+    for name, a, b in zip(("h", "xn", "inds", "scores") if route else ("h", "xn", "gates"), got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert mx.array_equal(a, b).item(), name
 
 
 @pytest.mark.cuda
-def test_cuda_kernel_is_what_runs():
-    assert norm_router.plan("cuda").path == "kernel", norm_router.plan("cuda").reason
+@pytest.mark.parametrize("kernel", [norm_router, norm_router_gates], ids=lambda k: k.name)
+def test_cuda_kernel_is_what_runs(kernel):
+    assert kernel.plan("cuda").path == "kernel", kernel.plan("cuda").reason

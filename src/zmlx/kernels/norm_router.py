@@ -8,10 +8,16 @@ Stock (mlx-lm `glm4_moe_lite`: the decoder layer, then `MoEGate`):
     gates = xn @ gate_w.T                           # unquantized (E, D) weight in T -> T
     inds, scores = group_expert_select(gates, ...)  # sigmoid, bias for selection, top-k, ...
 
-Fused: one threadgroup per token recomputes h and its RMS in MLX's rms_norm order
-(residual_norm's geometry; threads past its BLOCK add +0.0 where MLX's reduction has its
-zero fill), writes h and xn and keeps xn in threadgroup memory, computes the E gate dots
-(warps split the experts) rounded to T, and one warp routes with moe_router's arithmetic.
+Fused, two KernelDefs over one body (csrc/norm_router_body.h, its mode ZMLX_ROUTE):
+- `norm_router`: one threadgroup per token recomputes h and its RMS in MLX's rms_norm order
+  (residual_norm's geometry; threads past its BLOCK add +0.0 where MLX's reduction has its
+  zero fill), writes h and xn and keeps xn in threadgroup memory, computes the E gate dots
+  (warps split the experts) rounded to T, and one warp routes with moe_router's arithmetic
+  (csrc/moe_router.h's `zmlx_route_warp`).
+- `norm_router_gates` (`route=False`): no routing; the gate dots spread over E / GPT
+  threadgroups per token (one SM for 64 dots of 2048 is the slow part), each recomputing h
+  and the RMS (the same values in every group) and writing its experts' gates (..., E) in
+  T; threadgroup 0 writes h and xn. moe_gate_up's `moe_gate_up_route` routes from them.
 
 The gate matvec: MLX's CUDA `Matmul::eval_gpu` (mlx/backend/cuda/matmul.cpp) flattens
 xn to (M, D) and calls `gemm_and_bias`, which takes `cu::gemv` (gemms/gemv.cu) when
@@ -28,12 +34,13 @@ Fidelity: bitwise stock on CUDA (batch 1 decode); on Metal the dot is a plain fl
 `zmlx_limit_groups`); E > 256, k > 8 and groupings it does not take take the reference.
 
 Device code: csrc/norm_router_body.h (the body); csrc/quant.h (the gemv-order dot),
-csrc/residual_norm.h (the square-accumulate and rsqrt) and csrc/moe_router.h (MLX's
-sigmoid and sort order) as its header.
+csrc/residual_norm.h (the square-accumulate and rsqrt) and csrc/moe_router.h (the routing)
+as its header.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
@@ -48,22 +55,29 @@ def reference(
     r: mx.array,
     norm_w: mx.array,
     gate_w: mx.array,
-    bias: mx.array,
+    bias: mx.array | None = None,
     *,
     eps: float,
-    top_k: int,
+    top_k: int | None = None,
     n_group: int = 1,
     topk_group: int = 1,
     routed_scaling_factor: float = 1.0,
     norm_topk_prob: bool = True,
     renorm_eps: float | None = None,
-) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    route: bool = True,
+) -> tuple[mx.array, ...]:
     """x, r (..., D) in T, norm_w (D,), gate_w (E, D), bias (E,) -> (h (..., D) T, xn (..., D) T,
-    inds (..., k) uint32, scores (..., k) float32): mlx-lm's op sequence."""
+    inds (..., k) uint32, scores (..., k) float32): mlx-lm's op sequence. route=False:
+    (h, xn, gates (..., E) in T), the router's input (no bias, no routing)."""
     h = x + r
     xn = mx.fast.rms_norm(h, norm_w, eps)
+    gates = xn @ gate_w.T
+    if not route:
+        return h, xn, gates
+    if bias is None or top_k is None:
+        raise TypeError("norm_router routes with a bias and a top_k")
     inds, scores = moe_router.reference(
-        xn @ gate_w.T,
+        gates,
         bias,
         top_k=top_k,
         n_group=n_group,
@@ -80,6 +94,8 @@ _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 _SHARED_BYTES = 32768
 # threads per group for the gate dots (more warps split the experts), at least rms's BLOCK
 _GATE_THREADS = 512
+# route=False: experts per threadgroup (one warp each), so E / GPT threadgroups per token
+GATES_PER_GROUP = 8
 
 
 def launch(
@@ -88,34 +104,31 @@ def launch(
     r,
     norm_w,
     gate_w,
-    bias,
+    bias=None,
     *,
     eps,
-    top_k,
+    top_k=None,
     n_group=1,
     topk_group=1,
     routed_scaling_factor=1.0,
     norm_topk_prob=True,
     renorm_eps=None,
+    route=True,
 ) -> Launch | Skip:
     if x.dtype not in _DTYPES or r.dtype != x.dtype or norm_w.dtype != x.dtype:
         return Skip(f"x {x.dtype}, r {r.dtype}, norm weight {norm_w.dtype} (one float dtype needed)")
     if gate_w.dtype != x.dtype:
         return Skip(f"gate weight {gate_w.dtype} (quantized, or not in x's dtype {x.dtype})")
-    if bias.dtype not in _DTYPES:
-        return Skip(f"bias {bias.dtype}")
     if x.ndim < 1 or r.shape != x.shape or norm_w.shape != x.shape[-1:]:
         return Skip(f"shapes x {x.shape}, r {r.shape}, norm weight {norm_w.shape}")
     d = x.shape[-1]
-    if gate_w.ndim != 2 or gate_w.shape[1] != d or bias.shape != gate_w.shape[:1]:
-        return Skip(f"gate weight {gate_w.shape}, bias {bias.shape} for rows of {d}")
+    if gate_w.ndim != 2 or gate_w.shape[1] != d:
+        return Skip(f"gate weight {gate_w.shape} for rows of {d}")
     e = gate_w.shape[0]
-    if not (1 <= e <= 256 and 1 <= top_k <= min(8, e)):
-        return Skip(f"{e} experts, top-{top_k} (the kernel takes <= 256 experts, top-k <= 8)")
-    if (why := moe_router.groups_reason(e, n_group, topk_group)) is not None:
+    if route and (why := _route_reason(e, bias, top_k, n_group, topk_group)) is not None:
         return Skip(why)
     rows = math.prod(x.shape[:-1])
-    if rows == 0 or d == 0:
+    if rows == 0 or d == 0 or e == 0:
         return Skip("empty input")
     if backend == "cuda" and rows > 1:
         return Skip(f"{rows} tokens: stock's gate matmul runs cuBLAS from 2 rows (only its gemv is followed)")
@@ -125,34 +138,61 @@ def launch(
     block, chunks, nr = geo
     if chunks * nr > 64:
         return Skip(f"row of {d} needs {chunks * nr} values per thread")
-    if d * x.dtype.size + 4 * (e + 32) > _SHARED_BYTES:
+    if d * x.dtype.size + 4 * ((e if route else 0) + 32) > _SHARED_BYTES:
         return Skip(f"row of {d} {x.dtype} does not fit in threadgroup memory")
-    threads = max(block, min(_GATE_THREADS, 32 * e))
+    per_group = e if route else min(GATES_PER_GROUP, e)
+    groups = -(-e // per_group)
+    threads = max(block, min(_GATE_THREADS, 32 * per_group))
+    template = [
+        ("T", x.dtype),
+        ("D", d),
+        ("E", e),
+        ("GROUPS", groups),
+        ("GPT", per_group),
+        ("BLOCK", block),
+        ("CHUNKS", chunks),
+        ("NR", nr),
+        ("TG", threads),
+        ("NORM_EPS_BITS", float_bits(eps)),
+    ]
     lead = x.shape[:-1]
+    spec = dict(grid=(rows * groups * threads, 1, 1), threadgroup=(threads, 1, 1))
+    if not route:
+        return Launch(
+            inputs=[x, r, norm_w, gate_w],
+            template=template,
+            output_shapes=[x.shape, x.shape, lead + (e,)],
+            output_dtypes=[x.dtype, x.dtype, x.dtype],
+            **spec,
+        )
     return Launch(
         inputs=[x, r, norm_w, gate_w, bias],
-        template=[
-            ("T", x.dtype),
-            ("D", d),
-            ("E", e),
+        template=template
+        + [
             ("K", top_k),
             ("N_GROUP", n_group),
             ("TOPK_GROUP", topk_group if n_group > 1 else 1),
-            ("BLOCK", block),
-            ("CHUNKS", chunks),
-            ("NR", nr),
-            ("TG", threads),
-            ("NORM_EPS_BITS", float_bits(eps)),
             ("NORM", top_k > 1 and bool(norm_topk_prob)),
             ("HAS_EPS", renorm_eps is not None),
             ("RENORM_EPS_BITS", float_bits(renorm_eps or 0.0)),
             ("SCALE_BITS", float_bits(routed_scaling_factor)),
         ],
-        grid=(rows * threads, 1, 1),
-        threadgroup=(threads, 1, 1),
         output_shapes=[x.shape, x.shape, lead + (top_k,), lead + (top_k,)],
         output_dtypes=[x.dtype, x.dtype, mx.uint32, mx.float32],
+        **spec,
     )
+
+
+def _route_reason(e, bias, top_k, n_group, topk_group) -> str | None:
+    if bias is None or top_k is None:
+        return "no bias or top_k to route with"
+    if bias.dtype not in _DTYPES:
+        return f"bias {bias.dtype}"
+    if bias.shape != (e,):
+        return f"bias {bias.shape} for {e} experts"
+    if not (1 <= e <= 256 and 1 <= top_k <= min(8, e)):
+        return f"{e} experts, top-{top_k} (the kernel takes <= 256 experts, top-k <= 8)"
+    return moe_router.groups_reason(e, n_group, topk_group)
 
 
 def inputs(lead, d, e, dtype, seed, *, ties=False):
@@ -179,6 +219,13 @@ def example():
     return (x, r, norm_w, gate_w, bias), kwargs
 
 
+def gates_example():
+    (x, r, norm_w, gate_w, _), kwargs = example()
+    return (x, r, norm_w, gate_w), dict(eps=kwargs["eps"])
+
+
+_HEADER = device_code("quant.h", "residual_norm.h", "moe_router.h")
+
 norm_router = KernelDef(
     name="norm_router",
     reference=reference,
@@ -186,9 +233,25 @@ norm_router = KernelDef(
     exact_on=("cuda",),  # bitwise stock's rms_norm + gemv + router where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few roundings of T, far below a layout error
     body=device_code("norm_router_body.h"),
-    header=device_code("quant.h", "residual_norm.h", "moe_router.h"),
+    header="#define ZMLX_ROUTE 1\n" + _HEADER,
     input_names=("x", "r", "norm_w", "gate_w", "bias"),
     output_names=("h", "xn", "inds", "scores"),
     launch=launch,
     example=example,
+)
+
+# The same body and reference without the routing (moe_block's launch 1 where moe_gate_up_route
+# routes): the outputs differ, so it is a KernelDef of its own.
+norm_router_gates = KernelDef(
+    name="norm_router_gates",
+    reference=functools.partial(reference, route=False),
+    fidelity="close",
+    exact_on=("cuda",),  # bitwise stock's rms_norm + gemv where launch() takes the call
+    tolerance=2**-3,
+    body=norm_router.body,
+    header="#define ZMLX_ROUTE 0\n" + _HEADER,
+    input_names=("x", "r", "norm_w", "gate_w"),
+    output_names=("h", "xn", "gates"),
+    launch=functools.partial(launch, route=False),
+    example=gates_example,
 )

@@ -1,4 +1,11 @@
-// norm_router: one threadgroup of TG threads per token (TG >= BLOCK, whole warps).
+// norm_router: the residual add, the RMSNorm and the gate dots; two modes, ZMLX_ROUTE (a
+// macro the KernelDef's header defines: the two modes have different outputs).
+// ZMLX_ROUTE 1 (norm_router): one threadgroup of TG threads per token (GROUPS = 1, GPT = E),
+//   warp 0 routes (csrc/moe_router.h's zmlx_route_warp) and writes inds and scores.
+// ZMLX_ROUTE 0 (norm_router_gates): GROUPS threadgroups per token, threadgroup p takes the
+//   experts [p * GPT, p * GPT + GPT) and writes their gates (rounded to T); each recomputes
+//   h and the RMS (the same values in every group), threadgroup 0 alone writes h and xn.
+// TG >= BLOCK, whole warps. Steps:
 // 1. h = x + r and the sum of squares in MLX's rms_norm order (residual_norm_body.h's
 //    BLOCK/CHUNKS/NR mapping): threads below BLOCK own the elements MLX's threads own;
 //    threads from BLOCK on own none, so their warps' sums are +0.0, written into the slots
@@ -6,11 +13,15 @@
 //    the same values in the same places, and the sum is bitwise MLX's.
 // 2. xn = w * T(h * rsqrt(mean + eps)), to global memory and into zmlx_xn (each element
 //    read and written by the one thread that owns it, so no barrier between 1 and 2).
-// 3. the E gate dots, warps taking experts warp, warp + TG / 32, ...; each rounded to T.
-// 4. warp 0 routes, as moe_router_body.h does for one token.
-const size_t base = size_t(zmlx_gid) * D;
+// 3. the group's gate dots, warps taking experts warp, warp + TG / 32, ...; each rounded to T.
+const uint tok = zmlx_gid / GROUPS;
+const uint part = zmlx_gid % GROUPS;
+const bool lead = part == 0;  // the threadgroup that writes h and xn
+const size_t base = size_t(tok) * D;
 ZMLX_SHARED float zmlx_sums[32];
+#if ZMLX_ROUTE
 ZMLX_SHARED float zmlx_gates[E];
+#endif
 #ifdef ZMLX_CUDA
 __shared__ __align__(16) T zmlx_xn[D];  // aligned as stock's xn array (gemv checks it)
 #else
@@ -24,7 +35,7 @@ if (zmlx_lid < BLOCK) {
             if (d < D) {
                 const T hv = static_cast<T>(
                     ZMLX_ADD(static_cast<float>(x[base + d]), static_cast<float>(r[base + d])));
-                h[base + d] = hv;
+                if (lead) h[base + d] = hv;
                 zmlx_xn[d] = hv;
                 const float t = static_cast<float>(hv);
                 ZMLX_SQ_ACC(acc, t);
@@ -46,7 +57,7 @@ if (zmlx_lid < BLOCK) {
             if (d < D) {
                 const T y = static_cast<T>(ZMLX_MUL(static_cast<float>(static_cast<T>(zmlx_xn[d])), inv));
                 const T v = static_cast<T>(ZMLX_MUL(static_cast<float>(norm_w[d]), static_cast<float>(y)));
-                xn[base + d] = v;
+                if (lead) xn[base + d] = v;
                 zmlx_xn[d] = v;
             }
         }
@@ -54,10 +65,11 @@ if (zmlx_lid < BLOCK) {
 }
 ZMLX_BARRIER;
 // every warp makes the same number of rounds (the same simd ops before the barrier)
-for (uint e0 = 0; e0 < E; e0 += TG / 32) {
-    const uint e = e0 + zmlx_warp;
+for (uint e0 = 0; e0 < GPT; e0 += TG / 32) {
+    const uint e = part * GPT + e0 + zmlx_warp;
+    const bool mine = e0 + zmlx_warp < GPT && e < E;
     float g = 0.0f;
-    if (e < E) {
+    if (mine) {
 #ifdef ZMLX_CUDA
         // stock's gemv order at one row (csrc/quant.h, BITS = 32)
         g = zmlx_qdot_lane<32, D, D, T>(gate_w + size_t(e) * D, gate_w, gate_w, zmlx_xn, zmlx_lane);
@@ -68,56 +80,23 @@ for (uint e0 = 0; e0 < E; e0 += TG / 32) {
 #endif
     }
     g = ZMLX_SIMD_SUM(g);
-    if (zmlx_lane == 0 && e < E) zmlx_gates[e] = static_cast<float>(static_cast<T>(g));  // stock's matmul: T
+    if (zmlx_lane == 0 && mine) {
+#if ZMLX_ROUTE
+        zmlx_gates[e] = static_cast<float>(static_cast<T>(g));  // stock's matmul: T
+#else
+        gates[size_t(tok) * E + e] = static_cast<T>(g);
+#endif
+    }
 }
+#if ZMLX_ROUTE
 ZMLX_BARRIER;
 if (zmlx_warp != 0) return;
-// the routing of moe_router_body.h for this token: lane l holds experts l, l + 32, ...
-const uint lane = zmlx_lane;
-constexpr uint PER = (E + 31) / 32;
-ZmlxScores<PER> biased;
-uint taken = 0;
-for (uint m = 0; m < PER; ++m) {
-    const uint e = lane + 32 * m;
-    biased.v[m] = e < E ? ZMLX_ADD(zmlx_sigmoid(static_cast<float>(zmlx_gates[e])), static_cast<float>(bias[e]))
-                        : 0.0f;
-}
-if (N_GROUP > 1) biased = zmlx_limit_groups<E, N_GROUP, TOPK_GROUP>(biased, lane);
-float picked[K];
-for (uint k = 0; k < K; ++k) {
-    float bv = 0.0f, bi = -1.0f;  // this lane's best remaining (value, expert index)
-    for (uint m = 0; m < PER; ++m) {
-        const uint e = lane + 32 * m;
-        if (e < E && !((taken >> m) & 1u) && (bi < 0.0f || zmlx_before(biased.v[m], bv))) {
-            bv = biased.v[m];
-            bi = static_cast<float>(e);
-        }
+const ZmlxRoute<K> route = zmlx_route_warp<E, K, N_GROUP, TOPK_GROUP, NORM, HAS_EPS, RENORM_EPS_BITS, SCALE_BITS>(
+    zmlx_gates, bias, zmlx_lane);
+if (zmlx_lane == 0) {
+    for (uint k = 0; k < K; ++k) {
+        inds[tok * K + k] = route.inds[k];
+        scores[tok * K + k] = route.scores[k];
     }
-    for (uint off = 16; off > 0; off /= 2) {  // the warp's best: the same on every lane
-        const float ov = ZMLX_SHFL_XOR(bv, off);
-        const float oi = ZMLX_SHFL_XOR(bi, off);
-        if (oi >= 0.0f && (bi < 0.0f || zmlx_before(ov, bv) || (!zmlx_before(bv, ov) && oi < bi))) {
-            bv = ov;
-            bi = oi;
-        }
-    }
-    const uint best = static_cast<uint>(bi);
-    if (best % 32 == lane) taken |= 1u << (best / 32);
-    picked[k] = zmlx_sigmoid(static_cast<float>(zmlx_gates[best]));
-    if (lane == 0) inds[zmlx_gid * K + k] = best;
 }
-if (lane != 0) return;
-float den = 0.0f;
-if (NORM) {  // MLX's row reduce of k <= 8 values: partial sums of 4, in order
-    for (uint k = 0; k < K && k < 4; ++k) den = ZMLX_ADD(den, picked[k]);
-    if (K > 4) {
-        float second = 0.0f;
-        for (uint k = 4; k < K; ++k) second = ZMLX_ADD(second, picked[k]);
-        den = ZMLX_ADD(den, second);
-    }
-    if (HAS_EPS) den = ZMLX_ADD(den, ZMLX_FLOAT_BITS(RENORM_EPS_BITS));
-}
-for (uint k = 0; k < K; ++k) {
-    const float s = NORM ? picked[k] / den : picked[k];
-    scores[zmlx_gid * K + k] = ZMLX_MUL(s, ZMLX_FLOAT_BITS(SCALE_BITS));
-}
+#endif
