@@ -23,13 +23,13 @@ from zmlx.kernels.mla_q_prep import kwargs as mla_q_prep_kwargs
 from zmlx.kernels.mla_q_prep import mla_q_prep
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_down import moe_down
-from zmlx.kernels.moe_gate_up import moe_gate_up
+from zmlx.kernels.moe_gate_up import moe_gate_up, moe_gate_up_route
 from zmlx.kernels.moe_mlp import moe_mlp, quantized_experts
 from zmlx.kernels.moe_router import moe_router
 from zmlx.kernels.norm_qkv_a import inputs as norm_qkv_a_inputs
 from zmlx.kernels.norm_qkv_a import norm_qkv_a
 from zmlx.kernels.norm_router import inputs as norm_router_inputs
-from zmlx.kernels.norm_router import norm_router
+from zmlx.kernels.norm_router import norm_router, norm_router_gates
 from zmlx.kernels.residual_norm import residual_norm
 from zmlx.kernels.softmax_router import softmax_router
 from zmlx.kernels.swiglu_mlp import quantized_linear, swiglu_mlp
@@ -73,6 +73,8 @@ def _block_cases(dtype, bits):  # moe_gate_up and moe_down: the shared/dense wei
     e = quantized_experts(6, 40, 384, dtype=dtype, seed=1, group_size=64, bits=bits)  # 384: a remainder tile
     s = quantized_linear(24, 384, dtype=dtype, seed=2, group_size=sbits and 128, bits=sbits)
     yield moe_gate_up, (x, inds, *e, *e, *s, *s), kw
+    route = dict(top_k=4, routed_scaling_factor=1.8, norm_topk_prob=True, renorm_eps=1e-20)  # 6 experts
+    yield moe_gate_up_route, (x, mx.zeros((1, 1, 6), dtype), *e, *e, *s, *s, mx.zeros((6,))), {**kw, **route}
     d = quantized_experts(6, 7, 256, dtype=dtype, seed=3, group_size=64, bits=bits)  # odd D: lane-tree sum
     sd = quantized_linear(7, 384, dtype=dtype, seed=4, group_size=sbits and 128, bits=sbits)
     h, hs = mx.zeros((1, 1, 4, 256), dtype), mx.zeros((1, 1, 384), dtype)
@@ -116,6 +118,8 @@ def _cases():
         downproj_combine,
         swiglu_mlp,
         moe_gate_up,
+        moe_gate_up_route,
+        norm_router_gates,
         moe_down,
         glm47_rope,
         mla_embed_q,
@@ -196,6 +200,7 @@ def _norm_router_cases():  # GLM-4.7-Flash's width, and odd ones (2 and 1 values
     for dtype in (mx.bfloat16, mx.float16, mx.float32):
         for d, e in ((2048, 64), (320, 40), (200, 7)):
             yield norm_router, norm_router_inputs((1, 1), d, e, dtype, 1), kw
+            yield norm_router_gates, norm_router_inputs((1, 1), d, e, dtype, 1)[:4], dict(eps=1e-5)
 
 
 def _group_router_cases():  # DeepSeek-V3's group-limited routing (8 groups, 4 kept), and odd groupings
@@ -205,6 +210,13 @@ def _group_router_cases():  # DeepSeek-V3's group-limited routing (8 groups, 4 k
             kw = dict(ds, top_k=k, n_group=ng, topk_group=tg)
             yield moe_router, (mx.zeros((1, e), dtype), mx.zeros((e,))), kw
             yield norm_router, norm_router_inputs((1, 1), 320, e, dtype, 1), dict(kw, eps=1e-6)
+            # moe_gate_up_route routes the same way (top-4 at most: CUDA's qmv takes < 8 expert rows)
+            q4 = dict(group_size=64, bits=4)
+            ex = quantized_experts(e, 9, 256, dtype=dtype, seed=1, **q4)
+            s = quantized_linear(11, 256, dtype=dtype, seed=2, **q4)
+            x, gates = mx.zeros((1, 1, 256), dtype), mx.zeros((1, 1, e), dtype)
+            route = dict(kw, **q4, top_k=min(k, 4), shared_group_size=64, shared_bits=4)
+            yield moe_gate_up_route, (x, gates, *ex, *ex, *s, *s, mx.zeros((e,))), route
 
 
 def _norm_qkv_a_cases():  # GLM-4.7-Flash's rows, and odd ones: q_a and kv_a packed differently or unquantized

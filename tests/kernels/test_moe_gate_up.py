@@ -3,19 +3,25 @@
 On CUDA the kernel follows MLX's qmv (gemv unquantized) and compiled swiglu operation for
 operation: bitwise stock wherever stock runs them (fewer than 8 expert rows, one token for the
 shared expert's dense matmuls). The Metal body sums in float32 in another order (`close`):
-each output is held to the float32 reference with stock's own error as the bar."""
+each output is held to the float32 reference with stock's own error as the bar.
+
+moe_gate_up_route is the same body routing each token first from the router's gates: its
+reference is mlx-lm's MoEGate + SwitchGLU + shared MLP on the CPU; its Metal body routes as
+moe_router's does (bitwise) and its rows are then held as moe_gate_up's; on CUDA all four
+outputs are bitwise stock's."""
 
 import dataclasses
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx_lm.models import deepseek_v3, glm4_moe_lite
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from zmlx.kernels import metal_emu
+from zmlx.kernels import metal_emu, moe_router
 from zmlx.kernels.core import KernelDef, Launch
-from zmlx.kernels.moe_gate_up import launch, moe_gate_up, reference, reference_f32
+from zmlx.kernels.moe_gate_up import launch, moe_gate_up, moe_gate_up_route, reference, reference_f32
 from zmlx.kernels.moe_mlp import quantized_experts
 from zmlx.kernels.swiglu_mlp import quantized_linear
 
@@ -41,6 +47,23 @@ def _inputs(lead, experts, k, rows, srows, d, quant, squant, dtype, seed=0):
     su = quantized_linear(srows, d, group_size=sgs, bits=sbits, dtype=dtype, seed=seed + 5)
     kw = dict(group_size=gs, bits=bits, shared_group_size=sgs, shared_bits=sbits)
     return (x, inds, *g, *u, *sg, *su), kw
+
+
+# the routers moe_gate_up_route takes: glm4_moe_lite's (+ 1e-20), DeepSeek-V3's groups (4 of 2 kept)
+GLM = dict(routed_scaling_factor=1.8, norm_topk_prob=True, renorm_eps=1e-20)
+GROUPS = dict(n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, renorm_eps=None)
+
+
+def _routed(args, kw, router, seed):
+    """The same call routing from gates (..., E) in x's dtype and a float32 bias, as moe_gate_up_route
+    takes it; router: GLM or GROUPS (None where the experts do not split into 4 groups)."""
+    x, inds, *weights = args
+    experts, k = weights[0].shape[0], inds.shape[-1]
+    if router is GROUPS and (experts % 4 or experts < 8):  # 4 groups of >= 2 experts
+        return None
+    gates = mx.random.normal((*x.shape[:-1], experts), key=mx.random.key(seed)).astype(x.dtype)
+    bias = 0.1 * mx.random.normal((experts,), key=mx.random.key(seed + 1))
+    return (x, gates, *weights, bias), {**kw, **router, "top_k": k}
 
 
 def _weights(proj):
@@ -79,6 +102,26 @@ def test_reference_is_mlx_lm_switch_glu_and_shared_mlp_gate_and_up(dtype, quant,
     hr, hs = reference(x, inds, *weights, **kw)
     assert hr.dtype == dtype and hs.dtype == dtype
     assert mx.array_equal(hr, want_r).item() and mx.array_equal(hs, want_s).item()
+    # routing first (moe_gate_up_route): MoEGate's experts and scores, then the same rows
+    for module, router in ((glm4_moe_lite, GLM), (deepseek_v3, GROUPS)):
+        margs = module.ModelArgs(
+            hidden_size=d,
+            n_routed_experts=experts,
+            num_experts_per_tok=4,
+            n_group=router.get("n_group", 1),
+            topk_group=router.get("topk_group", 1),
+            routed_scaling_factor=router["routed_scaling_factor"],
+        )
+        router_gate = module.MoEGate(margs)
+        w = (mx.random.normal((experts, d), key=mx.random.key(5)) * d**-0.5).astype(dtype)
+        router_gate.weight = w
+        router_gate.e_score_correction_bias = bias = 0.1 * mx.random.normal((experts,), key=mx.random.key(6))
+        want_i, want_sc = router_gate(x)
+        got = moe_gate_up_route.reference(x, x @ w.T, *weights, bias, **kw, **router, top_k=4)
+        assert mx.array_equal(got[2], want_i).item() and mx.array_equal(got[3], want_sc).item()
+        want_r = swiglu(gate(xe, want_i), up(xe, want_i)).squeeze(-2)
+        assert [a.dtype for a in got] == [dtype, dtype, mx.uint32, mx.float32]
+        assert mx.array_equal(got[0], want_r).item() and mx.array_equal(got[1], want_s).item()
 
 
 def test_launch_says_why_it_takes_the_reference():
@@ -92,6 +135,27 @@ def test_launch_says_why_it_takes_the_reference():
     spec = launch("cuda", *args, **kw)
     assert spec.grid == ((4 * 24 + 40) * 32, 1, 1)
     assert spec.output_shapes == [(1, 1, 4, 24), (1, 1, 40)]
+
+
+def test_routing_first_takes_the_gates_and_bias_and_writes_inds_and_scores():
+    """moe_gate_up_route: the same warps, the gates in the indices' slot and the bias last,
+    inds and scores as extra outputs; what the router kernel refuses, it refuses."""
+    args, kw = _routed(*_inputs(*CASES[0], mx.bfloat16), GLM, 7)
+    spec = moe_gate_up_route.launch("cuda", *args, **kw)
+    assert spec.grid == ((4 * 24 + 40) * 32, 1, 1)
+    assert spec.inputs[1] is args[1] and spec.inputs[-1] is args[-1] and len(spec.inputs) == 15
+    assert spec.output_shapes == [(1, 1, 4, 24), (1, 1, 40), (1, 1, 4), (1, 1, 4)]
+    assert spec.output_dtypes == [mx.bfloat16, mx.bfloat16, mx.uint32, mx.float32]
+    t = dict(spec.template)
+    assert (t["E"], t["K"], t["N_GROUP"], t["HAS_EPS"]) == (8, 4, 1, True) and "ROWS" not in t
+    assert "routing: 8 experts, top-9" in moe_gate_up_route.launch("cuda", *args, **{**kw, "top_k": 9}).reason
+    grouped = moe_gate_up_route.launch("cuda", *args, **{**kw, "n_group": 3, "topk_group": 1}).reason
+    assert grouped.startswith("routing: 8 experts in 3 groups")
+    assert (
+        "gates (1, 8) for x" in moe_gate_up_route.launch("cuda", args[0], args[1][0], *args[2:], **kw).reason
+    )
+    assert "no bias" in moe_gate_up_route.launch("cuda", *args[:-1], **kw).reason
+    assert "tiled qmm" in moe_gate_up_route.launch("cuda", *args, **{**kw, "top_k": 8}).reason  # 8 rows
 
 
 def test_cuda_takes_only_stock_matvec_calls():
@@ -118,13 +182,49 @@ def test_its_example_passes_the_self_check_on_emulated_metal(monkeypatch, tmp_pa
 
 
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+def test_the_routing_example_passes_the_self_check_in_the_gpus_order(tmp_path):
+    """moe_gate_up_route's example (a tie among its biased scores) within the self-check's
+    tolerance of the reference as a GPU runs it: the experts in the GPU sort's order (moe_router's
+    body; the CPU's argpartition returns them in another order), then their rows."""
+    args, kw = moe_gate_up_route.example()
+    got = metal_emu.run(moe_gate_up_route, *args, workdir=tmp_path, **kw)
+    assert got[2].tolist() == [[[5, 0, 3, 2]]]  # 0.5621... twice: expert 2 before 4
+    router = {
+        k: v for k, v in kw.items() if k in ("top_k", "routed_scaling_factor", "norm_topk_prob", "renorm_eps")
+    }
+    want_i, want_s = metal_emu.run(moe_router.moe_router, args[1], args[-1], workdir=tmp_path, **router)
+    packing = {k: v for k, v in kw.items() if k not in router}
+    want = (*reference(args[0], want_i, *args[2:-1], **packing), want_i, want_s)
+    tol = moe_gate_up_route.tolerance
+    assert all(mx.allclose(g, w, rtol=tol, atol=tol).item() for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, case, dtype):
+@pytest.mark.parametrize("router", [None, GLM, GROUPS], ids=["inds", "route", "route-groups"])
+def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, case, dtype, router):
+    """Routing first (moe_gate_up_route), the experts and scores are moe_router's Metal body's
+    bitwise (the set mlx-lm's reference picks on the CPU), and the rows are then held as
+    moe_gate_up's on those experts."""
     if case[6] == (None, None) and dtype != mx.float32:
         pytest.skip("MLX's CPU gather_mm (the reference) runs only float32")
     args, kw = _inputs(*case, dtype, seed=case[5] + case[3])
-    got = metal_emu.run(moe_gate_up, *args, workdir=tmp_path_factory.getbasetemp(), **kw)  # poisoned NaN
+    work = tmp_path_factory.getbasetemp()
+    if router is not None:
+        routed = _routed(args, kw, router, seed=case[3])
+        if routed is None:
+            pytest.skip("the experts do not split into 4 groups")
+        rargs, rkw = routed
+        got = metal_emu.run(moe_gate_up_route, *rargs, workdir=work, **rkw)  # poisoned NaN
+        router_kw = {k: v for k, v in rkw.items() if k not in kw}
+        want_i, want_s = metal_emu.run(moe_router.moe_router, rargs[1], rargs[-1], workdir=work, **router_kw)
+        assert mx.array_equal(got[2], want_i).item() and mx.array_equal(got[3], want_s).item()
+        cpu_i = moe_gate_up_route.reference(*rargs, **rkw)[2]
+        assert mx.array_equal(mx.sort(got[2], axis=-1), mx.sort(cpu_i, axis=-1)).item()
+        args = (args[0], got[2], *args[2:])  # the rows of the experts it routed to
+    else:
+        got = metal_emu.run(moe_gate_up, *args, workdir=work, **kw)  # poisoned NaN
     for j in range(2):
         want, bar = close_bar(
             lambda *a, **k: reference(*a, **k)[j], lambda *a, **k: reference_f32(*a, **k)[j], args, kw, dtype
@@ -145,10 +245,20 @@ CUDA_CASES = [c for c in CASES if c[0] != (3,)] + [
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CUDA_CASES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-def test_cuda_kernel_is_bitwise_stock(case, dtype):
+@pytest.mark.parametrize("router", [None, GLM, GROUPS], ids=["inds", "route", "route-groups"])
+def test_cuda_kernel_is_bitwise_stock(case, dtype, router):
+    """With a router (moe_gate_up_route), stock is mlx-lm's routing ops on the GPU (its sort's
+    order) then the same experts' ops: all four outputs bitwise."""
     args, kw = _inputs(*case, dtype, seed=case[5] + case[3])
-    got = moe_gate_up.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
-    want = reference(*args, **kw)
+    kernel = moe_gate_up
+    if router is not None:
+        routed = _routed(args, kw, router, seed=case[3])
+        if routed is None:
+            pytest.skip("the experts do not split into 4 groups")
+        (args, kw), kernel = routed, moe_gate_up_route
+    got = kernel.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
+    want = kernel.reference(*args, **kw)
+    assert len(got) == len(want) == (2 if router is None else 4)
     for g, w in zip(got, want):
-        assert g.dtype == dtype and g.shape == w.shape
-        assert mx.array_equal(g, w).item(), mx.abs(g.astype(mx.float32) - w).max().item()
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert mx.array_equal(g, w).item(), mx.abs(g.astype(mx.float32) - w.astype(mx.float32)).max().item()

@@ -15,6 +15,12 @@ past them the shared expert's N*Is rows (as swiglu_mlp), with the shared weights
 packing (they may be quantized differently from the experts). x is read by both; six
 stock launches (four matmuls, two SwiGLUs) become one.
 
+`moe_gate_up_route` (`route=True`, moe_block's launch 2 after norm_router_gates): the same
+body takes the router's gates (..., E) and bias instead of inds, and every routed warp first
+routes its token itself (csrc/moe_router.h's `zmlx_route_warp`: moe_router's arithmetic,
+warp-level, no barrier; ~K warp butterflies before its dots); the token's first warp writes
+inds and scores as moe_router would, for moe_down. Outputs (hr, hs, inds, scores).
+
 Fidelity: on CUDA the dots follow MLX's qmv (gemv for unquantized weights) and SwiGLU is
 MLX's own device functors (csrc/quant.h), so both outputs are bitwise stock wherever
 stock runs its matvecs: fewer than 8 expert rows for the routed side, and one token for
@@ -23,14 +29,17 @@ other calls take the reference. Each side is affine, mxfp4 or unquantized. On Me
 dot is a plain float32 sum: `close`.
 
 Device code: csrc/moe_gate_up_body.h (moe_mlp's body and its shared rows); the dot and
-SwiGLU are csrc/quant.h.
+SwiGLU are csrc/quant.h, the routing csrc/moe_router.h.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import mlx.core as mx
 
-from zmlx.kernels import moe_mlp, swiglu_mlp
+from zmlx.kernels import moe_mlp, moe_router, swiglu_mlp
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 from zmlx.kernels.moe_mlp import quantized_experts
 from zmlx.kernels.swiglu_mlp import quantized_linear
@@ -38,7 +47,7 @@ from zmlx.kernels.swiglu_mlp import quantized_linear
 
 def reference(
     x,
-    inds,
+    sel,
     gate_w,
     gate_s,
     gate_b,
@@ -51,6 +60,7 @@ def reference(
     sup_w,
     sup_s,
     sup_b,
+    bias=None,
     *,
     group_size=None,
     bits=None,
@@ -59,17 +69,22 @@ def reference(
     mode="affine",
     shared_mode="affine",
     f32=False,
+    route=False,
+    **router,
 ):
-    """mlx-lm's op sequences. x (..., D), inds (..., k) -> (hr (..., k, I), hs (..., Is)) in
+    """mlx-lm's op sequences. x (..., D), sel: inds (..., k) -> (hr (..., k, I), hs (..., Is)) in
     x's dtype: the routed experts' SwiGLU (moe_mlp) and the shared expert's (swiglu_mlp).
+    route=True: sel is the router's gates (..., E), routed with `bias` and `router` (top_k,
+    n_group, ...) by moe_router's reference first -> (hr, hs, inds, scores).
     f32: the same in float32 throughout (reference_f32)."""
     routed_ref = moe_mlp.reference_f32 if f32 else moe_mlp.reference
     shared_ref = swiglu_mlp.reference_f32 if f32 else swiglu_mlp.reference
+    inds, scores = moe_router.reference(sel, bias, **router) if route else (sel, None)
     routed = (gate_w, gate_s, gate_b, up_w, up_s, up_b)
     shared = (sgate_w, sgate_s, sgate_b, sup_w, sup_s, sup_b)
     hr = routed_ref(x, inds, *routed, group_size=group_size, bits=bits, mode=mode)
     hs = shared_ref(x, *shared, group_size=shared_group_size, bits=shared_bits, mode=shared_mode)
-    return hr, hs
+    return (hr, hs, inds, scores) if route else (hr, hs)
 
 
 def reference_f32(*args, **kwargs):
@@ -77,10 +92,18 @@ def reference_f32(*args, **kwargs):
     return reference(*args, f32=True, **kwargs)
 
 
+class _Indices(NamedTuple):
+    """What moe_mlp.launch reads of the indices (their shape and dtype) where the kernel
+    computes them itself (route=True)."""
+
+    shape: tuple
+    dtype: mx.Dtype
+
+
 def launch(
     backend,
     x,
-    inds,
+    sel,
     gate_w,
     gate_s,
     gate_b,
@@ -93,6 +116,7 @@ def launch(
     sup_w,
     sup_s,
     sup_b,
+    bias=None,
     *,
     group_size=None,
     bits=None,
@@ -100,7 +124,20 @@ def launch(
     shared_bits=None,
     mode="affine",
     shared_mode="affine",
+    route=False,
+    **router,
 ) -> Launch | Skip:
+    inds, routing = sel, []
+    if route:  # the router's own checks (moe_router's kernel takes what this one takes)
+        if bias is None or "top_k" not in router:
+            return Skip("no bias or top_k to route with")
+        spec = moe_router.launch(backend, sel, bias, **router)
+        if isinstance(spec, Skip):
+            return Skip(f"routing: {spec.reason}")
+        if sel.shape[:-1] != x.shape[:-1]:
+            return Skip(f"gates {sel.shape} for x {x.shape}")
+        routing = [(name, v) for name, v in spec.template if name not in ("K", "ROWS")]
+        inds = _Indices(x.shape[:-1] + (router["top_k"],), mx.uint32)
     # each side's shapes, dtypes and regime are checked as its own kernel checks them
     routed = moe_mlp.launch(
         backend,
@@ -138,13 +175,21 @@ def launch(
     warps = n * k * i + n * i_s
     if warps * 32 >= 2**31:
         return Skip(f"{warps} rows is too large for one launch")
+    # moe_mlp's x, inds and six weight arrays (no projection biases here), then the shared
+    # side's inputs past its x and no-indices
+    inputs = routed.inputs[:8] + shared.inputs[2:]
+    output_shapes, output_dtypes = routed.output_shapes + shared.output_shapes, [x.dtype, x.dtype]
+    if route:
+        inputs = [x, sel, *inputs[2:], bias]
+        output_shapes += [inds.shape, inds.shape]
+        output_dtypes += [mx.uint32, mx.float32]
     return Launch(
-        inputs=routed.inputs + shared.inputs[2:],  # the shared side's inputs past its x and no-indices
-        template=routed.template + [("IS", i_s), ("SGS", s["GS"]), ("SBITS", s["BITS"])],
+        inputs=inputs,
+        template=routed.template + [("IS", i_s), ("SGS", s["GS"]), ("SBITS", s["BITS"])] + routing,
         grid=(warps * 32, 1, 1),
         threadgroup=(256, 1, 1),
-        output_shapes=routed.output_shapes + shared.output_shapes,
-        output_dtypes=[x.dtype, x.dtype],
+        output_shapes=output_shapes,
+        output_dtypes=output_dtypes,
     )
 
 
@@ -158,6 +203,15 @@ def example():
     return (x, inds, *g, *u, *sg, *su), dict(group_size=64, bits=4, shared_group_size=128, shared_bits=8)
 
 
+def route_example():
+    """example()'s call with the gates of 6 experts (bf16, exact ties among them) to route."""
+    (x, _, *weights), kw = example()
+    gates = mx.array([[[0.5, -1.0, 0.25, 1.5, 0.25, -0.5]]], dtype=mx.bfloat16)
+    bias = mx.array([0.0, 0.125, 0.0, -0.25, 0.0, 0.5])
+    router = dict(top_k=4, routed_scaling_factor=1.8, norm_topk_prob=True, renorm_eps=1e-20)
+    return (x, gates, *weights, bias), {**kw, **router}
+
+
 moe_gate_up = KernelDef(
     name="moe_gate_up",
     reference=reference,
@@ -165,9 +219,25 @@ moe_gate_up = KernelDef(
     exact_on=("cuda",),  # bitwise stock's qmv/gemv (+ swiglu) where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
     body=device_code("moe_gate_up_body.h"),
-    header=device_code("quant.h"),
+    header="#define ZMLX_ROUTE 0\n" + device_code("quant.h"),
     input_names=moe_mlp.SHARED["input_names"] + ("sgate_w", "sgate_s", "sgate_b", "sup_w", "sup_s", "sup_b"),
     output_names=("out", "sout"),
     launch=launch,
     example=example,
+)
+
+# The same body and reference routing the token first (moe_block's launch 2 after
+# norm_router_gates): other inputs and outputs, so a KernelDef of its own.
+moe_gate_up_route = KernelDef(
+    name="moe_gate_up_route",
+    reference=functools.partial(reference, route=True),
+    fidelity="close",
+    exact_on=("cuda",),  # and bitwise moe_router's (stock's) routing
+    tolerance=2**-3,
+    body=moe_gate_up.body,
+    header="#define ZMLX_ROUTE 1\n" + device_code("quant.h", "moe_router.h"),
+    input_names=("x", "gates") + moe_gate_up.input_names[2:] + ("bias",),
+    output_names=("out", "sout", "inds", "scores"),
+    launch=functools.partial(launch, route=True),
+    example=route_example,
 )
