@@ -29,6 +29,8 @@ from zmlx.kernels.prepared import prepare
 
 # kernel -> the positions of its example() arguments that change per decode step
 LIVE = {
+    "norm_router_gates": (0, 1),
+    "moe_gate_up_route": (0, 1),
     "norm_router": (0, 1),
     "moe_gate_up": (0, 1),
     "moe_mlp": (0, 1),

@@ -122,5 +122,5 @@ def check_moe_block_is_bitwise_mlx_lm_on_the_cpu(model, batch: int):
     assert [list(p.values()) for p in layer_plans] == [
         [f"reference: {names} (custom kernels do not run on MLX's CPU backend)"]
         for names in ["residual_norm, swiglu_mlp, moe_down"]
-        + ["norm_router, moe_gate_up, moe_down"] * (layers - 1)
+        + ["norm_router_gates, moe_gate_up_route, moe_down"] * (layers - 1)
     ]

@@ -251,14 +251,22 @@ def test_a_pattern_that_yields_is_registered_after_the_one_it_yields_to():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("which", ["tiny_q4", "tiny_f32"])
+@pytest.mark.parametrize("which", ["tiny_q4", "tiny_f32", "no_shared_q4"])
 def test_on_the_gpu_every_layer_runs_its_kernels_bitwise_mlx_lm(request, which):
     """One sequence (the kernels' regime on CUDA): each layer's three launches are the fused
-    kernels (no reference, no mlx-lm fallback) and the tokens and logits are stock's."""
+    kernels (no reference, no mlx-lm fallback) and the tokens and logits are stock's. With a
+    shared expert the MoE layers route in moe_gate_up_route (from norm_router_gates' gates),
+    without one in norm_router."""
     mx.set_default_device(mx.gpu)  # blocks_on_the_cpu puts the CPU back afterwards
-    model, _ = request.getfixturevalue(which)
+    if which == "no_shared_q4":
+        model = request.getfixturevalue("fresh_q4")
+        model.args.n_shared_experts = None  # every MoE's config: stock drops its shared expert too
+    else:
+        model, _ = request.getfixturevalue(which)
     stock = greedy_logits(model, PROMPT, 4)
     result, patched, plans = patched_run(moe_block, model, PROMPT, 4)
     assert result.patterns["moe_block"].path == "kernel", result.patterns["moe_block"].fallbacks
-    assert all(list(p.values()) and all(v.startswith("kernel: ") for v in p.values()) for p in plans), plans
+    moe = "norm_router, moe_mlp" if which == "no_shared_q4" else "norm_router_gates, moe_gate_up_route"
+    names = ["residual_norm, swiglu_mlp"] + [moe] * (len(plans) - 1)
+    assert [list(p.values()) for p in plans] == [[f"kernel: {n}, moe_down"] for n in names], plans
     assert same(stock, patched)

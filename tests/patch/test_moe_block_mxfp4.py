@@ -43,4 +43,6 @@ def test_on_the_gpu_every_mxfp4_layer_runs_its_kernels_bitwise_mlx_lm():
     result, patched, plans = patched_run(moe_block, model, prompt, 4)
     assert result.patterns["moe_block"].path == "kernel", result.patterns["moe_block"].fallbacks
     assert all(list(p.values()) and all(v.startswith("kernel: ") for v in p.values()) for p in plans), plans
+    moe = "kernel: norm_router_gates, moe_gate_up_route, moe_down"  # the routing in launch 2
+    assert all(list(p.values()) == [moe] for p in plans[1:]), plans
     assert same(stock, patched)

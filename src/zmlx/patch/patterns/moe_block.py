@@ -6,10 +6,13 @@ and their MoE the same gate and experts) as the MoE half of zmlx.patch.layer's s
 `__call__`. A decode step (one token per sequence) runs the layer's attention half as it is
 (stock, as an attention pattern patched it, or mla_block's), then
 
-    MoE layer:   norm_router  (h = x + r, xn = post_attention_layernorm(h), gate, routing)
-                 moe_gate_up  (routed and shared experts' gate + up + SwiGLU; moe_mlp when
-                               the block has no shared expert)
+    MoE layer:   norm_router_gates (h = x + r, xn = post_attention_layernorm(h), the gate
+                               matvec over many threadgroups)
+                 moe_gate_up_route (each warp routes its token from the gates, then the routed
+                               and shared experts' gate + up + SwiGLU; writes inds, scores)
                  moe_down     (down projections, routing-weighted combine, shared expert, h + y)
+    MoE layer without a shared expert: norm_router (norm, gate and routing in one threadgroup
+                 per token), moe_mlp, moe_down
     dense layer: residual_norm, swiglu_mlp, moe_down (dense: h + down(...))
 
 Each launch is prepared once per (layer, input shapes, dtypes, backend) with the weights it
@@ -33,9 +36,9 @@ import mlx.nn as nn
 from zmlx import backend as _backend
 from zmlx.distributed import moe_sharded, sharded_linear_reason
 from zmlx.kernels.moe_down import moe_down
-from zmlx.kernels.moe_gate_up import moe_gate_up
+from zmlx.kernels.moe_gate_up import moe_gate_up_route
 from zmlx.kernels.moe_mlp import moe_mlp
-from zmlx.kernels.norm_router import norm_router
+from zmlx.kernels.norm_router import norm_router, norm_router_gates
 from zmlx.kernels.prepared import Prepared, prepare
 from zmlx.kernels.quant import MLX_LM_SORT_ROWS, MODES, linear_reason, switch_linear_reason, weights_of
 from zmlx.kernels.residual_norm import residual_norm
@@ -124,16 +127,18 @@ class _MoE:
         self.group, self.zero = group, zero  # tensor parallel: mlx-lm's group, a zero residual
 
     def __call__(self, x, r):
-        route, gate_up, down = self.launches
-        h, xn, inds, scores = route(x, r)
+        norm, gate_up, down = self.launches
         # A tensor-parallel MoE's output is a partial sum that mlx-lm all-sums before the
         # layer's residual add: moe_down adds a zero residual (y + 0 is y, bitwise) and h is
         # added after the all-sum, once, not once per process.
-        resid = h if self.group is None else self.zero
-        if self.shared:
-            hr, hs = gate_up(xn, inds)
+        if self.shared:  # the routing is moe_gate_up_route's, from norm_router_gates' gates
+            h, xn, gates = norm(x, r)
+            resid = h if self.group is None else self.zero
+            hr, hs, inds, scores = gate_up(xn, gates)
             y = down(hr, inds, scores, resid, hs)
         else:
+            h, xn, inds, scores = norm(x, r)
+            resid = h if self.group is None else self.zero
             y = down(gate_up(xn, inds), inds, scores, resid)
         return y if self.group is None else h + mx.distributed.all_sum(y, group=self.group)
 
@@ -180,8 +185,7 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
         rows = math.prod(x.shape[:-1]) * g.top_k
         if rows >= MLX_LM_SORT_ROWS:
             raise _Stock(f"{rows} expert rows: mlx-lm sorts them by expert (its own path)")
-        route_kw = dict(
-            eps=norm.eps,
+        router_kw = dict(
             top_k=g.top_k,
             n_group=g.n_group,
             topk_group=g.topk_group,
@@ -189,15 +193,18 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
             norm_topk_prob=g.norm_topk_prob,
             renorm_eps=renorm_eps,
         )
-        route_args = (x, r, norm["weight"], g["weight"], g["e_score_correction_bias"])
-        h, xn, inds, scores = run(norm_router, route_args, route_kw, (0, 1))
+        bias = g["e_score_correction_bias"]
+        norm_args = (x, r, norm["weight"], g["weight"])
         group = mlp.sharding_group if moe_sharded(mlp) else None
-        zero = None if group is None else mx.zeros(h.shape, h.dtype)
-        resid = h if group is None else zero
+        zero = None if group is None else mx.zeros(x.shape, x.dtype)
         (gate, packing), (up, _), (down, down_packing) = map(
             weights_of, (sw.gate_proj, sw.up_proj, sw.down_proj)
         )
         if mlp.config.n_shared_experts is None:
+            h, xn, inds, scores = run(
+                norm_router, (*norm_args, bias), dict(eps=norm.eps, **router_kw), (0, 1)
+            )
+            resid = h if group is None else zero
             hr = run(moe_mlp, (xn, inds, *gate, *up), packing, (0, 1))
             run(moe_down, (hr, inds, scores, *down, resid), down_packing, (0, 1, 2, 6))
             return _MoE(launches, False, group, zero)
@@ -205,8 +212,11 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
         (sgate, s_packing), (sup, _), (sdown, sdown_packing) = map(
             weights_of, (se.gate_proj, se.up_proj, se.down_proj)
         )
-        gu_kw = {**packing, **{f"shared_{k}": v for k, v in s_packing.items()}}
-        hr, hs = run(moe_gate_up, (xn, inds, *gate, *up, *sgate, *sup), gu_kw, (0, 1))
+        h, xn, gates = run(norm_router_gates, norm_args, dict(eps=norm.eps), (0, 1))
+        resid = h if group is None else zero
+        gu_kw = {**packing, **{f"shared_{k}": v for k, v in s_packing.items()}, **router_kw}
+        gu_args = (xn, gates, *gate, *up, *sgate, *sup, bias)
+        hr, hs, inds, scores = run(moe_gate_up_route, gu_args, gu_kw, (0, 1))
         down_kw = {**down_packing, **{f"shared_{k}": v for k, v in sdown_packing.items()}}
         run(moe_down, (hr, inds, scores, *down, resid, hs, *sdown), down_kw, (0, 1, 2, 6, 7))
         return _MoE(launches, True, group, zero)
@@ -266,7 +276,7 @@ PATTERN = Pattern(
         " residual add (the dense layer likewise)"
     ),
     fidelity="close",
-    kernels=(norm_router, moe_gate_up, moe_mlp, moe_down, residual_norm, swiglu_mlp),
+    kernels=(norm_router_gates, moe_gate_up_route, norm_router, moe_mlp, moe_down, residual_norm, swiglu_mlp),
     check=check,
     make=make,
     paths=("decode",),
