@@ -6,10 +6,13 @@ kernels the block patterns call through prepared launches are timed both ways: t
 their public function (which plans every call) and prepared ("(prepared)" cases), as the
 patterns call them.
 
-moe_block: `norm_router` (residual add + RMSNorm + gate matvec + routing), `moe_gate_up`
-(routed and shared experts' gate + up + SwiGLU), `moe_down` (down projections + combine +
-shared expert + residual add). mla_block: `norm_qkv_a` (input RMSNorm + q_a and kv_a
-projections), `mla_q_prep` (q_a norm + q_b + RoPE/scale + embed_q, kv norm + RoPE of k_pe).
+moe_block with a shared expert: `norm_router_gates` (residual add + RMSNorm + gate matvec over
+E / 8 threadgroups), `moe_gate_up_route` (routing from the gates + routed and shared experts'
+gate + up + SwiGLU), `moe_down` (down projections + combine + shared expert + residual add).
+Also timed: `norm_router` (the norm, the gate matvec and the routing in one threadgroup per
+token: the block without a shared expert) and `moe_gate_up` (the experts from given indices).
+mla_block: `norm_qkv_a` (input RMSNorm + q_a and kv_a projections), `mla_q_prep` (q_a norm +
+q_b + RoPE/scale + embed_q, kv norm + RoPE of k_pe).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from zmlx.kernels import norm_qkv_a as qkv_a
 from zmlx.kernels import norm_router as router
 from zmlx.kernels.moe_down import moe_down
 from zmlx.kernels.moe_down import reference as down_stock
-from zmlx.kernels.moe_gate_up import moe_gate_up
+from zmlx.kernels.moe_gate_up import moe_gate_up, moe_gate_up_route
 from zmlx.kernels.moe_gate_up import reference as gate_up_stock
 from zmlx.kernels.moe_mlp import quantized_experts
 from zmlx.kernels.prepared import prepare
@@ -76,12 +79,35 @@ def moe_block_cases() -> list[Case]:
     sdown = quantized_linear(D, INTER, dtype=mx.bfloat16, seed=67, **Q4)
     shared_kw = dict(**Q4, shared_group_size=64, shared_bits=4)
     hr, hs = gate_up_stock(xn, inds, *gate, *up, *sgate, *sup, **shared_kw)
-    mx.eval(x, r, h, xn, inds, scores, gate, up, down, sgate, sup, sdown, hr, hs)
+    # moe_gate_up_route routes over all E gates; a bias that favours the 8 experts stored keeps
+    # its choice among them (the same arithmetic whatever it picks)
+    gates = router.reference(x, r, norm_w, gate_w, eps=route_kw["eps"], route=False)[2]
+    favour = bias + mx.where(mx.arange(E) < 8, 8.0, 0.0)
+    router_kw = {k: v for k, v in route_kw.items() if k != "eps"}
+    mx.eval(x, r, h, xn, inds, scores, gate, up, down, sgate, sup, sdown, hr, hs, gates, favour)
     shape = "1 token, 4-bit"
     return [
         *_cases(
+            "norm_router_gates",
+            f"{shape}, {D} wide, {E} experts over {E // router.GATES_PER_GROUP} threadgroups",
+            functools.partial(router.reference, route=False),
+            router.norm_router_gates,
+            (x, r, norm_w, gate_w),
+            dict(eps=route_kw["eps"]),
+            live=(0, 1),
+        ),
+        *_cases(
+            "moe_gate_up_route",
+            f"{shape}, routing {E} gates top-{K}, {K} experts + shared, 2 x {INTER} x {D}",
+            functools.partial(gate_up_stock, route=True),
+            moe_gate_up_route,
+            (xn, gates, *gate, *up, *sgate, *sup, favour),
+            {**shared_kw, **router_kw},
+            live=(0, 1),
+        ),
+        *_cases(
             "norm_router",
-            f"{shape}, {D} wide, {E} experts, top-{K}",
+            f"{shape}, {D} wide, {E} experts, top-{K}, routed in one threadgroup",
             router.reference,
             router.norm_router,
             (x, r, norm_w, gate_w, bias),
@@ -90,7 +116,7 @@ def moe_block_cases() -> list[Case]:
         ),
         *_cases(
             "moe_gate_up",
-            f"{shape}, {K} experts + shared, 2 x {INTER} x {D}",
+            f"{shape}, {K} given experts + shared, 2 x {INTER} x {D}",
             gate_up_stock,
             moe_gate_up,
             (xn, inds, *gate, *up, *sgate, *sup),
