@@ -42,7 +42,10 @@ def test_run_appends_a_measured_line(tmp_path):
     assert patched["kernels_per_token"] is None and "CUDA" in patched["kernels_note"]
     assert noise["patterns"] == [] and noise["fidelity"] == "PASS"
     # what was run, how it was configured, and which path each pattern took
-    assert patched["schema_version"] == 3 and patched["prompt_tokens"] == 32
+    assert patched["schema_version"] == 4 and patched["prompt_tokens"] == 32
+    for side in ("", "stock_"):  # the host time to issue a decode step, on every backend
+        assert 0 < patched[f"{side}build_ms_per_step"] <= patched[f"{side}issue_ms_per_step"]
+    assert "compiled_decode" not in patched  # not among its patterns
     assert " -m zmlx.matrix run synth:glm4_moe_lite/tiny/affine4 --runs 2" in patched["command"]
     assert patched["env"] == {}
     assert set(patched["pattern_paths"]) == {"moe_router", "moe_combine"}
@@ -346,3 +349,26 @@ def test_a_close_set_is_judged_by_the_accuracy_rule(tmp_path):
     assert judged["fidelity"] == verdict(d["identical"] == d["total"], acc["accurate"])
     assert "accuracy" not in unjudged["fidelity_detail"]
     assert unjudged["fidelity"] in ("PASS", "FAIL")
+
+
+def test_a_compiled_decode_line_carries_its_counters(tmp_path):
+    ledger = tmp_path / "m.jsonl"
+    p = matrix(
+        "run",
+        TINY,
+        "--patterns",
+        "compiled_decode",
+        "--runs",
+        "2",
+        "--max-tokens",
+        "8",
+        "--ledger",
+        str(ledger),
+    )
+    assert p.returncode == 0, p.stderr
+    (e,) = L.read(ledger).entries
+    # 32 + 8 positions: one capacity bucket, so one trace in the run the counters come from
+    assert e["compiled_decode"]["traces"] == 1 and e["compiled_decode"]["compiled_steps"] > 0
+    assert e["compiled_decode"]["stock_steps"] == {}
+    assert e["issue_ms_per_step"] > 0 and e["stock_issue_ms_per_step"] > 0
+    assert "(1 trace)" in matrix("report", "--markdown", "--ledger", str(ledger)).stdout

@@ -164,8 +164,9 @@ def run(
             m, tok, source = load(model, progress=lambda i, n: progress.update(task, completed=i, total=n))
             variants = E.variants(model, source.family, sets, current_backend(), preset)
             judged = accuracy_by_default(model) if accuracy is None else accuracy
-            n = len(variants) + 1  # with the control; steps: warm-ups, runs, kernel counts, accuracy
-            total = n * (runs + 1) + (n if count_kernels else 0) + (n - 1 if judged else 0)
+            # steps: warm-ups, runs, issue times, kernel counts, accuracy; n: with the control
+            n = len(variants) + 1
+            total = n * (runs + 2) + (n if count_kernels else 0) + (n - 1 if judged else 0)
             progress.update(task, description="measuring", completed=0, total=total)
             control, *measured = measure(
                 m,
@@ -194,6 +195,7 @@ def _history_table(entries: list[dict[str, Any]], title: str, superseded: dict |
     from rich.table import Table
 
     superseded = superseded or {}
+    host = any(e.get("issue_ms_per_step") is not None for e in entries)  # none before schema 4
     t = Table(title=title)
     for col in (
         "line",
@@ -207,11 +209,14 @@ def _history_table(entries: list[dict[str, Any]], title: str, superseded: dict |
         "patched tok/s",
         "speedup",
         "kernels/tok",
+        *(["host ms/step"] if host else []),
         "commit",
         "notes",
     ):
         t.add_column(
-            col, justify="right" if "tok/" in col or col in ("speedup", "prompt") else "left", overflow="fold"
+            col,
+            justify="right" if "tok/" in col or col in ("speedup", "prompt", "host ms/step") else "left",
+            overflow="fold",
         )
     for e in entries:
         fid = e["fidelity"]
@@ -238,6 +243,7 @@ def _history_table(entries: list[dict[str, Any]], title: str, superseded: dict |
             S.fmt(e.get("decode_tps_median")),
             S.fmt(e.get("speedup"), ".3f"),
             f"{S.fmt(stock_k, '.0f')} -> {S.fmt(kernels, '.0f')}" if kernels is not None else "-",
+            *([S.host_ms(e)] if host else []),
             S.commit_label(e),
             notes,
         )
@@ -301,17 +307,20 @@ def report(
         return
     for (model, quant, dev), group in S.groups(rows).items():
         t = Table(title=S.title(model, quant, dev, group))
-        for col in S.COLUMNS:
+        columns = S.columns(group)
+        for col in columns:
             t.add_column(
                 col,
                 justify="left"
                 if col in ("line", "patterns", "fidelity", "noise floor", "commit")
                 else "right",
                 no_wrap=col in ("line", "noise floor", "commit", "speedup"),
+                overflow="fold",
             )
         for r in group:
             c = S.cells(r)
-            t.add_row(*(c[col] for col in S.COLUMNS))
+            c["patterns"] = c["patterns"].replace(",", ", ")  # room to wrap between names
+            t.add_row(*(c[col] for col in columns))
         console.print(t)
     if data.superseded:
         console.print(f"{len(data.superseded)} superseded line(s) left out: matrix history shows them")

@@ -148,8 +148,14 @@ def measured(source, control: VariantResult, patched: VariantResult, **base: Any
             "gpu_us_per_token": patched.gpu_us_per_token,
             "stock_gpu_us_per_token": control.gpu_us_per_token,
             "kernels_note": patched.kernels_note,
+            "issue_ms_per_step": patched.issue_ms_per_step,
+            "stock_issue_ms_per_step": control.issue_ms_per_step,
+            "build_ms_per_step": patched.build_ms_per_step,
+            "stock_build_ms_per_step": control.build_ms_per_step,
             "peak_memory_gb": max(r.peak_memory_gb for r in patched.runs),
             "stock_peak_memory_gb": max(r.peak_memory_gb for r in control.runs),
         }
     )
+    if patched.compiled_decode is not None:  # of its last timed run (each run is one patch)
+        entry["compiled_decode"] = patched.compiled_decode
     return entry

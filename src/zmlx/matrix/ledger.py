@@ -12,7 +12,12 @@ Schema versions: 1 recorded an unknown git state as `dirty: false`; 2 records `n
 unknown, and adds `command`, `env` (the ZMLX_* variables set) and `pattern_paths` (per
 pattern: kernel or reference, and why); 3 adds the accuracy rule: `fidelity` may be
 `ACCURATE` (tokens differ from stock's, the rule holds), and `fidelity_detail.accuracy`
-holds the KL-divergence statistics against the float32 reference (zmlx.accuracy).
+holds the KL-divergence statistics against the float32 reference (zmlx.accuracy); 4 adds
+the host time to issue one decode step, `issue_ms_per_step` and `stock_issue_ms_per_step`,
+and the part of it that builds the step's graph, `build_ms_per_step` and
+`stock_build_ms_per_step` (zmlx.bench.issue_time), and `compiled_decode` (its counters:
+traces, compiled_steps, stock_steps by reason) on lines whose patterns applied it. Older
+lines lack these fields: readers take a missing field as not measured.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SCHEMA = "zmlx.matrix"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SUPERSEDE = "supersede"  # the `kind` of a line that marks another one superseded
 
 REQUIRED = ("schema", "schema_version", "timestamp", "model", "patterns", "device", "fidelity")

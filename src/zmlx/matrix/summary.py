@@ -89,6 +89,11 @@ def summarize(entries: Iterable[dict[str, Any]]) -> list[Row]:
                 "stock_kernels_per_token": e.get("stock_kernels_per_token"),
                 "gpu_us_per_token": e.get("gpu_us_per_token"),
                 "stock_gpu_us_per_token": e.get("stock_gpu_us_per_token"),
+                "issue_ms_per_step": e.get("issue_ms_per_step"),
+                "stock_issue_ms_per_step": e.get("stock_issue_ms_per_step"),
+                "build_ms_per_step": e.get("build_ms_per_step"),
+                "stock_build_ms_per_step": e.get("stock_build_ms_per_step"),
+                "compiled_decode": e.get("compiled_decode"),
                 "commit": commit_label(e),
                 "measurements": counts[key],
                 "timestamp": e["timestamp"],
@@ -99,6 +104,19 @@ def summarize(entries: Iterable[dict[str, Any]]) -> list[Row]:
 
 def fmt(x, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def host_ms(e: dict[str, Any]) -> str:
+    """The host time to issue a decode step, stock -> patched, and compiled_decode's traces
+    where it ran; '-' for lines from before schema 4 (not measured)."""
+    p, s = e.get("issue_ms_per_step"), e.get("stock_issue_ms_per_step")
+    if p is None or s is None:
+        return "-"
+    text = f"{s:.2f} -> {p:.2f}"
+    if (cd := e.get("compiled_decode")) is not None:
+        n = cd.get("traces")
+        text += f" ({n} trace{'' if n == 1 else 's'})"
+    return text
 
 
 def cells(r: Row) -> dict[str, str]:
@@ -124,6 +142,7 @@ def cells(r: Row) -> dict[str, str]:
         "fidelity": r["fidelity"],
         "kernels/tok": f"{fmt(sk, '.0f')} -> {fmt(k, '.0f')}" if k is not None else "-",
         "GPU ms/tok": f"{sg / 1e3:.2f} -> {g / 1e3:.2f}" if g is not None and sg is not None else "-",
+        "host ms/step": host_ms(r),
         "commit": r["commit"],
     }
 
@@ -140,8 +159,17 @@ COLUMNS = (
     "fidelity",
     "kernels/tok",
     "GPU ms/tok",
+    "host ms/step",
     "commit",
 )
+
+
+def columns(group: list[Row]) -> tuple[str, ...]:
+    """The terminal table's columns: host ms/step only where a line measured it (schema 4 on),
+    so that a table of older lines keeps its width."""
+    if any(r["issue_ms_per_step"] is not None for r in group):
+        return COLUMNS
+    return tuple(c for c in COLUMNS if c != "host ms/step")
 
 
 def groups(rows: list[Row]) -> dict[tuple, list[Row]]:
