@@ -14,11 +14,14 @@
 #                     verdict for an exact pattern anyway, and it saves ~100 s a set on flash)
 #   STEP=kernels      the `cuda` kernel tests (KERNEL_TESTS: which files), then the per-kernel
 #                     micro-benchmark
+#   STEP=tests        the `cuda` tests in TESTS (pytest arguments: files, -k ...), stopped after
+#                     TEST_LIMIT seconds (default 540); one line per test goes to the log as it
+#                     ends (unbuffered), so a run cut by the limit still says what passed
 #   STEP=all          experiments, noise and preset in turn
 # Bring the results home with:
 #   cp <files_at>/*.json repro_capsules/ && python -m zmlx.matrix merge <files_at>/matrix.jsonl
 set -euo pipefail
-step=${1:?STEP: experiments|noise|preset|ledger|kernels|all}
+step=${1:?STEP: experiments|noise|preset|ledger|kernels|tests|all}
 tokens=${2:-200}
 runs=${RUNS:-3}
 out=${OUT:-gpu-results}
@@ -54,10 +57,24 @@ ledger() {
     --prompt-tokens "$prompt" $accuracy \
     --ledger "$out/matrix.jsonl" --notes "${NOTES:-each pattern alone and the preset}, $device" 2>&1 | tee -a "$log"
 }
+cuda_tests() {
+  # pytest's output to a pipe is block-buffered: unbuffered and one line per test (-v), so
+  # what ran before a timeout reaches the log; the counts are taken from the log afterwards.
+  local limit=$1; shift
+  # shellcheck disable=SC2068
+  PYTHONUNBUFFERED=1 timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m cuda -rf "$@" \
+    >> "$log" 2>&1 || echo "== pytest exited $? (124: cut by the ${limit} s limit)" | tee -a "$log"
+  echo "== passed $(grep -c ' PASSED' "$log" || true), failed $(grep -c ' FAILED' "$log" || true), skipped $(grep -c ' SKIPPED' "$log" || true) (this log)" | tee -a "$log"
+  grep ' FAILED' "$log" | head -20 || true
+}
+tests() {
+  # shellcheck disable=SC2086
+  cuda_tests "${TEST_LIMIT:-540}" ${TESTS:?TESTS: the pytest arguments}
+}
 kernels() {
   # KERNEL_TESTS narrows the tests (e.g. "tests/kernels/test_moe_mlp.py tests/kernels/test_swiglu_mlp.py")
   # shellcheck disable=SC2086
-  python3 -m pytest -q -p no:cacheprovider -m cuda ${KERNEL_TESTS:-tests/kernels} 2>&1 | tail -25 | tee -a "$log"
+  cuda_tests "${TEST_LIMIT:-540}" ${KERNEL_TESTS:-tests/kernels}
   # ONLY="glm47_rope mla_attention" narrows the micro-benchmark (and skips the overhead diagnostic)
   local only=()
   for k in ${ONLY:-}; do only+=(--only "$k"); done
@@ -70,6 +87,7 @@ case "$step" in
   preset) preset ;;
   ledger) ledger ;;
   kernels) kernels ;;
+  tests) tests ;;
   all) experiments; noise; preset ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
