@@ -2,10 +2,10 @@
 every step of the eager, static-path and compiled runs agrees bitwise; and the static path
 really runs uncompiled inside `compiled_decode.uncompiled` (a trace per step)."""
 
-import importlib.util
 from pathlib import Path
 
 import mlx.core as mx
+from script_loader import load_script
 
 import zmlx
 from zmlx.patch.patterns import compiled_decode
@@ -14,10 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "diagnose_
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("diagnose_compiled", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu/diagnose_compiled.py")
 
 
 def test_on_the_cpu_all_three_runs_are_bitwise(tiny_q4):

@@ -2,19 +2,12 @@
 buffer is bitwise the unpadded one for every op (what compiled_decode's static path relies
 on); a wrong padding or mask would move the outputs by O(1). Bad input: one line, exit 2."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "diagnose_sdpa_padding.py"
+from script_loader import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("diagnose_sdpa_padding", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu/diagnose_sdpa_padding.py")
 
 
 @pytest.mark.parametrize("width,n", [(128, 11), (512, 13), (64, 1)])

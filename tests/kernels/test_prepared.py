@@ -2,11 +2,10 @@
 are KernelDef.plan's and launch()'s, and the Python per call stays small."""
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from script_loader import load_script
 
 from zmlx.kernels import core
 from zmlx.kernels.core import KernelDef, Launch, Skip
@@ -14,14 +13,9 @@ from zmlx.kernels.mla_q_prep import mla_q_prep
 from zmlx.kernels.prepared import KernelCall, ReferenceCall, key, prepare
 from zmlx.patch.patterns.moe_block import PATTERN as MOE_BLOCK
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_prepared_overhead.py"
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_prepared_overhead", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_prepared_overhead.py")
 
 
 LIVE = _bench().LIVE
