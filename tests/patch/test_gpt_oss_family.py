@@ -12,12 +12,16 @@ import functools
 import warnings
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.models.activations import SwigluOAI
+from mlx_lm.models.switch_layers import SwitchGLU
 from test_family_exactness import forward
 
 import zmlx
 from zmlx import synth
+from zmlx.patch.patterns import moe_mlp
 
 QUANTS = ["bf16", "affine4", "mxfp4"]
 
@@ -40,12 +44,8 @@ def test_patch_then_unpatch_leaves_the_synth_model_as_it_was(quant):
     layers = len(model.layers)
     assert result.patterns["softmax_router"].patched == [f"model.layers.{i}.mlp" for i in range(layers)]
     assert type(model.layers[0].mlp).__zmlx_original__.__name__ == "MLPBlock"
-    experts = [f"model.layers.{i}.mlp.experts" for i in range(layers)]
-    if quant == "mxfp4":  # the moe_mlp pattern takes affine or unquantized experts
-        skipped = {why for _, why in result.patterns["moe_mlp"].skipped}
-        assert skipped == {"gate_proj is mxfp4-quantized (affine only)"}, skipped
-    else:
-        assert result.patterns["moe_mlp"].patched == experts
+    # every layer's experts, the released models' mxfp4 ones too
+    assert result.patterns["moe_mlp"].patched == [f"model.layers.{i}.mlp.experts" for i in range(layers)]
     zmlx.unpatch(model)
     assert _state(model) == before
 
@@ -76,10 +76,49 @@ def test_patched_synth_model_is_bitwise_stock(quant, patterns):
             zmlx.unpatch(model)
         for name in patterns:
             report = result.patterns[name]
-            layers = 0 if (name, quant) == ("moe_mlp", "mxfp4") else len(model.layers)
-            assert report.fidelity == "exact" and len(report.patched) == layers, name
+            assert report.fidelity == "exact" and len(report.patched) == len(model.layers), name
         for s, p in zip(stock, patched, strict=True):
             assert s.dtype == p.dtype and mx.array_equal(s, p).item(), (quant, batch, use_cache)
+
+
+def _experts(*modes) -> SwitchGLU:
+    """gpt-oss's experts (biases, SwigluOAI), gate_proj and up_proj quantized as `modes` say
+    ((mode, bits, group) each; None: unquantized)."""
+    switch = SwitchGLU(64, 32, 4, activation=SwigluOAI(), bias=True)
+    for name, m in zip(("gate_proj", "up_proj"), modes, strict=True):
+        if m is not None:
+            setattr(switch, name, getattr(switch, name).to_quantized(m[2], m[1], mode=m[0]))
+    return switch
+
+
+MX = ("mxfp4", 4, 32)
+
+
+@pytest.mark.parametrize(
+    "modes,why",
+    [
+        ((MX, MX), None),
+        ((("affine", 4, 32), ("affine", 4, 32)), None),
+        ((None, None), None),
+        ((("mxfp8", 8, 32),) * 2, "gate_proj is mxfp8-quantized (affine or mxfp4 only)"),
+        ((("nvfp4", 4, 16),) * 2, "gate_proj is nvfp4-quantized (affine or mxfp4 only)"),
+        ((MX, ("affine", 4, 32)), "gate_proj and up_proj are quantized differently"),
+        ((MX, None), "gate_proj and up_proj are quantized differently"),
+    ],
+)
+def test_moe_mlp_takes_mxfp4_experts_and_says_why_not_for_the_rest(modes, why):
+    """The kernel reads mxfp4 as it reads affine (csrc/quant.h's overload): gpt-oss's released
+    experts pass the check; the modes it does not read, and gate and up quantized apart, keep
+    their reasons."""
+    assert moe_mlp.check(_experts(*modes), {}) == why
+
+
+def test_moe_mlp_keeps_swiglu_experts_affine_or_unquantized():
+    """mxfp4 goes through moe_mlp for gpt-oss's experts only: SwiGLU experts (GLM's, DeepSeek's)
+    keep the module patterns' affine-only reason (moe_block takes their mxfp4)."""
+    switch = SwitchGLU(64, 32, 4)
+    nn.quantize(switch, group_size=32, bits=4, mode="mxfp4")
+    assert moe_mlp.check(switch, {}) == "gate_proj is mxfp4-quantized (affine only)"
 
 
 @pytest.mark.cuda

@@ -6,7 +6,9 @@ projection stays mlx-lm's. Prompts, and decode steps of so many sequences that m
 sorts the rows by expert (MLX_LM_SORT_ROWS), take mlx-lm's own path. Off by default
 until the ledger shows it faster. gpt-oss's experts (biases, SwigluOAI) take the kernel's
 variant that adds the gate and up biases and applies SwigluOAI as mlx-lm does (down_proj's
-bias stays mlx-lm's add).
+bias stays mlx-lm's add), affine, unquantized or mxfp4 as released (the dot's mxfp4
+overload, the same arithmetic as moe_block's mxfp4 experts). SwiGLU experts stay affine or
+unquantized here, as the other module patterns (moe_block takes their mxfp4).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import mlx.core as mx
 from mlx_lm.models.activations import SwigluOAI
 
 from zmlx.kernels.moe_mlp import moe_mlp
-from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
+from zmlx.kernels.quant import AFFINE, MLX_LM_SORT_ROWS, MODES, switch_linear_reason, weights_of
 from zmlx.patch.moe import experts_reason, gate_up, kernel_activations
 from zmlx.patch.pattern import Pattern
 
@@ -35,9 +37,10 @@ def _experts_reason(switch) -> str | None:
 def check(switch, params) -> str | None:
     if (why := _experts_reason(switch)) is not None:
         return why
+    oai = isinstance(switch.activation, SwigluOAI)  # the kernel adds gpt-oss's biases
+    modes = MODES if oai else AFFINE  # gpt-oss's released experts are mxfp4
     for name in ("gate_proj", "up_proj"):
-        oai = isinstance(switch.activation, SwigluOAI)  # the kernel adds gpt-oss's biases
-        if (why := switch_linear_reason(name, getattr(switch, name), bias=oai)) is not None:
+        if (why := switch_linear_reason(name, getattr(switch, name), modes, bias=oai)) is not None:
             return why
     if weights_of(switch.gate_proj)[1] != weights_of(switch.up_proj)[1]:
         return "gate_proj and up_proj are quantized differently"
