@@ -20,7 +20,7 @@ from zmlx.kernels.mla_decode_q import inputs as mla_decode_q_inputs
 from zmlx.kernels.mla_decode_q import mla_decode_q
 from zmlx.kernels.mla_q_prep import inputs as mla_q_prep_inputs
 from zmlx.kernels.mla_q_prep import kwargs as mla_q_prep_kwargs
-from zmlx.kernels.mla_q_prep import mla_q_prep
+from zmlx.kernels.mla_q_prep import mla_q_prep, mla_q_prep_nope
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_down import moe_down
 from zmlx.kernels.moe_gate_up import moe_gate_up, moe_gate_up_route
@@ -248,12 +248,17 @@ def _mla_q_prep_cases():  # GLM-4.7-Flash's attention and small odd shapes; mixe
             args = mla_q_prep_inputs(1, heads, qlr, nope, rd, rank, dtype, 1, packing=qp, embed_packing=ep)
             kw = mla_q_prep_kwargs(heads, nope, rd, packing=qp, embed_packing=ep)
             yield mla_q_prep, (*args, rope_table(rd, 10_000.0, 1.0, 8), 5), kw
+            nope_kw = {k: v for k, v in kw.items() if not k.startswith("embed_")}
+            yield mla_q_prep_nope, (*args[:7], rope_table(rd, 10_000.0, 1.0, 8), 5), nope_kw
             if qp is q4:  # YaRN's rope: its frequencies in the table, mscale 1 + 0.1 ln 32 on the input
                 freqs = mx.arange(1, rd // 2 + 1, dtype=mx.float32)
                 yarn = dict(kw, base=None, freqs=freqs, mscale=1.3465735902799727)
                 yield mla_q_prep, (*args, rope_table(rd, None, 1.0, 8, freqs=freqs), 5), yarn
+                nope_yarn = {k: v for k, v in yarn.items() if not k.startswith("embed_")}
+                yield mla_q_prep_nope, (*args[:7], rope_table(rd, None, 1.0, 8, freqs=freqs), 5), nope_yarn
     args, kw = mla_q_prep.example()  # the self-check's
     yield mla_q_prep, args, kw
+    yield mla_q_prep_nope, *mla_q_prep_nope.example()
 
 
 CASES = list(_cases())

@@ -7,7 +7,9 @@ weights, quantized by `nn.quantize` or not; and `DeepseekV3Attention`'s with YaR
 (test_glm47_rope's cases: DeepSeek-V3's, and one whose rope scales its input, Kimi-K2's).
 The Metal body through the emulation: each output as close to a float32 truth as stock is.
 `cuda` tests: q_pe, kv_latent and k_pe bitwise stock, qv as close to float32 as stock's
-embed_q, outputs poisoned first."""
+embed_q, outputs poisoned first. Its variant mla_q_prep_nope (no embed_q, q_nope out): the
+reference is mlx-lm's q_nope (embed_q's input) and the rest; the emulated Metal body as close
+as stock and its q_pe, kv_latent, k_pe those of mla_q_prep's body; on CUDA all four bitwise."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,7 +21,17 @@ from test_glm47_rope import YARN  # the test directory is on sys.path (pytest)
 from zmlx.kernels import metal_emu
 from zmlx.kernels.core import Launch, Skip
 from zmlx.kernels.glm47_rope import rope_table
-from zmlx.kernels.mla_q_prep import THREADS, inputs, kwargs, launch, mla_q_prep, reference
+from zmlx.kernels.mla_q_prep import (
+    THREADS,
+    inputs,
+    kwargs,
+    launch,
+    launch_nope,
+    mla_q_prep,
+    mla_q_prep_nope,
+    reference,
+    reference_nope,
+)
 from zmlx.kernels.quant import dequantized, weights_of
 from zmlx.patch.attention import rope_args
 
@@ -90,15 +102,17 @@ def _attention(heads, qlr, nope, rd, rank, dtype, bits, seed, yarn=None):
 
 
 class _Recorder(nn.Module):
-    """A module that runs `inner` and keeps its outputs."""
+    """A module that runs `inner` and keeps its first inputs and its outputs."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
+        self.inputs: list = []
         self.outputs: list = []
 
     def __call__(self, *args, **kw):
         out = self.inner(*args, **kw)
+        self.inputs.append(args[0])
         self.outputs.append(out)
         return out
 
@@ -117,6 +131,17 @@ def _stock_pieces(attn, x, offset):
     q_pe = attn.rope.outputs[0]
     pos = slice(offset, offset + 1)
     return attn.embed_q.outputs[0], q_pe * attn.scale, cache.keys[:, :, pos], cache.values[:, :, pos]
+
+
+def _stock_nope_pieces(attn, x, offset):
+    """_stock_pieces with embed_q's input, q_nope, in place of its output."""
+    _, *rest = _stock_pieces(attn, x, offset)
+    return (attn.embed_q.inputs[0], *rest)
+
+
+def _nope(args, kw):
+    """mla_q_prep's arguments less embed_q's: mla_q_prep_nope's."""
+    return (*args[:7], *args[10:]), {k: v for k, v in kw.items() if not k.startswith("embed_")}
 
 
 def _ours_args(attn, x, offset):
@@ -147,6 +172,32 @@ def test_reference_is_mlx_lm_attention(dtype, bits, b, offset, yarn):
     for got, want in ((q_pe, want_pe), (kv_latent, want_lat), (k_pe, want_kpe)):
         assert got.dtype == want.dtype == dtype and got.shape == want.shape
         assert mx.array_equal(got, want).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8, None])
+@pytest.mark.parametrize("heads,b,offset", [(3, 1, 37), (5, 2, 0), (1, 1, 5)])
+@pytest.mark.parametrize("yarn", [None, *sorted(YARN)])
+def test_nope_reference_is_mlx_lm_attention(dtype, bits, heads, b, offset, yarn):
+    """q_nope bitwise what mlx-lm's module hands embed_q, and q_pe * scale, kv_latent, k_pe."""
+    attn = _attention(heads, 96, 32, 16, 64, dtype, bits, seed=b + offset + heads, yarn=yarn)
+    x = mx.random.normal((b, 1, 64), key=mx.random.key(5)).astype(dtype)
+    args, kw = _nope(*_ours_args(attn, x, offset))
+    got = reference_nope(*args, **kw)
+    want = _stock_nope_pieces(attn, x, offset)
+    assert got[0].shape == (b, heads, 1, 32)
+    for name, g, w in zip(("q_nope", "q_pe", "kv_latent", "k_pe"), got, want):
+        assert g.dtype == w.dtype == dtype and g.shape == w.shape, name
+        assert mx.array_equal(g, w).item(), name
+
+
+def test_the_nope_comparison_sees_a_wrong_head():
+    """q_nope with two heads swapped is not what mlx-lm hands embed_q."""
+    attn = _attention(3, 96, 32, 16, 64, mx.bfloat16, 4, seed=3)
+    x = mx.random.normal((1, 1, 64), key=mx.random.key(5)).astype(mx.bfloat16)
+    q_nope = reference_nope(*_nope(*_ours_args(attn, x, 7))[0], **_nope(*_ours_args(attn, x, 7))[1])[0]
+    want = _stock_nope_pieces(attn, x, 7)[0]
+    assert not mx.array_equal(q_nope[:, ::-1], want).item()
 
 
 def test_reference_takes_q_proj_output_without_q_lora_rank():
@@ -197,6 +248,27 @@ def test_launch_says_why_it_takes_the_reference():
     assert "at most 4096" in why(*wide, **wide_kw)
     long_kv, long_kw = _problem((1, 2, 96, 32, 16, 4608), mx.bfloat16, (Q4, Q4), 2)
     assert "4096" in why(*long_kv, backend="metal", **long_kw)  # MLX's Metal rms_norm loops past 4096
+
+
+def test_nope_launch_takes_no_embed_q():
+    """mla_q_prep_nope's launch: the same geometry, no embed_q inputs or template, q_nope
+    (B, H, 1, nope) in T out; the embed_q reasons are not its."""
+    args, kw = _problem(SHAPES[1], mx.bfloat16, (Q4, Q4), 1)
+    nope_args, nope_kw = _nope(args, kw)
+    spec, full = launch_nope("cuda", *nope_args, **nope_kw), launch("cuda", *args, **kw)
+    assert isinstance(spec, Launch) and isinstance(full, Launch)
+    assert (spec.grid, spec.threadgroup) == (full.grid, full.threadgroup)
+    assert len(spec.inputs) == len(mla_q_prep_nope.input_names) == len(full.inputs) - 3
+    assert {n for n, _ in full.template} - {n for n, _ in spec.template} == {"EGS", "EBITS"}
+    assert [tuple(s) for s in spec.output_shapes] == [(1, 20, 1, 192), *map(tuple, full.output_shapes[1:])]
+    assert spec.output_dtypes == [mx.bfloat16] * 4
+    # nope 18: not a whole number of 4 values for embed_q's dots (mla_q_prep skips); q_b_proj's
+    # rows need no such thing
+    odd, odd_kw = _problem((1, 3, 96, 18, 16, 128), mx.bfloat16, (Q4, None), 2)
+    assert isinstance(launch("cuda", *odd, **odd_kw), Skip)
+    assert isinstance(launch_nope("cuda", *_nope(odd, odd_kw)[0], **_nope(odd, odd_kw)[1]), Launch)
+    got = launch_nope("cuda", *nope_args, **{**nope_kw, "rope_dims": 63})
+    assert isinstance(got, Skip) and "rope_dims" in got.reason
 
 
 # ---------------------------------------------------------------- Metal, through the emulation
@@ -258,6 +330,40 @@ def test_metal_self_check_example_passes(tmp_path_factory):
     assert all(mx.allclose(g, w, rtol=tol, atol=tol).item() for g, w in zip(got, reference(*args, **kw)))
 
 
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+@pytest.mark.parametrize("shape,dtype,packings,yarn", [EMU_CASES[i] for i in (0, 4, 8, 13)])
+def test_metal_nope_body_is_as_close_as_stock_and_mla_q_preps(
+    tmp_path_factory, close_bar, shape, dtype, packings, yarn
+):
+    """The ZMLX_QV 0 body: q_nope as close to the float32 truth as stock's q_b_proj, and q_pe,
+    kv_latent, k_pe bitwise those of the same inputs through mla_q_prep's body."""
+    args, kw = _problem(shape, dtype, packings, sum(shape), yarn=yarn)
+    nope_args, nope_kw = _nope(args, kw)
+    work = tmp_path_factory.getbasetemp()
+    got = metal_emu.run(mla_q_prep_nope, *nope_args, workdir=work, **nope_kw)
+    full = metal_emu.run(mla_q_prep, *args, workdir=work, **kw)
+    want = reference_nope(*nope_args, **nope_kw)
+    _, q_pe, lat, k_pe = _truth(*args, **kw)
+    rd, heads, b = kw["rope_dims"], kw["heads"], shape[0]
+    xn = mx.fast.rms_norm(args[0].astype(mx.float32), args[2].astype(mx.float32), kw["eps"])
+    qb = dequantized(args[3], args[4], args[5], kw["group_size"], kw["bits"])
+    q_nope = (xn[..., None, :] * qb).sum(axis=-1).reshape(b, heads, 1, -1)[..., :-rd]
+    for name, g, w, t in zip(("q_nope", "q_pe", "kv_latent", "k_pe"), got, want, (q_nope, q_pe, lat, k_pe)):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        truth_f32, bar = close_bar(lambda *a, w=w, **k: w, lambda *a, t=t, **k: t, args, kw, dtype)
+        assert mx.abs(g.astype(mx.float32) - truth_f32).max().item() <= bar, name
+    for name, g, f in zip(("q_pe", "kv_latent", "k_pe"), got[1:], full[1:]):
+        assert mx.array_equal(g, f).item(), name
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+def test_metal_nope_self_check_example_passes(tmp_path_factory):
+    args, kw = mla_q_prep_nope.example()
+    got = metal_emu.run(mla_q_prep_nope, *args, workdir=tmp_path_factory.getbasetemp(), **kw)
+    tol = mla_q_prep_nope.tolerance
+    assert all(mx.allclose(g, w, rtol=tol, atol=tol).item() for g, w in zip(got, reference_nope(*args, **kw)))
+
+
 # ---------------------------------------------------------------- CUDA (run on the GPU)
 
 
@@ -282,6 +388,37 @@ def test_cuda_kernel_is_bitwise_stock_but_qv(close_bar, shape, dtype, packings, 
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("packings", PACKINGS)
+@pytest.mark.parametrize(
+    "position,yarn", [(0, None), (4096, None), (4096, "deepseek_v3"), (100000, "mscale")]
+)
+def test_cuda_nope_kernel_is_bitwise_stock(shape, dtype, packings, position, yarn):
+    """mla_q_prep_nope: all four outputs bitwise the reference (stock's ops), outputs poisoned."""
+    args, kw = _nope(*_problem(shape, dtype, packings, sum(shape) + position, position, yarn))
+    got = mla_q_prep_nope.run_kernel("cuda", *args, init_value=float("nan"), **kw)
+    want = reference_nope(*args, **kw)
+    for name, g, w in zip(("q_nope", "q_pe", "kv_latent", "k_pe"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert mx.array_equal(g, w).item(), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8, None])
+@pytest.mark.parametrize("yarn", [None, *sorted(YARN)])
+def test_cuda_nope_kernel_is_mlx_lm_attention(dtype, bits, yarn):
+    attn = _attention(5, 96, 64, 16, 128, dtype, bits, seed=9, yarn=yarn)  # odd heads; nope 64: see SHAPES
+    x = mx.random.normal((1, 1, 64), key=mx.random.key(6)).astype(dtype)
+    args, kw = _nope(*_ours_args(attn, x, 300))
+    got = mla_q_prep_nope.run_kernel("cuda", *args, init_value=float("nan"), **kw)
+    want = _stock_nope_pieces(attn, x, 300)
+    for name, g, w in zip(("q_nope", "q_pe", "kv_latent", "k_pe"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and mx.array_equal(g, w).item(), name
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [4, 8, None])
 @pytest.mark.parametrize("yarn", [None, *sorted(YARN)])
@@ -298,5 +435,6 @@ def test_cuda_kernel_is_mlx_lm_attention_but_qv(dtype, bits, yarn):
 
 
 @pytest.mark.cuda
-def test_cuda_kernel_is_what_runs():
-    assert mla_q_prep.plan("cuda").path == "kernel", mla_q_prep.plan("cuda").reason
+@pytest.mark.parametrize("kernel", [mla_q_prep, mla_q_prep_nope], ids=lambda k: k.name)
+def test_cuda_kernel_is_what_runs(kernel):
+    assert kernel.plan("cuda").path == "kernel", kernel.plan("cuda").reason

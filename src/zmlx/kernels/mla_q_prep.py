@@ -1,4 +1,5 @@
-"""mla_q_prep: MLA's query and new-key preparation at decode in one launch (launch B of mla_block).
+"""mla_q_prep: MLA's query and new-key preparation at decode in one launch (launch B of mla_block;
+its variant `mla_q_prep_nope`, without embed_q, is mla_prologue's second launch).
 
 Stock, per attention layer and decoded token (mlx-lm `Glm4MoeLiteAttention`, from the
 outputs q_a of q_a_proj and ckv of kv_a_proj_with_mqa):
@@ -40,6 +41,12 @@ it (float32, mla.h's `zmlx_mla_rows`), one rounding less than stock. The referen
 stock's embed_q values widened to float32 (the CPU path is stock's own op sequence), so
 the kernel is `close` (exact_on empty). On Metal every dot is a float32 sum (close).
 
+`mla_q_prep_nope` (the same body with ZMLX_QV 0; its own KernelDef, for its inputs and
+outputs differ): no embed_q, its first output q_nope (B, H, 1, nope) in T, q_b_proj's nope
+rows as stock's matmul rounds them. Every output is then stock's (bitwise on CUDA; close on
+Metal, whose dots are float32 sums), so mla_prologue hands q_nope to mlx-lm's own embed_q.
+Its reference is mlx-lm's op sequence up to those four values.
+
 Device code: csrc/mla_q_prep_body.h (the body); its header is csrc/quant.h (qmv-order row
 dots), csrc/residual_norm.h (the norm's square-accumulate and rsqrt), csrc/glm47_rope.h
 (the rotation as each backend rounds it) and csrc/mla.h (the float32 row dots).
@@ -75,18 +82,9 @@ def reference(
     table,
     offset,
     *,
-    eps,
-    heads,
-    rope_dims,
-    base,
-    rope_scale,
-    scale,
-    group_size=None,
-    bits=None,
     embed_group_size=None,
     embed_bits=None,
-    freqs=None,
-    mscale=1.0,
+    **kw,
 ):
     """q_a (B, 1, q_lora_rank) and ckv (B, 1, rank + rope_dims): q_a_proj's and
     kv_a_proj_with_mqa's outputs at decode (T); qa_norm_w, kv_norm_w the two RMSNorm weights;
@@ -95,14 +93,50 @@ def reference(
     s and b None; (group_size, bits) and (embed_group_size, embed_bits) their packings);
     table, offset: glm47_rope's cos/sin table (`rope_table`; the reference does not need it)
     and the cache position (int). With qa_norm_w None, q_a is already q (q_lora_rank None:
-    q_proj's output) and qb_* are not read. eps: both norms' (mlx-lm gives them one).
+    q_proj's output) and qb_* are not read. kw: reference_nope's.
 
     -> (qv (B, heads, rank) float32, q_pe * scale (B, heads, 1, rope_dims) T,
-    kv_latent (B, 1, 1, rank) T, k_pe (B, 1, 1, rope_dims) T): mlx-lm's op sequence
-    (rms_norm, the (Quantized)Linear op, reshape/transpose/split, nn.RoPE's mx.fast.rope,
-    the scale multiply, MultiLinear's matmul), qv being stock's embed_q output widened.
-    YaRN: base None, `freqs` and `mscale` as mlx-lm's YarnRoPE holds them (`_freqs`,
-    `mscale`), as glm47_rope takes them."""
+    kv_latent (B, 1, 1, rank) T, k_pe (B, 1, 1, rope_dims) T): reference_nope's, then
+    MultiLinear's matmul, qv being stock's embed_q output widened."""
+    q_nope, q_pe, kv_latent, k_pe = reference_nope(
+        q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, table, offset, **kw
+    )
+    if eq_s is None:  # mlx-lm's MultiLinear
+        qv = q_nope @ eq_w.swapaxes(-1, -2)
+    else:  # its QuantizedMultiLinear
+        qv = mx.quantized_matmul(
+            q_nope, eq_w, eq_s, eq_b, transpose=True, group_size=embed_group_size, bits=embed_bits
+        )
+    return qv.reshape(q_a.shape[0], kw["heads"], -1).astype(mx.float32), q_pe, kv_latent, k_pe
+
+
+def reference_nope(
+    q_a,
+    ckv,
+    qa_norm_w,
+    qb_w,
+    qb_s,
+    qb_b,
+    kv_norm_w,
+    table,
+    offset,
+    *,
+    eps,
+    heads,
+    rope_dims,
+    base,
+    rope_scale,
+    scale,
+    group_size=None,
+    bits=None,
+    freqs=None,
+    mscale=1.0,
+):
+    """mla_q_prep_nope's: `reference`'s arguments without embed_q's -> (q_nope (B, heads, 1,
+    nope) T, q_pe * scale, kv_latent, k_pe): mlx-lm's op sequence (rms_norm, the
+    (Quantized)Linear op, reshape/transpose/split, nn.RoPE's mx.fast.rope, the scale
+    multiply). eps: both norms' (mlx-lm gives them one). YaRN: base None, `freqs` and
+    `mscale` as mlx-lm's YarnRoPE holds them (`_freqs`, `mscale`), as glm47_rope takes them."""
     b, n, _ = q_a.shape
     if qa_norm_w is None:
         q = q_a
@@ -117,13 +151,7 @@ def reference(
     rope = dict(base=base, rope_scale=rope_scale, freqs=freqs, mscale=mscale)
     q_pe, k_pe = stock_rope(q_pe, k_pe, offset, rope_dims, **rope)
     kv_latent = mx.expand_dims(kv_latent, axis=1)
-    if eq_s is None:  # mlx-lm's MultiLinear
-        qv = q_nope @ eq_w.swapaxes(-1, -2)
-    else:  # its QuantizedMultiLinear
-        qv = mx.quantized_matmul(
-            q_nope, eq_w, eq_s, eq_b, transpose=True, group_size=embed_group_size, bits=embed_bits
-        )
-    return qv.reshape(b, heads, -1).astype(mx.float32), q_pe * scale, kv_latent, k_pe
+    return q_nope, q_pe * scale, kv_latent, k_pe
 
 
 def _shape_reason(q_a, ckv, qa_norm_w, kv_norm_w, heads, rope_dims) -> str | None:
@@ -143,7 +171,7 @@ def _shape_reason(q_a, ckv, qa_norm_w, kv_norm_w, heads, rope_dims) -> str | Non
     return None
 
 
-def launch(
+def _launch(
     backend,
     q_a,
     ckv,
@@ -152,9 +180,7 @@ def launch(
     qb_s,
     qb_b,
     kv_norm_w,
-    eq_w,
-    eq_s,
-    eq_b,
+    embed,
     table,
     offset,
     *,
@@ -166,11 +192,11 @@ def launch(
     scale,
     group_size=None,
     bits=None,
-    embed_group_size=None,
-    embed_bits=None,
     freqs=None,
     mscale=1.0,
 ) -> Launch | Skip:
+    """Both variants' launch: embed (eq_w, eq_s, eq_b, embed_group_size, embed_bits) for
+    mla_q_prep, None for mla_q_prep_nope (q_nope out in its place)."""
     if qa_norm_w is None:
         return Skip("no q_a_layernorm (q_lora_rank None: q_proj) is not fused yet")
     if why := _shape_reason(q_a, ckv, qa_norm_w, kv_norm_w, heads, rope_dims):
@@ -187,14 +213,21 @@ def launch(
         return Skip(f"q_b_proj: {why}")
     if why := regime_reason(backend, bsz, dtype, qb_s, qb_b, qb_w, qmv_rows=2, gemv_rows=2):
         return Skip(f"q_b_proj: {why}")
-    if eq_w.ndim != 3 or eq_w.shape[:2] != (heads, rank):
-        return Skip(f"embed_q weights {eq_w.shape} for {heads} heads of latent {rank}")
-    eq_kw = dict(group_size=embed_group_size, bits=embed_bits)
-    if why := weights_reason(eq_w, eq_s, eq_b, cols=nope, dtype=dtype, **eq_kw):
-        return Skip(f"embed_q: {why}")
     qgs, qbits = packing(qlr, group_size, bits)
-    egs, ebits = packing(nope, embed_group_size, embed_bits)
-    for name, cols, nbits in (("q_lora_rank", qlr, qbits), ("nope", nope, ebits)):
+    widths = [("q_lora_rank", qlr, qbits)]
+    embed_inputs, embed_template = [], []
+    if embed is not None:
+        eq_w, eq_s, eq_b, embed_group_size, embed_bits = embed
+        if eq_w.ndim != 3 or eq_w.shape[:2] != (heads, rank):
+            return Skip(f"embed_q weights {eq_w.shape} for {heads} heads of latent {rank}")
+        eq_kw = dict(group_size=embed_group_size, bits=embed_bits)
+        if why := weights_reason(eq_w, eq_s, eq_b, cols=nope, dtype=dtype, **eq_kw):
+            return Skip(f"embed_q: {why}")
+        egs, ebits = packing(nope, embed_group_size, embed_bits)
+        widths.append(("nope", nope, ebits))
+        embed_inputs = [eq_w, or_placeholder(eq_s, q_a), or_placeholder(eq_b, q_a)]
+        embed_template = [("EGS", egs), ("EBITS", ebits)]
+    for name, cols, nbits in widths:
         if cols % (4 if nbits == 32 else 32 // nbits) or cols > 4096:
             return Skip(f"{name} {cols}: a whole number of packed words (or of 4 values), at most 4096")
     if not isinstance(offset, int) or offset < 0:
@@ -218,6 +251,7 @@ def launch(
     if qlr * 4 + qw * 4 + 128 > _SHARED_BYTES:
         return Skip(f"q_lora_rank {qlr} does not fit in threadgroup memory")
     threads = max(THREADS, qblock, kblock)
+    q_out = ((bsz, heads, rank), mx.float32) if embed is not None else ((bsz, heads, 1, nope), dtype)
     return Launch(
         inputs=[
             q_a,
@@ -227,9 +261,7 @@ def launch(
             or_placeholder(qb_s, q_a),
             or_placeholder(qb_b, q_a),
             kv_norm_w,
-            eq_w,
-            or_placeholder(eq_s, q_a),
-            or_placeholder(eq_b, q_a),
+            *embed_inputs,
             table[offset : offset + 1],  # the position's row: a view
         ],
         template=[
@@ -252,22 +284,31 @@ def launch(
             ("KNR", knr),
             ("QGS", qgs),
             ("QBITS", qbits),
-            ("EGS", egs),
-            ("EBITS", ebits),
+            *embed_template,
             ("EPS_BITS", float_bits(eps)),
             ("SCALE_BITS", scale_bits(scale, dtype)),  # float(T(scale)), as stock's multiply
             ("MSCALE_BITS", scale_bits(mscale, dtype)),  # YaRN's frequencies are the table's
         ],
         grid=((bsz * heads + bsz) * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[
-            (bsz, heads, rank),
-            (bsz, heads, 1, rope_dims),
-            (bsz, 1, 1, rank),
-            (bsz, 1, 1, rope_dims),
-        ],
-        output_dtypes=[mx.float32, dtype, dtype, dtype],
+        output_shapes=[q_out[0], (bsz, heads, 1, rope_dims), (bsz, 1, 1, rank), (bsz, 1, 1, rope_dims)],
+        output_dtypes=[q_out[1], dtype, dtype, dtype],
     )
+
+
+def launch(
+    backend, q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, eq_w, eq_s, eq_b, table, offset, **kw
+) -> Launch | Skip:
+    """mla_q_prep's launch: reference's arguments."""
+    embed = (eq_w, eq_s, eq_b, kw.pop("embed_group_size", None), kw.pop("embed_bits", None))
+    return _launch(backend, q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, embed, table, offset, **kw)
+
+
+def launch_nope(
+    backend, q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, table, offset, **kw
+) -> Launch | Skip:
+    """mla_q_prep_nope's launch: reference_nope's arguments."""
+    return _launch(backend, q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, None, table, offset, **kw)
 
 
 def inputs(b, heads, qlr, nope, rope_dims, rank, dtype, seed, *, packing=None, embed_packing=None):
@@ -317,15 +358,39 @@ def example():
     return (*args, rope_table(16, kw["base"], 1.0, 300), 257), kw
 
 
+def nope_example():
+    """example() without embed_q's weights and packing."""
+    args, kw = example()
+    return (*args[:7], *args[10:]), {k: v for k, v in kw.items() if not k.startswith("embed_")}
+
+
+_HEADER = device_code("quant.h", "residual_norm.h", "glm47_rope.h", "mla.h")
+
 mla_q_prep = KernelDef(
     name="mla_q_prep",
     reference=reference,
     fidelity="close",  # qv is float32 where stock rounds embed_q to T; the rest is exact on CUDA
     tolerance=2**-3,  # the self-check only: a few roundings of T, far below a layout error
     body=device_code("mla_q_prep_body.h"),
-    header=device_code("quant.h", "residual_norm.h", "glm47_rope.h", "mla.h"),
+    header="#define ZMLX_QV 1\n" + _HEADER,
     input_names=("q_a", "ckv", "qa_w", "qb_w", "qb_s", "qb_b", "kv_w", "eq_w", "eq_s", "eq_b", "cs"),
     output_names=("qv", "q_pe", "kv_latent", "k_pe"),
     launch=launch,
     example=example,
+)
+
+# The same body without embed_q (mla_prologue's launch, which leaves embed_q to mlx-lm): every
+# output stock's, so exact where the dots follow stock's order (CUDA) and on the CPU.
+mla_q_prep_nope = KernelDef(
+    name="mla_q_prep_nope",
+    reference=reference_nope,
+    fidelity="close",
+    exact_on=("cuda",),  # bitwise stock's rms_norm + qmv/gemv + rope where launch() takes the call
+    tolerance=2**-3,  # the self-check only: a few roundings of T, far below a layout error
+    body=mla_q_prep.body,
+    header="#define ZMLX_QV 0\n" + _HEADER,
+    input_names=("q_a", "ckv", "qa_w", "qb_w", "qb_s", "qb_b", "kv_w", "cs"),
+    output_names=("q_nope", "q_pe", "kv_latent", "k_pe"),
+    launch=launch_nope,
+    example=nope_example,
 )

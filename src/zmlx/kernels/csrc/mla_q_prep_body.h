@@ -9,7 +9,8 @@
 //    as float in zmlx_q.
 // 3. q_pe's RD / 2 pairs roped (glm47_rope's arithmetic and table row; YaRN's mscale on the
 //    input, ZMLX_ROPE_IN) and scaled in T;
-//    embed_q's R rows from q_nope in float32 (mla.h's row dots, as mla_embed_q).
+//    embed_q's R rows from q_nope in float32 (mla.h's row dots, as mla_embed_q); or, with
+//    ZMLX_QV 0 (mla_q_prep_nope), no embed_q: q_nope out, the head's NOPE rows as rounded to T.
 // kv threadgroup: kv_a_layernorm of ckv[b][:R] in the same order, and the rope of k_pe (the same).
 ZMLX_SHARED float zmlx_sums[32];
 ZMLX_SHARED float zmlx_q[QW];
@@ -127,6 +128,7 @@ if (zmlx_lid < RD / 2) {
     q_pe[dst] = static_cast<T>(ZMLX_MUL(static_cast<float>(r1), sc));
     q_pe[dst + 1] = static_cast<T>(ZMLX_MUL(static_cast<float>(r2), sc));
 }
+#if ZMLX_QV
 // ... and embed_q: qv[b, h] = W_q[h] @ q_nope in float32
 ZMLX_MLA_X_UNITS(EBITS, NOPE, zmlx_q, xr, xsum)
 for (uint j0 = 0; j0 < R; j0 += (TG / 32) * RW) {
@@ -140,3 +142,7 @@ for (uint j0 = 0; j0 < R; j0 += (TG / 32) * RW) {
         }
     }
 }
+#else
+// ... and q_nope as stock's q_b_proj output (zmlx_q holds each row's value of T)
+for (uint j = zmlx_lid; j < NOPE; j += TG) q_nope[size_t(zmlx_gid) * NOPE + j] = static_cast<T>(zmlx_q[j]);
+#endif
