@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import pytest
@@ -52,20 +53,32 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def launch(tmp: Path, args: list[str], size: int = 2) -> dict:
-    """Run worker.py as `size` ranks of one ring group on 127.0.0.1 (what `mlx.launch
-    --backend ring` sets up: MLX_RANK and a hostfile of one address per rank); returns
-    rank 0's JSON. Every process is ended in the finally, whatever happened."""
-    hostfile = tmp / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(size)]))
+def launch(
+    tmp: Path,
+    args: list[str],
+    size: int = 2,
+    rank_env: Callable[[int], dict[str, str]] | None = None,
+    timeout: float = TIMEOUT_S,
+) -> dict:
+    """Run worker.py as `size` ranks of one group on 127.0.0.1 with each rank's launcher
+    settings `rank_env(rank)`; by default a ring group (what `mlx.launch --backend ring`
+    sets up: MLX_RANK and a hostfile of one address per rank); returns rank 0's JSON.
+    Every process is ended in the finally, whatever happened."""
+    if rank_env is None:
+        hostfile = tmp / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(size)]))
+
+        def rank_env(rank: int) -> dict[str, str]:
+            return {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+
     out = tmp / "out.json"
     procs = []
     try:
         for rank in range(size):
-            env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+            env = {**os.environ, **rank_env(rank)}
             cmd = [sys.executable, str(WORKER), str(out), *args]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        logs = [p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace") for p in procs]
+        logs = [p.communicate(timeout=timeout)[0].decode(errors="replace") for p in procs]
         for rank, (p, log) in enumerate(zip(procs, logs)):
             assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
     finally:

@@ -1,6 +1,14 @@
-"""One rank of test_sharded.py's two-process run (MLX's ring backend; the launcher sets
-MLX_RANK and MLX_HOSTFILE). Usage: worker.py OUT.json MODE CKPT [CKPT ...], MODE one of
-tensor, pipeline.
+"""One rank of a two-process run: test_sharded.py's over MLX's ring backend on the CPU (the
+launcher sets MLX_RANK and MLX_HOSTFILE), test_sharded_nccl.py's over NCCL on two GPUs
+(NCCL_HOST_IP, NCCL_PORT, MLX_WORLD_SIZE, MLX_RANK, one CUDA_VISIBLE_DEVICES each).
+Usage: worker.py [--backend ring|nccl] OUT.json MODE CKPT [CKPT ...], MODE one of tensor,
+pipeline.
+
+ring runs in float32 (MLX's CPU gather_mm takes float32) and all-sums its check on the CPU
+stream; nccl compares the patched and stock sharded models in the model's own dtype (bf16
+activations: what the patterns' CUDA kernels run) and the stock sharded model with the
+unsharded one in float32 (as ring does: in bf16 a tensor-parallel all-sum's other order
+flips tokens of the random tiny models), and all-sums on the GPU (NCCL has no CPU stream).
 
 For each checkpoint it decodes greedily with the unsharded stock model, the sharded stock
 model (mlx-lm's sharded_load: `shard()` or `pipeline()`) and the sharded model patched with
@@ -11,9 +19,9 @@ bitwise equal, and each pattern's report. Every rank checks its own tokens agree
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
-import sys
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
@@ -22,6 +30,7 @@ from mlx_lm.utils import load, sharded_load
 import zmlx
 from zmlx import distributed
 from zmlx.distributed import ShardError
+from zmlx.families import FAMILIES
 
 # Patterns that replace the same method are split over selections, so each one is applied
 # somewhere (the registry's first pattern wins where two are chosen together; the block
@@ -51,18 +60,28 @@ def greedy(model) -> tuple[list[int], list[mx.array]]:
     return [int(mx.argmax(o[0]).item()) for o in outs], outs
 
 
+def cuda_preset(model_type: str) -> str:
+    """The family's default preset on CUDA as one selection (its patterns are exact there)."""
+    return ",".join(FAMILIES[model_type].preset_on("cuda"))
+
+
 def bitwise(a: list[mx.array], b: list[mx.array]) -> bool:
     return all(mx.array_equal(x, y).item() for x, y in zip(a, b))
 
 
-def run(path: str, mode: str, group) -> dict:
+def run(path: str, mode: str, group, backend: str = "ring") -> dict:
     with open(f"{path}/config.json") as f:
-        unquantized = not json.load(f).get("quantization")
+        config = json.load(f)
+    unquantized = not config.get("quantization")
+    selections = SELECTIONS
+    if backend == "nccl":  # and the family's CUDA preset, whose patterns are exact there
+        selections += (cuda_preset(config["model_type"]),)
 
     def float32(model):
         # MLX's CPU gather_mm takes float32, and in bf16 the tensor-parallel all-sum's other
         # order flips tokens of the random tiny models; a pipeline computes what the unsharded
         # model does, and stock mlx-lm gives NaN for a pipelined mxfp4 model cast to float32
+        # (nccl runs the bf16 checkpoints only: their reference pair is always float32)
         if unquantized or mode == "tensor":
             model.set_dtype(mx.float32)
         return model
@@ -77,7 +96,11 @@ def run(path: str, mode: str, group) -> dict:
         "sharded_bitwise_unsharded": bitwise(ref_logits, logits),
         "patched": {},
     }
-    for selection in SELECTIONS:
+    if backend == "nccl":  # the patterns against the stock sharded model in its own dtype
+        model = sharded_load(path, **kw)[0]
+        tokens, logits = greedy(model)
+        out["native"] = tokens
+    for selection in selections:
         result = zmlx.patch(model, patterns=selection)
         refused = None  # nothing patched: the model is stock, and sharding it again is mlx-lm's business
         if any(r.patched for r in result.patterns.values()):
@@ -99,8 +122,11 @@ def run(path: str, mode: str, group) -> dict:
         }
         zmlx.unpatch(model)
     # every rank must have decoded the same tokens
-    mine = mx.array(tokens + [t for s in out["patched"].values() for t in s["tokens"]])
-    same = mx.distributed.all_sum(mine, group=group, stream=mx.cpu) == mine * group.size()
+    mine = mx.array(
+        out["sharded"] + out.get("native", []) + [t for s in out["patched"].values() for t in s["tokens"]]
+    )
+    stream = mx.cpu if backend == "ring" else mx.gpu
+    same = mx.distributed.all_sum(mine, group=group, stream=stream) == mine * group.size()
     out["ranks_agree"] = bool(same.all().item())
     return out
 
@@ -125,13 +151,18 @@ def loads(path: str, mode: str, group) -> dict:
 
 
 def main() -> None:
-    out_path, mode, *paths = sys.argv[1:]
-    group = mx.distributed.init(backend="ring", strict=True)
-    results = {path: run(path, mode, group) for path in paths}
-    load = loads(paths[0], mode, group)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", choices=("ring", "nccl"), default="ring")
+    parser.add_argument("out")
+    parser.add_argument("mode", choices=("tensor", "pipeline"))
+    parser.add_argument("paths", nargs="+")
+    args = parser.parse_args()
+    group = mx.distributed.init(backend=args.backend, strict=True)
+    results = {path: run(path, args.mode, group, args.backend) for path in args.paths}
+    load = loads(args.paths[0], args.mode, group)
     if group.rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump({"size": group.size(), "results": results, "load": load}, f)
+        with open(args.out, "w") as f:
+            json.dump({"size": group.size(), "backend": args.backend, "results": results, "load": load}, f)
 
 
 if __name__ == "__main__":
