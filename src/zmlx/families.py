@@ -88,6 +88,9 @@ FAMILIES: dict[str, Family] = {
             # close: the decoder layer's attention half in four launches and o_proj; opt-in
             # until an ACCURATE ledger line puts it in `fast`
             "mla_block": Target("Glm4MoeLiteDecoderLayer"),
+            # close (exact on CUDA and the CPU): the attention half's first seven launches in two,
+            # then mlx-lm's ops; opt-in until its cuda tests run on a GPU
+            "mla_prologue": Target("Glm4MoeLiteDecoderLayer"),
         },
         # residual_norm is exact but slower than stock in the ledger (one fused call costs
         # more host time than the two stock ops it replaces): opt in with ZMLX_RESIDUAL_NORM=1.
@@ -124,6 +127,15 @@ FAMILIES: dict[str, Family] = {
 # deepseek_v32, GLM-5 built from it, and glm4_moe).
 _NO_EPS: Mapping[str, Any] = {"renorm_eps": None}
 _GQA = "GQA attention, not MLA (the attention patterns fuse MLA's latent attention)"
+# the patterns of MLA attention (and its latent cache), which the other families skip
+_MLA_PATTERNS = (
+    "glm47_rope",
+    "mla_attention",
+    "mla_block",
+    "mla_prologue",
+    "compiled_decode",
+    "mla_kv_quant",
+)
 _DSA_LOOP = "the model loop takes the mask from the DSA CacheList; residual_norm runs DeepSeek-V3's loop"
 _SOFTMAX = (
     "softmax router inside the MoE block (softmax_router fuses it); moe_router fuses the sigmoid "
@@ -155,6 +167,7 @@ def _deepseek(model_type: str, module: str, prefix: str, model_module: str | Non
         "mla_kv_quant": Target(f"{prefix}Attention"),
         "moe_block": Target(f"{prefix}DecoderLayer", _NO_EPS),
         "mla_block": Target(f"{prefix}DecoderLayer"),
+        "mla_prologue": Target(f"{prefix}DecoderLayer"),  # the DSA models: its check refuses
         "compiled_decode": Target("Model", module=model_module),
     }
     if not dsa:
@@ -190,10 +203,7 @@ def _softmax_moe(model_type: str, module: str, targets: Mapping[str, Target], sk
             "moe_router": _SOFTMAX,
             "moe_combine": _BLOCK_ROUTES,
             "downproj_combine": _BLOCK_ROUTES,
-            **{
-                p: _GQA
-                for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode", "mla_kv_quant")
-            },
+            **{p: _GQA for p in _MLA_PATTERNS},
             **skips,
         },
     )
@@ -224,10 +234,7 @@ FAMILIES.update(
             preset=("moe_router", "moe_combine"),
             presets_on={"cuda": ("moe_router", "moe_mlp", "downproj_combine")},
             skips={
-                **{
-                    p: _GQA
-                    for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode", "mla_kv_quant")
-                },
+                **{p: _GQA for p in _MLA_PATTERNS},
                 "residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array",
                 "softmax_router": _SIGMOID,
             },
@@ -286,10 +293,7 @@ FAMILIES["gpt_oss"] = Family(
         "fuses it); its experts have biases and SwigluOAI",
         "swiglu_mlp": "no dense MLP (every layer's MLPBlock is MoE, no shared expert)",
         "residual_norm": "the model loop passes each layer a full or a sliding-window mask by its type",
-        **{
-            p: _OSS_ATTENTION
-            for p in ("glm47_rope", "mla_attention", "mla_block", "compiled_decode", "mla_kv_quant")
-        },
+        **{p: _OSS_ATTENTION for p in _MLA_PATTERNS},
     },
 )
 

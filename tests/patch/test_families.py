@@ -26,7 +26,8 @@ _BLOCK_ROUTES = "the MoE block routes in its own __call__"
 _SOFTMAX_GATE = "router is a QuantizedLinear: softmax routing inside the MoE block"
 _WINS = "__call__ already replaced by downproj_combine"
 _YIELDS = "moe_block is applied and this pattern would bypass it"
-_MLA_ONLY = ("glm47_rope", "mla_attention", "mla_block", "compiled_decode", "mla_kv_quant")
+_MLA_ONLY = ("glm47_rope", "mla_attention", "mla_block", "mla_prologue", "compiled_decode", "mla_kv_quant")
+_YIELDS_TO_MLA_BLOCK = "mla_block is applied and this pattern would bypass it"
 _SIGMOID = {"softmax_router": {"sigmoid MoEGate router (moe_router fuses it)"}}
 
 # family -> pattern -> what its skip reasons say, when every pattern is asked for at once
@@ -36,6 +37,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         **_SIGMOID,
         "moe_combine": {_WINS},
         "residual_norm": {_YIELDS},
+        "mla_prologue": {_YIELDS_TO_MLA_BLOCK},
         "glm47_rope": {"__call__ already replaced by mla_attention"},
         "mla_kv_quant": {"__call__ already replaced by mla_attention"},
     },
@@ -43,6 +45,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         **_SIGMOID,
         "moe_combine": {_WINS},
         "residual_norm": {_YIELDS},
+        "mla_prologue": {_YIELDS_TO_MLA_BLOCK},
         "glm47_rope": {"__call__ already replaced by mla_attention"},
         "mla_kv_quant": {"__call__ already replaced by mla_attention"},
     },
@@ -53,6 +56,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "glm47_rope": {_DSA},
         "mla_attention": {_DSA},
         "mla_block": {_DSA},
+        "mla_prologue": {_DSA},
         "compiled_decode": {"layer 0 has a DSA indexer"},
         "mla_kv_quant": {"DSA indexer: the layer's cache is a CacheList"},
     },
@@ -63,6 +67,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "glm47_rope": {_DSA},
         "mla_attention": {_DSA},
         "mla_block": {_DSA},
+        "mla_prologue": {_DSA},
         "compiled_decode": {"layer 0 has a DSA indexer"},
         "mla_kv_quant": {"DSA indexer: the layer's cache is a CacheList"},
     },
@@ -119,7 +124,7 @@ def test_patch_finds_the_family_without_warning(family):
     assert result.family == family and "nothing to patch" not in result.message
     # every pattern that applies, less those that another one wins over
     lose = {"moe_combine", "residual_norm"} | (
-        {"glm47_rope"} if "mla_attention" in APPLIES[family] else set()
+        {"glm47_rope", "mla_prologue"} if "mla_attention" in APPLIES[family] else set()
     )
     assert {n for n, r in result.patterns.items() if r.patched} == APPLIES[family] - lose
 

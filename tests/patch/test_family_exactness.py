@@ -203,6 +203,7 @@ APPLIES = {
         "glm47_rope",
         "mla_attention",
         "mla_block",
+        "mla_prologue",
         "moe_block",
         "residual_norm",
         "compiled_decode",

@@ -98,7 +98,8 @@ def test_result_is_returned_and_attached(model):
 
 
 def test_unknown_pattern_name_lists_valid_ones(model):
-    valid = "compiled_decode, downproj_combine, glm47_rope, mla_attention, mla_block, mla_kv_quant, moe_block"
+    valid = "compiled_decode, downproj_combine, glm47_rope, mla_attention, mla_block, mla_kv_quant"
+    valid += ", mla_prologue, moe_block"
     valid += ", moe_combine, moe_mlp, moe_router"
     valid += ", residual_norm, softmax_router"
     with pytest.raises(ConfigError, match=f"nope.*valid: {valid}"):
@@ -122,6 +123,7 @@ def test_explicit_selection_and_exclude(model):
         "mla_attention": "not in the requested patterns",
         "moe_block": "not in the requested patterns",
         "mla_block": "not in the requested patterns",
+        "mla_prologue": "not in the requested patterns",
         "mla_kv_quant": "not in the requested patterns",
         "compiled_decode": "not in the requested patterns",
     }
@@ -137,6 +139,7 @@ def test_explicit_selection_and_exclude(model):
         "mla_attention": "not in the default preset on cpu",
         "moe_block": "not in the default preset on cpu",
         "mla_block": "not in the default preset on cpu",
+        "mla_prologue": "not in the default preset on cpu",
         "mla_kv_quant": "not in the default preset on cpu",
         "compiled_decode": "not in the default preset on cpu",
     }

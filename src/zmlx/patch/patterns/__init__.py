@@ -1,9 +1,9 @@
 """The registry: every pattern zmlx knows, by name (one small file each). Order matters
 where two patterns replace the same method: the earlier one wins (downproj_combine
 before moe_combine, mla_attention before glm47_rope before mla_kv_quant), unless both supply a part of it
-(Pattern.part: moe_block and mla_block, the decoder layer's two halves); and a pattern
-that yields to another (Pattern.yields_to: residual_norm to moe_block and mla_block) comes
-after it."""
+(Pattern.part: moe_block and mla_block or mla_prologue, the decoder layer's two halves); and a
+pattern that yields to another (Pattern.yields_to: residual_norm to moe_block, mla_block and
+mla_prologue; mla_prologue to mla_block and mla_attention) comes after it."""
 
 from zmlx.patch.patterns import (
     compiled_decode,
@@ -12,6 +12,7 @@ from zmlx.patch.patterns import (
     mla_attention,
     mla_block,
     mla_kv_quant,
+    mla_prologue,
     moe_block,
     moe_combine,
     moe_mlp,
@@ -30,10 +31,11 @@ PATTERNS = {
         moe_combine.PATTERN,
         moe_block.PATTERN,
         mla_block.PATTERN,
-        residual_norm.PATTERN,
         moe_mlp.PATTERN,
         swiglu_mlp.PATTERN,
         mla_attention.PATTERN,
+        mla_prologue.PATTERN,
+        residual_norm.PATTERN,
         glm47_rope.PATTERN,
         mla_kv_quant.PATTERN,
         compiled_decode.PATTERN,

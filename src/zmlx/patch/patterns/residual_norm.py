@@ -6,7 +6,7 @@ patched model loop carries the residual stream itself and calls the `residual_no
 kernel at every add: 2 launches fewer per layer. It calls each layer's own attention,
 MLP and norm weights (so the attention and MoE patterns still apply inside), and
 falls back to mlx-lm's loop for pipeline-parallel runs. Its loop never calls a decoder
-layer's `__call__`, so it yields to moe_block and mla_block (which patch that method;
+layer's `__call__`, so it yields to moe_block, mla_block and mla_prologue (which patch that method;
 moe_block fuses these adds into its own launches): with one of them chosen, it applies and
 residual_norm is skipped, and the report says why.
 """
@@ -66,5 +66,5 @@ PATTERN = Pattern(
     kernels=(residual_norm,),
     check=check,
     make=make,
-    yields_to=("moe_block", "mla_block"),
+    yields_to=("moe_block", "mla_block", "mla_prologue"),
 )

@@ -1,0 +1,133 @@
+"""mla_prologue: the attention half of a decoder layer at decode with its first seven stock
+launches fused into two, every value stock's (close; exact on CUDA and the CPU).
+
+Patches the decoder layer (on glm4_moe_lite: `Glm4MoeLiteDecoderLayer`) as the attention half
+of zmlx.patch.layer's shared `__call__`, like mla_block (moe_block supplies the MoE half; on a
+layer both patch, the two halves run together). A decode step with mlx-lm's plain `KVCache`
+and no mask (or zmlx's StaticMLACache, also inside compiled_decode's traced step) runs
+
+    norm_qkv_a        input_layernorm + q_a_proj + kv_a_proj_with_mqa, one pass over the row
+    mla_q_prep_nope   q_a_layernorm + q_b_proj + rope of q_pe and its scale; kv_a_layernorm +
+                      rope of k_pe (nn.RoPE, or the DeepSeek-V3 family's YaRN as glm47_rope
+                      takes it): q_nope, q_pe * scale, kv_latent, k_pe, each as stock rounds it
+
+and then mlx-lm's own ops in mlx-lm's order: the cache update, the rope scores, the mask,
+embed_q, scaled_dot_product_attention, unembed_out, the reshape and o_proj (the residual add
+is the MoE half's). Both launches are bitwise stock on CUDA (MLX's rms_norm, qmv/gemv and
+rope orders, one sequence; more take mlx-lm's attention) and run their references, stock's
+op sequence, on the CPU; on Metal their dots are float32 sums (close). Launches prepared as
+mla_block's (zmlx.patch.mla_layer). Prompts, masked steps, other caches and layers whose
+launches skip (why: `decode_plan`) run mlx-lm's attention, with the attention patterns that
+patched it. mla_block does all this and the attention itself, so this pattern yields to it;
+and to mla_attention, whose attention kernels it would bypass. residual_norm yields to it
+(its model loop goes around the layers).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import mlx.core as mx
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from zmlx.kernels.mla_q_prep import mla_q_prep_nope
+from zmlx.kernels.norm_qkv_a import norm_qkv_a
+from zmlx.kernels.prepared import Prepared
+from zmlx.patch import mla_layer
+from zmlx.patch.attention import mla_rope_reason
+from zmlx.patch.layer import make, stock_attention
+from zmlx.patch.mla_layer import QPrep, Stock
+from zmlx.patch.mla_layer import regime as _regime
+from zmlx.patch.pattern import Pattern
+
+
+def check(layer, params) -> str | None:
+    # embed_q, unembed_out and o_proj stay mlx-lm's modules: any quantization they have
+    return mla_layer.layer_reason(layer, mla_rope_reason)
+
+
+def _weights(layer) -> tuple:
+    """Every array the two launches read (mla_layer.weights)."""
+    return mla_layer.weights(layer, ("q_a_proj", "kv_a_proj_with_mqa", "q_b_proj"))
+
+
+class _Prologue:
+    """The prepared launches of one layer for one input shape and dtype."""
+
+    __slots__ = ("qkv", "q_prep", "names")
+
+    def __init__(self, qkv: Prepared, q_prep: QPrep):
+        self.qkv, self.q_prep = qkv, q_prep
+        self.names = (  # each launch's name and why its reference runs ("" for the kernel)
+            (norm_qkv_a.name, qkv.reason),
+            (mla_q_prep_nope.name, q_prep.call.reason),
+        )
+
+    def __call__(self, attn, x, mask, cache):
+        """mlx-lm's Glm4MoeLiteAttention / DeepseekV3Attention at one token from its q_nope,
+        q_pe * scale, kv_latent and k_pe on: the same ops on the same values."""
+        q_a, ckv = self.qkv(x)
+        q_nope, q_pe, kv_latent, k_pe = self.q_prep.step(q_a, ckv, cache)
+        kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
+        pe_scores = q_pe @ k_pe.swapaxes(-1, -2)  # q_pe is already (q_pe * scale), as stock rounds it
+        if mask is not None:
+            pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
+        q_nope = attn["embed_q"](q_nope)
+        output = scaled_dot_product_attention(
+            q_nope, kv_latent, kv_latent, cache=cache, scale=attn.scale, mask=pe_scores
+        )
+        output = attn["unembed_out"](output)
+        output = output.transpose(0, 2, 1, 3).reshape(x.shape[0], 1, -1)
+        return attn["o_proj"](output)
+
+
+def _build(layer, x, backend) -> _Prologue | str:
+    """The two launches prepared for x, or why such steps run mlx-lm's code."""
+    try:
+        qkv, q_prep = mla_layer.prologue(layer, x, backend, norm_qkv_a, mla_q_prep_nope, embed=False)
+    except Stock as why:
+        return str(why)
+    return _Prologue(qkv, q_prep)
+
+
+# id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
+_BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _block(layer, x):
+    """The layer's prepared launches for this step's shape and dtype, or why not."""
+    return mla_layer.block(_BLOCKS, layer, x, _weights(layer), _build)
+
+
+def decode_plan(layer) -> dict[tuple, str]:
+    """What the decode steps this layer has run with mla_prologue do, per step key (shape,
+    dtype, backend): "kernel: a, b", "reference: a, b (why)", or "mlx-lm (why)"."""
+    return mla_layer.decode_plan(_BLOCKS, layer)
+
+
+def attention_half(layer, x, mask, cache):
+    """The attention half of a decode step: r (before the residual add)."""
+    if not _regime(mask, cache):  # mlx-lm's attention (as patched)
+        return stock_attention(layer, x, mask, cache)
+    block = _block(layer, x)
+    if isinstance(block, str):  # outside the launches' regime
+        return stock_attention(layer, x, mask, cache)
+    return block(layer["self_attn"], x, mask, cache)
+
+
+PATTERN = Pattern(
+    name="mla_prologue",
+    summary=(
+        "decoder layer's attention half at decode: input RMSNorm + q_a and kv_a projections;"
+        " q_a norm + q_b projection + RoPE of q_pe and its scale with kv norm + RoPE of k_pe;"
+        " then mlx-lm's cache update, embed_q, attention, unembed_out and o_proj"
+    ),
+    fidelity="close",
+    kernels=(norm_qkv_a, mla_q_prep_nope),
+    check=check,
+    make=make,
+    paths=("decode",),
+    # mla_block fuses this and more; mla_attention's kernels would be bypassed at decode
+    yields_to=("mla_block", "mla_attention"),
+    part=(("attention", attention_half),),
+)
