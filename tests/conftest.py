@@ -5,10 +5,11 @@ from zmlx import backend, synth
 
 pytest_plugins = ("pytester",)  # tests/test_toolchains.py runs pytest on small test files
 
-# Words in the skip reason of a test that needs a compiler of this machine: g++ (the Metal
-# emulation) or NVRTC (the CUDA compile check). --require-toolchains turns those skips into
-# failures, so that CI cannot pass with the compiler checks silently not run.
-TOOLCHAIN_SKIPS = ("g++", "NVRTC")
+# Words in the skip reason of a test that needs a compiler of this machine (g++ for the Metal
+# emulation, NVRTC for the CUDA compile check) or a download from the package index (mlx-lm's
+# sdist, for its own model tests). --require-toolchains turns those skips into failures, so
+# that CI cannot pass with those checks silently not run.
+TOOLCHAIN_SKIPS = ("g++", "NVRTC", "mlx-lm's sdist")
 
 
 def pytest_addoption(parser):
