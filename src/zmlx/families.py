@@ -272,7 +272,8 @@ FAMILIES.update(
 # gpt-oss: GQA attention with sinks and alternating sliding-window layers, an MLPBlock that
 # routes by a softmax over the top-k of a biased router (softmax_router fuses the routing after
 # the router), SwitchGLU experts with biases and the clamped SwiGLU (SwigluOAI: moe_mlp's
-# kernel adds the gate and up biases and applies it). Both are exact on the CPU (their
+# kernel adds the gate and up biases and applies it; affine, unquantized or mxfp4 experts,
+# the released models' mxfp4 included). Both are exact on the CPU (their
 # references) and on CUDA by construction, close on Metal: the CPU/Metal preset is empty (no
 # pattern is exact on Metal), and they stay out of the CUDA preset until their cuda tests run
 # on a GPU (tests/kernels/test_softmax_router.py, test_moe_mlp_oai.py, the family's model tests).
@@ -282,7 +283,7 @@ FAMILIES["gpt_oss"] = Family(
     module="mlx_lm.models.gpt_oss",
     targets={
         "softmax_router": Target("MLPBlock", {"softmax_first": False, "topk_last": True}),
-        "moe_mlp": Target("SwitchGLU"),  # affine or unquantized experts (mxfp4: its check says no)
+        "moe_mlp": Target("SwitchGLU"),  # affine, unquantized or mxfp4 experts
     },
     preset=(),
     skips={
