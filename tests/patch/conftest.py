@@ -26,3 +26,15 @@ def blocks_on_the_cpu():
 def fresh_q4():
     """A tiny affine 4-bit model of the test's own, for a test that changes it."""
     return synth.build("synth:glm4_moe_lite/tiny/affine4")[0]
+
+
+@pytest.fixture
+def no_stock_attention(monkeypatch):
+    """mla_block's and mla_prologue's decode steps may not fall back to mlx-lm's attention
+    (prompts run mlx-lm's own layer): their shared attention_half refuses it."""
+    from zmlx.patch import mla_layer
+
+    def refuse(*a, **kw):
+        raise AssertionError("a decode step ran mlx-lm's attention")
+
+    monkeypatch.setattr(mla_layer, "stock_attention", refuse)

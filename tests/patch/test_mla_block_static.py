@@ -13,6 +13,7 @@ from mlx_lm.models.cache import KVCache
 
 import zmlx
 from zmlx.fidelity import greedy_logits
+from zmlx.patch import mla_layer
 from zmlx.patch.patterns import compiled_decode, mla_block
 from zmlx.static_cache import StaticMLACache
 
@@ -35,16 +36,6 @@ def _run(model, prompt, steps, patterns):
         return greedy_logits(model, prompt, steps), compiled_decode.stats(model)
     finally:
         zmlx.unpatch(model)
-
-
-@pytest.fixture
-def no_stock_attention(monkeypatch):
-    """Decode steps may not fall back to mlx-lm's attention (prompts run mlx-lm's own layer)."""
-
-    def refuse(*a, **kw):
-        raise AssertionError("a decode step ran mlx-lm's attention")
-
-    monkeypatch.setattr(mla_block, "stock_attention", refuse)
 
 
 @pytest.mark.parametrize("which", ["tiny_f32", "tiny_q4"])
@@ -117,11 +108,11 @@ def test_a_mask_with_an_eager_static_cache_runs_mlx_lms_attention(tiny_q4):
     """Only a traced step's mask (the cache's own valid positions) is taken as the length."""
     cache = StaticMLACache()
     cache.update_and_fetch(mx.zeros((1, 1, 3, 4)), mx.zeros((1, 1, 3, 2)))
-    assert not mla_block._regime(mx.array([[True]]), cache)
-    assert mla_block._regime(None, cache)
+    assert not mla_layer.regime(mx.array([[True]]), cache)
+    assert mla_layer.regime(None, cache)
     cache.trace_at(cache.keys, cache.values, mx.array(3, mx.int32))
     try:
-        assert mla_block._regime(cache.make_mask(1), cache)
+        assert mla_layer.regime(cache.make_mask(1), cache)
     finally:
         cache.end_trace()
 

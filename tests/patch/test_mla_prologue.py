@@ -47,16 +47,6 @@ def prologues_on_the_cpu(blocks_on_the_cpu):
     mla_prologue._BLOCKS.clear()
 
 
-@pytest.fixture
-def no_stock_attention(monkeypatch):
-    """Decode steps may not fall back to mlx-lm's attention (prompts run mlx-lm's own layer)."""
-
-    def refuse(*a, **kw):
-        raise AssertionError("a decode step ran mlx-lm's attention")
-
-    monkeypatch.setattr(mla_prologue, "stock_attention", refuse)
-
-
 def _layers(model):
     return model.language_model.model.layers if hasattr(model, "language_model") else model.model.layers
 

@@ -25,7 +25,7 @@ from zmlx.kernels.norm_qkv_a import attention_args, attention_reason
 from zmlx.kernels.prepared import Prepared, prepare
 from zmlx.kernels.quant import weights_of
 from zmlx.patch.attention import rope_args
-from zmlx.patch.layer import blocks_of
+from zmlx.patch.layer import blocks_of, stock_attention
 from zmlx.static_cache import StaticMLACache
 
 
@@ -160,6 +160,21 @@ def block(registry: dict, layer, x, layer_weights: tuple, build: Callable) -> An
     made = build(layer, x, backend)
     blocks[key] = (layer_weights, made)
     return made
+
+
+def attention_half(
+    registry: dict, layer, x, mask, cache, layer_weights: Callable[[Any], tuple], build: Callable
+) -> mx.array:
+    """The attention half of a decode step (r, before the residual add): in the launches'
+    regime the layer's prepared block from `registry` (`block`), called as
+    made(self_attn, x, mask, cache); else, or where the block says why not, mlx-lm's
+    attention (as the attention patterns patched it)."""
+    if not regime(mask, cache):
+        return stock_attention(layer, x, mask, cache)
+    made = block(registry, layer, x, layer_weights(layer), build)
+    if isinstance(made, str):  # outside the launches' regime
+        return stock_attention(layer, x, mask, cache)
+    return made(layer["self_attn"], x, mask, cache)
 
 
 def decode_plan(registry: dict[int, tuple[weakref.ref, dict]], layer) -> dict[tuple, str]:

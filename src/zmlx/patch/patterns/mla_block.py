@@ -48,9 +48,8 @@ from zmlx.kernels.prepared import Prepared, prepare
 from zmlx.kernels.quant import weights_of
 from zmlx.patch import mla_layer
 from zmlx.patch.attention import mla_reason
-from zmlx.patch.layer import make, stock_attention
+from zmlx.patch.layer import make
 from zmlx.patch.mla_layer import QPrep, Stock, ready
-from zmlx.patch.mla_layer import regime as _regime
 from zmlx.patch.pattern import Pattern
 
 
@@ -98,7 +97,7 @@ class _Attention:
             (mla_unembed.name, unembed.reason),
         )
 
-    def __call__(self, attn, x, cache):
+    def __call__(self, attn, x, mask, cache):
         q_a, ckv = self.qkv(x)
         qv, q_pe, kv_latent, k_pe = self.q_prep.step(q_a, ckv, cache)
         offset = cache.offset
@@ -142,11 +141,6 @@ def _build(layer, x, backend) -> _Attention | str:
 _BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def _block(layer, x):
-    """The layer's prepared block for this step's shape and dtype, or why not."""
-    return mla_layer.block(_BLOCKS, layer, x, _weights(layer), _build)
-
-
 def decode_plan(layer) -> dict[tuple, str]:
     """What the decode steps this layer has run with mla_block do, per step key (shape,
     dtype, backend): "kernel: a, b, ...", "reference: a, b, ... (why)", or "mlx-lm (why)"."""
@@ -155,12 +149,7 @@ def decode_plan(layer) -> dict[tuple, str]:
 
 def attention_half(layer, x, mask, cache):
     """The attention half of a decode step: r (before the residual add)."""
-    if not _regime(mask, cache):  # mlx-lm's attention (as patched)
-        return stock_attention(layer, x, mask, cache)
-    block = _block(layer, x)
-    if isinstance(block, str):  # outside the launches' regime
-        return stock_attention(layer, x, mask, cache)
-    return block(layer["self_attn"], x, cache)
+    return mla_layer.attention_half(_BLOCKS, layer, x, mask, cache, _weights, _build)
 
 
 PATTERN = Pattern(

@@ -35,9 +35,8 @@ from zmlx.kernels.norm_qkv_a import norm_qkv_a
 from zmlx.kernels.prepared import Prepared
 from zmlx.patch import mla_layer
 from zmlx.patch.attention import mla_rope_reason
-from zmlx.patch.layer import make, stock_attention
+from zmlx.patch.layer import make
 from zmlx.patch.mla_layer import QPrep, Stock
-from zmlx.patch.mla_layer import regime as _regime
 from zmlx.patch.pattern import Pattern
 
 
@@ -94,11 +93,6 @@ def _build(layer, x, backend) -> _Prologue | str:
 _BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def _block(layer, x):
-    """The layer's prepared launches for this step's shape and dtype, or why not."""
-    return mla_layer.block(_BLOCKS, layer, x, _weights(layer), _build)
-
-
 def decode_plan(layer) -> dict[tuple, str]:
     """What the decode steps this layer has run with mla_prologue do, per step key (shape,
     dtype, backend): "kernel: a, b", "reference: a, b (why)", or "mlx-lm (why)"."""
@@ -107,12 +101,7 @@ def decode_plan(layer) -> dict[tuple, str]:
 
 def attention_half(layer, x, mask, cache):
     """The attention half of a decode step: r (before the residual add)."""
-    if not _regime(mask, cache):  # mlx-lm's attention (as patched)
-        return stock_attention(layer, x, mask, cache)
-    block = _block(layer, x)
-    if isinstance(block, str):  # outside the launches' regime
-        return stock_attention(layer, x, mask, cache)
-    return block(layer["self_attn"], x, mask, cache)
+    return mla_layer.attention_half(_BLOCKS, layer, x, mask, cache, _weights, _build)
 
 
 PATTERN = Pattern(
