@@ -23,6 +23,10 @@
 set -euo pipefail
 step=${1:?STEP: experiments|noise|preset|ledger|kernels|tests|all}
 tokens=${2:-200}
+if [ "$step" = tests ] && [ -z "${TESTS:-}" ]; then
+  echo "error: STEP=tests needs TESTS (the pytest arguments, e.g. TESTS=tests/patch/test_moe_block.py)" >&2
+  exit 2
+fi
 runs=${RUNS:-3}
 out=${OUT:-gpu-results}
 model=${MODEL:-synth:glm4_moe_lite/flash/affine4}
@@ -69,7 +73,7 @@ cuda_tests() {
 }
 tests() {
   # shellcheck disable=SC2086
-  cuda_tests "${TEST_LIMIT:-540}" ${TESTS:?TESTS: the pytest arguments}
+  cuda_tests "${TEST_LIMIT:-540}" $TESTS
 }
 kernels() {
   # KERNEL_TESTS narrows the tests (e.g. "tests/kernels/test_moe_mlp.py tests/kernels/test_swiglu_mlp.py")
