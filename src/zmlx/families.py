@@ -174,10 +174,10 @@ def _deepseek(model_type: str, module: str, prefix: str, model_module: str | Non
         targets["residual_norm"] = Target(f"{prefix}Model")
     # as glm4_moe_lite's: exact everywhere; on CUDA the expert kernels are bitwise stock in the
     # cuda tests (downproj_combine takes over moe_combine's method). moe_router (whose kernel
-    # now runs these models' group-limited routing) and glm47_rope (their YaRN rope) are exact
-    # by construction but join the CUDA preset only once their cuda tests have run on a GPU
-    # (tests/kernels/test_moe_router.py, test_glm47_rope.py -k yarn): a default preset
-    # promises stock's tokens.
+    # now runs these models' group-limited routing), glm47_rope (their YaRN rope) and moe_block
+    # are exact by construction and pass their kernels' cuda tests, but join the CUDA preset only
+    # once the whole preset has run bitwise on these families' models on a GPU
+    # (tests/patch/test_family_cuda_presets.py): a default preset promises stock's tokens.
     cuda = ("moe_mlp", "downproj_combine")
     return Family(
         model_type=model_type,
@@ -189,16 +189,23 @@ def _deepseek(model_type: str, module: str, prefix: str, model_module: str | Non
     )
 
 
-def _softmax_moe(model_type: str, module: str, targets: Mapping[str, Target], skips: dict) -> Family:
+def _softmax_moe(
+    model_type: str,
+    module: str,
+    targets: Mapping[str, Target],
+    skips: dict,
+    cuda_extra: tuple[str, ...] = (),
+) -> Family:
     """A family with a softmax router inside the MoE block (Qwen3-MoE, Mixtral): the experts'
-    kernels and softmax_router (the block's routing) apply; moe_mlp is exact on CUDA (close on
-    Metal, so not in that preset); softmax_router waits for its cuda tests to join a preset."""
+    kernels and softmax_router (the block's routing) apply; both are exact on CUDA (close on
+    Metal, so not in that preset), `cuda_extra` the family's other exact CUDA patterns."""
     return Family(
         model_type=model_type,
         module=module,
         targets=targets,
         preset=(),
-        presets_on={"cuda": ("moe_mlp",)},
+        # bitwise stock on CUDA on these families' models (tests/patch/test_family_cuda_presets.py)
+        presets_on={"cuda": ("moe_mlp", "softmax_router", *cuda_extra)},
         skips={
             "moe_router": _SOFTMAX,
             "moe_combine": _BLOCK_ROUTES,
@@ -244,20 +251,21 @@ FAMILIES.update(
             "mlx_lm.models.qwen3_moe",
             {
                 "moe_mlp": Target("SwitchGLU"),
-                # exact on CUDA (close on Metal): opt-in until the cuda tests and a ledger line
+                # exact on CUDA (close on Metal): in the CUDA preset
                 "softmax_router": Target("Qwen3MoeSparseMoeBlock", {"softmax_first": True}),
                 "swiglu_mlp": Target("MLP"),  # the dense layers (mlp_only_layers)
                 # the dense layers; the MoE layers are skipped (softmax router) by its check
                 "moe_block": Target("Qwen3MoeDecoderLayer"),
             },
             {"residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array"},
+            cuda_extra=("moe_block",),
         ),
         "mixtral": _softmax_moe(
             "mixtral",
             "mlx_lm.models.mixtral",
             {
                 "moe_mlp": Target("SwitchGLU"),
-                # exact on CUDA (close on Metal): opt-in until the cuda tests and a ledger line
+                # exact on CUDA (close on Metal): in the CUDA preset
                 "softmax_router": Target("MixtralSparseMoeBlock", {"softmax_first": False}),
             },
             {

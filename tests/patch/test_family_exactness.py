@@ -151,12 +151,28 @@ def _with_yarn(family: str, config: dict) -> dict:
     return {**config, "rope_scaling": YARN[family], "max_position_embeddings": 163840}
 
 
+# On the H200, stock MLX serves some of the 64-wide projections badly at a 7-token prompt: no
+# quantized_matmul for the MLA's non-transposed 64-wide unembed (an error), and the shared
+# expert's 64-wide projections come out different from run to run (stock against stock:
+# benchmarks/results/20261130-h200-diag-stock-determinism*-s5.log). The GPU tests build the
+# same models with those widths at 128 (`cuda_widths`), where stock is served by its kernels.
+CUDA_WIDTHS = dict(moe_intermediate_size=128, q_lora_rank=128, qk_nope_head_dim=128, v_head_dim=128)
+
+
+def _with_cuda_widths(config: dict) -> dict:
+    if "text_config" in config:
+        return {**config, "text_config": _with_cuda_widths(config["text_config"])}
+    return {**config, **{k: v for k, v in CUDA_WIDTHS.items() if k in config}}
+
+
 @functools.cache
-def build(family: str, quant: str = "affine4", yarn: bool = False) -> nn.Module:
+def build(family: str, quant: str = "affine4", yarn: bool = False, cuda_widths: bool = False) -> nn.Module:
     """A tiny random model of `family` from mlx-lm's classes: affine 4-bit with bf16
     activations (as users run them), or float32 (MLX's CPU gather_mm needs float32);
-    `yarn`: with the family's YARN rope_scaling."""
+    `yarn`: with the family's YARN rope_scaling; `cuda_widths`: with CUDA_WIDTHS."""
     config = _with_yarn(family, CONFIGS[family]) if yarn else CONFIGS[family]
+    if cuda_widths:
+        config = _with_cuda_widths(config)
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = module.Model(module.ModelArgs.from_dict(config))
     params = tree_flatten(model.parameters())
@@ -236,10 +252,18 @@ def together(family: str) -> tuple[str, ...]:
     return tuple(sorted(APPLIES[family] - CLOSE_ON_CPU - {"moe_combine", "residual_norm"}))
 
 
-def _check_bitwise(model, patterns):
+def _check_bitwise(model, patterns, stock_twice: bool = False):
+    """`stock_twice` (the GPU tests): stock's logits must first repeat bitwise, else the
+    comparison with the patched model would mean nothing (and the failure says so)."""
     for batch, use_cache in ((1, True), (2, True), (2, False)):
         prompt = mx.random.randint(1, 512, (batch, 7), key=mx.random.key(batch))
         stock = forward(model, prompt, 3, use_cache)
+        if stock_twice:
+            again = forward(model, prompt, 3, use_cache)
+            same = [mx.array_equal(s, a).item() for s, a in zip(stock, again, strict=True)]
+            assert all(same), (
+                f"stock is not deterministic here (steps {same}, batch {batch}, cache {use_cache})"
+            )
         result = zmlx.patch(model, patterns=patterns)
         try:
             patched = forward(model, prompt, 3, use_cache)

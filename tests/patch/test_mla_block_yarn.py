@@ -74,7 +74,10 @@ def test_on_the_gpu_a_yarn_model_runs_the_kernels_close_to_stock(family, spec):
     kernels, eagerly and inside compiled_decode's step, and stay within mla_block's
     tolerance of stock."""
     mx.set_default_device(mx.gpu)  # blocks_on_the_cpu puts the CPU back afterwards
-    model = build(family, yarn=True) if spec is None else synth.build(f"synth:{family}/{spec}")[0]
+    if spec is None:
+        model = build(family, yarn=True, cuda_widths=True)  # widths stock serves on CUDA
+    else:
+        model = synth.build(f"synth:{family}/{spec}")[0]
     assert type(_layers(model, family)[0].self_attn.rope) is YarnRoPE
     stock = greedy_logits(model, PROMPT, 6)
     for patterns in (["mla_block"], ["mla_block", "compiled_decode"]):

@@ -379,7 +379,7 @@ def test_on_the_gpu_every_layer_runs_its_kernels_bitwise_mlx_lm(request, no_stoc
     stock's bitwise, greedy and teacher-forced (the DeepSeek-V3 family with YaRN)."""
     mx.set_default_device(mx.gpu)  # blocks_on_the_cpu puts the CPU back afterwards
     if which in YARN:
-        model = build(which, "affine4", True)
+        model = build(which, "affine4", True, cuda_widths=True)  # widths stock serves on CUDA
     else:
         model, _ = request.getfixturevalue(which)
     stock = greedy_logits(model, PROMPT, 6)
