@@ -6,7 +6,15 @@ import pytest
 from zmlx.bench import block_cases
 
 # the kernels the block patterns call through prepared launches
-PREPARED = ("norm_router_gates", "moe_gate_up_route", "norm_router", "moe_gate_up", "moe_down", "norm_qkv_a")
+PREPARED = (
+    "norm_router_gates",
+    "moe_gate_up_route",
+    "norm_router",
+    "moe_gate_up",
+    "moe_down",
+    "norm_qkv_a",
+    "mla_q_prep_nope",
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +52,8 @@ def test_the_cases_have_glm47_flash_decode_shapes(cases):
     assert cases["moe_down"].stock().shape == (1, 1, 2048)
     q_a, ckv = cases["norm_qkv_a"].stock()
     assert q_a.shape == (1, 1, 768) and ckv.shape == (1, 1, 576)
+    q_nope, q_pe, latent, k_pe = cases["mla_q_prep_nope"].stock()
+    assert q_nope.shape == (1, 20, 1, 192) and q_pe.shape == (1, 20, 1, 64)
     qv, q_pe, latent, k_pe = cases["mla_q_prep (close)"].stock()
     assert qv.shape == (1, 20, 512) and q_pe.shape == (1, 20, 1, 64)
     assert latent.shape == (1, 1, 1, 512) and k_pe.shape == (1, 1, 1, 64)

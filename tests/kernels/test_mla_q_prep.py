@@ -251,15 +251,23 @@ def test_launch_says_why_it_takes_the_reference():
 
 
 def test_nope_launch_takes_no_embed_q():
-    """mla_q_prep_nope's launch: the same geometry, no embed_q inputs or template, q_nope
-    (B, H, 1, nope) in T out; the embed_q reasons are not its."""
+    """mla_q_prep_nope's launch: no embed_q inputs or template, q_nope (B, H, 1, nope) in T
+    out, a head's 256 rows over 8 threadgroups of 32 rows on CUDA (4 of 64 on Metal) where
+    mla_q_prep takes one; the embed_q reasons are not its."""
     args, kw = _problem(SHAPES[1], mx.bfloat16, (Q4, Q4), 1)
     nope_args, nope_kw = _nope(args, kw)
     spec, full = launch_nope("cuda", *nope_args, **nope_kw), launch("cuda", *args, **kw)
     assert isinstance(spec, Launch) and isinstance(full, Launch)
-    assert (spec.grid, spec.threadgroup) == (full.grid, full.threadgroup)
+    assert spec.threadgroup == full.threadgroup == (512, 1, 1)
+    assert (full.grid, spec.grid) == (((20 + 1) * 512, 1, 1), ((20 * 8 + 1) * 512, 1, 1))
+    assert (dict(full.template)["QS"], dict(spec.template)["QS"], dict(spec.template)["QL"]) == (1, 8, 32)
+    metal = launch_nope("metal", *nope_args, **nope_kw)
+    assert (dict(metal.template)["QS"], dict(metal.template)["QL"]) == (4, 64)
     assert len(spec.inputs) == len(mla_q_prep_nope.input_names) == len(full.inputs) - 3
     assert {n for n, _ in full.template} - {n for n, _ in spec.template} == {"EGS", "EBITS"}
+    # an odd nope would split a rope pair between slices: one threadgroup a head then
+    odd, odd_kw = _problem((1, 3, 96, 17, 16, 128), mx.bfloat16, (Q4, None), 2)
+    assert dict(launch_nope("cuda", *_nope(odd, odd_kw)[0], **_nope(odd, odd_kw)[1]).template)["QS"] == 1
     assert [tuple(s) for s in spec.output_shapes] == [(1, 20, 1, 192), *map(tuple, full.output_shapes[1:])]
     assert spec.output_dtypes == [mx.bfloat16] * 4
     # nope 18: not a whole number of 4 values for embed_q's dots (mla_q_prep skips); q_b_proj's
@@ -330,8 +338,14 @@ def test_metal_self_check_example_passes(tmp_path_factory):
     assert all(mx.allclose(g, w, rtol=tol, atol=tol).item() for g, w in zip(got, reference(*args, **kw)))
 
 
+# the last: a rope part across two of the nope body's slices of 64 rows (rows 48..79)
+NOPE_EMU_CASES = [EMU_CASES[i] for i in (0, 4, 8, 13)] + [
+    ((2, 3, 96, 48, 32, 64), mx.bfloat16, (Q4, None), None)
+]
+
+
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
-@pytest.mark.parametrize("shape,dtype,packings,yarn", [EMU_CASES[i] for i in (0, 4, 8, 13)])
+@pytest.mark.parametrize("shape,dtype,packings,yarn", NOPE_EMU_CASES)
 def test_metal_nope_body_is_as_close_as_stock_and_mla_q_preps(
     tmp_path_factory, close_bar, shape, dtype, packings, yarn
 ):

@@ -12,7 +12,8 @@ gate + up + SwiGLU), `moe_down` (down projections + combine + shared expert + re
 Also timed: `norm_router` (the norm, the gate matvec and the routing in one threadgroup per
 token: the block without a shared expert) and `moe_gate_up` (the experts from given indices).
 mla_block: `norm_qkv_a` (input RMSNorm + q_a and kv_a projections), `mla_q_prep` (q_a norm +
-q_b + RoPE/scale + embed_q, kv norm + RoPE of k_pe).
+q_b + RoPE/scale + embed_q, kv norm + RoPE of k_pe); mla_prologue's `mla_q_prep_nope` (the
+same without embed_q: q_nope out).
 """
 
 from __future__ import annotations
@@ -155,6 +156,15 @@ def mla_block_cases(position: int = 4095) -> list[Case]:
             args,
             kw,
             live=(0,),
+        ),
+        *_cases(  # mla_prologue's second launch: a head's rows over several threadgroups
+            "mla_q_prep_nope",
+            f"{shape}, {HEADS} heads, q_b {NOPE + ROPE} x {QLR}, pos {position}",
+            q_prep.reference_nope,
+            q_prep.mla_q_prep_nope,
+            (*prep[:7], table, position),
+            {k: v for k, v in prep_kw.items() if not k.startswith("embed_")},
+            live=(0, 1),
         ),
         _case(
             "mla_q_prep (close)",

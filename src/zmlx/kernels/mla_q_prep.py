@@ -43,13 +43,13 @@ the kernel is `close` (exact_on empty). On Metal every dot is a float32 sum (clo
 
 `mla_q_prep_nope` (the same body with ZMLX_QV 0; its own KernelDef, for its inputs and
 outputs differ): no embed_q, its first output q_nope (B, H, 1, nope) in T, q_b_proj's nope
-rows as stock's matmul rounds them. Every output is then stock's (bitwise on CUDA; close on
-Metal, whose dots are float32 sums), so mla_prologue hands q_nope to mlx-lm's own embed_q.
-Its reference is mlx-lm's op sequence up to those four values.
+rows as stock's matmul rounds them; a head's rows spread over threadgroups (slices of 2 rows
+a warp, each recomputing the norm: more of the GPU, shorter load chains). Every output is
+stock's (bitwise on CUDA; close on Metal, whose dots are float32 sums), so mla_prologue hands
+q_nope to mlx-lm's own embed_q. Its reference is mlx-lm's op sequence up to those values.
 
-Device code: csrc/mla_q_prep_body.h (the body); its header is csrc/quant.h (qmv-order row
-dots), csrc/residual_norm.h (the norm's square-accumulate and rsqrt), csrc/glm47_rope.h
-(the rotation as each backend rounds it) and csrc/mla.h (the float32 row dots).
+Device code: csrc/mla_q_prep_body.h; header csrc/quant.h (qmv-order dots), residual_norm.h
+(the norm), glm47_rope.h (the rotation) and mla.h (the float32 row dots).
 """
 
 from __future__ import annotations
@@ -195,8 +195,7 @@ def _launch(
     freqs=None,
     mscale=1.0,
 ) -> Launch | Skip:
-    """Both variants' launch: embed (eq_w, eq_s, eq_b, embed_group_size, embed_bits) for
-    mla_q_prep, None for mla_q_prep_nope (q_nope out in its place)."""
+    """Both variants': embed (eq_w, eq_s, eq_b, embed_group_size, embed_bits), or None."""
     if qa_norm_w is None:
         return Skip("no q_a_layernorm (q_lora_rank None: q_proj) is not fused yet")
     if why := _shape_reason(q_a, ckv, qa_norm_w, kv_norm_w, heads, rope_dims):
@@ -248,9 +247,13 @@ def _launch(
             return Skip(f"row of {d} needs {geo[1] * geo[2]} values per thread")
         geos.append(geo)
     (qblock, qchunks, qnr), (kblock, kchunks, knr) = geos
-    if qlr * 4 + qw * 4 + 128 > _SHARED_BYTES:
-        return Skip(f"q_lora_rank {qlr} does not fit in threadgroup memory")
     threads = max(THREADS, qblock, kblock)
+    # rows per threadgroup: the head's (embed_q needs its whole q_nope row), else two rounds of
+    # the warps on CUDA, one on Metal (RW rows a warp): even, so no rope pair (even nope) splits
+    ql = qw if embed is not None or nope % 2 else min(qw, (threads // 32) * (RW if backend == "metal" else 2))
+    if qlr * 4 + ql * 4 + 128 > _SHARED_BYTES:
+        return Skip(f"q_lora_rank {qlr} does not fit in threadgroup memory")
+    qs = -(-qw // ql)
     q_out = ((bsz, heads, rank), mx.float32) if embed is not None else ((bsz, heads, 1, nope), dtype)
     return Launch(
         inputs=[
@@ -273,7 +276,9 @@ def _launch(
             ("RD", rope_dims),
             ("R", rank),
             ("KVW", ckv.shape[-1]),
-            ("NB", bsz * heads),
+            ("QS", qs),
+            ("QL", ql),
+            ("NB", bsz * heads * qs),
             ("TG", threads),
             ("RW", RW),
             ("QBLOCK", qblock),
@@ -289,7 +294,7 @@ def _launch(
             ("SCALE_BITS", scale_bits(scale, dtype)),  # float(T(scale)), as stock's multiply
             ("MSCALE_BITS", scale_bits(mscale, dtype)),  # YaRN's frequencies are the table's
         ],
-        grid=((bsz * heads + bsz) * threads, 1, 1),
+        grid=((bsz * heads * qs + bsz) * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[q_out[0], (bsz, heads, 1, rope_dims), (bsz, 1, 1, rank), (bsz, 1, 1, rope_dims)],
         output_dtypes=[q_out[1], dtype, dtype, dtype],
@@ -349,9 +354,8 @@ def kwargs(heads, nope, rope_dims, *, packing=None, embed_packing=None, base=10_
 
 
 def example():
-    # small odd shapes: 3 heads, q_lora_rank 96, nope 64, rope 16, latent 128; 4-bit groups
-    # of 32. Not nope 32: stock's embed_q product has no CUDA kernel there (mlx 0.32.4 on the
-    # H200: "No implementation for problem shape: 1x64x32x3"), so the check could not run.
+    # small odd shapes: 3 heads, q_lora_rank 96, nope 64, rope 16, latent 128; 4-bit groups of
+    # 32. Not nope 32: stock's embed_q product has no CUDA kernel there (NOTEBOOK's facts).
     p = dict(group_size=32, bits=4)
     args = inputs(1, 3, 96, 64, 16, 128, mx.bfloat16, 71, packing=p, embed_packing=p)
     kw = kwargs(3, 64, 16, packing=p, embed_packing=p)

@@ -1,19 +1,22 @@
-// mla_q_prep: TG threads per threadgroup; threadgroups 0 .. NB - 1 are (b, head) pairs,
-// NB .. NB + B - 1 the kv rows of sequence b.
-// q threadgroup:
+// mla_q_prep: TG threads per threadgroup; threadgroups 0 .. NB - 1 are (b, head, slice)
+// triples, the head's QW rows in QS slices of QL rows (QS 1 with embed_q, which needs the
+// whole q_nope row; the nope variant spreads a head over QS threadgroups: more of the GPU
+// at once, fewer rounds of dependent loads per warp); NB .. NB + B - 1 the kv rows of
+// sequence b.
+// q threadgroup (every slice the same steps 1 and 2, over its rows):
 // 1. q_a_layernorm of q_a[b] in MLX's rms_norm order (residual_norm_body.h's mapping: threads
 //    below QBLOCK own MLX's elements; the others' warps add +0.0 where MLX zero-fills), the
 //    row kept in zmlx_xn (T on CUDA, aligned as stock's fresh array; float on Metal).
-// 2. the head's QW rows of q_b_proj, warps taking rows warp, warp + TG / 32, ...: on CUDA in
+// 2. the slice's rows of the head's q_b_proj rows, warps taking rows warp, warp + TG / 32, ...: on CUDA in
 //    stock's qmv (gemv) order (csrc/quant.h), on Metal float32 sums; each rounded to T, kept
 //    as float in zmlx_q.
-// 3. q_pe's RD / 2 pairs roped (glm47_rope's arithmetic and table row; YaRN's mscale on the
+// 3. q_pe's RD / 2 pairs roped (those of the slice's rows; QL even, so no pair is split) (glm47_rope's arithmetic and table row; YaRN's mscale on the
 //    input, ZMLX_ROPE_IN) and scaled in T;
 //    embed_q's R rows from q_nope in float32 (mla.h's row dots, as mla_embed_q); or, with
 //    ZMLX_QV 0 (mla_q_prep_nope), no embed_q: q_nope out, the head's NOPE rows as rounded to T.
 // kv threadgroup: kv_a_layernorm of ckv[b][:R] in the same order, and the rope of k_pe (the same).
 ZMLX_SHARED float zmlx_sums[32];
-ZMLX_SHARED float zmlx_q[QW];
+ZMLX_SHARED float zmlx_q[QL];
 #ifdef ZMLX_CUDA
 __shared__ __align__(16) T zmlx_xn[QLR];
 #else
@@ -69,8 +72,11 @@ if (zmlx_gid >= NB) {
     }
     return;
 }
-const uint b = zmlx_gid / H;
-const uint h = zmlx_gid % H;
+const uint bh = zmlx_gid / QS;  // b * H + h
+const uint b = bh / H;
+const uint h = bh % H;
+const uint r0 = (zmlx_gid % QS) * QL;               // the slice's first row of the head's QW
+const uint nq = QW - r0 < QL ? QW - r0 : QL;         // and its number of rows
 // 1. q_a_layernorm
 {
     const size_t src = size_t(b) * QLR;
@@ -86,29 +92,29 @@ const uint h = zmlx_gid % H;
     }
 }
 ZMLX_BARRIER;
-// 2. q_b_proj: the head's rows h * QW .. h * QW + QW - 1
+// 2. q_b_proj: the slice's rows h * QW + r0 .. h * QW + r0 + nq - 1
 #ifdef ZMLX_CUDA
 constexpr uint QWORDS = QLR * QBITS / 32;  // packed words (or values, unquantized) per row
 constexpr uint QGROUPS = QLR / QGS;
-for (uint j0 = 0; j0 < QW; j0 += TG / 32) {  // every warp the same number of rounds
+for (uint j0 = 0; j0 < QL; j0 += TG / 32) {  // every warp the same number of rounds
     const uint j = j0 + zmlx_warp;
     float g = 0.0f;
-    if (j < QW) {
-        const size_t row = size_t(h) * QW + j;
+    if (j < nq) {
+        const size_t row = size_t(h) * QW + r0 + j;
         g = zmlx_qdot_lane<QBITS, QGS, QLR>(qb_w + row * QWORDS, qb_s + (QBITS == 32 ? 0 : row * QGROUPS),
                                             qb_b + (QBITS == 32 ? 0 : row * QGROUPS), zmlx_xn, zmlx_lane);
     }
     g = ZMLX_SIMD_SUM(g);
-    if (zmlx_lane == 0 && j < QW) zmlx_q[j] = static_cast<float>(static_cast<T>(g));  // stock's matmul: T
+    if (zmlx_lane == 0 && j < nq) zmlx_q[j] = static_cast<float>(static_cast<T>(g));  // stock's matmul: T
 }
 #else
 {
     ZMLX_MLA_X_UNITS(QBITS, QLR, zmlx_xn, xq, xqsum)
-    for (uint j0 = 0; j0 < QW; j0 += (TG / 32) * RW) {  // every warp the same simd ops before the barrier
+    for (uint j0 = 0; j0 < QL; j0 += (TG / 32) * RW) {  // every warp the same simd ops before the barrier
         const uint j = j0 + zmlx_warp * RW;
-        const uint nrows = j >= QW ? 0 : QW - j < RW ? QW - j : RW;  // the same for the whole warp
+        const uint nrows = j >= nq ? 0 : nq - j < RW ? nq - j : RW;  // the same for the whole warp
         float acc[RW];
-        zmlx_mla_rows<QBITS, QGS, QLR, RW>(qb_w, qb_s, qb_b, size_t(h) * QW + j, nrows, zmlx_lane, xq, xqsum, acc);
+        zmlx_mla_rows<QBITS, QGS, QLR, RW>(qb_w, qb_s, qb_b, size_t(h) * QW + r0 + j, nrows, zmlx_lane, xq, xqsum, acc);
         for (uint r = 0; r < nrows; ++r) {
             if (zmlx_lane == 0) zmlx_q[j + r] = static_cast<float>(static_cast<T>(acc[r]));
         }
@@ -117,12 +123,13 @@ for (uint j0 = 0; j0 < QW; j0 += TG / 32) {  // every warp the same number of ro
 #endif
 ZMLX_BARRIER;
 // 3. the rope of q_pe and its scale (one rounding of the product of two values of T)
-if (zmlx_lid < RD / 2) {
+if (zmlx_lid < RD / 2 && NOPE + 2 * zmlx_lid >= r0 && NOPE + 2 * zmlx_lid < r0 + nq) {
     const uint i = zmlx_lid;
+    const uint q = NOPE + 2 * i - r0;  // the pair's first row in the slice
     const float c = cs[2 * i], s = cs[2 * i + 1];
-    const float x1 = ZMLX_ROPE_IN(zmlx_q[NOPE + 2 * i]), x2 = ZMLX_ROPE_IN(zmlx_q[NOPE + 2 * i + 1]);
+    const float x1 = ZMLX_ROPE_IN(zmlx_q[q]), x2 = ZMLX_ROPE_IN(zmlx_q[q + 1]);
     const float sc = ZMLX_FLOAT_BITS(SCALE_BITS);
-    const size_t dst = size_t(zmlx_gid) * RD + 2 * i;
+    const size_t dst = size_t(bh) * RD + 2 * i;
     const T r1 = static_cast<T>(ZMLX_ROPE_X1(x1, x2, c, s));
     const T r2 = static_cast<T>(ZMLX_ROPE_X2(x1, x2, c, s));
     q_pe[dst] = static_cast<T>(ZMLX_MUL(static_cast<float>(r1), sc));
@@ -138,11 +145,11 @@ for (uint j0 = 0; j0 < R; j0 += (TG / 32) * RW) {
         float acc[RW];
         zmlx_mla_rows<EBITS, EGS, NOPE, RW>(eq_w, eq_s, eq_b, size_t(h) * R + j, nrows, zmlx_lane, xr, xsum, acc);
         for (uint r = 0; r < nrows; ++r) {
-            if (zmlx_lane == 0) qv[size_t(zmlx_gid) * R + j + r] = acc[r];
+            if (zmlx_lane == 0) qv[size_t(bh) * R + j + r] = acc[r];
         }
     }
 }
 #else
-// ... and q_nope as stock's q_b_proj output (zmlx_q holds each row's value of T)
-for (uint j = zmlx_lid; j < NOPE; j += TG) q_nope[size_t(zmlx_gid) * NOPE + j] = static_cast<T>(zmlx_q[j]);
+// ... and q_nope as stock's q_b_proj output (zmlx_q holds each row's value of T): the slice's
+for (uint j = zmlx_lid; j < nq && r0 + j < NOPE; j += TG) q_nope[size_t(bh) * NOPE + r0 + j] = static_cast<T>(zmlx_q[j]);
 #endif
