@@ -24,7 +24,8 @@ mx.dequantize holds in a bf16 cache; the queries split into bf16 hi + lo parts).
 
 Device code: csrc/mla_decode_q_body.h; csrc/mla_decode_q.h (the tensor-core path's
 dequantizing loader); mla_attention's header csrc/mla.h (the chunk size, warp sums, the
-tensor-core path).
+tensor-core path); csrc/mla_decode_fma.h (mla_decode's FMA path's grid and online-softmax
+step, and this kernel's packed-word loader for that path).
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ mla_decode_q = KernelDef(
     reference_is_stock=False,  # a float32 computation, not mlx-lm's op sequence
     tolerance=1e-4,
     body=device_code("mla_decode_q_body.h"),
-    header=device_code("mla.h", "mla_decode_q.h"),
+    header=device_code("mla.h", "mla_decode_fma.h", "mla_decode_q.h"),
     input_names=("qn", "qp", "lw", "ls", "lb", "pw", "ps", "pb"),
     output_names=("o", "m", "l"),
     launch=launch,

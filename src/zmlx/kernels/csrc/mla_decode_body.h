@@ -23,14 +23,7 @@ if constexpr (MMA) {  // bf16 on CUDA: tensor cores (zmlx_mla_decode_mma)
     return;
 }
 #endif
-const uint NC = (S + CH - 1) / CH;
-const uint NG = (H + HPW * WPB - 1) / (HPW * WPB);
-const uint g = zmlx_gid % NG;
-const uint c = (zmlx_gid / NG) % NC;
-const uint b = zmlx_gid / (NG * NC);
-const uint hw = (g * WPB + zmlx_warp) * HPW;  // this warp's first head
-if (hw >= H) return;  // the whole warp: a last group's spare warps
-const uint p0 = c * CH;
+ZMLX_MLA_FMA_GRID
 const uint n = p0 < SL ? (SL - p0 < CH ? SL - p0 : CH) : 0;  // 0: a chunk past the length
 const float scale = ZMLX_FLOAT_BITS(SCALE_BITS);
 const ZMLX_DEVICE T* latb = lat + size_t(b) * S * R;
@@ -72,47 +65,7 @@ for (uint i0 = 0; i0 < n; i0 += TP) {
         ZMLX_UNROLL
         for (uint t = 0; t < ET; ++t) zmlx_mla_load2(kpeb + p * RD + 2 * zmlx_lane + 64 * t, kv[u][t]);
     }
-    ZMLX_UNROLL
-    for (uint j = 0; j < HPW; ++j) {
-        float sc[TP];
-        float smax = mh[j];
-        ZMLX_UNROLL
-        for (uint u = 0; u < TP; ++u) {
-            float a = 0.0f;
-            ZMLX_UNROLL
-            for (uint t = 0; t < RT; ++t) {
-                ZMLX_UNROLL
-                for (uint i = 0; i < 4; ++i) a += qr[j][t][i] * lv[u][t][i];
-            }
-            ZMLX_UNROLL
-            for (uint t = 0; t < ET; ++t) {
-                ZMLX_UNROLL
-                for (uint i = 0; i < 2; ++i) a += qe[j][t][i] * kv[u][t][i];
-            }
-            ZMLX_WARP_SUM(a);
-            sc[u] = i0 + u < n ? a : -3.0e38f;
-            smax = ZMLX_FMAX(smax, sc[u]);
-        }
-        const float alpha = ZMLX_EXP(mh[j] - smax);  // 0 on the first step
-        mh[j] = smax;
-        float psum = 0.0f;
-        ZMLX_UNROLL
-        for (uint u = 0; u < TP; ++u) {
-            sc[u] = ZMLX_EXP(sc[u] - smax);
-            psum += sc[u];
-        }
-        lh[j] = lh[j] * alpha + psum;
-        ZMLX_UNROLL
-        for (uint t = 0; t < RT; ++t) {
-            ZMLX_UNROLL
-            for (uint i = 0; i < 4; ++i) {
-                float v = acc[j][t][i] * alpha;
-                ZMLX_UNROLL
-                for (uint u = 0; u < TP; ++u) v += sc[u] * lv[u][t][i];
-                acc[j][t][i] = v;
-            }
-        }
-    }
+    ZMLX_MLA_FMA_HEADS(RT, 4, ET, 2)
 }
 ZMLX_UNROLL
 for (uint j = 0; j < HPW; ++j) {

@@ -15,7 +15,6 @@
 // On CUDA with bf16 activations (MMA) the chunk runs on tensor cores instead: mla_decode's
 // zmlx_mla_decode_mma_rows over fragments dequantized by zmlx_mla_qrows (csrc/mla_decode_q.h).
 constexpr uint UV = 32 / BITS;
-constexpr uint MASK = (1u << BITS) - 1u;
 constexpr uint LWN = R / UV;  // packed words per latent row
 constexpr uint PWN = RD / UV;  // per rope row
 constexpr uint LT = (LWN + 31) / 32;  // latent words per lane
@@ -30,14 +29,7 @@ if constexpr (MMA) {  // bf16 on CUDA: mla_decode's tensor-core path over the de
     return;
 }
 #endif
-const uint NC = (S + CH - 1) / CH;
-const uint NG = (H + HPW * WPB - 1) / (HPW * WPB);
-const uint g = zmlx_gid % NG;
-const uint c = (zmlx_gid / NG) % NC;
-const uint b = zmlx_gid / (NG * NC);
-const uint hw = (g * WPB + zmlx_warp) * HPW;  // this warp's first head
-if (hw >= H) return;  // the whole warp: a last group's spare warps
-const uint p0 = c * CH;
+ZMLX_MLA_FMA_GRID
 const uint n = S - p0 < CH ? S - p0 : CH;
 const float scale = ZMLX_FLOAT_BITS(SCALE_BITS);
 const ZMLX_DEVICE uint* lwb = lw + size_t(b) * S * LWN;
@@ -82,82 +74,14 @@ for (uint i0 = 0; i0 < n; i0 += TP) {
         const size_t p = p0 + (i0 + v < n ? i0 + v : n - 1);  // past the chunk: its last row, weight 0
         ZMLX_UNROLL
         for (uint t = 0; t < LT; ++t) {
-            const uint u = zmlx_lane + 32 * t;
-            uint word = 0u;
-            float sc = 0.0f;
-            float bi = 0.0f;
-            if (u < LWN) {
-                const size_t gi = p * (R / GS) + (u * UV) / GS;
-                word = lwb[p * LWN + u];
-                sc = static_cast<float>(lsb[gi]);
-                bi = static_cast<float>(lbb[gi]);
-            }
-            ZMLX_UNROLL
-            for (uint i = 0; i < UV; ++i) {
-                const float x = static_cast<float>((word >> (BITS * i)) & MASK) * sc + bi;
-                lv[v][t][i] = static_cast<float>(static_cast<T>(x));
-            }
+            zmlx_mla_dequant_word<BITS, GS, R>(lwb, lsb, lbb, p, zmlx_lane + 32 * t, lv[v][t]);
         }
         ZMLX_UNROLL
         for (uint t = 0; t < PT; ++t) {
-            const uint u = zmlx_lane + 32 * t;
-            uint word = 0u;
-            float sc = 0.0f;
-            float bi = 0.0f;
-            if (u < PWN) {
-                const size_t gi = p * (RD / GS) + (u * UV) / GS;
-                word = pwb[p * PWN + u];
-                sc = static_cast<float>(psb[gi]);
-                bi = static_cast<float>(pbb[gi]);
-            }
-            ZMLX_UNROLL
-            for (uint i = 0; i < UV; ++i) {
-                const float x = static_cast<float>((word >> (BITS * i)) & MASK) * sc + bi;
-                kv[v][t][i] = static_cast<float>(static_cast<T>(x));
-            }
+            zmlx_mla_dequant_word<BITS, GS, RD>(pwb, psb, pbb, p, zmlx_lane + 32 * t, kv[v][t]);
         }
     }
-    ZMLX_UNROLL
-    for (uint j = 0; j < HPW; ++j) {
-        float sc[TP];
-        float smax = mh[j];
-        ZMLX_UNROLL
-        for (uint v = 0; v < TP; ++v) {
-            float a = 0.0f;
-            ZMLX_UNROLL
-            for (uint t = 0; t < LT; ++t) {
-                ZMLX_UNROLL
-                for (uint i = 0; i < UV; ++i) a += qr[j][t][i] * lv[v][t][i];
-            }
-            ZMLX_UNROLL
-            for (uint t = 0; t < PT; ++t) {
-                ZMLX_UNROLL
-                for (uint i = 0; i < UV; ++i) a += qe[j][t][i] * kv[v][t][i];
-            }
-            ZMLX_WARP_SUM(a);
-            sc[v] = i0 + v < n ? a : -3.0e38f;
-            smax = ZMLX_FMAX(smax, sc[v]);
-        }
-        const float alpha = ZMLX_EXP(mh[j] - smax);  // 0 on the first step
-        mh[j] = smax;
-        float psum = 0.0f;
-        ZMLX_UNROLL
-        for (uint v = 0; v < TP; ++v) {
-            sc[v] = ZMLX_EXP(sc[v] - smax);
-            psum += sc[v];
-        }
-        lh[j] = lh[j] * alpha + psum;
-        ZMLX_UNROLL
-        for (uint t = 0; t < LT; ++t) {
-            ZMLX_UNROLL
-            for (uint i = 0; i < UV; ++i) {
-                float a = acc[j][t][i] * alpha;
-                ZMLX_UNROLL
-                for (uint v = 0; v < TP; ++v) a += sc[v] * lv[v][t][i];
-                acc[j][t][i] = a;
-            }
-        }
-    }
+    ZMLX_MLA_FMA_HEADS(LT, UV, PT, UV)
 }
 ZMLX_UNROLL
 for (uint j = 0; j < HPW; ++j) {
