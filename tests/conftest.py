@@ -18,6 +18,31 @@ def pytest_addoption(parser):
         action="store_true",
         help="fail, instead of skipping, a test whose compiler (g++, NVRTC) is missing (CI)",
     )
+    parser.addoption(
+        "--failures-at-once",
+        action="store_true",
+        help="print a failure's traceback when the test fails, not at the end (GPU runs a time "
+        "limit may cut: benchmarks/gpu/run_glm47_flash.sh)",
+    )
+
+
+def pytest_runtest_logreport(report):
+    """--failures-at-once: the failure's text goes out as soon as its report arrives (with
+    pytest-xdist, in the controller), so a run killed by a time limit still says why."""
+    config = _CONFIG.get("config")
+    if not (report.failed and config is not None and config.getoption("--failures-at-once")):
+        return
+    writer = config.pluginmanager.get_plugin("terminalreporter")
+    if writer is not None:
+        writer.write_line(f"\n== at once, why {report.nodeid} failed ({report.when}):")
+        writer.write_line(report.longreprtext[-4000:])
+
+
+_CONFIG: dict = {}
+
+
+def pytest_configure(config):
+    _CONFIG["config"] = config
 
 
 @pytest.hookimpl(hookwrapper=True)

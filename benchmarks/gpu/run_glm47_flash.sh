@@ -16,7 +16,10 @@
 #                     micro-benchmark
 #   STEP=tests        the `cuda` tests in TESTS (pytest arguments: files, -k ...), stopped after
 #                     TEST_LIMIT seconds (default 540); one line per test goes to the log as it
-#                     ends (unbuffered), so a run cut by the limit still says what passed
+#                     ends (unbuffered), and a failure's traceback at once, so a run cut by the
+#                     limit still says what passed and why what failed did; WORKERS=N runs
+#                     them in N processes on the one GPU (pytest-xdist: NVRTC and MLX's JIT
+#                     compile new shapes on the CPU cores in parallel)
 #   STEP=all          experiments, noise and preset in turn
 # Bring the results home with:
 #   cp <files_at>/*.json repro_capsules/ && python -m zmlx.matrix merge <files_at>/matrix.jsonl
@@ -25,6 +28,10 @@ step=${1:?STEP: experiments|noise|preset|ledger|kernels|tests|all}
 tokens=${2:-200}
 if [ "$step" = tests ] && [ -z "${TESTS:-}" ]; then
   echo "error: STEP=tests needs TESTS (the pytest arguments, e.g. TESTS=tests/patch/test_moe_block.py)" >&2
+  exit 2
+fi
+if [ -n "${WORKERS:-}" ] && ! [[ $WORKERS =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: WORKERS must be a positive integer, got '$WORKERS'" >&2
   exit 2
 fi
 runs=${RUNS:-3}
@@ -65,8 +72,11 @@ cuda_tests() {
   # pytest's output to a pipe is block-buffered: unbuffered and one line per test (-v), so
   # what ran before a timeout reaches the log; the counts are taken from the log afterwards.
   local limit=$1; shift
+  local workers=()
+  if [ -n "${WORKERS:-}" ]; then workers=(-n "$WORKERS"); fi
   # shellcheck disable=SC2068
-  PYTHONUNBUFFERED=1 timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m cuda -rf "$@" \
+  PYTHONUNBUFFERED=1 timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m cuda -rf --failures-at-once \
+    ${workers[@]+"${workers[@]}"} "$@" \
     >> "$log" 2>&1 || echo "== pytest exited $? (124: cut by the ${limit} s limit)" | tee -a "$log"
   echo "== passed $(grep -c ' PASSED' "$log" || true), failed $(grep -c ' FAILED' "$log" || true), skipped $(grep -c ' SKIPPED' "$log" || true) (this log)" | tee -a "$log"
   grep ' FAILED' "$log" | head -20 || true

@@ -19,6 +19,15 @@ def test_the_tests_step_without_tests_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_tests_step_with_a_bad_workers_count_is_one_line_and_exit_2(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "TESTS": "tests", "WORKERS": "two"}
+    cmd = ["bash", str(ROOT / "benchmarks/gpu/run_glm47_flash.sh"), "tests"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["error: WORKERS must be a positive integer, got 'two'"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_mlx_lm_model_tests_refuses_an_unknown_pattern():
     script = ROOT / "benchmarks/mlx_lm_model_tests.py"
     p = subprocess.run([sys.executable, str(script), "--patterns", "nosuch"], capture_output=True, text=True)
