@@ -92,7 +92,7 @@ tests() {
   # what ran before the limit reaches the log; the counts are taken from the log afterwards.
   local args
   read -ra args <<< "${TESTS:-tests/distributed}"
-  run env PYTHONUNBUFFERED=1 timeout "${TEST_LIMIT:-540}" python3 -m pytest -v -p no:cacheprovider -rfs \
+  run env PYTHONUNBUFFERED=1 timeout "${TEST_LIMIT:-540}" python3 -m pytest -v -p no:cacheprovider -rfs --failures-at-once \
     "${args[@]}" || echo "== pytest exited $? (124: cut by the limit)" | tee -a "$log"
   [ "$dry" = 1 ] && return 0
   echo "== passed $(grep -c ' PASSED' "$log" || true), failed $(grep -c ' FAILED' "$log" || true), skipped $(grep -c ' SKIPPED' "$log" || true) (this log)" | tee -a "$log"
