@@ -25,8 +25,8 @@ rows on sm90), scales in x's dtype; other calls take the reference. On Metal the
 plain float32 sum (`close`).
 
 Device code: csrc/norm_qkv_a_body.h (the body); csrc/quant.h (the qmv/gemv-order dot),
-csrc/residual_norm.h (the square-accumulate and rsqrt) and csrc/norm_qkv_a.h (a helper of
-the Metal dot) as its header.
+csrc/residual_norm.h (the square-accumulate, and ZMLX_RMS_INV: the sums reduced, the rsqrt)
+and csrc/norm_qkv_a.h (a helper of the Metal dot) as its header.
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ Fidelity: bitwise stock on CUDA (batch 1 decode); on Metal the dot is a plain fl
 `zmlx_limit_groups`); E > 256, k > 8 and groupings it does not take take the reference.
 
 Device code: csrc/norm_router_body.h (the body); csrc/quant.h (the gemv-order dot),
-csrc/residual_norm.h (the square-accumulate and rsqrt) and csrc/moe_router.h (the routing)
-as its header.
+csrc/residual_norm.h (the square-accumulate, and ZMLX_RMS_INV: the sums reduced, the rsqrt)
+and csrc/moe_router.h (the routing) as its header.
 """
 
 from __future__ import annotations

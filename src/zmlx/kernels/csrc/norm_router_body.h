@@ -43,13 +43,7 @@ if (zmlx_lid < BLOCK) {
         }
     }
 }
-acc = ZMLX_SIMD_SUM(acc);
-if (zmlx_warp == 0) zmlx_sums[zmlx_lane] = 0.0f;
-ZMLX_BARRIER;
-if (zmlx_lane == 0) zmlx_sums[zmlx_warp] = acc;
-ZMLX_BARRIER;
-acc = ZMLX_SIMD_SUM(static_cast<float>(zmlx_sums[zmlx_lane]));
-const float inv = ZMLX_RSQRT(ZMLX_ADD(acc / static_cast<float>(D), ZMLX_FLOAT_BITS(NORM_EPS_BITS)));
+ZMLX_RMS_INV(inv, acc, zmlx_sums, D, NORM_EPS_BITS);  // csrc/residual_norm.h
 if (zmlx_lid < BLOCK) {
     for (uint i = 0; i < CHUNKS; ++i) {
         for (uint j = 0; j < NR; ++j) {
