@@ -48,8 +48,8 @@ a warp, each recomputing the norm: more of the GPU, shorter load chains). Every 
 stock's (bitwise on CUDA; close on Metal, whose dots are float32 sums), so mla_prologue hands
 q_nope to mlx-lm's own embed_q. Its reference is mlx-lm's op sequence up to those values.
 
-Device code: csrc/mla_q_prep_body.h; header csrc/quant.h (qmv-order dots), residual_norm.h
-(the norm), glm47_rope.h (the rotation) and mla.h (the float32 row dots).
+Device code: csrc/mla_q_prep_body.h; csrc/quant.h (qmv-order dots), csrc/residual_norm.h
+(the norm), csrc/glm47_rope.h (the rotation), csrc/mla.h (the float32 row dots).
 """
 
 from __future__ import annotations
