@@ -170,9 +170,18 @@ def test_a_float32_block_is_at_least_as_accurate_as_stock(run):
     assert a.ref_patched.kld_mean <= a.ref_stock.kld_mean
 
 
-def test_exact_patterns_have_no_divergence_and_pass(tiny_q4):
+def test_exact_patterns_have_no_divergence_and_pass_over_the_fixed_text_too(tiny_q4):
+    """One validate run (its float32 reference teacher-forced over every position costs most
+    of a minute on the CPU) for both: an exact pattern's statistics, and the fixed text's
+    positions joining stock's greedy ones."""
     model, tok = tiny_q4
+    prompt, rest = acc.fixed_text_sequence(tok)
+    assert tok.decode(list(prompt) + list(rest)) == acc.FIXED_TEXT and len(rest) > 100
     report = fidelity.validate(model, tok, patterns="moe_router", max_tokens=16, runs=1, accuracy=True)
+    # stock's 16 greedy tokens and every position of the fixed text
+    assert report.accuracy is not None and report.accuracy.ref_stock.positions == 16 + len(rest)
+    alone = acc.accuracy(model, mx.array(tok.encode(DEFAULT_PROMPT)), report.stock[0].tokens, "moe_router")
+    assert alone.ref_stock.positions == 16
     a = report.accuracy
     assert a is not None and a.accurate
     sp = a.stock_patched
@@ -199,22 +208,15 @@ def test_validate_reports_accurate_when_tokens_differ_but_the_rule_holds(monkeyp
 def test_the_cli_prints_the_accuracy_table():
     from zmlx.cli import app
 
+    # no --accuracy: the table shows that it is on by default for the tiny model (one run: each
+    # teacher-forces a float32 reference over every position; the fixed text's positions in the
+    # report are the test above's, the report's JSON test_validate's wrong-pattern test's)
     r = CliRunner().invoke(
-        app, ["validate", SPEC, "--patterns", "moe_router", "--max-tokens", "8", "--runs", "1", "--accuracy"]
+        app, ["validate", SPEC, "--patterns", "moe_router", "--max-tokens", "8", "--runs", "1"]
     )
     assert r.exit_code == 0, r.output
     for text in ("mean KLD", "p99 KLD", "same top %", "ref‖stock", "ref‖patched", "stock‖patched", "PASS"):
         assert text in r.output, text
-    r = CliRunner().invoke(
-        app, ["validate", SPEC, "--patterns", "moe_router", "--max-tokens", "8", "--runs", "1", "--json"]
-    )
-    assert r.exit_code == 0, r.output
-    d = json.loads(r.stdout)  # the steps go to stderr, which r.output mixes in
-    from zmlx.models import load
-
-    _, tok, _ = load(SPEC)
-    fixed = len(acc.fixed_text_sequence(tok)[1])
-    assert d["accuracy"]["ref_stock"]["positions"] == 8 + fixed  # on by default for the tiny model
 
 
 def test_the_reference_avoids_tf32_on_cuda(monkeypatch):
@@ -279,14 +281,3 @@ def test_no_accuracy_leaves_it_out():
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)  # the steps go to stderr, which r.output mixes in
     assert d["accuracy"] is None and d["verdict"] == "PASS"
-
-
-def test_the_rule_also_reads_a_fixed_text(tiny_q4):
-    model, tok = tiny_q4
-    prompt, rest = acc.fixed_text_sequence(tok)
-    assert tok.decode(list(prompt) + list(rest)) == acc.FIXED_TEXT and len(rest) > 100
-    report = fidelity.validate(model, tok, patterns="moe_router", max_tokens=16, runs=1, accuracy=True)
-    # stock's 16 greedy tokens and every position of the fixed text
-    assert report.accuracy is not None and report.accuracy.ref_stock.positions == 16 + len(rest)
-    alone = acc.accuracy(model, mx.array(tok.encode(DEFAULT_PROMPT)), report.stock[0].tokens, "moe_router")
-    assert alone.ref_stock.positions == 16
