@@ -60,15 +60,22 @@ def test_default_preset_patches_nothing_without_a_warning():
     assert "nothing to patch" not in result.message
 
 
+@functools.cache
+def _stock(quant: str, batch: int, use_cache: bool):
+    """(prompt, stock's logits): a prompt longer than the window, then decode steps (the
+    rotating cache wraps); computed once for the pattern sets that compare with it (patch then
+    unpatch leaves the model as it was: the test above)."""
+    model = _model(quant)
+    prompt = mx.random.randint(1, 4096, (batch, model.args.sliding_window + 3), key=mx.random.key(batch))
+    return prompt, forward(model, prompt, 3, use_cache)
+
+
 @pytest.mark.parametrize("quant", ["affine4", "mxfp4"])  # MLX's CPU gather_mm takes float32 only
 @pytest.mark.parametrize("patterns", [("softmax_router",), ("moe_mlp",), ("softmax_router", "moe_mlp")])
 def test_patched_synth_model_is_bitwise_stock(quant, patterns):
     model = _model(quant)
-    window = model.args.sliding_window
     for batch, use_cache in ((1, True), (2, True), (1, False), (2, False)):
-        # a prompt longer than the window, then decode steps: the rotating cache wraps
-        prompt = mx.random.randint(1, 4096, (batch, window + 3), key=mx.random.key(batch))
-        stock = forward(model, prompt, 3, use_cache)
+        prompt, stock = _stock(quant, batch, use_cache)
         result = zmlx.patch(model, patterns=list(patterns))
         try:
             patched = forward(model, prompt, 3, use_cache)
