@@ -199,10 +199,24 @@ def test_the_routing_example_passes_the_self_check_in_the_gpus_order(tmp_path):
     assert all(mx.allclose(g, w, rtol=tol, atol=tol).item() for g, w in zip(got, want, strict=True))
 
 
+def _emu_cases():
+    """(case, dtype, router): the plain kernel and the group-limited routing in every case and
+    dtype; GLM's routing (its rows are the plain kernel's, its experts moe_router's body's) in
+    every case, the dtypes taking turns over the quantized ones (each compile of the emulation
+    takes seconds): bf16 and fp16 twice, fp32 there and in the unquantized cases."""
+    dtypes = [mx.bfloat16, mx.float16, mx.float32]
+    quantized = [c for c in CASES if c[6] != (None, None)]
+    for router, name in ((None, "inds"), (GROUPS, "route-groups")):
+        for i, case in enumerate(CASES):
+            for d in dtypes:
+                yield pytest.param(case, d, router, id=f"{name}-{d}-case{i}".replace("mlx.core.", ""))
+    for i, case in enumerate(CASES):
+        d = dtypes[quantized.index(case) % 3] if case in quantized else mx.float32
+        yield pytest.param(case, d, GLM, id=f"route-{d}-case{i}".replace("mlx.core.", ""))
+
+
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-@pytest.mark.parametrize("router", [None, GLM, GROUPS], ids=["inds", "route", "route-groups"])
+@pytest.mark.parametrize("case,dtype,router", list(_emu_cases()))
 def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, case, dtype, router):
     """Routing first (moe_gate_up_route), the experts and scores are moe_router's Metal body's
     bitwise (the set mlx-lm's reference picks on the CPU), and the rows are then held as
