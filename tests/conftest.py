@@ -26,23 +26,23 @@ def pytest_addoption(parser):
     )
 
 
-def pytest_runtest_logreport(report):
+class _FailuresAtOnce:
     """--failures-at-once: the failure's text goes out as soon as its report arrives (with
     pytest-xdist, in the controller), so a run killed by a time limit still says why."""
-    config = _CONFIG.get("config")
-    if not (report.failed and config is not None and config.getoption("--failures-at-once")):
-        return
-    writer = config.pluginmanager.get_plugin("terminalreporter")
-    if writer is not None:
-        writer.write_line(f"\n== at once, why {report.nodeid} failed ({report.when}):")
-        writer.write_line(report.longreprtext[-4000:])
 
+    def __init__(self, config):
+        self.config = config
 
-_CONFIG: dict = {}
+    def pytest_runtest_logreport(self, report):
+        writer = self.config.pluginmanager.get_plugin("terminalreporter")
+        if report.failed and writer is not None:
+            writer.write_line(f"\n== at once, why {report.nodeid} failed ({report.when}):")
+            writer.write_line(report.longreprtext[-4000:])
 
 
 def pytest_configure(config):
-    _CONFIG["config"] = config
+    if config.getoption("--failures-at-once"):
+        config.pluginmanager.register(_FailuresAtOnce(config), "failures-at-once")
 
 
 @pytest.hookimpl(hookwrapper=True)
