@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Where a decode step's host time goes, per pattern set (diagnostic).
+
+    python benchmarks/gpu/profile_host.py [SPEC] [--sets "none;a,b;a,b,c"] [--steps N]
+        [--top N] [--no-profile]
+
+For each set (`none` is stock), on one model, stock's set first:
+  - build and issue milliseconds per greedy decode step (zmlx.bench.issue_time: the graph's
+    Python, then MLX's encoding and launching of it in `mx.async_eval`), medians;
+  - a pipelined decode as mlx-lm's generate_step runs it (the next step issued before the
+    last token is read), milliseconds per token over `--steps` steps: the decode rate the
+    host and GPU allow together;
+  - unless --no-profile: cProfile of `--steps` build-only steps (model call + argmax), the
+    `--top` functions by their own time and by cumulative time, so zmlx's Python per step
+    is seen next to mlx-lm's.
+MLX's own knobs (MLX_USE_CUDA_GRAPHS, MLX_MAX_OPS_PER_BUFFER, ...) are read by MLX once per
+process: run the script once per setting; the ones set are printed at the top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+
+import zmlx
+from zmlx import synth
+from zmlx.bench.issue_time import issue_times
+from zmlx.cli import args as cli_args
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+MLX_KNOBS = (
+    "MLX_USE_CUDA_GRAPHS",
+    "MLX_MAX_OPS_PER_BUFFER",
+    "MLX_MAX_MB_PER_BUFFER",
+    "MLX_CUDA_GRAPH_CACHE_SIZE",
+)
+
+
+def pipelined_ms(model, prompt: mx.array, steps: int, warm: int = 3) -> float:
+    """Milliseconds per token of a greedy decode pipelined as mlx-lm's generate_step is."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    y = mx.argmax(model(prompt[None], cache=cache)[:, -1:], axis=-1)
+    mx.async_eval(y)
+    t0 = 0.0
+    for i in range(warm + steps):
+        if i == warm:
+            t0 = time.perf_counter()
+        nxt = mx.argmax(model(y, cache=cache)[:, -1:], axis=-1)
+        mx.async_eval(nxt)
+        y.item()  # the previous token, read while the next step runs
+        y = nxt
+    y.item()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def build_profile(model, prompt: mx.array, steps: int, top: int) -> str:
+    """cProfile's tables for `steps` decode steps' graph building (each step then evaluated
+    outside the profiler)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    tok = mx.argmax(model(prompt[None], cache=cache)[:, -1:], axis=-1)
+    mx.eval(tok)
+    for _ in range(2):
+        tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
+        mx.eval(tok)
+    prof = cProfile.Profile()
+    for _ in range(steps):
+        prof.enable()
+        tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
+        prof.disable()
+        mx.eval(tok)
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+def run(model, sets: list[str], steps: int, top: int, profile: bool) -> list[tuple[str, float, float, float]]:
+    prompt = mx.array(PROMPT)
+    rows = []
+    for s in sets:
+        zmlx.unpatch(model)
+        if s != "none":
+            zmlx.patch(model, patterns=s)
+        try:
+            t = issue_times(model, prompt, steps=steps, warm=3)
+            pipe = statistics.median(pipelined_ms(model, prompt, steps) for _ in range(3))
+            rows.append((s, t.build_median, t.issue_median, pipe))
+            print(
+                f"[{s}] build {t.build_median:.2f} ms, issue {t.issue_median:.2f} ms, "
+                f"pipelined {pipe:.2f} ms per token",
+                flush=True,
+            )
+            if profile:
+                print(build_profile(model, prompt, steps, top), flush=True)
+        finally:
+            zmlx.unpatch(model)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", nargs="?", default="synth:glm4_moe_lite/flash/affine4")
+    parser.add_argument("--sets", default="none", help="';'-separated pattern sets (none: stock)")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args(argv)
+    sets = args.sets.split(";")
+    with cli_args.one_line_errors(args.spec):  # bad input: one `error:` line, exit 2
+        cli_args.at_least(1, {"--steps": args.steps, "--top": args.top})
+        for s in sets:
+            cli_args.selection(s, "--sets")
+        knobs = {k: os.environ[k] for k in MLX_KNOBS if k in os.environ}
+        print(f"backend {zmlx.backend.current()}  MLX {mx.__version__}  knobs {knobs or 'MLX defaults'}")
+        model, _ = synth.build(args.spec)
+        rows = run(model, sets, args.steps, args.top, not args.no_profile)
+    print(f"{'set':<60} {'build ms':>9} {'issue ms':>9} {'pipelined ms/token':>19}")
+    for s, b, i, pp in rows:
+        print(f"{s:<60} {b:>9.2f} {i:>9.2f} {pp:>19.2f}")
+
+
+if __name__ == "__main__":
+    import typer
+
+    try:
+        main()
+    except typer.Exit as e:  # one_line_errors' exit, outside a typer app
+        sys.exit(e.exit_code)

@@ -1,0 +1,46 @@
+"""benchmarks/gpu/profile_host.py on the CPU: one row per pattern set with the step's build,
+issue and pipelined times, the model stock again after each set, one line for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from script_loader import load_script
+
+import zmlx
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "profile_host.py"
+
+
+def test_rows_per_set_and_the_model_left_stock(tiny_q4):
+    model, _ = tiny_q4
+    rows = load_script("gpu/profile_host.py").run(model, ["none", "moe_block"], 2, 5, profile=False)
+    assert [r[0] for r in rows] == ["none", "moe_block"]
+    for _, build, issue, pipe in rows:
+        assert 0 < build <= issue and pipe > 0
+    assert zmlx.patch_result(model) is None
+
+
+def test_the_profile_names_zmlx_functions(tiny_q4):
+    model, _ = tiny_q4
+    text = load_script("gpu/profile_host.py").build_profile
+    zmlx.patch(model, patterns="moe_block")
+    try:
+        import mlx.core as mx
+
+        out = text(model, mx.array([3, 14, 15]), 2, 200)
+    finally:
+        zmlx.unpatch(model)
+    assert "moe_block.py" in out and "cumulative" in out
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--sets", "none;no_such_pattern"]])
+def test_bad_input_is_one_line_and_exit_2(args):
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "synth:glm4_moe_lite/tiny/affine4", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
