@@ -8,7 +8,9 @@ with the built kernel replaced by a function that returns preallocated outputs, 
 time per call is what zmlx adds on the host to MLX's own cost of a custom-kernel call:
 the live inputs put in their slots and the call. `block` times a whole decode step of one
 moe_block layer of the tiny synthetic model the same way (step key, weight check, three
-launches). Prints the median over repeats, in microseconds per call. Runs on any machine;
+launches); `compiled_step` times compiled_decode's own Python per decode step of a
+47-layer model, the compiled graph's replay replaced likewise. Prints the median over
+repeats, in microseconds per call. Runs on any machine;
 tests/kernels/test_prepared.py holds the CPU-side bound.
 """
 
@@ -123,6 +125,36 @@ def block(calls: int = 500, repeats: int = 7) -> float:
         backend.current = current  # type: ignore[assignment]
 
 
+def compiled_step(layers: int = 47, calls: int = 500, repeats: int = 7) -> float:
+    """Median µs of compiled_decode's Python per decode step of a model with `layers` layers
+    (GLM-4.7-Flash has 47), the compiled graph's replay replaced by a function returning
+    preallocated outputs: the regime check (one token, static caches), the token's dtype,
+    every cache's reserve and advance, the buffers' lists. What MLX adds (mx.compile's
+    replay of the traced graph, then its evaluation) is the rest of the ledger's build and
+    issue times."""
+    from types import SimpleNamespace
+
+    from zmlx.patch.patterns.compiled_decode import _Step, _stock_reason
+    from zmlx.static_cache import StaticMLACache
+
+    # room for every timed step, so no step grows a buffer (bucket growth is a copy: MLX's)
+    caches = [StaticMLACache(min_capacity=calls * (repeats + 1) + 8) for _ in range(layers)]
+    for c in caches:  # one prompt token: the buffers exist and the cache is not empty
+        c.update_and_fetch(mx.zeros((1, 1, 1, 512), mx.bfloat16), mx.zeros((1, 1, 1, 64), mx.bfloat16))
+    logits = mx.zeros((1, 1, 8), mx.float32)
+    written = [c.keys for c in caches] + [c.values for c in caches]
+    step = _Step(None, ())
+    step._fn = lambda inputs, position, *buffers: (logits, position + 1, *written)
+    token = mx.zeros((1, 1), mx.uint32)
+    model = SimpleNamespace(layers=[None] * layers)
+
+    def one_step():  # the patched __call__'s path: the regime check, then the step
+        assert _stock_reason(model, token, caches) is None
+        return step(model, token, caches)
+
+    return median_us(one_step, calls, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per timed block")
@@ -133,6 +165,8 @@ def main() -> None:
     for name, us in launches(a.calls, a.repeats).items():
         print(f"{name:14s} {us:6.2f} us per prepared launch")
     print(f"{'block':14s} {block(max(1, a.calls // 4), a.repeats):6.2f} us per MoE layer step (3 launches)")
+    us = compiled_step(47, max(1, a.calls // 4), a.repeats)
+    print(f"{'compiled_step':14s} {us:6.2f} us per compiled_decode step, 47 layers (replay not counted)")
 
 
 if __name__ == "__main__":
