@@ -33,7 +33,7 @@ def unbacked(families: dict[str, Family], ledger: L.Ledger) -> list[str]:
                 entry = current.get(line)
                 if pattern not in PATTERNS or pattern not in fam.targets:
                     problems.append(f"{where}: not a pattern of {name}")
-                elif all(k.fidelity_on(backend) == "exact" for k in PATTERNS[pattern].kernels):
+                elif PATTERNS[pattern].fidelity_on(backend) == "exact":
                     problems.append(f"{where}: exact on {backend}, belongs in the default preset")
                 elif entry is None:
                     why = "superseded" if line in ledger.superseded else "not in the ledger"

@@ -26,7 +26,7 @@ def command():
             )
             or "-"
         )
-        exact_on = [b for b in ("cuda", "metal") if all(k.fidelity_on(b) == "exact" for k in p.kernels)]
+        exact_on = [b for b in ("cuda", "metal", "cpu") if p.fidelity_on(b) == "exact"]
         fidelity = p.fidelity
         if fidelity != "exact" and exact_on:
             fidelity += f" (exact on {', '.join(exact_on)})"

@@ -295,11 +295,7 @@ def patch(
             if all(p.path == "kernel" for p in kplans)
             else "reference"
         )
-        exact_here = (
-            all(k.fidelity_on(result.backend) == "exact" for k in pattern.kernels)
-            if pattern.kernels
-            else result.backend in pattern.exact_on
-        )
+        exact_here = pattern.fidelity_on(result.backend) == "exact"
         report = PatternReport(
             name=name,
             fidelity="exact" if exact_here else pattern.fidelity,

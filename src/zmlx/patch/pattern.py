@@ -41,3 +41,12 @@ class Pattern:
     # replace the same method of one instance, it gets the one function make() builds from
     # both patterns' arguments and both count it patched; otherwise the first planned wins.
     part: tuple[tuple[str, Any], ...] = ()
+
+    def fidelity_on(self, backend: str) -> Fidelity:
+        """The pattern's fidelity on `backend`: exact where every kernel is exact there (a
+        pattern without kernels: where `exact_on` names it), else `fidelity`."""
+        if self.kernels:
+            exact = all(k.fidelity_on(backend) == "exact" for k in self.kernels)  # type: ignore[arg-type]
+        else:
+            exact = backend in self.exact_on
+        return "exact" if exact else self.fidelity
