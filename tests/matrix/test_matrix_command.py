@@ -351,6 +351,7 @@ def test_a_close_set_is_judged_by_the_accuracy_rule(tmp_path):
         "1",
         "--max-tokens",
         "12",
+        "--accuracy",  # the flag itself (its default, on where the reference fits: test_accuracy.py)
         "--ledger",
         str(ledger),
     )
