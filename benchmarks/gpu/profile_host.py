@@ -2,7 +2,7 @@
 """Where a decode step's host time goes, per pattern set (diagnostic).
 
     python benchmarks/gpu/profile_host.py [SPEC] [--sets "none;a,b;a,b,c"] [--steps N]
-        [--top N] [--no-profile]
+        [--top N] [--no-profile] [--kernels]
 
 For each set (`none` is stock), on one model, stock's set first:
   - build and issue milliseconds per greedy decode step (zmlx.bench.issue_time: the graph's
@@ -13,6 +13,9 @@ For each set (`none` is stock), on one model, stock's set first:
   - unless --no-profile: cProfile of `--steps` build-only steps (model call + argmax), the
     `--top` functions by their own time and by cumulative time, so zmlx's Python per step
     is seen next to mlx-lm's.
+  - with --kernels (CUDA): the step's kernels by name, per token (count and GPU µs, from
+    PyTorch's profiler as the ledger's count is taken), so what stock work is left under a
+    pattern set is seen by name.
 MLX's own knobs (MLX_USE_CUDA_GRAPHS, MLX_MAX_OPS_PER_BUFFER, ...) are read by MLX once per
 process: run the script once per setting; the ones set are printed at the top.
 """
@@ -87,7 +90,53 @@ def build_profile(model, prompt: mx.array, steps: int, top: int) -> str:
     return out.getvalue()
 
 
-def run(model, sets: list[str], steps: int, top: int, profile: bool) -> list[tuple[str, float, float, float]]:
+def histogram(events, steps: int) -> list[tuple[str, float, float]]:
+    """(name, kernels per step, GPU µs per step) of profiler events that have `.name` and
+    `.time_range.elapsed_us()`, the most frequent first (ties: the most GPU time first)."""
+    count: dict[str, int] = {}
+    us: dict[str, float] = {}
+    for e in events:
+        count[e.name] = count.get(e.name, 0) + 1
+        us[e.name] = us.get(e.name, 0.0) + e.time_range.elapsed_us()
+    rows = [(n, count[n] / steps, us[n] / steps) for n in count]
+    return sorted(rows, key=lambda r: (-r[1], -r[2], r[0]))
+
+
+def kernels_by_name(model, prompt: mx.array, steps: int = 4) -> str:
+    """The table of `histogram` for `steps` greedy decode steps, or why there is none."""
+    if zmlx.backend.current() != "cuda":
+        return f"kernels by name need the CUDA backend (this is {zmlx.backend.current()})"
+    import warnings
+
+    from mlx_lm.models.cache import make_prompt_cache
+    from torch.profiler import ProfilerActivity, profile
+
+    from zmlx.bench.harness import cuda_kernels
+
+    cache = make_prompt_cache(model)
+    tok = mx.argmax(model(prompt[None], cache=cache)[:, -1:], axis=-1)
+    mx.eval(tok)
+    for _ in range(2):
+        tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
+        mx.eval(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prof = profile(activities=[ProfilerActivity.CUDA])
+    with prof:
+        for _ in range(steps):
+            tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
+            mx.eval(tok)
+    rows = histogram(cuda_kernels(prof), steps)
+    lines = [f"{'per token':>9} {'GPU us':>9}  kernel"]
+    lines += [f"{n:>9.1f} {u:>9.1f}  {name[:150]}" for name, n, u in rows]
+    total_n, total_us = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    lines.append(f"{total_n:>9.1f} {total_us:>9.1f}  (all)")
+    return "\n".join(lines)
+
+
+def run(
+    model, sets: list[str], steps: int, top: int, profile: bool, kernels: bool = False
+) -> list[tuple[str, float, float, float]]:
     prompt = mx.array(PROMPT)
     rows = []
     for s in sets:
@@ -105,6 +154,8 @@ def run(model, sets: list[str], steps: int, top: int, profile: bool) -> list[tup
             )
             if profile:
                 print(build_profile(model, prompt, steps, top), flush=True)
+            if kernels:
+                print(kernels_by_name(model, prompt), flush=True)
         finally:
             zmlx.unpatch(model)
     return rows
@@ -117,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--kernels", action="store_true", help="the kernels by name (CUDA)")
     args = parser.parse_args(argv)
     sets = args.sets.split(";")
     with cli_args.one_line_errors(args.spec):  # bad input: one `error:` line, exit 2
@@ -126,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         knobs = {k: os.environ[k] for k in MLX_KNOBS if k in os.environ}
         print(f"backend {zmlx.backend.current()}  MLX {mx.__version__}  knobs {knobs or 'MLX defaults'}")
         model, _ = synth.build(args.spec)
-        rows = run(model, sets, args.steps, args.top, not args.no_profile)
+        rows = run(model, sets, args.steps, args.top, not args.no_profile, args.kernels)
     print(f"{'set':<60} {'build ms':>9} {'issue ms':>9} {'pipelined ms/token':>19}")
     for s, b, i, pp in rows:
         print(f"{s:<60} {b:>9.2f} {i:>9.2f} {pp:>19.2f}")

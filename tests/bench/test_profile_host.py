@@ -44,3 +44,22 @@ def test_bad_input_is_one_line_and_exit_2(args):
     )
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_the_kernel_histogram_counts_per_step_most_frequent_first():
+    from types import SimpleNamespace
+
+    def ev(name, us):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [ev("qmv", 2.0), ev("copy", 1.0), ev("qmv", 4.0), ev("rms", 3.0), ev("copy", 1.0)] * 2
+    rows = load_script("gpu/profile_host.py").histogram(events, steps=2)
+    assert rows == [("qmv", 2.0, 6.0), ("copy", 2.0, 2.0), ("rms", 1.0, 3.0)]
+
+
+def test_kernels_by_name_says_why_not_on_the_cpu(tiny_q4):
+    import mlx.core as mx
+
+    model, _ = tiny_q4
+    text = load_script("gpu/profile_host.py").kernels_by_name(model, mx.array([3, 14]))
+    assert text == "kernels by name need the CUDA backend (this is cpu)"
