@@ -90,3 +90,18 @@ def test_old_lines_without_the_fields_still_read_report_merge_and_supersede(tmp_
     assert "| host ms/step |" in _cli("report", "--markdown", "--ledger", only_old)
     _cli("supersede", L.line_id(old), "--reason", "test", "--ledger", ledger)
     assert [r["line"] for r in json.loads(_cli("report", "--json", "--ledger", ledger))] == [L.line_id(new)]
+
+
+def test_the_speedup_cell_gives_the_runs_lowest_and_highest_paired_ratio():
+    e = {"decode_tps": [60.0, 40.0, 66.0], "stock_decode_tps": [40.0, 40.0, 44.0], "speedup": 1.5}
+    assert S.run_ratios(e) == (1.0, 1.5)
+    assert S.speedup_cell({"speedup": 1.5, "run_ratios": S.run_ratios(e)}) == "1.500 (1.00-1.50)"
+    # one run, unequal lists or no lists (old lines): the medians' ratio alone
+    for bad in (
+        {"decode_tps": [60.0], "stock_decode_tps": [40.0]},
+        {"decode_tps": [60.0, 50.0], "stock_decode_tps": [40.0]},
+        {},
+    ):
+        assert S.run_ratios(bad) is None
+    assert S.speedup_cell({"speedup": 1.5, "run_ratios": None}) == "1.500"
+    assert S.speedup_cell({"speedup": None, "run_ratios": (1.0, 2.0)}) == "-"

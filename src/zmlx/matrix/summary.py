@@ -81,6 +81,7 @@ def summarize(entries: Iterable[dict[str, Any]]) -> list[Row]:
                 "stock_decode_tps": e.get("stock_decode_tps_median"),
                 "patched_decode_tps": e.get("decode_tps_median"),
                 "speedup": speedup,
+                "run_ratios": run_ratios(e),
                 "noise_floor": None if floor is None else floor["floor"],
                 "noise_lines": [] if floor is None else floor["lines"],
                 "beyond_noise": beyond,
@@ -100,6 +101,25 @@ def summarize(entries: Iterable[dict[str, Any]]) -> list[Row]:
             }
         )
     return rows
+
+
+def run_ratios(e: dict[str, Any]) -> tuple[float, float] | None:
+    """The lowest and highest ratio of one run's patched decode rate to the same run's stock
+    rate (the harness alternates them, so run i's two ran side by side): how far a single
+    pair strays from the medians' ratio. None for a line of fewer than two runs."""
+    p, s = e.get("decode_tps"), e.get("stock_decode_tps")
+    if not isinstance(p, list) or not isinstance(s, list) or len(p) != len(s) or len(p) < 2:
+        return None
+    ratios = [a / b for a, b in zip(p, s) if b]
+    return (min(ratios), max(ratios)) if len(ratios) >= 2 else None
+
+
+def speedup_cell(r: Row) -> str:
+    """The medians' ratio, and in brackets the runs' lowest and highest (`run_ratios`)."""
+    text = fmt(r["speedup"], ".3f")
+    if r["speedup"] is not None and (rr := r.get("run_ratios")) is not None:
+        text += f" ({rr[0]:.2f}-{rr[1]:.2f})"
+    return text
 
 
 def fmt(x, spec: str = ".1f") -> str:
@@ -137,7 +157,7 @@ def cells(r: Row) -> dict[str, str]:
         "tokens": f"{r['max_tokens']} x {r['runs']}",
         "stock tok/s": fmt(r["stock_decode_tps"]),
         "patched tok/s": fmt(r["patched_decode_tps"]),
-        "speedup": fmt(r["speedup"], ".3f"),
+        "speedup": speedup_cell(r),
         "noise floor": noise,
         "fidelity": r["fidelity"],
         "kernels/tok": f"{fmt(sk, '.0f')} -> {fmt(k, '.0f')}" if k is not None else "-",
