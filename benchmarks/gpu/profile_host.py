@@ -66,9 +66,8 @@ def pipelined_ms(model, prompt: mx.array, steps: int, warm: int = 3) -> float:
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
-def build_profile(model, prompt: mx.array, steps: int, top: int) -> str:
-    """cProfile's tables for `steps` decode steps' graph building (each step then evaluated
-    outside the profiler)."""
+def _warmed(model, prompt: mx.array):
+    """(cache, last token) after the prompt and two decode steps (a trace, a kernel build)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
@@ -77,6 +76,13 @@ def build_profile(model, prompt: mx.array, steps: int, top: int) -> str:
     for _ in range(2):
         tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
         mx.eval(tok)
+    return cache, tok
+
+
+def build_profile(model, prompt: mx.array, steps: int, top: int) -> str:
+    """cProfile's tables for `steps` decode steps' graph building (each step then evaluated
+    outside the profiler)."""
+    cache, tok = _warmed(model, prompt)
     prof = cProfile.Profile()
     for _ in range(steps):
         prof.enable()
@@ -108,17 +114,11 @@ def kernels_by_name(model, prompt: mx.array, steps: int = 4) -> str:
         return f"kernels by name need the CUDA backend (this is {zmlx.backend.current()})"
     import warnings
 
-    from mlx_lm.models.cache import make_prompt_cache
     from torch.profiler import ProfilerActivity, profile
 
     from zmlx.bench.harness import cuda_kernels
 
-    cache = make_prompt_cache(model)
-    tok = mx.argmax(model(prompt[None], cache=cache)[:, -1:], axis=-1)
-    mx.eval(tok)
-    for _ in range(2):
-        tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
-        mx.eval(tok)
+    cache, tok = _warmed(model, prompt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prof = profile(activities=[ProfilerActivity.CUDA])
