@@ -61,6 +61,8 @@ def _quantized_cases():  # and unquantized (bits None)
         h = mx.zeros((1, 1, 4, 256), dtype)
         d = quantized_experts(6, 7, 256, dtype=dtype, seed=2, **kw)  # odd width: the lane-tree sum
         yield downproj_combine, (h, inds, mx.zeros((1, 1, 4)), *d, mx.zeros((1, 1, 7), dtype)), kw
+        # a softmax router's scores, in the activations' dtype: products and sum in it
+        yield downproj_combine, (h, inds, mx.zeros((1, 1, 4), dtype), *d, mx.zeros((1, 1, 7), dtype)), kw
         g = quantized_linear(40, 384, dtype=dtype, seed=3, **kw)  # 384: a remainder tile
         yield swiglu_mlp, (mx.zeros((1, 1, 384), dtype), *g, *g), kw
         yield from _block_cases(dtype, bits)
@@ -80,6 +82,7 @@ def _block_cases(dtype, bits):  # moe_gate_up and moe_down: the shared/dense wei
     h, hs = mx.zeros((1, 1, 4, 256), dtype), mx.zeros((1, 1, 384), dtype)
     yield moe_down, (h, inds, mx.zeros((1, 1, 4)), *d, res, hs, *sd), kw
     yield moe_down, (h, inds, mx.zeros((1, 1, 4)), *d, res), kw  # no shared expert
+    yield moe_down, (h, inds, mx.zeros((1, 1, 4), dtype), *d, res), kw  # scores in T (softmax routers)
     dense = (a if a is None else a[0] for a in e)  # one (40, 384) matrix
     yield moe_down, (x, None, None, *dense, mx.zeros((1, 1, 40), dtype)), kw  # the dense layer's down
 
@@ -135,6 +138,10 @@ def _cases():
         (q, kv, t, pos), kw = glm47_rope.example()
         yield glm47_rope, (q.astype(dtype), kv.astype(dtype), t, pos), dict(kw, mscale=1.3465735902799727)
     yield moe_combine, (mx.zeros((2, 4, 123), mx.float16), mx.zeros((2, 4)), None), {}  # tree order
+    # scores in the activations' dtype (softmax routers): products and the sum in it, both orders
+    for d in (2048, 123):
+        y, x = mx.zeros((2, 4, d), mx.bfloat16), mx.zeros((2, d), mx.bfloat16)
+        yield moe_combine, (y, mx.zeros((2, 4), mx.bfloat16), x), {}
     yield from _quantized_cases()
     yield from _mxfp4_cases()
     yield from _mla_cases()

@@ -47,8 +47,12 @@ def test_reference_is_mlx_lm_down_proj_then_combine():
 def test_launch_says_why_it_takes_the_reference():
     args, kw = _inputs(*CASES[0], mx.bfloat16)
     assert "4/8-bit" in launch("cuda", *args, group_size=64, bits=2).reason
-    bf16_scores = args[2].astype(mx.bfloat16)
-    assert "scores are not float32" in launch("cuda", *args[:2], bf16_scores, *args[3:], **kw).reason
+    # scores in float32 (a gate module's) or in h's dtype (a softmax router's): the sum's dtype
+    assert dict(launch("cuda", *args, **kw).template)["A"] == mx.float32
+    in_t = launch("cuda", *args[:2], args[2].astype(mx.bfloat16), *args[3:], **kw)
+    assert dict(in_t.template)["A"] == mx.bfloat16
+    f16 = args[2].astype(mx.float16)
+    assert "not float32 or h's dtype" in launch("cuda", *args[:2], f16, *args[3:], **kw).reason
     assert "shared expert" in launch("cuda", *args[:6], args[6][..., :3], **kw).reason
     assert launch("cuda", *args, **kw).grid == (40 * 32, 1, 1)
 
@@ -56,10 +60,13 @@ def test_launch_says_why_it_takes_the_reference():
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, case, dtype):
+@pytest.mark.parametrize("scores_in_t", [False, True])
+def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, case, dtype, scores_in_t):
     if None in case and dtype != mx.float32:
         pytest.skip("MLX's CPU gather_mm (the reference) runs only float32")
     args, kw = _inputs(*case, dtype, seed=case[3] + (case[6] or 0))
+    if scores_in_t:
+        args = (*args[:2], args[2].astype(dtype), *args[3:])
     got = metal_emu.run(downproj_combine, *args, workdir=tmp_path_factory.getbasetemp(), **kw)
     want, bar = close_bar(reference, reference_f32, args, kw, dtype)
     assert got.dtype == dtype and got.shape == want.shape
@@ -86,8 +93,11 @@ def test_cuda_takes_only_stock_qmv_calls():
     ],
 )
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-def test_cuda_kernel_is_bitwise_stock(case, dtype):
+@pytest.mark.parametrize("scores_in_t", [False, True])  # a gate module's float32, a softmax router's T
+def test_cuda_kernel_is_bitwise_stock(case, dtype, scores_in_t):
     args, kw = _inputs(*case, dtype, seed=case[3] + (case[6] or 0))
+    if scores_in_t:
+        args = (*args[:2], args[2].astype(dtype), *args[3:])
     got = downproj_combine.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
     want = reference(*args, **kw)
     assert got.dtype == dtype and got.shape == want.shape

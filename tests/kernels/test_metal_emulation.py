@@ -20,10 +20,14 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("lead,k,d", [((1, 1), 4, 2048), ((2, 3), 3, 123), ((5,), 1, 64)])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 @pytest.mark.parametrize("with_shared", [True, False])
-def test_moe_combine_metal_body_is_bitwise_the_reference(workdir, lead, k, d, dtype, with_shared):
+@pytest.mark.parametrize("scores_in_t", [False, True])  # a gate module's float32, a softmax router's T
+def test_moe_combine_metal_body_is_bitwise_the_reference(
+    workdir, lead, k, d, dtype, with_shared, scores_in_t
+):
     seed = d + k
     y = (mx.random.normal((*lead, k, d), key=mx.random.key(seed)) * 3).astype(dtype)
     scores = mx.random.uniform(shape=(*lead, k), key=mx.random.key(seed + 1)) * 1.8
+    scores = scores.astype(dtype) if scores_in_t else scores
     shared = mx.random.normal((*lead, d), key=mx.random.key(seed + 2)).astype(dtype) if with_shared else None
     got = metal_emu.run(moe_combine, y, scores, shared, workdir=workdir)  # outputs start as NaN
     want = reference(y, scores, shared)

@@ -67,6 +67,39 @@ def test_reference_is_mlx_lm_moe_block(dtype, bits, shared_experts, lead):
     assert mx.array_equal(got, want).item()
 
 
+def _qwen3_block(seed, hidden=64, experts=8, top_k=4):
+    """mlx-lm's Qwen3-MoE block at a tiny size, bfloat16, affine 4-bit experts."""
+    from mlx_lm.models import qwen3_moe
+
+    args = qwen3_moe.ModelArgs(
+        model_type="qwen3_moe", hidden_size=hidden, num_hidden_layers=1, intermediate_size=64,
+        num_attention_heads=2, num_experts=experts, num_experts_per_tok=top_k, decoder_sparse_step=1,
+        mlp_only_layers=[], moe_intermediate_size=32, rms_norm_eps=1e-6, vocab_size=32,
+        num_key_value_heads=1, head_dim=32, rope_theta=1e6, tie_word_embeddings=False,
+        max_position_embeddings=64, norm_topk_prob=True,
+    )  # fmt: skip
+    mx.random.seed(seed)
+    block = qwen3_moe.Qwen3MoeSparseMoeBlock(args)
+    block.set_dtype(mx.bfloat16)
+    nn.quantize(block.switch_mlp, group_size=32, bits=4)
+    return block
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (2, 13)])
+def test_reference_with_scores_in_t_is_mlx_lm_qwen3_moe_block(lead):
+    """A softmax router's scores are in the activations' dtype: the reference (stock's ops)
+    is then the block's own combine, products and sum in bfloat16."""
+    block = _qwen3_block(seed=lead[-1])
+    x = mx.random.normal((*lead, 64), key=mx.random.key(7)).astype(mx.bfloat16)
+    gates = mx.softmax(block.gate(x), axis=-1, precise=True)
+    inds = mx.argpartition(gates, kth=-4, axis=-1)[..., -4:]
+    scores = mx.take_along_axis(gates, inds, axis=-1)
+    scores = scores / mx.sum(scores, axis=-1, keepdims=True)
+    assert scores.dtype == mx.bfloat16
+    got = reference(block.switch_mlp(x, inds), scores)
+    assert mx.array_equal(got, block(x)).item()
+
+
 def test_the_comparison_sees_a_wrong_combine():
     """Summing in the experts' dtype instead of float32 (one rounding per term) is caught."""
     moe = _moe(mx.bfloat16, 4, 1, seed=5)
@@ -81,10 +114,12 @@ def test_the_comparison_sees_a_wrong_combine():
 @pytest.mark.parametrize("k,d", [(4, 2048), (3, 123), (1, 64)])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 @pytest.mark.parametrize("with_shared", [True, False])
-def test_cuda_kernel_is_bitwise_the_reference(lead, k, d, dtype, with_shared):
+@pytest.mark.parametrize("scores_in_t", [False, True])  # a gate module's float32, a softmax router's T
+def test_cuda_kernel_is_bitwise_the_reference(lead, k, d, dtype, with_shared, scores_in_t):
     seed = d * 7 + k
     y = (mx.random.normal((*lead, k, d), key=mx.random.key(seed)) * 3).astype(dtype)
     scores = mx.random.uniform(shape=(*lead, k), key=mx.random.key(seed + 1)) * 1.8
+    scores = scores.astype(dtype) if scores_in_t else scores
     shared = mx.random.normal((*lead, d), key=mx.random.key(seed + 2)).astype(dtype) if with_shared else None
     # Poisoned output: an element the kernel leaves unwritten stays NaN and fails array_equal.
     got = moe_combine.run_kernel("cuda", y, scores, shared, init_value=float("nan"))

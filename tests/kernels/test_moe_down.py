@@ -137,10 +137,13 @@ def test_launch_says_why_it_takes_the_reference():
     assert "4/8-bit" in launch("cuda", *args, **{**kw, "bits": 2}).reason
     assert launch("cuda", *args, **{**kw, "shared_bits": 2}).reason.startswith("shared expert: affine 2-bit")
     assert "both or neither" in launch("cuda", args[0], args[1], None, *args[3:], **kw).reason
+    in_t = launch("cuda", *args[:2], args[2].astype(mx.bfloat16), *args[3:], **kw)  # a softmax router's
     assert (
-        "scores are not float32"
-        in launch("cuda", *args[:2], args[2].astype(mx.bfloat16), *args[3:], **kw).reason
+        dict(in_t.template)["A"] == mx.bfloat16
+        and dict(launch("cuda", *args, **kw).template)["A"] == mx.float32
     )
+    f16 = args[2].astype(mx.float16)
+    assert "not float32 or h's dtype" in launch("cuda", *args[:2], f16, *args[3:], **kw).reason
     assert "residual" in launch("cuda", *args[:6], args[6][..., :3], *args[7:], **kw).reason
     assert "without its down weights" in launch("cuda", *args[:8], **kw).reason
     assert (
@@ -208,8 +211,11 @@ CUDA_CASES = [c for c in CASES if c[0] != (3,)] + [
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CUDA_CASES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-def test_cuda_kernel_is_bitwise_stock(case, dtype):
+@pytest.mark.parametrize("scores_in_t", [False, True])  # a gate module's float32, a softmax router's T
+def test_cuda_kernel_is_bitwise_stock(case, dtype, scores_in_t):
     args, kw = _inputs(*case, dtype, seed=case[3] + case[5])
+    if scores_in_t and args[2] is not None:
+        args = (*args[:2], args[2].astype(dtype), *args[3:])
     got = moe_down.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
     want = reference(*args, **kw)
     assert got.dtype == dtype and got.shape == want.shape

@@ -8,7 +8,8 @@ Stock (mlx-lm `SwitchGLU.down_proj` then `Glm4MoeLiteMoE`'s combine):
 
 Fused: one warp per output value (token, d). For each of the k experts in order the
 lanes dot the expert's packed row d with h_k and warp-sum it; the result is rounded to T
-as stock rounds y, weighted in float32 and summed in moe_combine's order, rounded to T,
+as stock rounds y, weighted and summed in moe_combine's order and dtypes (float32 for a
+gate module's float32 scores, T for a softmax router's scores in T), rounded to T,
 and the shared expert's output added as stock adds it. No (k, D) intermediate is
 written: memory stays at the output's size however many experts or tokens.
 
@@ -28,7 +29,7 @@ import mlx.core as mx
 
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 from zmlx.kernels.moe_combine import reference as combine
-from zmlx.kernels.moe_combine import sequential_sum
+from zmlx.kernels.moe_combine import sequential_sum, sum_dtypes
 from zmlx.kernels.quant import (
     dequantized,
     gathered,
@@ -42,7 +43,7 @@ from zmlx.kernels.quant import (
 def reference(
     h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None, mode="affine"
 ):
-    """mlx-lm's op sequence. h (..., k, I) in T, inds (..., k), scores (..., k) float32,
+    """mlx-lm's op sequence. h (..., k, I) in T, inds (..., k), scores (..., k) float32 or T,
     shared (..., D) or None -> (..., D) in T."""
     y = gathered(mx.expand_dims(h, -2), down_w, down_s, down_b, inds, group_size, bits, mode).squeeze(-2)
     return combine(y, scores, shared)
@@ -67,14 +68,14 @@ const uint d = warp_id % D;
 const uint n = warp_id / D;
 constexpr uint WORDS = I / (32 / BITS);
 constexpr uint GROUPS = I / GS;
-ZmlxExpertSum<SEQUENTIAL> sum;
+ZmlxExpertSum<SEQUENTIAL, P, A> sum;
 for (uint k = 0; k < K; ++k) {
     const size_t row = size_t(inds[n * K + k]) * D + d;
     float acc = zmlx_qdot_lane<BITS, GS, I>(down_w + row * WORDS, down_s + row * GROUPS,
                                             down_b + row * GROUPS, h + (size_t(n) * K + k) * I, lane);
     acc = ZMLX_SIMD_SUM(acc);  // every lane holds the row's sum
-    // stock rounds each expert's output to T, then weights and sums in float32 (moe_combine's order)
-    sum.add(ZMLX_MUL(static_cast<float>(static_cast<T>(acc)), scores[n * K + k]));
+    // stock rounds each expert's output to T, then weights (in P) and sums (in A) in moe_combine's order
+    sum.add(static_cast<float>(static_cast<T>(acc)), static_cast<float>(scores[n * K + k]));
 }
 if (lane == 0) {
     const T r = static_cast<T>(sum.total());
@@ -114,8 +115,9 @@ def launch(
     d = down_w.shape[1]
     if inds.shape != lead + (k,) or inds.dtype != mx.uint32:
         return Skip(f"indices {inds.shape} {inds.dtype} for h {h.shape}")
-    if scores.shape != lead + (k,) or scores.dtype != mx.float32:
-        return Skip("scores are not float32 of h's leading shape")
+    dtypes = sum_dtypes(backend, scores, h.dtype)
+    if scores.shape != lead + (k,) or dtypes is None:
+        return Skip(f"scores {scores.shape} {scores.dtype}: not float32 or h's dtype, of h's leading shape")
     if shared is not None and (shared.shape != lead + (d,) or shared.dtype != h.dtype):
         return Skip("shared expert output does not match")
     n = math.prod(lead)
@@ -136,6 +138,8 @@ def launch(
         ],
         template=[
             ("T", h.dtype),
+            ("P", dtypes[0]),
+            ("A", dtypes[1]),
             ("N", n),
             ("K", k),
             ("I", i),
@@ -143,7 +147,7 @@ def launch(
             ("GS", gs),
             ("BITS", nbits),
             ("HAS_SHARED", shared is not None),
-            ("SEQUENTIAL", sequential_sum(backend, k, d)),
+            ("SEQUENTIAL", sequential_sum(backend, k, d, dtypes[0].size)),
         ],
         grid=(n * d * 32, 1, 1),
         threadgroup=(256, 1, 1),

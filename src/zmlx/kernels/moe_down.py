@@ -66,7 +66,7 @@ def reference(
     f32=False,
 ):
     """mlx-lm's op sequence, -> (..., D) in T.
-    routed: h (..., k, I) in T, inds (..., k), scores (..., k) float32, hs (..., Is) or None;
+    routed: h (..., k, I) in T, inds (..., k), scores (..., k) float32 or T, hs (..., Is) or None;
     dense (inds and scores None): h (..., I), down_w one matrix (D, I).
     f32: the same in float32 throughout (reference_f32)."""
     p = precision(f32)
@@ -155,7 +155,7 @@ def launch(
         if why is not None:
             return Skip(why)
         inds, scores = _placeholders()
-        sequential = True  # no expert sum
+        sequential, dtypes = True, (mx.float32, mx.float32)  # no expert sum
     else:
         routed = downproj_combine.launch(
             backend, h, inds, scores, down_w, down_s, down_b, group_size=group_size, bits=bits, mode=mode
@@ -164,6 +164,7 @@ def launch(
             return routed
         t = dict(routed.template)
         lead, k, i, d, sequential = h.shape[:-2], t["K"], t["I"], t["D"], t["SEQUENTIAL"]
+        dtypes = t["P"], t["A"]
         if hs is not None:
             if sdown_w is None:
                 return Skip("shared expert output without its down weights")
@@ -210,6 +211,8 @@ def launch(
         ],
         template=[
             ("T", h.dtype),
+            ("P", dtypes[0]),
+            ("A", dtypes[1]),
             ("N", n),
             ("K", k),
             ("I", i),

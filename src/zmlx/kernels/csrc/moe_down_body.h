@@ -15,14 +15,15 @@ if (DENSE) {
     y = static_cast<float>(static_cast<T>(acc));
 } else {
     // downproj_combine's routed sum: each expert's row rounded to T, weighted and summed in
-    // float32 in moe_combine's order, the total rounded to T
-    ZmlxExpertSum<SEQUENTIAL> sum;
+    // P and A (float32, or T where the scores are in T: moe_combine.sum_dtypes) in
+    // moe_combine's order, the total rounded to T
+    ZmlxExpertSum<SEQUENTIAL, P, A> sum;
     for (uint k = 0; k < K; ++k) {
         const size_t row = size_t(inds[n * K + k]) * D + d;
         float acc = zmlx_qdot_lane<BITS, GS, I>(down_w + row * WORDS, down_s + row * GROUPS,
                                                 down_b + row * GROUPS, h + (size_t(n) * K + k) * I, lane);
         acc = ZMLX_SIMD_SUM(acc);  // every lane holds the row's sum
-        sum.add(ZMLX_MUL(static_cast<float>(static_cast<T>(acc)), scores[n * K + k]));
+        sum.add(static_cast<float>(static_cast<T>(acc)), static_cast<float>(scores[n * K + k]));
     }
     y = static_cast<float>(static_cast<T>(sum.total()));
     if (HAS_SHARED) {
