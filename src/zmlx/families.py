@@ -152,9 +152,10 @@ _SIGMOID = (
     "sigmoid MoEGate router (moe_router fuses it); softmax_router fuses Qwen3-MoE's, Mixtral's and gpt-oss's"
 )
 _BLOCK_ROUTES = (
-    "the MoE block routes in its own __call__ (softmax, scores in the activations' dtype); the combine "
-    "kernels take a gate module's float32 scores"
+    "the MoE block routes in its own __call__ (softmax, scores in the activations' dtype): "
+    "downproj_combine is its combine piece (zmlx.patch.softmax_moe)"
 )
+_OSS_EXPERTS = "the experts have biases and SwigluOAI; downproj_combine takes bias-free SwiGLU experts"
 
 
 def _deepseek(model_type: str, module: str, prefix: str, model_module: str | None = None) -> Family:
@@ -216,7 +217,6 @@ def _softmax_moe(
         skips={
             "moe_router": _SOFTMAX,
             "moe_combine": _BLOCK_ROUTES,
-            "downproj_combine": _BLOCK_ROUTES,
             **{p: _GQA for p in _MLA_PATTERNS},
             **skips,
         },
@@ -260,6 +260,9 @@ FAMILIES.update(
                 "moe_mlp": Target("SwitchGLU"),
                 # exact on CUDA (close on Metal): in the CUDA preset
                 "softmax_router": Target("Qwen3MoeSparseMoeBlock", {"softmax_first": True}),
+                # the block's combine piece at decode (scores in T); opt-in until its cuda tests
+                # (scores in T: tests/kernels/test_downproj_combine.py) run on a GPU
+                "downproj_combine": Target("Qwen3MoeSparseMoeBlock", {"softmax_first": True}),
                 "swiglu_mlp": Target("MLP"),  # the dense layers (mlp_only_layers)
                 # the dense layers; the MoE layers are skipped (softmax router) by its check
                 "moe_block": Target("Qwen3MoeDecoderLayer"),
@@ -274,6 +277,8 @@ FAMILIES.update(
                 "moe_mlp": Target("SwitchGLU"),
                 # exact on CUDA (close on Metal): in the CUDA preset
                 "softmax_router": Target("MixtralSparseMoeBlock", {"softmax_first": False}),
+                # the block's combine piece at decode (scores in T); opt-in until its cuda tests run
+                "downproj_combine": Target("MixtralSparseMoeBlock", {"softmax_first": False}),
             },
             {
                 "swiglu_mlp": "no dense MLP (every layer is MoE, no shared expert)",
@@ -304,7 +309,7 @@ FAMILIES["gpt_oss"] = Family(
     skips={
         "moe_router": _SOFTMAX,
         "moe_combine": _BLOCK_ROUTES,
-        "downproj_combine": _BLOCK_ROUTES,
+        "downproj_combine": _OSS_EXPERTS,
         "moe_block": "the MLPBlock routes by a softmax over the top-k of a biased router (softmax_router "
         "fuses it); its experts have biases and SwigluOAI",
         "swiglu_mlp": "no dense MLP (every layer's MLPBlock is MoE, no shared expert)",

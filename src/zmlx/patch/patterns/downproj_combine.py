@@ -7,6 +7,12 @@ gate/up projections and SwiGLU, or from the `moe_mlp` kernel when the block's Sw
 patched by `moe_mlp`; then one `downproj_combine` launch gives the block's output.
 Prompts take the stock expert path with the moe_combine kernel. Off by default until the
 ledger shows it correct and faster.
+
+On the softmax-routed blocks (Qwen3-MoE, Mixtral: the family data names `softmax_first`) it
+is the "combine" piece of zmlx.patch.softmax_moe's shared `__call__` (softmax_router supplies
+the routing): at decode, in the kernel's regime, the experts' activations then one
+`downproj_combine` launch with the router's scores in the activations' dtype; otherwise
+mlx-lm's experts and weighted sum.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_mlp import moe_mlp
 from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
+from zmlx.patch import softmax_moe
 from zmlx.patch.moe import gate_up, has_kernel_activations, shared_expert, stock_activations
 from zmlx.patch.pattern import Pattern
 
@@ -36,8 +43,31 @@ def _hidden(sw, x, inds):
     return stock_activations(sw, x, inds)
 
 
+def combine(block, x, inds, scores, kind):
+    """downproj_combine's piece of a softmax-routed block (zmlx.patch.softmax_moe)."""
+    sw = block["switch_mlp"]
+    if x.shape[-2] != 1 or inds.size >= MLX_LM_SORT_ROWS:  # a prompt, or rows mlx-lm sorts
+        return softmax_moe.stock_combine(block, x, inds, scores, kind)
+    down, packing = weights_of(sw.down_proj)
+    return downproj_combine(_hidden(sw, x, inds), inds, scores, *down, None, **packing)
+
+
+def make(
+    shared_overlap: bool = False,
+    softmax_first: bool | None = None,
+    topk_last: bool | None = None,
+    route=None,
+    combine=None,
+):
+    """GLM's and DeepSeek's MoE block `__call__`, or a softmax-routed block's (the family
+    data names `softmax_first`) with this pattern's combine piece."""
+    if softmax_first is not None:
+        return softmax_moe.make(softmax_first, topk_last, route, combine)
+    return _gate_module_call(shared_overlap)
+
+
 @cache
-def make(shared_overlap: bool = False):
+def _gate_module_call(shared_overlap: bool):
     def __call__(self, x):
         x = moe_input(self, x)
         inds, scores = self.gate(x)
@@ -61,4 +91,5 @@ PATTERN = Pattern(
     make=make,
     paths=("decode",),
     options=("shared_overlap",),
+    part=(("combine", combine),),
 )

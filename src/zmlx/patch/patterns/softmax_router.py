@@ -4,8 +4,9 @@ launch (exact on CUDA and the CPU, close on Metal).
 Patches the block's `__call__` (Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock, gpt-oss's
 MLPBlock): mlx-lm's own code in its order, with the ops between the gate matmul and the
 experts (the softmax, argpartition and its slice, take_along_axis, and Qwen3-MoE's sum and
-divide) replaced by the softmax_router kernel. The gate, the experts (switch_mlp, which moe_mlp
-patches; gpt-oss's biased SwitchGLU) and the weighted sum stay mlx-lm's calls. gpt-oss's
+divide) replaced by the softmax_router kernel: its "route" piece of zmlx.patch.softmax_moe's
+shared `__call__`. The gate, the experts (switch_mlp, which moe_mlp patches; gpt-oss's biased
+SwitchGLU) and the weighted sum stay mlx-lm's calls, or downproj_combine's "combine" piece. gpt-oss's
 router is an nn.Linear with a bias: it stays mlx-lm's call (addmm, or quantized_matmul then
 the add), since fusing it into the kernel would round its output otherwise than stock's
 matmul does. Prompts and decode steps alike. The family data says which routing a block runs
@@ -15,12 +16,8 @@ ascending sort, in that order, as Qwen3-MoE's; Mixtral's the first k of the sort
 
 from __future__ import annotations
 
-from functools import cache
-
-import mlx.core as mx
-from mlx.nn.layers.distributed import sum_gradients
-
 from zmlx.kernels.softmax_router import shape_reason, softmax_router, topk_last_of
+from zmlx.patch import softmax_moe
 from zmlx.patch.pattern import Pattern
 
 # (softmax_first, topk_last) -> the block's name, the attributes its stock __call__ reads (the
@@ -58,48 +55,13 @@ def check(block, params) -> str | None:
     return shape_reason(gate.weight.shape[0], top_k, dtype)
 
 
-@cache
-def make(softmax_first: bool, topk_last: bool | None = None):
-    return {(True, True): _qwen3_call, (False, False): _mixtral_call, (False, True): _gpt_oss_call}[
-        (bool(softmax_first), topk_last_of(softmax_first, topk_last))
-    ]
-
-
-def _qwen3_call(self, x):  # Qwen3MoeSparseMoeBlock.__call__, the routing fused
-    group = getattr(self, "sharding_group", None)
-    if group is not None:
-        x = sum_gradients(group)(x)
-    gates = self.gate(x)
-    inds, scores = softmax_router(
-        gates, top_k=self.top_k, softmax_first=True, norm_topk_prob=self.norm_topk_prob
-    )
-    y = self.switch_mlp(x, inds)
-    y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
-    if group is not None:
-        y = mx.distributed.all_sum(y, group=group)
-    return y
-
-
-def _mixtral_call(self, x):  # MixtralSparseMoeBlock.__call__, the routing fused
-    gates = self.gate(x)
-    inds, scores = softmax_router(gates, top_k=self.num_experts_per_tok, softmax_first=False)
-    y = self.switch_mlp(x, inds)
-    return (y * scores[..., None]).sum(axis=-2)
-
-
-def _gpt_oss_call(self, x):  # gpt-oss's MLPBlock.__call__, the routing after the router fused
-    if self.sharding_group is not None:
-        x = sum_gradients(self.sharding_group)(x)
-    g = self.router(x)
-    indices, expert_weights = softmax_router(
-        g, top_k=self.num_experts_per_tok, softmax_first=False, topk_last=True
-    )
-    x = self.experts(x, indices)
-    x = x * mx.expand_dims(expert_weights, axis=-1)
-    y = x.sum(axis=-2)
-    if self.sharding_group is not None:
-        y = mx.distributed.all_sum(y, group=self.sharding_group)
-    return y
+def route(block, gates, kind):
+    """softmax_router's piece of the block (zmlx.patch.softmax_moe): the routing in one launch."""
+    if kind == softmax_moe.QWEN3:
+        norm = block.norm_topk_prob
+        return softmax_router(gates, top_k=block.top_k, softmax_first=True, norm_topk_prob=norm)
+    gpt_oss = {"topk_last": True} if kind == softmax_moe.GPT_OSS else {}  # Mixtral: the default
+    return softmax_router(gates, top_k=block.num_experts_per_tok, softmax_first=False, **gpt_oss)
 
 
 PATTERN = Pattern(
@@ -108,5 +70,6 @@ PATTERN = Pattern(
     fidelity="close",
     kernels=(softmax_router,),
     check=check,
-    make=make,
+    make=softmax_moe.make,
+    part=(("route", route),),
 )
