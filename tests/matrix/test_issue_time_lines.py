@@ -105,3 +105,28 @@ def test_the_speedup_cell_gives_the_runs_lowest_and_highest_paired_ratio():
         assert S.run_ratios(bad) is None
     assert S.speedup_cell({"speedup": 1.5, "run_ratios": None}) == "1.500"
     assert S.speedup_cell({"speedup": None, "run_ratios": (1.0, 2.0)}) == "-"
+
+
+def test_each_set_is_kept_as_soon_as_it_is_judged(tmp_path, monkeypatch):
+    """The accuracy rule judges the sets one after another, after every timed run: a set's
+    line is appended when its verdict is in, so a run stopped during a later set's judgement
+    (a time limit) keeps what it measured."""
+    import zmlx.accuracy
+
+    judged = []
+
+    def judge(model, prompt, tokens, *, patterns, also):
+        judged.append(patterns)
+        if len(judged) == 2:
+            raise KeyboardInterrupt  # stopped during the second set's judgement
+        return SimpleNamespace(accurate=True, to_dict=lambda: {"accurate": True, "reasons": []})
+
+    monkeypatch.setattr(zmlx.accuracy, "accuracy", judge)
+    ledger = tmp_path / "m.jsonl"
+    args = ["run", "synth:glm4_moe_lite/tiny/affine4", "--patterns", "moe_router", "--patterns",
+            "moe_combine", "--runs", "1", "--max-tokens", "4", "--accuracy", "--ledger", ledger]  # fmt: skip
+    result = CliRunner().invoke(matrix_cli.app, [str(a) for a in args])
+    assert result.exit_code != 0 and len(judged) == 2
+    lines = L.read(ledger).entries
+    assert [e["patterns"] for e in lines] == [["moe_router"]]
+    assert lines[0]["fidelity"] == "PASS" and lines[0]["fidelity_detail"]["accuracy"]["accurate"]

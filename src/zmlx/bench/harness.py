@@ -185,13 +185,17 @@ def measure(
     accuracy: bool = False,
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
+    on_done: Callable[[VariantResult, VariantResult], None] | None = None,
 ) -> list[VariantResult]:
     """Every variant, interleaved run by run. The first variant must be stock: it is the
     baseline that the others' token fidelity is judged against. `accuracy`: also judge each
     patched variant by the accuracy rule (zmlx.accuracy: a float32 reference model, so
     twice the memory), after every timed run; its verdict is then PASS, ACCURATE or FAIL.
     After the timed runs, each variant's host time to issue a decode step (zmlx.bench.issue_time);
-    with compiled_decode applied, its counters (traces, compiled and stock steps) of the last run."""
+    with compiled_decode applied, its counters (traces, compiled and stock steps) of the last run.
+    `on_done(control, result)` is called for each measured variant after the first as soon as
+    its result is final (after its accuracy verdict, which comes set by set), so that a caller
+    can keep it before a later set's judgement runs out of time."""
     if not variants or not variants[0].is_stock:
         raise ValueError("the first variant must be stock (control): it is the baseline")
     step = on_step or (lambda _: None)
@@ -239,17 +243,23 @@ def measure(
     control = active[0].tokens
     for r in active:
         r.fidelity = _fidelity(control, r.tokens)
-    if accuracy:
+    done = on_done or (lambda control, result: None)
+    judged = [
+        r for r in active[1:] if accuracy and not (r.variant.is_stock or r.variant.env)
+    ]  # stock vs stock, or a variant judged by its env: no accuracy rule
+    for r in active[1:]:
+        if r not in judged:
+            done(active[0], r)
+    if judged:
         from zmlx.accuracy import accuracy as judge
         from zmlx.accuracy import fixed_text_sequence, verdict
 
         also = [fixed_text_sequence(tokenizer)]
 
-        for r in active[1:]:
-            if r.variant.is_stock or r.variant.env:  # stock vs stock, or a variant judged by its env
-                continue
+        for r in judged:
             acc = judge(model, prompt, control[0], patterns=r.variant.patterns, also=also)
             r.fidelity["accuracy"] = acc.to_dict()
             r.fidelity["verdict"] = verdict(r.fidelity["verdict"] == "PASS", acc.accurate)
             step(f"accuracy {r.variant.name}: {r.fidelity['verdict']}")
+            done(active[0], r)
     return results

@@ -168,6 +168,20 @@ def run(
             n = len(variants) + 1
             total = n * (runs + 2) + (n if count_kernels else 0) + (n - 1 if judged else 0)
             progress.update(task, description="measuring", completed=0, total=total)
+            written: list[dict[str, Any]] = []
+            kept: set[int] = set()
+
+            def keep(control, patched):  # each set's line as soon as it is final (a later set's
+                # accuracy run may outlast a time limit: what is measured is not lost with it)
+                kept.add(id(patched))
+                entry = E.measured(source, control, patched, **base)
+                if group is not None:  # every rank measured the split model; rank 0 alone writes
+                    if group.rank() != 0:
+                        return
+                    entry["world_size"] = group.size()
+                L.append(entry, ledger)
+                written.append(entry)
+
             control, *measured = measure(
                 m,
                 tok,
@@ -178,17 +192,15 @@ def run(
                 count_kernels=count_kernels,
                 accuracy=judged,
                 on_step=ui.step_reporter(progress, task, err),
+                on_done=keep,
             )
 
-    entries = [E.measured(source, control, patched, **base) for patched in measured]
-    if group is not None:  # every rank measured the split model; rank 0 alone writes
-        if group.rank() != 0:
-            return
-        for entry in entries:
-            entry["world_size"] = group.size()
-    for entry in entries:
-        L.append(entry, ledger)
-    ui.console().print(_history_table(entries, f"appended to {ledger}"))
+    for patched in measured:  # the sets that did not run (unsafe without --allow-unsafe)
+        if id(patched) not in kept:
+            keep(control, patched)
+    if group is not None and group.rank() != 0:
+        return
+    ui.console().print(_history_table(written, f"appended to {ledger}"))
 
 
 def _history_table(entries: list[dict[str, Any]], title: str, superseded: dict | None = None):
