@@ -23,7 +23,7 @@ __shared__ __align__(16) T zmlx_xn[QLR];
 threadgroup float zmlx_xn[QLR];
 #endif
 // The mean-square reduction of one row in MLX's rms_norm order: each thread below BLOCK
-// accumulates its values (read by the caller's VALUE(d)), then the two warp sums.
+// accumulates its values (read by the caller's VALUE(d)), then residual_norm.h's ZMLX_RMS_INV.
 #define ZMLX_QP_RMS(BLOCK, CHUNKS, NR, D, VALUE, INV)                                   \
     {                                                                                   \
         float zacc = 0.0f;                                                              \
@@ -38,13 +38,8 @@ threadgroup float zmlx_xn[QLR];
                 }                                                                       \
             }                                                                           \
         }                                                                               \
-        zacc = ZMLX_SIMD_SUM(zacc);                                                     \
-        if (zmlx_warp == 0) zmlx_sums[zmlx_lane] = 0.0f;                                \
-        ZMLX_BARRIER;                                                                   \
-        if (zmlx_lane == 0) zmlx_sums[zmlx_warp] = zacc;                                \
-        ZMLX_BARRIER;                                                                   \
-        zacc = ZMLX_SIMD_SUM(static_cast<float>(zmlx_sums[zmlx_lane]));                 \
-        INV = ZMLX_RSQRT(ZMLX_ADD(zacc / static_cast<float>(D), ZMLX_FLOAT_BITS(EPS_BITS))); \
+        ZMLX_RMS_INV(zinv, zacc, zmlx_sums, D, EPS_BITS);                               \
+        INV = zinv;                                                                     \
     }
 // w * T(x * inv) in T, as MLX's rms_norm writes it
 #define ZMLX_QP_NORMED(X, W, INV) \
