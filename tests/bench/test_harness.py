@@ -33,8 +33,16 @@ def test_variants_are_measured_with_fidelity_against_control(tiny_q4):
 def test_unsafe_variant_is_skipped_unless_allowed(tiny_q4):
     model, tok = tiny_q4
     risky = Variant("risky", ("moe_router",), unsafe=True)
-    skipped = measure(model, tok, [CONTROL, risky], runs=1, max_tokens=4)[1]
+    plain = Variant("plain", ("moe_router",))
+    done = []
+    results = measure(
+        model, tok, [CONTROL, risky, plain], runs=1, max_tokens=4, on_done=lambda c, r: done.append((c, r))
+    )
+    skipped = results[1]
     assert skipped.skipped and "--allow-unsafe" in skipped.skipped and not skipped.runs
+    # on_done: every variant after the control once, against the control; the skipped one too
+    assert [r.variant.name for _, r in done] == ["plain", "risky"]
+    assert all(c is results[0] for c, _ in done)
     assert skipped.to_dict()["skipped"] == skipped.skipped
     ran = measure(model, tok, [CONTROL, risky], runs=1, max_tokens=4, allow_unsafe=True)[1]
     assert ran.skipped is None and len(ran.runs) == 1

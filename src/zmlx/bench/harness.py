@@ -193,9 +193,9 @@ def measure(
     twice the memory), after every timed run; its verdict is then PASS, ACCURATE or FAIL.
     After the timed runs, each variant's host time to issue a decode step (zmlx.bench.issue_time);
     with compiled_decode applied, its counters (traces, compiled and stock steps) of the last run.
-    `on_done(control, result)` is called for each measured variant after the first as soon as
-    its result is final (after its accuracy verdict, which comes set by set), so that a caller
-    can keep it before a later set's judgement runs out of time."""
+    `on_done(control, result)` is called once for every variant after the first, as soon as
+    its result is final (after its accuracy verdict, which comes set by set; a skipped variant
+    at the end), so that a caller can keep it before a later set's judgement runs out of time."""
     if not variants or not variants[0].is_stock:
         raise ValueError("the first variant must be stock (control): it is the baseline")
     step = on_step or (lambda _: None)
@@ -244,11 +244,11 @@ def measure(
     for r in active:
         r.fidelity = _fidelity(control, r.tokens)
     done = on_done or (lambda control, result: None)
-    judged = [
-        r for r in active[1:] if accuracy and not (r.variant.is_stock or r.variant.env)
-    ]  # stock vs stock, or a variant judged by its env: no accuracy rule
-    for r in active[1:]:
-        if r not in judged:
+    # stock vs stock, or a variant judged by its env: no accuracy rule
+    ruled = [accuracy and not (r.variant.is_stock or r.variant.env) for r in active]
+    judged = [r for r, j in zip(active, ruled) if j]
+    for r, j in zip(active[1:], ruled[1:]):
+        if not j:
             done(active[0], r)
     if judged:
         from zmlx.accuracy import accuracy as judge
@@ -261,5 +261,8 @@ def measure(
             r.fidelity["accuracy"] = acc.to_dict()
             r.fidelity["verdict"] = verdict(r.fidelity["verdict"] == "PASS", acc.accurate)
             step(f"accuracy {r.variant.name}: {r.fidelity['verdict']}")
+            done(active[0], r)
+    for r in results[1:]:
+        if r.skipped is not None:
             done(active[0], r)
     return results

@@ -169,11 +169,9 @@ def run(
             total = n * (runs + 2) + (n if count_kernels else 0) + (n - 1 if judged else 0)
             progress.update(task, description="measuring", completed=0, total=total)
             written: list[dict[str, Any]] = []
-            kept: set[int] = set()
 
             def keep(control, patched):  # each set's line as soon as it is final (a later set's
                 # accuracy run may outlast a time limit: what is measured is not lost with it)
-                kept.add(id(patched))
                 entry = E.measured(source, control, patched, **base)
                 if group is not None:  # every rank measured the split model; rank 0 alone writes
                     if group.rank() != 0:
@@ -182,7 +180,7 @@ def run(
                 L.append(entry, ledger)
                 written.append(entry)
 
-            control, *measured = measure(
+            measure(
                 m,
                 tok,
                 [CONTROL, *variants],
@@ -195,9 +193,6 @@ def run(
                 on_done=keep,
             )
 
-    for patched in measured:  # the sets that did not run (unsafe without --allow-unsafe)
-        if id(patched) not in kept:
-            keep(control, patched)
     if group is not None and group.rank() != 0:
         return
     ui.console().print(_history_table(written, f"appended to {ledger}"))
