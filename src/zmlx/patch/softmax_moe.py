@@ -33,12 +33,21 @@ def kind_of(softmax_first: bool, topk_last: bool | None) -> tuple[bool, bool]:
     return bool(softmax_first), kernel.topk_last_of(softmax_first, topk_last)
 
 
+def routing(block, kind: tuple[bool, bool]) -> dict:
+    """The block's routing as softmax_router (kernel and reference) takes it: k, the softmax
+    order, Qwen3-MoE's renormalization, gpt-oss's top-k convention (Mixtral's is the default)."""
+    if kind == QWEN3:
+        return dict(top_k=block.top_k, softmax_first=True, norm_topk_prob=block.norm_topk_prob)
+    return dict(
+        top_k=block.num_experts_per_tok,
+        softmax_first=False,
+        **({"topk_last": True} if kind == GPT_OSS else {}),
+    )
+
+
 def stock_route(block, gates, kind: tuple[bool, bool]):
     """mlx-lm's routing op sequence: (inds, scores in the gates' dtype)."""
-    if kind == QWEN3:
-        norm = block.norm_topk_prob
-        return kernel.reference(gates, top_k=block.top_k, softmax_first=True, norm_topk_prob=norm)
-    return kernel.reference(gates, top_k=block.num_experts_per_tok, softmax_first=False, topk_last=kind[1])
+    return kernel.reference(gates, **routing(block, kind))
 
 
 def stock_combine(block, x, inds, scores, kind: tuple[bool, bool]):

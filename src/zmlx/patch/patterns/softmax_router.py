@@ -57,11 +57,7 @@ def check(block, params) -> str | None:
 
 def route(block, gates, kind):
     """softmax_router's piece of the block (zmlx.patch.softmax_moe): the routing in one launch."""
-    if kind == softmax_moe.QWEN3:
-        norm = block.norm_topk_prob
-        return softmax_router(gates, top_k=block.top_k, softmax_first=True, norm_topk_prob=norm)
-    gpt_oss = {"topk_last": True} if kind == softmax_moe.GPT_OSS else {}  # Mixtral: the default
-    return softmax_router(gates, top_k=block.num_experts_per_tok, softmax_first=False, **gpt_oss)
+    return softmax_router(gates, **softmax_moe.routing(block, kind))
 
 
 PATTERN = Pattern(
