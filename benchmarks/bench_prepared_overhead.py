@@ -10,13 +10,14 @@ the live inputs put in their slots and the call. `block` times a whole decode st
 moe_block layer of the tiny synthetic model the same way (step key, weight check, three
 launches); `compiled_step` times compiled_decode's own Python per decode step of a
 47-layer model, the compiled graph's replay replaced likewise. Prints the median over
-repeats, in microseconds per call. Runs on any machine;
+repeats, in microseconds per call (and with --capsule-dir, a repro capsule). Runs on any machine;
 tests/kernels/test_prepared.py holds the CPU-side bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import statistics
 import time
@@ -25,6 +26,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 
 from zmlx import backend
+from zmlx.bench import capsule, stamp
 from zmlx.kernels import core
 from zmlx.kernels.core import KernelDef, Launch
 from zmlx.kernels.prepared import prepare
@@ -159,14 +161,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per timed block")
     parser.add_argument("--repeats", type=int, default=7, help="timed blocks (median taken)")
+    parser.add_argument("--capsule-dir", help="also write the numbers as a repro capsule there")
     a = parser.parse_args()
     if a.calls < 1 or a.repeats < 1:
         parser.error("--calls and --repeats must be at least 1")
-    for name, us in launches(a.calls, a.repeats).items():
-        print(f"{name:14s} {us:6.2f} us per prepared launch")
-    print(f"{'block':14s} {block(max(1, a.calls // 4), a.repeats):6.2f} us per MoE layer step (3 launches)")
+    if a.capsule_dir and os.path.exists(a.capsule_dir) and not os.path.isdir(a.capsule_dir):
+        parser.error(f"--capsule-dir {a.capsule_dir} is not a directory")
+    git = stamp.git()  # before measuring: a bad stated commit stops the run first
+    rows = [
+        {"name": n, "what": "prepared launch", "us": us} for n, us in launches(a.calls, a.repeats).items()
+    ]
+    rows.append(
+        {"name": "block", "what": "MoE layer step (3 launches)", "us": block(max(1, a.calls // 4), a.repeats)}
+    )
     us = compiled_step(47, max(1, a.calls // 4), a.repeats)
-    print(f"{'compiled_step':14s} {us:6.2f} us per compiled_decode step, 47 layers (replay not counted)")
+    rows.append(
+        {"name": "compiled_step", "what": "compiled_decode step, 47 layers (replay not counted)", "us": us}
+    )
+    for r in rows:
+        print(f"{r['name']:14s} {r['us']:6.2f} us per {r['what']}")
+    if a.capsule_dir:
+        cap = capsule.build(
+            name="prepared_overhead",
+            model={
+                "name": "synth:glm4_moe_lite/tiny/affine4",
+                "kind": "python-overhead",
+                "family": "glm4_moe_lite",
+            },
+            params={"calls": a.calls, "repeats": a.repeats, "kernels": "no-op (zmlx's Python only)"},
+            variants=[],
+            git=git,
+        )
+        cap["overhead_us"] = rows
+        print(f"capsule: {capsule.write(cap, a.capsule_dir)}")
 
 
 if __name__ == "__main__":
