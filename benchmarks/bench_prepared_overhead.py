@@ -17,8 +17,8 @@ tests/kernels/test_prepared.py holds the CPU-side bound.
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
+import os
 import statistics
 import time
 from typing import Callable, Iterator

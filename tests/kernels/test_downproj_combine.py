@@ -60,7 +60,7 @@ def test_launch_says_why_it_takes_the_reference():
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-@pytest.mark.parametrize("scores_in_t", [False, True])
+@pytest.mark.parametrize("scores_in_t", [False, True], ids=["scores_f32", "scores_in_t"])
 def test_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, case, dtype, scores_in_t):
     if None in case and dtype != mx.float32:
         pytest.skip("MLX's CPU gather_mm (the reference) runs only float32")
@@ -93,7 +93,9 @@ def test_cuda_takes_only_stock_qmv_calls():
     ],
 )
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-@pytest.mark.parametrize("scores_in_t", [False, True])  # a gate module's float32, a softmax router's T
+@pytest.mark.parametrize(
+    "scores_in_t", [False, True], ids=["scores_f32", "scores_in_t"]
+)  # a gate module's float32, a softmax router's T
 def test_cuda_kernel_is_bitwise_stock(case, dtype, scores_in_t):
     args, kw = _inputs(*case, dtype, seed=case[3] + (case[6] or 0))
     if scores_in_t:

@@ -114,7 +114,9 @@ def test_the_comparison_sees_a_wrong_combine():
 @pytest.mark.parametrize("k,d", [(4, 2048), (3, 123), (1, 64)])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 @pytest.mark.parametrize("with_shared", [True, False])
-@pytest.mark.parametrize("scores_in_t", [False, True])  # a gate module's float32, a softmax router's T
+@pytest.mark.parametrize(
+    "scores_in_t", [False, True], ids=["scores_f32", "scores_in_t"]
+)  # a gate module's float32, a softmax router's T
 def test_cuda_kernel_is_bitwise_the_reference(lead, k, d, dtype, with_shared, scores_in_t):
     seed = d * 7 + k
     y = (mx.random.normal((*lead, k, d), key=mx.random.key(seed)) * 3).astype(dtype)

@@ -211,7 +211,9 @@ CUDA_CASES = [c for c in CASES if c[0] != (3,)] + [
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CUDA_CASES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-@pytest.mark.parametrize("scores_in_t", [False, True])  # a gate module's float32, a softmax router's T
+@pytest.mark.parametrize(
+    "scores_in_t", [False, True], ids=["scores_f32", "scores_in_t"]
+)  # a gate module's float32, a softmax router's T
 def test_cuda_kernel_is_bitwise_stock(case, dtype, scores_in_t):
     args, kw = _inputs(*case, dtype, seed=case[3] + case[5])
     if scores_in_t and args[2] is not None:
