@@ -4,8 +4,9 @@
 # Issue 21's GPU proof: zmlx's patterns on models mlx-lm splits over two GPUs, over MLX's NCCL
 # backend (`mlx.launch --backend nccl -n 2`: two local ranks, one GPU each), into $OUT (or
 # ./gpu-results): a log per step and the ledger lines.
-#   STEP=tests     the tests in TESTS (default tests/distributed: the ring tests on the CPU and
-#                  test_sharded_nccl.py, tiny models split over the two GPUs), stopped after
+#   STEP=tests     the tests in TESTS (default tests/distributed/test_sharded_nccl.py: tiny models
+#                  split over the two GPUs; the ring tests run on the CPU in CI, and here they
+#                  took the whole 240 s limit of the first run before reaching it), stopped after
 #                  TEST_LIMIT seconds (default 540); one line per test reaches the log as it ends
 #   STEP=validate  zmlx validate of MODEL split over the two GPUs (tensor parallel): the family's
 #                  CUDA preset vs stock, both sharded; rank 0 prints the report
@@ -91,7 +92,7 @@ tests() {
   # pytest's output to a pipe is block-buffered: unbuffered and one line per test (-v), so
   # what ran before the limit reaches the log; the counts are taken from the log afterwards.
   local args
-  read -ra args <<< "${TESTS:-tests/distributed}"
+  read -ra args <<< "${TESTS:-tests/distributed/test_sharded_nccl.py}"
   run env PYTHONUNBUFFERED=1 timeout "${TEST_LIMIT:-540}" python3 -m pytest -v -p no:cacheprovider -rfs --failures-at-once \
     "${args[@]}" || echo "== pytest exited $? (124: cut by the limit)" | tee -a "$log"
   [ "$dry" = 1 ] && return 0

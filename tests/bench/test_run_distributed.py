@@ -96,6 +96,8 @@ def test_dry_run_prints_the_gpu_commands(tmp_path):
     (tests,) = commands(sh(tmp_path, "tests", DRY="1", TESTS="tests/distributed -k nccl").stdout)
     assert tests[:4] == ["env", "PYTHONUNBUFFERED=1", "timeout", "540"]
     assert tests[-3:] == ["tests/distributed", "-k", "nccl"]
+    (tests,) = commands(sh(tmp_path, "tests", DRY="1").stdout)
+    assert tests[-1] == "tests/distributed/test_sharded_nccl.py"  # the GPU's part; the ring tests are CI's
 
 
 def _free_port() -> int:
