@@ -243,7 +243,7 @@ def _history_table(entries: list[dict[str, Any]], title: str, superseded: dict |
             e["timestamp"][:16],
             f"{e['model']} ({e.get('quantization') or '?'})".replace("synth:", ""),
             ",".join(e["patterns"]) or "none (stock vs stock)",
-            e["device"]["name"],
+            S.device_label(e),
             S.fmt(e.get("prompt_tokens"), "d") if e.get("prompt_tokens") else "?",
             fid,
             S.fmt(e.get("stock_decode_tps_median")),
@@ -300,7 +300,7 @@ def report(
     _warn_problems(ledger, data.problems)
     current = data.current()
     if device:
-        current = [e for e in current if device.lower() in e["device"]["name"].lower()]
+        current = [e for e in current if device.lower() in S.device_label(e).lower()]
     rows = S.summarize(current)
     if as_json:
         print(json.dumps(rows, indent=2))

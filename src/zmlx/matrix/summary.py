@@ -1,7 +1,9 @@
 """What the ledger says each pattern set is worth.
 
 One row per (model, device, prompt length, tokens, patterns): the latest current line
-(superseded lines are left out). Each ratio stands next to the noise floor of the same
+(superseded lines are left out). A line measured by several ranks (a model split by
+mx.distributed) is on a device of its own, "<device> x N ranks": beside, never instead of,
+the one-process line of the same set. Each ratio stands next to the noise floor of the same
 model, device and prompt length: the largest |stock-vs-stock ratio - 1| among that
 group's current `--patterns none` lines. A ratio inside its floor says nothing; a group
 without such a line has no floor, and the report says so.
@@ -16,8 +18,14 @@ from zmlx.matrix.ledger import line_id
 Row = dict[str, Any]
 
 
+def device_label(e: dict[str, Any]) -> str:
+    """The line's device, with the ranks a distributed run split the model over."""
+    ranks = e.get("world_size") or 1
+    return e["device"]["name"] + (f" x {ranks} ranks" if ranks > 1 else "")
+
+
 def noise_key(e: dict[str, Any]) -> tuple:
-    return (e["model"], e["device"]["name"], e.get("prompt_tokens"))
+    return (e["model"], device_label(e), e.get("prompt_tokens"))
 
 
 def is_noise_line(e: dict[str, Any]) -> bool:
@@ -73,7 +81,7 @@ def summarize(entries: Iterable[dict[str, Any]]) -> list[Row]:
                 "model": e["model"],
                 "model_label": e.get("model_label"),
                 "quantization": e.get("quantization"),
-                "device": e["device"]["name"],
+                "device": device_label(e),
                 "prompt_tokens": e.get("prompt_tokens"),
                 "patterns": e["patterns"],
                 "max_tokens": e.get("max_tokens"),
