@@ -2,7 +2,7 @@
 """Where a decode step's host time goes, per pattern set (diagnostic).
 
     python benchmarks/gpu/profile_host.py [SPEC] [--sets "none;a,b;a,b,c"] [--steps N]
-        [--top N] [--no-profile] [--kernels]
+        [--top N] [--no-profile] [--kernels] [--prompt-tokens N]
 
 For each set (`none` is stock), on one model, stock's set first:
   - build and issue milliseconds per greedy decode step (zmlx.bench.issue_time: the graph's
@@ -18,6 +18,8 @@ For each set (`none` is stock), on one model, stock's set first:
     pattern set is seen by name.
 MLX's own knobs (MLX_USE_CUDA_GRAPHS, MLX_MAX_OPS_PER_BUFFER, ...) are read by MLX once per
 process: run the script once per setting; the ones set are printed at the top.
+The decode steps follow a 10-token prompt, or `--prompt-tokens` seeded ids (the ledger's
+prompt: zmlx.bench.harness.make_prompt, seed 0), for the costs that grow with the context.
 """
 
 from __future__ import annotations
@@ -134,10 +136,25 @@ def kernels_by_name(model, prompt: mx.array, steps: int = 4) -> str:
     return "\n".join(lines)
 
 
+def prompt_of(model, n: int | None) -> mx.array:
+    """The decode steps' prompt: PROMPT, or n seeded ids (the ledger's make_prompt, seed 0)."""
+    if n is None:
+        return mx.array(PROMPT)
+    from zmlx.bench.harness import make_prompt
+
+    return mx.array(make_prompt(model.args.vocab_size, n, 0))
+
+
 def run(
-    model, sets: list[str], steps: int, top: int, profile: bool, kernels: bool = False
+    model,
+    sets: list[str],
+    steps: int,
+    top: int,
+    profile: bool,
+    kernels: bool = False,
+    prompt_tokens: int | None = None,
 ) -> list[tuple[str, float, float, float]]:
-    prompt = mx.array(PROMPT)
+    prompt = prompt_of(model, prompt_tokens)
     rows = []
     for s in sets:
         zmlx.unpatch(model)
@@ -169,16 +186,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--kernels", action="store_true", help="the kernels by name (CUDA)")
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default 10)")
     args = parser.parse_args(argv)
     sets = args.sets.split(";")
     with cli_args.one_line_errors(args.spec):  # bad input: one `error:` line, exit 2
         cli_args.at_least(1, {"--steps": args.steps, "--top": args.top})
+        if args.prompt_tokens is not None:
+            cli_args.at_least(1, {"--prompt-tokens": args.prompt_tokens})
         for s in sets:
             cli_args.selection(s, "--sets")
         knobs = {k: os.environ[k] for k in MLX_KNOBS if k in os.environ}
         print(f"backend {zmlx.backend.current()}  MLX {mx.__version__}  knobs {knobs or 'MLX defaults'}")
         model, _ = synth.build(args.spec)
-        rows = run(model, sets, args.steps, args.top, not args.no_profile, args.kernels)
+        rows = run(model, sets, args.steps, args.top, not args.no_profile, args.kernels, args.prompt_tokens)
     print(f"{'set':<60} {'build ms':>9} {'issue ms':>9} {'pipelined ms/token':>19}")
     for s, b, i, pp in rows:
         print(f"{s:<60} {b:>9.2f} {i:>9.2f} {pp:>19.2f}")

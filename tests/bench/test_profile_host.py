@@ -22,6 +22,17 @@ def test_rows_per_set_and_the_model_left_stock(tiny_q4):
     assert zmlx.patch_result(model) is None
 
 
+def test_a_longer_prompt_is_the_ledgers_seeded_ids(tiny_q4):
+    model, _ = tiny_q4
+    script = load_script("gpu/profile_host.py")
+    assert script.prompt_of(model, None).tolist() == script.PROMPT
+    from zmlx.bench.harness import make_prompt
+
+    assert script.prompt_of(model, 40).tolist() == make_prompt(model.args.vocab_size, 40, 0)
+    (row,) = script.run(model, ["none"], 2, 5, profile=False, prompt_tokens=40)
+    assert row[0] == "none" and row[3] > 0
+
+
 def test_the_profile_names_zmlx_functions(tiny_q4):
     model, _ = tiny_q4
     text = load_script("gpu/profile_host.py").build_profile
@@ -35,7 +46,9 @@ def test_the_profile_names_zmlx_functions(tiny_q4):
     assert "moe_block.py" in out and "cumulative" in out
 
 
-@pytest.mark.parametrize("args", [["--steps", "0"], ["--sets", "none;no_such_pattern"]])
+@pytest.mark.parametrize(
+    "args", [["--steps", "0"], ["--sets", "none;no_such_pattern"], ["--prompt-tokens", "0"]]
+)
 def test_bad_input_is_one_line_and_exit_2(args):
     r = subprocess.run(
         [sys.executable, str(SCRIPT), "synth:glm4_moe_lite/tiny/affine4", *args],
