@@ -70,7 +70,7 @@ FAMILIES: dict[str, Family] = {
             "moe_router": Target("MoEGate", {"renorm_eps": 1e-20}),
             "moe_combine": Target("Glm4MoeLiteMoE"),
             "residual_norm": Target("Glm4MoeLiteModel"),
-            # close (exact on CUDA): opt-in until the ledger shows them faster
+            # close (exact on CUDA): in the CUDA preset
             "moe_mlp": Target("SwitchGLU"),
             "downproj_combine": Target("Glm4MoeLiteMoE"),
             "swiglu_mlp": Target("Glm4MoeLiteMLP"),  # shared experts and the dense first layer
@@ -79,18 +79,18 @@ FAMILIES: dict[str, Family] = {
             # close (bitwise stock unless the cache is quantized): reads mlx-lm's quantized KV
             # cache (kv_bits); opt-in, `zmlx generate|chat|server --kv-bits` turns it on
             "mla_kv_quant": Target("Glm4MoeLiteAttention"),
-            # close (exact on CUDA): the decoder layer's MoE half in three launches; opt-in
-            # until the ledger shows it faster
+            # close (exact on CUDA): the decoder layer's MoE half in three launches; in the
+            # CUDA preset
             "moe_block": Target("Glm4MoeLiteDecoderLayer", {"renorm_eps": 1e-20}),
             # static latent cache, decode steps as one compiled graph: close (exact on the CPU;
             # on CUDA its tokens differ from stock's from the first decoded one): in `fast`
             # on CUDA, where the ledger shows it ACCURATE and faster (fast_on below)
             "compiled_decode": Target("Model"),
-            # close: the decoder layer's attention half in four launches and o_proj; opt-in
-            # until an ACCURATE ledger line puts it in `fast`
+            # close: the decoder layer's attention half in four launches and o_proj; in `fast`
+            # on CUDA (fast_on below)
             "mla_block": Target("Glm4MoeLiteDecoderLayer"),
-            # close (exact on CUDA and the CPU): the attention half's first seven launches in two,
-            # then mlx-lm's ops; opt-in until its cuda tests run on a GPU
+            # exact on CUDA and the CPU: the attention half's first seven launches in two, then
+            # mlx-lm's ops; in the CUDA preset (it yields to mla_block and mla_attention)
             "mla_prologue": Target("Glm4MoeLiteDecoderLayer"),
         },
         # residual_norm is exact but slower than stock in the ledger (one fused call costs
@@ -105,18 +105,20 @@ FAMILIES: dict[str, Family] = {
             # slower in the ledger, so opt-in. moe_block (the MoE half of a layer at decode
             # in three launches; its kernels are bitwise stock on CUDA) runs the decode
             # steps, the module patterns the prompts. The lines: STATUS.md; the history:
-            # benchmarks/NOTEBOOK.md.
-            "cuda": ("moe_router", "moe_mlp", "downproj_combine", "glm47_rope", "moe_block"),
+            # benchmarks/NOTEBOOK.md. mla_prologue (the attention half's first seven launches
+            # in two, bitwise stock) joined once its GPU time fell below the preset's without it
+            # (5.84 vs 6.40 ms per token, same run: 5d3e65c193, 8d7cc168b3).
+            "cuda": ("moe_router", "moe_mlp", "downproj_combine", "glm47_rope", "moe_block", "mla_prologue"),
         },
         # On the CPU mla_attention runs its float32 reference: closer to the float32 model
-        # than stock under the accuracy rule. On CUDA its kernels (with the CUDA preset) are
-        # ACCURATE after 32- and 4096-token prompts (the 4096 line: 36a0fd85ab), and so is
-        # compiled_decode with the CUDA preset after a 32-token prompt. With compiled_decode the
-        # decode steps run over its static cache, where mla_attention yields to mlx-lm's
-        # attention (it takes mlx-lm's KVCache only): `fast` decodes as the measured line did.
+        # than stock under the accuracy rule. On CUDA `fast` is the line that measured the CUDA
+        # preset + mla_block + compiled_decode ACCURATE after a 32-token prompt (fc59315475:
+        # mla_block's attention half inside the compiled step; mla_prologue yields to it).
+        # mla_attention (ACCURATE alone: 635fee972e) is not in it: mla_block runs the attention
+        # half at decode, and the measured set did not hold it.
         fast_on={
             "cpu": {"mla_attention": "e9fba61980"},
-            "cuda": {"mla_attention": "635fee972e", "compiled_decode": "493c741d9c"},
+            "cuda": {"mla_block": "fc59315475", "compiled_decode": "fc59315475"},
         },
     ),
 }
@@ -182,11 +184,11 @@ def _deepseek(model_type: str, module: str, prefix: str, model_module: str | Non
         targets["residual_norm"] = Target(f"{prefix}Model")
     # as glm4_moe_lite's: exact everywhere; on CUDA the expert kernels are bitwise stock in the
     # cuda tests (downproj_combine takes over moe_combine's method). moe_router (whose kernel
-    # now runs these models' group-limited routing), glm47_rope (their YaRN rope) and moe_block
-    # are exact by construction and pass their kernels' cuda tests, but join the CUDA preset only
-    # once the whole preset has run bitwise on these families' models on a GPU
-    # (tests/patch/test_family_cuda_presets.py): a default preset promises stock's tokens.
-    cuda = ("moe_mlp", "downproj_combine")
+    # runs these models' group-limited routing) and moe_block joined once the whole preset ran
+    # bitwise stock on these families' models on the H200 (tests/patch/test_family_cuda_presets.py,
+    # log 20261130-h200x2-cuda-tests-families-widened-timeout-cfc0e73.log). glm47_rope (their
+    # YaRN rope) waits for that test's YaRN cases, which the run's time limit cut.
+    cuda = ("moe_router", "moe_mlp", "downproj_combine", "moe_block")
     return Family(
         model_type=model_type,
         module=module,
@@ -246,7 +248,8 @@ FAMILIES.update(
                 "moe_block": Target("DecoderLayer", _NO_EPS),
             },
             preset=("moe_router", "moe_combine"),
-            presets_on={"cuda": ("moe_router", "moe_mlp", "downproj_combine")},
+            # moe_block: bitwise stock on the GPU with the rest (test_family_cuda_presets.py)
+            presets_on={"cuda": ("moe_router", "moe_mlp", "downproj_combine", "moe_block")},
             skips={
                 **{p: _GQA for p in _MLA_PATTERNS},
                 "residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array",
@@ -260,15 +263,15 @@ FAMILIES.update(
                 "moe_mlp": Target("SwitchGLU"),
                 # exact on CUDA (close on Metal): in the CUDA preset
                 "softmax_router": Target("Qwen3MoeSparseMoeBlock", {"softmax_first": True}),
-                # the block's combine piece at decode (scores in T); opt-in until its cuda tests
-                # (scores in T: tests/kernels/test_downproj_combine.py) run on a GPU
+                # the block's combine piece at decode (scores in T); in the CUDA preset (bitwise
+                # stock with it on the GPU: test_family_cuda_presets.py)
                 "downproj_combine": Target("Qwen3MoeSparseMoeBlock", {"softmax_first": True}),
                 "swiglu_mlp": Target("MLP"),  # the dense layers (mlp_only_layers)
                 # the dense layers; the MoE layers are skipped (softmax router) by its check
                 "moe_block": Target("Qwen3MoeDecoderLayer"),
             },
             {"residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array"},
-            cuda_extra=("moe_block",),
+            cuda_extra=("moe_block", "downproj_combine"),
         ),
         "mixtral": _softmax_moe(
             "mixtral",
