@@ -150,6 +150,29 @@ def test_traced_mode_writes_at_the_device_position_and_returns_the_whole_buffers
 
 
 @pytest.mark.parametrize("n", [1, 3])
+def test_a_traced_write_is_one_scatter_per_buffer_with_the_eager_writes_values(n):
+    """The traced write is a scatter along the positions (one kernel on CUDA), not a slice
+    update at a device start (an offset kernel, then the copy); it writes what the eager
+    path writes, batch 2 and several rows included."""
+    import io
+    import re
+
+    lat, pe = mx.random.normal((2, 1, n, 4)), mx.random.normal((2, 1, n, 3))
+    eager, traced = StaticMLACache(min_capacity=8), StaticMLACache(min_capacity=8)
+    for c in (eager, traced):
+        c.update_and_fetch(mx.ones((2, 1, 2, 4)), mx.ones((2, 1, 2, 3)))
+    eager.update_and_fetch(lat, pe)
+    _traced(traced, 2)
+    mx.eval(lat, pe, traced.keys, traced.values, traced._traced)  # only the write left unevaluated
+    k, v = traced.update_and_fetch(lat, pe)
+    dot = io.StringIO()
+    mx.export_to_dot(dot, k, v)  # the graph, before evaluating it
+    ops = re.findall(r'label ="([A-Za-z]+)"', dot.getvalue())
+    assert ops.count("ScatterAxis") == 2 and "DynamicSliceUpdate" not in ops, ops
+    assert mx.array_equal(k, eager.keys).item() and mx.array_equal(v, eager.values).item()
+
+
+@pytest.mark.parametrize("n", [1, 3])
 def test_traced_mask_is_the_causal_mask_over_the_valid_positions(n):
     c = StaticMLACache(min_capacity=16)
     c.update_and_fetch(mx.zeros((1, 1, 5, 2)), mx.zeros((1, 1, 5, 1)))

@@ -11,8 +11,8 @@ It has two modes:
 - eager (the default, and every prompt): `update_and_fetch` writes like KVCache and
   returns the valid slice, so mlx-lm computes exactly what it computes with KVCache;
 - traced (set by a compiled decode step while mx.compile traces it, `trace_at`): the
-  write position is a device array, `update_and_fetch` writes with `mx.slice_update` at
-  it and returns the full buffers, `make_mask` gives the boolean mask of the valid
+  write position is a device array, `update_and_fetch` writes there (`mx.put_along_axis`)
+  and returns the full buffers, `make_mask` gives the boolean mask of the valid
   positions (mlx-lm's MLA attention masks its rope scores with it and passes them to
   SDPA as the additive mask), and `offset` is that array (RoPE takes it as its offset).
 
@@ -119,6 +119,12 @@ class StaticMLACache(_BaseCache):
     def end_trace(self) -> None:
         self._traced = None
 
+    def _rows(self, n: int):
+        """The positions a traced step writes, (1, 1, n, 1): from the device position, for
+        put_along_axis (broadcast over the batch, heads and the row's values)."""
+        pos = self._traced.reshape(1, 1, 1, 1)
+        return pos if n == 1 else pos + mx.arange(n, dtype=pos.dtype).reshape(1, 1, n, 1)
+
     def reserve(self, n: int) -> None:
         """Make room for `n` more positions, growing into the next bucket (a copy)."""
         self._check_eager("grow")
@@ -143,9 +149,13 @@ class StaticMLACache(_BaseCache):
     def update_and_fetch(self, keys, values):
         if self._traced is not None:
             # Compiled step: write at the device position, return the whole buffers; the
-            # mask from make_mask hides the positions past the valid ones.
-            self.keys = mx.slice_update(self.keys, keys, self._traced, axes=(2,))
-            self.values = mx.slice_update(self.values, values, self._traced, axes=(2,))
+            # mask from make_mask hides the positions past the valid ones. A scatter along
+            # the position axis (one kernel on CUDA) rather than a slice update at a device
+            # start (MLX's GPU DynamicSliceUpdate launches a kernel for the offset, then the
+            # copy): the same values, one kernel fewer per buffer and layer.
+            rows = self._rows(keys.shape[2])
+            self.keys = mx.put_along_axis(self.keys, rows, keys, axis=2)
+            self.values = mx.put_along_axis(self.values, rows, values, axis=2)
             return self.keys, self.values
         prev = self._offset
         end = prev + keys.shape[2]
