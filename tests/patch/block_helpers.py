@@ -96,13 +96,13 @@ def check_a_layer_that_is_gone_takes_its_prepared_blocks_with_it(block, prompt):
     assert block._BLOCKS == {}
 
 
-def check_presets(block, with_it: tuple[str, ...] = ()):
-    """On glm4_moe_lite, `block` is in the default and fast presets of the backends `with_it`
-    and in no preset of the others, which say so."""
+def check_presets(block, with_it: tuple[str, ...] = (), fast_on: tuple[str, ...] = ()):
+    """On glm4_moe_lite, `block` is in the default and fast presets of the backends `with_it`,
+    in the fast preset alone of the backends `fast_on`, and in no other preset, which says so."""
     for backend in ("cpu", "cuda", "metal"):
         for preset in ("default", "fast"):
             chosen, why_not = select_patterns("glm4_moe_lite", None, None, PatchConfig(), backend, preset)
-            if backend in with_it:
+            if backend in with_it or (preset == "fast" and backend in fast_on):
                 assert name(block) in chosen, (backend, preset)
             else:
                 assert name(block) not in chosen

@@ -242,7 +242,7 @@ def test_a_patched_model_copies_patched(tiny_q4, copier):
         zmlx.unpatch(model)
 
 
-def test_the_report_its_flag_and_no_preset(tiny_q4):
+def test_the_report_its_flag_and_the_cuda_preset(tiny_q4):
     model, _ = tiny_q4
     n = model.args.num_hidden_layers
     result = zmlx.patch(model, config=PatchConfig.from_env({"ZMLX_MLA_PROLOGUE": "1"}))
@@ -264,7 +264,7 @@ def test_the_report_its_flag_and_no_preset(tiny_q4):
     assert p.fidelity == "close" and p.paths == ("decode",)  # close on Metal (float32 dots)
     assert [k.name for k in p.kernels] == LAUNCHES.split(", ")
     assert all(k.exact_on == ("cuda",) for k in p.kernels)
-    check_presets(mla_prologue)
+    check_presets(mla_prologue, with_it=("cuda",))  # bitwise stock there (5d3e65c193)
 
 
 # ---------------------------------------------------------------- outside the regime: mlx-lm's code
