@@ -1,5 +1,5 @@
 """mla_block over zmlx's StaticMLACache: eagerly, and inside compiled_decode's traced step (the
-rope row gathered at the device position, the cache's own slice_update, mla_decode_len over
+rope row gathered at the device position, the cache's own write at it, mla_decode_len over
 the whole buffers with the device length). On the CPU every launch runs its reference, and the
 compiled step is bitwise eager mla_block over mlx-lm's KVCache: the same float32 reference ops
 over the same positions (the chunk size is 32 for the slice and for the bucket alike, up to

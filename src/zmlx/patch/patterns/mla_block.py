@@ -13,7 +13,7 @@ plain `KVCache` and no mask runs
                  and cache files keep working)
     mla_decode   flash-decoding over the latent cache, its length read from the buffers' shapes
                  (inside compiled_decode's traced step, over zmlx's StaticMLACache: the rope row
-                 gathered at the device position, the cache's slice_update, and mla_decode_len
+                 gathered at the device position, the cache's write at it, and mla_decode_len
                  over the whole buffers, the length position + 1 a device input: no host array,
                  no retrace per token)
     mla_unembed  the chunks combined + unembed_out
