@@ -158,13 +158,15 @@ def test_the_default_preset_is_chosen_per_backend():
     assert (
         set(chosen)
         == set(fam.preset_on("cuda"))
-        == {"moe_router", "moe_mlp", "downproj_combine", "glm47_rope", "moe_block"}
+        == {"moe_router", "moe_mlp", "downproj_combine", "glm47_rope", "moe_block", "mla_prologue"}
     )
     assert why_not["moe_combine"] == "not in the default preset on cuda"
     # flags still add and remove on top of the backend's preset
     cfg = PatchConfig.from_env({"ZMLX_MOE_MLP": "0", "ZMLX_SWIGLU_MLP": "1"})
     chosen, why_not = select_patterns("glm4_moe_lite", None, None, cfg, "cuda")
-    assert set(chosen) == {"moe_router", "downproj_combine", "swiglu_mlp", "glm47_rope", "moe_block"}
+    assert set(chosen) == {
+        *("moe_router", "downproj_combine", "swiglu_mlp", "glm47_rope", "moe_block", "mla_prologue")
+    }
     assert why_not["moe_mlp"] == "ZMLX_MOE_MLP=0"
 
 
