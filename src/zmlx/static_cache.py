@@ -119,10 +119,11 @@ class StaticMLACache(_BaseCache):
     def end_trace(self) -> None:
         self._traced = None
 
-    def _rows(self, n: int):
-        """The positions a traced step writes, (1, 1, n, 1): from the device position, for
+    @staticmethod
+    def _rows(position: mx.array, n: int) -> mx.array:
+        """The positions a traced step writes, (1, 1, n, 1), from its device position: for
         put_along_axis (broadcast over the batch, heads and the row's values)."""
-        pos = self._traced.reshape(1, 1, 1, 1)
+        pos = position.reshape(1, 1, 1, 1)
         return pos if n == 1 else pos + mx.arange(n, dtype=pos.dtype).reshape(1, 1, n, 1)
 
     def reserve(self, n: int) -> None:
@@ -153,7 +154,7 @@ class StaticMLACache(_BaseCache):
             # the position axis (one kernel on CUDA) rather than a slice update at a device
             # start (MLX's GPU DynamicSliceUpdate launches a kernel for the offset, then the
             # copy): the same values, one kernel fewer per buffer and layer.
-            rows = self._rows(keys.shape[2])
+            rows = self._rows(self._traced, keys.shape[2])
             self.keys = mx.put_along_axis(self.keys, rows, keys, axis=2)
             self.values = mx.put_along_axis(self.values, rows, values, axis=2)
             return self.keys, self.values
