@@ -148,6 +148,7 @@ def test_each_pattern_patches_or_skips_with_its_reason(run):
     # the shared experts (sliced in place) and the dense layer (all-to-sharded gate and up)
     assert glm["swiglu_mlp"]["patched"] == layers
     assert glm["mla_block"]["patched"] == layers  # tensor parallel: q_b_proj's rows of this rank's heads
+    assert glm["mla_prologue"]["patched"] == layers  # the same layers' check (zmlx.patch.mla_layer)
     if mode == "tensor":
         # moe_down adds a zero residual; the layer adds h after mlx-lm's all-sum
         assert glm["moe_block"]["patched"] == moe_layers

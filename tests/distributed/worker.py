@@ -41,6 +41,7 @@ SELECTIONS = (
     "moe_router,moe_combine,residual_norm,glm47_rope",
     "downproj_combine,moe_mlp,swiglu_mlp,mla_attention",
     "mla_kv_quant",
+    "mla_prologue,moe_block",  # the CUDA default's attention and MoE halves at decode
 )
 PROMPT = [[5, 17, 33, 71, 200, 9, 1021, 4]]
 STEPS = 5
