@@ -114,8 +114,8 @@ FAMILIES: dict[str, Family] = {
         # than stock under the accuracy rule. On CUDA `fast` is the line that measured the CUDA
         # preset + mla_block + compiled_decode ACCURATE after a 32-token prompt (fc59315475:
         # mla_block's attention half inside the compiled step; mla_prologue yields to it).
-        # mla_attention (ACCURATE alone: 635fee972e) is not in it: mla_block runs the attention
-        # half at decode, and the measured set did not hold it.
+        # mla_attention (ACCURATE with the expert kernels: 635fee972e) is not in it: mla_block runs the
+        # attention half at decode, and the measured set did not hold it.
         fast_on={
             "cpu": {"mla_attention": "e9fba61980"},
             "cuda": {"mla_block": "fc59315475", "compiled_decode": "fc59315475"},
