@@ -147,3 +147,40 @@ def test_on_the_gpu_compiled_steps_run_the_kernels_close_to_eager(request, no_st
         assert mx.isfinite(o).all().item()
         # test_mla_block's rule: a rounding may flip a tiny random router's expert now and then
         assert (mx.abs(e - o).mean() <= 0.35 * mx.abs(e).mean()).item()
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_the_compiled_steps_cache_writes_are_scatters(tiny_f32):
+    """The compiled step writes the cache with one scatter a buffer, as eager mla_block writes
+    it with one slice update: no DynamicSliceUpdate offset kernels (on the full-size model
+    they were ~2 of a layer's kernels: 578 a token compiled against 477 eager,
+    `fc59315475`, `5e48ad14e5`), and one scatter kernel for each buffer of each layer."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from zmlx.bench.harness import cuda_kernels
+
+    mx.set_default_device(mx.gpu)  # blocks_on_the_cpu puts the CPU back afterwards
+    model, _ = tiny_f32
+    zmlx.patch(model, patterns="mla_block,compiled_decode")
+    try:
+        cache = model.make_cache()
+        tok = mx.argmax(model(PROMPT, cache=cache)[:, -1:], axis=-1)
+        for _ in range(2):  # the trace and the kernels' builds, outside the profiled steps
+            tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
+            mx.eval(tok)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prof = profile(activities=[ProfilerActivity.CUDA])
+        with prof:
+            for _ in range(2):
+                tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
+                mx.eval(tok)
+        assert compiled_decode.stats(model)["stock_steps"] == {}
+    finally:
+        zmlx.unpatch(model)
+    names = [e.name for e in cuda_kernels(prof)]
+    assert not [n for n in names if "dynamic_offset" in n], names
+    scatters = [n for n in names if "scatter_axis" in n]
+    assert len(scatters) == 2 * 2 * model.args.num_hidden_layers, names  # 2 steps x 2 buffers
