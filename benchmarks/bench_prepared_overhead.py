@@ -16,7 +16,6 @@ tests/kernels/test_prepared.py holds the CPU-side bound.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -27,6 +26,7 @@ import mlx.core as mx
 
 from zmlx import backend
 from zmlx.bench import capsule, stamp
+from zmlx.cli import args as cli_args
 from zmlx.kernels import core
 from zmlx.kernels.core import KernelDef, Launch
 from zmlx.kernels.prepared import prepare
@@ -158,7 +158,7 @@ def compiled_step(layers: int = 47, calls: int = 500, repeats: int = 7) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_args.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per timed block")
     parser.add_argument("--repeats", type=int, default=7, help="timed blocks (median taken)")
     parser.add_argument("--capsule-dir", help="also write the numbers as a repro capsule there")
@@ -167,7 +167,10 @@ def main() -> None:
         parser.error("--calls and --repeats must be at least 1")
     if a.capsule_dir and os.path.exists(a.capsule_dir) and not os.path.isdir(a.capsule_dir):
         parser.error(f"--capsule-dir {a.capsule_dir} is not a directory")
-    git = stamp.git()  # before measuring: a bad stated commit stops the run first
+    try:
+        git = stamp.git()  # before measuring: a bad stated commit stops the run first
+    except stamp.GitStateError as e:
+        parser.error(str(e))
     rows = [
         {"name": n, "what": "prepared launch", "us": us} for n, us in launches(a.calls, a.repeats).items()
     ]
@@ -193,7 +196,10 @@ def main() -> None:
             git=git,
         )
         cap["overhead_us"] = rows
-        print(f"capsule: {capsule.write(cap, a.capsule_dir)}")
+        try:
+            print(f"capsule: {capsule.write(cap, a.capsule_dir)}")
+        except OSError as e:  # the numbers are printed above
+            parser.error(f"--capsule-dir {a.capsule_dir}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

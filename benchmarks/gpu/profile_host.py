@@ -24,7 +24,6 @@ prompt: zmlx.bench.harness.make_prompt, seed 0), for the costs that grow with th
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import os
@@ -179,7 +178,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_args.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", default="synth:glm4_moe_lite/flash/affine4")
     parser.add_argument("--sets", default="none", help="';'-separated pattern sets (none: stock)")
     parser.add_argument("--steps", type=int, default=16)

@@ -14,6 +14,7 @@ those, and MLX refusing to run the model on this backend, into the message.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import warnings
@@ -172,3 +173,12 @@ def one_line_errors(model: str | None = None) -> Iterator[None]:
                 raise
             print(f"error: {message}", file=sys.stderr)
             raise typer.Exit(2) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for the benchmark scripts, with the commands' answer to bad input: one
+    `error: <message>` line on stderr and exit status 2 (argparse's own prints its usage too)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
