@@ -6,7 +6,7 @@
 # ./gpu-results): a log per step and the ledger lines.
 #   STEP=tests     the tests in TESTS (default tests/distributed/test_sharded_nccl.py: tiny models
 #                  split over the two GPUs; the ring tests run on the CPU in CI, and here they
-#                  took the whole 240 s limit of the first run before reaching it), stopped after
+#                  took the whole limit of the first run before reaching it), stopped after
 #                  TEST_LIMIT seconds (default 540); one line per test reaches the log as it ends
 #   STEP=validate  zmlx validate of MODEL split over the two GPUs (tensor parallel): the family's
 #                  CUDA preset vs stock, both sharded; rank 0 prints the report
