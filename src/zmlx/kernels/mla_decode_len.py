@@ -4,13 +4,17 @@ mla_decode reads the context length from the cache view's shape. A compiled deco
 `zmlx.static_cache.StaticMLACache` (compiled_decode) sees the whole fixed-capacity buffers
 instead, and the valid length is a device array made in the graph (the cache's position + 1),
 so shapes stay fixed from token to token and the host makes no array per step. This kernel is
-mla_decode's body with ZMLX_MLA_LEN_INPUT: the chunks are fixed by the CAPACITY (the buffers'
-shape, so mla_unembed's input shapes never change within a bucket), and `n_valid`, an int32
-array of one element, says how many positions count. A chunk past them writes the neutral
-partials (m = -3e38, mla_decode's own initial max; l = 0; o = 0): mla_unembed's combine gives
-it weight exp(-3e38 - max) = 0 and never subtracts two infinities, so the result equals
-mla_decode over the valid slice up to the chunking of the sum (the chunk size follows the
-capacity, not the length).
+mla_decode's body with ZMLX_MLA_LEN_INPUT: the NUMBER of chunks is fixed by the CAPACITY (the
+buffers' shape, so mla_unembed's input shapes never change within a bucket), and `n_valid`, an
+int32 array of one element, says how many positions count. Those are spread over all the
+chunks (`chunk_span`: a multiple of 16 positions each, the capacity's chunk size at most), so
+a context that fills half a bucket keeps every threadgroup busy rather than half of them (on
+the H200 at a 4096-token prompt, over 8192-position buffers, the capacity's chunks took twice
+mla_decode's GPU time: log 20261130-h200x2-profile-host-kernels-4096-6c850a0.log). A chunk
+past the valid positions writes the neutral partials (m = -3e38, mla_decode's own initial
+max; l = 0; o = 0): mla_unembed's combine gives it weight exp(-3e38 - max) = 0 and never
+subtracts two infinities, so the result equals mla_decode over the valid slice up to the
+chunking of the sum.
 
 Device code: mla_decode's, csrc/mla.h, csrc/mla_decode_fma.h and csrc/mla_decode_body.h, with
 ZMLX_MLA_LEN_INPUT.
@@ -29,11 +33,24 @@ from zmlx.kernels.mla_attention import _dot, chunk_size, decode_launch
 EMPTY_MAX = -3.0e38
 
 
+def chunk_span(capacity: int, length: int) -> int:
+    """Positions a chunk covers when the first `length` of `capacity` buffered positions count
+    (the device's zmlx_mla_span, csrc/mla.h): the capacity's chunk size when all count, else
+    the smallest multiple of 16 that spreads them over all the capacity's chunks (at most the
+    chunk size). Chunk c starts at c * chunk_span."""
+    ch = chunk_size(capacity)
+    if length >= capacity:
+        return ch
+    per = -(-max(length, 0) // math.ceil(capacity / ch))
+    return min(ch, max(16, 16 * -(-per // 16)))
+
+
 def reference(qv, q_pe, lat, kpe, n_valid, *, scale):
-    """As mla_attention's decode_reference over the buffers' S positions (the chunks follow
-    S), but only positions < n_valid[0] count: o (B, C, H, R), m (B, C, H), l (B, C, H), a
-    chunk with none of them (m EMPTY_MAX, l 0, o 0). The length stays a device array."""
-    bsz, heads, r = qv.shape
+    """As mla_attention's decode_reference over the buffers' S positions, with the number of
+    chunks C that S fixes, but only positions < n_valid[0] count, chunk c holding those in
+    [c * span, (c + 1) * span) (chunk_span, computed here from the device length): o (B, C, H,
+    R), m (B, C, H), l (B, C, H); a chunk with none of them has m EMPTY_MAX, l 0, o 0. The
+    length stays a device array (one trace for every length under mx.compile)."""
     cap = lat.shape[2]
     ch = chunk_size(cap)
     c = math.ceil(cap / ch)
@@ -42,15 +59,20 @@ def reference(qv, q_pe, lat, kpe, n_valid, *, scale):
     scores = scale * _dot(qv[:, :, None, :], lat[:, None]) + _dot(
         q_pe[:, :, 0, None].astype(mx.float32), kpe[:, None]
     )  # (B, H, S)
-    valid = mx.arange(cap) < n_valid.reshape(-1)[:1].astype(mx.int32)  # (S,)
-    scores = mx.where(valid, scores, -mx.inf)
-    pad = c * ch - cap
-    scores = mx.pad(scores, [(0, 0), (0, 0), (0, pad)], constant_values=-mx.inf)  # (B, H, C*CH)
-    scores = scores.reshape(bsz, heads, c, ch).transpose(0, 2, 1, 3)  # (B, C, H, CH)
+    sl = mx.minimum(n_valid.reshape(-1)[:1].astype(mx.int32), cap)  # (1,)
+    per = (mx.maximum(sl, 0) + c - 1) // c
+    span = mx.where(sl >= cap, ch, mx.minimum(mx.maximum(16 * ((per + 15) // 16), 16), ch))
+    j = mx.arange(ch, dtype=mx.int32)
+    idx = mx.arange(c, dtype=mx.int32)[:, None] * span + j[None, :]  # (C, CH): chunk c's rows
+    ok = (j[None, :] < span) & (idx < sl)
+    rows = mx.minimum(idx, cap - 1).reshape(-1)
+    bsz, heads = scores.shape[:2]
+    scores = mx.take(scores, rows, axis=2).reshape(bsz, heads, c, ch).transpose(0, 2, 1, 3)
+    scores = mx.where(ok[None, :, None, :], scores, -mx.inf)  # (B, C, H, CH)
     # a chunk of -inf scores keeps EMPTY_MAX as its max, so exp(-inf - m) = 0, never NaN
     m = mx.maximum(scores.max(axis=-1), EMPTY_MAX)
     e = mx.exp(scores - m[..., None])
-    lat = mx.pad(lat, [(0, 0), (0, pad), (0, 0)]).reshape(bsz, c, ch, r)
+    lat = mx.take(lat, rows, axis=1).reshape(bsz, c, ch, -1)  # (B, C, CH, R)
     o = _dot(e[..., None, :], lat[:, :, None].swapaxes(-1, -2))  # (B, C, H, R)
     return o, m, e.sum(axis=-1)
 

@@ -24,6 +24,19 @@ ZMLX_FN uint zmlx_mla_chunk(uint S) {
     return ch > uint(MINCH) ? ch : uint(MINCH);
 }
 
+// Where chunk c of the NC chunks of CH positions starts: at c * span. All S buffered positions
+// count (SL = S: mla_decode, mla_decode_q): span = CH. Only the first SL < S count
+// (mla_decode_len over a static cache's buffers): they are spread over all NC chunks, span
+// the smallest multiple of 16 (an mma step) that covers them, at most CH, so the work is
+// shared by every threadgroup instead of by the first SL / CH (chunk_span in Python).
+ZMLX_FN uint zmlx_mla_span(uint S, uint SL, uint CH, uint NC) {
+    if (SL >= S) return CH;
+    const uint per = (SL + NC - 1) / NC;
+    uint span = 16u * ((per + 15u) / 16u);
+    span = span > 16u ? span : 16u;
+    return span < CH ? span : CH;
+}
+
 // N = 4 or 2 consecutive values from p as floats: one vector load on CUDA (p aligned to N
 // elements), N loads on Metal.
 #ifdef ZMLX_CUDA
@@ -165,7 +178,8 @@ struct zmlx_mla_bf16_rows {
     }
 };
 // Tensor-core path (CUDA, bf16 cache): one threadgroup of R / 64 warps per (b, chunk) of the
-// S buffered positions, SL <= S of them valid (a chunk past SL writes the neutral partials), warp
+// S buffered positions, SL <= S of them valid (spread over the chunks by zmlx_mla_span; a chunk
+// past them writes the neutral partials), warp
 // w owning latent dims 64 w .. 64 w + 63, 16 positions per step. Scores S[p][h] =
 // L[p][d] Q^T[d][h] by mma.m16n8k16 (A = the latent rows as loaded, B = scale * qv split
 // into bf16 hi + lo, so the product keeps ~16 mantissa bits; the rope part by warps
@@ -193,8 +207,9 @@ __device__ void zmlx_mla_decode_mma_rows(const QT* qv, const PT* q_pe, ROWS rows
     const uint NC = (S + CH - 1) / CH;
     const uint c = gid % NC;
     const uint b = gid / NC;
-    const uint p0 = c * CH;
-    const uint n = p0 < SL ? (SL - p0 < CH ? SL - p0 : CH) : 0;  // 0: a chunk past the length
+    const uint span = zmlx_mla_span(S, SL, CH, NC);
+    const uint p0 = c * span;
+    const uint n = p0 < SL ? (SL - p0 < span ? SL - p0 : span) : 0;  // 0: a chunk past the length
     const uint g = lane / 4;
     const uint tg = lane % 4;
     const uint w = warp;

@@ -5,8 +5,9 @@
 // latent dims d = 4 lane + 128 t + i and the rope dims e = 2 lane + 64 t + i. The context
 // length S comes with the cache view's shape (a kernel argument): no per-token array.
 // With ZMLX_MLA_LEN_INPUT (mla_decode_len: a static cache's whole buffers) S is the buffers'
-// capacity, which fixes the chunks, and only the first SL = n_valid[0] positions count: a
-// chunk past them writes the neutral partials (m -3e38, l 0, o 0), which the combine weighs 0.
+// capacity, which fixes the number of chunks, and only the first SL = n_valid[0] positions
+// count, spread over all the chunks (zmlx_mla_span); a chunk past them writes the neutral
+// partials (m -3e38, l 0, o 0), which the combine weighs 0.
 constexpr uint RT = R / 128;
 constexpr uint ET = RD / 64;
 const uint S = uint(lat_shape[2]);
@@ -23,8 +24,9 @@ if constexpr (MMA) {  // bf16 on CUDA: tensor cores (zmlx_mla_decode_mma)
     return;
 }
 #endif
-ZMLX_MLA_FMA_GRID
-const uint n = p0 < SL ? (SL - p0 < CH ? SL - p0 : CH) : 0;  // 0: a chunk past the length
+const uint SPAN = zmlx_mla_span(S, SL, CH, (S + CH - 1) / CH);
+ZMLX_MLA_FMA_GRID(SPAN)
+const uint n = p0 < SL ? (SL - p0 < SPAN ? SL - p0 : SPAN) : 0;  // 0: a chunk past the length
 const float scale = ZMLX_FLOAT_BITS(SCALE_BITS);
 const ZMLX_DEVICE T* latb = lat + size_t(b) * S * R;
 const ZMLX_DEVICE T* kpeb = kpe + size_t(b) * S * RD;

@@ -6,8 +6,9 @@
 
 // This threadgroup's (b, chunk c, head group g) of NC chunks of CH positions and NG groups of
 // WPB * HPW heads; hw, this warp's first head (a last group's spare warps return); p0, the
-// chunk's first position. Declares NC, NG, g, c, b, hw and p0.
-#define ZMLX_MLA_FMA_GRID                                                                         \
+// chunk's first position, c * SPAN_ (CH, or zmlx_mla_span's spread of a shorter valid
+// length). Declares NC, NG, g, c, b, hw and p0.
+#define ZMLX_MLA_FMA_GRID(SPAN_)                                                                  \
     const uint NC = (S + CH - 1) / CH;                                                            \
     const uint NG = (H + HPW * WPB - 1) / (HPW * WPB);                                            \
     const uint g = zmlx_gid % NG;                                                                 \
@@ -15,7 +16,7 @@
     const uint b = zmlx_gid / (NG * NC);                                                          \
     const uint hw = (g * WPB + zmlx_warp) * HPW; /* this warp's first head */                     \
     if (hw >= H) return; /* the whole warp: a last group's spare warps */                         \
-    const uint p0 = c * CH;
+    const uint p0 = c * (SPAN_);
 
 // One step of the online softmax for the warp's HPW heads over the TP rows at i0 of the
 // chunk's n: each row's score (this lane's LT_ x LV_ latent and PT_ x PV_ rope values of

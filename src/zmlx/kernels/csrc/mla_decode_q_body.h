@@ -29,7 +29,7 @@ if constexpr (MMA) {  // bf16 on CUDA: mla_decode's tensor-core path over the de
     return;
 }
 #endif
-ZMLX_MLA_FMA_GRID
+ZMLX_MLA_FMA_GRID(CH)
 const uint n = S - p0 < CH ? S - p0 : CH;
 const float scale = ZMLX_FLOAT_BITS(SCALE_BITS);
 const ZMLX_DEVICE uint* lwb = lw + size_t(b) * S * LWN;
