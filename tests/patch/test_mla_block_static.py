@@ -1,9 +1,10 @@
 """mla_block over zmlx's StaticMLACache: eagerly, and inside compiled_decode's traced step (the
 rope row gathered at the device position, the cache's own write at it, mla_decode_len over
 the whole buffers with the device length). On the CPU every launch runs its reference, and the
-compiled step is bitwise eager mla_block over mlx-lm's KVCache: the same float32 reference ops
-over the same positions (the chunk size is 32 for the slice and for the bucket alike, up to
-4096 positions) and the chunks past the length add exact zeros."""
+compiled step is bitwise eager mla_block over mlx-lm's KVCache while the context fits one
+chunk of both (up to 16 positions: mla_decode's chunk over the slice is 32, mla_decode_len's
+span over the 256-position bucket is 16): the same float32 reference ops over the same
+positions, and the chunks past the length add exact zeros."""
 
 import dataclasses
 
@@ -43,9 +44,9 @@ def _run(model, prompt, steps, patterns):
 def test_compiled_steps_run_the_launches_bitwise_eager_mla_block(request, no_stock_attention, which, batch):
     model, _ = request.getfixturevalue(which)
     prompt = mx.random.randint(1, model.args.vocab_size, (batch, 7), key=mx.random.key(batch))
-    eager, _ = _run(model, prompt, 10, "mla_block")
-    ours, stats = _run(model, prompt, 10, "mla_block,compiled_decode")
-    assert stats["compiled_steps"] == 10 and stats["traces"] == 1 and stats["stock_steps"] == {}
+    eager, _ = _run(model, prompt, 9, "mla_block")  # contexts of 8 to 16 positions
+    ours, stats = _run(model, prompt, 9, "mla_block,compiled_decode")
+    assert stats["compiled_steps"] == 9 and stats["traces"] == 1 and stats["stock_steps"] == {}
     _same(eager, ours)
 
 
