@@ -252,7 +252,8 @@ def load(name: str, group, pipeline: bool = False):
     checkpoint directory, a Hub id), split over `group` by mlx-lm: tensor parallel
     (`model.shard(group)`), or with `pipeline` its layers (`model.model.pipeline(group)`).
     A model that cannot be split so raises ShardError or zmlx.models.ModelLoadError, one
-    line, before any weight is read where the checkpoint is local."""
+    line, before any weight is read where the checkpoint is local. mlx-lm's sharded_load
+    splits it, except a local checkpoint on MLX's CUDA backend (NCCL): `_split_on_gpu`."""
     from pathlib import Path
 
     import mlx.core as mx
@@ -269,14 +270,19 @@ def load(name: str, group, pipeline: bool = False):
         return model, tokenizer, source
     from mlx_lm.utils import load_model, sharded_load
 
+    from zmlx import backend
+
     path = Path(name).expanduser()
     if path.exists():
         models._check_path(path)  # the same one-line errors as zmlx.models.load
         _check(load_model(path, lazy=True, strict=False)[0], size, pipeline)
     groups = {"pipeline_group": group} if pipeline else {"tensor_group": group}
     try:
-        where = str(path) if path.exists() else name
-        model, tokenizer, config = sharded_load(where, return_config=True, **groups)
+        if path.exists() and backend.current() == "cuda":
+            model, tokenizer, config = _split_on_gpu(path, group, pipeline)
+        else:
+            where = str(path) if path.exists() else name
+            model, tokenizer, config = sharded_load(where, return_config=True, **groups)
     except Exception as e:  # mlx-lm raises many types for a model it cannot read or split
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise models.ModelLoadError(f"could not load {name} split over {size} processes: {first}") from None
@@ -284,6 +290,22 @@ def load(name: str, group, pipeline: bool = False):
     kind = "path" if path.exists() else "hub"
     quantization = models.quantization_of(config)
     return model, tokenizer, models.ModelSource(name, kind, config.get("model_type"), quantization, label)
+
+
+def _split_on_gpu(path, group, pipeline: bool):
+    """(model, tokenizer, config) of the local checkpoint `path` split over `group`, as
+    mlx-lm's sharded_load splits it, but with the closing barrier on the default (GPU) stream:
+    mlx-lm 0.32.2's sharded_load ends with an all-sum on the CPU stream, which MLX's NCCL
+    backend cannot run ("There is no Stream(gpu, 1) in current thread")."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    model, config = load_model(path, lazy=True, strict=False)
+    tokenizer = load_tokenizer(path, {"trust_remote_code": True}, eos_token_ids=config.get("eos_token_id"))
+    model.model.pipeline(group) if pipeline else model.shard(group)
+    mx.eval(model.parameters())  # the weights are read here, after the split
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every process has loaded
+    return model, tokenizer, config
 
 
 def _check(model, size: int, pipeline: bool) -> None:

@@ -8,7 +8,10 @@ the model's bf16, what the patterns' CUDA kernels run); its logits are bitwise t
 sharded model's for the family's CUDA default preset (exact on CUDA); the stock sharded
 model's tokens equal the unsharded model's (float32, as test_sharded compares them), its
 logits bitwise under pipeline parallelism; the ranks agree. Skipped where MLX has no NCCL
-backend or fewer than two GPUs are visible (found without touching a GPU).
+backend or fewer than two GPUs are visible (found without touching a GPU). The stock sharded
+models are built with mlx-lm's load_model and `shard()` / `pipeline()`, not its sharded_load
+(worker.py), and zmlx.distributed.load splits a checkpoint so too on CUDA: mlx-lm 0.32.2's
+sharded_load ends with an all-sum on the CPU stream, which NCCL cannot run.
 """
 
 from __future__ import annotations

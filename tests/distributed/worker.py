@@ -14,7 +14,10 @@ For each checkpoint it decodes greedily with the unsharded stock model, the shar
 model (mlx-lm's sharded_load: `shard()` or `pipeline()`) and the sharded model patched with
 each selection in SELECTIONS, and writes (rank 0) the tokens, whether the logits are
 bitwise equal, and each pattern's report. Every rank checks its own tokens agree with rank
-0's (they must: each rank samples from the same all-gathered or all-summed logits).
+0's (they must: each rank samples from the same all-gathered or all-summed logits). Over NCCL
+the stock sharded model is built from mlx-lm's own pieces (load_model, then `shard()` or
+`pipeline()`), not sharded_load: mlx-lm 0.32.2's sharded_load ends with an all-sum on the CPU
+stream, which NCCL cannot run.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import load, sharded_load
+from mlx_lm.utils import load, load_model, sharded_load
 
 import zmlx
 from zmlx import distributed
@@ -70,6 +74,19 @@ def bitwise(a: list[mx.array], b: list[mx.array]) -> bool:
     return all(mx.array_equal(x, y).item() for x, y in zip(a, b))
 
 
+def stock_sharded(path: str, mode: str, group, backend: str):
+    """mlx-lm's model split over `group` as `mode` says: sharded_load over ring; over NCCL
+    load_model, then `shard()` or `pipeline()` (sharded_load's closing all-sum runs on the CPU
+    stream, which NCCL cannot run)."""
+    if backend != "nccl":
+        kw = {"tensor_group": group} if mode == "tensor" else {"pipeline_group": group}
+        return sharded_load(path, **kw)[0]
+    model, _ = load_model(Path(path), lazy=True, strict=False)
+    model.shard(group) if mode == "tensor" else model.model.pipeline(group)
+    mx.eval(model.parameters())
+    return model
+
+
 def run(path: str, mode: str, group, backend: str = "ring") -> dict:
     with open(f"{path}/config.json") as f:
         config = json.load(f)
@@ -88,8 +105,7 @@ def run(path: str, mode: str, group, backend: str = "ring") -> dict:
         return model
 
     ref_tokens, ref_logits = greedy(float32(load(path)[0]))
-    kw = {"tensor_group": group} if mode == "tensor" else {"pipeline_group": group}
-    model = float32(sharded_load(path, **kw)[0])
+    model = float32(stock_sharded(path, mode, group, backend))
     tokens, logits = greedy(model)
     out: dict = {
         "unsharded": ref_tokens,
@@ -98,7 +114,7 @@ def run(path: str, mode: str, group, backend: str = "ring") -> dict:
         "patched": {},
     }
     if backend == "nccl":  # the patterns against the stock sharded model in its own dtype
-        model = sharded_load(path, **kw)[0]
+        model = stock_sharded(path, mode, group, backend)
         tokens, logits = greedy(model)
         out["native"] = tokens
     for selection in selections:

@@ -1,0 +1,78 @@
+"""zmlx.distributed.load's two ways of splitting a checkpoint directory, in one process on any
+machine (a group of one: no launcher): on MLX's CUDA backend it splits the checkpoint with
+mlx-lm's load_model and shard() / pipeline() itself and waits for the other processes on the
+GPU stream, because mlx-lm 0.32.2's sharded_load ends with an all-sum on the CPU stream, which
+MLX's NCCL backend cannot run; on every other backend it calls sharded_load, as before.
+The CUDA branch is forced by making zmlx.backend.current answer "cuda"."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx_lm.utils
+import pytest
+from mlx_lm.utils import load
+
+from zmlx import backend, synth
+from zmlx.distributed import load as split_load
+
+PROMPT = [[5, 17, 33, 71]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("load_on_cuda")
+    return str(synth.write("synth:glm4_moe_lite/tiny/bf16", root / "glm4_moe_lite-bf16"))
+
+
+def _same_as_unsharded(model, path: str) -> bool:
+    # a group of one: shard() and pipeline() keep every head and layer, so the logits are
+    # the unsharded model's (in float32: MLX's CPU gather_mm takes float32)
+    ref = load(path)[0]
+    for m in (model, ref):
+        m.set_dtype(mx.float32)
+    prompt = mx.array(PROMPT)
+    return bool(mx.array_equal(model(prompt), ref(prompt)).item())
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["tensor", "pipeline"])
+def test_on_cuda_a_checkpoint_is_split_without_sharded_load(checkpoint, pipeline, monkeypatch):
+    def refused(*args, **kwargs):
+        raise AssertionError("sharded_load was called on the CUDA branch")
+
+    barriers = []
+    all_sum = mx.distributed.all_sum
+
+    def recorded(x, *args, **kwargs):
+        barriers.append(kwargs)
+        return all_sum(x, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "current", lambda: "cuda")
+    monkeypatch.setattr(mlx_lm.utils, "sharded_load", refused)
+    monkeypatch.setattr(mx.distributed, "all_sum", recorded)
+    group = mx.distributed.init()
+    assert group.size() == 1
+    model, tokenizer, source = split_load(checkpoint, group, pipeline=pipeline)
+    assert (source.kind, source.family, source.quantization) == ("path", "glm4_moe_lite", "bfloat16")
+    assert tokenizer is not None
+    # the barrier: an all-sum over the group on the default stream (none names the CPU's)
+    assert barriers and barriers[0].get("group") is group
+    assert all(kw.get("stream") is None for kw in barriers)
+    monkeypatch.setattr(mx.distributed, "all_sum", all_sum)
+    assert _same_as_unsharded(model, checkpoint)
+
+
+def test_elsewhere_a_checkpoint_is_split_by_sharded_load(checkpoint, monkeypatch):
+    calls = []
+    real = mlx_lm.utils.sharded_load
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "current", lambda: "cpu")
+    monkeypatch.setattr(mlx_lm.utils, "sharded_load", spy)
+    group = mx.distributed.init()
+    model, _, source = split_load(checkpoint, group)
+    assert calls == [((checkpoint,), {"return_config": True, "tensor_group": group})]
+    assert (source.kind, source.family, source.quantization) == ("path", "glm4_moe_lite", "bfloat16")
+    assert _same_as_unsharded(model, checkpoint)
