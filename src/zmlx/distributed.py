@@ -318,3 +318,12 @@ def _check(model, size: int, pipeline: bool) -> None:
         raise ShardError(f"model type {mt!r} has no pipeline parallelism in mlx-lm (no pipeline() method)")
     if len(inner.layers) < size:
         raise ShardError(f"{len(inner.layers)} layers do not split over {size} processes")
+    from zmlx import backend
+
+    if size > 1 and backend.current() == "cuda":
+        # seen on two H200s (MLX 0.32.4, NCCL): the first step fails in a pipeline stage's
+        # recv with "Recv has no CUDA implementation"
+        raise ShardError(
+            "pipeline parallelism cannot run on MLX's CUDA backend (its send/recv have no CUDA "
+            "implementation); split the model tensor parallel instead"
+        )

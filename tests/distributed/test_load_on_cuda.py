@@ -76,3 +76,18 @@ def test_elsewhere_a_checkpoint_is_split_by_sharded_load(checkpoint, monkeypatch
     assert calls == [((checkpoint,), {"return_config": True, "tensor_group": group})]
     assert (source.kind, source.family, source.quantization) == ("path", "glm4_moe_lite", "bfloat16")
     assert _same_as_unsharded(model, checkpoint)
+
+
+def test_on_cuda_a_pipeline_over_several_processes_is_refused_in_one_line(monkeypatch):
+    """MLX's CUDA backend has no send/recv (on two H200s the first pipelined step failed with
+    "Recv has no CUDA implementation"): the split is refused before any weight is read."""
+    from zmlx.distributed import ShardError, _check
+
+    model = synth.build("synth:glm4_moe_lite/tiny/bf16")[0]
+    monkeypatch.setattr(backend, "current", lambda: "cuda")
+    with pytest.raises(ShardError, match="tensor parallel instead") as e:
+        _check(model, 2, pipeline=True)
+    assert "\n" not in str(e.value)
+    _check(model, 1, pipeline=True)  # a group of one sends nothing
+    monkeypatch.setattr(backend, "current", lambda: "cpu")
+    _check(model, 2, pipeline=True)  # the ring backend's send/recv run on the CPU
