@@ -112,13 +112,15 @@ FAMILIES: dict[str, Family] = {
         },
         # On the CPU mla_attention runs its float32 reference: closer to the float32 model
         # than stock under the accuracy rule. On CUDA `fast` is the line that measured the CUDA
-        # preset + mla_block + compiled_decode ACCURATE after a 32-token prompt (fc59315475:
-        # mla_block's attention half inside the compiled step; mla_prologue yields to it).
+        # preset (mla_prologue included) + mla_block + compiled_decode ACCURATE after a
+        # 32-token prompt, the static cache writing by scatter (b6e4c5fa57; before that write,
+        # fc59315475): mla_block's attention half inside the compiled step, mla_prologue
+        # yielding to it.
         # mla_attention (ACCURATE with the expert kernels: 635fee972e) is not in it: mla_block runs the
         # attention half at decode, and the measured set did not hold it.
         fast_on={
             "cpu": {"mla_attention": "e9fba61980"},
-            "cuda": {"mla_block": "fc59315475", "compiled_decode": "fc59315475"},
+            "cuda": {"mla_block": "b6e4c5fa57", "compiled_decode": "b6e4c5fa57"},
         },
     ),
 }

@@ -243,7 +243,7 @@ def test_the_report_says_close_for_mla_block_and_exact_for_moe_block(tiny_q4):
 
 
 def test_mla_block_is_in_cudas_fast_preset_alone():
-    check_presets(mla_block, fast_on=("cuda",))  # ACCURATE there (fc59315475)
+    check_presets(mla_block, fast_on=("cuda",))  # ACCURATE there (b6e4c5fa57)
 
 
 def test_residual_norm_yields_to_mla_block(tiny_q4):
