@@ -17,6 +17,11 @@ command; a ZMLX_* name zmlx does not know gets a ZmlxWarning naming the valid on
                   ZMLX_MOE_STREAMS >= 2, which it implies when unset)
   ZMLX_MOE_STREAMS
                   streams the MoE block may use (default 1; 2 with the overlap)
+  ZMLX_KERNEL_COMMENTS
+                  1: hand MLX the kernels' device code with its comments and layout
+                  (readable compiler errors; the A/B of what compaction saves the
+                  host); default 0: compacted (zmlx.kernels.compact). Read when a
+                  kernel is built: once per kernel and process
   ZMLX_GIT_COMMIT, ZMLX_GIT_DIRTY
                   the commit a run stamps on its records when the tree has no .git
   ZMLX_LEDGER     the ledger `python -m zmlx.matrix` reads and writes when --ledger is
@@ -49,6 +54,7 @@ NOT_FLAGS = (
     "ZMLX_LEDGER",
     "ZMLX_MOE_STREAMS",
     "ZMLX_MOE_SHARED_EXPERTS_OVERLAP",
+    "ZMLX_KERNEL_COMMENTS",
 )
 
 
@@ -184,6 +190,13 @@ def tf32_enabled(environ: Mapping[str, str] | None = None) -> bool:
         return int(raw) != 0 if raw else True
     except ValueError:
         return True
+
+
+def kernel_comments(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether kernels get their device code as written (ZMLX_KERNEL_COMMENTS=1) rather than
+    compacted (the default). ConfigError for a value that is not 0/1."""
+    env = os.environ if environ is None else environ
+    return bool(_switch(env, "ZMLX_KERNEL_COMMENTS"))
 
 
 def launched(environ: Mapping[str, str] | None = None) -> bool:

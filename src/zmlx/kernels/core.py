@@ -45,7 +45,9 @@ from typing import Any, Callable, Literal, NamedTuple
 import mlx.core as mx
 
 from zmlx import backend as _backend
+from zmlx import config
 from zmlx.backend import Backend
+from zmlx.kernels.compact import compact
 
 # "exact": bitwise equal to the stock op sequence; "close": within the accuracy rule
 Fidelity = Literal["exact", "close"]
@@ -60,6 +62,12 @@ def device_code(*names: str) -> str:
     """The text of these files under kernels/csrc/, in order, joined as they are: what a
     KernelDef's `header` or `body` holds (each file read once)."""
     return "".join(_csrc_file(name) for name in names)
+
+
+def as_handed(text: str) -> str:
+    """Device code as MLX gets it: compacted (zmlx.kernels.compact), or as written with
+    ZMLX_KERNEL_COMMENTS=1. Each piece ends in a newline, so the pieces join as the whole."""
+    return text if config.kernel_comments() else compact(text)
 
 
 # Each backend's prelude: the macros of this module's docstring, before the kernel's own header
@@ -190,10 +198,14 @@ class KernelDef:
         _DEFINED.add(self)
 
     def source(self, backend: Backend) -> tuple[str, str]:
-        """(header, source) exactly as handed to mx.fast.<backend>_kernel."""
+        """(header, source) exactly as handed to mx.fast.<backend>_kernel: the prelude and
+        the kernel's code, compacted (zmlx.kernels.compact: MLX hashes the whole source at
+        every launch, so the comments of csrc/ would cost host time on every token)."""
         if self.body is None:
             raise ValueError(f"{self.name} has no device body")
-        return PRELUDE_HEADER[backend] + self.header, PRELUDE_SOURCE[backend] + self.body
+        return as_handed(PRELUDE_HEADER[backend] + self.header), as_handed(
+            PRELUDE_SOURCE[backend]
+        ) + as_handed(self.body)
 
     def fidelity_on(self, backend: Backend) -> Fidelity:
         """ "exact" or "close" on this backend (the reference path is exact when the reference

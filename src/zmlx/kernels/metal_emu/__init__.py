@@ -48,7 +48,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from zmlx.kernels.core import Skip, template_lines
+from zmlx.kernels.core import Skip, as_handed, template_lines
 
 HERE = Path(__file__).resolve().parent
 
@@ -115,7 +115,7 @@ def _shared_arrays(code: str) -> str:
 
 def _translation_unit(kernel, spec) -> str:
     header, source = kernel.source("metal")
-    body_at = len(source) - len(kernel.body)  # the prelude, then the body (for line numbers)
+    body_at = len(source) - len(as_handed(kernel.body))  # the prelude, then the body (line numbers)
     source = f'{source[:body_at]}#line 1 "{kernel.name} body"\n{source[body_at:]}'
     params, call, buffers, read, write = [], [], [], [], []
     for i, (name, arr) in enumerate(zip(kernel.input_names, spec.inputs)):
