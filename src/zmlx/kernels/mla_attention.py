@@ -35,10 +35,10 @@ checked against a float32 reference (its tolerance below); stock itself rounds t
 at every step, so the result is nearer float32 than stock is, but not stock's bits.
 
 Device code: csrc/mla.h, the three kernels' shared header (loads, the quantized row dots
-`zmlx_mla_rows`, the chunk size, and mla_decode's tensor-core path `zmlx_mla_decode_mma`);
-csrc/mla_decode_body.h and csrc/mla_unembed_body.h, those kernels' bodies; csrc/mla_decode_fma.h,
-the pieces of mla_decode's FMA path that mla_decode_q shares; mla_embed_q's body is
-EMBED_Q_BODY below.
+`zmlx_mla_rows`, the chunk size); csrc/mla_mma.h, mla_decode's tensor-core path
+`zmlx_mla_decode_mma` (mla_decode's header only); csrc/mla_decode_body.h and
+csrc/mla_unembed_body.h, those kernels' bodies; csrc/mla_decode_fma.h, the pieces of
+mla_decode's FMA path that mla_decode_q shares; mla_embed_q's body is EMBED_Q_BODY below.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ mla_decode = KernelDef(
     reference_is_stock=False,  # a float32 computation, not mlx-lm's bf16 op sequence
     tolerance=1e-4,
     body=device_code("mla_decode_body.h"),
-    header=device_code("mla.h", "mla_decode_fma.h"),
+    header=device_code("mla.h", "mla_mma.h", "mla_decode_fma.h"),
     input_names=("qv", "q_pe", "lat", "kpe"),
     output_names=("o", "m", "l"),
     launch=decode_launch,

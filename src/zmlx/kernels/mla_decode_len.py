@@ -16,8 +16,8 @@ max; l = 0; o = 0): mla_unembed's combine gives it weight exp(-3e38 - max) = 0 a
 subtracts two infinities, so the result equals mla_decode over the valid slice up to the
 chunking of the sum.
 
-Device code: mla_decode's, csrc/mla.h, csrc/mla_decode_fma.h and csrc/mla_decode_body.h, with
-ZMLX_MLA_LEN_INPUT.
+Device code: mla_decode's, csrc/mla.h, csrc/mla_mma.h, csrc/mla_decode_fma.h and
+csrc/mla_decode_body.h, with ZMLX_MLA_LEN_INPUT.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ mla_decode_len = KernelDef(
     reference_is_stock=False,  # a float32 computation, not mlx-lm's bf16 op sequence
     tolerance=1e-4,
     body="#define ZMLX_MLA_LEN_INPUT 1\n" + device_code("mla_decode_body.h"),
-    header=device_code("mla.h", "mla_decode_fma.h"),
+    header=device_code("mla.h", "mla_mma.h", "mla_decode_fma.h"),
     input_names=("qv", "q_pe", "lat", "kpe", "n_valid"),
     output_names=("o", "m", "l"),
     launch=launch,

@@ -23,8 +23,8 @@ zmlx_mla_decode_mma_rows, its fragments dequantized to bf16 as they load: the va
 mx.dequantize holds in a bf16 cache; the queries split into bf16 hi + lo parts).
 
 Device code: csrc/mla_decode_q_body.h; csrc/mla_decode_q.h (the tensor-core path's
-dequantizing loader); mla_attention's header csrc/mla.h (the chunk size, warp sums, the
-tensor-core path); csrc/mla_decode_fma.h (mla_decode's FMA path's grid and online-softmax
+dequantizing loader); mla_attention's headers csrc/mla.h (the chunk size, warp sums) and
+csrc/mla_mma.h (the tensor-core path); csrc/mla_decode_fma.h (mla_decode's FMA path's grid and online-softmax
 step, and this kernel's packed-word loader for that path).
 """
 
@@ -170,7 +170,7 @@ mla_decode_q = KernelDef(
     reference_is_stock=False,  # a float32 computation, not mlx-lm's op sequence
     tolerance=1e-4,
     body=device_code("mla_decode_q_body.h"),
-    header=device_code("mla.h", "mla_decode_fma.h", "mla_decode_q.h"),
+    header=device_code("mla.h", "mla_mma.h", "mla_decode_fma.h", "mla_decode_q.h"),
     input_names=("qn", "qp", "lw", "ls", "lb", "pw", "ps", "pb"),
     output_names=("o", "m", "l"),
     launch=launch,
