@@ -22,7 +22,7 @@ line; `unpatch` removes them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 __all__ = [
     "ORDER",
@@ -306,6 +306,31 @@ def _split_on_gpu(path, group, pipeline: bool):
     mx.eval(model.parameters())  # the weights are read here, after the split
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every process has loaded
     return model, tokenizer, config
+
+
+def gpu_safe(sharded_load: Callable) -> Callable:
+    """mlx-lm's `sharded_load` as its distributed commands call it (`zmlx chat|server` under
+    `mlx.launch`), made to finish on MLX's CUDA backend: a local checkpoint split over one
+    group is checked and loaded by `_split_on_gpu` there; every other call is mlx-lm's own."""
+    import functools
+    from pathlib import Path
+
+    from zmlx import backend
+
+    @functools.wraps(sharded_load)
+    def load(repo, pipeline_group=None, tensor_group=None, return_config=False, **kwargs):
+        path = Path(str(repo)).expanduser()
+        one_group = (pipeline_group is None) != (tensor_group is None)
+        if backend.current() != "cuda" or not one_group or not path.exists():
+            return sharded_load(repo, pipeline_group, tensor_group, return_config, **kwargs)
+        from mlx_lm.utils import load_model
+
+        group, pipeline = (tensor_group, False) if tensor_group is not None else (pipeline_group, True)
+        _check(load_model(path, lazy=True, strict=False)[0], group.size(), pipeline)
+        model, tokenizer, config = _split_on_gpu(path, group, pipeline)
+        return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+    return load
 
 
 def _check(model, size: int, pipeline: bool) -> None:

@@ -270,13 +270,18 @@ def patching_loader(
 def patched_loaders(
     module, options: ToolOptions, config: PatchConfig | None = None, err: TextIO | None = None
 ) -> Iterator[None]:
-    """Inside, the loader names of `module` patch every model they load; restored after."""
+    """Inside, the loader names of `module` patch every model they load; restored after.
+    sharded_load goes through zmlx.distributed.gpu_safe first: mlx-lm 0.32.2's cannot finish
+    under NCCL (it ends with an all-sum on the CPU stream)."""
+    from zmlx import distributed
+
     names = [n for n in ("load", "sharded_load") if callable(getattr(module, n, None))]
     originals = {n: getattr(module, n) for n in names}
     try:
         if options.patch or options.kv_bits:  # --no-patch --kv-bits: the check of MLA models
             for name, loader in originals.items():
-                setattr(module, name, patching_loader(loader, options, config, err or sys.stderr))
+                inner = distributed.gpu_safe(loader) if name == "sharded_load" else loader
+                setattr(module, name, patching_loader(inner, options, config, err or sys.stderr))
         yield
     finally:
         for name, loader in originals.items():

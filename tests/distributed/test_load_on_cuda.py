@@ -3,7 +3,9 @@ machine (a group of one: no launcher): on MLX's CUDA backend it splits the check
 mlx-lm's load_model and shard() / pipeline() itself and waits for the other processes on the
 GPU stream, because mlx-lm 0.32.2's sharded_load ends with an all-sum on the CPU stream, which
 MLX's NCCL backend cannot run; on every other backend it calls sharded_load, as before.
-The CUDA branch is forced by making zmlx.backend.current answer "cuda"."""
+`zmlx chat|server` (the tools' shim) hand mlx-lm's sharded_load calls to the same split there
+(zmlx.distributed.gpu_safe). The CUDA branch is forced by making zmlx.backend.current answer
+"cuda"."""
 
 from __future__ import annotations
 
@@ -91,3 +93,36 @@ def test_on_cuda_a_pipeline_over_several_processes_is_refused_in_one_line(monkey
     _check(model, 1, pipeline=True)  # a group of one sends nothing
     monkeypatch.setattr(backend, "current", lambda: "cpu")
     _check(model, 2, pipeline=True)  # the ring backend's send/recv run on the CPU
+
+
+def test_on_cuda_mlx_lms_sharded_load_goes_through_zmlxs_split(checkpoint, monkeypatch):
+    """`zmlx chat|server` under mlx.launch: mlx-lm's commands call sharded_load(repo,
+    pipeline_group, tensor_group, ...). The tools' shim hands a local checkpoint on CUDA to
+    zmlx's split (mlx-lm's own would fail under NCCL) and patches the result; on any other
+    backend mlx-lm's own loader runs, with the arguments as given."""
+    from zmlx import distributed, mlx_lm_tools
+
+    calls = []
+
+    def mlx_lms(*args, **kwargs):
+        calls.append((args, kwargs))
+        return load(args[0])
+
+    class Tool:  # a command module: mlx-lm's chat imports sharded_load by name
+        sharded_load = staticmethod(mlx_lms)
+
+    group = mx.distributed.init()
+    monkeypatch.setattr(backend, "current", lambda: "cuda")
+    with mlx_lm_tools.patched_loaders(Tool, mlx_lm_tools.ToolOptions(patterns=("moe_router",))):
+        model, tokenizer = Tool.sharded_load(checkpoint, None, group, trust_remote_code=False)
+        _, _, config = Tool.sharded_load(checkpoint, None, group, return_config=True)
+    assert calls == [] and config["model_type"] == "glm4_moe_lite" and tokenizer is not None
+    import zmlx
+
+    assert zmlx.is_patched(model)
+    assert Tool.sharded_load is mlx_lms  # restored
+    assert _same_as_unsharded(model, checkpoint)  # a group of one; moe_router is exact on the CPU
+    monkeypatch.setattr(backend, "current", lambda: "cpu")
+    wrapped = distributed.gpu_safe(mlx_lms)
+    wrapped(checkpoint, None, group, trust_remote_code=True)
+    assert calls == [((checkpoint, None, group, False), {"trust_remote_code": True})]
