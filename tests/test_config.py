@@ -82,3 +82,11 @@ def test_default_ledger_path():
 def test_the_ledger_variable_is_not_a_pattern_flag():
     assert "ZMLX_LEDGER" in NOT_FLAGS
     assert PatchConfig.from_env({"ZMLX_LEDGER": "/x.jsonl"}).flags == {}
+
+
+def test_a_bad_kernel_comments_value_is_refused_when_the_config_is_read():
+    """ZMLX_KERNEL_COMMENTS is read where kernels are built (on the CPU none is): PatchConfig
+    refuses a bad value up front, so `zmlx.patch` and the CLIs say so in one line."""
+    assert PatchConfig.from_env({"ZMLX_KERNEL_COMMENTS": "1"}).flags == {}
+    with pytest.raises(ConfigError, match="ZMLX_KERNEL_COMMENTS='maybe'"):
+        PatchConfig.from_env({"ZMLX_KERNEL_COMMENTS": "maybe"})

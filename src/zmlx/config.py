@@ -139,6 +139,7 @@ class PatchConfig:
         # Which ZMLX_* names are pattern flags is known only to the registry, so the
         # raw values are kept and parsed when a pattern asks for its flag.
         flags = {k: v for k, v in env.items() if k.startswith("ZMLX_") and k not in NOT_FLAGS}
+        kernel_comments(env)  # read where kernels are built; a bad value is refused here first
         return cls(
             patterns=parse_selection(_set(env, "ZMLX_PATTERNS"), "ZMLX_PATTERNS"),
             exclude=parse_selection(_set(env, "ZMLX_EXCLUDE"), "ZMLX_EXCLUDE") or (),

@@ -107,3 +107,16 @@ def test_zmlx_kernel_comments_hands_mlx_the_code_as_written(monkeypatch):
     monkeypatch.setenv("ZMLX_KERNEL_COMMENTS", "maybe")
     with pytest.raises(ConfigError, match="ZMLX_KERNEL_COMMENTS='maybe'"):
         k.source("cuda")
+
+
+def test_a_bad_kernel_comments_value_is_not_taken_for_a_broken_kernel(monkeypatch):
+    """The self-check turns a kernel's build failure into the reference path; the user's
+    bad setting is raised instead (it is not the kernel's fault)."""
+    from zmlx.config import ConfigError
+    from zmlx.kernels import core
+    from zmlx.kernels.mla_decode_len import mla_decode_len as k
+
+    core.build.cache_clear()  # a kernel built earlier in this process would not read it again
+    monkeypatch.setenv("ZMLX_KERNEL_COMMENTS", "maybe")
+    with pytest.raises(ConfigError):
+        k._check("cuda")
