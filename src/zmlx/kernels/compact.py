@@ -3,11 +3,11 @@
 MLX's custom kernels pay for the length of their source on the host at every launch: on CUDA
 (mlx/backend/cuda/custom_kernel.cpp, 0.32) each call of the kernel function rebuilds the
 whole source (MLX's header, ours, the body) into a new string, and every evaluation hashes
-that string to find the compiled module. A decode step of GLM-4.7-Flash launches seven
-kernels a layer whose sources total ~167 KB (most of it the comments of csrc/), so MLX hashes
-~7.9 MB per token, ~1.4 ms of host time on this project's CI machine
-(benchmarks/NOTEBOOK.md, seventh session). The comments stay in csrc/ for readers; MLX,
-NVRTC, Metal and the emulation get the same code without them.
+that string to find the compiled module. Most of our text is csrc/'s comments, and a decode
+step of GLM-4.7-Flash launches seven such kernels a layer, 47 layers a token
+(benchmarks/kernel_source_bytes.py counts the bytes; benchmarks/NOTEBOOK.md, seventh session).
+The comments stay in csrc/ for readers; MLX, NVRTC, Metal and the emulation get the same
+code without them.
 
 `compact` removes `//` and `/* */` comments (a block comment becomes one space, as in C),
 leading and trailing blanks, runs of blanks inside a line and empty lines; string and
