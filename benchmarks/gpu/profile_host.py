@@ -2,7 +2,7 @@
 """Where a decode step's host time goes, per pattern set (diagnostic).
 
     python benchmarks/gpu/profile_host.py [SPEC] [--sets "none;a,b;a,b,c"] [--steps N]
-        [--top N] [--no-profile] [--kernels] [--prompt-tokens N]
+        [--top N] [--no-profile] [--kernels] [--prompt-tokens N] [--comments-ab ROUNDS]
 
 For each set (`none` is stock), on one model, stock's set first:
   - build and issue milliseconds per greedy decode step (zmlx.bench.issue_time: the graph's
@@ -18,6 +18,10 @@ For each set (`none` is stock), on one model, stock's set first:
     pattern set is seen by name.
 MLX's own knobs (MLX_USE_CUDA_GRAPHS, MLX_MAX_OPS_PER_BUFFER, ...) are read by MLX once per
 process: run the script once per setting; the ones set are printed at the top.
+With --comments-ab ROUNDS (and --no-profile): each set is timed 2 x ROUNDS times in this one
+process, its kernels' device code handed to MLX compacted and as written
+(ZMLX_KERNEL_COMMENTS=0/1) in alternating order, the kernels rebuilt for each, and the medians
+per setting printed last: what the compacted sources save the host, on one machine.
 The decode steps follow a 10-token prompt, or `--prompt-tokens` seeded ids (the ledger's
 prompt: zmlx.bench.harness.make_prompt, seed 0), for the costs that grow with the context.
 """
@@ -177,6 +181,41 @@ def run(
     return rows
 
 
+def comments_ab(model, sets: list[str], steps: int, rounds: int, prompt_tokens: int | None) -> None:
+    """The --comments-ab table: per set, build / issue / pipelined ms medians over `rounds`
+    timings with the device code compacted and `rounds` as written, alternated."""
+    from zmlx.kernels import core
+
+    prompt = prompt_of(model, prompt_tokens)
+    got: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for r in range(rounds):
+        for s in sets:
+            for setting in ("0", "1") if r % 2 == 0 else ("1", "0"):
+                os.environ["ZMLX_KERNEL_COMMENTS"] = setting  # read by zmlx.config at each build
+                core.build.cache_clear()
+                zmlx.unpatch(model)
+                if s != "none":
+                    zmlx.patch(model, patterns=s)
+                try:
+                    t = issue_times(model, prompt, steps=steps, warm=3)
+                    pipe = pipelined_ms(model, prompt, steps)
+                finally:
+                    zmlx.unpatch(model)
+                got.setdefault((s, setting), []).append((t.build_median, t.issue_median, pipe))
+                print(
+                    f"round {r} [{s}] comments={setting}: build {t.build_median:.2f} issue "
+                    f"{t.issue_median:.2f} pipelined {pipe:.2f} ms",
+                    flush=True,
+                )
+    os.environ.pop("ZMLX_KERNEL_COMMENTS", None)
+    core.build.cache_clear()
+    print(f"{'set':<60} {'source':>9} {'build ms':>9} {'issue ms':>9} {'pipelined':>10}")
+    for (s, setting), vals in got.items():
+        med = [statistics.median(v[i] for v in vals) for i in range(3)]
+        name = "written" if setting == "1" else "compacted"
+        print(f"{s:<60} {name:>9} {med[0]:>9.2f} {med[1]:>9.2f} {med[2]:>10.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = cli_args.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", default="synth:glm4_moe_lite/flash/affine4")
@@ -186,17 +225,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--kernels", action="store_true", help="the kernels by name (CUDA)")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default 10)")
+    parser.add_argument(
+        "--comments-ab", type=int, default=0, metavar="ROUNDS", help="compacted vs written device code"
+    )
     args = parser.parse_args(argv)
     sets = args.sets.split(";")
     with cli_args.one_line_errors(args.spec):  # bad input: one `error:` line, exit 2
         cli_args.at_least(1, {"--steps": args.steps, "--top": args.top})
         if args.prompt_tokens is not None:
             cli_args.at_least(1, {"--prompt-tokens": args.prompt_tokens})
+        if args.comments_ab:
+            cli_args.at_least(1, {"--comments-ab": args.comments_ab})
         for s in sets:
             cli_args.selection(s, "--sets")
         knobs = {k: os.environ[k] for k in MLX_KNOBS if k in os.environ}
         print(f"backend {zmlx.backend.current()}  MLX {mx.__version__}  knobs {knobs or 'MLX defaults'}")
         model, _ = synth.build(args.spec)
+        if args.comments_ab:
+            comments_ab(model, sets, args.steps, args.comments_ab, args.prompt_tokens)
+            return
         rows = run(model, sets, args.steps, args.top, not args.no_profile, args.kernels, args.prompt_tokens)
     print(f"{'set':<60} {'build ms':>9} {'issue ms':>9} {'pipelined ms/token':>19}")
     for s, b, i, pp in rows:

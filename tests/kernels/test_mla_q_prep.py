@@ -216,7 +216,8 @@ def test_launch_says_why_it_takes_the_reference():
     q_a, ckv, qa_w, qb_w, qb_s, qb_b, kv_w, eq_w, eq_s, eq_b, table, pos = args
     spec = launch("cuda", *args, **kw)
     assert isinstance(spec, Launch)
-    assert spec.grid == ((20 + 1) * THREADS, 1, 1) and spec.threadgroup == (THREADS, 1, 1)  # heads + kv
+    # 4 threadgroups a head (embed_q's rows in slices), + kv
+    assert spec.grid == ((20 * 4 + 1) * THREADS, 1, 1) and spec.threadgroup == (THREADS, 1, 1)
     assert [tuple(s) for s in spec.output_shapes] == [
         (1, 20, 512),
         (1, 20, 1, 64),
@@ -253,13 +254,13 @@ def test_launch_says_why_it_takes_the_reference():
 def test_nope_launch_takes_no_embed_q():
     """mla_q_prep_nope's launch: no embed_q inputs or template, q_nope (B, H, 1, nope) in T
     out, a head's 256 rows over 8 threadgroups of 32 rows on CUDA (4 of 64 on Metal) where
-    mla_q_prep takes one; the embed_q reasons are not its."""
+    mla_q_prep takes 4 (embed_q's rows in slices); the embed_q reasons are not its."""
     args, kw = _problem(SHAPES[1], mx.bfloat16, (Q4, Q4), 1)
     nope_args, nope_kw = _nope(args, kw)
     spec, full = launch_nope("cuda", *nope_args, **nope_kw), launch("cuda", *args, **kw)
     assert isinstance(spec, Launch) and isinstance(full, Launch)
     assert spec.threadgroup == full.threadgroup == (512, 1, 1)
-    assert (full.grid, spec.grid) == (((20 + 1) * 512, 1, 1), ((20 * 8 + 1) * 512, 1, 1))
+    assert (full.grid, spec.grid) == (((20 * 4 + 1) * 512, 1, 1), ((20 * 8 + 1) * 512, 1, 1))
     assert (dict(full.template)["QS"], dict(spec.template)["QS"], dict(spec.template)["QL"]) == (1, 8, 32)
     metal = launch_nope("metal", *nope_args, **nope_kw)
     assert (dict(metal.template)["QS"], dict(metal.template)["QL"]) == (4, 64)
@@ -452,3 +453,65 @@ def test_cuda_kernel_is_mlx_lm_attention_but_qv(dtype, bits, yarn):
 @pytest.mark.parametrize("kernel", [mla_q_prep, mla_q_prep_nope], ids=lambda k: k.name)
 def test_cuda_kernel_is_what_runs(kernel):
     assert kernel.plan("cuda").path == "kernel", kernel.plan("cuda").reason
+
+
+# ------------------------------------------------- the slices change where rows run, not values
+
+
+def _sliced(monkeypatch, slices: int, rows: int):
+    """Set mla_q_prep's EMBED_SLICES and RQ (its launch reads them)."""
+    from zmlx.kernels import mla_q_prep as mod
+
+    monkeypatch.setattr(mod, "EMBED_SLICES", slices)
+    monkeypatch.setattr(mod, "RQ", rows)
+
+
+def test_launch_spreads_a_head_over_embed_slices(monkeypatch):
+    args, kw = _problem(SHAPES[1], mx.bfloat16, (Q4, Q4), 5)  # GLM-4.7-Flash: 20 heads, latent 512
+    spec = launch("cuda", *args, **kw)
+    t = dict(spec.template)
+    assert (t["ES"], t["RQ"], t["QS"], t["NB"]) == (4, 4, 1, 80)
+    assert spec.grid[0] == (80 + 1) * spec.threadgroup[0]  # + the kv threadgroup
+    _sliced(monkeypatch, 3, 1)  # 512 is not a multiple of 3: the largest divisor below
+    t = dict(launch("cuda", *args, **kw).template)
+    assert (t["ES"], t["RQ"]) == (2, 1)
+    nope_args, nope_kw = _nope(args, kw)
+    nt = dict(launch_nope("cuda", *nope_args, **nope_kw).template)
+    assert nt["ES"] == 1 and nt["QS"] > 1  # the nope variant slices q_b's rows instead
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+def test_metal_embed_slices_give_the_same_values(tmp_path_factory, monkeypatch):
+    """Two sequences, an embed row count that the slices split unevenly across warps: every
+    output bitwise the same with one slice a head and with four (each row's sums unchanged)."""
+    args, kw = _problem((2, 3, 96, 32, 16, 40), mx.float32, (Q4, Q4), 11)
+    work = tmp_path_factory.getbasetemp()
+    got = {}
+    for slices in (1, 4):
+        _sliced(monkeypatch, slices, 4)
+        got[slices] = metal_emu.run(mla_q_prep, *args, workdir=work, **kw)
+    for name, a, b in zip(("qv", "q_pe", "kv_latent", "k_pe"), got[1], got[4]):
+        assert mx.array_equal(a, b).item(), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [SHAPES[1], (2, 3, 96, 64, 16, 40), SHAPES[3]])
+def test_cuda_slices_and_row_batches_give_the_same_values(monkeypatch, shape, dtype):
+    """(EMBED_SLICES, RQ) = (1, 1), the old geometry, against (2, 2) and the defaults: every
+    output bitwise the same, outputs poisoned; and mla_q_prep_nope's rows at once likewise."""
+    from zmlx.kernels import mla_q_prep as mod
+
+    args, kw = _problem(shape, dtype, (Q4, Q4), 23, 4096)
+    nope_args, nope_kw = _nope(args, kw)
+    runs = {}
+    for cfg in ((1, 1), (2, 2), (mod.EMBED_SLICES, mod.RQ)):
+        _sliced(monkeypatch, *cfg)
+        full = mla_q_prep.run_kernel("cuda", *args, init_value=float("nan"), **kw)
+        nope = mla_q_prep_nope.run_kernel("cuda", *nope_args, init_value=float("nan"), **nope_kw)
+        mx.eval(full, nope)
+        runs[cfg] = (*full, *nope)
+    base = runs.pop((1, 1))
+    for cfg, outs in runs.items():
+        for i, (a, b) in enumerate(zip(base, outs)):
+            assert mx.array_equal(a, b).item(), (cfg, i)

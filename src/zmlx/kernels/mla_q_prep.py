@@ -16,13 +16,12 @@ The DeepSeek-V3 family's (`DeepseekV3Attention`) is the same sequence; its rope 
 (csrc/glm47_rope.h's ZMLX_ROPE_IN), and `scale` the module's, which holds YaRN's
 mscale_all_dim factor.
 
-Fused: one threadgroup per (b, head) recomputes q_a_layernorm in MLX's rms_norm order
-(residual_norm's geometry, norm_router's scheme: threads past the norm's BLOCK add the +0.0
-of MLX's zero fill), keeps the normalized row in threadgroup memory, computes the head's
-nope + rope rows of q_b_proj (warps split the rows) rounded to T, ropes q_pe with
-glm47_rope's arithmetic (its table row, passed as a view: no per-token host array) and
-scales it in T, then computes embed_q's kv_lora_rank rows from q_nope. B more threadgroups
-(after the B * H) do kv_a_layernorm of ckv[..., :rank] and the rope of k_pe.
+Fused: EMBED_SLICES threadgroups per (b, head), each recomputing q_a_layernorm in MLX's
+rms_norm order (residual_norm's geometry, norm_router's scheme) into threadgroup memory and
+the head's q_nope rows of q_b_proj (warps RQ rows at once) rounded to T; the first also the
+rope rows, roped with glm47_rope's arithmetic (its table row, a view: no per-token host
+array) and scaled in T; each then its share of embed_q's kv_lora_rank rows from q_nope.
+B more threadgroups do kv_a_layernorm of ckv[..., :rank] and the rope of k_pe.
 
 Outputs, what mla_attention's kernels and mlx-lm's cache take: qv (B, H, rank) float32
 (mla_decode's absorbed query, as mla_embed_q gives it), q_pe * scale (B, H, 1, rope) T,
@@ -30,23 +29,19 @@ kv_latent (B, 1, 1, rank) T and k_pe (B, 1, 1, rope) T (for `cache.update_and_fe
 
 Fidelity: on CUDA the norms, q_b_proj (MLX's qmv order, or gemv unquantized, at one token;
 more tokens take the reference) and both ropes are bitwise stock, so q_pe, kv_latent and
-k_pe are exact. embed_q is not: stock's `quantized_matmul` of (B, H, 1, nope) by the
-(H, rank, nope) stack does not run qmv per head: MLX's CUDA `QuantizedMatmul::eval_gpu`
-(mlx/backend/cuda/quantized/quantized.cpp) takes qmv only for M * batch < 8 (or
-M == batch == 1 where its sm90 qmm applies), so from 8 heads it runs `qmm_sm80`
-(device/qmm_sm80.cuh: a tensor-core GEMM, the row padded to 16, bf16 mma.sync in k-steps
-of 16, the sum rounded to T), and float32 activations take `qmm_naive`. Its result is
-rounded to T, while mla_decode takes a float32 qv; so qv is computed as mla_embed_q does
-it (float32, mla.h's `zmlx_mla_rows`), one rounding less than stock. The reference gives
-stock's embed_q values widened to float32 (the CPU path is stock's own op sequence), so
-the kernel is `close` (exact_on empty). On Metal every dot is a float32 sum (close).
+k_pe are exact. embed_q is not: from 8 heads stock's `quantized_matmul` of (B, H, 1, nope) by
+the (H, rank, nope) stack runs `qmm_sm80` (MLX's CUDA `QuantizedMatmul::eval_gpu` takes qmv
+only for M * batch < 8: a tensor-core GEMM, bf16 mma.sync in k-steps of 16, rounded to T),
+while mla_decode takes a float32 qv; so qv is computed as mla_embed_q does it (float32,
+mla.h's `zmlx_mla_rows`), one rounding less than stock, and the reference gives stock's
+embed_q values widened to float32: `close` (exact_on empty). On Metal every dot is a
+float32 sum (close).
 
 `mla_q_prep_nope` (the same body with ZMLX_QV 0; its own KernelDef, for its inputs and
 outputs differ): no embed_q, its first output q_nope (B, H, 1, nope) in T, q_b_proj's nope
 rows as stock's matmul rounds them; a head's rows spread over threadgroups (slices of 2 rows
-a warp, each recomputing the norm: more of the GPU, shorter load chains). Every output is
-stock's (bitwise on CUDA; close on Metal, whose dots are float32 sums), so mla_prologue hands
-q_nope to mlx-lm's own embed_q. Its reference is mlx-lm's op sequence up to those values.
+a warp, each recomputing the norm). Every output is stock's (bitwise on CUDA; close on
+Metal), so mla_prologue hands q_nope to mlx-lm's own embed_q; its reference is mlx-lm's ops.
 
 Device code: csrc/mla_q_prep_body.h; csrc/quant.h (qmv-order dots), csrc/residual_norm.h
 (the norm), csrc/glm47_rope.h (the rotation), csrc/mla.h (the float32 row dots).
@@ -65,6 +60,8 @@ from zmlx.kernels.swiglu_mlp import dense
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 THREADS = 512  # per threadgroup (at least the norms' BLOCK): 16 warps split a head's rows
 RW = 4  # the float32 row dots (embed_q; q_b_proj on Metal): rows per warp at once
+RQ = 4  # q_b_proj's qmv-order dots on CUDA: rows per warp at once (their loads in flight together)
+EMBED_SLICES = 4  # with embed_q: threadgroups per head, each R / ES embed rows (at most)
 _SHARED_BYTES = 32768  # Metal's threadgroup memory
 
 
@@ -254,6 +251,8 @@ def _launch(
     if qlr * 4 + ql * 4 + 128 > _SHARED_BYTES:
         return Skip(f"q_lora_rank {qlr} does not fit in threadgroup memory")
     qs = -(-qw // ql)
+    es = next(e for e in range(EMBED_SLICES if embed is not None else 1, 0, -1) if rank % e == 0)
+    rq = max(1, min(RQ, ql // (threads // 32)))
     q_out = ((bsz, heads, rank), mx.float32) if embed is not None else ((bsz, heads, 1, nope), dtype)
     return Launch(
         inputs=[
@@ -278,9 +277,11 @@ def _launch(
             ("KVW", ckv.shape[-1]),
             ("QS", qs),
             ("QL", ql),
-            ("NB", bsz * heads * qs),
+            ("ES", es),
+            ("NB", bsz * heads * qs * es),
             ("TG", threads),
             ("RW", RW),
+            ("RQ", rq),
             ("QBLOCK", qblock),
             ("QCHUNKS", qchunks),
             ("QNR", qnr),
@@ -294,7 +295,7 @@ def _launch(
             ("SCALE_BITS", scale_bits(scale, dtype)),  # float(T(scale)), as stock's multiply
             ("MSCALE_BITS", scale_bits(mscale, dtype)),  # YaRN's frequencies are the table's
         ],
-        grid=((bsz * heads * qs + bsz) * threads, 1, 1),
+        grid=((bsz * heads * qs * es + bsz) * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[q_out[0], (bsz, heads, 1, rope_dims), (bsz, 1, 1, rank), (bsz, 1, 1, rope_dims)],
         output_dtypes=[q_out[1], dtype, dtype, dtype],
@@ -354,8 +355,7 @@ def kwargs(heads, nope, rope_dims, *, packing=None, embed_packing=None, base=10_
 
 
 def example():
-    # small odd shapes: 3 heads, q_lora_rank 96, nope 64, rope 16, latent 128; 4-bit groups of
-    # 32. Not nope 32: stock's embed_q product has no CUDA kernel there (NOTEBOOK's facts).
+    # 3 heads, q_lora_rank 96, nope 64 (not 32: no stock CUDA kernel there), rope 16, latent 128
     p = dict(group_size=32, bits=4)
     args = inputs(1, 3, 96, 64, 16, 128, mx.bfloat16, 71, packing=p, embed_packing=p)
     kw = kwargs(3, 64, 16, packing=p, embed_packing=p)

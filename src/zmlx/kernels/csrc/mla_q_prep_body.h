@@ -1,19 +1,23 @@
 // mla_q_prep: TG threads per threadgroup; threadgroups 0 .. NB - 1 are (b, head, slice)
-// triples, the head's QW rows in QS slices of QL rows (QS 1 with embed_q, which needs the
-// whole q_nope row; the nope variant spreads a head over QS threadgroups: more of the GPU
-// at once, fewer rounds of dependent loads per warp); NB .. NB + B - 1 the kv rows of
-// sequence b.
+// triples, NB .. NB + B - 1 the kv rows of sequence b. A slice is (q slice, embed slice):
+// - the nope variant (ES 1) spreads a head's QW rows over QS threadgroups of QL rows (more of
+//   the GPU at once, fewer rounds of dependent loads per warp);
+// - with embed_q (QS 1, QL = QW) a head's kv_lora_rank embed rows go to ES threadgroups of
+//   R / ES rows; each computes the head's q_nope rows (embed_q needs the whole row), and slice
+//   0 also its rope rows (q_pe is written once).
 // q threadgroup (every slice the same steps 1 and 2, over its rows):
 // 1. q_a_layernorm of q_a[b] in MLX's rms_norm order (residual_norm_body.h's mapping: threads
 //    below QBLOCK own MLX's elements; the others' warps add +0.0 where MLX zero-fills), the
 //    row kept in zmlx_xn (T on CUDA, aligned as stock's fresh array; float on Metal).
-// 2. the slice's rows of the head's q_b_proj rows, warps taking rows warp, warp + TG / 32, ...: on CUDA in
-//    stock's qmv (gemv) order (csrc/quant.h), on Metal float32 sums; each rounded to T, kept
-//    as float in zmlx_q.
-// 3. q_pe's RD / 2 pairs roped (those of the slice's rows; QL even, so no pair is split) (glm47_rope's arithmetic and table row; YaRN's mscale on the
-//    input, ZMLX_ROPE_IN) and scaled in T;
-//    embed_q's R rows from q_nope in float32 (mla.h's row dots, as mla_embed_q); or, with
-//    ZMLX_QV 0 (mla_q_prep_nope), no embed_q: q_nope out, the head's NOPE rows as rounded to T.
+// 2. the slice's rows of the head's q_b_proj rows, warp w taking RQ rows at once (w * RQ ..,
+//    then TG / 32 * RQ further; each row's dot in stock's qmv (gemv) order (csrc/quant.h),
+//    the RQ rows' loads in flight together) on CUDA, RW rows at once as float32 sums on
+//    Metal; each rounded to T, kept as float in zmlx_q.
+// 3. q_pe's RD / 2 pairs roped (those of the slice's rows; QL even, so no pair is split)
+//    (glm47_rope's arithmetic and table row; YaRN's mscale on the input, ZMLX_ROPE_IN) and
+//    scaled in T; embed_q's rows of the slice from q_nope in float32 (mla.h's row dots, as
+//    mla_embed_q); or, with ZMLX_QV 0 (mla_q_prep_nope), no embed_q: q_nope out, the head's
+//    NOPE rows as rounded to T.
 // kv threadgroup: kv_a_layernorm of ckv[b][:R] in the same order, and the rope of k_pe (the same).
 ZMLX_SHARED float zmlx_sums[32];
 ZMLX_SHARED float zmlx_q[QL];
@@ -67,11 +71,13 @@ if (zmlx_gid >= NB) {
     }
     return;
 }
-const uint bh = zmlx_gid / QS;  // b * H + h
+const uint bh = zmlx_gid / (QS * ES);  // b * H + h
 const uint b = bh / H;
 const uint h = bh % H;
+const uint es = zmlx_gid % (QS * ES) / QS;           // the embed slice (0 without embed_q)
 const uint r0 = (zmlx_gid % QS) * QL;               // the slice's first row of the head's QW
-const uint nq = QW - r0 < QL ? QW - r0 : QL;         // and its number of rows
+const uint qrows = es == 0 ? QW : NOPE;              // a later embed slice needs q_nope only
+const uint nq = qrows - r0 < QL ? qrows - r0 : QL;   // the slice's number of rows
 // 1. q_a_layernorm
 {
     const size_t src = size_t(b) * QLR;
@@ -91,16 +97,24 @@ ZMLX_BARRIER;
 #ifdef ZMLX_CUDA
 constexpr uint QWORDS = QLR * QBITS / 32;  // packed words (or values, unquantized) per row
 constexpr uint QGROUPS = QLR / QGS;
-for (uint j0 = 0; j0 < QL; j0 += TG / 32) {  // every warp the same number of rounds
-    const uint j = j0 + zmlx_warp;
-    float g = 0.0f;
-    if (j < nq) {
-        const size_t row = size_t(h) * QW + r0 + j;
-        g = zmlx_qdot_lane<QBITS, QGS, QLR>(qb_w + row * QWORDS, qb_s + (QBITS == 32 ? 0 : row * QGROUPS),
-                                            qb_b + (QBITS == 32 ? 0 : row * QGROUPS), zmlx_xn, zmlx_lane);
+for (uint j0 = 0; j0 < QL; j0 += (TG / 32) * RQ) {  // every warp the same number of rounds
+    float g[RQ];
+#pragma unroll
+    for (uint r = 0; r < RQ; ++r) {  // the RQ rows' loads issued together: independent rows
+        const uint j = j0 + zmlx_warp * RQ + r;
+        g[r] = 0.0f;
+        if (j < nq) {
+            const size_t row = size_t(h) * QW + r0 + j;
+            g[r] = zmlx_qdot_lane<QBITS, QGS, QLR>(qb_w + row * QWORDS, qb_s + (QBITS == 32 ? 0 : row * QGROUPS),
+                                                   qb_b + (QBITS == 32 ? 0 : row * QGROUPS), zmlx_xn, zmlx_lane);
+        }
     }
-    g = ZMLX_SIMD_SUM(g);
-    if (zmlx_lane == 0 && j < nq) zmlx_q[j] = static_cast<float>(static_cast<T>(g));  // stock's matmul: T
+#pragma unroll
+    for (uint r = 0; r < RQ; ++r) {
+        const uint j = j0 + zmlx_warp * RQ + r;
+        const float v = ZMLX_SIMD_SUM(g[r]);
+        if (zmlx_lane == 0 && j < nq) zmlx_q[j] = static_cast<float>(static_cast<T>(v));  // stock's matmul: T
+    }
 }
 #else
 {
@@ -131,12 +145,13 @@ if (zmlx_lid < RD / 2 && NOPE + 2 * zmlx_lid >= r0 && NOPE + 2 * zmlx_lid < r0 +
     q_pe[dst + 1] = static_cast<T>(ZMLX_MUL(static_cast<float>(r2), sc));
 }
 #if ZMLX_QV
-// ... and embed_q: qv[b, h] = W_q[h] @ q_nope in float32
+// ... and embed_q: qv[b, h] = W_q[h] @ q_nope in float32, the slice's R / ES rows
 ZMLX_MLA_X_UNITS(EBITS, NOPE, zmlx_q, xr, xsum)
-for (uint j0 = 0; j0 < R; j0 += (TG / 32) * RW) {
-    const uint j = j0 + zmlx_warp * RW;
-    if (j < R) {  // the same for the whole warp
-        const uint nrows = R - j < RW ? R - j : RW;
+constexpr uint ER = R / ES;  // embed rows per slice
+for (uint j0 = 0; j0 < ER; j0 += (TG / 32) * RW) {
+    const uint j = es * ER + j0 + zmlx_warp * RW;
+    if (j0 + zmlx_warp * RW < ER) {  // the same for the whole warp
+        const uint nrows = ER - (j - es * ER) < RW ? ER - (j - es * ER) : RW;
         float acc[RW];
         zmlx_mla_rows<EBITS, EGS, NOPE, RW>(eq_w, eq_s, eq_b, size_t(h) * R + j, nrows, zmlx_lane, xr, xsum, acc);
         for (uint r = 0; r < nrows; ++r) {
