@@ -62,6 +62,12 @@ __device__ inline void zmlx_load(T* dst, const T* src) {
     for (int j = 0; j < N; ++j) dst[j] = src[j];
 }
 
+// A pair's halves in their own type (zmlx_qdot_lane's packed path)
+__device__ inline __half zmlx_lo(__half2 a) { return __low2half(a); }
+__device__ inline __half zmlx_hi(__half2 a) { return __high2half(a); }
+__device__ inline __nv_bfloat16 zmlx_lo(__nv_bfloat162 a) { return __low2bfloat16(a); }
+__device__ inline __nv_bfloat16 zmlx_hi(__nv_bfloat162 a) { return __high2bfloat16(a); }
+
 template <typename T>
 __device__ inline T zmlx_mul(T a, T b) { return __hmul(a, b); }
 __device__ inline float zmlx_mul(float a, float b) { return __fmul_rn(a, b); }
@@ -89,6 +95,49 @@ __device__ inline float zmlx_qdot_lane(const uint* w, const S* s, const B* b, co
 #pragma unroll
     for (int j = 0; j < E; ++j) acc[j] = Acc(0.0f);
     constexpr int NW = E / PER_WORD;  // packed words per tile (idx is a multiple of E >= PER_WORD)
+    if constexpr (BITS == 4 && !MX && sizeof(T) == 2) {
+        // The same arithmetic two positions at a time: positions n and n + 4 of a word in one
+        // half2 / bfloat162 (their nibbles sit 16 bits apart), each lane of HFMA2 one IEEE fma
+        // rounded to T, as the scalar ops. The nibble q becomes T exactly: q's bits under the
+        // exponent of 2^10 (half) or 2^7 (bf16) give 2^k + q, and subtracting 2^k is exact.
+        using T2 = cuda::std::conditional_t<cuda::std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+        constexpr uint MAGIC = cuda::std::is_same_v<T, __half> ? 0x64006400u : 0x43004300u;
+        const uint magic = MAGIC;
+        const T2 off = *reinterpret_cast<const T2*>(&magic);
+        T2 acc2[E / 2];
+#pragma unroll
+        for (int p = 0; p < E / 2; ++p) acc2[p] = T2(acc[0], acc[0]);  // zeros
+        auto tile2 = [&](int idx) {
+            const T sc = s[idx / GS], bi = b[idx / GS];
+            const T2 sc2 = T2(sc, sc), bi2 = T2(bi, bi);
+            T xs[E];
+            uint ws[NW];
+            zmlx_load<E>(xs, x + idx);
+            zmlx_load<NW>(ws, w + idx / PER_WORD);
+#pragma unroll
+            for (int k = 0; k < NW; ++k) {
+#pragma unroll
+                for (int n = 0; n < 4; ++n) {
+                    const uint bits = ((ws[k] >> (4 * n)) & 0x000F000Fu) | MAGIC;
+                    const T2 q2 = __hsub2(*reinterpret_cast<const T2*>(&bits), off);
+                    const T2 wd = __hfma2(q2, sc2, bi2);
+                    acc2[k * 4 + n] = __hfma2(T2(xs[k * 8 + n], xs[k * 8 + n + 4]), wd, acc2[k * 4 + n]);
+                }
+            }
+        };
+        for (int r = 0; r < COLS / PER_WARP; ++r) tile2(int(lane) * E + r * PER_WARP);
+        if constexpr (COLS % PER_WARP != 0) {
+            const int idx = int(lane) * E + COLS - COLS % PER_WARP;
+            if (idx < COLS) tile2(idx);
+        }
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < E; ++j) {  // in position order, as the scalar sum
+            const T2 a = acc2[(j / 8) * 4 + (j % 4)];
+            sum += zmlx_f((j % 8) < 4 ? zmlx_lo(a) : zmlx_hi(a));
+        }
+        return sum;
+    }
     auto tile = [&](int idx) {
         T sc, bi;
         if constexpr (MX) {
