@@ -10,7 +10,7 @@ import re
 import mlx.core as mx
 import pytest
 
-from zmlx.kernels import cuda_check, cuda_setup
+from zmlx.kernels import cuda_check, cuda_setup, quant
 from zmlx.kernels.core import Launch
 from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.glm47_rope import glm47_rope
@@ -273,8 +273,11 @@ CASES = list(_cases())
 
 @needs_nvrtc
 @pytest.mark.parametrize("case", CASES, ids=[f"{k.name}-{i}" for i, (k, _, _) in enumerate(CASES)])
-def test_cuda_body_compiles(case):
+def test_cuda_body_compiles(case, monkeypatch):
     kernel, args, kw = case
+    # wide gathered mxfp4 rows take the reference on CUDA for now (quant.MXFP4_GATHERED_MAX_COLS);
+    # their body still compiles, for the day stock's order there is known
+    monkeypatch.setattr(quant, "MXFP4_GATHERED_MAX_COLS", 1 << 30)
     spec = kernel.launch("cuda", *args, **kw)
     assert isinstance(spec, Launch), spec
     cuda_check.compile_launch(kernel, spec)

@@ -121,7 +121,9 @@ def launch(
     if shared is not None and (shared.shape != lead + (d,) or shared.dtype != h.dtype):
         return Skip("shared expert output does not match")
     n = math.prod(lead)
-    if (why := regime_reason(backend, n * k, h.dtype, down_s, down_b, down_w, mode=mode)) is not None:
+    if (
+        why := regime_reason(backend, n * k, h.dtype, down_s, down_b, down_w, mode=mode, gathered_cols=i)
+    ) is not None:
         return Skip(why)
     if n * d * 32 >= 2**31:
         return Skip(f"{n} tokens x {d} outputs is too large for one launch")

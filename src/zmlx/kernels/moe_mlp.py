@@ -230,7 +230,7 @@ def launch(
     k = inds.shape[-1]
     i = gate_w.shape[1]
     for s, b, w in ((gate_s, gate_b, gate_w), (up_s, up_b, up_w)):
-        if (why := regime_reason(backend, n * k, x.dtype, s, b, w, mode=mode)) is not None:
+        if (why := regime_reason(backend, n * k, x.dtype, s, b, w, mode=mode, gathered_cols=d)) is not None:
             return Skip(why)
     if n * k * i * 32 >= 2**31:
         return Skip(f"{n} tokens x {k} experts x {i} rows is too large for one launch")

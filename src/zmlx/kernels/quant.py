@@ -43,6 +43,12 @@ def layout_reason(bits: int, group_size: int, mode: str = "affine") -> str | Non
 # MLX's CUDA gather_qmm runs its qmv kernel below this many rows (tokens x experts),
 # a tiled qmm above it; the CUDA kernels follow qmv's arithmetic, so they serve only there.
 QMV_MAX_ROWS = 8
+# MLX 0.32.4's gathered mxfp4 matvec on the H200 (gather_qmm of expert rows) differs from the
+# kernels' qmv order once a row is wider than one warp's tile (32 lanes x 16 values), while
+# dense mxfp4 rows of any width and affine rows match it (the `cuda` tests of
+# test_mxfp4_experts.py; log 20261130-h200-cuda-tests-mxfp4-before-packed-e3dd3db.log):
+# wider gathered mxfp4 rows take the reference until stock's order there is known.
+MXFP4_GATHERED_MAX_COLS = 512
 
 
 def qmv_reason(
@@ -158,14 +164,21 @@ def regime_reason(
     qmv_rows: int = QMV_MAX_ROWS,
     gemv_rows: int = GEMV_MAX_ROWS,
     mode: str = "affine",
+    gathered_cols: int | None = None,
 ) -> str | None:
     """Where stock's CUDA matvec (qmv, or gemv for unquantized weights) runs, the kernels
     follow it; elsewhere they step aside (None: the kernel takes the call). `qmv_rows` is
     where affine weights leave qmv: mxfp4 ones have no sm90 qmm, so a dense matmul stays in
-    qmv below QMV_MAX_ROWS as a gathered one does (and their scales are uint8 by layout)."""
+    qmv below QMV_MAX_ROWS as a gathered one does (and their scales are uint8 by layout).
+    `gathered_cols`: the row width of a gathered (expert) matmul, for MXFP4_GATHERED_MAX_COLS."""
     if s is None:
         return gemv_reason(backend, rows, dtype, w, max_rows=gemv_rows)
     if mode == "mxfp4":
+        if backend == "cuda" and gathered_cols is not None and gathered_cols > MXFP4_GATHERED_MAX_COLS:
+            return (
+                f"gathered mxfp4 rows of {gathered_cols} values: stock's order past "
+                f"{MXFP4_GATHERED_MAX_COLS} is not known (not bitwise on MLX 0.32.4's CUDA)"
+            )
         return qmv_reason(backend, rows, dtype, max_rows=QMV_MAX_ROWS)
     return qmv_reason(backend, rows, dtype, s, b, max_rows=qmv_rows)
 
