@@ -43,11 +43,10 @@ def layout_reason(bits: int, group_size: int, mode: str = "affine") -> str | Non
 # MLX's CUDA gather_qmm runs its qmv kernel below this many rows (tokens x experts),
 # a tiled qmm above it; the CUDA kernels follow qmv's arithmetic, so they serve only there.
 QMV_MAX_ROWS = 8
-# MLX 0.32.4's gathered mxfp4 matvec on the H200 (gather_qmm of expert rows) differs from the
-# kernels' qmv order once a row is wider than one warp's tile (32 lanes x 16 values), while
-# dense mxfp4 rows of any width and affine rows match it (the `cuda` tests of
-# test_mxfp4_experts.py; log 20261130-h200-cuda-tests-mxfp4-before-packed-e3dd3db.log):
-# wider gathered mxfp4 rows take the reference until stock's order there is known.
+# MLX 0.32.4's gather_qmm of mxfp4 expert rows runs its qmv (the kernels' order) for rows of
+# 288 values but `fp_gather_qmv` (float sums per scale group: another order) for 1536 and
+# 2048 (NOTEBOOK facts), so wide gathered mxfp4 rows were not bitwise (21 `cuda` tests of
+# test_mxfp4_experts.py): they take the reference until that kernel's order is followed.
 MXFP4_GATHERED_MAX_COLS = 512
 
 
