@@ -1,13 +1,12 @@
 """Device code without its comments and layout: the text every KernelDef hands to MLX.
 
-MLX's custom kernels pay for the length of their source on the host at every launch: on CUDA
-(mlx/backend/cuda/custom_kernel.cpp, 0.32) each call of the kernel function rebuilds the
-whole source (MLX's header, ours, the body) into a new string, and every evaluation hashes
-that string to find the compiled module. Most of our text is csrc/'s comments, and a decode
-step of GLM-4.7-Flash launches seven such kernels a layer, 47 layers a token
-(benchmarks/kernel_source_bytes.py counts the bytes; benchmarks/NOTEBOOK.md, seventh session).
-The comments stay in csrc/ for readers; MLX, NVRTC, Metal and the emulation get the same
-code without them.
+Made because MLX's CUDA custom kernel rebuilds a kernel's whole source into a new string at
+every call of the kernel function (mlx/backend/cuda/custom_kernel.cpp, 0.32), and most of
+our text is csrc/'s comments (benchmarks/kernel_source_bytes.py counts the bytes). Measured
+on the H200 (profile_host.py --comments-ab, NOTEBOOK, eighth session), compacted and written
+sources issue a decode step in the same host time: the length is not where a launch's host
+time goes. The comments stay in csrc/ for readers; MLX, NVRTC, Metal and the emulation get
+the same code without them (ZMLX_KERNEL_COMMENTS=1: as written).
 
 `compact` removes `//` and `/* */` comments (a block comment becomes one space, as in C),
 leading and trailing blanks, runs of blanks inside a line and empty lines; string and

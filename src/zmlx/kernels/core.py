@@ -199,8 +199,8 @@ class KernelDef:
 
     def source(self, backend: Backend) -> tuple[str, str]:
         """(header, source) exactly as handed to mx.fast.<backend>_kernel: the prelude and
-        the kernel's code, compacted (zmlx.kernels.compact: MLX hashes the whole source at
-        every launch, so the comments of csrc/ would cost host time on every token)."""
+        the kernel's code, compacted (zmlx.kernels.compact; ZMLX_KERNEL_COMMENTS=1: as
+        written)."""
         if self.body is None:
             raise ValueError(f"{self.name} has no device body")
         return as_handed(PRELUDE_HEADER[backend] + self.header), as_handed(

@@ -1,6 +1,5 @@
 // mla_decode's tensor-core path (CUDA only), apart from mla.h so that the kernels that do not
-// decode (mla_q_prep, mla_embed_q, mla_unembed) do not hand MLX its text: MLX hashes a custom
-// kernel's whole source at every launch (zmlx.kernels.compact). Included after mla.h by
+// decode (mla_q_prep, mla_embed_q, mla_unembed) do not compile it. Included after mla.h by
 // mla_decode, mla_decode_len and mla_decode_q.
 #ifdef ZMLX_CUDA
 ZMLX_FN void zmlx_mma_bf16(float* c, const uint* a, const uint* b) {
