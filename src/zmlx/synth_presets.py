@@ -49,6 +49,16 @@ GLM4_MOE_LITE_PRESETS: dict[str, dict[str, Any]] = {
         first_k_dense_replace=1,
     ),
 }
+# tiny's shapes at flash's depth: where depth's effect on the model shows, on a CPU
+GLM4_MOE_LITE_PRESETS["tiny-deep"] = dict(GLM4_MOE_LITE_PRESETS["tiny"], num_hidden_layers=47)
+# The same shapes with the residual writers' gain at 0.1 (synth_families/glm4_moe_lite.py):
+# models whose bf16 stays near their float32 model, for the accuracy rule.
+GLM4_MOE_LITE_PRESETS.update(
+    {
+        f"{name}-calm": dict(shape, zmlx_residual_gain=0.1)
+        for name, shape in list(GLM4_MOE_LITE_PRESETS.items())
+    }
+)
 
 GLM4_MOE_LITE_COMMON: dict[str, Any] = dict(
     model_type="glm4_moe_lite",
