@@ -286,6 +286,18 @@ def test_cuda_body_compiles(case, monkeypatch):
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("i", range(len(list(_mxfp4_cases()))))
+def test_cuda_fp_order_bodies_compile(i, monkeypatch):
+    """The mxfp4 cases with quant.MXFP4_FP_ORDER on: the wide gathered rows' bodies in
+    fp_qmv's order (FPQMV) compile too."""
+    monkeypatch.setattr(quant, "MXFP4_FP_ORDER", True)
+    kernel, args, kw = list(_mxfp4_cases())[i]
+    spec = kernel.launch("cuda", *args, **kw)
+    assert isinstance(spec, Launch), spec
+    cuda_check.compile_launch(kernel, spec)
+
+
+@needs_nvrtc
 def test_a_broken_body_is_reported_with_nvrtc_errors():
     assert "sum.total()" in moe_combine.body
     broken = dataclasses.replace(moe_combine, body=moe_combine.body.replace("sum.total()", "sum.totl()"))

@@ -363,6 +363,40 @@ def test_wide_gathered_mxfp4_rows_take_the_reference_on_cuda_and_say_why():
             assert not isinstance(got, Skip), (case, got)
 
 
+def test_with_fp_order_on_wide_gathered_rows_launch_in_it_on_cuda_only(monkeypatch):
+    """quant.MXFP4_FP_ORDER on: the wide gathered mxfp4 cases launch with FPQMV (fp_qmv's
+    order) on CUDA, every other case and every Metal launch without it."""
+    from zmlx.kernels import quant
+
+    monkeypatch.setattr(quant, "MXFP4_FP_ORDER", True)
+    for case in CUDA_CASES:
+        args, kw = _case_inputs(case, mx.bfloat16)
+        kernel = getattr(MODULES[case[0]], case[0])
+        got = kernel.launch("cuda", *args, **kw)
+        assert not isinstance(got, Skip), (case, got)
+        assert dict(got.template)["FPQMV"] == _gathered_wide(case), case
+        assert not dict(kernel.launch("metal", *args, **kw).template)["FPQMV"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [c for c in CUDA_CASES if _gathered_wide(c)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_cuda_fp_order_is_bitwise_stock(case, dtype, monkeypatch):
+    """The wide gathered mxfp4 rows in fp_qmv's order (quant.MXFP4_FP_ORDER, off until this
+    passes on a GPU): bitwise stock's gather_qmm, which runs fp_gather_qmv there."""
+    from zmlx.kernels import quant
+
+    monkeypatch.setattr(quant, "MXFP4_FP_ORDER", True)
+    module = MODULES[case[0]]
+    args, kw = _case_inputs(case, dtype)
+    got = getattr(module, case[0]).run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
+    assert not isinstance(got, Skip), got
+    want = module.reference(*args, **kw)
+    for g, w in zip(_tuple(got), _tuple(want), strict=True):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert mx.array_equal(g, w).item(), mx.abs(g.astype(mx.float32) - w).max().item()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[0]}-{j}" for j, c in enumerate(CUDA_CASES)])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])

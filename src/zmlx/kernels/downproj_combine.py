@@ -32,6 +32,7 @@ from zmlx.kernels.moe_combine import reference as combine
 from zmlx.kernels.moe_combine import sequential_sum, sum_dtypes
 from zmlx.kernels.quant import (
     dequantized,
+    fp_order,
     gathered,
     or_placeholder,
     packing,
@@ -71,7 +72,7 @@ constexpr uint GROUPS = I / GS;
 ZmlxExpertSum<SEQUENTIAL, P, A> sum;
 for (uint k = 0; k < K; ++k) {
     const size_t row = size_t(inds[n * K + k]) * D + d;
-    float acc = zmlx_qdot_lane<BITS, GS, I>(down_w + row * WORDS, down_s + row * GROUPS,
+    float acc = zmlx_gqdot_lane<BITS, GS, I, FPQMV>(down_w + row * WORDS, down_s + row * GROUPS,
                                             down_b + row * GROUPS, h + (size_t(n) * K + k) * I, lane);
     acc = ZMLX_SIMD_SUM(acc);  // every lane holds the row's sum
     // stock rounds each expert's output to T, then weights (in P) and sums (in A) in moe_combine's order
@@ -150,6 +151,7 @@ def launch(
             ("BITS", nbits),
             ("HAS_SHARED", shared is not None),
             ("SEQUENTIAL", sequential_sum(backend, k, d, dtypes[0].size)),
+            ("FPQMV", fp_order(backend, mode, i)),
         ],
         grid=(n * d * 32, 1, 1),
         threadgroup=(256, 1, 1),

@@ -156,6 +156,7 @@ def launch(
             return Skip(why)
         inds, scores = _placeholders()
         sequential, dtypes = True, (mx.float32, mx.float32)  # no expert sum
+        fpqmv = False
     else:
         routed = downproj_combine.launch(
             backend, h, inds, scores, down_w, down_s, down_b, group_size=group_size, bits=bits, mode=mode
@@ -164,6 +165,7 @@ def launch(
             return routed
         t = dict(routed.template)
         lead, k, i, d, sequential = h.shape[:-2], t["K"], t["I"], t["D"], t["SEQUENTIAL"]
+        fpqmv = t["FPQMV"]
         dtypes = t["P"], t["A"]
         if hs is not None:
             if sdown_w is None:
@@ -225,6 +227,7 @@ def launch(
             ("HAS_SHARED", has_shared),
             ("DENSE", is_dense),
             ("SEQUENTIAL", sequential),
+            ("FPQMV", fpqmv),
         ],
         grid=(n * d * 32, 1, 1),
         threadgroup=(256, 1, 1),

@@ -39,6 +39,7 @@ import mlx.core as mx
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 from zmlx.kernels.quant import (
     dequantized,
+    fp_order,
     gathered,
     or_placeholder,
     packing,
@@ -128,10 +129,10 @@ const size_t expert = DENSE ? 0 : size_t(inds[n * K + slot]);
 const size_t row = expert * I + i;
 constexpr uint WORDS = D / (32 / BITS);
 constexpr uint GROUPS = D / GS;
-float acc_g = zmlx_qdot_lane<BITS, GS, D>(gate_w + row * WORDS, gate_s + row * GROUPS, gate_b + row * GROUPS,
-                                          x + size_t(n) * D, lane);
-float acc_u = zmlx_qdot_lane<BITS, GS, D>(up_w + row * WORDS, up_s + row * GROUPS, up_b + row * GROUPS,
-                                          x + size_t(n) * D, lane);
+float acc_g = zmlx_gqdot_lane<BITS, GS, D, FPQMV>(gate_w + row * WORDS, gate_s + row * GROUPS,
+                                                 gate_b + row * GROUPS, x + size_t(n) * D, lane);
+float acc_u = zmlx_gqdot_lane<BITS, GS, D, FPQMV>(up_w + row * WORDS, up_s + row * GROUPS,
+                                                 up_b + row * GROUPS, x + size_t(n) * D, lane);
 acc_g = ZMLX_SIMD_SUM(acc_g);
 acc_u = ZMLX_SIMD_SUM(acc_u);
 """
@@ -257,6 +258,7 @@ def launch(
             ("GS", gs),
             ("BITS", nbits),
             ("DENSE", False),
+            ("FPQMV", fp_order(backend, mode, d)),
             ("BIAS", gate_pb is not None),
             ("OAI", oai is not None),
             ("ALPHA", _bits(oai[0]) if oai else 0),

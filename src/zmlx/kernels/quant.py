@@ -48,6 +48,15 @@ QMV_MAX_ROWS = 8
 # 2048 (NOTEBOOK facts), so wide gathered mxfp4 rows were not bitwise (21 `cuda` tests of
 # test_mxfp4_experts.py): they take the reference until that kernel's order is followed.
 MXFP4_GATHERED_MAX_COLS = 512
+# Whether those rows run csrc/quant.h's zmlx_fp_qdot_lane (fp_qmv's order, which stock's
+# fp_gather_qmv is taken to follow) instead of taking the reference: off until its `cuda`
+# tests (test_mxfp4_experts.py with it on) have run on a GPU.
+MXFP4_FP_ORDER = False
+
+
+def fp_order(backend: str, mode: str, cols: int) -> bool:
+    """Whether a gathered row of `cols` values runs in fp_qmv's order (the launch's FPQMV)."""
+    return MXFP4_FP_ORDER and backend == "cuda" and mode == "mxfp4" and cols > MXFP4_GATHERED_MAX_COLS
 
 
 def qmv_reason(
@@ -173,7 +182,8 @@ def regime_reason(
     if s is None:
         return gemv_reason(backend, rows, dtype, w, max_rows=gemv_rows)
     if mode == "mxfp4":
-        if backend == "cuda" and gathered_cols is not None and gathered_cols > MXFP4_GATHERED_MAX_COLS:
+        wide = gathered_cols is not None and gathered_cols > MXFP4_GATHERED_MAX_COLS
+        if backend == "cuda" and wide and not MXFP4_FP_ORDER:
             return (
                 f"gathered mxfp4 rows of {gathered_cols} values: stock's order past "
                 f"{MXFP4_GATHERED_MAX_COLS} is not known (not bitwise on MLX 0.32.4's CUDA)"

@@ -102,6 +102,7 @@ def launch(
             ("GS", gs),
             ("BITS", nbits),
             ("DENSE", True),
+            ("FPQMV", False),  # its rows are not gathered
         ],
         grid=(n * i * 32, 1, 1),
         threadgroup=(256, 1, 1),

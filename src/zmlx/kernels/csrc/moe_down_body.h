@@ -20,7 +20,7 @@ if (DENSE) {
     ZmlxExpertSum<SEQUENTIAL, P, A> sum;
     for (uint k = 0; k < K; ++k) {
         const size_t row = size_t(inds[n * K + k]) * D + d;
-        float acc = zmlx_qdot_lane<BITS, GS, I>(down_w + row * WORDS, down_s + row * GROUPS,
+        float acc = zmlx_gqdot_lane<BITS, GS, I, FPQMV>(down_w + row * WORDS, down_s + row * GROUPS,
                                                 down_b + row * GROUPS, h + (size_t(n) * K + k) * I, lane);
         acc = ZMLX_SIMD_SUM(acc);  // every lane holds the row's sum
         sum.add(static_cast<float>(static_cast<T>(acc)), static_cast<float>(scores[n * K + k]));

@@ -31,9 +31,9 @@ if (warp_id < ROUTED) {
     const size_t row = size_t(expert) * I + i;
     constexpr uint WORDS = D / (32 / BITS);
     constexpr uint GROUPS = D / GS;
-    float acc_g = zmlx_qdot_lane<BITS, GS, D>(gate_w + row * WORDS, gate_s + row * GROUPS,
+    float acc_g = zmlx_gqdot_lane<BITS, GS, D, FPQMV>(gate_w + row * WORDS, gate_s + row * GROUPS,
                                               gate_b + row * GROUPS, x + size_t(n) * D, lane);
-    float acc_u = zmlx_qdot_lane<BITS, GS, D>(up_w + row * WORDS, up_s + row * GROUPS,
+    float acc_u = zmlx_gqdot_lane<BITS, GS, D, FPQMV>(up_w + row * WORDS, up_s + row * GROUPS,
                                               up_b + row * GROUPS, x + size_t(n) * D, lane);
     acc_g = ZMLX_SIMD_SUM(acc_g);
     acc_u = ZMLX_SIMD_SUM(acc_u);

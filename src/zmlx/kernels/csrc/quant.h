@@ -198,6 +198,48 @@ __device__ inline float zmlx_qdot_lane(const T* w, const T* s, const T* b, const
     return sum;
 }
 
+// MLX 0.32.4's gathered mxfp4 matvec for rows wider than 512 values (`fp_gather_qmv<T, 8, 4, 4,
+// 32, true>`, taken to run fp_qmv_impl as at the mirror's HEAD, fp_qmv.cu): lane l takes 4
+// packed words (32 values) at word 4 l, then 128 words on; each step's products go into two
+// float sums by turns (even positions, odd positions: fma), then sum = fma(x + y, scale, sum).
+// The caller's ZMLX_SIMD_SUM is cg::reduce, as there. Not yet checked on a GPU: used only
+// where quant.MXFP4_FP_ORDER (Python) turns it on.
+template <int COLS, typename T>
+__device__ inline float zmlx_fp_qdot_lane(const uint* w, const uint8_t* s, const T* x, uint lane) {
+    static_assert(COLS % 32 == 0, "whole groups of 32 values");
+    constexpr int PACKED = COLS / 8;
+    float sum = 0.0f;
+    for (int col = 4 * int(lane); col < PACKED; col += 32 * 4) {
+        T xs[32];
+        uint ws[4];
+        zmlx_load<32>(xs, x + 8 * col);
+        zmlx_load<4>(ws, w + col);
+        float lx = 0.0f, ly = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+#pragma unroll
+            for (int j = 0; j < 8; j += 2) {
+                lx = fmaf(zmlx_e2m1((ws[k] >> (4 * j)) & 15u), zmlx_f(xs[8 * k + j]), lx);
+                ly = fmaf(zmlx_e2m1((ws[k] >> (4 * j + 4)) & 15u), zmlx_f(xs[8 * k + j + 1]), ly);
+            }
+        }
+        sum = fmaf(lx + ly, zmlx_e8m0(s[col / 4]), sum);
+    }
+    return sum;
+}
+
+// A gathered (expert) row's dot: FP (the launch's FPQMV) picks zmlx_fp_qdot_lane's order
+// (wide mxfp4 rows), else zmlx_qdot_lane's.
+template <int BITS, int GS, int COLS, bool FP, typename W, typename S, typename B, typename T>
+__device__ inline float zmlx_gqdot_lane(const W* w, const S* s, const B* b, const T* x, uint lane) {
+    if constexpr (FP) {
+        static_assert(cuda::std::is_same_v<S, uint8_t> && cuda::std::is_same_v<W, uint>, "mxfp4 rows only");
+        return zmlx_fp_qdot_lane<COLS>(w, s, x, lane);
+    } else {
+        return zmlx_qdot_lane<BITS, GS, COLS>(w, s, b, x, lane);
+    }
+}
+
 // mlx-lm's swiglu(gate, up) = silu(gate) * up as MLX's compiled CUDA kernel runs it:
 // each op is MLX's own device functor, each result rounded to T.
 template <typename T>
@@ -253,6 +295,13 @@ inline float zmlx_qdot_lane(const device T* w, const device T* s, const device T
     float acc = 0.0f;
     for (uint k = lane; k < uint(COLS); k += 32) acc += static_cast<float>(w[k]) * static_cast<float>(x[k]);
     return acc;
+}
+
+// A gathered row's dot (CUDA picks an order by FP; Metal's sums are float32 either way).
+template <int BITS, int GS, int COLS, bool FP, typename W, typename S, typename B, typename T>
+inline float zmlx_gqdot_lane(const device W* w, const device S* s, const device B* b, const device T* x,
+                             uint lane) {
+    return zmlx_qdot_lane<BITS, GS, COLS>(w, s, b, x, lane);
 }
 
 // swiglu with mlx-lm's roundings: sigmoid, silu and the product each rounded to T.
