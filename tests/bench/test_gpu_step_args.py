@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,3 +37,18 @@ def test_mlx_lm_model_tests_refuses_an_unknown_pattern():
     assert p.returncode == 2, p.stderr
     lines = (p.stdout + p.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown pattern(s) in --patterns: nosuch")
+
+
+@pytest.mark.skipif(mx.default_device() == mx.gpu, reason="a GPU is here: the script would run its checks")
+def test_switch_checks_without_a_gpu_is_one_line_and_exit_2(tmp_path):
+    """benchmarks/gpu/switch_checks.sh on a machine without MLX's GPU backend: one `error:`
+    line, exit 2, no results folder made."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tmp_path / "out")}
+    p = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/gpu/switch_checks.sh")], capture_output=True, text=True, env=env
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "error: switch_checks needs MLX's GPU backend (source .device/extra/activate.sh first)"
+    ]
+    assert not (tmp_path / "out").exists()
