@@ -17,7 +17,6 @@ tests/kernels/test_prepared.py holds the CPU-side bound.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from typing import Callable, Iterator
@@ -165,8 +164,8 @@ def main() -> None:
     a = parser.parse_args()
     if a.calls < 1 or a.repeats < 1:
         parser.error("--calls and --repeats must be at least 1")
-    if a.capsule_dir and os.path.exists(a.capsule_dir) and not os.path.isdir(a.capsule_dir):
-        parser.error(f"--capsule-dir {a.capsule_dir} is not a directory")
+    if why := capsule.dir_problem(a.capsule_dir):
+        parser.error(why)
     try:
         git = stamp.git()  # before measuring: a bad stated commit stops the run first
     except stamp.GitStateError as e:
@@ -197,9 +196,9 @@ def main() -> None:
         )
         cap["overhead_us"] = rows
         try:
-            print(f"capsule: {capsule.write(cap, a.capsule_dir)}")
-        except OSError as e:  # the numbers are printed above
-            parser.error(f"--capsule-dir {a.capsule_dir}: {e.strerror or e}")
+            print(capsule.write_or_say(cap, a.capsule_dir))
+        except ValueError as e:  # the numbers are printed above
+            parser.error(str(e))
 
 
 if __name__ == "__main__":

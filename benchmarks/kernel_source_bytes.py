@@ -13,8 +13,6 @@ CUDA text. A count of the code, not a timing: it runs anywhere.
 
 from __future__ import annotations
 
-import os
-
 from zmlx import config
 from zmlx.bench import capsule, stamp
 from zmlx.cli import args as cli_args
@@ -45,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli_args.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--capsule-dir", help="also write the counts as a repro capsule there")
     a = parser.parse_args(argv)
-    if a.capsule_dir and os.path.exists(a.capsule_dir) and not os.path.isdir(a.capsule_dir):
-        parser.error(f"--capsule-dir {a.capsule_dir} is not a directory")
+    if why := capsule.dir_problem(a.capsule_dir):
+        parser.error(why)
     try:
         if config.kernel_comments():
             parser.error("unset ZMLX_KERNEL_COMMENTS: the counts compare the written text with the compacted")
@@ -81,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
             git=git,
         )
         try:
-            print(f"capsule: {capsule.write(cap, a.capsule_dir)}")
-        except OSError as e:
-            parser.error(f"--capsule-dir {a.capsule_dir}: {e.strerror or e}")
+            print(capsule.write_or_say(cap, a.capsule_dir))
+        except ValueError as e:  # the numbers are printed above
+            parser.error(str(e))
 
 
 if __name__ == "__main__":

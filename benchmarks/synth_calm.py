@@ -15,8 +15,6 @@ Runs on any backend (the CPU: a few seconds per 4-layer preset, a minute per 47-
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 import numpy as np
 
@@ -33,7 +31,7 @@ PROMPT_TOKENS = 8
 def divergence(spec: str, positions: int) -> dict:
     """The row of one spec: the reference -> bf16 divergences over `positions` positions."""
     model, _ = synth.build(spec)
-    ids = make_prompt(model.args.vocab_size, PROMPT_TOKENS + positions - 1, seed=0)
+    ids = make_prompt(model.args.vocab_size, PROMPT_TOKENS + positions, seed=0)  # a position a token
     prompt, tokens = mx.array(ids[:PROMPT_TOKENS]), ids[PROMPT_TOKENS:]
     ref = reference_model(model)
     with exact_float32():
@@ -61,9 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     if a.positions < 2:
         parser.error(f"--positions must be at least 2, got {a.positions}")
-    if a.capsule_dir and os.path.exists(a.capsule_dir) and not os.path.isdir(a.capsule_dir):
-        parser.error(f"--capsule-dir {a.capsule_dir} is not a directory")
+    if why := capsule.dir_problem(a.capsule_dir):
+        parser.error(why)
     specs = [f"synth:glm4_moe_lite/{p.strip()}/{a.quant}" for p in a.specs.split(",") if p.strip()]
+    if not specs:
+        parser.error("--specs names no preset")
     try:
         for s in specs:
             synth.SynthSpec.parse(s)
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
             git=git,
         )
         try:
-            print(f"capsule: {capsule.write(cap, a.capsule_dir)}")
-        except OSError as e:
-            parser.error(f"--capsule-dir {a.capsule_dir}: {e.strerror or e}")
+            print(capsule.write_or_say(cap, a.capsule_dir))
+        except ValueError as e:  # the numbers are printed above
+            parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 #   mla_q_prep.LASTQ       tune_q_prep.py's LASTQ rows (bitwise as the old geometry, µs) and
 #                          the cuda tests of the counters geometry
 #   quant.MXFP4_FP_ORDER   the cuda tests of wide gathered mxfp4 rows in fp_qmv's order
-# Each step's log goes to $OUT (or ./gpu-results); a summary line per switch is printed last.
+# Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
+# default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on by editing its constant once its line says PASS (never by this script).
 set -uo pipefail
 out=${OUT:-gpu-results}
@@ -13,6 +14,7 @@ if ! python3 -c "import mlx.core as mx, sys; sys.exit(0 if mx.default_device() =
   echo "error: switch_checks needs MLX's GPU backend (source .device/extra/activate.sh first)" >&2
   exit 2
 fi
+out="$out/switch-checks-$(date -u +%Y%m%dT%H%M%S)"
 mkdir -p "$out"
 run_tests() {  # name, limit, pytest args...
   local name=$1 limit=$2; shift 2

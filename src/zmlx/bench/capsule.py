@@ -80,6 +80,23 @@ def write(capsule: dict[str, Any], directory: str | os.PathLike) -> Path:
     return path
 
 
+def dir_problem(directory: str | os.PathLike | None, option: str = "--capsule-dir") -> str | None:
+    """Why `directory` cannot take capsules (it exists and is not a folder), for a one-line
+    error before a script measures anything; None when it can (or none was given)."""
+    if directory and os.path.exists(directory) and not os.path.isdir(directory):
+        return f"{option} {directory} is not a directory"
+    return None
+
+
+def write_or_say(capsule: dict[str, Any], directory: str | os.PathLike, option: str = "--capsule-dir") -> str:
+    """`write`, as a script reports it: "capsule: PATH", or ValueError with the one-line
+    reason the folder refused it (the measurement itself is printed before)."""
+    try:
+        return f"capsule: {write(capsule, directory)}"
+    except OSError as e:
+        raise ValueError(f"{option} {directory}: {e.strerror or e}") from None
+
+
 def load(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:

@@ -347,12 +347,18 @@ def counters(bsz: int, heads: int) -> mx.array:
     return mx.array(np.zeros((bsz * heads,), dtype=np.uint32))
 
 
+def counters_kw(bsz: int, heads: int) -> dict:
+    """The keyword arguments a caller adds for LASTQ: {"sem": counters} while LASTQ is on,
+    else none (the one place that reads the switch for callers)."""
+    return {"sem": counters(bsz, heads)} if LASTQ else {}
+
+
 def example():
     # 3 heads, q_lora_rank 96, nope 64 (not 32: no stock CUDA kernel there), rope 16, latent 128
     p = dict(group_size=32, bits=4)
     args = inputs(1, 3, 96, 64, 16, 128, mx.bfloat16, 71, packing=p, embed_packing=p)
     kw = kwargs(3, 64, 16, packing=p, embed_packing=p)
-    return (*args, rope_table(16, kw["base"], 1.0, 300), 257), dict(kw, sem=counters(1, 3)) if LASTQ else kw
+    return (*args, rope_table(16, kw["base"], 1.0, 300), 257), dict(kw, **counters_kw(1, 3))
 
 
 def nope_example():

@@ -136,9 +136,9 @@ def prologue(layer, x, backend, qkv_kernel: KernelDef, q_kernel: KernelDef, embe
     q_args: tuple = (q_a, ckv, attn.q_a_layernorm["weight"], *qb, attn.kv_a_layernorm["weight"])
     if embed:
         eq, eq_kw = weights_of(attn.embed_q)
+        # with the launch's own counters while mla_q_prep's LASTQ geometry is on
         q_kw.update(embed_group_size=eq_kw["group_size"], embed_bits=eq_kw["bits"])
-        if q_prep.LASTQ:  # the launch's own counters: mla_q_prep's LASTQ geometry on CUDA
-            q_kw["sem"] = q_prep.counters(x.shape[0], rope_kw["heads"])
+        q_kw.update(q_prep.counters_kw(x.shape[0], rope_kw["heads"]))
         q_args += tuple(eq)
     q_args += (table, 0)
     pos = len(q_args) - 1
