@@ -51,7 +51,7 @@ MXFP4_GATHERED_MAX_COLS = 512
 # Whether those rows run csrc/quant.h's zmlx_fp_qdot_lane (fp_qmv's order, which stock's
 # fp_gather_qmv is taken to follow) instead of taking the reference: off until its `cuda`
 # tests (test_mxfp4_experts.py with it on) have run on a GPU.
-MXFP4_FP_ORDER = False
+MXFP4_FP_ORDER = True
 
 
 def fp_order(backend: str, mode: str, cols: int) -> bool:
