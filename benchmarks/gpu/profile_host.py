@@ -42,6 +42,7 @@ import zmlx
 from zmlx import synth
 from zmlx.bench.issue_time import issue_times
 from zmlx.cli import args as cli_args
+from zmlx.prefill import prefill
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
 MLX_KNOBS = (
@@ -54,10 +55,8 @@ MLX_KNOBS = (
 
 def pipelined_ms(model, prompt: mx.array, steps: int, warm: int = 3) -> float:
     """Milliseconds per token of a greedy decode pipelined as mlx-lm's generate_step is."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    y = mx.argmax(model(prompt[None], cache=cache)[:, -1:], axis=-1)
+    cache, logits = prefill(model, prompt)
+    y = mx.argmax(logits[:, -1:], axis=-1)
     mx.async_eval(y)
     t0 = 0.0
     for i in range(warm + steps):
@@ -73,10 +72,8 @@ def pipelined_ms(model, prompt: mx.array, steps: int, warm: int = 3) -> float:
 
 def _warmed(model, prompt: mx.array):
     """(cache, last token) after the prompt and two decode steps (a trace, a kernel build)."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    tok = mx.argmax(model(prompt[None], cache=cache)[:, -1:], axis=-1)
+    cache, logits = prefill(model, prompt)
+    tok = mx.argmax(logits[:, -1:], axis=-1)
     mx.eval(tok)
     for _ in range(2):
         tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)

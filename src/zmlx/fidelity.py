@@ -26,6 +26,7 @@ from zmlx.accuracy import verdict as accuracy_verdict
 from zmlx.config import ConfigError, Preset
 from zmlx.families import FAMILIES
 from zmlx.patch import PatchResult, ZmlxWarning, patch, unpatch
+from zmlx.prefill import prefill
 
 DEFAULT_PROMPT = "The history of the city begins with a small harbour where fishermen"
 
@@ -132,11 +133,10 @@ def generate(model, tokenizer, prompt: mx.array, max_tokens: int) -> Run:
 
 def teacher_forced_logits(model, prompt: mx.array, tokens: Sequence[int]):
     """Yields the float32 next-token logits after the prompt and after each token,
-    feeding `tokens` one at a time through the KV cache (the decode path)."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    logits = model(prompt[None], cache=cache)[0, -1]
+    feeding `tokens` one at a time through the KV cache (the decode path); the prompt goes in
+    as mlx-lm's generate feeds it (zmlx.prefill)."""
+    cache, logits = prefill(model, prompt)
+    logits = logits[0, -1]
     for t in tokens:
         out = logits.astype(mx.float32)
         mx.eval(out)

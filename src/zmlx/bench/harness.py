@@ -22,6 +22,7 @@ from zmlx.config import PatchConfig
 from zmlx.fidelity import divergence, generate
 from zmlx.patch import patch, unpatch
 from zmlx.patch.patterns import compiled_decode
+from zmlx.prefill import prefill
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,8 @@ def profile_decode(model, prompt: mx.array, steps: int = 8) -> tuple[float | Non
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
         return None, None, "kernel counts need PyTorch (pip install torch) for its CUDA profiler"
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    tok = mx.argmax(model(prompt[None], cache=cache)[:, -1:], axis=-1)
+    cache, logits = prefill(model, prompt)
+    tok = mx.argmax(logits[:, -1:], axis=-1)
     mx.eval(tok)
     for _ in range(2):  # warm: build and compile outside the profiled steps
         tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from zmlx.prefill import prefill
+
 
 @dataclass
 class IssueTimes:
@@ -38,14 +40,12 @@ class IssueTimes:
 
 def issue_times(model, prompt: mx.array, steps: int = 16, warm: int = 2) -> IssueTimes:
     """Milliseconds to build and to issue each of `steps` greedy decode steps, after `warm`
-    steps (a trace, a kernel build), from a fresh prompt cache (the model's own: its
-    make_cache() where it has one)."""
-    from mlx_lm.models.cache import make_prompt_cache
-
+    steps (a trace, a kernel build), after the prompt fed into a fresh prompt cache as
+    mlx-lm's generate feeds it (zmlx.prefill)."""
     if steps < 1 or warm < 0:
         raise ValueError(f"steps must be >= 1 and warm >= 0 (got {steps}, {warm})")
-    cache = make_prompt_cache(model)
-    tok = mx.argmax(model(prompt[None], cache=cache)[:, -1:], axis=-1)
+    cache, logits = prefill(model, prompt)
+    tok = mx.argmax(logits[:, -1:], axis=-1)
     mx.eval(tok)
     out = IssueTimes([], [])
     for i in range(warm + steps):

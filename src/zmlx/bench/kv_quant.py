@@ -29,6 +29,7 @@ import numpy as np
 
 from zmlx import latent_quant
 from zmlx.accuracy import RULE, Divergences, exact_float32, log_probs, reference_model
+from zmlx.prefill import prefill as prefill_cache
 
 
 @dataclass
@@ -59,19 +60,12 @@ class Side:
 
 
 def prefill(model, prompt: mx.array, chunk: int) -> tuple[list, mx.array]:
-    """A fresh prompt cache holding `prompt` (fed `chunk` tokens at a time) and the float32
-    next-token logits after it."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    for start in range(0, prompt.size - 1, chunk):
-        stop = min(start + chunk, prompt.size - 1)
-        model(prompt[None, start:stop], cache=cache)
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
-    logits = model(prompt[None, -1:], cache=cache)[0, -1].astype(mx.float32)
-    mx.eval(logits)
-    return cache, logits
+    """A fresh prompt cache holding `prompt` (zmlx.prefill: `chunk` tokens a call) and the
+    float32 next-token logits after it."""
+    cache, logits = prefill_cache(model, prompt, chunk)
+    out = logits[0, -1].astype(mx.float32)
+    mx.eval(out)
+    return cache, out
 
 
 def quantized_copy(cache: list, bits: int, group_size: int) -> list:
