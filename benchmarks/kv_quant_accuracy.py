@@ -2,11 +2,12 @@
 """The quantized MLA latent cache at long context: KL table, cache bytes and decode time.
 
     MLX_ENABLE_TF32=0 python benchmarks/kv_quant_accuracy.py [MODEL] --contexts 4096,32768 \\
-        --bits 4,8 --group-size 64 --tokens 64
+        --bits 4,8 --group-size 64 --tokens 64 [--seed N]
 
 Per context length, the patched model's bf16 cache against mlx-lm's `kv_bits` quantized
 copies of it: KL divergence to the float32 reference (the accuracy rule, with the bf16 cache
-as the yardstick), bytes held, and synchronous decode ms per step (alternated). MODEL is a
+as the yardstick, and the paired per-position excess over the bf16 cache with its standard
+error), bytes held, and synchronous decode ms per step (alternated). MODEL is a
 checkpoint directory or a synth: spec (default: the full-size GLM-4.7-Flash, affine4).
 Writes a capsule under --capsule-dir; zmlx.bench.kv_quant says what each figure means.
 On CUDA the float32 reference needs MLX_ENABLE_TF32=0 (else it would run on the CPU).
@@ -24,7 +25,17 @@ from zmlx.bench import capsule, kv_quant, stamp
 from zmlx.bench.harness import make_prompt
 from zmlx.cli import args as cli_args
 
-COLUMNS = ["context", "cache", "bytes vs bf16", "KLD mean", "KLD p99", "same top", "rule", "ms/step"]
+COLUMNS = [
+    "context",
+    "cache",
+    "bytes vs bf16",
+    "KLD mean",
+    "KLD p99",
+    "same top",
+    "KLD - bf16's",
+    "rule",
+    "ms/step",
+]
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -51,6 +62,7 @@ def main(
     timing_steps: Annotated[int, typer.Option(help="decode steps per timed block")] = 16,
     repeats: Annotated[int, typer.Option(help="timed blocks per cache (alternated)")] = 5,
     patterns: Annotated[str, typer.Option(help="patterns on every side")] = "mla_kv_quant",
+    seed: Annotated[int, typer.Option(help="the prompt's seed (another sample of positions)")] = 0,
     capsule_dir: Annotated[Path, typer.Option(help="where the capsule is written")] = Path("repro_capsules"),
 ):
     from rich.console import Console
@@ -70,6 +82,7 @@ def main(
             raise ConfigError("--patterns must include mla_kv_quant (it reads the quantized cache)")
         cli_args.at_least(1, {"--tokens": tokens, "--chunk": chunk, "--timing-steps": timing_steps})
         cli_args.at_least(1, {"--repeats": repeats})
+        cli_args.at_least(0, {"--seed": seed})
         for b in widths:
             why = latent_quant.kv_quant_error(b, group_size)
             if why:
@@ -87,7 +100,7 @@ def main(
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task("kv cache", total=len(lengths))
             for n in lengths:
-                prompt = mx_prompt(vocab, n, tok)
+                prompt = mx_prompt(vocab, n, tok, seed)
                 results[n] = kv_quant.measure(
                     m,
                     prompt,
@@ -111,6 +124,7 @@ def main(
             "chunk": chunk,
             "timing_steps": timing_steps,
             "repeats": repeats,
+            "seed": seed,
             "backend": backend.current(),
         },
         variants=[{"context": n, **s.to_dict()} for n, sides in results.items() for s in sides],
@@ -128,11 +142,11 @@ def main(
     print(f"capsule: {path}")
 
 
-def mx_prompt(vocab: int, n: int, tokenizer):
+def mx_prompt(vocab: int, n: int, tokenizer, seed: int = 0):
     import mlx.core as mx
 
     eos = sorted(getattr(tokenizer, "eos_token_ids", ()) or ())
-    return mx.array(make_prompt(vocab, n, 0, avoid=eos))
+    return mx.array(make_prompt(vocab, n, seed, avoid=eos))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,22 @@ def test_divergences_match_a_hand_computation():
     assert acc.Divergences.between(p, p).kld_max == 0.0
 
 
+def test_the_paired_excess_is_the_mean_per_position_difference_and_its_error():
+    ref = np.log(np.array([[0.5, 0.25, 0.25], [0.8, 0.1, 0.1], [0.6, 0.2, 0.2]]))
+    a = np.log(np.array([[0.25, 0.5, 0.25], [0.7, 0.2, 0.1], [0.6, 0.2, 0.2]]))
+    b = np.log(np.array([[0.4, 0.35, 0.25], [0.8, 0.1, 0.1], [0.5, 0.3, 0.2]]))
+    ka, kb = acc.kld_per_position(ref, a), acc.kld_per_position(ref, b)
+    want = ka - kb
+    e = acc.Excess.between(ref, a, b)
+    assert e.positions == 3 and e.mean == pytest.approx(want.mean()) and e.mean > 0
+    assert e.sem == pytest.approx(np.std(want, ddof=1) / math.sqrt(3))
+    assert acc.Excess.between(ref, b, a).mean == pytest.approx(-e.mean)
+    # a side against itself: no excess, no error; the position-by-position pairing cancels
+    # what the aggregates' standard errors would add
+    assert acc.Excess.between(ref, a, a) == acc.Excess(3, 0.0, 0.0)
+    assert math.isnan(acc.Excess.between(ref[:0], a[:0], b[:0]).mean)
+
+
 # ---------------------------------------------------------------- on the tiny model
 
 

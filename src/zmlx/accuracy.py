@@ -95,6 +95,35 @@ def log_probs(logits: Sequence[mx.array]) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def kld_per_position(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(P‖Q) in nats at each position, from log-probabilities (positions, vocab)."""
+    return np.maximum((np.exp(p) * (p - q)).sum(axis=-1), 0.0)  # >= 0 in exact arithmetic
+
+
+@dataclass(frozen=True)
+class Excess:
+    """How much further from the reference side `a` is than side `b`, position by position:
+    the mean and standard error of KL(ref‖a) - KL(ref‖b) over the same positions. Paired,
+    so what both sides share (the model's own distance from the reference at a position)
+    cancels and a difference well inside the aggregates' noise still shows."""
+
+    positions: int
+    mean: float  # nats per position; > 0: `a` is further from the reference
+    sem: float
+
+    @classmethod
+    def between(cls, ref: np.ndarray, a: np.ndarray, b: np.ndarray) -> "Excess":
+        d = kld_per_position(ref, a) - kld_per_position(ref, b)
+        n = d.shape[0]
+        if n == 0:
+            return cls(0, float("nan"), float("nan"))
+        sem = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+        return cls(n, float(d.mean()), sem)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Divergences:
     """KL(P‖Q) of two models' next-token distributions over the same positions, the way
@@ -115,7 +144,7 @@ class Divergences:
             nan = float("nan")
             return cls(0, nan, nan, nan, nan, nan, nan)
         pp = np.exp(p)
-        kld = np.maximum((pp * (p - q)).sum(axis=-1), 0.0)  # >= 0 in exact arithmetic
+        kld = kld_per_position(p, q)
         top = p.argmax(axis=-1)
         rows = np.arange(n)
         dp = np.abs(pp[rows, top] - np.exp(q[rows, top]))

@@ -38,6 +38,14 @@ def test_sides_bytes_and_the_rule(patched):
     assert 0 < q8.vs_bf16.kld_mean < q4.vs_bf16.kld_mean
     assert all(len(s.decode_ms) == 2 and min(s.decode_ms) > 0 for s in sides)
     assert all(s.vs_reference.positions == 6 for s in sides)
+    # the paired excess over the bf16 cache: the difference of the two means, position by position
+    assert bf16.excess is None and bf16.to_dict()["excess_vs_bf16"] is None
+    for q in (q4, q8):
+        assert q.excess.positions == 6
+        assert q.excess.mean == pytest.approx(q.vs_reference.kld_mean - bf16.vs_reference.kld_mean, abs=1e-9)
+        assert q.to_dict()["excess_vs_bf16"] == q.excess.to_dict()
+    rows = kv_quant.table_rows({PROMPT.size: sides})
+    assert rows[0][6] == "-" and "±" in rows[1][6] and len({len(r) for r in rows}) == 1
     json.dumps([s.to_dict() for s in sides])
 
 
@@ -80,6 +88,7 @@ def test_a_quantized_copy_leaves_the_cache_as_it_was(patched):
         (["--patterns", "moe_router"], "must include mla_kv_quant"),
         (["--contexts", "x"], "--contexts"),
         (["--tokens", "0"], "--tokens"),
+        (["--seed", "-1"], "--seed"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
@@ -89,3 +98,17 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and message in p.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_the_command_writes_a_capsule_with_the_seed_and_the_excess(tmp_path):
+    spec = "synth:glm4_moe_lite/tiny/affine4"
+    args = ["--contexts", "40", "--bits", "8", "--tokens", "3", "--repeats", "1", "--timing-steps", "1"]
+    cmd = [sys.executable, str(SCRIPT), spec, "--capsule-dir", str(tmp_path), *args, "--seed", "3"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    (path,) = tmp_path.glob("*.json")
+    cap = json.loads(path.read_text())
+    assert cap["params"]["seed"] == 3
+    bf16, q8 = cap["variants"]
+    assert bf16["excess_vs_bf16"] is None and q8["excess_vs_bf16"]["positions"] == 3
+    assert "KLD - bf16's" in p.stdout

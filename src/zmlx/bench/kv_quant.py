@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from zmlx import latent_quant
-from zmlx.accuracy import RULE, Divergences, exact_float32, log_probs, reference_model
+from zmlx.accuracy import RULE, Divergences, Excess, exact_float32, log_probs, reference_model
 from zmlx.prefill import prefill as prefill_cache
 
 
@@ -42,6 +42,7 @@ class Side:
     decode_ms: list[float] = field(default_factory=list)  # per timed block: ms per step
     vs_reference: Divergences | None = None
     vs_bf16: Divergences | None = None
+    excess: Excess | None = None  # paired KL(ref‖this) - KL(ref‖bf16) (None for bf16 itself)
     accurate: bool | None = None  # None for the bf16 side (it is the yardstick)
     reasons: list[str] = field(default_factory=list)
 
@@ -54,6 +55,7 @@ class Side:
             "decode_ms_median": statistics.median(self.decode_ms) if self.decode_ms else None,
             "kld_vs_reference": self.vs_reference.to_dict() if self.vs_reference else None,
             "kld_vs_bf16": self.vs_bf16.to_dict() if self.vs_bf16 else None,
+            "excess_vs_bf16": self.excess.to_dict() if self.excess else None,
             "accurate": self.accurate,
             "reasons": self.reasons,
         }
@@ -149,7 +151,8 @@ def measure(
     for side, lp in zip(sides, lps):
         side.vs_reference = Divergences.between(lp_ref, lp)
         side.vs_bf16 = Divergences.between(lp_bf16, lp)
-    for side in sides[1:]:
+    for side, lp in zip(sides[1:], lps[1:]):
+        side.excess = Excess.between(lp_ref, lp, lp_bf16)
         assert sides[0].vs_reference is not None and side.vs_reference is not None
         side.accurate, side.reasons = RULE.judge(sides[0].vs_reference, side.vs_reference)
     return sides
@@ -157,7 +160,7 @@ def measure(
 
 def table_rows(results: dict[int, list[Side]]) -> list[list[str]]:
     """Rows of (context, cache, bytes vs bf16, KLD mean and p99 vs the reference, same top,
-    verdict, decode ms/step) for printing."""
+    the paired excess over bf16 (mean ± standard error), verdict, decode ms/step) for printing."""
     rows = []
     for n, sides in results.items():
         base = sides[0]
@@ -173,6 +176,7 @@ def table_rows(results: dict[int, list[Side]]) -> list[list[str]]:
                     f"{ref.kld_mean:.4g}" if ref else "-",
                     f"{ref.kld_p99:.4g}" if ref else "-",
                     f"{ref.same_top:.1f}%" if ref else "-",
+                    f"{s.excess.mean:+.4f} ± {s.excess.sem:.4f}" if s.excess else "-",
                     verdict,
                     f"{ms:.2f}" if np.isfinite(ms) else "-",
                 ]
