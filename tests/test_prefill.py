@@ -87,3 +87,19 @@ def test_the_measurements_feed_a_long_prompt_in_chunks(tiny_f32):
         run(rec)
         assert rec.lengths[:2] == [PREFILL_STEP, 8], name
         assert max(rec.lengths[2:]) == 1, name
+
+
+def test_kv_bits_quantize_the_cache_before_the_last_token(tiny_q4):
+    """As mlx-lm's --kv-bits: the cache is a QuantizedKVCache when the last token goes in (so
+    the model must read one: mla_kv_quant on an MLA model), holding every position."""
+    import zmlx
+
+    model = tiny_q4[0]
+    zmlx.patch(model, patterns=["mla_kv_quant"])
+    try:
+        cache, logits = prefill(model, PROMPT, chunk=8, kv_bits=8)
+    finally:
+        zmlx.unpatch(model)
+    assert all(type(c).__name__ == "QuantizedKVCache" and c.bits == 8 and c.group_size == 64 for c in cache)
+    assert all(c.offset == PROMPT.size for c in cache)
+    assert mx.isfinite(logits).all().item()

@@ -2,7 +2,7 @@
 """Where a decode step's host time goes, per pattern set (diagnostic).
 
     python benchmarks/gpu/profile_host.py [SPEC] [--sets "none;a,b;a,b,c"] [--steps N]
-        [--top N] [--no-profile] [--kernels] [--prompt-tokens N] [--comments-ab ROUNDS]
+        [--top N] [--no-profile] [--kernels] [--prompt-tokens N] [--kv-bits B] [--comments-ab ROUNDS]
 
 For each set (`none` is stock), on one model, stock's set first:
   - build and issue milliseconds per greedy decode step (zmlx.bench.issue_time: the graph's
@@ -23,7 +23,9 @@ process, its kernels' device code handed to MLX compacted and as written
 (ZMLX_KERNEL_COMMENTS=0/1) in alternating order, the kernels rebuilt for each, and the medians
 per setting printed last: what the compacted sources save the host, on one machine.
 The decode steps follow a 10-token prompt, or `--prompt-tokens` seeded ids (the ledger's
-prompt: zmlx.bench.harness.make_prompt, seed 0), for the costs that grow with the context.
+prompt: zmlx.bench.harness.make_prompt, seed 0), for the costs that grow with the context;
+with --kv-bits over a cache quantized after the prompt as mlx-lm's --kv-bits quantizes it
+(an MLA model's sets need mla_kv_quant, which reads it).
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ import time
 import mlx.core as mx
 
 import zmlx
-from zmlx import synth
+from zmlx import latent_quant, synth
 from zmlx.bench.issue_time import issue_times
 from zmlx.cli import args as cli_args
+from zmlx.config import ConfigError
 from zmlx.prefill import prefill
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
@@ -53,9 +56,9 @@ MLX_KNOBS = (
 )
 
 
-def pipelined_ms(model, prompt: mx.array, steps: int, warm: int = 3) -> float:
+def pipelined_ms(model, prompt: mx.array, steps: int, warm: int = 3, kv_bits: int | None = None) -> float:
     """Milliseconds per token of a greedy decode pipelined as mlx-lm's generate_step is."""
-    cache, logits = prefill(model, prompt)
+    cache, logits = prefill(model, prompt, kv_bits=kv_bits)
     y = mx.argmax(logits[:, -1:], axis=-1)
     mx.async_eval(y)
     t0 = 0.0
@@ -70,9 +73,9 @@ def pipelined_ms(model, prompt: mx.array, steps: int, warm: int = 3) -> float:
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
-def _warmed(model, prompt: mx.array):
+def _warmed(model, prompt: mx.array, kv_bits: int | None = None):
     """(cache, last token) after the prompt and two decode steps (a trace, a kernel build)."""
-    cache, logits = prefill(model, prompt)
+    cache, logits = prefill(model, prompt, kv_bits=kv_bits)
     tok = mx.argmax(logits[:, -1:], axis=-1)
     mx.eval(tok)
     for _ in range(2):
@@ -81,10 +84,10 @@ def _warmed(model, prompt: mx.array):
     return cache, tok
 
 
-def build_profile(model, prompt: mx.array, steps: int, top: int) -> str:
+def build_profile(model, prompt: mx.array, steps: int, top: int, kv_bits: int | None = None) -> str:
     """cProfile's tables for `steps` decode steps' graph building (each step then evaluated
     outside the profiler)."""
-    cache, tok = _warmed(model, prompt)
+    cache, tok = _warmed(model, prompt, kv_bits)
     prof = cProfile.Profile()
     for _ in range(steps):
         prof.enable()
@@ -110,7 +113,7 @@ def histogram(events, steps: int) -> list[tuple[str, float, float]]:
     return sorted(rows, key=lambda r: (-r[1], -r[2], r[0]))
 
 
-def kernels_by_name(model, prompt: mx.array, steps: int = 4) -> str:
+def kernels_by_name(model, prompt: mx.array, steps: int = 4, kv_bits: int | None = None) -> str:
     """The table of `histogram` for `steps` greedy decode steps, or why there is none."""
     if zmlx.backend.current() != "cuda":
         return f"kernels by name need the CUDA backend (this is {zmlx.backend.current()})"
@@ -120,7 +123,7 @@ def kernels_by_name(model, prompt: mx.array, steps: int = 4) -> str:
 
     from zmlx.bench.harness import cuda_kernels
 
-    cache, tok = _warmed(model, prompt)
+    cache, tok = _warmed(model, prompt, kv_bits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prof = profile(activities=[ProfilerActivity.CUDA])
@@ -153,6 +156,7 @@ def run(
     profile: bool,
     kernels: bool = False,
     prompt_tokens: int | None = None,
+    kv_bits: int | None = None,
 ) -> list[tuple[str, float, float, float]]:
     prompt = prompt_of(model, prompt_tokens)
     rows = []
@@ -161,8 +165,8 @@ def run(
         if s != "none":
             zmlx.patch(model, patterns=s)
         try:
-            t = issue_times(model, prompt, steps=steps, warm=3)
-            pipe = statistics.median(pipelined_ms(model, prompt, steps) for _ in range(3))
+            t = issue_times(model, prompt, steps=steps, warm=3, kv_bits=kv_bits)
+            pipe = statistics.median(pipelined_ms(model, prompt, steps, kv_bits=kv_bits) for _ in range(3))
             rows.append((s, t.build_median, t.issue_median, pipe))
             print(
                 f"[{s}] build {t.build_median:.2f} ms, issue {t.issue_median:.2f} ms, "
@@ -170,9 +174,9 @@ def run(
                 flush=True,
             )
             if profile:
-                print(build_profile(model, prompt, steps, top), flush=True)
+                print(build_profile(model, prompt, steps, top, kv_bits), flush=True)
             if kernels:
-                print(kernels_by_name(model, prompt), flush=True)
+                print(kernels_by_name(model, prompt, kv_bits=kv_bits), flush=True)
         finally:
             zmlx.unpatch(model)
     return rows
@@ -223,6 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernels", action="store_true", help="the kernels by name (CUDA)")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default 10)")
     parser.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        help="decode over a cache quantized as mlx-lm's --kv-bits (4 or 8, group 64; MLA: mla_kv_quant)",
+    )
+    parser.add_argument(
         "--comments-ab", type=int, default=0, metavar="ROUNDS", help="compacted vs written device code"
     )
     args = parser.parse_args(argv)
@@ -235,13 +245,28 @@ def main(argv: list[str] | None = None) -> None:
             cli_args.at_least(1, {"--comments-ab": args.comments_ab})
         for s in sets:
             cli_args.selection(s, "--sets")
+        if args.kv_bits is not None:
+            why = latent_quant.kv_quant_error(args.kv_bits, 64)
+            if why:
+                raise ConfigError(why)
+            if args.comments_ab:
+                raise ConfigError("--kv-bits and --comments-ab do not go together")
         knobs = {k: os.environ[k] for k in MLX_KNOBS if k in os.environ}
         print(f"backend {zmlx.backend.current()}  MLX {mx.__version__}  knobs {knobs or 'MLX defaults'}")
         model, _ = synth.build(args.spec)
         if args.comments_ab:
             comments_ab(model, sets, args.steps, args.comments_ab, args.prompt_tokens)
             return
-        rows = run(model, sets, args.steps, args.top, not args.no_profile, args.kernels, args.prompt_tokens)
+        rows = run(
+            model,
+            sets,
+            args.steps,
+            args.top,
+            not args.no_profile,
+            args.kernels,
+            args.prompt_tokens,
+            args.kv_bits,
+        )
     print(f"{'set':<60} {'build ms':>9} {'issue ms':>9} {'pipelined ms/token':>19}")
     for s, b, i, pp in rows:
         print(f"{s:<60} {b:>9.2f} {i:>9.2f} {pp:>19.2f}")

@@ -16,11 +16,21 @@ import mlx.core as mx
 PREFILL_STEP = 2048  # mlx-lm's generate_step default (prefill_step_size)
 
 
-def prefill(model, prompt: mx.array, chunk: int = PREFILL_STEP, cache: list | None = None):
+def prefill(
+    model,
+    prompt: mx.array,
+    chunk: int = PREFILL_STEP,
+    cache: list | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+):
     """(cache, logits): `prompt` (1-D token ids) fed into `cache` (a fresh prompt cache of the
     model's, its make_cache() where it has one, when None), all but its last token `chunk`
     tokens a call (each evaluated, MLX's buffer cache cleared after), then the last token;
-    logits is the model's raw output for that last call, (1, 1, vocab)."""
+    logits is the model's raw output for that last call, (1, 1, vocab). With `kv_bits`, the
+    cache is quantized as mlx-lm's `--kv-bits` quantizes it (maybe_quantize_kv_cache, from
+    position 0) before the last token, so that token and every decode step after it run over
+    the quantized cache."""
     from mlx_lm.models.cache import make_prompt_cache
 
     if chunk < 1:
@@ -34,4 +44,8 @@ def prefill(model, prompt: mx.array, chunk: int = PREFILL_STEP, cache: list | No
         model(prompt[None, start : min(start + chunk, n - 1)], cache=cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
+    if kv_bits is not None:
+        from mlx_lm.generate import maybe_quantize_kv_cache
+
+        maybe_quantize_kv_cache(cache, 0, kv_group_size, kv_bits)
     return cache, model(prompt[None, n - 1 :], cache=cache)

@@ -33,6 +33,19 @@ def test_a_longer_prompt_is_the_ledgers_seeded_ids(tiny_q4):
     assert row[0] == "none" and row[3] > 0
 
 
+def test_kv_bits_decodes_over_the_quantized_cache(tiny_q4, monkeypatch):
+    """--kv-bits: the steps run over mlx-lm's QuantizedKVCache (through mla_kv_quant)."""
+    from zmlx.patch import quantized_attention
+
+    model, _ = tiny_q4
+    calls = []
+    real = quantized_attention.attend
+    monkeypatch.setattr(quantized_attention, "attend", lambda *a: calls.append(1) or real(*a))
+    (row,) = load_script("gpu/profile_host.py").run(model, ["mla_kv_quant"], 2, 5, profile=False, kv_bits=8)
+    assert row[0] == "mla_kv_quant" and row[3] > 0 and calls
+    assert zmlx.patch_result(model) is None
+
+
 def test_the_profile_names_zmlx_functions(tiny_q4):
     model, _ = tiny_q4
     text = load_script("gpu/profile_host.py").build_profile
@@ -53,6 +66,8 @@ def test_the_profile_names_zmlx_functions(tiny_q4):
         ["--sets", "none;no_such_pattern"],
         ["--prompt-tokens", "0"],
         ["--prompt-tokens", "x"],
+        ["--kv-bits", "3"],
+        ["--kv-bits", "8", "--comments-ab", "1"],
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args):

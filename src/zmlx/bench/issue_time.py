@@ -38,13 +38,16 @@ class IssueTimes:
         return statistics.median(self.issue_ms)
 
 
-def issue_times(model, prompt: mx.array, steps: int = 16, warm: int = 2) -> IssueTimes:
+def issue_times(
+    model, prompt: mx.array, steps: int = 16, warm: int = 2, kv_bits: int | None = None
+) -> IssueTimes:
     """Milliseconds to build and to issue each of `steps` greedy decode steps, after `warm`
     steps (a trace, a kernel build), after the prompt fed into a fresh prompt cache as
-    mlx-lm's generate feeds it (zmlx.prefill)."""
+    mlx-lm's generate feeds it (zmlx.prefill; with `kv_bits`, the cache quantized as mlx-lm's
+    --kv-bits does, group 64)."""
     if steps < 1 or warm < 0:
         raise ValueError(f"steps must be >= 1 and warm >= 0 (got {steps}, {warm})")
-    cache, logits = prefill(model, prompt)
+    cache, logits = prefill(model, prompt, kv_bits=kv_bits)
     tok = mx.argmax(logits[:, -1:], axis=-1)
     mx.eval(tok)
     out = IssueTimes([], [])
