@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the project root (after `source .device/extra/activate.sh`):
 #   bash benchmarks/gpu/switch_checks.sh
-# The checks that decide the switches built off until they ran on a GPU:
-#   mla_q_prep.LASTQ       tune_q_prep.py's LASTQ rows (bitwise as the old geometry, µs) and
-#                          the cuda tests of the counters geometry
-#   quant.MXFP4_FP_ORDER   the cuda tests of wide gathered mxfp4 rows in fp_qmv's order
+# The checks of the switches built off until they ran on a GPU (each turned on once they passed):
+#   quant.MXFP4_FP_ORDER   the cuda tests of wide gathered mxfp4 rows in fp_qmv's order (on
+#                          since they passed on the H200, 2026-12-01)
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
-# A switch is turned on by editing its constant once its line says PASS (never by this script).
+# A switch is turned on (or back off) by editing its constant (never by this script).
 set -uo pipefail
 out=${OUT:-gpu-results}
 if ! python3 -c "import mlx.core as mx, sys; sys.exit(0 if mx.default_device() == mx.gpu else 1)" 2>/dev/null; then
@@ -30,10 +29,6 @@ run_tests() {  # name, limit, pytest args...
     echo "$name: FAIL (pytest rc $rc, $passed passed, $failed failed; $out/switch-$name.log)"
   fi
 }
-timeout 200 python3 benchmarks/gpu/tune_q_prep.py --out "$out" > "$out/switch-tune-q-prep.log" 2>&1 \
-  || echo "tune_q_prep: exited $? ($out/switch-tune-q-prep.log)"
-grep -E "LASTQ|ES 4 RQ 4" "$out/switch-tune-q-prep.log" || true
 {
-  run_tests lastq 300 tests/kernels/test_mla_q_prep.py -k "slices_and_row or counters"
   run_tests mxfp4-fp-order 200 tests/kernels/test_mxfp4_experts.py -k "fp_order"
 } | tee "$out/switch-summary.log"

@@ -5,7 +5,6 @@ affine 4-bit, group 64, bf16), and mla_q_prep_nope's for each RQ.
 
     python benchmarks/gpu/tune_q_prep.py [--out DIR]
 
-Then the LASTQ geometry (the counters given, as mla_block prepares it) for RQ 2 and 4.
 Each configuration sets the module's constants (the launch reads them) and must give
 bitwise the outputs of (1, 1), the geometry before the slices (each row's arithmetic is the
 same; the `cuda` tests check it on more shapes); a configuration that does not is marked.
@@ -74,19 +73,6 @@ def main(out: Annotated[Path, typer.Option(help="where tune_q_prep.json goes")] 
                 f"{r['kernel']:<12} ES {slices} RQ {rq}: {r['gpu_us']:7.1f} µs  "
                 + ("same" if same else "DIFFERS")
             )
-    for rq in (2, 4):  # LASTQ: q_b's rows in slices, embed_q in the last slice of a head
-        mod.RQ = rq
-        sem = mod.counters(1, 20)
-
-        def last(sem=sem):
-            return mod.mla_q_prep.run_kernel("cuda", *full, init_value=float("nan"), **kw, sem=sem)
-
-        got = last()
-        mx.eval(got)
-        same = all(mx.array_equal(a, b).item() for a, b in zip(got, base[0]))
-        us = sum(u for _, _, u in kb.breakdown(last))
-        rows.append({"kernel": "mla_q_prep", "lastq": True, "rq": rq, "gpu_us": us, "bitwise_as_1_1": same})
-        print(f"mla_q_prep   LASTQ RQ {rq}: {us:7.1f} µs  " + ("same" if same else "DIFFERS"))
     mod.EMBED_SLICES, mod.RQ = defaults
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune_q_prep.json").write_text(

@@ -18,9 +18,9 @@ from zmlx.kernels.mla_attention import mla_decode, mla_embed_q, mla_unembed
 from zmlx.kernels.mla_decode_len import mla_decode_len
 from zmlx.kernels.mla_decode_q import inputs as mla_decode_q_inputs
 from zmlx.kernels.mla_decode_q import mla_decode_q
-from zmlx.kernels.mla_q_prep import counters, mla_q_prep, mla_q_prep_nope
 from zmlx.kernels.mla_q_prep import inputs as mla_q_prep_inputs
 from zmlx.kernels.mla_q_prep import kwargs as mla_q_prep_kwargs
+from zmlx.kernels.mla_q_prep import mla_q_prep, mla_q_prep_nope
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_down import moe_down
 from zmlx.kernels.moe_gate_up import moe_gate_up, moe_gate_up_route
@@ -255,8 +255,6 @@ def _mla_q_prep_cases():  # GLM-4.7-Flash's attention and small odd shapes; mixe
             args = mla_q_prep_inputs(1, heads, qlr, nope, rd, rank, dtype, 1, packing=qp, embed_packing=ep)
             kw = mla_q_prep_kwargs(heads, nope, rd, packing=qp, embed_packing=ep)
             yield mla_q_prep, (*args, rope_table(rd, 10_000.0, 1.0, 8), 5), kw
-            # LASTQ: q_b's rows in slices, embed_q in the last one (its counters given)
-            yield mla_q_prep, (*args, rope_table(rd, 10_000.0, 1.0, 8), 5), dict(kw, sem=counters(1, heads))
             nope_kw = {k: v for k, v in kw.items() if not k.startswith("embed_")}
             yield mla_q_prep_nope, (*args[:7], rope_table(rd, 10_000.0, 1.0, 8), 5), nope_kw
             if qp is q4:  # YaRN's rope: its frequencies in the table, mscale 1 + 0.1 ln 32 on the input

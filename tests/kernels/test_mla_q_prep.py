@@ -23,7 +23,6 @@ from zmlx.kernels.core import Launch, Skip
 from zmlx.kernels.glm47_rope import rope_table
 from zmlx.kernels.mla_q_prep import (
     THREADS,
-    counters,
     inputs,
     kwargs,
     launch,
@@ -265,8 +264,7 @@ def test_nope_launch_takes_no_embed_q():
     assert (dict(full.template)["QS"], dict(spec.template)["QS"], dict(spec.template)["QL"]) == (1, 8, 32)
     metal = launch_nope("metal", *nope_args, **nope_kw)
     assert (dict(metal.template)["QS"], dict(metal.template)["QL"]) == (4, 64)
-    # mla_q_prep's inputs beyond: embed_q's weights and the counters
-    assert len(spec.inputs) == len(mla_q_prep_nope.input_names) == len(full.inputs) - 4
+    assert len(spec.inputs) == len(mla_q_prep_nope.input_names) == len(full.inputs) - 3
     assert {n for n, _ in full.template} - {n for n, _ in spec.template} == {"EGS", "EBITS"}
     # an odd nope would split a rope pair between slices: one threadgroup a head then
     odd, odd_kw = _problem((1, 3, 96, 17, 16, 128), mx.bfloat16, (Q4, None), 2)
@@ -482,24 +480,6 @@ def test_launch_spreads_a_head_over_embed_slices(monkeypatch):
     assert nt["ES"] == 1 and nt["QS"] > 1  # the nope variant slices q_b's rows instead
 
 
-def test_counters_give_the_last_slice_embed_q_on_cuda_only():
-    """With its counters (mla_block gives them), CUDA's launch spreads q_b's rows over 8
-    slices a head, as the nope variant, with embed_q in the slice that finishes last; Metal's
-    and a launch without counters keep the embed slices; the reference ignores them."""
-    args, kw = _problem(SHAPES[1], mx.bfloat16, (Q4, Q4), 5)
-    sem = counters(1, 20)
-    t = dict(launch("cuda", *args, **kw, sem=sem).template)
-    assert (t["LASTQ"], t["QS"], t["QL"], t["ES"], t["NB"]) == (True, 8, 32, 1, 160)
-    spec = launch("cuda", *args, **kw, sem=sem)
-    assert spec.inputs[-1] is sem and spec.grid[0] == (160 + 1) * THREADS
-    for other in (launch("metal", *args, **kw, sem=sem), launch("cuda", *args, **kw)):
-        t = dict(other.template)
-        assert not t["LASTQ"] and t["QS"] == 1 and t["ES"] > 1
-    assert not dict(launch("cuda", *args, **kw, sem=counters(1, 19)).template)["LASTQ"]  # too few
-    for a, b in zip(reference(*args, **kw, sem=sem), reference(*args, **kw)):
-        assert mx.array_equal(a, b).item()
-
-
 @pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
 def test_metal_embed_slices_give_the_same_values(tmp_path_factory, monkeypatch):
     """Two sequences, an embed row count that the slices split unevenly across warps: every
@@ -531,17 +511,7 @@ def test_cuda_slices_and_row_batches_give_the_same_values(monkeypatch, shape, dt
         nope = mla_q_prep_nope.run_kernel("cuda", *nope_args, init_value=float("nan"), **nope_kw)
         mx.eval(full, nope)
         runs[cfg] = (*full, *nope)
-    # LASTQ (the counters given): three launches in one graph and one more alone, each leaving
-    # the counters 0 for the next
-    sem = counters(shape[0], shape[1])
-    calls = [mla_q_prep.run_kernel("cuda", *args, init_value=float("nan"), **kw, sem=sem) for _ in range(3)]
-    mx.eval(calls)
-    calls.append(mla_q_prep.run_kernel("cuda", *args, init_value=float("nan"), **kw, sem=sem))
-    mx.eval(calls[-1])
-    assert mx.array_equal(sem, mx.zeros_like(sem)).item()
     base = runs.pop((1, 1))
-    for j, outs in enumerate(calls):
-        runs[("lastq", j)] = (*outs, *base[4:])
     for cfg, outs in runs.items():
         for i, (a, b) in enumerate(zip(base, outs)):
             assert mx.array_equal(a, b).item(), (cfg, i)

@@ -185,32 +185,3 @@ def test_on_the_gpu_the_compiled_steps_cache_writes_are_scatters(tiny_f32):
     assert not [n for n in names if "dynamic_offset" in n], names
     scatters = [n for n in names if "scatter_axis" in n]
     assert len(scatters) == 2 * 2 * model.args.num_hidden_layers, names  # 2 steps x 2 buffers
-
-
-@pytest.mark.parametrize("which", ["tiny_f32", "tiny_q4"])
-def test_mla_q_preps_counters_change_no_value_eager_or_compiled(
-    request, no_stock_attention, which, monkeypatch
-):
-    """With mla_q_prep.LASTQ on, each layer's prepared mla_q_prep holds counters of its own
-    (uint32 zeros, one a head; on CUDA the LASTQ geometry's), the reference ignores them, and
-    eager and compiled steps give bitwise the logits they give without them."""
-    from zmlx.kernels import mla_q_prep
-
-    model, _ = request.getfixturevalue(which)
-    want = [_run(model, PROMPT, 3, p)[0] for p in ("mla_block", "mla_block,compiled_decode")]
-    monkeypatch.setattr(mla_q_prep, "LASTQ", True)
-    mla_block._BLOCKS.clear()
-    seen = []
-    real = mla_layer.prepare
-
-    def spy(kernel, args, kwargs=None, *a, **kw):
-        if kernel is mla_q_prep.mla_q_prep:
-            seen.append(kwargs["sem"])
-        return real(kernel, args, kwargs, *a, **kw)
-
-    monkeypatch.setattr(mla_layer, "prepare", spy)
-    got = [_run(model, PROMPT, 3, p)[0] for p in ("mla_block", "mla_block,compiled_decode")]
-    for w, g in zip(want, got):
-        _same(w, g)
-    heads = model.args.num_attention_heads
-    assert seen and all(s.dtype == mx.uint32 and s.shape == (heads,) and not s.any().item() for s in seen)

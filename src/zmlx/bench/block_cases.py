@@ -172,6 +172,6 @@ def mla_block_cases(position: int = 4095) -> list[Case]:
             q_prep.reference,
             q_prep.mla_q_prep,
             (*prep, table, position),
-            dict(prep_kw, **q_prep.counters_kw(1, HEADS)),  # as mla_block prepares it
+            prep_kw,
         ),
     ]

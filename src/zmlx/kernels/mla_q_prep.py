@@ -50,7 +50,6 @@ Device code: csrc/mla_q_prep_body.h; csrc/quant.h (qmv-order dots), csrc/residua
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
 from zmlx.kernels.glm47_rope import rope_table, scale_bits, stock_rope
@@ -64,9 +63,6 @@ THREADS = 512  # per threadgroup (at least the norms' BLOCK): 16 warps split a h
 RW = 4  # the float32 row dots (embed_q; q_b_proj on Metal): rows per warp at once
 RQ = 4  # q_b_proj's qmv-order dots on CUDA: rows per warp at once (their loads in flight together)
 EMBED_SLICES = 4  # with embed_q: threadgroups per head, each R / ES embed rows (at most)
-# The LASTQ geometry (counters given) in the model's launches (mla_layer) and the self-check:
-# off until its `cuda` tests have run on a GPU (built 2026-11-30 after the session's GPU time)
-LASTQ = False
 _SHARED_BYTES = 32768  # Metal's threadgroup memory
 
 
@@ -99,9 +95,7 @@ def reference(
 
     -> (qv (B, heads, rank) float32, q_pe * scale (B, heads, 1, rope_dims) T,
     kv_latent (B, 1, 1, rank) T, k_pe (B, 1, 1, rope_dims) T): reference_nope's, then
-    MultiLinear's matmul, qv being stock's embed_q output widened. `sem` (the kernel's
-    counters) is not read."""
-    kw.pop("sem", None)
+    MultiLinear's matmul, qv being stock's embed_q output widened."""
     q_nope, q_pe, kv_latent, k_pe = reference_nope(
         q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, table, offset, **kw
     )
@@ -198,11 +192,8 @@ def _launch(
     bits=None,
     freqs=None,
     mscale=1.0,
-    sem=None,
 ) -> Launch | Skip:
-    """Both variants': embed (eq_w, eq_s, eq_b, embed_group_size, embed_bits), or None;
-    sem: with embed on CUDA, uint32 counters (B * heads, zeros, row-contiguous, kept by the
-    caller across calls: each launch leaves them 0) for the LASTQ geometry."""
+    """Both variants': embed (eq_w, eq_s, eq_b, embed_group_size, embed_bits), or None."""
     if qa_norm_w is None:
         return Skip("no q_a_layernorm (q_lora_rank None: q_proj) is not fused yet")
     if why := _shape_reason(q_a, ckv, qa_norm_w, kv_norm_w, heads, rope_dims):
@@ -257,22 +248,11 @@ def _launch(
     threads = max(THREADS, qblock, kblock)
     # rows per threadgroup: the head's (embed_q needs its whole q_nope row), else two rounds of
     # the warps on CUDA, one on Metal (RW rows a warp): even, so no rope pair (even nope) splits
-    lastq = (
-        embed is not None
-        and backend == "cuda"
-        and sem is not None
-        and sem.dtype == mx.uint32
-        and sem.size >= bsz * heads
-        and rank >= nope  # q_nope is parked in qv's row
-    )
-    slices = embed is None or lastq
-    ql = qw if not slices or nope % 2 else min(qw, (threads // 32) * (RW if backend == "metal" else 2))
+    ql = qw if embed is not None or nope % 2 else min(qw, (threads // 32) * (RW if backend == "metal" else 2))
     if qlr * 4 + ql * 4 + 128 > _SHARED_BYTES:
         return Skip(f"q_lora_rank {qlr} does not fit in threadgroup memory")
     qs = -(-qw // ql)
-    es = next(
-        e for e in range(EMBED_SLICES if embed is not None and not lastq else 1, 0, -1) if rank % e == 0
-    )
+    es = next(e for e in range(EMBED_SLICES if embed is not None else 1, 0, -1) if rank % e == 0)
     rq = max(1, min(RQ, ql // (threads // 32)))
     q_out = ((bsz, heads, rank), mx.float32) if embed is not None else ((bsz, heads, 1, nope), dtype)
     return Launch(
@@ -286,7 +266,6 @@ def _launch(
             kv_norm_w,
             *embed_inputs,
             table[offset : offset + 1],  # the position's row: a view
-            *([sem if lastq else q_a] if embed is not None else []),
         ],
         template=[
             ("T", dtype),
@@ -300,7 +279,6 @@ def _launch(
             ("QS", qs),
             ("QL", ql),
             ("ES", es),
-            ("LASTQ", lastq),
             ("NB", bsz * heads * qs * es),
             ("TG", threads),
             ("RW", RW),
@@ -340,31 +318,18 @@ def launch_nope(
     return _launch(backend, q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, None, table, offset, **kw)
 
 
-def counters(bsz: int, heads: int) -> mx.array:
-    """mla_q_prep's `sem`: zeros, one a (sequence, head), in a buffer of their own (each launch
-    leaves them 0 again), kept by the caller for every call of its launch. Made from host
-    data, so a constant even where it is made inside mx.compile's trace."""
-    return mx.array(np.zeros((bsz * heads,), dtype=np.uint32))
-
-
-def counters_kw(bsz: int, heads: int) -> dict:
-    """The keyword arguments a caller adds for LASTQ: {"sem": counters} while LASTQ is on,
-    else none (the one place that reads the switch for callers)."""
-    return {"sem": counters(bsz, heads)} if LASTQ else {}
-
-
 def example():
     # 3 heads, q_lora_rank 96, nope 64 (not 32: no stock CUDA kernel there), rope 16, latent 128
     p = dict(group_size=32, bits=4)
     args = inputs(1, 3, 96, 64, 16, 128, mx.bfloat16, 71, packing=p, embed_packing=p)
     kw = kwargs(3, 64, 16, packing=p, embed_packing=p)
-    return (*args, rope_table(16, kw["base"], 1.0, 300), 257), dict(kw, **counters_kw(1, 3))
+    return (*args, rope_table(16, kw["base"], 1.0, 300), 257), kw
 
 
 def nope_example():
-    """example() without embed_q's weights, packing and counters."""
+    """example() without embed_q's weights and packing."""
     args, kw = example()
-    return (*args[:7], *args[10:]), {k: v for k, v in kw.items() if not k.startswith("embed_") and k != "sem"}
+    return (*args[:7], *args[10:]), {k: v for k, v in kw.items() if not k.startswith("embed_")}
 
 
 _HEADER = device_code("quant.h", "residual_norm.h", "glm47_rope.h", "mla.h")
@@ -376,7 +341,7 @@ mla_q_prep = KernelDef(
     tolerance=2**-3,  # the self-check only: a few roundings of T, far below a layout error
     body=device_code("mla_q_prep_body.h"),
     header="#define ZMLX_QV 1\n" + _HEADER,
-    input_names=("q_a", "ckv", "qa_w", "qb_w", "qb_s", "qb_b", "kv_w", "eq_w", "eq_s", "eq_b", "cs", "sem"),
+    input_names=("q_a", "ckv", "qa_w", "qb_w", "qb_s", "qb_b", "kv_w", "eq_w", "eq_s", "eq_b", "cs"),
     output_names=("qv", "q_pe", "kv_latent", "k_pe"),
     launch=launch,
     example=example,

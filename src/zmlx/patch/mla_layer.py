@@ -19,7 +19,6 @@ from mlx_lm.models.cache import KVCache
 
 from zmlx import backend as _backend
 from zmlx.distributed import row_sharded_reason
-from zmlx.kernels import mla_q_prep as q_prep
 from zmlx.kernels.core import KernelDef
 from zmlx.kernels.glm47_rope import rope_table
 from zmlx.kernels.norm_qkv_a import attention_args, attention_reason
@@ -136,9 +135,7 @@ def prologue(layer, x, backend, qkv_kernel: KernelDef, q_kernel: KernelDef, embe
     q_args: tuple = (q_a, ckv, attn.q_a_layernorm["weight"], *qb, attn.kv_a_layernorm["weight"])
     if embed:
         eq, eq_kw = weights_of(attn.embed_q)
-        # with the launch's own counters while mla_q_prep's LASTQ geometry is on
         q_kw.update(embed_group_size=eq_kw["group_size"], embed_bits=eq_kw["bits"])
-        q_kw.update(q_prep.counters_kw(x.shape[0], rope_kw["heads"]))
         q_args += tuple(eq)
     q_args += (table, 0)
     pos = len(q_args) - 1

@@ -4,9 +4,7 @@
 //   the GPU at once, fewer rounds of dependent loads per warp);
 // - with embed_q (QS 1, QL = QW) a head's kv_lora_rank embed rows go to ES threadgroups of
 //   R / ES rows; each computes the head's q_nope rows (embed_q needs the whole row), and slice
-//   0 also its rope rows (q_pe is written once);
-// - or, LASTQ (CUDA, a counter array `sem` given), a head's rows in QS slices as the nope
-//   variant's, and embed_q in whichever slice of the head finishes last (below).
+//   0 also its rope rows (q_pe is written once).
 // q threadgroup (every slice the same steps 1 and 2, over its rows):
 // 1. q_a_layernorm of q_a[b] in MLX's rms_norm order (residual_norm_body.h's mapping: threads
 //    below QBLOCK own MLX's elements; the others' warps add +0.0 where MLX zero-fills), the
@@ -147,32 +145,8 @@ if (zmlx_lid < RD / 2 && NOPE + 2 * zmlx_lid >= r0 && NOPE + 2 * zmlx_lid < r0 +
     q_pe[dst + 1] = static_cast<T>(ZMLX_MUL(static_cast<float>(r2), sc));
 }
 #if ZMLX_QV
-#ifdef ZMLX_CUDA
-// LASTQ (CUDA): the head's q_b rows in QS slices, and embed_q in the slice that finishes last.
-// Each slice parks its q_nope rows in qv[b, h] (floats of T values; R >= NOPE), fences them,
-// and counts itself done in sem[b * H + h]; the one that counts QS (the last) reads the whole
-// q_nope row back from L2, puts the counter back to 0 for the next launch, and goes on.
-__shared__ float zmlx_qn[LASTQ ? NOPE : 1];
-__shared__ uint zmlx_last;
-if constexpr (LASTQ) {
-    for (uint j = zmlx_lid; j < nq && r0 + j < NOPE; j += TG) qv[size_t(bh) * R + r0 + j] = zmlx_q[j];
-    __threadfence();
-    ZMLX_BARRIER;
-    if (zmlx_lid == 0) zmlx_last = atomicAdd((uint*)(sem) + bh, 1u) == QS - 1;
-    ZMLX_BARRIER;
-    if (!zmlx_last) return;
-    __threadfence();
-    for (uint j = zmlx_lid; j < NOPE; j += TG) zmlx_qn[j] = __ldcg(qv + size_t(bh) * R + j);
-    if (zmlx_lid == 0) ((uint*)(sem))[bh] = 0u;
-    ZMLX_BARRIER;
-}
-const float* zmlx_qsrc = LASTQ ? zmlx_qn : zmlx_q;
-#define ZMLX_QP_QNOPE zmlx_qsrc
-#else
-#define ZMLX_QP_QNOPE zmlx_q
-#endif
 // ... and embed_q: qv[b, h] = W_q[h] @ q_nope in float32, the slice's R / ES rows
-ZMLX_MLA_X_UNITS(EBITS, NOPE, ZMLX_QP_QNOPE, xr, xsum)
+ZMLX_MLA_X_UNITS(EBITS, NOPE, zmlx_q, xr, xsum)
 constexpr uint ER = R / ES;  // embed rows per slice
 for (uint j0 = 0; j0 < ER; j0 += (TG / 32) * RW) {
     const uint j = es * ER + j0 + zmlx_warp * RW;
