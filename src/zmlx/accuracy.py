@@ -233,6 +233,9 @@ class Accuracy:
     accurate: bool
     reasons: list[str]
     rule: AccuracyRule = RULE
+    # KL(ref‖patched) - KL(ref‖stock), paired by position: whether a difference the rule's
+    # aggregates see is beyond the positions' noise (reported, not judged)
+    excess: Excess | None = None
 
     def rows(self) -> list[tuple[str, Divergences]]:
         """The table's rows, in llama.cpp's order of comparison."""
@@ -250,6 +253,7 @@ class Accuracy:
             "accurate": self.accurate,
             "reasons": list(self.reasons),
             "rule": self.rule.to_dict(),
+            **({"excess": self.excess.to_dict()} if self.excess else {}),
         }
 
 
@@ -309,7 +313,8 @@ def compare(
     ref_stock = Divergences.between(lp_ref, lp_stock)
     ref_patched = Divergences.between(lp_ref, lp_patched)
     ok, reasons = rule.judge(ref_stock, ref_patched)
-    return Accuracy(ref_stock, ref_patched, Divergences.between(lp_stock, lp_patched), ok, reasons, rule)
+    excess = Excess.between(lp_ref, lp_patched, lp_stock)
+    return Accuracy(ref_stock, ref_patched, Divergences.between(lp_stock, lp_patched), ok, reasons, rule, excess)
 
 
 def accuracy(
