@@ -207,6 +207,8 @@ def test_exact_patterns_have_no_divergence_and_pass_over_the_fixed_text_too(tiny
     d = report.to_dict()
     assert set(d["accuracy"]) >= {"ref_stock", "ref_patched", "stock_patched", "accurate", "rule"}
     assert d["accuracy"]["stock_patched"]["kld_mean"] == 0.0 and d["accuracy"]["rule"]["kld_ratio"] == 1.1
+    # an exact pattern: no excess over stock at any position
+    assert d["accuracy"]["excess"] == {"positions": a.ref_stock.positions, "mean": 0.0, "sem": 0.0}
     json.dumps(d)
 
 
@@ -232,6 +234,8 @@ def test_the_cli_prints_the_accuracy_table():
     )
     assert r.exit_code == 0, r.output
     for text in ("mean KLD", "p99 KLD", "same top %", "ref‖stock", "ref‖patched", "stock‖patched", "PASS"):
+        assert text in r.output, text
+    for text in ("patched - stock", "+0.000e+00 ± 0.0e+00"):  # the paired excess of an exact pattern
         assert text in r.output, text
 
 

@@ -313,8 +313,9 @@ def compare(
     ref_stock = Divergences.between(lp_ref, lp_stock)
     ref_patched = Divergences.between(lp_ref, lp_patched)
     ok, reasons = rule.judge(ref_stock, ref_patched)
+    stock_patched = Divergences.between(lp_stock, lp_patched)
     excess = Excess.between(lp_ref, lp_patched, lp_stock)
-    return Accuracy(ref_stock, ref_patched, Divergences.between(lp_stock, lp_patched), ok, reasons, rule, excess)
+    return Accuracy(ref_stock, ref_patched, stock_patched, ok, reasons, rule, excess)
 
 
 def accuracy(

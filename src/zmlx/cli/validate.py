@@ -94,6 +94,9 @@ def accuracy_table(acc: Accuracy):
             f"{d.same_top:.2f}",
             f"{d.mean_abs_dp:.3e}",
         )
+    if acc.excess is not None:  # paired by position: beyond the positions' noise or not
+        e = acc.excess
+        t.add_row("patched - stock", f"{e.mean:+.3e} ± {e.sem:.1e}", "", "", "", "")
     r = acc.rule
     t.add_row(
         "rule",
