@@ -119,3 +119,43 @@ def test_issue_time_counts_the_issue_not_the_evaluation(tiny_q4, monkeypatch):
     monkeypatch.setattr(mx, "async_eval", slow(real_async))
     times = issue_time.issue_times(model, prompt, steps=3, warm=1)
     assert min(times.issue_ms) >= pause * 1e3 > max(times.build_ms)  # build: before async_eval
+
+
+def test_a_failing_measurement_after_the_runs_keeps_the_runs_and_says_why(tiny_q4, monkeypatch):
+    """The issue-time steps and the kernel count come after the timed runs: where one raises
+    (on 2026-12-01 the issue-time steps ran out of GPU memory at a 32k prompt and the runs were
+    lost), its figures are None with the reason in one line, and the runs and verdicts stay."""
+    from zmlx.bench import harness
+
+    def boom(*a, **k):
+        raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory\nmore")
+
+    monkeypatch.setattr(harness, "issue_times", boom)
+    monkeypatch.setattr(harness, "profile_decode", boom)
+    model, tok = tiny_q4
+    steps: list[str] = []
+    control, both = measure(
+        model,
+        tok,
+        [CONTROL, Variant("both", ("moe_router",))],
+        runs=1,
+        max_tokens=6,
+        prompt_tokens=9,
+        on_step=steps.append,
+    )
+    for r in (control, both):
+        assert len(r.runs) == 1 and r.fidelity["verdict"] == "PASS"
+        assert r.issue_ms_per_step is None and r.build_ms_per_step is None
+        oom = "cudaMallocAsync(&data, size, stream) failed: out of memory"
+        assert r.issue_note == f"the issue-time steps failed: RuntimeError: {oom}"
+        assert r.kernels_per_token is None and r.kernels_note.startswith(
+            "the kernel count failed: RuntimeError"
+        )
+        assert r.to_dict()["issue_note"] == r.issue_note
+    assert any(s.startswith("issue both: the issue-time steps failed") for s in steps)
+    from zmlx.matrix.entries import measured
+    from zmlx.models import ModelSource
+
+    base = dict(notes="", params={}, git={"commit": "x", "dirty": False}, command="test")
+    line = measured(ModelSource("synth:x", "synth", "glm4_moe_lite", "affine4/g64"), control, both, **base)
+    assert line["issue_note"] == both.issue_note and line["issue_ms_per_step"] is None

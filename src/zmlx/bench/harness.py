@@ -59,6 +59,7 @@ class VariantResult:
     gpu_us_per_token: float | None = None  # summed device time of those kernels
     kernels_note: str = ""
     issue_ms_per_step: float | None = None  # host time to issue one decode step (median)
+    issue_note: str = ""  # why it is None after the timed runs (the measurement failed)
     build_ms_per_step: float | None = None  # of which building its graph (Python's part)
     compiled_decode: dict[str, Any] | None = None  # its stats() after the last timed run
     patch: dict[str, Any] | None = None
@@ -89,6 +90,7 @@ class VariantResult:
             "gpu_us_per_token": self.gpu_us_per_token,
             "kernels_note": self.kernels_note,
             "issue_ms_per_step": self.issue_ms_per_step,
+            "issue_note": self.issue_note,
             "build_ms_per_step": self.build_ms_per_step,
             "compiled_decode": self.compiled_decode,
             "fidelity": self.fidelity,
@@ -158,6 +160,17 @@ def profile_decode(model, prompt: mx.array, steps: int = 8) -> tuple[float | Non
     return len(kernels) / steps, gpu_us / steps, f"torch.profiler, {steps} decode steps"
 
 
+def after_runs(measure_it: Callable[[], Any], what: str) -> tuple[Any, str]:
+    """(its result, "") or, where it raises, (None, why in one line): a measurement taken after
+    the timed runs must not lose them (MLX's buffer cache is cleared after a failure)."""
+    try:
+        return measure_it(), ""
+    except Exception as e:  # noqa: BLE001 - any failure: the runs are kept, the reason recorded
+        mx.clear_cache()
+        first = (str(e).strip().splitlines() or [""])[0]
+        return None, f"{what} failed: {type(e).__name__}: {first}"[:300]
+
+
 def _fidelity(control: list[list[int]], tokens: list[list[int]]) -> dict[str, Any]:
     identical, total, first = None, None, None
     for i, (a, b) in enumerate(zip(control, tokens)):
@@ -223,18 +236,24 @@ def measure(
             r.runs.append(RunNumbers(run.prompt_tps, run.decode_tps, run.peak_memory_gb, len(run.tokens)))
             r.tokens.append(run.tokens)
             step(f"run {i + 1}/{runs} {r.variant.name}: {run.decode_tps:.1f} tok/s decode")
-    # Issue time before the kernel counts (below), which would slow it; any backend.
+    # Issue time before the kernel counts (below), which would slow it; any backend. These
+    # diagnostics come after the timed runs: one that fails (e.g. out of memory) leaves its
+    # figures None with the reason, not the runs lost (2026-12-01, a 32k prompt).
     for r in active:
         with applied(model, r.variant):
-            times = issue_times(model, prompt)
-        r.issue_ms_per_step, r.build_ms_per_step = times.issue_median, times.build_median
-        step(f"issue {r.variant.name}: {r.issue_ms_per_step:.3f} ms per decode step")
+            times, r.issue_note = after_runs(lambda: issue_times(model, prompt), "the issue-time steps")
+        if times is not None:
+            r.issue_ms_per_step, r.build_ms_per_step = times.issue_median, times.build_median
+            step(f"issue {r.variant.name}: {r.issue_ms_per_step:.3f} ms per decode step")
+        else:
+            step(f"issue {r.variant.name}: {r.issue_note}")
     # Kernel counts last: once CUPTI has been attached it slows every later launch
     # (seen on the H100: stock decode fell from ~31 to ~24 tok/s), so no timed run may follow.
     if count_kernels:
         for r in active:
             with applied(model, r.variant):
-                r.kernels_per_token, r.gpu_us_per_token, r.kernels_note = profile_decode(model, prompt)
+                counted, note = after_runs(lambda: profile_decode(model, prompt), "the kernel count")
+            r.kernels_per_token, r.gpu_us_per_token, r.kernels_note = counted or (None, None, note)
             counted = (
                 f"{r.kernels_per_token} per token" if r.kernels_per_token is not None else r.kernels_note
             )

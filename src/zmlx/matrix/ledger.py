@@ -16,8 +16,10 @@ holds the KL-divergence statistics against the float32 reference (zmlx.accuracy)
 the host time to issue one decode step, `issue_ms_per_step` and `stock_issue_ms_per_step`,
 and the part of it that builds the step's graph, `build_ms_per_step` and
 `stock_build_ms_per_step` (zmlx.bench.issue_time), and `compiled_decode` (its counters:
-traces, compiled_steps, stock_steps by reason) on lines whose patterns applied it. Older
-lines lack these fields: readers take a missing field as not measured.
+traces, compiled_steps, stock_steps by reason) on lines whose patterns applied it; since
+2026-12-01 (same version) `issue_note` says why the issue time is null where its
+measurement failed after the timed runs (as `kernels_note` does for the kernel count).
+Older lines lack these fields: readers take a missing field as not measured.
 """
 
 from __future__ import annotations
