@@ -159,3 +159,31 @@ def test_a_failing_measurement_after_the_runs_keeps_the_runs_and_says_why(tiny_q
     base = dict(notes="", params={}, git={"commit": "x", "dirty": False}, command="test")
     line = measured(ModelSource("synth:x", "synth", "glm4_moe_lite", "affine4/g64"), control, both, **base)
     assert line["issue_note"] == both.issue_note and line["issue_ms_per_step"] is None
+
+
+def test_a_failing_accuracy_rule_keeps_the_tokens_verdict_and_says_why(tiny_q4, monkeypatch):
+    from zmlx import accuracy
+
+    def boom(*a, **k):
+        raise MemoryError("the float32 reference does not fit")
+
+    monkeypatch.setattr(accuracy, "accuracy", boom)
+    model, tok = tiny_q4
+    done = []
+    _, r = measure(
+        model,
+        tok,
+        [CONTROL, Variant("router", ("moe_router",))],
+        runs=1,
+        max_tokens=6,
+        prompt_tokens=9,
+        accuracy=True,
+        count_kernels=False,
+        on_done=lambda c, x: done.append(x.variant.name),
+    )
+    assert r.fidelity["verdict"] == "PASS" and "accuracy" not in r.fidelity
+    assert (
+        r.fidelity["accuracy_note"]
+        == "the accuracy rule failed: MemoryError: the float32 reference does not fit"
+    )
+    assert done == ["router"]

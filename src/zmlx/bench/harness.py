@@ -275,10 +275,16 @@ def measure(
         also = [fixed_text_sequence(tokenizer)]
 
         for r in judged:
-            acc = judge(model, prompt, control[0], patterns=r.variant.patterns, also=also)
-            r.fidelity["accuracy"] = acc.to_dict()
-            r.fidelity["verdict"] = verdict(r.fidelity["verdict"] == "PASS", acc.accurate)
-            step(f"accuracy {r.variant.name}: {r.fidelity['verdict']}")
+            acc, why = after_runs(
+                lambda: judge(model, prompt, control[0], patterns=r.variant.patterns, also=also),  # noqa: B023
+                "the accuracy rule",
+            )
+            if acc is not None:  # else the verdict stays the tokens' (PASS, or FAIL unjudged)
+                r.fidelity["accuracy"] = acc.to_dict()
+                r.fidelity["verdict"] = verdict(r.fidelity["verdict"] == "PASS", acc.accurate)
+            else:
+                r.fidelity["accuracy_note"] = why
+            step(f"accuracy {r.variant.name}: {r.fidelity['verdict']}" + (f" ({why})" if why else ""))
             done(active[0], r)
     for r in results[1:]:
         if r.skipped is not None:
