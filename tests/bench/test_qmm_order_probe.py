@@ -1,0 +1,62 @@
+"""benchmarks/gpu/qmm_order_probe.py without a GPU: each case's probe kernel compiles with
+NVRTC (csrc/qmm_order.h, both 16-bit types, 4 and 8 bits), the cases are stock's shapes
+(the heads case's gather is MultiLinear's batched quantized matmul), bad backend one line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from script_loader import load_script
+
+from zmlx.kernels import cuda_check
+from zmlx.kernels.core import Launch, Skip
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "qmm_order_probe.py"
+probe = load_script("gpu/qmm_order_probe.py")
+
+needs_nvrtc = pytest.mark.skipif(
+    not cuda_check.available(),
+    reason=f"needs NVRTC and MLX's CUDA headers: {cuda_check.SETUP}"
+    if cuda_check.supported()
+    else cuda_check.UNSUPPORTED,
+)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("case", probe.CASES, ids=[c[0] for c in probe.CASES])
+def test_every_case_compiles(case):
+    _, kind, dtype, batches, experts, n, k, bits, group = case
+    args, kw = probe.inputs(kind, dtype, batches, experts, n, k, bits, group)
+    spec = probe.PROBE.launch("cuda", *args, **kw)
+    assert isinstance(spec, Launch), spec
+    report = cuda_check.compile_launch(probe.PROBE, spec, resources=True)  # raises if it does not compile
+    assert "registers" in report and "0 bytes spill stores" in report, report
+
+
+@pytest.mark.parametrize("case", probe.CASES, ids=[c[0] for c in probe.CASES])
+def test_the_cases_are_stocks_shapes_and_the_gather_is_the_batched_matmul(case):
+    """One output row per (row, expert) pair, N wide; the heads case's gather (lhs = rhs = the
+    head) equals MultiLinear's batched quantized matmul; the control is below qmm's 8."""
+    _, kind, dtype, batches, experts, n, k, bits, group = case
+    args, kw = probe.inputs(kind, dtype, batches, experts, n, k, bits, group)
+    want = probe.stock(kind, args, kw)
+    assert want.shape == (batches, n) and want.dtype == dtype
+    got = probe.reference(*args, **kw)
+    assert mx.array_equal(got, want).item()
+    assert (batches >= probe.STOCK_QMM_ROWS) == (not case[0].startswith("control"))
+
+
+def test_the_launch_skips_what_it_does_not_take():
+    args, kw = probe.inputs("gather", mx.bfloat16, 8, 9, 512, 256, 4, 64)
+    assert isinstance(probe.PROBE.launch("metal", *args, **kw), Skip)
+    x = args[0].astype(mx.float32)
+    assert "bf16 or half" in probe.PROBE.launch("cuda", x, *args[1:], **kw).reason
+
+
+def test_without_a_gpu_it_says_so_in_one_line_and_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert r.stdout.strip().startswith("error:") and len(r.stdout.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
