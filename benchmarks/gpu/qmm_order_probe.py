@@ -7,9 +7,10 @@ On CUDA stock's quantized matmul leaves its qmv for qmm_sm80 once rows x batches
 gather_qmm over 8 experts at decode (Qwen3-MoE, GLM-4.5-Air, DeepSeek-V3: top-8, so zmlx's
 expert kernels, which follow qmv, leave those layers to stock) and MultiLinear's embed_q /
 unembed_out over GLM-4.7-Flash's 20 heads (2 of the ~12 stock kernels a layer left under the
-default preset). csrc/qmm_order.h computes each output in qmm_sm80's order as read from MLX's
-source (weights dequantized in T, mma.sync m16n8k16 over k-blocks of 16 in order); if that
-is the whole story, it is bitwise stock, and the expert and attention kernels can take it.
+default preset). The qmm_rows kernel (csrc/qmm_order.h) computes each output in qmm_sm80's
+order as read from MLX's source (weights dequantized in T, mma.sync m16n8k16 over k-blocks of
+16 in order); if that is the whole story, it is bitwise stock, and the expert and attention
+kernels can take it.
 
 Each case runs stock (mx.gather_qmm, or mx.quantized_matmul batched over heads) and the probe
 kernel on the same inputs and compares them bitwise: one line a case, PASS or FAIL with the
@@ -30,10 +31,9 @@ import mlx.core as mx
 import typer
 
 from zmlx import backend
-from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
+from zmlx.kernels.qmm_rows import STOCK_QMM_ROWS, qmm_rows, reference
 
 OUT = Path(os.environ.get("OUT", "."))
-STOCK_QMM_ROWS = 8  # MLX 0.32's dispatch: qmm_sm80 where rows x batches >= 8 (N % 128, K % 64)
 
 # (name, kind, dtype, batches L, experts E, N, K, bits, group)
 CASES = [
@@ -47,61 +47,6 @@ CASES = [
     ("glm unembed_out, 20 heads", "heads", mx.bfloat16, 20, 20, 256, 512, 4, 64),
     ("control: gather 4 (stock's qmv)", "gather", mx.bfloat16, 4, 12, 512, 1024, 4, 64),
 ]
-
-_BODY = """
-const uint zmlx_w = zmlx_tid / 32;  // one warp: 8 outputs of one (row, expert) pair
-constexpr uint NT = N / 8;
-if (zmlx_w < L * NT) {
-    constexpr uint UV = 32 / BITS;
-    const uint l = zmlx_w / NT;
-    const uint n0 = 8 * (zmlx_w % NT);
-    const size_t e = rhs[l];
-    float c[4];
-    zmlx_qmm_row8<BITS, GS, K>(x + size_t(lhs[l]) * K, w + e * N * (K / UV), s + e * N * (K / GS),
-                              b + e * N * (K / GS), n0, zmlx_lane, c);
-    if (zmlx_lane < 4) {
-        out[size_t(l) * N + n0 + 2 * zmlx_lane] = static_cast<T>(c[0]);
-        out[size_t(l) * N + n0 + 2 * zmlx_lane + 1] = static_cast<T>(c[1]);
-    }
-}
-"""
-
-
-def reference(x, w, s, b, lhs, rhs, *, group_size, bits):
-    """Stock: x (A, 1, K) rows, w/s/b (E, N, ...) packed experts, lhs/rhs (L,) -> (L, N)."""
-    out = mx.gather_qmm(
-        x, w, s, b, lhs_indices=lhs, rhs_indices=rhs, transpose=True, group_size=group_size, bits=bits
-    )
-    return out.reshape(lhs.size, -1)
-
-
-def launch(backend_name, x, w, s, b, lhs, rhs, *, group_size, bits) -> Launch | Skip:
-    if backend_name != "cuda":
-        return Skip("the probe is CUDA's mma.sync")
-    rows, _, k = x.shape
-    e, n, _ = w.shape
-    if n % 8 or k % 16 or x.dtype not in (mx.bfloat16, mx.float16):
-        return Skip(f"N {n} (x8), K {k} (x16), {x.dtype} (bf16 or half)")
-    batches = lhs.size
-    return Launch(
-        inputs=[x, w, s, b, lhs, rhs],
-        template=[("T", x.dtype), ("BITS", bits), ("GS", group_size), ("K", k), ("N", n), ("L", batches)],
-        grid=(batches * (n // 8) * 32, 1, 1),
-        threadgroup=(128, 1, 1),
-        output_shapes=[(batches, n)],
-        output_dtypes=[x.dtype],
-    )
-
-
-PROBE = KernelDef(
-    name="qmm_order_probe",
-    reference=reference,
-    body=_BODY,
-    header=device_code("mla.h", "qmm_order.h"),
-    input_names=("x", "w", "s", "b", "lhs", "rhs"),
-    output_names=("out",),
-    launch=launch,
-)
 
 
 def inputs(kind, dtype, batches, experts, n, k, bits, group, seed=0):
@@ -134,7 +79,7 @@ def run_case(case) -> dict:
     name, kind, dtype, batches, experts, n, k, bits, group = case
     args, kw = inputs(kind, dtype, batches, experts, n, k, bits, group)
     want = stock(kind, args, kw)
-    got = PROBE.run_kernel("cuda", *args, init_value=float("nan"), **kw)
+    got = qmm_rows.run_kernel("cuda", *args, init_value=float("nan"), **kw)
     mx.eval(want, got)
     diff = mx.abs(got.astype(mx.float32) - want.astype(mx.float32))
     differing = int((got != want).sum().item())

@@ -1,6 +1,7 @@
-"""benchmarks/gpu/qmm_order_probe.py without a GPU: each case's probe kernel compiles with
-NVRTC (csrc/qmm_order.h, both 16-bit types, 4 and 8 bits), the cases are stock's shapes
-(the heads case's gather is MultiLinear's batched quantized matmul), bad backend one line."""
+"""benchmarks/gpu/qmm_order_probe.py and its kernel (zmlx.kernels.qmm_rows) without a GPU:
+each case's launch compiles with NVRTC (csrc/qmm_order.h, both 16-bit types, 4 and 8 bits),
+the cases are stock's shapes (the heads case's gather is MultiLinear's batched quantized
+matmul), the launch steps aside off CUDA, and without a GPU the script says so in one line."""
 
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from script_loader import load_script
 
 from zmlx.kernels import cuda_check
 from zmlx.kernels.core import Launch, Skip
+from zmlx.kernels.qmm_rows import STOCK_QMM_ROWS, qmm_rows, reference
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "qmm_order_probe.py"
 probe = load_script("gpu/qmm_order_probe.py")
@@ -29,9 +31,9 @@ needs_nvrtc = pytest.mark.skipif(
 def test_every_case_compiles(case):
     _, kind, dtype, batches, experts, n, k, bits, group = case
     args, kw = probe.inputs(kind, dtype, batches, experts, n, k, bits, group)
-    spec = probe.PROBE.launch("cuda", *args, **kw)
+    spec = qmm_rows.launch("cuda", *args, **kw)
     assert isinstance(spec, Launch), spec
-    report = cuda_check.compile_launch(probe.PROBE, spec, resources=True)  # raises if it does not compile
+    report = cuda_check.compile_launch(qmm_rows, spec, resources=True)  # raises if it does not compile
     assert "registers" in report and "0 bytes spill stores" in report, report
 
 
@@ -43,16 +45,16 @@ def test_the_cases_are_stocks_shapes_and_the_gather_is_the_batched_matmul(case):
     args, kw = probe.inputs(kind, dtype, batches, experts, n, k, bits, group)
     want = probe.stock(kind, args, kw)
     assert want.shape == (batches, n) and want.dtype == dtype
-    got = probe.reference(*args, **kw)
+    got = reference(*args, **kw)
     assert mx.array_equal(got, want).item()
-    assert (batches >= probe.STOCK_QMM_ROWS) == (not case[0].startswith("control"))
+    assert (batches >= STOCK_QMM_ROWS) == (not case[0].startswith("control"))
 
 
 def test_the_launch_skips_what_it_does_not_take():
     args, kw = probe.inputs("gather", mx.bfloat16, 8, 9, 512, 256, 4, 64)
-    assert isinstance(probe.PROBE.launch("metal", *args, **kw), Skip)
+    assert isinstance(qmm_rows.launch("metal", *args, **kw), Skip)
     x = args[0].astype(mx.float32)
-    assert "bf16 or half" in probe.PROBE.launch("cuda", x, *args[1:], **kw).reason
+    assert "bf16 or half" in qmm_rows.launch("cuda", x, *args[1:], **kw).reason
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_writes_nothing(tmp_path):
