@@ -4,9 +4,10 @@ measurements (timing, kernel counts, teacher-forced accuracy, the quantized cach
 mlx-lm's `generate_step` sends all of a prompt but its last token through the model
 `prefill_step_size` (2048) tokens a call, evaluating the cache and clearing MLX's buffer cache
 after each, then the last token with the first decode. Feeding a long prompt in one call
-instead holds its whole attention at once: at 32,768 tokens GLM-4.7-Flash's scores are
-20 heads x 32,768^2 values, ~86 GB in float32 (the ledger's 32k run of 2026-12-01 ran out of
-an H200's memory there, in the host-time measurement's whole-prompt call).
+instead holds its whole attention at once: at 32,768 tokens GLM-4.7-Flash's attention scores
+and its rope-score mask are 20 heads x 32,768^2 values each, ~86 GB together in bf16 (the
+ledger's 32k run of 2026-12-01 ran out of an H200's memory in the host-time measurement's
+whole-prompt call).
 """
 
 from __future__ import annotations

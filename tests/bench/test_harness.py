@@ -157,8 +157,11 @@ def test_a_failing_measurement_after_the_runs_keeps_the_runs_and_says_why(tiny_q
     from zmlx.models import ModelSource
 
     base = dict(notes="", params={}, git={"commit": "x", "dirty": False}, command="test")
-    line = measured(ModelSource("synth:x", "synth", "glm4_moe_lite", "affine4/g64"), control, both, **base)
+    source = ModelSource("synth:x", "synth", "glm4_moe_lite", "affine4/g64")
+    line = measured(source, control, both, **base)
     assert line["issue_note"] == both.issue_note and line["issue_ms_per_step"] is None
+    both.issue_note = ""  # only stock's failed: the line says whose
+    assert measured(source, control, both, **base)["issue_note"] == f"stock: {control.issue_note}"
 
 
 def test_a_failing_accuracy_rule_keeps_the_tokens_verdict_and_says_why(tiny_q4, monkeypatch):

@@ -252,8 +252,8 @@ def measure(
     if count_kernels:
         for r in active:
             with applied(model, r.variant):
-                counted, note = after_runs(lambda: profile_decode(model, prompt), "the kernel count")
-            r.kernels_per_token, r.gpu_us_per_token, r.kernels_note = counted or (None, None, note)
+                got, note = after_runs(lambda: profile_decode(model, prompt), "the kernel count")
+            r.kernels_per_token, r.gpu_us_per_token, r.kernels_note = got or (None, None, note)
             counted = (
                 f"{r.kernels_per_token} per token" if r.kernels_per_token is not None else r.kernels_note
             )

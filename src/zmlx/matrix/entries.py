@@ -150,7 +150,8 @@ def measured(source, control: VariantResult, patched: VariantResult, **base: Any
             "kernels_note": patched.kernels_note,
             "issue_ms_per_step": patched.issue_ms_per_step,
             "stock_issue_ms_per_step": control.issue_ms_per_step,
-            "issue_note": patched.issue_note or control.issue_note,
+            "issue_note": patched.issue_note
+            or (f"stock: {control.issue_note}" if control.issue_note else ""),
             "build_ms_per_step": patched.build_ms_per_step,
             "stock_build_ms_per_step": control.build_ms_per_step,
             "peak_memory_gb": max(r.peak_memory_gb for r in patched.runs),
