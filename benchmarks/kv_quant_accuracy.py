@@ -7,8 +7,9 @@
 Per context length, the patched model's bf16 cache against mlx-lm's `kv_bits` quantized
 copies of it: KL divergence to the float32 reference (the accuracy rule, with the bf16 cache
 as the yardstick, and the paired per-position excess over the bf16 cache with its standard
-error), bytes held, and synchronous decode ms per step (alternated). MODEL is a
-checkpoint directory or a synth: spec (default: the full-size GLM-4.7-Flash, affine4).
+error), bytes held, synchronous decode ms per step (alternated) and, on CUDA, the GPU's ms
+per step (kernel timestamps, free of the host's noise). MODEL is a checkpoint directory or
+a synth: spec (default: the full-size GLM-4.7-Flash, affine4).
 Writes a capsule under --capsule-dir; zmlx.bench.kv_quant says what each figure means.
 On CUDA the float32 reference needs MLX_ENABLE_TF32=0 (else it would run on the CPU).
 """
@@ -35,6 +36,7 @@ COLUMNS = [
     "KLD - bf16's",
     "rule",
     "ms/step",
+    "GPU ms/step",
 ]
 
 

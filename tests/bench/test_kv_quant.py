@@ -44,7 +44,11 @@ def test_sides_bytes_and_the_rule(patched):
         assert q.excess.positions == 6
         assert q.excess.mean == pytest.approx(q.vs_reference.kld_mean - bf16.vs_reference.kld_mean, abs=1e-9)
         assert q.to_dict()["excess_vs_bf16"] == q.excess.to_dict()
+    # the GPU's side needs CUDA: None with the reason here, the runs kept
+    assert all(s.kernels_per_step is None and "CUDA backend" in s.kernels_note for s in sides)
+    assert q8.to_dict()["gpu_us_per_step"] is None and q8.to_dict()["kernels_note"] == q8.kernels_note
     rows = kv_quant.table_rows({PROMPT.size: sides})
+    assert all(r[-1] == "-" for r in rows)
     assert rows[0][6] == "-" and "±" in rows[1][6] and len({len(r) for r in rows}) == 1
     json.dumps([s.to_dict() for s in sides])
 

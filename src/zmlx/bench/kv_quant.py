@@ -12,6 +12,8 @@ position); then
 - bytes: what each cache holds at that context (`latent_quant.cache_bytes`);
 - decode time: synchronous decode steps over each cache, the caches alternated step block by
   step block, `repeats` blocks each (median ms per step).
+- GPU time (CUDA): the kernels of a few decode steps over each cache and their summed device
+  time per step (PyTorch's profiler, after every timed block; elsewhere None with the reason).
 
 The patterns are the same on every side; mla_kv_quant must be among them (it is what lets the
 MLA attention read a quantized cache).
@@ -29,6 +31,7 @@ import numpy as np
 
 from zmlx import latent_quant
 from zmlx.accuracy import RULE, Divergences, Excess, exact_float32, log_probs, reference_model
+from zmlx.bench.harness import after_runs
 from zmlx.prefill import prefill as prefill_cache
 
 
@@ -45,6 +48,11 @@ class Side:
     excess: Excess | None = None  # paired KL(ref‖this) - KL(ref‖bf16) (None for bf16 itself)
     accurate: bool | None = None  # None for the bf16 side (it is the yardstick)
     reasons: list[str] = field(default_factory=list)
+    # the GPU's side of a decode step over this cache (CUDA: device timestamps, free of the
+    # host's noise), after the timed blocks; None with the reason elsewhere
+    kernels_per_step: float | None = None
+    gpu_us_per_step: float | None = None
+    kernels_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +66,9 @@ class Side:
             "excess_vs_bf16": self.excess.to_dict() if self.excess else None,
             "accurate": self.accurate,
             "reasons": self.reasons,
+            "kernels_per_step": self.kernels_per_step,
+            "gpu_us_per_step": self.gpu_us_per_step,
+            "kernels_note": self.kernels_note,
         }
 
 
@@ -102,6 +113,31 @@ def time_steps(model, cache: list, token: int, steps: int) -> float:
     return 1000.0 * (time.perf_counter() - start) / steps
 
 
+def gpu_per_step(model, cache: list, token: int, steps: int = 4) -> tuple[float, float, str]:
+    """(kernels, GPU µs) per decode step over `cache` and a note: PyTorch's CUDA profiler, as
+    the ledger counts (zmlx.bench.harness), after one warm step. CUDA only: raises elsewhere."""
+    import warnings
+
+    from zmlx import backend
+    from zmlx.bench.harness import cuda_kernels
+
+    if backend.current() != "cuda":
+        raise RuntimeError(f"kernel times need the CUDA backend (this is {backend.current()})")
+    from torch.profiler import ProfilerActivity, profile
+
+    x = mx.array([[token]])
+    mx.eval(model(x, cache=cache))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that events are cleared per cycle
+        prof = profile(activities=[ProfilerActivity.CUDA])
+    with prof:
+        for _ in range(steps):
+            mx.eval(model(x, cache=cache))
+    kernels = cuda_kernels(prof)
+    gpu_us = sum(e.time_range.elapsed_us() for e in kernels)
+    return len(kernels) / steps, gpu_us / steps, f"torch.profiler, {steps} decode steps"
+
+
 def measure(
     model,
     prompt: mx.array,
@@ -139,6 +175,10 @@ def measure(
     for _ in range(repeats):  # alternated blocks; the caches grow alike
         for side, c in zip(sides, caches):
             side.decode_ms.append(time_steps(model, c, fed[-1], timing_steps))
+    # after every timed block: once CUPTI is attached it slows every later launch
+    for side, c in zip(sides, caches):
+        got, note = after_runs(lambda: gpu_per_step(model, c, fed[-1]), "the kernel times")  # noqa: B023
+        side.kernels_per_step, side.gpu_us_per_step, side.kernels_note = got or (None, None, note)
     del caches, cache
     mx.clear_cache()
     progress(f"{n} tokens: float32 reference")
@@ -160,7 +200,8 @@ def measure(
 
 def table_rows(results: dict[int, list[Side]]) -> list[list[str]]:
     """Rows of (context, cache, bytes vs bf16, KLD mean and p99 vs the reference, same top,
-    the paired excess over bf16 (mean ± standard error), verdict, decode ms/step) for printing."""
+    the paired excess over bf16 (mean ± standard error), verdict, decode ms/step, GPU ms/step)
+    for printing."""
     rows = []
     for n, sides in results.items():
         base = sides[0]
@@ -179,6 +220,7 @@ def table_rows(results: dict[int, list[Side]]) -> list[list[str]]:
                     f"{s.excess.mean:+.4f} ± {s.excess.sem:.4f}" if s.excess else "-",
                     verdict,
                     f"{ms:.2f}" if np.isfinite(ms) else "-",
+                    f"{s.gpu_us_per_step / 1000:.2f}" if s.gpu_us_per_step is not None else "-",
                 ]
             )
     return rows
