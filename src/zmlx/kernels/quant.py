@@ -46,7 +46,7 @@ QMV_MAX_ROWS = 8
 # MLX 0.32.4's gather_qmm of mxfp4 expert rows runs its qmv (the kernels' order) for rows of
 # 288 values but `fp_gather_qmv` (float sums per scale group: another order) for 1536 and
 # 2048 (NOTEBOOK facts), so wide gathered mxfp4 rows were not bitwise (21 `cuda` tests of
-# test_mxfp4_experts.py): they take the reference until that kernel's order is followed.
+# test_mxfp4_experts.py) until that kernel's order was followed (MXFP4_FP_ORDER, below).
 MXFP4_GATHERED_MAX_COLS = 512
 # Whether those rows run csrc/quant.h's zmlx_fp_qdot_lane (fp_qmv's order, which stock's
 # fp_gather_qmv follows) instead of taking the reference: on since its `cuda` tests

@@ -202,8 +202,8 @@ __device__ inline float zmlx_qdot_lane(const T* w, const T* s, const T* b, const
 // 32, true>`, taken to run fp_qmv_impl as at the mirror's HEAD, fp_qmv.cu): lane l takes 4
 // packed words (32 values) at word 4 l, then 128 words on; each step's products go into two
 // float sums by turns (even positions, odd positions: fma), then sum = fma(x + y, scale, sum).
-// The caller's ZMLX_SIMD_SUM is cg::reduce, as there. Not yet checked on a GPU: used only
-// where quant.MXFP4_FP_ORDER (Python) turns it on.
+// The caller's ZMLX_SIMD_SUM is cg::reduce, as there. Bitwise stock in its `cuda` tests on the
+// H200 (2026-12-01); used where quant.fp_order (Python) says so.
 template <int COLS, typename T>
 __device__ inline float zmlx_fp_qdot_lane(const uint* w, const uint8_t* s, const T* x, uint lane) {
     static_assert(COLS % 32 == 0, "whole groups of 32 values");
