@@ -31,6 +31,7 @@ import mlx.core as mx
 import typer
 
 from zmlx import backend
+from zmlx.bench import capsule
 from zmlx.kernels.qmm_rows import STOCK_QMM_ROWS, qmm_rows, reference
 
 OUT = Path(os.environ.get("OUT", "."))
@@ -95,6 +96,9 @@ def run_case(case) -> dict:
 
 
 def main(out: Annotated[Path, typer.Option(help="where the JSON goes")] = OUT):
+    if why := capsule.dir_problem(out, "--out"):
+        print(f"error: {why}")
+        raise typer.Exit(2)
     if backend.current() != "cuda":
         print(f"error: the probe runs CUDA kernels; this is MLX's {backend.current()} backend")
         raise typer.Exit(2)

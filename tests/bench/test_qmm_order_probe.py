@@ -55,6 +55,11 @@ def test_the_launch_skips_what_it_does_not_take():
     assert isinstance(qmm_rows.launch("metal", *args, **kw), Skip)
     x = args[0].astype(mx.float32)
     assert "bf16 or half" in qmm_rows.launch("cuda", x, *args[1:], **kw).reason
+    assert "groups of 32/64/128" in qmm_rows.launch("cuda", *args, group_size=64, bits=3).reason
+    w, s, b = args[1:4]
+    assert (
+        "affine packing" in qmm_rows.launch("cuda", args[0], w, s.astype(mx.float32), *args[3:], **kw).reason
+    )
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_writes_nothing(tmp_path):
@@ -62,3 +67,11 @@ def test_without_a_gpu_it_says_so_in_one_line_and_writes_nothing(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
     assert r.stdout.strip().startswith("error:") and len(r.stdout.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_an_out_that_is_a_file_is_one_line_and_left_alone(tmp_path):
+    f = tmp_path / "results"
+    f.write_text("mine")
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(f)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert r.stdout.strip() == f"error: --out {f} is not a directory" and f.read_text() == "mine"

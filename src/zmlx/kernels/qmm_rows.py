@@ -55,6 +55,10 @@ def launch(backend, x, w, s, b, lhs, rhs, *, group_size, bits) -> Launch | Skip:
     _, n, _ = w.shape
     if n % 8 or k % 16 or x.dtype not in (mx.bfloat16, mx.float16):
         return Skip(f"N {n} (x8), K {k} (x16), {x.dtype} (bf16 or half)")
+    if bits not in (4, 8) or group_size not in (32, 64, 128) or k % group_size:
+        return Skip(f"{bits}-bit, group {group_size}, K {k}: affine 4 or 8 bits, groups of 32/64/128")
+    if w.dtype != mx.uint32 or s.dtype != x.dtype or b.dtype != x.dtype or w.shape[-1] != k * bits // 32:
+        return Skip(f"w {w.dtype} {w.shape}, scales {s.dtype}: MLX's affine packing of {x.dtype} rows")
     batches = lhs.size
     return Launch(
         inputs=[x, w, s, b, lhs, rhs],
