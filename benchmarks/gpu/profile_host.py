@@ -217,6 +217,23 @@ def comments_ab(model, sets: list[str], steps: int, rounds: int, prompt_tokens: 
         print(f"{s:<60} {name:>9} {med[0]:>9.2f} {med[1]:>9.2f} {med[2]:>10.2f}")
 
 
+def kv_bits_sets_read_it(model, sets: list[str]) -> None:
+    """ConfigError (one line) unless every set can decode over a quantized cache: on a model
+    that caches MLA's latent, each set must patch every attention with mla_kv_quant (mlx-lm's
+    own attention fails on the quantized cache, as `zmlx generate --kv-bits` says)."""
+    from zmlx.mlx_lm_tools import KV_BITS_MLA, check_kv_quant, latent_cache
+
+    if not latent_cache(model):
+        return
+    for s in sets:
+        if s == "none":
+            raise ConfigError(KV_BITS_MLA.format(fix="give every --sets entry mla_kv_quant (not none)"))
+        try:
+            check_kv_quant(zmlx.patch(model, patterns=s))
+        finally:
+            zmlx.unpatch(model)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = cli_args.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", default="synth:glm4_moe_lite/flash/affine4")
@@ -254,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         knobs = {k: os.environ[k] for k in MLX_KNOBS if k in os.environ}
         print(f"backend {zmlx.backend.current()}  MLX {mx.__version__}  knobs {knobs or 'MLX defaults'}")
         model, _ = synth.build(args.spec)
+        if args.kv_bits is not None:
+            kv_bits_sets_read_it(model, sets)
         if args.comments_ab:
             comments_ab(model, sets, args.steps, args.comments_ab, args.prompt_tokens)
             return

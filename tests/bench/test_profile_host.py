@@ -68,6 +68,8 @@ def test_the_profile_names_zmlx_functions(tiny_q4):
         ["--prompt-tokens", "x"],
         ["--kv-bits", "3"],
         ["--kv-bits", "8", "--comments-ab", "1"],
+        ["--kv-bits", "8", "--sets", "none"],
+        ["--kv-bits", "8", "--sets", "mla_kv_quant;moe_router"],
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args):
