@@ -121,15 +121,22 @@ def test_issue_time_counts_the_issue_not_the_evaluation(tiny_q4, monkeypatch):
     assert min(times.issue_ms) >= pause * 1e3 > max(times.build_ms)  # build: before async_eval
 
 
+def _raising(error: Exception):
+    """A stand-in for a measurement that fails as `error`."""
+
+    def measure_it(*a, **k):
+        raise error
+
+    return measure_it
+
+
 def test_a_failing_measurement_after_the_runs_keeps_the_runs_and_says_why(tiny_q4, monkeypatch):
     """The issue-time steps and the kernel count come after the timed runs: where one raises
     (on 2026-12-01 the issue-time steps ran out of GPU memory at a 32k prompt and the runs were
     lost), its figures are None with the reason in one line, and the runs and verdicts stay."""
     from zmlx.bench import harness
 
-    def boom(*a, **k):
-        raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory\nmore")
-
+    boom = _raising(RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory\nmore"))
     monkeypatch.setattr(harness, "issue_times", boom)
     monkeypatch.setattr(harness, "profile_decode", boom)
     model, tok = tiny_q4
@@ -167,10 +174,7 @@ def test_a_failing_measurement_after_the_runs_keeps_the_runs_and_says_why(tiny_q
 def test_a_failing_accuracy_rule_keeps_the_tokens_verdict_and_says_why(tiny_q4, monkeypatch):
     from zmlx import accuracy
 
-    def boom(*a, **k):
-        raise MemoryError("the float32 reference does not fit")
-
-    monkeypatch.setattr(accuracy, "accuracy", boom)
+    monkeypatch.setattr(accuracy, "accuracy", _raising(MemoryError("the float32 reference does not fit")))
     model, tok = tiny_q4
     done = []
     _, r = measure(
