@@ -299,9 +299,10 @@ FAMILIES.update(
 # the router), SwitchGLU experts with biases and the clamped SwiGLU (SwigluOAI: moe_mlp's
 # kernel adds the gate and up biases and applies it; affine, unquantized or mxfp4 experts,
 # the released models' mxfp4 included). Both are exact on the CPU (their
-# references) and on CUDA by construction, close on Metal: the CPU/Metal preset is empty (no
-# pattern is exact on Metal), and they stay out of the CUDA preset until their cuda tests run
-# on a GPU (tests/kernels/test_softmax_router.py, test_moe_mlp_oai.py, the family's model tests).
+# references) and on CUDA, close on Metal: the CPU/Metal preset is empty (no pattern is exact
+# on Metal); the CUDA preset is both, bitwise stock on the H200 (test_moe_mlp_oai.py, 69 cases;
+# test_gpt_oss_family.py, bf16/affine4/mxfp4; test_family_cuda_presets.py: log
+# benchmarks/results/20261201-h200-gpt-oss-preset-tests-9b91772-dirty.log).
 _OSS_ATTENTION = "GQA attention with sinks and sliding windows, not MLA (the attention patterns fuse MLA's)"
 FAMILIES["gpt_oss"] = Family(
     model_type="gpt_oss",
@@ -311,6 +312,7 @@ FAMILIES["gpt_oss"] = Family(
         "moe_mlp": Target("SwitchGLU"),  # affine, unquantized or mxfp4 experts
     },
     preset=(),
+    presets_on={"cuda": ("softmax_router", "moe_mlp")},
     skips={
         "moe_router": _SOFTMAX,
         "moe_combine": _BLOCK_ROUTES,

@@ -157,10 +157,10 @@ def test_every_pattern_that_does_not_apply_says_why(family):
         assert report.patched or report.skipped, f"{name}: neither patched nor skipped"
 
 
-def test_gpt_oss_is_a_family_whose_default_preset_waits_for_its_cuda_tests():
-    """gpt-oss is supported (softmax_router fuses its routing), so patch no longer warns
-    "nothing to patch"; its default preset is empty on every backend (softmax_router is close
-    on Metal and joins the CUDA preset once its cuda tests have run on a GPU)."""
+def test_gpt_oss_is_a_family_whose_default_preset_is_cuda_only():
+    """gpt-oss is supported (softmax_router fuses its routing, moe_mlp its biased experts), so
+    patch no longer warns "nothing to patch"; its default preset is empty on the CPU and
+    Metal (close there) and both patterns on CUDA, where their cuda tests ran bitwise."""
     model = build("gpt_oss")
     with warnings.catch_warnings():
         warnings.simplefilter("error", zmlx.ZmlxWarning)
@@ -168,7 +168,8 @@ def test_gpt_oss_is_a_family_whose_default_preset_waits_for_its_cuda_tests():
     zmlx.unpatch(model)
     assert result.family == "gpt_oss" and "nothing to patch" not in result.message
     assert "gpt_oss" not in UNSUPPORTED and result.patched_modules == 0
-    assert all(FAMILIES["gpt_oss"].preset_on(b) == () for b in ("cpu", "metal", "cuda"))
+    assert all(FAMILIES["gpt_oss"].preset_on(b) == () for b in ("cpu", "metal"))
+    assert FAMILIES["gpt_oss"].preset_on("cuda") == ("softmax_router", "moe_mlp")
     assert FAMILIES["gpt_oss"].targets["softmax_router"].params == {"softmax_first": False, "topk_last": True}
 
 
