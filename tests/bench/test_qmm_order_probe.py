@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from script_loader import load_script
 
@@ -75,3 +76,24 @@ def test_an_out_that_is_a_file_is_one_line_and_left_alone(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(f)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
     assert r.stdout.strip() == f"error: --out {f} is not a directory" and f.read_text() == "mine"
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 32)])
+def test_the_three_dequantizations_are_what_their_names_say(bits, group):
+    """T(T(q*s)+b) is T's own arithmetic (MLX's bf16 ops on the unpacked q), T(q*s+b) rounds
+    the float value once, q*s+b is the float value; the exact sums are x @ those weights."""
+    args, kw = probe.inputs("gather", mx.bfloat16, 8, 9, 128, 256, bits, group)
+    x, w, s, b, lhs, rhs = args
+    deq = probe.dequantized(w, s, b, dtype=mx.bfloat16, **kw)
+    q = mx.dequantize(w, mx.ones_like(s), mx.zeros_like(b), **kw)  # the unpacked integers
+    assert mx.array_equal(q, mx.round(q)).item() and q.max().item() == 2**bits - 1
+    scale, bias = mx.repeat(s, group, axis=-1), mx.repeat(b, group, axis=-1)
+    t2 = ((q * scale) + bias).astype(mx.float32)  # bf16 ops: each rounds
+    assert np.array_equal(np.array(t2), deq["T(T(q*s)+b)"])
+    exact = q.astype(mx.float32) * scale.astype(mx.float32) + bias.astype(mx.float32)
+    assert np.array_equal(np.array(exact), deq["q*s+b"])
+    assert np.array_equal(np.array(exact.astype(mx.bfloat16).astype(mx.float32)), deq["T(q*s+b)"])
+    assert not np.array_equal(deq["T(q*s+b)"], deq["T(T(q*s)+b)"])  # the cases tell them apart
+    sums = probe.exact_sums(args, kw)["q*s+b"]
+    want = (x.astype(mx.float32)[lhs][:, 0][:, None, :] * exact[rhs]).sum(-1)
+    assert sums.shape == (8, 128) and mx.allclose(sums.astype(mx.float32), want, rtol=1e-2, atol=1e-2).item()
