@@ -122,9 +122,9 @@ def run_case(case) -> dict:
     mx.eval(want, got)
     diff = mx.abs(got.astype(mx.float32) - want.astype(mx.float32))
     differing = int((got != want).sum().item())
-    against = {
+    against = {  # only where they differ: the float64 sums are slow
         name: {"stock": int((want != ref).sum().item()), "kernel": int((got != ref).sum().item())}
-        for name, ref in exact_sums(args, kw).items()
+        for name, ref in (exact_sums(args, kw).items() if differing else ())
     }
     return {
         "case": name,

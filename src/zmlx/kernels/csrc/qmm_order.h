@@ -2,15 +2,15 @@
 // MLX's qmm_sm80 order (mlx/backend/cuda/device/qmm_sm80.cuh and cute_dequant.cuh at v0.32.1),
 // the kernel stock's quantized matmul runs on CUDA where rows x batches >= 8 (gather_qmm of
 // 8 experts at decode, MultiLinear's embed_q / unembed_out over the heads), per output element:
-// - each weight dequantized as cute_vectorized_dequant does: q * scale rounded to T, then
-//   + bias rounded to T (T = bf16 or half: the activations' and scales' type);
+// - each weight dequantized to T = bf16 or half (the activations' and scales' type) from
+//   q * scale + bias in float, rounded once (measured: see zmlx_qmm_wpair);
 // - mma.sync m16n8k16 with float accumulators over the k-blocks of 16 in ascending order from
 //   k = 0 (the mainloop's tiles, then its blocks; no split-k), starting from 0;
 // - the sum rounded to T once (the epilogue).
 // One element's value depends only on its A row, its B column and its accumulator, so the same
 // instruction on the same operands in the same k-slots gives the same bits whatever the tiling:
 // one warp computes 8 outputs of one activation row (A's rows 1-15 zero). A probe of this
-// claim (not yet run on a GPU): benchmarks/gpu/qmm_order_probe.py.
+// claim: benchmarks/gpu/qmm_order_probe.py (run on the H200 with the one-rounding weights: NOTEBOOK).
 template <typename T>
 struct zmlx_qmm_t;
 template <>
@@ -40,10 +40,9 @@ struct zmlx_qmm_t<__half> {
     }
 };
 // Weights k, k + 1 (k even: one packed word, one group) of a row, dequantized as above, as the
-// B fragment register's pair. q * scale is exact in float (q has at most 8 bits, the scale 11),
-// so rounding it to T is T's own product; float(that) + bias rounded to T is T's own sum (exact
-// in float where the exponents are within 16 of each other, else the smaller is below half an
-// ulp of T either way).
+// B fragment register's pair: q * scale + bias in float (q * scale is exact: q has at most 8
+// bits, the scale 11), rounded to T once. The H200 showed it (qmm_order_probe's exact sums):
+// stock's weights are T(q * s + b), not T(T(q * s) + b) as cute_vectorized_dequant reads.
 template <int BITS, int GS, typename T>
 ZMLX_FN uint zmlx_qmm_wpair(const uint* wr, const T* sr, const T* br, uint k) {
     constexpr uint UV = 32 / BITS;
@@ -52,9 +51,9 @@ ZMLX_FN uint zmlx_qmm_wpair(const uint* wr, const T* sr, const T* br, uint k) {
     const uint sh = BITS * (k % UV);
     const float sc = static_cast<float>(sr[k / GS]);
     const float bi = static_cast<float>(br[k / GS]);
-    const float p0 = static_cast<float>(static_cast<T>(static_cast<float>((word >> sh) & MASK) * sc));
-    const float p1 = static_cast<float>(static_cast<T>(static_cast<float>((word >> (sh + BITS)) & MASK) * sc));
-    return zmlx_qmm_t<T>::pack(p0 + bi, p1 + bi);
+    const float w0 = __fmaf_rn(static_cast<float>((word >> sh) & MASK), sc, bi);
+    const float w1 = __fmaf_rn(static_cast<float>((word >> (sh + BITS)) & MASK), sc, bi);
+    return zmlx_qmm_t<T>::pack(w0, w1);
 }
 // Outputs n0 .. n0 + 7 of activation row x (K values of T) against rows n0 .. n0 + 7 of the
 // packed weights (wr: K / (32 / BITS) words a row; sr, br: K / GS a row), in qmm_sm80's order.
