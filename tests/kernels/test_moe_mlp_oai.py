@@ -106,7 +106,13 @@ def test_launch_takes_the_variant_and_says_why_not():
     args, kw = _inputs(*CASES[0], mx.bfloat16)
     spec = launch("cuda", *args, **kw)
     alpha, limit = _bits(1.702), _bits(7.0)
-    assert [("BIAS", True), ("OAI", True), ("ALPHA", alpha), ("LIMIT", limit)] == spec.template[-4:]
+    assert [
+        ("BIAS", True),
+        ("OAI", True),
+        ("ALPHA", alpha),
+        ("LIMIT", limit),
+        ("QMM", False),
+    ] == spec.template[-5:]
     assert limit == 0x40E00000 and len(spec.inputs) == 10
     plain = launch("cuda", *args[:8], group_size=64, bits=4, mode="affine").template
     assert ("BIAS", False) in plain and ("OAI", False) in plain

@@ -15,10 +15,12 @@ written: memory stays at the output's size however many experts or tokens.
 
 Fidelity: on CUDA the dot is MLX's qmv's arithmetic (csrc/quant.h), so the kernel
 is bitwise stock wherever stock runs qmv (fewer than 8 expert rows; affine, mxfp4 or
-unquantized experts); on Metal the dot is a
-plain float32 sum (`close`).
+unquantized experts); from 8 rows stock runs qmm_sm80 on affine weights of its tile shapes,
+and with quant.QMM_ORDER the kernel follows that order there (QMM: one warp per 8 outputs).
+On Metal the dot is a plain float32 sum (`close`).
 
-Device code: BODY below; the dot is csrc/quant.h, the sum in stock's order csrc/expert_sum.h.
+Device code: BODY below; the dot is csrc/quant.h, the sum in stock's order csrc/expert_sum.h,
+qmm_sm80's order csrc/qmm_order.h and csrc/qmm_down.h.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from zmlx.kernels.quant import (
     gathered,
     or_placeholder,
     packing,
+    qmm_order,
     regime_reason,
     weights_reason,
 )
@@ -61,6 +64,13 @@ def reference_f32(
 
 
 BODY = """
+#ifdef ZMLX_CUDA
+if (QMM) {  // qmm_sm80's order: one warp per 8 outputs (csrc/qmm_down.h)
+    zmlx_qmm_down_warp<QMM, N, K, I, D, BITS, GS, SEQUENTIAL, P, A, HAS_SHARED>(
+        zmlx_tid / 32, zmlx_tid % 32, h, inds, scores, down_w, down_s, down_b, shared, out);
+    return;
+}
+#endif
 // One warp per output value (n, d).
 const uint warp_id = zmlx_tid / 32;
 const uint lane = zmlx_tid % 32;
@@ -122,9 +132,21 @@ def launch(
     if shared is not None and (shared.shape != lead + (d,) or shared.dtype != h.dtype):
         return Skip("shared expert output does not match")
     n = math.prod(lead)
-    if (
+    qmm = qmm_order(
+        backend,
+        n * k,
+        h.dtype,
+        down_s,
+        down_b,
+        out_rows=d,
+        cols=i,
+        group_size=group_size,
+        bits=bits,
+        mode=mode,
+    )
+    if not qmm and (
         why := regime_reason(backend, n * k, h.dtype, down_s, down_b, down_w, mode=mode, gathered_cols=i)
-    ) is not None:
+    ):
         return Skip(why)
     if n * d * 32 >= 2**31:
         return Skip(f"{n} tokens x {d} outputs is too large for one launch")
@@ -152,8 +174,9 @@ def launch(
             ("HAS_SHARED", shared is not None),
             ("SEQUENTIAL", sequential_sum(backend, k, d, dtypes[0].size)),
             ("FPQMV", fp_order(backend, mode, i)),
+            ("QMM", qmm),
         ],
-        grid=(n * d * 32, 1, 1),
+        grid=(n * (d // 8 if qmm else d) * 32, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[lead + (d,)],
         output_dtypes=[h.dtype],
@@ -178,7 +201,7 @@ downproj_combine = KernelDef(
     exact_on=("cuda",),  # bitwise stock's qmv (+ swiglu) where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
     body=BODY,
-    header=device_code("quant.h", "expert_sum.h"),
+    header=device_code("quant.h", "expert_sum.h", "qmm_order.h", "qmm_down.h"),
     input_names=("h", "inds", "scores", "down_w", "down_s", "down_b", "shared"),
     output_names=("out",),
     launch=launch,

@@ -164,6 +164,10 @@ def launch(
         if isinstance(routed, Skip):
             return routed
         t = dict(routed.template)
+        if t["QMM"]:
+            return Skip(
+                f"{t['N'] * t['K']} expert rows: stock's qmm_sm80 (moe_block's kernels follow its qmv only)"
+            )
         lead, k, i, d, sequential = h.shape[:-2], t["K"], t["I"], t["D"], t["SEQUENTIAL"]
         fpqmv = t["FPQMV"]
         dtypes = t["P"], t["A"]

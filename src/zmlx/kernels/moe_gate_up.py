@@ -171,6 +171,10 @@ def launch(
     if isinstance(shared, Skip):
         return Skip(f"shared expert: {shared.reason}")
     t, s = dict(routed.template), dict(shared.template)
+    if t["QMM"]:
+        return Skip(
+            f"{t['N'] * t['K']} expert rows: stock's qmm_sm80 (moe_block's kernels follow its qmv only)"
+        )
     n, k, i, i_s = t["N"], t["K"], t["I"], s["I"]
     warps = n * k * i + n * i_s
     if warps * 32 >= 2**31:
@@ -185,7 +189,9 @@ def launch(
         output_dtypes += [mx.uint32, mx.float32]
     return Launch(
         inputs=inputs,
-        template=routed.template + [("IS", i_s), ("SGS", s["GS"]), ("SBITS", s["BITS"])] + routing,
+        template=[v for v in routed.template if v[0] != "QMM"]
+        + [("IS", i_s), ("SGS", s["GS"]), ("SBITS", s["BITS"])]
+        + routing,
         grid=(warps * 32, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=output_shapes,

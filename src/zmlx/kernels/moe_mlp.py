@@ -21,11 +21,14 @@ dot, and lane 0 rounds gate and up to T and applies SwiGLU with stock's rounding
 Fidelity: on CUDA the dots are MLX's qmv's arithmetic and SwiGLU is MLX's own device
 functors (csrc/quant.h), so the kernel is bitwise stock wherever stock runs qmv
 (fewer than 8 expert rows, scales in x's dtype; other calls take the reference), for
-affine, mxfp4 and unquantized experts. On Metal the dot is a plain float32 sum: `close`,
+affine, mxfp4 and unquantized experts. From 8 rows stock runs qmm_sm80 on affine weights of
+its tile shapes; with quant.QMM_ORDER the kernel follows that order there (QMM: one warp
+per 8 outputs, csrc/qmm_order.h and csrc/qmm_gate_up.h). On Metal the dot is a plain float32 sum: `close`,
 held to a float32 reference with stock's own error as the bar.
 
 Device code: BODY below (shared with swiglu_mlp: DOTS and its SwiGLU), MOE_BODY (DOTS, the
-biases, SwiGLU or SwigluOAI); the dot and SwiGLU are csrc/quant.h, SwigluOAI csrc/swiglu_oai.h.
+biases, SwiGLU or SwigluOAI; QMM's warps); the dot and SwiGLU are csrc/quant.h, SwigluOAI
+csrc/swiglu_oai.h, qmm_sm80's order csrc/qmm_order.h and csrc/qmm_gate_up.h.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from zmlx.kernels.quant import (
     gathered,
     or_placeholder,
     packing,
+    qmm_order,
     regime_reason,
     weights_reason,
 )
@@ -146,9 +150,20 @@ if (lane == 0) {
 """
 )
 # moe_mlp's: BIAS adds the expert's gate and up biases (gate_pb, up_pb: placeholders without),
-# OAI applies SwigluOAI with alpha and limit given as float32 bits.
+# OAI applies SwigluOAI with alpha and limit given as float32 bits. QMM (CUDA): the warps of
+# csrc/qmm_gate_up.h instead, in qmm_sm80's order, 8 outputs a warp.
 MOE_BODY = (
-    DOTS
+    """
+#ifdef ZMLX_CUDA
+if (QMM) {
+    zmlx_qmm_gate_up_warp<QMM, N, K, I, D, BITS, GS, BIAS, OAI>(zmlx_tid / 32, zmlx_tid % 32, x, inds,
+        gate_w, gate_s, gate_b, up_w, up_s, up_b, gate_pb, up_pb, out,
+        ZMLX_FLOAT_BITS(ALPHA), ZMLX_FLOAT_BITS(LIMIT));
+    return;
+}
+#endif
+"""
+    + DOTS
     + """
 if (lane == 0) {
     // stock rounds gate and up to T (qmv's output), adds the biases in T (SwitchLinear's
@@ -230,8 +245,14 @@ def launch(
     n = math.prod(x.shape[:-1])
     k = inds.shape[-1]
     i = gate_w.shape[1]
+    qmm = all(
+        qmm_order(
+            backend, n * k, x.dtype, s, b, out_rows=i, cols=d, group_size=group_size, bits=bits, mode=mode
+        )
+        for s, b in ((gate_s, gate_b), (up_s, up_b))
+    )
     for s, b, w in ((gate_s, gate_b, gate_w), (up_s, up_b, up_w)):
-        if (why := regime_reason(backend, n * k, x.dtype, s, b, w, mode=mode, gathered_cols=d)) is not None:
+        if not qmm and (why := regime_reason(backend, n * k, x.dtype, s, b, w, mode=mode, gathered_cols=d)):
             return Skip(why)
     if n * k * i * 32 >= 2**31:
         return Skip(f"{n} tokens x {k} experts x {i} rows is too large for one launch")
@@ -263,8 +284,9 @@ def launch(
             ("OAI", oai is not None),
             ("ALPHA", _bits(oai[0]) if oai else 0),
             ("LIMIT", _bits(oai[1]) if oai else 0),
+            ("QMM", qmm),
         ],
-        grid=(n * k * i * 32, 1, 1),
+        grid=(n * k * (i // 8 if qmm else i) * 32, 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[x.shape[:-1] + (k, i)],
         output_dtypes=[x.dtype],
@@ -312,7 +334,7 @@ moe_mlp = KernelDef(
     **{
         **SHARED,
         "body": MOE_BODY,
-        "header": device_code("quant.h", "swiglu_oai.h"),
+        "header": device_code("quant.h", "swiglu_oai.h", "qmm_order.h", "qmm_gate_up.h"),
         "input_names": (*SHARED["input_names"], "gate_pb", "up_pb"),
     },
 )

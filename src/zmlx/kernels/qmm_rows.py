@@ -9,7 +9,7 @@ order, one rounding), one warp for 8 outputs of a pair. Whether that is bitwise 
 benchmarks/gpu/qmm_order_probe.py asks on a GPU; no pattern uses the kernel yet.
 
 `reference` is stock's op (mx.gather_qmm); elsewhere than CUDA the launch steps aside.
-Device code: csrc/qmm_order.h (the order), csrc/mla.h (ZMLX_FN); the short body below.
+Device code: csrc/qmm_order.h (the order); the short body below.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ qmm_rows = KernelDef(
     name="qmm_rows",
     reference=reference,
     body=_BODY,
-    header=device_code("mla.h", "qmm_order.h"),
+    header=device_code("qmm_order.h"),
     input_names=("x", "w", "s", "b", "lhs", "rhs"),
     output_names=("out",),
     launch=launch,

@@ -74,6 +74,40 @@ def qmv_reason(
     return None
 
 
+# From QMV_MAX_ROWS rows MLX 0.32.4's CUDA quantized matmul runs qmm_sm80 where the output
+# features are a multiple of QMM_TILE_N and the row width of max(64, group) (else qmm_naive),
+# for bf16/half activations and 4/8-bit affine weights. Its order per output element is
+# csrc/qmm_order.h's (weights rounded once from q * s + b, mma.sync over k-blocks of 16 in
+# order: bitwise stock on the H200 in benchmarks/gpu/qmm_order_probe.py's 8 cases). QMM_ORDER:
+# whether the expert kernels (moe_mlp, downproj_combine) follow it there instead of taking
+# the reference; off until their `cuda` tests run on a GPU (tests/kernels/test_qmm_experts.py).
+QMM_TILE_N = 128
+QMM_ORDER = False
+
+
+def qmm_order(
+    backend: str, rows: int, dtype, s, b, *, out_rows: int, cols: int, group_size, bits, mode
+) -> bool:
+    """Whether a gathered quantized matmul of `rows` (tokens x experts) rows, `out_rows`
+    outputs of `cols`-wide rows, is one the kernels run in qmm_sm80's order (QMM_ORDER)."""
+    import mlx.core as mx
+
+    return (
+        QMM_ORDER
+        and backend == "cuda"
+        and mode == "affine"
+        and s is not None
+        and b is not None
+        and QMV_MAX_ROWS <= rows < MLX_LM_SORT_ROWS
+        and dtype in (mx.bfloat16, mx.float16)
+        and s.dtype == dtype
+        and b.dtype == dtype
+        and bits in BITS
+        and out_rows % QMM_TILE_N == 0
+        and cols % max(64, group_size) == 0
+    )
+
+
 # mlx-lm's SwitchGLU sorts its (token, expert) rows by expert from this many on (and then
 # calls gather_(q)mm with sorted indices): the expert patterns leave such calls to mlx-lm.
 MLX_LM_SORT_ROWS = 64

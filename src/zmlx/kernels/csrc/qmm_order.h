@@ -11,15 +11,16 @@
 // instruction on the same operands in the same k-slots gives the same bits whatever the tiling:
 // one warp computes 8 outputs of one activation row (A's rows 1-15 zero). A probe of this
 // claim: benchmarks/gpu/qmm_order_probe.py (run on the H200 with the one-rounding weights: NOTEBOOK).
+#define ZMLX_QMM_FN __device__ __forceinline__
 template <typename T>
 struct zmlx_qmm_t;
 template <>
 struct zmlx_qmm_t<__nv_bfloat16> {
-    static ZMLX_FN uint pack(float a, float b) {
+    static ZMLX_QMM_FN uint pack(float a, float b) {
         const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
         return *reinterpret_cast<const uint*>(&v);
     }
-    static ZMLX_FN void mma(float (&c)[4], const uint (&a)[4], const uint (&b)[2]) {
+    static ZMLX_QMM_FN void mma(float (&c)[4], const uint (&a)[4], const uint (&b)[2]) {
         asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
             "{%8, %9}, {%0, %1, %2, %3};"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -28,11 +29,11 @@ struct zmlx_qmm_t<__nv_bfloat16> {
 };
 template <>
 struct zmlx_qmm_t<__half> {
-    static ZMLX_FN uint pack(float a, float b) {
+    static ZMLX_QMM_FN uint pack(float a, float b) {
         const __half2 v = __floats2half2_rn(a, b);
         return *reinterpret_cast<const uint*>(&v);
     }
-    static ZMLX_FN void mma(float (&c)[4], const uint (&a)[4], const uint (&b)[2]) {
+    static ZMLX_QMM_FN void mma(float (&c)[4], const uint (&a)[4], const uint (&b)[2]) {
         asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
             "{%8, %9}, {%0, %1, %2, %3};"
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -44,7 +45,7 @@ struct zmlx_qmm_t<__half> {
 // bits, the scale 11), rounded to T once. The H200 showed it (qmm_order_probe's exact sums):
 // stock's weights are T(q * s + b), not T(T(q * s) + b) as cute_vectorized_dequant reads.
 template <int BITS, int GS, typename T>
-ZMLX_FN uint zmlx_qmm_wpair(const uint* wr, const T* sr, const T* br, uint k) {
+ZMLX_QMM_FN uint zmlx_qmm_wpair(const uint* wr, const T* sr, const T* br, uint k) {
     constexpr uint UV = 32 / BITS;
     constexpr uint MASK = (1u << BITS) - 1u;
     const uint word = wr[k / UV];
@@ -60,7 +61,7 @@ ZMLX_FN uint zmlx_qmm_wpair(const uint* wr, const T* sr, const T* br, uint k) {
 // After the call lanes 0-3 (g = 0) hold outputs n0 + 2 lane and n0 + 2 lane + 1 in c[0], c[1]
 // (float; the caller rounds them to T). Every lane of the warp must call it.
 template <int BITS, int GS, int K, typename T>
-ZMLX_FN void zmlx_qmm_row8(const T* x, const uint* w, const T* s, const T* b, uint n0, uint lane, float (&c)[4]) {
+ZMLX_QMM_FN void zmlx_qmm_row8(const T* x, const uint* w, const T* s, const T* b, uint n0, uint lane, float (&c)[4]) {
     constexpr uint UV = 32 / BITS;
     const uint g = lane / 4;
     const uint t = lane % 4;

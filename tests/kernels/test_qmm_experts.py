@@ -1,0 +1,167 @@
+"""moe_mlp and downproj_combine in qmm_sm80's order (quant.QMM_ORDER; csrc/qmm_gate_up.h,
+csrc/qmm_down.h). From 8 (token, expert) rows stock's gather_qmm runs qmm_sm80 on affine
+weights whose outputs are a multiple of 128 and rows of max(64, group) values; there the
+kernels take the QMM variant (one warp per 8 outputs, each dot in qmm_sm80's order) and must
+be bitwise stock on CUDA: top-8 families at decode (Qwen3-30B-A3B, GLM-4.5-Air, DeepSeek-V3)
+and GLM-4.7-Flash's top-4 from 2 tokens. Without a GPU: which calls take the variant, that
+moe_block's kernels (qmv only) step aside there, and that every variant compiles with NVRTC."""
+
+import mlx.core as mx
+import pytest
+
+from zmlx.kernels import cuda_check, downproj_combine, moe_down, moe_gate_up, moe_mlp, quant
+from zmlx.kernels.core import Launch, Skip
+from zmlx.kernels.moe_mlp import quantized_experts
+
+# (tokens, experts, k, expert rows I, model width D, group, bits): I and D multiples of 128
+CASES = [
+    (1, 128, 8, 768, 2048, 64, 4),  # Qwen3-30B-A3B
+    (1, 128, 8, 1408, 4096, 64, 4),  # GLM-4.5-Air
+    (2, 64, 4, 1536, 2048, 64, 4),  # GLM-4.7-Flash, 2 tokens
+    (3, 16, 4, 256, 384, 32, 4),  # 12 rows, groups of 32
+    (1, 12, 8, 384, 256, 128, 4),  # groups of 128
+    (1, 12, 8, 256, 512, 64, 8),  # 8-bit
+]
+needs_nvrtc = pytest.mark.skipif(
+    not cuda_check.available(),
+    reason=f"needs NVRTC and MLX's CUDA headers: {cuda_check.SETUP}"
+    if cuda_check.supported()
+    else cuda_check.UNSUPPORTED,
+)
+
+
+@pytest.fixture
+def qmm_on(monkeypatch):
+    monkeypatch.setattr(quant, "QMM_ORDER", True)
+
+
+def _gate_up(n, experts, k, i, d, gs, bits, dtype, seed=0, biases=False):
+    x = mx.random.normal((n, d), key=mx.random.key(seed)).astype(dtype)
+    inds = mx.random.randint(0, experts, (n, k), key=mx.random.key(seed + 1)).astype(mx.uint32)
+    g = quantized_experts(experts, i, d, group_size=gs, bits=bits, dtype=dtype, seed=seed + 2)
+    u = quantized_experts(experts, i, d, group_size=gs, bits=bits, dtype=dtype, seed=seed + 3)
+    args = (x, inds, *g, *u)
+    kw: dict = dict(group_size=gs, bits=bits)
+    if biases:  # gpt-oss's kind of experts: projection biases and SwigluOAI
+        pb = [
+            (mx.random.normal((experts, i), key=mx.random.key(seed + j)) * 0.5).astype(dtype) for j in (4, 5)
+        ]
+        args, kw = (*args, *pb), {**kw, "oai": (1.702, 7.0)}
+    return args, kw
+
+
+def _down(n, experts, k, i, d, gs, bits, dtype, seed=0, shared=True, scores_in_t=False):
+    h = mx.random.normal((n, k, i), key=mx.random.key(seed)).astype(dtype)
+    inds = mx.random.randint(0, experts, (n, k), key=mx.random.key(seed + 1)).astype(mx.uint32)
+    scores = mx.random.uniform(shape=(n, k), key=mx.random.key(seed + 2)) * 1.8
+    w = quantized_experts(experts, d, i, group_size=gs, bits=bits, dtype=dtype, seed=seed + 3)
+    out = mx.random.normal((n, d), key=mx.random.key(seed + 4)).astype(dtype) if shared else None
+    return (h, inds, scores.astype(dtype) if scores_in_t else scores, *w, out), dict(group_size=gs, bits=bits)
+
+
+def test_qmm_order_is_off_until_its_cuda_tests_ran():
+    """Off, 8 rows take the reference on CUDA as before (stock's tiled qmm is not followed)."""
+    assert quant.QMM_ORDER is False
+    args, kw = _gate_up(*CASES[0], mx.bfloat16)
+    assert "tiled qmm from 8 rows" in moe_mlp.launch("cuda", *args, **kw).reason
+    args, kw = _down(*CASES[0], mx.bfloat16)
+    assert "tiled qmm from 8 rows" in downproj_combine.launch("cuda", *args, **kw).reason
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c[:3]) for c in CASES])
+def test_on_cuda_qmm_rows_launch_the_qmm_variant_8_outputs_a_warp(qmm_on, case):
+    n, _, k, i, d = case[:5]
+    args, kw = _gate_up(*case, mx.bfloat16)
+    spec = moe_mlp.launch("cuda", *args, **kw)
+    assert isinstance(spec, Launch) and dict(spec.template)["QMM"] is True
+    assert spec.grid == (n * k * (i // 8) * 32, 1, 1) and spec.output_shapes == [(n, k, i)]
+    args, kw = _down(*case, mx.bfloat16)
+    spec = downproj_combine.launch("cuda", *args, **kw)
+    assert isinstance(spec, Launch) and dict(spec.template)["QMM"] is True
+    assert spec.grid == (n * (d // 8) * 32, 1, 1) and spec.output_shapes == [(n, d)]
+    assert dict(moe_mlp.launch("metal", *_gate_up(*case, mx.bfloat16)[0], **kw).template)["QMM"] is False
+
+
+def test_qmv_rows_and_stocks_other_kernels_are_not_qmm(qmm_on):
+    """Below 8 rows stock runs qmv (the qmv variant); from mlx-lm's sort (64 rows), outputs
+    not a multiple of 128, rows not of max(64, group), float32 activations, scales in another
+    dtype: stock's kernel is another, so the reference; unquantized experts keep gemv's order."""
+    args, kw = _gate_up(1, 16, 4, 256, 256, 64, 4, mx.bfloat16)  # 4 rows: qmv
+    assert dict(moe_mlp.launch("cuda", *args, **kw).template)["QMM"] is False
+    for case, why in [
+        ((8, 16, 8, 256, 256, 64, 4), "64 rows"),
+        ((1, 16, 8, 200, 256, 64, 4), "outputs"),
+        ((1, 16, 8, 256, 96, 32, 4), "row width"),
+    ]:
+        args, kw = _gate_up(*case, mx.bfloat16)
+        assert isinstance(moe_mlp.launch("cuda", *args, **kw), Skip), why
+    args, kw = _gate_up(1, 16, 8, 256, 256, 64, 4, mx.float32)
+    assert isinstance(moe_mlp.launch("cuda", *args, **kw), Skip)
+    args, kw = _gate_up(1, 16, 8, 256, 256, 64, 4, mx.bfloat16)
+    f16 = [a.astype(mx.float16) if j in (3, 4, 6, 7) else a for j, a in enumerate(args)]
+    assert isinstance(moe_mlp.launch("cuda", *f16, **kw), Skip)
+    args, kw = _gate_up(1, 16, 8, 256, 256, None, None, mx.bfloat16)  # stock's gemv up to 64 rows
+    assert dict(moe_mlp.launch("cuda", *args, **kw).template)["QMM"] is False
+
+
+def test_moe_blocks_kernels_step_aside_from_qmm_rows(qmm_on):
+    """moe_gate_up and moe_down follow qmv only: where the expert kernels would take the QMM
+    variant they take the reference, and say so."""
+    x, inds, *w = _gate_up(1, 64, 8, 1536, 2048, 64, 4, mx.bfloat16)[0]  # one token, top-8
+    shared = [
+        quantized_experts(1, 1024, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=s) for s in (7, 8)
+    ]
+    sgate, sup = ([a[0] for a in side] for side in shared)
+    got = moe_gate_up.launch(
+        "cuda", x, inds, *w, *sgate, *sup, group_size=64, bits=4, shared_group_size=64, shared_bits=4
+    )
+    assert isinstance(got, Skip) and "qmm_sm80" in got.reason
+    h, inds, scores, *dw, _ = _down(1, 64, 8, 1536, 2048, 64, 4, mx.bfloat16)[0]
+    resid = mx.zeros((1, 2048), dtype=mx.bfloat16)
+    got = moe_down.launch("cuda", h, inds, scores, *dw, resid, group_size=64, bits=4)
+    assert isinstance(got, Skip) and "qmm_sm80" in got.reason
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("case", [CASES[3], CASES[5]], ids=["4-bit", "8-bit"])
+def test_every_qmm_variant_compiles(qmm_on, case, dtype):
+    for args, kw in (_gate_up(*case, dtype), _gate_up(*case, dtype, biases=True)):
+        spec = moe_mlp.launch("cuda", *args, **kw)
+        assert dict(spec.template)["QMM"] is True
+        cuda_check.compile_launch(moe_mlp.moe_mlp, spec)  # raises with NVRTC's log
+    for shared, in_t in ((True, False), (False, True)):
+        args, kw = _down(*case, dtype, shared=shared, scores_in_t=in_t)
+        spec = downproj_combine.launch("cuda", *args, **kw)
+        assert dict(spec.template)["QMM"] is True
+        cuda_check.compile_launch(downproj_combine.downproj_combine, spec)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("case", CASES, ids=[str(c[:3]) + f"-g{c[5]}-b{c[6]}" for c in CASES])
+def test_cuda_qmm_gate_up_is_bitwise_stock(qmm_on, case, dtype):
+    for biases in (False, True):
+        args, kw = _gate_up(*case, dtype, seed=case[3] + case[6], biases=biases)
+        assert dict(moe_mlp.launch("cuda", *args, **kw).template)["QMM"] is True
+        got = moe_mlp.moe_mlp.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
+        want = moe_mlp.reference(*args, **kw)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert mx.array_equal(got, want).item(), (biases, mx.abs(got.astype(mx.float32) - want).max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("case", CASES, ids=[str(c[:3]) + f"-g{c[5]}-b{c[6]}" for c in CASES])
+def test_cuda_qmm_down_combine_is_bitwise_stock(qmm_on, case, dtype):
+    for shared, in_t in ((True, False), (False, True), (True, True)):
+        args, kw = _down(*case, dtype, seed=case[4] + case[6], shared=shared, scores_in_t=in_t)
+        assert dict(downproj_combine.launch("cuda", *args, **kw).template)["QMM"] is True
+        got = downproj_combine.downproj_combine.run_kernel("cuda", *args, init_value=float("nan"), **kw)
+        want = downproj_combine.reference(*args, **kw)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert mx.array_equal(got, want).item(), (
+            shared,
+            in_t,
+            mx.abs(got.astype(mx.float32) - want).max().item(),
+        )
