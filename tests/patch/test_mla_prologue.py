@@ -262,7 +262,7 @@ def test_the_report_its_flag_and_the_cuda_preset(tiny_q4):
     assert result.not_selected["mla_prologue"] == "excluded"
     p = zmlx.PATTERNS["mla_prologue"]
     assert p.fidelity == "close" and p.paths == ("decode",)  # close on Metal (float32 dots)
-    assert [k.name for k in p.kernels] == LAUNCHES.split(", ")
+    assert [k.name for k in p.kernels] == [*LAUNCHES.split(", "), "mla_q_prep_embed"]
     assert all(k.exact_on == ("cuda",) for k in p.kernels)
     check_presets(mla_prologue, with_it=("cuda",))  # bitwise stock there (5d3e65c193)
 

@@ -54,7 +54,7 @@ import mlx.core as mx
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
 from zmlx.kernels.glm47_rope import rope_table, scale_bits, stock_rope
 from zmlx.kernels.mla_q_prep_inputs import inputs, kwargs
-from zmlx.kernels.quant import or_placeholder, packing, regime_reason, weights_reason
+from zmlx.kernels.quant import or_placeholder, packing, qmm_embed_reason, regime_reason, weights_reason
 from zmlx.kernels.residual_norm import geometry
 from zmlx.kernels.swiglu_mlp import dense
 
@@ -169,7 +169,7 @@ def _shape_reason(q_a, ckv, qa_norm_w, kv_norm_w, heads, rope_dims) -> str | Non
     return None
 
 
-def _launch(
+def variant_launch(
     backend,
     q_a,
     ckv,
@@ -182,6 +182,7 @@ def _launch(
     table,
     offset,
     *,
+    exact: bool = False,
     eps,
     heads,
     rope_dims,
@@ -193,7 +194,8 @@ def _launch(
     freqs=None,
     mscale=1.0,
 ) -> Launch | Skip:
-    """Both variants': embed (eq_w, eq_s, eq_b, embed_group_size, embed_bits), or None."""
+    """The three variants': embed (eq_w, eq_s, eq_b, embed_group_size, embed_bits), or None;
+    exact: embed_q in qmm_sm80's order, times SDPA's scale, out in T (mla_q_prep_embed)."""
     if qa_norm_w is None:
         return Skip("no q_a_layernorm (q_lora_rank None: q_proj) is not fused yet")
     if why := _shape_reason(q_a, ckv, qa_norm_w, kv_norm_w, heads, rope_dims):
@@ -219,6 +221,8 @@ def _launch(
             return Skip(f"embed_q weights {eq_w.shape} for {heads} heads of latent {rank}")
         eq_kw = dict(group_size=embed_group_size, bits=embed_bits)
         if why := weights_reason(eq_w, eq_s, eq_b, cols=nope, dtype=dtype, **eq_kw):
+            return Skip(f"embed_q: {why}")
+        if exact and (why := qmm_embed_reason(backend, bsz * heads, dtype, eq_s, eq_b, rank, nope, **eq_kw)):
             return Skip(f"embed_q: {why}")
         egs, ebits = packing(nope, embed_group_size, embed_bits)
         widths.append(("nope", nope, ebits))
@@ -252,9 +256,13 @@ def _launch(
     if qlr * 4 + ql * 4 + 128 > _SHARED_BYTES:
         return Skip(f"q_lora_rank {qlr} does not fit in threadgroup memory")
     qs = -(-qw // ql)
-    es = next(e for e in range(EMBED_SLICES if embed is not None else 1, 0, -1) if rank % e == 0)
+    # embed slices: R / ES rows each (whole groups of 8 rows, a warp's, when exact)
+    slices = range(EMBED_SLICES if embed is not None else 1, 0, -1)
+    es = next((e for e in slices if rank % (8 * e if exact else e) == 0), 1)
     rq = max(1, min(RQ, ql // (threads // 32)))
     q_out = ((bsz, heads, rank), mx.float32) if embed is not None else ((bsz, heads, 1, nope), dtype)
+    if exact:
+        q_out = ((bsz, heads, 1, rank), dtype)
     return Launch(
         inputs=[
             q_a,
@@ -308,14 +316,18 @@ def launch(
 ) -> Launch | Skip:
     """mla_q_prep's launch: reference's arguments."""
     embed = (eq_w, eq_s, eq_b, kw.pop("embed_group_size", None), kw.pop("embed_bits", None))
-    return _launch(backend, q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, embed, table, offset, **kw)
+    return variant_launch(
+        backend, q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, embed, table, offset, **kw
+    )
 
 
 def launch_nope(
     backend, q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, table, offset, **kw
 ) -> Launch | Skip:
     """mla_q_prep_nope's launch: reference_nope's arguments."""
-    return _launch(backend, q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, None, table, offset, **kw)
+    return variant_launch(
+        backend, q_a, ckv, qa_norm_w, qb_w, qb_s, qb_b, kv_norm_w, None, table, offset, **kw
+    )
 
 
 def example():

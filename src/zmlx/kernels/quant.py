@@ -86,10 +86,11 @@ QMM_ORDER = False
 
 
 def qmm_order(
-    backend: str, rows: int, dtype, s, b, *, out_rows: int, cols: int, group_size, bits, mode
+    backend: str, rows: int, dtype, s, b, *, out_rows: int, cols: int, group_size, bits, mode, max_rows=0
 ) -> bool:
     """Whether a gathered quantized matmul of `rows` (tokens x experts) rows, `out_rows`
-    outputs of `cols`-wide rows, is one the kernels run in qmm_sm80's order (QMM_ORDER)."""
+    outputs of `cols`-wide rows, is one the kernels run in qmm_sm80's order (QMM_ORDER).
+    max_rows: where the caller stops (default mlx-lm's sort, MLX_LM_SORT_ROWS)."""
     import mlx.core as mx
 
     return (
@@ -98,7 +99,7 @@ def qmm_order(
         and mode == "affine"
         and s is not None
         and b is not None
-        and QMV_MAX_ROWS <= rows < MLX_LM_SORT_ROWS
+        and QMV_MAX_ROWS <= rows < (max_rows or MLX_LM_SORT_ROWS)
         and dtype in (mx.bfloat16, mx.float16)
         and s.dtype == dtype
         and b.dtype == dtype
@@ -106,6 +107,23 @@ def qmm_order(
         and out_rows % QMM_TILE_N == 0
         and cols % max(64, group_size) == 0
     )
+
+
+def qmm_embed_reason(
+    backend: str, rows: int, dtype, s, b, out_rows: int, cols: int, *, group_size, bits
+) -> str | None:
+    """Why MultiLinear's batched quantized matmul (embed_q: `rows` = sequences x heads) is not
+    one a kernel may compute in qmm_sm80's order on this backend, or None: with QMM_ORDER, on
+    CUDA where stock runs qmm_sm80 (no sort: any number of rows from 8); elsewhere (the CPU's
+    reference, Metal's float32 sums: close) nothing more to check."""
+    if not QMM_ORDER:
+        return "quant.QMM_ORDER is off (qmm_sm80's order waits for its cuda tests)"
+    kw = dict(out_rows=out_rows, cols=cols, group_size=group_size, bits=bits, mode="affine")
+    if backend == "cuda" and not qmm_order(backend, rows, dtype, s, b, max_rows=2**31, **kw):
+        return (
+            f"{rows} rows of {cols} into {out_rows}, {bits}-bit groups of {group_size}: not stock's qmm_sm80"
+        )
+    return None
 
 
 # mlx-lm's SwitchGLU sorts its (token, expert) rows by expert from this many on (and then

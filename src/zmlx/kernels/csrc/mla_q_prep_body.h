@@ -17,7 +17,8 @@
 //    (glm47_rope's arithmetic and table row; YaRN's mscale on the input, ZMLX_ROPE_IN) and
 //    scaled in T; embed_q's rows of the slice from q_nope in float32 (mla.h's row dots, as
 //    mla_embed_q); or, with ZMLX_QV 0 (mla_q_prep_nope), no embed_q: q_nope out, the head's
-//    NOPE rows as rounded to T.
+//    NOPE rows as rounded to T; or, with ZMLX_QV 2 (mla_q_prep_embed, CUDA), embed_q in
+//    qmm_sm80's order times SDPA's scale, each in T as stock rounds it.
 // kv threadgroup: kv_a_layernorm of ckv[b][:R] in the same order, and the rope of k_pe (the same).
 ZMLX_SHARED float zmlx_sums[32];
 ZMLX_SHARED float zmlx_q[QL];
@@ -144,8 +145,39 @@ if (zmlx_lid < RD / 2 && NOPE + 2 * zmlx_lid >= r0 && NOPE + 2 * zmlx_lid < r0 +
     q_pe[dst] = static_cast<T>(ZMLX_MUL(static_cast<float>(r1), sc));
     q_pe[dst + 1] = static_cast<T>(ZMLX_MUL(static_cast<float>(r2), sc));
 }
-#if ZMLX_QV
-// ... and embed_q: qv[b, h] = W_q[h] @ q_nope in float32, the slice's R / ES rows
+#if ZMLX_QV == 2 && defined(ZMLX_CUDA)
+// ... and embed_q as stock's qmm_sm80 computes it (csrc/qmm_order.h: 8 rows a warp, the
+// head's q_nope row in T as the mma's A row), rounded to T and times SDPA's scale in T
+// (its fallback's first multiply): q_s[b, h], the slice's R / ES rows (mla_q_prep_embed)
+__shared__ __align__(16) T zmlx_qt[NOPE];
+for (uint j = zmlx_lid; j < NOPE; j += TG) zmlx_qt[j] = static_cast<T>(zmlx_q[j]);
+ZMLX_BARRIER;
+{
+    constexpr uint ER = R / ES;
+    constexpr uint UV = 32 / EBITS;
+    const float sc = ZMLX_FLOAT_BITS(SCALE_BITS);
+    const size_t head = size_t(h) * R;
+    for (uint t = zmlx_warp; t < ER / 8; t += TG / 32) {  // whole warps: the mma takes all 32 lanes
+        const uint n0 = es * ER + 8 * t;
+        float c[4];
+        zmlx_qmm_row8<EBITS, EGS, NOPE>(zmlx_qt, eq_w + head * (NOPE / UV), eq_s + head * (NOPE / EGS),
+                                        eq_b + head * (NOPE / EGS), n0, zmlx_lane, c);
+        if (zmlx_lane < 4) {
+            for (uint j = 0; j < 2; ++j) {
+                const float e = static_cast<float>(static_cast<T>(c[j]));  // embed_q's output, T
+                q_s[size_t(bh) * R + n0 + 2 * zmlx_lane + j] = static_cast<T>(ZMLX_MUL(e, sc));
+            }
+        }
+    }
+}
+#elif ZMLX_QV
+// ... and embed_q: qv[b, h] = W_q[h] @ q_nope in float32, the slice's R / ES rows (on Metal,
+// mla_q_prep_embed's q_s: that sum rounded to T, times SDPA's scale in T: close)
+#if ZMLX_QV == 2
+#define ZMLX_QV_OUT(i, v) q_s[i] = static_cast<T>(ZMLX_MUL(static_cast<float>(static_cast<T>(v)), ZMLX_FLOAT_BITS(SCALE_BITS)))
+#else
+#define ZMLX_QV_OUT(i, v) qv[i] = (v)
+#endif
 ZMLX_MLA_X_UNITS(EBITS, NOPE, zmlx_q, xr, xsum)
 constexpr uint ER = R / ES;  // embed rows per slice
 for (uint j0 = 0; j0 < ER; j0 += (TG / 32) * RW) {
@@ -155,7 +187,7 @@ for (uint j0 = 0; j0 < ER; j0 += (TG / 32) * RW) {
         float acc[RW];
         zmlx_mla_rows<EBITS, EGS, NOPE, RW>(eq_w, eq_s, eq_b, size_t(h) * R + j, nrows, zmlx_lane, xr, xsum, acc);
         for (uint r = 0; r < nrows; ++r) {
-            if (zmlx_lane == 0) qv[size_t(bh) * R + j + r] = acc[r];
+            if (zmlx_lane == 0) ZMLX_QV_OUT(size_t(bh) * R + j + r, acc[r]);
         }
     }
 }

@@ -13,9 +13,13 @@ and no mask (or zmlx's StaticMLACache, also inside compiled_decode's traced step
 
 and then mlx-lm's own ops in mlx-lm's order: the cache update, the rope scores, the mask,
 embed_q, scaled_dot_product_attention, unembed_out, the reshape and o_proj (the residual add
-is the MoE half's). Both launches are bitwise stock on CUDA (MLX's rms_norm, qmv/gemv and
-rope orders, one sequence; more take mlx-lm's attention) and run their references, stock's
-op sequence, on the CPU; on Metal their dots are float32 sums (close). Launches prepared as
+is the MoE half's). With quant.QMM_ORDER, where stock's embed_q runs qmm_sm80 and its
+attention MLX's fallback (latent width above 128 on CUDA; the CPU), the second launch is
+mla_q_prep_embed instead: embed_q in qmm_sm80's order and SDPA's query scale in it, the
+fallback's remaining ops run here (`_attention_after_scale`): two stock launches fewer.
+Both launches are bitwise stock on CUDA (MLX's rms_norm, qmv/gemv, qmm_sm80 and rope orders,
+one sequence; more take mlx-lm's attention) and run their references, stock's op sequence,
+on the CPU; on Metal their dots are float32 sums (close). Launches prepared as
 mla_block's (zmlx.patch.mla_layer). Prompts, masked steps, other caches and layers whose
 launches skip (why: `decode_plan`) run mlx-lm's attention, with the attention patterns that
 patched it. mla_block does all this and the attention itself, so this pattern yields to it;
@@ -31,6 +35,7 @@ import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from zmlx.kernels.mla_q_prep import mla_q_prep_nope
+from zmlx.kernels.mla_q_prep_embed import mla_q_prep_embed
 from zmlx.kernels.norm_qkv_a import norm_qkv_a
 from zmlx.kernels.prepared import Prepared
 from zmlx.patch import mla_layer
@@ -47,46 +52,78 @@ def check(layer, params) -> str | None:
 
 def _weights(layer) -> tuple:
     """Every array the two launches read (mla_layer.weights)."""
-    return mla_layer.weights(layer, ("q_a_proj", "kv_a_proj_with_mqa", "q_b_proj"))
+    return mla_layer.weights(layer, ("q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "embed_q"))
+
+
+# MLX 0.32's CUDA attention runs its fallback (the ops of `_attention_after_scale`) for head
+# dims above this (no cuDNN or vector kernel there); its CPU backend always does.
+SDPA_KERNEL_MAX_DIM = 128
+
+
+def _attention_after_scale(q_s, kv, mask):
+    """MLX's scaled_dot_product_attention fallback after its first op (q times T(scale): the
+    launch's q_s), with keys = values = kv (B, 1, S, rank) and an additive mask: its ops in its
+    order, so the values are stock's wherever stock runs the fallback."""
+    heads = q_s.shape[1]
+    k = v = kv
+    if heads > 1:  # one latent head: the queries' heads as repeats of it
+        q_s = mx.unflatten(q_s, 1, (1, heads))
+        k, v = mx.expand_dims(kv, 2), mx.expand_dims(kv, 2)
+        mask = mx.unflatten(mask, -3, (1, heads))
+    scores = mx.add(mx.matmul(q_s, mx.swapaxes(k, -1, -2)), mask)
+    out = mx.matmul(mx.softmax(scores, axis=-1, precise=True), v)
+    return mx.flatten(out, 1, 2) if heads > 1 else out
 
 
 class _Prologue:
-    """The prepared launches of one layer for one input shape and dtype."""
+    """The prepared launches of one layer for one input shape and dtype; `embedded`: the
+    second is mla_q_prep_embed (embed_q and SDPA's scale in it), else mla_q_prep_nope."""
 
-    __slots__ = ("qkv", "q_prep", "names")
+    __slots__ = ("qkv", "q_prep", "names", "embedded")
 
-    def __init__(self, qkv: Prepared, q_prep: QPrep):
-        self.qkv, self.q_prep = qkv, q_prep
+    def __init__(self, qkv: Prepared, q_prep: QPrep, embedded: bool):
+        self.qkv, self.q_prep, self.embedded = qkv, q_prep, embedded
         self.names = (  # each launch's name and why its reference runs ("" for the kernel)
             (norm_qkv_a.name, qkv.reason),
-            (mla_q_prep_nope.name, q_prep.call.reason),
+            ((mla_q_prep_embed if embedded else mla_q_prep_nope).name, q_prep.call.reason),
         )
 
     def __call__(self, attn, x, mask, cache):
-        """mlx-lm's Glm4MoeLiteAttention / DeepseekV3Attention at one token from its q_nope,
-        q_pe * scale, kv_latent and k_pe on: the same ops on the same values."""
+        """mlx-lm's Glm4MoeLiteAttention / DeepseekV3Attention at one token from its q_nope (or
+        embed_q's output times SDPA's scale), q_pe * scale, kv_latent and k_pe on: the same ops
+        on the same values."""
         q_a, ckv = self.qkv(x)
-        q_nope, q_pe, kv_latent, k_pe = self.q_prep.step(q_a, ckv, cache)
+        q, q_pe, kv_latent, k_pe = self.q_prep.step(q_a, ckv, cache)
         kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
         pe_scores = q_pe @ k_pe.swapaxes(-1, -2)  # q_pe is already (q_pe * scale), as stock rounds it
         if mask is not None:
             pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
-        q_nope = attn["embed_q"](q_nope)
-        output = scaled_dot_product_attention(
-            q_nope, kv_latent, kv_latent, cache=cache, scale=attn.scale, mask=pe_scores
-        )
+        if self.embedded:
+            output = _attention_after_scale(q, kv_latent, pe_scores)
+        else:
+            output = scaled_dot_product_attention(
+                attn["embed_q"](q), kv_latent, kv_latent, cache=cache, scale=attn.scale, mask=pe_scores
+            )
         output = attn["unembed_out"](output)
         output = output.transpose(0, 2, 1, 3).reshape(x.shape[0], 1, -1)
         return attn["o_proj"](output)
 
 
 def _build(layer, x, backend) -> _Prologue | str:
-    """The two launches prepared for x, or why such steps run mlx-lm's code."""
+    """The two launches prepared for x (with embed_q in the second where its launch takes it
+    and stock's attention runs its fallback), or why such steps run mlx-lm's code."""
+    attn = layer.self_attn
+    if backend == "cpu" or (backend == "cuda" and attn.kv_lora_rank > SDPA_KERNEL_MAX_DIM):
+        try:
+            qkv, q_prep = mla_layer.prologue(layer, x, backend, norm_qkv_a, mla_q_prep_embed, embed=True)
+            return _Prologue(qkv, q_prep, embedded=True)
+        except Stock:
+            pass  # its launch skips these shapes: embed_q stays mlx-lm's
     try:
         qkv, q_prep = mla_layer.prologue(layer, x, backend, norm_qkv_a, mla_q_prep_nope, embed=False)
     except Stock as why:
         return str(why)
-    return _Prologue(qkv, q_prep)
+    return _Prologue(qkv, q_prep, embedded=False)
 
 
 # id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
@@ -112,7 +149,7 @@ PATTERN = Pattern(
         " then mlx-lm's cache update, embed_q, attention, unembed_out and o_proj"
     ),
     fidelity="close",
-    kernels=(norm_qkv_a, mla_q_prep_nope),
+    kernels=(norm_qkv_a, mla_q_prep_nope, mla_q_prep_embed),
     check=check,
     make=make,
     paths=("decode",),
