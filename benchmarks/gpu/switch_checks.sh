@@ -4,6 +4,10 @@
 # The checks of the switches built off until they ran on a GPU (each turned on once they passed):
 #   quant.MXFP4_FP_ORDER   the cuda tests of wide gathered mxfp4 rows in fp_qmv's order (on
 #                          since they passed on the H200, 2026-12-01)
+#   quant.QMM_ORDER        the cuda tests of the kernels in qmm_sm80's order (the tests turn
+#                          it on themselves): moe_mlp and downproj_combine's QMM variants,
+#                          mla_q_prep_embed, and mla_prologue with it on a model whose latent
+#                          is wider than 128 (test_mla_prologue_embed.py)
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).
@@ -31,4 +35,6 @@ run_tests() {  # name, limit, pytest args...
 }
 {
   run_tests mxfp4-fp-order 200 tests/kernels/test_mxfp4_experts.py -k "fp_order"
+  run_tests qmm-order 400 tests/kernels/test_qmm_experts.py tests/kernels/test_mla_q_prep_embed.py \
+    tests/patch/test_mla_prologue_embed.py
 } | tee "$out/switch-summary.log"

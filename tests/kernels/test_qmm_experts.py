@@ -15,9 +15,9 @@ from zmlx.kernels.moe_mlp import quantized_experts
 
 # (tokens, experts, k, expert rows I, model width D, group, bits): I and D multiples of 128
 CASES = [
-    (1, 128, 8, 768, 2048, 64, 4),  # Qwen3-30B-A3B
-    (1, 128, 8, 1408, 4096, 64, 4),  # GLM-4.5-Air
-    (2, 64, 4, 1536, 2048, 64, 4),  # GLM-4.7-Flash, 2 tokens
+    (1, 32, 8, 768, 2048, 64, 4),  # Qwen3-30B-A3B's expert shapes (128 experts there)
+    (1, 16, 8, 1408, 4096, 64, 4),  # GLM-4.5-Air's
+    (2, 16, 4, 1536, 2048, 64, 4),  # GLM-4.7-Flash's, 2 tokens
     (3, 16, 4, 256, 384, 32, 4),  # 12 rows, groups of 32
     (1, 12, 8, 384, 256, 128, 4),  # groups of 128
     (1, 12, 8, 256, 512, 64, 8),  # 8-bit
@@ -107,7 +107,7 @@ def test_qmv_rows_and_stocks_other_kernels_are_not_qmm(qmm_on):
 def test_moe_blocks_kernels_step_aside_from_qmm_rows(qmm_on):
     """moe_gate_up and moe_down follow qmv only: where the expert kernels would take the QMM
     variant they take the reference, and say so."""
-    x, inds, *w = _gate_up(1, 64, 8, 1536, 2048, 64, 4, mx.bfloat16)[0]  # one token, top-8
+    x, inds, *w = _gate_up(1, 16, 8, 1536, 2048, 64, 4, mx.bfloat16)[0]  # one token, top-8
     shared = [
         quantized_experts(1, 1024, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=s) for s in (7, 8)
     ]
@@ -116,7 +116,7 @@ def test_moe_blocks_kernels_step_aside_from_qmm_rows(qmm_on):
         "cuda", x, inds, *w, *sgate, *sup, group_size=64, bits=4, shared_group_size=64, shared_bits=4
     )
     assert isinstance(got, Skip) and "qmm_sm80" in got.reason
-    h, inds, scores, *dw, _ = _down(1, 64, 8, 1536, 2048, 64, 4, mx.bfloat16)[0]
+    h, inds, scores, *dw, _ = _down(1, 16, 8, 1536, 2048, 64, 4, mx.bfloat16)[0]
     resid = mx.zeros((1, 2048), dtype=mx.bfloat16)
     got = moe_down.launch("cuda", h, inds, scores, *dw, resid, group_size=64, bits=4)
     assert isinstance(got, Skip) and "qmm_sm80" in got.reason
