@@ -11,7 +11,10 @@
 #                     (one ledger line each; PATTERN_SETS overrides the sets, ';'-separated;
 #                     PROMPT=4096 decodes after a 4096-token prompt; ACCURACY=0 skips the
 #                     float32 reference: a set whose tokens differ is then FAIL, which is the
-#                     verdict for an exact pattern anyway, and it saves ~100 s a set on flash)
+#                     verdict for an exact pattern anyway, and it saves ~100 s a set on flash;
+#                     KERNELS=0 and ISSUE=0 leave out the kernel count and the issue time,
+#                     each noted in the line: at a 32768-token prompt their prefills do not
+#                     fit a 10-minute command beside the runs)
 #   STEP=kernels      the `cuda` kernel tests (KERNEL_TESTS: which files), then the per-kernel
 #                     micro-benchmark
 #   STEP=tests        the `cuda` tests in TESTS (pytest arguments: files, -k ...), stopped after
@@ -62,6 +65,8 @@ ledger() {
   local sets=${PATTERN_SETS:-moe_router;moe_combine;residual_norm;moe_router,moe_combine,residual_norm}
   local args=() accuracy=""
   [ "${ACCURACY:-1}" = 0 ] && accuracy="--no-accuracy"
+  [ "${KERNELS:-1}" = 0 ] && accuracy="$accuracy --no-count-kernels"
+  [ "${ISSUE:-1}" = 0 ] && accuracy="$accuracy --no-issue-time"
   IFS=';' read -ra parts <<< "$sets"
   for s in "${parts[@]}"; do args+=(--patterns "$s"); done
   python3 -m zmlx.matrix run "$model" "${args[@]}" --runs "$runs" --max-tokens "$tokens" \

@@ -194,3 +194,27 @@ def test_a_failing_accuracy_rule_keeps_the_tokens_verdict_and_says_why(tiny_q4, 
         == "the accuracy rule failed: MemoryError: the float32 reference does not fit"
     )
     assert done == ["router"]
+
+
+def test_the_issue_time_and_kernel_count_left_out_say_so_in_the_line(tiny_q4, monkeypatch):
+    """--no-issue-time and --no-count-kernels (a 32k prompt's runs need the command's time):
+    neither measurement runs, and each figure's note says it was left out."""
+    from zmlx.bench import harness
+
+    monkeypatch.setattr(harness, "issue_times", _raising(AssertionError("timed")))
+    monkeypatch.setattr(harness, "profile_decode", _raising(AssertionError("counted")))
+    model, tok = tiny_q4
+    control, r = measure(
+        model,
+        tok,
+        [CONTROL, Variant("router", ("moe_router",))],
+        runs=1,
+        max_tokens=4,
+        prompt_tokens=9,
+        count_kernels=False,
+        issue_time=False,
+    )
+    for x in (control, r):
+        assert x.issue_ms_per_step is None and x.issue_note == "not timed (--no-issue-time)"
+        assert x.kernels_per_token is None and x.kernels_note == "not counted (--no-count-kernels)"
+    assert r.fidelity["verdict"] == "PASS"

@@ -194,6 +194,7 @@ def measure(
     warmup_tokens: int = 16,
     allow_unsafe: bool = False,
     count_kernels: bool = True,
+    issue_time: bool = True,
     accuracy: bool = False,
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
@@ -203,7 +204,8 @@ def measure(
     baseline that the others' token fidelity is judged against. `accuracy`: also judge each
     patched variant by the accuracy rule (zmlx.accuracy: a float32 reference model, so
     twice the memory), after every timed run; its verdict is then PASS, ACCURATE or FAIL.
-    After the timed runs, each variant's host time to issue a decode step (zmlx.bench.issue_time);
+    After the timed runs, each variant's host time to issue a decode step (zmlx.bench.issue_time;
+    `issue_time` False: not timed) and its kernels (`count_kernels`; each note says so when off);
     with compiled_decode applied, its counters (traces, compiled and stock steps) of the last run.
     `on_done(control, result)` is called once for every variant after the first, as soon as
     its result is final (after its accuracy verdict, which comes set by set; a skipped variant
@@ -239,7 +241,7 @@ def measure(
     # Issue time before the kernel counts (below), which would slow it; any backend. These
     # diagnostics come after the timed runs: one that fails (e.g. out of memory) leaves its
     # figures None with the reason, not the runs lost (2026-12-01, a 32k prompt).
-    for r in active:
+    for r in active if issue_time else ():
         with applied(model, r.variant):
             times, r.issue_note = after_runs(lambda: issue_times(model, prompt), "the issue-time steps")
         if times is not None:
@@ -249,6 +251,9 @@ def measure(
             step(f"issue {r.variant.name}: {r.issue_note}")
     # Kernel counts last: once CUPTI has been attached it slows every later launch
     # (seen on the H100: stock decode fell from ~31 to ~24 tok/s), so no timed run may follow.
+    for r in active:  # what was left out on purpose says so in the line
+        r.issue_note = r.issue_note if issue_time else "not timed (--no-issue-time)"
+        r.kernels_note = "not counted (--no-count-kernels)" if not count_kernels else r.kernels_note
     if count_kernels:
         for r in active:
             with applied(model, r.variant):

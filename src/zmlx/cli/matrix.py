@@ -89,6 +89,7 @@ def run(
         typer.Option(help="memory to assume instead of the device's (a larger model is SKIP(RAM))"),
     ] = None,
     count_kernels: Annotated[bool, typer.Option(help="count CUDA kernels per token")] = True,
+    issue_time: Annotated[bool, typer.Option(help="time the host's issue of a decode step")] = True,
     accuracy: Annotated[
         Optional[bool],
         typer.Option(
@@ -166,7 +167,7 @@ def run(
             judged = accuracy_by_default(model) if accuracy is None else accuracy
             # steps: warm-ups, runs, issue times, kernel counts, accuracy; n: with the control
             n = len(variants) + 1
-            total = n * (runs + 2) + (n if count_kernels else 0) + (n - 1 if judged else 0)
+            total = n * (runs + 1 + issue_time) + (n if count_kernels else 0) + (n - 1 if judged else 0)
             progress.update(task, description="measuring", completed=0, total=total)
             written: list[dict[str, Any]] = []
 
@@ -188,6 +189,7 @@ def run(
                 max_tokens=max_tokens,
                 prompt_tokens=prompt_tokens,
                 count_kernels=count_kernels,
+                issue_time=issue_time,
                 accuracy=judged,
                 on_step=ui.step_reporter(progress, task, err),
                 on_done=keep,
