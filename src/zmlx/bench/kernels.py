@@ -98,6 +98,9 @@ def _glm_cases(tokens: int) -> list[Case]:
         from zmlx.bench import block_cases  # imports Case from here
 
         cases += block_cases.moe_block_cases() + block_cases.mla_block_cases()
+        from zmlx.bench import qmm_cases  # imports Case from here
+
+        cases += qmm_cases.qmm_cases()
     return cases
 
 
