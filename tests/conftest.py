@@ -144,6 +144,14 @@ def _close_bar(reference, reference_f32, args, kw, dtype):
 
 
 @pytest.fixture
+def qmm_on(monkeypatch):
+    """quant.QMM_ORDER on (the kernels in qmm_sm80's order; off until their cuda tests ran)."""
+    from zmlx.kernels import quant
+
+    monkeypatch.setattr(quant, "QMM_ORDER", True)
+
+
+@pytest.fixture
 def close_bar():
     """close_bar(reference, reference_f32, args, kw, dtype) -> (float32 truth, tolerance) for a
     `close` kernel: 2x stock's largest error against float32, plus one rounding of dtype at the

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from script_loader import load_script
+from toolchain_marks import needs_nvrtc
 
 from zmlx.kernels import cuda_check
 from zmlx.kernels.core import Launch, Skip
@@ -18,13 +19,6 @@ from zmlx.kernels.qmm_rows import STOCK_QMM_ROWS, qmm_rows, reference
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "qmm_order_probe.py"
 probe = load_script("gpu/qmm_order_probe.py")
-
-needs_nvrtc = pytest.mark.skipif(
-    not cuda_check.available(),
-    reason=f"needs NVRTC and MLX's CUDA headers: {cuda_check.SETUP}"
-    if cuda_check.supported()
-    else cuda_check.UNSUPPORTED,
-)
 
 
 @needs_nvrtc

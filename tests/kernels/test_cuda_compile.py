@@ -9,6 +9,7 @@ import re
 
 import mlx.core as mx
 import pytest
+from toolchain_marks import needs_nvrtc
 
 from zmlx.kernels import cuda_check, cuda_setup, quant
 from zmlx.kernels.core import Launch
@@ -33,13 +34,6 @@ from zmlx.kernels.norm_router import norm_router, norm_router_gates
 from zmlx.kernels.residual_norm import residual_norm
 from zmlx.kernels.softmax_router import softmax_router
 from zmlx.kernels.swiglu_mlp import quantized_linear, swiglu_mlp
-
-needs_nvrtc = pytest.mark.skipif(
-    not cuda_check.available(),
-    reason=f"needs NVRTC and MLX's CUDA headers: {cuda_check.SETUP}"
-    if cuda_check.supported()
-    else cuda_check.UNSUPPORTED,
-)
 
 
 def _quantized_cases():  # and unquantized (bits None)

@@ -8,6 +8,7 @@ bitwise the reference, outputs poisoned first."""
 import mlx.core as mx
 import pytest
 from test_mla_q_prep import Q4, Q8, _nope, _problem, _truth
+from toolchain_marks import needs_nvrtc
 
 from zmlx.kernels import cuda_check, metal_emu, quant
 from zmlx.kernels.core import Launch, Skip
@@ -21,17 +22,6 @@ SHAPES = [  # (batch, heads, q_lora_rank, nope, rope_dims, kv_lora_rank): heads 
     (2, 4, 256, 128, 64, 384),  # 2 sequences x 4 heads
 ]
 PACKINGS = [(Q4, Q4), (Q8, Q8), (None, dict(group_size=128, bits=4))]  # (q_b_proj, embed_q)
-needs_nvrtc = pytest.mark.skipif(
-    not cuda_check.available(),
-    reason=f"needs NVRTC and MLX's CUDA headers: {cuda_check.SETUP}"
-    if cuda_check.supported()
-    else cuda_check.UNSUPPORTED,
-)
-
-
-@pytest.fixture
-def qmm_on(monkeypatch):
-    monkeypatch.setattr(quant, "QMM_ORDER", True)
 
 
 def test_reference_is_embed_q_then_sdpas_scale_on_the_nope_variants_values():

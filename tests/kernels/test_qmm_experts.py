@@ -8,6 +8,7 @@ moe_block's kernels (qmv only) step aside there, and that every variant compiles
 
 import mlx.core as mx
 import pytest
+from toolchain_marks import needs_nvrtc
 
 from zmlx.kernels import cuda_check, downproj_combine, moe_down, moe_gate_up, moe_mlp, quant
 from zmlx.kernels.core import Launch, Skip
@@ -22,17 +23,6 @@ CASES = [
     (1, 12, 8, 384, 256, 128, 4),  # groups of 128
     (1, 12, 8, 256, 512, 64, 8),  # 8-bit
 ]
-needs_nvrtc = pytest.mark.skipif(
-    not cuda_check.available(),
-    reason=f"needs NVRTC and MLX's CUDA headers: {cuda_check.SETUP}"
-    if cuda_check.supported()
-    else cuda_check.UNSUPPORTED,
-)
-
-
-@pytest.fixture
-def qmm_on(monkeypatch):
-    monkeypatch.setattr(quant, "QMM_ORDER", True)
 
 
 def _gate_up(n, experts, k, i, d, gs, bits, dtype, seed=0, biases=False):
