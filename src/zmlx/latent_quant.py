@@ -82,3 +82,24 @@ def cache_bytes(caches: Iterable[Any]) -> int:
         arrays = [item[1] for item in tree_flatten(held) if isinstance(item[1], mx.array)]
         total += sum(a.nbytes for a in arrays)
     return total
+
+
+def update_and_fetch(
+    cache: QuantizedKVCache, keys: mx.array, values: mx.array
+) -> tuple[Quantized, Quantized]:
+    """mlx-lm's `QuantizedKVCache.update_and_fetch(keys, values)`: the same MLX ops in its order
+    and the same state after, without its `tree_map`s (Python a decode step pays per layer).
+    A step that grows the buffers (every `step` positions) or a first one runs mlx-lm's own."""
+    num_steps = keys.shape[2]
+    prev = cache.offset
+    if cache.keys is None or prev + num_steps > cache.keys[0].shape[-2]:
+        return cache.update_and_fetch(keys, values)
+    cache.offset = end = prev + num_steps
+    new_keys = mx.quantize(keys, group_size=cache.group_size, bits=cache.bits)
+    new_values = mx.quantize(values, group_size=cache.group_size, bits=cache.bits)
+    for i in range(len(cache.keys)):
+        cache.keys[i][..., prev:end, :] = new_keys[i]
+        cache.values[i][..., prev:end, :] = new_values[i]
+    if end == cache.keys[0].shape[2]:
+        return cache.keys, cache.values
+    return tuple(x[..., :end, :] for x in cache.keys), tuple(x[..., :end, :] for x in cache.values)

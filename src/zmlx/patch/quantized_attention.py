@@ -3,7 +3,8 @@ runs, shared with the attention patterns that take the attention's __call__ befo
 (glm47_rope, mla_attention: their kernels read a plain cache) and hand it such a cache.
 
 `attend(attn, x, mask, cache)` is mlx-lm's MLA attention with a `QuantizedKVCache`: mlx-lm's
-projections and rope, the cache's own update_and_fetch (quantized there), then at decode the
+projections and rope, the cache's update_and_fetch (quantized there; its ops and state through
+`zmlx.latent_quant.update_and_fetch`, without mlx-lm's tree_maps), then at decode the
 fused `mla_decode_q` + `mla_unembed` where the kernel runs, else
 `zmlx.latent_quant.latent_attention`; a prompt dequantizes the cache and runs mlx-lm's prompt
 branch. The mla_kv_quant pattern's module doc says more.
@@ -17,7 +18,7 @@ from zmlx.kernels.core import Skip
 from zmlx.kernels.mla_attention import mla_unembed
 from zmlx.kernels.mla_decode_q import mla_decode_q
 from zmlx.kernels.quant import weights_of
-from zmlx.latent_quant import dequantize, kv_quant_error, latent_attention
+from zmlx.latent_quant import dequantize, kv_quant_error, latent_attention, update_and_fetch
 from zmlx.patch.attention import project
 
 SMALLEST_GROUP = 32
@@ -58,7 +59,7 @@ def attend(self, x, mask, cache):
     q_pe = self.rope(q_pe, cache.offset)
     k_pe = self.rope(k_pe, cache.offset)
     kv_latent = mx.expand_dims(kv_latent, axis=1)
-    latent, pe = cache.update_and_fetch(kv_latent, k_pe)
+    latent, pe = update_and_fetch(cache, kv_latent, k_pe)  # mlx-lm's, less its Python
     quant = dict(group_size=cache.group_size, bits=cache.bits)
     if L == 1:
         q_nope = self.embed_q(q_nope)
