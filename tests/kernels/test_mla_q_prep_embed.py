@@ -15,13 +15,24 @@ from zmlx.kernels.core import Launch, Skip
 from zmlx.kernels.mla_q_prep import reference_nope
 from zmlx.kernels.mla_q_prep_embed import launch, mla_q_prep_embed, reference
 
-SHAPES = [  # (batch, heads, q_lora_rank, nope, rope_dims, kv_lora_rank): heads x batch >= 8
+SHAPES = [  # (batch, heads, q_lora_rank, nope, rope_dims, kv_lora_rank)
     (1, 20, 768, 192, 64, 512),  # GLM-4.7-Flash
     (1, 8, 256, 128, 32, 256),
-    (1, 9, 320, 64, 32, 128),  # odd heads, one embed slice of 128 rows... or four of 32
-    (2, 4, 256, 128, 64, 384),  # 2 sequences x 4 heads
+    (1, 9, 320, 64, 32, 128),  # odd heads
+    (1, 12, 256, 128, 64, 384),  # three embed slices of 128 rows
 ]
-PACKINGS = [(Q4, Q4), (Q8, Q8), (None, dict(group_size=128, bits=4))]  # (q_b_proj, embed_q)
+G128 = dict(group_size=128, bits=4)
+PACKINGS = [(Q4, Q4), (Q8, Q8), (None, G128)]  # (q_b_proj, embed_q)
+# Stock's qmm_sm80 cases (a group narrower than nope: wider ones take MLX's sm90 qmm on the
+# H200), one sequence: (shape, (q_b_proj, embed_q) packings)
+CUDA_CASES = [
+    (SHAPES[0], (Q4, Q4)),
+    (SHAPES[0], (Q8, Q8)),
+    (SHAPES[0], (None, dict(group_size=64, bits=4))),
+    (SHAPES[1], (Q4, dict(group_size=64, bits=8))),
+    (SHAPES[2], (Q8, Q4)),
+    (SHAPES[3], (None, dict(group_size=32, bits=8))),
+]
 
 
 def test_reference_is_embed_q_then_sdpas_scale_on_the_nope_variants_values():
@@ -50,7 +61,13 @@ def test_the_launch_waits_for_qmm_order(qmm_on, monkeypatch):
 
 
 def test_on_cuda_only_stocks_qmm_sm80_embeds_launch(qmm_on):
-    """Fewer than 8 sequence-heads (stock's qmv), an unquantized embed_q or float32: skips."""
+    """Fewer than 8 sequence-heads (stock's qmv), an unquantized embed_q, float32, groups as
+    wide as nope (stock's sm90 qmm), more than one sequence: skips."""
+    args, kw = _problem(SHAPES[1], mx.bfloat16, (Q4, G128), 7)  # nope 128, groups of 128
+    assert "sm90" in launch("cuda", *args, **kw).reason
+    assert isinstance(launch("cpu", *args, **kw), Launch)  # the CPU's reference is stock's anyway
+    args, kw = _problem((2, 8, 256, 128, 32, 256), mx.bfloat16, (Q4, Q4), 8)
+    assert isinstance(launch("cuda", *args, **kw), Skip)
     args, kw = _problem((1, 3, 96, 64, 16, 128), mx.bfloat16, PACKINGS[0], 2)
     assert "not stock's qmm_sm80" in launch("cuda", *args, **kw).reason
     args, kw = _problem(SHAPES[1], mx.bfloat16, (Q4, None), 3)
@@ -61,20 +78,18 @@ def test_on_cuda_only_stocks_qmm_sm80_embeds_launch(qmm_on):
 
 @needs_nvrtc
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("packings", PACKINGS, ids=["q4", "q8", "dense-q4g128"])
-def test_every_variant_compiles(qmm_on, dtype, packings):
-    for shape in SHAPES[:2]:
-        args, kw = _problem(shape, dtype, packings, 6)
-        spec = launch("cuda", *args, **kw)
-        assert isinstance(spec, Launch), spec
-        report = cuda_check.compile_launch(mla_q_prep_embed, spec, resources=True)
-        assert "0 bytes spill stores" in report, report
+@pytest.mark.parametrize("shape,packings", CUDA_CASES)
+def test_every_cuda_case_launches_and_compiles(qmm_on, dtype, shape, packings):
+    args, kw = _problem(shape, dtype, packings, 6)
+    spec = launch("cuda", *args, **kw)
+    assert isinstance(spec, Launch), spec
+    report = cuda_check.compile_launch(mla_q_prep_embed, spec, resources=True)
+    assert "0 bytes spill stores" in report, report
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape,packings", CUDA_CASES)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("packings", PACKINGS, ids=["q4", "q8", "dense-q4g128"])
 @pytest.mark.parametrize("position,yarn", [(0, None), (4096, "deepseek_v3")])
 def test_cuda_kernel_is_bitwise_stock(qmm_on, shape, dtype, packings, position, yarn):
     args, kw = _problem(shape, dtype, packings, sum(shape) + position, position, yarn)

@@ -222,7 +222,10 @@ def variant_launch(
         eq_kw = dict(group_size=embed_group_size, bits=embed_bits)
         if why := weights_reason(eq_w, eq_s, eq_b, cols=nope, dtype=dtype, **eq_kw):
             return Skip(f"embed_q: {why}")
-        if exact and (why := qmm_embed_reason(backend, bsz * heads, dtype, eq_s, eq_b, rank, nope, **eq_kw)):
+        rows = bsz * heads
+        if exact and (
+            why := qmm_embed_reason(backend, rows, dtype, eq_s, eq_b, rank, nope, sequences=bsz, **eq_kw)
+        ):
             return Skip(f"embed_q: {why}")
         egs, ebits = packing(nope, embed_group_size, embed_bits)
         widths.append(("nope", nope, ebits))

@@ -110,14 +110,22 @@ def qmm_order(
 
 
 def qmm_embed_reason(
-    backend: str, rows: int, dtype, s, b, out_rows: int, cols: int, *, group_size, bits
+    backend: str, rows: int, dtype, s, b, out_rows: int, cols: int, *, group_size, bits, sequences: int = 1
 ) -> str | None:
     """Why MultiLinear's batched quantized matmul (embed_q: `rows` = sequences x heads) is not
     one a kernel may compute in qmm_sm80's order on this backend, or None: with QMM_ORDER, on
     CUDA where stock runs qmm_sm80 (no sort: any number of rows from 8); elsewhere (the CPU's
-    reference, Metal's float32 sums: close) nothing more to check."""
+    reference, Metal's float32 sums: close) nothing more to check. A dense quantized_matmul
+    (unlike gather_qmm) takes MLX's sm90 kernel on Hopper where a group spans the whole row
+    (v0.32.1's supports_qmm_sm90: group_size >= K), another order; and over more than one
+    sequence MLX broadcasts the (heads, rows, cols) weights, which its qmm_sm80 reads with a
+    zero batch stride (read in its source, not run): both are left to stock."""
     if not QMM_ORDER:
         return "quant.QMM_ORDER is off (qmm_sm80's order waits for its cuda tests)"
+    if backend == "cuda" and group_size is not None and group_size >= cols:
+        return f"groups of {group_size} span the {cols}-wide rows: stock's sm90 qmm, another order"
+    if backend == "cuda" and sequences > 1:
+        return f"{sequences} sequences: stock broadcasts the heads' weights over them (left to stock)"
     kw = dict(out_rows=out_rows, cols=cols, group_size=group_size, bits=bits, mode="affine")
     if backend == "cuda" and not qmm_order(backend, rows, dtype, s, b, max_rows=2**31, **kw):
         return (
