@@ -189,3 +189,34 @@ def test_no_kernel_makes_an_index_array_per_call(monkeypatch):
                 if any(a is x for x in own) or not (a.size <= 16 and mx.issubdtype(a.dtype, mx.integer)):
                     continue
                 assert a is b, f"{name} ({backend}) makes a {a.dtype} array of {a.size} on every call"
+
+
+def test_the_self_check_covers_a_variant_where_there_is_one(monkeypatch):
+    """variant_example(backend): a second call (another variant of the body) checked after the
+    example; None (no variant on that backend, or its switch off) checks the example only."""
+    from zmlx.kernels.core import KernelDef
+
+    on = {"variant": True}
+
+    def kernel_of(wrong_variant):
+        return lambda self, backend, x: x * (1.5 if wrong_variant and x.size > 4 else 1.0)
+
+    def make(name):
+        return KernelDef(
+            name=name,
+            reference=lambda x: x,
+            body="",
+            example=lambda: ((mx.ones((4,)),), {}),
+            variant_example=lambda backend: (
+                ((mx.ones((8,)),), {}) if on["variant"] and backend == "cuda" else None
+            ),
+        )
+
+    monkeypatch.setattr(KernelDef, "run_kernel", kernel_of(wrong_variant=False))
+    assert make("variant_ok")._check("cuda") == ""
+    monkeypatch.setattr(KernelDef, "run_kernel", kernel_of(wrong_variant=True))
+    why = make("variant_wrong")._check("cuda")
+    assert why == "variant_wrong cuda kernel is not bitwise equal to the reference on its variant's example"
+    assert make("variant_elsewhere")._check("metal") == ""
+    on["variant"] = False
+    assert make("variant_off")._check("cuda") == ""

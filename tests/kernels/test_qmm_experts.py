@@ -155,3 +155,16 @@ def test_cuda_qmm_down_combine_is_bitwise_stock(qmm_on, case, dtype):
             in_t,
             mx.abs(got.astype(mx.float32) - want).max().item(),
         )
+
+
+@pytest.mark.parametrize("kernel", [moe_mlp.moe_mlp, downproj_combine.downproj_combine], ids=lambda k: k.name)
+def test_the_self_check_runs_a_qmm_call_when_the_switch_is_on(kernel, monkeypatch):
+    """With QMM_ORDER on, each kernel's variant_example on CUDA takes the QMM variant (the
+    pre-use check then covers that instantiation too); off, or elsewhere, there is none."""
+    assert kernel.variant_example("cuda") is None  # the switch is off
+    monkeypatch.setattr(quant, "QMM_ORDER", True)
+    assert kernel.variant_example("metal") is None
+    args, kw = kernel.variant_example("cuda")
+    assert dict(kernel.launch("cuda", *args, **kw).template)["QMM"] is True
+    got, want = kernel(*args, **kw), kernel.reference(*args, **kw)  # the CPU: the reference
+    assert mx.array_equal(got, want).item()

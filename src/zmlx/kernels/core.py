@@ -190,6 +190,9 @@ class KernelDef:
     launch: Callable[..., Launch | Skip] | None = None
     # example() -> (args, kwargs): small inputs for the pre-use check
     example: Callable[[], tuple[tuple, dict]] | None = None
+    # variant_example(backend) -> (args, kwargs) or None: a call of another variant of the body
+    # on that backend (moe_mlp's QMM on CUDA while its switch is on), checked too
+    variant_example: Callable[[Backend], tuple[tuple, dict] | None] | None = None
     header: str = ""
     # backend -> "" (the kernel passed its self-check) or why it failed
     _status: dict[Backend, str] = field(default_factory=dict, repr=False)
@@ -226,10 +229,17 @@ class KernelDef:
         return Plan(backend, "reference" if reason else "kernel", reason)
 
     def _check(self, backend: Backend) -> str:
-        """Build and run once on the example; '' if it matches the reference."""
+        """Build and run once on the example (and the variant's, where its launch takes it);
+        '' if each matches the reference."""
         if self.example is None:
             return ""
-        args, kwargs = self.example()
+        why = self._check_one(backend, *self.example())
+        variant = None if why or self.variant_example is None else self.variant_example(backend)
+        if variant is None:  # none on this backend, or its switch is off
+            return why
+        return self._check_one(backend, *variant, "its variant's example")
+
+    def _check_one(self, backend: Backend, args, kwargs, what: str = "its own example") -> str:
         try:
             got = self.run_kernel(backend, *args, **kwargs)
             want = self.reference(*args, **kwargs)
@@ -239,23 +249,20 @@ class KernelDef:
         except Exception as e:  # a build or launch failure: take the reference, say why
             return f"{self.name} {backend} kernel failed to build or run: {compiler_error(str(e))}"
         if isinstance(got, Skip):
-            return f"{self.name} {backend} kernel does not take its own example: {got.reason}"
+            return f"{self.name} {backend} kernel does not take {what}: {got.reason}"
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         if self.fidelity_on(backend) == "exact" and not (
             len(got) == len(want) and all(mx.array_equal(a, b).item() for a, b in zip(got, want))
         ):
-            return f"{self.name} {backend} kernel is not bitwise equal to the reference on its self-check"
+            return f"{self.name} {backend} kernel is not bitwise equal to the reference on {what}"
         if self.fidelity_on(backend) == "close" and not (
             len(got) == len(want)
             and all(
                 mx.allclose(a, b, rtol=self.tolerance, atol=self.tolerance).item() for a, b in zip(got, want)
             )
         ):
-            return (
-                f"{self.name} {backend} kernel is not within {self.tolerance:g} of the reference "
-                "on its self-check"
-            )
+            return f"{self.name} {backend} kernel is not within {self.tolerance:g} of the reference on {what}"
         return ""
 
     def run_kernel(self, backend: Backend, *args, init_value: float | None = None, **kwargs):

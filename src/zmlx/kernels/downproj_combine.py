@@ -29,6 +29,7 @@ import math
 
 import mlx.core as mx
 
+from zmlx.kernels import quant
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 from zmlx.kernels.moe_combine import reference as combine
 from zmlx.kernels.moe_combine import sequential_sum, sum_dtypes
@@ -194,6 +195,21 @@ def example():
     return (h, inds, scores, *w, shared), dict(group_size=64, bits=4)
 
 
+def qmm_example(backend: str = "cuda"):
+    """A call of the QMM variant: 8 expert rows, outputs a multiple of 128; None where no call
+    takes it (off CUDA, or quant.QMM_ORDER off): the self-check's variant_example."""
+    if backend != "cuda" or not quant.QMM_ORDER:
+        return None
+    from zmlx.kernels.moe_mlp import quantized_experts
+
+    h = mx.random.normal((1, 1, 8, 256), key=mx.random.key(55)).astype(mx.bfloat16)
+    inds = mx.array([[[3, 0, 5, 1, 9, 2, 11, 7]]], dtype=mx.uint32)
+    scores = mx.random.uniform(shape=(1, 1, 8), key=mx.random.key(56))
+    w = quantized_experts(12, 128, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=57)
+    shared = mx.random.normal((1, 1, 128), key=mx.random.key(58)).astype(mx.bfloat16)
+    return (h, inds, scores, *w, shared), dict(group_size=64, bits=4)
+
+
 downproj_combine = KernelDef(
     name="downproj_combine",
     reference=reference,
@@ -206,4 +222,5 @@ downproj_combine = KernelDef(
     output_names=("out",),
     launch=launch,
     example=example,
+    variant_example=qmm_example,
 )

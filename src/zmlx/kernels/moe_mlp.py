@@ -39,6 +39,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from zmlx.kernels import quant
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 from zmlx.kernels.quant import (
     dequantized,
@@ -315,6 +316,18 @@ def example():
     return (x, inds, *g, *u), dict(group_size=64, bits=4)
 
 
+def qmm_example(backend: str = "cuda"):
+    """A call of the QMM variant: 8 expert rows, outputs a multiple of 128; None where no call
+    takes it (off CUDA, or quant.QMM_ORDER off): the self-check's variant_example."""
+    if backend != "cuda" or not quant.QMM_ORDER:
+        return None
+    x = mx.random.normal((1, 1, 256), key=mx.random.key(44)).astype(mx.bfloat16)
+    inds = mx.array([[[3, 0, 5, 1, 9, 2, 11, 7]]], dtype=mx.uint32)
+    g = quantized_experts(12, 128, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=45)
+    u = quantized_experts(12, 128, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=46)
+    return (x, inds, *g, *u), dict(group_size=64, bits=4)
+
+
 # What moe_mlp and swiglu_mlp share: the body, its header and its inputs, and fidelity.
 SHARED: dict[str, Any] = dict(
     fidelity="close",
@@ -331,6 +344,7 @@ moe_mlp = KernelDef(
     reference=reference,
     launch=launch,
     example=example,
+    variant_example=qmm_example,
     **{
         **SHARED,
         "body": MOE_BODY,
