@@ -2,8 +2,8 @@
 mla_q_prep_embed (embed_q in qmm_sm80's order and SDPA's query scale in it) and the pattern runs
 the rest of MLX's attention fallback itself (`_attention_after_scale`). On the CPU the launch
 runs its reference (stock's ops), so every step is bitwise stock there: the fallback's ops are
-MLX's own, in its order. `cuda`: a model whose latent is wider than 128 (stock's fallback on
-CUDA) with 8 heads (stock's qmm_sm80) runs both kernels, bitwise stock."""
+MLX's own, in its order. `cuda`: a model with 8 heads (stock's embed_q on qmm_sm80) runs both
+kernels, bitwise stock."""
 
 import dataclasses
 
@@ -124,12 +124,10 @@ def test_compiled_steps_with_it_equal_those_without(tiny_q4, monkeypatch, batch)
     assert same(plain, embedded)
 
 
-@pytest.mark.parametrize(
-    "backend,rank,embedded", [("cpu", 64, True), ("cuda", 128, False), ("cuda", 256, True)]
-)
-def test_the_embedded_launch_is_tried_where_stock_runs_the_fallback(monkeypatch, backend, rank, embedded):
-    """On CUDA stock's attention leaves its fallback for cuDNN or its vector kernel at latent
-    widths of 128 and below: there embed_q stays mlx-lm's (the nope launch)."""
+@pytest.mark.parametrize("backend,embedded", [("cpu", True), ("cuda", True), ("metal", False)])
+def test_the_embedded_launch_is_tried_where_stock_runs_the_fallback(monkeypatch, backend, embedded):
+    """With an array mask (the rope scores) stock's decode attention is MLX's fallback on CUDA
+    (no cuDNN, no vector kernel) and the CPU; on Metal embed_q stays mlx-lm's (the nope launch)."""
     tried = []
     real = mla_prologue.mla_layer.prologue
 
@@ -140,7 +138,6 @@ def test_the_embedded_launch_is_tried_where_stock_runs_the_fallback(monkeypatch,
     monkeypatch.setattr(mla_prologue.mla_layer, "prologue", spy)
     model = build("deepseek_v3", "affine4", False)
     layer = _layers(model)[0]
-    monkeypatch.setattr(layer.self_attn, "kv_lora_rank", rank)
     made = mla_prologue._build(layer, mx.zeros((1, 1, model.args.hidden_size), mx.bfloat16), backend)
     assert tried[0] == ("mla_q_prep_embed" if embedded else "mla_q_prep_nope")
     assert made.embedded is embedded
@@ -148,7 +145,7 @@ def test_the_embedded_launch_is_tried_where_stock_runs_the_fallback(monkeypatch,
 
 def _wide_latent_model(family: str = "deepseek_v3") -> nn.Module:
     """test_family_exactness's tiny model at CUDA's widths with 8 heads (stock's embed_q on
-    qmm_sm80) and a latent of 256 (stock's attention on its fallback), affine 4-bit, bf16."""
+    qmm_sm80) and a latent of 256, affine 4-bit, bf16."""
     import importlib
 
     config = {**CONFIGS[family], **CUDA_WIDTHS, "num_attention_heads": 8, "num_key_value_heads": 8}

@@ -5,8 +5,8 @@ Stock, after what mla_q_prep_nope computes (q_nope in T, q_pe * scale, kv_latent
 
     q = embed_q(q_nope)                  # MultiLinear: quantized_matmul over the heads, T
     scaled_dot_product_attention(q, ..., scale=scale)
-        -> q * T(scale), in T            # the first op of MLX's fallback (latent widths
-                                         #   above 128 on CUDA; always on the CPU)
+        -> q * T(scale), in T            # the first op of MLX's fallback (at decode on
+                                         #   CUDA: the rope scores are an array mask)
 
 On CUDA MultiLinear's product of (B, H, 1, nope) by the (H, rank, nope) stack runs qmm_sm80
 from 8 heads (B x H >= 8; rank a multiple of 128, nope of max(64, group)), whose order per

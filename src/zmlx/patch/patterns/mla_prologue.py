@@ -14,7 +14,7 @@ and no mask (or zmlx's StaticMLACache, also inside compiled_decode's traced step
 and then mlx-lm's own ops in mlx-lm's order: the cache update, the rope scores, the mask,
 embed_q, scaled_dot_product_attention, unembed_out, the reshape and o_proj (the residual add
 is the MoE half's). With quant.QMM_ORDER, where stock's embed_q runs qmm_sm80 and its
-attention MLX's fallback (latent width above 128 on CUDA; the CPU), the second launch is
+attention MLX's fallback (on CUDA and the CPU: the rope scores are an array mask), the second launch is
 mla_q_prep_embed instead: embed_q in qmm_sm80's order and SDPA's query scale in it, the
 fallback's remaining ops run here (`_attention_after_scale`): two stock launches fewer.
 Both launches are bitwise stock on CUDA (MLX's rms_norm, qmv/gemv, qmm_sm80 and rope orders,
@@ -55,9 +55,11 @@ def _weights(layer) -> tuple:
     return mla_layer.weights(layer, ("q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "embed_q"))
 
 
-# MLX 0.32's CUDA attention runs its fallback (the ops of `_attention_after_scale`) for head
-# dims above this (no cuDNN or vector kernel there); its CPU backend always does.
-SDPA_KERNEL_MAX_DIM = 128
+# Where stock's decode attention is MLX's fallback (the ops of `_attention_after_scale`): with
+# mlx-lm's rope scores as an array mask MLX 0.32's CUDA SDPA takes neither cuDNN
+# (`use_cudnn_for_decoding`: no array mask) nor its vector kernel (no array mask), whatever
+# the width; its CPU backend always runs the fallback. Metal's is not known: not there.
+FALLBACK_BACKENDS = ("cpu", "cuda")
 
 
 def _attention_after_scale(q_s, kv, mask):
@@ -112,8 +114,7 @@ class _Prologue:
 def _build(layer, x, backend) -> _Prologue | str:
     """The two launches prepared for x (with embed_q in the second where its launch takes it
     and stock's attention runs its fallback), or why such steps run mlx-lm's code."""
-    attn = layer.self_attn
-    if backend == "cpu" or (backend == "cuda" and attn.kv_lora_rank > SDPA_KERNEL_MAX_DIM):
+    if backend in FALLBACK_BACKENDS:
         try:
             qkv, q_prep = mla_layer.prologue(layer, x, backend, norm_qkv_a, mla_q_prep_embed, embed=True)
             return _Prologue(qkv, q_prep, embedded=True)
