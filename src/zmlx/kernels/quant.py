@@ -88,9 +88,10 @@ QMM_ORDER = False
 def qmm_order(
     backend: str, rows: int, dtype, s, b, *, out_rows: int, cols: int, group_size, bits, mode, max_rows=0
 ) -> bool:
-    """Whether a gathered quantized matmul of `rows` (tokens x experts) rows, `out_rows`
-    outputs of `cols`-wide rows, is one the kernels run in qmm_sm80's order (QMM_ORDER).
-    max_rows: where the caller stops (default mlx-lm's sort, MLX_LM_SORT_ROWS)."""
+    """Whether a quantized matmul of `rows` rows (gathered: tokens x experts; MultiLinear's:
+    sequences x heads, through qmm_embed_reason), `out_rows` outputs of `cols`-wide rows, is one
+    the kernels run in qmm_sm80's order (QMM_ORDER). max_rows: where the caller stops (default
+    mlx-lm's sort of gathered rows, MLX_LM_SORT_ROWS)."""
     import mlx.core as mx
 
     return (
