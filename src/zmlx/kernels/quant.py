@@ -82,7 +82,7 @@ def qmv_reason(
 # whether the expert kernels (moe_mlp, downproj_combine) follow it there instead of taking
 # the reference; off until their `cuda` tests run on a GPU (tests/kernels/test_qmm_experts.py).
 QMM_TILE_N = 128
-QMM_ORDER = False
+QMM_ORDER = True
 
 
 def qmm_order(
