@@ -2,7 +2,7 @@
 """Where a decode step's host time goes, per pattern set (diagnostic).
 
     python benchmarks/gpu/profile_host.py [SPEC] [--sets "none;a,b;a,b,c"] [--steps N]
-        [--top N] [--no-profile] [--kernels] [--prompt-tokens N] [--kv-bits B] [--comments-ab ROUNDS]
+        [--top N] [--no-profile] [--kernels] [--prompt-tokens N] [--kv-bits B] [--ab NAME ROUNDS]
 
 For each set (`none` is stock), on one model, stock's set first:
   - build and issue milliseconds per greedy decode step (zmlx.bench.issue_time: the graph's
@@ -18,10 +18,11 @@ For each set (`none` is stock), on one model, stock's set first:
     pattern set is seen by name.
 MLX's own knobs (MLX_USE_CUDA_GRAPHS, MLX_MAX_OPS_PER_BUFFER, ...) are read by MLX once per
 process: run the script once per setting; the ones set are printed at the top.
-With --comments-ab ROUNDS (and --no-profile): each set is timed 2 x ROUNDS times in this one
-process, its kernels' device code handed to MLX compacted and as written
-(ZMLX_KERNEL_COMMENTS=0/1) in alternating order, the kernels rebuilt for each, and the medians
-per setting printed last: what the compacted sources save the host, on one machine.
+With --ab NAME ROUNDS: each set is timed 2 x ROUNDS times in this one process with one switch
+at its two settings in alternating order, and the medians per setting printed last, on one
+machine: `comments`, its kernels' device code handed to MLX compacted or as written
+(ZMLX_KERNEL_COMMENTS=0/1, the kernels rebuilt for each); `tail`, mla_prologue's tail built
+eagerly each step or compiled once (mla_prologue.COMPILE_TAIL).
 The decode steps follow a 10-token prompt, or `--prompt-tokens` seeded ids (the ledger's
 prompt: zmlx.bench.harness.make_prompt, seed 0), for the costs that grow with the context;
 with --kv-bits over a cache quantized after the prompt as mlx-lm's --kv-bits quantizes it
@@ -182,39 +183,65 @@ def run(
     return rows
 
 
-def comments_ab(model, sets: list[str], steps: int, rounds: int, prompt_tokens: int | None) -> None:
-    """The --comments-ab table: per set, build / issue / pipelined ms medians over `rounds`
-    timings with the device code compacted and `rounds` as written, alternated."""
+def _comments(setting: str) -> None:
     from zmlx.kernels import core
 
+    os.environ["ZMLX_KERNEL_COMMENTS"] = setting  # read by zmlx.config at each build
+    core.build.cache_clear()
+
+
+def _tail(setting: str) -> None:
+    from zmlx.patch.patterns import mla_prologue
+
+    mla_prologue.COMPILE_TAIL = setting == "1"
+    mla_prologue._BLOCKS.clear()
+
+
+# --ab NAME: (what it switches, the names of its settings "0" and "1", how to apply one)
+AB = {
+    "comments": ("the kernels' device code handed to MLX", ("compacted", "written"), _comments),
+    "tail": ("mla_prologue's tail (mla_q_prep_embed's steps)", ("eager", "compiled"), _tail),
+}
+
+
+def ab(model, sets: list[str], steps: int, rounds: int, prompt_tokens: int | None, name: str) -> None:
+    """The --ab table: per set, build / issue / pipelined ms medians over `rounds` timings with
+    the switch `name` at each setting, alternated; the switch is left at its default after."""
+    from zmlx.kernels import core
+    from zmlx.patch.patterns import mla_prologue
+
+    _, labels, apply = AB[name]
+    tail_before = mla_prologue.COMPILE_TAIL
     prompt = prompt_of(model, prompt_tokens)
     got: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-    for r in range(rounds):
-        for s in sets:
-            for setting in ("0", "1") if r % 2 == 0 else ("1", "0"):
-                os.environ["ZMLX_KERNEL_COMMENTS"] = setting  # read by zmlx.config at each build
-                core.build.cache_clear()
-                zmlx.unpatch(model)
-                if s != "none":
-                    zmlx.patch(model, patterns=s)
-                try:
-                    t = issue_times(model, prompt, steps=steps, warm=3)
-                    pipe = pipelined_ms(model, prompt, steps)
-                finally:
+    try:
+        for r in range(rounds):
+            for s in sets:
+                for setting in ("0", "1") if r % 2 == 0 else ("1", "0"):
+                    apply(setting)
                     zmlx.unpatch(model)
-                got.setdefault((s, setting), []).append((t.build_median, t.issue_median, pipe))
-                print(
-                    f"round {r} [{s}] comments={setting}: build {t.build_median:.2f} issue "
-                    f"{t.issue_median:.2f} pipelined {pipe:.2f} ms",
-                    flush=True,
-                )
-    os.environ.pop("ZMLX_KERNEL_COMMENTS", None)
-    core.build.cache_clear()
-    print(f"{'set':<60} {'source':>9} {'build ms':>9} {'issue ms':>9} {'pipelined':>10}")
+                    if s != "none":
+                        zmlx.patch(model, patterns=s)
+                    try:
+                        t = issue_times(model, prompt, steps=steps, warm=3)
+                        pipe = pipelined_ms(model, prompt, steps)
+                    finally:
+                        zmlx.unpatch(model)
+                    got.setdefault((s, setting), []).append((t.build_median, t.issue_median, pipe))
+                    print(
+                        f"round {r} [{s}] {name}={labels[int(setting)]}: build {t.build_median:.2f} "
+                        f"issue {t.issue_median:.2f} pipelined {pipe:.2f} ms",
+                        flush=True,
+                    )
+    finally:  # each switch back as it was
+        os.environ.pop("ZMLX_KERNEL_COMMENTS", None)
+        core.build.cache_clear()
+        mla_prologue.COMPILE_TAIL = tail_before
+        mla_prologue._BLOCKS.clear()
+    print(f"{'set':<60} {name:>9} {'build ms':>9} {'issue ms':>9} {'pipelined':>10}")
     for (s, setting), vals in got.items():
         med = [statistics.median(v[i] for v in vals) for i in range(3)]
-        name = "written" if setting == "1" else "compacted"
-        print(f"{s:<60} {name:>9} {med[0]:>9.2f} {med[1]:>9.2f} {med[2]:>10.2f}")
+        print(f"{s:<60} {labels[int(setting)]:>9} {med[0]:>9.2f} {med[1]:>9.2f} {med[2]:>10.2f}")
 
 
 def kv_bits_sets_read_it(model, sets: list[str]) -> None:
@@ -250,7 +277,11 @@ def main(argv: list[str] | None = None) -> None:
         help="decode over a cache quantized as mlx-lm's --kv-bits (4 or 8, group 64; MLA: mla_kv_quant)",
     )
     parser.add_argument(
-        "--comments-ab", type=int, default=0, metavar="ROUNDS", help="compacted vs written device code"
+        "--ab",
+        nargs=2,
+        default=None,
+        metavar=("NAME", "ROUNDS"),
+        help=f"one switch's settings alternated: {', '.join(AB)}",
     )
     args = parser.parse_args(argv)
     sets = args.sets.split(";")
@@ -258,23 +289,28 @@ def main(argv: list[str] | None = None) -> None:
         cli_args.at_least(1, {"--steps": args.steps, "--top": args.top})
         if args.prompt_tokens is not None:
             cli_args.at_least(1, {"--prompt-tokens": args.prompt_tokens})
-        if args.comments_ab:
-            cli_args.at_least(1, {"--comments-ab": args.comments_ab})
+        rounds = 0
+        if args.ab is not None:
+            if args.ab[0] not in AB:
+                raise ConfigError(f"--ab {args.ab[0]}: not one of {', '.join(AB)}")
+            if not args.ab[1].isdigit() or int(args.ab[1]) < 1:
+                raise ConfigError(f"--ab {args.ab[0]} {args.ab[1]}: ROUNDS must be a whole number >= 1")
+            rounds = int(args.ab[1])
         for s in sets:
             cli_args.selection(s, "--sets")
         if args.kv_bits is not None:
             why = latent_quant.kv_quant_error(args.kv_bits, 64)
             if why:
                 raise ConfigError(why)
-            if args.comments_ab:
-                raise ConfigError("--kv-bits and --comments-ab do not go together")
+            if rounds:
+                raise ConfigError("--kv-bits and --ab do not go together")
         knobs = {k: os.environ[k] for k in MLX_KNOBS if k in os.environ}
         print(f"backend {zmlx.backend.current()}  MLX {mx.__version__}  knobs {knobs or 'MLX defaults'}")
         model, _ = synth.build(args.spec)
         if args.kv_bits is not None:
             kv_bits_sets_read_it(model, sets)
-        if args.comments_ab:
-            comments_ab(model, sets, args.steps, args.comments_ab, args.prompt_tokens)
+        if rounds:
+            ab(model, sets, args.steps, rounds, args.prompt_tokens, args.ab[0])
             return
         rows = run(
             model,

@@ -67,7 +67,11 @@ def test_the_profile_names_zmlx_functions(tiny_q4):
         ["--prompt-tokens", "0"],
         ["--prompt-tokens", "x"],
         ["--kv-bits", "3"],
-        ["--kv-bits", "8", "--comments-ab", "1"],
+        ["--kv-bits", "8", "--ab", "tail", "1"],
+        ["--ab", "nothing", "1"],
+        ["--ab", "tail", "0"],
+        ["--ab", "tail", "x"],
+        ["--ab", "tail"],
         ["--kv-bits", "8", "--sets", "none"],
         ["--kv-bits", "8", "--sets", "mla_kv_quant;moe_router"],
     ],
@@ -100,3 +104,15 @@ def test_kernels_by_name_says_why_not_on_the_cpu(tiny_q4):
     model, _ = tiny_q4
     text = load_script("gpu/profile_host.py").kernels_by_name(model, mx.array([3, 14]))
     assert text == "kernels by name need the CUDA backend (this is cpu)"
+
+
+def test_the_tail_ab_times_both_settings_and_leaves_the_switch_as_it_was(capsys):
+    """--ab tail on the CPU: both settings timed, alternated; the switch and blocks restored."""
+    from zmlx.patch.patterns import mla_prologue
+
+    load_script("gpu/profile_host.py").main(
+        ["synth:glm4_moe_lite/tiny/affine4", "--sets", "mla_prologue", "--steps", "2", "--ab", "tail", "1"]
+    )
+    out = capsys.readouterr().out
+    assert "tail=eager" in out and "tail=compiled" in out
+    assert mla_prologue.COMPILE_TAIL is True and not mla_prologue._BLOCKS

@@ -30,6 +30,7 @@ import zmlx
 from zmlx import synth
 from zmlx.config import PatchConfig
 from zmlx.fidelity import greedy_logits
+from zmlx.kernels import quant
 from zmlx.patch import layer as shared_layer
 from zmlx.patch.patterns import compiled_decode, mla_block, mla_prologue, moe_block
 from zmlx.static_cache import StaticMLACache
@@ -40,8 +41,10 @@ ON_THE_CPU = f"reference: {LAUNCHES} (custom kernels do not run on MLX's CPU bac
 
 
 @pytest.fixture(autouse=True)
-def prologues_on_the_cpu(blocks_on_the_cpu):
-    """blocks_on_the_cpu, and no mla_prologue block prepared before or after the test."""
+def prologues_on_the_cpu(blocks_on_the_cpu, monkeypatch):
+    """blocks_on_the_cpu, quant.QMM_ORDER off (so the second launch is mla_q_prep_nope; with it
+    on: test_mla_prologue_embed.py), and no mla_prologue block prepared before or after."""
+    monkeypatch.setattr(quant, "QMM_ORDER", False)
     mla_prologue._BLOCKS.clear()
     yield
     mla_prologue._BLOCKS.clear()

@@ -52,9 +52,9 @@ def layer_reason(layer, attention_reason_of: Callable[[Any], str | None]) -> str
 
 
 def weights(layer, projections: tuple[str, ...]) -> tuple:
-    """The norms' weights and these attention projections' arrays, in a fixed order: a
-    prepared block holds for these objects only (a model whose weights were replaced since is
-    prepared again)."""
+    """The norms' weights and these attention projections (each module and its arrays), in a
+    fixed order: a prepared block holds for these objects only (a model whose weights or
+    projection modules were replaced since, e.g. wrapped for LoRA, is prepared again)."""
     attn = layer["self_attn"]
     out = [
         layer["input_layernorm"]["weight"],
@@ -63,7 +63,7 @@ def weights(layer, projections: tuple[str, ...]) -> tuple:
     ]
     for name in projections:
         p = attn[name]
-        out += (p["weight"], p.get("scales"), p.get("biases"))
+        out += (p, p.get("weight"), p.get("scales"), p.get("biases"), p.get("bias"))
     return tuple(out)
 
 

@@ -51,8 +51,10 @@ def check(layer, params) -> str | None:
 
 
 def _weights(layer) -> tuple:
-    """Every array the two launches read (mla_layer.weights)."""
-    return mla_layer.weights(layer, ("q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "embed_q"))
+    """Every array the two launches and the compiled tail read (mla_layer.weights)."""
+    return mla_layer.weights(
+        layer, ("q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "embed_q", "unembed_out", "o_proj")
+    )
 
 
 # Where stock's decode attention is MLX's fallback (the ops of `_attention_after_scale`): with
@@ -60,6 +62,9 @@ def _weights(layer) -> tuple:
 # (`use_cudnn_for_decoding`: no array mask) nor its vector kernel (no array mask), whatever
 # the width; its CPU backend always runs the fallback. Metal's is not known: not there.
 FALLBACK_BACKENDS = ("cpu", "cuda")
+# Whether those steps' tail runs compiled (`_compiled_tail`); off: the same ops built eagerly
+# each step (benchmarks/gpu/profile_host.py --ab tail times one against the other).
+COMPILE_TAIL = True
 
 
 def _attention_after_scale(q_s, kv, mask):
@@ -77,14 +82,31 @@ def _attention_after_scale(q_s, kv, mask):
     return mx.flatten(out, 1, 2) if heads > 1 else out
 
 
+def _compiled_tail(unembed_out, o_proj):
+    """The step after the cache update where the second launch is mla_q_prep_embed and there is
+    no mask: the rope scores, `_attention_after_scale`, unembed_out, the heads' merge and o_proj,
+    as one function compiled once (shapeless: the cache's length changes each step), so that
+    MLX replays its ops instead of Python building them each step. Its primitives are the eager
+    ops' (mx.compile fuses no single elementwise op; the merge is mx.flatten, which takes no
+    shape, where mlx-lm reshapes), so its values are theirs. It holds the two modules (not the
+    layer); the block is prepared again when their arrays change (`_weights`)."""
+
+    def tail(q_s, q_pe, kv_latent, k_pe):
+        pe_scores = q_pe @ k_pe.swapaxes(-1, -2)
+        output = unembed_out(_attention_after_scale(q_s, kv_latent, pe_scores))
+        return o_proj(mx.flatten(output.transpose(0, 2, 1, 3), -2, -1))
+
+    return mx.compile(tail, shapeless=True)
+
+
 class _Prologue:
     """The prepared launches of one layer for one input shape and dtype; `embedded`: the
     second is mla_q_prep_embed (embed_q and SDPA's scale in it), else mla_q_prep_nope."""
 
-    __slots__ = ("qkv", "q_prep", "names", "embedded")
+    __slots__ = ("qkv", "q_prep", "names", "embedded", "tail")
 
-    def __init__(self, qkv: Prepared, q_prep: QPrep, embedded: bool):
-        self.qkv, self.q_prep, self.embedded = qkv, q_prep, embedded
+    def __init__(self, qkv: Prepared, q_prep: QPrep, embedded: bool, tail=None):
+        self.qkv, self.q_prep, self.embedded, self.tail = qkv, q_prep, embedded, tail
         self.names = (  # each launch's name and why its reference runs ("" for the kernel)
             (norm_qkv_a.name, qkv.reason),
             ((mla_q_prep_embed if embedded else mla_q_prep_nope).name, q_prep.call.reason),
@@ -97,6 +119,8 @@ class _Prologue:
         q_a, ckv = self.qkv(x)
         q, q_pe, kv_latent, k_pe = self.q_prep.step(q_a, ckv, cache)
         kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
+        if self.tail is not None and mask is None:
+            return self.tail(q, q_pe, kv_latent, k_pe)
         pe_scores = q_pe @ k_pe.swapaxes(-1, -2)  # q_pe is already (q_pe * scale), as stock rounds it
         if mask is not None:
             pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
@@ -117,7 +141,9 @@ def _build(layer, x, backend) -> _Prologue | str:
     if backend in FALLBACK_BACKENDS:
         try:
             qkv, q_prep = mla_layer.prologue(layer, x, backend, norm_qkv_a, mla_q_prep_embed, embed=True)
-            return _Prologue(qkv, q_prep, embedded=True)
+            attn = layer.self_attn
+            tail = _compiled_tail(attn.unembed_out, attn.o_proj) if COMPILE_TAIL else None
+            return _Prologue(qkv, q_prep, embedded=True, tail=tail)
         except Stock:
             pass  # its launch skips these shapes: embed_q stays mlx-lm's
     try:

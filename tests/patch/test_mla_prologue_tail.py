@@ -1,0 +1,113 @@
+"""mla_prologue's compiled tail: where the second launch is mla_q_prep_embed and a step has no
+mask, the rope scores, MLX's attention fallback, unembed_out and o_proj run as one function
+compiled once (shapeless) for the layer, so MLX replays them instead of Python building them
+each step. On the CPU every step stays bitwise stock; it is traced once per layer however the
+cache grows; and a layer whose o_proj arrays or module change since is prepared again."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from block_helpers import same
+
+import zmlx
+from zmlx.fidelity import greedy_logits
+from zmlx.kernels import quant
+from zmlx.patch.patterns import mla_prologue
+
+PROMPT = mx.array([[3, 14, 15, 92, 65, 35, 89]])
+
+
+@pytest.fixture(autouse=True)
+def prologues(blocks_on_the_cpu, monkeypatch):
+    monkeypatch.setattr(quant, "QMM_ORDER", True)
+    mla_prologue._BLOCKS.clear()
+    yield
+    mla_prologue._BLOCKS.clear()
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """How many times the tail's Python ran (once a trace: a replay runs none of it)."""
+    calls = [0]
+    inner = mla_prologue._attention_after_scale
+
+    def counted(*a):
+        calls[0] += 1
+        return inner(*a)
+
+    monkeypatch.setattr(mla_prologue, "_attention_after_scale", counted)
+    return calls
+
+
+def _patched(model, prompt, steps):
+    zmlx.patch(model, patterns=["mla_prologue"])
+    try:
+        return greedy_logits(model, prompt, steps)
+    finally:
+        zmlx.unpatch(model)
+
+
+def test_each_layer_traces_its_tail_once_as_the_cache_grows(tiny_q4, no_stock_attention, traces):
+    model, _ = tiny_q4
+    stock = greedy_logits(model, PROMPT, 6)
+    patched = _patched(model, PROMPT, 6)
+    assert same(stock, patched)
+    assert traces[0] == model.args.num_hidden_layers  # five decode steps, one trace a layer
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_the_compiled_tail_is_the_eager_ops_bitwise_at_every_length(tiny_q4, dtype):
+    """The compiled function against the same ops run eagerly (mlx-lm's reshape for the heads'
+    merge), over cache lengths 1, 17 and 64 with one trace."""
+    model, _ = tiny_q4
+    attn = model.model.layers[1].self_attn
+    tail = mla_prologue._compiled_tail(attn.unembed_out, attn.o_proj)
+    h, rank, rope = attn.num_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
+    for length in (1, 17, 64):
+        ks = mx.random.split(mx.random.key(length), 4)
+        q = mx.random.normal((1, h, 1, rank), key=ks[0]).astype(dtype)
+        q_pe = mx.random.normal((1, h, 1, rope), key=ks[1]).astype(dtype)
+        kv = mx.random.normal((1, 1, length, rank), key=ks[2]).astype(dtype)
+        k_pe = mx.random.normal((1, 1, length, rope), key=ks[3]).astype(dtype)
+        eager = mla_prologue._attention_after_scale(q, kv, q_pe @ k_pe.swapaxes(-1, -2))
+        eager = attn.o_proj(attn.unembed_out(eager).transpose(0, 2, 1, 3).reshape(1, 1, -1))
+        got = tail(q, q_pe, kv, k_pe)
+        assert got.shape == eager.shape and got.dtype == eager.dtype
+        assert mx.array_equal(got, eager).item(), length
+
+
+class _Doubled(nn.Module):
+    """A module put in o_proj's place (as LoRA wraps it): the original's output times two."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, x):
+        return self.inner(x) * 2
+
+
+def test_replaced_o_proj_arrays_or_module_are_used(tiny_q4, no_stock_attention):
+    model, _ = tiny_q4
+    attn = model.model.layers[1].self_attn
+    original = attn.o_proj
+    zmlx.patch(model, patterns=["mla_prologue"])
+    try:
+        greedy_logits(model, PROMPT, 3)  # the blocks are prepared with the original o_proj
+        attn.o_proj = _Doubled(original)
+        wrapped = greedy_logits(model, PROMPT, 3)
+        attn.o_proj = original
+        biases = original["biases"]
+        original["biases"] = biases + 0.25
+        shifted = greedy_logits(model, PROMPT, 3)
+        original["biases"] = biases
+    finally:
+        zmlx.unpatch(model)
+    attn.o_proj = _Doubled(original)
+    want_wrapped = greedy_logits(model, PROMPT, 3)
+    attn.o_proj = original
+    original["biases"] = biases + 0.25
+    want_shifted = greedy_logits(model, PROMPT, 3)
+    original["biases"] = biases
+    assert same(want_wrapped, wrapped) and same(want_shifted, shifted)
+    assert not mx.array_equal(want_wrapped[-1], want_shifted[-1]).item()
