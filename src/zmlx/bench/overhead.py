@@ -1,8 +1,8 @@
 """Where a custom kernel call's host time goes (CUDA only): in-graph µs per call of a stock
-op, of a minimal custom kernel (short and ~8 KB source), and of residual_norm through
-KernelDef vs called directly with its launch spec computed once. A diagnostic for the
-decode step's host overhead (benchmarks/bench_kernels.py --overhead); `zmlx report` prints
-its rows."""
+op, of the decode attention's cuBLAS matmuls, of a minimal custom kernel (short and ~8 KB
+source), and of residual_norm through KernelDef vs called directly with its launch spec
+computed once. A diagnostic for the decode step's host overhead (benchmarks/bench_kernels.py
+--overhead); `zmlx report` prints its rows."""
 
 from __future__ import annotations
 
@@ -62,9 +62,18 @@ def overhead(iters: int = 200, repeats: int = 7) -> list[dict[str, Any]]:
             output_dtypes=spec.output_dtypes,
         )
 
+    # GLM-4.7-Flash's decode attention at 4096 positions as MLX's fallback runs it (the default
+    # preset's three such matmuls a layer: cuBLASLt, whose descriptors, heuristic and stream
+    # capture MLX makes at each call)
+    q = mx.random.normal((1, 20, 1, 512)).astype(mx.bfloat16)
+    kv = mx.random.normal((1, 1, 4096, 512)).astype(mx.bfloat16)
+    p = mx.softmax(mx.random.normal((1, 20, 1, 4096)), axis=-1).astype(mx.bfloat16)
+    mx.eval(q, kv, p)
     cases: dict[str, Callable[[], Any]] = {
         "stock op (x + r)": lambda: x + r,
         "stock rms_norm": lambda: mx.fast.rms_norm(x, w, 1e-5),
+        "stock matmul, decode scores (cuBLAS)": lambda: q @ kv.swapaxes(-1, -2),
+        "stock matmul, decode values (cuBLAS)": lambda: p @ kv,
         "custom copy, short source": minimal(0),
         "custom copy, ~8 KB source": minimal(2000),
         "residual_norm, launch spec precomputed": direct,
