@@ -145,10 +145,13 @@ def _close_bar(reference, reference_f32, args, kw, dtype):
 
 @pytest.fixture
 def qmm_on(monkeypatch):
-    """quant.QMM_ORDER on (the kernels in qmm_sm80's order; off until their cuda tests ran)."""
+    """quant.QMM_ORDER, QMM_DOWN and QMM_PIPELINED on (the kernels in qmm_sm80's order, their
+    newest bodies), whatever their defaults."""
     from zmlx.kernels import quant
 
     monkeypatch.setattr(quant, "QMM_ORDER", True)
+    monkeypatch.setattr(quant, "QMM_DOWN", True)
+    monkeypatch.setattr(quant, "QMM_PIPELINED", True)
 
 
 @pytest.fixture

@@ -7,7 +7,12 @@
 #   quant.QMM_ORDER        the cuda tests of the kernels in qmm_sm80's order (the tests turn
 #                          it on themselves): moe_mlp and downproj_combine's QMM variants,
 #                          mla_q_prep_embed, and mla_prologue with it on a model whose latent
-#                          is wider than 128 (test_mla_prologue_embed.py)
+#                          is wider than 128 (test_mla_prologue_embed.py); on since they
+#                          passed on the H200, 2026-12-01. The tests turn on too
+#                          quant.QMM_PIPELINED (moe_mlp's variant loaded a chunk ahead) and
+#                          quant.QMM_DOWN (downproj_combine's, a block of k warps): both off
+#                          until these tests pass with them and bench_kernels' qmm cases
+#                          (`--only moe_mlp --only downproj_combine`) say they are no slower
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).

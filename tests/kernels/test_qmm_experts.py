@@ -49,27 +49,70 @@ def _down(n, experts, k, i, d, gs, bits, dtype, seed=0, shared=True, scores_in_t
     return (h, inds, scores.astype(dtype) if scores_in_t else scores, *w, out), dict(group_size=gs, bits=bits)
 
 
-def test_qmm_order_is_off_until_its_cuda_tests_ran():
-    """Off, 8 rows take the reference on CUDA as before (stock's tiled qmm is not followed)."""
-    assert quant.QMM_ORDER is False
+def test_with_qmm_order_off_8_rows_take_the_reference(monkeypatch):
+    """Off, 8 rows take the reference on CUDA (stock's tiled qmm is not followed)."""
+    monkeypatch.setattr(quant, "QMM_ORDER", False)
     args, kw = _gate_up(*CASES[0], mx.bfloat16)
     assert "tiled qmm from 8 rows" in moe_mlp.launch("cuda", *args, **kw).reason
     args, kw = _down(*CASES[0], mx.bfloat16)
     assert "tiled qmm from 8 rows" in downproj_combine.launch("cuda", *args, **kw).reason
 
 
+def test_with_qmm_down_off_the_down_rows_take_the_reference_and_say_why(monkeypatch):
+    """QMM_DOWN off (its variant measured slower than stock): 8 rows of the down projection take
+    the reference and say so; gate/up's variant still takes its rows."""
+    monkeypatch.setattr(quant, "QMM_ORDER", True)
+    monkeypatch.setattr(quant, "QMM_DOWN", False)
+    args, kw = _down(*CASES[0], mx.bfloat16)
+    assert "QMM_DOWN" in downproj_combine.launch("cuda", *args, **kw).reason
+    assert downproj_combine.downproj_combine.variant_example("cuda") is None
+    args, kw = _gate_up(*CASES[0], mx.bfloat16)
+    assert dict(moe_mlp.launch("cuda", *args, **kw).template)["QMM"] is True
+
+
 @pytest.mark.parametrize("case", CASES, ids=[str(c[:3]) for c in CASES])
 def test_on_cuda_qmm_rows_launch_the_qmm_variant_8_outputs_a_warp(qmm_on, case):
+    """moe_mlp: a warp per 8 (gate, up) outputs, 2 warps a block; downproj_combine: a block of k
+    warps (one an expert) per 8 outputs. The qmv variant keeps its geometry."""
     n, _, k, i, d = case[:5]
     args, kw = _gate_up(*case, mx.bfloat16)
     spec = moe_mlp.launch("cuda", *args, **kw)
     assert isinstance(spec, Launch) and dict(spec.template)["QMM"] is True
     assert spec.grid == (n * k * (i // 8) * 32, 1, 1) and spec.output_shapes == [(n, k, i)]
+    assert spec.threadgroup == (64, 1, 1) and spec.grid[0] % 64 == 0
     args, kw = _down(*case, mx.bfloat16)
     spec = downproj_combine.launch("cuda", *args, **kw)
     assert isinstance(spec, Launch) and dict(spec.template)["QMM"] is True
-    assert spec.grid == (n * (d // 8) * 32, 1, 1) and spec.output_shapes == [(n, d)]
+    assert spec.grid == (n * (d // 8) * 32 * k, 1, 1) and spec.output_shapes == [(n, d)]
+    assert spec.threadgroup == (32 * k, 1, 1)
     assert dict(moe_mlp.launch("metal", *_gate_up(*case, mx.bfloat16)[0], **kw).template)["QMM"] is False
+
+
+def test_with_qmm_pipelined_off_gate_up_keeps_the_plain_loop_in_blocks_of_256(qmm_on, monkeypatch):
+    """QMM_PIPELINED off (its body not yet run on a GPU): the variant that ran bitwise on the
+    H200, the plain loop (PIPE false) in blocks of 256."""
+    monkeypatch.setattr(quant, "QMM_PIPELINED", False)
+    spec = moe_mlp.launch("cuda", *_gate_up(*CASES[0], mx.bfloat16)[0], group_size=64, bits=4)
+    assert dict(spec.template)["QMM"] is True and dict(spec.template)["PIPE"] is False
+    assert spec.threadgroup == (256, 1, 1)
+
+
+def test_qmv_rows_keep_a_warp_an_output_in_blocks_of_256(qmm_on):
+    for case in ((1, 16, 4, 256, 256, 64, 4), (1, 16, 4, 256, 512, 64, 8)):  # 4 rows: qmv
+        _, _, k, i, d, gs, bits = case
+        spec = moe_mlp.launch("cuda", *_gate_up(*case, mx.bfloat16)[0], group_size=gs, bits=bits)
+        assert dict(spec.template)["QMM"] is False and spec.threadgroup == (256, 1, 1)
+        assert spec.grid == (k * i * 32, 1, 1)
+        spec = downproj_combine.launch("cuda", *_down(*case, mx.bfloat16)[0], group_size=gs, bits=bits)
+        assert dict(spec.template)["QMM"] is False and spec.threadgroup == (256, 1, 1)
+        assert spec.grid == (d * 32, 1, 1)
+
+
+def test_qmm_down_takes_the_reference_past_32_experts_a_token(qmm_on):
+    """downproj_combine's QMM block holds a warp per expert: past 32 (1024 threads), the reference."""
+    args, kw = _down(1, 48, 40, 256, 128, 64, 4, mx.bfloat16)
+    got = downproj_combine.launch("cuda", *args, **kw)
+    assert isinstance(got, Skip) and "40 experts a token" in got.reason
 
 
 def test_qmv_rows_and_stocks_other_kernels_are_not_qmm(qmm_on):
@@ -115,11 +158,13 @@ def test_moe_blocks_kernels_step_aside_from_qmm_rows(qmm_on):
 @needs_nvrtc
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("case", [CASES[3], CASES[5]], ids=["4-bit", "8-bit"])
-def test_every_qmm_variant_compiles(qmm_on, case, dtype):
-    for args, kw in (_gate_up(*case, dtype), _gate_up(*case, dtype, biases=True)):
-        spec = moe_mlp.launch("cuda", *args, **kw)
-        assert dict(spec.template)["QMM"] is True
-        cuda_check.compile_launch(moe_mlp.moe_mlp, spec)  # raises with NVRTC's log
+def test_every_qmm_variant_compiles(qmm_on, case, dtype, monkeypatch):
+    for pipelined in (False, True):
+        monkeypatch.setattr(quant, "QMM_PIPELINED", pipelined)
+        for args, kw in (_gate_up(*case, dtype), _gate_up(*case, dtype, biases=True)):
+            spec = moe_mlp.launch("cuda", *args, **kw)
+            assert dict(spec.template)["QMM"] is True and dict(spec.template)["PIPE"] is pipelined
+            cuda_check.compile_launch(moe_mlp.moe_mlp, spec)  # raises with NVRTC's log
     for shared, in_t in ((True, False), (False, True)):
         args, kw = _down(*case, dtype, shared=shared, scores_in_t=in_t)
         spec = downproj_combine.launch("cuda", *args, **kw)
@@ -130,7 +175,9 @@ def test_every_qmm_variant_compiles(qmm_on, case, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("case", CASES, ids=[str(c[:3]) + f"-g{c[5]}-b{c[6]}" for c in CASES])
-def test_cuda_qmm_gate_up_is_bitwise_stock(qmm_on, case, dtype):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_cuda_qmm_gate_up_is_bitwise_stock(qmm_on, case, dtype, pipelined, monkeypatch):
+    monkeypatch.setattr(quant, "QMM_PIPELINED", pipelined)
     for biases in (False, True):
         args, kw = _gate_up(*case, dtype, seed=case[3] + case[6], biases=biases)
         assert dict(moe_mlp.launch("cuda", *args, **kw).template)["QMM"] is True
@@ -161,7 +208,9 @@ def test_cuda_qmm_down_combine_is_bitwise_stock(qmm_on, case, dtype):
 def test_the_self_check_runs_a_qmm_call_when_the_switch_is_on(kernel, monkeypatch):
     """With QMM_ORDER on, each kernel's variant_example on CUDA takes the QMM variant (the
     pre-use check then covers that instantiation too); off, or elsewhere, there is none."""
-    assert kernel.variant_example("cuda") is None  # the switch is off
+    monkeypatch.setattr(quant, "QMM_ORDER", False)
+    monkeypatch.setattr(quant, "QMM_DOWN", True)
+    assert kernel.variant_example("cuda") is None
     monkeypatch.setattr(quant, "QMM_ORDER", True)
     assert kernel.variant_example("metal") is None
     args, kw = kernel.variant_example("cuda")

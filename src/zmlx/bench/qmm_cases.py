@@ -30,12 +30,14 @@ Q4: dict[str, Any] = dict(group_size=64, bits=4)
 
 @contextlib.contextmanager
 def _qmm_order():
-    """quant.QMM_ORDER on for the calls inside (the launch reads it at each call)."""
-    before, quant.QMM_ORDER = quant.QMM_ORDER, True
+    """quant.QMM_ORDER, QMM_DOWN and QMM_PIPELINED on for the calls inside (the launch reads
+    them at each call)."""
+    before = quant.QMM_ORDER, quant.QMM_DOWN, quant.QMM_PIPELINED
+    quant.QMM_ORDER = quant.QMM_DOWN = quant.QMM_PIPELINED = True
     try:
         yield
     finally:
-        quant.QMM_ORDER = before
+        quant.QMM_ORDER, quant.QMM_DOWN, quant.QMM_PIPELINED = before
 
 
 def _switched(fn: Callable[..., Any], *args, **kwargs) -> Callable[[], Any]:

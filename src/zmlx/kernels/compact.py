@@ -3,10 +3,11 @@
 Made because MLX's CUDA custom kernel rebuilds a kernel's whole source into a new string at
 every call of the kernel function (mlx/backend/cuda/custom_kernel.cpp, 0.32), and most of
 our text is csrc/'s comments (benchmarks/kernel_source_bytes.py counts the bytes). Measured
-on the H200 (profile_host.py --ab comments, then --comments-ab; NOTEBOOK, eighth session), compacted and written
-sources issue a decode step in the same host time: the length is not where a launch's host
-time goes. The comments stay in csrc/ for readers; MLX, NVRTC, Metal and the emulation get
-the same code without them (ZMLX_KERNEL_COMMENTS=1: as written).
+on the H200 (profile_host.py --ab comments, then called --comments-ab; NOTEBOOK, eighth
+session), compacted and written sources issue a decode step in the same host time: the
+length is not where a launch's host time goes. The comments stay in csrc/ for readers; MLX,
+NVRTC, Metal and the emulation get the same code without them (ZMLX_KERNEL_COMMENTS=1: as
+written).
 
 `compact` removes `//` and `/* */` comments (a block comment becomes one space, as in C),
 leading and trailing blanks, runs of blanks inside a line and empty lines; string and

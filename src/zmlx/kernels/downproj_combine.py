@@ -16,7 +16,8 @@ written: memory stays at the output's size however many experts or tokens.
 Fidelity: on CUDA the dot is MLX's qmv's arithmetic (csrc/quant.h), so the kernel
 is bitwise stock wherever stock runs qmv (fewer than 8 expert rows; affine, mxfp4 or
 unquantized experts); from 8 rows stock runs qmm_sm80 on affine weights of its tile shapes,
-and with quant.QMM_ORDER the kernel follows that order there (QMM: one warp per 8 outputs).
+and with quant.QMM_ORDER the kernel follows that order there (QMM: a block of k warps per 8
+outputs, one warp an expert, the weighted sum in moe_combine's order after a barrier).
 On Metal the dot is a plain float32 sum (`close`).
 
 Device code: BODY below; the dot is csrc/quant.h, the sum in stock's order csrc/expert_sum.h,
@@ -66,9 +67,9 @@ def reference_f32(
 
 BODY = """
 #ifdef ZMLX_CUDA
-if (QMM) {  // qmm_sm80's order: one warp per 8 outputs (csrc/qmm_down.h)
-    zmlx_qmm_down_warp<QMM, N, K, I, D, BITS, GS, SEQUENTIAL, P, A, HAS_SHARED>(
-        zmlx_tid / 32, zmlx_tid % 32, h, inds, scores, down_w, down_s, down_b, shared, out);
+if (QMM) {  // qmm_sm80's order: one block of K warps per 8 outputs, a warp an expert (csrc/qmm_down.h)
+    zmlx_qmm_down_block<QMM, N, K, I, D, BITS, GS, SEQUENTIAL, P, A, HAS_SHARED>(
+        zmlx_gid, zmlx_warp, zmlx_lane, h, inds, scores, down_w, down_s, down_b, shared, out);
     return;
 }
 #endif
@@ -145,10 +146,16 @@ def launch(
         bits=bits,
         mode=mode,
     )
+    if qmm and not quant.QMM_DOWN:
+        return Skip(
+            f"{n * k} expert rows: stock's qmm_sm80, whose order's variant is off (quant.QMM_DOWN: slower)"
+        )
     if not qmm and (
         why := regime_reason(backend, n * k, h.dtype, down_s, down_b, down_w, mode=mode, gathered_cols=i)
     ):
         return Skip(why)
+    if qmm and k > 32:  # a block of k warps
+        return Skip(f"{k} experts a token: more warps than a block holds (QMM: one an expert)")
     if n * d * 32 >= 2**31:
         return Skip(f"{n} tokens x {d} outputs is too large for one launch")
     gs, nbits = packing(i, group_size, bits)
@@ -177,8 +184,9 @@ def launch(
             ("FPQMV", fp_order(backend, mode, i)),
             ("QMM", qmm),
         ],
-        grid=(n * (d // 8 if qmm else d) * 32, 1, 1),
-        threadgroup=(256, 1, 1),
+        # QMM: a block of k warps (one an expert) for each 8 outputs; else a warp an output
+        grid=(n * (d // 8) * 32 * k if qmm else n * d * 32, 1, 1),
+        threadgroup=(32 * k if qmm else 256, 1, 1),
         output_shapes=[lead + (d,)],
         output_dtypes=[h.dtype],
     )
@@ -197,8 +205,8 @@ def example():
 
 def qmm_example(backend: str = "cuda"):
     """A call of the QMM variant: 8 expert rows, outputs a multiple of 128; None where no call
-    takes it (off CUDA, or quant.QMM_ORDER off): the self-check's variant_example."""
-    if backend != "cuda" or not quant.QMM_ORDER:
+    takes it (off CUDA, or quant.QMM_ORDER or QMM_DOWN off): the self-check's variant_example."""
+    if backend != "cuda" or not (quant.QMM_ORDER and quant.QMM_DOWN):
         return None
     from zmlx.kernels.moe_mlp import quantized_experts
 

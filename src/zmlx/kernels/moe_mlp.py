@@ -23,8 +23,9 @@ functors (csrc/quant.h), so the kernel is bitwise stock wherever stock runs qmv
 (fewer than 8 expert rows, scales in x's dtype; other calls take the reference), for
 affine, mxfp4 and unquantized experts. From 8 rows stock runs qmm_sm80 on affine weights of
 its tile shapes; with quant.QMM_ORDER the kernel follows that order there (QMM: one warp
-per 8 outputs, csrc/qmm_order.h and csrc/qmm_gate_up.h). On Metal the dot is a plain float32 sum: `close`,
-held to a float32 reference with stock's own error as the bar.
+per 8 outputs, csrc/qmm_order.h and csrc/qmm_gate_up.h; PIPE, with quant.QMM_PIPELINED: the
+same mma with the weights loaded a chunk ahead). On Metal the dot is a plain float32 sum:
+`close`, held to a float32 reference with stock's own error as the bar.
 
 Device code: BODY below (shared with swiglu_mlp: DOTS and its SwiGLU), MOE_BODY (DOTS, the
 biases, SwiGLU or SwigluOAI; QMM's warps); the dot and SwiGLU are csrc/quant.h, SwigluOAI
@@ -152,12 +153,12 @@ if (lane == 0) {
 )
 # moe_mlp's: BIAS adds the expert's gate and up biases (gate_pb, up_pb: placeholders without),
 # OAI applies SwigluOAI with alpha and limit given as float32 bits. QMM (CUDA): the warps of
-# csrc/qmm_gate_up.h instead, in qmm_sm80's order, 8 outputs a warp.
+# csrc/qmm_gate_up.h instead, in qmm_sm80's order, 8 outputs a warp (PIPE: loaded ahead).
 MOE_BODY = (
     """
 #ifdef ZMLX_CUDA
 if (QMM) {
-    zmlx_qmm_gate_up_warp<QMM, N, K, I, D, BITS, GS, BIAS, OAI>(zmlx_tid / 32, zmlx_tid % 32, x, inds,
+    zmlx_qmm_gate_up_warp<QMM, PIPE, N, K, I, D, BITS, GS, BIAS, OAI>(zmlx_tid / 32, zmlx_tid % 32, x, inds,
         gate_w, gate_s, gate_b, up_w, up_s, up_b, gate_pb, up_pb, out,
         ZMLX_FLOAT_BITS(ALPHA), ZMLX_FLOAT_BITS(LIMIT));
     return;
@@ -286,9 +287,11 @@ def launch(
             ("ALPHA", _bits(oai[0]) if oai else 0),
             ("LIMIT", _bits(oai[1]) if oai else 0),
             ("QMM", qmm),
+            ("PIPE", qmm and quant.QMM_PIPELINED),
         ],
         grid=(n * k * (i // 8 if qmm else i) * 32, 1, 1),
-        threadgroup=(256, 1, 1),
+        # QMM pipelined: 2 warps a block, so that its few warps (n * k * i / 8) spread over every SM
+        threadgroup=(64 if qmm and quant.QMM_PIPELINED else 256, 1, 1),
         output_shapes=[x.shape[:-1] + (k, i)],
         output_dtypes=[x.dtype],
     )

@@ -80,9 +80,20 @@ def qmv_reason(
 # csrc/qmm_order.h's (weights rounded once from q * s + b, mma.sync over k-blocks of 16 in
 # order: bitwise stock on the H200 in benchmarks/gpu/qmm_order_probe.py's 8 cases). QMM_ORDER:
 # whether the expert kernels (moe_mlp, downproj_combine) follow it there instead of taking
-# the reference; off until their `cuda` tests run on a GPU (tests/kernels/test_qmm_experts.py).
+# the reference; on since their `cuda` tests passed on the H200 (2026-12-01, switch_checks.sh:
+# 49 passed in tests/kernels/test_qmm_experts.py, test_mla_q_prep_embed.py and
+# tests/patch/test_mla_prologue_embed.py).
 QMM_TILE_N = 128
 QMM_ORDER = True
+# downproj_combine's QMM variant is bitwise stock but was slower than stock's kernels on the H200
+# (capsule 20261201T073046_kernels-glm47-flash-shapes_cuda_kernel_microbench.json, Qwen3-30B-A3B's
+# top-8 down shapes: GPU time a call several times stock's): off, so those rows take the
+# reference (stock's ops), until a faster QMM down body measures no slower (NOTEBOOK).
+QMM_DOWN = False
+# moe_mlp's QMM variant with its dots loaded a chunk ahead (csrc/qmm_order.h's zmlx_qmm_rows8,
+# the same mma in the same order; built after the H200 showed the plain loop latency-bound):
+# off until its cuda tests (switch_checks.sh) and the micro-benchmark have run on a GPU.
+QMM_PIPELINED = False
 
 
 def qmm_order(
