@@ -6,7 +6,9 @@
 # and leaves capsules, the ledger lines and a log in $OUT (or ./gpu-results):
 #   STEP=experiments  the experiment script over the variants in $VARIANTS
 #   STEP=noise        matrix run, stock vs stock (the noise floor)
-#   STEP=preset       matrix run, the family's default preset vs stock
+#   STEP=preset       matrix run, the family's default preset vs stock (MODEL: any synth
+#                     spec, e.g. synth:qwen3_moe/30b_a3b/affine4; PROMPT, ACCURACY, KERNELS
+#                     and ISSUE as for ledger)
 #   STEP=ledger       matrix run, each pattern alone and the preset, vs one shared control
 #                     (one ledger line each; PATTERN_SETS overrides the sets, ';'-separated;
 #                     PROMPT=4096 decodes after a 4096-token prompt; ACCURACY=0 skips the
@@ -57,16 +59,22 @@ noise() {
   python3 -m zmlx.matrix run "$model" --patterns none --runs "$runs" --max-tokens "$tokens" \
     --ledger "$out/matrix.jsonl" --notes "noise floor: stock vs stock, $device" 2>&1 | tee -a "$log"
 }
+options() {  # ACCURACY, KERNELS and ISSUE as matrix run's flags
+  local flags=""
+  [ "${ACCURACY:-1}" = 0 ] && flags="--no-accuracy"
+  [ "${KERNELS:-1}" = 0 ] && flags="$flags --no-count-kernels"
+  [ "${ISSUE:-1}" = 0 ] && flags="$flags --no-issue-time"
+  echo "$flags"
+}
 preset() {
-  python3 -m zmlx.matrix run "$model" --runs "$runs" --max-tokens "$tokens" \
-    --ledger "$out/matrix.jsonl" --notes "glm4_moe_lite default preset vs stock, $device" 2>&1 | tee -a "$log"
+  # shellcheck disable=SC2046
+  python3 -m zmlx.matrix run "$model" --runs "$runs" --max-tokens "$tokens" --prompt-tokens "$prompt" $(options) \
+    --ledger "$out/matrix.jsonl" --notes "${NOTES:-the default preset of the family vs stock}, $device" 2>&1 | tee -a "$log"
 }
 ledger() {
   local sets=${PATTERN_SETS:-moe_router;moe_combine;residual_norm;moe_router,moe_combine,residual_norm}
-  local args=() accuracy=""
-  [ "${ACCURACY:-1}" = 0 ] && accuracy="--no-accuracy"
-  [ "${KERNELS:-1}" = 0 ] && accuracy="$accuracy --no-count-kernels"
-  [ "${ISSUE:-1}" = 0 ] && accuracy="$accuracy --no-issue-time"
+  local args=() accuracy
+  accuracy=$(options)
   IFS=';' read -ra parts <<< "$sets"
   for s in "${parts[@]}"; do args+=(--patterns "$s"); done
   python3 -m zmlx.matrix run "$model" "${args[@]}" --runs "$runs" --max-tokens "$tokens" \
