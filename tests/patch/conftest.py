@@ -5,7 +5,19 @@ import mlx.core as mx
 import pytest
 
 from zmlx import synth
-from zmlx.patch.patterns import mla_block, moe_block
+from zmlx.patch.patterns import mla_block, mla_prologue, moe_block
+
+
+@pytest.fixture
+def embedded_prologues(blocks_on_the_cpu, monkeypatch):
+    """blocks_on_the_cpu, quant.QMM_ORDER on (mla_prologue's second launch is mla_q_prep_embed
+    where it fits), and no mla_prologue block prepared before or after the test."""
+    from zmlx.kernels import quant
+
+    monkeypatch.setattr(quant, "QMM_ORDER", True)
+    mla_prologue._BLOCKS.clear()
+    yield
+    mla_prologue._BLOCKS.clear()
 
 
 @pytest.fixture

@@ -24,13 +24,7 @@ EMBEDDED = "norm_qkv_a, mla_q_prep_embed"
 ON_THE_CPU = f"reference: {EMBEDDED} (custom kernels do not run on MLX's CPU backend)"
 
 
-@pytest.fixture(autouse=True)
-def prologues(blocks_on_the_cpu, monkeypatch):
-    """blocks_on_the_cpu, QMM_ORDER on, and no mla_prologue block prepared before or after."""
-    monkeypatch.setattr(quant, "QMM_ORDER", True)
-    mla_prologue._BLOCKS.clear()
-    yield
-    mla_prologue._BLOCKS.clear()
+pytestmark = pytest.mark.usefixtures("embedded_prologues")
 
 
 def _layers(model):

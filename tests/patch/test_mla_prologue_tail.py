@@ -11,18 +11,12 @@ from block_helpers import same
 
 import zmlx
 from zmlx.fidelity import greedy_logits
-from zmlx.kernels import quant
 from zmlx.patch.patterns import mla_prologue
 
 PROMPT = mx.array([[3, 14, 15, 92, 65, 35, 89]])
 
 
-@pytest.fixture(autouse=True)
-def prologues(blocks_on_the_cpu, monkeypatch):
-    monkeypatch.setattr(quant, "QMM_ORDER", True)
-    mla_prologue._BLOCKS.clear()
-    yield
-    mla_prologue._BLOCKS.clear()
+pytestmark = pytest.mark.usefixtures("embedded_prologues")
 
 
 @pytest.fixture
