@@ -60,6 +60,8 @@ def test_a_step_spends_less_python_than_mlx_lms():
             cache.trim(1)
         return time.perf_counter() - t0
 
-    theirs = min(timed(lambda c: c.update_and_fetch(k1, v1), caches[0]) for _ in range(5))
-    ours = min(timed(lambda c: update_and_fetch(c, k1, v1), caches[1]) for _ in range(5))
-    assert ours < theirs, (ours, theirs)
+    theirs, ours = [], []
+    for _ in range(7):  # alternated, the fastest of each: a busy CPU slows both alike
+        theirs.append(timed(lambda c: c.update_and_fetch(k1, v1), caches[0]))
+        ours.append(timed(lambda c: update_and_fetch(c, k1, v1), caches[1]))
+    assert min(ours) < min(theirs), (min(ours), min(theirs))

@@ -112,7 +112,8 @@ def test_launch_takes_the_variant_and_says_why_not():
         ("ALPHA", alpha),
         ("LIMIT", limit),
         ("QMM", False),
-    ] == spec.template[-5:]
+        ("PIPE", False),
+    ] == spec.template[-6:]
     assert limit == 0x40E00000 and len(spec.inputs) == 10
     plain = launch("cuda", *args[:8], group_size=64, bits=4, mode="affine").template
     assert ("BIAS", False) in plain and ("OAI", False) in plain

@@ -1,8 +1,9 @@
 """mla_prologue's compiled tail: where the second launch is mla_q_prep_embed and a step has no
-mask, the rope scores, MLX's attention fallback, unembed_out and o_proj run as one function
+mask, the rope scores, MLX's attention fallback, unembed_out and the heads' merge run as one function
 compiled once (shapeless) for the layer, so MLX replays them instead of Python building them
-each step. On the CPU every step stays bitwise stock; it is traced once per layer however the
-cache grows; and a layer whose o_proj arrays or module change since is prepared again."""
+each step (o_proj after it, eagerly). On the CPU every step stays bitwise stock; it is traced
+once per layer however the cache grows; and a layer whose unembed_out arrays change since is
+prepared again."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,7 +56,7 @@ def test_the_compiled_tail_is_the_eager_ops_bitwise_at_every_length(tiny_q4, dty
     merge), over cache lengths 1, 17 and 64 with one trace."""
     model, _ = tiny_q4
     attn = model.model.layers[1].self_attn
-    tail = mla_prologue._compiled_tail(attn.unembed_out, attn.o_proj)
+    tail = mla_prologue._compiled_tail(attn.unembed_out)
     h, rank, rope = attn.num_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
     for length in (1, 17, 64):
         ks = mx.random.split(mx.random.key(length), 4)
@@ -65,7 +66,7 @@ def test_the_compiled_tail_is_the_eager_ops_bitwise_at_every_length(tiny_q4, dty
         k_pe = mx.random.normal((1, 1, length, rope), key=ks[3]).astype(dtype)
         eager = mla_prologue._attention_after_scale(q, kv, q_pe @ k_pe.swapaxes(-1, -2))
         eager = attn.o_proj(attn.unembed_out(eager).transpose(0, 2, 1, 3).reshape(1, 1, -1))
-        got = tail(q, q_pe, kv, k_pe)
+        got = attn.o_proj(tail(q, q_pe, kv, k_pe))
         assert got.shape == eager.shape and got.dtype == eager.dtype
         assert mx.array_equal(got, eager).item(), length
 
@@ -81,27 +82,28 @@ class _Doubled(nn.Module):
         return self.inner(x) * 2
 
 
-def test_replaced_o_proj_arrays_or_module_are_used(tiny_q4, no_stock_attention):
+def test_a_replaced_o_proj_module_or_unembed_out_arrays_are_used(tiny_q4, no_stock_attention):
+    """o_proj runs outside the compiled tail (a wrapper put in its place runs); the tail holds
+    unembed_out, so new arrays there prepare the block again."""
     model, _ = tiny_q4
     attn = model.model.layers[1].self_attn
-    original = attn.o_proj
+    original, unembed = attn.o_proj, attn.unembed_out
+    biases = unembed["biases"]
+
+    def decode(wrapped: bool, shifted: bool):
+        attn.o_proj = _Doubled(original) if wrapped else original
+        unembed["biases"] = biases + 0.25 if shifted else biases
+        try:
+            return greedy_logits(model, PROMPT, 3)
+        finally:
+            attn.o_proj, unembed["biases"] = original, biases
+
     zmlx.patch(model, patterns=["mla_prologue"])
     try:
-        greedy_logits(model, PROMPT, 3)  # the blocks are prepared with the original o_proj
-        attn.o_proj = _Doubled(original)
-        wrapped = greedy_logits(model, PROMPT, 3)
-        attn.o_proj = original
-        biases = original["biases"]
-        original["biases"] = biases + 0.25
-        shifted = greedy_logits(model, PROMPT, 3)
-        original["biases"] = biases
+        decode(False, False)  # the blocks are prepared with the original arrays
+        wrapped, shifted = decode(True, False), decode(False, True)
     finally:
         zmlx.unpatch(model)
-    attn.o_proj = _Doubled(original)
-    want_wrapped = greedy_logits(model, PROMPT, 3)
-    attn.o_proj = original
-    original["biases"] = biases + 0.25
-    want_shifted = greedy_logits(model, PROMPT, 3)
-    original["biases"] = biases
+    want_wrapped, want_shifted = decode(True, False), decode(False, True)
     assert same(want_wrapped, wrapped) and same(want_shifted, shifted)
     assert not mx.array_equal(want_wrapped[-1], want_shifted[-1]).item()

@@ -52,9 +52,7 @@ def check(layer, params) -> str | None:
 
 def _weights(layer) -> tuple:
     """Every array the two launches and the compiled tail read (mla_layer.weights)."""
-    return mla_layer.weights(
-        layer, ("q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "embed_q", "unembed_out", "o_proj")
-    )
+    return mla_layer.weights(layer, ("q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "embed_q", "unembed_out"))
 
 
 # Where stock's decode attention is MLX's fallback (the ops of `_attention_after_scale`): with
@@ -82,19 +80,20 @@ def _attention_after_scale(q_s, kv, mask):
     return mx.flatten(out, 1, 2) if heads > 1 else out
 
 
-def _compiled_tail(unembed_out, o_proj):
+def _compiled_tail(unembed_out):
     """The step after the cache update where the second launch is mla_q_prep_embed and there is
-    no mask: the rope scores, `_attention_after_scale`, unembed_out, the heads' merge and o_proj,
-    as one function compiled once (shapeless: the cache's length changes each step), so that
-    MLX replays its ops instead of Python building them each step. Its primitives are the eager
-    ops' (mx.compile fuses no single elementwise op; the merge is mx.flatten, which takes no
-    shape, where mlx-lm reshapes), so its values are theirs. It holds the two modules (not the
-    layer); the block is prepared again when their arrays change (`_weights`)."""
+    no mask, up to o_proj: the rope scores, `_attention_after_scale`, unembed_out and the heads'
+    merge, as one function compiled once (shapeless: the cache's length changes each step), so
+    that MLX replays its ops instead of Python building them each step. Its primitives are the
+    eager ops' (mx.compile fuses no single elementwise op; the merge is mx.flatten, which takes
+    no shape, where mlx-lm reshapes), so its values are theirs. o_proj stays outside: a sharded
+    model's o_proj sums over its ranks, which a shapeless function cannot hold. It holds
+    unembed_out (not the layer); the block is prepared again when its arrays change (`_weights`)."""
 
     def tail(q_s, q_pe, kv_latent, k_pe):
         pe_scores = q_pe @ k_pe.swapaxes(-1, -2)
         output = unembed_out(_attention_after_scale(q_s, kv_latent, pe_scores))
-        return o_proj(mx.flatten(output.transpose(0, 2, 1, 3), -2, -1))
+        return mx.flatten(output.transpose(0, 2, 1, 3), -2, -1)
 
     return mx.compile(tail, shapeless=True)
 
@@ -120,7 +119,7 @@ class _Prologue:
         q, q_pe, kv_latent, k_pe = self.q_prep.step(q_a, ckv, cache)
         kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
         if self.tail is not None and mask is None:
-            return self.tail(q, q_pe, kv_latent, k_pe)
+            return attn["o_proj"](self.tail(q, q_pe, kv_latent, k_pe))
         pe_scores = q_pe @ k_pe.swapaxes(-1, -2)  # q_pe is already (q_pe * scale), as stock rounds it
         if mask is not None:
             pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
@@ -142,7 +141,7 @@ def _build(layer, x, backend) -> _Prologue | str:
         try:
             qkv, q_prep = mla_layer.prologue(layer, x, backend, norm_qkv_a, mla_q_prep_embed, embed=True)
             attn = layer.self_attn
-            tail = _compiled_tail(attn.unembed_out, attn.o_proj) if COMPILE_TAIL else None
+            tail = _compiled_tail(attn.unembed_out) if COMPILE_TAIL else None
             return _Prologue(qkv, q_prep, embedded=True, tail=tail)
         except Stock:
             pass  # its launch skips these shapes: embed_q stays mlx-lm's
