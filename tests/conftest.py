@@ -145,13 +145,14 @@ def _close_bar(reference, reference_f32, args, kw, dtype):
 
 @pytest.fixture
 def qmm_on(monkeypatch):
-    """quant.QMM_ORDER, QMM_DOWN and QMM_PIPELINED on (the kernels in qmm_sm80's order, their
-    newest bodies), whatever their defaults."""
+    """quant.QMM_ORDER, QMM_DOWN, QMM_PIPELINED and QMM_BLOCK on (the kernels in qmm_sm80's
+    order, their newest bodies, moe_block's launches too), whatever their defaults."""
     from zmlx.kernels import quant
 
     monkeypatch.setattr(quant, "QMM_ORDER", True)
     monkeypatch.setattr(quant, "QMM_DOWN", True)
     monkeypatch.setattr(quant, "QMM_PIPELINED", True)
+    monkeypatch.setattr(quant, "QMM_BLOCK", True)
 
 
 @pytest.fixture

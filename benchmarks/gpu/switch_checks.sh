@@ -12,7 +12,10 @@
 #                          quant.QMM_PIPELINED (moe_mlp's variant loaded a chunk ahead) and
 #                          quant.QMM_DOWN (downproj_combine's, a block of k warps): both off
 #                          until these tests pass with them and bench_kernels' qmm cases
-#                          (`--only moe_mlp --only downproj_combine`) say they are no slower
+#                          (`--only moe_mlp --only downproj_combine`) say they are no slower;
+#                          and quant.QMM_BLOCK (moe_block's moe_gate_up(_route) and moe_down in
+#                          that order at top-8 decode: tests/kernels/test_moe_block_qmm.py), off
+#                          until these tests pass with it
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).
@@ -40,6 +43,6 @@ run_tests() {  # name, limit, pytest args...
 }
 {
   run_tests mxfp4-fp-order 200 tests/kernels/test_mxfp4_experts.py -k "fp_order"
-  run_tests qmm-order 400 tests/kernels/test_qmm_experts.py tests/kernels/test_mla_q_prep_embed.py \
-    tests/patch/test_mla_prologue_embed.py
+  run_tests qmm-order 600 tests/kernels/test_qmm_experts.py tests/kernels/test_mla_q_prep_embed.py \
+    tests/patch/test_mla_prologue_embed.py tests/kernels/test_moe_block_qmm.py
 } | tee "$out/switch-summary.log"

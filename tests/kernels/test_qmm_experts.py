@@ -137,9 +137,11 @@ def test_qmv_rows_and_stocks_other_kernels_are_not_qmm(qmm_on):
     assert dict(moe_mlp.launch("cuda", *args, **kw).template)["QMM"] is False
 
 
-def test_moe_blocks_kernels_step_aside_from_qmm_rows(qmm_on):
-    """moe_gate_up and moe_down follow qmv only: where the expert kernels would take the QMM
-    variant they take the reference, and say so."""
+def test_moe_blocks_kernels_step_aside_from_qmm_rows(qmm_on, monkeypatch):
+    """With quant.QMM_BLOCK off, moe_gate_up and moe_down follow qmv only: where the expert
+    kernels would take the QMM variant they take the reference, and say so (on:
+    test_moe_block_qmm.py)."""
+    monkeypatch.setattr(quant, "QMM_BLOCK", False)
     x, inds, *w = _gate_up(1, 16, 8, 1536, 2048, 64, 4, mx.bfloat16)[0]  # one token, top-8
     shared = [
         quantized_experts(1, 1024, 2048, group_size=64, bits=4, dtype=mx.bfloat16, seed=s) for s in (7, 8)

@@ -113,7 +113,10 @@ def launch(
     group_size=None,
     bits=None,
     mode="affine",
+    qmm_down: bool | None = None,
 ) -> Launch | Skip:
+    """qmm_down: whether qmm_sm80's rows take the QMM variant (None: quant.QMM_DOWN; moe_down
+    asks for it with its own switch, quant.QMM_BLOCK)."""
     if h.dtype not in _DTYPES or h.ndim < 2:
         return Skip(f"h {h.dtype} of rank {h.ndim}")
     k, i = h.shape[-2:]
@@ -146,7 +149,7 @@ def launch(
         bits=bits,
         mode=mode,
     )
-    if qmm and not quant.QMM_DOWN:
+    if qmm and not (quant.QMM_DOWN if qmm_down is None else qmm_down):
         return Skip(
             f"{n * k} expert rows: stock's qmm_sm80, whose order's variant is off (quant.QMM_DOWN: slower)"
         )

@@ -22,11 +22,17 @@ csrc/quant.h) and the adds round as MLX's, so the kernel is bitwise stock wherev
 runs its matvecs: fewer than 8 expert rows for the routed experts and one token for a dense
 down projection (the shared expert's, the dense layer's: a dense quantized_matmul leaves
 qmv from 2 rows on sm90; mxfp4 from 8); other calls take the reference. Weights are affine,
-mxfp4 or unquantized, each set on its own. On Metal the dot is a plain
+mxfp4 or unquantized, each set on its own. From 8 expert rows stock's gather_qmm runs
+qmm_sm80 on affine weights of its tile shapes: with quant.QMM_ORDER and QMM_BLOCK the routed
+rows follow that order there (QMM: downproj_combine's block of k warps per 8 outputs, a warp
+an expert, each dot an mma chain in stock's k-order rounded to T; the shared expert's rows,
+one token's dense matmul and so stock's qmv still, by whole warps in qmv's arithmetic; then
+the same combine, shared add and residual add, op for op, as one warp does them here; PIPE
+with quant.QMM_PIPELINED); QMM_BLOCK off, those calls skip. On Metal the dot is a plain
 float32 sum: `close`.
 
 Device code: csrc/moe_down_body.h; the dot is csrc/quant.h, the sum in stock's order
-csrc/expert_sum.h.
+csrc/expert_sum.h, the QMM block csrc/qmm_moe_down.h (qmm_sm80's order: csrc/qmm_order.h).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import math
 
 import mlx.core as mx
 
-from zmlx.kernels import downproj_combine
+from zmlx.kernels import downproj_combine, quant
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 from zmlx.kernels.moe_mlp import quantized_experts
 from zmlx.kernels.precision import precision
@@ -156,20 +162,33 @@ def launch(
             return Skip(why)
         inds, scores = _placeholders()
         sequential, dtypes = True, (mx.float32, mx.float32)  # no expert sum
-        fpqmv = False
+        fpqmv = qmm = False
     else:
+        # QMM_BLOCK on: qmm_sm80's rows take the QMM block whatever quant.QMM_DOWN says (that
+        # switch is downproj_combine's own); off: exactly the checks and reasons of before
+        qmm_down = True if quant.QMM_BLOCK else None
         routed = downproj_combine.launch(
-            backend, h, inds, scores, down_w, down_s, down_b, group_size=group_size, bits=bits, mode=mode
+            backend,
+            h,
+            inds,
+            scores,
+            down_w,
+            down_s,
+            down_b,
+            group_size=group_size,
+            bits=bits,
+            mode=mode,
+            qmm_down=qmm_down,
         )
         if isinstance(routed, Skip):
             return routed
         t = dict(routed.template)
-        if t["QMM"]:
+        if t["QMM"] and not quant.QMM_BLOCK:
             return Skip(
                 f"{t['N'] * t['K']} expert rows: stock's qmm_sm80 (moe_block's kernels follow its qmv only)"
             )
         lead, k, i, d, sequential = h.shape[:-2], t["K"], t["I"], t["D"], t["SEQUENTIAL"]
-        fpqmv = t["FPQMV"]
+        fpqmv, qmm = t["FPQMV"], t["QMM"]
         dtypes = t["P"], t["A"]
         if hs is not None:
             if sdown_w is None:
@@ -232,9 +251,12 @@ def launch(
             ("DENSE", is_dense),
             ("SEQUENTIAL", sequential),
             ("FPQMV", fpqmv),
+            ("QMM", qmm),
+            ("PIPE", qmm and quant.QMM_PIPELINED),
         ],
-        grid=(n * d * 32, 1, 1),
-        threadgroup=(256, 1, 1),
+        # QMM: a block of k warps (one an expert) for each 8 outputs; else a warp an output
+        grid=(n * (d // 8) * 32 * k if qmm else n * d * 32, 1, 1),
+        threadgroup=(32 * k if qmm else 256, 1, 1),
         output_shapes=[lead + (d,)],
         output_dtypes=[h.dtype],
     )
@@ -252,6 +274,23 @@ def example():
     return (h, inds, scores, *w, resid, hs, *sw), kw
 
 
+def qmm_example(backend: str = "cuda"):
+    """A call of the QMM variant: one token's 8 expert rows of 128 outputs, a shared expert (one
+    token: qmv); None where no call takes it (off CUDA, or quant.QMM_ORDER or QMM_BLOCK off):
+    the self-check's variant_example."""
+    if backend != "cuda" or not (quant.QMM_ORDER and quant.QMM_BLOCK):
+        return None
+    h = mx.random.normal((1, 1, 8, 256), key=mx.random.key(87)).astype(mx.bfloat16)
+    inds = mx.array([[[3, 0, 5, 1, 9, 2, 11, 7]]], dtype=mx.uint32)
+    scores = mx.random.uniform(shape=(1, 1, 8), key=mx.random.key(88))
+    w = quantized_experts(12, 128, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=89)
+    resid = mx.random.normal((1, 1, 128), key=mx.random.key(90)).astype(mx.bfloat16)
+    hs = mx.random.normal((1, 1, 192), key=mx.random.key(91)).astype(mx.bfloat16)
+    sw = quantized_linear(128, 192, group_size=32, bits=8, dtype=mx.bfloat16, seed=92)
+    kw = dict(group_size=64, bits=4, shared_group_size=32, shared_bits=8)
+    return (h, inds, scores, *w, resid, hs, *sw), kw
+
+
 moe_down = KernelDef(
     name="moe_down",
     reference=reference,
@@ -259,7 +298,7 @@ moe_down = KernelDef(
     exact_on=("cuda",),  # bitwise stock's qmv/gemv, combine and adds where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
     body=device_code("moe_down_body.h"),
-    header=device_code("quant.h", "expert_sum.h"),
+    header=device_code("quant.h", "expert_sum.h", "qmm_order.h", "qmm_moe_down.h"),
     input_names=(
         "h",
         "inds",
@@ -276,4 +315,5 @@ moe_down = KernelDef(
     output_names=("out",),
     launch=launch,
     example=example,
+    variant_example=qmm_example,
 )

@@ -25,11 +25,18 @@ Fidelity: on CUDA the dots follow MLX's qmv (gemv for unquantized weights) and S
 MLX's own device functors (csrc/quant.h), so both outputs are bitwise stock wherever
 stock runs its matvecs: fewer than 8 expert rows for the routed side, and one token for
 the shared side (a dense quantized_matmul leaves qmv from 2 rows on sm90; mxfp4 from 8):
-other calls take the reference. Each side is affine, mxfp4 or unquantized. On Metal the
-dot is a plain float32 sum: `close`.
+other calls take the reference. Each side is affine, mxfp4 or unquantized. From 8 expert
+rows stock's gather_qmm runs qmm_sm80 on affine weights of its tile shapes: with
+quant.QMM_ORDER and QMM_BLOCK the routed warps follow that order there (QMM: moe_mlp's QMM
+warps, one per 8 outputs, each dot an mma chain in stock's k-order, rounded to T, then SwiGLU
+as above; PIPE with quant.QMM_PIPELINED), while the shared rows, one token's dense matmul
+and so stock's qmv still, keep qmv's arithmetic; QMM_BLOCK off, those calls skip. Routing in
+the warp changes nothing: each warp's experts are moe_router's. On Metal the dot is a plain
+float32 sum: `close`.
 
 Device code: csrc/moe_gate_up_body.h (moe_mlp's body and its shared rows); the dot and
-SwiGLU are csrc/quant.h, the routing csrc/moe_router.h.
+SwiGLU are csrc/quant.h, the routing csrc/moe_router.h, the QMM warps csrc/qmm_gate_up.h
+(qmm_sm80's order: csrc/qmm_order.h; its activation switch names csrc/swiglu_oai.h's).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from zmlx.kernels import moe_mlp, moe_router, swiglu_mlp
+from zmlx.kernels import moe_mlp, moe_router, quant, swiglu_mlp
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code
 from zmlx.kernels.moe_mlp import quantized_experts
 from zmlx.kernels.swiglu_mlp import quantized_linear
@@ -171,12 +178,13 @@ def launch(
     if isinstance(shared, Skip):
         return Skip(f"shared expert: {shared.reason}")
     t, s = dict(routed.template), dict(shared.template)
-    if t["QMM"]:
+    if t["QMM"] and not quant.QMM_BLOCK:
         return Skip(
             f"{t['N'] * t['K']} expert rows: stock's qmm_sm80 (moe_block's kernels follow its qmv only)"
         )
     n, k, i, i_s = t["N"], t["K"], t["I"], s["I"]
-    warps = n * k * i + n * i_s
+    # QMM: a routed warp per 8 outputs (moe_mlp's QMM warps); then a warp per shared row, as ever
+    warps = n * k * (i // 8 if t["QMM"] else i) + n * i_s
     if warps * 32 >= 2**31:
         return Skip(f"{warps} rows is too large for one launch")
     # moe_mlp's x, inds and six weight arrays (no projection biases here), then the shared
@@ -189,11 +197,11 @@ def launch(
         output_dtypes += [mx.uint32, mx.float32]
     return Launch(
         inputs=inputs,
-        template=[v for v in routed.template if v[0] != "QMM"]
-        + [("IS", i_s), ("SGS", s["GS"]), ("SBITS", s["BITS"])]
-        + routing,
+        # moe_mlp's (QMM and PIPE as it chose them; both false for qmv rows), the shared packing
+        template=list(routed.template) + [("IS", i_s), ("SGS", s["GS"]), ("SBITS", s["BITS"])] + routing,
         grid=(warps * 32, 1, 1),
-        threadgroup=(256, 1, 1),
+        # no barrier, any block: moe_mlp's (QMM pipelined: 2 warps, its few warps over every SM)
+        threadgroup=(64 if t["PIPE"] else 256, 1, 1),
         output_shapes=output_shapes,
         output_dtypes=output_dtypes,
     )
@@ -218,6 +226,35 @@ def route_example():
     return (x, gates, *weights, bias), {**kw, **router}
 
 
+def qmm_example(backend: str = "cuda"):
+    """A call of the QMM variant: one token's 8 expert rows of 128 outputs, and a shared expert
+    (one token: qmv); None where no call takes it (off CUDA, or quant.QMM_ORDER or QMM_BLOCK
+    off): the self-check's variant_example."""
+    if backend != "cuda" or not (quant.QMM_ORDER and quant.QMM_BLOCK):
+        return None
+    x = mx.random.normal((1, 1, 256), key=mx.random.key(76)).astype(mx.bfloat16)
+    inds = mx.array([[[3, 0, 5, 1, 9, 2, 11, 7]]], dtype=mx.uint32)
+    g = quantized_experts(12, 128, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=77)
+    u = quantized_experts(12, 128, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=78)
+    sg = quantized_linear(40, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=79)
+    su = quantized_linear(40, 256, group_size=64, bits=4, dtype=mx.bfloat16, seed=80)
+    return (x, inds, *g, *u, *sg, *su), dict(group_size=64, bits=4, shared_group_size=64, shared_bits=4)
+
+
+def qmm_route_example(backend: str = "cuda"):
+    """qmm_example's call routed from the gates of its 12 experts, top-8."""
+    if (call := qmm_example(backend)) is None:
+        return None
+    (x, _, *weights), kw = call
+    gates = mx.random.normal((1, 1, 12), key=mx.random.key(81)).astype(mx.bfloat16)
+    bias = mx.random.normal((12,), key=mx.random.key(82)) * 0.25
+    router = dict(top_k=8, routed_scaling_factor=2.5, norm_topk_prob=True, renorm_eps=1e-20)
+    return (x, gates, *weights, bias), {**kw, **router}
+
+
+# csrc/qmm_gate_up.h's warps (QMM) and what they call
+_QMM_HEADERS = ("swiglu_oai.h", "qmm_order.h", "qmm_gate_up.h")
+
 moe_gate_up = KernelDef(
     name="moe_gate_up",
     reference=reference,
@@ -225,11 +262,12 @@ moe_gate_up = KernelDef(
     exact_on=("cuda",),  # bitwise stock's qmv/gemv (+ swiglu) where launch() takes the call
     tolerance=2**-3,  # the self-check only: a few bf16 roundings, far below a layout error
     body=device_code("moe_gate_up_body.h"),
-    header="#define ZMLX_ROUTE 0\n" + device_code("quant.h"),
+    header="#define ZMLX_ROUTE 0\n" + device_code("quant.h", *_QMM_HEADERS),
     input_names=moe_mlp.SHARED["input_names"] + ("sgate_w", "sgate_s", "sgate_b", "sup_w", "sup_s", "sup_b"),
     output_names=("out", "sout"),
     launch=launch,
     example=example,
+    variant_example=qmm_example,
 )
 
 # The same body and reference routing the token first (moe_block's launch 2 after
@@ -241,9 +279,10 @@ moe_gate_up_route = KernelDef(
     exact_on=("cuda",),  # and bitwise moe_router's (stock's) routing
     tolerance=2**-3,
     body=moe_gate_up.body,
-    header="#define ZMLX_ROUTE 1\n" + device_code("quant.h", "moe_router.h"),
+    header="#define ZMLX_ROUTE 1\n" + device_code("quant.h", "moe_router.h", *_QMM_HEADERS),
     input_names=("x", "gates") + moe_gate_up.input_names[2:] + ("bias",),
     output_names=("out", "sout", "inds", "scores"),
     launch=functools.partial(launch, route=True),
     example=route_example,
+    variant_example=qmm_route_example,
 )

@@ -94,6 +94,11 @@ QMM_DOWN = False
 # the same mma in the same order; built after the H200 showed the plain loop latency-bound):
 # off until its cuda tests (switch_checks.sh) and the micro-benchmark have run on a GPU.
 QMM_PIPELINED = False
+# moe_block's launches 2 and 3 (moe_gate_up(_route), moe_down) in qmm_sm80's order for their
+# routed rows where QMM_ORDER holds (8+ expert rows: top-8 decode), the shared expert's rows in
+# qmv's order as before: off until their cuda tests (switch_checks.sh: test_moe_block_qmm.py)
+# have run on a GPU; off, those launches skip (qmv only) and moe_block leaves the step to mlx-lm.
+QMM_BLOCK = False
 
 
 def qmm_order(

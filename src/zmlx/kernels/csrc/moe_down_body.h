@@ -1,3 +1,11 @@
+#ifdef ZMLX_CUDA
+if (QMM) {  // qmm_sm80's order: a block of K warps per 8 outputs, a warp an expert (csrc/qmm_moe_down.h)
+    zmlx_qmm_moe_down_block<QMM, PIPE, N, K, I, D, BITS, GS, SEQUENTIAL, P, A, HAS_SHARED, IS, SBITS, SGS>(
+        zmlx_gid, zmlx_warp, zmlx_lane, h, inds, scores, down_w, down_s, down_b, resid, hs, sdown_w, sdown_s,
+        sdown_b, out);
+    return;
+}
+#endif
 // moe_down: one warp per output value (n, d): out[n * D + d].
 const uint warp_id = zmlx_tid / 32;
 const uint lane = zmlx_tid % 32;

@@ -156,8 +156,9 @@ struct zmlx_qmm_rows {
 };
 // The same outputs by the plain loop (one k-block at a time, each lane loading what it needs):
 // what ran bitwise on the H200 (qmm_order_probe; the cuda tests at a790734). mla_q_prep_embed
-// and the probe use it; the expert kernels use zmlx_qmm_rows8 only with quant.QMM_PIPELINED
-// (moe_mlp) or QMM_DOWN (downproj_combine) until its own cuda tests have run on a GPU.
+// and the probe use it; the expert kernels (moe_mlp, downproj_combine, moe_block's moe_gate_up
+// and moe_down) use zmlx_qmm_rows8 only with quant.QMM_PIPELINED (or downproj_combine's
+// QMM_DOWN) until its own cuda tests have run on a GPU.
 template <int BITS, int GS, int K, typename T>
 ZMLX_QMM_FN void zmlx_qmm_row8(const T* x, const uint* w, const T* s, const T* b, uint n0, uint lane, float (&c)[4]) {
     constexpr uint UV = 32 / BITS;
