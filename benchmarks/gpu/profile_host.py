@@ -22,7 +22,8 @@ With --ab NAME ROUNDS: each set is timed 2 x ROUNDS times in this one process wi
 at its two settings in alternating order, and the medians per setting printed last, on one
 machine: `comments`, its kernels' device code handed to MLX compacted or as written
 (ZMLX_KERNEL_COMMENTS=0/1, the kernels rebuilt for each); `tail`, mla_prologue's tail built
-eagerly each step or compiled once (mla_prologue.COMPILE_TAIL).
+eagerly each step or compiled once (mla_prologue.COMPILE_TAIL); with --kernels, each
+set's kernels a token at both settings after the rounds.
 The decode steps follow a 10-token prompt, or `--prompt-tokens` seeded ids (the ledger's
 prompt: zmlx.bench.harness.make_prompt, seed 0), for the costs that grow with the context;
 with --kv-bits over a cache quantized after the prompt as mlx-lm's --kv-bits quantizes it
@@ -204,9 +205,18 @@ AB = {
 }
 
 
-def ab(model, sets: list[str], steps: int, rounds: int, prompt_tokens: int | None, name: str) -> None:
+def ab(
+    model,
+    sets: list[str],
+    steps: int,
+    rounds: int,
+    prompt_tokens: int | None,
+    name: str,
+    kernels: bool = False,
+) -> None:
     """The --ab table: per set, build / issue / pipelined ms medians over `rounds` timings with
-    the switch `name` at each setting, alternated; the switch is left at its default after."""
+    the switch `name` at each setting, alternated; with `kernels`, each set's kernels a token
+    at each setting after the rounds (CUDA). The switch is left at its default after."""
     from zmlx.kernels import core
     from zmlx.patch.patterns import mla_prologue
 
@@ -233,6 +243,17 @@ def ab(model, sets: list[str], steps: int, rounds: int, prompt_tokens: int | Non
                         f"issue {t.issue_median:.2f} pipelined {pipe:.2f} ms",
                         flush=True,
                     )
+        for s in sets if kernels else []:
+            for setting in ("0", "1"):
+                apply(setting)
+                zmlx.unpatch(model)
+                if s != "none":
+                    zmlx.patch(model, patterns=s)
+                try:
+                    table = kernels_by_name(model, prompt)
+                finally:
+                    zmlx.unpatch(model)
+                print(f"kernels [{s}] {name}={labels[int(setting)]}:\n{table}", flush=True)
     finally:  # each switch back as it was
         os.environ.pop("ZMLX_KERNEL_COMMENTS", None)
         core.build.cache_clear()
@@ -310,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.kv_bits is not None:
             kv_bits_sets_read_it(model, sets)
         if rounds:
-            ab(model, sets, args.steps, rounds, args.prompt_tokens, args.ab[0])
+            ab(model, sets, args.steps, rounds, args.prompt_tokens, args.ab[0], args.kernels)
             return
         rows = run(
             model,

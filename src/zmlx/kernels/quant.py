@@ -85,20 +85,23 @@ def qmv_reason(
 # tests/patch/test_mla_prologue_embed.py).
 QMM_TILE_N = 128
 QMM_ORDER = True
-# downproj_combine's QMM variant is bitwise stock but was slower than stock's kernels on the H200
-# (capsule 20261201T073046_kernels-glm47-flash-shapes_cuda_kernel_microbench.json, Qwen3-30B-A3B's
-# top-8 down shapes: GPU time a call several times stock's): off, so those rows take the
-# reference (stock's ops), until a faster QMM down body measures no slower (NOTEBOOK).
-QMM_DOWN = False
+# The three switches below were built off until their cuda tests and the micro-benchmark ran
+# on a GPU. On the H200 at dd92baa: the qmm-order cuda tests with all three on, 153 passed,
+# none failed (log benchmarks/results/20261201-h200-qmm-switches-dd92baa.log); GPU time a
+# call at Qwen3-30B-A3B's top-8 shapes, stock -> fused (capsule
+# 20261201T221617_kernels-glm47-flash-shapes_cuda_kernel_microbench.json): moe_mlp 61.4 ->
+# 17.1 us, downproj_combine 16.7 -> 9.2 us. So all three are on.
+# downproj_combine's QMM variant (a block of k warps, the dots a chunk ahead): off, those rows
+# take the reference (stock's ops).
+QMM_DOWN = True
 # moe_mlp's QMM variant with its dots loaded a chunk ahead (csrc/qmm_order.h's zmlx_qmm_rows8,
-# the same mma in the same order; built after the H200 showed the plain loop latency-bound):
-# off until its cuda tests (switch_checks.sh) and the micro-benchmark have run on a GPU.
-QMM_PIPELINED = False
+# the same mma in the same order; built after the H200 showed the plain loop latency-bound).
+QMM_PIPELINED = True
 # moe_block's launches 2 and 3 (moe_gate_up(_route), moe_down) in qmm_sm80's order for their
 # routed rows where QMM_ORDER holds (8+ expert rows: top-8 decode), the shared expert's rows in
-# qmv's order as before: off until their cuda tests (switch_checks.sh: test_moe_block_qmm.py)
-# have run on a GPU; off, those launches skip (qmv only) and moe_block leaves the step to mlx-lm.
-QMM_BLOCK = False
+# qmv's order as before (tests/kernels/test_moe_block_qmm.py); off, those launches skip (qmv
+# only) and moe_block leaves the step to mlx-lm.
+QMM_BLOCK = True
 
 
 def qmm_order(
