@@ -150,9 +150,7 @@ def launch(
         mode=mode,
     )
     if qmm and not (quant.QMM_DOWN if qmm_down is None else qmm_down):
-        return Skip(
-            f"{n * k} expert rows: stock's qmm_sm80, whose order's variant is off (quant.QMM_DOWN)"
-        )
+        return Skip(f"{n * k} expert rows: stock's qmm_sm80, whose order's variant is off (quant.QMM_DOWN)")
     if not qmm and (
         why := regime_reason(backend, n * k, h.dtype, down_s, down_b, down_w, mode=mode, gathered_cols=i)
     ):
