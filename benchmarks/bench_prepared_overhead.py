@@ -8,7 +8,8 @@ with the built kernel replaced by a function that returns preallocated outputs, 
 time per call is what zmlx adds on the host to MLX's own cost of a custom-kernel call:
 the live inputs put in their slots and the call. `block` times a whole decode step of one
 moe_block layer of the tiny synthetic model the same way (step key, weight check, three
-launches); `compiled_step` times compiled_decode's own Python per decode step of a
+launches); `softmax_*` times a Qwen3-MoE layer's MoE half at decode through moe_block
+and through the module patterns; `compiled_step` times compiled_decode's own Python per decode step of a
 47-layer model, the compiled graph's replay replaced likewise. Prints the median over
 repeats, in microseconds per call (and with --capsule-dir, a repro capsule). Runs on any machine;
 tests/kernels/test_prepared.py holds the CPU-side bound.
@@ -40,18 +41,25 @@ LIVE = {
     "moe_down": (0, 1, 2, 6, 7),
     "residual_norm": (0, 1),
     "swiglu_mlp": (0,),
+    "softmax_router": (0,),
 }
 
 
 def _noop(kernel: KernelDef, backend_name: str):
-    """A stand-in for the built kernel: returns zeros of the launch's output shapes, made on
-    the first call with that (prepared, so the same) list of shapes."""
+    """A stand-in for the built kernel: returns zeros of the launch's output shapes, made once
+    per shapes and dtypes (MLX's own cost of making a call's outputs is left out on every
+    path). A prepared launch hands the same list each call: found by identity, no hashing."""
     made: dict = {}
 
     def call(inputs, output_shapes, output_dtypes, **_):
-        out = made.get(id(output_shapes))
+        hit = made.get(id(output_shapes))
+        if hit is not None and hit[0] is output_shapes:
+            return hit[1]
+        key = (tuple(tuple(s) for s in output_shapes), tuple(output_dtypes))
+        out = made.get(key)
         if out is None:
-            out = made[id(output_shapes)] = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+            out = made[key] = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        made[id(output_shapes)] = (output_shapes, out)  # held: its id is not reused meanwhile
         return out
 
     return call
@@ -119,11 +127,55 @@ def block(calls: int = 500, repeats: int = 7) -> float:
     backend.current = lambda: "cuda"  # type: ignore[assignment]
     try:
         with noop_kernels(moe_block.PATTERN.kernels):
-            first = moe_block._block(layer, x, r, 1e-20)
+            first = moe_block._block(layer, x, r, 1e-20, None)
             assert not isinstance(first, str), first
-            return median_us(lambda: moe_block._block(layer, x, r, 1e-20)(x, r), calls, repeats)
+            return median_us(lambda: moe_block._block(layer, x, r, 1e-20, None)(x, r), calls, repeats)
     finally:
         backend.current = current  # type: ignore[assignment]
+
+
+def softmax_half(calls: int = 500, repeats: int = 7) -> dict[str, float]:
+    """Median µs of Python for one decode step's MoE half of a Qwen3-MoE layer (after
+    attention, tiny synthetic model, no-op kernels), three ways: `stock` (mlx-lm's ops: their
+    graph building only, nothing is evaluated), `moe_block` (the step key, the
+    weight check, residual_norm, mlx-lm's gate module, softmax_router, moe_mlp, moe_down) and
+    `modules` (mlx-lm's layer code around the module patterns of the family's CUDA preset:
+    softmax_router's and downproj_combine's block __call__, moe_mlp's experts; each kernel
+    call computes its launch). MLX's graph building of the stock ops is in both."""
+    import zmlx
+    from zmlx import synth
+    from zmlx.patch import PATTERNS
+    from zmlx.patch.layer import stock_moe
+    from zmlx.patch.patterns import moe_block
+
+    model, _ = synth.build("synth:qwen3_moe/tiny/affine4")
+    layer = model.model.layers[1]
+    # top-4: 4 expert rows, qmv's regime (the tiny widths are not qmm_sm80's tiles, where 8
+    # rows would skip to the reference); the Python per call is the same either side of 8
+    layer.mlp.top_k = 4
+    x = mx.zeros((1, 1, model.args.hidden_size), mx.bfloat16)
+    r = mx.ones((1, 1, model.args.hidden_size), mx.bfloat16)
+    modules = ["softmax_router", "downproj_combine", "moe_mlp"]
+    kernels = {k for name in modules + ["moe_block"] for k in PATTERNS[name].kernels}
+    current = backend.current
+    backend.current = lambda: "cuda"  # type: ignore[assignment]
+    out = {"stock": median_us(lambda: stock_moe(layer, x, r), calls, repeats)}  # mlx-lm's ops
+    switch = moe_block.SOFTMAX_LAYERS
+    moe_block.SOFTMAX_LAYERS = True  # the layer the block would take (its switch aside)
+    try:
+        with noop_kernels(kernels):
+            zmlx.patch(model, patterns=["moe_block"])
+            out["moe_block"] = median_us(lambda: moe_block.moe_half(layer, x, r, None, True), calls, repeats)
+            plan = moe_block.decode_plan(layer)
+            assert list(plan.values()) == ["kernel: residual_norm, softmax_router, moe_mlp, moe_down"], plan
+            zmlx.unpatch(model)
+            zmlx.patch(model, patterns=modules)
+            out["modules"] = median_us(lambda: stock_moe(layer, x, r), calls, repeats)
+            zmlx.unpatch(model)
+    finally:
+        backend.current = current  # type: ignore[assignment]
+        moe_block.SOFTMAX_LAYERS = switch
+    return out
 
 
 def compiled_step(layers: int = 47, calls: int = 500, repeats: int = 7) -> float:
@@ -176,6 +228,9 @@ def main() -> None:
     rows.append(
         {"name": "block", "what": "MoE layer step (3 launches)", "us": block(max(1, a.calls // 4), a.repeats)}
     )
+    for how, us in softmax_half(max(1, a.calls // 4), a.repeats).items():
+        what = f"Qwen3-MoE layer's MoE half ({how})"
+        rows.append({"name": f"softmax_{how}", "what": what, "us": us})
     us = compiled_step(47, max(1, a.calls // 4), a.repeats)
     rows.append(
         {"name": "compiled_step", "what": "compiled_decode step, 47 layers (replay not counted)", "us": us}

@@ -16,6 +16,10 @@
 #                          and quant.QMM_BLOCK (moe_block's moe_gate_up(_route) and moe_down in
 #                          that order at top-8 decode: tests/kernels/test_moe_block_qmm.py), off
 #                          until these tests pass with it
+#   moe_block.SOFTMAX_LAYERS   moe_block on the softmax-routed MoE layers (Qwen3-MoE's):
+#                          tests/patch/test_moe_block_softmax.py turns it on itself (its
+#                          cuda tests: the layers' launches, and the family's CUDA preset with
+#                          them, bitwise stock); off until they pass
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).
@@ -45,4 +49,5 @@ run_tests() {  # name, limit, pytest args...
   run_tests mxfp4-fp-order 200 tests/kernels/test_mxfp4_experts.py -k "fp_order"
   run_tests qmm-order 600 tests/kernels/test_qmm_experts.py tests/kernels/test_mla_q_prep_embed.py \
     tests/patch/test_mla_prologue_embed.py tests/kernels/test_moe_block_qmm.py
+  run_tests softmax-layers 300 tests/patch/test_moe_block_softmax.py
 } | tee "$out/switch-summary.log"

@@ -269,8 +269,9 @@ FAMILIES.update(
                 # stock with it on the GPU: test_family_cuda_presets.py)
                 "downproj_combine": Target("Qwen3MoeSparseMoeBlock", {"softmax_first": True}),
                 "swiglu_mlp": Target("MLP"),  # the dense layers (mlp_only_layers)
-                # the dense layers; the MoE layers are skipped (softmax router) by its check
-                "moe_block": Target("Qwen3MoeDecoderLayer"),
+                # the dense layers, and the MoE layers with mlx-lm's gate module between its
+                # residual_norm and softmax_router launches
+                "moe_block": Target("Qwen3MoeDecoderLayer", {"softmax_first": True}),
             },
             {"residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array"},
             cuda_extra=("moe_block", "downproj_combine"),

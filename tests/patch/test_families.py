@@ -80,7 +80,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
     "qwen3_moe": {
         "moe_router": {_SOFTMAX},
         "moe_combine": {_BLOCK_ROUTES},
-        "moe_block": {_SOFTMAX_GATE},  # the MoE layers; the dense one is patched
+        "moe_block": {"softmax-routed MoE layers wait for their cuda test"},  # the dense one is patched
         "residual_norm": {"the model loop passes a 'causal' mask"},
         **{p: {_GQA} for p in _MLA_ONLY},
     },

@@ -1,5 +1,5 @@
 """The decoder layer's `__call__` that the block patterns share: mla_block supplies its
-attention half, moe_block its MoE half. mlx-lm's layer (glm4_moe_lite, deepseek_v3) is
+attention half, moe_block its MoE half. mlx-lm's layer (glm4_moe_lite, deepseek_v3, qwen3_moe) is
 
     r = self_attn(input_layernorm(x), mask, cache); h = x + r
     return h + mlp(post_attention_layernorm(h))
@@ -29,24 +29,31 @@ def stock_attention(layer, x, mask, cache):
     return layer["self_attn"](layer["input_layernorm"](x), mask, cache)
 
 
-def stock_moe(layer, x, r, renorm_eps=None):
+def stock_moe(layer, x, r, renorm_eps=None, softmax_first=None):
     """mlx-lm's MoE half: the layer's output from x and the attention's r."""
     h = x + r
     return h + layer["mlp"](layer["post_attention_layernorm"](h))
 
 
-def make(attention: Callable | None = None, moe: Callable | None = None, renorm_eps: float | None = None):
+def make(
+    attention: Callable | None = None,
+    moe: Callable | None = None,
+    renorm_eps: float | None = None,
+    softmax_first: bool | None = None,
+):
     """The layer's `__call__` with these halves (None: mlx-lm's); the same function for the
-    same halves, whatever the order of the arguments."""
-    return _make(attention or stock_attention, moe or stock_moe, renorm_eps)
+    same halves, whatever the order of the arguments. The family data's routing goes to the
+    MoE half: `renorm_eps` (a sigmoid MoEGate's), `softmax_first` (a block that routes with a
+    softmax in its own `__call__`: zmlx.patch.softmax_moe; None for a gate module's routing)."""
+    return _make(attention or stock_attention, moe or stock_moe, renorm_eps, softmax_first)
 
 
 @cache
-def _make(attention: Callable, moe: Callable, renorm_eps: float | None):
+def _make(attention: Callable, moe: Callable, renorm_eps: float | None, softmax_first: bool | None):
     def __call__(self, x, mask=None, cache=None):
         if x.shape[-2] != 1:  # a prompt: mlx-lm's own layer
             return type(self).__zmlx_original__.__call__(self, x, mask, cache)
-        return moe(self, x, attention(self, x, mask, cache), renorm_eps)
+        return moe(self, x, attention(self, x, mask, cache), renorm_eps, softmax_first)
 
     return __call__
 

@@ -13,6 +13,8 @@ and their MoE the same gate and experts) as the MoE half of zmlx.patch.layer's s
                  moe_down     (down projections, routing-weighted combine, shared expert, h + y)
     MoE layer without a shared expert: norm_router (norm, gate and routing in one threadgroup
                  per token), moe_mlp, moe_down
+    softmax-routed MoE layer (Qwen3-MoE: the family data names `softmax_first`): residual_norm,
+                 mlx-lm's gate module (its one matmul), softmax_router, moe_mlp, moe_down
     dense layer: residual_norm, swiglu_mlp, moe_down (dense: h + down(...))
 
 Each launch is prepared once per (layer, input shapes, dtypes, backend) with the weights it
@@ -42,10 +44,18 @@ from zmlx.kernels.norm_router import norm_router, norm_router_gates
 from zmlx.kernels.prepared import Prepared, prepare
 from zmlx.kernels.quant import MLX_LM_SORT_ROWS, MODES, linear_reason, switch_linear_reason, weights_of
 from zmlx.kernels.residual_norm import residual_norm
+from zmlx.kernels.softmax_router import softmax_router
 from zmlx.kernels.swiglu_mlp import swiglu_mlp
+from zmlx.patch import softmax_moe
 from zmlx.patch.layer import blocks_of, make, stock_moe
 from zmlx.patch.moe import experts_reason, router_reason
 from zmlx.patch.pattern import Pattern
+
+# The softmax-routed MoE layers (Qwen3-MoE's) take the block once its cuda test
+# (tests/patch/test_moe_block_softmax.py, and the family's preset test) has run bitwise on a
+# GPU: each launch is a kernel already bitwise there, the composition is not yet. Until then
+# their check says so and the family's module patterns run them (switch_checks.sh runs it).
+SOFTMAX_LAYERS = False
 
 
 def _mlp_reason(name: str, mlp) -> str | None:
@@ -58,10 +68,27 @@ def _mlp_reason(name: str, mlp) -> str | None:
     return None
 
 
-def _moe_reason(moe) -> str | None:
-    if (why := router_reason(moe.gate)) is not None:
+def _moe_reason(moe, softmax_first: bool | None = None) -> str | None:
+    if softmax_first is None and (why := router_reason(moe.gate)) is not None:
         return why
-    sw = moe.switch_mlp
+    if softmax_first is not None and not SOFTMAX_LAYERS:
+        return "softmax-routed MoE layers wait for their cuda test (moe_block.SOFTMAX_LAYERS)"
+    if softmax_first is not None:  # mlx-lm's gate module runs as it is; its routing is the kernel's
+        if not isinstance(moe.get("gate"), (nn.Linear, nn.QuantizedLinear)):
+            return "a softmax-routed block without a Linear gate"
+        try:
+            softmax_moe.routing(moe, softmax_moe.kind_of(softmax_first, None))
+        except AttributeError as e:
+            return f"a softmax-routed block without its routing's attributes ({e})"
+        return _switch_reason(moe.switch_mlp)
+    if (why := _switch_reason(moe.switch_mlp)) is not None:
+        return why
+    if moe.config.n_shared_experts is not None:
+        return _mlp_reason("shared_experts", moe.shared_experts)
+    return None
+
+
+def _switch_reason(sw) -> str | None:
     if (why := experts_reason(sw)) is not None:
         return why
     for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -69,8 +96,6 @@ def _moe_reason(moe) -> str | None:
             return why
     if weights_of(sw.gate_proj)[1] != weights_of(sw.up_proj)[1]:
         return "switch_mlp: gate_proj and up_proj are quantized differently"
-    if moe.config.n_shared_experts is not None:
-        return _mlp_reason("shared_experts", moe.shared_experts)
     return None
 
 
@@ -82,7 +107,7 @@ def check(layer, params) -> str | None:
         return f"post_attention_layernorm is a {type(layer.post_attention_layernorm).__name__}"
     mlp = layer.mlp
     if hasattr(mlp, "switch_mlp"):
-        return _moe_reason(mlp)
+        return _moe_reason(mlp, params.get("softmax_first"))
     if hasattr(mlp, "experts") and hasattr(mlp, "router"):  # gpt-oss's MLPBlock
         return experts_reason(mlp.experts) or router_reason(mlp.router)
     return _mlp_reason("mlp", mlp)
@@ -113,6 +138,8 @@ def _weights(layer) -> tuple:
     if "switch_mlp" not in mlp:
         return (norm_w, *_arrays(mlp))
     gate = mlp["gate"]
+    if "e_score_correction_bias" not in gate:  # a softmax-routed block's Linear gate
+        return (norm_w, gate["weight"], gate.get("scales"), gate.get("biases"), *_arrays(mlp["switch_mlp"]))
     out = (norm_w, gate["weight"], gate["e_score_correction_bias"], *_arrays(mlp["switch_mlp"]))
     if mlp.config.n_shared_experts is None:
         return out
@@ -143,6 +170,23 @@ class _MoE:
         return y if self.group is None else h + mx.distributed.all_sum(y, group=self.group)
 
 
+class _Softmax:
+    """A softmax-routed MoE layer: mlx-lm's gate module between the norm and the routing."""
+
+    __slots__ = ("launches", "gate", "group", "zero")
+
+    def __init__(self, launches: list[Prepared], gate, group=None, zero=None):
+        self.launches, self.gate = tuple(launches), gate  # norm, route, gate_up, down
+        self.group, self.zero = group, zero  # tensor parallel: as _MoE's
+
+    def __call__(self, x, r):
+        norm, route, gate_up, down = self.launches
+        h, xn = norm(x, r)
+        inds, scores = route(self.gate(xn))
+        y = down(gate_up(xn, inds), inds, scores, h if self.group is None else self.zero)
+        return y if self.group is None else h + mx.distributed.all_sum(y, group=self.group)
+
+
 class _Dense:
     __slots__ = ("launches",)
 
@@ -159,7 +203,7 @@ class _Stock(Exception):
     """This step runs mlx-lm's code; the message says why."""
 
 
-def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
+def _build(layer, x, r, renorm_eps, softmax_first, backend) -> _MoE | _Softmax | _Dense | str:
     """The block's three launches prepared for x and r (each one's outputs give the next
     its shapes), or why this step runs mlx-lm's code."""
     norm, mlp = layer.post_attention_layernorm, layer.mlp
@@ -182,9 +226,23 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
             run(moe_down, (a, None, None, *down, h), down_packing, (0, 6))
             return _Dense(launches)
         g, sw = mlp.gate, mlp.switch_mlp
-        rows = math.prod(x.shape[:-1]) * g.top_k
+        routing = None
+        if softmax_first is not None:
+            routing = softmax_moe.routing(mlp, softmax_moe.kind_of(softmax_first, None))
+        rows = math.prod(x.shape[:-1]) * (g.top_k if routing is None else routing["top_k"])
         if rows >= MLX_LM_SORT_ROWS:
             raise _Stock(f"{rows} expert rows: mlx-lm sorts them by expert (its own path)")
+        group = mlp.sharding_group if moe_sharded(mlp) else None
+        zero = None if group is None else mx.zeros(x.shape, x.dtype)
+        (gate, packing), (up, _), (down, down_packing) = map(
+            weights_of, (sw.gate_proj, sw.up_proj, sw.down_proj)
+        )
+        if routing is not None:  # mlx-lm's gate module, then the softmax routing's kernel
+            h, xn = run(residual_norm, (x, r, norm["weight"], norm.eps), {}, (0, 1))
+            inds, scores = run(softmax_router, (g(xn),), routing, (0,))
+            hr = run(moe_mlp, (xn, inds, *gate, *up), packing, (0, 1))
+            run(moe_down, (hr, inds, scores, *down, h if group is None else zero), down_packing, (0, 1, 2, 6))
+            return _Softmax(launches, g, group, zero)
         router_kw = dict(
             top_k=g.top_k,
             n_group=g.n_group,
@@ -195,11 +253,6 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
         )
         bias = g["e_score_correction_bias"]
         norm_args = (x, r, norm["weight"], g["weight"])
-        group = mlp.sharding_group if moe_sharded(mlp) else None
-        zero = None if group is None else mx.zeros(x.shape, x.dtype)
-        (gate, packing), (up, _), (down, down_packing) = map(
-            weights_of, (sw.gate_proj, sw.up_proj, sw.down_proj)
-        )
         if mlp.config.n_shared_experts is None:
             h, xn, inds, scores = run(
                 norm_router, (*norm_args, bias), dict(eps=norm.eps, **router_kw), (0, 1)
@@ -228,7 +281,7 @@ def _build(layer, x, r, renorm_eps, backend) -> _MoE | _Dense | str:
 _BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def _block(layer, x, r, renorm_eps):
+def _block(layer, x, r, renorm_eps, softmax_first):
     """The layer's prepared block for this step's shapes and dtypes (prepared on first use,
     and again when the layer's weights are no longer the arrays it read), or why not."""
     backend = _backend.current()
@@ -240,7 +293,7 @@ def _block(layer, x, r, renorm_eps):
         return entry[1]
     if entry is not None:  # new weights: every shape is prepared again
         blocks.clear()
-    block = _build(layer, x, r, renorm_eps, backend)
+    block = _build(layer, x, r, renorm_eps, softmax_first, backend)
     blocks[key] = (weights, block)
     return block
 
@@ -260,9 +313,9 @@ def decode_plan(layer) -> dict[tuple, str]:
     return out
 
 
-def moe_half(layer, x, r, renorm_eps=None):
+def moe_half(layer, x, r, renorm_eps=None, softmax_first=None):
     """The MoE half of a decode step: the layer's output from x and the attention's r."""
-    block = _block(layer, x, r, renorm_eps)
+    block = _block(layer, x, r, renorm_eps, softmax_first)
     if isinstance(block, str):  # outside the launches' regime: the rest of mlx-lm's layer
         return stock_moe(layer, x, r)
     return block(x, r)
@@ -276,7 +329,16 @@ PATTERN = Pattern(
         " residual add (the dense layer likewise)"
     ),
     fidelity="close",
-    kernels=(norm_router_gates, moe_gate_up_route, norm_router, moe_mlp, moe_down, residual_norm, swiglu_mlp),
+    kernels=(
+        norm_router_gates,
+        moe_gate_up_route,
+        norm_router,
+        moe_mlp,
+        moe_down,
+        residual_norm,
+        swiglu_mlp,
+        softmax_router,
+    ),
     check=check,
     make=make,
     paths=("decode",),
