@@ -30,6 +30,7 @@ from zmlx.cli import args as cli_args
 from zmlx.kernels import core
 from zmlx.kernels.core import KernelDef, Launch
 from zmlx.kernels.prepared import prepare
+from zmlx.patch.layer import Routing
 
 # kernel -> the positions of its example() arguments that change per decode step
 LIVE = {
@@ -127,9 +128,9 @@ def block(calls: int = 500, repeats: int = 7) -> float:
     backend.current = lambda: "cuda"  # type: ignore[assignment]
     try:
         with noop_kernels(moe_block.PATTERN.kernels):
-            first = moe_block._block(layer, x, r, 1e-20, None)
+            first = moe_block._block(layer, x, r, Routing(1e-20))
             assert not isinstance(first, str), first
-            return median_us(lambda: moe_block._block(layer, x, r, 1e-20, None)(x, r), calls, repeats)
+            return median_us(lambda: moe_block._block(layer, x, r, Routing(1e-20))(x, r), calls, repeats)
     finally:
         backend.current = current  # type: ignore[assignment]
 
@@ -165,7 +166,9 @@ def softmax_half(calls: int = 500, repeats: int = 7) -> dict[str, float]:
     try:
         with noop_kernels(kernels):
             zmlx.patch(model, patterns=["moe_block"])
-            out["moe_block"] = median_us(lambda: moe_block.moe_half(layer, x, r, None, True), calls, repeats)
+            out["moe_block"] = median_us(
+                lambda: moe_block.moe_half(layer, x, r, Routing(softmax_first=True)), calls, repeats
+            )
             plan = moe_block.decode_plan(layer)
             assert list(plan.values()) == ["kernel: residual_norm, softmax_router, moe_mlp, moe_down"], plan
             zmlx.unpatch(model)

@@ -311,15 +311,15 @@ FAMILIES["gpt_oss"] = Family(
     targets={
         "softmax_router": Target("MLPBlock", {"softmax_first": False, "topk_last": True}),
         "moe_mlp": Target("SwitchGLU"),  # affine, unquantized or mxfp4 experts
+        # the MoE half at decode (zmlx.patch.softmax_layer), behind moe_block.SOFTMAX_LAYERS
+        "moe_block": Target("TransformerBlock", {"softmax_first": False, "topk_last": True}),
     },
     preset=(),
-    presets_on={"cuda": ("softmax_router", "moe_mlp")},
+    presets_on={"cuda": ("softmax_router", "moe_mlp", "moe_block")},
     skips={
         "moe_router": _SOFTMAX,
         "moe_combine": _BLOCK_ROUTES,
         "downproj_combine": _OSS_EXPERTS,
-        "moe_block": "the MLPBlock routes by a softmax over the top-k of a biased router (softmax_router "
-        "fuses it); its experts have biases and SwigluOAI",
         "swiglu_mlp": "no dense MLP (every layer's MLPBlock is MoE, no shared expert)",
         "residual_norm": "the model loop passes each layer a full or a sliding-window mask by its type",
         **{p: _OSS_ATTENTION for p in _MLA_PATTERNS},

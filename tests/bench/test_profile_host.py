@@ -110,9 +110,10 @@ def test_the_tail_ab_times_both_settings_and_leaves_the_switch_as_it_was(capsys)
     """--ab tail on the CPU: both settings timed, alternated; the switch and blocks restored."""
     from zmlx.patch.patterns import mla_prologue
 
+    before = mla_prologue.COMPILE_TAIL
     load_script("gpu/profile_host.py").main(
         ["synth:glm4_moe_lite/tiny/affine4", "--sets", "mla_prologue", "--steps", "2", "--ab", "tail", "1"]
     )
     out = capsys.readouterr().out
     assert "tail=eager" in out and "tail=compiled" in out
-    assert mla_prologue.COMPILE_TAIL is True and not mla_prologue._BLOCKS
+    assert mla_prologue.COMPILE_TAIL is before and not mla_prologue._BLOCKS

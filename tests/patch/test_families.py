@@ -96,7 +96,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "moe_router": {_SOFTMAX},
         "moe_combine": {_BLOCK_ROUTES},
         "downproj_combine": {"the experts have biases and SwigluOAI"},
-        "moe_block": {"the MLPBlock routes by a softmax over the top-k of a biased router"},
+        "moe_block": {"softmax-routed MoE layers wait for their cuda test"},
         "swiglu_mlp": {"no dense MLP"},
         "residual_norm": {"a full or a sliding-window mask by its type"},
         **{p: {"GQA attention with sinks and sliding windows, not MLA"} for p in _MLA_ONLY},
@@ -160,7 +160,8 @@ def test_every_pattern_that_does_not_apply_says_why(family):
 def test_gpt_oss_is_a_family_whose_default_preset_is_cuda_only():
     """gpt-oss is supported (softmax_router fuses its routing, moe_mlp its biased experts), so
     patch no longer warns "nothing to patch"; its default preset is empty on the CPU and
-    Metal (close there) and both patterns on CUDA, where their cuda tests ran bitwise."""
+    Metal (close there) and both patterns on CUDA, where their cuda tests ran bitwise, with
+    moe_block (its softmax-routed layers behind moe_block.SOFTMAX_LAYERS)."""
     model = build("gpt_oss")
     with warnings.catch_warnings():
         warnings.simplefilter("error", zmlx.ZmlxWarning)
@@ -169,8 +170,10 @@ def test_gpt_oss_is_a_family_whose_default_preset_is_cuda_only():
     assert result.family == "gpt_oss" and "nothing to patch" not in result.message
     assert "gpt_oss" not in UNSUPPORTED and result.patched_modules == 0
     assert all(FAMILIES["gpt_oss"].preset_on(b) == () for b in ("cpu", "metal"))
-    assert FAMILIES["gpt_oss"].preset_on("cuda") == ("softmax_router", "moe_mlp")
-    assert FAMILIES["gpt_oss"].targets["softmax_router"].params == {"softmax_first": False, "topk_last": True}
+    assert FAMILIES["gpt_oss"].preset_on("cuda") == ("softmax_router", "moe_mlp", "moe_block")
+    routing = {"softmax_first": False, "topk_last": True}
+    assert FAMILIES["gpt_oss"].targets["softmax_router"].params == routing
+    assert FAMILIES["gpt_oss"].targets["moe_block"].params == routing
 
 
 def test_gpt_oss_modules_are_taken_or_refused_by_the_checks_with_reasons():

@@ -17,7 +17,13 @@ from zmlx.patch.patterns import mla_prologue
 PROMPT = mx.array([[3, 14, 15, 92, 65, 35, 89]])
 
 
-pytestmark = pytest.mark.usefixtures("embedded_prologues")
+pytestmark = pytest.mark.usefixtures("embedded_prologues", "compiled_tail")
+
+
+@pytest.fixture
+def compiled_tail(monkeypatch):
+    """mla_prologue.COMPILE_TAIL on (off by default since its first ledger line: NOTEBOOK)."""
+    monkeypatch.setattr(mla_prologue, "COMPILE_TAIL", True)
 
 
 @pytest.fixture

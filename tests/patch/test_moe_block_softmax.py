@@ -1,6 +1,8 @@
-"""moe_block on a softmax-routed MoE layer (Qwen3-MoE): residual_norm, mlx-lm's gate module,
-softmax_router, moe_mlp and moe_down at decode. On the CPU the launches run their
-references, which must be mlx-lm's own layer bitwise (compared with the unpatched model)."""
+"""moe_block on the softmax-routed MoE layers (zmlx.patch.softmax_layer): Qwen3-MoE's
+(residual_norm, mlx-lm's gate module, softmax_router, moe_mlp, moe_down) and gpt-oss's (the
+same to moe_mlp, then mlx-lm's biased down projection, sum and add) at decode. On the CPU the
+launches run their references, which must be mlx-lm's own layer bitwise (compared with the
+unpatched model, never with a copy of the pattern)."""
 
 import dataclasses
 
@@ -8,8 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from block_helpers import patched_run, same
-from test_family_exactness import _check_bitwise, build
+from test_family_exactness import APPLIES, _check_bitwise, build
 
+from zmlx import synth
 from zmlx.families import FAMILIES
 from zmlx.fidelity import greedy_logits
 from zmlx.patch import PATTERNS
@@ -17,127 +20,157 @@ from zmlx.patch.patterns import moe_block
 
 pytestmark = pytest.mark.usefixtures("blocks_on_the_cpu", "softmax_layers")
 
-SOFTMAX = "residual_norm, softmax_router, moe_mlp, moe_down"
+FAMILY_NAMES = ("qwen3_moe", "gpt_oss")
 DENSE = "residual_norm, swiglu_mlp, moe_down"
-PARAMS = dict(FAMILIES["qwen3_moe"].targets["moe_block"].params)
+# family -> each layer's launches (the tiny models: Qwen3-MoE's layer 0 is dense)
+LAYERS = {
+    "qwen3_moe": lambda n: [DENSE] + ["residual_norm, softmax_router, moe_mlp, moe_down"] * (n - 1),
+    "gpt_oss": lambda n: ["residual_norm, softmax_router, moe_mlp"] * n,
+}
+MOE_LAYER = {"qwen3_moe": 1, "gpt_oss": 0}
+OFF = "softmax-routed MoE layers wait for their cuda test (moe_block.SOFTMAX_LAYERS)"
+
+
+def _params(family: str) -> dict:
+    return dict(FAMILIES[family].targets["moe_block"].params)
 
 
 def _prompt(batch: int) -> mx.array:
     return mx.random.randint(1, 512, (batch, 6), key=mx.random.key(batch))
 
 
-@pytest.fixture
-def softmax_layers(monkeypatch):
-    """moe_block takes the softmax-routed layers (off by default until this file's cuda test
-    runs on a GPU)."""
-    monkeypatch.setattr(moe_block, "SOFTMAX_LAYERS", True)
-
-
-def test_off_by_default_the_softmax_layers_say_why(qwen3, monkeypatch):
-    monkeypatch.setattr(moe_block, "SOFTMAX_LAYERS", False)
-    why = PATTERNS["moe_block"].check(qwen3.model.layers[1], PARAMS)
-    assert why == "softmax-routed MoE layers wait for their cuda test (moe_block.SOFTMAX_LAYERS)"
-    assert PATTERNS["moe_block"].check(qwen3.model.layers[0], PARAMS) is None  # the dense layer
-
-
-@pytest.fixture(scope="module")
-def qwen3():
-    return build("qwen3_moe")  # layer 0 dense, the others MoE with a softmax router
-
-
 def _paths(plans, batch: int) -> list[str]:
-    """Each layer's decode plan for one step of `batch` sequences, as "kernel"/"reference: ..."."""
+    """Each layer's decode plan for one step of `batch` sequences, less its reason."""
     key = next(k for k in plans[0] if k[0][0] == batch)
     return [p[key].split(" (")[0] for p in plans]
 
 
+@pytest.fixture
+def softmax_layers(monkeypatch):
+    """moe_block takes the softmax-routed layers (off by default until this file's cuda
+    tests run on a GPU), and the family tests' APPLIES says so."""
+    monkeypatch.setattr(moe_block, "SOFTMAX_LAYERS", True)
+    monkeypatch.setitem(APPLIES, "gpt_oss", APPLIES["gpt_oss"] | {"moe_block"})
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: build(family) for family in FAMILY_NAMES}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_off_by_default_the_softmax_layers_say_why(models, family, monkeypatch):
+    monkeypatch.setattr(moe_block, "SOFTMAX_LAYERS", False)
+    layers = models[family].model.layers
+    assert PATTERNS["moe_block"].check(layers[MOE_LAYER[family]], _params(family)) == OFF
+    if family == "qwen3_moe":
+        assert PATTERNS["moe_block"].check(layers[0], _params(family)) is None  # the dense layer
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("batch", [1, 2])
-def test_the_softmax_moe_layers_run_the_block_bitwise_mlx_lm(qwen3, batch):
-    stock = greedy_logits(qwen3, _prompt(batch), 3)
-    result, patched, plans = patched_run(moe_block, qwen3, _prompt(batch), 3)
+def test_the_softmax_moe_layers_run_the_block_bitwise_mlx_lm(models, family, batch):
+    model = models[family]
+    stock = greedy_logits(model, _prompt(batch), 3)
+    result, patched, plans = patched_run(moe_block, model, _prompt(batch), 3)
     assert result.patterns["moe_block"].skipped == []
-    assert _paths(plans, batch) == [f"reference: {DENSE}"] + [f"reference: {SOFTMAX}"] * (len(plans) - 1)
+    assert _paths(plans, batch) == [f"reference: {n}" for n in LAYERS[family](len(plans))]
     assert same(stock, patched)
 
 
-def test_with_the_family_preset_the_block_runs_decode_bitwise(qwen3):
-    preset = FAMILIES["qwen3_moe"].preset_on("cuda")
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_with_the_family_preset_every_case_is_bitwise(models, family):
+    """test_family_exactness's comparison (prompts and decode, batch 1 and 2, with and without
+    a cache) of the family's CUDA preset, which holds moe_block, here on its references."""
+    preset = FAMILIES[family].preset_on("cuda")
     assert "moe_block" in preset
-    stock = greedy_logits(qwen3, _prompt(1), 3)
-    _, patched, plans = patched_run(moe_block, qwen3, _prompt(1), 3, patterns=preset)
-    assert _paths(plans, 1)[1:] == [f"reference: {SOFTMAX}"] * (len(plans) - 1)
+    _check_bitwise(models[family], preset)
+
+
+def test_gpt_oss_mxfp4_experts_run_the_block_bitwise():
+    """gpt-oss's experts as released (mxfp4): moe_mlp's mxfp4 overload, the rest mlx-lm's."""
+    model, _ = synth.build("synth:gpt_oss/tiny/mxfp4")
+    prompt = mx.array([[3, 14, 15, 92, 65]])
+    stock = greedy_logits(model, prompt, 3)
+    _, patched, plans = patched_run(moe_block, model, prompt, 3)
+    assert _paths(plans, 1) == [f"reference: {n}" for n in LAYERS["gpt_oss"](len(plans))]
     assert same(stock, patched)
 
 
-def test_the_comparison_sees_the_routing_off_by_a_rounding(qwen3, monkeypatch):
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_the_comparison_sees_the_routing_off_by_a_rounding(models, family, monkeypatch):
     """The same comparison fails when the router's scores are off by one bf16 step: the
     patched decode really routes through the block's softmax_router launch."""
-    stock = greedy_logits(qwen3, _prompt(1), 2)
+    stock = greedy_logits(models[family], _prompt(1), 2)
     ref = moe_block.softmax_router.reference
 
     def off(*a, **k):
         inds, scores = ref(*a, **k)
         return inds, scores * (1 + 2**-7)
 
-    monkeypatch.setattr(
-        moe_block, "softmax_router", dataclasses.replace(moe_block.softmax_router, reference=off)
-    )
-    _, patched, _ = patched_run(moe_block, qwen3, _prompt(1), 2)
+    routing = dataclasses.replace(moe_block.softmax_router, reference=off)
+    monkeypatch.setattr(moe_block.softmax_layer, "softmax_router", routing)
+    _, patched, _ = patched_run(moe_block, models[family], _prompt(1), 2)
     assert not same(stock, patched)
 
 
-def test_a_new_gate_is_prepared_again():
+@pytest.mark.parametrize("family,gate", [("qwen3_moe", "gate"), ("gpt_oss", "router")])
+def test_a_new_gate_is_prepared_again(family, gate):
     """The prepared block holds the gate module's arrays: quantizing the gate after a decode
     step prepares the layer again, and the output is the new gate's (stock's, bitwise)."""
-    model = build("qwen3_moe", quant="float32")
-    _, _, plans = patched_run(moe_block, model, _prompt(1), 2)
-    layer = model.model.layers[1]
-    nn.quantize(layer.mlp, group_size=64, bits=8, class_predicate=lambda p, m: p == "gate")
-    assert isinstance(layer.mlp.gate, nn.QuantizedLinear)
+    model = build(family, quant="float32")
+    patched_run(moe_block, model, _prompt(1), 2)
+    layer = model.model.layers[MOE_LAYER[family]]
+    nn.quantize(layer.mlp, group_size=64, bits=8, class_predicate=lambda p, m: p == gate)
+    assert isinstance(layer.mlp[gate], nn.QuantizedLinear)
     stock = greedy_logits(model, _prompt(1), 2)
-    _, patched, again = patched_run(moe_block, model, _prompt(1), 2)
+    _, patched, _ = patched_run(moe_block, model, _prompt(1), 2)
     assert same(stock, patched)
-    weights = moe_block._BLOCKS[id(layer)][1]
-    assert all(w[0][1] is layer.mlp.gate["weight"] for w in weights.values())
+    entries = moe_block._BLOCKS[id(layer)][1]
+    assert entries and all(w[0][1] is layer.mlp[gate]["weight"] for w in entries.values())
 
 
-def test_the_check_takes_a_softmax_block_only_with_the_family_routing(qwen3):
-    layer = qwen3.model.layers[1]
-    check = PATTERNS["moe_block"].check
-    assert check(layer, PARAMS) is None
-    assert check(layer, {}).startswith("router is a QuantizedLinear: softmax routing")  # no family data
-    gate = layer.mlp["gate"]
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_the_check_takes_a_softmax_block_only_with_the_family_routing(models, family):
+    layer = models[family].model.layers[MOE_LAYER[family]]
+    check, params = PATTERNS["moe_block"].check, _params(family)
+    assert check(layer, params) is None
+    assert check(layer, {}) is not None  # without the family data: the sigmoid router's checks
+    gate, _, _ = moe_block.softmax_layer.parts(layer.mlp)
+    name = "router" if family == "gpt_oss" else "gate"
     try:
-        layer.mlp["gate"] = nn.Identity()
-        assert check(layer, PARAMS) == "a softmax-routed block without a Linear gate"
+        layer.mlp[name] = nn.Identity()
+        assert check(layer, params) == "a softmax-routed block without a Linear gate"
     finally:
-        layer.mlp["gate"] = gate
-    top_k = layer.mlp.top_k
+        layer.mlp[name] = gate
+    attr = "num_experts_per_tok" if family == "gpt_oss" else "top_k"
+    k = getattr(layer.mlp, attr)
     try:
-        del layer.mlp.top_k
-        assert check(layer, PARAMS).startswith("a softmax-routed block without its routing's attributes")
+        delattr(layer.mlp, attr)
+        assert check(layer, params).startswith("a softmax-routed block without its routing's attributes")
     finally:
-        layer.mlp.top_k = top_k
+        setattr(layer.mlp, attr, k)
 
 
 @pytest.mark.cuda
-def test_on_the_gpu_every_moe_layer_runs_its_kernels_bitwise_mlx_lm():
-    """One sequence: each MoE layer's four launches are the fused kernels (no reference, no
-    mlx-lm fallback) and the logits are stock's."""
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_on_the_gpu_every_moe_layer_runs_its_kernels_bitwise_mlx_lm(family):
+    """One sequence: each layer's launches are the fused kernels (no reference, no mlx-lm
+    fallback) and the logits are stock's."""
     mx.set_default_device(mx.gpu)  # blocks_on_the_cpu puts the CPU back afterwards
-    model = build("qwen3_moe", cuda_widths=True)
+    model = build(family, cuda_widths=True)
     stock = greedy_logits(model, _prompt(1), 4)
     result, patched, plans = patched_run(moe_block, model, _prompt(1), 4)
     assert result.patterns["moe_block"].path == "kernel", result.patterns["moe_block"].fallbacks
-    assert _paths(plans, 1) == [f"kernel: {DENSE}"] + [f"kernel: {SOFTMAX}"] * (len(plans) - 1)
+    assert _paths(plans, 1) == [f"kernel: {n}" for n in LAYERS[family](len(plans))]
     assert same(stock, patched)
 
 
 @pytest.mark.cuda
-def test_on_the_gpu_the_family_preset_with_the_block_is_bitwise_stock():
-    """test_family_cuda_presets' check of Qwen3-MoE's CUDA preset (prompts and decode, batch
-    1 and 2, with and without a cache) with moe_block taking the MoE layers."""
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_on_the_gpu_the_family_preset_with_the_block_is_bitwise_stock(family):
+    """test_family_cuda_presets' check of the family's CUDA preset with moe_block taking the
+    MoE layers."""
     mx.set_default_device(mx.gpu)
-    _check_bitwise(
-        build("qwen3_moe", cuda_widths=True), FAMILIES["qwen3_moe"].preset_on("cuda"), stock_twice=True
-    )
+    preset = FAMILIES[family].preset_on("cuda")
+    _check_bitwise(build(family, cuda_widths=True), preset, stock_twice=True)

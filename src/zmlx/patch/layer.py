@@ -1,5 +1,6 @@
 """The decoder layer's `__call__` that the block patterns share: mla_block supplies its
-attention half, moe_block its MoE half. mlx-lm's layer (glm4_moe_lite, deepseek_v3, qwen3_moe) is
+attention half, moe_block its MoE half. mlx-lm's layer (glm4_moe_lite, deepseek_v3,
+qwen3_moe, gpt_oss) is
 
     r = self_attn(input_layernorm(x), mask, cache); h = x + r
     return h + mlp(post_attention_layernorm(h))
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 from functools import cache
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 # A module keeps its submodules and arrays as its dict's items: reading them as items
 # (m["mlp"]) costs a dict lookup, as attributes (m.mlp) a failed attribute lookup first.
@@ -29,7 +30,17 @@ def stock_attention(layer, x, mask, cache):
     return layer["self_attn"](layer["input_layernorm"](x), mask, cache)
 
 
-def stock_moe(layer, x, r, renorm_eps=None, softmax_first=None):
+class Routing(NamedTuple):
+    """The family data's routing, handed to the MoE half: `renorm_eps` (a sigmoid MoEGate's);
+    `softmax_first` and `topk_last` (a block that routes with a softmax in its own
+    `__call__`: zmlx.patch.softmax_moe; softmax_first None for a gate module's routing)."""
+
+    renorm_eps: float | None = None
+    softmax_first: bool | None = None
+    topk_last: bool | None = None
+
+
+def stock_moe(layer, x, r, routing: Routing | None = None):
     """mlx-lm's MoE half: the layer's output from x and the attention's r."""
     h = x + r
     return h + layer["mlp"](layer["post_attention_layernorm"](h))
@@ -40,20 +51,21 @@ def make(
     moe: Callable | None = None,
     renorm_eps: float | None = None,
     softmax_first: bool | None = None,
+    topk_last: bool | None = None,
 ):
     """The layer's `__call__` with these halves (None: mlx-lm's); the same function for the
-    same halves, whatever the order of the arguments. The family data's routing goes to the
-    MoE half: `renorm_eps` (a sigmoid MoEGate's), `softmax_first` (a block that routes with a
-    softmax in its own `__call__`: zmlx.patch.softmax_moe; None for a gate module's routing)."""
-    return _make(attention or stock_attention, moe or stock_moe, renorm_eps, softmax_first)
+    same halves, whatever the order of the arguments. The family data's routing (Routing)
+    goes to the MoE half."""
+    routing = Routing(renorm_eps, softmax_first, topk_last)
+    return _make(attention or stock_attention, moe or stock_moe, routing)
 
 
 @cache
-def _make(attention: Callable, moe: Callable, renorm_eps: float | None, softmax_first: bool | None):
+def _make(attention: Callable, moe: Callable, routing: Routing):
     def __call__(self, x, mask=None, cache=None):
         if x.shape[-2] != 1:  # a prompt: mlx-lm's own layer
             return type(self).__zmlx_original__.__call__(self, x, mask, cache)
-        return moe(self, x, attention(self, x, mask, cache), renorm_eps, softmax_first)
+        return moe(self, x, attention(self, x, mask, cache), routing)
 
     return __call__
 

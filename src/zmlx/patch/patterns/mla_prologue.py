@@ -61,8 +61,12 @@ def _weights(layer) -> tuple:
 # the width; its CPU backend always runs the fallback. Metal's is not known: not there.
 FALLBACK_BACKENDS = ("cpu", "cuda")
 # Whether those steps' tail runs compiled (`_compiled_tail`); off: the same ops built eagerly
-# each step (benchmarks/gpu/profile_host.py --ab tail times one against the other).
-COMPILE_TAIL = True
+# each step (benchmarks/gpu/profile_host.py --ab tail times one against the other). Off: the
+# default preset's first ledger line with it on (bc9385fb75, dd92baa) ran 141 more kernels a
+# token (3 a layer, as many as the tail's matmuls) and issued 4 ms slower than the last one
+# without it (aa96ba9e27, f868a18), where it was predicted to add none and save 0.1-0.3 ms;
+# on again only if the A/B says otherwise (NOTEBOOK, 2026-12-01, thirteenth session).
+COMPILE_TAIL = False
 
 
 def _attention_after_scale(q_s, kv, mask):

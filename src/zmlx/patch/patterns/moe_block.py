@@ -13,8 +13,10 @@ and their MoE the same gate and experts) as the MoE half of zmlx.patch.layer's s
                  moe_down     (down projections, routing-weighted combine, shared expert, h + y)
     MoE layer without a shared expert: norm_router (norm, gate and routing in one threadgroup
                  per token), moe_mlp, moe_down
-    softmax-routed MoE layer (Qwen3-MoE: the family data names `softmax_first`): residual_norm,
-                 mlx-lm's gate module (its one matmul), softmax_router, moe_mlp, moe_down
+    softmax-routed MoE layer (Qwen3-MoE, gpt-oss: the family data names `softmax_first`):
+                 residual_norm, mlx-lm's gate module, softmax_router, moe_mlp, and moe_down
+                 (gpt-oss: mlx-lm's down projection with its bias, sum and add), behind
+                 SOFTMAX_LAYERS (zmlx.patch.softmax_layer)
     dense layer: residual_norm, swiglu_mlp, moe_down (dense: h + down(...))
 
 Each launch is prepared once per (layer, input shapes, dtypes, backend) with the weights it
@@ -46,12 +48,12 @@ from zmlx.kernels.quant import MLX_LM_SORT_ROWS, MODES, linear_reason, switch_li
 from zmlx.kernels.residual_norm import residual_norm
 from zmlx.kernels.softmax_router import softmax_router
 from zmlx.kernels.swiglu_mlp import swiglu_mlp
-from zmlx.patch import softmax_moe
-from zmlx.patch.layer import blocks_of, make, stock_moe
+from zmlx.patch import softmax_layer, softmax_moe
+from zmlx.patch.layer import Routing, blocks_of, make, stock_moe
 from zmlx.patch.moe import experts_reason, router_reason
 from zmlx.patch.pattern import Pattern
 
-# The softmax-routed MoE layers (Qwen3-MoE's) take the block once its cuda test
+# The softmax-routed MoE layers (Qwen3-MoE's, gpt-oss's) take the block once its cuda test
 # (tests/patch/test_moe_block_softmax.py, and the family's preset test) has run bitwise on a
 # GPU: each launch is a kernel already bitwise there, the composition is not yet. Until then
 # their check says so and the family's module patterns run them (switch_checks.sh runs it).
@@ -68,19 +70,9 @@ def _mlp_reason(name: str, mlp) -> str | None:
     return None
 
 
-def _moe_reason(moe, softmax_first: bool | None = None) -> str | None:
-    if softmax_first is None and (why := router_reason(moe.gate)) is not None:
+def _moe_reason(moe) -> str | None:
+    if (why := router_reason(moe.gate)) is not None:
         return why
-    if softmax_first is not None and not SOFTMAX_LAYERS:
-        return "softmax-routed MoE layers wait for their cuda test (moe_block.SOFTMAX_LAYERS)"
-    if softmax_first is not None:  # mlx-lm's gate module runs as it is; its routing is the kernel's
-        if not isinstance(moe.get("gate"), (nn.Linear, nn.QuantizedLinear)):
-            return "a softmax-routed block without a Linear gate"
-        try:
-            softmax_moe.routing(moe, softmax_moe.kind_of(softmax_first, None))
-        except AttributeError as e:
-            return f"a softmax-routed block without its routing's attributes ({e})"
-        return _switch_reason(moe.switch_mlp)
     if (why := _switch_reason(moe.switch_mlp)) is not None:
         return why
     if moe.config.n_shared_experts is not None:
@@ -106,9 +98,14 @@ def check(layer, params) -> str | None:
     if type(layer.post_attention_layernorm) is not nn.RMSNorm:
         return f"post_attention_layernorm is a {type(layer.post_attention_layernorm).__name__}"
     mlp = layer.mlp
+    routed = hasattr(mlp, "switch_mlp") or (hasattr(mlp, "experts") and hasattr(mlp, "router"))
+    if routed and params.get("softmax_first") is not None:  # the family's softmax routing
+        if not SOFTMAX_LAYERS:
+            return "softmax-routed MoE layers wait for their cuda test (moe_block.SOFTMAX_LAYERS)"
+        return softmax_layer.reason(mlp, Routing(**params), _switch_reason)
     if hasattr(mlp, "switch_mlp"):
-        return _moe_reason(mlp, params.get("softmax_first"))
-    if hasattr(mlp, "experts") and hasattr(mlp, "router"):  # gpt-oss's MLPBlock
+        return _moe_reason(mlp)
+    if routed:  # gpt-oss's MLPBlock without its family's routing
         return experts_reason(mlp.experts) or router_reason(mlp.router)
     return _mlp_reason("mlp", mlp)
 
@@ -129,17 +126,17 @@ def _arrays(mlp) -> tuple:
     )
 
 
-def _weights(layer) -> tuple:
+def _weights(layer, routing: Routing) -> tuple:
     """Every array the block's launches read, in a fixed order: a prepared block holds for
     these objects only (a model whose weights were replaced or quantized since is prepared
     again)."""
     mlp = layer["mlp"]
     norm_w = layer["post_attention_layernorm"]["weight"]
+    if routing.softmax_first is not None and ("switch_mlp" in mlp or "router" in mlp):
+        return (norm_w, *softmax_layer.weights(mlp))
     if "switch_mlp" not in mlp:
         return (norm_w, *_arrays(mlp))
     gate = mlp["gate"]
-    if "e_score_correction_bias" not in gate:  # a softmax-routed block's Linear gate
-        return (norm_w, gate["weight"], gate.get("scales"), gate.get("biases"), *_arrays(mlp["switch_mlp"]))
     out = (norm_w, gate["weight"], gate["e_score_correction_bias"], *_arrays(mlp["switch_mlp"]))
     if mlp.config.n_shared_experts is None:
         return out
@@ -170,23 +167,6 @@ class _MoE:
         return y if self.group is None else h + mx.distributed.all_sum(y, group=self.group)
 
 
-class _Softmax:
-    """A softmax-routed MoE layer: mlx-lm's gate module between the norm and the routing."""
-
-    __slots__ = ("launches", "gate", "group", "zero")
-
-    def __init__(self, launches: list[Prepared], gate, group=None, zero=None):
-        self.launches, self.gate = tuple(launches), gate  # norm, route, gate_up, down
-        self.group, self.zero = group, zero  # tensor parallel: as _MoE's
-
-    def __call__(self, x, r):
-        norm, route, gate_up, down = self.launches
-        h, xn = norm(x, r)
-        inds, scores = route(self.gate(xn))
-        y = down(gate_up(xn, inds), inds, scores, h if self.group is None else self.zero)
-        return y if self.group is None else h + mx.distributed.all_sum(y, group=self.group)
-
-
 class _Dense:
     __slots__ = ("launches",)
 
@@ -203,7 +183,7 @@ class _Stock(Exception):
     """This step runs mlx-lm's code; the message says why."""
 
 
-def _build(layer, x, r, renorm_eps, softmax_first, backend) -> _MoE | _Softmax | _Dense | str:
+def _build(layer, x, r, routing: Routing, backend) -> _MoE | softmax_layer.Block | _Dense | str:
     """The block's three launches prepared for x and r (each one's outputs give the next
     its shapes), or why this step runs mlx-lm's code."""
     norm, mlp = layer.post_attention_layernorm, layer.mlp
@@ -217,6 +197,15 @@ def _build(layer, x, r, renorm_eps, softmax_first, backend) -> _MoE | _Softmax |
         return p(*(args[i] for i in live))
 
     try:
+        group = mlp.sharding_group if moe_sharded(mlp) else None
+        zero = None if group is None else mx.zeros(x.shape, x.dtype)
+        if routing.softmax_first is not None and ("switch_mlp" in mlp or "router" in mlp):
+            kind = softmax_moe.kind_of(routing.softmax_first, routing.topk_last)
+            if (
+                rows := math.prod(x.shape[:-1]) * softmax_moe.routing(mlp, kind)["top_k"]
+            ) >= MLX_LM_SORT_ROWS:
+                raise _Stock(f"{rows} expert rows: mlx-lm sorts them by expert (its own path)")
+            return softmax_layer.build(layer, x, r, routing, run, launches, group, zero)
         if not hasattr(mlp, "switch_mlp"):  # the dense layer
             (gate, packing), (up, _), (down, down_packing) = map(
                 weights_of, (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -226,30 +215,19 @@ def _build(layer, x, r, renorm_eps, softmax_first, backend) -> _MoE | _Softmax |
             run(moe_down, (a, None, None, *down, h), down_packing, (0, 6))
             return _Dense(launches)
         g, sw = mlp.gate, mlp.switch_mlp
-        routing = None
-        if softmax_first is not None:
-            routing = softmax_moe.routing(mlp, softmax_moe.kind_of(softmax_first, None))
-        rows = math.prod(x.shape[:-1]) * (g.top_k if routing is None else routing["top_k"])
+        rows = math.prod(x.shape[:-1]) * g.top_k
         if rows >= MLX_LM_SORT_ROWS:
             raise _Stock(f"{rows} expert rows: mlx-lm sorts them by expert (its own path)")
-        group = mlp.sharding_group if moe_sharded(mlp) else None
-        zero = None if group is None else mx.zeros(x.shape, x.dtype)
         (gate, packing), (up, _), (down, down_packing) = map(
             weights_of, (sw.gate_proj, sw.up_proj, sw.down_proj)
         )
-        if routing is not None:  # mlx-lm's gate module, then the softmax routing's kernel
-            h, xn = run(residual_norm, (x, r, norm["weight"], norm.eps), {}, (0, 1))
-            inds, scores = run(softmax_router, (g(xn),), routing, (0,))
-            hr = run(moe_mlp, (xn, inds, *gate, *up), packing, (0, 1))
-            run(moe_down, (hr, inds, scores, *down, h if group is None else zero), down_packing, (0, 1, 2, 6))
-            return _Softmax(launches, g, group, zero)
         router_kw = dict(
             top_k=g.top_k,
             n_group=g.n_group,
             topk_group=g.topk_group,
             routed_scaling_factor=g.routed_scaling_factor,
             norm_topk_prob=g.norm_topk_prob,
-            renorm_eps=renorm_eps,
+            renorm_eps=routing.renorm_eps,
         )
         bias = g["e_score_correction_bias"]
         norm_args = (x, r, norm["weight"], g["weight"])
@@ -281,19 +259,19 @@ def _build(layer, x, r, renorm_eps, softmax_first, backend) -> _MoE | _Softmax |
 _BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def _block(layer, x, r, renorm_eps, softmax_first):
+def _block(layer, x, r, routing: Routing):
     """The layer's prepared block for this step's shapes and dtypes (prepared on first use,
     and again when the layer's weights are no longer the arrays it read), or why not."""
     backend = _backend.current()
     blocks = blocks_of(_BLOCKS, layer)
     key = (x.shape, x.dtype, r.shape, r.dtype, backend)
-    weights = _weights(layer)
+    weights = _weights(layer, routing)
     entry = blocks.get(key)
     if entry is not None and all(map(operator.is_, weights, entry[0])):
         return entry[1]
     if entry is not None:  # new weights: every shape is prepared again
         blocks.clear()
-    block = _build(layer, x, r, renorm_eps, softmax_first, backend)
+    block = _build(layer, x, r, routing, backend)
     blocks[key] = (weights, block)
     return block
 
@@ -313,9 +291,9 @@ def decode_plan(layer) -> dict[tuple, str]:
     return out
 
 
-def moe_half(layer, x, r, renorm_eps=None, softmax_first=None):
+def moe_half(layer, x, r, routing: Routing = Routing()):
     """The MoE half of a decode step: the layer's output from x and the attention's r."""
-    block = _block(layer, x, r, renorm_eps, softmax_first)
+    block = _block(layer, x, r, routing)
     if isinstance(block, str):  # outside the launches' regime: the rest of mlx-lm's layer
         return stock_moe(layer, x, r)
     return block(x, r)
