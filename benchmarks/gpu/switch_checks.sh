@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On the GPU machine, from the project root (after `source .device/extra/activate.sh`):
-#   bash benchmarks/gpu/switch_checks.sh
+# On the GPU machine, from the project root (after `source benchmarks/gpu/env.sh`):
+#   bash benchmarks/gpu/switch_checks.sh [NAME ...]
+# NAME: mxfp4-fp-order, qmm-order, softmax-layers (default: all of them, in that order).
 # The checks of the switches built off until they ran on a GPU (each turned on once they passed):
 #   quant.MXFP4_FP_ORDER   the cuda tests of wide gathered mxfp4 rows in fp_qmv's order (on
 #                          since they passed on the H200, 2026-12-01)
@@ -24,15 +25,25 @@
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).
 set -uo pipefail
+wanted=("$@")
+for name in "${wanted[@]}"; do
+  case "$name" in
+    mxfp4-fp-order|qmm-order|softmax-layers) ;;
+    *) echo "error: unknown check '$name' (mxfp4-fp-order, qmm-order, softmax-layers)" >&2; exit 2 ;;
+  esac
+done
 out=${OUT:-gpu-results}
 if ! python3 -c "import mlx.core as mx, sys; sys.exit(0 if mx.default_device() == mx.gpu else 1)" 2>/dev/null; then
-  echo "error: switch_checks needs MLX's GPU backend (source .device/extra/activate.sh first)" >&2
+  echo "error: switch_checks needs MLX's GPU backend (source benchmarks/gpu/env.sh first)" >&2
   exit 2
 fi
 out="$out/switch-checks-$(date -u +%Y%m%dT%H%M%S)"
 mkdir -p "$out"
 run_tests() {  # name, limit, pytest args...
   local name=$1 limit=$2; shift 2
+  if [ "${#wanted[@]}" -gt 0 ] && [[ " ${wanted[*]} " != *" $name "* ]]; then
+    return 0
+  fi
   PYTHONUNBUFFERED=1 timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m cuda -rf -n 4 "$@" \
     > "$out/switch-$name.log" 2>&1
   local rc=$?

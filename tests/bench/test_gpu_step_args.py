@@ -49,6 +49,19 @@ def test_switch_checks_without_a_gpu_is_one_line_and_exit_2(tmp_path):
     )
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        "error: switch_checks needs MLX's GPU backend (source .device/extra/activate.sh first)"
+        "error: switch_checks needs MLX's GPU backend (source benchmarks/gpu/env.sh first)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_switch_checks_refuses_an_unknown_check_before_anything(tmp_path):
+    """A check name it does not know: one `error:` line naming the known ones, exit 2, nothing
+    run or made (on any machine)."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tmp_path / "out")}
+    script = str(ROOT / "benchmarks/gpu/switch_checks.sh")
+    p = subprocess.run(["bash", script, "qmm-order", "softmax"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "error: unknown check 'softmax' (mxfp4-fp-order, qmm-order, softmax-layers)"
     ]
     assert not (tmp_path / "out").exists()

@@ -22,6 +22,7 @@ from zmlx.kernels.core import Launch, Skip
 from zmlx.kernels.moe_mlp import quantized_experts
 from zmlx.kernels.quant import weights_of
 from zmlx.kernels.swiglu_mlp import quantized_linear
+from zmlx.patch.layer import Routing
 from zmlx.patch.patterns import moe_block
 
 # moe_gate_up: (experts, k, I, shared Is, D, (group, bits), shared (group, bits)), one token
@@ -230,7 +231,7 @@ def test_moe_block_keeps_top8_decode_steps_with_the_switch_on(qmm_on, monkeypatc
     kernels = moe_block.PATTERN.kernels
     old = core.swap_statuses("cuda", dict.fromkeys(kernels, "no GPU in this test"))
     try:
-        block = moe_block._build(layer, x, r, 1e-20, "cuda")
+        block = moe_block._build(layer, x, r, Routing(1e-20), "cuda")
         assert not isinstance(block, str), block
         names = [p.kernel.name for p in block.launches]
         assert names == (
@@ -240,7 +241,7 @@ def test_moe_block_keeps_top8_decode_steps_with_the_switch_on(qmm_on, monkeypatc
         )
         assert all(p.skip is None for p in block.launches)
         monkeypatch.setattr(quant, "QMM_BLOCK", False)
-        why = moe_block._build(layer, x, r, 1e-20, "cuda")
+        why = moe_block._build(layer, x, r, Routing(1e-20), "cuda")
         assert isinstance(why, str) and "8 expert rows: stock's qmm_sm80" in why
     finally:
         core.swap_statuses("cuda", old)

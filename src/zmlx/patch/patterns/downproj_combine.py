@@ -4,7 +4,8 @@ Patches the MoE block's `__call__` (the method `moe_combine` patches, so it is r
 before it and wins when both are chosen; the report then says moe_combine was skipped).
 At decode (one token per sequence) the experts' hidden activations h come from mlx-lm's
 gate/up projections and SwiGLU, or from the `moe_mlp` kernel when the block's SwitchGLU is
-patched by `moe_mlp`; then one `downproj_combine` launch gives the block's output.
+patched by `moe_mlp`; then one `downproj_combine` launch gives the block's output (both
+prepared once per module and shapes: zmlx.patch.module_calls).
 Prompts take the stock expert path with the moe_combine kernel. Off by default until the
 ledger shows it correct and faster.
 
@@ -24,7 +25,7 @@ from zmlx.kernels.downproj_combine import downproj_combine
 from zmlx.kernels.moe_combine import moe_combine
 from zmlx.kernels.moe_mlp import moe_mlp
 from zmlx.kernels.quant import MLX_LM_SORT_ROWS, switch_linear_reason, weights_of
-from zmlx.patch import softmax_moe
+from zmlx.patch import module_calls, softmax_moe
 from zmlx.patch.moe import gate_up, has_kernel_activations, shared_expert, stock_activations
 from zmlx.patch.pattern import Pattern
 
@@ -39,7 +40,7 @@ def _hidden(sw, x, inds):
     SwitchGLU is patched by moe_mlp, else mlx-lm's own projections."""
     if has_kernel_activations(sw):
         gate, up, packing = gate_up(sw)
-        return moe_mlp(x, inds, *gate, *up, **packing)
+        return module_calls.call(sw, moe_mlp, (x, inds, *gate, *up), packing, (0, 1))
     return stock_activations(sw, x, inds)
 
 
@@ -49,7 +50,8 @@ def combine(block, x, inds, scores, kind):
     if x.shape[-2] != 1 or inds.size >= MLX_LM_SORT_ROWS:  # a prompt, or rows mlx-lm sorts
         return softmax_moe.stock_combine(block, x, inds, scores, kind)
     down, packing = weights_of(sw.down_proj)
-    return downproj_combine(_hidden(sw, x, inds), inds, scores, *down, None, **packing)
+    args = (_hidden(sw, x, inds), inds, scores, *down, None)
+    return module_calls.call(block, downproj_combine, args, packing, (0, 1, 2))
 
 
 def make(
@@ -76,7 +78,10 @@ def _gate_module_call(shared_overlap: bool):
         if x.shape[-2] != 1 or inds.size >= MLX_LM_SORT_ROWS:  # a prompt, or rows mlx-lm sorts:
             return moe_output(self, moe_combine(sw(x, inds), scores, shared))  # stock experts, fused combine
         down, packing = weights_of(sw.down_proj)
-        y = downproj_combine(_hidden(sw, x, inds), inds, scores, *down, shared, **packing)
+        args = (_hidden(sw, x, inds), inds, scores, *down, shared)
+        y = module_calls.call(
+            self, downproj_combine, args, packing, (0, 1, 2) if shared is None else (0, 1, 2, 6)
+        )
         return moe_output(self, y)
 
     return __call__

@@ -64,8 +64,10 @@ FALLBACK_BACKENDS = ("cpu", "cuda")
 # each step (benchmarks/gpu/profile_host.py --ab tail times one against the other). Off: the
 # default preset's first ledger line with it on (bc9385fb75, dd92baa) ran 141 more kernels a
 # token (3 a layer, as many as the tail's matmuls) and issued 4 ms slower than the last one
-# without it (aa96ba9e27, f868a18), where it was predicted to add none and save 0.1-0.3 ms;
-# on again only if the A/B says otherwise (NOTEBOOK, 2026-12-01, thirteenth session).
+# without it (aa96ba9e27, f868a18), where it was predicted to add none and save 0.1-0.3 ms.
+# MLX's source says why: in a shapeless trace matmul broadcasts both operands, which gives the
+# M = 1 row a zero stride, and the CUDA Matmul copies such an operand (NOTEBOOK, 2026-12-01,
+# thirteenth session).
 COMPILE_TAIL = False
 
 

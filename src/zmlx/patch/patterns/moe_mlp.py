@@ -3,7 +3,8 @@
 Patches `SwitchGLU.__call__`: for a decode step (one token per sequence) the fused
 `moe_mlp` kernel replaces the two gathered matmuls and the activation; the down
 projection stays mlx-lm's. Prompts, and decode steps of so many sequences that mlx-lm
-sorts the rows by expert (MLX_LM_SORT_ROWS), take mlx-lm's own path. Off by default
+sorts the rows by expert (MLX_LM_SORT_ROWS), take mlx-lm's own path. The launch is prepared
+once per module and shapes (zmlx.patch.module_calls). Off by default
 until the ledger shows it faster. gpt-oss's experts (biases, SwigluOAI) take the kernel's
 variant that adds the gate and up biases and applies SwigluOAI as mlx-lm does (down_proj's
 bias stays mlx-lm's add), affine, unquantized or mxfp4 as released (the dot's mxfp4
@@ -20,6 +21,7 @@ from mlx_lm.models.activations import SwigluOAI
 
 from zmlx.kernels.moe_mlp import moe_mlp
 from zmlx.kernels.quant import AFFINE, MLX_LM_SORT_ROWS, MODES, switch_linear_reason, weights_of
+from zmlx.patch import module_calls
 from zmlx.patch.moe import experts_reason, gate_up, kernel_activations
 from zmlx.patch.pattern import Pattern
 
@@ -57,9 +59,10 @@ def make():
         act = self.activation
         if isinstance(act, SwigluOAI):  # gpt-oss
             biases = (self.gate_proj.get("bias"), self.up_proj.get("bias"))
-            h = moe_mlp(x, indices, *gate, *up, *biases, **packing, oai=(act._alpha, act._limit))
+            kw = dict(packing, oai=(act._alpha, act._limit))
+            h = module_calls.call(self, moe_mlp, (x, indices, *gate, *up, *biases), kw, (0, 1))
         else:
-            h = moe_mlp(x, indices, *gate, *up, **packing)
+            h = module_calls.call(self, moe_mlp, (x, indices, *gate, *up), packing, (0, 1))
         return self.down_proj(mx.expand_dims(h, -2), indices).squeeze(-2)
 
     return __call__

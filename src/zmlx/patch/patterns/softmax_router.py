@@ -17,7 +17,7 @@ ascending sort, in that order, as Qwen3-MoE's; Mixtral's the first k of the sort
 from __future__ import annotations
 
 from zmlx.kernels.softmax_router import shape_reason, softmax_router, topk_last_of
-from zmlx.patch import softmax_moe
+from zmlx.patch import module_calls, softmax_moe
 from zmlx.patch.pattern import Pattern
 
 # (softmax_first, topk_last) -> the block's name, the attributes its stock __call__ reads (the
@@ -57,7 +57,7 @@ def check(block, params) -> str | None:
 
 def route(block, gates, kind):
     """softmax_router's piece of the block (zmlx.patch.softmax_moe): the routing in one launch."""
-    return softmax_router(gates, **softmax_moe.routing(block, kind))
+    return module_calls.call(block, softmax_router, (gates,), softmax_moe.routing(block, kind), (0,))
 
 
 PATTERN = Pattern(
