@@ -147,6 +147,16 @@ def test_on_the_calm_model_it_is_as_near_the_float32_model_as_stock_on_the_cpu()
 # ---------------------------------------------------------------- composition with moe_block
 
 
+def _run_both(model, patterns):
+    """(PatchResult, greedy logits, each block pattern's plans read before unpatching)."""
+    result = zmlx.patch(model, patterns=patterns)
+    try:
+        logits = greedy_logits(model, PROMPT, 4)
+        return result, logits, {b: block_plans(model, b) for b in (mla_block, moe_block)}
+    finally:
+        zmlx.unpatch(model)
+
+
 def test_with_moe_block_each_half_runs_its_launches(tiny_q4):
     """Both on: the attention half is mla_block's (so the logits are those of mla_block alone)
     and the MoE half moe_block's, bitwise stock's MoE on the CPU; each alone; neither."""
@@ -156,15 +166,14 @@ def test_with_moe_block_each_half_runs_its_launches(tiny_q4):
     assert "moe_block" not in result.patterns and all(plans)
     assert block_plans(model, moe_block) == [{}] * model.args.num_hidden_layers
 
-    result, both, plans = patched_run(mla_block, model, PROMPT, 4, ["moe_block", "mla_block"])
+    result, both, plans = _run_both(model, ["moe_block", "mla_block"])
     layers = [f"model.layers.{i}" for i in range(model.args.num_hidden_layers)]
     assert result.patterns["moe_block"].patched == result.patterns["mla_block"].patched == layers
     assert same(both, attention_only)  # moe_block's half is bitwise mlx-lm's MoE here
-    assert all(plans) and all(block_plans(model, moe_block))
+    assert all(plans[mla_block]) and all(plans[moe_block])
 
-    mla_block._BLOCKS.clear()
-    _, moe_only, _ = patched_run(mla_block, model, PROMPT, 4, ["moe_block"])
-    assert same(moe_only, stock) and block_plans(model, mla_block) == [{}] * model.args.num_hidden_layers
+    _, moe_only, plans = _run_both(model, ["moe_block"])
+    assert same(moe_only, stock) and plans[mla_block] == [{}] * model.args.num_hidden_layers
     result, neither, _ = patched_run(mla_block, model, PROMPT, 4, [])
     assert not result.patterns and same(neither, stock)
 
@@ -306,14 +315,16 @@ def test_each_layer_prepares_once_per_shape_and_again_for_new_weights(fresh_q4, 
     real = mla_block._build
     monkeypatch.setattr(mla_block, "_build", lambda *a: built.append(1) or real(*a))
     layers = model.args.num_hidden_layers
+    attn = model.model.layers[2].self_attn
+    scales = attn.q_b_proj.scales
+    attn.q_b_proj.scales = mx.array(scales * 2)
+    stock = greedy_logits(model, PROMPT, 3)  # with the new weights (unpatched: unpatch forgets)
+    attn.q_b_proj.scales = scales
     zmlx.patch(model, patterns=["mla_block"])
     try:
         greedy_logits(model, PROMPT, 4)
         assert len(built) == layers
-        attn = model.model.layers[2].self_attn
-        attn.q_b_proj.scales = mx.array(attn.q_b_proj.scales * 2)
-        stock = zmlx.unpatch(model) and greedy_logits(model, PROMPT, 3)  # with the new weights
-        zmlx.patch(model, patterns=["mla_block"])
+        attn.q_b_proj.scales = mx.array(scales * 2)
         patched = _steps(model, PROMPT, _greedy_tokens(stock))
         assert len(built) == layers + 1  # only that layer, again
     finally:

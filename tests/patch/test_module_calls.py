@@ -34,14 +34,6 @@ def counted(monkeypatch):
     module_calls._CALLS.clear()
 
 
-def _decode(model, steps: int, patterns=MODULES):
-    zmlx.patch(model, patterns=patterns)
-    try:
-        return greedy_logits(model, PROMPT, steps)
-    finally:
-        zmlx.unpatch(model)
-
-
 def _names(module) -> set[str]:
     return {key[0].name for key in module_calls.prepared(module)}
 
@@ -50,20 +42,24 @@ def _names(module) -> set[str]:
 def test_each_call_is_prepared_once_and_the_values_are_stock(family, counted):
     model = build(family)
     stock = greedy_logits(model, PROMPT, 5)
-    patched = _decode(model, 5)
-    assert same(stock, patched)
     moe_layers = [
         layer.mlp for layer in model.model.layers if "router" in layer.mlp or "switch_mlp" in layer.mlp
     ]
+    block = moe_layers[0]
+    experts = block["experts"] if family == "gpt_oss" else block["switch_mlp"]
+    zmlx.patch(model, patterns=MODULES)
+    try:
+        patched = greedy_logits(model, PROMPT, 5)
+        names = _names(block), _names(experts)  # before unpatch, which lets them go
+    finally:
+        zmlx.unpatch(model)
+    assert same(stock, patched)
     # one launch a kernel and module: the decode steps' (one shape); prompts take mlx-lm's path
     # in moe_mlp and downproj_combine, the routing's prompt shape is prepared once more
     per_layer = {"qwen3_moe": 4, "gpt_oss": 3}[family]
     assert counted[0] == per_layer * len(moe_layers)
-    block = moe_layers[0]
-    experts = block["experts"] if family == "gpt_oss" else block["switch_mlp"]
-    assert _names(experts) == {"moe_mlp"}
     want = {"softmax_router"} | ({"downproj_combine"} if family == "qwen3_moe" else set())
-    assert _names(block) == want
+    assert names == (want, {"moe_mlp"})
 
 
 def test_new_weights_are_prepared_again_and_used(counted):
@@ -112,3 +108,19 @@ def test_the_prepared_calls_die_with_their_module():
     del owner
     gc.collect()
     assert key not in module_calls._CALLS
+
+
+def test_unpatch_drops_what_was_prepared_for_the_model():
+    """The prepared calls and blocks hold the model's weights: unpatch lets them go, so that
+    weights loaded into the model afterwards do not leave the old ones alive."""
+    from zmlx.patch.patterns import moe_block
+
+    model = build("qwen3_moe")  # moe_block takes its dense layer, the module patterns the rest
+    zmlx.patch(model, patterns=[*MODULES, "moe_block"])
+    try:
+        greedy_logits(model, PROMPT, 3)
+        ids = {id(m) for _, m in model.named_modules()}
+        assert ids & set(module_calls._CALLS) and ids & set(moe_block._BLOCKS)
+    finally:
+        zmlx.unpatch(model)
+    assert not ids & set(module_calls._CALLS) and not ids & set(moe_block._BLOCKS)

@@ -12,6 +12,7 @@ import pytest
 from block_helpers import patched_run, same
 from test_family_exactness import APPLIES, _check_bitwise, build
 
+import zmlx
 from zmlx import synth
 from zmlx.families import FAMILIES
 from zmlx.fidelity import greedy_logits
@@ -119,15 +120,18 @@ def test_a_new_gate_is_prepared_again(family, gate):
     """The prepared block holds the gate module's arrays: quantizing the gate after a decode
     step prepares the layer again, and the output is the new gate's (stock's, bitwise)."""
     model = build(family, quant="float32")
-    patched_run(moe_block, model, _prompt(1), 2)
     layer = model.model.layers[MOE_LAYER[family]]
-    nn.quantize(layer.mlp, group_size=64, bits=8, class_predicate=lambda p, m: p == gate)
-    assert isinstance(layer.mlp[gate], nn.QuantizedLinear)
-    stock = greedy_logits(model, _prompt(1), 2)
-    _, patched, _ = patched_run(moe_block, model, _prompt(1), 2)
-    assert same(stock, patched)
-    entries = moe_block._BLOCKS[id(layer)][1]
-    assert entries and all(w[0][1] is layer.mlp[gate]["weight"] for w in entries.values())
+    zmlx.patch(model, patterns=["moe_block"])
+    try:
+        greedy_logits(model, _prompt(1), 2)
+        nn.quantize(layer.mlp, group_size=64, bits=8, class_predicate=lambda p, m: p == gate)
+        assert isinstance(layer.mlp[gate], nn.QuantizedLinear)
+        patched = greedy_logits(model, _prompt(1), 2)
+        entries = moe_block._BLOCKS[id(layer)][1]  # before unpatch, which lets them go
+        assert entries and all(w[0][1] is layer.mlp[gate]["weight"] for w in entries.values())
+    finally:
+        zmlx.unpatch(model)
+    assert same(greedy_logits(model, _prompt(1), 2), patched)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

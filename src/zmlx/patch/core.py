@@ -32,6 +32,7 @@ from zmlx.config import (
     parse_selection,
 )
 from zmlx.families import FAMILIES, UNSUPPORTED, Family, family_of
+from zmlx.patch.layer import forget
 from zmlx.patch.patterns import PATTERNS
 from zmlx.patch.result import PatchResult, PatternReport
 
@@ -361,6 +362,7 @@ def unpatch(model):
         return model
     for _, module, original in state.swapped:
         module.__class__ = original
+    forget(m for _, m in model.named_modules())  # what the patterns prepared holds its weights
     object.__delattr__(model, _STATE)
     object.__delattr__(model, RESULT_ATTR)
     _distributed.release(model)

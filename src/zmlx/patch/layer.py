@@ -70,7 +70,31 @@ def _make(attention: Callable, moe: Callable, routing: Routing):
     return __call__
 
 
-def blocks_of(registry: dict[int, tuple[weakref.ref, dict]], layer) -> dict[Any, Any]:
+Registry = dict[int, tuple[weakref.ref, dict]]
+# Every registry of prepared launches (the block patterns', zmlx.patch.module_calls'): unpatch
+# drops a model's entries from each (`forget`), so that nothing prepared keeps holding its
+# weights once it is unpatched (new weights loaded into it after would leave the old alive).
+_REGISTRIES: list[Registry] = []
+
+
+def registry() -> Registry:
+    """A new registry of prepared launches, id(module) -> (weak reference, dict), that
+    `forget` knows of."""
+    out: Registry = {}
+    _REGISTRIES.append(out)
+    return out
+
+
+def forget(modules) -> None:
+    """Drop whatever any registry prepared for these modules."""
+    for module in modules:
+        for reg in _REGISTRIES:
+            entry = reg.get(id(module))
+            if entry is not None and entry[0]() is module:
+                del reg[id(module)]
+
+
+def blocks_of(registry: Registry, layer) -> dict[Any, Any]:
     """The dict of what a pattern prepared for `layer`, kept in the pattern's `registry`
     (id(layer) -> (weak reference, dict)) and dropped when the layer is gone: it holds the
     layer's weights, so it must not outlive the model."""

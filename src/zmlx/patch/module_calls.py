@@ -15,16 +15,16 @@ weights, so they live outside the module and die with it (zmlx.patch.layer.block
 from __future__ import annotations
 
 import operator
-import weakref
 from typing import Any, Mapping, Sequence
 
 from zmlx import backend as _backend
 from zmlx.kernels.core import KernelDef
 from zmlx.kernels.prepared import prepare
 from zmlx.patch.layer import blocks_of
+from zmlx.patch.layer import registry as layer_registry
 
 # id(module) -> (a weak reference to it, {call key: (fixed arguments, prepared call)})
-_CALLS: dict[int, tuple[weakref.ref, dict]] = {}
+_CALLS = layer_registry()
 
 
 def call(module, kernel: KernelDef, args: Sequence, kwargs: Mapping[str, Any], live: Sequence[int]) -> Any:

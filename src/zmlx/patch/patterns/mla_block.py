@@ -35,8 +35,6 @@ Layer checks, regime, prepared first launches and the blocks' store: zmlx.patch.
 
 from __future__ import annotations
 
-import weakref
-
 import mlx.core as mx
 
 from zmlx.kernels.core import KernelDef, Skip
@@ -49,6 +47,7 @@ from zmlx.kernels.quant import weights_of
 from zmlx.patch import mla_layer
 from zmlx.patch.attention import mla_reason
 from zmlx.patch.layer import make
+from zmlx.patch.layer import registry as layer_registry
 from zmlx.patch.mla_layer import QPrep, Stock, ready
 from zmlx.patch.pattern import Pattern
 
@@ -138,7 +137,7 @@ def _build(layer, x, backend) -> _Attention | str:
 
 
 # id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
-_BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
+_BLOCKS = layer_registry()
 
 
 def decode_plan(layer) -> dict[tuple, str]:

@@ -29,8 +29,6 @@ and to mla_attention, whose attention kernels it would bypass. residual_norm yie
 
 from __future__ import annotations
 
-import weakref
-
 import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention
 
@@ -41,6 +39,7 @@ from zmlx.kernels.prepared import Prepared
 from zmlx.patch import mla_layer
 from zmlx.patch.attention import mla_rope_reason
 from zmlx.patch.layer import make
+from zmlx.patch.layer import registry as layer_registry
 from zmlx.patch.mla_layer import QPrep, Stock
 from zmlx.patch.pattern import Pattern
 
@@ -159,7 +158,7 @@ def _build(layer, x, backend) -> _Prologue | str:
 
 
 # id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
-_BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
+_BLOCKS = layer_registry()
 
 
 def decode_plan(layer) -> dict[tuple, str]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,6 +49,7 @@ from zmlx.kernels.softmax_router import softmax_router
 from zmlx.kernels.swiglu_mlp import swiglu_mlp
 from zmlx.patch import softmax_layer, softmax_moe
 from zmlx.patch.layer import Routing, blocks_of, make, stock_moe
+from zmlx.patch.layer import registry as layer_registry
 from zmlx.patch.moe import experts_reason, router_reason
 from zmlx.patch.pattern import Pattern
 
@@ -256,7 +256,7 @@ def _build(layer, x, r, routing: Routing, backend) -> _MoE | softmax_layer.Block
 
 
 # id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
-_BLOCKS: dict[int, tuple[weakref.ref, dict]] = {}
+_BLOCKS = layer_registry()
 
 
 def _block(layer, x, r, routing: Routing):
