@@ -12,7 +12,7 @@ cache))`, where a half no pattern supplies is that code, through the layer's own
 registry makes one function with both halves (zmlx.patch.core), so each pattern keeps its
 own flag, fidelity and report, and unpatching restores mlx-lm's class. Prompts run mlx-lm's
 own layer. Prepared launches live outside the modules, per layer (`blocks_of`), and die
-with it.
+with it or when the model is unpatched (`forget`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ dtypes) and again when a fixed argument (a weight, its scales) is no longer the 
 then it hands the live arrays to the built kernel. It computes what `kernel(*args, **kwargs)`
 computes: the kernel where it runs and its launch takes the shapes, else the reference (a
 launch that skips, the CPU, a kernel that failed its self-check). The prepared calls hold the
-weights, so they live outside the module and die with it (zmlx.patch.layer.blocks_of).
+weights, so they live outside the module and die with it, or when the model is unpatched
+(zmlx.patch.layer.blocks_of, forget).
 """
 
 from __future__ import annotations
