@@ -80,7 +80,6 @@ SKIPS: dict[str, dict[str, set[str]]] = {
     "qwen3_moe": {
         "moe_router": {_SOFTMAX},
         "moe_combine": {_BLOCK_ROUTES},
-        "moe_block": {"softmax-routed MoE layers wait for their cuda test"},  # the dense one is patched
         "residual_norm": {"the model loop passes a 'causal' mask"},
         **{p: {_GQA} for p in _MLA_ONLY},
     },
@@ -96,7 +95,6 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "moe_router": {_SOFTMAX},
         "moe_combine": {_BLOCK_ROUTES},
         "downproj_combine": {"the experts have biases and SwigluOAI"},
-        "moe_block": {"softmax-routed MoE layers wait for their cuda test"},
         "swiglu_mlp": {"no dense MLP"},
         "residual_norm": {"a full or a sliding-window mask by its type"},
         **{p: {"GQA attention with sinks and sliding windows, not MLA"} for p in _MLA_ONLY},

@@ -228,7 +228,7 @@ APPLIES = {
     "glm4_moe": {"moe_router", "moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
     "qwen3_moe": {"moe_mlp", "swiglu_mlp", "moe_block", "softmax_router", "downproj_combine"},
     "mixtral": {"moe_mlp", "softmax_router", "downproj_combine"},
-    "gpt_oss": {"softmax_router", "moe_mlp"},
+    "gpt_oss": {"softmax_router", "moe_mlp", "moe_block"},
 }
 APPLIES["kimi_k25"] = APPLIES["deepseek_v3"]
 APPLIES["glm_moe_dsa"] = APPLIES["deepseek_v32"]

@@ -48,8 +48,8 @@ def _paths(plans, batch: int) -> list[str]:
 
 @pytest.fixture
 def softmax_layers(monkeypatch):
-    """moe_block takes the softmax-routed layers (off by default until this file's cuda
-    tests run on a GPU), and the family tests' APPLIES says so."""
+    """moe_block takes the softmax-routed layers (its switch, on by default, forced on here so
+    that this file checks the block whatever the default), and the family tests' APPLIES says so."""
     monkeypatch.setattr(moe_block, "SOFTMAX_LAYERS", True)
     monkeypatch.setitem(APPLIES, "gpt_oss", APPLIES["gpt_oss"] | {"moe_block"})
 

@@ -53,11 +53,11 @@ from zmlx.patch.layer import registry as layer_registry
 from zmlx.patch.moe import experts_reason, router_reason
 from zmlx.patch.pattern import Pattern
 
-# The softmax-routed MoE layers (Qwen3-MoE's, gpt-oss's) take the block once its cuda test
-# (tests/patch/test_moe_block_softmax.py, and the family's preset test) has run bitwise on a
-# GPU: each launch is a kernel already bitwise there, the composition is not yet. Until then
-# their check says so and the family's module patterns run them (switch_checks.sh runs it).
-SOFTMAX_LAYERS = False
+# The softmax-routed MoE layers (Qwen3-MoE's, gpt-oss's) take the block since its cuda test
+# (tests/patch/test_moe_block_softmax.py, and the family's preset test) ran bitwise on the
+# H200 (switch_checks.sh softmax-layers). Off, their check says so and the family's module
+# patterns run them.
+SOFTMAX_LAYERS = True
 
 
 def _mlp_reason(name: str, mlp) -> str | None:
