@@ -118,6 +118,7 @@ FAMILIES: dict[str, Family] = {
         # yielding to it.
         # mla_attention (ACCURATE with the expert kernels: 635fee972e) is not in it: mla_block runs the
         # attention half at decode, and the measured set did not hold it.
+        skips={"gqa_prologue": "MLA attention (mla_prologue fuses its first launches)"},
         fast_on={
             "cpu": {"mla_attention": "e9fba61980"},
             "cuda": {"mla_block": "b6e4c5fa57", "compiled_decode": "b6e4c5fa57"},
@@ -138,6 +139,7 @@ FAMILIES: dict[str, Family] = {
 # deepseek_v32, GLM-5 built from it, and glm4_moe).
 _NO_EPS: Mapping[str, Any] = {"renorm_eps": None}
 _GQA = "GQA attention, not MLA (the attention patterns fuse MLA's latent attention)"
+_NOT_QWEN3_GQA = "gqa_prologue takes Qwen3-MoE's attention (per-head q/k norms, full-width RoPE, no biases)"
 # the patterns of MLA attention (and its latent cache), which the other families skip
 _MLA_PATTERNS = (
     "glm47_rope",
@@ -197,7 +199,11 @@ def _deepseek(model_type: str, module: str, prefix: str, model_module: str | Non
         targets=targets,
         preset=("moe_router", "moe_combine"),
         presets_on={"cuda": cuda},
-        skips={"softmax_router": _SIGMOID, **({"residual_norm": _DSA_LOOP} if dsa else {})},
+        skips={
+            "softmax_router": _SIGMOID,
+            "gqa_prologue": "MLA attention (mla_prologue fuses its first launches)",
+            **({"residual_norm": _DSA_LOOP} if dsa else {}),
+        },
     )
 
 
@@ -256,6 +262,7 @@ FAMILIES.update(
                 **{p: _GQA for p in _MLA_PATTERNS},
                 "residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array",
                 "softmax_router": _SIGMOID,
+                "gqa_prologue": _NOT_QWEN3_GQA,
             },
         ),
         "qwen3_moe": _softmax_moe(
@@ -272,9 +279,12 @@ FAMILIES.update(
                 # the dense layers, and the MoE layers with mlx-lm's gate module between its
                 # residual_norm and softmax_router launches
                 "moe_block": Target("Qwen3MoeDecoderLayer", {"softmax_first": True}),
+                # the attention half's first eight launches in two at decode, bitwise stock
+                # on the H200 (tests/patch/test_gqa_prologue.py's cuda tests): in the CUDA preset
+                "gqa_prologue": Target("Qwen3MoeDecoderLayer"),
             },
             {"residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array"},
-            cuda_extra=("moe_block", "downproj_combine"),
+            cuda_extra=("moe_block", "downproj_combine", "gqa_prologue"),
         ),
         "mixtral": _softmax_moe(
             "mixtral",
@@ -290,6 +300,7 @@ FAMILIES.update(
                 "swiglu_mlp": "no dense MLP (every layer is MoE, no shared expert)",
                 "moe_block": "the decoder layer calls block_sparse_moe, a softmax top-2 router in the block",
                 "residual_norm": "the decoder layer calls block_sparse_moe, not mlp",
+                "gqa_prologue": _NOT_QWEN3_GQA,
             },
         ),
     }
@@ -322,6 +333,7 @@ FAMILIES["gpt_oss"] = Family(
         "downproj_combine": _OSS_EXPERTS,
         "swiglu_mlp": "no dense MLP (every layer's MLPBlock is MoE, no shared expert)",
         "residual_norm": "the model loop passes each layer a full or a sliding-window mask by its type",
+        "gqa_prologue": _NOT_QWEN3_GQA,
         **{p: _OSS_ATTENTION for p in _MLA_PATTERNS},
     },
 )

@@ -31,6 +31,8 @@ from zmlx.kernels.norm_qkv_a import inputs as norm_qkv_a_inputs
 from zmlx.kernels.norm_qkv_a import norm_qkv_a
 from zmlx.kernels.norm_router import inputs as norm_router_inputs
 from zmlx.kernels.norm_router import norm_router, norm_router_gates
+from zmlx.kernels.qk_norm_rope import inputs as qk_norm_rope_inputs
+from zmlx.kernels.qk_norm_rope import qk_norm_rope
 from zmlx.kernels.residual_norm import residual_norm
 from zmlx.kernels.softmax_router import softmax_router
 from zmlx.kernels.swiglu_mlp import quantized_linear, swiglu_mlp
@@ -145,6 +147,14 @@ def _cases():
     yield from _mla_q_prep_cases()
     yield from _norm_qkv_a_cases()
     yield from _softmax_router_cases()
+    yield from _qk_norm_rope_cases()
+
+
+def _qk_norm_rope_cases():  # Qwen3-MoE's heads (32 over 4 of 128) and odd ones, every dtype
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
+        for b, h, hk, d in ((1, 32, 4, 128), (1, 5, 3, 64), (1, 3, 1, 6), (2, 7, 7, 256)):
+            args, kw = qk_norm_rope_inputs(b, h, hk, d, dtype, 1)
+            yield qk_norm_rope, args, kw
 
 
 def _softmax_router_cases():  # Qwen3-MoE (128 experts, top-8, renormalized) and Mixtral (top-2 of 8); odd

@@ -226,7 +226,7 @@ APPLIES = {
     },
     "deepseek_v32": {"moe_router", "moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
     "glm4_moe": {"moe_router", "moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
-    "qwen3_moe": {"moe_mlp", "swiglu_mlp", "moe_block", "softmax_router", "downproj_combine"},
+    "qwen3_moe": {"moe_mlp", "swiglu_mlp", "moe_block", "softmax_router", "downproj_combine", "gqa_prologue"},
     "mixtral": {"moe_mlp", "softmax_router", "downproj_combine"},
     "gpt_oss": {"softmax_router", "moe_mlp", "moe_block"},
 }

@@ -98,8 +98,8 @@ def test_result_is_returned_and_attached(model):
 
 
 def test_unknown_pattern_name_lists_valid_ones(model):
-    valid = "compiled_decode, downproj_combine, glm47_rope, mla_attention, mla_block, mla_kv_quant"
-    valid += ", mla_prologue, moe_block"
+    valid = "compiled_decode, downproj_combine, glm47_rope, gqa_prologue, mla_attention, mla_block"
+    valid += ", mla_kv_quant, mla_prologue, moe_block"
     valid += ", moe_combine, moe_mlp, moe_router"
     valid += ", residual_norm, softmax_router"
     with pytest.raises(ConfigError, match=f"nope.*valid: {valid}"):

@@ -3,12 +3,13 @@ where two patterns replace the same method: the earlier one wins (downproj_combi
 before moe_combine, mla_attention before glm47_rope before mla_kv_quant), unless both supply a part of it
 (Pattern.part: moe_block and mla_block or mla_prologue, the decoder layer's two halves); and a
 pattern that yields to another (Pattern.yields_to: residual_norm to moe_block, mla_block and
-mla_prologue; mla_prologue to mla_block and mla_attention) comes after it."""
+mla_prologue and gqa_prologue; mla_prologue to mla_block and mla_attention) comes after it."""
 
 from zmlx.patch.patterns import (
     compiled_decode,
     downproj_combine,
     glm47_rope,
+    gqa_prologue,
     mla_attention,
     mla_block,
     mla_kv_quant,
@@ -35,6 +36,7 @@ PATTERNS = {
         swiglu_mlp.PATTERN,
         mla_attention.PATTERN,
         mla_prologue.PATTERN,
+        gqa_prologue.PATTERN,
         residual_norm.PATTERN,
         glm47_rope.PATTERN,
         mla_kv_quant.PATTERN,

@@ -66,5 +66,5 @@ PATTERN = Pattern(
     kernels=(residual_norm,),
     check=check,
     make=make,
-    yields_to=("moe_block", "mla_block", "mla_prologue"),
+    yields_to=("moe_block", "mla_block", "mla_prologue", "gqa_prologue"),
 )

@@ -1,0 +1,130 @@
+"""qk_norm_rope: the per-head RMSNorms of the queries and keys and their RoPE, in one launch
+(decode; the second launch of gqa_prologue).
+
+Stock, per attention layer and decoded token (mlx-lm `qwen3_moe`'s `Attention`, after its
+q, k and v projections):
+
+    q = q_norm(q.reshape(B, 1, H, D)).transpose(0, 2, 1, 3)     # mx.fast.rms_norm per head
+    k = k_norm(k.reshape(B, 1, HK, D)).transpose(0, 2, 1, 3)
+    q, k = rope(q, offset), rope(k, offset)                     # nn.RoPE(D, traditional=False)
+
+four launches. Here one reads q and the keys at the start of the fused k|v projection's row
+(gqa_prologue's first launch writes [k | v]) and writes the rotated q (B, H, 1, D) and k
+(B, HK, 1, D), bitwise what those four give on CUDA:
+- each head's norm in MLX's rms_norm order (residual_norm's geometry and reduction), the
+  output rounded to T as stock writes it;
+- the rotation of pair (i, i + D/2) by the position's (cos, sin) from glm47_rope's table,
+  made by `mx.fast.rope` itself: the frequencies and angle of pair i do not depend on the
+  pairing (MLX's kernels compute theta from i alone, traditional or not), so the traditional
+  table holds this rope's values too; the rotation rounded as MLX's kernel is compiled
+  (csrc/glm47_rope.h's ZMLX_ROPE_X1/X2), then to T.
+The position reaches the kernel as the table's row (a view): no recompile per token.
+On Metal the same body (close: MLX's Metal rope and norm are not followed there).
+
+Device code: csrc/qk_norm_rope_body.h; csrc/residual_norm.h (the reduction) and
+csrc/glm47_rope.h (the rotation) as its header.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
+from zmlx.kernels.glm47_rope import rope_table
+from zmlx.kernels.residual_norm import geometry
+
+_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+
+def reference(q, kv, q_norm_w, k_norm_w, table, offset, *, heads, kv_heads, eps_q, eps_k, base, rope_scale):
+    """mlx-lm's ops. q (B, 1, heads * D), kv (B, 1, >= kv_heads * D) whose first kv_heads * D
+    values are the keys, the norms' weights (D,); offset: the cache position (an int, or an
+    int32 scalar array). -> (q (B, heads, 1, D), k (B, kv_heads, 1, D)). `table` is the
+    kernel's (rope_table); the reference does not need it."""
+    b, n, _ = q.shape
+    d = q_norm_w.shape[0]
+    q = mx.fast.rms_norm(q.reshape(b, n, heads, d), q_norm_w, eps_q).transpose(0, 2, 1, 3)
+    k = kv[..., : kv_heads * d].reshape(b, n, kv_heads, d)
+    k = mx.fast.rms_norm(k, k_norm_w, eps_k).transpose(0, 2, 1, 3)
+    rope = dict(traditional=False, base=base, scale=rope_scale, offset=offset)
+    return mx.fast.rope(q, d, **rope), mx.fast.rope(k, d, **rope)
+
+
+def launch(
+    backend, q, kv, q_norm_w, k_norm_w, table, offset, *, heads, kv_heads, eps_q, eps_k, base, rope_scale
+) -> Launch | Skip:
+    if q.dtype not in _DTYPES or kv.dtype != q.dtype or {q_norm_w.dtype, k_norm_w.dtype} != {q.dtype}:
+        weights = f"{q_norm_w.dtype}, {k_norm_w.dtype}"
+        return Skip(f"q {q.dtype}, kv {kv.dtype}, norm weights {weights} (one float dtype needed)")
+    d = q_norm_w.shape[0] if q_norm_w.ndim == 1 else 0
+    if d == 0 or k_norm_w.shape != (d,) or d % 2:
+        return Skip(f"norm weights {q_norm_w.shape}, {k_norm_w.shape}: one even head width needed")
+    if q.ndim != 3 or kv.ndim != 3 or q.shape[1] != 1 or kv.shape[:2] != q.shape[:2]:
+        return Skip(f"q {q.shape}, kv {kv.shape}: one token per sequence (decode) only")
+    if q.shape[-1] != heads * d or kv.shape[-1] < kv_heads * d or heads < 1 or kv_heads < 1:
+        return Skip(f"q {q.shape}, kv {kv.shape} are not {heads} and {kv_heads} heads of {d}")
+    if not isinstance(offset, int) or offset < 0:
+        return Skip(f"offset {offset!r}: one int position for the batch needed")
+    if table.dtype != mx.float32 or table.ndim != 2 or table.shape[1] != d or table.shape[0] <= offset:
+        return Skip(f"table {table.shape} {table.dtype} does not cover position {offset}")
+    geo = geometry(backend, d, q.dtype.size)
+    if isinstance(geo, Skip):
+        return geo
+    block, chunks, nr = geo
+    if chunks * nr > 64:
+        return Skip(f"head of {d} needs {chunks * nr} values per thread")
+    threads = max(block, 32 * -(-(d // 2) // 32))
+    if threads > 1024:
+        return Skip(f"head of {d} needs {threads} threads")
+    b = q.shape[0]
+    groups = b * (heads + kv_heads)
+    return Launch(
+        inputs=[q, kv, q_norm_w, k_norm_w, table[offset : offset + 1]],  # the position's row: a view
+        template=[
+            ("T", q.dtype),
+            ("H", heads),
+            ("HK", kv_heads),
+            ("D", d),
+            ("KVW", kv.shape[-1]),
+            ("BLOCK", block),
+            ("CHUNKS", chunks),
+            ("NR", nr),
+            ("EPS_Q_BITS", float_bits(eps_q)),
+            ("EPS_K_BITS", float_bits(eps_k)),
+        ],
+        grid=(groups * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(b, heads, 1, d), (b, kv_heads, 1, d)],
+        output_dtypes=[q.dtype, q.dtype],
+    )
+
+
+def inputs(b, heads, kv_heads, d, dtype, seed, *, offset=257, base=1_000_000.0, eps=1e-6):
+    """Random (q, kv, q_norm_w, k_norm_w, table, offset) and kwargs: kv holds keys then values."""
+    keys = mx.random.split(mx.random.key(seed), 4)
+    q = mx.random.normal((b, 1, heads * d), key=keys[0]).astype(dtype)
+    kv = mx.random.normal((b, 1, 2 * kv_heads * d), key=keys[1]).astype(dtype)
+    qn = (1 + 0.1 * mx.random.normal((d,), key=keys[2])).astype(dtype)
+    kn = (1 + 0.1 * mx.random.normal((d,), key=keys[3])).astype(dtype)
+    kw = dict(heads=heads, kv_heads=kv_heads, eps_q=eps, eps_k=eps, base=base, rope_scale=1.0)
+    return (q, kv, qn, kn, rope_table(d, base, 1.0, offset + 1), offset), kw
+
+
+def example():
+    # Qwen3-MoE's head width (128, base 1e6) with fewer heads: 5 query heads over 3 key heads
+    return inputs(1, 5, 3, 128, mx.bfloat16, 61)
+
+
+qk_norm_rope = KernelDef(
+    name="qk_norm_rope",
+    reference=reference,
+    fidelity="close",
+    exact_on=("cuda",),  # bitwise stock's rms_norm and rope where launch() takes the call
+    tolerance=2**-3,  # the self-check only: a few roundings of T, far below a layout error
+    body=device_code("qk_norm_rope_body.h"),
+    header=device_code("residual_norm.h", "glm47_rope.h"),
+    input_names=("q", "kv", "q_norm_w", "k_norm_w", "cs"),
+    output_names=("q_out", "k_out"),
+    launch=launch,
+    example=example,
+)

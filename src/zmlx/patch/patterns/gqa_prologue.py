@@ -1,0 +1,165 @@
+"""gqa_prologue: the attention half of a Qwen3-MoE decoder layer at decode with its first eight
+stock launches fused into two, every value stock's (close; exact on CUDA and the CPU).
+
+Patches the decoder layer (`Qwen3MoeDecoderLayer`) as the attention half of zmlx.patch.layer's
+shared `__call__`, like mla_prologue (moe_block supplies the MoE half; on a layer both patch,
+the two halves run together). A decode step with mlx-lm's plain `KVCache` and no mask runs
+
+    norm_qkv_a     input_layernorm + q_proj + [k_proj | v_proj], one pass over the row (the
+                   k and v projections' packed rows side by side, one matrix made at patch
+                   time: each row's dot is the same whichever matrix holds it)
+    qk_norm_rope   q_norm and k_norm per head + the rope of both at the cache position
+
+and then mlx-lm's own ops in mlx-lm's order: the values' reshape, the cache update,
+scaled_dot_product_attention, the heads' merge and o_proj (the residual add is the MoE
+half's). Stock runs those eight as input_layernorm, three matvecs, two norms and two ropes.
+Both launches are bitwise stock on CUDA (MLX's rms_norm, qmv/gemv and rope orders, one
+sequence; more take mlx-lm's attention) and run their references, stock's op sequence, on
+the CPU; on Metal their dots are float32 sums (close). Launches are prepared as
+mla_prologue's (zmlx.patch.mla_layer's store, regime and report, which are not MLA's own).
+Prompts, masked steps, other caches and layers whose launches skip (why: `decode_plan`) run
+mlx-lm's attention.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from zmlx.distributed import sharded_linear_reason
+from zmlx.kernels.glm47_rope import rope_table
+from zmlx.kernels.norm_qkv_a import norm_qkv_a
+from zmlx.kernels.prepared import Prepared, prepare
+from zmlx.kernels.qk_norm_rope import qk_norm_rope
+from zmlx.kernels.quant import linear_reason, weights_of
+from zmlx.patch import mla_layer
+from zmlx.patch.layer import make
+from zmlx.patch.layer import registry as layer_registry
+from zmlx.patch.mla_layer import QPrep, Stock, ready
+from zmlx.patch.pattern import Pattern
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def check(layer, params) -> str | None:
+    for attr in ("self_attn", "input_layernorm"):
+        if not hasattr(layer, attr):
+            return f"decoder layer has no {attr}"
+    if type(layer.input_layernorm) is not nn.RMSNorm:
+        return f"input_layernorm is a {type(layer.input_layernorm).__name__}"
+    attn = layer.self_attn
+    for attr in (*_PROJECTIONS, "o_proj", "q_norm", "k_norm", "rope", "n_heads", "n_kv_heads"):
+        if not hasattr(attn, attr):
+            return f"attention has no {attr} (not Qwen3's grouped-query attention)"
+    for name in ("q_norm", "k_norm"):
+        if type(attn[name]) is not nn.RMSNorm:
+            return f"{name} is a {type(attn[name]).__name__}"
+    rope = attn.rope
+    head_dim = attn.q_norm.weight.shape[0]
+    if type(rope) is not nn.RoPE or rope.traditional or rope.dims != head_dim:
+        return f"rope is a {type(rope).__name__} (only nn.RoPE over the whole head, traditional False)"
+    for name in _PROJECTIONS:
+        p = attn[name]
+        if (why := sharded_linear_reason(name, p) or linear_reason(name, p)) is not None:
+            return why
+    if weights_of(attn.k_proj)[1] != weights_of(attn.v_proj)[1]:
+        return "k_proj and v_proj are quantized differently (their rows cannot share one matrix)"
+    return None
+
+
+def _weights(layer) -> tuple:
+    """Every array the two launches read, and the modules holding them, in a fixed order: a
+    prepared block holds for these objects only (replaced weights are prepared again)."""
+    attn = layer["self_attn"]
+    out = [layer["input_layernorm"]["weight"], attn["q_norm"]["weight"], attn["k_norm"]["weight"]]
+    for name in _PROJECTIONS:
+        p = attn[name]
+        out += (p, p.get("weight"), p.get("scales"), p.get("biases"), p.get("bias"))
+    return tuple(out)
+
+
+class _Prologue:
+    """The prepared launches of one layer for one input shape and dtype."""
+
+    __slots__ = ("qkv", "q_prep", "names", "keys")
+
+    def __init__(self, qkv: Prepared, q_prep: QPrep, keys: int):
+        self.qkv, self.q_prep, self.keys = qkv, q_prep, keys  # keys: the k rows before v's
+        self.names = ((norm_qkv_a.name, qkv.reason), (qk_norm_rope.name, q_prep.call.reason))
+
+    def __call__(self, attn, x, mask, cache):
+        """mlx-lm's qwen3_moe Attention at one token from its normed, roped queries and keys
+        and its values on: the same ops on the same values."""
+        b = x.shape[0]
+        q_a, kv = self.qkv(x)
+        queries, keys = self.q_prep.step(q_a, kv, cache)
+        values = kv[..., self.keys :].reshape(b, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        keys, values = cache.update_and_fetch(keys, values)
+        output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
+        output = output.transpose(0, 2, 1, 3).reshape(b, 1, -1)
+        return attn["o_proj"](output)
+
+
+def _build(layer, x, backend) -> _Prologue | str:
+    """The two launches prepared for x, or why such steps run mlx-lm's code."""
+    attn = layer.self_attn
+    (qw, qkw), (kw_, kkw), (vw, _) = (weights_of(attn[n]) for n in _PROJECTIONS)
+    # k's rows then v's, one matrix (each packed row's dot is independent of the others)
+    kvw = tuple(None if k is None else mx.concatenate([k, v]) for k, v in zip(kw_, vw))
+    mx.eval([a for a in kvw if a is not None])
+    norm = layer.input_layernorm
+    kw = dict(eps=norm.eps, **qkw, kv_group_size=kkw["group_size"], kv_bits=kkw["bits"])
+    try:
+        qkv = ready(prepare(norm_qkv_a, (x, norm["weight"], *qw, *kvw), kw, (0,), backend))
+        q_a, kv = qkv(x)
+        rope = attn.rope
+        head_dim = attn.q_norm.weight.shape[0]
+        table = partial(rope_table, head_dim, rope.base, rope.scale)
+        q_kw = dict(
+            heads=attn.n_heads,
+            kv_heads=attn.n_kv_heads,
+            eps_q=attn.q_norm.eps,
+            eps_k=attn.k_norm.eps,
+            base=rope.base,
+            rope_scale=rope.scale,
+        )
+        q_args = (q_a, kv, attn.q_norm["weight"], attn.k_norm["weight"], table(1), 0)
+        # live: q_a, kv and the position, which the kernel reads as the table's row `cs`
+        q_call = ready(prepare(qk_norm_rope, q_args, q_kw, (0, 1, 5), backend, derived={5: "cs"}))
+    except Stock as why:
+        return str(why)
+    return _Prologue(qkv, QPrep(q_call, table), attn.n_kv_heads * head_dim)
+
+
+# id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
+_BLOCKS = layer_registry()
+
+
+def decode_plan(layer) -> dict[tuple, str]:
+    """What the decode steps this layer has run with gqa_prologue do, per step key (shape,
+    dtype, backend): "kernel: a, b", "reference: a, b (why)", or "mlx-lm (why)"."""
+    return mla_layer.decode_plan(_BLOCKS, layer)
+
+
+def attention_half(layer, x, mask, cache):
+    """The attention half of a decode step: r (before the residual add)."""
+    return mla_layer.attention_half(_BLOCKS, layer, x, mask, cache, _weights, _build)
+
+
+PATTERN = Pattern(
+    name="gqa_prologue",
+    summary=(
+        "decoder layer's grouped-query attention half at decode (Qwen3-MoE): input RMSNorm +"
+        " q, k and v projections; q and k norms + their RoPE; then mlx-lm's cache update,"
+        " attention and o_proj"
+    ),
+    fidelity="close",
+    kernels=(norm_qkv_a, qk_norm_rope),
+    check=check,
+    make=make,
+    paths=("decode",),
+    part=(("attention", attention_half),),
+)
