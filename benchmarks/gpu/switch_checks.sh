@@ -20,7 +20,7 @@
 #   moe_block.SOFTMAX_LAYERS   moe_block on the softmax-routed MoE layers (Qwen3-MoE's):
 #                          tests/patch/test_moe_block_softmax.py turns it on itself (its
 #                          cuda tests: the layers' launches, and the family's CUDA preset with
-#                          them, bitwise stock); off until they pass
+#                          them, bitwise stock); on since they passed on the H200, 2026-12-02
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).
