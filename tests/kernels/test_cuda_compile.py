@@ -155,6 +155,10 @@ def _qk_norm_rope_cases():  # Qwen3-MoE's heads (32 over 4 of 128) and odd ones,
         for b, h, hk, d in ((1, 32, 4, 128), (1, 5, 3, 64), (1, 3, 1, 6), (2, 7, 7, 256)):
             args, kw = qk_norm_rope_inputs(b, h, hk, d, dtype, 1)
             yield qk_norm_rope, args, kw
+        # GLM-4.5(-Air): the projections' biases, no q/k norms or both, half of each head rotated
+        for norm in (False, True):
+            args, kw = qk_norm_rope_inputs(1, 96, 8, 128, dtype, 1, norm=norm, bias=True, rope_dims=64)
+            yield qk_norm_rope, args, kw
 
 
 def _softmax_router_cases():  # Qwen3-MoE (128 experts, top-8, renormalized) and Mixtral (top-2 of 8); odd

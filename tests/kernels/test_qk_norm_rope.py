@@ -126,9 +126,14 @@ def test_launch_says_why_it_takes_the_reference():
     assert "one float dtype" in launch("cuda", q, kv, qn, f32[3], t, pos, **kw).reason
     ints = [a.astype(mx.int32) for a in (q, kv, qn, kn)]
     assert "one float dtype" in launch("cuda", *ints, t, pos, **kw).reason
-    assert "one even head width" in launch("cuda", q, kv, qn[:127], kn[:127], t, pos, **kw).reason
-    assert "one even head width" in launch("cuda", q, kv, qn, kn[:64], t, pos, **kw).reason
-    assert "one even head width" in launch("cuda", q, kv, qn[None], kn, t, pos, **kw).reason
+    assert "(128,) needed" in launch("cuda", q, kv, qn[:127], kn[:127], t, pos, **kw).reason
+    assert "(128,) needed" in launch("cuda", q, kv, qn, kn[:64], t, pos, **kw).reason
+    assert "(128,) needed" in launch("cuda", q, kv, qn[None], kn, t, pos, **kw).reason
+    assert "both norms or neither" in launch("cuda", q, kv, qn, None, t, pos, **kw).reason
+    assert "both biases or neither" in launch("cuda", *args, q[0, 0], None, **kw).reason
+    assert "(640,), (384,) needed" in launch("cuda", *args, q[0, 0, :64], kv[0, 0, :384], **kw).reason
+    assert "with a rope of 7 dims" in launch("cuda", *args, **{**kw, "rope_dims": 7}).reason  # odd
+    assert "with a rope of 130 dims" in launch("cuda", *args, **{**kw, "rope_dims": 130}).reason  # past D
     two = (mx.concatenate([q, q], axis=1), mx.concatenate([kv, kv], axis=1))
     assert "decode" in launch("cuda", *two, qn, kn, t, pos, **kw).reason
     assert "decode" in launch("cuda", q, kv[:, :0], qn, kn, t, pos, **kw).reason  # kv's tokens not q's
@@ -162,7 +167,7 @@ def test_qwen3_geometry(b):
     assert spec.threadgroup == (64, 1, 1) and spec.grid == (b * 36 * 64, 1, 1)
     assert spec.output_shapes == [(b, 32, 1, 128), (b, 4, 1, 128)]
     assert spec.output_dtypes == [mx.bfloat16, mx.bfloat16]
-    assert spec.inputs[4].shape == (1, 128) and mx.array_equal(spec.inputs[4][0], args[4][4095]).item()
+    assert spec.inputs[6].shape == (1, 128) and mx.array_equal(spec.inputs[6][0], args[4][4095]).item()
     template = dict(spec.template)
     assert (template["H"], template["HK"], template["D"], template["KVW"]) == (32, 4, 128, 1024)
     assert (template["BLOCK"], template["CHUNKS"], template["NR"]) == (64, 1, 8)

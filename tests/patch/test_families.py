@@ -100,13 +100,11 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         **{p: {"GQA attention with sinks and sliding windows, not MLA"} for p in _MLA_ONLY},
     },
 }
-# gqa_prologue takes Qwen3-MoE's attention; the MLA families and the other GQA ones say why not
-for _family, _skips in SKIPS.items():
-    if _family != "qwen3_moe":
-        _mla = _family in ("deepseek_v3", "kimi_k25", "deepseek_v32", "glm_moe_dsa")
-        _skips["gqa_prologue"] = {
-            "MLA attention (mla_prologue fuses" if _mla else "gqa_prologue takes Qwen3-MoE's"
-        }
+# gqa_prologue takes Qwen3-MoE's and GLM-4.5's attention; the other families say why not
+for _family in ("deepseek_v3", "kimi_k25", "deepseek_v32", "glm_moe_dsa"):
+    SKIPS[_family]["gqa_prologue"] = {"MLA attention (mla_prologue fuses"}
+SKIPS["mixtral"]["gqa_prologue"] = {"the decoder layer calls block_sparse_moe"}
+SKIPS["gpt_oss"]["gqa_prologue"] = {"attention sinks"}
 
 
 def _classes(model):

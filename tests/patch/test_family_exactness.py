@@ -225,7 +225,15 @@ APPLIES = {
         "compiled_decode",
     },
     "deepseek_v32": {"moe_router", "moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
-    "glm4_moe": {"moe_router", "moe_combine", "downproj_combine", "moe_mlp", "swiglu_mlp", "moe_block"},
+    "glm4_moe": {
+        "moe_router",
+        "moe_combine",
+        "downproj_combine",
+        "moe_mlp",
+        "swiglu_mlp",
+        "moe_block",
+        "gqa_prologue",
+    },
     "qwen3_moe": {"moe_mlp", "swiglu_mlp", "moe_block", "softmax_router", "downproj_combine", "gqa_prologue"},
     "mixtral": {"moe_mlp", "softmax_router", "downproj_combine"},
     "gpt_oss": {"softmax_router", "moe_mlp", "moe_block"},
@@ -282,9 +290,15 @@ def test_patched_family_is_bitwise_stock(family, patterns):
     _check_bitwise(build(family), patterns)
 
 
+# patterns that refuse the unquantized model (test_gqa_prologue.py checks the reason): its
+# projections are unquantized Linears with biases, which stock runs as one addmm
+UNQUANTIZED_SKIPS = {"glm4_moe": {"gqa_prologue"}}
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_unquantized_family_is_bitwise_stock_with_every_exact_pattern(family):
-    _check_bitwise(build(family, "float32"), together(family))
+    patterns = tuple(p for p in together(family) if p not in UNQUANTIZED_SKIPS.get(family, ()))
+    _check_bitwise(build(family, "float32"), patterns)
 
 
 @pytest.mark.parametrize(

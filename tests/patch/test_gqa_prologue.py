@@ -10,7 +10,7 @@ import mlx.nn as nn
 import pytest
 from block_helpers import patched_run, same
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models import qwen3_moe
+from mlx_lm.models import glm4_moe, qwen3_moe
 from test_family_exactness import _check_bitwise, _random_like, build
 
 import zmlx
@@ -152,9 +152,11 @@ def test_the_check_says_why_not():
     rope = attn.rope
     try:
         attn.rope = nn.RoPE(rope.dims, traditional=True, base=rope.base)
-        assert check(layer, {}).startswith("rope is a RoPE (only nn.RoPE over the whole head")
-        attn.rope = nn.RoPE(rope.dims // 2, base=rope.base)
+        assert check(layer, {}) == "rope is a RoPE (only nn.RoPE, traditional False, over at most the head)"
+        attn.rope = nn.RoPE(2 * rope.dims, base=rope.base)  # wider than the head
         assert check(layer, {}).startswith("rope is a RoPE")
+        attn.rope = nn.RoPE(rope.dims // 2, base=rope.base)  # a partial rope: taken (GLM-4.5's)
+        assert check(layer, {}) is None
     finally:
         attn.rope = rope
     v = attn.v_proj
@@ -165,10 +167,10 @@ def test_the_check_says_why_not():
             == "k_proj and v_proj are quantized differently (their rows cannot share one matrix)"
         )
         attn.v_proj = nn.Linear(128, 128, bias=True)
-        assert "v_proj has a bias" in check(layer, {})
+        assert check(layer, {}) == "v_proj is an unquantized linear with a bias"
     finally:
         attn.v_proj = v
-    assert check(build("mixtral").model.layers[0], {}).startswith("attention has no q_norm")
+    assert check(build("mixtral").model.layers[0], {}) == "decoder layer has no mlp"
 
 
 def test_a_prompt_and_a_masked_step_run_mlx_lm():
@@ -205,3 +207,97 @@ def test_on_the_gpu_the_family_preset_is_bitwise_stock():
     _check_bitwise(
         build("qwen3_moe", cuda_widths=True), FAMILIES["qwen3_moe"].preset_on("cuda"), stock_twice=True
     )
+
+
+def test_glm45_layers_run_the_launches_bitwise_mlx_lm():
+    """GLM-4.5's attention (glm4_moe, tiny): biased q/k/v projections, q/k norms, half of each
+    head rotated; and without the norms (GLM-4.5-Air's use_qk_norm False)."""
+    model = build("glm4_moe")
+    for norms in (True, False):
+        saved = [(a, a.q_norm, a.k_norm) for a in (layer.self_attn for layer in model.model.layers)]
+        if not norms:
+            for attn, _, _ in saved:
+                del attn["q_norm"], attn["k_norm"]
+                attn.use_qk_norm = False
+        try:
+            stock = greedy_logits(model, _prompt(1), 3)
+            result, patched, plans = patched_run(gqa_prologue, model, _prompt(1), 3)
+            assert result.patterns["gqa_prologue"].skipped == []
+            assert _paths(plans, 1) == [f"reference: {LAUNCHES}"] * len(plans)
+            assert same(stock, patched), norms
+        finally:
+            for attn, qn, kn in saved:
+                attn.q_norm, attn.k_norm, attn.use_qk_norm = qn, kn, True
+
+
+def test_the_check_refuses_what_stock_runs_otherwise():
+    check = PATTERNS["gqa_prologue"].check
+    unquantized = build("glm4_moe", quant="float32").model.layers[1]
+    assert check(unquantized, {}) == "q_proj is an unquantized linear with a bias"
+    layer = build("glm4_moe").model.layers[1]
+    attn = layer.self_attn
+    bias = attn.v_proj["bias"]
+    try:
+        del attn.v_proj["bias"]
+        assert check(layer, {}) == "some of q_proj, k_proj and v_proj have a bias, not all"
+    finally:
+        attn.v_proj["bias"] = bias
+    qn = attn.q_norm
+    try:
+        del attn["q_norm"]
+        assert check(layer, {}).startswith("q_norm and k_norm are [None, 'RMSNorm']")
+    finally:
+        attn.q_norm = qn
+    assert check(build("gpt_oss").model.layers[0], {}).startswith("attention sinks")
+
+
+def _glm45_air(layers=1, dtype=mx.bfloat16, quant=(64, 4)):
+    """A glm4_moe model with GLM-4.5-Air's attention (hidden 4096, 96 query heads over 8 key
+    heads of 128, biased projections, no q/k norms, half of each head rotated), a small MoE."""
+    args = glm4_moe.ModelArgs(
+        model_type="glm4_moe",
+        vocab_size=512,
+        hidden_size=4096,
+        intermediate_size=256,
+        max_position_embeddings=4096,
+        moe_intermediate_size=128,
+        norm_topk_prob=True,
+        num_attention_heads=96,
+        n_group=1,
+        head_dim=128,
+        topk_group=1,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        routed_scaling_factor=1.0,
+        num_experts_per_tok=2,
+        first_k_dense_replace=0,
+        num_hidden_layers=layers,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=1_000_000.0,
+        rope_scaling=None,
+        use_qk_norm=False,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        partial_rotary_factor=0.5,
+    )
+    model = glm4_moe.Model(args)
+    params = tree_flatten(model.parameters())
+    new = [(n, _random_like(n, p, mx.random.key(i))) for i, (n, p) in enumerate(params)]
+    model.update(tree_unflatten([(n, v.astype(mx.float32 if "correction" in n else dtype)) for n, v in new]))
+    nn.quantize(model, group_size=quant[0], bits=quant[1])
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_glm45_air_attention_is_the_kernels_and_bitwise_mlx_lm():
+    """GLM-4.5-Air's attention widths on the GPU: the launches are the kernels, stock's logits."""
+    mx.set_default_device(mx.gpu)
+    model = _glm45_air()
+    stock = greedy_logits(model, _prompt(1), 4)
+    assert same(stock, greedy_logits(model, _prompt(1), 4)), "stock is not deterministic here"
+    result, patched, plans = patched_run(gqa_prologue, model, _prompt(1), 4)
+    assert result.patterns["gqa_prologue"].path == "kernel", result.patterns["gqa_prologue"].fallbacks
+    assert _paths(plans, 1) == [f"kernel: {LAUNCHES}"] * len(plans)
+    assert same(stock, patched)

@@ -36,36 +36,91 @@ from zmlx.kernels.residual_norm import geometry
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 
-def reference(q, kv, q_norm_w, k_norm_w, table, offset, *, heads, kv_heads, eps_q, eps_k, base, rope_scale):
+def reference(
+    q,
+    kv,
+    q_norm_w,
+    k_norm_w,
+    table,
+    offset,
+    q_bias=None,
+    k_bias=None,
+    *,
+    heads,
+    kv_heads,
+    eps_q,
+    eps_k,
+    base,
+    rope_scale,
+    rope_dims=None,
+):
     """mlx-lm's ops. q (B, 1, heads * D), kv (B, 1, >= kv_heads * D) whose first kv_heads * D
-    values are the keys, the norms' weights (D,); offset: the cache position (an int, or an
-    int32 scalar array). -> (q (B, heads, 1, D), k (B, kv_heads, 1, D)). `table` is the
-    kernel's (rope_table); the reference does not need it."""
+    values are the keys, the norms' weights (D,) or None (no q/k norm, e.g. GLM-4.5-Air), the
+    projections' biases (heads * D,), (kv_heads * D,) or None; offset: the cache position (an
+    int, or an int32 scalar array); rope_dims: the rope's dims (None: D). -> (q (B, heads, 1,
+    D), k (B, kv_heads, 1, D)). `table` is the kernel's (rope_table of rope_dims); the
+    reference does not need it."""
     b, n, _ = q.shape
-    d = q_norm_w.shape[0]
-    q = mx.fast.rms_norm(q.reshape(b, n, heads, d), q_norm_w, eps_q).transpose(0, 2, 1, 3)
-    k = kv[..., : kv_heads * d].reshape(b, n, kv_heads, d)
-    k = mx.fast.rms_norm(k, k_norm_w, eps_k).transpose(0, 2, 1, 3)
+    d = q.shape[-1] // heads
+    k = kv[..., : kv_heads * d]
+    if q_bias is not None:  # the projection's `x + bias`
+        q, k = q + q_bias, k + k_bias
+    q, k = q.reshape(b, n, heads, d), k.reshape(b, n, kv_heads, d)
+    if q_norm_w is not None:
+        q, k = mx.fast.rms_norm(q, q_norm_w, eps_q), mx.fast.rms_norm(k, k_norm_w, eps_k)
+    q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
     rope = dict(traditional=False, base=base, scale=rope_scale, offset=offset)
-    return mx.fast.rope(q, d, **rope), mx.fast.rope(k, d, **rope)
+    dims = d if rope_dims is None else rope_dims
+    return mx.fast.rope(q, dims, **rope), mx.fast.rope(k, dims, **rope)
 
 
 def launch(
-    backend, q, kv, q_norm_w, k_norm_w, table, offset, *, heads, kv_heads, eps_q, eps_k, base, rope_scale
+    backend,
+    q,
+    kv,
+    q_norm_w,
+    k_norm_w,
+    table,
+    offset,
+    q_bias=None,
+    k_bias=None,
+    *,
+    heads,
+    kv_heads,
+    eps_q,
+    eps_k,
+    base,
+    rope_scale,
+    rope_dims=None,
 ) -> Launch | Skip:
-    if q.dtype not in _DTYPES or kv.dtype != q.dtype or {q_norm_w.dtype, k_norm_w.dtype} != {q.dtype}:
-        weights = f"{q_norm_w.dtype}, {k_norm_w.dtype}"
-        return Skip(f"q {q.dtype}, kv {kv.dtype}, norm weights {weights} (one float dtype needed)")
-    d = q_norm_w.shape[0] if q_norm_w.ndim == 1 else 0
-    if d == 0 or k_norm_w.shape != (d,) or d % 2:
-        return Skip(f"norm weights {q_norm_w.shape}, {k_norm_w.shape}: one even head width needed")
+    dtypes = {a.dtype for a in (q_norm_w, k_norm_w, q_bias, k_bias) if a is not None}
+    if q.dtype not in _DTYPES or kv.dtype != q.dtype or not dtypes <= {q.dtype}:
+        others = ", ".join(sorted(map(str, dtypes)))
+        return Skip(f"q {q.dtype}, kv {kv.dtype}, norm weights and biases {others} (one float dtype needed)")
+    if (q_norm_w is None) != (k_norm_w is None) or (q_bias is None) != (k_bias is None):
+        return Skip("both norms or neither, both biases or neither")
     if q.ndim != 3 or kv.ndim != 3 or q.shape[1] != 1 or kv.shape[:2] != q.shape[:2]:
         return Skip(f"q {q.shape}, kv {kv.shape}: one token per sequence (decode) only")
-    if q.shape[-1] != heads * d or kv.shape[-1] < kv_heads * d or heads < 1 or kv_heads < 1:
-        return Skip(f"q {q.shape}, kv {kv.shape} are not {heads} and {kv_heads} heads of {d}")
+    d = q.shape[-1] // heads if heads > 0 else 0
+    rd = d if rope_dims is None else rope_dims
+    if (
+        d == 0
+        or q.shape[-1] != heads * d
+        or kv_heads < 1
+        or kv.shape[-1] < kv_heads * d
+        or rd % 2
+        or not 0 < rd <= d
+    ):
+        return Skip(
+            f"q {q.shape}, kv {kv.shape} are not {heads} and {kv_heads} heads with a rope of {rd} dims"
+        )
+    if q_norm_w is not None and (q_norm_w.shape != (d,) or k_norm_w.shape != (d,)):
+        return Skip(f"norm weights {q_norm_w.shape}, {k_norm_w.shape}: ({d},) needed")
+    if q_bias is not None and (q_bias.shape != (heads * d,) or k_bias.shape != (kv_heads * d,)):
+        return Skip(f"biases {q_bias.shape}, {k_bias.shape}: ({heads * d},), ({kv_heads * d},) needed")
     if not isinstance(offset, int) or offset < 0:
         return Skip(f"offset {offset!r}: one int position for the batch needed")
-    if table.dtype != mx.float32 or table.ndim != 2 or table.shape[1] != d or table.shape[0] <= offset:
+    if table.dtype != mx.float32 or table.ndim != 2 or table.shape[1] != rd or table.shape[0] <= offset:
         return Skip(f"table {table.shape} {table.dtype} does not cover position {offset}")
     geo = geometry(backend, d, q.dtype.size)
     if isinstance(geo, Skip):
@@ -78,19 +133,33 @@ def launch(
         return Skip(f"head of {d} needs {threads} threads")
     b = q.shape[0]
     groups = b * (heads + kv_heads)
+    norm, bias = q_norm_w is not None, q_bias is not None
     return Launch(
-        inputs=[q, kv, q_norm_w, k_norm_w, table[offset : offset + 1]],  # the position's row: a view
+        # absent norm weights or biases: the table in their slots (the body does not read them)
+        inputs=[
+            q,
+            kv,
+            q_norm_w if norm else table,
+            k_norm_w if norm else table,
+            q_bias if bias else table,
+            k_bias if bias else table,
+            table[offset : offset + 1],  # the position's row: a view
+        ],
         template=[
             ("T", q.dtype),
             ("H", heads),
             ("HK", kv_heads),
             ("D", d),
+            ("RD", rd),
             ("KVW", kv.shape[-1]),
             ("BLOCK", block),
             ("CHUNKS", chunks),
             ("NR", nr),
-            ("EPS_Q_BITS", float_bits(eps_q)),
-            ("EPS_K_BITS", float_bits(eps_k)),
+            ("TG", threads),
+            ("NORM", int(norm)),
+            ("BIAS", int(bias)),
+            ("EPS_Q_BITS", float_bits(eps_q) if norm else 0),
+            ("EPS_K_BITS", float_bits(eps_k) if norm else 0),
         ],
         grid=(groups * threads, 1, 1),
         threadgroup=(threads, 1, 1),
@@ -99,15 +168,38 @@ def launch(
     )
 
 
-def inputs(b, heads, kv_heads, d, dtype, seed, *, offset=257, base=1_000_000.0, eps=1e-6):
-    """Random (q, kv, q_norm_w, k_norm_w, table, offset) and kwargs: kv holds keys then values."""
-    keys = mx.random.split(mx.random.key(seed), 4)
+def inputs(
+    b,
+    heads,
+    kv_heads,
+    d,
+    dtype,
+    seed,
+    *,
+    offset=257,
+    base=1_000_000.0,
+    eps=1e-6,
+    norm=True,
+    bias=False,
+    rope_dims=None,
+):
+    """Random (q, kv, q_norm_w, k_norm_w, table, offset[, q_bias, k_bias]) and kwargs: kv holds
+    keys then values; `norm` False: no norm weights; `bias`: the projections' biases."""
+    keys = mx.random.split(mx.random.key(seed), 6)
     q = mx.random.normal((b, 1, heads * d), key=keys[0]).astype(dtype)
     kv = mx.random.normal((b, 1, 2 * kv_heads * d), key=keys[1]).astype(dtype)
-    qn = (1 + 0.1 * mx.random.normal((d,), key=keys[2])).astype(dtype)
-    kn = (1 + 0.1 * mx.random.normal((d,), key=keys[3])).astype(dtype)
+    qn = (1 + 0.1 * mx.random.normal((d,), key=keys[2])).astype(dtype) if norm else None
+    kn = (1 + 0.1 * mx.random.normal((d,), key=keys[3])).astype(dtype) if norm else None
+    rd = d if rope_dims is None else rope_dims
     kw = dict(heads=heads, kv_heads=kv_heads, eps_q=eps, eps_k=eps, base=base, rope_scale=1.0)
-    return (q, kv, qn, kn, rope_table(d, base, 1.0, offset + 1), offset), kw
+    if rope_dims is not None:
+        kw["rope_dims"] = rope_dims
+    args = (q, kv, qn, kn, rope_table(rd, base, 1.0, offset + 1), offset)
+    if bias:
+        qb = (0.5 * mx.random.normal((heads * d,), key=keys[4])).astype(dtype)
+        kb = (0.5 * mx.random.normal((kv_heads * d,), key=keys[5])).astype(dtype)
+        args += (qb, kb)
+    return args, kw
 
 
 def example():
@@ -123,7 +215,7 @@ qk_norm_rope = KernelDef(
     tolerance=2**-3,  # the self-check only: a few roundings of T, far below a layout error
     body=device_code("qk_norm_rope_body.h"),
     header=device_code("residual_norm.h", "glm47_rope.h"),
-    input_names=("q", "kv", "q_norm_w", "k_norm_w", "cs"),
+    input_names=("q", "kv", "q_norm_w", "k_norm_w", "q_bias", "k_bias", "cs"),
     output_names=("q_out", "k_out"),
     launch=launch,
     example=example,

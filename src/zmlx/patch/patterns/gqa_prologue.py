@@ -1,18 +1,23 @@
-"""gqa_prologue: the attention half of a Qwen3-MoE decoder layer at decode with its first eight
-stock launches fused into two, every value stock's (close; exact on CUDA and the CPU).
+"""gqa_prologue: the grouped-query attention half of a decoder layer at decode (Qwen3-MoE's,
+GLM-4.5's) with its first stock launches fused into two, every value stock's (close; exact on
+CUDA and the CPU).
 
-Patches the decoder layer (`Qwen3MoeDecoderLayer`) as the attention half of zmlx.patch.layer's
-shared `__call__`, like mla_prologue (moe_block supplies the MoE half; on a layer both patch,
-the two halves run together). A decode step with mlx-lm's plain `KVCache` and no mask runs
+Patches the decoder layer (`Qwen3MoeDecoderLayer`, glm4_moe's `DecoderLayer`) as the attention
+half of zmlx.patch.layer's shared `__call__`, like mla_prologue (moe_block supplies the MoE
+half; on a layer both patch, the two halves run together). A decode step with mlx-lm's plain
+`KVCache` and no mask runs
 
     norm_qkv_a     input_layernorm + q_proj + [k_proj | v_proj], one pass over the row (the
                    k and v projections' packed rows side by side, one matrix made at patch
                    time: each row's dot is the same whichever matrix holds it)
-    qk_norm_rope   q_norm and k_norm per head + the rope of both at the cache position
+    qk_norm_rope   the q and k projections' biases (GLM-4.5's), q_norm and k_norm per head
+                   (when the attention has them) + the rope of both at the cache position
+                   (over the whole head, or its first `rope.dims`: GLM-4.5's partial rope)
 
-and then mlx-lm's own ops in mlx-lm's order: the values' reshape, the cache update,
-scaled_dot_product_attention, the heads' merge and o_proj (the residual add is the MoE
-half's). Stock runs those eight as input_layernorm, three matvecs, two norms and two ropes.
+and then mlx-lm's own ops in mlx-lm's order: v_proj's bias add, the values' reshape, the
+cache update, scaled_dot_product_attention, the heads' merge and o_proj (the residual add is
+the MoE half's). Stock runs eight to eleven launches there (input_layernorm, three matvecs,
+the biases' adds, two norms, two ropes).
 Both launches are bitwise stock on CUDA (MLX's rms_norm, qmv/gemv and rope orders, one
 sequence; more take mlx-lm's attention) and run their references, stock's op sequence, on
 the CPU; on Metal their dots are float32 sums (close). Launches are prepared as
@@ -34,7 +39,7 @@ from zmlx.kernels.glm47_rope import rope_table
 from zmlx.kernels.norm_qkv_a import norm_qkv_a
 from zmlx.kernels.prepared import Prepared, prepare
 from zmlx.kernels.qk_norm_rope import qk_norm_rope
-from zmlx.kernels.quant import linear_reason, weights_of
+from zmlx.kernels.quant import dense_or_quantized, weights_of
 from zmlx.patch import mla_layer
 from zmlx.patch.layer import make
 from zmlx.patch.layer import registry as layer_registry
@@ -42,39 +47,64 @@ from zmlx.patch.mla_layer import QPrep, Stock, ready
 from zmlx.patch.pattern import Pattern
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+# the attention's head counts, as mlx-lm's GQA attentions name them
+_HEADS = (("n_heads", "n_kv_heads"), ("num_attention_heads", "num_key_value_heads"))
+
+
+def heads_of(attn) -> tuple[int, int] | None:
+    """(query heads, key heads) of an mlx-lm attention module, or None."""
+    for h, hk in _HEADS:
+        if isinstance(getattr(attn, h, None), int) and isinstance(getattr(attn, hk, None), int):
+            return getattr(attn, h), getattr(attn, hk)
+    return None
+
+
+def _projections_reason(attn) -> str | None:
+    for name in _PROJECTIONS:
+        p = attn[name]
+        why = sharded_linear_reason(name, p) or dense_or_quantized(
+            name, p, nn.QuantizedLinear, nn.Linear, bias=True
+        )
+        if why is not None:
+            return why
+        if "bias" in p and not isinstance(p, nn.QuantizedLinear):  # stock's addmm is not followed
+            return f"{name} is an unquantized linear with a bias"
+    if len({"bias" in attn[name] for name in _PROJECTIONS}) > 1:
+        return "some of q_proj, k_proj and v_proj have a bias, not all"
+    if weights_of(attn.k_proj)[1] != weights_of(attn.v_proj)[1]:
+        return "k_proj and v_proj are quantized differently (their rows cannot share one matrix)"
+    return None
 
 
 def check(layer, params) -> str | None:
-    for attr in ("self_attn", "input_layernorm"):
-        if not hasattr(layer, attr):
+    for attr in ("self_attn", "input_layernorm", "mlp", "post_attention_layernorm"):
+        if not hasattr(layer, attr):  # the shared __call__ runs mlx-lm's standard layer
             return f"decoder layer has no {attr}"
     if type(layer.input_layernorm) is not nn.RMSNorm:
         return f"input_layernorm is a {type(layer.input_layernorm).__name__}"
     attn = layer.self_attn
-    for attr in (*_PROJECTIONS, "o_proj", "q_norm", "k_norm", "rope", "n_heads", "n_kv_heads"):
+    if "sinks" in attn:
+        return "attention sinks (this pattern's attention call does not pass them)"
+    for attr in (*_PROJECTIONS, "o_proj", "rope", "scale"):
         if not hasattr(attn, attr):
-            return f"attention has no {attr} (not Qwen3's grouped-query attention)"
-    for name in ("q_norm", "k_norm"):
-        if type(attn[name]) is not nn.RMSNorm:
-            return f"{name} is a {type(attn[name]).__name__}"
-    rope = attn.rope
-    head_dim = attn.q_norm.weight.shape[0]
-    if type(rope) is not nn.RoPE or rope.traditional or rope.dims != head_dim:
-        return f"rope is a {type(rope).__name__} (only nn.RoPE over the whole head, traditional False)"
-    for name in _PROJECTIONS:
-        p = attn[name]
-        if (why := sharded_linear_reason(name, p) or linear_reason(name, p)) is not None:
-            return why
-    if weights_of(attn.k_proj)[1] != weights_of(attn.v_proj)[1]:
-        return "k_proj and v_proj are quantized differently (their rows cannot share one matrix)"
-    return None
+            return f"attention has no {attr} (not a grouped-query attention)"
+    if (heads := heads_of(attn)) is None:
+        return "attention names no head counts (n_heads / n_kv_heads)"
+    norms = [type(attn[n]) if n in attn else None for n in ("q_norm", "k_norm")]
+    if norms not in ([nn.RMSNorm, nn.RMSNorm], [None, None]):
+        return f"q_norm and k_norm are {[getattr(t, '__name__', None) for t in norms]} (two RMSNorms or none)"
+    rope, head_dim = attn.rope, attn.q_proj.weight.shape[0] // heads[0]
+    if type(rope) is not nn.RoPE or rope.traditional or rope.dims % 2 or not 0 < rope.dims <= head_dim:
+        return f"rope is a {type(rope).__name__} (only nn.RoPE, traditional False, over at most the head)"
+    return _projections_reason(attn)
 
 
 def _weights(layer) -> tuple:
     """Every array the two launches read, and the modules holding them, in a fixed order: a
     prepared block holds for these objects only (replaced weights are prepared again)."""
     attn = layer["self_attn"]
-    out = [layer["input_layernorm"]["weight"], attn["q_norm"]["weight"], attn["k_norm"]["weight"]]
+    norms = [attn[n]["weight"] if n in attn else None for n in ("q_norm", "k_norm")]
+    out = [layer["input_layernorm"]["weight"], *norms]
     for name in _PROJECTIONS:
         p = attn[name]
         out += (p, p.get("weight"), p.get("scales"), p.get("biases"), p.get("bias"))
@@ -84,19 +114,23 @@ def _weights(layer) -> tuple:
 class _Prologue:
     """The prepared launches of one layer for one input shape and dtype."""
 
-    __slots__ = ("qkv", "q_prep", "names", "keys")
+    __slots__ = ("qkv", "q_prep", "names", "keys", "kv_heads", "v_bias")
 
-    def __init__(self, qkv: Prepared, q_prep: QPrep, keys: int):
+    def __init__(self, qkv: Prepared, q_prep: QPrep, keys: int, kv_heads: int, v_bias):
         self.qkv, self.q_prep, self.keys = qkv, q_prep, keys  # keys: the k rows before v's
+        self.kv_heads, self.v_bias = kv_heads, v_bias
         self.names = ((norm_qkv_a.name, qkv.reason), (qk_norm_rope.name, q_prep.call.reason))
 
     def __call__(self, attn, x, mask, cache):
-        """mlx-lm's qwen3_moe Attention at one token from its normed, roped queries and keys
-        and its values on: the same ops on the same values."""
+        """mlx-lm's Attention (qwen3_moe's, glm4_moe's) at one token from its normed, roped
+        queries and keys and its values on: the same ops on the same values."""
         b = x.shape[0]
         q_a, kv = self.qkv(x)
         queries, keys = self.q_prep.step(q_a, kv, cache)
-        values = kv[..., self.keys :].reshape(b, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = kv[..., self.keys :]
+        if self.v_bias is not None:  # v_proj's `x + bias`
+            values = values + self.v_bias
+        values = values.reshape(b, 1, self.kv_heads, -1).transpose(0, 2, 1, 3)
         keys, values = cache.update_and_fetch(keys, values)
         output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
         output = output.transpose(0, 2, 1, 3).reshape(b, 1, -1)
@@ -106,6 +140,7 @@ class _Prologue:
 def _build(layer, x, backend) -> _Prologue | str:
     """The two launches prepared for x, or why such steps run mlx-lm's code."""
     attn = layer.self_attn
+    heads, kv_heads = heads_of(attn)  # type: ignore[misc]  # the check found them
     (qw, qkw), (kw_, kkw), (vw, _) = (weights_of(attn[n]) for n in _PROJECTIONS)
     # k's rows then v's, one matrix (each packed row's dot is independent of the others)
     kvw = tuple(None if k is None else mx.concatenate([k, v]) for k, v in zip(kw_, vw))
@@ -116,22 +151,26 @@ def _build(layer, x, backend) -> _Prologue | str:
         qkv = ready(prepare(norm_qkv_a, (x, norm["weight"], *qw, *kvw), kw, (0,), backend))
         q_a, kv = qkv(x)
         rope = attn.rope
-        head_dim = attn.q_norm.weight.shape[0]
-        table = partial(rope_table, head_dim, rope.base, rope.scale)
+        head_dim = q_a.shape[-1] // heads
+        table = partial(rope_table, rope.dims, rope.base, rope.scale)
+        norms = "q_norm" in attn
         q_kw = dict(
-            heads=attn.n_heads,
-            kv_heads=attn.n_kv_heads,
-            eps_q=attn.q_norm.eps,
-            eps_k=attn.k_norm.eps,
+            heads=heads,
+            kv_heads=kv_heads,
+            eps_q=attn.q_norm.eps if norms else None,
+            eps_k=attn.k_norm.eps if norms else None,
             base=rope.base,
             rope_scale=rope.scale,
+            rope_dims=rope.dims,
         )
-        q_args = (q_a, kv, attn.q_norm["weight"], attn.k_norm["weight"], table(1), 0)
+        weights = (attn.q_norm["weight"], attn.k_norm["weight"]) if norms else (None, None)
+        biases = tuple(attn[n].get("bias") for n in _PROJECTIONS)
+        q_args = (q_a, kv, *weights, table(1), 0, *biases[:2])
         # live: q_a, kv and the position, which the kernel reads as the table's row `cs`
         q_call = ready(prepare(qk_norm_rope, q_args, q_kw, (0, 1, 5), backend, derived={5: "cs"}))
     except Stock as why:
         return str(why)
-    return _Prologue(qkv, QPrep(q_call, table), attn.n_kv_heads * head_dim)
+    return _Prologue(qkv, QPrep(q_call, table), kv_heads * head_dim, kv_heads, biases[2])
 
 
 # id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
@@ -152,9 +191,9 @@ def attention_half(layer, x, mask, cache):
 PATTERN = Pattern(
     name="gqa_prologue",
     summary=(
-        "decoder layer's grouped-query attention half at decode (Qwen3-MoE): input RMSNorm +"
-        " q, k and v projections; q and k norms + their RoPE; then mlx-lm's cache update,"
-        " attention and o_proj"
+        "decoder layer's grouped-query attention half at decode (Qwen3-MoE, GLM-4.5): input"
+        " RMSNorm + q, k and v projections; their biases, q and k norms and RoPE; then mlx-lm's"
+        " cache update, attention and o_proj"
     ),
     fidelity="close",
     kernels=(norm_qkv_a, qk_norm_rope),
