@@ -281,8 +281,9 @@ FAMILIES.update(
                 # the dense layers, and the MoE layers with mlx-lm's gate module between its
                 # residual_norm and softmax_router launches
                 "moe_block": Target("Qwen3MoeDecoderLayer", {"softmax_first": True}),
-                # the attention half's first eight launches in two at decode, bitwise stock
-                # on the H200 (tests/patch/test_gqa_prologue.py's cuda tests): in the CUDA preset
+                # the attention half's first eight launches in two at decode: its layers bitwise
+                # stock on the H200 at Qwen3-30B-A3B's widths (test_gqa_prologue.py's cuda
+                # tests), the 30B's preset token-identical and 1.412x (c0c991e6fe): in the preset
                 "gqa_prologue": Target("Qwen3MoeDecoderLayer"),
             },
             {"residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array"},
