@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the project root (after `source benchmarks/gpu/env.sh`):
 #   bash benchmarks/gpu/switch_checks.sh [NAME ...]
-# NAME: mxfp4-fp-order, qmm-order, softmax-layers, gqa-glm45 (default: all of them, in that order).
+# NAME: mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue (default: all of them, in that order).
 # The checks of the switches built off until they ran on a GPU (each turned on once they passed):
 #   quant.MXFP4_FP_ORDER   the cuda tests of wide gathered mxfp4 rows in fp_qmv's order (on
 #                          since they passed on the H200, 2026-12-01)
@@ -21,10 +21,11 @@
 #                          tests/patch/test_moe_block_softmax.py turns it on itself (its
 #                          cuda tests: the layers' launches, and the family's CUDA preset with
 #                          them, bitwise stock); on since they passed on the H200, 2026-12-02
-#   gqa_prologue in glm4_moe's CUDA preset   tests/patch/test_gqa_prologue.py's cuda tests
-#                          (GLM-4.5-Air's attention widths; Qwen3's and its family preset) and
-#                          qk_norm_rope's: gqa_prologue joins glm4_moe's preset (families.py)
-#                          once they pass
+#   gqa_prologue in glm4_moe's and gpt_oss's CUDA presets   tests/patch/test_gqa_prologue.py's
+#                          cuda tests (GLM-4.5-Air's attention widths, gpt-oss's sinks and
+#                          sliding windows; Qwen3's and its family preset) and qk_norm_rope's
+#                          (biases, no norms, partial and YaRN ropes): gqa_prologue joins those
+#                          presets (families.py) once they pass
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).
@@ -32,8 +33,8 @@ set -uo pipefail
 wanted=("$@")
 for name in "${wanted[@]}"; do
   case "$name" in
-    mxfp4-fp-order|qmm-order|softmax-layers|gqa-glm45) ;;
-    *) echo "error: unknown check '$name' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-glm45)" >&2; exit 2 ;;
+    mxfp4-fp-order|qmm-order|softmax-layers|gqa-prologue) ;;
+    *) echo "error: unknown check '$name' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue)" >&2; exit 2 ;;
   esac
 done
 out=${OUT:-gpu-results}
@@ -65,6 +66,6 @@ run_tests() {  # name, limit, pytest args...
   run_tests qmm-order 600 tests/kernels/test_qmm_experts.py tests/kernels/test_mla_q_prep_embed.py \
     tests/patch/test_mla_prologue_embed.py tests/kernels/test_moe_block_qmm.py
   run_tests softmax-layers 300 tests/patch/test_moe_block_softmax.py
-  run_tests gqa-glm45 400 tests/patch/test_gqa_prologue.py tests/kernels/test_qk_norm_rope_glm45.py \
+  run_tests gqa-prologue 400 tests/patch/test_gqa_prologue.py tests/kernels/test_qk_norm_rope_variants.py \
     tests/kernels/test_qk_norm_rope.py
 } | tee "$out/switch-summary.log"

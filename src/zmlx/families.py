@@ -255,7 +255,7 @@ FAMILIES.update(
                 "moe_block": Target("DecoderLayer", _NO_EPS),
                 # the attention half's first launches in two at decode (q/k biases, optional
                 # q/k norms, partial RoPE in qk_norm_rope): opt-in until its cuda tests
-                # (tests/kernels/test_qk_norm_rope_glm45.py) run on a GPU
+                # (tests/kernels/test_qk_norm_rope_variants.py) run on a GPU
                 "gqa_prologue": Target("DecoderLayer"),
             },
             preset=("moe_router", "moe_combine"),
@@ -327,6 +327,10 @@ FAMILIES["gpt_oss"] = Family(
         "moe_mlp": Target("SwitchGLU"),  # affine, unquantized or mxfp4 experts
         # the MoE half at decode (zmlx.patch.softmax_layer), behind moe_block.SOFTMAX_LAYERS
         "moe_block": Target("TransformerBlock", {"softmax_first": False, "topk_last": True}),
+        # the attention half's first launches in two at decode (biases, YaRN's rope, the sinks
+        # passed to mlx-lm's SDPA; the sliding-window layers' RotatingKVCache too): opt-in
+        # until its cuda tests run on a GPU (switch_checks.sh gqa-glm45)
+        "gqa_prologue": Target("TransformerBlock"),
     },
     preset=(),
     presets_on={"cuda": ("softmax_router", "moe_mlp", "moe_block")},
@@ -336,7 +340,6 @@ FAMILIES["gpt_oss"] = Family(
         "downproj_combine": _OSS_EXPERTS,
         "swiglu_mlp": "no dense MLP (every layer's MLPBlock is MoE, no shared expert)",
         "residual_norm": "the model loop passes each layer a full or a sliding-window mask by its type",
-        "gqa_prologue": "attention sinks (gqa_prologue's attention call does not pass them)",
         **{p: _OSS_ATTENTION for p in _MLA_PATTERNS},
     },
 )

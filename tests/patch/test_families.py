@@ -104,7 +104,6 @@ SKIPS: dict[str, dict[str, set[str]]] = {
 for _family in ("deepseek_v3", "kimi_k25", "deepseek_v32", "glm_moe_dsa"):
     SKIPS[_family]["gqa_prologue"] = {"MLA attention (mla_prologue fuses"}
 SKIPS["mixtral"]["gqa_prologue"] = {"the decoder layer calls block_sparse_moe"}
-SKIPS["gpt_oss"]["gqa_prologue"] = {"attention sinks"}
 
 
 def _classes(model):

@@ -236,7 +236,7 @@ APPLIES = {
     },
     "qwen3_moe": {"moe_mlp", "swiglu_mlp", "moe_block", "softmax_router", "downproj_combine", "gqa_prologue"},
     "mixtral": {"moe_mlp", "softmax_router", "downproj_combine"},
-    "gpt_oss": {"softmax_router", "moe_mlp", "moe_block"},
+    "gpt_oss": {"softmax_router", "moe_mlp", "moe_block", "gqa_prologue"},
 }
 APPLIES["kimi_k25"] = APPLIES["deepseek_v3"]
 APPLIES["glm_moe_dsa"] = APPLIES["deepseek_v32"]
@@ -292,7 +292,7 @@ def test_patched_family_is_bitwise_stock(family, patterns):
 
 # patterns that refuse the unquantized model (test_gqa_prologue.py checks the reason): its
 # projections are unquantized Linears with biases, which stock runs as one addmm
-UNQUANTIZED_SKIPS = {"glm4_moe": {"gqa_prologue"}}
+UNQUANTIZED_SKIPS = {"glm4_moe": {"gqa_prologue"}, "gpt_oss": {"gqa_prologue"}}
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -14,6 +14,7 @@ from mlx_lm.models import glm4_moe, qwen3_moe
 from test_family_exactness import _check_bitwise, _random_like, build
 
 import zmlx
+from zmlx import synth
 from zmlx.families import FAMILIES
 from zmlx.fidelity import greedy_logits
 from zmlx.patch import PATTERNS
@@ -152,7 +153,10 @@ def test_the_check_says_why_not():
     rope = attn.rope
     try:
         attn.rope = nn.RoPE(rope.dims, traditional=True, base=rope.base)
-        assert check(layer, {}) == "rope is a RoPE (only nn.RoPE, traditional False, over at most the head)"
+        assert (
+            check(layer, {})
+            == "rope is a RoPE (only nn.RoPE or YarnRoPE, traditional False, over at most the head)"
+        )
         attn.rope = nn.RoPE(2 * rope.dims, base=rope.base)  # wider than the head
         assert check(layer, {}).startswith("rope is a RoPE")
         attn.rope = nn.RoPE(rope.dims // 2, base=rope.base)  # a partial rope: taken (GLM-4.5's)
@@ -248,7 +252,9 @@ def test_the_check_refuses_what_stock_runs_otherwise():
         assert check(layer, {}).startswith("q_norm and k_norm are [None, 'RMSNorm']")
     finally:
         attn.q_norm = qn
-    assert check(build("gpt_oss").model.layers[0], {}).startswith("attention sinks")
+    assert check(build("gpt_oss", quant="float32").model.layers[0], {}) == (
+        "q_proj is an unquantized linear with a bias"
+    )
 
 
 def _glm45_air(layers=1, dtype=mx.bfloat16, quant=(64, 4)):
@@ -295,6 +301,45 @@ def test_on_the_gpu_glm45_air_attention_is_the_kernels_and_bitwise_mlx_lm():
     """GLM-4.5-Air's attention widths on the GPU: the launches are the kernels, stock's logits."""
     mx.set_default_device(mx.gpu)
     model = _glm45_air()
+    stock = greedy_logits(model, _prompt(1), 4)
+    assert same(stock, greedy_logits(model, _prompt(1), 4)), "stock is not deterministic here"
+    result, patched, plans = patched_run(gqa_prologue, model, _prompt(1), 4)
+    assert result.patterns["gqa_prologue"].path == "kernel", result.patterns["gqa_prologue"].fallbacks
+    assert _paths(plans, 1) == [f"kernel: {LAUNCHES}"] * len(plans)
+    assert same(stock, patched)
+
+
+def test_gpt_oss_layers_run_the_launches_bitwise_mlx_lm():
+    """gpt-oss (tiny): biased projections, no norms, attention sinks passed to mlx-lm's SDPA,
+    and the sliding-window layers' RotatingKVCache past its window (6 + 3 tokens, window 4)."""
+    model = build("gpt_oss")
+    stock = greedy_logits(model, _prompt(1), 3)
+    result, patched, plans = patched_run(gqa_prologue, model, _prompt(1), 3)
+    assert result.patterns["gqa_prologue"].skipped == []
+    assert _paths(plans, 1) == [f"reference: {LAUNCHES}"] * len(plans)
+    assert same(stock, patched)
+
+
+def test_gpt_oss_yarn_rope_runs_bitwise_and_mxfp4_projections_say_why():
+    """The synthetic gpt-oss has gpt-oss-20b's YaRN rope; its mxfp4 preset quantizes the
+    attention's projections mxfp4 too, which norm_qkv_a does not read."""
+    model, _ = synth.build("synth:gpt_oss/tiny/affine4")
+    assert type(model.model.layers[0].self_attn.rope).__name__ == "YarnRoPE"
+    prompt = mx.random.randint(1, 512, (1, 20), key=mx.random.key(3))  # past the window of 16
+    stock = greedy_logits(model, prompt, 3)
+    _, patched, plans = patched_run(gqa_prologue, model, prompt, 3)
+    assert _paths(plans, 1) == [f"reference: {LAUNCHES}"] * len(plans)
+    assert same(stock, patched)
+    mxfp4, _ = synth.build("synth:gpt_oss/tiny/mxfp4")
+    assert (
+        PATTERNS["gqa_prologue"].check(mxfp4.model.layers[0], {}) == "q_proj is mxfp4-quantized (affine only)"
+    )
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_gpt_oss_layers_are_the_kernels_and_bitwise_mlx_lm():
+    mx.set_default_device(mx.gpu)
+    model = build("gpt_oss", cuda_widths=True)
     stock = greedy_logits(model, _prompt(1), 4)
     assert same(stock, greedy_logits(model, _prompt(1), 4)), "stock is not deterministic here"
     result, patched, plans = patched_run(gqa_prologue, model, _prompt(1), 4)

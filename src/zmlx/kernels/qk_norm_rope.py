@@ -30,7 +30,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from zmlx.kernels.core import KernelDef, Launch, Skip, device_code, float_bits
-from zmlx.kernels.glm47_rope import rope_table
+from zmlx.kernels.glm47_rope import rope_table, scale_bits
 from zmlx.kernels.residual_norm import geometry
 
 _DTYPES = (mx.bfloat16, mx.float16, mx.float32)
@@ -53,13 +53,16 @@ def reference(
     base,
     rope_scale,
     rope_dims=None,
+    freqs=None,
+    mscale=1.0,
 ):
     """mlx-lm's ops. q (B, 1, heads * D), kv (B, 1, >= kv_heads * D) whose first kv_heads * D
     values are the keys, the norms' weights (D,) or None (no q/k norm, e.g. GLM-4.5-Air), the
     projections' biases (heads * D,), (kv_heads * D,) or None; offset: the cache position (an
     int, or an int32 scalar array); rope_dims: the rope's dims (None: D). -> (q (B, heads, 1,
-    D), k (B, kv_heads, 1, D)). `table` is the kernel's (rope_table of rope_dims); the
-    reference does not need it."""
+    D), k (B, kv_heads, 1, D)). YaRN (mlx-lm's YarnRoPE, gpt-oss's): base None, `freqs` and
+    `mscale` as the module holds them (`_freqs`, `mscale`). `table` is the kernel's
+    (rope_table of rope_dims, with those frequencies); the reference does not need it."""
     b, n, _ = q.shape
     d = q.shape[-1] // heads
     k = kv[..., : kv_heads * d]
@@ -69,8 +72,10 @@ def reference(
     if q_norm_w is not None:
         q, k = mx.fast.rms_norm(q, q_norm_w, eps_q), mx.fast.rms_norm(k, k_norm_w, eps_k)
     q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-    rope = dict(traditional=False, base=base, scale=rope_scale, offset=offset)
     dims = d if rope_dims is None else rope_dims
+    if mscale != 1.0:  # YarnRoPE scales its input in the input's dtype, before the rope
+        q, k = q.at[..., :dims].multiply(mscale), k.at[..., :dims].multiply(mscale)
+    rope = dict(traditional=False, base=base, scale=rope_scale, offset=offset, freqs=freqs)
     return mx.fast.rope(q, dims, **rope), mx.fast.rope(k, dims, **rope)
 
 
@@ -92,6 +97,8 @@ def launch(
     base,
     rope_scale,
     rope_dims=None,
+    freqs=None,
+    mscale=1.0,
 ) -> Launch | Skip:
     dtypes = {a.dtype for a in (q_norm_w, k_norm_w, q_bias, k_bias) if a is not None}
     if q.dtype not in _DTYPES or kv.dtype != q.dtype or not dtypes <= {q.dtype}:
@@ -160,6 +167,7 @@ def launch(
             ("BIAS", int(bias)),
             ("EPS_Q_BITS", float_bits(eps_q) if norm else 0),
             ("EPS_K_BITS", float_bits(eps_k) if norm else 0),
+            ("MSCALE_BITS", scale_bits(mscale, q.dtype)),  # the frequencies are the table's
         ],
         grid=(groups * threads, 1, 1),
         threadgroup=(threads, 1, 1),

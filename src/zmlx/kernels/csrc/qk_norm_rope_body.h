@@ -10,7 +10,8 @@
 // 2. the rope (nn.RoPE, traditional False) of the first RD values: pair (i, i + RD / 2) turned
 //    by the position's (cos, sin), row `cs` of the table (pair i at 2i, 2i + 1), each result
 //    rounded to T (csrc/glm47_rope.h's rotation); values from RD on are copied, as stock's
-//    rope of fewer dims than the head leaves them.
+//    rope of fewer dims than the head leaves them. YaRN (MSCALE_BITS not 1.0): the rotated
+//    values are first scaled in T as YarnRoPE scales its input (glm47_rope.h's ZMLX_ROPE_IN).
 #ifdef ZMLX_CUDA
 #define ZMLX_SIMD_SUM(v) cg::reduce(cg::tiled_partition<32>(cg::this_thread_block()), (v), cg::plus<float>())
 #else
@@ -66,8 +67,8 @@ for (uint d = zmlx_lid; d < D; d += TG) {
     if (d < RD / 2) {
         const float c = cs[2 * d];
         const float s = cs[2 * d + 1];
-        const float x1 = static_cast<float>(static_cast<T>(zmlx_xn[d]));
-        const float x2 = static_cast<float>(static_cast<T>(zmlx_xn[d + RD / 2]));
+        const float x1 = ZMLX_ROPE_IN(static_cast<float>(static_cast<T>(zmlx_xn[d])));
+        const float x2 = ZMLX_ROPE_IN(static_cast<float>(static_cast<T>(zmlx_xn[d + RD / 2])));
         const T r1 = static_cast<T>(ZMLX_ROPE_X1(x1, x2, c, s));
         const T r2 = static_cast<T>(ZMLX_ROPE_X2(x1, x2, c, s));
         if (is_q) {

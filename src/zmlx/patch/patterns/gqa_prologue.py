@@ -33,6 +33,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.rope_utils import YarnRoPE
 
 from zmlx.distributed import sharded_linear_reason
 from zmlx.kernels.glm47_rope import rope_table
@@ -41,7 +43,7 @@ from zmlx.kernels.prepared import Prepared, prepare
 from zmlx.kernels.qk_norm_rope import qk_norm_rope
 from zmlx.kernels.quant import dense_or_quantized, weights_of
 from zmlx.patch import mla_layer
-from zmlx.patch.layer import make
+from zmlx.patch.layer import make, stock_attention
 from zmlx.patch.layer import registry as layer_registry
 from zmlx.patch.mla_layer import QPrep, Stock, ready
 from zmlx.patch.pattern import Pattern
@@ -76,6 +78,11 @@ def _projections_reason(attn) -> str | None:
     return None
 
 
+def _scale_attr(attn) -> str | None:
+    """The attribute holding SDPA's scale (gpt-oss calls it sm_scale)."""
+    return next((a for a in ("scale", "sm_scale") if isinstance(getattr(attn, a, None), float)), None)
+
+
 def check(layer, params) -> str | None:
     for attr in ("self_attn", "input_layernorm", "mlp", "post_attention_layernorm"):
         if not hasattr(layer, attr):  # the shared __call__ runs mlx-lm's standard layer
@@ -83,19 +90,25 @@ def check(layer, params) -> str | None:
     if type(layer.input_layernorm) is not nn.RMSNorm:
         return f"input_layernorm is a {type(layer.input_layernorm).__name__}"
     attn = layer.self_attn
-    if "sinks" in attn:
-        return "attention sinks (this pattern's attention call does not pass them)"
-    for attr in (*_PROJECTIONS, "o_proj", "rope", "scale"):
+    for attr in (*_PROJECTIONS, "o_proj", "rope"):
         if not hasattr(attn, attr):
             return f"attention has no {attr} (not a grouped-query attention)"
+    if _scale_attr(attn) is None:
+        return "attention has no scale (scale or sm_scale)"
     if (heads := heads_of(attn)) is None:
         return "attention names no head counts (n_heads / n_kv_heads)"
     norms = [type(attn[n]) if n in attn else None for n in ("q_norm", "k_norm")]
     if norms not in ([nn.RMSNorm, nn.RMSNorm], [None, None]):
         return f"q_norm and k_norm are {[getattr(t, '__name__', None) for t in norms]} (two RMSNorms or none)"
     rope, head_dim = attn.rope, attn.q_proj.weight.shape[0] // heads[0]
-    if type(rope) is not nn.RoPE or rope.traditional or rope.dims % 2 or not 0 < rope.dims <= head_dim:
-        return f"rope is a {type(rope).__name__} (only nn.RoPE, traditional False, over at most the head)"
+    if (
+        type(rope) not in (nn.RoPE, YarnRoPE)
+        or rope.traditional
+        or rope.dims % 2
+        or not 0 < rope.dims <= head_dim
+    ):
+        kind = type(rope).__name__
+        return f"rope is a {kind} (only nn.RoPE or YarnRoPE, traditional False, over at most the head)"
     return _projections_reason(attn)
 
 
@@ -108,17 +121,18 @@ def _weights(layer) -> tuple:
     for name in _PROJECTIONS:
         p = attn[name]
         out += (p, p.get("weight"), p.get("scales"), p.get("biases"), p.get("bias"))
+    out.append(attn.rope)  # its kind and frequencies made the table
     return tuple(out)
 
 
 class _Prologue:
     """The prepared launches of one layer for one input shape and dtype."""
 
-    __slots__ = ("qkv", "q_prep", "names", "keys", "kv_heads", "v_bias")
+    __slots__ = ("qkv", "q_prep", "names", "keys", "kv_heads", "v_bias", "scale")
 
-    def __init__(self, qkv: Prepared, q_prep: QPrep, keys: int, kv_heads: int, v_bias):
+    def __init__(self, qkv: Prepared, q_prep: QPrep, keys: int, kv_heads: int, v_bias, scale: str):
         self.qkv, self.q_prep, self.keys = qkv, q_prep, keys  # keys: the k rows before v's
-        self.kv_heads, self.v_bias = kv_heads, v_bias
+        self.kv_heads, self.v_bias, self.scale = kv_heads, v_bias, scale  # scale: its attribute
         self.names = ((norm_qkv_a.name, qkv.reason), (qk_norm_rope.name, q_prep.call.reason))
 
     def __call__(self, attn, x, mask, cache):
@@ -132,7 +146,13 @@ class _Prologue:
             values = values + self.v_bias
         values = values.reshape(b, 1, self.kv_heads, -1).transpose(0, 2, 1, 3)
         keys, values = cache.update_and_fetch(keys, values)
-        output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
+        scale = getattr(attn, self.scale)
+        if "sinks" in attn:  # gpt-oss's
+            output = scaled_dot_product_attention(
+                queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=attn["sinks"]
+            )
+        else:
+            output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
         output = output.transpose(0, 2, 1, 3).reshape(b, 1, -1)
         return attn["o_proj"](output)
 
@@ -152,16 +172,21 @@ def _build(layer, x, backend) -> _Prologue | str:
         q_a, kv = qkv(x)
         rope = attn.rope
         head_dim = q_a.shape[-1] // heads
-        table = partial(rope_table, rope.dims, rope.base, rope.scale)
+        if type(rope) is YarnRoPE:  # called with its default scale 1.0; the table has its frequencies
+            rope_kw = dict(base=None, rope_scale=1.0, freqs=rope._freqs, mscale=rope.mscale)
+        else:
+            rope_kw = dict(base=rope.base, rope_scale=rope.scale)
+        table = partial(
+            rope_table, rope.dims, rope_kw["base"], rope_kw["rope_scale"], freqs=rope_kw.get("freqs")
+        )
         norms = "q_norm" in attn
         q_kw = dict(
             heads=heads,
             kv_heads=kv_heads,
             eps_q=attn.q_norm.eps if norms else None,
             eps_k=attn.k_norm.eps if norms else None,
-            base=rope.base,
-            rope_scale=rope.scale,
             rope_dims=rope.dims,
+            **rope_kw,
         )
         weights = (attn.q_norm["weight"], attn.k_norm["weight"]) if norms else (None, None)
         biases = tuple(attn[n].get("bias") for n in _PROJECTIONS)
@@ -170,7 +195,8 @@ def _build(layer, x, backend) -> _Prologue | str:
         q_call = ready(prepare(qk_norm_rope, q_args, q_kw, (0, 1, 5), backend, derived={5: "cs"}))
     except Stock as why:
         return str(why)
-    return _Prologue(qkv, QPrep(q_call, table), kv_heads * head_dim, kv_heads, biases[2])
+    scale = _scale_attr(attn)
+    return _Prologue(qkv, QPrep(q_call, table), kv_heads * head_dim, kv_heads, biases[2], scale)  # type: ignore[arg-type]
 
 
 # id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
@@ -184,8 +210,16 @@ def decode_plan(layer) -> dict[tuple, str]:
 
 
 def attention_half(layer, x, mask, cache):
-    """The attention half of a decode step: r (before the residual add)."""
-    return mla_layer.attention_half(_BLOCKS, layer, x, mask, cache, _weights, _build)
+    """The attention half of a decode step: r (before the residual add). The launches take
+    steps without a mask on mlx-lm's KVCache or RotatingKVCache (gpt-oss's sliding-window
+    layers: at one token its mask is None while the window is the cache's size); else, or
+    where the block says why not, mlx-lm's attention."""
+    if mask is not None or type(cache) not in (KVCache, RotatingKVCache):
+        return stock_attention(layer, x, mask, cache)
+    made = mla_layer.block(_BLOCKS, layer, x, _weights(layer), _build)
+    if isinstance(made, str):
+        return stock_attention(layer, x, mask, cache)
+    return made(layer["self_attn"], x, mask, cache)
 
 
 PATTERN = Pattern(

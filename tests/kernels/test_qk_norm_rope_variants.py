@@ -1,6 +1,7 @@
 """qk_norm_rope on GLM-4.5's attention (mlx-lm `glm4_moe`): the projections' biases added in
 the kernel, q/k norms optional (`use_qk_norm`; GLM-4.5-Air has none), and a partial RoPE
-(`partial_rotary_factor` 0.5: the first half of each head rotated, the rest copied).
+(`partial_rotary_factor` 0.5: the first half of each head rotated, the rest copied); and on
+gpt-oss's: biases, no norms, YaRN's rope (its frequencies in the table, its input scale).
 
 CPU: the reference is mlx-lm's own Attention (its biases, norms and rope, as its __call__
 applies them after the projections' matmuls), not a copy of itself; the Metal body through
@@ -9,6 +10,7 @@ the emulation against a float32 truth. `cuda` tests: bitwise stock on the GPU, p
 import mlx.core as mx
 import pytest
 from mlx_lm.models import glm4_moe
+from mlx_lm.models.rope_utils import initialize_rope
 
 from zmlx.kernels import metal_emu
 from zmlx.kernels.glm47_rope import rope_table
@@ -175,3 +177,81 @@ def test_cuda_kernel_is_bitwise_the_reference(case, dtype):
     args, kw = inputs(b, heads, kv_heads, d, dtype, d + heads, norm=norm, bias=bias, rope_dims=rd)
     got = qk_norm_rope.run_kernel("cuda", *args, init_value=float("nan"), **kw)
     _check_bitwise(got, reference(*args, **kw), dtype)
+
+
+# gpt-oss-20b's rope: YaRN over the 64-wide head (mscale 1 + 0.1 ln 32 scales the input)
+OSS_YARN = dict(
+    rope_type="yarn",
+    factor=32.0,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    truncate=False,
+    original_max_position_embeddings=4096,
+)
+
+
+def _oss_case(b, heads, kv_heads, d, dtype, seed, offset):
+    """gpt-oss's rope module (mlx-lm's initialize_rope, as its AttentionBlock makes it), random
+    biases, and the kernel's (args, kwargs); stock: `x + bias`, reshape, swapaxes, the rope."""
+    rope = initialize_rope(
+        d, 150000, traditional=False, scaling_config=OSS_YARN, max_position_embeddings=131072
+    )
+    keys = mx.random.split(mx.random.key(seed), 4)
+    q = mx.random.normal((b, 1, heads * d), key=keys[0]).astype(dtype)
+    kv = mx.random.normal((b, 1, 2 * kv_heads * d), key=keys[1]).astype(dtype)
+    qb = (0.5 * mx.random.normal((heads * d,), key=keys[2])).astype(dtype)
+    kb = (0.5 * mx.random.normal((kv_heads * d,), key=keys[3])).astype(dtype)
+    kw = dict(
+        heads=heads,
+        kv_heads=kv_heads,
+        eps_q=None,
+        eps_k=None,
+        base=None,
+        rope_scale=1.0,
+        rope_dims=rope.dims,
+        freqs=rope._freqs,
+        mscale=rope.mscale,
+    )
+    table = rope_table(rope.dims, None, 1.0, offset + 1, freqs=rope._freqs)
+    stock_q = rope((q + qb).reshape(b, 1, heads, d).swapaxes(1, 2), offset=offset)
+    stock_k = rope((kv[..., : kv_heads * d] + kb).reshape(b, 1, kv_heads, d).swapaxes(1, 2), offset=offset)
+    return (stock_q, stock_k), (q, kv, None, None, table, offset, qb, kb), kw
+
+
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 257])
+def test_gpt_oss_reference_is_mlx_lm_modules(b, dtype, offset):
+    stock, args, kw = _oss_case(b, 5, 3, 64, dtype, 11 + offset, offset)
+    assert kw["mscale"] != 1.0
+    _check_bitwise(reference(*args, **kw), stock, dtype)
+
+
+@pytest.mark.skipif(not metal_emu.available(), reason="needs g++")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt_oss_metal_body_is_as_close_as_stock(tmp_path_factory, close_bar, dtype):
+    stock, args, kw = _oss_case(1, 5, 3, 64, dtype, 5, 257)
+    got = metal_emu.run(qk_norm_rope, *args, workdir=tmp_path_factory.getbasetemp(), **kw)  # poisoned NaN
+    truth = _f32(*args, **kw)
+    for i in range(2):
+        assert got[i].dtype == dtype and not mx.isnan(got[i]).any().item()
+        want, bar = close_bar(lambda *a, **k: stock[i], lambda *a, **k: truth[i], args, kw, dtype)
+        assert mx.abs(got[i].astype(mx.float32) - want).max().item() <= bar
+
+
+def test_gpt_oss_launch_scales_the_input():
+    _, args, kw = _oss_case(1, 64, 8, 64, mx.bfloat16, 1, 4095)
+    template = dict(launch("cuda", *args, **kw).template)
+    assert template["MSCALE_BITS"] != 0x3F800000 and (template["NORM"], template["BIAS"]) == (0, 1)
+    assert dict(launch("cuda", *args, **{**kw, "mscale": 1.0}).template)["MSCALE_BITS"] == 0x3F800000
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 1, 4095])
+def test_gpt_oss_cuda_kernel_is_bitwise_mlx_lm(b, dtype, offset):
+    """gpt-oss-20b's heads (64 over 8 of 64), YaRN's rope, the biases."""
+    stock, args, kw = _oss_case(b, 64, 8, 64, dtype, 13 + offset, offset)
+    got = qk_norm_rope.run_kernel("cuda", *args, init_value=float("nan"), **kw)  # poisoned
+    _check_bitwise(got, stock, dtype)
