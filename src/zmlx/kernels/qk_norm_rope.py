@@ -18,6 +18,14 @@ four launches. Here one reads q and the keys at the start of the fused k|v proje
   pairing (MLX's kernels compute theta from i alone, traditional or not), so the traditional
   table holds this rope's values too; the rotation rounded as MLX's kernel is compiled
   (csrc/glm47_rope.h's ZMLX_ROPE_X1/X2), then to T.
+Variants, each a template switch, each stock's op where the attention has it:
+- BIAS (GLM-4.5, gpt-oss: the projections' `x + bias`): the value plus its bias, one rounding
+  of a float32 sum, before the norm (MLX's add of two values of T gives the same: their exact
+  sum is a float32, or its smaller term lies below half an ulp of T);
+- NORM off (GLM-4.5-Air, gpt-oss: no q/k norms): the projections' values roped as they are;
+- RD < D (GLM-4.5's partial_rotary_factor): the first RD values rotated, the rest copied;
+- YaRN (gpt-oss's YarnRoPE): the table made with its frequencies, the rotated values first
+  scaled in T by its mscale (glm47_rope's rules, csrc/glm47_rope.h's ZMLX_ROPE_IN).
 The position reaches the kernel as the table's row (a view): no recompile per token.
 On Metal the same body (close: MLX's Metal rope and norm are not followed there).
 

@@ -1,27 +1,28 @@
 """gqa_prologue: the grouped-query attention half of a decoder layer at decode (Qwen3-MoE's,
-GLM-4.5's) with its first stock launches fused into two, every value stock's (close; exact on
-CUDA and the CPU).
+GLM-4.5's, gpt-oss's) with its first stock launches fused into two, every value stock's
+(close; exact on CUDA and the CPU).
 
-Patches the decoder layer (`Qwen3MoeDecoderLayer`, glm4_moe's `DecoderLayer`) as the attention
-half of zmlx.patch.layer's shared `__call__`, like mla_prologue (moe_block supplies the MoE
-half; on a layer both patch, the two halves run together). A decode step with mlx-lm's plain
-`KVCache` and no mask runs
+Patches the decoder layer (`Qwen3MoeDecoderLayer`, glm4_moe's `DecoderLayer`, gpt-oss's
+`TransformerBlock`) as the attention half of zmlx.patch.layer's shared `__call__`, like
+mla_prologue (moe_block supplies the MoE half; on a layer both patch, the two halves run
+together). A decode step with mlx-lm's `KVCache` (or gpt-oss's sliding-window
+`RotatingKVCache`) and no mask runs
 
     norm_qkv_a     input_layernorm + q_proj + [k_proj | v_proj], one pass over the row (the
                    k and v projections' packed rows side by side, one matrix made at patch
                    time: each row's dot is the same whichever matrix holds it)
-    qk_norm_rope   the q and k projections' biases (GLM-4.5's), q_norm and k_norm per head
-                   (when the attention has them) + the rope of both at the cache position
-                   (over the whole head, or its first `rope.dims`: GLM-4.5's partial rope)
+    qk_norm_rope   the q and k projections' biases (GLM-4.5's, gpt-oss's), q_norm and k_norm
+                   per head (when the attention has them) + the rope of both at the cache
+                   position (whole-head, GLM-4.5's partial, or gpt-oss's YaRN)
 
 and then mlx-lm's own ops in mlx-lm's order: v_proj's bias add, the values' reshape, the
-cache update, scaled_dot_product_attention, the heads' merge and o_proj (the residual add is
-the MoE half's). Stock runs eight to eleven launches there (input_layernorm, three matvecs,
-the biases' adds, two norms, two ropes).
+cache update, scaled_dot_product_attention (with gpt-oss's sinks), the heads' merge and
+o_proj (the residual add is the MoE half's). Stock runs eight to eleven launches there
+(input_layernorm, three matvecs, the biases' adds, two norms, two ropes).
 Both launches are bitwise stock on CUDA (MLX's rms_norm, qmv/gemv and rope orders, one
 sequence; more take mlx-lm's attention) and run their references, stock's op sequence, on
-the CPU; on Metal their dots are float32 sums (close). Launches are prepared as
-mla_prologue's (zmlx.patch.mla_layer's store, regime and report, which are not MLA's own).
+the CPU; on Metal their dots are float32 sums (close). Launches are prepared and reported
+as mla_prologue's (zmlx.patch.mla_layer's store and report, which are not MLA's own).
 Prompts, masked steps, other caches and layers whose launches skip (why: `decode_plan`) run
 mlx-lm's attention.
 """
@@ -225,7 +226,7 @@ def attention_half(layer, x, mask, cache):
 PATTERN = Pattern(
     name="gqa_prologue",
     summary=(
-        "decoder layer's grouped-query attention half at decode (Qwen3-MoE, GLM-4.5): input"
+        "decoder layer's grouped-query attention half at decode (Qwen3-MoE, GLM-4.5, gpt-oss): input"
         " RMSNorm + q, k and v projections; their biases, q and k norms and RoPE; then mlx-lm's"
         " cache update, attention and o_proj"
     ),
