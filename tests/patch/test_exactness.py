@@ -1,5 +1,7 @@
 """The patched tiny GLM-4.7-Flash equals stock bitwise: the checks mlx-lm's model tests make."""
 
+import dataclasses
+
 import mlx.core as mx
 import pytest
 
@@ -220,9 +222,13 @@ def test_expert_patterns_leave_sorted_decode_steps_to_mlx_lm(request, which, mon
     calls = []
     for module, name in ((moe_mlp, "moe_mlp"), (downproj_combine, "downproj_combine")):
         kernel = getattr(module, name)
-        monkeypatch.setattr(
-            module, name, lambda *a, _k=kernel, **kw: calls.append(a[0].shape) or _k(*a, **kw)
-        )
+
+        def spy(*a, _k=kernel, **kw):
+            calls.append(a[0].shape)
+            return _k(*a, **kw)
+
+        # the spy is the kernel's reference: what its prepared launch runs on the CPU, every call
+        monkeypatch.setattr(module, name, dataclasses.replace(kernel, reference=spy))
     for batch, expect_calls in ((16, False), (1, True)):
         prompt = mx.array([[3, 14, 15, 92, 65]] * batch) + mx.arange(batch)[:, None]
         stock = _forward_steps(model, prompt, 2, True)
@@ -249,7 +255,13 @@ def test_downproj_combine_takes_the_activations_from_moe_mlp_only_when_it_is_cho
     model, _ = tiny_q4
     calls = []
     kernel = downproj_combine.moe_mlp
-    monkeypatch.setattr(downproj_combine, "moe_mlp", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return kernel(*a, **kw)
+
+    # the spy is the kernel's reference: what its prepared launch runs on the CPU, every call
+    monkeypatch.setattr(downproj_combine, "moe_mlp", dataclasses.replace(kernel, reference=spy))
     zmlx.patch(model, patterns=patterns)
     try:
         _forward_steps(model, mx.array([[3, 14, 15, 92, 65]]), 2, True)

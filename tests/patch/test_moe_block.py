@@ -245,7 +245,12 @@ def test_a_pattern_that_yields_is_registered_after_the_one_it_yields_to():
     """patch() plans in registry order: residual_norm can see that moe_block patched layers
     only when moe_block was planned first."""
     order = list(zmlx.PATTERNS)
-    assert zmlx.PATTERNS["residual_norm"].yields_to == ("moe_block", "mla_block", "mla_prologue")
+    assert zmlx.PATTERNS["residual_norm"].yields_to == (
+        "moe_block",
+        "mla_block",
+        "mla_prologue",
+        "gqa_prologue",
+    )
     for name, p in zmlx.PATTERNS.items():
         assert all(order.index(w) < order.index(name) for w in p.yields_to), name
 

@@ -5,6 +5,7 @@ with the router's scores in the activations' dtype."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import mlx.core as mx
@@ -30,7 +31,9 @@ def spy(monkeypatch):
         calls.append((h.shape, scores.dtype, h.dtype))
         return real(h, inds, scores, *rest, **kw)
 
-    monkeypatch.setattr(combine_module, "downproj_combine", recording)
+    # the pattern calls a KernelDef (zmlx.patch.module_calls): the spy is the kernel's
+    # reference, which is what its prepared launch runs on the CPU, on every call
+    monkeypatch.setattr(combine_module, "downproj_combine", dataclasses.replace(real, reference=recording))
     return calls
 
 

@@ -6,6 +6,8 @@ test_family_exactness.py; the `cuda` test here checks the kernel inside the mode
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import pytest
 from test_family_exactness import build, forward
@@ -47,7 +49,8 @@ def test_every_moe_block_is_patched_and_runs_the_kernel_once_per_forward(family,
         calls.append((gates.shape, kw))
         return reference(gates, **kw)
 
-    monkeypatch.setattr(pattern_module, "softmax_router", spy)
+    # the spy is the kernel's reference: what its prepared launch runs on the CPU, every call
+    monkeypatch.setattr(pattern_module, "softmax_router", dataclasses.replace(softmax_router, reference=spy))
     prompt = mx.random.randint(1, 512, (2, 7), key=mx.random.key(3))
     stock = forward(model, prompt, 2, True)
     result = zmlx.patch(model, patterns=["softmax_router"])
@@ -83,7 +86,9 @@ def test_the_order_of_the_k_reaches_the_weighted_sum(family, monkeypatch):
 
     prompt = mx.random.randint(1, 512, (2, 7), key=mx.random.key(4))
     stock = forward(model, prompt, 2, True)
-    monkeypatch.setattr(pattern_module, "softmax_router", reversed_router)
+    monkeypatch.setattr(
+        pattern_module, "softmax_router", dataclasses.replace(softmax_router, reference=reversed_router)
+    )
     zmlx.patch(model, patterns=["softmax_router"])
     try:
         patched = forward(model, prompt, 2, True)

@@ -31,10 +31,7 @@ _CALLS = layer_registry()
 def call(module, kernel: KernelDef, args: Sequence, kwargs: Mapping[str, Any], live: Sequence[int]) -> Any:
     """kernel(*args, **kwargs) through the launch prepared for `module`; `live`: the positions
     of the arguments that change from call to call (the activations, the routing), each an
-    array of its own; every other argument is held and compared by identity. A `kernel` that
-    is not a KernelDef (a test's stand-in) is called as it is."""
-    if not isinstance(kernel, KernelDef):
-        return kernel(*args, **kwargs)
+    array of its own; every other argument is held and compared by identity."""
     backend = _backend.current()
     calls = blocks_of(_CALLS, module)
     key = (kernel, backend, tuple(kwargs.items()), *((args[i].shape, args[i].dtype) for i in live))
