@@ -163,13 +163,21 @@ def block(registry: dict, layer, x, layer_weights: tuple, build: Callable) -> An
 
 
 def attention_half(
-    registry: dict, layer, x, mask, cache, layer_weights: Callable[[Any], tuple], build: Callable
+    registry: dict,
+    layer,
+    x,
+    mask,
+    cache,
+    layer_weights: Callable[[Any], tuple],
+    build: Callable,
+    in_regime: Callable[[Any, Any], bool] = regime,
 ) -> mx.array:
     """The attention half of a decode step (r, before the residual add): in the launches'
-    regime the layer's prepared block from `registry` (`block`), called as
-    made(self_attn, x, mask, cache); else, or where the block says why not, mlx-lm's
-    attention (as the attention patterns patched it)."""
-    if not regime(mask, cache):
+    regime (`in_regime(mask, cache)`: MLA's `regime` unless the pattern has its own) the
+    layer's prepared block from `registry` (`block`), called as made(self_attn, x, mask,
+    cache); else, or where the block says why not, mlx-lm's attention (as the attention
+    patterns patched it)."""
+    if not in_regime(mask, cache):
         return stock_attention(layer, x, mask, cache)
     made = block(registry, layer, x, layer_weights(layer), build)
     if isinstance(made, str):  # outside the launches' regime

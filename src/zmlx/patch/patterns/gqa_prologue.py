@@ -44,7 +44,7 @@ from zmlx.kernels.prepared import Prepared, prepare
 from zmlx.kernels.qk_norm_rope import qk_norm_rope
 from zmlx.kernels.quant import dense_or_quantized, weights_of
 from zmlx.patch import mla_layer
-from zmlx.patch.layer import make, stock_attention
+from zmlx.patch.layer import make
 from zmlx.patch.layer import registry as layer_registry
 from zmlx.patch.mla_layer import QPrep, Stock, ready
 from zmlx.patch.pattern import Pattern
@@ -137,8 +137,8 @@ class _Prologue:
         self.names = ((norm_qkv_a.name, qkv.reason), (qk_norm_rope.name, q_prep.call.reason))
 
     def __call__(self, attn, x, mask, cache):
-        """mlx-lm's Attention (qwen3_moe's, glm4_moe's) at one token from its normed, roped
-        queries and keys and its values on: the same ops on the same values."""
+        """mlx-lm's attention (qwen3_moe's, glm4_moe's, gpt-oss's) at one token from its
+        normed, roped queries and keys and its values on: the same ops on the same values."""
         b = x.shape[0]
         q_a, kv = self.qkv(x)
         queries, keys = self.q_prep.step(q_a, kv, cache)
@@ -210,17 +210,16 @@ def decode_plan(layer) -> dict[tuple, str]:
     return mla_layer.decode_plan(_BLOCKS, layer)
 
 
+def _regime(mask, cache) -> bool:
+    """The launches take steps without a mask on mlx-lm's KVCache or RotatingKVCache
+    (gpt-oss's sliding-window layers: at one token its mask is None while the window is the
+    cache's size)."""
+    return mask is None and type(cache) in (KVCache, RotatingKVCache)
+
+
 def attention_half(layer, x, mask, cache):
-    """The attention half of a decode step: r (before the residual add). The launches take
-    steps without a mask on mlx-lm's KVCache or RotatingKVCache (gpt-oss's sliding-window
-    layers: at one token its mask is None while the window is the cache's size); else, or
-    where the block says why not, mlx-lm's attention."""
-    if mask is not None or type(cache) not in (KVCache, RotatingKVCache):
-        return stock_attention(layer, x, mask, cache)
-    made = mla_layer.block(_BLOCKS, layer, x, _weights(layer), _build)
-    if isinstance(made, str):
-        return stock_attention(layer, x, mask, cache)
-    return made(layer["self_attn"], x, mask, cache)
+    """The attention half of a decode step: r (before the residual add)."""
+    return mla_layer.attention_half(_BLOCKS, layer, x, mask, cache, _weights, _build, _regime)
 
 
 PATTERN = Pattern(
