@@ -254,13 +254,14 @@ FAMILIES.update(
                 "swiglu_mlp": Target("MLP"),
                 "moe_block": Target("DecoderLayer", _NO_EPS),
                 # the attention half's first launches in two at decode (q/k biases, optional
-                # q/k norms, partial RoPE in qk_norm_rope): opt-in until its cuda tests
-                # (tests/kernels/test_qk_norm_rope_variants.py) run on a GPU
+                # q/k norms, partial RoPE in qk_norm_rope); in the CUDA preset, whose layers
+                # are bitwise stock on the H200 at GLM-4.5-Air's widths (test_gqa_prologue.py,
+                # test_qk_norm_rope_variants.py, test_family_cuda_presets.py)
                 "gqa_prologue": Target("DecoderLayer"),
             },
             preset=("moe_router", "moe_combine"),
             # moe_block: bitwise stock on the GPU with the rest (test_family_cuda_presets.py)
-            presets_on={"cuda": ("moe_router", "moe_mlp", "downproj_combine", "moe_block")},
+            presets_on={"cuda": ("moe_router", "moe_mlp", "downproj_combine", "moe_block", "gqa_prologue")},
             skips={
                 **{p: _GQA for p in _MLA_PATTERNS},
                 "residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array",
@@ -328,12 +329,13 @@ FAMILIES["gpt_oss"] = Family(
         # the MoE half at decode (zmlx.patch.softmax_layer), behind moe_block.SOFTMAX_LAYERS
         "moe_block": Target("TransformerBlock", {"softmax_first": False, "topk_last": True}),
         # the attention half's first launches in two at decode (biases, YaRN's rope, the sinks
-        # passed to mlx-lm's SDPA; the sliding-window layers' RotatingKVCache too): opt-in
-        # until its cuda tests run on a GPU (switch_checks.sh gqa-glm45)
+        # passed to mlx-lm's SDPA; the sliding-window layers' RotatingKVCache too); in the
+        # CUDA preset (bitwise stock on the H200: test_gqa_prologue.py, test_qk_norm_rope_variants.py,
+        # test_family_cuda_presets.py); it refuses mxfp4 attention projections
         "gqa_prologue": Target("TransformerBlock"),
     },
     preset=(),
-    presets_on={"cuda": ("softmax_router", "moe_mlp", "moe_block")},
+    presets_on={"cuda": ("softmax_router", "moe_mlp", "moe_block", "gqa_prologue")},
     skips={
         "moe_router": _SOFTMAX,
         "moe_combine": _BLOCK_ROUTES,

@@ -172,7 +172,7 @@ def test_gpt_oss_is_a_family_whose_default_preset_is_cuda_only():
     assert result.family == "gpt_oss" and "nothing to patch" not in result.message
     assert "gpt_oss" not in UNSUPPORTED and result.patched_modules == 0
     assert all(FAMILIES["gpt_oss"].preset_on(b) == () for b in ("cpu", "metal"))
-    assert FAMILIES["gpt_oss"].preset_on("cuda") == ("softmax_router", "moe_mlp", "moe_block")
+    assert FAMILIES["gpt_oss"].preset_on("cuda") == ("softmax_router", "moe_mlp", "moe_block", "gqa_prologue")
     routing = {"softmax_first": False, "topk_last": True}
     assert FAMILIES["gpt_oss"].targets["softmax_router"].params == routing
     assert FAMILIES["gpt_oss"].targets["moe_block"].params == routing
