@@ -1,6 +1,7 @@
 """glm47_rope: MLA decode RoPE of q_pe and k_pe (+ q_pe's scale), bitwise mx.fast.rope on the GPU."""
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.models import glm4_moe_lite
 
@@ -53,6 +54,20 @@ def _check_table_rotation():
         mine = mx.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).reshape(x.shape)
         stock = mx.fast.rope(x, 64, traditional=True, base=1_000_000.0, scale=1.0, offset=p)
         assert mx.array_equal(mine, stock).item(), p
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dims", [2, 4, 64])
+def test_cuda_table_rows_hold_their_positions_angles(dims):
+    """Each row p of a table built on the GPU is (cos, sin) of p times its pair's frequency
+    (float64 truth, float32 rounding). A rope of 2 dims once built its table from a view
+    whose positions had stride 0, and MLX's CUDA rope gave row 257 position 7's angle."""
+    t = rope_table(dims, 1_000_000.0, 1.0, 1000)
+    rows = np.array(t[:1000].astype(mx.float32), dtype=np.float64)
+    inv = 1_000_000.0 ** (-np.arange(dims // 2) * 2.0 / dims)
+    angles = np.arange(1000)[:, None] * inv[None, :]
+    assert np.abs(rows[:, 0::2] - np.cos(angles)).max() < 1e-4
+    assert np.abs(rows[:, 1::2] - np.sin(angles)).max() < 1e-4
 
 
 class _Cache:

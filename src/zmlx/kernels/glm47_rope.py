@@ -115,8 +115,11 @@ def rope_table(
         return table
     n = max(MIN_TABLE_ROWS, 1 << max(positions - 1, 0).bit_length())
     ones = mx.broadcast_to(mx.array([1.0, 0.0], mx.float32), (1, 1, n, rope_dims // 2, 2))
+    # materialized: with one pair the reshape is a view whose positions have stride 0, and
+    # MLX's CUDA rope then turns row p by another position's angle (H200, rope of 2 dims:
+    # row 257 held position 7's; log 20261202-h200-switch-gqa-prologue-25a0157.log)
     table = mx.fast.rope(
-        ones.reshape(1, 1, n, rope_dims),
+        mx.contiguous(ones.reshape(1, 1, n, rope_dims)),
         rope_dims,
         traditional=True,
         base=base,
