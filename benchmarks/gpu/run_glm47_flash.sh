@@ -16,7 +16,9 @@
 #                     verdict for an exact pattern anyway, and it saves ~100 s a set on flash;
 #                     KERNELS=0 and ISSUE=0 leave out the kernel count and the issue time,
 #                     each noted in the line: at a 32768-token prompt their prefills do not
-#                     fit a 10-minute command beside the runs)
+#                     fit a 10-minute command beside the runs; PREFILL_ONCE=1 prefills the
+#                     prompt once per set and starts each run from it: a 32768-token prompt's
+#                     ~30 s prefill is then paid once, not once a run)
 #   STEP=kernels      the `cuda` kernel tests (KERNEL_TESTS: which files), then the per-kernel
 #                     micro-benchmark
 #   STEP=tests        the `cuda` tests in TESTS (pytest arguments: files, -k ...), stopped after
@@ -64,6 +66,7 @@ options() {  # ACCURACY, KERNELS and ISSUE as matrix run's flags
   [ "${ACCURACY:-1}" = 0 ] && flags="--no-accuracy"
   [ "${KERNELS:-1}" = 0 ] && flags="$flags --no-count-kernels"
   [ "${ISSUE:-1}" = 0 ] && flags="$flags --no-issue-time"
+  [ "${PREFILL_ONCE:-0}" = 1 ] && flags="$flags --prefill-once"
   echo "$flags"
 }
 preset() {

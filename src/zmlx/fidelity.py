@@ -116,13 +116,14 @@ def scalar(x: mx.array) -> float:
     return cast(float, x.item())
 
 
-def generate(model, tokenizer, prompt: mx.array, max_tokens: int) -> Run:
-    """Greedy generation through mlx-lm's stream_generate."""
+def generate(model, tokenizer, prompt: mx.array, max_tokens: int, prompt_cache: list | None = None) -> Run:
+    """Greedy generation through mlx-lm's stream_generate (continuing `prompt_cache`, which
+    then already holds all of the prompt but `prompt`, when given)."""
     from mlx_lm.generate import stream_generate
 
     mx.reset_peak_memory()
     tokens, last = [], None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, prompt_cache=prompt_cache):
         tokens.append(int(last.token))
     if last is None:
         return Run([], 0.0, 0.0, 0.0)

@@ -32,6 +32,19 @@ def prefill(
     cache is quantized as mlx-lm's `--kv-bits` quantizes it (maybe_quantize_kv_cache, from
     position 0) before the last token, so that token and every decode step after it run over
     the quantized cache."""
+    cache = prefill_head(model, prompt, chunk, cache)
+    n = prompt.size
+    if kv_bits is not None:
+        from mlx_lm.generate import maybe_quantize_kv_cache
+
+        maybe_quantize_kv_cache(cache, 0, kv_group_size, kv_bits)
+    return cache, model(prompt[None, n - 1 :], cache=cache)
+
+
+def prefill_head(model, prompt: mx.array, chunk: int = PREFILL_STEP, cache: list | None = None) -> list:
+    """`cache` (a fresh prompt cache of the model's when None) after all of `prompt` but its
+    last token, fed as mlx-lm's generate_step feeds it: what `prefill` and mlx-lm's generation
+    with that cache and the last token as the prompt then continue from."""
     from mlx_lm.models.cache import make_prompt_cache
 
     if chunk < 1:
@@ -45,8 +58,4 @@ def prefill(
         model(prompt[None, start : min(start + chunk, n - 1)], cache=cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
-    if kv_bits is not None:
-        from mlx_lm.generate import maybe_quantize_kv_cache
-
-        maybe_quantize_kv_cache(cache, 0, kv_group_size, kv_bits)
-    return cache, model(prompt[None, n - 1 :], cache=cache)
+    return cache

@@ -218,3 +218,49 @@ def test_the_issue_time_and_kernel_count_left_out_say_so_in_the_line(tiny_q4, mo
         assert x.issue_ms_per_step is None and x.issue_note == "not timed (--no-issue-time)"
         assert x.kernels_per_token is None and x.kernels_note == "not counted (--no-count-kernels)"
     assert r.fidelity["verdict"] == "PASS"
+
+
+def _tokens(results):
+    return {r.variant.name: r.tokens for r in results}
+
+
+@pytest.mark.parametrize("spec,prompt_tokens", [("glm", 40), ("synth:gpt_oss/tiny/affine4", 37)])
+def test_prefill_once_gives_every_run_the_tokens_of_a_whole_prompt_run(tiny_q4, spec, prompt_tokens):
+    """Each run continues a copy of the one prefill's state: its tokens are those of runs that
+    prefill the whole prompt, run after run (a run that wrote into the kept state would change
+    the next run's), with a static cache (compiled_decode) and past gpt-oss's sliding window
+    (RotatingKVCache, 16 positions) too."""
+    from zmlx import synth
+
+    model, tok = tiny_q4 if spec == "glm" else synth.build(spec)
+    sets = [CONTROL, Variant("compiled", ("compiled_decode",))] if spec == "glm" else [CONTROL]
+    kw = dict(runs=2, max_tokens=12, prompt_tokens=prompt_tokens, issue_time=False)
+    whole = measure(model, tok, sets, **kw)
+    once = measure(model, tok, sets, prefill_once=True, **kw)
+    assert _tokens(once) == _tokens(whole)
+    for r in once:
+        assert len(r.runs) == 2 and len(set(map(tuple, r.tokens))) == 1 and len(r.tokens[0]) == 12
+        assert r.runs[0].prompt_tps == r.runs[1].prompt_tps > 0  # the one prefill's
+    if spec == "glm":
+        assert once[1].compiled_decode["compiled_steps"] > 0  # the static cache's step ran
+
+
+def test_a_restored_cache_writing_in_place_leaves_the_kept_state():
+    """A cache that writes into the very arrays its state was set with (`keys[...] = x`)
+    changes a copy: the kept state is what the next run starts from."""
+    import mlx.core as mx
+
+    from zmlx.bench.harness import restore
+
+    class InPlace:
+        state = None
+
+        def write(self):
+            self.state[0][..., 0] = 7.0
+
+    keys = mx.zeros((1, 1, 4, 2))
+    kept = [((keys, mx.ones((1, 1, 4, 2)), 4), None)]
+    first = restore([InPlace()], kept)[0]
+    first.write()
+    assert first.state[0][..., 0].tolist() == [[[7.0] * 4]]
+    assert not kept[0][0][0].any().item() and kept[0][0][2] == 4

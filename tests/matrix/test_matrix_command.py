@@ -54,11 +54,14 @@ def test_run_appends_a_measured_line(tmp_path):
         "--max-tokens",
         "8",
         "--no-accuracy",
+        "--prefill-once",
         "--ledger",
         str(ledger),
     )
     assert p.returncode == 0, p.stderr
     patched, noise = L.read(ledger).entries
+    assert "prefill_once" not in patched and noise["prefill_once"] is True
+    assert noise["notes"] == "prompt prefilled once per set (--prefill-once)"
     assert patched["patterns"] == ["moe_router", "moe_combine"]
     assert patched["fidelity"] == "PASS" and patched["fidelity_detail"]["identical"] == 8
     assert len(patched["decode_tps"]) == len(patched["stock_decode_tps"]) == 2

@@ -8,21 +8,23 @@ variants run in one process on one loaded model, interleaved run by run
 from __future__ import annotations
 
 import statistics
+import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_map
 
 from zmlx import backend
 from zmlx.bench.issue_time import issue_times
 from zmlx.config import PatchConfig
-from zmlx.fidelity import divergence, generate
+from zmlx.fidelity import Run, divergence, generate
 from zmlx.patch import patch, unpatch
 from zmlx.patch.patterns import compiled_decode
-from zmlx.prefill import prefill
+from zmlx.prefill import prefill, prefill_head
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,41 @@ def profile_decode(model, prompt: mx.array, steps: int = 8) -> tuple[float | Non
     return len(kernels) / steps, gpu_us / steps, f"torch.profiler, {steps} decode steps"
 
 
+def _head(model, prompt: mx.array) -> tuple[list, float]:
+    """The model's cache after all of `prompt` but its last token, as (each layer's state and
+    meta_state: mlx-lm's prompt-cache file contents), and that prefill's tokens per second."""
+    start = time.perf_counter()
+    cache = prefill_head(model, prompt)
+    seconds = time.perf_counter() - start
+    return [(c.state, getattr(c, "meta_state", None)) for c in cache], (prompt.size - 1) / max(seconds, 1e-9)
+
+
+def _run(model, tokenizer, prompt: mx.array, max_tokens: int, head: tuple[list, float] | None) -> Run:
+    """One generation: the whole prompt, or (head) its last token after the kept prefill, in a
+    fresh cache of the model's given that state, with the prefill's tokens per second."""
+    if head is None:
+        return generate(model, tokenizer, prompt, max_tokens)
+    from mlx_lm.models.cache import make_prompt_cache
+
+    states, prompt_tps = head
+    cache = restore(make_prompt_cache(model), states)
+    run = generate(model, tokenizer, prompt[-1:], max_tokens, prompt_cache=cache)
+    return replace(run, prompt_tps=prompt_tps)
+
+
+def restore(cache: list, states: list) -> list:
+    """`cache` given the kept (state, meta_state) of each layer, over new array objects: a cache
+    that writes rows with `keys[...] = x` into the array it was given rebinds that very
+    object, which would change the kept state for the next run (mlx-lm's caches write into an
+    array they made themselves; this guards any other). MLX copies a buffer that another
+    array still holds, so the kept values stay as they were."""
+    for c, (state, meta) in zip(cache, states):
+        c.state = tree_map(lambda a: mx.array(a) if isinstance(a, mx.array) else a, state)
+        if meta:
+            c.meta_state = meta
+    return cache
+
+
 def after_runs(measure_it: Callable[[], Any], what: str) -> tuple[Any, str]:
     """(its result, "") or, where it raises, (None, why in one line): a measurement taken after
     the timed runs must not lose them (MLX's buffer cache is cleared after a failure)."""
@@ -197,6 +234,7 @@ def measure(
     issue_time: bool = True,
     accuracy: bool = False,
     seed: int = 0,
+    prefill_once: bool = False,
     on_step: Callable[[str], None] | None = None,
     on_done: Callable[[VariantResult, VariantResult], None] | None = None,
 ) -> list[VariantResult]:
@@ -207,6 +245,11 @@ def measure(
     After the timed runs, each variant's host time to issue a decode step (zmlx.bench.issue_time;
     `issue_time` False: not timed) and its kernels (`count_kernels`; each note says so when off);
     with compiled_decode applied, its counters (traces, compiled and stock steps) of the last run.
+    `prefill_once`: each variant feeds all of the prompt but its last token once, at its
+    warm-up (zmlx.prefill.prefill_head), and every run of it starts from that cache's state
+    in a fresh cache of the variant's (the last token as mlx-lm's prompt): a long prompt's
+    prefill is then paid once, not once a run; each run's prompt_tps is that one prefill's
+    (its compiles included) and peak memory counts the kept state too.
     `on_done(control, result)` is called once for every variant after the first, as soon as
     its result is final (after its accuracy verdict, which comes set by set; a skipped variant
     at the end), so that a caller can keep it before a later set's judgement runs out of time."""
@@ -223,15 +266,18 @@ def measure(
             r.skipped = "unsafe: pass --allow-unsafe to run it"
         else:
             active.append(r)
+    heads: dict[int, tuple[list, float]] = {}  # prefill_once: id(result) -> (state, prompt tok/s)
     for r in active:
         with applied(model, r.variant) as result:
             r.patch = result.to_dict() if result is not None else None
-            generate(model, tokenizer, prompt, warmup_tokens)
+            if prefill_once:
+                heads[id(r)] = _head(model, prompt)
+            _run(model, tokenizer, prompt, warmup_tokens, heads.get(id(r)))
         step(f"warm-up {r.variant.name}")
     for i in range(runs):
         for r in active:
             with applied(model, r.variant) as result:
-                run = generate(model, tokenizer, prompt, max_tokens)
+                run = _run(model, tokenizer, prompt, max_tokens, heads.get(id(r)))
                 cd = result.patterns.get("compiled_decode") if result is not None else None
                 if cd is not None and cd.patched:  # its counters belong to this patch: read them now
                     r.compiled_decode = compiled_decode.stats(model)

@@ -90,6 +90,14 @@ def run(
     ] = None,
     count_kernels: Annotated[bool, typer.Option(help="count CUDA kernels per token")] = True,
     issue_time: Annotated[bool, typer.Option(help="time the host's issue of a decode step")] = True,
+    prefill_once: Annotated[
+        bool,
+        typer.Option(
+            "--prefill-once",
+            help="prefill the prompt once per set, at its warm-up, and start every run from that "
+            "cache (long prompts: the runs then time decode only; prompt tok/s is that one prefill's)",
+        ),
+    ] = False,
     accuracy: Annotated[
         Optional[bool],
         typer.Option(
@@ -125,7 +133,11 @@ def run(
         preset = cli_args.preset_option(preset)
         cli_args.environment()
         cli_args.check_model_name(model)
-    params = {"runs": runs, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens}
+    params: dict[str, Any] = {"runs": runs, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens}
+    if prefill_once:
+        params["prefill_once"] = True
+        once = "prompt prefilled once per set (--prefill-once)"
+        notes = f"{notes}; {once}" if notes else once
     # Where the line goes and what code it measures are settled before anything is measured.
     try:
         ledger = L.check_writable(_ledger(ledger))
@@ -190,6 +202,7 @@ def run(
                 prompt_tokens=prompt_tokens,
                 count_kernels=count_kernels,
                 issue_time=issue_time,
+                prefill_once=prefill_once,
                 accuracy=judged,
                 on_step=ui.step_reporter(progress, task, err),
                 on_done=keep,
