@@ -148,6 +148,13 @@ _MLA_PATTERNS = (
     "compiled_decode",
     "mla_kv_quant",
 )
+# compiled_decode's static cache stands in for any KVCache: the GQA families take it too
+_MLA_ONLY = tuple(p for p in _MLA_PATTERNS if p != "compiled_decode")
+# opt-in on the GQA families: close (mx.compile fuses elementwise ops; exact on the CPU, its
+# family tests) until the ledger shows it ACCURATE there on CUDA
+_COMPILED = Target("Model")
+# their Model.__call__ takes (inputs, cache, input_embeddings)
+_COMPILED_EMBEDDINGS = Target("Model", {"input_embeddings": True})
 _DSA_LOOP = "the model loop takes the mask from the DSA CacheList; residual_norm runs DeepSeek-V3's loop"
 _SOFTMAX = (
     "softmax router inside the MoE block (softmax_router fuses it); moe_router fuses the sigmoid "
@@ -226,7 +233,7 @@ def _softmax_moe(
         skips={
             "moe_router": _SOFTMAX,
             "moe_combine": _BLOCK_ROUTES,
-            **{p: _GQA for p in _MLA_PATTERNS},
+            **{p: _GQA for p in _MLA_ONLY},
             **skips,
         },
     )
@@ -258,12 +265,13 @@ FAMILIES.update(
                 # are bitwise stock on the H200 at GLM-4.5-Air's widths (test_gqa_prologue.py,
                 # test_qk_norm_rope_variants.py, test_family_cuda_presets.py)
                 "gqa_prologue": Target("DecoderLayer"),
+                "compiled_decode": _COMPILED,
             },
             preset=("moe_router", "moe_combine"),
             # moe_block: bitwise stock on the GPU with the rest (test_family_cuda_presets.py)
             presets_on={"cuda": ("moe_router", "moe_mlp", "downproj_combine", "moe_block", "gqa_prologue")},
             skips={
-                **{p: _GQA for p in _MLA_PATTERNS},
+                **{p: _GQA for p in _MLA_ONLY},
                 "residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array",
                 "softmax_router": _SIGMOID,
             },
@@ -286,6 +294,7 @@ FAMILIES.update(
                 # stock on the H200 at Qwen3-30B-A3B's widths (test_gqa_prologue.py's cuda
                 # tests), the 30B's preset token-identical and 1.412x (c0c991e6fe): in the preset
                 "gqa_prologue": Target("Qwen3MoeDecoderLayer"),
+                "compiled_decode": _COMPILED_EMBEDDINGS,
             },
             {"residual_norm": "the model loop passes a 'causal' mask, residual_norm's loop an array"},
             cuda_extra=("moe_block", "downproj_combine", "gqa_prologue"),
@@ -299,6 +308,7 @@ FAMILIES.update(
                 "softmax_router": Target("MixtralSparseMoeBlock", {"softmax_first": False}),
                 # the block's combine piece at decode (scores in T); opt-in until its cuda tests run
                 "downproj_combine": Target("MixtralSparseMoeBlock", {"softmax_first": False}),
+                "compiled_decode": _COMPILED_EMBEDDINGS,
             },
             {
                 "swiglu_mlp": "no dense MLP (every layer is MoE, no shared expert)",
@@ -342,7 +352,8 @@ FAMILIES["gpt_oss"] = Family(
         "downproj_combine": _OSS_EXPERTS,
         "swiglu_mlp": "no dense MLP (every layer's MLPBlock is MoE, no shared expert)",
         "residual_norm": "the model loop passes each layer a full or a sliding-window mask by its type",
-        **{p: _OSS_ATTENTION for p in _MLA_PATTERNS},
+        **{p: _OSS_ATTENTION for p in _MLA_ONLY},
+        "compiled_decode": "sliding-window layers (RotatingKVCache): the static cache stands in for KVCache",
     },
 )
 

@@ -1,4 +1,6 @@
-"""A fixed-capacity latent cache for MLA attention (glm4_moe_lite, DeepSeek-style models).
+"""A fixed-capacity cache for MLA attention's latent pair (glm4_moe_lite, DeepSeek-style
+models) and for GQA attention's keys and values (glm4_moe, qwen3_moe, mixtral): whatever
+mlx-lm keeps in a KVCache, in the same layout (the name is the first use's).
 
 mlx-lm's `KVCache` returns a slice that grows by one position every token, so a compiled
 decode step would see a new shape, and retrace, at every token. `StaticMLACache` keeps the

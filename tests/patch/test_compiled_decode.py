@@ -155,15 +155,19 @@ def test_pickled_model_loads_with_both_methods(patched):
     assert type(copy).__call__ is type(model).__call__
 
 
-def test_check_skips_models_without_mla_attention(tiny_q4):
+def test_check_skips_models_without_attention_or_with_other_caches(tiny_q4):
+    from zmlx import synth
+
     model, _ = tiny_q4
     assert compiled_decode.check(model, {}) is None
     attn = model.layers[1].self_attn
     del model.layers[1].self_attn
     try:
-        assert "layer 1 has no MLA attention" in compiled_decode.check(model, {})
+        assert "layer 1 has no self_attn" in compiled_decode.check(model, {})
     finally:
         model.layers[1].self_attn = attn
+    oss, _ = synth.build("synth:gpt_oss/tiny/affine4")  # sliding-window layers first
+    assert compiled_decode.check(oss, {}).startswith("layer 0's cache is RotatingKVCache, not KVCache")
 
 
 def test_prompts_and_calls_without_static_caches_run_stock(patched, tiny_q4):
@@ -248,3 +252,24 @@ def test_the_report_says_a_kernel_less_pattern_runs_mlx_ops(tiny_q4):
         assert result.patterns["moe_router"].path == "reference"  # a kernel's reference on the CPU
     finally:
         zmlx.unpatch(model)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe", "mixtral"])
+def test_gqa_families_decode_compiled_over_static_keys_and_values(family):
+    """The GQA families' KVCache keys and values go into the static cache too: their decode
+    steps run compiled (no stock step), bitwise mlx-lm's on the CPU, batch 1 and 2."""
+    from test_family_exactness import build
+
+    model = build(family)
+    for batch in (1, 2):
+        prompt = mx.random.randint(1, 512, (batch, 5), key=mx.random.key(batch))
+        stock = greedy_logits(model, prompt, 4)
+        zmlx.patch(model, patterns=["compiled_decode"])
+        try:
+            assert type(model.make_cache()[0]) is StaticMLACache
+            got = greedy_logits(model, prompt, 4)
+            stats = compiled_decode.stats(model)
+        finally:
+            zmlx.unpatch(model)
+        assert stats["compiled_steps"] == 4 and stats["stock_steps"] == {} and stats["traces"] == 1
+        assert all(mx.array_equal(s, g).item() for s, g in zip(stock, got, strict=True))

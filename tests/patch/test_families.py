@@ -26,7 +26,7 @@ _BLOCK_ROUTES = "the MoE block routes in its own __call__"
 _SOFTMAX_GATE = "router is a QuantizedLinear: softmax routing inside the MoE block"
 _WINS = "__call__ already replaced by downproj_combine"
 _YIELDS = "moe_block is applied and this pattern would bypass it"
-_MLA_ONLY = ("glm47_rope", "mla_attention", "mla_block", "mla_prologue", "compiled_decode", "mla_kv_quant")
+_MLA_ONLY = ("glm47_rope", "mla_attention", "mla_block", "mla_prologue", "mla_kv_quant")
 _YIELDS_TO_MLA_BLOCK = "mla_block is applied and this pattern would bypass it"
 _SIGMOID = {"softmax_router": {"sigmoid MoEGate router (moe_router fuses it)"}}
 
@@ -98,6 +98,7 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "swiglu_mlp": {"no dense MLP"},
         "residual_norm": {"a full or a sliding-window mask by its type"},
         **{p: {"GQA attention with sinks and sliding windows, not MLA"} for p in _MLA_ONLY},
+        "compiled_decode": {"sliding-window layers (RotatingKVCache)"},
     },
 }
 # gqa_prologue takes Qwen3-MoE's and GLM-4.5's attention; the other families say why not

@@ -233,9 +233,18 @@ APPLIES = {
         "swiglu_mlp",
         "moe_block",
         "gqa_prologue",
+        "compiled_decode",
     },
-    "qwen3_moe": {"moe_mlp", "swiglu_mlp", "moe_block", "softmax_router", "downproj_combine", "gqa_prologue"},
-    "mixtral": {"moe_mlp", "softmax_router", "downproj_combine"},
+    "qwen3_moe": {
+        "moe_mlp",
+        "swiglu_mlp",
+        "moe_block",
+        "softmax_router",
+        "downproj_combine",
+        "gqa_prologue",
+        "compiled_decode",
+    },
+    "mixtral": {"moe_mlp", "softmax_router", "downproj_combine", "compiled_decode"},
     "gpt_oss": {"softmax_router", "moe_mlp", "moe_block", "gqa_prologue"},
 }
 APPLIES["kimi_k25"] = APPLIES["deepseek_v3"]

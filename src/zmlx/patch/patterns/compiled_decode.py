@@ -1,6 +1,8 @@
-"""compiled_decode: each decode step as one mx.compile'd graph over a static latent cache.
+"""compiled_decode: each decode step as one mx.compile'd graph over a static cache.
 
-Patches the model (on glm4_moe_lite: `Model`) with two methods:
+Patches the model (`Model` of glm4_moe_lite and the DeepSeek-V3 builds, with their MLA latent
+cache; of glm4_moe, qwen3_moe and mixtral, with their GQA keys and values: any model whose
+layers' caches are mlx-lm's KVCache) with two methods:
 
 - `make_cache()` returns one `zmlx.static_cache.StaticMLACache` per layer (mlx-lm's
   make_prompt_cache, generate, stream_generate and the server call it), so the cache's
@@ -32,6 +34,7 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache
 
 from zmlx.patch.pattern import Pattern
 from zmlx.static_cache import StaticMLACache
@@ -50,10 +53,16 @@ def check(model, params) -> str | None:
         return "pipeline-parallel model (its layers' caches live in several processes)"
     for i, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None)
-        if not hasattr(attn, "kv_lora_rank") or not hasattr(attn, "kv_a_proj_with_mqa"):
-            return f"layer {i} has no MLA attention (the static cache holds a latent cache)"
+        if attn is None:
+            return f"layer {i} has no self_attn (the static cache stands in for its attention's cache)"
         if hasattr(attn, "indexer"):
             return f"layer {i} has a DSA indexer (its own key cache; the static cache holds the latent one)"
+    # The static cache stands in for KVCache (MLA's latent pair or GQA's keys and values, the
+    # same protocol); a model that makes other caches (sliding windows, lists) keeps them.
+    for i, c in enumerate(model.make_cache() if hasattr(model, "make_cache") else ()):
+        if type(c) is not KVCache:
+            kind = type(c).__name__
+            return f"layer {i}'s cache is {kind}, not KVCache (the static cache stands in for KVCache)"
     return None
 
 
@@ -183,19 +192,29 @@ def _call(self, inputs, cache=None):
     return type(self).__zmlx_original__.__call__(self, inputs, cache)
 
 
+def _call_embeddings(self, inputs, cache=None, input_embeddings=None):
+    """`_call` for the models whose __call__ also takes input embeddings (Qwen3-MoE, Mixtral):
+    a call with them runs mlx-lm's code (the compiled step takes tokens)."""
+    if input_embeddings is not None:
+        return type(self).__zmlx_original__.__call__(self, inputs, cache, input_embeddings)
+    return _call(self, inputs, cache)
+
+
 def _make_cache(self):
     _step_for(self, check_weights=True)
     return [StaticMLACache() for _ in self.layers]
 
 
 @cache
-def make(method: str = "__call__"):
-    return {"__call__": _call, "make_cache": _make_cache}[method]
+def make(method: str = "__call__", input_embeddings: bool = False):
+    """`input_embeddings` (family data): the model's __call__ has that third argument."""
+    call = _call_embeddings if input_embeddings else _call
+    return {"__call__": call, "make_cache": _make_cache}[method]
 
 
 PATTERN = Pattern(
     name="compiled_decode",
-    summary="static latent cache; each decode step one mx.compile'd graph of the whole model",
+    summary="static KV cache; each decode step one mx.compile'd graph of the whole model",
     # Bitwise stock on the CPU (tests/patch/test_compiled_decode.py); close elsewhere until
     # a GPU run shows identical tokens: compile fuses elementwise ops, and attention runs
     # over the whole masked bucket, which may change the GPU kernels' accumulation order.
