@@ -273,3 +273,26 @@ def test_gqa_families_decode_compiled_over_static_keys_and_values(family):
             zmlx.unpatch(model)
         assert stats["compiled_steps"] == 4 and stats["stock_steps"] == {} and stats["traces"] == 1
         assert all(mx.array_equal(s, g).item() for s, g in zip(stock, got, strict=True))
+
+
+def test_gqa_prologue_runs_its_launches_inside_the_compiled_step():
+    """With compiled_decode, Qwen3-MoE's traced steps take gqa_prologue's block (its rope row
+    at the device position, the static cache's mask to the attention): the layer's decode
+    plan names its launches for the traced step, and the logits stay mlx-lm's on the CPU."""
+    from test_family_exactness import build
+
+    from zmlx.patch.patterns import gqa_prologue
+
+    model = build("qwen3_moe")
+    prompt = mx.random.randint(1, 512, (1, 5), key=mx.random.key(3))
+    stock = greedy_logits(model, prompt, 3)
+    zmlx.patch(model, patterns=["compiled_decode", "gqa_prologue"])
+    try:
+        got = greedy_logits(model, prompt, 3)
+        plans = gqa_prologue.decode_plan(model.layers[0])
+        stats = compiled_decode.stats(model)
+    finally:
+        zmlx.unpatch(model)
+    assert stats["compiled_steps"] == 3 and stats["stock_steps"] == {}
+    assert plans and all(p.startswith("reference: norm_qkv_a, qk_norm_rope") for p in plans.values())
+    assert all(mx.array_equal(s, g).item() for s, g in zip(stock, got, strict=True))

@@ -6,7 +6,9 @@ Patches the decoder layer (`Qwen3MoeDecoderLayer`, glm4_moe's `DecoderLayer`, gp
 `TransformerBlock`) as the attention half of zmlx.patch.layer's shared `__call__`, like
 mla_prologue (moe_block supplies the MoE half; on a layer both patch, the two halves run
 together). A decode step with mlx-lm's `KVCache` (or gpt-oss's sliding-window
-`RotatingKVCache`) and no mask runs
+`RotatingKVCache`) and no mask, or compiled_decode's traced step over zmlx's StaticMLACache
+(the rope row gathered at the device position, the cache's mask of valid positions given
+to the attention), runs
 
     norm_qkv_a     input_layernorm + q_proj + [k_proj | v_proj], one pass over the row (the
                    k and v projections' packed rows side by side, one matrix made at patch
@@ -34,7 +36,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.models.rope_utils import YarnRoPE
 
 from zmlx.distributed import sharded_linear_reason
@@ -213,8 +215,9 @@ def decode_plan(layer) -> dict[tuple, str]:
 def _regime(mask, cache) -> bool:
     """The launches take steps without a mask on mlx-lm's KVCache or RotatingKVCache
     (gpt-oss's sliding-window layers: at one token its mask is None while the window is the
-    cache's size)."""
-    return mask is None and type(cache) in (KVCache, RotatingKVCache)
+    cache's size), and MLA's regime's StaticMLACache steps: compiled_decode's traced step,
+    whose mask of the valid positions goes to the attention, its position to the rope row."""
+    return mla_layer.regime(mask, cache) or (mask is None and type(cache) is RotatingKVCache)
 
 
 def attention_half(layer, x, mask, cache):
