@@ -79,6 +79,8 @@ def _block_cases(dtype, bits):  # moe_gate_up and moe_down: the shared/dense wei
     yield moe_down, (h, inds, mx.zeros((1, 1, 4)), *d, res, hs, *sd), kw
     yield moe_down, (h, inds, mx.zeros((1, 1, 4)), *d, res), kw  # no shared expert
     yield moe_down, (h, inds, mx.zeros((1, 1, 4), dtype), *d, res), kw  # scores in T (softmax routers)
+    ebias = mx.zeros((6, 7), dtype)  # gpt-oss's experts' biases
+    yield moe_down, (h, inds, mx.zeros((1, 1, 4), dtype), *d, res, None, None, None, None, ebias), kw
     dense = (a if a is None else a[0] for a in e)  # one (40, 384) matrix
     yield moe_down, (x, None, None, *dense, mx.zeros((1, 1, 40), dtype)), kw  # the dense layer's down
 

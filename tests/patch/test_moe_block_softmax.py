@@ -178,3 +178,34 @@ def test_on_the_gpu_the_family_preset_with_the_block_is_bitwise_stock(family):
     mx.set_default_device(mx.gpu)
     preset = FAMILIES[family].preset_on("cuda")
     _check_bitwise(build(family, cuda_widths=True), preset, stock_twice=True)
+
+
+# gpt-oss's down half in moe_down (softmax_layer.OAI_DOWN): the experts' biases in the kernel
+OAI_DOWN = "residual_norm, softmax_router, moe_mlp, moe_down"
+
+
+@pytest.mark.parametrize("spec", ["synth:gpt_oss/tiny/affine4", "synth:gpt_oss/tiny/mxfp4"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_with_oai_down_gpt_oss_layers_end_in_moe_down_bitwise_mlx_lm(monkeypatch, spec, batch):
+    monkeypatch.setattr(moe_block.softmax_layer, "OAI_DOWN", True)
+    model, _ = synth.build(spec)
+    prompt = _prompt(batch)
+    stock = greedy_logits(model, prompt, 3)
+    _, patched, plans = patched_run(moe_block, model, prompt, 3)
+    assert _paths(plans, batch) == [f"reference: {OAI_DOWN}"] * len(plans)
+    assert same(stock, patched)
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_with_oai_down_gpt_oss_runs_its_kernels_bitwise(monkeypatch):
+    """OAI_DOWN's check: one sequence's layers run the four kernels, the logits stock's, and
+    the family's CUDA preset with it stays bitwise stock."""
+    monkeypatch.setattr(moe_block.softmax_layer, "OAI_DOWN", True)
+    mx.set_default_device(mx.gpu)
+    model = build("gpt_oss", cuda_widths=True)
+    stock = greedy_logits(model, _prompt(1), 4)
+    result, patched, plans = patched_run(moe_block, model, _prompt(1), 4)
+    assert result.patterns["moe_block"].path == "kernel", result.patterns["moe_block"].fallbacks
+    assert _paths(plans, 1) == [f"kernel: {OAI_DOWN}"] * len(plans)
+    assert same(stock, patched)
+    _check_bitwise(model, FAMILIES["gpt_oss"].preset_on("cuda"), stock_twice=True)

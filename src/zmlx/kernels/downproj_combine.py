@@ -47,20 +47,47 @@ from zmlx.kernels.quant import (
 
 
 def reference(
-    h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None, mode="affine"
+    h,
+    inds,
+    scores,
+    down_w,
+    down_s,
+    down_b,
+    shared=None,
+    *,
+    group_size=None,
+    bits=None,
+    mode="affine",
+    bias=None,
 ):
     """mlx-lm's op sequence. h (..., k, I) in T, inds (..., k), scores (..., k) float32 or T,
-    shared (..., D) or None -> (..., D) in T."""
-    y = gathered(mx.expand_dims(h, -2), down_w, down_s, down_b, inds, group_size, bits, mode).squeeze(-2)
-    return combine(y, scores, shared)
+    shared (..., D) or None -> (..., D) in T. bias (E, D) or None: the experts' biases, added
+    to each row in T as mlx-lm's SwitchLinear adds them (gpt-oss's)."""
+    y = gathered(mx.expand_dims(h, -2), down_w, down_s, down_b, inds, group_size, bits, mode)
+    if bias is not None:
+        y = y + mx.expand_dims(bias[inds], -2)
+    return combine(y.squeeze(-2), scores, shared)
 
 
 def reference_f32(
-    h, inds, scores, down_w, down_s, down_b, shared=None, *, group_size=None, bits=None, mode="affine"
+    h,
+    inds,
+    scores,
+    down_w,
+    down_s,
+    down_b,
+    shared=None,
+    *,
+    group_size=None,
+    bits=None,
+    mode="affine",
+    bias=None,
 ):
     """The same in float32 throughout: the accuracy bar."""
     w = dequantized(down_w, down_s, down_b, group_size, bits, mode)
     y = (w[inds] @ h.astype(mx.float32)[..., None])[..., 0]  # (..., k, D)
+    if bias is not None:
+        y = y + bias[inds].astype(mx.float32)
     out = (y * scores[..., None]).sum(axis=-2)
     return out if shared is None else out + shared.astype(mx.float32)
 

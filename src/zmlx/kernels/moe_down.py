@@ -31,6 +31,11 @@ the same combine, shared add and residual add, op for op, as one warp does them 
 with quant.QMM_PIPELINED); QMM_BLOCK off, those calls skip. On Metal the dot is a plain
 float32 sum: `close`.
 
+Expert biases (`ebias`, (E, D): gpt-oss's down projection, a SwitchLinear with a bias): each
+routed row, rounded to T, gets its expert's bias added in T before the weighting, as mlx-lm's
+SwitchLinear adds it; six stock launches (gather_qmm, the bias gather and add, the product,
+the sum, the residual add) become one. Not with the QMM block (those calls skip).
+
 Device code: csrc/moe_down_body.h; the dot is csrc/quant.h, the sum in stock's order
 csrc/expert_sum.h, the QMM block csrc/qmm_moe_down.h (qmm_sm80's order: csrc/qmm_order.h).
 """
@@ -62,6 +67,7 @@ def reference(
     sdown_w=None,
     sdown_s=None,
     sdown_b=None,
+    ebias=None,
     *,
     group_size=None,
     bits=None,
@@ -74,6 +80,8 @@ def reference(
     """mlx-lm's op sequence, -> (..., D) in T.
     routed: h (..., k, I) in T, inds (..., k), scores (..., k) float32 or T, hs (..., Is) or None;
     dense (inds and scores None): h (..., I), down_w one matrix (D, I).
+    ebias (E, D) or None: the routed experts' biases (gpt-oss's down projection), each added
+    to its expert's row in T before the weighting, as mlx-lm's SwitchLinear adds it.
     f32: the same in float32 throughout (reference_f32)."""
     p = precision(f32)
     if inds is None:
@@ -82,7 +90,19 @@ def reference(
     if hs is not None:
         shared = p.dense(hs, sdown_w, sdown_s, sdown_b, shared_group_size, shared_bits, shared_mode)
     combine = downproj_combine.reference_f32 if f32 else downproj_combine.reference
-    y = combine(h, inds, scores, down_w, down_s, down_b, shared, group_size=group_size, bits=bits, mode=mode)
+    y = combine(
+        h,
+        inds,
+        scores,
+        down_w,
+        down_s,
+        down_b,
+        shared,
+        group_size=group_size,
+        bits=bits,
+        mode=mode,
+        bias=ebias,
+    )
     return p.cast(resid) + y
 
 
@@ -128,6 +148,7 @@ def launch(
     sdown_w=None,
     sdown_s=None,
     sdown_b=None,
+    ebias=None,
     *,
     group_size=None,
     bits=None,
@@ -138,6 +159,8 @@ def launch(
 ) -> Launch | Skip:
     if h.dtype not in _DTYPES:
         return Skip(f"h {h.dtype}")
+    if ebias is not None and inds is None:
+        return Skip("the dense variant takes no expert biases")
     if (inds is None) != (scores is None):
         return Skip("indices and scores: both or neither (the dense variant)")
     is_dense = inds is None
@@ -190,6 +213,13 @@ def launch(
         lead, k, i, d, sequential = h.shape[:-2], t["K"], t["I"], t["D"], t["SEQUENTIAL"]
         fpqmv, qmm = t["FPQMV"], t["QMM"]
         dtypes = t["P"], t["A"]
+        if ebias is not None:
+            if qmm:
+                return Skip("expert biases: the QMM block takes none (qmm_sm80's rows run stock)")
+            if ebias.shape != (down_w.shape[0], d) or ebias.dtype != h.dtype:
+                return Skip(
+                    f"expert biases {ebias.shape} {ebias.dtype}: ({down_w.shape[0]}, {d}) {h.dtype} needed"
+                )
         if hs is not None:
             if sdown_w is None:
                 return Skip("shared expert output without its down weights")
@@ -233,6 +263,7 @@ def launch(
             s_w,
             or_placeholder(s_s, s_w),
             or_placeholder(s_b, s_w),
+            resid if ebias is None else ebias,  # without biases: never read
         ],
         template=[
             ("T", h.dtype),
@@ -248,6 +279,7 @@ def launch(
             ("SGS", sgs),
             ("SBITS", sbits),
             ("HAS_SHARED", has_shared),
+            ("EBIAS", ebias is not None),
             ("DENSE", is_dense),
             ("SEQUENTIAL", sequential),
             ("FPQMV", fpqmv),
@@ -311,6 +343,7 @@ moe_down = KernelDef(
         "sdown_w",
         "sdown_s",
         "sdown_b",
+        "ebias",
     ),
     output_names=("out",),
     launch=launch,

@@ -31,7 +31,11 @@ if (DENSE) {
         float acc = zmlx_gqdot_lane<BITS, GS, I, FPQMV>(down_w + row * WORDS, down_s + row * GROUPS,
                                                 down_b + row * GROUPS, h + (size_t(n) * K + k) * I, lane);
         acc = ZMLX_SIMD_SUM(acc);  // every lane holds the row's sum
-        sum.add(static_cast<float>(static_cast<T>(acc)), static_cast<float>(scores[n * K + k]));
+        float yk = static_cast<float>(static_cast<T>(acc));
+        if (EBIAS) {  // the expert's bias, added in T (mlx-lm's SwitchLinear: gpt-oss's down projection)
+            yk = static_cast<float>(static_cast<T>(ZMLX_ADD(yk, static_cast<float>(ebias[size_t(inds[n * K + k]) * D + d]))));
+        }
+        sum.add(yk, static_cast<float>(scores[n * K + k]));
     }
     y = static_cast<float>(static_cast<T>(sum.total()));
     if (HAS_SHARED) {
