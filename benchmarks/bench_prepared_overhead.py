@@ -9,7 +9,8 @@ time per call is what zmlx adds on the host to MLX's own cost of a custom-kernel
 the live inputs put in their slots and the call. `block` times a whole decode step of one
 moe_block layer of the tiny synthetic model the same way (step key, weight check, three
 launches); `softmax_*` times a Qwen3-MoE layer's MoE half at decode through moe_block
-and through the module patterns; `compiled_step` times compiled_decode's own Python per decode step of a
+and through the module patterns; `gqa_half` a Qwen3-MoE layer's attention half at decode as
+mlx-lm's ops and through gqa_prologue; `compiled_step` times compiled_decode's own Python per decode step of a
 47-layer model, the compiled graph's replay replaced likewise. Prints the median over
 repeats, in microseconds per call (and with --capsule-dir, a repro capsule). Runs on any machine;
 tests/kernels/test_prepared.py holds the CPU-side bound.
@@ -181,6 +182,51 @@ def softmax_half(calls: int = 500, repeats: int = 7) -> dict[str, float]:
     return out
 
 
+def gqa_half(calls: int = 500, repeats: int = 7) -> dict[str, float]:
+    """Median µs of Python for one decode step's attention half of a Qwen3-MoE layer (tiny
+    synthetic model, a KVCache at position 16 every call, no-op kernels), two ways: `stock`
+    (mlx-lm's input norm and attention: their graph building only, nothing is evaluated) and
+    `gqa_prologue` (the step key, the weight check, norm_qkv_a, qk_norm_rope, then mlx-lm's
+    cache update, attention and o_proj)."""
+    from mlx_lm.models.cache import KVCache
+
+    import zmlx
+    from zmlx import synth
+    from zmlx.patch.mla_layer import stock_attention
+    from zmlx.patch.patterns import gqa_prologue
+
+    model, _ = synth.build("synth:qwen3_moe/tiny/affine4")
+    layer = model.model.layers[1]
+    width = model.args.hidden_size
+    cache = KVCache()  # 16 positions, then every timed call writes position 16 again
+    layer.self_attn(layer.input_layernorm(mx.zeros((1, 16, width), mx.bfloat16)), mask="causal", cache=cache)
+    mx.eval(cache.state)
+    x = mx.zeros((1, 1, width), mx.bfloat16)
+
+    def at_16(half):
+        def call():
+            cache.offset = 16
+            return half(layer, x, None, cache)
+
+        return call
+
+    current = backend.current
+    backend.current = lambda: "cuda"  # type: ignore[assignment]
+    try:
+        out = {"stock": median_us(at_16(stock_attention), calls, repeats)}
+        with noop_kernels(gqa_prologue.PATTERN.kernels):
+            zmlx.patch(model, patterns=["gqa_prologue"])
+            try:
+                out["gqa_prologue"] = median_us(at_16(gqa_prologue.attention_half), calls, repeats)
+                plan = list(gqa_prologue.decode_plan(layer).values())
+                assert plan == ["kernel: norm_qkv_a, qk_norm_rope"], plan
+            finally:
+                zmlx.unpatch(model)
+    finally:
+        backend.current = current  # type: ignore[assignment]
+    return out
+
+
 def compiled_step(layers: int = 47, calls: int = 500, repeats: int = 7) -> float:
     """Median µs of compiled_decode's Python per decode step of a model with `layers` layers
     (GLM-4.7-Flash has 47), the compiled graph's replay replaced by a function returning
@@ -234,6 +280,8 @@ def main() -> None:
     for how, us in softmax_half(max(1, a.calls // 4), a.repeats).items():
         what = f"Qwen3-MoE layer's MoE half ({how})"
         rows.append({"name": f"softmax_{how}", "what": what, "us": us})
+    for how, us in gqa_half(max(1, a.calls // 4), a.repeats).items():
+        rows.append({"name": f"gqa_{how}", "what": f"Qwen3-MoE layer's attention half ({how})", "us": us})
     us = compiled_step(47, max(1, a.calls // 4), a.repeats)
     rows.append(
         {"name": "compiled_step", "what": "compiled_decode step, 47 layers (replay not counted)", "us": us}

@@ -193,3 +193,12 @@ def test_python_cost_per_compiled_decode_step_is_small():
     replay replaced by a no-op): issue 18's budget is 0.3 ms; this machine measures ~30 µs."""
     us = _bench().compiled_step(layers=47, calls=100, repeats=3)
     assert 0 < us < 300, us
+
+
+def test_gqa_prologues_python_is_below_mlx_lms_attention_half():
+    """The attention half at decode through gqa_prologue (no-op kernels: zmlx's Python and the
+    mlx-lm ops it keeps) builds its graph in less host time than mlx-lm's half: it replaces
+    eight ops with two prepared launches (the benchmark asserts the launches are the kernels)."""
+    got = _bench().gqa_half(calls=100, repeats=3)
+    assert set(got) == {"stock", "gqa_prologue"}
+    assert 0 < got["gqa_prologue"] < got["stock"], got
