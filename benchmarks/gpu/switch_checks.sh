@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the project root (after `source benchmarks/gpu/env.sh`):
 #   bash benchmarks/gpu/switch_checks.sh [NAME ...]
-# NAME: mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down (default: all of them, in that order).
+# NAME: mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, moe-block-compiled
+# (default: all of them, in that order).
 # The checks of the switches built off until they ran on a GPU (each turned on once they passed):
 #   quant.MXFP4_FP_ORDER   the cuda tests of wide gathered mxfp4 rows in fp_qmv's order (on
 #                          since they passed on the H200, 2026-12-01)
@@ -32,6 +33,10 @@
 #                          cuda tests (bitwise mlx-lm's SwitchLinear with its bias, gpt-oss-20b's
 #                          widths) and test_moe_block_softmax.py's (the layers' four kernels and
 #                          the family preset with them, bitwise stock)
+#   moe_block.COMPILED     moe_block's prepared blocks called through mx.compile:
+#                          tests/patch/test_moe_block_compiled.py's cuda tests (each family's
+#                          CUDA preset with them bitwise stock); then
+#                          `profile_host.py MODEL --sets PRESET --ab moe_compiled 3` for the host
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).
@@ -39,8 +44,11 @@ set -uo pipefail
 wanted=("$@")
 for name in "${wanted[@]}"; do
   case "$name" in
-    mxfp4-fp-order|qmm-order|softmax-layers|gqa-prologue|oai-down) ;;
-    *) echo "error: unknown check '$name' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down)" >&2; exit 2 ;;
+    mxfp4-fp-order|qmm-order|softmax-layers|gqa-prologue|oai-down|moe-block-compiled) ;;
+    *)
+      echo "error: unknown check '$name' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, moe-block-compiled)" >&2
+      exit 2
+      ;;
   esac
 done
 out=${OUT:-gpu-results}
@@ -75,4 +83,5 @@ run_tests() {  # name, limit, pytest args...
   run_tests gqa-prologue 400 tests/patch/test_gqa_prologue.py tests/kernels/test_qk_norm_rope_variants.py \
     tests/kernels/test_qk_norm_rope.py
   run_tests oai-down 300 tests/kernels/test_moe_down_bias.py tests/patch/test_moe_block_softmax.py
+  run_tests moe-block-compiled 300 tests/patch/test_moe_block_compiled.py
 } | tee "$out/switch-summary.log"

@@ -62,6 +62,7 @@ def test_switch_checks_refuses_an_unknown_check_before_anything(tmp_path):
     p = subprocess.run(["bash", script, "qmm-order", "softmax"], capture_output=True, text=True, env=env)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        "error: unknown check 'softmax' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down)"
+        "error: unknown check 'softmax' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, "
+        "moe-block-compiled)"
     ]
     assert not (tmp_path / "out").exists()

@@ -117,3 +117,17 @@ def test_the_tail_ab_times_both_settings_and_leaves_the_switch_as_it_was(capsys)
     out = capsys.readouterr().out
     assert "tail=eager" in out and "tail=compiled" in out
     assert mla_prologue.COMPILE_TAIL is before and not mla_prologue._BLOCKS
+
+
+def test_the_moe_compiled_ab_times_both_settings_and_leaves_the_switch_as_it_was(capsys):
+    """--ab moe_compiled on the CPU: both settings timed; moe_block.COMPILED and its blocks restored."""
+    from zmlx.patch.patterns import moe_block
+
+    before = moe_block.COMPILED
+    load_script("gpu/profile_host.py").main(
+        ["synth:glm4_moe_lite/tiny/affine4", "--sets", "moe_block", "--steps", "2"]
+        + ["--ab", "moe_compiled", "1"]
+    )
+    out = capsys.readouterr().out
+    assert "moe_compiled=eager" in out and "moe_compiled=compiled" in out
+    assert moe_block.COMPILED is before and not moe_block._BLOCKS

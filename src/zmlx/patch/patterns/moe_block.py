@@ -59,6 +59,27 @@ from zmlx.patch.pattern import Pattern
 # patterns run them.
 SOFTMAX_LAYERS = True
 
+# Each prepared block (one sequence, fixed shapes) called through mx.compile, traced once:
+# MLX then replays its launches instead of building every custom kernel call anew (its
+# whole source string) at each step, which costs the host more than a stock op (NOTEBOOK,
+# sixteenth session). The kernels are the same; off until a GPU run shows the presets
+# bitwise with it (tests/patch/test_moe_block_compiled.py, switch_checks.sh moe-block-compiled)
+# and the ledger faster.
+COMPILED = False
+
+
+class _Compiled:
+    """A prepared block called through mx.compile (its `launches` for the decode plan)."""
+
+    __slots__ = ("launches", "_fn")
+
+    def __init__(self, block):
+        self.launches = block.launches
+        self._fn = mx.compile(block.__call__)
+
+    def __call__(self, x, r):
+        return self._fn(x, r)
+
 
 def _mlp_reason(name: str, mlp) -> str | None:
     for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -272,6 +293,8 @@ def _block(layer, x, r, routing: Routing):
     if entry is not None:  # new weights: every shape is prepared again
         blocks.clear()
     block = _build(layer, x, r, routing, backend)
+    if COMPILED and not isinstance(block, str) and getattr(block, "group", None) is None:
+        block = _Compiled(block)  # a tensor-parallel block's all-sum stays eager
     blocks[key] = (weights, block)
     return block
 
