@@ -292,9 +292,10 @@ def _block(layer, x, r, routing: Routing):
         return entry[1]
     if entry is not None:  # new weights: every shape is prepared again
         blocks.clear()
-    block = _build(layer, x, r, routing, backend)
-    if COMPILED and not isinstance(block, str) and getattr(block, "group", None) is None:
-        block = _Compiled(block)  # a tensor-parallel block's all-sum stays eager
+    built = _build(layer, x, r, routing, backend)
+    block: _MoE | softmax_layer.Block | _Dense | _Compiled | str = built
+    if COMPILED and not isinstance(built, str) and getattr(built, "group", None) is None:
+        block = _Compiled(built)  # a tensor-parallel block's all-sum stays eager
     blocks[key] = (weights, block)
     return block
 
