@@ -1,7 +1,8 @@
-"""moe_block with `COMPILED` on: each prepared block called through mx.compile (traced once
-for its fixed shapes, then replayed), the same launches. On the CPU (their references) and,
-in the `cuda` tests, on the GPU (the kernels), the patched model stays mlx-lm's bitwise, on
-every family whose layers moe_block takes, and the family's CUDA preset with it."""
+"""moe_block and gqa_prologue with `COMPILED` on: each prepared block called through
+mx.compile (traced once for its fixed shapes, then replayed), the same launches. On the CPU
+(their references) and, in the `cuda` tests, on the GPU (the kernels), the patched model
+stays mlx-lm's bitwise, on every family whose layers moe_block takes, and the family's CUDA
+preset with it."""
 
 import mlx.core as mx
 import pytest
@@ -12,7 +13,7 @@ import zmlx
 from zmlx import synth
 from zmlx.families import FAMILIES
 from zmlx.fidelity import greedy_logits
-from zmlx.patch.patterns import moe_block
+from zmlx.patch.patterns import compiled_decode, gqa_prologue, moe_block
 
 pytestmark = pytest.mark.usefixtures("blocks_on_the_cpu")
 
@@ -22,6 +23,10 @@ FAMILIES_WITH_BLOCKS = ("glm4_moe_lite", "deepseek_v3", "glm4_moe", "qwen3_moe",
 @pytest.fixture(autouse=True)
 def compiled(monkeypatch):
     monkeypatch.setattr(moe_block, "COMPILED", True)
+    monkeypatch.setattr(gqa_prologue, "COMPILED", True)
+    gqa_prologue._BLOCKS.clear()
+    yield
+    gqa_prologue._BLOCKS.clear()
 
 
 def _model(family: str, cuda_widths: bool = False):
@@ -65,6 +70,31 @@ def test_off_the_blocks_are_not_compiled(monkeypatch):
         assert _compiled_blocks(model) == 0 and moe_block._BLOCKS
     finally:
         zmlx.unpatch(model)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe", "gpt_oss"])
+@pytest.mark.parametrize("with_compiled_decode", [False, True])
+def test_compiled_gqa_prologue_is_mlx_lm_bitwise_on_the_cpu(family, with_compiled_decode):
+    """gqa_prologue's two launches through mx.compile (its position as an array: the row the
+    kernel reads, the reference's int32 position), eagerly and inside compiled_decode's step."""
+    if with_compiled_decode and family == "gpt_oss":
+        pytest.skip("compiled_decode refuses gpt-oss's sliding-window caches")
+    model = build(family)
+    prompt = mx.random.randint(1, 512, (1, 6), key=mx.random.key(7))
+    stock = greedy_logits(model, prompt, 3)
+    patterns = ["gqa_prologue", "compiled_decode"] if with_compiled_decode else ["gqa_prologue"]
+    zmlx.patch(model, patterns=patterns)
+    try:
+        patched = greedy_logits(model, prompt, 3)
+        fronts = [
+            b.front for e in gqa_prologue._BLOCKS.values() for _, b in e[1].values() if not isinstance(b, str)
+        ]
+        stats = compiled_decode.stats(model)
+    finally:
+        zmlx.unpatch(model)
+    assert fronts and all(f is not None for f in fronts)
+    assert stats["compiled_steps"] == (3 if with_compiled_decode else 0)
+    assert same(stock, patched)
 
 
 @pytest.mark.cuda

@@ -110,6 +110,16 @@ class QPrep:
             return self.at(q_a, ckv, offset, cache.capacity)
         return self(q_a, ckv, offset)
 
+    def where(self, cache) -> mx.array:
+        """The call's position argument for this step as an array: the kernel's table row, or
+        the reference's position (an int32 scalar): what a compiled caller passes it."""
+        offset = cache.offset
+        if self.call.path == "kernel":
+            if isinstance(offset, mx.array):
+                return mx.take(self.table(cache.capacity), offset.reshape(1), axis=0)
+            return self.table(offset + 1)[offset : offset + 1]
+        return offset if isinstance(offset, mx.array) else mx.array(offset, dtype=mx.int32)
+
 
 class Stock(Exception):
     """Steps of these shapes run mlx-lm's attention; the message says why."""

@@ -131,19 +131,29 @@ def _weights(layer) -> tuple:
 class _Prologue:
     """The prepared launches of one layer for one input shape and dtype."""
 
-    __slots__ = ("qkv", "q_prep", "names", "keys", "kv_heads", "v_bias", "scale")
+    __slots__ = ("qkv", "q_prep", "names", "keys", "kv_heads", "v_bias", "scale", "front")
 
     def __init__(self, qkv: Prepared, q_prep: QPrep, keys: int, kv_heads: int, v_bias, scale: str):
         self.qkv, self.q_prep, self.keys = qkv, q_prep, keys  # keys: the k rows before v's
         self.kv_heads, self.v_bias, self.scale = kv_heads, v_bias, scale  # scale: its attribute
         self.names = ((norm_qkv_a.name, qkv.reason), (qk_norm_rope.name, q_prep.call.reason))
+        # COMPILED: the two launches through mx.compile (fixed shapes: x and the position's
+        # row or int32 position), traced once and replayed
+        self.front = mx.compile(self._front) if COMPILED else None
+
+    def _front(self, x, where):
+        q_a, kv = self.qkv(x)
+        return (*self.q_prep.call(q_a, kv, where), kv)
 
     def __call__(self, attn, x, mask, cache):
         """mlx-lm's attention (qwen3_moe's, glm4_moe's, gpt-oss's) at one token from its
         normed, roped queries and keys and its values on: the same ops on the same values."""
         b = x.shape[0]
-        q_a, kv = self.qkv(x)
-        queries, keys = self.q_prep.step(q_a, kv, cache)
+        if self.front is not None:
+            queries, keys, kv = self.front(x, self.q_prep.where(cache))
+        else:
+            q_a, kv = self.qkv(x)
+            queries, keys = self.q_prep.step(q_a, kv, cache)
         values = kv[..., self.keys :]
         if self.v_bias is not None:  # v_proj's `x + bias`
             values = values + self.v_bias
@@ -201,6 +211,13 @@ def _build(layer, x, backend) -> _Prologue | str:
     scale = _scale_attr(attn)
     return _Prologue(qkv, QPrep(q_call, table), kv_heads * head_dim, kv_heads, biases[2], scale)  # type: ignore[arg-type]
 
+
+# The two launches of each prepared block through mx.compile (moe_block.COMPILED's reason:
+# MLX replays them instead of building each custom call's source every step); the same
+# kernels. Off until a GPU run shows the presets bitwise with it and the host A/B faster
+# (tests/patch/test_moe_block_compiled.py, profile_host.py --ab moe_compiled, which switch
+# this and moe_block.COMPILED together).
+COMPILED = False
 
 # id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
 _BLOCKS = layer_registry()
