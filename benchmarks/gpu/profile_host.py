@@ -23,7 +23,8 @@ at its two settings in alternating order, and the medians per setting printed la
 machine: `comments`, its kernels' device code handed to MLX compacted or as written
 (ZMLX_KERNEL_COMMENTS=0/1, the kernels rebuilt for each); `tail`, mla_prologue's tail built
 eagerly each step or compiled once (mla_prologue.COMPILE_TAIL); `moe_compiled`, moe_block's
-and gqa_prologue's prepared blocks called eagerly or through mx.compile (their COMPILED); with --kernels, each
+gqa_prologue's and mla_prologue's prepared blocks called eagerly or through mx.compile (their
+COMPILED); with --kernels, each
 set's kernels a token at both settings after the rounds.
 The decode steps follow a 10-token prompt, or `--prompt-tokens` seeded ids (the ledger's
 prompt: zmlx.bench.harness.make_prompt, seed 0), for the costs that grow with the context;
@@ -200,18 +201,18 @@ def _tail(setting: str) -> None:
 
 
 def _moe_compiled(setting: str) -> None:
-    from zmlx.patch.patterns import gqa_prologue, moe_block
+    from zmlx.patch.patterns import gqa_prologue, mla_prologue, moe_block
 
-    moe_block.COMPILED = gqa_prologue.COMPILED = setting == "1"
-    moe_block._BLOCKS.clear()
-    gqa_prologue._BLOCKS.clear()
+    for pattern in (moe_block, gqa_prologue, mla_prologue):
+        pattern.COMPILED = setting == "1"
+        pattern._BLOCKS.clear()
 
 
 # --ab NAME: (what it switches, the names of its settings "0" and "1", how to apply one)
 AB = {
     "comments": ("the kernels' device code handed to MLX", ("compacted", "written"), _comments),
     "tail": ("mla_prologue's tail (mla_q_prep_embed's steps)", ("eager", "compiled"), _tail),
-    "moe_compiled": ("moe_block's, gqa_prologue's blocks (COMPILED)", ("eager", "compiled"), _moe_compiled),
+    "moe_compiled": ("the blocks' launches (their COMPILED)", ("eager", "compiled"), _moe_compiled),
 }
 
 
@@ -232,6 +233,7 @@ def ab(
 
     _, labels, apply = AB[name]
     tail_before, moe_before, gqa_before = mla_prologue.COMPILE_TAIL, moe_block.COMPILED, gqa_prologue.COMPILED
+    mla_before = mla_prologue.COMPILED
     prompt = prompt_of(model, prompt_tokens)
     got: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     try:
@@ -268,7 +270,7 @@ def ab(
         os.environ.pop("ZMLX_KERNEL_COMMENTS", None)
         core.build.cache_clear()
         mla_prologue.COMPILE_TAIL, moe_block.COMPILED = tail_before, moe_before
-        gqa_prologue.COMPILED = gqa_before
+        gqa_prologue.COMPILED, mla_prologue.COMPILED = gqa_before, mla_before
         for blocks in (mla_prologue._BLOCKS, moe_block._BLOCKS, gqa_prologue._BLOCKS):
             blocks.clear()
     print(f"{'set':<60} {name:>9} {'build ms':>9} {'issue ms':>9} {'pipelined':>10}")

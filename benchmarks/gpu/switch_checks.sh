@@ -33,7 +33,8 @@
 #                          cuda tests (bitwise mlx-lm's SwitchLinear with its bias, gpt-oss-20b's
 #                          widths) and test_moe_block_softmax.py's (the layers' four kernels and
 #                          the family preset with them, bitwise stock)
-#   moe_block.COMPILED, gqa_prologue.COMPILED   their prepared blocks called through mx.compile:
+#   moe_block.COMPILED, gqa_prologue.COMPILED, mla_prologue.COMPILED   their prepared blocks
+#                          called through mx.compile:
 #                          tests/patch/test_moe_block_compiled.py's cuda tests (each family's
 #                          CUDA preset with them bitwise stock); then
 #                          `profile_host.py MODEL --sets PRESET --ab moe_compiled 3` for the host

@@ -13,7 +13,7 @@ import zmlx
 from zmlx import synth
 from zmlx.families import FAMILIES
 from zmlx.fidelity import greedy_logits
-from zmlx.patch.patterns import compiled_decode, gqa_prologue, moe_block
+from zmlx.patch.patterns import compiled_decode, gqa_prologue, mla_prologue, moe_block
 
 pytestmark = pytest.mark.usefixtures("blocks_on_the_cpu")
 
@@ -24,9 +24,12 @@ FAMILIES_WITH_BLOCKS = ("glm4_moe_lite", "deepseek_v3", "glm4_moe", "qwen3_moe",
 def compiled(monkeypatch):
     monkeypatch.setattr(moe_block, "COMPILED", True)
     monkeypatch.setattr(gqa_prologue, "COMPILED", True)
-    gqa_prologue._BLOCKS.clear()
+    monkeypatch.setattr(mla_prologue, "COMPILED", True)
+    for pattern in (gqa_prologue, mla_prologue):
+        pattern._BLOCKS.clear()
     yield
-    gqa_prologue._BLOCKS.clear()
+    for pattern in (gqa_prologue, mla_prologue):
+        pattern._BLOCKS.clear()
 
 
 def _model(family: str, cuda_widths: bool = False):
@@ -72,27 +75,35 @@ def test_off_the_blocks_are_not_compiled(monkeypatch):
         zmlx.unpatch(model)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe", "gpt_oss"])
+PROLOGUES = {"gqa_prologue": gqa_prologue, "mla_prologue": mla_prologue}
+CASES = [
+    ("qwen3_moe", "gqa_prologue"),
+    ("glm4_moe", "gqa_prologue"),
+    ("gpt_oss", "gqa_prologue"),
+    ("glm4_moe_lite", "mla_prologue"),
+    ("deepseek_v3", "mla_prologue"),
+]
+
+
+@pytest.mark.parametrize("family,prologue", CASES)
 @pytest.mark.parametrize("with_compiled_decode", [False, True])
-def test_compiled_gqa_prologue_is_mlx_lm_bitwise_on_the_cpu(family, with_compiled_decode):
-    """gqa_prologue's two launches through mx.compile (its position as an array: the row the
+def test_compiled_prologues_are_mlx_lm_bitwise_on_the_cpu(family, prologue, with_compiled_decode):
+    """The prologues' two launches through mx.compile (the position as an array: the row the
     kernel reads, the reference's int32 position), eagerly and inside compiled_decode's step."""
     if with_compiled_decode and family == "gpt_oss":
         pytest.skip("compiled_decode refuses gpt-oss's sliding-window caches")
-    model = build(family)
+    model = _model(family)
     prompt = mx.random.randint(1, 512, (1, 6), key=mx.random.key(7))
     stock = greedy_logits(model, prompt, 3)
-    patterns = ["gqa_prologue", "compiled_decode"] if with_compiled_decode else ["gqa_prologue"]
+    patterns = [prologue, "compiled_decode"] if with_compiled_decode else [prologue]
     zmlx.patch(model, patterns=patterns)
     try:
         patched = greedy_logits(model, prompt, 3)
-        fronts = [
-            b.front for e in gqa_prologue._BLOCKS.values() for _, b in e[1].values() if not isinstance(b, str)
-        ]
+        blocks = [b for e in PROLOGUES[prologue]._BLOCKS.values() for _, b in e[1].values()]
         stats = compiled_decode.stats(model)
     finally:
         zmlx.unpatch(model)
-    assert fronts and all(f is not None for f in fronts)
+    assert blocks and all(not isinstance(b, str) and b.front is not None for b in blocks)
     assert stats["compiled_steps"] == (3 if with_compiled_decode else 0)
     assert same(stock, patched)
 

@@ -107,7 +107,7 @@ class _Prologue:
     """The prepared launches of one layer for one input shape and dtype; `embedded`: the
     second is mla_q_prep_embed (embed_q and SDPA's scale in it), else mla_q_prep_nope."""
 
-    __slots__ = ("qkv", "q_prep", "names", "embedded", "tail")
+    __slots__ = ("qkv", "q_prep", "names", "embedded", "tail", "front")
 
     def __init__(self, qkv: Prepared, q_prep: QPrep, embedded: bool, tail=None):
         self.qkv, self.q_prep, self.embedded, self.tail = qkv, q_prep, embedded, tail
@@ -115,13 +115,22 @@ class _Prologue:
             (norm_qkv_a.name, qkv.reason),
             ((mla_q_prep_embed if embedded else mla_q_prep_nope).name, q_prep.call.reason),
         )
+        # COMPILED: the two launches through mx.compile (gqa_prologue.COMPILED's way)
+        self.front = mx.compile(self._front) if COMPILED else None
+
+    def _front(self, x, where):
+        q_a, ckv = self.qkv(x)
+        return self.q_prep.call(q_a, ckv, where)
 
     def __call__(self, attn, x, mask, cache):
         """mlx-lm's Glm4MoeLiteAttention / DeepseekV3Attention at one token from its q_nope (or
         embed_q's output times SDPA's scale), q_pe * scale, kv_latent and k_pe on: the same ops
         on the same values."""
-        q_a, ckv = self.qkv(x)
-        q, q_pe, kv_latent, k_pe = self.q_prep.step(q_a, ckv, cache)
+        if self.front is not None:
+            q, q_pe, kv_latent, k_pe = self.front(x, self.q_prep.where(cache))
+        else:
+            q_a, ckv = self.qkv(x)
+            q, q_pe, kv_latent, k_pe = self.q_prep.step(q_a, ckv, cache)
         kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
         if self.tail is not None and mask is None:
             return attn["o_proj"](self.tail(q, q_pe, kv_latent, k_pe))
@@ -156,6 +165,11 @@ def _build(layer, x, backend) -> _Prologue | str:
         return str(why)
     return _Prologue(qkv, q_prep, embedded=False)
 
+
+# The two launches of each prepared block through mx.compile (moe_block.COMPILED's reason);
+# off until a GPU run shows the preset bitwise with it and the host A/B faster
+# (tests/patch/test_moe_block_compiled.py; profile_host.py --ab moe_compiled switches it too).
+COMPILED = False
 
 # id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
 _BLOCKS = layer_registry()
