@@ -116,3 +116,22 @@ def test_on_the_gpu_compiled_blocks_keep_the_family_preset_bitwise_stock(family)
     mx.set_default_device(mx.gpu)
     model = build(family, cuda_widths=True)
     _check_bitwise(model, FAMILIES[family].preset_on("cuda"), stock_twice=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("which", ["tiny_f32", "deepseek_v3"])
+def test_on_the_gpu_compiled_mla_prologue_and_blocks_are_bitwise_stock(request, which):
+    """mla_prologue's compiled launches with moe_block's compiled blocks (GLM-4.7-Flash's
+    default preset's two block patterns), greedy logits bitwise stock's on the GPU."""
+    mx.set_default_device(mx.gpu)
+    model = build(which, cuda_widths=True) if which == "deepseek_v3" else request.getfixturevalue(which)[0]
+    prompt = mx.array([[3, 14, 15, 92, 65, 35]])
+    stock = greedy_logits(model, prompt, 5)
+    zmlx.patch(model, patterns=["mla_prologue", "moe_block"])
+    try:
+        patched = greedy_logits(model, prompt, 5)
+        blocks = [b for e in mla_prologue._BLOCKS.values() for _, b in e[1].values()]
+    finally:
+        zmlx.unpatch(model)
+    assert blocks and all(not isinstance(b, str) and b.front is not None for b in blocks)
+    assert same(stock, patched)
