@@ -95,30 +95,47 @@ class QPrep:
             return self.call(q_a, ckv, self.table(offset + 1)[offset : offset + 1])
         return self.call(q_a, ckv, offset)
 
-    def at(self, q_a, ckv, position: mx.array, rows: int):
-        """The same at a device position (an int32 scalar) below `rows`: the kernel takes the
-        table's row gathered in the graph, the reference gives mx.fast.rope the array."""
-        if self.call.path == "kernel":
-            return self.call(q_a, ckv, mx.take(self.table(rows), position.reshape(1), axis=0))
-        return self.call(q_a, ckv, position)
-
-    def step(self, q_a, ckv, cache):
-        """Its four outputs for this step's cache position (an int, or a compiled step's device
-        position below the static cache's capacity)."""
-        offset = cache.offset
-        if isinstance(offset, mx.array):
-            return self.at(q_a, ckv, offset, cache.capacity)
-        return self(q_a, ckv, offset)
-
-    def where(self, cache) -> mx.array:
-        """The call's position argument for this step as an array: the kernel's table row, or
-        the reference's position (an int32 scalar): what a compiled caller passes it."""
+    def where(self, cache, as_array: bool = False):
+        """The call's position argument for this step's cache position (an int, or a compiled
+        step's device position below the static cache's capacity): the kernel's table row
+        (sliced, or gathered in the graph), or the reference's position (`as_array`: an int
+        becomes an int32 scalar, what a compiled caller hands on)."""
         offset = cache.offset
         if self.call.path == "kernel":
             if isinstance(offset, mx.array):
                 return mx.take(self.table(cache.capacity), offset.reshape(1), axis=0)
             return self.table(offset + 1)[offset : offset + 1]
-        return offset if isinstance(offset, mx.array) else mx.array(offset, dtype=mx.int32)
+        return mx.array(offset, dtype=mx.int32) if as_array and isinstance(offset, int) else offset
+
+    def step(self, q_a, ckv, cache):
+        """Its outputs for this step's cache position."""
+        return self.call(q_a, ckv, self.where(cache))
+
+
+class Front:
+    """A prologue's two launches at decode (norm_qkv_a, then the q-prep launch) from x at the
+    cache's position: -> (*the q-prep's outputs, the first launch's second output). With
+    `compiled`, through mx.compile (fixed shapes: x and the position's argument as an array),
+    traced once, so MLX replays the launches instead of building each custom call again."""
+
+    __slots__ = ("qkv", "q_prep", "_fn")
+
+    def __init__(self, qkv: Prepared, q_prep: QPrep, compiled: bool):
+        self.qkv, self.q_prep = qkv, q_prep
+        self._fn = mx.compile(self._launches) if compiled else None
+
+    def _launches(self, x, where):
+        q_a, kv = self.qkv(x)
+        return (*self.q_prep.call(q_a, kv, where), kv)
+
+    @property
+    def compiled(self) -> bool:
+        return self._fn is not None
+
+    def __call__(self, x, cache):
+        if self._fn is None:
+            return self._launches(x, self.q_prep.where(cache))
+        return self._fn(x, self.q_prep.where(cache, as_array=True))
 
 
 class Stock(Exception):

@@ -48,7 +48,7 @@ from zmlx.kernels.quant import dense_or_quantized, weights_of
 from zmlx.patch import mla_layer
 from zmlx.patch.layer import make
 from zmlx.patch.layer import registry as layer_registry
-from zmlx.patch.mla_layer import QPrep, Stock, ready
+from zmlx.patch.mla_layer import Front, QPrep, Stock, ready
 from zmlx.patch.pattern import Pattern
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -131,29 +131,18 @@ def _weights(layer) -> tuple:
 class _Prologue:
     """The prepared launches of one layer for one input shape and dtype."""
 
-    __slots__ = ("qkv", "q_prep", "names", "keys", "kv_heads", "v_bias", "scale", "front")
+    __slots__ = ("front", "names", "keys", "kv_heads", "v_bias", "scale")
 
     def __init__(self, qkv: Prepared, q_prep: QPrep, keys: int, kv_heads: int, v_bias, scale: str):
-        self.qkv, self.q_prep, self.keys = qkv, q_prep, keys  # keys: the k rows before v's
+        self.front, self.keys = Front(qkv, q_prep, COMPILED), keys  # keys: the k rows before v's
         self.kv_heads, self.v_bias, self.scale = kv_heads, v_bias, scale  # scale: its attribute
         self.names = ((norm_qkv_a.name, qkv.reason), (qk_norm_rope.name, q_prep.call.reason))
-        # COMPILED: the two launches through mx.compile (fixed shapes: x and the position's
-        # row or int32 position), traced once and replayed
-        self.front = mx.compile(self._front) if COMPILED else None
-
-    def _front(self, x, where):
-        q_a, kv = self.qkv(x)
-        return (*self.q_prep.call(q_a, kv, where), kv)
 
     def __call__(self, attn, x, mask, cache):
         """mlx-lm's attention (qwen3_moe's, glm4_moe's, gpt-oss's) at one token from its
         normed, roped queries and keys and its values on: the same ops on the same values."""
         b = x.shape[0]
-        if self.front is not None:
-            queries, keys, kv = self.front(x, self.q_prep.where(cache))
-        else:
-            q_a, kv = self.qkv(x)
-            queries, keys = self.q_prep.step(q_a, kv, cache)
+        queries, keys, kv = self.front(x, cache)
         values = kv[..., self.keys :]
         if self.v_bias is not None:  # v_proj's `x + bias`
             values = values + self.v_bias

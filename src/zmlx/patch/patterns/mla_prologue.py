@@ -40,7 +40,7 @@ from zmlx.patch import mla_layer
 from zmlx.patch.attention import mla_rope_reason
 from zmlx.patch.layer import make
 from zmlx.patch.layer import registry as layer_registry
-from zmlx.patch.mla_layer import QPrep, Stock
+from zmlx.patch.mla_layer import Front, QPrep, Stock
 from zmlx.patch.pattern import Pattern
 
 
@@ -107,30 +107,20 @@ class _Prologue:
     """The prepared launches of one layer for one input shape and dtype; `embedded`: the
     second is mla_q_prep_embed (embed_q and SDPA's scale in it), else mla_q_prep_nope."""
 
-    __slots__ = ("qkv", "q_prep", "names", "embedded", "tail", "front")
+    __slots__ = ("front", "names", "embedded", "tail")
 
     def __init__(self, qkv: Prepared, q_prep: QPrep, embedded: bool, tail=None):
-        self.qkv, self.q_prep, self.embedded, self.tail = qkv, q_prep, embedded, tail
+        self.front, self.embedded, self.tail = Front(qkv, q_prep, COMPILED), embedded, tail
         self.names = (  # each launch's name and why its reference runs ("" for the kernel)
             (norm_qkv_a.name, qkv.reason),
             ((mla_q_prep_embed if embedded else mla_q_prep_nope).name, q_prep.call.reason),
         )
-        # COMPILED: the two launches through mx.compile (gqa_prologue.COMPILED's way)
-        self.front = mx.compile(self._front) if COMPILED else None
-
-    def _front(self, x, where):
-        q_a, ckv = self.qkv(x)
-        return self.q_prep.call(q_a, ckv, where)
 
     def __call__(self, attn, x, mask, cache):
         """mlx-lm's Glm4MoeLiteAttention / DeepseekV3Attention at one token from its q_nope (or
         embed_q's output times SDPA's scale), q_pe * scale, kv_latent and k_pe on: the same ops
         on the same values."""
-        if self.front is not None:
-            q, q_pe, kv_latent, k_pe = self.front(x, self.q_prep.where(cache))
-        else:
-            q_a, ckv = self.qkv(x)
-            q, q_pe, kv_latent, k_pe = self.q_prep.step(q_a, ckv, cache)
+        q, q_pe, kv_latent, k_pe, _ = self.front(x, cache)
         kv_latent, k_pe = cache.update_and_fetch(kv_latent, k_pe)
         if self.tail is not None and mask is None:
             return attn["o_proj"](self.tail(q, q_pe, kv_latent, k_pe))
