@@ -32,12 +32,14 @@
 #                          residual add) in moe_down: tests/kernels/test_moe_down_bias.py's
 #                          cuda tests (bitwise mlx-lm's SwitchLinear with its bias, gpt-oss-20b's
 #                          widths) and test_moe_block_softmax.py's (the layers' four kernels and
-#                          the family preset with them, bitwise stock)
+#                          the family preset with them, bitwise stock); on since they passed
+#                          on the H200, 2026-12-02
 #   moe_block.COMPILED, gqa_prologue.COMPILED, mla_prologue.COMPILED   their prepared blocks
 #                          called through mx.compile:
 #                          tests/patch/test_moe_block_compiled.py's cuda tests (each family's
 #                          CUDA preset with them bitwise stock); then
 #                          `profile_host.py MODEL --sets PRESET --ab moe_compiled 3` for the host
+#                          (all three on since both passed on the H200, 2026-12-02)
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).

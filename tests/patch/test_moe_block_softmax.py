@@ -26,7 +26,7 @@ DENSE = "residual_norm, swiglu_mlp, moe_down"
 # family -> each layer's launches (the tiny models: Qwen3-MoE's layer 0 is dense)
 LAYERS = {
     "qwen3_moe": lambda n: [DENSE] + ["residual_norm, softmax_router, moe_mlp, moe_down"] * (n - 1),
-    "gpt_oss": lambda n: ["residual_norm, softmax_router, moe_mlp"] * n,
+    "gpt_oss": lambda n: ["residual_norm, softmax_router, moe_mlp, moe_down"] * n,
 }
 MOE_LAYER = {"qwen3_moe": 1, "gpt_oss": 0}
 OFF = "softmax-routed MoE layers wait for their cuda test (moe_block.SOFTMAX_LAYERS)"
@@ -180,19 +180,23 @@ def test_on_the_gpu_the_family_preset_with_the_block_is_bitwise_stock(family):
     _check_bitwise(build(family, cuda_widths=True), preset, stock_twice=True)
 
 
-# gpt-oss's down half in moe_down (softmax_layer.OAI_DOWN): the experts' biases in the kernel
+# gpt-oss's down half in moe_down (softmax_layer.OAI_DOWN, on): the experts' biases in the
+# kernel; off, the layers end in moe_mlp and mlx-lm's down projection
 OAI_DOWN = "residual_norm, softmax_router, moe_mlp, moe_down"
+OAI_DOWN_OFF = "residual_norm, softmax_router, moe_mlp"
 
 
 @pytest.mark.parametrize("spec", ["synth:gpt_oss/tiny/affine4", "synth:gpt_oss/tiny/mxfp4"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_with_oai_down_gpt_oss_layers_end_in_moe_down_bitwise_mlx_lm(monkeypatch, spec, batch):
-    monkeypatch.setattr(moe_block.softmax_layer, "OAI_DOWN", True)
+@pytest.mark.parametrize("oai_down", [True, False])
+def test_with_oai_down_gpt_oss_layers_end_in_moe_down_bitwise_mlx_lm(monkeypatch, spec, batch, oai_down):
+    monkeypatch.setattr(moe_block.softmax_layer, "OAI_DOWN", oai_down)
     model, _ = synth.build(spec)
     prompt = _prompt(batch)
     stock = greedy_logits(model, prompt, 3)
     _, patched, plans = patched_run(moe_block, model, prompt, 3)
-    assert _paths(plans, batch) == [f"reference: {OAI_DOWN}"] * len(plans)
+    launches = OAI_DOWN if oai_down else OAI_DOWN_OFF
+    assert _paths(plans, batch) == [f"reference: {launches}"] * len(plans)
     assert same(stock, patched)
 
 

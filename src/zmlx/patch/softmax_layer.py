@@ -33,9 +33,10 @@ from zmlx.patch import softmax_moe
 from zmlx.patch.patterns import moe_mlp as moe_mlp_pattern
 
 # gpt-oss's down half (the experts' down projection with their biases, the weighted sum, the
-# residual add) in moe_down: off until its cuda tests run on a GPU
-# (tests/kernels/test_moe_down_bias.py, tests/patch/test_moe_block_softmax.py)
-OAI_DOWN = False
+# residual add) in moe_down: on since its cuda tests passed on the H200
+# (tests/kernels/test_moe_down_bias.py, tests/patch/test_moe_block_softmax.py;
+# switch_checks.sh oai-down), 2026-12-02
+OAI_DOWN = True
 
 
 def parts(mlp) -> tuple:

@@ -203,10 +203,10 @@ def _build(layer, x, backend) -> _Prologue | str:
 
 # The two launches of each prepared block through mx.compile (moe_block.COMPILED's reason:
 # MLX replays them instead of building each custom call's source every step); the same
-# kernels. Off until a GPU run shows the presets bitwise with it and the host A/B faster
+# kernels. On since the presets ran bitwise with it on the H200 and the host A/B was faster
 # (tests/patch/test_moe_block_compiled.py, profile_host.py --ab moe_compiled, which switch
-# this and moe_block.COMPILED together).
-COMPILED = False
+# this and moe_block.COMPILED together), 2026-12-02.
+COMPILED = True
 
 # id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
 _BLOCKS = layer_registry()

@@ -157,9 +157,10 @@ def _build(layer, x, backend) -> _Prologue | str:
 
 
 # The two launches of each prepared block through mx.compile (moe_block.COMPILED's reason);
-# off until a GPU run shows the preset bitwise with it and the host A/B faster
-# (tests/patch/test_moe_block_compiled.py; profile_host.py --ab moe_compiled switches it too).
-COMPILED = False
+# on since the preset ran bitwise with it on the H200 and the host A/B was faster
+# (tests/patch/test_moe_block_compiled.py; profile_host.py --ab moe_compiled switches it too),
+# 2026-12-02.
+COMPILED = True
 
 # id(layer) -> (a weak reference to it, {step key: (weights, block or why not)})
 _BLOCKS = layer_registry()

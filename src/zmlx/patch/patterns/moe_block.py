@@ -62,10 +62,12 @@ SOFTMAX_LAYERS = True
 # Each prepared block (one sequence, fixed shapes) called through mx.compile, traced once:
 # MLX then replays its launches instead of building every custom kernel call anew (its
 # whole source string) at each step, which costs the host more than a stock op (NOTEBOOK,
-# sixteenth session). The kernels are the same; off until a GPU run shows the presets
-# bitwise with it (tests/patch/test_moe_block_compiled.py, switch_checks.sh moe-block-compiled)
-# and the ledger faster.
-COMPILED = False
+# sixteenth session). The kernels are the same. On since the presets ran bitwise with it on
+# the H200 (tests/patch/test_moe_block_compiled.py, switch_checks.sh moe-block-compiled) and
+# the host A/B was faster in every round (profile_host.py --ab moe_compiled: Qwen3-30B-A3B's
+# pipelined step 19.28 -> 12.56 ms, GLM-4.7-Flash's 25.18 -> 23.44 ms, medians of 3 rounds;
+# benchmarks/results/20261202-h200-ab-moe-compiled-*-c392535.log), 2026-12-02.
+COMPILED = True
 
 
 class _Compiled:
