@@ -14,3 +14,20 @@ ZMLX_GIT_DIRTY=0
 # hide every checkout: the stated commit is then recorded as given.
 GIT_DIR=/nonexistent
 export ZMLX_GIT_COMMIT ZMLX_GIT_DIRTY GIT_DIR
+# MLX's PTX cache, one folder for every process of this machine: MLX keeps its own compiled
+# kernels there, and benchmarks/gpu/ptx_bank.sh adds zmlx's, compiled from the sources that
+# patched processes record (ZMLX_KERNEL_SOURCES; zmlx.kernels.ptx_cache), so that a later
+# process skips NVRTC for them. A cache carried in .device/ptx (ptx_bank.sh's output) is
+# restored first, only where its manifest is this machine's (MLX, NVRTC, compute capability).
+export MLX_PTX_CACHE_DIR="$HOME/mlx-ptx"
+export ZMLX_KERNEL_SOURCES="$HOME/zmlx-kernel-sources"
+mkdir -p "$MLX_PTX_CACHE_DIR" "$ZMLX_KERNEL_SOURCES"
+if [ -f .device/ptx/ptx-cache.tgz ] && [ ! -f "$MLX_PTX_CACHE_DIR/.restored" ]; then
+  ptx_here="$(python3 benchmarks/gpu/ptx_cache.py manifest 2>/dev/null)"
+  if [ -n "$ptx_here" ] && [ "$ptx_here" = "$(cat .device/ptx/ptx-manifest 2>/dev/null)" ]; then
+    tar xzf .device/ptx/ptx-cache.tgz -C "$MLX_PTX_CACHE_DIR" && touch "$MLX_PTX_CACHE_DIR/.restored"
+    echo "env.sh: MLX's PTX cache restored ($(find "$MLX_PTX_CACHE_DIR" -name '*.ptx' | wc -l) modules)"
+  else
+    echo "env.sh: the carried PTX cache is for '$(cat .device/ptx/ptx-manifest 2>/dev/null)', this machine is '$ptx_here': not restored"
+  fi
+fi

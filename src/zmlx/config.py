@@ -55,6 +55,7 @@ NOT_FLAGS = (
     "ZMLX_MOE_STREAMS",
     "ZMLX_MOE_SHARED_EXPERTS_OVERLAP",
     "ZMLX_KERNEL_COMMENTS",
+    "ZMLX_KERNEL_SOURCES",
 )
 
 
@@ -198,6 +199,30 @@ def kernel_comments(environ: Mapping[str, str] | None = None) -> bool:
     compacted (the default). ConfigError for a value that is not 0/1."""
     env = os.environ if environ is None else environ
     return bool(_switch(env, "ZMLX_KERNEL_COMMENTS"))
+
+
+def kernel_sources_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where a patched process records the sources of the CUDA kernels it builds
+    (ZMLX_KERNEL_SOURCES, a folder; zmlx.kernels.ptx_cache), for MLX's PTX cache; None: not
+    recorded."""
+    env = os.environ if environ is None else environ
+    return Path(env["ZMLX_KERNEL_SOURCES"]).expanduser() if _set(env, "ZMLX_KERNEL_SOURCES") else None
+
+
+def cuda_home(environ: Mapping[str, str] | None = None) -> Path:
+    """The CUDA toolkit MLX's JIT takes its runtime headers from when its wheel's NVIDIA
+    package has none: $CUDA_HOME, else $CUDA_PATH, else /usr/local/cuda (jit_module.cpp)."""
+    env = os.environ if environ is None else environ
+    return Path(env.get("CUDA_HOME") or env.get("CUDA_PATH") or "/usr/local/cuda")
+
+
+def mlx_ptx_cache_dir(mlx_version: str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where MLX's CUDA JIT keeps compiled kernels: $MLX_PTX_CACHE_DIR, else
+    <temp dir>/mlx/<version>/ptx (jit_module.cpp's ptx_cache_dir)."""
+    env = os.environ if environ is None else environ
+    if _set(env, "MLX_PTX_CACHE_DIR"):
+        return Path(env["MLX_PTX_CACHE_DIR"])
+    return Path(env.get("TMPDIR") or "/tmp") / "mlx" / mlx_version / "ptx"
 
 
 def launched(environ: Mapping[str, str] | None = None) -> bool:

@@ -273,6 +273,8 @@ class KernelDef:
         spec = self.launch(backend, *args, **kwargs)
         if isinstance(spec, Skip):
             return spec
+        if RECORD is not None and backend == "cuda":
+            RECORD(self, spec)
         return outputs(build(self, backend)(inputs=spec.inputs, **kernel_kwargs(spec, init_value)))
 
     def __call__(self, *args, **kwargs):
@@ -285,6 +287,11 @@ class KernelDef:
             if not isinstance(out, Skip):
                 return out
         return self.reference(*args, **kwargs)
+
+
+# zmlx.kernels.ptx_cache's Recorder while it records the CUDA launches built (their sources,
+# for MLX's PTX cache); None otherwise, which costs a kernel call one comparison.
+RECORD: Callable[[KernelDef, Launch], None] | None = None
 
 
 # Every KernelDef alive, so that an emulation (zmlx.kernels.metal_emu.emulated) can set aside

@@ -3,7 +3,7 @@
 MLX builds a custom kernel's source around the body (its default header, zmlx's header,
 `namespace mlx::core::cu`, a `__global__` signature with one pointer per input and
 output, one `constexpr`/`using` line per template argument) and compiles it with NVRTC
-for the device. `compile_launch` builds the same source for one `Launch` and compiles
+for the device. `compile_launch` builds the same source (ptx_cache.cuda_source) for one `Launch` and compiles
 it to PTX here, so a CUDA body that does not compile fails on the developer machine
 instead of on the GPU machine (where the kernel would fall back to its reference).
 
@@ -22,31 +22,15 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-import mlx.core as mx
+from zmlx.kernels import ptx_cache
+from zmlx.kernels.core import KernelDef, Launch
+from zmlx.kernels.ptx_cache import cuda_source
 
-from zmlx.kernels.core import KernelDef, Launch, template_lines
-
-ARCH = "sm_90a"  # the H100, as MLX's JIT targets it
+ARCH = ptx_cache.ARCH
 STAMP = "setup.json"  # written last by cuda_setup: the cache is complete
 SETUP = "python -m zmlx.kernels.cuda_setup"
 # The reason off Linux: a platform's skip, so it names no compiler (see tests/conftest.py)
 UNSUPPORTED = "the CUDA compile check runs on Linux only (PyPI has the CUDA compiler for Linux)"
-
-# MLX's dtype_to_cuda_type
-_CUDA_TYPE = {
-    mx.bool_: "bool",
-    mx.uint8: "uint8_t",
-    mx.uint16: "uint16_t",
-    mx.uint32: "uint32_t",
-    mx.uint64: "uint64_t",
-    mx.int8: "int8_t",
-    mx.int16: "int16_t",
-    mx.int32: "int32_t",
-    mx.int64: "int64_t",
-    mx.float16: "__half",
-    mx.bfloat16: "__nv_bfloat16",
-    mx.float32: "float",
-}
 
 
 class CudaCompileError(RuntimeError):
@@ -92,31 +76,6 @@ def available() -> bool:
     )
 
 
-def source_for(kernel: KernelDef, spec: Launch) -> str:
-    """The full source MLX's cuda_kernel builds for this launch (see its build_kernel)."""
-    header, body = kernel.source("cuda")
-    name = f"custom_kernel_zmlx_{kernel.name}"
-    params = []
-    for n, a in zip(kernel.input_names, spec.inputs):
-        params.append(f"    const {_CUDA_TYPE[a.dtype]}* {n}")
-        if f"{n}_shape" in body and a.ndim > 0:  # MLX passes the shape by value when named
-            params.append(f"    const __grid_constant__ Shape {n}_shape")
-    params += [f"    {_CUDA_TYPE[d]}* {n}" for n, d in zip(kernel.output_names, spec.output_dtypes)]
-    consts = template_lines(spec.template, _CUDA_TYPE)
-    return (
-        '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
-        + header
-        + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-        + f"__global__ void {name}(\n"
-        + ",\n".join(params)
-        + ") {\n"
-        + "\n".join(consts)
-        + "\n\n"
-        + body
-        + "\n}\n\n} // namespace mlx::core::cu\n"
-    )
-
-
 def compile_launch(kernel: KernelDef, spec: Launch, *, resources: bool = False) -> str:
     """Compile the kernel's CUDA source for this launch; CudaCompileError with NVRTC's log
     if it does not compile. `resources`: return ptxas's report (registers per thread, spill
@@ -124,7 +83,7 @@ def compile_launch(kernel: KernelDef, spec: Launch, *, resources: bool = False) 
     lib = _nvrtc()
     if lib is None or not available():
         raise CudaCompileError(f"NVRTC or the CUDA headers are missing: run {SETUP}")
-    src = source_for(kernel, spec).encode()
+    src = cuda_source(kernel, spec).encode()
     prog = ctypes.c_void_p()
     _ok(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), src, f"{kernel.name}.cu".encode(), 0, None, None))
     # MLX's include path order (jit_module.cpp): its bundled headers, their cccl, the CUDA headers

@@ -158,6 +158,8 @@ def prepare(
     plan = kernel.plan(backend)
     if plan.path == "reference" or spec is None:
         return ReferenceCall(kernel, args, live, kwargs, plan.reason, None)
+    if core.RECORD is not None and backend == "cuda":
+        core.RECORD(kernel, spec)
     return KernelCall(kernel, core.build(kernel, backend), spec.inputs, slots, kernel_kwargs(spec))
 
 

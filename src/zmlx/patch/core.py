@@ -29,9 +29,11 @@ from zmlx.config import (
     Preset,
     check_preset,
     flag_name,
+    kernel_sources_dir,
     parse_selection,
 )
 from zmlx.families import FAMILIES, UNSUPPORTED, Family, family_of
+from zmlx.kernels import ptx_cache
 from zmlx.patch.layer import forget
 from zmlx.patch.patterns import PATTERNS
 from zmlx.patch.result import PatchResult, PatternReport
@@ -265,6 +267,8 @@ def patch(
     warn_unknown_variables(config)
     family = family_of(model)
     backend = _backend.current()
+    if backend == "cuda":  # ZMLX_KERNEL_SOURCES: the CUDA kernels' sources, for MLX's PTX cache
+        ptx_cache.start_recording(kernel_sources_dir())
     selected, not_selected = select_patterns(family, patterns, exclude, config, backend, preset)
     unpatch(model)
     fam = FAMILIES.get(family) if family is not None else None

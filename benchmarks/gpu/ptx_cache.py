@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""zmlx's recorded CUDA kernels, compiled into MLX's PTX cache on the GPU machine.
+
+    python3 benchmarks/gpu/ptx_cache.py compile SOURCES CACHE [--jobs N]
+    python3 benchmarks/gpu/ptx_cache.py manifest
+
+`compile`: every `*.cu` in SOURCES (the sources a patched process recorded: ZMLX_KERNEL_SOURCES,
+zmlx.kernels.ptx_cache) compiled with the NVRTC this machine's MLX loads, its device headers
+and its options, N at once, into CACHE (MLX_PTX_CACHE_DIR), where any later process's MLX
+finds them instead of compiling them again. An entry already there is kept; a source that
+fails is reported and left to MLX's own JIT. Prints one summary line.
+`manifest`: one line naming what a cache is valid for (MLX's version, the NVRTC library, the
+GPU's compute capability): env.sh restores a carried cache only on a machine with the same.
+benchmarks/gpu/env.sh sets both variables; benchmarks/gpu/ptx_bank.sh runs `compile` and packs
+the cache into $OUT for the next machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from zmlx.kernels import ptx_cache
+
+
+def manifest() -> str:
+    """MLX's version, the NVRTC library's file and version, and the GPU's compute capability."""
+    tool = ptx_cache.mlx_toolchain()
+    nvrtc = tool.load()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    cc = subprocess.run(
+        ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout.split()
+    nvrtc_file = f"{tool.nvrtc.resolve().name}/{major.value}.{minor.value}"
+    return f"mlx={mx.__version__} nvrtc={nvrtc_file} cc={cc[0] if cc else '?'}"
+
+
+def main(argv: list[str]) -> int:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True)
+    comp = sub.add_parser("compile")
+    comp.add_argument("sources", type=Path)
+    comp.add_argument("cache", type=Path)
+    comp.add_argument("--jobs", type=int, default=8)
+    sub.add_parser("manifest")
+    args = parser.parse_args(argv)
+    if args.command == "manifest":
+        print(manifest())
+        return 0
+    files = sorted(args.sources.glob("*.cu")) if args.sources.is_dir() else []
+    if not files:
+        print(f"ptx_cache: no recorded sources in {args.sources}")
+        return 0
+    args.cache.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = ptx_cache.compile_into(files, args.cache, ptx_cache.mlx_toolchain(), jobs=args.jobs)
+    failed = {k: v for k, v in results.items() if v.startswith("failed")}
+    counts = {s: sum(v == s for v in results.values()) for s in ("compiled", "there")}
+    print(
+        f"ptx_cache: {counts['compiled']} compiled, {counts['there']} already there, {len(failed)} failed "
+        f"({len(files)} sources, {time.perf_counter() - start:.1f} s, {args.jobs} jobs) into {args.cache}"
+    )
+    for name, why in list(failed.items())[:5]:
+        print(f"  {name}: {why}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
