@@ -9,7 +9,8 @@ zmlx.kernels.ptx_cache) compiled with the NVRTC this machine's MLX loads, its de
 and its options, N at once, into CACHE (MLX_PTX_CACHE_DIR), where any later process's MLX
 finds them instead of compiling them again. An entry already there is kept; a source that
 fails is reported and left to MLX's own JIT. Prints one summary line.
-`manifest`: one line naming what a cache is valid for (MLX's version, the NVRTC library, the
+`manifest`: one line naming what a cache is valid for (MLX's version, the NVRTC library and a
+hash of its bytes, the
 GPU's compute capability): env.sh restores a carried cache only on a machine with the same.
 benchmarks/gpu/env.sh sets both variables; benchmarks/gpu/ptx_bank.sh runs `compile` and packs
 the cache into $OUT for the next machine.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import subprocess
 import sys
 import time
@@ -38,7 +40,9 @@ def manifest() -> str:
     cc = subprocess.run(
         ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True
     ).stdout.split()
-    nvrtc_file = f"{tool.nvrtc.resolve().name}/{major.value}.{minor.value}"
+    library = tool.nvrtc.resolve()
+    digest = hashlib.sha1(library.read_bytes()).hexdigest()[:12]  # the exact build, not just 13.0
+    nvrtc_file = f"{library.name}/{major.value}.{minor.value}/{digest}"
     return f"mlx={mx.__version__} nvrtc={nvrtc_file} cc={cc[0] if cc else '?'}"
 
 
