@@ -10,8 +10,8 @@ and its options, N at once, into CACHE (MLX_PTX_CACHE_DIR), where any later proc
 finds them instead of compiling them again. An entry already there is kept; a source that
 fails is reported and left to MLX's own JIT. Prints one summary line.
 `manifest`: one line naming what a cache is valid for (MLX's version, the NVRTC library and a
-hash of its bytes, the
-GPU's compute capability): env.sh restores a carried cache only on a machine with the same.
+hash of its bytes, the GPU's compute capability): env.sh restores a carried cache only on a
+machine with the same.
 benchmarks/gpu/env.sh sets both variables; benchmarks/gpu/ptx_bank.sh runs `compile` and packs
 the cache into $OUT for the next machine.
 """
