@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the project root (after `source benchmarks/gpu/env.sh`):
 #   bash benchmarks/gpu/switch_checks.sh [NAME ...]
-# NAME: mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, moe-block-compiled
+# NAME: mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, moe-block-compiled,
+# mixtral-blocks
 # (default: all of them, in that order).
 # The checks of the switches built off until they ran on a GPU (each turned on once they passed):
 #   quant.MXFP4_FP_ORDER   the cuda tests of wide gathered mxfp4 rows in fp_qmv's order (on
@@ -40,6 +41,10 @@
 #                          CUDA preset with them bitwise stock); then
 #                          `profile_host.py MODEL --sets PRESET --ab moe_compiled 3` for the host
 #                          (all three on since both passed on the H200, 2026-12-02)
+#   moe_block and gqa_prologue in mixtral's CUDA preset   their Mixtral cuda tests
+#                          (test_moe_block_softmax.py, test_gqa_prologue.py: the layers' launches
+#                          are the kernels, bitwise mlx-lm, and the preset with them bitwise
+#                          stock): both join the preset (families.py, cuda_extra) once they pass
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).
@@ -47,9 +52,9 @@ set -uo pipefail
 wanted=("$@")
 for name in "${wanted[@]}"; do
   case "$name" in
-    mxfp4-fp-order|qmm-order|softmax-layers|gqa-prologue|oai-down|moe-block-compiled) ;;
+    mxfp4-fp-order|qmm-order|softmax-layers|gqa-prologue|oai-down|moe-block-compiled|mixtral-blocks) ;;
     *)
-      echo "error: unknown check '$name' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, moe-block-compiled)" >&2
+      echo "error: unknown check '$name' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, moe-block-compiled, mixtral-blocks)" >&2
       exit 2
       ;;
   esac
@@ -87,4 +92,5 @@ run_tests() {  # name, limit, pytest args...
     tests/kernels/test_qk_norm_rope.py
   run_tests oai-down 300 tests/kernels/test_moe_down_bias.py tests/patch/test_moe_block_softmax.py
   run_tests moe-block-compiled 300 tests/patch/test_moe_block_compiled.py
+  run_tests mixtral-blocks 300 tests/patch/test_moe_block_softmax.py tests/patch/test_gqa_prologue.py -k mixtral
 } | tee "$out/switch-summary.log"

@@ -239,6 +239,8 @@ def _softmax_moe(
     )
 
 
+_MIXTRAL_MOE = "block_sparse_moe"  # Mixtral's decoder layer's MoE module (others': mlp)
+
 FAMILIES.update(
     {
         "deepseek_v3": _deepseek("deepseek_v3", "mlx_lm.models.deepseek_v3", "DeepseekV3"),
@@ -308,13 +310,18 @@ FAMILIES.update(
                 "softmax_router": Target("MixtralSparseMoeBlock", {"softmax_first": False}),
                 # the block's combine piece at decode (scores in T); opt-in until its cuda tests run
                 "downproj_combine": Target("MixtralSparseMoeBlock", {"softmax_first": False}),
+                # the decoder layer's halves at decode, its MoE module named block_sparse_moe:
+                # bitwise mlx-lm on the CPU (tests/patch/test_moe_block_softmax.py,
+                # test_gqa_prologue.py); opt-in until their cuda tests run on a GPU
+                "moe_block": Target(
+                    "MixtralDecoderLayer", {"softmax_first": False, "mlp_name": _MIXTRAL_MOE}
+                ),
+                "gqa_prologue": Target("MixtralDecoderLayer", {"mlp_name": _MIXTRAL_MOE}),
                 "compiled_decode": _COMPILED_EMBEDDINGS,
             },
             {
                 "swiglu_mlp": "no dense MLP (every layer is MoE, no shared expert)",
-                "moe_block": "the decoder layer calls block_sparse_moe, a softmax top-2 router in the block",
                 "residual_norm": "the decoder layer calls block_sparse_moe, not mlp",
-                "gqa_prologue": "the decoder layer calls block_sparse_moe, not mlp",
             },
         ),
     }

@@ -122,6 +122,16 @@ def test_the_recorder_writes_each_distinct_source_once(tmp_path):
     texts = {f.read_text() for f in files}
     want = [ptx_cache.cuda_source(kernel, _spec([("N", n)], n=n)) for n in (8, 16)]
     assert texts == set(want)
+    with ptx_cache.recording(folder) as rec:  # QUIET repeats in a row: it stops by itself
+        rec.QUIET = 3
+        for _ in range(2):
+            rec(kernel, _spec([("N", 8)]))
+        assert core.RECORD is rec
+        rec(kernel, _spec([("N", 32)], n=32))  # something new: the count starts again
+        for _ in range(3):
+            rec(kernel, _spec([("N", 8)]))
+        assert core.RECORD is None
+    assert len(list(folder.iterdir())) == 3
     ptx_cache.start_recording(folder)
     assert isinstance(core.RECORD, ptx_cache.Recorder)
     ptx_cache.stop_recording()

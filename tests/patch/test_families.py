@@ -86,7 +86,6 @@ SKIPS: dict[str, dict[str, set[str]]] = {
     "mixtral": {
         "moe_router": {_SOFTMAX},
         "moe_combine": {_BLOCK_ROUTES},
-        "moe_block": {"the decoder layer calls block_sparse_moe, a softmax top-2 router"},
         "swiglu_mlp": {"no dense MLP"},
         "residual_norm": {"the decoder layer calls block_sparse_moe, not mlp"},
         **{p: {_GQA} for p in _MLA_ONLY},
@@ -101,10 +100,9 @@ SKIPS: dict[str, dict[str, set[str]]] = {
         "compiled_decode": {"sliding-window layers (RotatingKVCache)"},
     },
 }
-# gqa_prologue takes Qwen3-MoE's and GLM-4.5's attention; the other families say why not
+# gqa_prologue takes the GQA families' attention; the MLA families say why not
 for _family in ("deepseek_v3", "kimi_k25", "deepseek_v32", "glm_moe_dsa"):
     SKIPS[_family]["gqa_prologue"] = {"MLA attention (mla_prologue fuses"}
-SKIPS["mixtral"]["gqa_prologue"] = {"the decoder layer calls block_sparse_moe"}
 
 
 def _classes(model):

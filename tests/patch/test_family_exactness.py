@@ -244,7 +244,14 @@ APPLIES = {
         "gqa_prologue",
         "compiled_decode",
     },
-    "mixtral": {"moe_mlp", "softmax_router", "downproj_combine", "compiled_decode"},
+    "mixtral": {
+        "moe_mlp",
+        "softmax_router",
+        "downproj_combine",
+        "moe_block",
+        "gqa_prologue",
+        "compiled_decode",
+    },
     "gpt_oss": {"softmax_router", "moe_mlp", "moe_block", "gqa_prologue"},
 }
 APPLIES["kimi_k25"] = APPLIES["deepseek_v3"]

@@ -174,7 +174,9 @@ def test_the_check_says_why_not():
         assert check(layer, {}) == "v_proj is an unquantized linear with a bias"
     finally:
         attn.v_proj = v
-    assert check(build("mixtral").model.layers[0], {}) == "decoder layer has no mlp"
+    mixtral = build("mixtral").model.layers[0]
+    assert check(mixtral, {}) == "decoder layer has no mlp"  # its MoE module is block_sparse_moe
+    assert check(mixtral, dict(FAMILIES["mixtral"].targets["gqa_prologue"].params)) is None
 
 
 def test_a_prompt_and_a_masked_step_run_mlx_lm():
@@ -346,3 +348,30 @@ def test_on_the_gpu_gpt_oss_layers_are_the_kernels_and_bitwise_mlx_lm():
     assert result.patterns["gqa_prologue"].path == "kernel", result.patterns["gqa_prologue"].fallbacks
     assert _paths(plans, 1) == [f"kernel: {LAUNCHES}"] * len(plans)
     assert same(stock, patched)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_mixtral_layers_run_the_launches_bitwise_mlx_lm(batch):
+    """Mixtral: no q/k norms or biases, its heads named num_heads, its MoE module
+    block_sparse_moe (the family data's mlp_name, which the layer's shared __call__ takes)."""
+    model = build("mixtral")
+    stock = greedy_logits(model, _prompt(batch), 3)
+    result, patched, plans = patched_run(gqa_prologue, model, _prompt(batch), 3)
+    assert result.patterns["gqa_prologue"].skipped == []
+    assert _paths(plans, batch) == [f"reference: {LAUNCHES}"] * len(plans)
+    assert same(stock, patched)
+    _check_bitwise(model, ("gqa_prologue", "moe_block"))
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_mixtral_layers_are_the_kernels_and_bitwise_mlx_lm():
+    mx.set_default_device(mx.gpu)
+    model = build("mixtral", cuda_widths=True)
+    stock = greedy_logits(model, _prompt(1), 4)
+    assert same(stock, greedy_logits(model, _prompt(1), 4)), "stock is not deterministic here"
+    result, patched, plans = patched_run(gqa_prologue, model, _prompt(1), 4)
+    assert result.patterns["gqa_prologue"].path == "kernel", result.patterns["gqa_prologue"].fallbacks
+    assert _paths(plans, 1) == [f"kernel: {LAUNCHES}"] * len(plans)
+    assert same(stock, patched)
+    preset = (*FAMILIES["mixtral"].preset_on("cuda"), "moe_block", "gqa_prologue")
+    _check_bitwise(model, preset, stock_twice=True)

@@ -213,3 +213,34 @@ def test_on_the_gpu_with_oai_down_gpt_oss_runs_its_kernels_bitwise(monkeypatch):
     assert _paths(plans, 1) == [f"kernel: {OAI_DOWN}"] * len(plans)
     assert same(stock, patched)
     _check_bitwise(model, FAMILIES["gpt_oss"].preset_on("cuda"), stock_twice=True)
+
+
+MIXTRAL = "residual_norm, softmax_router, moe_mlp, moe_down"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_mixtral_layers_run_the_block_bitwise_mlx_lm(batch):
+    """Mixtral's MoE module is block_sparse_moe (the family data's mlp_name): top-2 of the
+    gates, then the softmax of the two; its layers take the same four launches as Qwen3-MoE's."""
+    model = build("mixtral")
+    params = _params("mixtral")
+    layer = model.model.layers[0]
+    assert PATTERNS["moe_block"].check(layer, params) is None
+    assert PATTERNS["moe_block"].check(layer, {"softmax_first": False}) == "decoder layer has no mlp"
+    stock = greedy_logits(model, _prompt(batch), 3)
+    result, patched, plans = patched_run(moe_block, model, _prompt(batch), 3)
+    assert result.patterns["moe_block"].skipped == []
+    assert _paths(plans, batch) == [f"reference: {MIXTRAL}"] * len(plans)
+    assert same(stock, patched)
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_mixtral_layers_run_their_kernels_bitwise_mlx_lm():
+    mx.set_default_device(mx.gpu)
+    model = build("mixtral", cuda_widths=True)
+    stock = greedy_logits(model, _prompt(1), 4)
+    result, patched, plans = patched_run(moe_block, model, _prompt(1), 4)
+    assert result.patterns["moe_block"].path == "kernel", result.patterns["moe_block"].fallbacks
+    assert _paths(plans, 1) == [f"kernel: {MIXTRAL}"] * len(plans)
+    assert same(stock, patched)
+    _check_bitwise(model, (*FAMILIES["mixtral"].preset_on("cuda"), "moe_block"), stock_twice=True)

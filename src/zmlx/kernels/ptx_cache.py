@@ -150,11 +150,16 @@ def entry_path(cache_dir: Path, module: str) -> Path:
 
 class Recorder:
     """Writes the source of each distinct CUDA launch it is shown into `folder`, one file each
-    (`<sha1 of the source>.cu`, written whole or not at all), for `compile_into`."""
+    (`<sha1 of the source>.cu`, written whole or not at all), for `compile_into`. A call costs
+    a few µs (its key); after QUIET calls in a row that bring nothing new (a decode loop's
+    steps, once its kernels are built) it stops recording, so that timed steps pay nothing."""
+
+    QUIET = 2000
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.seen: set[tuple] = set()
+        self.quiet = 0
 
     def __call__(self, kernel: KernelDef, spec: Launch) -> None:
         key = (
@@ -164,7 +169,11 @@ class Recorder:
             tuple(spec.output_dtypes),
         )
         if key in self.seen:
+            self.quiet += 1
+            if self.quiet >= self.QUIET and core.RECORD is self:
+                core.RECORD = None
             return
+        self.quiet = 0
         self.seen.add(key)
         source = cuda_source(kernel, spec)
         self.folder.mkdir(parents=True, exist_ok=True)

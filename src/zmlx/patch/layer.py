@@ -38,12 +38,13 @@ class Routing(NamedTuple):
     renorm_eps: float | None = None
     softmax_first: bool | None = None
     topk_last: bool | None = None
+    mlp_name: str = "mlp"  # the layer's MoE (or MLP) module: Mixtral's is block_sparse_moe
 
 
-def stock_moe(layer, x, r, routing: Routing | None = None):
+def stock_moe(layer, x, r, routing: Routing = Routing()):
     """mlx-lm's MoE half: the layer's output from x and the attention's r."""
     h = x + r
-    return h + layer["mlp"](layer["post_attention_layernorm"](h))
+    return h + layer[routing.mlp_name](layer["post_attention_layernorm"](h))
 
 
 def make(
@@ -52,11 +53,12 @@ def make(
     renorm_eps: float | None = None,
     softmax_first: bool | None = None,
     topk_last: bool | None = None,
+    mlp_name: str = "mlp",
 ):
     """The layer's `__call__` with these halves (None: mlx-lm's); the same function for the
     same halves, whatever the order of the arguments. The family data's routing (Routing)
     goes to the MoE half."""
-    routing = Routing(renorm_eps, softmax_first, topk_last)
+    routing = Routing(renorm_eps, softmax_first, topk_last, mlp_name)
     return _make(attention or stock_attention, moe or stock_moe, routing)
 
 

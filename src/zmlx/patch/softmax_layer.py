@@ -107,7 +107,7 @@ class OaiDown:
 def build(layer, x, r, routing, run, launches: list, group, zero) -> Block:
     """The layer's launches prepared for x and r through moe_block's `run` (which appends
     each to `launches`, and raises when one skips)."""
-    norm, mlp = layer["post_attention_layernorm"], layer["mlp"]
+    norm, mlp = layer["post_attention_layernorm"], layer[routing.mlp_name]
     gate, experts, oai = parts(mlp)
     route_kw = softmax_moe.routing(mlp, softmax_moe.kind_of(routing.softmax_first, routing.topk_last))
     (gw, packing), (uw, _) = weights_of(experts.gate_proj), weights_of(experts.up_proj)

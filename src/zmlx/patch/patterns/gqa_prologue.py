@@ -53,7 +53,11 @@ from zmlx.patch.pattern import Pattern
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 # the attention's head counts, as mlx-lm's GQA attentions name them
-_HEADS = (("n_heads", "n_kv_heads"), ("num_attention_heads", "num_key_value_heads"))
+_HEADS = (
+    ("n_heads", "n_kv_heads"),
+    ("num_attention_heads", "num_key_value_heads"),
+    ("num_heads", "num_key_value_heads"),  # Mixtral's
+)
 
 
 def heads_of(attn) -> tuple[int, int] | None:
@@ -87,7 +91,8 @@ def _scale_attr(attn) -> str | None:
 
 
 def check(layer, params) -> str | None:
-    for attr in ("self_attn", "input_layernorm", "mlp", "post_attention_layernorm"):
+    mlp = params.get("mlp_name", "mlp")  # the family data's name of the MoE half's module
+    for attr in ("self_attn", "input_layernorm", mlp, "post_attention_layernorm"):
         if not hasattr(layer, attr):  # the shared __call__ runs mlx-lm's standard layer
             return f"decoder layer has no {attr}"
     if type(layer.input_layernorm) is not nn.RMSNorm:

@@ -115,12 +115,13 @@ def _switch_reason(sw) -> str | None:
 
 
 def check(layer, params) -> str | None:
-    for attr in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp"):
+    name = params.get("mlp_name", "mlp")  # the family data's name of the MoE half's module
+    for attr in ("self_attn", "input_layernorm", "post_attention_layernorm", name):
         if not hasattr(layer, attr):
             return f"decoder layer has no {attr}"
     if type(layer.post_attention_layernorm) is not nn.RMSNorm:
         return f"post_attention_layernorm is a {type(layer.post_attention_layernorm).__name__}"
-    mlp = layer.mlp
+    mlp = getattr(layer, name)
     routed = hasattr(mlp, "switch_mlp") or (hasattr(mlp, "experts") and hasattr(mlp, "router"))
     if routed and params.get("softmax_first") is not None:  # the family's softmax routing
         if not SOFTMAX_LAYERS:
@@ -153,7 +154,7 @@ def _weights(layer, routing: Routing) -> tuple:
     """Every array the block's launches read, in a fixed order: a prepared block holds for
     these objects only (a model whose weights were replaced or quantized since is prepared
     again)."""
-    mlp = layer["mlp"]
+    mlp = layer[routing.mlp_name]
     norm_w = layer["post_attention_layernorm"]["weight"]
     if routing.softmax_first is not None and ("switch_mlp" in mlp or "router" in mlp):
         return (norm_w, *softmax_layer.weights(mlp))
@@ -209,7 +210,7 @@ class _Stock(Exception):
 def _build(layer, x, r, routing: Routing, backend) -> _MoE | softmax_layer.Block | _Dense | str:
     """The block's three launches prepared for x and r (each one's outputs give the next
     its shapes), or why this step runs mlx-lm's code."""
-    norm, mlp = layer.post_attention_layernorm, layer.mlp
+    norm, mlp = layer.post_attention_layernorm, layer[routing.mlp_name]
     launches: list[Prepared] = []
 
     def run(kernel, args, kwargs, live):
@@ -321,7 +322,7 @@ def moe_half(layer, x, r, routing: Routing = Routing()):
     """The MoE half of a decode step: the layer's output from x and the attention's r."""
     block = _block(layer, x, r, routing)
     if isinstance(block, str):  # outside the launches' regime: the rest of mlx-lm's layer
-        return stock_moe(layer, x, r)
+        return stock_moe(layer, x, r, routing)
     return block(x, r)
 
 
