@@ -198,12 +198,7 @@ def test_on_the_gpu_the_launches_are_the_kernels_and_bitwise_mlx_lm(dtype, quant
     (no reference, no mlx-lm fallback) and the logits are stock's, which must repeat first."""
     mx.set_default_device(mx.gpu)
     model = _qwen3(dtype=dtype, quant=quant)
-    stock = greedy_logits(model, _prompt(1), 4)
-    assert same(stock, greedy_logits(model, _prompt(1), 4)), "stock is not deterministic here"
-    result, patched, plans = patched_run(gqa_prologue, model, _prompt(1), 4)
-    assert result.patterns["gqa_prologue"].path == "kernel", result.patterns["gqa_prologue"].fallbacks
-    assert _paths(plans, 1) == [f"kernel: {LAUNCHES}"] * len(plans)
-    assert same(stock, patched)
+    _gpu_layers_are_the_kernels(model)
 
 
 @pytest.mark.cuda
@@ -298,17 +293,23 @@ def _glm45_air(layers=1, dtype=mx.bfloat16, quant=(64, 4)):
     return model
 
 
-@pytest.mark.cuda
-def test_on_the_gpu_glm45_air_attention_is_the_kernels_and_bitwise_mlx_lm():
-    """GLM-4.5-Air's attention widths on the GPU: the launches are the kernels, stock's logits."""
-    mx.set_default_device(mx.gpu)
-    model = _glm45_air()
+def _gpu_layers_are_the_kernels(model) -> None:
+    """On the GPU, one sequence: stock repeats itself, every layer's launches are the kernels
+    and the logits are stock's."""
     stock = greedy_logits(model, _prompt(1), 4)
     assert same(stock, greedy_logits(model, _prompt(1), 4)), "stock is not deterministic here"
     result, patched, plans = patched_run(gqa_prologue, model, _prompt(1), 4)
     assert result.patterns["gqa_prologue"].path == "kernel", result.patterns["gqa_prologue"].fallbacks
     assert _paths(plans, 1) == [f"kernel: {LAUNCHES}"] * len(plans)
     assert same(stock, patched)
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_glm45_air_attention_is_the_kernels_and_bitwise_mlx_lm():
+    """GLM-4.5-Air's attention widths on the GPU: the launches are the kernels, stock's logits."""
+    mx.set_default_device(mx.gpu)
+    model = _glm45_air()
+    _gpu_layers_are_the_kernels(model)
 
 
 def test_gpt_oss_layers_run_the_launches_bitwise_mlx_lm():
@@ -342,12 +343,7 @@ def test_gpt_oss_yarn_rope_runs_bitwise_and_mxfp4_projections_say_why():
 def test_on_the_gpu_gpt_oss_layers_are_the_kernels_and_bitwise_mlx_lm():
     mx.set_default_device(mx.gpu)
     model = build("gpt_oss", cuda_widths=True)
-    stock = greedy_logits(model, _prompt(1), 4)
-    assert same(stock, greedy_logits(model, _prompt(1), 4)), "stock is not deterministic here"
-    result, patched, plans = patched_run(gqa_prologue, model, _prompt(1), 4)
-    assert result.patterns["gqa_prologue"].path == "kernel", result.patterns["gqa_prologue"].fallbacks
-    assert _paths(plans, 1) == [f"kernel: {LAUNCHES}"] * len(plans)
-    assert same(stock, patched)
+    _gpu_layers_are_the_kernels(model)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -367,11 +363,6 @@ def test_mixtral_layers_run_the_launches_bitwise_mlx_lm(batch):
 def test_on_the_gpu_mixtral_layers_are_the_kernels_and_bitwise_mlx_lm():
     mx.set_default_device(mx.gpu)
     model = build("mixtral", cuda_widths=True)
-    stock = greedy_logits(model, _prompt(1), 4)
-    assert same(stock, greedy_logits(model, _prompt(1), 4)), "stock is not deterministic here"
-    result, patched, plans = patched_run(gqa_prologue, model, _prompt(1), 4)
-    assert result.patterns["gqa_prologue"].path == "kernel", result.patterns["gqa_prologue"].fallbacks
-    assert _paths(plans, 1) == [f"kernel: {LAUNCHES}"] * len(plans)
-    assert same(stock, patched)
+    _gpu_layers_are_the_kernels(model)
     preset = (*FAMILIES["mixtral"].preset_on("cuda"), "moe_block", "gqa_prologue")
     _check_bitwise(model, preset, stock_twice=True)
