@@ -31,9 +31,27 @@ import mlx.core as mx
 from zmlx.kernels import ptx_cache
 
 
+def toolchain() -> ptx_cache.Toolchain:
+    """MLX's toolchain, after one custom kernel has run: MLX has then loaded its NVRTC, so the
+    library found is the one MLX itself compiles with, not a guess from the wheel's layout."""
+    probe = mx.fast.cuda_kernel(
+        name="zmlx_nvrtc_probe", input_names=["x"], output_names=["y"], source="y[0] = x[0];"
+    )
+    mx.eval(
+        probe(
+            inputs=[mx.zeros((1,))],
+            grid=(1, 1, 1),
+            threadgroup=(1, 1, 1),
+            output_shapes=[(1,)],
+            output_dtypes=[mx.float32],
+        )[0]
+    )
+    return ptx_cache.mlx_toolchain()
+
+
 def manifest() -> str:
     """MLX's version, the NVRTC library's file and version, and the GPU's compute capability."""
-    tool = ptx_cache.mlx_toolchain()
+    tool = toolchain()
     nvrtc = tool.load()
     major, minor = ctypes.c_int(), ctypes.c_int()
     nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
@@ -65,7 +83,9 @@ def main(argv: list[str]) -> int:
         return 0
     args.cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = ptx_cache.compile_into(files, args.cache, ptx_cache.mlx_toolchain(), jobs=args.jobs)
+    tool = toolchain()
+    print(f"ptx_cache: NVRTC {tool.nvrtc}")
+    results = ptx_cache.compile_into(files, args.cache, tool, jobs=args.jobs)
     failed = {k: v for k, v in results.items() if v.startswith("failed")}
     counts = {s: sum(v == s for v in results.values()) for s in ("compiled", "there")}
     print(
