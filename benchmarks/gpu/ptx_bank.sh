@@ -12,6 +12,12 @@ set -uo pipefail
 : "${OUT:?OUT is not set (source benchmarks/gpu/env.sh and export OUT)}"
 : "${MLX_PTX_CACHE_DIR:?MLX_PTX_CACHE_DIR is not set (source benchmarks/gpu/env.sh)}"
 python3 benchmarks/gpu/ptx_cache.py compile "$ZMLX_KERNEL_SOURCES" "$MLX_PTX_CACHE_DIR" --jobs "${JOBS:-12}"
+# zmlx's entries are packed only where MLX's own compile here to MLX's very cubins (the
+# toolchain and options are its JIT's): otherwise nothing leaves this machine
+if ! python3 benchmarks/gpu/ptx_cache.py verify "$MLX_PTX_CACHE_DIR"; then
+  echo "ptx_bank: not packed (MLX's own entries do not compile here to MLX's cubins, or there are none)"
+  exit 1
+fi
 python3 benchmarks/gpu/ptx_cache.py manifest > "$OUT/ptx-manifest"
 limit=$((15 * 1024 * 1024))
 tar czf "$OUT/ptx-cache.tgz" -C "$MLX_PTX_CACHE_DIR" --exclude='*.cu' --exclude=.restored .

@@ -3,6 +3,7 @@
 
     python3 benchmarks/gpu/ptx_cache.py compile SOURCES CACHE [--jobs N]
     python3 benchmarks/gpu/ptx_cache.py manifest
+    python3 benchmarks/gpu/ptx_cache.py verify CACHE
 
 `compile`: every `*.cu` in SOURCES (the sources a patched process recorded: ZMLX_KERNEL_SOURCES,
 zmlx.kernels.ptx_cache) compiled with the NVRTC this machine's MLX loads, its device headers
@@ -12,6 +13,8 @@ fails is reported and left to MLX's own JIT. Prints one summary line.
 `manifest`: one line naming what a cache is valid for (MLX's version, the NVRTC library and a
 hash of its bytes, the GPU's compute capability): env.sh restores a carried cache only on a
 machine with the same.
+`verify`: MLX's own entries in CACHE (it writes their source beside them) compiled here again:
+exit 0 when each gives MLX's cubin byte for byte (the toolchain and options are its JIT's).
 benchmarks/gpu/env.sh sets both variables; benchmarks/gpu/ptx_bank.sh runs `compile` and packs
 the cache into $OUT for the next machine.
 """
@@ -73,10 +76,21 @@ def main(argv: list[str]) -> int:
     comp.add_argument("cache", type=Path)
     comp.add_argument("--jobs", type=int, default=8)
     sub.add_parser("manifest")
+    ver = sub.add_parser("verify")
+    ver.add_argument("cache", type=Path)
     args = parser.parse_args(argv)
     if args.command == "manifest":
         print(manifest())
         return 0
+    if args.command == "verify":
+        same = ptx_cache.same_as_mlx(args.cache, toolchain())
+        print(
+            f"ptx_cache verify: {sum(same.values())} of {len(same)} of MLX's own entries"
+            " compile here to MLX's cubin"
+        )
+        for module, ok in same.items():
+            print(f"  {'same' if ok else 'DIFFERENT'}: {module}")
+        return 0 if same and all(same.values()) else 1
     files = sorted(args.sources.glob("*.cu")) if args.sources.is_dir() else []
     if not files:
         print(f"ptx_cache: no recorded sources in {args.sources}")

@@ -232,3 +232,31 @@ def test_on_the_gpu_mlx_runs_the_entry_it_finds():
     finally:
         for path in made:  # this test's own files
             path.unlink(missing_ok=True)
+
+
+@needs_nvrtc
+def test_same_as_mlx_compares_an_entry_s_cubin_with_its_source_compiled_again(tmp_path):
+    """An entry MLX wrote for its own kernel (source, names, cubin): compiled again it gives the
+    same bytes; a cubin not from that source is told apart."""
+    tool = ptx_cache.check_toolchain()
+    name = "mlx::core::cu::mlx_own_probe"
+    source = "namespace mlx::core::cu {\n__global__ void mlx_own_probe(float* y) { y[0] = 1.0f; }\n}\n"
+    cubin, mangled = ptx_cache.compile_source(source, "mlx_own_probe", [name], tool)
+    (tmp_path / "mlx_own_probe.cu").write_text(source)
+    (tmp_path / "mlx_own_probe.txt").write_text(f"{name}\t{mangled[name]}\n")
+    (tmp_path / "mlx_own_probe.ptx").write_bytes(cubin)
+    assert ptx_cache.same_as_mlx(tmp_path, tool) == {"mlx_own_probe": True}
+    (tmp_path / "mlx_own_probe.ptx").write_bytes(cubin[:-1] + bytes([cubin[-1] ^ 1]))
+    assert ptx_cache.same_as_mlx(tmp_path, tool) == {"mlx_own_probe": False}
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_mlx_s_own_entries_compile_here_to_its_cubins():
+    """A fused elementwise kernel MLX compiles and caches itself, compiled again through
+    mlx_toolchain: byte for byte MLX's cubin, so entries made here are what MLX would make."""
+    mx.set_default_device(mx.gpu)
+    fused = mx.compile(lambda a, b: mx.exp(a) * b + 3.25)
+    mx.eval(fused(mx.ones((1000,)), mx.ones((1000,))))
+    cache = config.mlx_ptx_cache_dir(mx.__version__)
+    same = ptx_cache.same_as_mlx(cache, ptx_cache.mlx_toolchain())
+    assert same and all(same.values()), same

@@ -298,41 +298,70 @@ def compile_one(source: str, cache_dir: Path, toolchain: Toolchain) -> str:
     """Compile one recorded source as MLX's JIT would and write its entry into `cache_dir`:
     `<module>.txt` first, then `<module>.cu` (as MLX writes its own), the cubin last. Returns
     the module's name; an entry already there is left as it is."""
-    import ctypes
-
     module = module_name(source)
     ptx = entry_path(cache_dir, module)
     if ptx.exists():
         return module
     name = NAMESPACE + module.rsplit("_", 1)[0]
+    cubin, mangled = compile_source(source, module, [name], toolchain)
+    ptx.parent.mkdir(parents=True, exist_ok=True)
+    _write_whole(ptx.with_suffix(".txt"), f"{name}\t{mangled[name]}\n".encode())
+    _write_whole(ptx.with_suffix(".cu"), source.encode())
+    _write_whole(ptx, cubin)
+    return module
+
+
+def compile_source(source: str, module: str, names: list[str], toolchain: Toolchain) -> tuple[bytes, dict]:
+    """NVRTC's cubin of `source` as MLX's JIT compiles a module (its program name, in-memory
+    headers, name expressions and options), and each name's mangled name."""
+    import ctypes
+
     nvrtc, headers = _loaded(toolchain), toolchain.headers
     options = nvrtc_options(list(toolchain.include_paths))
     prog = ctypes.c_void_p()
-    names = list(headers)
-    n = len(names)
-    c_sources = (ctypes.c_char_p * n)(*[headers[k] for k in names])
-    c_names = (ctypes.c_char_p * n)(*[k.encode() for k in names])
+    keys = list(headers)
+    n = len(keys)
+    c_sources = (ctypes.c_char_p * n)(*[headers[k] for k in keys])
+    c_names = (ctypes.c_char_p * n)(*[k.encode() for k in keys])
     file = f"{module}.cu".encode()
     _ok(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), file, n, c_sources, c_names))
     try:
-        _ok(nvrtc, nvrtc.nvrtcAddNameExpression(prog, name.encode()))
+        for name in names:
+            _ok(nvrtc, nvrtc.nvrtcAddNameExpression(prog, name.encode()))
         arr = (ctypes.c_char_p * len(options))(*options)
         if nvrtc.nvrtcCompileProgram(prog, len(options), arr) != 0:
             raise RuntimeError(f"{module} does not compile: " + _log(nvrtc, prog)[:2000])
-        mangled = ctypes.c_char_p()
-        _ok(nvrtc, nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(mangled)))
+        mangled = {}
+        for name in names:
+            lowered = ctypes.c_char_p()
+            _ok(nvrtc, nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)))
+            assert lowered.value is not None
+            mangled[name] = lowered.value.decode()
         size = ctypes.c_size_t()
         _ok(nvrtc, nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
         cubin = ctypes.create_string_buffer(size.value)
         _ok(nvrtc, nvrtc.nvrtcGetCUBIN(prog, cubin))
-        assert mangled.value is not None
-        ptx.parent.mkdir(parents=True, exist_ok=True)
-        _write_whole(ptx.with_suffix(".txt"), f"{name}\t{mangled.value.decode()}\n".encode())
-        _write_whole(ptx.with_suffix(".cu"), source.encode())
-        _write_whole(ptx, cubin.raw[: size.value])
+        return cubin.raw[: size.value], mangled
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    return module
+
+
+def same_as_mlx(cache_dir: Path, toolchain: Toolchain, limit: int = 8) -> dict[str, bool]:
+    """For up to `limit` of MLX's own entries in its cache (it writes their source and kernel
+    names beside the cubin): whether compiling that source here gives MLX's cubin byte for
+    byte, the proof that this toolchain and these options are MLX's JIT's."""
+    out: dict[str, bool] = {}
+    for cu in sorted(cache_dir.glob("*.cu")):
+        if cu.name.startswith("custom_kernel_zmlx_") or len(out) >= limit:
+            continue
+        txt, ptx = cu.with_suffix(".txt"), cu.with_suffix(".ptx")
+        if not (txt.exists() and ptx.exists()):
+            continue
+        names = [ln.split("\t")[0] for ln in txt.read_text().splitlines() if "\t" in ln]
+        cubin, mangled = compile_source(cu.read_text(), cu.stem, names, toolchain)
+        want = dict(ln.split("\t", 1) for ln in txt.read_text().splitlines() if "\t" in ln)
+        out[cu.stem] = cubin == ptx.read_bytes() and mangled == want
+    return out
 
 
 def nvrtc_options(include_paths: list[Path]) -> list[bytes]:
