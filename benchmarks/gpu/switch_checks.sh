@@ -2,7 +2,7 @@
 # On the GPU machine, from the project root (after `source benchmarks/gpu/env.sh`):
 #   bash benchmarks/gpu/switch_checks.sh [NAME ...]
 # NAME: mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, moe-block-compiled,
-# mixtral-blocks
+# mixtral-blocks, router-bias
 # (default: all of them, in that order).
 # The checks of the switches built off until they ran on a GPU (each turned on once they passed):
 #   quant.MXFP4_FP_ORDER   the cuda tests of wide gathered mxfp4 rows in fp_qmv's order (on
@@ -45,6 +45,9 @@
 #                          (test_moe_block_softmax.py, test_gqa_prologue.py: the layers' launches
 #                          are the kernels, bitwise mlx-lm, and the preset with them bitwise
 #                          stock): both join the preset (families.py, cuda_extra) once they pass
+#   softmax_layer.ROUTER_BIAS   gpt-oss's quantized router's bias added in softmax_router: the
+#                          kernel's bias cases (test_softmax_router.py) and the layers' check
+#                          (test_moe_block_softmax.py), bitwise stock; on once they pass
 # Each step's log goes to a new folder $OUT/switch-checks-<time> ($OUT: ./gpu-results by
 # default; nothing there is overwritten); a summary line per switch is printed last.
 # A switch is turned on (or back off) by editing its constant (never by this script).
@@ -52,9 +55,9 @@ set -uo pipefail
 wanted=("$@")
 for name in "${wanted[@]}"; do
   case "$name" in
-    mxfp4-fp-order|qmm-order|softmax-layers|gqa-prologue|oai-down|moe-block-compiled|mixtral-blocks) ;;
+    mxfp4-fp-order|qmm-order|softmax-layers|gqa-prologue|oai-down|moe-block-compiled|mixtral-blocks|router-bias) ;;
     *)
-      echo "error: unknown check '$name' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, moe-block-compiled, mixtral-blocks)" >&2
+      echo "error: unknown check '$name' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, moe-block-compiled, mixtral-blocks, router-bias)" >&2
       exit 2
       ;;
   esac
@@ -93,4 +96,5 @@ run_tests() {  # name, limit, pytest args...
   run_tests oai-down 300 tests/kernels/test_moe_down_bias.py tests/patch/test_moe_block_softmax.py
   run_tests moe-block-compiled 300 tests/patch/test_moe_block_compiled.py
   run_tests mixtral-blocks 300 tests/patch/test_moe_block_softmax.py tests/patch/test_gqa_prologue.py -k mixtral
+  run_tests router-bias 300 tests/kernels/test_softmax_router.py tests/patch/test_moe_block_softmax.py -k "bias"
 } | tee "$out/switch-summary.log"

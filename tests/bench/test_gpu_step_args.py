@@ -63,6 +63,6 @@ def test_switch_checks_refuses_an_unknown_check_before_anything(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
         "error: unknown check 'softmax' (mxfp4-fp-order, qmm-order, softmax-layers, gqa-prologue, oai-down, "
-        "moe-block-compiled, mixtral-blocks)"
+        "moe-block-compiled, mixtral-blocks, router-bias)"
     ]
     assert not (tmp_path / "out").exists()

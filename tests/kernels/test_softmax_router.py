@@ -9,8 +9,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models import gpt_oss, mixtral, qwen3_moe
+from toolchain_marks import needs_nvrtc
 
-from zmlx.kernels import metal_emu
+from zmlx.kernels import cuda_check, metal_emu
 from zmlx.kernels.softmax_router import launch, reference, softmax_router
 
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]
@@ -311,3 +312,63 @@ def test_cuda_kernel_is_bitwise_stock_on_many_rows_and_exact_ties(family, dtype)
 @pytest.mark.cuda
 def test_cuda_kernel_is_what_runs():
     assert softmax_router.plan("cuda").path == "kernel", softmax_router.plan("cuda").reason
+
+
+# The router's bias in the kernel (gpt-oss's quantized router: its QuantizedLinear adds the bias
+# to the matmul's gates in their dtype, then MLPBlock routes): `bias` is added first, rounded.
+
+
+def _bias(experts, dtype, seed):
+    return (mx.random.normal((experts,), key=mx.random.key(seed)) * 3).astype(dtype)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_with_a_bias_routes_the_biased_gates(family, dtype):
+    gates, bias = _gates((2, 3), 32, dtype, 7, False), _bias(32, dtype, 8)
+    want_i, want_s = _stock(family, gates + bias, 4)  # the QuantizedLinear's add, then the block
+    got_i, got_s = reference(gates, bias, **_kw(family, 4))
+    assert mx.array_equal(got_i, want_i).item() and mx.array_equal(got_s, want_s).item()
+
+
+def test_launch_takes_a_bias_of_the_gates_dtype_and_width_only():
+    gates = _gates((1, 1), 32, mx.bfloat16, 1, False)
+    kw = _kw("gpt_oss", 4)
+    spec = launch("cuda", gates, _bias(32, mx.bfloat16, 2), **kw)
+    assert dict(spec.template)["BIAS"] is True and len(spec.inputs) == 2
+    assert dict(launch("cuda", gates, **kw).template)["BIAS"] is False
+    assert "(32,) in the gates' dtype" in launch("cuda", gates, _bias(32, mx.float32, 2), **kw).reason
+    assert "(32,) in the gates' dtype" in launch("cuda", gates, _bias(16, mx.bfloat16, 2), **kw).reason
+
+
+@needs_gxx
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_metal_body_adds_the_bias_before_routing(tmp_path_factory, family, dtype):
+    """Rows whose top-k the bias changes: the body's experts are those of the biased gates, in
+    the GPU's order, and the scores theirs (up to the exp)."""
+    gates, bias = _gates((3, 1), 32, dtype, 21, False), _bias(32, dtype, 22)
+    kw = _kw(family, 4)
+    inds, scores = metal_emu.run(softmax_router, gates, bias, workdir=tmp_path_factory.getbasetemp(), **kw)
+    want_i, want_s = _gpu_order(family, gates + bias, 4)
+    assert not mx.array_equal(want_i, _gpu_order(family, gates, 4)[0]).item()  # the bias matters
+    assert mx.array_equal(inds, want_i).item()
+    tol = 1e-6 if dtype == mx.float32 else 1e-2
+    assert mx.allclose(scores, want_s, rtol=tol, atol=tol).item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernel_with_a_bias_is_bitwise_stock(family, dtype):
+    gates, bias = _gates((2, 5), 32, dtype, 31, False), _bias(32, dtype, 32)
+    want_i, want_s = _stock(family, gates + bias, 4)
+    for poison in (float("nan"), 1e9):
+        got_i, got_s = softmax_router.run_kernel("cuda", gates, bias, init_value=poison, **_kw(family, 4))
+        assert mx.array_equal(got_i, want_i).item() and mx.array_equal(got_s, want_s).item()
+
+
+@needs_nvrtc
+def test_the_cuda_body_with_a_bias_compiles():
+    gates, bias = _gates((1, 1), 32, mx.bfloat16, 1, False), _bias(32, mx.bfloat16, 2)
+    cuda_check.compile_launch(softmax_router, launch("cuda", gates, bias, **_kw("gpt_oss", 4)))

@@ -244,3 +244,59 @@ def test_on_the_gpu_mixtral_layers_run_their_kernels_bitwise_mlx_lm():
     assert _paths(plans, 1) == [f"kernel: {MIXTRAL}"] * len(plans)
     assert same(stock, patched)
     _check_bitwise(model, (*FAMILIES["mixtral"].preset_on("cuda"), "moe_block"), stock_twice=True)
+
+
+# gpt-oss's quantized router's bias in softmax_router (softmax_layer.ROUTER_BIAS)
+
+
+def _router_gates(model) -> list:
+    """Each layer's prepared block's gate piece (BiasFree where softmax_router takes the bias)."""
+    out = []
+    for layer in model.model.layers:
+        for _, block in moe_block._BLOCKS[id(layer)][1].values():
+            out.append(getattr(block, "block", block).gate)
+    return out
+
+
+@pytest.mark.parametrize("spec", ["synth:gpt_oss/tiny/affine4", "synth:gpt_oss/tiny/mxfp4"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_with_router_bias_gpt_oss_routes_in_the_kernel_bitwise_mlx_lm(monkeypatch, spec, batch):
+    monkeypatch.setattr(moe_block.softmax_layer, "ROUTER_BIAS", True)
+    model, _ = synth.build(spec)
+    prompt = _prompt(batch)
+    stock = greedy_logits(model, prompt, 3)
+    result, patched, plans = patched_run(moe_block, model, prompt, 3)
+    assert _paths(plans, batch) == [f"reference: {OAI_DOWN}"] * len(plans)
+    assert same(stock, patched)
+
+
+def test_with_router_bias_the_prepared_gate_is_the_bias_free_matmul(monkeypatch):
+    monkeypatch.setattr(moe_block.softmax_layer, "ROUTER_BIAS", True)
+    model, _ = synth.build("synth:gpt_oss/tiny/affine4")
+    zmlx.patch(model, patterns=["moe_block"])
+    try:
+        greedy_logits(model, _prompt(1), 2)
+        gates = _router_gates(model)
+        assert gates and all(isinstance(g, moe_block.softmax_layer.BiasFree) for g in gates)
+    finally:
+        zmlx.unpatch(model)
+    monkeypatch.setattr(moe_block.softmax_layer, "ROUTER_BIAS", False)
+    zmlx.patch(model, patterns=["moe_block"])
+    try:
+        greedy_logits(model, _prompt(1), 2)
+        assert not any(isinstance(g, moe_block.softmax_layer.BiasFree) for g in _router_gates(model))
+    finally:
+        zmlx.unpatch(model)
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_with_router_bias_gpt_oss_runs_its_kernels_bitwise(monkeypatch):
+    monkeypatch.setattr(moe_block.softmax_layer, "ROUTER_BIAS", True)
+    mx.set_default_device(mx.gpu)
+    model = build("gpt_oss", cuda_widths=True)
+    stock = greedy_logits(model, _prompt(1), 4)
+    result, patched, plans = patched_run(moe_block, model, _prompt(1), 4)
+    assert result.patterns["moe_block"].path == "kernel", result.patterns["moe_block"].fallbacks
+    assert _paths(plans, 1) == [f"kernel: {OAI_DOWN}"] * len(plans)
+    assert same(stock, patched)
+    _check_bitwise(model, FAMILIES["gpt_oss"].preset_on("cuda"), stock_twice=True)

@@ -77,6 +77,7 @@ def topk_last_of(softmax_first: bool, topk_last: bool | None) -> bool:
 
 def reference(
     gates: mx.array,
+    bias: mx.array | None = None,
     *,
     top_k: int,
     softmax_first: bool,
@@ -84,7 +85,10 @@ def reference(
     topk_last: bool | None = None,
 ) -> tuple[mx.array, mx.array]:
     """gates (..., E) -> (inds (..., k) uint32, scores (..., k) in the gates' dtype), by
-    stock's op sequence (not compiled: mlx-lm does not compile it)."""
+    stock's op sequence (not compiled: mlx-lm does not compile it). `bias`: the router's bias,
+    added to the gates first (gpt-oss's quantized router: its QuantizedLinear's add)."""
+    if bias is not None:
+        gates = gates + bias
     last = topk_last_of(softmax_first, topk_last)
     if softmax_first:
         return _softmax_first(gates, top_k, norm_topk_prob, last)
@@ -109,19 +113,24 @@ def shape_reason(experts: int, top_k: int, dtype) -> str | None:
     return None
 
 
-def launch(backend, gates, *, top_k, softmax_first, norm_topk_prob=False, topk_last=None) -> Launch | Skip:
+def launch(
+    backend, gates, bias=None, *, top_k, softmax_first, norm_topk_prob=False, topk_last=None
+) -> Launch | Skip:
     if gates.ndim < 2:  # MLX reduces a 1-D row with its all-reduce, not the row reduce
         return Skip(f"gates of {gates.ndim} dimension(s)")
     e = gates.shape[-1]
+    if bias is not None and (bias.shape != (e,) or bias.dtype != gates.dtype):
+        return Skip(f"a bias of {bias.shape} {bias.dtype} (the kernel takes ({e},) in the gates' dtype)")
     if (why := shape_reason(e, top_k, gates.dtype)) is not None:
         return Skip(why)
     rows = math.prod(gates.shape[:-1])
     if rows == 0:
         return Skip("no tokens")
     return Launch(
-        inputs=[gates],
+        inputs=[gates, gates if bias is None else bias],  # no bias: the gates again, never read
         template=[
             ("T", gates.dtype),
+            ("BIAS", bias is not None),
             ("E", e),
             ("K", top_k),
             ("N", 16 // gates.dtype.size),
@@ -153,7 +162,7 @@ softmax_router = KernelDef(
     exact_on=("cuda",),
     body=device_code("softmax_router_body.h"),
     header=device_code("moe_router.h", "softmax_router.h"),
-    input_names=("gates",),
+    input_names=("gates", "bias"),
     output_names=("inds", "scores"),
     launch=launch,
     example=example,

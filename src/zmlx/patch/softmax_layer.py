@@ -38,6 +38,12 @@ from zmlx.patch.patterns import moe_mlp as moe_mlp_pattern
 # switch_checks.sh oai-down), 2026-12-02
 OAI_DOWN = True
 
+# gpt-oss's quantized router's bias added in softmax_router (its `bias` input) instead of by
+# the router's QuantizedLinear (one launch fewer a layer): off until its cuda tests run on a
+# GPU (tests/kernels/test_softmax_router.py's bias cases, test_moe_block_softmax.py's
+# router-bias test; switch_checks.sh router-bias)
+ROUTER_BIAS = False
+
 
 def parts(mlp) -> tuple:
     """(gate module, experts' SwitchGLU, whether they are gpt-oss's) of a softmax-routed block."""
@@ -90,6 +96,40 @@ class Block:
         return y if self.group is None else h + mx.distributed.all_sum(y, group=self.group)
 
 
+class BiasFree:
+    """A quantized router's matmul without its bias add, as its QuantizedLinear computes it:
+    softmax_router adds the bias (ROUTER_BIAS)."""
+
+    __slots__ = ("gate",)
+
+    def __init__(self, gate):
+        self.gate = gate
+
+    def __call__(self, x):
+        g = self.gate
+        return mx.quantized_matmul(
+            x,
+            g["weight"],
+            scales=g["scales"],
+            biases=g.get("biases"),
+            transpose=True,
+            group_size=g.group_size,
+            bits=g.bits,
+            mode=g.mode,
+        )
+
+
+def _router_bias(gate, x) -> bool:
+    """Whether softmax_router takes this router's bias: a quantized router whose bias is in
+    the activations' dtype (its add then stays in that dtype, as the kernel's does)."""
+    return (
+        ROUTER_BIAS
+        and isinstance(gate, nn.QuantizedLinear)
+        and "bias" in gate
+        and gate["bias"].dtype == x.dtype
+    )
+
+
 class OaiDown:
     """gpt-oss's experts from their activations on, as mlx-lm runs them: the down projection
     (SwitchLinear, with its bias), the weighted sum, the residual add."""
@@ -112,7 +152,11 @@ def build(layer, x, r, routing, run, launches: list, group, zero) -> Block:
     route_kw = softmax_moe.routing(mlp, softmax_moe.kind_of(routing.softmax_first, routing.topk_last))
     (gw, packing), (uw, _) = weights_of(experts.gate_proj), weights_of(experts.up_proj)
     h, xn = run(residual_norm, (x, r, norm["weight"], norm.eps), {}, (0, 1))
-    inds, scores = run(softmax_router, (gate(xn),), route_kw, (0,))
+    if _router_bias(gate, xn):
+        gate = BiasFree(gate)
+        inds, scores = run(softmax_router, (gate(xn), gate.gate["bias"]), route_kw, (0,))
+    else:
+        inds, scores = run(softmax_router, (gate(xn),), route_kw, (0,))
     if oai:
         act = experts.activation
         biases = (experts.gate_proj.get("bias"), experts.up_proj.get("bias"))

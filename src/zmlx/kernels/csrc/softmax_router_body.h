@@ -11,7 +11,11 @@ const float ninf = -ZMLX_FLOAT_BITS(0x7f800000);
 ZmlxRow<N> cand;
 for (uint i = 0; i < N; ++i) {
     const uint e = lane * N + i;
-    cand.v[i] = e < E ? static_cast<float>(gates[row * E + e]) : ninf;
+    // BIAS: the router's bias added first, as stock's QuantizedLinear adds it (in T, rounded)
+    cand.v[i] = e < E ? (BIAS ? static_cast<float>(static_cast<T>(ZMLX_ADD(static_cast<float>(gates[row * E + e]),
+                                                                         static_cast<float>(bias[e]))))
+                              : static_cast<float>(gates[row * E + e]))
+                      : ninf;
 }
 if (SOFTMAX_FIRST) {
     const ZmlxRow<N> p = zmlx_softmax_warp<N>(cand, lane);

@@ -73,10 +73,10 @@ COMPILED = True
 class _Compiled:
     """A prepared block called through mx.compile (its `launches` for the decode plan)."""
 
-    __slots__ = ("launches", "_fn")
+    __slots__ = ("launches", "block", "_fn")
 
     def __init__(self, block):
-        self.launches = block.launches
+        self.launches, self.block = block.launches, block
         self._fn = mx.compile(block.__call__)
 
     def __call__(self, x, r):
