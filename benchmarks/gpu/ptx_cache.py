@@ -95,7 +95,11 @@ def main(argv: list[str]) -> int:
     if not files:
         print(f"ptx_cache: no recorded sources in {args.sources}")
         return 0
-    args.cache.mkdir(parents=True, exist_ok=True)
+    try:
+        args.cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot make the cache folder {args.cache} ({e})", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     tool = toolchain()
     print(f"ptx_cache: NVRTC {tool.nvrtc}")

@@ -260,3 +260,15 @@ def test_on_the_gpu_mlx_s_own_entries_compile_here_to_its_cubins():
     cache = config.mlx_ptx_cache_dir(mx.__version__)
     same = ptx_cache.same_as_mlx(cache, ptx_cache.mlx_toolchain())
     assert same and all(same.values()), same
+
+
+def test_a_folder_it_cannot_write_stops_recording_with_one_warning(tmp_path):
+    """ZMLX_KERNEL_SOURCES naming a file (or an unwritable place): the kernel call goes on, one
+    warning says why, and nothing more is recorded; the file is left as it was."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("mine")
+    with ptx_cache.recording(blocker) as rec:
+        with pytest.warns(UserWarning, match="cannot record into"):
+            rec(_probe(ADD_ONE), _spec([("N", 8)]))
+        assert core.RECORD is None
+    assert blocker.read_text() == "mine"

@@ -201,10 +201,12 @@ def test_with_oai_down_gpt_oss_layers_end_in_moe_down_bitwise_mlx_lm(monkeypatch
 
 
 @pytest.mark.cuda
-def test_on_the_gpu_with_oai_down_gpt_oss_runs_its_kernels_bitwise(monkeypatch):
-    """OAI_DOWN's check: one sequence's layers run the four kernels, the logits stock's, and
-    the family's CUDA preset with it stays bitwise stock."""
+@pytest.mark.parametrize("switch", ["OAI_DOWN", "ROUTER_BIAS"])
+def test_on_the_gpu_with_oai_down_gpt_oss_runs_its_kernels_bitwise(monkeypatch, switch):
+    """OAI_DOWN's and ROUTER_BIAS's check: one sequence's layers run the four kernels, the
+    logits stock's, and the family's CUDA preset with the switch stays bitwise stock."""
     monkeypatch.setattr(moe_block.softmax_layer, "OAI_DOWN", True)
+    monkeypatch.setattr(moe_block.softmax_layer, switch, True)
     mx.set_default_device(mx.gpu)
     model = build("gpt_oss", cuda_widths=True)
     stock = greedy_logits(model, _prompt(1), 4)
@@ -287,16 +289,3 @@ def test_with_router_bias_the_prepared_gate_is_the_bias_free_matmul(monkeypatch)
         assert not any(isinstance(g, moe_block.softmax_layer.BiasFree) for g in _router_gates(model))
     finally:
         zmlx.unpatch(model)
-
-
-@pytest.mark.cuda
-def test_on_the_gpu_with_router_bias_gpt_oss_runs_its_kernels_bitwise(monkeypatch):
-    monkeypatch.setattr(moe_block.softmax_layer, "ROUTER_BIAS", True)
-    mx.set_default_device(mx.gpu)
-    model = build("gpt_oss", cuda_widths=True)
-    stock = greedy_logits(model, _prompt(1), 4)
-    result, patched, plans = patched_run(moe_block, model, _prompt(1), 4)
-    assert result.patterns["moe_block"].path == "kernel", result.patterns["moe_block"].fallbacks
-    assert _paths(plans, 1) == [f"kernel: {OAI_DOWN}"] * len(plans)
-    assert same(stock, patched)
-    _check_bitwise(model, FAMILIES["gpt_oss"].preset_on("cuda"), stock_twice=True)

@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,10 +177,15 @@ class Recorder:
         self.quiet = 0
         self.seen.add(key)
         source = cuda_source(kernel, spec)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / (hashlib.sha1(source.encode()).hexdigest() + ".cu")
-        if not path.exists():
-            _write_whole(path, source.encode())
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / (hashlib.sha1(source.encode()).hexdigest() + ".cu")
+            if not path.exists():
+                _write_whole(path, source.encode())
+        except OSError as e:  # a folder it cannot write: say so once, record no more, run on
+            warnings.warn(f"ZMLX_KERNEL_SOURCES: cannot record into {self.folder} ({e}); not recording")
+            if core.RECORD is self:
+                core.RECORD = None
 
 
 @contextlib.contextmanager
